@@ -1,0 +1,94 @@
+"""One cached forward pass per (model, prompt), shared by every per-prompt analysis."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..model.checkpoint import LoadedModel
+from .errors import AnalysisError
+
+#: Hook points kept in a :class:`ForwardPass` (each head's output is rebuilt exactly from
+#: ``hook_z`` and ``W_O`` when needed, so ``hook_result`` is never stored).
+def _keep(name: str) -> bool:
+    return not name.endswith(("hook_result", "hook_q", "hook_k", "hook_v",
+                              "hook_rot_q", "hook_rot_k", "hook_normalized"))
+
+
+@dataclass(frozen=True)
+class ForwardPass:
+    """A prompt run through a model, with every activation an analysis needs.
+
+    Attributes:
+        model_name: name of the model in the registry.
+        text: the prompt as analysed (after truncation).
+        token_ids: [pos] int64 token ids.
+        tokens: raw text of each token.
+        display: display string of each token (whitespace shown as ·, ↵, →).
+        logits: [pos, d_vocab] float32 logits on the CPU.
+        cache: activation name -> tensor with the batch dimension removed
+            (e.g. ``blocks.0.attn.hook_pattern`` is [n_heads, pos, pos]).
+        truncated: number of prompt tokens dropped to fit the context (0 if none).
+        n_prompt_tokens: tokens in the prompt before truncation.
+    """
+
+    model_name: str
+    text: str
+    token_ids: np.ndarray
+    tokens: tuple[str, ...]
+    display: tuple[str, ...]
+    logits: torch.Tensor
+    cache: dict[str, torch.Tensor]
+    truncated: int = 0
+    n_prompt_tokens: int = 0
+
+    @property
+    def n_tokens(self) -> int:
+        """Number of positions analysed."""
+        return int(self.token_ids.shape[0])
+
+
+def tokenize(lm: LoadedModel, text: str, max_tokens: Optional[int] = None) -> tuple[list[int], int]:
+    """Token ids of ``text`` cut to the model context (and ``max_tokens``); also the count dropped."""
+    if not isinstance(text, str):
+        raise AnalysisError("the prompt must be text")
+    if "\x00" in text:
+        raise AnalysisError("the prompt contains a NUL character")
+    if not text.strip():
+        raise AnalysisError("the prompt is empty: type some text to analyse")
+    ids = lm.tokenizer.encode(text)
+    if not ids:
+        raise AnalysisError("the prompt produced no tokens")
+    limit = lm.cfg.n_ctx if max_tokens is None else min(lm.cfg.n_ctx, max_tokens)
+    return ids[:limit], max(0, len(ids) - limit)
+
+
+def run_forward(lm: LoadedModel, text: str, max_tokens: Optional[int] = None,
+                token_ids: Optional[list[int]] = None) -> ForwardPass:
+    """Run the model once on ``text`` (or on ``token_ids``) and keep its activations."""
+    if token_ids is None:
+        ids, dropped = tokenize(lm, text, max_tokens)
+        n_prompt = len(ids) + dropped
+    else:
+        ids, dropped, n_prompt = list(token_ids), 0, len(token_ids)
+        if not ids:
+            raise AnalysisError("no tokens to analyse")
+        if any(not 0 <= i < lm.cfg.d_vocab for i in ids):
+            raise AnalysisError(f"token ids must lie in [0, {lm.cfg.d_vocab})")
+    tokens = torch.tensor([ids], dtype=torch.long, device=lm.model.device)
+    logits, cache = lm.model.run_with_cache(tokens, names_filter=_keep)
+    strings = tuple(lm.tokenizer.token_text(i) for i in ids)
+    return ForwardPass(
+        model_name=lm.name,
+        text=lm.tokenizer.decode(ids) if dropped else text,
+        token_ids=np.asarray(ids, dtype=np.int64),
+        tokens=strings,
+        display=tuple(lm.tokenizer.display(i) for i in ids),
+        logits=logits[0].float().cpu(),
+        cache={k: v[0].float().cpu() for k, v in cache.items()},
+        truncated=dropped,
+        n_prompt_tokens=n_prompt,
+    )

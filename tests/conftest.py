@@ -1,0 +1,112 @@
+"""Shared fixtures: a seeded tiny random model, the shipped models, a registry."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from attention_lens.model import HookedTransformer, LoadedModel, ModelConfig, Tokenizer
+from attention_lens.registry import DEFAULT_WEIGHTS, Registry
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Harry Potter went to the shop, "
+    "and Harry Potter bought a wand. Mr and Mrs Dursley were proud to say that they "
+    "were perfectly normal, thank you very much.\n\tTabs and emoji 🙂 too. "
+) * 4
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> Tokenizer:
+    """A small byte-level BPE trained on a few sentences."""
+    return Tokenizer.train([TINY_TEXT], vocab_size=300)
+
+
+def make_tiny(tokenizer: Tokenizer, seed: int = 0, **overrides) -> LoadedModel:
+    """A seeded random model; ``overrides`` change the config (e.g. normalization_type)."""
+    cfg = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, n_ctx=64,
+               d_vocab=tokenizer.vocab_size, attn_only=True, name="tiny")
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = HookedTransformer(ModelConfig(**cfg)).init_weights(seed, std=0.2).eval()
+    with torch.no_grad():  # non-zero biases so every identity is exercised
+        for name, p in model.named_parameters():
+            if name.split(".")[-1].startswith("b"):
+                p.normal_(0, 0.1)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LoadedModel(name=cfg["name"], model=model, tokenizer=tokenizer)
+
+
+@pytest.fixture
+def tiny(tiny_tokenizer) -> LoadedModel:
+    """Two-layer attention-only random model."""
+    return make_tiny(tiny_tokenizer)
+
+
+@pytest.fixture
+def tiny_ln(tiny_tokenizer) -> LoadedModel:
+    """Two-layer model with LayerNorm and GELU MLPs."""
+    return make_tiny(tiny_tokenizer, seed=1, attn_only=False, d_mlp=64, act_fn="gelu",
+                     normalization_type="LN", name="tiny-ln")
+
+
+@pytest.fixture(scope="session")
+def registry() -> Registry:
+    """A registry over the shipped weights."""
+    return Registry([DEFAULT_WEIGHTS])
+
+
+@pytest.fixture(scope="session")
+def model_2l(registry) -> LoadedModel:
+    """The shipped two-layer model."""
+    return registry.get("attn-only-2l")
+
+
+@pytest.fixture(scope="session")
+def model_1l(registry) -> LoadedModel:
+    """The shipped one-layer model."""
+    return registry.get("attn-only-1l")
+
+
+@pytest.fixture
+def tmp_copy(tmp_path):
+    """Copy a shipped model folder into tmp_path (for corruption tests)."""
+    def copy(name: str = "attn-only-1l") -> Path:
+        dst = tmp_path / name
+        shutil.copytree(DEFAULT_WEIGHTS / name, dst)
+        return dst
+    return copy
+
+
+# ----------------------------------------------------------------- browser tests
+def pytest_setup_options():
+    """Chromium options for dash_duo (Debian chromium, headless, no background network)."""
+    from selenium.webdriver.chrome.options import Options
+
+    opts = Options()
+    opts.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--window-size=1400,1000",
+                f"--user-data-dir={tempfile.mkdtemp(prefix='al-chrome-')}"):
+        opts.add_argument(arg)
+    return opts
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip browser tests without Chromium, except under CI where that is a failure."""
+    have = shutil.which("chromium") and shutil.which("chromedriver")
+    if have or os.environ.get("CI") == "true":
+        return
+    skip = pytest.mark.skip(reason="Chromium/chromedriver not installed (apt install chromium "
+                                   "chromium-driver); under CI=true this is a failure instead")
+    for item in items:
+        if "browser" in item.keywords or "dash_duo" in getattr(item, "fixturenames", ()):
+            item.add_marker(skip)
