@@ -1,0 +1,210 @@
+"""Per-prompt analyses: exact identities on seeded tiny random models, and input errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from attention_lens.analysis import AnalysisError, run_forward
+from attention_lens.analysis.attention import (
+    attention_pattern,
+    attention_patterns,
+    head_outputs,
+    pattern_entropy,
+    residual_stream,
+)
+from attention_lens.analysis.predictions import next_token, token_id, token_predictions
+
+TEXT = "Harry Potter went to the shop, and Harry Potter bought a wand."
+
+
+@pytest.fixture
+def fp_tiny(tiny):
+    return run_forward(tiny, TEXT)
+
+
+@pytest.fixture
+def fp_ln(tiny_ln):
+    return run_forward(tiny_ln, TEXT)
+
+
+# ---------------------------------------------------------------------- predictions
+def test_next_token_matches_softmax(tiny, fp_tiny):
+    res = next_token(tiny, fp_tiny, k=7)
+    probs = torch.softmax(fp_tiny.logits[-1].double(), -1)
+    order = torch.argsort(probs, descending=True)[:7].numpy()
+    np.testing.assert_array_equal(res.token_ids, order)
+    np.testing.assert_allclose(res.probs, probs[order].numpy(), atol=1e-9)
+    np.testing.assert_allclose(res.logits, fp_tiny.logits[-1, order].numpy(), atol=1e-6)
+    np.testing.assert_array_equal(res.ranks, np.arange(1, 8))
+    assert np.all(np.diff(res.probs) <= 0)
+    assert res.position == fp_tiny.n_tokens - 1
+    assert res.display == tuple(tiny.tokenizer.display(int(i)) for i in order)
+    entropy = -(probs * probs.log()).sum().item()
+    assert res.entropy == pytest.approx(entropy, rel=1e-9)
+
+
+def test_next_token_at_position(tiny, fp_tiny):
+    res = next_token(tiny, fp_tiny, k=3, position=2)
+    assert res.position == 2 and res.context == fp_tiny.display[2]
+    assert res.token_ids[0] == int(fp_tiny.logits[2].argmax())
+
+
+def test_token_predictions_consistent_with_softmax(tiny, fp_tiny):
+    res = token_predictions(tiny, fp_tiny, k=4)
+    p = fp_tiny.n_tokens
+    log_probs = torch.log_softmax(fp_tiny.logits.double(), -1)
+    ids = fp_tiny.token_ids
+    for i in range(p - 1):
+        lp = log_probs[i, ids[i + 1]].item()
+        assert res.next_ids[i] == ids[i + 1]
+        assert res.next_probs[i] == pytest.approx(math.exp(lp), rel=1e-9)
+        assert res.surprisal_nats[i] == pytest.approx(-lp, rel=1e-9)
+        assert res.surprisal_bits[i] == pytest.approx(-lp / math.log(2), rel=1e-9)
+        rank = int((fp_tiny.logits[i] > fp_tiny.logits[i, ids[i + 1]]).sum()) + 1
+        assert res.next_ranks[i] == rank
+        assert res.top_ids[i, 0] == int(fp_tiny.logits[i].argmax())
+    assert res.next_ids[-1] == -1 and res.next_ranks[-1] == -1
+    assert math.isnan(res.next_probs[-1]) and math.isnan(res.surprisal_bits[-1])
+    assert res.top_ids.shape == res.top_display.shape == (p, 4)
+    # mean loss equals the model's own cross-entropy
+    loss = tiny.model.loss(torch.as_tensor(ids)).item()
+    assert res.loss == pytest.approx(loss, rel=1e-5)
+    # the actual token is among the top-k exactly when its rank is <= k
+    for i in range(p - 1):
+        assert (res.next_ids[i] in res.top_ids[i]) == (res.next_ranks[i] <= 4)
+
+
+def test_one_token_prompt_has_no_loss(tiny):
+    fp = run_forward(tiny, "a")
+    res = token_predictions(tiny, fp, k=2)
+    assert fp.n_tokens == 1 and math.isnan(res.loss)
+
+
+@pytest.mark.parametrize("k", [0, -1, 10**6, 2.5, True])
+def test_bad_k(tiny, fp_tiny, k):
+    with pytest.raises(AnalysisError, match="k must"):
+        next_token(tiny, fp_tiny, k=k)
+    with pytest.raises(AnalysisError, match="k must"):
+        token_predictions(tiny, fp_tiny, k=k)
+
+
+def test_k_equal_to_vocab_allowed(tiny, fp_tiny):
+    res = next_token(tiny, fp_tiny, k=tiny.cfg.d_vocab)
+    assert sorted(res.token_ids.tolist()) == list(range(tiny.cfg.d_vocab))
+    assert res.probs.sum() == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("position", [100, -100])
+def test_bad_position(tiny, fp_tiny, position):
+    with pytest.raises(AnalysisError, match="outside the prompt"):
+        next_token(tiny, fp_tiny, position=position)
+
+
+def test_empty_prompt(tiny):
+    for text in ("", "   "):
+        with pytest.raises(AnalysisError, match="empty"):
+            run_forward(tiny, text)
+
+
+def test_token_id(tiny):
+    tid = tiny.tokenizer.encode(" Potter")
+    assert len(tid) == 1
+    assert token_id(tiny, " Potter") == tid[0]
+    assert token_id(tiny, 5) == 5
+    assert token_id(tiny, np.int64(7)) == 7
+    with pytest.raises(AnalysisError, match="not a single token"):
+        token_id(tiny, " Potter bought")
+    with pytest.raises(AnalysisError, match="empty"):
+        token_id(tiny, "")
+    with pytest.raises(AnalysisError, match="outside the vocabulary"):
+        token_id(tiny, tiny.cfg.d_vocab)
+    with pytest.raises(AnalysisError, match="outside the vocabulary"):
+        token_id(tiny, -1)
+    with pytest.raises(AnalysisError):
+        token_id(tiny, None)
+
+
+# ------------------------------------------------------------------------ attention
+def test_entropy_of_uniform_row_is_log_n():
+    n = 7
+    row = np.full(n, 1.0 / n)
+    assert pattern_entropy(row) == pytest.approx(math.log(n), rel=1e-12)
+    one_hot = np.eye(5)
+    np.testing.assert_allclose(pattern_entropy(one_hot), 0.0)
+
+
+def test_uniform_head_has_maximal_entropy(tiny):
+    # W_K = b_K = 0 makes every score equal, so each query attends uniformly to its prefix
+    with torch.no_grad():
+        tiny.model.blocks[0].attn.W_K[1].zero_()
+        tiny.model.blocks[0].attn.b_K[1].zero_()
+    fp = run_forward(tiny, TEXT)
+    res = attention_pattern(tiny, fp, layer=0, head=1)
+    p = fp.n_tokens
+    np.testing.assert_allclose(res.entropy, np.log(np.arange(1, p + 1)), atol=1e-5)
+    np.testing.assert_allclose(res.pattern, np.tril(np.ones((p, p))) / np.arange(1, p + 1)[:, None],
+                               atol=1e-6)
+    every = attention_patterns(tiny, fp)
+    np.testing.assert_allclose(every.entropy_per_query[0, 1], every.max_entropy, atol=1e-5)
+    assert np.all(every.entropy_per_query <= every.max_entropy + 1e-5)
+
+
+def test_attention_pattern(tiny, fp_tiny):
+    res = attention_pattern(tiny, fp_tiny, layer=1, head=2, n_top=5)
+    cached = fp_tiny.cache["blocks.1.attn.hook_pattern"][2].numpy()
+    np.testing.assert_array_equal(res.pattern, cached)
+    np.testing.assert_allclose(res.pattern.sum(-1), 1.0, atol=1e-5)
+    assert np.all(np.triu(res.pattern, 1) == 0)
+    assert res.mean_entropy == pytest.approx(res.entropy.mean())
+    # strongest cells really are the strongest below the diagonal (query 0 excluded)
+    masked = np.tril(res.pattern).copy()
+    masked[0] = -1
+    masked[np.triu_indices(fp_tiny.n_tokens, 1)] = -1
+    best = np.sort(masked.ravel())[::-1][:5]
+    np.testing.assert_allclose(res.top_weights, best)
+    np.testing.assert_allclose(res.pattern[res.top_queries, res.top_keys], res.top_weights)
+    assert np.all(res.top_keys <= res.top_queries) and np.all(res.top_queries > 0)
+    # negative indices count from the end
+    res2 = attention_pattern(tiny, fp_tiny, layer=-1, head=-2)
+    assert (res2.layer, res2.head) == (1, 2)
+
+
+def test_attention_patterns_shape(tiny, fp_tiny):
+    res = attention_patterns(tiny, fp_tiny)
+    p = fp_tiny.n_tokens
+    assert res.patterns.shape == (2, 4, p, p)
+    assert res.entropy.shape == (2, 4)
+    np.testing.assert_allclose(res.entropy, res.entropy_per_query.mean(-1))
+
+
+@pytest.mark.parametrize("layer,head,match", [(2, 0, "layer 2"), (-3, 0, "layer -3"),
+                                              (0, 4, "head 4"), (0, -5, "head -5"),
+                                              (0.5, 0, "layer must")])
+def test_bad_layer_head(tiny, fp_tiny, layer, head, match):
+    with pytest.raises(AnalysisError, match=match):
+        attention_pattern(tiny, fp_tiny, layer=layer, head=head)
+
+
+def test_residual_stream(tiny_ln, fp_ln):
+    res = residual_stream(tiny_ln, fp_ln)
+    assert res.resid.shape == (3, fp_ln.n_tokens, 32)
+    emb = tiny_ln.model.W_E[fp_ln.token_ids] + tiny_ln.model.W_pos[: fp_ln.n_tokens]
+    np.testing.assert_allclose(res.resid[0], emb.numpy(), atol=1e-6)
+    np.testing.assert_allclose(res.norms, np.linalg.norm(res.resid, axis=-1))
+    assert res.labels[-1] == "blocks.1.hook_resid_post"
+
+
+def test_head_outputs_sum_to_attention_output(tiny, fp_tiny):
+    res = head_outputs(tiny, fp_tiny)
+    assert res.norms.shape == (2, 4, fp_tiny.n_tokens)
+    # with hook_result active, the model computes each head's output itself
+    _, cache = tiny.model.run_with_cache(torch.as_tensor(fp_tiny.token_ids),
+                                         names_filter=lambda n: n.endswith("hook_result"))
+    for layer in range(2):
+        direct = cache[f"blocks.{layer}.attn.hook_result"][0].norm(dim=-1).T.numpy()
+        np.testing.assert_allclose(res.norms[layer], direct, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(res.b_O_norms, tiny.model.b_O.norm(dim=-1).numpy(), rtol=1e-6)
