@@ -200,6 +200,7 @@ def train(cfg: TrainConfig, out: Path, corpus: Path, tokenizer_path: Path, devic
                             lr=cfg.phases[0].lr, betas=cfg.betas)
     batches = Batches(train_ids, cfg, mcfg.n_ctx, mcfg.d_vocab, cfg.seed)
     val_windows = validation_windows(val_ids, mcfg.n_ctx, cfg.val_windows)
+    probe_len = min(50, mcfg.n_ctx // 2)
     probe_ids = ordinary_token_ids(tok.strings, special=[tok.hf.token_to_id("<|endoftext|>")])
     state: dict[str, Any] = {"phase": 0, "step_in_phase": 0, "step": 0, "tokens": 0,
                              "tokens_tiled": 0, "seconds": 0.0, "history": [],
@@ -212,6 +213,8 @@ def train(cfg: TrainConfig, out: Path, corpus: Path, tokenizer_path: Path, devic
         state = json.loads(saved["state"])
         batches.rng = np.random.default_rng([cfg.seed, state["step"]])
         print(f"resumed from {ckpt} at step {state['step']}")
+    if "initial_val_loss" not in state:
+        state["initial_val_loss"] = round(validation_loss(model, val_windows), 4)
     total_steps = sum(p.steps for p in cfg.phases)
     bar = tqdm(total=total_steps, initial=state["step"], desc=cfg.name, unit="step")
     t0 = time.time() - state["seconds"]
@@ -240,7 +243,7 @@ def train(cfg: TrainConfig, out: Path, corpus: Path, tokenizer_path: Path, devic
         done_phase = state["step_in_phase"] >= phase.steps
         if state["step"] % cfg.eval_every == 0 or done_phase:
             val = validation_loss(model, val_windows)
-            probe = probe_scores(model, probe_ids)
+            probe = probe_scores(model, probe_ids, seq_len=probe_len)
             best = float(probe.induction.max())
             state["history"].append({"step": state["step"], "phase": state["phase"],
                                      "train_loss": round(float(loss), 4),
@@ -260,7 +263,7 @@ def train(cfg: TrainConfig, out: Path, corpus: Path, tokenizer_path: Path, devic
     save_state(ckpt, model, opt, state)
     model.eval()
     val = validation_loss(model, val_windows)
-    probe = probe_scores(model, probe_ids)
+    probe = probe_scores(model, probe_ids, seq_len=probe_len)
     li, hi = np.unravel_index(int(probe.induction.argmax()), probe.induction.shape)
     card = {
         "name": cfg.name,
@@ -294,10 +297,11 @@ def train(cfg: TrainConfig, out: Path, corpus: Path, tokenizer_path: Path, devic
         },
         "evaluation": {
             "validation_loss": round(val, 4),
+            "initial_validation_loss": state.get("initial_val_loss"),
             "validation_tokens": int(val_windows.numel()),
             "validation_text": "val split of the corpus (sha256 in data.val_sha256), "
                                f"{len(val_windows)} windows of {mcfg.n_ctx} tokens",
-            "induction_probe": {"seq_len": 50, "batch": 10, "seed": 0,
+            "induction_probe": {"seq_len": probe_len, "batch": 10, "seed": 0,
                                 "max_score": round(float(probe.induction.max()), 4),
                                 "max_layer": int(li), "max_head": int(hi),
                                 "scores": np.round(probe.induction, 4).tolist(),
