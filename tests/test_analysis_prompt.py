@@ -16,6 +16,7 @@ from attention_lens.analysis.attention import (
     pattern_entropy,
     residual_stream,
 )
+from attention_lens.analysis.logit_lens import lens_stages, logit_lens, stage_logits
 from attention_lens.analysis.predictions import next_token, token_id, token_predictions
 
 TEXT = "Harry Potter went to the shop, and Harry Potter bought a wand."
@@ -208,3 +209,74 @@ def test_head_outputs_sum_to_attention_output(tiny, fp_tiny):
         direct = cache[f"blocks.{layer}.attn.hook_result"][0].norm(dim=-1).T.numpy()
         np.testing.assert_allclose(res.norms[layer], direct, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(res.b_O_norms, tiny.model.b_O.norm(dim=-1).numpy(), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------ logit lens
+@pytest.mark.parametrize("which", ["tiny", "tiny_ln"])
+@pytest.mark.parametrize("granularity", ["sublayer", "layer"])
+def test_logit_lens_last_stage_is_model_logits(which, granularity, request):
+    lm = request.getfixturevalue(which)
+    fp = run_forward(lm, TEXT)
+    stages = lens_stages(lm, granularity)
+    last = stage_logits(lm, fp.cache[stages[-1][1]])
+    torch.testing.assert_close(last, fp.logits, atol=1e-5, rtol=0)
+    res = logit_lens(lm, fp, k=3, target=" Potter", granularity=granularity)
+    probs = torch.softmax(fp.logits.double(), -1)
+    top = torch.topk(fp.logits, 3, dim=-1)
+    np.testing.assert_array_equal(res.top_ids[-1], top.indices.numpy())
+    np.testing.assert_allclose(res.top_probs[-1], probs.gather(-1, top.indices).numpy(),
+                               atol=1e-6)
+    tid = token_id(lm, " Potter")
+    np.testing.assert_allclose(res.target_probs[-1], probs[:, tid].numpy(), atol=1e-6)
+    ranks = (fp.logits > fp.logits[:, tid:tid + 1]).sum(-1) + 1
+    np.testing.assert_array_equal(res.target_ranks[-1], ranks.numpy())
+    preds = token_predictions(lm, fp, k=3)
+    np.testing.assert_allclose(res.next_probs[-1], preds.next_probs, atol=1e-6)
+    np.testing.assert_array_equal(res.next_ranks[-1], preds.next_ranks)
+
+
+def test_logit_lens_stages(tiny, tiny_ln):
+    assert [h for _, h in lens_stages(tiny)] == [
+        "blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.1.hook_resid_mid"]
+    assert [h for _, h in lens_stages(tiny_ln)] == [
+        "blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.0.hook_resid_post",
+        "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post"]
+    assert lens_stages(tiny_ln)[-1][0].endswith("(final)")
+    assert len(lens_stages(tiny_ln, "layer")) == 3
+    with pytest.raises(AnalysisError, match="granularity"):
+        lens_stages(tiny, "heads")
+
+
+def test_logit_lens_recomputes_layernorm_per_stage(tiny_ln, fp_ln):
+    model = tiny_ln.model
+    x = fp_ln.cache["blocks.0.hook_resid_pre"].double()
+    xc = x - x.mean(-1, keepdim=True)
+    own = xc / (xc.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
+    ln = model.ln_final
+    expected = (own * ln.w.double() + ln.b.double()) @ model.W_U.double() + model.b_U.double()
+    got = stage_logits(tiny_ln, fp_ln.cache["blocks.0.hook_resid_pre"])
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=0)
+    # the cached final scale would give different numbers (the bug this guards against)
+    stale = xc / fp_ln.cache["ln_final.hook_scale"].double()
+    wrong = (stale * ln.w.double() + ln.b.double()) @ model.W_U.double() + model.b_U.double()
+    assert (wrong - expected).abs().max() > 1e-2
+
+
+def test_logit_lens_without_target(tiny, fp_tiny):
+    res = logit_lens(tiny, fp_tiny, k=2)
+    assert res.target_id is None and res.target_probs is None
+    assert res.top_ids.shape == (3, fp_tiny.n_tokens, 2)
+    assert res.top_display.shape == res.top_ids.shape
+    # the embeddings stage of an attention-only model without LN is (W_E[t] + W_pos) W_U + b_U
+    m = tiny.model
+    direct = (m.W_E[fp_tiny.token_ids] + m.W_pos[: fp_tiny.n_tokens]) @ m.W_U + m.b_U
+    np.testing.assert_array_equal(res.top_ids[0], torch.topk(direct, 2).indices.numpy())
+
+
+def test_logit_lens_bad_input(tiny, fp_tiny):
+    with pytest.raises(AnalysisError, match="not a single token"):
+        logit_lens(tiny, fp_tiny, target="Harry Potter went")
+    with pytest.raises(AnalysisError, match="k must"):
+        logit_lens(tiny, fp_tiny, k=0)
+    with pytest.raises(AnalysisError, match="outside the vocabulary"):
+        logit_lens(tiny, fp_tiny, target=10**6)
