@@ -16,6 +16,7 @@ from attention_lens.analysis.attention import (
     pattern_entropy,
     residual_stream,
 )
+from attention_lens.analysis.attribution import logit_attribution
 from attention_lens.analysis.logit_lens import lens_stages, logit_lens, stage_logits
 from attention_lens.analysis.predictions import next_token, token_id, token_predictions
 
@@ -280,3 +281,63 @@ def test_logit_lens_bad_input(tiny, fp_tiny):
         logit_lens(tiny, fp_tiny, k=0)
     with pytest.raises(AnalysisError, match="outside the vocabulary"):
         logit_lens(tiny, fp_tiny, target=10**6)
+
+
+# ----------------------------------------------------------------------- attribution
+@pytest.mark.parametrize("which", ["tiny", "tiny_ln"])
+@pytest.mark.parametrize("position", [-1, 3])
+def test_attribution_sums_to_logit_minus_bias(which, position, request):
+    lm = request.getfixturevalue(which)
+    fp = run_forward(lm, TEXT)
+    res = logit_attribution(lm, fp, target=" Potter", position=position)
+    u = token_id(lm, " Potter")
+    pos = position % fp.n_tokens
+    expected = float(fp.logits[pos, u] - lm.model.b_U[u])
+    assert res.total == pytest.approx(expected, abs=1e-4)
+    assert res.logit - res.bias == pytest.approx(expected, abs=1e-6)
+    n_heads = lm.cfg.n_layers * lm.cfg.n_heads
+    assert res.kinds.count("head") == n_heads
+    assert res.heads.shape == (lm.cfg.n_layers, lm.cfg.n_heads)
+    heads = np.array([v for v, k in zip(res.values, res.kinds) if k == "head"])
+    np.testing.assert_allclose(res.heads.ravel(), heads)
+    if which == "tiny_ln":
+        assert res.kinds.count("mlp") == 2 and res.kinds[-1] == "ln_bias"
+        assert res.normalization == "LN"
+    else:
+        assert "mlp" not in res.kinds and "ln_bias" not in res.kinds
+
+
+@pytest.mark.parametrize("which", ["tiny", "tiny_ln"])
+def test_attribution_logit_difference(which, request):
+    lm = request.getfixturevalue(which)
+    fp = run_forward(lm, TEXT)
+    u, u2 = token_id(lm, " Potter"), token_id(lm, " Harry")
+    res = logit_attribution(lm, fp, target=u, contrast=" Harry")
+    b = lm.model.b_U
+    expected = float((fp.logits[-1, u] - fp.logits[-1, u2]) - (b[u] - b[u2]))
+    assert res.total == pytest.approx(expected, abs=1e-4)
+    single = logit_attribution(lm, fp, target=u)
+    other = logit_attribution(lm, fp, target=u2)
+    np.testing.assert_allclose(res.values, single.values - other.values, atol=1e-9)
+
+
+def test_attribution_components_of_attention_only_model(tiny, fp_tiny):
+    # head attributions are the heads' exact outputs projected on W_U[:, u]
+    res = logit_attribution(tiny, fp_tiny)
+    u = int(fp_tiny.logits[-1].argmax())
+    assert res.target_id == u
+    _, cache = tiny.model.run_with_cache(torch.as_tensor(fp_tiny.token_ids),
+                                         names_filter=lambda n: n.endswith("hook_result"))
+    for layer in range(2):
+        out = cache[f"blocks.{layer}.attn.hook_result"][0, -1] @ tiny.model.W_U[:, u]
+        np.testing.assert_allclose(res.heads[layer], out.numpy(), atol=1e-5)
+    assert res.labels[:2] == ("embed", "pos_embed")
+
+
+def test_attribution_bad_input(tiny, fp_tiny):
+    with pytest.raises(AnalysisError, match="not a single token"):
+        logit_attribution(tiny, fp_tiny, target="Harry Potter went")
+    with pytest.raises(AnalysisError, match="outside the prompt"):
+        logit_attribution(tiny, fp_tiny, position=fp_tiny.n_tokens)
+    with pytest.raises(AnalysisError, match="outside the vocabulary"):
+        logit_attribution(tiny, fp_tiny, target=1, contrast=-3)
