@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from attention_lens.analysis import AnalysisError, run_forward
+from attention_lens.analysis.ablation import ablate_heads, ablated_logits
 from attention_lens.analysis.attention import (
     attention_pattern,
     attention_patterns,
@@ -341,3 +342,89 @@ def test_attribution_bad_input(tiny, fp_tiny):
         logit_attribution(tiny, fp_tiny, position=fp_tiny.n_tokens)
     with pytest.raises(AnalysisError, match="outside the vocabulary"):
         logit_attribution(tiny, fp_tiny, target=1, contrast=-3)
+
+
+# -------------------------------------------------------------------------- ablation
+ALL_HEADS = [(layer, head) for layer in range(2) for head in range(4)]
+
+
+def test_zero_ablating_every_head_leaves_the_direct_path(tiny, fp_tiny):
+    m = tiny.model
+    after = ablated_logits(tiny, fp_tiny, ALL_HEADS, "zero")
+    # each attention layer still adds its output bias b_O, so the residual stream is
+    # W_E[t] + W_pos + sum_l b_O[l], and the logits are that times W_U plus b_U
+    p = fp_tiny.n_tokens
+    direct = (m.W_E[fp_tiny.token_ids] + m.W_pos[:p]) @ m.W_U + m.b_U
+    expected = direct + m.b_O.sum(0) @ m.W_U
+    torch.testing.assert_close(after, expected, atol=1e-5, rtol=0)
+    # the bias term is not negligible here, so the check above could fail without it
+    assert (after - direct).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("method", ["zero", "mean"])
+def test_ablating_a_last_layer_head_removes_exactly_its_output(tiny, fp_tiny, method):
+    m = tiny.model
+    z = fp_tiny.cache["blocks.1.attn.hook_z"][:, 3]  # [p, e]
+    removed = z if method == "zero" else z - z.mean(0)
+    expected = fp_tiny.logits - removed @ m.blocks[1].attn.W_O[3] @ m.W_U
+    after = ablated_logits(tiny, fp_tiny, [(1, 3)], method)
+    torch.testing.assert_close(after, expected, atol=1e-5, rtol=0)
+
+
+def test_mean_ablation_of_one_token_prompt_changes_nothing(tiny):
+    fp = run_forward(tiny, "a")
+    res = ablate_heads(tiny, fp, heads=ALL_HEADS, method="mean", k=3)
+    assert res.kl == pytest.approx(0.0, abs=1e-9)
+    np.testing.assert_array_equal(res.before_ids, res.after_ids)
+    assert math.isnan(res.loss_before) and math.isnan(res.loss_after)
+
+
+def test_ablation_report(tiny, fp_tiny):
+    res = ablate_heads(tiny, fp_tiny, heads=[(0, 1), (1, 2), (0, 1)], k=4, target=" Potter")
+    assert res.heads == ((0, 1), (1, 2))
+    after = ablated_logits(tiny, fp_tiny, res.heads, "zero")
+    u = token_id(tiny, " Potter")
+    pb = torch.softmax(fp_tiny.logits[-1].double(), -1)
+    pa = torch.softmax(after[-1].double(), -1)
+    assert res.target_id == u
+    assert res.target_logit_before == pytest.approx(float(fp_tiny.logits[-1, u]))
+    assert res.target_logit_after == pytest.approx(float(after[-1, u]))
+    assert res.target_prob_after == pytest.approx(float(pa[u]), rel=1e-6)
+    assert res.target_prob_change == pytest.approx(float(pa[u] - pb[u]), rel=1e-5, abs=1e-9)
+    kl = float((pb * (pb.log() - pa.log())).sum())
+    assert res.kl == pytest.approx(kl, rel=1e-5) and res.kl > 0
+    assert res.kl_per_position[-1] == pytest.approx(res.kl)
+    np.testing.assert_array_equal(res.after_ids, torch.topk(after[-1], 4).indices.numpy())
+    np.testing.assert_allclose(res.union_after[: 4], pa[res.before_ids].numpy(), rtol=1e-6)
+    assert set(res.after_ids) <= set(res.union_ids)
+    ids = torch.as_tensor(fp_tiny.token_ids)
+    loss_after = float(torch.nn.functional.cross_entropy(after[:-1].double(), ids[1:]))
+    assert res.loss_after == pytest.approx(loss_after, rel=1e-5)
+    assert res.loss_before == pytest.approx(tiny.model.loss(ids).item(), rel=1e-5)
+    assert res.loss_change == pytest.approx(res.loss_after - res.loss_before)
+
+
+def test_ablation_on_layernorm_model(tiny_ln, fp_ln):
+    res = ablate_heads(tiny_ln, fp_ln, heads=[(1, 0)], method="mean", k=2, position=4)
+    assert res.position == 4 and res.kl == pytest.approx(res.kl_per_position[4]) and res.kl > 0
+    preds = token_predictions(tiny_ln, fp_ln, k=2)
+    np.testing.assert_allclose(res.surprisal_before, preds.surprisal_nats, rtol=1e-6)
+    # mean-ablation replaces z at every position, so every position's prediction moves
+    assert np.all(res.kl_per_position > 0)
+
+
+@pytest.mark.parametrize("heads,match", [([], "at least one head"), ([(2, 0)], "layer 2"),
+                                         ([(0, 9)], "head 9"), ([(0,)], "pairs"),
+                                         (5, "pairs")])
+def test_ablation_bad_heads(tiny, fp_tiny, heads, match):
+    with pytest.raises(AnalysisError, match=match):
+        ablate_heads(tiny, fp_tiny, heads=heads)
+
+
+def test_ablation_bad_method_and_k(tiny, fp_tiny):
+    with pytest.raises(AnalysisError, match="method"):
+        ablate_heads(tiny, fp_tiny, heads=[(0, 0)], method="resample")
+    with pytest.raises(AnalysisError, match="k must"):
+        ablate_heads(tiny, fp_tiny, heads=[(0, 0)], k=0)
+    with pytest.raises(AnalysisError, match="not a single token"):
+        ablate_heads(tiny, fp_tiny, heads=[(0, 0)], target="Harry Potter went")

@@ -1,0 +1,194 @@
+"""Head ablation: rerun the prompt with chosen heads' outputs removed and compare predictions.
+
+Zero-ablation sets a head's ``hook_z`` to 0 (its output ``z W_O`` vanishes; the layer's
+``b_O`` stays). Mean-ablation replaces a head's ``z`` at every position by its mean over the
+positions of the prompt in the original (unablated) forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+
+from ..model.checkpoint import LoadedModel
+from .attention import check_head, check_layer
+from .errors import AnalysisError
+from .forward import ForwardPass
+from .predictions import TokenLike, check_k, check_position, token_id
+
+AblationMethod = Literal["zero", "mean"]
+METHODS: tuple[str, ...] = ("zero", "mean")
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """Predictions before and after ablating a set of heads.
+
+    Attributes:
+        heads: the ablated (layer, head) pairs, sorted.
+        method: "zero" or "mean".
+        position: the position whose next-token prediction is compared.
+        context: display string of the token at ``position``.
+        before_ids: [k] top-k token ids before ablation.
+        before_display: [k] their display strings.
+        before_probs: [k] their probabilities before ablation.
+        after_ids: [k] top-k token ids after ablation.
+        after_display: [k] their display strings.
+        after_probs: [k] their probabilities after ablation.
+        union_ids: [m] ids in either top-k (before's order, then after's new ones).
+        union_display: [m] their display strings.
+        union_before: [m] probability of each before ablation.
+        union_after: [m] probability of each after ablation.
+        target_id: the token whose logit and probability are tracked.
+        target_display: its display string.
+        target_logit_before: its logit before ablation.
+        target_logit_after: its logit after ablation.
+        target_prob_before: its probability before ablation.
+        target_prob_after: its probability after ablation.
+        loss_before: mean next-token loss of the prompt before (nats; NaN for one token).
+        loss_after: the same after ablation.
+        kl: KL(before || after) of the next-token distributions at ``position`` (nats).
+        kl_per_position: [pos] KL(before || after) at every position (nats).
+        surprisal_before: [pos] -ln p(actual next token) before (NaN at the last position).
+        surprisal_after: [pos] the same after ablation.
+    """
+
+    heads: tuple[tuple[int, int], ...]
+    method: str
+    position: int
+    context: str
+    before_ids: np.ndarray
+    before_display: tuple[str, ...]
+    before_probs: np.ndarray
+    after_ids: np.ndarray
+    after_display: tuple[str, ...]
+    after_probs: np.ndarray
+    union_ids: np.ndarray
+    union_display: tuple[str, ...]
+    union_before: np.ndarray
+    union_after: np.ndarray
+    target_id: int
+    target_display: str
+    target_logit_before: float
+    target_logit_after: float
+    target_prob_before: float
+    target_prob_after: float
+    loss_before: float
+    loss_after: float
+    kl: float
+    kl_per_position: np.ndarray
+    surprisal_before: np.ndarray
+    surprisal_after: np.ndarray
+
+    def __post_init__(self) -> None:  # noqa: D105
+        assert self.before_ids.shape == self.before_probs.shape == self.after_probs.shape
+        assert self.union_ids.shape == self.union_before.shape == self.union_after.shape
+        assert self.kl_per_position.shape == self.surprisal_before.shape
+
+    @property
+    def target_logit_change(self) -> float:
+        """Logit after minus before."""
+        return self.target_logit_after - self.target_logit_before
+
+    @property
+    def target_prob_change(self) -> float:
+        """Probability after minus before."""
+        return self.target_prob_after - self.target_prob_before
+
+    @property
+    def loss_change(self) -> float:
+        """Loss after minus before (positive: the heads helped predict the prompt)."""
+        return self.loss_after - self.loss_before
+
+
+def check_heads(lm: LoadedModel, heads: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Validate and sort a set of (layer, head) pairs; at least one is required."""
+    try:
+        pairs = [tuple(pair) for pair in heads]
+    except TypeError:
+        raise AnalysisError("heads must be a list of (layer, head) pairs") from None
+    if any(len(pair) != 2 for pair in pairs):
+        raise AnalysisError("heads must be a list of (layer, head) pairs")
+    if not pairs:
+        raise AnalysisError("choose at least one head to ablate")
+    return tuple(sorted({(check_layer(lm, lay), check_head(lm, h)) for lay, h in pairs}))
+
+
+def ablated_logits(lm: LoadedModel, fp: ForwardPass, heads: Iterable[tuple[int, int]],
+                   method: AblationMethod = "zero") -> torch.Tensor:
+    """Logits [pos, d_vocab] of the prompt rerun with ``heads`` zero- or mean-ablated."""
+    if method not in METHODS:
+        raise AnalysisError(f"ablation method must be one of {METHODS}, got {method!r}")
+    pairs = check_heads(lm, heads)
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in pairs:
+        by_layer.setdefault(layer, []).append(head)
+    model = lm.model
+
+    def hook_for(layer: int, hs: list[int]):
+        mean = fp.cache[f"blocks.{layer}.attn.hook_z"][:, hs].mean(0)  # [len(hs), e]
+
+        def fn(z: torch.Tensor, hook) -> torch.Tensor:  # z [b, p, h, e]
+            z = z.clone()
+            z[:, :, hs] = 0.0 if method == "zero" else mean.to(z)
+            return z
+        return fn
+
+    hooks = [(f"blocks.{layer}.attn.hook_z", hook_for(layer, hs)) for layer, hs in by_layer.items()]
+    tokens = torch.as_tensor(fp.token_ids, dtype=torch.long, device=model.device)
+    with torch.no_grad():
+        logits = model.run_with_hooks(tokens[None], fwd_hooks=hooks)
+    return logits[0].float().cpu()
+
+
+def _surprisal(log_probs: torch.Tensor, token_ids: np.ndarray) -> np.ndarray:
+    out = np.full(len(token_ids), np.nan)
+    if len(token_ids) > 1:
+        nxt = torch.as_tensor(token_ids[1:], dtype=torch.long)
+        out[:-1] = (-log_probs[:-1].gather(-1, nxt[:, None]).squeeze(-1)).numpy()
+    return out
+
+
+def ablate_heads(lm: LoadedModel, fp: ForwardPass, *, heads: Iterable[tuple[int, int]],
+                 method: AblationMethod = "zero", k: int = 10, position: int = -1,
+                 target: Optional[TokenLike] = None) -> Ablation:
+    """Compare predictions, a token's logit and probability, loss and KL before/after ablation.
+
+    Without ``target`` the model's top prediction before ablation is tracked.
+    """
+    k = check_k(lm, k)
+    pos = check_position(fp, position)
+    tid = int(fp.logits[pos].argmax()) if target is None else token_id(lm, target)
+    pairs = check_heads(lm, heads)
+    before = fp.logits.double()
+    after = ablated_logits(lm, fp, pairs, method).double()
+    lp_b, lp_a = before.log_softmax(-1), after.log_softmax(-1)
+    kl_all = (lp_b.exp() * (lp_b - lp_a)).sum(-1).clamp_min(0.0)
+    top_b = torch.topk(before[pos], k).indices.numpy()
+    top_a = torch.topk(after[pos], k).indices.numpy()
+    union = list(top_b) + [i for i in top_a if i not in set(top_b.tolist())]
+    union_ids = np.asarray(union, dtype=np.int64)
+    probs_b, probs_a = lp_b[pos].exp().numpy(), lp_a[pos].exp().numpy()
+    s_b, s_a = _surprisal(lp_b, fp.token_ids), _surprisal(lp_a, fp.token_ids)
+    nan = float("nan")
+    disp = lm.tokenizer.display
+    return Ablation(
+        heads=pairs, method=method, position=pos, context=fp.display[pos],
+        before_ids=top_b.astype(np.int64), before_display=tuple(disp(int(i)) for i in top_b),
+        before_probs=probs_b[top_b],
+        after_ids=top_a.astype(np.int64), after_display=tuple(disp(int(i)) for i in top_a),
+        after_probs=probs_a[top_a],
+        union_ids=union_ids, union_display=tuple(disp(int(i)) for i in union_ids),
+        union_before=probs_b[union_ids], union_after=probs_a[union_ids],
+        target_id=tid, target_display=disp(tid),
+        target_logit_before=float(before[pos, tid]), target_logit_after=float(after[pos, tid]),
+        target_prob_before=float(probs_b[tid]), target_prob_after=float(probs_a[tid]),
+        loss_before=float(np.nanmean(s_b)) if fp.n_tokens > 1 else nan,
+        loss_after=float(np.nanmean(s_a)) if fp.n_tokens > 1 else nan,
+        kl=float(kl_all[pos]), kl_per_position=kl_all.numpy(),
+        surprisal_before=s_b, surprisal_after=s_a,
+    )
