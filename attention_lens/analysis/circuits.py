@@ -1,0 +1,269 @@
+"""OV and QK circuits of every head, kept factored (Elhage et al. 2021).
+
+A head's OV circuit ``W_OV = W_V W_O`` and QK circuit ``W_QK = W_Q W_K^T`` are
+[d_model, d_model] matrices of rank at most d_head. They are never formed: a
+:class:`FactoredMatrix` keeps the two thin factors, its SVD comes from QR of the
+factors and a d_head x d_head SVD, and its non-zero eigenvalues from the small
+product ``B A`` (the non-zero eigenvalues of AB equal those of BA).
+
+LayerNorm weights (``ln1.w`` before a head, ``ln_final.w`` before the unembedding) are
+folded into the factors, as TransformerLens' ``fold_ln`` does; the centring and the
+scale of LayerNorm are not linear maps and are left out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional, get_args
+
+import numpy as np
+import torch
+
+from ..model.checkpoint import LoadedModel
+from .errors import AnalysisError
+
+Circuit = Literal["OV", "QK"]
+CIRCUITS: tuple[str, ...] = get_args(Circuit)
+
+
+@dataclass(frozen=True)
+class FactoredMatrix:
+    """A (batch of) matrix ``A @ B`` stored as its factors A [..., m, r] and B [..., r, n]."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+
+    def __post_init__(self) -> None:  # noqa: D105
+        if self.A.shape[-1] != self.B.shape[-2]:
+            raise ValueError(f"factor shapes {tuple(self.A.shape)} and {tuple(self.B.shape)} "
+                             "do not chain")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the product [..., m, n]."""
+        batch = torch.broadcast_shapes(self.A.shape[:-2], self.B.shape[:-2])
+        return (*batch, self.A.shape[-2], self.B.shape[-1])
+
+    @property
+    def T(self) -> "FactoredMatrix":  # noqa: N802
+        """The transpose ``B^T A^T``, still factored."""
+        return FactoredMatrix(self.B.transpose(-1, -2), self.A.transpose(-1, -2))
+
+    def dense(self) -> torch.Tensor:
+        """The full product (only for checks on small matrices)."""
+        return self.A @ self.B
+
+    def _cores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """QR of both factors: ``A B = Qa (Ra Rb^T) Qb^T`` with Ra Rb^T small [.., r, r]."""
+        qa, ra = torch.linalg.qr(self.A)
+        qb, rb = torch.linalg.qr(self.B.transpose(-1, -2))
+        return qa, ra @ rb.transpose(-1, -2), qb
+
+    def svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Thin SVD ``U [.., m, k], S [.., k], Vh [.., k, n]`` (k = min(m, r, n)) via QR."""
+        qa, core, qb = self._cores()
+        u, s, vh = torch.linalg.svd(core, full_matrices=False)
+        return qa @ u, s, vh @ qb.transpose(-1, -2)
+
+    def singular_values(self) -> torch.Tensor:
+        """Singular values [.., k], descending."""
+        _, core, _ = self._cores()
+        return torch.linalg.svdvals(core)
+
+    def eigenvalues(self) -> torch.Tensor:
+        """Eigenvalues of ``B A`` [.., r] (complex): the non-zero eigenvalues of the square AB."""
+        if self.A.shape[-2] != self.B.shape[-1]:
+            raise ValueError("eigenvalues need a square product")
+        return torch.linalg.eigvals(self.B @ self.A)
+
+    def frobenius_norm(self) -> torch.Tensor:
+        """``||A B||_F`` via ``trace((A^T A)(B B^T))`` [..]."""
+        ga = self.A.transpose(-1, -2) @ self.A
+        gb = self.B @ self.B.transpose(-1, -2)
+        return (ga * gb).sum((-1, -2)).clamp_min(0).sqrt()
+
+    def __matmul__(self, other: "FactoredMatrix | torch.Tensor") -> "FactoredMatrix":
+        """Product with another factored matrix or a dense one, kept thin."""
+        if isinstance(other, FactoredMatrix):
+            return FactoredMatrix(self.A, (self.B @ other.A) @ other.B)
+        return FactoredMatrix(self.A, self.B @ other)
+
+    def __rmatmul__(self, other: torch.Tensor) -> "FactoredMatrix":
+        """Dense matrix times this one (``other @ A`` stays thin)."""
+        return FactoredMatrix(other @ self.A, self.B)
+
+
+# ------------------------------------------------------------------------- weights
+def head_weights(lm: LoadedModel, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """Per-head weights with LayerNorm weights folded in, stacked [n_layers, n_heads, ...].
+
+    Keys: ``W_Q, W_K, W_V`` [L, H, d_model, d_head], ``W_O`` [L, H, d_head, d_model],
+    ``W_E`` [d_vocab, d_model], ``W_U`` [d_model, d_vocab].
+    """
+    if dtype not in (torch.float32, torch.float64):
+        raise AnalysisError("circuits are computed in float32 or float64 only")
+    m = lm.model
+    with torch.no_grad():
+        w = {k: getattr(m, k).detach().to("cpu", dtype) for k in ("W_Q", "W_K", "W_V", "W_O",
+                                                                     "W_E", "W_U")}
+        if m.cfg.normalization_type:
+            ln1 = torch.stack([b.ln1.w.detach() for b in m.blocks]).to("cpu", dtype)  # [L, d]
+            for k in ("W_Q", "W_K", "W_V"):
+                w[k] = w[k] * ln1[:, None, :, None]
+            w["W_U"] = w["W_U"] * m.ln_final.w.detach().to("cpu", dtype)[:, None]
+    return w
+
+
+def ov_circuit(lm: LoadedModel, dtype: torch.dtype = torch.float64) -> FactoredMatrix:
+    """Every head's OV circuit ``W_V W_O``, factored: [n_layers, n_heads, d_model, d_model]."""
+    w = head_weights(lm, dtype)
+    return FactoredMatrix(w["W_V"], w["W_O"])
+
+
+def qk_circuit(lm: LoadedModel, dtype: torch.dtype = torch.float64) -> FactoredMatrix:
+    """Every head's QK circuit ``W_Q W_K^T``, factored: [n_layers, n_heads, d_model, d_model]."""
+    w = head_weights(lm, dtype)
+    return FactoredMatrix(w["W_Q"], w["W_K"].transpose(-1, -2))
+
+
+def circuit(lm: LoadedModel, which: str, dtype: torch.dtype = torch.float64) -> FactoredMatrix:
+    """The OV or QK circuit of every head."""
+    if which not in CIRCUITS:
+        raise AnalysisError(f"unknown circuit {which!r}; choose one of {', '.join(CIRCUITS)}")
+    return ov_circuit(lm, dtype) if which == "OV" else qk_circuit(lm, dtype)
+
+
+# ------------------------------------------------------------------------------ SVD
+@dataclass(frozen=True)
+class CircuitSVD:
+    """Singular values of every head's OV or QK circuit and the tokens its directions read.
+
+    For direction i of a head, ``W = Σ s_i u_i v_i^T``: a residual vector x is read along
+    u_i (input side) and writes ``s_i (x·u_i) v_i`` (output side). The sign of each pair is
+    fixed so that the output side's largest-magnitude token score is positive, so tokens
+    with a high input score push the listed output tokens up.
+
+    Attributes:
+        circuit: "OV" or "QK".
+        singular_values: [n_layers, n_heads, d_head] float64, descending per head.
+        frobenius: [n_layers, n_heads] ``||W||_F`` (= sqrt of the sum of squared values).
+        input_space: what the input-side tokens are ("W_E rows · u (source token)").
+        output_space: what the output-side tokens are ("v · W_U (logits)" for OV,
+            "W_E rows · v (key token)" for QK).
+        input_ids: [n_layers, n_heads, n_directions, top_k] token ids with the largest
+            ``W_E @ u_i``.
+        input_scores: [n_layers, n_heads, n_directions, top_k] those projections.
+        output_ids: [n_layers, n_heads, n_directions, top_k] token ids with the largest
+            ``v_i @ W_U`` (OV) or ``W_E @ v_i`` (QK).
+        output_scores: [n_layers, n_heads, n_directions, top_k] those projections.
+        input_tokens: nested list [layer][head][direction][k] of display strings.
+        output_tokens: nested list [layer][head][direction][k] of display strings.
+    """
+
+    circuit: str
+    singular_values: np.ndarray
+    frobenius: np.ndarray
+    input_space: str
+    output_space: str
+    input_ids: np.ndarray
+    input_scores: np.ndarray
+    output_ids: np.ndarray
+    output_scores: np.ndarray
+    input_tokens: list
+    output_tokens: list
+
+    def __post_init__(self) -> None:  # noqa: D105
+        lh = self.singular_values.shape[:2]
+        assert self.frobenius.shape == lh
+        assert self.input_ids.shape == self.output_ids.shape == self.input_scores.shape
+        assert self.input_ids.shape[:2] == lh
+
+    @property
+    def n_layers(self) -> int:
+        """Number of layers."""
+        return int(self.singular_values.shape[0])
+
+    @property
+    def n_heads(self) -> int:
+        """Heads per layer."""
+        return int(self.singular_values.shape[1])
+
+
+def _nested_display(lm: LoadedModel, ids: np.ndarray) -> list:
+    return np.vectorize(lm.tokenizer.display, otypes=[object])(ids).tolist() if ids.size else \
+        ids.tolist()
+
+
+def _top_tokens(proj: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    values, idx = proj.topk(k, dim=-1)
+    return idx.cpu().numpy().astype(np.int64), values.cpu().numpy().astype(np.float64)
+
+
+def _check_top(lm: LoadedModel, top_k: int, n_directions: int) -> None:
+    if not isinstance(top_k, int) or not 1 <= top_k <= lm.cfg.d_vocab:
+        raise AnalysisError(f"top_k must be between 1 and the vocabulary size {lm.cfg.d_vocab}")
+    if not isinstance(n_directions, int) or not 0 <= n_directions <= lm.cfg.d_head:
+        raise AnalysisError(f"n_directions must be between 0 and d_head = {lm.cfg.d_head}")
+
+
+def circuit_svd(lm: LoadedModel, which: str = "OV", n_directions: int = 3, top_k: int = 10,
+                dtype: torch.dtype = torch.float32) -> CircuitSVD:
+    """SVD of every head's OV (or QK) circuit from its factors, with the tokens each reads.
+
+    The top ``n_directions`` singular directions of each head are read through the
+    embedding/unembedding (``dtype`` sets the precision of those vocabulary-sized
+    projections; the SVD itself is always float64).
+    """
+    _check_top(lm, top_k, n_directions)
+    fm = circuit(lm, which, torch.float64)
+    u, s, vh = fm.svd()  # u [L,H,d,k], s [L,H,k], vh [L,H,k,d]
+    L, H = s.shape[:2]
+    w = head_weights(lm, dtype)
+    n = n_directions
+    u_top = u[..., :n].to(dtype)  # [L,H,d,n]
+    v_top = vh[..., :n, :].transpose(-1, -2).to(dtype)  # [L,H,d,n]
+    with torch.no_grad():
+        flat_v = v_top.permute(2, 0, 1, 3).reshape(v_top.shape[2], -1)  # [d, L*H*n]
+        flat_u = u_top.permute(2, 0, 1, 3).reshape(u_top.shape[2], -1)
+        out_proj = (flat_v.T @ w["W_U"]) if which == "OV" else (w["W_E"] @ flat_v).T
+        in_proj = (w["W_E"] @ flat_u).T  # [L*H*n, v]
+        # fix each direction's sign: largest |output score| positive
+        sign = torch.sign(out_proj.gather(1, out_proj.abs().argmax(1, keepdim=True)))
+        sign[sign == 0] = 1
+        out_proj, in_proj = out_proj * sign, in_proj * sign
+        out_ids, out_sc = _top_tokens(out_proj, top_k)
+        in_ids, in_sc = _top_tokens(in_proj, top_k)
+    shape = (L, H, n, top_k)
+    in_ids, in_sc = in_ids.reshape(shape), in_sc.reshape(shape)
+    out_ids, out_sc = out_ids.reshape(shape), out_sc.reshape(shape)
+    return CircuitSVD(
+        circuit=which,
+        singular_values=s.numpy(),
+        frobenius=s.pow(2).sum(-1).sqrt().numpy(),
+        input_space="W_E @ u (source token read by the head)" if which == "OV"
+        else "W_E @ u (query token)",
+        output_space="v @ W_U (logits written)" if which == "OV" else "W_E @ v (key token)",
+        input_ids=in_ids, input_scores=in_sc, output_ids=out_ids, output_scores=out_sc,
+        input_tokens=_nested_display(lm, in_ids), output_tokens=_nested_display(lm, out_ids),
+    )
+
+
+def ov_svd(lm: LoadedModel, n_directions: int = 3, top_k: int = 10) -> CircuitSVD:
+    """SVD of every head's OV circuit (the seed's Weight Analysis)."""
+    return circuit_svd(lm, "OV", n_directions, top_k)
+
+
+def qk_svd(lm: LoadedModel, n_directions: int = 3, top_k: int = 10) -> CircuitSVD:
+    """SVD of every head's QK circuit."""
+    return circuit_svd(lm, "QK", n_directions, top_k)
+
+
+def check_head(lm: LoadedModel, layer: Optional[int], head: Optional[int]) -> None:
+    """Raise AnalysisError when ``layer``/``head`` are out of range (None is allowed)."""
+    L, H = lm.cfg.n_layers, lm.cfg.n_heads
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, (int, np.integer))
+                              or not 0 <= layer < L):
+        raise AnalysisError(f"layer must be between 0 and {L - 1}, got {layer!r}")
+    if head is not None and (isinstance(head, bool) or not isinstance(head, (int, np.integer))
+                             or not 0 <= head < H):
+        raise AnalysisError(f"head must be between 0 and {H - 1}, got {head!r}")

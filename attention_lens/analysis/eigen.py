@@ -1,0 +1,184 @@
+"""Eigenvalues: the attention-pattern spectrum (seed) and the circuit eigenvalues.
+
+The seed's "Eigenvalue Analysis" took eigenvalues of each attention pattern. A causal
+pattern is lower-triangular, so those eigenvalues are exactly its diagonal A[i, i] (how
+much each token attends to itself). :func:`attention_spectrum` returns that diagonal and
+says so. The real signal is in the circuits (Elhage et al. 2021):
+
+- OV: non-zero eig(W_V W_O) = eig(W_O W_V)            (d_head x d_head)
+- full OV: non-zero eig(W_E W_V W_O W_U) = eig(W_O (W_U W_E) W_V)
+- QK: non-zero eig(W_Q W_K^T) = eig(W_K^T W_Q)
+- full QK: non-zero eig(W_E W_Q W_K^T W_E^T) = eig(W_K^T (W_E^T W_E) W_Q)
+
+The d_model x d_model Gram terms ``W_U W_E`` and ``W_E^T W_E`` are computed once per
+model; no d_vocab x d_vocab matrix is ever formed. Copying score ``Re(Σλ) / Σ|λ|`` in
+[-1, 1] and positive fraction ``#{Re λ > 0} / d_head``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ..model.checkpoint import LoadedModel
+from .circuits import check_head, head_weights
+from .errors import AnalysisError
+from .forward import ForwardPass
+
+
+# --------------------------------------------------------------- pattern spectrum
+@dataclass(frozen=True)
+class AttentionSpectrum:
+    """Eigenvalues of each head's causal attention pattern, i.e. its diagonal A[i, i].
+
+    Attributes:
+        eigenvalues: [n_layers, n_heads, pos] A[i, i] in position order (real, in [0, 1]).
+        sorted_eigenvalues: [n_layers, n_heads, pos] the same, descending (as the seed showed).
+        display: display string of each position's token.
+        is_diagonal: always True: a causal (lower-triangular) pattern's eigenvalues are its
+            diagonal entries, so this is the self-attention weight of each token.
+        note: the sentence above, for help text and exports.
+    """
+
+    eigenvalues: np.ndarray
+    sorted_eigenvalues: np.ndarray
+    display: list[str]
+    is_diagonal: bool = True
+    note: str = ("A causal attention pattern is lower-triangular, so its eigenvalues are "
+                 "exactly its diagonal A[i, i]: the weight each token puts on itself.")
+
+
+def attention_spectrum(lm: LoadedModel, fp: ForwardPass) -> AttentionSpectrum:
+    """The seed's attention-pattern eigenvalues: the diagonal of every head's pattern."""
+    diags = []
+    for layer in range(lm.cfg.n_layers):
+        pattern = fp.cache[f"blocks.{layer}.attn.hook_pattern"]  # [h, q, k]
+        diags.append(pattern.diagonal(dim1=-2, dim2=-1).double().numpy())
+    eig = np.stack(diags)
+    return AttentionSpectrum(eigenvalues=eig, sorted_eigenvalues=-np.sort(-eig, axis=-1),
+                             display=list(fp.display))
+
+
+# ------------------------------------------------------------------ copying scores
+def copying_score(eigenvalues: np.ndarray) -> np.ndarray:
+    """``Re(Σλ) / Σ|λ|`` over the last axis (0 for an all-zero spectrum)."""
+    eigenvalues = np.asarray(eigenvalues)
+    num = eigenvalues.sum(-1).real
+    den = np.abs(eigenvalues).sum(-1)
+    return np.divide(num, den, out=np.zeros_like(num, dtype=np.float64), where=den > 0)
+
+
+def positive_fraction(eigenvalues: np.ndarray) -> np.ndarray:
+    """``#{Re λ > 0} / n`` over the last axis."""
+    eigenvalues = np.asarray(eigenvalues)
+    return (eigenvalues.real > 0).mean(-1)
+
+
+def _sorted(eig: torch.Tensor) -> np.ndarray:
+    """Complex eigenvalues as numpy, ordered by descending magnitude per head."""
+    e = eig.to(torch.complex128).numpy()
+    order = np.argsort(-np.abs(e), axis=-1, kind="stable")
+    return np.take_along_axis(e, order, axis=-1)
+
+
+def gram_terms(lm: LoadedModel, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The shared [d_model, d_model] terms ``W_U W_E`` and ``W_E^T W_E``, computed once."""
+    w = head_weights(lm, dtype)
+    with torch.no_grad():
+        return {"UE": w["W_U"] @ w["W_E"], "EE": w["W_E"].T @ w["W_E"]}
+
+
+@dataclass(frozen=True)
+class CircuitEigenvalues:
+    """Eigenvalues of every head's OV, full OV, QK and full QK circuits, and copying scores.
+
+    All eigenvalue arrays are complex128 [n_layers, n_heads, d_head], sorted by descending
+    magnitude per head (the non-zero eigenvalues of the d_model or d_vocab sized circuit,
+    computed from the d_head x d_head product of its factors in reverse order).
+
+    Attributes:
+        ov: eig(W_O W_V).
+        full_ov: eig(W_O W_U W_E W_V) = non-zero eig of the full OV circuit W_E W_OV W_U.
+        qk: eig(W_K^T W_Q).
+        full_qk: eig(W_K^T W_E^T W_E W_Q) = non-zero eig of W_E W_QK W_E^T.
+        copying: dict circuit name ("ov", "full_ov", "qk", "full_qk") -> [n_layers, n_heads]
+            copying score Re(Σλ)/Σ|λ| in [-1, 1].
+        positive: dict circuit name -> [n_layers, n_heads] fraction of eigenvalues with
+            Re λ > 0.
+        dtype: precision of the large Gram products ("float32" or "float64"); the
+            d_head x d_head eigenproblems are solved in float64.
+    """
+
+    ov: np.ndarray
+    full_ov: np.ndarray
+    qk: np.ndarray
+    full_qk: np.ndarray
+    copying: dict[str, np.ndarray]
+    positive: dict[str, np.ndarray]
+    dtype: str
+
+    CIRCUITS = ("ov", "full_ov", "qk", "full_qk")
+
+    @property
+    def full_ov_copying(self) -> np.ndarray:
+        """[n_layers, n_heads] copying score of the full OV circuit (the headline number)."""
+        return self.copying["full_ov"]
+
+    def eigenvalues(self, which: str) -> np.ndarray:
+        """The eigenvalue array of circuit ``which`` (one of :attr:`CIRCUITS`)."""
+        if which not in self.CIRCUITS:
+            raise AnalysisError(f"unknown circuit {which!r}; choose one of "
+                                f"{', '.join(self.CIRCUITS)}")
+        return getattr(self, which)
+
+    def as_json(self) -> dict[str, Any]:
+        """JSON-ready dict: eigenvalues as [..., 2] lists of (real, imaginary)."""
+        out: dict[str, Any] = {"dtype": self.dtype}
+        for name in self.CIRCUITS:
+            e = getattr(self, name)
+            out[name] = np.stack([e.real, e.imag], -1).tolist()
+        out["copying"] = {k: v.tolist() for k, v in self.copying.items()}
+        out["positive"] = {k: v.tolist() for k, v in self.positive.items()}
+        return out
+
+
+def circuit_eigenvalues(lm: LoadedModel, dtype: str = "float32",
+                        gram: Optional[dict[str, torch.Tensor]] = None) -> CircuitEigenvalues:
+    """Eigenvalues and copying scores of every head's OV, full OV, QK and full QK circuits.
+
+    ``dtype`` ("float32" or "float64") is the precision of the vocabulary-sized Gram products
+    (pass ``gram`` from :func:`gram_terms` to reuse them); the small eigenproblems use float64.
+    """
+    dtypes = {"float32": torch.float32, "float64": torch.float64}
+    if dtype not in dtypes:
+        raise AnalysisError("eigenvalues are computed in float32 or float64 only")
+    td = dtypes[dtype]
+    if gram is None:
+        gram = gram_terms(lm, td)
+    w = head_weights(lm, td)
+    with torch.no_grad():
+        W_Q, W_K, W_V, W_O = w["W_Q"], w["W_K"], w["W_V"], w["W_O"]
+        W_Kt = W_K.transpose(-1, -2)
+        small = {
+            "ov": W_O @ W_V,  # [L, H, e, e]
+            "full_ov": (W_O @ gram["UE"].to(td)) @ W_V,
+            "qk": W_Kt @ W_Q,
+            "full_qk": (W_Kt @ gram["EE"].to(td)) @ W_Q,
+        }
+        eig = {k: _sorted(torch.linalg.eigvals(v.double())) for k, v in small.items()}
+    return CircuitEigenvalues(
+        **eig,
+        copying={k: copying_score(v) for k, v in eig.items()},
+        positive={k: positive_fraction(v) for k, v in eig.items()},
+        dtype=dtype,
+    )
+
+
+def head_eigenvalues(result: CircuitEigenvalues, lm: LoadedModel, layer: int, head: int,
+                     which: str = "full_ov") -> np.ndarray:
+    """The eigenvalues [d_head] (complex) of one head's circuit, with range checks."""
+    check_head(lm, layer, head)
+    return result.eigenvalues(which)[layer, head]

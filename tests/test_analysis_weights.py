@@ -1,0 +1,184 @@
+"""Weight analyses: factored circuits equal dense ones; head labels, composition, analogy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from attention_lens.analysis.circuits import (
+    FactoredMatrix,
+    circuit_svd,
+    head_weights,
+    ov_circuit,
+    qk_circuit,
+)
+from attention_lens.analysis.eigen import (
+    attention_spectrum,
+    circuit_eigenvalues,
+    copying_score,
+    positive_fraction,
+)
+from attention_lens.analysis.errors import AnalysisError
+from attention_lens.analysis.forward import run_forward
+from tests.conftest import make_tiny
+
+
+def _nonzero_eigs_dense(m: torch.Tensor, r: int) -> np.ndarray:
+    """The r largest-magnitude eigenvalues of a dense square matrix, sorted by magnitude."""
+    e = torch.linalg.eigvals(m).numpy()
+    return e[np.argsort(-np.abs(e), kind="stable")][:r]
+
+
+def _match_spectra(a: np.ndarray, b: np.ndarray, atol: float) -> None:
+    """Two complex spectra are equal as multisets (greedy nearest matching)."""
+    b = list(b)
+    for x in a:
+        j = int(np.argmin([abs(x - y) for y in b]))
+        assert abs(x - b[j]) < atol, (x, b[j])
+        b.pop(j)
+
+
+# ------------------------------------------------------------------ FactoredMatrix
+def test_factored_svd_equals_dense():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(3, 20, 5, generator=g, dtype=torch.float64)
+    B = torch.randn(3, 5, 16, generator=g, dtype=torch.float64)
+    fm = FactoredMatrix(A, B)
+    dense = A @ B
+    u, s, vh = fm.svd()
+    assert s.shape == (3, 5)
+    torch.testing.assert_close(s, torch.linalg.svdvals(dense)[:, :5])
+    torch.testing.assert_close(u @ torch.diag_embed(s) @ vh, dense)
+    torch.testing.assert_close(u.transpose(-1, -2) @ u, torch.eye(5, dtype=torch.float64)
+                               .expand(3, 5, 5))
+    torch.testing.assert_close(fm.frobenius_norm(), dense.flatten(1).norm(dim=1))
+    torch.testing.assert_close(fm.T.dense(), dense.transpose(-1, -2))
+    C = torch.randn(16, 7, dtype=torch.float64, generator=g)
+    torch.testing.assert_close((fm @ C).dense(), dense @ C)
+
+
+def test_factored_eigenvalues_equal_dense_nonzero_eigenvalues():
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(12, 4, generator=g, dtype=torch.float64)
+    B = torch.randn(4, 12, generator=g, dtype=torch.float64)
+    ours = FactoredMatrix(A, B).eigenvalues().numpy()
+    _match_spectra(ours, _nonzero_eigs_dense(A @ B, 4), 1e-9)
+
+
+def test_circuit_svd_matches_dense(tiny):
+    for which, fm in (("OV", ov_circuit(tiny)), ("QK", qk_circuit(tiny))):
+        res = circuit_svd(tiny, which, n_directions=2, top_k=4)
+        dense = fm.dense()
+        d_head = tiny.cfg.d_head
+        np.testing.assert_allclose(res.singular_values,
+                                   torch.linalg.svdvals(dense)[..., :d_head].numpy(), atol=1e-9)
+        assert res.input_ids.shape == (2, 4, 2, 4)
+        assert len(res.output_tokens[1][3][1]) == 4
+        # the top output tokens of OV direction 0 are the argmax of v0 @ W_U (up to sign)
+        if which == "OV":
+            _, _, vh = torch.linalg.svd(dense[0, 1])
+            w = head_weights(tiny)
+            proj = vh[0] @ w["W_U"]
+            if proj[proj.abs().argmax()] < 0:
+                proj = -proj
+            assert res.output_ids[0, 1, 0, 0] == int(proj.argmax())
+            np.testing.assert_allclose(res.output_scores[0, 1, 0, 0], float(proj.max()),
+                                       rtol=1e-4)
+
+
+def test_circuit_svd_bad_input(tiny):
+    with pytest.raises(AnalysisError):
+        circuit_svd(tiny, "XY")
+    with pytest.raises(AnalysisError):
+        circuit_svd(tiny, "OV", top_k=0)
+    with pytest.raises(AnalysisError):
+        circuit_svd(tiny, "OV", top_k=tiny.cfg.d_vocab + 1)
+    with pytest.raises(AnalysisError):
+        circuit_svd(tiny, "OV", n_directions=tiny.cfg.d_head + 1)
+
+
+# -------------------------------------------------------------------- eigenvalues
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_circuit_eigenvalues_equal_dense(tiny_tokenizer, dtype):
+    # a small vocabulary keeps the dense d_vocab x d_vocab reference cheap
+    lm = make_tiny(tiny_tokenizer, seed=3, normalization_type="LN", attn_only=False,
+                   d_mlp=16, act_fn="gelu", d_vocab=40)
+    with torch.no_grad():  # non-trivial LayerNorm weights must be folded in
+        for b in lm.model.blocks:
+            b.ln1.w.uniform_(0.5, 1.5)
+        lm.model.ln_final.w.uniform_(0.5, 1.5)
+    res = circuit_eigenvalues(lm, dtype=dtype)
+    m = lm.model
+    W_E, W_U = m.W_E.double(), (m.ln_final.w[:, None] * m.W_U).double()
+    atol = 1e-6 if dtype == "float64" else 1e-3
+    for layer in range(lm.cfg.n_layers):
+        ln1 = lm.model.blocks[layer].ln1.w.double()[:, None]
+        for head in range(lm.cfg.n_heads):
+            a = m.blocks[layer].attn
+            W_Q, W_K = ln1 * a.W_Q[head].double(), ln1 * a.W_K[head].double()
+            W_V, W_O = ln1 * a.W_V[head].double(), a.W_O[head].double()
+            e = lm.cfg.d_head
+            dense = {"ov": W_V @ W_O, "full_ov": W_E @ W_V @ W_O @ W_U,
+                     "qk": W_Q @ W_K.T, "full_qk": W_E @ W_Q @ W_K.T @ W_E.T}
+            for name, mat in dense.items():
+                ref = _nonzero_eigs_dense(mat, e)
+                scale = np.abs(ref).max()
+                _match_spectra(res.eigenvalues(name)[layer, head] / scale, ref / scale, atol)
+                np.testing.assert_allclose(res.copying[name][layer, head], copying_score(ref),
+                                           atol=10 * atol)
+    assert res.ov.dtype == np.complex128
+    json = res.as_json()
+    assert len(json["full_ov"][0][0][0]) == 2
+
+
+def _copying_model(tiny_tokenizer, sign: float, pinv: bool):
+    lm = make_tiny(tiny_tokenizer, seed=4, n_layers=1, d_model=16, n_heads=2, d_head=8)
+    m = lm.model
+    with torch.no_grad():
+        if pinv:
+            m.unembed.W_U.copy_(torch.linalg.pinv(m.W_E.double()).float())
+        else:
+            m.unembed.W_U.copy_(m.W_E.T)
+        a = m.blocks[0].attn
+        eye = torch.eye(16)
+        # head 0: W_V W_O = the identity restricted to the first d_head dimensions
+        a.W_V[0].copy_(eye[:, :8])
+        a.W_O[0].copy_(sign * eye[:8, :])
+    return lm
+
+
+@pytest.mark.parametrize("pinv", [True, False])
+def test_copying_score_of_hand_built_copying_head(tiny_tokenizer, pinv):
+    pos = circuit_eigenvalues(_copying_model(tiny_tokenizer, 1.0, pinv), dtype="float64")
+    neg = circuit_eigenvalues(_copying_model(tiny_tokenizer, -1.0, pinv), dtype="float64")
+    assert pos.copying["full_ov"][0, 0] > 0.999
+    assert pos.positive["full_ov"][0, 0] == 1.0
+    assert neg.copying["full_ov"][0, 0] < -0.999
+    assert neg.positive["full_ov"][0, 0] == 0.0
+    assert pos.copying["ov"][0, 0] > 0.999 and neg.copying["ov"][0, 0] < -0.999
+    # the random head next to it is not a clean copier
+    assert abs(pos.copying["full_ov"][0, 1]) < 0.9
+
+
+def test_copying_score_helpers():
+    assert copying_score(np.array([1 + 0j, 2, 3])) == pytest.approx(1.0)
+    assert copying_score(np.array([1j, -1j])) == pytest.approx(0.0)
+    assert copying_score(np.zeros(3)) == 0.0
+    assert positive_fraction(np.array([1.0, -1.0, 2.0, 0.0])) == pytest.approx(0.5)
+
+
+def test_eigenvalues_bad_dtype(tiny):
+    with pytest.raises(AnalysisError):
+        circuit_eigenvalues(tiny, dtype="float16")
+
+
+def test_attention_spectrum_is_the_diagonal(tiny):
+    fp = run_forward(tiny, "Harry Potter went to the shop")
+    spec = attention_spectrum(tiny, fp)
+    pattern = fp.cache["blocks.1.attn.hook_pattern"][2].double()
+    dense = np.sort(torch.linalg.eigvals(pattern).real.numpy())[::-1]
+    np.testing.assert_allclose(spec.sorted_eigenvalues[1, 2], dense, atol=1e-6)
+    np.testing.assert_allclose(spec.eigenvalues[1, 2], pattern.diagonal().numpy())
+    assert spec.is_diagonal and "diagonal" in spec.note
+    assert spec.eigenvalues[0, 0, 0] == pytest.approx(1.0)
