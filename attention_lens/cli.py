@@ -1,28 +1,126 @@
-"""Command line: ``attention-lens serve`` (the default) runs the app."""
+"""Command line: ``attention-lens serve`` (the default) runs the app; ``add-user`` manages logins.
+
+Every ``serve`` option can also come from an ``ATTENTION_LENS_*`` environment variable
+(``--max-tokens`` from ``ATTENTION_LENS_MAX_TOKENS``, ...); a command-line flag wins.
+"""
 
 from __future__ import annotations
 
 import argparse
+import getpass
+import logging
+import os
+import sys
+from pathlib import Path
 from typing import Optional
 
-from .registry import DEFAULT_MODEL, DEFAULT_WEIGHTS, Registry
+from .server import ENV_PREFIX, ConfigError, ServerConfig, write_user
+
+DEFAULT_USERS_FILE = "users.txt"
+
+
+def _env(name: str) -> str:
+    return f"(env {ENV_PREFIX}{name})"
+
+
+def _add_serve_options(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--host", help=f"address to listen on; default 127.0.0.1 {_env('HOST')}")
+    ap.add_argument("--port", type=int, help=f"port; default 8050 {_env('PORT')}")
+    ap.add_argument("--model", help=f"default model; default attn-only-2l {_env('MODEL')}")
+    ap.add_argument("--models-dir", action="append", type=Path, dest="models_dirs",
+                    metavar="DIR", help="folder of model folders (repeatable); default the "
+                    f"shipped weights/ {_env('MODELS_DIRS')}, separated by '{os.pathsep}'")
+    ap.add_argument("--max-tokens", type=int,
+                    help=f"truncate prompts to this many tokens {_env('MAX_TOKENS')}")
+    ap.add_argument("--auth-file", type=Path,
+                    help=f"users file for HTTP Basic auth (see add-user) {_env('AUTH_FILE')}")
+    ap.add_argument("--url-prefix",
+                    help=f"serve under this path, e.g. /lens/ behind a proxy {_env('URL_PREFIX')}")
+    ap.add_argument("--debug", action="store_true", default=None,
+                    help=f"Dash debug mode (never on a shared server) {_env('DEBUG')}")
+    ap.add_argument("--allow-anonymous", action="store_true", default=None,
+                    help="allow a non-loopback address without a users file "
+                    f"{_env('ALLOW_ANONYMOUS')}")
+    ap.add_argument("--device", help=f"torch device, e.g. cpu or cuda {_env('DEVICE')}")
+    ap.add_argument("--max-models", type=int,
+                    help=f"models kept loaded at once; default 2 {_env('MAX_MODELS')}")
+    ap.add_argument("--cache-size", type=int,
+                    help=f"forward passes kept in the LRU cache; default 64 {_env('CACHE_SIZE')}")
+    ap.add_argument("--max-body", type=int,
+                    help=f"largest request body in bytes; default 1 MiB {_env('MAX_BODY')}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Arguments shared by ``python app.py`` and ``attention-lens serve``."""
+    """The ``attention-lens`` parser (``serve`` is implied when no command is given)."""
     ap = argparse.ArgumentParser(prog="attention-lens", description="Run the Attention Lens app.")
-    ap.add_argument("command", nargs="?", default="serve", choices=["serve"])
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8050)
-    ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--debug", action="store_true")
+    sub = ap.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="run the web app (the default)")
+    _add_serve_options(serve)
+    add = sub.add_parser("add-user", help="add a user (or change a password) in a users file")
+    add.add_argument("name")
+    add.add_argument("--auth-file", type=Path,
+                     help=f"users file; default {DEFAULT_USERS_FILE} {_env('AUTH_FILE')}")
+    add.add_argument("--password-stdin", action="store_true",
+                     help="read the password from the first line of standard input")
     return ap
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    """Entry point."""
-    args = build_parser().parse_args(argv)
-    from .app import create_app
+def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """Parse ``argv``, inserting ``serve`` when no command is named."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in {"serve", "add-user", "-h", "--help"}:
+        argv.insert(0, "serve")
+    return build_parser().parse_args(argv)
 
-    app = create_app(Registry([DEFAULT_WEIGHTS], default=args.model))
-    app.run(host=args.host, port=args.port, debug=args.debug)
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The server configuration: environment variables, then command-line flags on top."""
+    keys = ("host", "port", "model", "models_dirs", "max_tokens", "auth_file", "url_prefix",
+            "debug", "allow_anonymous", "device", "max_models", "cache_size", "max_body")
+    return ServerConfig.from_env(**{k: getattr(args, k, None) for k in keys})
+
+
+def add_user(args: argparse.Namespace) -> int:
+    """Prompt for a password twice and store its salted hash."""
+    path = args.auth_file or Path(os.environ.get(ENV_PREFIX + "AUTH_FILE") or DEFAULT_USERS_FILE)
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass(f"Password for {args.name}: ")
+        if getpass.getpass("Repeat the password: ") != password:
+            print("error: the passwords differ; nothing was written", file=sys.stderr)
+            return 1
+    if len(password) < 8:
+        print("error: use a password of at least 8 characters", file=sys.stderr)
+        return 1
+    new = write_user(path, args.name, password)
+    print(f"{'added' if new else 'updated'} user {args.name!r} in {path}")
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the app with Flask's threaded server (use gunicorn on a shared machine)."""
+    config = config_from_args(args)
+    config.check_exposure()
+    from .server import create_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    app = create_server(config)
+    names = ", ".join(app.server.extensions["attention_lens"]["registry"].names())
+    print(f"Attention Lens on http://{config.host}:{config.port}{config.url_prefix} "
+          f"(models: {names})")
+    app.run(host=config.host, port=config.port, debug=config.debug)
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point of ``attention-lens`` and ``python app.py``."""
+    args = parse(argv)
+    try:
+        code = add_user(args) if args.command == "add-user" else serve(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

@@ -1,0 +1,457 @@
+"""The JSON API under ``/api/``: the seed's endpoints, answered by the same analyses as the pages.
+
+Every endpoint validates its input strictly: bad input is a 400 ``{"error": "..."}`` (an
+oversized body is a 413, handled by the server). Per-prompt endpoints run the prompt through
+the registry's cached forward pass; prompts longer than the context are truncated to the
+first ``n_ctx`` tokens (or ``--max-tokens``) and the response's ``"truncated"`` says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from functools import wraps
+from numbers import Integral
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import flask
+import numpy as np
+import torch
+
+from .analysis.errors import AnalysisError
+from .analysis.forward import ForwardPass
+from .model.checkpoint import LoadedModel
+from .registry import Registry
+
+#: Most alternatives per position for endpoints that return a [pos, k] grid.
+MAX_GRID_K = 50
+#: Most terms in an analogy and heads in an ablation.
+MAX_TERMS = 16
+MAX_HEADS = 256
+
+
+class ApiError(ValueError):
+    """A 4xx answer with a readable message."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# ------------------------------------------------------------------------- serialisation
+def _round_sig(a: np.ndarray, digits: int = 7) -> np.ndarray:
+    """Round to ``digits`` significant digits so JSON stays short (float32 precision)."""
+    a = np.asarray(a, dtype=np.float64)
+    finite = np.isfinite(a) & (a != 0)
+    out = a.copy()
+    if finite.any():
+        mag = np.floor(np.log10(np.abs(a[finite])))
+        exp = (digits - 1 - mag).astype(np.int64)
+        vals = a[finite]
+        pos = exp >= 0
+        res = np.empty_like(vals)
+        res[pos] = np.round(vals[pos] * 10.0 ** exp[pos]) / 10.0 ** exp[pos]
+        res[~pos] = np.round(vals[~pos] / 10.0 ** -exp[~pos]) * 10.0 ** -exp[~pos]
+        out[finite] = res
+    return out
+
+
+def _array(a: np.ndarray) -> Any:
+    kind = a.dtype.kind
+    if kind in "biu":
+        return a.tolist()
+    if kind == "f":
+        r = _round_sig(a)
+        bad = ~np.isfinite(r)
+        if bad.any():  # JSON has no NaN or infinity: send null
+            obj = r.astype(object)
+            obj[bad] = None
+            return obj.tolist()
+        return r.tolist()
+    if kind == "c":
+        return {"real": _array(a.real), "imag": _array(a.imag)}
+    return jsonable(a.tolist())
+
+
+def jsonable(obj: Any) -> Any:
+    """A JSON-ready copy of an analysis result (dataclasses, numpy arrays, tensors, ...)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, np.ndarray):
+        return _array(obj)
+    if isinstance(obj, torch.Tensor):
+        return _array(obj.detach().cpu().numpy())
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        x = float(obj)
+        return float(_round_sig(np.array([x]))[0]) if math.isfinite(x) else None
+    if isinstance(obj, (complex, np.complexfloating)):
+        return {"real": jsonable(obj.real), "imag": jsonable(obj.imag)}
+    if obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    return str(obj)
+
+
+# ---------------------------------------------------------------------------- validation
+def _check_unicode(value: Any) -> None:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError("the request contains invalid Unicode (a lone surrogate)") from None
+
+
+def json_body(allowed: set[str]) -> dict[str, Any]:
+    """The request's JSON object, strictly parsed; unknown fields are an error."""
+    raw = flask.request.get_data(cache=True)  # raises 413 past MAX_CONTENT_LENGTH
+    if not raw.strip():
+        raise ApiError("the request body is empty: send a JSON object")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(f"the request body is not valid UTF-8 (byte {exc.start})") from None
+
+    def no_constants(name: str) -> None:
+        raise ApiError(f"{name} is not valid JSON")
+
+    try:
+        body = json.loads(text, parse_constant=no_constants)
+    except json.JSONDecodeError as exc:
+        raise ApiError(f"malformed JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") \
+            from None
+    except RecursionError:
+        raise ApiError("malformed JSON: nested too deeply") from None
+    if not isinstance(body, dict):
+        raise ApiError("the request body must be a JSON object")
+    _check_unicode(body)
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise ApiError(f"unknown field(s) {', '.join(map(repr, unknown))}; "
+                       f"allowed: {', '.join(sorted(allowed))}")
+    return body
+
+
+def query_params(allowed: set[str], ints: set[str]) -> dict[str, Any]:
+    """The query string as a dict; fields in ``ints`` must be integers."""
+    args = flask.request.args
+    unknown = sorted(set(args) - allowed)
+    if unknown:
+        raise ApiError(f"unknown parameter(s) {', '.join(map(repr, unknown))}; "
+                       f"allowed: {', '.join(sorted(allowed))}")
+    out: dict[str, Any] = {}
+    for key in args:
+        values = args.getlist(key)
+        if len(values) > 1:
+            raise ApiError(f"parameter {key!r} is given more than once")
+        value = values[0]
+        if "\x00" in value:
+            raise ApiError(f"parameter {key!r} contains a NUL character")
+        if key in ints:
+            try:
+                out[key] = int(value.strip(), 10)
+            except ValueError:
+                raise ApiError(f"{key} must be an integer, got {value!r}") from None
+        else:
+            out[key] = value
+    return out
+
+
+def text_field(body: dict[str, Any], key: str = "text") -> str:
+    """A required, non-empty prompt."""
+    if key not in body:
+        raise ApiError(f"missing field {key!r} (the prompt to analyse)")
+    text = body[key]
+    if not isinstance(text, str):
+        raise ApiError(f"{key!r} must be a string, got {type(text).__name__}")
+    if "\x00" in text:
+        raise ApiError(f"{key!r} contains a NUL character")
+    if not text.strip():
+        raise ApiError(f"{key!r} is empty: send some text to analyse")
+    return text
+
+
+def int_field(body: dict[str, Any], key: str, default: Optional[int], lo: int, hi: int,
+              what: str = "") -> Optional[int]:
+    """An optional integer in [lo, hi]; booleans and floats are refused."""
+    value = body.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise ApiError(f"{key!r} must be an integer, got {value!r}"[:200])
+    if not lo <= int(value) <= hi:
+        raise ApiError(f"{key!r} must be between {lo} and {hi}{what}, got {value}")
+    return int(value)
+
+
+def bool_field(body: dict[str, Any], key: str, default: bool) -> bool:
+    """An optional boolean."""
+    value = body.get(key, default)
+    if not isinstance(value, bool):
+        raise ApiError(f"{key!r} must be true or false, got {value!r}"[:200])
+    return value
+
+
+def choice_field(body: dict[str, Any], key: str, default: str, choices: tuple[str, ...]) -> str:
+    """An optional string from ``choices``."""
+    value = body.get(key, default)
+    if value not in choices:
+        raise ApiError(f"{key!r} must be one of {', '.join(map(repr, choices))}, "
+                       f"got {value!r}"[:300])
+    return value
+
+
+def token_field(body: dict[str, Any], key: str) -> Optional[int | str]:
+    """An optional target token: an id or a string (checked by the analysis)."""
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ApiError(f"{key!r} must be a token id or a token string, got {value!r}"[:200])
+    if isinstance(value, str) and "\x00" in value:
+        raise ApiError(f"{key!r} contains a NUL character")
+    return value
+
+
+def words_field(body: dict[str, Any], key: str, required: bool) -> list[str]:
+    """A list of analogy terms."""
+    value = body.get(key, [] if not required else None)
+    if value is None:
+        raise ApiError(f"missing field {key!r} (a list of words)")
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(w, str) for w in value):
+        raise ApiError(f"{key!r} must be a list of strings")
+    if len(value) > MAX_TERMS:
+        raise ApiError(f"{key!r} has {len(value)} terms; at most {MAX_TERMS} are allowed")
+    for w in value:
+        if "\x00" in w:
+            raise ApiError(f"{key!r} contains a NUL character")
+        if not w.strip():
+            raise ApiError(f"{key!r} contains an empty word")
+    return value
+
+
+def layer_head(lm: LoadedModel, body: dict[str, Any], need_head: bool = False
+               ) -> tuple[Optional[int], Optional[int]]:
+    """Optional ``layer`` and ``head`` in range for ``lm`` (a head needs its layer)."""
+    n_layers, n_heads = lm.cfg.n_layers, lm.cfg.n_heads
+    layer = int_field(body, "layer", None, 0, n_layers - 1,
+                      f" (the model {lm.name} has {n_layers} layer(s))")
+    head = int_field(body, "head", None, 0, n_heads - 1,
+                     f" (each layer of {lm.name} has {n_heads} heads)")
+    if head is not None and layer is None:
+        raise ApiError("'head' needs a 'layer' too")
+    if need_head and (layer is None or head is None):
+        raise ApiError("'layer' and 'head' are required")
+    return layer, head
+
+
+def heads_field(lm: LoadedModel, body: dict[str, Any]) -> list[tuple[int, int]]:
+    """A list of ``[layer, head]`` pairs."""
+    value = body.get("heads")
+    if value is None:
+        raise ApiError("missing field 'heads' (a list of [layer, head] pairs)")
+    if not isinstance(value, list) or len(value) > MAX_HEADS:
+        raise ApiError(f"'heads' must be a list of at most {MAX_HEADS} [layer, head] pairs")
+    heads = []
+    for item in value:
+        if not (isinstance(item, list) and len(item) == 2):
+            raise ApiError(f"each entry of 'heads' must be a [layer, head] pair, got {item!r}"
+                           [:200])
+        pair = {"layer": item[0], "head": item[1]}
+        layer, head = layer_head(lm, pair, need_head=True)
+        heads.append((int(layer), int(head)))  # type: ignore[arg-type]
+    return heads
+
+
+# ------------------------------------------------------------------------------ the API
+def _prompt_part(fp: ForwardPass, limit: int) -> dict[str, Any]:
+    truncated = None
+    if fp.truncated:
+        truncated = {"n_prompt_tokens": fp.n_prompt_tokens, "n_tokens_kept": fp.n_tokens,
+                     "tokens_dropped": fp.truncated, "limit": limit,
+                     "message": f"the prompt has {fp.n_prompt_tokens} tokens; only the first "
+                                f"{fp.n_tokens} were analysed"}
+    return {"model": fp.model_name, "n_tokens": fp.n_tokens,
+            "token_ids": fp.token_ids.tolist(), "tokens": list(fp.tokens),
+            "display": list(fp.display), "truncated": truncated}
+
+
+def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
+    """The ``/api`` blueprint answering from ``registry``."""
+    bp = flask.Blueprint("attention_lens_api", __name__)
+
+    def endpoint(rule: str, methods: tuple[str, ...]) -> Callable:
+        def wrap(fn: Callable[[], dict[str, Any]]) -> Callable:
+            @wraps(fn)
+            def view(**kwargs: Any) -> Any:
+                try:
+                    result = fn()
+                except ApiError as exc:
+                    return flask.jsonify(error=str(exc)), exc.status
+                except AnalysisError as exc:
+                    return flask.jsonify(error=str(exc)), 400
+                return flask.jsonify(result)
+            bp.add_url_rule(rule, view_func=view, methods=list(methods))
+            return view
+        return wrap
+
+    def model_of(body: dict[str, Any]) -> LoadedModel:
+        name = body.get("model")
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise ApiError(f"'model' must be a model name; available: "
+                           f"{', '.join(registry.names())}")
+        return registry.get(name)  # AnalysisError naming the available models
+
+    def limit_of(lm: LoadedModel) -> int:
+        mt = registry.max_tokens
+        return lm.cfg.n_ctx if mt is None else min(lm.cfg.n_ctx, mt)
+
+    def prompt(body: dict[str, Any]) -> tuple[LoadedModel, ForwardPass, dict[str, Any]]:
+        text = text_field(body)
+        lm = model_of(body)
+        fp = registry.forward(text, lm.name)
+        return lm, fp, _prompt_part(fp, limit_of(lm))
+
+    base = {"text", "model"}
+
+    # --------------------------------------------------------------------- models
+    @endpoint("/models", ("GET",))
+    def models() -> dict[str, Any]:
+        query_params(set(), set())
+        out, unavailable = [], []
+        for e in registry.entries():
+            item = {"name": e.name, "size_bytes": e.size_bytes, "kind": e.kind,
+                    "default": e.name == registry.default}
+            if e.available:
+                out.append(item)
+            else:
+                unavailable.append({**item, "reason": e.error})
+        return {"models": out, "unavailable": unavailable, "default": registry.default}
+
+    # ---------------------------------------------------------------- predictions
+    @endpoint("/predict", ("POST",))
+    def predict() -> dict[str, Any]:
+        from .analysis.predictions import next_token
+
+        body = json_body(base | {"top_k", "position"})
+        lm, fp, part = prompt(body)
+        k = int_field(body, "top_k", 10, 1, lm.cfg.d_vocab, " (the vocabulary size)")
+        pos = int_field(body, "position", -1, -fp.n_tokens, fp.n_tokens - 1,
+                        f" (the prompt has {fp.n_tokens} tokens)")
+        res = next_token(lm, fp, k=k, position=pos)
+        preds = [{"token": t, "id": int(i), "display": d, "probability": p, "logit": lg,
+                  "rank": int(r)}
+                 for t, i, d, p, lg, r in zip(res.tokens, res.token_ids, res.display,
+                                              jsonable(res.probs), jsonable(res.logits),
+                                              res.ranks)]
+        return {**part, "position": res.position, "predictions": preds,
+                "entropy": jsonable(res.entropy)}
+
+    @endpoint("/token-predictions", ("POST",))
+    def token_predictions() -> dict[str, Any]:
+        from .analysis.predictions import token_predictions as analyse
+
+        body = json_body(base | {"top_k"})
+        lm, fp, part = prompt(body)
+        k = int_field(body, "top_k", 5, 1, min(MAX_GRID_K, lm.cfg.d_vocab))
+        return {**part, "result": jsonable(analyse(lm, fp, k=k))}
+
+    # ------------------------------------------------------------------ attention
+    @endpoint("/attention", ("POST",))
+    def attention() -> dict[str, Any]:
+        from .analysis.attention import attention_pattern, attention_patterns
+
+        body = json_body(base | {"layer", "head"})
+        lm, fp, part = prompt(body)
+        layer, head = layer_head(lm, body)
+        if head is not None:
+            res = attention_pattern(lm, fp, layer=layer, head=head)
+            return {**part, "layer": layer, "head": head, "result": jsonable(res)}
+        res = attention_patterns(lm, fp)
+        data = jsonable(res)
+        if layer is not None:
+            data = {k: (v[layer] if k in {"patterns", "entropy", "entropy_per_query"} else v)
+                    for k, v in data.items()}
+        return {**part, "layer": layer, "result": data}
+
+    @endpoint("/activations", ("POST",))
+    def activations() -> dict[str, Any]:
+        from .analysis.attention import head_outputs, residual_stream
+
+        body = json_body(base | {"vectors", "layer"})
+        lm, fp, part = prompt(body)
+        vectors = bool_field(body, "vectors", False)
+        layer = int_field(body, "layer", None, 0, lm.cfg.n_layers,
+                          " (a residual-stream stage: 0 to n_layers)")
+        resid = residual_stream(lm, fp)
+        data = {"labels": list(resid.labels), "norms": jsonable(resid.norms)}
+        if vectors:
+            stages = range(len(resid.labels)) if layer is None else [layer]
+            data["resid"] = {resid.labels[s]: jsonable(resid.resid[s]) for s in stages}
+        return {**part, "residual_stream": data, "head_outputs": jsonable(head_outputs(lm, fp))}
+
+    # ---------------------------------------------------------------- logit lens
+    @endpoint("/logit-lens", ("POST",))
+    def logit_lens() -> dict[str, Any]:
+        from .analysis.logit_lens import GRANULARITIES
+        from .analysis.logit_lens import logit_lens as analyse
+
+        body = json_body(base | {"top_k", "target", "granularity"})
+        lm, fp, part = prompt(body)
+        k = int_field(body, "top_k", 5, 1, min(MAX_GRID_K, lm.cfg.d_vocab))
+        gran = choice_field(body, "granularity", "sublayer", tuple(GRANULARITIES))
+        res = analyse(lm, fp, k=k, target=token_field(body, "target"), granularity=gran)
+        return {**part, "result": jsonable(res)}
+
+    # ------------------------------------------------------------------- weights
+    @endpoint("/weights", ("GET",))
+    def weights() -> dict[str, Any]:
+        from .analysis.circuits import circuit_svd
+
+        q = query_params({"model", "layer", "head", "circuit", "top_k", "n_directions"},
+                         {"layer", "head", "top_k", "n_directions"})
+        lm = model_of(q)
+        layer, head = layer_head(lm, q)
+        which = choice_field(q, "circuit", "OV", ("OV", "QK"))
+        k = int_field(q, "top_k", 10, 1, min(MAX_GRID_K, lm.cfg.d_vocab))
+        n_dir = int_field(q, "n_directions", 3, 0, lm.cfg.d_head,
+                          f" (d_head of {lm.name})")
+        if (k, n_dir) == (10, 3):  # the default view is cached per model
+            res = registry.weights(lm.name, ("api-svd", which),
+                                   lambda m: circuit_svd(m, which, n_dir, k))
+        else:
+            res = circuit_svd(lm, which, n_dir, k)
+        data = jsonable(res)
+        if layer is not None:
+            sel = (lambda v: v[layer]) if head is None else (lambda v: v[layer][head])
+            data = {key: (sel(v) if isinstance(v, list) else v) for key, v in data.items()}
+        return {"model": lm.name, "layer": layer, "head": head, "result": data}
+
+    # ------------------------------------------------------------------ the rest
+    @endpoint("/", ("GET",))
+    def index() -> dict[str, Any]:
+        rules = sorted({(r.rule, m) for r in flask.current_app.url_map.iter_rules()
+                        if r.endpoint.startswith(bp.name + ".") and "<" not in r.rule
+                        for m in (r.methods or ()) if m in {"GET", "POST"}})
+        return {"endpoints": [f"{m} {r}" for r, m in rules]}
+
+    @endpoint("/<path:rest>", ("GET", "POST", "PUT", "PATCH", "DELETE"))
+    def unknown() -> dict[str, Any]:
+        raise ApiError(f"no API endpoint {flask.request.path!r}; GET "
+                       f"{flask.url_for(bp.name + '.index')} lists them", 404)
+
+    return bp
