@@ -441,6 +441,93 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
             data = {key: (sel(v) if isinstance(v, list) else v) for key, v in data.items()}
         return {"model": lm.name, "layer": layer, "head": head, "result": data}
 
+    # -------------------------------------------------------------- eigenvalues
+    def eigen_of(lm: LoadedModel) -> Any:
+        from .analysis.eigen import circuit_eigenvalues
+
+        return registry.weights(lm.name, "circuit_eigenvalues", circuit_eigenvalues)
+
+    @endpoint("/eigenvalues", ("POST",))
+    def eigenvalues() -> dict[str, Any]:
+        from .analysis.eigen import attention_spectrum
+
+        body = json_body(base | {"layer", "head"})
+        lm, fp, part = prompt(body)
+        layer, head = layer_head(lm, body)
+        spectrum = jsonable(attention_spectrum(lm, fp))
+        eig = eigen_of(lm)
+        circuits: dict[str, Any] = {"dtype": eig.dtype}
+        for name in eig.CIRCUITS:
+            circuits[name] = getattr(eig, name)
+        circuits["copying"], circuits["positive"] = eig.copying, eig.positive
+        circuits = jsonable(circuits)
+        if layer is not None:
+            idx = (layer,) if head is None else (layer, head)
+
+            def pick(v: Any) -> Any:
+                if isinstance(v, dict):
+                    return {k: pick(x) for k, x in v.items()}
+                if isinstance(v, list):
+                    for i in idx:
+                        v = v[i]
+                return v
+            for key in ("eigenvalues", "sorted_eigenvalues"):
+                spectrum[key] = pick(spectrum[key])
+            circuits = {k: (pick(v) if k != "dtype" else v) for k, v in circuits.items()}
+        return {**part, "layer": layer, "head": head, "attention_spectrum": spectrum,
+                "circuits": circuits}
+
+    # -------------------------------------------------------------- head scores
+    @endpoint("/induction-score", ("POST",))
+    def induction_score() -> dict[str, Any]:
+        from .analysis.heads import METRICS, head_detection, probe_head_scores
+
+        body = json_body(base | {"metric", "exclude_bos", "exclude_diagonal", "n_examples"})
+        lm, fp, part = prompt(body)
+        metric = choice_field(body, "metric", "mul", tuple(METRICS))
+        n_examples = int_field(body, "n_examples", 5, 1, 20)
+        probe = registry.weights(lm.name, "probe_head_scores", probe_head_scores)
+        res = head_detection(lm, fp, metric=metric,
+                             exclude_bos=bool_field(body, "exclude_bos", False),
+                             exclude_diagonal=bool_field(body, "exclude_diagonal", False),
+                             n_examples=n_examples, probe=probe, eigen=eigen_of(lm))
+        data = jsonable(res)
+        return {**part, "induction_scores": data["scores"]["induction"],
+                "probe_induction_scores": data["probe_induction"], "result": data}
+
+    # -------------------------------------------------------------- attribution
+    @endpoint("/attribution", ("POST",))
+    def attribution() -> dict[str, Any]:
+        from .analysis.attribution import logit_attribution
+
+        body = json_body(base | {"target", "contrast", "position"})
+        lm, fp, part = prompt(body)
+        pos = int_field(body, "position", -1, -fp.n_tokens, fp.n_tokens - 1,
+                        f" (the prompt has {fp.n_tokens} tokens)")
+        res = logit_attribution(lm, fp, target=token_field(body, "target"),
+                                contrast=token_field(body, "contrast"), position=pos)
+        return {**part, "result": {**jsonable(res), "total": jsonable(res.total)}}
+
+    # ----------------------------------------------------------------- ablation
+    @endpoint("/ablation", ("POST",))
+    def ablation() -> dict[str, Any]:
+        from .analysis.ablation import METHODS, ablate_heads
+
+        body = json_body(base | {"heads", "method", "top_k", "position", "target"})
+        lm, fp, part = prompt(body)
+        heads = heads_field(lm, body)
+        if not heads:
+            raise ApiError("'heads' is empty: choose at least one [layer, head] to ablate")
+        method = choice_field(body, "method", "zero", tuple(METHODS))
+        k = int_field(body, "top_k", 10, 1, min(MAX_GRID_K * 20, lm.cfg.d_vocab))
+        pos = int_field(body, "position", -1, -fp.n_tokens, fp.n_tokens - 1,
+                        f" (the prompt has {fp.n_tokens} tokens)")
+        res = ablate_heads(lm, fp, heads=heads, method=method, k=k, position=pos,
+                           target=token_field(body, "target"))
+        extra = {"target_logit_change": res.target_logit_change,
+                 "target_prob_change": res.target_prob_change, "loss_change": res.loss_change}
+        return {**part, "result": {**jsonable(res), **jsonable(extra)}}
+
     # ------------------------------------------------------------------ the rest
     @endpoint("/", ("GET",))
     def index() -> dict[str, Any]:
@@ -449,7 +536,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
                         for m in (r.methods or ()) if m in {"GET", "POST"}})
         return {"endpoints": [f"{m} {r}" for r, m in rules]}
 
-    @endpoint("/<path:rest>", ("GET", "POST", "PUT", "PATCH", "DELETE"))
+    @endpoint("/<path:rest>", ("GET", "POST"))
     def unknown() -> dict[str, Any]:
         raise ApiError(f"no API endpoint {flask.request.path!r}; GET "
                        f"{flask.url_for(bp.name + '.index')} lists them", 404)
