@@ -21,6 +21,14 @@ from attention_lens.analysis.eigen import (
 )
 from attention_lens.analysis.errors import AnalysisError
 from attention_lens.analysis.forward import run_forward
+from attention_lens.analysis.heads import (
+    detection_pattern,
+    head_detection,
+    label_heads,
+    pattern_scores,
+    probe_head_scores,
+)
+from attention_lens.analysis.probe import ordinary_token_ids
 from tests.conftest import make_tiny
 
 
@@ -182,3 +190,140 @@ def test_attention_spectrum_is_the_diagonal(tiny):
     np.testing.assert_allclose(spec.eigenvalues[1, 2], pattern.diagonal().numpy())
     assert spec.is_diagonal and "diagonal" in spec.note
     assert spec.eigenvalues[0, 0, 0] == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------- head detection
+def test_detection_patterns_on_a_small_sequence():
+    t = np.array([5, 7, 5, 7])
+    np.testing.assert_array_equal(detection_pattern(t, "previous_token"), np.eye(4, k=-1))
+    dup = detection_pattern(t, "duplicate_token")
+    assert dup[2, 0] == 1 and dup[3, 1] == 1 and dup.sum() == 2
+    ind = detection_pattern(t, "induction")
+    # query 2 (token 5) -> key 1 (after the earlier 5); query 3 (token 7) -> key 2
+    assert ind[2, 1] == 1 and ind[3, 2] == 1 and ind.sum() == 2
+    # j = i counts when the token repeats immediately (t_{i-1} = t_i)
+    assert detection_pattern(np.array([2, 2]), "induction")[1, 1] == 1
+    with pytest.raises(AnalysisError):
+        detection_pattern(t, "bogus")
+
+
+def test_pattern_scores_mul_and_abs():
+    t = np.array([3, 4, 5, 6])
+    det = detection_pattern(t, "previous_token")
+    perfect = np.eye(4, k=-1)
+    perfect[0, 0] = 1.0
+    assert pattern_scores(perfect, det, "mul") == pytest.approx(3 / 4)
+    assert pattern_scores(perfect, det, "mul", exclude_bos=True) == pytest.approx(1.0)
+    assert pattern_scores(perfect, det, "abs") == pytest.approx(1 - 1 / 4)
+    uniform = np.tril(np.ones((4, 4))) / np.arange(1, 5)[:, None]
+    assert pattern_scores(uniform, det, "mul") < 0.5
+    with pytest.raises(AnalysisError):
+        pattern_scores(perfect, det, "max")
+
+
+def _hand_built_heads(tiny_tokenizer):
+    """Two layers: L0H0 previous-token, L0H1 duplicate, L1H0 induction, L1H1 uniform.
+
+    Residual layout: [0, n_ctx) one-hot position, then one-hot token, then the previous
+    token (written by L0H0's OV); the induction head's key reads that block (K-composition).
+    """
+    n_ctx, v, c = 24, 16, 80.0
+    d, e = n_ctx + 2 * v, v + n_ctx
+    lm = make_tiny(tiny_tokenizer, seed=5, n_layers=2, n_heads=2, d_head=e, d_model=d,
+                   n_ctx=n_ctx, d_vocab=v)
+    m = lm.model
+    pos, tok, prev = range(0, n_ctx), range(n_ctx, n_ctx + v), range(n_ctx + v, d)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+        for i in pos:
+            m.pos_embed.W_pos[i, i] = 1
+        for t in range(v):
+            m.embed.W_E[t, tok[t]] = 1
+        m.unembed.W_U.normal_()
+        a0, a1 = m.blocks[0].attn, m.blocks[1].attn
+        for i in pos:  # previous token: query at i matches the key at i - 1
+            a0.W_K[0, i, i] = 1
+            if i:
+                a0.W_Q[0, i, i - 1] = c
+        for t in range(v):  # ...and copies the token into the "prev" block
+            a0.W_V[0, tok[t], t] = 1
+            a0.W_O[0, t, prev[t]] = 1
+        for t in range(v):  # duplicate: same token, never itself
+            a0.W_Q[1, tok[t], t] = c
+            a0.W_K[1, tok[t], t] = 1
+        for i in pos:
+            a0.W_Q[1, i, v + i] = c
+            a0.W_K[1, i, v + i] = -1
+        for t in range(v):  # induction: the query's token against the key's previous token
+            a1.W_Q[0, tok[t], t] = c
+            a1.W_K[0, prev[t], t] = 1
+    return lm
+
+
+def test_hand_built_heads_get_their_own_labels(tiny_tokenizer):
+    lm = _hand_built_heads(tiny_tokenizer)
+    r = [3, 9, 1, 14, 6, 11, 0, 8]
+    fp = run_forward(lm, "", token_ids=r * 3)
+    res = head_detection(lm, fp, probe=probe_head_scores(lm, seq_len=8, batch=2))
+    assert res.labels[0][0] == "previous-token"
+    assert res.labels[0][1] == "duplicate"
+    assert res.labels[1][0] == "induction"
+    assert res.labels[1][1] == "diffuse"
+    assert res.mul_scores["previous_token"][0, 0] > 0.9
+    assert res.mul_scores["duplicate_token"][0, 1] > 0.6
+    assert res.mul_scores["induction"][1, 0] > 0.6
+    # each detector is specific: the other heads score low on it
+    assert res.mul_scores["induction"][0].max() < 0.1
+    assert res.mul_scores["previous_token"][1, 0] < 0.1
+    # evidence: the strongest induction example attends to the token after the earlier copy
+    ex = res.examples("induction", 1, 0)[0]
+    assert fp.token_ids[ex["key_pos"] - 1] == fp.token_ids[ex["query_pos"]]
+    assert ex["weight"] > 0.9
+    ex = res.examples("previous_token", 0, 0)[0]
+    assert ex["key_pos"] == ex["query_pos"] - 1
+    # the probe sees the same heads (its 16-token vocabulary repeats, so splits happen)
+    assert res.probe_induction.argmax() == 2 and res.probe_induction[1, 0] > 0.5
+    assert res.probe_previous_token.argmax() == 0 and res.probe_previous_token[0, 0] > 0.9
+    with pytest.raises(AnalysisError):
+        res.examples("bogus", 0, 0)
+
+
+def test_head_detection_abs_metric_and_exclusions(tiny_tokenizer):
+    lm = _hand_built_heads(tiny_tokenizer)
+    fp = run_forward(lm, "", token_ids=[3, 9, 1, 14] * 4)
+    probe = probe_head_scores(lm, seq_len=8, batch=2)
+    res = head_detection(lm, fp, metric="abs", exclude_bos=True, probe=probe)
+    assert res.metric == "abs" and res.exclude_bos
+    assert res.scores["previous_token"][0, 0] > 0.9
+    assert res.scores["previous_token"][0, 0] > res.scores["previous_token"][1, 1]
+    assert res.labels[0][0] == "previous-token"
+    with pytest.raises(AnalysisError):
+        head_detection(lm, fp, metric="sum", probe=probe)
+    with pytest.raises(AnalysisError):
+        head_detection(lm, fp, n_examples=0, probe=probe)
+    with pytest.raises(AnalysisError):
+        probe_head_scores(lm, seq_len=100)
+
+
+def test_label_thresholds_for_self_and_copying():
+    z = np.zeros((1, 3))
+    scores = {k: z for k in ("induction", "duplicate_token", "previous_token")}
+    labels, tags = label_heads(scores, self_attention=np.array([[0.9, 0.0, 0.0]]),
+                               entropy=np.array([[0.0, 0.0, 0.2]]),
+                               copying=np.array([[0.0, 0.95, 0.1]]))
+    assert labels == [["self/diagonal", "copying", "other"]]
+    assert tags[0][2] == []
+
+
+def test_shipped_model_heads(model_2l):
+    rng = np.random.default_rng(0)
+    vocab = ordinary_token_ids(model_2l.tokenizer.strings)
+    r = rng.choice(vocab[vocab > 300], 40, replace=False).tolist()
+    fp = run_forward(model_2l, "", token_ids=r + r)
+    res = head_detection(model_2l, fp, probe=probe_head_scores(model_2l, batch=4))
+    induction = set(res.heads_labelled("induction"))
+    assert {(1, 5), (1, 0), (1, 10), (1, 6)} <= induction
+    assert res.labels[0][2] == "previous-token"
+    assert all(res.probe_induction[1, h] > 0.6 for h in (5, 0, 10, 6))
+    assert all(res.copying[1, h] > 0.9 for h in (5, 0, 10))
