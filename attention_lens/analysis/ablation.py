@@ -33,6 +33,7 @@ class Ablation:
         method: "zero" or "mean".
         position: the position whose next-token prediction is compared.
         context: display string of the token at ``position``.
+        display: [pos] display strings of the prompt tokens.
         before_ids: [k] top-k token ids before ablation.
         before_display: [k] their display strings.
         before_probs: [k] their probabilities before ablation.
@@ -61,6 +62,7 @@ class Ablation:
     method: str
     position: int
     context: str
+    display: tuple[str, ...]
     before_ids: np.ndarray
     before_display: tuple[str, ...]
     before_probs: np.ndarray
@@ -87,7 +89,7 @@ class Ablation:
     def __post_init__(self) -> None:  # noqa: D105
         assert self.before_ids.shape == self.before_probs.shape == self.after_probs.shape
         assert self.union_ids.shape == self.union_before.shape == self.union_after.shape
-        assert self.kl_per_position.shape == self.surprisal_before.shape
+        assert self.kl_per_position.shape == self.surprisal_before.shape == (len(self.display),)
 
     @property
     def target_logit_change(self) -> float:
@@ -177,7 +179,7 @@ def ablate_heads(lm: LoadedModel, fp: ForwardPass, *, heads: Iterable[tuple[int,
     nan = float("nan")
     disp = lm.tokenizer.display
     return Ablation(
-        heads=pairs, method=method, position=pos, context=fp.display[pos],
+        heads=pairs, method=method, position=pos, context=fp.display[pos], display=fp.display,
         before_ids=top_b.astype(np.int64), before_display=tuple(disp(int(i)) for i in top_b),
         before_probs=probs_b[top_b],
         after_ids=top_a.astype(np.int64), after_display=tuple(disp(int(i)) for i in top_a),

@@ -1,0 +1,163 @@
+"""Attention figures: one head's pattern, every head at once, entropy, activations."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from .theme import SEQUENTIAL, SEQUENTIAL_ALT, TEMPLATE, position_labels
+from .tokens import esc
+
+if TYPE_CHECKING:
+    from ..analysis.attention import (
+        AttentionPattern,
+        AttentionPatterns,
+        HeadOutputs,
+        ResidualStream,
+    )
+
+
+def _labels(display: tuple[str, ...]) -> list[str]:
+    """Unique, escaped ``"i: token"`` axis labels (repeated tokens stay distinct)."""
+    return [esc(s) for s in position_labels(list(display))]
+
+
+def masked(pattern: np.ndarray) -> np.ndarray:
+    """A copy of causal pattern(s) [..., q, k] with the upper triangle set to NaN (not drawn)."""
+    out = np.array(pattern, dtype=np.float64, copy=True)
+    q, k = out.shape[-2:]
+    upper = np.triu_indices(q, 1, k)
+    out[..., upper[0], upper[1]] = np.nan
+    return out
+
+
+def attention_figure(result: AttentionPattern) -> go.Figure:
+    """Heatmap of one head's pattern: rows are queries, columns the keys they attend to."""
+    labels = _labels(result.display)
+    name = f"L{result.layer}H{result.head}"
+    fig = go.Figure(go.Heatmap(
+        z=masked(result.pattern), x=labels, y=labels, colorscale=SEQUENTIAL, zmin=0.0, zmax=1.0,
+        hoverongaps=False, colorbar=dict(title="weight"),
+        hovertemplate=f"query %{{y}} ← key %{{x}}: %{{z:.3f}}<extra>{name}</extra>",
+    ))
+    fig.update_layout(
+        template=TEMPLATE,
+        title=(f"Layer {result.layer}, head {result.head}: attention pattern "
+               f"(mean entropy {result.mean_entropy:.2f} nats)"),
+        xaxis=dict(title="key (attended to)", type="category", tickangle=-60),
+        yaxis=dict(title="query (attending)", type="category", autorange="reversed"),
+        height=max(450, 14 * len(labels) + 200),
+    )
+    return fig
+
+
+def attention_grid_figure(result: AttentionPatterns) -> go.Figure:
+    """Every head's pattern in a layer × head grid, one shared colour scale (0 to 1)."""
+    n_layers, n_heads = result.patterns.shape[:2]
+    labels = _labels(result.display)
+    fig = make_subplots(rows=n_layers, cols=n_heads, horizontal_spacing=0.01,
+                        vertical_spacing=0.03, subplot_titles=[
+                            f"L{layer}H{head}" for layer in range(n_layers)
+                            for head in range(n_heads)])
+    z = masked(result.patterns)
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            fig.add_trace(go.Heatmap(
+                z=z[layer, head], x=labels, y=labels, coloraxis="coloraxis", hoverongaps=False,
+                hovertemplate=(f"L{layer}H{head}<br>query %{{y}} ← key %{{x}}: %{{z:.3f}}"
+                               "<extra></extra>"),
+            ), row=layer + 1, col=head + 1)
+    fig.update_xaxes(showticklabels=False, type="category")
+    fig.update_yaxes(showticklabels=False, type="category", autorange="reversed")
+    fig.update_annotations(font_size=10)
+    fig.update_layout(
+        template=TEMPLATE, title="Attention patterns of every head (rows: queries, columns: keys)",
+        coloraxis=dict(colorscale=SEQUENTIAL, cmin=0.0, cmax=1.0, colorbar_title="weight"),
+        height=max(300, 110 * n_layers + 120),
+    )
+    return fig
+
+
+def entropy_figure(result: AttentionPatterns) -> go.Figure:
+    """Heatmap [layer, head] of each head's mean attention entropy (nats)."""
+    n_layers, n_heads = result.entropy.shape
+    uniform = float(result.max_entropy.mean())
+    fig = go.Figure(go.Heatmap(
+        z=result.entropy, x=[f"H{h}" for h in range(n_heads)],
+        y=[f"L{layer}" for layer in range(n_layers)], colorscale=SEQUENTIAL_ALT, zmin=0.0,
+        zmax=max(uniform, float(np.nanmax(result.entropy)) if result.entropy.size else 0.0),
+        colorbar=dict(title="nats"), texttemplate="%{z:.2f}",
+        hovertemplate=("%{y} %{x}: mean entropy %{z:.3f} nats<br>"
+                       f"(uniform attention: {uniform:.3f}; one-hot: 0)<extra></extra>"),
+    ))
+    fig.update_layout(template=TEMPLATE, title="Mean attention entropy per head (low = focused)",
+                      xaxis_title="head", yaxis=dict(title="layer", autorange="reversed"),
+                      height=max(250, 45 * n_layers + 150))
+    return fig
+
+
+def residual_norm_figure(result: ResidualStream) -> go.Figure:
+    """Heatmap [stage, position] of the residual stream's L2 norm."""
+    labels = _labels(result.display)
+    stages = [s.replace("blocks.", "L").replace(".hook_", " ") for s in result.labels]
+    fig = go.Figure(go.Heatmap(
+        z=result.norms, x=labels, y=stages, colorscale=SEQUENTIAL, colorbar=dict(title="‖x‖"),
+        hovertemplate="%{y} at %{x}: ‖x‖ = %{z:.3f}<extra></extra>",
+    ))
+    fig.update_layout(template=TEMPLATE, title="Residual stream norm per layer and position",
+                      xaxis=dict(type="category", tickangle=-60),
+                      yaxis=dict(type="category", autorange="reversed"))
+    return fig
+
+
+def head_output_figure(result: HeadOutputs) -> go.Figure:
+    """Heatmap [layer·head, position] of the norm of each head's output ``z W_O``."""
+    n_layers, n_heads, _ = result.norms.shape
+    labels = _labels(result.display)
+    heads = [f"L{layer}H{head}" for layer in range(n_layers) for head in range(n_heads)]
+    fig = go.Figure(go.Heatmap(
+        z=result.norms.reshape(n_layers * n_heads, -1), x=labels, y=heads,
+        colorscale=SEQUENTIAL, colorbar=dict(title="‖z W_O‖"),
+        hovertemplate="%{y} at %{x}: ‖z W_O‖ = %{z:.3f}<extra></extra>",
+    ))
+    fig.update_layout(template=TEMPLATE, title="Size of each head's output per position",
+                      xaxis=dict(type="category", tickangle=-60),
+                      yaxis=dict(type="category", autorange="reversed"),
+                      height=max(300, 14 * len(heads) + 150))
+    return fig
+
+
+def attention_table(result: AttentionPattern) -> list[dict]:
+    """Rows (query, key, weight) for every causal cell of one head's pattern."""
+    q_idx, k_idx = np.tril_indices(len(result.display))
+    return [
+        {"layer": result.layer, "head": result.head, "query_position": int(q),
+         "query": result.display[q], "key_position": int(k), "key": result.display[k],
+         "weight": float(result.pattern[q, k])}
+        for q, k in zip(q_idx, k_idx)
+    ]
+
+
+def entropy_table(result: AttentionPatterns) -> list[dict]:
+    """Rows (layer, head, mean entropy) behind :func:`entropy_figure`."""
+    n_layers, n_heads = result.entropy.shape
+    return [{"layer": layer, "head": head, "mean_entropy_nats": float(result.entropy[layer, head])}
+            for layer in range(n_layers) for head in range(n_heads)]
+
+
+def residual_norm_table(result: ResidualStream) -> list[dict]:
+    """Rows (stage, position, token, norm) behind :func:`residual_norm_figure`."""
+    return [{"stage": stage, "position": i, "token": tok, "norm": float(result.norms[s, i])}
+            for s, stage in enumerate(result.labels) for i, tok in enumerate(result.display)]
+
+
+def head_output_table(result: HeadOutputs) -> list[dict]:
+    """Rows (layer, head, position, token, norm) behind :func:`head_output_figure`."""
+    n_layers, n_heads, _ = result.norms.shape
+    return [{"layer": layer, "head": head, "position": i, "token": tok,
+             "norm": float(result.norms[layer, head, i])}
+            for layer in range(n_layers) for head in range(n_heads)
+            for i, tok in enumerate(result.display)]

@@ -1,0 +1,109 @@
+"""Logit-lens figures: the stage × position grid of top tokens, and a token's trajectory."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import plotly.graph_objects as go
+
+from .theme import QUALITATIVE, SEQUENTIAL, TEMPLATE, position_labels
+from .tokens import esc, quoted
+
+if TYPE_CHECKING:
+    from ..analysis.logit_lens import LogitLens
+
+Colour = Literal["top", "actual", "target"]
+
+
+def logit_lens_figure(result: LogitLens, colour: Colour = "top") -> go.Figure:
+    """Grid [stage, position]: each cell shows the top token; colour is a probability.
+
+    ``colour``: "top" (probability of the top token), "actual" (of the token that really came
+    next) or "target" (of the chosen target token).
+    """
+    if colour == "target" and result.target_probs is None:
+        raise ValueError("colour='target' needs a logit lens computed with a target token")
+    z = {"top": result.top_probs[..., 0], "actual": result.next_probs,
+         "target": result.target_probs}[colour]
+    what = {"top": "top token", "actual": "actual next token",
+            "target": f"target {quoted(result.target_display)}"}[colour]
+    s, p, k = result.top_ids.shape
+    hover = np.empty((s, p), dtype=object)
+    for si in range(s):
+        for i in range(p):
+            lines = [f"{esc(result.stage_labels[si])}, after position {i} "
+                     f"{quoted(result.display[i])}"]
+            lines += [f"  {j + 1}. {quoted(str(result.top_display[si, i, j]))} "
+                      f"{result.top_probs[si, i, j]:.3f}" for j in range(k)]
+            if i < p - 1:
+                lines.append(f"actual next {quoted(result.display[i + 1])}: "
+                             f"p = {result.next_probs[si, i]:.4f}, "
+                             f"rank {result.next_ranks[si, i]}")
+            if result.target_id is not None:
+                lines.append(f"target {quoted(result.target_display)}: "
+                             f"p = {result.target_probs[si, i]:.4f}, "
+                             f"rank {result.target_ranks[si, i]}")
+            hover[si, i] = "<br>".join(lines)
+    text = np.vectorize(lambda d: esc(str(d)), otypes=[object])(result.top_display[..., 0])
+    fig = go.Figure(go.Heatmap(
+        z=z, x=[esc(label) for label in position_labels(list(result.display))],
+        y=[esc(label) for label in result.stage_labels], text=text, texttemplate="%{text}",
+        textfont=dict(size=10), customdata=hover, colorscale=SEQUENTIAL, zmin=0.0, zmax=1.0,
+        hoverongaps=False, colorbar=dict(title="p"),
+        hovertemplate="%{customdata}<extra></extra>",
+    ))
+    fig.update_layout(
+        template=TEMPLATE, title=f"Logit lens: top token per stage; colour = p({what})",
+        xaxis=dict(title="position (prediction of the next token)", type="category",
+                   tickangle=-60),
+        yaxis=dict(type="category", autorange="reversed"),
+        height=max(300, 40 * s + 200),
+    )
+    return fig
+
+
+def logit_lens_target_figure(result: LogitLens, position: int = -1) -> go.Figure:
+    """Probability across stages at one position of the target (or else the actual next token)."""
+    p = len(result.display)
+    pos = position % p
+    if result.target_id is not None:
+        probs, ranks = result.target_probs[:, pos], result.target_ranks[:, pos]
+        name = f"target {quoted(result.target_display)}"
+    elif pos < p - 1:
+        probs, ranks = result.next_probs[:, pos], result.next_ranks[:, pos]
+        name = f"actual next {quoted(result.display[pos + 1])}"
+    else:
+        raise ValueError("the last position has no next token: choose a target token")
+    stages = [esc(label) for label in result.stage_labels]
+    fig = go.Figure(go.Scatter(
+        x=stages, y=probs, mode="lines+markers", name=name, customdata=ranks,
+        line=dict(color=QUALITATIVE[0]),
+        hovertemplate=f"{name} %{{x}}: p = %{{y:.4f}}, rank %{{customdata}}<extra></extra>",
+    ))
+    fig.update_layout(
+        template=TEMPLATE,
+        title=f"{name} after position {pos} {quoted(result.display[pos])}, stage by stage",
+        xaxis=dict(type="category", title="stage"), yaxis=dict(title="probability", range=[0, 1]),
+    )
+    return fig
+
+
+def logit_lens_table(result: LogitLens) -> list[dict]:
+    """Long-format rows (stage, position, rank, token, probability) plus target columns."""
+    s, p, k = result.top_ids.shape
+    rows = []
+    for si in range(s):
+        for i in range(p):
+            for j in range(k):
+                row = {"stage": result.stage_labels[si], "hook": result.stage_hooks[si],
+                       "position": i, "token": result.display[i], "rank": j + 1,
+                       "prediction": str(result.top_display[si, i, j]),
+                       "prediction_id": int(result.top_ids[si, i, j]),
+                       "probability": float(result.top_probs[si, i, j])}
+                if result.target_id is not None:
+                    row.update(target=result.target_display,
+                               target_probability=float(result.target_probs[si, i]),
+                               target_rank=int(result.target_ranks[si, i]))
+                rows.append(row)
+    return rows

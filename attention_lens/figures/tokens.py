@@ -1,0 +1,99 @@
+"""The prompt as a grid of tokens, each coloured by the probability the model gave it."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import plotly.graph_objects as go
+
+from .theme import GRID, SEQUENTIAL, TEMPLATE
+
+if TYPE_CHECKING:
+    from ..analysis.predictions import TokenPredictions
+
+
+def esc(text: str) -> str:
+    """Escape the characters plotly's hover and tick labels read as markup."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def quoted(display: str) -> str:
+    """A token's display string in quotes, escaped for plotly labels."""
+    return f"'{esc(display)}'"
+
+
+def _alternatives(result: TokenPredictions, row: int) -> str:
+    return "<br>".join(
+        f"  {quoted(str(tok))} {prob:.3f}"
+        for tok, prob in zip(result.top_display[row], result.top_probs[row])
+    )
+
+
+def token_sequence_figure(result: TokenPredictions, per_row: int = 16) -> go.Figure:
+    """Tokens in reading order, coloured by p(token | everything before it); hover: alternatives.
+
+    Token 0 has no prediction (nothing comes before it) and is left uncoloured. Each cell's
+    ``customdata`` is ``[position, hover text]`` (position -1 for padding cells), so a page
+    can pin the clicked token.
+    """
+    p = len(result.display)
+    per_row = max(1, min(per_row, p))
+    rows = math.ceil(p / per_row)
+    z = np.full((rows, per_row), np.nan)
+    custom = np.empty((rows, per_row, 2), dtype=object)
+    custom[..., 0], custom[..., 1] = -1, ""
+    xs, ys, texts, colours = [], [], [], []
+    for i, tok in enumerate(result.display):
+        r, c = divmod(i, per_row)
+        xs.append(c)
+        ys.append(r)
+        texts.append(esc(tok))
+        if i == 0:
+            hover = f"position 0 {quoted(tok)}<br>first token: nothing predicts it"
+            colours.append("#ffffff")
+        else:
+            prob = float(result.next_probs[i - 1])
+            z[r, c] = prob
+            hover = (f"position {i} {quoted(tok)}<br>"
+                     f"p = {prob:.4f} (rank {int(result.next_ranks[i - 1])}, "
+                     f"{float(result.surprisal_bits[i - 1]):.2f} bits)<br>"
+                     f"model's top {result.k} after {quoted(result.display[i - 1])}:<br>"
+                     f"{_alternatives(result, i - 1)}")
+            colours.append("#111111" if prob > 0.6 else "#ffffff")
+        custom[r, c, 0], custom[r, c, 1] = i, hover
+    fig = go.Figure([
+        go.Heatmap(z=z, customdata=custom, hovertemplate="%{customdata[1]}<extra></extra>",
+                   colorscale=SEQUENTIAL, zmin=0.0, zmax=1.0, xgap=2, ygap=2,
+                   colorbar=dict(title="p(token)")),
+        go.Scatter(x=xs, y=ys, mode="text", text=texts, textfont=dict(color=colours),
+                   hoverinfo="skip", showlegend=False),
+    ])
+    fig.update_layout(
+        template=TEMPLATE, title="Probability of each actual token given the tokens before it",
+        height=max(160, 40 * rows + 90),
+        xaxis=dict(visible=False, range=[-0.5, per_row - 0.5]),
+        yaxis=dict(visible=False, autorange="reversed"),
+        plot_bgcolor=GRID,
+    )
+    return fig
+
+
+def token_sequence_table(result: TokenPredictions) -> list[dict]:
+    """One row per token: the probability, rank and surprisal it was given, and the top guess."""
+    rows = []
+    for i, tok in enumerate(result.tokens):
+        row = {"position": i, "token": tok, "display": result.display[i],
+               "token_id": int(result.token_ids[i])}
+        if i == 0:
+            row.update(probability=None, rank=None, surprisal_bits=None, top_guess=None,
+                       top_guess_probability=None)
+        else:
+            row.update(probability=float(result.next_probs[i - 1]),
+                       rank=int(result.next_ranks[i - 1]),
+                       surprisal_bits=float(result.surprisal_bits[i - 1]),
+                       top_guess=str(result.top_display[i - 1, 0]),
+                       top_guess_probability=float(result.top_probs[i - 1, 0]))
+        rows.append(row)
+    return rows
