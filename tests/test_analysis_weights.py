@@ -13,6 +13,7 @@ from attention_lens.analysis.circuits import (
     ov_circuit,
     qk_circuit,
 )
+from attention_lens.analysis.composition import composition_score, composition_scores
 from attention_lens.analysis.eigen import (
     attention_spectrum,
     circuit_eigenvalues,
@@ -327,3 +328,64 @@ def test_shipped_model_heads(model_2l):
     assert res.labels[0][2] == "previous-token"
     assert all(res.probe_induction[1, h] > 0.6 for h in (5, 0, 10, 6))
     assert all(res.copying[1, h] > 0.9 for h in (5, 0, 10))
+
+
+# -------------------------------------------------------------------- composition
+def _dense_comp(left: torch.Tensor, right: torch.Tensor) -> float:
+    return float((left @ right).norm() / (left.norm() * right.norm()))
+
+
+def test_composition_score_equals_dense_formula():
+    g = torch.Generator().manual_seed(2)
+    A1, A2 = (torch.randn(3, 10, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    B1, B2 = (torch.randn(3, 4, 10, generator=g, dtype=torch.float64) for _ in range(2))
+    ours = composition_score(FactoredMatrix(A1, B1), FactoredMatrix(A2, B2))
+    for i in range(3):
+        assert float(ours[i]) == pytest.approx(_dense_comp(A1[i] @ B1[i], A2[i] @ B2[i]),
+                                               rel=1e-10)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_composition_scores_equal_dense_on_a_random_model(tiny_tokenizer, dtype):
+    lm = make_tiny(tiny_tokenizer, seed=6, n_layers=3, n_heads=3)
+    res = composition_scores(lm, n_samples=16, dtype=dtype)
+    w = head_weights(lm)
+    ov = w["W_V"] @ w["W_O"]
+    qk = w["W_Q"] @ w["W_K"].transpose(-1, -2)
+    rtol = 1e-9 if dtype == "float64" else 1e-4
+    for l1 in range(3):
+        for h1 in range(3):
+            for l2 in range(3):
+                for h2 in range(3):
+                    got = (res.q[l1, h1, l2, h2], res.k[l1, h1, l2, h2], res.v[l1, h1, l2, h2])
+                    if l2 <= l1:
+                        assert all(np.isnan(x) for x in got)
+                        continue
+                    lft = ov[l1, h1]
+                    want = (_dense_comp(lft, qk[l2, h2]), _dense_comp(lft, qk[l2, h2].T),
+                            _dense_comp(lft, ov[l2, h2]))
+                    np.testing.assert_allclose(got, want, rtol=rtol)
+    # a random baseline of the same shapes sits near the random model's scores
+    for kind in ("Q", "K", "V"):
+        s = res.scores(kind)
+        assert 0 < res.baseline[kind] < 1
+        assert abs(np.nanmean(s) - res.baseline[kind]) < 0.1
+    top = res.top_pairs("K", 3)
+    assert len(top) == 3 and top[0]["score"] >= top[1]["score"] >= top[2]["score"]
+    assert top[0]["target_layer"] > top[0]["source_layer"]
+    with pytest.raises(AnalysisError):
+        res.scores("X")
+    with pytest.raises(AnalysisError):
+        composition_scores(lm, dtype="float16")
+
+
+def test_shipped_model_k_composition_finds_the_induction_circuit(model_2l):
+    res = composition_scores(model_2l, n_samples=16)
+    top = [(p["source_layer"], p["source_head"], p["target_layer"], p["target_head"])
+           for p in res.top_pairs("K", 8)]
+    # the previous-token head 0.2 feeds the induction heads' keys
+    induction = {(1, 5), (1, 0), (1, 10), (1, 6)}
+    assert {(0, 2, 1, h) for _, h in induction} <= set(top)
+    for _, h in induction:  # and is each induction head's strongest K-composition source
+        assert int(np.argmax(res.k[0, :, 1, h])) == 2
+        assert res.k[0, 2, 1, h] > 3 * res.baseline["K"]
