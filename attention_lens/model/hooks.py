@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], Optional[torch.Tensor]]
+
+# Hooks live per thread, so concurrent requests sharing one model (a threaded server) never
+# see each other's caching or ablation hooks.
+_LOCAL = threading.local()
+
+
+def _hook_table() -> dict[int, list[HookFn]]:
+    table = getattr(_LOCAL, "hooks", None)
+    if table is None:
+        table = _LOCAL.hooks = {}
+    return table
 
 
 class HookPoint(nn.Module):
@@ -20,15 +32,18 @@ class HookPoint(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.name: str = ""
-        self._fns: list[HookFn] = []
+
+    @property
+    def _fns(self) -> list[HookFn]:
+        return _hook_table().get(id(self), [])
 
     def add_hook(self, fn: HookFn) -> None:
-        """Attach ``fn`` until :meth:`remove_hooks` is called."""
-        self._fns.append(fn)
+        """Attach ``fn`` (in the calling thread) until :meth:`remove_hooks` is called."""
+        _hook_table().setdefault(id(self), []).append(fn)
 
     def remove_hooks(self) -> None:
-        """Detach every hook."""
-        self._fns.clear()
+        """Detach every hook the calling thread attached."""
+        _hook_table().pop(id(self), None)
 
     @property
     def active(self) -> bool:
