@@ -41,25 +41,33 @@ class ModelEntry:
 
 
 def folder_kind(folder: Path) -> Optional[str]:
-    """Which checkpoint format a folder holds, or None if it is no model folder."""
-    if not (folder / "config.json").is_file():
+    """Which checkpoint format a folder holds, or None if it is no model folder.
+
+    Decided by ``config.json``: our keys (``n_layers``, ``d_head``) mean our format; a
+    Hugging Face config (``architectures`` or ``model_type``) means "huggingface". A config
+    that cannot be parsed counts as ours, so the loader reports the broken file.
+    """
+    path = folder / "config.json"
+    if not path.is_file():
         return None
-    if (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file() and (
-        (folder / "card.json").is_file() or _is_our_config(folder / "config.json")
+    data = _read_json(path)
+    if isinstance(data, dict) and not _is_our_config(data) and (
+        "architectures" in data or "model_type" in data
     ):
-        return "attention-lens"
-    if _is_our_config(folder / "config.json"):
-        return "attention-lens"
-    return "huggingface"
+        return "huggingface"
+    return "attention-lens"
 
 
-def _is_our_config(path: Path) -> bool:
+def _read_json(path: Path) -> Any:
     import json
 
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return True  # let the loader report the broken file
+        return None
+
+
+def _is_our_config(data: Any) -> bool:
     return isinstance(data, dict) and "n_layers" in data and "d_head" in data
 
 
@@ -123,6 +131,10 @@ class Registry:
                                if not (folder / f).is_file()]
                     if missing:
                         error = f"{folder / missing[0]}: missing file"
+                else:  # cheap checks only (config, architecture, files): no weights read
+                    from .model.hf import inspect_hf_folder
+
+                    error = inspect_hf_folder(folder)
                 entries.setdefault(folder.name, ModelEntry(folder.name, folder, _size(folder),
                                                            kind, error))
         with self._lock:

@@ -62,6 +62,11 @@ class ModelConfig:
             self.rotary_dim = self.d_head
 
     @property
+    def has_absolute_positions(self) -> bool:
+        """True when positions enter through a learned ``W_pos`` (False for rotary models)."""
+        return self.positional_embedding_type == "standard"
+
+    @property
     def n_params(self) -> int:
         """Number of parameters of a model of this shape (biases and norms included)."""
         d, h, dh, v = self.d_model, self.n_heads, self.d_head, self.d_vocab

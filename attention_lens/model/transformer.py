@@ -349,6 +349,12 @@ class HookedTransformer(nn.Module):
         """Unembedding bias [d_vocab]."""
         return self.unembed.b_U
 
+    def __getattr__(self, name: str):  # noqa: D105
+        # nn.Module's __getattr__ would replace W_pos's specific AttributeError with a generic one
+        if name == "W_pos" and not self.cfg.has_absolute_positions:
+            raise AttributeError("this model uses rotary positions: there is no W_pos")
+        return super().__getattr__(name)
+
     @property
     def W_pos(self) -> torch.Tensor:  # noqa: N802
         """Positional embedding [n_ctx, d_model] (absent for rotary models)."""
