@@ -1,17 +1,38 @@
-"""The Dash app factory."""
+"""The Dash app factory: a multi-page app over one process-wide model registry.
+
+``create_app()`` builds a ``use_pages`` Dash app whose pages live in
+``attention_lens/pages/`` (Dash imports them itself) and whose shell (navbar, prompt,
+model picker, shared state in the URL) lives in :mod:`attention_lens.components.shell`.
+Everything is served from this process: the dark Bootstrap theme is vendored in
+``assets/`` and no stylesheet or script comes from another host.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
 
 import dash
-import dash_bootstrap_components as dbc
-from dash import html
 
-from . import __version__
 from .registry import Registry
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+ASSETS_DIR = PACKAGE_DIR.parent / "assets"
+PAGES_DIR = PACKAGE_DIR / "pages"
+
 _REGISTRY: Optional[Registry] = None
+
+
+@dataclass
+class AppOptions:
+    """Process-wide app settings the page callbacks read (set by :func:`create_app`)."""
+
+    max_prompt_chars: int = 20_000
+    export_timeout_s: float = 120.0
+
+
+_OPTIONS = AppOptions()
 
 
 def registry() -> Registry:
@@ -28,26 +49,71 @@ def set_registry(reg: Registry) -> None:
     _REGISTRY = reg
 
 
-def create_app(reg: Optional[Registry] = None) -> dash.Dash:
-    """Build the Dash app around ``reg`` (a default registry over ``weights/`` if None)."""
+def options() -> AppOptions:
+    """The settings of the app built last (prompt length limit, export timeout)."""
+    return _OPTIONS
+
+
+def _reset_pages_state() -> None:
+    """Forget pages and global callbacks of a previous app in this process (tests build many)."""
+    from dash import _callback, _pages
+
+    _pages.PAGE_REGISTRY.clear()
+    _callback.GLOBAL_CALLBACK_LIST.clear()
+    _callback.GLOBAL_CALLBACK_MAP.clear()
+    _callback.GLOBAL_INLINE_SCRIPTS.clear()
+
+
+def create_app(reg: Optional[Registry] = None, *, max_tokens: Optional[int] = None,
+               max_prompt_chars: Optional[int] = None,
+               requests_pathname_prefix: Optional[str] = None,
+               routes_pathname_prefix: Optional[str] = None,
+               url_base_pathname: Optional[str] = None,
+               **dash_kwargs: Any) -> dash.Dash:
+    """Build the Dash app around ``reg`` (a default registry over ``weights/`` if None).
+
+    Args:
+        reg: the model registry; installed process-wide with :func:`set_registry`.
+        max_tokens: analyse at most this many tokens of a prompt (sets ``reg.max_tokens``).
+        max_prompt_chars: longest prompt text accepted from the prompt box or a link.
+        requests_pathname_prefix: URL prefix the browser uses (running behind a proxy).
+        routes_pathname_prefix: URL prefix of the server's own routes.
+        url_base_pathname: sets both prefixes at once.
+        **dash_kwargs: passed on to :class:`dash.Dash`.
+    """
+    from .components import shell
+
     if reg is not None:
         set_registry(reg)
     reg = registry()
-    app = dash.Dash(__name__, title="Attention Lens", suppress_callback_exceptions=True,
-                    serve_locally=True)
-    lm = reg.get()
-    card = lm.card
-    ev = card.get("evaluation", {})
-    probe = ev.get("induction_probe", {})
-    app.layout = dbc.Container([
-        html.H1("Attention Lens"),
-        html.P(f"Model {lm.name}: {card.get('description', '')}"),
-        html.Ul([
-            html.Li(f"parameters: {card.get('n_params', 'unknown')}"),
-            html.Li(f"validation loss: {ev.get('validation_loss', 'unknown')}"),
-            html.Li(f"max induction score: {probe.get('max_score', 'unknown')} "
-                    f"(layer {probe.get('max_layer')}, head {probe.get('max_head')})"),
-        ]),
-        html.Footer(f"v{__version__}"),
-    ])
+    if max_tokens is not None:
+        reg.max_tokens = int(max_tokens)
+    if max_prompt_chars is not None:
+        _OPTIONS.max_prompt_chars = int(max_prompt_chars)
+
+    _reset_pages_state()
+    prefixes = {k: v for k, v in dict(requests_pathname_prefix=requests_pathname_prefix,
+                                        routes_pathname_prefix=routes_pathname_prefix,
+                                        url_base_pathname=url_base_pathname).items()
+                if v is not None}
+    app = dash.Dash(
+        "attention_lens",
+        use_pages=True,
+        pages_folder=str(PAGES_DIR),
+        assets_folder=str(ASSETS_DIR),
+        assets_ignore=r"screenshots/.*",
+        external_stylesheets=[],
+        external_scripts=[],
+        serve_locally=True,
+        suppress_callback_exceptions=True,
+        title="Attention Lens",
+        update_title=None,
+        routing_callback_inputs={shell.NAV_KWARG: dash.Input(shell.NAV, "data")},
+        meta_tags=[{"name": "viewport", "content": "width=device-width, initial-scale=1"}],
+        **prefixes,
+        **dash_kwargs,
+    )
+    shell.wrap_page_layouts()
+    app.layout = shell.layout
+    shell.register_callbacks(app)
     return app

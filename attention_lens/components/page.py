@@ -1,0 +1,485 @@
+"""Page scaffolding: query parameters, controls, graphs with export buttons, help, alerts.
+
+Component ids are plain strings prefixed by the page (``"attention-layer"``) for a page's
+own controls, and dicts for the widgets the shell handles on every page:
+``{"type": "al-graph", "page": p, "name": n}`` (graphs), ``{"type": "al-query", "page": p}``
+(the page's validated controls, written into the URL), ``{"type": "al-export", "page": p}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import dash
+import dash_bootstrap_components as dbc
+import plotly.graph_objects as go
+from dash import ALL, Input, Output, State, dcc, html, no_update
+from dash.exceptions import PreventUpdate
+
+from ..analysis.errors import AnalysisError
+from ..figures.theme import TEMPLATE
+from . import shell
+
+log = logging.getLogger(__name__)
+
+GRAPH, QUERY, EXPORT, EXPORT_STATUS = "al-graph", "al-query", "al-export", "al-export-status"
+IMAGE_BTN, DATA_BTN = "al-img", "al-data"
+
+
+# ------------------------------------------------------------------------------ ids
+def graph_id(page: str, name: str) -> dict[str, str]:
+    """Id of a page's graph ``name``."""
+    return {"type": GRAPH, "page": page, "name": name}
+
+
+def query_id(page: str) -> dict[str, str]:
+    """Id of the store holding a page's validated controls."""
+    return {"type": QUERY, "page": page}
+
+
+def alerts_id(page: str) -> str:
+    """Id of the alert area the page's main callback writes."""
+    return f"{page}-alerts"
+
+
+def control_id(page: str, name: str) -> str:
+    """Id of a page's control ``name``."""
+    return f"{page}-{name}"
+
+
+# ------------------------------------------------------------------- query parameters
+@dataclass(frozen=True)
+class IntParam:
+    """An integer URL/control parameter with a default and optional bounds."""
+
+    default: Optional[int]
+    lo: Optional[int] = None
+    hi: Optional[int] = None
+    label: str = ""
+
+    def parse(self, name: str, raw: Any) -> tuple[Optional[int], Optional[str]]:
+        """The value of ``raw`` (text from the URL or a control value), and a problem or None."""
+        if raw is None or raw == "":
+            return self.default, None
+        try:
+            value = int(str(raw).strip())
+        except (TypeError, ValueError):
+            return self.default, f"{name} must be a whole number, got {str(raw)[:40]!r}"
+        if self.lo is not None and value < self.lo:
+            return self.lo, f"{name} {value} is below the smallest allowed value {self.lo}"
+        if self.hi is not None and value > self.hi:
+            return self.hi, f"{name} {value} is above the largest allowed value {self.hi}"
+        return value, None
+
+
+@dataclass(frozen=True)
+class ChoiceParam:
+    """A parameter taking one of a fixed set of strings."""
+
+    default: str
+    choices: tuple[str, ...]
+    label: str = ""
+
+    def parse(self, name: str, raw: Any) -> tuple[str, Optional[str]]:
+        """The value of ``raw`` if it is one of ``choices``, else the default and a problem."""
+        if raw is None or raw == "":
+            return self.default, None
+        if str(raw) in self.choices:
+            return str(raw), None
+        return self.default, (f"{name} must be one of {', '.join(self.choices)}, "
+                              f"got {str(raw)[:40]!r}")
+
+
+@dataclass(frozen=True)
+class TextParam:
+    """A free-text parameter (a target token, a list of heads, ...)."""
+
+    default: str = ""
+    max_len: int = 200
+    label: str = ""
+
+    def parse(self, name: str, raw: Any) -> tuple[str, Optional[str]]:
+        """``raw`` as text, cut to ``max_len`` characters."""
+        if raw is None:
+            return self.default, None
+        text = str(raw)
+        if len(text) > self.max_len:
+            return text[: self.max_len], f"{name} was cut to {self.max_len} characters"
+        return text, None
+
+
+Param = Any  # IntParam | ChoiceParam | TextParam
+
+
+def parse_query(controls: dict[str, Param], raw: dict[str, Any]) -> tuple[dict[str, Any],
+                                                                       list[str]]:
+    """Validate a page's parameters: the values to use, and what was wrong with the input."""
+    values, problems = {}, []
+    for name, param in controls.items():
+        value, problem = param.parse(name, raw.get(name))
+        values[name] = value
+        if problem:
+            problems.append(problem)
+    return values, problems
+
+
+# ---------------------------------------------------------------------------- panels
+@dataclass
+class Panel:
+    """One figure of a page with the data behind it (exported as CSV/JSON and in the zip)."""
+
+    name: str
+    figure: go.Figure
+    data: Any = None
+
+
+PanelsFn = Callable[[dict, dict], list[Panel]]
+_PANELS: dict[str, PanelsFn] = {}
+_CONTROLS: dict[str, dict[str, Param]] = {}
+
+
+def register_panels(page: str, fn: PanelsFn, controls: Optional[dict[str, Param]] = None
+                    ) -> PanelsFn:
+    """Declare how to build a page's panels from (state, query); used by export and downloads."""
+    _PANELS[page] = fn
+    _CONTROLS[page] = dict(controls or {})
+    return fn
+
+
+def page_panels(page: str, state: dict, query: Optional[dict]) -> list[Panel]:
+    """Build the panels of ``page`` (raises AnalysisError for bad input)."""
+    if page not in _PANELS:
+        raise AnalysisError(f"the {page} page has no figures to export")
+    values, _ = parse_query(_CONTROLS.get(page, {}), {k: v for k, v in (query or {}).items()
+                                                       if k != "src"})
+    return _PANELS[page](state, values)
+
+
+def figures_of(panels: Sequence[Panel]) -> tuple[go.Figure, ...]:
+    """The figures of ``panels``, in order (a page's main callback returns these)."""
+    return tuple(p.figure for p in panels)
+
+
+def empty_figure(message: str = "") -> go.Figure:
+    """A blank themed figure (shown before the first analysis or after an error)."""
+    fig = go.Figure(layout=dict(template=TEMPLATE, xaxis=dict(visible=False),
+                                yaxis=dict(visible=False), height=320))
+    if message:
+        fig.add_annotation(text=message, showarrow=False, font=dict(size=14))
+    return fig
+
+
+# ------------------------------------------------------------------------ components
+def graph_config(filename: str = "attention-lens") -> dict[str, Any]:
+    """Plotly config: high-resolution PNG from the camera button, no cloud, no logo."""
+    return {
+        "displaylogo": False,
+        "showSendToCloud": False,
+        "showEditInChartStudio": False,
+        "responsive": True,
+        "toImageButtonOptions": {"format": "png", "scale": 3, "filename": filename},
+    }
+
+
+def graph(page: str, name: str, *, height: Optional[int] = None, **kwargs: Any) -> html.Div:
+    """A graph with a loading indicator and PNG / SVG / CSV / JSON download buttons."""
+    style = {"height": f"{height}px"} if height else {}
+
+    def button(label: str, kind: str, fmt: str) -> dbc.Button:
+        return dbc.Button(label, id={"type": kind, "page": page, "name": name, "fmt": fmt},
+                          size="sm", color="secondary", outline=True, n_clicks=0,
+                          className="al-dl", title=f"Download this figure as {label}")
+
+    return html.Div([
+        dcc.Loading(dcc.Graph(id=graph_id(page, name), figure=empty_figure(),
+                              config=graph_config(f"{page}-{name}"), style=style,
+                              className="al-graph-plot", **kwargs),
+                    type="dot", delay_show=150),
+        html.Div([html.Span("Download", className="al-dl-label"),
+                  button("PNG", IMAGE_BTN, "png"), button("SVG", IMAGE_BTN, "svg"),
+                  button("CSV", DATA_BTN, "csv"), button("JSON", DATA_BTN, "json")],
+                 className="al-graph-toolbar"),
+    ], className="al-graph")
+
+
+def help_panel(markdown: str, title: str = "How to read this") -> html.Details:
+    """A collapsible explanation with the formula (MathJax, served locally)."""
+    return html.Details([html.Summary(title), dcc.Markdown(markdown, mathjax=True,
+                                                           className="al-help-body")],
+                        className="al-help")
+
+
+def number_control(page: str, name: str, value: Optional[int], label: str, *,
+                   min: Optional[int] = None, max: Optional[int] = None,  # noqa: A002
+                   step: int = 1, placeholder: str = "") -> dbc.InputGroup:
+    """A labelled number box (updates when the user leaves it or presses Enter)."""
+    return dbc.InputGroup([
+        dbc.InputGroupText(label),
+        dbc.Input(id=control_id(page, name), type="number", value=value, min=min, max=max,
+                  step=step, debounce=True, placeholder=placeholder, inputmode="numeric"),
+    ], size="sm", className="al-control")
+
+
+def select_control(page: str, name: str, value: Any, options: Iterable[Any],
+                   label: str) -> dbc.InputGroup:
+    """A labelled drop-down of fixed options."""
+    opts = [o if isinstance(o, dict) else {"label": str(o), "value": o} for o in options]
+    return dbc.InputGroup([
+        dbc.InputGroupText(label),
+        dbc.Select(id=control_id(page, name), options=opts, value=value),
+    ], size="sm", className="al-control")
+
+
+def text_control(page: str, name: str, value: str, label: str,
+                 placeholder: str = "") -> dbc.InputGroup:
+    """A labelled text box (updates when the user leaves it or presses Enter)."""
+    return dbc.InputGroup([
+        dbc.InputGroupText(label),
+        dbc.Input(id=control_id(page, name), type="text", value=value, debounce=True,
+                  placeholder=placeholder),
+    ], size="sm", className="al-control")
+
+
+def page_layout(page: str, title: str, *, description: Any = None,
+                controls: Sequence[Any] = (), body: Sequence[Any] = (), help_md: str = "",
+                query: Optional[dict] = None, problems: Sequence[str] = (),
+                exportable: bool = True) -> html.Div:
+    """The frame of an analysis page: title, export button, help, controls, alerts, body."""
+    header = [html.H2(title, className="al-page-title")]
+    if exportable:
+        header.append(html.Div([
+            dbc.Button("Export page", id={"type": EXPORT, "page": page}, n_clicks=0,
+                       color="info", size="sm",
+                       title="Download a zip: every figure as PNG and SVG, its data, "
+                             "and a manifest"),
+            dcc.Loading(html.Span(id={"type": EXPORT_STATUS, "page": page},
+                                  className="al-export-status"), type="circle"),
+        ], className="al-export"))
+    url_alerts = [shell.alert("Link parameter: " + p, color="warning") for p in problems]
+    return html.Div([
+        html.Div(header, className="al-page-header"),
+        html.P(description, className="al-description") if description else None,
+        help_panel(help_md) if help_md else None,
+        html.Div(list(controls), className="al-controls") if controls else None,
+        html.Div(url_alerts, id=f"{page}-url-alerts"),
+        html.Div(id=alerts_id(page), **{"aria-live": "polite"}),
+        dcc.Store(id=query_id(page), data={**(query or {}), "src": "url"}),
+        html.Div(list(body), className="al-body"),
+    ], className=f"al-page al-page-{page}")
+
+
+# ------------------------------------------------------------------------- callbacks
+def main_outputs(page: str, names: Sequence[str], extra: Sequence[Output] = ()) -> list[Output]:
+    """Outputs of a page's main callback: its graphs, extra outputs, alerts, query store."""
+    return ([Output(graph_id(page, n), "figure") for n in names] + list(extra)
+            + [Output(alerts_id(page), "children"), Output(query_id(page), "data")])
+
+
+def main_inputs(page: str, controls: dict[str, Param], prop: str = "value") -> list[Input]:
+    """Inputs of a page's main callback: the shared state, then each control."""
+    return [Input(shell.STATE, "data")] + [Input(control_id(page, n), prop) for n in controls]
+
+
+def _triggered_id() -> Any:
+    try:
+        return dash.ctx.triggered_id
+    except Exception:  # noqa: BLE001 - called directly (tests)
+        return None
+
+
+def analysis_callback(page: str, controls: dict[str, Param], n_outputs: Optional[int] = None
+                      ) -> Callable[[Callable[..., Sequence[Any]]], Callable[..., tuple]]:
+    """Turn ``fn(state, query) -> outputs`` into a main callback body.
+
+    It validates the controls, turns an :class:`AnalysisError` into an alert (never a
+    traceback; the outputs keep their last value), and writes the validated controls to
+    the page's query store, flagged ``src="user"`` when a control triggered the call so the
+    URL gets a new history entry.
+    """
+
+    def deco(fn: Callable[..., Sequence[Any]]) -> Callable[..., tuple]:
+        def inner(state: Optional[dict], *values: Any) -> tuple:
+            if not state or not state.get("text"):
+                raise PreventUpdate
+            query, problems = parse_query(controls, dict(zip(controls, values)))
+            trigger = _triggered_id()
+            src = "user" if isinstance(trigger, str) and trigger.startswith(f"{page}-") else "url"
+            alerts: list[Any] = [shell.alert(p, color="warning") for p in problems]
+            try:
+                outs = tuple(fn(state, query))
+            except AnalysisError as exc:
+                alerts.append(shell.alert(str(exc)))
+                outs = (no_update,) * (n_outputs or 0)
+            except Exception:  # noqa: BLE001 - never a traceback in the browser
+                log.exception("%s analysis failed", page)
+                alerts.append(shell.alert(f"The {page} analysis failed on this input "
+                                          "(details in the server log)."))
+                outs = (no_update,) * (n_outputs or 0)
+            return (*outs, alerts, {**query, "src": src})
+
+        # not functools.wraps: dash's own wrapper must expose this body as ``__wrapped__``
+        inner.__name__, inner.__doc__ = fn.__name__, fn.__doc__
+        inner.__module__, inner.__qualname__ = fn.__module__, fn.__qualname__
+        inner.analysis = fn  # type: ignore[attr-defined]
+        return inner
+
+    return deco
+
+
+def slug(text: str, n: int = 40) -> str:
+    """A file-name-safe slug of ``text``."""
+    s = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:n].strip("-")
+    return s or "prompt"
+
+
+def export_filename(page: str, name: str, state: Optional[dict]) -> str:
+    """Base file name of an exported figure: page, figure, model and prompt."""
+    if not state:
+        return f"{page}-{name}"
+    return f"{page}-{name}-{slug(state.get('model', ''), 30)}-{slug(state.get('text', ''))}"
+
+
+IMAGE_DOWNLOAD = """
+function(clicks, state, ids) {
+    const dc = window.dash_clientside;
+    const t = dc.callback_context.triggered_id;
+    if (!t || !t.fmt) { return dc.no_update; }
+    const i = ids.findIndex(x => x.page === t.page && x.name === t.name && x.fmt === t.fmt);
+    if (i < 0 || !clicks[i]) { return dc.no_update; }
+    const gid = JSON.stringify({name: t.name, page: t.page, type: 'al-graph'});
+    const host = document.getElementById(gid);
+    const gd = host && (host.classList.contains('js-plotly-plot') ? host :
+                        host.querySelector('.js-plotly-plot'));
+    if (!gd || !window.Plotly) { return 'no figure to download'; }
+    const slug = s => (s || '').replace(/[^A-Za-z0-9]+/g, '-').replace(/^-+|-+$/g, '')
+                                 .slice(0, 40).replace(/-+$/, '') || 'prompt';
+    const name = state ? [t.page, t.name, slug(state.model).slice(0, 30), slug(state.text)]
+                         .join('-') : t.page + '-' + t.name;
+    const fl = gd._fullLayout || {};
+    window.Plotly.downloadImage(gd, {format: t.fmt, filename: name,
+        width: fl.width || 900, height: fl.height || 500, scale: t.fmt === 'png' ? 3 : 1});
+    return 'downloaded ' + name + '.' + t.fmt;
+}
+"""
+
+CONFIG_FILENAMES = """
+function(state, figures, ids, configs) {
+    const dc = window.dash_clientside;
+    const slug = s => (s || '').replace(/[^A-Za-z0-9]+/g, '-').replace(/^-+|-+$/g, '')
+                                 .slice(0, 40).replace(/-+$/, '') || 'prompt';
+    return ids.map(function (id, i) {
+        const name = state ? [id.page, id.name, slug(state.model).slice(0, 30), slug(state.text)]
+                             .join('-') : id.page + '-' + id.name;
+        const cfg = configs[i] || {};
+        const opts = cfg.toImageButtonOptions || {};
+        if (opts.filename === name) { return dc.no_update; }
+        return Object.assign({}, cfg, {toImageButtonOptions: Object.assign({}, opts,
+                                                                      {filename: name})});
+    });
+}
+"""
+
+
+def register_shell_callbacks(app: dash.Dash) -> None:
+    """Callbacks every page's widgets rely on: image/data downloads and the page export."""
+    app.clientside_callback(
+        IMAGE_DOWNLOAD, Output("shell-image-status", "children"),
+        Input({"type": IMAGE_BTN, "page": ALL, "name": ALL, "fmt": ALL}, "n_clicks"),
+        State(shell.STATE, "data"),
+        State({"type": IMAGE_BTN, "page": ALL, "name": ALL, "fmt": ALL}, "id"),
+        prevent_initial_call=True,
+    )
+    app.clientside_callback(
+        CONFIG_FILENAMES, Output({"type": GRAPH, "page": ALL, "name": ALL}, "config"),
+        Input(shell.STATE, "data"), Input({"type": GRAPH, "page": ALL, "name": ALL}, "figure"),
+        State({"type": GRAPH, "page": ALL, "name": ALL}, "id"),
+        State({"type": GRAPH, "page": ALL, "name": ALL}, "config"),
+    )
+    app.callback(
+        Output(shell.DOWNLOAD, "data", allow_duplicate=True),
+        Output(shell.ALERTS, "children", allow_duplicate=True),
+        Input({"type": DATA_BTN, "page": ALL, "name": ALL, "fmt": ALL}, "n_clicks"),
+        State({"type": DATA_BTN, "page": ALL, "name": ALL, "fmt": ALL}, "id"),
+        State(shell.STATE, "data"), State({"type": QUERY, "page": ALL}, "data"),
+        prevent_initial_call=True,
+    )(download_data)
+    app.callback(
+        Output(shell.DOWNLOAD, "data", allow_duplicate=True),
+        Output({"type": EXPORT_STATUS, "page": ALL}, "children"),
+        Input({"type": EXPORT, "page": ALL}, "n_clicks"),
+        State({"type": EXPORT, "page": ALL}, "id"),
+        State(shell.STATE, "data"), State({"type": QUERY, "page": ALL}, "data"),
+        prevent_initial_call=True,
+    )(export_page)
+
+
+def _clicked(clicks: list[Optional[int]], ids: list[dict]) -> Optional[dict]:
+    trigger = _triggered_id()
+    for n, i in zip(clicks, ids):
+        if n and (trigger is None or trigger == i):
+            return i
+    return None
+
+
+def _page_query(page: str, queries: list[Optional[dict]]) -> dict:
+    return next((q for q in queries if q), {})
+
+
+def download_data(clicks: list[Optional[int]], ids: list[dict], state: Optional[dict],
+                  queries: list[Optional[dict]]) -> tuple[Any, Any]:
+    """CSV or JSON of one figure's data, rebuilt server-side from the cached forward pass."""
+    from .. import export
+
+    which = _clicked(clicks, ids)
+    if which is None or not state:
+        raise PreventUpdate
+    try:
+        panels = page_panels(which["page"], state, _page_query(which["page"], queries))
+        panel = next((p for p in panels if p.name == which["name"]), None)
+        if panel is None:
+            raise AnalysisError(f"figure {which['name']!r} is not on this page")
+        base = export_filename(which["page"], which["name"], state)
+        if which["fmt"] == "csv":
+            return dcc.send_string(export.figure_csv(panel.figure), f"{base}.csv"), no_update
+        return dcc.send_string(export.panel_json(panel, state), f"{base}.json"), no_update
+    except AnalysisError as exc:
+        return no_update, shell.alert(f"Download failed: {exc}")
+    except Exception:  # noqa: BLE001
+        log.exception("data download failed")
+        return no_update, shell.alert("Download failed (details in the server log).")
+
+
+def export_page(clicks: list[Optional[int]], ids: list[dict], state: Optional[dict],
+                queries: list[Optional[dict]]) -> tuple[Any, list[Any]]:
+    """The "Export page" zip: every figure as PNG and SVG, its data, and a manifest."""
+    from .. import export
+    from ..app import registry
+
+    which = _clicked(clicks, ids)
+    if which is None or not state:
+        raise PreventUpdate
+    statuses: list[Any] = [no_update] * len(ids)
+    idx = ids.index(which)
+    page = which["page"]
+    query = _page_query(page, queries)
+    try:
+        panels = page_panels(page, state, query)
+        fp = registry().forward(state["text"], state["model"])
+        data = export.page_zip(page, panels, state, {k: v for k, v in query.items()
+                                                     if k != "src"}, fp)
+    except export.ExportError as exc:
+        statuses[idx] = shell.alert(str(exc), color="warning")
+        return no_update, statuses
+    except AnalysisError as exc:
+        statuses[idx] = shell.alert(f"Export failed: {exc}")
+        return no_update, statuses
+    except Exception:  # noqa: BLE001
+        log.exception("page export failed")
+        statuses[idx] = shell.alert("Export failed (details in the server log).")
+        return no_update, statuses
+    name = f"{export_filename(page, 'page', state)}.zip"
+    statuses[idx] = f"{len(panels)} figure(s), {len(data) / 1000:.0f} kB"
+    return dcc.send_bytes(data, name), statuses

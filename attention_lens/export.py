@@ -1,0 +1,215 @@
+"""Exporting figures and their data: CSV/JSON per figure, and a zip of a whole page.
+
+Static images are rendered server-side by kaleido on the system Chromium (kaleido finds
+``/usr/bin/chromium``; ``BROWSER_PATH`` overrides). Plotly.js comes from the installed
+plotly package and MathJax is off, so rendering makes no request to another host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import dataclasses
+import datetime as _dt
+import io
+import json
+import math
+import zipfile
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+
+from . import __version__
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .analysis.forward import ForwardPass
+    from .components.page import Panel
+
+IMAGE_SCALE = 3
+DEFAULT_SIZE = (1000, 600)
+TRACE_COLUMNS = ("x", "y", "z", "text", "customdata")
+
+
+class ExportError(RuntimeError):
+    """Static export is impossible here (no Chromium, render failure); the message says why."""
+
+
+# ------------------------------------------------------------------------------ data
+def to_jsonable(value: Any) -> Any:
+    """``value`` with numpy arrays, dataclasses and non-finite floats made JSON-safe."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return to_jsonable(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if hasattr(value, "tolist"):  # torch tensors
+        return to_jsonable(value.tolist())
+    return str(value)
+
+
+def panel_json(panel: "Panel", state: Optional[dict] = None) -> str:
+    """The data behind one figure as JSON (the analysis result, fields as lists)."""
+    body = {"figure": panel.name, "model": (state or {}).get("model"),
+            "prompt": (state or {}).get("text"), "data": to_jsonable(panel.data)}
+    return json.dumps(body, ensure_ascii=False, indent=1)
+
+
+def _column(values: Any) -> list[Any]:
+    if values is None:
+        return []
+    arr = np.asarray(values, dtype=object)
+    return arr.reshape(-1).tolist() if arr.ndim else [arr.item()]
+
+
+def figure_rows(fig: go.Figure) -> tuple[list[str], list[list[Any]]]:
+    """Long-form rows of every trace's data: trace, name, type, x, y, z, text, customdata.
+
+    Heatmaps (``z`` a matrix) give one row per cell with its x and y category.
+    """
+    header = ["trace", "name", "type", *TRACE_COLUMNS]
+    rows: list[list[Any]] = []
+    for t_idx, trace in enumerate(fig.data):
+        name, kind = getattr(trace, "name", None) or "", trace.type
+        z = getattr(trace, "z", None)
+        if z is not None and np.ndim(np.asarray(z, dtype=object)) == 2:
+            zz = np.asarray(z, dtype=object)
+            xs = _column(getattr(trace, "x", None)) or list(range(zz.shape[1]))
+            ys = _column(getattr(trace, "y", None)) or list(range(zz.shape[0]))
+            text = getattr(trace, "text", None)
+            tt = np.asarray(text, dtype=object) if text is not None else None
+            for i in range(zz.shape[0]):
+                for j in range(zz.shape[1]):
+                    cell_text = (tt[i, j] if tt is not None and tt.ndim == 2
+                                 and tt.shape == zz.shape else "")
+                    rows.append([t_idx, name, kind, xs[j] if j < len(xs) else j,
+                                 ys[i] if i < len(ys) else i, zz[i, j], cell_text, ""])
+            continue
+        cols = {c: _column(getattr(trace, c, None)) if hasattr(trace, c) else []
+                for c in TRACE_COLUMNS}
+        if hasattr(trace, "customdata") and trace.customdata is not None:
+            cd = np.asarray(trace.customdata, dtype=object)
+            cols["customdata"] = ([json.dumps(to_jsonable(r), ensure_ascii=False) for r in cd]
+                                  if cd.ndim == 2 else _column(cd))
+        n = max((len(v) for v in cols.values()), default=0)
+        for i in range(n):
+            rows.append([t_idx, name, kind] + [cols[c][i] if i < len(cols[c]) else ""
+                                               for c in TRACE_COLUMNS])
+    return header, rows
+
+
+def figure_csv(fig: go.Figure) -> str:
+    """The data of every trace of ``fig`` as CSV (see :func:`figure_rows`)."""
+    header, rows = figure_rows(fig)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow(["" if v is None else v for v in to_jsonable(row)])
+    return out.getvalue()
+
+
+# ---------------------------------------------------------------------------- images
+def find_chromium() -> Optional[str]:
+    """Path of the Chromium kaleido would use, or None."""
+    try:
+        from choreographer.browsers.chromium import Chromium
+
+        return Chromium.find_browser(skip_local=False)
+    except Exception:  # noqa: BLE001 - any failure means "not usable"
+        return None
+
+
+def _size(fig: go.Figure) -> tuple[int, int]:
+    width = fig.layout.width or DEFAULT_SIZE[0]
+    height = fig.layout.height or DEFAULT_SIZE[1]
+    return int(width), int(height)
+
+
+def render_images(figs: Sequence[go.Figure], formats: Sequence[str] = ("png", "svg"),
+                  timeout: float = 120.0) -> list[dict[str, bytes]]:
+    """Render each figure in each format with one Chromium; ``[{fmt: bytes}]`` per figure."""
+    if find_chromium() is None:
+        raise ExportError("Export page needs Chromium on the server to draw the figures "
+                          "(install it, e.g. `apt-get install chromium`, or set "
+                          "BROWSER_PATH). The PNG and SVG buttons under each graph work "
+                          "without it.")
+    import kaleido
+
+    async def run() -> list[dict[str, bytes]]:
+        out: list[dict[str, bytes]] = []
+        async with kaleido.Kaleido(n=1, timeout=timeout, mathjax=False) as k:
+            for fig in figs:
+                width, height = _size(fig)
+                images = {}
+                for fmt in formats:
+                    opts = {"format": fmt, "width": width, "height": height,
+                            "scale": IMAGE_SCALE if fmt == "png" else 1}
+                    images[fmt] = await k.calc_fig(fig, opts=opts)
+                out.append(images)
+        return out
+
+    try:
+        return asyncio.run(asyncio.wait_for(run(), timeout=timeout))
+    except asyncio.TimeoutError:
+        raise ExportError(f"drawing the figures took longer than {timeout:.0f} s") from None
+    except ExportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - kaleido/Chromium failures of every kind
+        raise ExportError(f"Chromium could not draw the figures ({type(exc).__name__}: "
+                          f"{str(exc)[:200]})") from None
+
+
+# ------------------------------------------------------------------------------- zip
+def manifest(page: str, panels: Sequence["Panel"], state: dict, settings: dict,
+             fp: Optional["ForwardPass"] = None) -> dict[str, Any]:
+    """What a page export contains and how to reproduce it."""
+    m: dict[str, Any] = {
+        "app": "attention-lens",
+        "app_version": __version__,
+        "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "page": page,
+        "model": state.get("model"),
+        "prompt": state.get("text"),
+        "pinned_position": state.get("pos"),
+        "settings": to_jsonable(settings),
+        "figures": [{"name": p.name,
+                     "files": [f"{p.name}.{ext}" for ext in ("png", "svg", "csv", "json",
+                                                             "plotly.json")]}
+                    for p in panels],
+        "image_scale_png": IMAGE_SCALE,
+    }
+    if fp is not None:
+        m.update(token_ids=to_jsonable(fp.token_ids), tokens=list(fp.tokens),
+                 n_prompt_tokens=fp.n_prompt_tokens, truncated=fp.truncated)
+    return m
+
+
+def page_zip(page: str, panels: Sequence["Panel"], state: dict, settings: dict,
+             fp: Optional["ForwardPass"] = None, *, images: bool = True,
+             timeout: float = 120.0) -> bytes:
+    """A zip of every figure of a page as PNG and SVG, its data (CSV, JSON) and a manifest."""
+    if not panels:
+        raise ExportError("this page has no figures to export")
+    rendered = render_images([p.figure for p in panels], timeout=timeout) if images else None
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for i, panel in enumerate(panels):
+            if rendered is not None:
+                zf.writestr(f"{panel.name}.png", rendered[i]["png"])
+                zf.writestr(f"{panel.name}.svg", rendered[i]["svg"])
+            zf.writestr(f"{panel.name}.csv", figure_csv(panel.figure))
+            zf.writestr(f"{panel.name}.json", panel_json(panel, state))
+            zf.writestr(f"{panel.name}.plotly.json", panel.figure.to_json())
+        zf.writestr("manifest.json", json.dumps(manifest(page, panels, state, settings, fp),
+                                                ensure_ascii=False, indent=1))
+    return buf.getvalue()
