@@ -193,6 +193,18 @@ def test_pytorch_bin_weights_only(tmp_path, tiny_tokenizer, ids):
     compare(hf, lm, ids)
 
 
+def test_unprefixed_names_and_mask_buffers(tmp_path, tiny_tokenizer, ids):
+    """Older GPT-2 files: no ``transformer.`` prefix, no lm_head, causal-mask buffers."""
+    hf = build("gpt2", tmp_path, tiny_tokenizer)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    state.pop("lm_head.weight", None)
+    state["h.0.attn.bias"] = torch.ones(1, 1, 64, 64).tril()
+    state["h.1.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    compare(hf, load_hf_folder(tmp_path), ids)
+
+
 def test_pickled_object_in_bin_is_refused(tmp_path, tiny_tokenizer):
     build("gpt2", tmp_path, tiny_tokenizer)
     (tmp_path / "model.safetensors").unlink()

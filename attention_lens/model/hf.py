@@ -142,7 +142,8 @@ def model_config(c: dict[str, Any], folder: Path, name: Optional[str] = None) ->
     common: dict[str, Any] = dict(name=name or folder.name, original_architecture=arch,
                                   attn_only=False)
     extra: dict[str, Any] = {"source": "huggingface", "model_type": c.get("model_type"),
-                             "dtype": c.get("dtype", c.get("torch_dtype"))}
+                             "dtype": c.get("dtype", c.get("torch_dtype")),
+                             "bos_token_id": c.get("bos_token_id")}
     if family == "gpt2":
         if c.get("add_cross_attention"):
             raise CheckpointError(path, "GPT-2 with cross-attention is not supported")
