@@ -1,0 +1,1 @@
+"""Dash pages: one module per page, imported by Dash itself (never import them elsewhere)."""
