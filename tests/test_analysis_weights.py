@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from attention_lens.analysis.analogy import analogy
 from attention_lens.analysis.circuits import (
     FactoredMatrix,
     circuit_svd,
@@ -19,6 +20,13 @@ from attention_lens.analysis.eigen import (
     circuit_eigenvalues,
     copying_score,
     positive_fraction,
+)
+from attention_lens.analysis.embeddings import (
+    embedding_pca,
+    nearest_neighbours,
+    project_tokens,
+    token_selection,
+    unit_rows,
 )
 from attention_lens.analysis.errors import AnalysisError
 from attention_lens.analysis.forward import run_forward
@@ -389,3 +397,106 @@ def test_shipped_model_k_composition_finds_the_induction_circuit(model_2l):
     for _, h in induction:  # and is each induction head's strongest K-composition source
         assert int(np.argmax(res.k[0, :, 1, h])) == 2
         assert res.k[0, 2, 1, h] > 3 * res.baseline["K"]
+
+
+# ---------------------------------------------------------- embeddings and analogy
+def test_embedding_pca_matches_numpy_and_clusters_full_rows(tiny):
+    res = embedding_pca(tiny, token_filter="all", max_tokens=None, n_components=3,
+                        n_clusters=4)
+    x = tiny.model.W_E.detach().double().numpy()
+    xc = x - x.mean(0)
+    s = np.linalg.svd(xc, compute_uv=False)
+    np.testing.assert_allclose(res.explained_variance_ratio, (s ** 2 / (s ** 2).sum())[:3],
+                               rtol=1e-4)
+    np.testing.assert_allclose(np.abs(res.coords), np.abs(xc @ res.components.T), atol=1e-6)
+    assert res.coords.shape == (tiny.cfg.d_vocab, 3)
+    assert res.cluster.shape == (tiny.cfg.d_vocab,) and res.cluster_sizes.sum() == tiny.cfg.d_vocab
+    assert res.centroids.shape == (4, tiny.cfg.d_model)  # fit on full-dimensional rows
+    # every token sits in the cluster of its nearest full-dimensional centre
+    d2 = ((x[:, None] - res.centroids[None]) ** 2).sum(-1)
+    assert (d2.argmin(1) == res.cluster).mean() > 0.99
+    proj = project_tokens(tiny, res, [5, 7])
+    np.testing.assert_allclose(proj.coords, res.coords[[5, 7]], atol=1e-6)
+    unc = embedding_pca(tiny, token_filter="all", max_tokens=None, centre=False, n_clusters=2)
+    assert not unc.centred and 0 < unc.explained_variance_ratio.sum() <= 1
+
+
+def test_embedding_filters(model_2l):
+    frequent = token_selection(model_2l, "frequent", 50)
+    assert len(frequent) == 50 and (np.diff(frequent) > 0).all()
+    words = token_selection(model_2l, "whole_word", None)
+    strings = model_2l.tokenizer.strings
+    assert len(words) > 100
+    assert all(strings[i][0] == " " and strings[i][1:].isalpha() for i in words)
+    with pytest.raises(AnalysisError):
+        token_selection(model_2l, "rare")
+    with pytest.raises(AnalysisError):
+        embedding_pca(model_2l, matrix="W_X")
+    with pytest.raises(AnalysisError):
+        embedding_pca(model_2l, max_tokens=20, n_clusters=30)
+
+
+def test_nearest_neighbours(model_2l):
+    res = nearest_neighbours(model_2l, "king", k=5)
+    assert res.query_display == ["·king"] and not res.multi_token
+    assert res.query_ids[0] not in res.token_ids
+    unit = unit_rows(model_2l.model.W_E.detach().double().numpy())
+    np.testing.assert_allclose(res.cosine, unit[res.token_ids] @ unit[res.query_ids[0]],
+                               atol=1e-5)
+    assert (np.diff(res.cosine) <= 1e-12).all()
+    with pytest.raises(AnalysisError):
+        nearest_neighbours(model_2l, "king", k=0)
+
+
+def _analogy_model(model_2l):
+    """Embeddings built so that king - man + woman = queen exactly (all single tokens)."""
+    tok = model_2l.tokenizer
+    lm = make_tiny(tok, seed=7, n_layers=1, d_vocab=model_2l.cfg.d_vocab, d_model=16)
+    ids = {w: tok.encode(" " + w) for w in ("king", "man", "France", "Germany")}
+    assert all(len(v) == 1 for v in ids.values())
+    king, man, woman, queen = (ids["king"][0], ids["man"][0], ids["France"][0],
+                               ids["Germany"][0])
+    with torch.no_grad():
+        W = lm.model.embed.W_E
+        W.mul_(0.01)  # everything else far from the plane spanned below
+        e = torch.eye(16)
+        W[king], W[man], W[woman] = e[0] + e[1], e[0] + e[2], e[3] + e[2]
+        W[queen] = e[3] + e[1]  # = king - man + woman
+    return lm, (king, man, woman, queen)
+
+
+@pytest.mark.parametrize("method", ["3cosadd", "3cosmul"])
+def test_analogy_solves_a_built_equation_and_excludes_inputs(model_2l, method):
+    lm, (king, man, woman, queen) = _analogy_model(model_2l)
+    res = analogy(lm, ["king", "France"], ["man"], top_k=3, method=method)
+    assert res.token_ids[0] == queen
+    assert res.cosine[0] == pytest.approx(1.0)
+    assert not set(res.token_ids) & {king, man, woman}
+    assert set(res.excluded_ids) == {king, man, woman}
+    assert res.multi_token == [False, False, False] and res.notes == []
+    # alone, "king" is nearest to itself: excluded, so the answer is another token
+    solo = analogy(lm, ["king"], top_k=2, method=method)
+    assert king not in solo.token_ids
+
+
+def test_analogy_reports_multi_token_words(model_2l):
+    res = analogy(model_2l, ["Paris", "Germany"], ["France"], top_k=5)
+    assert res.multi_token == [True, False, False]
+    assert res.term_tokens[0] == ["·Par", "is"]
+    assert "2 tokens" in res.notes[0] and "mean" in res.notes[0]
+    par, is_ = res.term_token_ids[0]
+    assert par in res.excluded_ids and is_ in res.excluded_ids
+    assert not set(res.token_ids) & set(res.excluded_ids)
+    assert len(res.token_ids) == 5 and (np.diff(res.scores) <= 1e-12).all()
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(positive=[]), dict(positive=[""]), dict(positive=["  "]),
+    dict(positive=["king"], negative=[""]), dict(positive=["king"], top_k=0),
+    dict(positive=["king"], top_k=10 ** 6), dict(positive=["king"], method="cos"),
+    dict(positive=["king"], matrix="W_Z"), dict(positive=["x" * 200]),
+    dict(positive=[None]),
+])
+def test_analogy_bad_input(model_2l, kwargs):
+    with pytest.raises(AnalysisError):
+        analogy(model_2l, **kwargs)
