@@ -160,8 +160,8 @@ class TokenPredictions:
 # ------------------------------------------------------------------------- helpers
 def entropy_nats(log_probs: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of distributions given as log-probabilities along the last axis."""
-    p = log_probs.exp()
-    return -(p * torch.where(p > 0, log_probs, torch.zeros_like(log_probs))).sum(-1)
+    terms = log_probs.exp() * log_probs  # 0 · (-inf) = nan for a masked logit: count it as 0
+    return -terms.nan_to_num_(0.0).sum(-1)
 
 
 def ranks_of(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from .theme import QUALITATIVE, TEMPLATE, position_labels, unique_labels
-from .tokens import esc, quoted
+from .tokens import esc, finish, quoted
 
 if TYPE_CHECKING:
     from ..analysis.ablation import Ablation
@@ -37,7 +37,7 @@ def ablation_figure(result: Ablation) -> go.Figure:
                f"{esc(_heads(result))}: KL(before‖after) = {result.kl:.4f} nats"),
         xaxis=dict(type="category", title="token"), yaxis_title="probability",
     )
-    return fig
+    return finish(fig)
 
 
 def ablation_positions_figure(result: Ablation) -> go.Figure:
@@ -62,7 +62,7 @@ def ablation_positions_figure(result: Ablation) -> go.Figure:
                    tickangle=-60),
         yaxis_title="nats",
     )
-    return fig
+    return finish(fig)
 
 
 def ablation_table(result: Ablation) -> list[dict]:

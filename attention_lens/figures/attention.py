@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .theme import SEQUENTIAL, SEQUENTIAL_ALT, TEMPLATE, position_labels
-from .tokens import esc
+from .tokens import esc, finish
 
 if TYPE_CHECKING:
     from ..analysis.attention import (
@@ -51,7 +51,7 @@ def attention_figure(result: AttentionPattern) -> go.Figure:
         yaxis=dict(title="query (attending)", type="category", autorange="reversed"),
         height=max(450, 14 * len(labels) + 200),
     )
-    return fig
+    return finish(fig)
 
 
 def attention_grid_figure(result: AttentionPatterns) -> go.Figure:
@@ -78,7 +78,7 @@ def attention_grid_figure(result: AttentionPatterns) -> go.Figure:
         coloraxis=dict(colorscale=SEQUENTIAL, cmin=0.0, cmax=1.0, colorbar_title="weight"),
         height=max(300, 110 * n_layers + 120),
     )
-    return fig
+    return finish(fig)
 
 
 def entropy_figure(result: AttentionPatterns) -> go.Figure:
@@ -96,7 +96,7 @@ def entropy_figure(result: AttentionPatterns) -> go.Figure:
     fig.update_layout(template=TEMPLATE, title="Mean attention entropy per head (low = focused)",
                       xaxis_title="head", yaxis=dict(title="layer", autorange="reversed"),
                       height=max(250, 45 * n_layers + 150))
-    return fig
+    return finish(fig)
 
 
 def residual_norm_figure(result: ResidualStream) -> go.Figure:
@@ -110,7 +110,7 @@ def residual_norm_figure(result: ResidualStream) -> go.Figure:
     fig.update_layout(template=TEMPLATE, title="Residual stream norm per layer and position",
                       xaxis=dict(type="category", tickangle=-60),
                       yaxis=dict(type="category", autorange="reversed"))
-    return fig
+    return finish(fig)
 
 
 def head_output_figure(result: HeadOutputs) -> go.Figure:
@@ -127,7 +127,7 @@ def head_output_figure(result: HeadOutputs) -> go.Figure:
                       xaxis=dict(type="category", tickangle=-60),
                       yaxis=dict(type="category", autorange="reversed"),
                       height=max(300, 14 * len(heads) + 150))
-    return fig
+    return finish(fig)
 
 
 def attention_table(result: AttentionPattern) -> list[dict]:

@@ -8,7 +8,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from .theme import DIVERGING, QUALITATIVE, TEMPLATE
-from .tokens import esc, quoted
+from .tokens import esc, finish, quoted
 
 if TYPE_CHECKING:
     from ..analysis.attribution import LogitAttribution
@@ -42,7 +42,7 @@ def attribution_heads_figure(result: LogitAttribution) -> go.Figure:
         xaxis_title="head", yaxis=dict(title="layer", autorange="reversed"),
         height=max(250, 45 * n_layers + 150),
     )
-    return fig
+    return finish(fig)
 
 
 def attribution_components_figure(result: LogitAttribution) -> go.Figure:
@@ -62,7 +62,7 @@ def attribution_components_figure(result: LogitAttribution) -> go.Figure:
         xaxis=dict(type="category", title="component", tickangle=-60),
         yaxis_title=f"contribution to {what}",
     )
-    return fig
+    return finish(fig)
 
 
 def attribution_table(result: LogitAttribution) -> list[dict]:

@@ -8,7 +8,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from .theme import QUALITATIVE, SEQUENTIAL, TEMPLATE, position_labels
-from .tokens import esc, quoted
+from .tokens import esc, finish, quoted
 
 if TYPE_CHECKING:
     from ..analysis.logit_lens import LogitLens
@@ -60,7 +60,7 @@ def logit_lens_figure(result: LogitLens, colour: Colour = "top") -> go.Figure:
         yaxis=dict(type="category", autorange="reversed"),
         height=max(300, 40 * s + 200),
     )
-    return fig
+    return finish(fig)
 
 
 def logit_lens_target_figure(result: LogitLens, position: int = -1) -> go.Figure:
@@ -86,7 +86,7 @@ def logit_lens_target_figure(result: LogitLens, position: int = -1) -> go.Figure
         title=f"{name} after position {pos} {quoted(result.display[pos])}, stage by stage",
         xaxis=dict(type="category", title="stage"), yaxis=dict(title="probability", range=[0, 1]),
     )
-    return fig
+    return finish(fig)
 
 
 def logit_lens_table(result: LogitLens) -> list[dict]:

@@ -8,7 +8,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from .theme import QUALITATIVE, TEMPLATE, position_labels, unique_labels
-from .tokens import esc, quoted
+from .tokens import esc, finish, quoted
 
 if TYPE_CHECKING:
     from ..analysis.predictions import NextToken, TokenPredictions
@@ -31,7 +31,7 @@ def next_token_figure(result: NextToken) -> go.Figure:
         xaxis_title="probability", yaxis=dict(autorange="reversed", type="category"),
         height=max(250, 28 * len(labels) + 100),
     )
-    return fig
+    return finish(fig)
 
 
 def next_token_table(result: NextToken) -> list[dict]:
@@ -62,7 +62,7 @@ def surprisal_figure(result: TokenPredictions) -> go.Figure:
         yaxis_title="surprisal of the next token (bits)",
         title=f"Surprisal per position (mean loss {result.loss:.3f} nats)",
     )
-    return fig
+    return finish(fig)
 
 
 def token_predictions_table(result: TokenPredictions) -> list[dict]:

@@ -19,6 +19,13 @@ def esc(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def finish(fig: go.Figure) -> go.Figure:
+    """Let every axis grow its margin to fit long tick labels and titles."""
+    fig.update_xaxes(automargin=True)
+    fig.update_yaxes(automargin=True)
+    return fig
+
+
 def quoted(display: str) -> str:
     """A token's display string in quotes, escaped for plotly labels."""
     return f"'{esc(display)}'"
@@ -77,7 +84,7 @@ def token_sequence_figure(result: TokenPredictions, per_row: int = 16) -> go.Fig
         yaxis=dict(visible=False, autorange="reversed"),
         plot_bgcolor=GRID,
     )
-    return fig
+    return finish(fig)
 
 
 def token_sequence_table(result: TokenPredictions) -> list[dict]:
