@@ -428,3 +428,39 @@ def test_ablation_bad_method_and_k(tiny, fp_tiny):
         ablate_heads(tiny, fp_tiny, heads=[(0, 0)], k=0)
     with pytest.raises(AnalysisError, match="not a single token"):
         ablate_heads(tiny, fp_tiny, heads=[(0, 0)], target="Harry Potter went")
+
+
+# ------------------------------------------------------------- the shipped 2-layer model
+INDUCTION_HEADS = [(1, 5), (1, 0), (1, 10), (1, 6)]  # probe scores ~0.86 (model card)
+
+
+@pytest.fixture(scope="module")
+def fp_repeat(model_2l):
+    """A random sequence of 20 ordinary tokens, then the same 20 again."""
+    from attention_lens.analysis.probe import ordinary_token_ids, repeated_random_tokens
+
+    ids = repeated_random_tokens(ordinary_token_ids(model_2l.tokenizer.strings), seq_len=20,
+                                 batch=1, seed=0)[0]
+    return run_forward(model_2l, "", token_ids=[int(i) for i in ids])
+
+
+def test_shipped_induction_heads_carry_the_repeat(model_2l, fp_repeat):
+    second_half = slice(20, -1)
+    res = ablate_heads(model_2l, fp_repeat, heads=INDUCTION_HEADS)
+    before = np.mean(res.surprisal_before[second_half])
+    after = np.mean(res.surprisal_after[second_half])
+    assert after > before + 2.0  # the repeat stops being predictable
+    others = ablate_heads(model_2l, fp_repeat, heads=[(1, 1), (1, 2), (1, 3), (1, 4)])
+    assert np.mean(others.surprisal_after[second_half]) < after - 1.0
+    # direct logit attribution of the repeated token: the induction heads write it
+    attr = logit_attribution(model_2l, fp_repeat, target=int(fp_repeat.token_ids[-1]),
+                             position=-2)
+    assert attr.total == pytest.approx(attr.logit - attr.bias, abs=1e-4)
+    top4 = {(1, int(h)) for h in np.argsort(-attr.heads[1])[:4]}
+    assert len(top4 & set(INDUCTION_HEADS)) >= 3
+
+
+def test_shipped_logit_lens_final_stage(model_2l, fp_repeat):
+    stages = lens_stages(model_2l)
+    torch.testing.assert_close(stage_logits(model_2l, fp_repeat.cache[stages[-1][1]]),
+                               fp_repeat.logits, atol=1e-5, rtol=0)
