@@ -19,6 +19,7 @@ from attention_lens.analysis.eigen import (
     attention_spectrum,
     circuit_eigenvalues,
     copying_score,
+    full_ov_eigenvalues,
     positive_fraction,
 )
 from attention_lens.analysis.embeddings import (
@@ -500,3 +501,9 @@ def test_analogy_reports_multi_token_words(model_2l):
 def test_analogy_bad_input(model_2l, kwargs):
     with pytest.raises(AnalysisError):
         analogy(model_2l, **kwargs)
+
+
+def test_full_ov_eigenvalues_alone_match_the_full_result(tiny):
+    alone = full_ov_eigenvalues(tiny, dtype="float64")
+    np.testing.assert_allclose(alone, circuit_eigenvalues(tiny, dtype="float64").full_ov,
+                               atol=1e-10)

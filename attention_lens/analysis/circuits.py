@@ -94,35 +94,41 @@ class FactoredMatrix:
 
 
 # ------------------------------------------------------------------------- weights
-def head_weights(lm: LoadedModel, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+ALL_WEIGHTS = ("W_Q", "W_K", "W_V", "W_O", "W_E", "W_U")
+
+
+def head_weights(lm: LoadedModel, dtype: torch.dtype = torch.float64,
+                 keys: tuple[str, ...] = ALL_WEIGHTS) -> dict[str, torch.Tensor]:
     """Per-head weights with LayerNorm weights folded in, stacked [n_layers, n_heads, ...].
 
     Keys: ``W_Q, W_K, W_V`` [L, H, d_model, d_head], ``W_O`` [L, H, d_head, d_model],
-    ``W_E`` [d_vocab, d_model], ``W_U`` [d_model, d_vocab].
+    ``W_E`` [d_vocab, d_model], ``W_U`` [d_model, d_vocab]; only ``keys`` are converted
+    (the vocabulary-sized ones are large).
     """
     if dtype not in (torch.float32, torch.float64):
         raise AnalysisError("circuits are computed in float32 or float64 only")
     m = lm.model
     with torch.no_grad():
-        w = {k: getattr(m, k).detach().to("cpu", dtype) for k in ("W_Q", "W_K", "W_V", "W_O",
-                                                                     "W_E", "W_U")}
+        w = {k: getattr(m, k).detach().to("cpu", dtype) for k in keys}
         if m.cfg.normalization_type:
             ln1 = torch.stack([b.ln1.w.detach() for b in m.blocks]).to("cpu", dtype)  # [L, d]
             for k in ("W_Q", "W_K", "W_V"):
-                w[k] = w[k] * ln1[:, None, :, None]
-            w["W_U"] = w["W_U"] * m.ln_final.w.detach().to("cpu", dtype)[:, None]
+                if k in w:
+                    w[k] = w[k] * ln1[:, None, :, None]
+            if "W_U" in w:
+                w["W_U"] = w["W_U"] * m.ln_final.w.detach().to("cpu", dtype)[:, None]
     return w
 
 
 def ov_circuit(lm: LoadedModel, dtype: torch.dtype = torch.float64) -> FactoredMatrix:
     """Every head's OV circuit ``W_V W_O``, factored: [n_layers, n_heads, d_model, d_model]."""
-    w = head_weights(lm, dtype)
+    w = head_weights(lm, dtype, ("W_V", "W_O"))
     return FactoredMatrix(w["W_V"], w["W_O"])
 
 
 def qk_circuit(lm: LoadedModel, dtype: torch.dtype = torch.float64) -> FactoredMatrix:
     """Every head's QK circuit ``W_Q W_K^T``, factored: [n_layers, n_heads, d_model, d_model]."""
-    w = head_weights(lm, dtype)
+    w = head_weights(lm, dtype, ("W_Q", "W_K"))
     return FactoredMatrix(w["W_Q"], w["W_K"].transpose(-1, -2))
 
 
@@ -218,7 +224,7 @@ def circuit_svd(lm: LoadedModel, which: str = "OV", n_directions: int = 3, top_k
     fm = circuit(lm, which, torch.float64)
     u, s, vh = fm.svd()  # u [L,H,d,k], s [L,H,k], vh [L,H,k,d]
     L, H = s.shape[:2]
-    w = head_weights(lm, dtype)
+    w = head_weights(lm, dtype, ("W_E", "W_U") if which == "OV" else ("W_E",))
     n = n_directions
     u_top = u[..., :n].to(dtype)  # [L,H,d,n]
     v_top = vh[..., :n, :].transpose(-1, -2).to(dtype)  # [L,H,d,n]

@@ -119,7 +119,8 @@ def composition_scores(lm: LoadedModel, n_samples: int = 64, seed: int = 0,
     if not isinstance(n_samples, int) or not 1 <= n_samples <= 10_000:
         raise AnalysisError("n_samples must be between 1 and 10000")
     td = dtypes[dtype]
-    w = head_weights(lm, torch.float64)  # QR in float64 (small), the big products in ``dtype``
+    # QR in float64 (small matrices); the large products in ``dtype``
+    w = head_weights(lm, torch.float64, ("W_Q", "W_K", "W_V", "W_O"))
     W_Q, W_K, W_V, W_O = w["W_Q"], w["W_K"], w["W_V"], w["W_O"]
     L, H, d, e = W_Q.shape
     with torch.no_grad():

@@ -84,11 +84,37 @@ def _sorted(eig: torch.Tensor) -> np.ndarray:
     return np.take_along_axis(e, order, axis=-1)
 
 
-def gram_terms(lm: LoadedModel, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The shared [d_model, d_model] terms ``W_U W_E`` and ``W_E^T W_E``, computed once."""
-    w = head_weights(lm, dtype)
+def gram_terms(lm: LoadedModel, dtype: torch.dtype = torch.float32,
+               keys: tuple[str, ...] = ("UE", "EE")) -> dict[str, torch.Tensor]:
+    """The shared [d_model, d_model] terms ``W_U W_E`` ("UE") and ``W_E^T W_E`` ("EE")."""
+    w = head_weights(lm, dtype, ("W_E", "W_U") if "UE" in keys else ("W_E",))
+    out = {}
     with torch.no_grad():
-        return {"UE": w["W_U"] @ w["W_E"], "EE": w["W_E"].T @ w["W_E"]}
+        if "UE" in keys:
+            out["UE"] = w["W_U"] @ w["W_E"]
+        if "EE" in keys:
+            out["EE"] = w["W_E"].T @ w["W_E"]
+    return out
+
+
+def _dtype(dtype: str) -> torch.dtype:
+    dtypes = {"float32": torch.float32, "float64": torch.float64}
+    if dtype not in dtypes:
+        raise AnalysisError("eigenvalues are computed in float32 or float64 only")
+    return dtypes[dtype]
+
+
+def full_ov_eigenvalues(lm: LoadedModel, dtype: str = "float32") -> np.ndarray:
+    """Eigenvalues [n_layers, n_heads, d_head] of every head's full OV circuit W_E W_OV W_U.
+
+    Only the shared ``W_U W_E`` and one d_head x d_head matrix per head are formed.
+    Pass the result to :func:`copying_score` for the copying scores.
+    """
+    td = _dtype(dtype)
+    ue = gram_terms(lm, td, ("UE",))["UE"]
+    w = head_weights(lm, td, ("W_V", "W_O"))
+    with torch.no_grad():
+        return _sorted(torch.linalg.eigvals(((w["W_O"] @ ue) @ w["W_V"]).double()))
 
 
 @dataclass(frozen=True)
@@ -152,13 +178,10 @@ def circuit_eigenvalues(lm: LoadedModel, dtype: str = "float32",
     ``dtype`` ("float32" or "float64") is the precision of the vocabulary-sized Gram products
     (pass ``gram`` from :func:`gram_terms` to reuse them); the small eigenproblems use float64.
     """
-    dtypes = {"float32": torch.float32, "float64": torch.float64}
-    if dtype not in dtypes:
-        raise AnalysisError("eigenvalues are computed in float32 or float64 only")
-    td = dtypes[dtype]
+    td = _dtype(dtype)
     if gram is None:
         gram = gram_terms(lm, td)
-    w = head_weights(lm, td)
+    w = head_weights(lm, td, ("W_Q", "W_K", "W_V", "W_O"))
     with torch.no_grad():
         W_Q, W_K, W_V, W_O = w["W_Q"], w["W_K"], w["W_V"], w["W_O"]
         W_Kt = W_K.transpose(-1, -2)
