@@ -441,6 +441,58 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
             data = {key: (sel(v) if isinstance(v, list) else v) for key, v in data.items()}
         return {"model": lm.name, "layer": layer, "head": head, "result": data}
 
+    # ---------------------------------------------------------------- embeddings
+    @endpoint("/embeddings", ("GET",))
+    def embeddings() -> dict[str, Any]:
+        from .analysis.embeddings import MATRICES, TOKEN_FILTERS, embedding_pca, project_tokens
+
+        q = query_params({"model", "matrix", "filter", "max_tokens", "n_components",
+                          "n_clusters", "text"}, {"max_tokens", "n_components", "n_clusters"})
+        lm = model_of(q)
+        matrix = choice_field(q, "matrix", "W_E", tuple(MATRICES))
+        token_filter = choice_field(q, "filter", "frequent", tuple(TOKEN_FILTERS))
+        n_max = int_field(q, "max_tokens", 2000, 1, lm.cfg.d_vocab, " (the vocabulary size)")
+        n_comp = int_field(q, "n_components", 2, 1, 10)
+        n_clusters = int_field(q, "n_clusters", 8, 1, 50)
+        args = (matrix, token_filter, n_max, n_comp, n_clusters)
+
+        def compute(m: LoadedModel) -> Any:
+            return embedding_pca(m, matrix, token_filter, n_max, n_comp, n_clusters)
+
+        if (n_max, n_comp, n_clusters) == (2000, 2, 8):  # the default views are cached
+            res = registry.weights(lm.name, ("api-embedding-pca",) + args, compute)
+        else:
+            res = compute(lm)
+        out: dict[str, Any] = {"model": lm.name, "result": jsonable(res)}
+        if "text" in q:
+            fp = registry.forward(text_field(q), lm.name)
+            out["prompt"] = {**_prompt_part(fp, limit_of(lm)),
+                             "projection": jsonable(project_tokens(lm, res, fp.token_ids))}
+        return out
+
+    @endpoint("/analogy", ("POST",))
+    def analogy() -> dict[str, Any]:
+        from .analysis.analogy import METHODS
+        from .analysis.analogy import analogy as analyse
+        from .analysis.embeddings import MATRICES
+
+        body = json_body({"positive", "negative", "top_k", "model", "method", "matrix"})
+        lm = model_of(body)
+        positive = words_field(body, "positive", required=True)
+        negative = words_field(body, "negative", required=False)
+        if not positive:
+            raise ApiError("'positive' is empty: give at least one word")
+        k = int_field(body, "top_k", 5, 1, min(1000, lm.cfg.d_vocab))
+        method = choice_field(body, "method", "3cosadd", tuple(METHODS))
+        matrix = choice_field(body, "matrix", "W_E", tuple(MATRICES))
+        res = analyse(lm, positive, negative, top_k=k, method=method, matrix=matrix)
+        results = [{"id": int(i), "display": d, "token": lm.tokenizer.token_text(int(i)),
+                    "score": sc, "cosine": co}
+                   for i, d, sc, co in zip(res.token_ids, res.display, jsonable(res.scores),
+                                           jsonable(res.cosine))]
+        return {"model": lm.name, "results": results, "input_ids": res.excluded_ids,
+                "result": jsonable(res)}
+
     # -------------------------------------------------------------- eigenvalues
     def eigen_of(lm: LoadedModel) -> Any:
         from .analysis.eigen import circuit_eigenvalues

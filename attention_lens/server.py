@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import hmac
 import inspect
@@ -365,6 +366,37 @@ def build_registry(config: ServerConfig) -> Registry:
                     device=config.device)
 
 
+def check_models(registry: Registry) -> dict[str, str]:
+    """Cheaply validate every discovered model folder (config and safetensors header).
+
+    Folders that fail are marked unavailable with the reason, so the model picker and
+    ``GET /api/models`` report them from the start instead of at the first request.
+    Returns ``name -> reason`` of the folders found broken.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from .model.checkpoint import WEIGHTS, CheckpointError, read_config
+
+    broken: dict[str, str] = {}
+    for entry in registry.entries():
+        if not entry.available or entry.kind != "attention-lens":
+            continue
+        try:
+            read_config(entry.path)
+            path = entry.path / WEIGHTS
+            if path.is_file():
+                try:
+                    with safe_open(str(path), "pt") as fh:
+                        fh.keys()
+                except (SafetensorError, OSError, ValueError) as exc:
+                    raise CheckpointError(path, f"corrupt or truncated safetensors file ({exc})")
+        except CheckpointError as exc:
+            broken[entry.name] = str(exc)
+            with registry._lock:  # no public setter: mark the entry as the loader would
+                registry._entries[entry.name] = dataclasses.replace(entry, error=str(exc))
+    return broken
+
+
 def _create_dash_app(registry: Registry, config: ServerConfig,
                      create_app: Optional[Callable[..., dash.Dash]] = None) -> dash.Dash:
     """Call the app factory with the options it accepts."""
@@ -404,6 +436,7 @@ def create_server(config: Optional[ServerConfig] = None, registry: Optional[Regi
 
     config = config or ServerConfig.from_env()
     registry = registry or build_registry(config)
+    check_models(registry)
     for entry in registry.entries():
         if entry.error:
             log.warning("model %s is unavailable: %s", entry.name, entry.error)
