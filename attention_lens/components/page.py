@@ -283,7 +283,8 @@ def main_inputs(page: str, controls: dict[str, Param], prop: str = "value") -> l
     return [Input(shell.STATE, "data")] + [Input(control_id(page, n), prop) for n in controls]
 
 
-def _triggered_id() -> Any:
+def triggered_id() -> Any:
+    """The id of the input that fired the current callback (None outside a callback)."""
     try:
         return dash.ctx.triggered_id
     except Exception:  # noqa: BLE001 - called directly (tests)
@@ -305,7 +306,7 @@ def analysis_callback(page: str, controls: dict[str, Param], n_outputs: Optional
             if not state or not state.get("text"):
                 raise PreventUpdate
             query, problems = parse_query(controls, dict(zip(controls, values)))
-            trigger = _triggered_id()
+            trigger = triggered_id()
             src = "user" if isinstance(trigger, str) and trigger.startswith(f"{page}-") else "url"
             alerts: list[Any] = [shell.alert(p, color="warning") for p in problems]
             try:
@@ -417,7 +418,7 @@ def register_shell_callbacks(app: dash.Dash) -> None:
 
 
 def _clicked(clicks: list[Optional[int]], ids: list[dict]) -> Optional[dict]:
-    trigger = _triggered_id()
+    trigger = triggered_id()
     for n, i in zip(clicks, ids):
         if n and (trigger is None or trigger == i):
             return i
