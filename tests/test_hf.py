@@ -326,7 +326,11 @@ def test_registry_lists_hf_folders_with_reasons(tmp_path, tiny_tokenizer):
         assert "missing tokenizer" in entries["no-tokenizer"].error
     assert "bert" not in reg.names() and "my-llama" in reg.names()
     fp = reg.forward(PROMPT, "my-llama")
-    assert fp.logits.shape == (len(tiny_tokenizer.encode(PROMPT)), tiny_tokenizer.vocab_size)
+    lm = reg.get("my-llama")
+    # Llama models see BOS first, as their own tokenizer would add it
+    assert lm.cfg.extra["prepend_bos"]
+    assert fp.token_ids[0] == lm.cfg.extra["bos_token_id"]
+    assert fp.logits.shape == (len(tiny_tokenizer.encode(PROMPT)) + 1, tiny_tokenizer.vocab_size)
     assert reg.get("my-llama").cfg.original_architecture == "LlamaForCausalLM"
 
 

@@ -62,6 +62,8 @@ def tokenize(lm: LoadedModel, text: str, max_tokens: Optional[int] = None) -> tu
     ids = lm.tokenizer.encode(text)
     if not ids:
         raise AnalysisError("the prompt produced no tokens")
+    if lm.cfg.extra.get("prepend_bos"):  # models trained with BOS on every sequence
+        ids = [int(lm.cfg.extra["bos_token_id"])] + ids
     limit = lm.cfg.n_ctx if max_tokens is None else min(lm.cfg.n_ctx, max_tokens)
     return ids[:limit], max(0, len(ids) - limit)
 

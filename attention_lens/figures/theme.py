@@ -25,14 +25,7 @@ GRID = "#444444"
 def _register() -> None:
     if TEMPLATE in pio.templates:
         return
-    try:
-        from dash_bootstrap_templates import load_figure_template
-
-        load_figure_template("darkly")
-        base = pio.templates["darkly"]
-    except Exception:  # noqa: BLE001 - fall back to plotly's own dark template
-        base = pio.templates["plotly_dark"]
-    t = go.layout.Template(base)
+    t = go.layout.Template(pio.templates["plotly_dark"])  # plotly only: no dash import here
     t.layout.paper_bgcolor = PAPER
     t.layout.plot_bgcolor = BACKGROUND
     t.layout.font = dict(color=TEXT, family="Lato, -apple-system, 'Segoe UI', sans-serif")

@@ -195,6 +195,9 @@ def model_config(c: dict[str, Any], folder: Path, name: Optional[str] = None) ->
             extra["sliding_window"] = int(window)
         extra["n_key_value_heads"] = kv
         extra["tied_embeddings"] = bool(c.get("tie_word_embeddings", False))
+        # Llama and Mistral tokenizers add BOS to every sequence; their models expect it
+        extra["prepend_bos"] = c.get("model_type") in ("llama", "mistral") and (
+            c.get("bos_token_id") is not None)
         kw = dict(n_layers=_get(c, path, "num_hidden_layers"), d_model=d, n_heads=h,
                   d_head=d_head, n_ctx=n_ctx, d_vocab=_get(c, path, "vocab_size"),
                   d_mlp=_get(c, path, "intermediate_size"),
