@@ -1,0 +1,89 @@
+"""Weight figures: singular-value spectra of head circuits, their norms, top-token directions."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+
+from .theme import QUALITATIVE, SEQUENTIAL, TEMPLATE
+from .tokens import esc
+
+if TYPE_CHECKING:
+    from ..analysis.circuits import CircuitSVD
+
+
+def singular_values_figure(svd: CircuitSVD, heads: Sequence[tuple[int, int]],
+                           log: bool = True) -> go.Figure:
+    """One line per selected head: σ_i of its OV (or QK) circuit against i (1-based)."""
+    fig = go.Figure()
+    for n, (layer, head) in enumerate(heads):
+        s = svd.singular_values[layer, head]
+        name = f"L{layer}H{head}"
+        fig.add_trace(go.Scatter(
+            x=np.arange(1, s.shape[0] + 1), y=s, mode="lines+markers", name=name,
+            line=dict(color=QUALITATIVE[n % len(QUALITATIVE)], width=1.5),
+            marker=dict(size=4),
+            hovertemplate=f"{name}: σ_%{{x}} = %{{y:.4g}}<extra></extra>",
+        ))
+    fig.update_layout(
+        template=TEMPLATE,
+        title=f"Singular values of W_{svd.circuit} per head ({len(heads)} heads)",
+        xaxis=dict(title="index i", rangemode="tozero"),
+        yaxis=dict(title="σ_i", type="log" if log else "linear"),
+        legend=dict(title="head"), height=460,
+    )
+    return fig
+
+
+def svd_norms_figure(svd: CircuitSVD) -> go.Figure:
+    """Layer × head heatmap of ||W||_F, with σ_1 in the hover."""
+    L, H = svd.frobenius.shape
+    s1 = svd.singular_values[..., 0]
+    fig = go.Figure(go.Heatmap(
+        z=svd.frobenius, x=[str(h) for h in range(H)], y=[str(la) for la in range(L)],
+        customdata=s1, colorscale=SEQUENTIAL, colorbar=dict(title="‖W‖_F"),
+        hovertemplate=("layer %{y}, head %{x}: ‖W_" + svd.circuit + "‖_F = %{z:.4g}, "
+                       "σ_1 = %{customdata:.4g}<extra></extra>"),
+    ))
+    fig.update_layout(template=TEMPLATE, title=f"‖W_{svd.circuit}‖_F of every head",
+                      xaxis=dict(title="head", type="category"),
+                      yaxis=dict(title="layer", type="category", autorange="reversed"),
+                      height=max(300, 40 * L + 160))
+    return fig
+
+
+def svd_directions_figure(svd: CircuitSVD, layer: int, head: int) -> go.Figure:
+    """Top tokens of one head's singular directions: input side left, output side right."""
+    n_dir, k = svd.input_ids.shape[2:]
+    rows = []
+    for d in range(n_dir):
+        s = svd.singular_values[layer, head, d]
+        rows.append(f"σ_{d + 1} = {s:.3g}")
+    fig = go.Figure()
+    for side, tokens, scores, offset in (
+        ("input", svd.input_tokens, svd.input_scores, 0),
+        ("output", svd.output_tokens, svd.output_scores, k + 1),
+    ):
+        toks = np.asarray(tokens[layer][head], dtype=object).reshape(n_dir, k)
+        z = scores[layer, head]
+        text = [[esc(str(t)) for t in row] for row in toks]
+        space = svd.input_space if side == "input" else svd.output_space
+        fig.add_trace(go.Heatmap(
+            z=z, x=[offset + j for j in range(k)], y=rows, text=text,
+            texttemplate="%{text}", textfont=dict(size=11), colorscale=SEQUENTIAL,
+            showscale=side == "output", colorbar=dict(title="score"), name=side,
+            customdata=np.asarray([[esc(space)] * k] * n_dir, dtype=object),
+            hovertemplate=(f"{side} token '%{{text}}' of %{{y}}: %{{z:.3f}}"
+                           "<br>%{customdata}<extra></extra>"),
+        ))
+    fig.update_layout(
+        template=TEMPLATE,
+        title=f"L{layer}H{head} W_{svd.circuit}: tokens read (left) and written (right)",
+        xaxis=dict(showticklabels=False, title="input side (rank 1 → k)  |  output side "
+                                               "(rank 1 → k)"),
+        yaxis=dict(type="category", autorange="reversed"),
+        height=max(260, 60 * n_dir + 140),
+    )
+    return fig
