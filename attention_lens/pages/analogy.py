@@ -1,0 +1,233 @@
+"""/analogy: an equation builder (a − b + c = ?) over unit-normalised token embeddings."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import dash
+import dash_bootstrap_components as dbc
+from dash import ALL, MATCH, Input, Output, State, callback, ctx, html
+from dash.exceptions import PreventUpdate
+
+from ..analysis.analogy import MAX_TERMS, METHODS, Analogy, analogy
+from ..analysis.embeddings import MATRICES, resolve_term
+from ..analysis.errors import AnalysisError
+from ..app import registry
+from ..components import page as P
+from ..components import shell
+from ..figures.analogy import analogy_figure
+
+PAGE = "analogy"
+dash.register_page(__name__, path="/analogy", order=9, name="Analogy",
+                   title="Analogy · Attention Lens",
+                   description="Vector arithmetic on embeddings: king − man + woman = ?")
+
+TERM, REMOVE, TOKENS = "analogy-term", "analogy-remove", "analogy-tokens"
+SIGNS = ("plus", "minus")
+TABLE = f"{PAGE}-table"
+NOTES = f"{PAGE}-notes"
+
+
+class TermsParam:
+    """Words of one side of the equation: a list, or ``"a,b"`` in the URL; blanks dropped."""
+
+    def __init__(self, default: tuple[str, ...] = ()) -> None:  # noqa: D107
+        self.default = default
+
+    def parse(self, name: str, raw: Any) -> tuple[list[str], Optional[str]]:
+        """The non-blank words in ``raw`` (at most MAX_TERMS), and a problem or None."""
+        if raw is None:
+            return list(self.default), None
+        items = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
+        words = [str(w).strip()[:60] for w in items if w is not None and str(w).strip()]
+        if len(words) > MAX_TERMS:
+            return words[:MAX_TERMS], f"{name}: kept the first {MAX_TERMS} words"
+        return words, None
+
+
+CONTROLS = {
+    "plus": TermsParam(("king", "woman")),
+    "minus": TermsParam(("man",)),
+    "method": P.ChoiceParam("3cosadd", METHODS),
+    "matrix": P.ChoiceParam("W_E", MATRICES),
+    "k": P.IntParam(10, 1, 100),
+}
+METHOD_LABELS = {"3cosadd": "3CosAdd", "3cosmul": "3CosMul"}
+
+HELP = r"""
+Every token's row of $W_E$ (or $W_U^\top$) is scaled to unit length. **3CosAdd** ranks
+each token $x$ by $\cos\!\big(x,\ \sum_{p \in +} p - \sum_{n \in -} n\big)$;
+**3CosMul** (Levy & Goldberg 2014) by $\prod_{p} c(x, p) \,/\, \big(\prod_{n} c(x, n) +
+\varepsilon\big)$ with $c = (\cos + 1)/2$ and $\varepsilon = 10^{-3}$. Every input token
+is excluded from the answers, as are special and non-printable tokens; the table gives the
+method's score and the cosine to the 3CosAdd target.
+
+Words are looked up with a leading space (" king"), as byte-level BPE stores words inside
+text. A word that is **several tokens** is represented by the normalised mean of its
+tokens' unit rows, and the page says so: small models often have no single token for a
+word, and their embedding space is far less linear than word2vec's.
+"""
+
+
+def term_row(sign: str, index: int, value: str) -> dbc.InputGroup:
+    """One word of the equation with its sign, its tokenisation and a remove button."""
+    return dbc.InputGroup([
+        dbc.InputGroupText("+" if sign == "plus" else "−"),
+        dbc.Input(id={"type": TERM, "sign": sign, "index": index}, value=value, type="text",
+                  debounce=True, maxLength=60,
+                  placeholder="a word to add" if sign == "plus" else "a word to subtract"),
+        dbc.InputGroupText(html.Small(id={"type": TOKENS, "sign": sign, "index": index}),
+                           className="al-term-tokens"),
+        dbc.Button("×", id={"type": REMOVE, "sign": sign, "index": index}, n_clicks=0,
+                   color="secondary", outline=True, title="remove this word"),
+    ], size="sm", className="al-control al-term")
+
+
+def term_rows(sign: str, words: list[str]) -> list[dbc.InputGroup]:
+    """The rows of one side (one empty box when there are no words)."""
+    return [term_row(sign, i, w) for i, w in enumerate(words or [""])]
+
+
+def result_of(state: dict, query: dict) -> Analogy:
+    """Solve the equation on the state's model."""
+    if not query["plus"]:
+        raise AnalysisError("Type at least one word to add (a + term).")
+    return analogy(registry().get(state["model"]), query["plus"], query["minus"],
+                   top_k=query["k"], method=query["method"], matrix=query["matrix"])
+
+
+def panels(state: dict, query: dict) -> list[P.Panel]:
+    """The top-k answers as a bar chart (the table is built from the same result)."""
+    res = result_of(state, query)
+    return [P.Panel("results", analogy_figure(res), res)]
+
+
+P.register_panels(PAGE, panels, CONTROLS)
+
+
+def results_table(res: Analogy) -> dbc.Table:
+    """The answers with their scores (whitespace shown as ·, ↵, →)."""
+    head = html.Thead(html.Tr([html.Th(c) for c in ("rank", "token", "id",
+                                                     METHOD_LABELS[res.method] + " score",
+                                                     "cosine to target")]))
+    body = html.Tbody([html.Tr([html.Td(i + 1), html.Td(html.Code(tok)), html.Td(int(tid)),
+                                html.Td(f"{score:.4f}"), html.Td(f"{cos:.4f}")])
+                       for i, (tok, tid, score, cos) in enumerate(zip(
+                           res.display, res.token_ids, res.scores, res.cosine))])
+    return dbc.Table([head, body], size="sm", striped=True, hover=True, responsive=True,
+                     className="al-table")
+
+
+def equation_text(res: Analogy) -> str:
+    """``king − man + woman`` as typed."""
+    text = " + ".join(res.positive)
+    for w in res.negative:
+        text += f" − {w}"
+    return text
+
+
+def layout(**query: Any) -> html.Div:
+    """The equation builder (words from the URL), method, k, the chart and the table."""
+    q, problems = P.parse_query(CONTROLS, query)
+    builder = html.Div([
+        html.Div([html.H6("add"), html.Div(term_rows("plus", q["plus"]),
+                                           id=f"{PAGE}-plus-terms"),
+                  dbc.Button("+ add a word", id=f"{PAGE}-add-plus", n_clicks=0, size="sm",
+                             color="secondary", outline=True)], className="al-terms"),
+        html.Div([html.H6("subtract"), html.Div(term_rows("minus", q["minus"]),
+                                                id=f"{PAGE}-minus-terms"),
+                  dbc.Button("− subtract a word", id=f"{PAGE}-add-minus", n_clicks=0,
+                             size="sm", color="secondary", outline=True)],
+                 className="al-terms"),
+    ], className="al-equation")
+    return P.page_layout(
+        PAGE, "Analogy: vector arithmetic on embeddings",
+        description="Add and subtract words; the nearest tokens to the result are listed, "
+                    "inputs excluded.",
+        controls=[
+            builder,
+            P.select_control(PAGE, "method", q["method"],
+                             [{"label": METHOD_LABELS[m], "value": m} for m in METHODS],
+                             "method"),
+            P.select_control(PAGE, "matrix", q["matrix"],
+                             [{"label": "W_E (embedding)", "value": "W_E"},
+                              {"label": "W_U^T (unembedding)", "value": "W_U"}], "matrix"),
+            P.number_control(PAGE, "k", q["k"], "top k", min=1, max=100),
+        ],
+        body=[html.Div(id=NOTES),
+              dbc.Row([dbc.Col(P.graph(PAGE, "results"), lg=7),
+                       dbc.Col(html.Div(id=TABLE), lg=5)])],
+        help_md=HELP, query=q, problems=problems)
+
+
+def main_inputs() -> list[Input]:
+    """The shared state, the words of both sides (pattern-matched), then the other controls."""
+    return ([Input(shell.STATE, "data")]
+            + [Input({"type": TERM, "sign": s, "index": ALL}, "value") for s in SIGNS]
+            + [Input(P.control_id(PAGE, n), "value") for n in ("method", "matrix", "k")])
+
+
+@callback(*P.main_outputs(PAGE, ["results"], [Output(TABLE, "children"),
+                                             Output(NOTES, "children")]),
+          *main_inputs())
+@P.analysis_callback(PAGE, CONTROLS, n_outputs=3)
+def update(state: dict, query: dict) -> tuple:
+    """Solve the equation, draw the bars, the table and the multi-token notes."""
+    (results,) = panels(state, query)
+    res = results.data
+    notes = [shell.alert(n, color="info") for n in res.notes]
+    caption = html.P(["Answers to ", html.Code(equation_text(res)), " (",
+                      METHOD_LABELS[res.method], ", ", res.matrix, ")"], className="small")
+    return results.figure, results_table(res), [caption, *notes]
+
+
+def _edit(sign: str, words: list[Optional[str]], removes: list[Optional[int]]) -> list:
+    trigger = ctx.triggered_id
+    words = [w or "" for w in words]
+    if trigger == f"{PAGE}-add-{sign}":
+        if len(words) >= MAX_TERMS:
+            raise PreventUpdate
+        return term_rows(sign, words + [""])
+    if isinstance(trigger, dict) and trigger.get("type") == REMOVE and \
+            trigger.get("sign") == sign and any(removes):
+        i = trigger["index"]
+        return term_rows(sign, [w for j, w in enumerate(words) if j != i])
+    raise PreventUpdate
+
+
+@callback(Output(f"{PAGE}-plus-terms", "children"),
+          Input(f"{PAGE}-add-plus", "n_clicks"),
+          Input({"type": REMOVE, "sign": "plus", "index": ALL}, "n_clicks"),
+          State({"type": TERM, "sign": "plus", "index": ALL}, "value"),
+          prevent_initial_call=True)
+def edit_plus(_: Optional[int], removes: list[Optional[int]], words: list[Optional[str]]
+              ) -> list:
+    """Add or remove a word to add."""
+    return _edit("plus", words, removes)
+
+
+@callback(Output(f"{PAGE}-minus-terms", "children"),
+          Input(f"{PAGE}-add-minus", "n_clicks"),
+          Input({"type": REMOVE, "sign": "minus", "index": ALL}, "n_clicks"),
+          State({"type": TERM, "sign": "minus", "index": ALL}, "value"),
+          prevent_initial_call=True)
+def edit_minus(_: Optional[int], removes: list[Optional[int]], words: list[Optional[str]]
+               ) -> list:
+    """Add or remove a word to subtract."""
+    return _edit("minus", words, removes)
+
+
+@callback(Output({"type": TOKENS, "sign": MATCH, "index": MATCH}, "children"),
+          Input({"type": TERM, "sign": MATCH, "index": MATCH}, "value"),
+          Input(shell.STATE, "data"))
+def term_tokens(word: Optional[str], state: Optional[dict]) -> str:
+    """How the model tokenises one word ("1 token", or its pieces when there are several)."""
+    if not word or not word.strip() or not state:
+        return ""
+    try:
+        term = resolve_term(registry().get(state["model"]), word)
+    except AnalysisError as exc:
+        return f"⚠ {exc}"
+    if not term.multi_token:
+        return f"1 token: {term.display[0]}"
+    return f"{len(term.token_ids)} tokens: {' '.join(term.display)} (mean used)"

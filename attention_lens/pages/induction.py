@@ -1,0 +1,210 @@
+"""/induction: previous-token, duplicate-token, induction and copying heads; composition."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import dash
+import dash_bootstrap_components as dbc
+import numpy as np
+from dash import Output, callback, html
+
+from ..analysis.circuits import check_head
+from ..analysis.composition import KINDS, Composition, composition_scores
+from ..analysis.eigen import circuit_eigenvalues
+from ..analysis.errors import AnalysisError
+from ..analysis.heads import (
+    METRICS,
+    HeadDetection,
+    head_detection,
+    label_heads,
+    probe_head_scores,
+)
+from ..app import registry
+from ..components import page as P
+from ..components import shell
+from ..figures.heads import (
+    composition_figure,
+    head_examples_figure,
+    head_labels_figure,
+    head_scores_figure,
+)
+
+PAGE = "induction"
+dash.register_page(__name__, path="/induction", order=7, name="Induction",
+                   title="Induction · Attention Lens",
+                   description="Previous-token, duplicate-token, induction and copying scores "
+                               "of every head, on the prompt and on a repeated random probe; "
+                               "head labels; Q/K/V composition.")
+
+EXAMPLE_KINDS = ("induction", "previous_token", "duplicate_token", "self")
+CONTROLS = {
+    "metric": P.ChoiceParam("mul", METRICS),
+    "labels": P.ChoiceParam("probe", ("probe", "prompt")),
+    "kind": P.ChoiceParam("induction", EXAMPLE_KINDS),
+    "layer": P.IntParam(None, 0),
+    "head": P.IntParam(None, 0),
+    "n": P.IntParam(8, 1, 30),
+    "src": P.IntParam(None, 0),
+}
+NOTE = f"{PAGE}-note"
+#: Composition heatmaps with more source heads than this show one source layer at a time.
+MAX_COMPOSITION_HEADS = 256
+
+HELP = r"""
+Each grid is layers × heads. On the **prompt** $t$, a head's pattern $A$ (rows: queries)
+is compared with a detection pattern $P$: previous-token $P[i, i-1] = 1$; duplicate-token
+$P[i, j] = 1$ iff $t_i = t_j,\ j < i$; induction $P[i, j] = 1$ iff $t_{j-1} = t_i,\ 1 \le j
+\le i$. Score "mul" $= \sum A \odot P / \sum A$, "abs" $= 1 - \mathrm{mean}_i \sum_j |A - P|$.
+A prompt without repeats has no induction or duplicate targets, and its first half dilutes
+the score, so the **probe** is the standard test: random tokens $r$ of length $T = 50$
+repeated, $x = [r; r]$, batch 10, seeded; induction score $=$ mean of
+$A[i, i - (T - 1)]$ over the second half (Olsson et al. 2022), previous-token $=$ mean of
+$A[i, i-1]$. **Copying** is the full OV circuit's $\mathrm{Re}(\sum \lambda) / \sum
+|\lambda|$ of $W_E W_{OV} W_U$, in $[-1, 1]$.
+
+**Labels** (thresholds: pattern score $\ge 0.4$, self $\ge 0.5$, copying $\ge 0.7$,
+normalised entropy $\ge 0.75$ for diffuse) use the probe's induction and previous-token
+scores ("probe") or the prompt's ("prompt"). **Examples** list the strongest
+"query ← key: weight" entries of $A \odot P$ for the selected head (empty boxes: the head
+with the highest probe induction score).
+
+**Composition** of an earlier head $h_1$ ($L = W_{OV}^{h_1}$) into a later head $h_2$:
+Q: $\lVert L\, W_{QK}^{h_2} \rVert_F / (\lVert L \rVert_F \lVert W_{QK}^{h_2} \rVert_F)$,
+K: the same with $W_{QK}^{h_2\top}$, V: with $W_{OV}^{h_2}$ (Elhage et al. 2021), computed
+from factors. Compare with the random baseline in each title (mean score of random
+matrices of the same shapes); an induction head's K-composition with a previous-token
+head stands out.
+"""
+
+
+def _probe(model: str) -> Any:
+    return registry().weights(model, "probe_head_scores", probe_head_scores)
+
+
+def _eigen(model: str) -> Any:
+    return registry().weights(model, "circuit_eigenvalues", circuit_eigenvalues)
+
+
+def _composition(model: str) -> Composition:
+    return registry().weights(model, "composition_scores", composition_scores)
+
+
+def detection(state: dict, query: dict) -> HeadDetection:
+    """Head scores on the prompt (probe and copying scores come from the per-model cache)."""
+    lm = registry().get(state["model"])
+    fp = registry().forward(state["text"], state["model"])
+    return head_detection(lm, fp, metric=query["metric"], n_examples=query["n"],
+                          probe=_probe(lm.name), eigen=_eigen(lm.name))
+
+
+def labels_of(hd: HeadDetection, source: str) -> list[list[str]]:
+    """One label per head from the prompt's pattern scores or the probe's."""
+    if source == "prompt":
+        return hd.labels
+    scores = {"induction": hd.probe_induction, "previous_token": hd.probe_previous_token,
+              "duplicate_token": np.zeros_like(hd.probe_induction)}
+    labels, _ = label_heads(scores, hd.self_attention, hd.entropy, hd.copying)
+    return labels
+
+
+def selected_head(hd: HeadDetection, layer: Optional[int], head: Optional[int]
+                  ) -> tuple[int, int]:
+    """The head whose examples are listed: the one asked for, else the best probe inductor."""
+    if layer is None and head is None:
+        flat = int(np.argmax(hd.probe_induction))
+        return divmod(flat, hd.probe_induction.shape[1])
+    return (0 if layer is None else layer), (0 if head is None else head)
+
+
+def composition_note(comp: Composition, n_layers: int) -> Optional[str]:
+    """Why there is nothing to show, or None."""
+    if n_layers < 2:
+        return ("This model has one layer, so no head can compose with another: Q-, K- and "
+                "V-composition need a head in a later layer.")
+    return None
+
+
+def panels(state: dict, query: dict) -> list[P.Panel]:
+    """Score grids, labels, the selected head's examples and the composition heatmaps."""
+    lm = registry().get(state["model"])
+    hd = detection(state, query)
+    layer, head = selected_head(hd, query["layer"], query["head"])
+    check_head(lm, layer, head)
+    src = query["src"]
+    if src is not None and not 0 <= src < lm.cfg.n_layers - 1:
+        raise AnalysisError(f"source layer must be between 0 and {lm.cfg.n_layers - 2} "
+                            "(the last layer has no later head to compose with)"
+                            if lm.cfg.n_layers > 1 else "this model has one layer: there "
+                            "is no source layer to choose")
+    if src is None and (lm.cfg.n_layers - 1) * lm.cfg.n_heads > MAX_COMPOSITION_HEADS:
+        src = 0
+    labels = labels_of(hd, query["labels"])
+    examples = hd.examples(query["kind"], layer, head)
+    comp = _composition(lm.name)
+    note = composition_note(comp, lm.cfg.n_layers)
+    out = [
+        P.Panel("scores", head_scores_figure(hd),
+                {"scores": hd.scores, "metric": hd.metric, "probe_induction": hd.probe_induction,
+                 "probe_previous_token": hd.probe_previous_token, "copying": hd.copying,
+                 "probe_settings": hd.probe_settings}),
+        P.Panel("labels", head_labels_figure(hd, labels, source=query["labels"]),
+                {"labels": labels, "source": query["labels"], "tags": hd.tags,
+                 "thresholds": hd.thresholds}),
+        P.Panel("examples", head_examples_figure(examples, layer, head, query["kind"]),
+                {"layer": layer, "head": head, "kind": query["kind"], "examples": examples}),
+    ]
+    for kind in KINDS:
+        out.append(P.Panel(f"composition-{kind}",
+                           composition_figure(comp, kind, source_layer=src, note=note),
+                           {"kind": kind, "scores": comp.scores(kind),
+                            "baseline": comp.baseline[kind],
+                            "baseline_std": comp.baseline_std[kind],
+                            "top_pairs": comp.top_pairs(kind, 10), "note": note}))
+    return out
+
+
+P.register_panels(PAGE, panels, CONTROLS)
+
+GRAPHS = ["scores", "labels", "examples", "composition-Q", "composition-K", "composition-V"]
+
+
+def layout(**query: Any) -> html.Div:
+    """Controls from the URL, the score grids, labels, examples and composition."""
+    q, problems = P.parse_query(CONTROLS, query)
+    return P.page_layout(
+        PAGE, "Induction and other head types",
+        description="Which heads attend to the previous token, to earlier copies of the "
+                    "current token, or to the token after an earlier copy (induction), and "
+                    "how heads in different layers compose.",
+        controls=[
+            P.select_control(PAGE, "metric", q["metric"], METRICS, "score"),
+            P.select_control(PAGE, "labels", q["labels"],
+                             [{"label": "probe", "value": "probe"},
+                              {"label": "prompt", "value": "prompt"}], "labels from"),
+            P.select_control(PAGE, "kind", q["kind"],
+                             [{"label": k.replace("_", "-"), "value": k}
+                              for k in EXAMPLE_KINDS], "examples of"),
+            P.number_control(PAGE, "layer", q["layer"], "layer", min=0, placeholder="auto"),
+            P.number_control(PAGE, "head", q["head"], "head", min=0, placeholder="auto"),
+            P.number_control(PAGE, "n", q["n"], "examples", min=1, max=30),
+            P.number_control(PAGE, "src", q["src"], "composition from layer", min=0,
+                             placeholder="all"),
+        ],
+        body=[P.graph(PAGE, "scores"),
+              dbc.Row([dbc.Col(P.graph(PAGE, "labels"), lg=7),
+                       dbc.Col(P.graph(PAGE, "examples"), lg=5)]),
+              html.Div(id=NOTE),
+              dbc.Row([dbc.Col(P.graph(PAGE, f"composition-{k}"), lg=4) for k in KINDS])],
+        help_md=HELP, query=q, problems=problems)
+
+
+@callback(*P.main_outputs(PAGE, GRAPHS, [Output(NOTE, "children")]),
+          *P.main_inputs(PAGE, CONTROLS))
+@P.analysis_callback(PAGE, CONTROLS, n_outputs=len(GRAPHS) + 1)
+def update(state: dict, query: dict) -> tuple:
+    """Fetch the cached forward pass and weight analyses, score, draw."""
+    out = panels(state, query)
+    lm = registry().get(state["model"])
+    note = composition_note(_composition(lm.name), lm.cfg.n_layers)
+    return (*P.figures_of(out), shell.alert(note, color="info") if note else None)
