@@ -590,6 +590,13 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
 
     @endpoint("/<path:rest>", ("GET", "POST"))
     def unknown() -> dict[str, Any]:
+        path = flask.request.path
+        for rule in flask.current_app.url_map.iter_rules():
+            if rule.endpoint.startswith(bp.name + ".") and rule.rule == path and \
+                    rule.endpoint != bp.name + ".unknown":
+                allowed = sorted((rule.methods or set()) & {"GET", "POST"})
+                raise ApiError(f"method {flask.request.method} is not allowed on {path}; "
+                               f"use {' or '.join(allowed)}", 405)
         raise ApiError(f"no API endpoint {flask.request.path!r}; GET "
                        f"{flask.url_for(bp.name + '.index')} lists them", 404)
 
