@@ -1,0 +1,150 @@
+"""Figures of the weight analyses: shapes, template, hover text, export tables."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+
+from attention_lens.analysis.analogy import analogy
+from attention_lens.analysis.circuits import circuit_svd
+from attention_lens.analysis.composition import composition_scores
+from attention_lens.analysis.eigen import attention_spectrum, circuit_eigenvalues
+from attention_lens.analysis.embeddings import embedding_pca, nearest_neighbours, project_tokens
+from attention_lens.analysis.forward import run_forward
+from attention_lens.analysis.heads import head_detection, probe_head_scores
+from attention_lens.figures import analogy as fa
+from attention_lens.figures import eigen as fe
+from attention_lens.figures import embeddings as fm
+from attention_lens.figures import heads as fh
+from attention_lens.figures import weights as fw
+from attention_lens.figures.theme import TEMPLATE
+
+PROMPT = "Harry Potter went to the shop, and Harry Potter bought a wand."
+
+
+def _check(fig: go.Figure, n_traces: int | None = None) -> None:
+    assert isinstance(fig, go.Figure)
+    assert fig.layout.template.layout.paper_bgcolor is not None  # the template resolved
+    if n_traces is not None:
+        assert len(fig.data) == n_traces
+    for trace in fig.data:
+        if trace.hoverinfo != "skip":
+            assert trace.hovertemplate and "<extra>" in trace.hovertemplate
+    json.loads(fig.to_json())  # serialisable for Dash
+
+
+def _jsonable(rows: list[dict]) -> None:
+    json.dumps(rows)
+    assert rows and all(isinstance(r, dict) for r in rows)
+
+
+@pytest.fixture
+def fp(tiny):
+    return run_forward(tiny, PROMPT)
+
+
+def test_template_name():
+    assert TEMPLATE == "attention_lens"
+
+
+def test_weight_figures(tiny):
+    svd = circuit_svd(tiny, "OV", n_directions=2, top_k=3)
+    fig = fw.singular_values_figure(svd, [(0, 1), (1, 2)])
+    _check(fig, 2)
+    np.testing.assert_allclose(fig.data[1].y, svd.singular_values[1, 2])
+    _check(fw.svd_norms_figure(svd), 1)
+    fig = fw.svd_directions_figure(svd, 1, 0)
+    _check(fig, 2)
+    assert np.asarray(fig.data[1].z).shape == (2, 3)
+    rows = fw.svd_table(svd)
+    assert len(rows) == 2 * 4 * tiny.cfg.d_head
+    _jsonable(rows)
+    rows = fw.svd_directions_table(svd)
+    assert len(rows) == 2 * 4 * 2 * 2 * 3
+    assert rows[0]["token_id"] == svd.input_ids[0, 0, 0, 0]
+    _jsonable(rows)
+
+
+def test_eigen_figures(tiny, fp):
+    spec = attention_spectrum(tiny, fp)
+    fig = fe.attention_spectrum_figure(spec, 1, 2)
+    _check(fig, 1)
+    assert sorted(fig.data[0].y, reverse=True) == list(fig.data[0].y)
+    assert "A[i, i]" in fig.layout.title.text
+    res = circuit_eigenvalues(tiny)
+    fig = fe.circuit_eigenvalues_figure(res, 0, 3)
+    _check(fig, 4)
+    np.testing.assert_allclose(fig.data[1].x, res.full_ov[0, 3].real)
+    fig = fe.copying_scores_figure(res)
+    _check(fig, 2)
+    np.testing.assert_allclose(fig.data[0].z, res.copying["full_ov"])
+    _jsonable(fe.attention_spectrum_table(spec))
+    rows = fe.circuit_eigenvalues_table(res)
+    assert len(rows) == 4 * 2 * 4 * tiny.cfg.d_head
+    _jsonable(rows)
+    rows = fe.copying_table(res)
+    assert len(rows) == 8 and rows[5]["full_ov_copying"] == res.copying["full_ov"][1, 1]
+    _jsonable(rows)
+
+
+def test_head_figures(tiny, fp):
+    res = head_detection(tiny, fp, probe=probe_head_scores(tiny, seq_len=10, batch=2))
+    _check(fh.head_scores_figure(res), 6)
+    fig = fh.head_labels_figure(res, res.labels)
+    assert fig.data[0].text is not None
+    _check(fig)
+    ex = res.examples("previous_token", 1, 1)
+    _check(fh.head_examples_figure(ex, 1, 1, "previous_token"), 1)
+    rows = fh.head_scores_table(res)
+    assert len(rows) == 8 and rows[3]["label"] == res.labels[0][3]
+    _jsonable(rows)
+    comp = composition_scores(tiny, n_samples=8)
+    fig = fh.composition_figure(comp, "K")
+    _check(fig, 1)
+    z = np.asarray(fig.data[0].z)
+    assert z.shape == (4, 4)  # layer-0 heads (rows) x layer-1 heads (columns)
+    np.testing.assert_allclose(z[1, 2], comp.k[0, 1, 1, 2])
+    assert "baseline" in fig.layout.title.text
+    rows = fh.composition_table(comp)
+    assert len(rows) == 16
+    _jsonable(rows)
+
+
+def test_composition_figure_one_layer(tiny_tokenizer):
+    from tests.conftest import make_tiny
+
+    lm = make_tiny(tiny_tokenizer, n_layers=1)
+    fig = fh.composition_figure(composition_scores(lm, n_samples=4), "Q")
+    assert len(fig.data) == 0 and fig.layout.annotations
+
+
+def test_embedding_figures(tiny, fp):
+    pca = embedding_pca(tiny, token_filter="all", max_tokens=None, n_clusters=3)
+    prompt = project_tokens(tiny, pca, fp.token_ids)
+    fig = fm.embedding_scatter_figure(pca, prompt)
+    _check(fig, 3 + 1)
+    assert all(isinstance(t, go.Scattergl) for t in fig.data)
+    assert sum(len(t.x) for t in fig.data[:3]) == tiny.cfg.d_vocab
+    assert len(fig.data[3].x) == fp.n_tokens
+    _check(fm.explained_variance_figure(pca), 2)
+    nb = nearest_neighbours(tiny, 5, k=4)
+    _check(fm.neighbours_figure(nb), 1)
+    _check(fm.neighbours_figure(None), 0)
+    rows = fm.embedding_table(pca)
+    assert len(rows) == tiny.cfg.d_vocab and "pc2" in rows[0]
+    _jsonable(rows)
+    _jsonable(fm.neighbours_table(nb))
+
+
+def test_analogy_figure(model_2l):
+    res = analogy(model_2l, ["king", "woman"], ["man"], top_k=4)
+    fig = fa.analogy_figure(res)
+    _check(fig, 1)
+    np.testing.assert_allclose(fig.data[0].x, res.scores)
+    assert "king" in fig.layout.title.text and "man" in fig.layout.title.text
+    rows = fa.analogy_table(res)
+    assert [r["token_id"] for r in rows] == res.token_ids.tolist()
+    _jsonable(rows)
