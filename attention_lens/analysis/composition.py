@@ -56,7 +56,8 @@ class Composition:
             NaN where l2 <= l1 (no composition possible).
         k: same shape, K-composition.
         v: same shape, V-composition.
-        baseline: kind ("Q", "K", "V") -> mean score of random factors of the same shapes.
+        baseline: kind ("Q", "K", "V") -> mean score of random factors of the same shapes
+            (one set of random heads serves all three: the distributions are equal).
         baseline_std: kind -> standard deviation of those random scores.
         n_samples: random samples behind each baseline.
         seed: seed of the baseline.
@@ -93,24 +94,26 @@ class Composition:
         return out
 
 
-def random_baseline(d_model: int, d_head: int, kind: str, n_samples: int = 64, seed: int = 0,
+def random_baseline(d_model: int, d_head: int, n_samples: int = 32, seed: int = 0,
                     dtype: torch.dtype = torch.float64) -> tuple[float, float]:
-    """Mean and std of ``kind`` composition between random heads of the given shape."""
-    g = torch.Generator().manual_seed(seed)
+    """Mean and std of the composition score between random heads of the given shape.
+
+    W_OV, W_QK and W_QK^T of a random head are all products of two Gaussian
+    [d_model, d_head] x [d_head, d_model] factors, so Q-, K- and V-composition share
+    one baseline.
+    """
+    rng = np.random.default_rng(seed)
 
     def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(n_samples, *shape, generator=g, dtype=dtype)
+        return torch.from_numpy(rng.standard_normal((n_samples, *shape))).to(dtype)
 
-    if kind not in KINDS:
-        raise AnalysisError(f"unknown composition {kind!r}; choose one of {', '.join(KINDS)}")
-    # W_OV, W_QK and W_QK^T of random heads are all products of two Gaussian d x e factors
     left = FactoredMatrix(rand(d_model, d_head), rand(d_head, d_model))
     right = FactoredMatrix(rand(d_model, d_head), rand(d_head, d_model))
     s = composition_score(left, right)
     return float(s.mean()), float(s.std()) if n_samples > 1 else 0.0
 
 
-def composition_scores(lm: LoadedModel, n_samples: int = 64, seed: int = 0,
+def composition_scores(lm: LoadedModel, n_samples: int = 32, seed: int = 0,
                        dtype: str = "float32") -> Composition:
     """Q-, K- and V-composition scores of every pair of heads in different layers."""
     dtypes = {"float32": torch.float32, "float64": torch.float64}
@@ -146,8 +149,7 @@ def composition_scores(lm: LoadedModel, n_samples: int = 64, seed: int = 0,
                 den = src_norm[l1][:, None, None] * tgt_norm[l1 + 1:][None]
                 scores[l1, :, l1 + 1:] = (num / den).double()
             out[kind] = scores.numpy()
-    base, std = {}, {}
-    for i, kind in enumerate(KINDS):
-        base[kind], std[kind] = random_baseline(d, e, kind, n_samples, seed + i)
-    return Composition(q=out["Q"], k=out["K"], v=out["V"], baseline=base, baseline_std=std,
+    mean, std = random_baseline(d, e, n_samples, seed)
+    return Composition(q=out["Q"], k=out["K"], v=out["V"], baseline={k: mean for k in KINDS},
+                       baseline_std={k: std for k in KINDS},
                        n_samples=n_samples, seed=seed)
