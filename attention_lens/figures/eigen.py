@@ -32,8 +32,7 @@ def attention_spectrum_figure(result: AttentionSpectrum, layer: int, head: int,
     ))
     fig.update_layout(
         template=TEMPLATE,
-        title=(f"L{layer}H{head} pattern eigenvalues = diagonal A[i, i]"
-               + (" (sorted)" if sort else "")),
+        title=f"L{layer}H{head}: eigenvalues = diagonal A[i, i]",
         xaxis=dict(title="rank" if sort else "position i"),
         yaxis=dict(title="λ = A[i, i]", range=[0, 1.02]), height=420,
     )
@@ -71,11 +70,11 @@ def copying_scores_figure(result: CircuitEigenvalues, which: str = "full_ov") ->
     copying, positive = result.copying[which], result.positive[which]
     L, H = copying.shape
     x, y = [str(h) for h in range(H)], [str(la) for la in range(L)]
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12, subplot_titles=[
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.22, subplot_titles=[
         "copying score Re(Σλ)/Σ|λ|", "fraction of eigenvalues with Re λ > 0"])
     fig.add_trace(go.Heatmap(
         z=copying, x=x, y=y, zmin=-1, zmax=1, colorscale=DIVERGING, zmid=0,
-        colorbar=dict(title="copying", x=0.44, len=0.9),
+        colorbar=dict(title="copying", x=0.41, xanchor="left", len=0.9),
         hovertemplate="layer %{y}, head %{x}: copying %{z:+.3f}<extra></extra>",
     ), row=1, col=1)
     fig.add_trace(go.Heatmap(

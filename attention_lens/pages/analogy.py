@@ -139,7 +139,7 @@ def layout(**query: Any) -> html.Div:
                   dbc.Button("− subtract a word", id=f"{PAGE}-add-minus", n_clicks=0,
                              size="sm", color="secondary", outline=True)],
                  className="al-terms"),
-    ], className="al-equation")
+    ], className="al-equation", style={"flex": "1 1 100%"})
     return P.page_layout(
         PAGE, "Analogy: vector arithmetic on embeddings",
         description="Add and subtract words; the nearest tokens to the result are listed, "
