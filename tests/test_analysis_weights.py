@@ -13,6 +13,8 @@ from attention_lens.analysis.circuits import (
     head_weights,
     ov_circuit,
     qk_circuit,
+    thin_qr,
+    thin_r,
 )
 from attention_lens.analysis.composition import composition_score, composition_scores
 from attention_lens.analysis.eigen import (
@@ -507,3 +509,18 @@ def test_full_ov_eigenvalues_alone_match_the_full_result(tiny):
     alone = full_ov_eigenvalues(tiny, dtype="float64")
     np.testing.assert_allclose(alone, circuit_eigenvalues(tiny, dtype="float64").full_ov,
                                atol=1e-10)
+
+
+def test_thin_qr_cholesky_path_and_fallback():
+    g = torch.Generator().manual_seed(9)
+    m = torch.randn(4, 30, 6, generator=g, dtype=torch.float64)
+    q, r = thin_qr(m)
+    torch.testing.assert_close(q @ r, m)
+    torch.testing.assert_close(q.transpose(-1, -2) @ q, torch.eye(6, dtype=torch.float64)
+                               .expand(4, 6, 6))
+    torch.testing.assert_close(r.transpose(-1, -2) @ r, thin_r(m).transpose(-1, -2) @ thin_r(m))
+    m[1, :, 2] = 0  # a rank-deficient head takes the Householder path
+    q, r = thin_qr(m)
+    torch.testing.assert_close(q @ r, m)
+    fm = FactoredMatrix(m, torch.randn(4, 6, 5, generator=g, dtype=torch.float64))
+    torch.testing.assert_close(fm.singular_values(), torch.linalg.svdvals(fm.dense())[:, :5])

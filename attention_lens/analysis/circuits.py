@@ -26,6 +26,50 @@ Circuit = Literal["OV", "QK"]
 CIRCUITS: tuple[str, ...] = get_args(Circuit)
 
 
+def _cholesky_r(m: torch.Tensor) -> Optional[torch.Tensor]:
+    """R = L^T from the Cholesky factor of m^T m, or None when that is not safe.
+
+    Cholesky QR squares the condition number, so it is used only in float64 and only when
+    the Gram matrix is well conditioned (diagonal of L within 1e4 of its largest entry).
+    """
+    if m.dtype != torch.float64:
+        return None
+    low, info = torch.linalg.cholesky_ex(m.transpose(-1, -2) @ m)
+    if bool((info != 0).any()):
+        return None
+    diag = low.diagonal(dim1=-2, dim2=-1)
+    if not bool((diag.amin(-1) > diag.amax(-1) * 1e-4).all()):
+        return None
+    return low.transpose(-1, -2)
+
+
+def thin_r(m: torch.Tensor) -> torch.Tensor:
+    """Upper-triangular R [.., e, e] with ``R^T R = m^T m`` for a tall m [.., d, e].
+
+    Any such R keeps Frobenius norms: ``‖Y m^T‖_F = ‖Y R^T‖_F``. Cholesky of the small
+    Gram matrix when safe (fast for a batch of heads), Householder QR otherwise.
+    """
+    r = _cholesky_r(m)
+    return torch.linalg.qr(m, mode="r")[1] if r is None else r
+
+
+def small_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of a batch of small square matrices, through numpy's LAPACK.
+
+    torch's batched CPU SVD with vectors can be ~50x slower when several threads compete.
+    """
+    u, s, vh = np.linalg.svd(m.detach().cpu().numpy())
+    return torch.from_numpy(u), torch.from_numpy(s), torch.from_numpy(vh)
+
+
+def thin_qr(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thin QR of a tall m [.., d, e] (Cholesky QR when safe, Householder otherwise)."""
+    r = _cholesky_r(m)
+    if r is None:
+        return torch.linalg.qr(m)
+    return torch.linalg.solve_triangular(r, m, upper=True, left=False), r
+
+
 @dataclass(frozen=True)
 class FactoredMatrix:
     """A (batch of) matrix ``A @ B`` stored as its factors A [..., m, r] and B [..., r, n]."""
@@ -53,22 +97,28 @@ class FactoredMatrix:
         """The full product (only for checks on small matrices)."""
         return self.A @ self.B
 
-    def _cores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """QR of both factors: ``A B = Qa (Ra Rb^T) Qb^T`` with Ra Rb^T small [.., r, r]."""
-        qa, ra = torch.linalg.qr(self.A)
-        qb, rb = torch.linalg.qr(self.B.transpose(-1, -2))
-        return qa, ra @ rb.transpose(-1, -2), qb
-
     def svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Thin SVD ``U [.., m, k], S [.., k], Vh [.., k, n]`` (k = min(m, r, n)) via QR."""
-        qa, core, qb = self._cores()
-        u, s, vh = torch.linalg.svd(core, full_matrices=False)
+        """Thin SVD ``U [.., m, k], S [.., k], Vh [.., k, n]`` (k = min(m, r, n)) via QR.
+
+        ``A B = Qa (Ra Rb^T) Qb^T``: only the small core ``Ra Rb^T`` [.., r, r] is
+        decomposed; with Cholesky QR, ``Qa u = A (Ra^-1 u)`` needs only small solves.
+        """
+        a, bt = self.A, self.B.transpose(-1, -2)
+        ra, rb = _cholesky_r(a), _cholesky_r(bt)
+        if ra is not None and rb is not None:
+            u, s, vh = small_svd(ra @ rb.transpose(-1, -2))
+            left = a @ torch.linalg.solve_triangular(ra, u, upper=True)
+            right = bt @ torch.linalg.solve_triangular(rb, vh.transpose(-1, -2), upper=True)
+            return left, s, right.transpose(-1, -2)
+        qa, ra = torch.linalg.qr(a)
+        qb, rb = torch.linalg.qr(bt)
+        u, s, vh = small_svd(ra @ rb.transpose(-1, -2))
         return qa @ u, s, vh @ qb.transpose(-1, -2)
 
     def singular_values(self) -> torch.Tensor:
         """Singular values [.., k], descending."""
-        _, core, _ = self._cores()
-        return torch.linalg.svdvals(core)
+        core = thin_r(self.A) @ thin_r(self.B.transpose(-1, -2)).transpose(-1, -2)
+        return torch.from_numpy(np.linalg.svd(core.numpy(), compute_uv=False))
 
     def eigenvalues(self) -> torch.Tensor:
         """Eigenvalues of ``B A`` [.., r] (complex): the non-zero eigenvalues of the square AB."""
@@ -229,16 +279,19 @@ def circuit_svd(lm: LoadedModel, which: str = "OV", n_directions: int = 3, top_k
     u_top = u[..., :n].to(dtype)  # [L,H,d,n]
     v_top = vh[..., :n, :].transpose(-1, -2).to(dtype)  # [L,H,d,n]
     with torch.no_grad():
-        flat_v = v_top.permute(2, 0, 1, 3).reshape(v_top.shape[2], -1)  # [d, L*H*n]
-        flat_u = u_top.permute(2, 0, 1, 3).reshape(u_top.shape[2], -1)
-        out_proj = (flat_v.T @ w["W_U"]) if which == "OV" else (w["W_E"] @ flat_v).T
-        in_proj = (w["W_E"] @ flat_u).T  # [L*H*n, v]
-        # fix each direction's sign: largest |output score| positive
+        flat_v = v_top.permute(0, 1, 3, 2).reshape(-1, v_top.shape[2])  # [L*H*n, d]
+        flat_u = u_top.permute(0, 1, 3, 2).reshape(-1, u_top.shape[2])
+        # [L*H*n, d_vocab], contiguous along the vocabulary so topk is fast
+        out_proj = flat_v @ (w["W_U"] if which == "OV" else w["W_E"].T)
+        # fix each direction's sign: largest |output score| positive (flip u with v)
         sign = torch.sign(out_proj.gather(1, out_proj.abs().argmax(1, keepdim=True)))
         sign[sign == 0] = 1
-        out_proj, in_proj = out_proj * sign, in_proj * sign
+        out_proj.mul_(sign)
         out_ids, out_sc = _top_tokens(out_proj, top_k)
+        del out_proj
+        in_proj = (flat_u * sign) @ w["W_E"].T
         in_ids, in_sc = _top_tokens(in_proj, top_k)
+        del in_proj
     shape = (L, H, n, top_k)
     in_ids, in_sc = in_ids.reshape(shape), in_sc.reshape(shape)
     out_ids, out_sc = out_ids.reshape(shape), out_sc.reshape(shape)

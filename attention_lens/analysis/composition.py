@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..model.checkpoint import LoadedModel
-from .circuits import FactoredMatrix, head_weights
+from .circuits import FactoredMatrix, head_weights, thin_r
 from .errors import AnalysisError
 
 Kind = Literal["Q", "K", "V"]
@@ -40,11 +40,6 @@ def composition_score(left: FactoredMatrix, right: FactoredMatrix) -> torch.Tens
     gb = right.B @ right.B.transpose(-1, -2)
     num = ((ga @ x) * (x @ gb)).sum((-1, -2)).clamp_min(0).sqrt()
     return num / (left.frobenius_norm() * right.frobenius_norm())
-
-
-def _r(m: torch.Tensor) -> torch.Tensor:
-    """R of the thin QR of [.., d, e] (so ``‖Y m^T‖_F = ‖Y R^T‖_F`` for any Y)."""
-    return torch.linalg.qr(m, mode="r")[1]
 
 
 @dataclass(frozen=True)
@@ -127,8 +122,8 @@ def composition_scores(lm: LoadedModel, n_samples: int = 32, seed: int = 0,
     W_Q, W_K, W_V, W_O = w["W_Q"], w["W_K"], w["W_V"], w["W_O"]
     L, H, d, e = W_Q.shape
     with torch.no_grad():
-        r_q, r_k, r_v = _r(W_Q), _r(W_K), _r(W_V)
-        r_o = _r(W_O.transpose(-1, -2))
+        r_q, r_k, r_v = thin_r(W_Q), thin_r(W_K), thin_r(W_V)
+        r_o = thin_r(W_O.transpose(-1, -2))
         src = (r_v @ W_O).to(td)  # [L, H, e, d]: ‖W_V W_O Y‖ = ‖R_V W_O Y‖
         src_norm = src.flatten(-2).norm(dim=-1)  # ‖W_OV(h1)‖_F
         qk_norm = (r_q @ r_k.transpose(-1, -2)).flatten(-2).norm(dim=-1).to(td)

@@ -1,0 +1,334 @@
+"""Benchmark: ``python -m attention_lens.bench`` prints medians and peak memory.
+
+1. Every per-prompt analysis on a 128-token prompt with the shipped two-layer model, with
+   the forward pass cached by the :class:`~attention_lens.registry.Registry` (and the cost
+   of a second page's analysis on the same prompt, reusing that forward pass).
+2. Every weight analysis of the shipped model.
+3. The weight analyses (OV/QK SVD, full-OV eigenvalues and copying scores, composition)
+   of a random model of GPT-2-small shape built from our own ModelConfig (no training),
+   next to a naive dense computation timed on a few heads or pairs and extrapolated.
+
+Timings are medians of ``--reps`` runs. Memory, from two extra runs: the peak of
+Python/numpy allocations (tracemalloc; torch's allocator is not traced) and the peak
+growth of the resident set size sampled every millisecond (torch included; memory the
+allocator kept from earlier runs is reused and not counted again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import resource
+import statistics
+import sys
+import threading
+import time
+import tracemalloc
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from .model import HookedTransformer, LoadedModel, ModelConfig
+from .registry import DEFAULT_WEIGHTS, Registry
+
+BENCH_TEXT = (
+    "Mr and Mrs Dursley, of number four, Privet Drive, were proud to say that they were "
+    "perfectly normal, thank you very much. They were the last people you'd expect to be "
+    "involved in anything strange or mysterious, because they just didn't hold with such "
+    "nonsense. Mr Dursley was the director of a firm called Grunnings, which made drills. "
+    "He was a big, beefy man with hardly any neck, although he did have a very large "
+    "moustache. Mrs Dursley was thin and blonde and had nearly twice the usual amount of "
+    "neck, which came in very useful as she spent so much of her time craning over garden "
+    "fences, spying on the neighbours. The Dursleys had a small son called Dudley and in "
+    "their opinion there was no finer boy anywhere. "
+) * 3
+
+GPT2_SHAPE = dict(n_layers=12, d_model=768, n_heads=12, d_head=64, n_ctx=1024, d_vocab=50257,
+                  attn_only=False, d_mlp=3072, act_fn="gelu_new", normalization_type="LN",
+                  name="random-gpt2-shape")
+
+
+def _rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def _current_rss_mb() -> float:
+    """Resident set size now (Linux /proc; falls back to the peak elsewhere)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20
+    except OSError:
+        return _rss_mb()
+
+
+class _RssSampler(threading.Thread):
+    """Samples the resident set size every millisecond; ``peak`` is the largest seen."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.start_mb = self.peak = _current_rss_mb()
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:  # noqa: D102
+        while not self._stop_event.wait(0.001):
+            self.peak = max(self.peak, _current_rss_mb())
+
+    def stop(self) -> float:
+        """Stop sampling and return the peak growth in MiB."""
+        self._stop_event.set()
+        self.join()
+        return max(self.peak, _current_rss_mb()) - self.start_mb
+
+
+def measure(fn: Callable[[], Any], reps: int) -> dict[str, float]:
+    """Median seconds of ``reps`` calls, then tracemalloc peak (MiB) and peak-RSS growth."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    gc.collect()
+    sampler = _RssSampler()
+    sampler.start()
+    fn()
+    rss_peak = sampler.stop()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        fn()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return {"median_s": statistics.median(times), "min_s": min(times),
+            "py_peak_mb": peak / 2 ** 20, "rss_growth_mb": rss_peak}
+
+
+def _row(name: str, m: dict[str, float], extra: str = "") -> None:
+    print(f"  {name:<44} {m['median_s'] * 1e3:>10.1f} ms  {m['py_peak_mb']:>8.1f} MiB"
+          f"  {m['rss_growth_mb']:>8.1f} MiB  {extra}", flush=True)
+
+
+def _header(title: str) -> None:
+    print(f"\n{title}")
+    print(f"  {'analysis':<44} {'median':>13}  {'py peak':>12}  {'rss peak +':>12}")
+
+
+def _optional(module: str, name: str) -> Optional[Callable]:
+    try:
+        return getattr(importlib.import_module(f"attention_lens.analysis.{module}"), name)
+    except (ImportError, AttributeError) as exc:
+        print(f"  (skipped {module}.{name}: not available: {exc})")
+        return None
+
+
+def bench_prompt(reps: int) -> None:
+    """Per-prompt analyses on a 128-token prompt with the shipped two-layer model."""
+    from .analysis.composition import composition_scores
+    from .analysis.eigen import attention_spectrum, circuit_eigenvalues
+    from .analysis.embeddings import embedding_pca, project_tokens
+    from .analysis.forward import run_forward
+    from .analysis.heads import head_detection, probe_head_scores
+
+    reg = Registry([DEFAULT_WEIGHTS])
+    lm = reg.get("attn-only-2l")
+    ids = lm.tokenizer.encode(BENCH_TEXT)[:128]
+    text = lm.tokenizer.decode(ids)
+    fp = reg.forward(text, lm.name)
+    _header(f"Per-prompt analyses, {lm.name}, {fp.n_tokens}-token prompt "
+            f"(forward pass cached by the registry)")
+    _row("forward pass (cold, run_forward)", measure(lambda: run_forward(lm, text), reps))
+    _row("forward pass (registry cache hit)", measure(lambda: reg.forward(text, lm.name), reps))
+    probe = reg.weights(lm.name, ("probe", 50, 10, 0), probe_head_scores)
+    eigen = reg.weights(lm.name, ("eigen", "float32"), circuit_eigenvalues)
+    pca = reg.weights(lm.name, ("pca", "W_E"), embedding_pca)
+    cases: list[tuple[str, Optional[Callable], dict]] = [
+        ("predictions.next_token", _optional("predictions", "next_token"), dict(k=10)),
+        ("predictions.token_predictions", _optional("predictions", "token_predictions"),
+         dict(k=5)),
+        ("attention.attention_patterns", _optional("attention", "attention_patterns"), {}),
+        ("attention.residual_stream", _optional("attention", "residual_stream"), {}),
+        ("attention.head_outputs", _optional("attention", "head_outputs"), {}),
+        ("logit_lens.logit_lens", _optional("logit_lens", "logit_lens"), dict(k=5)),
+        ("attribution.logit_attribution", _optional("attribution", "logit_attribution"), {}),
+        ("ablation.ablate_heads (2 heads, zero)", _optional("ablation", "ablate_heads"),
+         dict(heads=[(1, 5), (1, 0)])),
+        ("eigen.attention_spectrum", attention_spectrum, {}),
+        ("heads.head_detection (cached probe/eigen)", head_detection,
+         dict(probe=probe, eigen=eigen)),
+    ]
+    for name, fn, kwargs in cases:
+        if fn is not None:
+            _row(name, measure(lambda fn=fn, kw=kwargs: fn(lm, fp, **kw), reps))
+    _row("embeddings.project_tokens (prompt)",
+         measure(lambda: project_tokens(lm, pca, fp.token_ids), reps))
+    lens = _optional("logit_lens", "logit_lens")
+    if lens is not None:
+        def second_page() -> None:
+            lens(lm, reg.forward(text, lm.name), k=5)
+
+        def without_cache() -> None:
+            lens(lm, run_forward(lm, text), k=5)
+        a, b = measure(second_page, reps), measure(without_cache, reps)
+        _row("second page: cache hit + logit_lens", a,
+             f"(vs {b['median_s'] * 1e3:.1f} ms with a fresh forward pass)")
+
+    _header(f"Weight analyses, {lm.name} (computed once per model, then cached)")
+    weight_cases = _weight_cases(lm, include_vocab=True)
+    weight_cases.append(("probe_head_scores (T=50, B=10)", lambda: probe_head_scores(lm)))
+    weight_cases.append(("composition_scores", lambda: composition_scores(lm)))
+    for name, fn in weight_cases:
+        _row(name, measure(fn, reps))
+    _row("registry.weights cache hit", measure(
+        lambda: reg.weights(lm.name, ("eigen", "float32"), circuit_eigenvalues), reps))
+
+
+def _weight_cases(lm: LoadedModel, include_vocab: bool) -> list[tuple[str, Callable]]:
+    from .analysis.analogy import analogy
+    from .analysis.circuits import circuit_svd
+    from .analysis.eigen import circuit_eigenvalues, copying_score, full_ov_eigenvalues
+    from .analysis.embeddings import embedding_pca, nearest_neighbours
+
+    cases = [
+        ("OV SVD (all heads, 3 directions read)", lambda: circuit_svd(lm, "OV")),
+        ("QK SVD (all heads, 3 directions read)", lambda: circuit_svd(lm, "QK")),
+        ("full-OV eigenvalues + copying scores",
+         lambda: copying_score(full_ov_eigenvalues(lm))),
+        ("all circuit eigenvalues (OV, full OV, QK, full QK)",
+         lambda: circuit_eigenvalues(lm)),
+    ]
+    if include_vocab:
+        cases += [
+            ("embedding_pca (2000 frequent tokens, k=8)", lambda: embedding_pca(lm)),
+            ("nearest_neighbours", lambda: nearest_neighbours(lm, "king")),
+            ("analogy 3CosAdd", lambda: analogy(lm, ["king", "woman"], ["man"])),
+        ]
+    return cases
+
+
+# ------------------------------------------------------------------ GPT-2 shape
+class _IdTokenizer:
+    """Stand-in tokenizer for a random model: token i displays as ``<i>``."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self.strings = [f"<{i}>" for i in range(vocab_size)]
+
+    def display(self, i: int) -> str:
+        return self.strings[i]
+
+    token_text = display
+
+
+def random_gpt2_shape(seed: int = 0) -> LoadedModel:
+    """A random model of GPT-2-small shape (12 x 12 heads, d_model 768, vocab 50257)."""
+    cfg = ModelConfig(**GPT2_SHAPE)
+    torch.manual_seed(seed)
+    model = HookedTransformer(cfg).init_weights(seed, std=0.02).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LoadedModel(name=cfg.name, model=model, tokenizer=_IdTokenizer(cfg.d_vocab))
+
+
+def _naive_full_ov(lm: LoadedModel, heads: list[tuple[int, int]]) -> None:
+    """Per-head vocabulary factors, as a factored-matrix library without the shared Gram does.
+
+    (W_E W_V) [d_vocab, d_head] and (W_O W_U) [d_head, d_vocab] per head, then eig of their
+    d_head x d_head product in reverse order.
+    """
+    m = lm.model
+    W_E, W_U = m.W_E, m.ln_final.w[:, None] * m.W_U
+    for layer, head in heads:
+        a = m.blocks[layer].attn
+        ln = m.blocks[layer].ln1.w[:, None]
+        left = W_E @ (ln * a.W_V[head])
+        right = a.W_O[head] @ W_U
+        torch.linalg.eigvals((right @ left).double())
+
+
+def _naive_ov_svd(lm: LoadedModel, heads: list[tuple[int, int]]) -> None:
+    m = lm.model
+    for layer, head in heads:
+        a = m.blocks[layer].attn
+        torch.linalg.svdvals((a.W_V[head] @ a.W_O[head]).double())
+
+
+def _naive_composition(lm: LoadedModel, pairs: list[tuple[int, int, int, int]]) -> None:
+    m = lm.model
+    for l1, h1, l2, h2 in pairs:
+        a1, a2 = m.blocks[l1].attn, m.blocks[l2].attn
+        ov = a1.W_V[h1] @ a1.W_O[h1]
+        qk = a2.W_Q[h2] @ a2.W_K[h2].T
+        ov2 = a2.W_V[h2] @ a2.W_O[h2]
+        for right in (qk, qk.T, ov2):
+            ((ov @ right).norm() / (ov.norm() * right.norm())).item()
+
+
+def bench_gpt2_shape(reps: int) -> None:
+    """Weight analyses of a random GPT-2-small-shaped model, with naive dense ratios."""
+    from .analysis.circuits import circuit_svd
+    from .analysis.composition import composition_scores
+    from .analysis.eigen import copying_score, full_ov_eigenvalues
+
+    rss0 = _rss_mb()
+    t0 = time.perf_counter()
+    lm = random_gpt2_shape()
+    cfg = lm.cfg
+    print(f"\nWeight analyses, random model of GPT-2-small shape ({cfg.n_layers} layers x "
+          f"{cfg.n_heads} heads, d_model {cfg.d_model}, d_head {cfg.d_head}, d_vocab "
+          f"{cfg.d_vocab}, {cfg.n_params / 1e6:.0f}M parameters): built in "
+          f"{time.perf_counter() - t0:.1f} s, peak RSS +{_rss_mb() - rss0:.0f} MiB")
+    print(f"  {'analysis':<44} {'median':>13}  {'py peak':>12}  {'rss peak +':>12}  naive dense")
+    n_heads = cfg.n_layers * cfg.n_heads
+    sample = [(0, 0), (5, 3), (11, 11)]
+    n_pairs = sum(cfg.n_heads * cfg.n_heads * (cfg.n_layers - 1 - layer)
+                  for layer in range(cfg.n_layers))
+    pair_sample = [(0, 0, 1, 0), (3, 4, 7, 2), (10, 11, 11, 5)]
+    rows = [
+        ("OV SVD (all heads, 3 directions read)", lambda: circuit_svd(lm, "OV"),
+         lambda: _naive_ov_svd(lm, sample), n_heads / len(sample),
+         "dense 768x768 SVD per head"),
+        ("QK SVD (all heads, 3 directions read)", lambda: circuit_svd(lm, "QK"), None, 0, ""),
+        ("full-OV eigenvalues + copying scores",
+         lambda: copying_score(full_ov_eigenvalues(lm)),
+         lambda: _naive_full_ov(lm, sample), n_heads / len(sample),
+         "per-head W_E W_V and W_O W_U factors"),
+        ("composition scores (Q, K, V, all pairs)", lambda: composition_scores(lm),
+         lambda: _naive_composition(lm, pair_sample), n_pairs / len(pair_sample),
+         "dense 768x768 products per pair"),
+    ]
+    with torch.no_grad():
+        for name, fn, naive, scale, how in rows:
+            m = measure(fn, reps)
+            extra = ""
+            if naive is not None:
+                t1 = time.perf_counter()
+                naive()
+                est = (time.perf_counter() - t1) * scale
+                extra = (f"{est:8.1f} s est. ({how}; timed on a sample, x{scale:.0f}) "
+                         f"-> {est / m['median_s']:.0f}x faster")
+            _row(name, m, extra)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Run the benchmark and print the table."""
+    parser = argparse.ArgumentParser(prog="python -m attention_lens.bench",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=5, help="runs per measurement (median)")
+    parser.add_argument("--skip-gpt2", action="store_true",
+                        help="skip the GPT-2-small-shaped random model (needs ~1.5 GB)")
+    parser.add_argument("--only-gpt2", action="store_true", help="run only that part")
+    args = parser.parse_args(argv)
+    print(f"torch {torch.__version__}, numpy {np.__version__}, {torch.get_num_threads()} "
+          f"threads; medians of {args.reps} runs")
+    if not args.only_gpt2:
+        bench_prompt(args.reps)
+    if not args.skip_gpt2:
+        bench_gpt2_shape(max(1, min(args.reps, 3)))
+
+
+if __name__ == "__main__":
+    main()
