@@ -267,8 +267,11 @@ def _naive_composition(lm: LoadedModel, pairs: list[tuple[int, int, int, int]]) 
             ((ov @ right).norm() / (ov.norm() * right.norm())).item()
 
 
-def bench_gpt2_shape(reps: int) -> None:
-    """Weight analyses of a random GPT-2-small-shaped model, with naive dense ratios."""
+def bench_gpt2_shape(reps: int) -> float:
+    """Weight analyses of a random GPT-2-small-shaped model, with naive dense ratios.
+
+    Returns the median time of the full-OV eigenvalues (for the TransformerLens ratio).
+    """
     from .analysis.circuits import circuit_svd
     from .analysis.composition import composition_scores
     from .analysis.eigen import copying_score, full_ov_eigenvalues
@@ -300,9 +303,12 @@ def bench_gpt2_shape(reps: int) -> None:
          lambda: _naive_composition(lm, pair_sample), n_pairs / len(pair_sample),
          "dense 768x768 products per pair"),
     ]
+    full_ov_median = float("nan")
     with torch.no_grad():
         for name, fn, naive, scale, how in rows:
             m = measure(fn, reps)
+            if name.startswith("full-OV"):
+                full_ov_median = m["median_s"]
             extra = ""
             if naive is not None:
                 t1 = time.perf_counter()
@@ -311,6 +317,52 @@ def bench_gpt2_shape(reps: int) -> None:
                 extra = (f"{est:8.1f} s est. ({how}; timed on a sample, x{scale:.0f}) "
                          f"-> {est / m['median_s']:.0f}x faster")
             _row(name, m, extra)
+    return full_ov_median
+
+
+#: Run by ``--transformer-lens PYTHON`` in that interpreter (a separate virtual environment
+#: with transformer_lens installed): the same random shape, full-OV eigenvalues through
+#: TransformerLens' FactoredMatrix (W_E @ OV @ W_U).eigenvalues, medians of ``reps`` runs.
+_TL_SNIPPET = """
+import json, statistics, sys, time, torch
+import transformer_lens
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+shape, reps = json.loads(sys.argv[1]), int(sys.argv[2])
+torch.manual_seed(0)
+cfg = HookedTransformerConfig(n_layers=shape["n_layers"], d_model=shape["d_model"],
+    n_heads=shape["n_heads"], d_head=shape["d_head"], n_ctx=shape["n_ctx"],
+    d_vocab=shape["d_vocab"], d_mlp=shape["d_mlp"], act_fn=shape["act_fn"],
+    normalization_type=shape["normalization_type"])
+model = HookedTransformer(cfg)
+times = []
+with torch.no_grad():
+    for _ in range(reps):
+        t = time.perf_counter()
+        ev = (model.W_E @ model.OV @ model.W_U).eigenvalues
+        (ev.sum(-1).real / ev.abs().sum(-1)).numpy()
+        times.append(time.perf_counter() - t)
+version = getattr(transformer_lens, "__version__", "?")
+print(json.dumps({"median_s": statistics.median(times), "times": times, "version": version,
+                  "torch": torch.__version__}))
+"""
+
+
+def bench_transformer_lens(python: str, reps: int) -> Optional[float]:
+    """Time TransformerLens' full-OV eigenvalues in another interpreter; return the median."""
+    import json
+    import subprocess
+
+    try:
+        out = subprocess.run([python, "-c", _TL_SNIPPET, json.dumps(GPT2_SHAPE), str(reps)],
+                             capture_output=True, text=True, check=True, timeout=1800)
+    except (OSError, subprocess.SubprocessError) as exc:
+        print(f"  TransformerLens run failed: {exc}")
+        return None
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"  TransformerLens {res['version']} (torch {res['torch']}) FactoredMatrix full-OV "
+          f"eigenvalues: median {res['median_s']:.2f} s of {reps} "
+          f"({', '.join(f'{t:.2f}' for t in res['times'])})")
+    return float(res["median_s"])
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -321,13 +373,21 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--skip-gpt2", action="store_true",
                         help="skip the GPT-2-small-shaped random model (needs ~1.5 GB)")
     parser.add_argument("--only-gpt2", action="store_true", help="run only that part")
+    parser.add_argument("--transformer-lens", metavar="PYTHON",
+                        help="interpreter of a separate venv with transformer_lens installed: "
+                             "time its full-OV eigenvalues side by side")
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, numpy {np.__version__}, {torch.get_num_threads()} "
           f"threads; medians of {args.reps} runs")
     if not args.only_gpt2:
         bench_prompt(args.reps)
     if not args.skip_gpt2:
-        bench_gpt2_shape(max(1, min(args.reps, 3)))
+        ours = bench_gpt2_shape(max(1, min(args.reps, 3)))
+        if args.transformer_lens:
+            theirs = bench_transformer_lens(args.transformer_lens, max(1, min(args.reps, 3)))
+            if theirs is not None:
+                print(f"  full-OV eigenvalues: ours {ours:.2f} s vs TransformerLens "
+                      f"{theirs:.2f} s -> {theirs / ours:.1f}x faster")
 
 
 if __name__ == "__main__":
