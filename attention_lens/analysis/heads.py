@@ -221,18 +221,40 @@ class HeadDetection:
                 for head, lab in enumerate(row) if lab == label]
 
 
-def probe_head_scores(lm: LoadedModel, seq_len: int = 50, batch: int = 10,
+#: The probe's random segment length T (MATH.md), shortened for a shorter context.
+PROBE_SEQ_LEN = 50
+
+
+def probe_bos(lm: LoadedModel) -> Optional[int]:
+    """The BOS id the probe starts with (models that always see BOS first), else None."""
+    extra = lm.cfg.extra
+    return int(extra["bos_token_id"]) if extra.get("prepend_bos") else None
+
+
+def max_probe_len(lm: LoadedModel) -> int:
+    """Longest T such that ``[BOS ;] r ; r`` fits the model's context."""
+    return (lm.cfg.n_ctx - (probe_bos(lm) is not None)) // 2
+
+
+def probe_head_scores(lm: LoadedModel, seq_len: Optional[int] = None, batch: int = 10,
                       seed: int = 0) -> ProbeScores:
-    """Induction and previous-token scores on the seeded repeated-random-token probe."""
-    if not isinstance(seq_len, int) or not 2 <= seq_len <= lm.cfg.n_ctx // 2:
-        raise AnalysisError(f"probe length must be between 2 and {lm.cfg.n_ctx // 2}")
+    """Induction and previous-token scores on the seeded repeated-random-token probe.
+
+    ``seq_len`` None means T = 50, or the longest T the context holds when that is shorter.
+    Models that always see BOS first get it in front of every probe row too.
+    """
+    if seq_len is None:
+        seq_len = min(PROBE_SEQ_LEN, max_probe_len(lm))
+    if not isinstance(seq_len, int) or not 2 <= seq_len <= max_probe_len(lm):
+        raise AnalysisError(f"probe length must be between 2 and {max_probe_len(lm)}")
     if not isinstance(batch, int) or not 1 <= batch <= 256:
         raise AnalysisError("probe batch must be between 1 and 256")
-    vocab = ordinary_token_ids(lm.tokenizer.strings)
+    bos = probe_bos(lm)
+    vocab = ordinary_token_ids(lm.tokenizer.strings, special=[] if bos is None else [bos])
     vocab = vocab[vocab < lm.cfg.d_vocab]
     if vocab.size == 0:
         raise AnalysisError("the vocabulary has no ordinary tokens to draw the probe from")
-    return probe_scores(lm.model, vocab, seq_len=seq_len, batch=batch, seed=seed)
+    return probe_scores(lm.model, vocab, seq_len=seq_len, batch=batch, seed=seed, bos=bos)
 
 
 def prompt_patterns(lm: LoadedModel, fp: ForwardPass) -> np.ndarray:
@@ -256,9 +278,11 @@ def head_detection(lm: LoadedModel, fp: ForwardPass, metric: str = "mul",
         raise AnalysisError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
     if not isinstance(n_examples, int) or not 1 <= n_examples <= 100:
         raise AnalysisError("n_examples must be between 1 and 100")
-    settings = {"seq_len": 50, "batch": 10, "seed": 0, **(probe_settings or {})}
+    settings = {"seq_len": None, "batch": 10, "seed": 0, **(probe_settings or {})}
     if probe is None:
         probe = probe_head_scores(lm, **settings)
+    settings["seq_len"] = probe.seq_len or settings["seq_len"] or PROBE_SEQ_LEN
+    settings["batch"] = int(probe.tokens.shape[0]) if probe.tokens.ndim == 2 else settings["batch"]
     if eigen is None:
         eigen = circuit_eigenvalues(lm)
     patterns = prompt_patterns(lm, fp)

@@ -42,6 +42,8 @@ class ProbeScores:
         tokens: [batch, 2T] the probe sequences.
         loss_first_half: mean next-token loss on the first (unpredictable) half.
         loss_second_half: mean next-token loss on the second (copyable) half.
+        seq_len: T, the length of the random segment.
+        bos: the BOS token id prepended to every row (None when none was).
     """
 
     induction: np.ndarray
@@ -49,14 +51,24 @@ class ProbeScores:
     tokens: np.ndarray
     loss_first_half: float
     loss_second_half: float
+    seq_len: int = 0
+    bos: Optional[int] = None
 
 
 def probe_scores(model: HookedTransformer, vocab_ids: np.ndarray, seq_len: int = 50,
                  batch: int = 10, seed: int = 0,
-                 tokens: Optional[np.ndarray] = None) -> ProbeScores:
-    """Induction and previous-token scores of every head on the repeated-random-token probe."""
+                 tokens: Optional[np.ndarray] = None, bos: Optional[int] = None) -> ProbeScores:
+    """Induction and previous-token scores of every head on the repeated-random-token probe.
+
+    With ``bos``, every row is ``[BOS ; r ; r]`` (models trained with BOS on every sequence);
+    the scores then skip the BOS row, so they compare with the scores without it.
+    """
     if tokens is None:
         tokens = repeated_random_tokens(vocab_ids, seq_len, batch, seed)
+    b = 0 if bos is None else 1
+    if bos is not None:
+        tokens = np.concatenate([np.full((tokens.shape[0], 1), bos, dtype=tokens.dtype),
+                                 tokens], axis=1)
     t = torch.as_tensor(tokens, dtype=torch.long, device=model.device)
     names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
     was_training = model.training
@@ -69,14 +81,17 @@ def probe_scores(model: HookedTransformer, vocab_ids: np.ndarray, seq_len: int =
     prev = np.zeros_like(induction)
     for layer, name in enumerate(names):
         pattern = cache[name].float()  # [b, h, q, k]
-        # second half queries i in [T, 2T); the matching earlier token sits at i - (T - 1)
-        ind = pattern.diagonal(offset=1 - T, dim1=-2, dim2=-1)[..., 1:]  # rows T..2T-1
+        # second half queries i in [T, 2T) (+1 after BOS); the matching earlier token sits
+        # at i - (T - 1); diagonal entry j is row j + T - 1
+        ind = pattern.diagonal(offset=1 - T, dim1=-2, dim2=-1)[..., 1 + b:]
         induction[layer] = ind.mean(dim=(0, 2)).cpu().numpy()
-        prev[layer] = pattern.diagonal(offset=-1, dim1=-2, dim2=-1).mean(dim=(0, 2)).cpu().numpy()
+        prev[layer] = pattern.diagonal(offset=-1, dim1=-2, dim2=-1)[..., b:].mean(
+            dim=(0, 2)).cpu().numpy()
     lp = logits.float().log_softmax(-1)[:, :-1]
     nll = -lp.gather(-1, t[:, 1:, None]).squeeze(-1)
     return ProbeScores(
         induction=induction, previous_token=prev, tokens=np.asarray(tokens),
-        loss_first_half=float(nll[:, : T - 1].mean()),
-        loss_second_half=float(nll[:, T:].mean()),
+        loss_first_half=float(nll[:, b: b + T - 1].mean()),
+        loss_second_half=float(nll[:, T + b:].mean()),
+        seq_len=T, bos=bos,
     )
