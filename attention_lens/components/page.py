@@ -376,6 +376,13 @@ function(state, figures, ids, configs) {
                              .join('-') : id.page + '-' + id.name;
         const cfg = configs[i] || {};
         const opts = cfg.toImageButtonOptions || {};
+        // dcc.Graph applies a new config only with its next figure: also set it on the plot
+        const host = document.getElementById(JSON.stringify({name: id.name, page: id.page,
+                                                             type: id.type}));
+        const gd = host && host.querySelector('.js-plotly-plot');
+        if (gd && gd._context) {
+            gd._context.toImageButtonOptions = Object.assign({}, opts, {filename: name});
+        }
         if (opts.filename === name) { return dc.no_update; }
         return Object.assign({}, cfg, {toImageButtonOptions: Object.assign({}, opts,
                                                                       {filename: name})});

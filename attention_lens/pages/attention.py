@@ -79,8 +79,10 @@ def layout(**query: Any) -> html.Div:
     return P.page_layout(
         PAGE, "Attention patterns",
         description="Which earlier tokens each token reads from, head by head.",
-        controls=[P.number_control(PAGE, "layer", q["layer"], "layer", min=0),
-                  P.number_control(PAGE, "head", q["head"], "head", min=0)],
+        controls=[P.number_control(PAGE, "layer", q["layer"], "layer", min=0,
+                                   placeholder="auto"),
+                  P.number_control(PAGE, "head", q["head"], "head", min=0,
+                                   placeholder="strongest induction head")],
         body=[P.graph(PAGE, "pattern"),
               html.Div(id=ALL_ALERTS),
               dbc.Row([dbc.Col(P.graph(PAGE, "all-heads"), lg=8),
