@@ -24,7 +24,9 @@ from attention_lens.components import shell
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parent.parent
-SHOTS = ROOT / "assets" / "screenshots"
+#: Screenshots of every page land here (set ATTENTION_LENS_SCREENSHOTS=assets/screenshots to
+#: refresh the README's pictures).
+SHOTS = Path(os.environ.get("ATTENTION_LENS_SCREENSHOTS", "/tmp/dash_artifacts/screenshots"))
 MODEL = "attn-only-2l"
 TIMEOUT = 20
 
