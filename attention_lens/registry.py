@@ -83,6 +83,30 @@ def load_folder(folder: Path, device: str = "cpu", name: Optional[str] = None) -
     return load_model(folder, device=device, name=name)
 
 
+def quick_check(folder: Path) -> Optional[str]:
+    """Cheap validation of a folder in our format (files present, config, safetensors header).
+
+    Returns the reason the folder cannot be loaded, or None; reading the weights themselves
+    is left to the first use.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from .model.checkpoint import TOKENIZER, WEIGHTS, read_config
+
+    for name in (WEIGHTS, TOKENIZER):
+        if not (folder / name).is_file():
+            return f"{folder / name}: missing file"
+    try:
+        read_config(folder)
+        with safe_open(str(folder / WEIGHTS), "pt") as fh:
+            fh.keys()
+    except CheckpointError as exc:
+        return str(exc)
+    except (SafetensorError, OSError, ValueError) as exc:
+        return f"{folder / WEIGHTS}: corrupt or truncated safetensors file ({exc})"
+    return None
+
+
 def _size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -96,17 +120,18 @@ class Registry:
         default: str = DEFAULT_MODEL,
         max_models: int = 2,
         max_forward: int = 64,
+        max_weights: int = 256,
         max_tokens: Optional[int] = None,
         device: str = "cpu",
     ) -> None:
         self.models_dirs = [Path(d) for d in models_dirs]
-        self.max_models, self.max_forward = max_models, max_forward
+        self.max_models, self.max_forward, self.max_weights = max_models, max_forward, max_weights
         self.max_tokens, self.device = max_tokens, device
         self._lock = threading.RLock()
         self._load_locks: dict[str, threading.Lock] = {}
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._forward: OrderedDict[tuple[str, tuple[int, ...]], ForwardPass] = OrderedDict()
-        self._weights: dict[tuple[str, Any], Any] = {}
+        self._weights: OrderedDict[tuple[str, Any], Any] = OrderedDict()
         self._entries: dict[str, ModelEntry] = {}
         self.refresh()
         self.default = default if default in self._entries else next(iter(self._entries), default)
@@ -125,12 +150,8 @@ class Registry:
                 kind = folder_kind(folder)
                 if kind is None:
                     continue
-                error = None
                 if kind == "attention-lens":
-                    missing = [f for f in ("model.safetensors", "tokenizer.json")
-                               if not (folder / f).is_file()]
-                    if missing:
-                        error = f"{folder / missing[0]}: missing file"
+                    error = quick_check(folder)
                 else:  # cheap checks only (config, architecture, files): no weights read
                     from .model.hf import inspect_hf_folder
 
@@ -140,6 +161,14 @@ class Registry:
         with self._lock:
             self._entries = entries
         return list(entries.values())
+
+    def mark_unavailable(self, name: str, reason: str) -> None:
+        """Record that model ``name`` cannot be loaded (shown in the picker and the API)."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is not None:
+                self._entries[name] = ModelEntry(entry.name, entry.path, entry.size_bytes,
+                                                 entry.kind, reason)
 
     def entries(self) -> list[ModelEntry]:
         """Every model folder found, loadable or not."""
@@ -170,9 +199,7 @@ class Registry:
             try:
                 lm = load_folder(entry.path, device=self.device, name=name)
             except CheckpointError as exc:
-                with self._lock:
-                    self._entries[name] = ModelEntry(entry.name, entry.path, entry.size_bytes,
-                                                     entry.kind, str(exc))
+                self.mark_unavailable(name, str(exc))
                 raise AnalysisError(f"model {name!r} is unavailable: {exc}") from None
             with self._lock:
                 self._models[name] = lm
@@ -180,7 +207,8 @@ class Registry:
                     evicted, _ = self._models.popitem(last=False)
                     self._forward = OrderedDict((k, v) for k, v in self._forward.items()
                                                 if k[0] != evicted)
-                    self._weights = {k: v for k, v in self._weights.items() if k[0] != evicted}
+                    self._weights = OrderedDict((k, v) for k, v in self._weights.items()
+                                                if k[0] != evicted)
             return lm
 
     def add(self, lm: LoadedModel) -> None:
@@ -214,10 +242,13 @@ class Registry:
         k = (lm.name, key)
         with self._lock:
             if k in self._weights:
+                self._weights.move_to_end(k)
                 return self._weights[k]
         value = compute(lm)
         with self._lock:
             self._weights[k] = value
+            while len(self._weights) > self.max_weights:
+                self._weights.popitem(last=False)
         return value
 
     def cache_info(self) -> dict[str, int]:

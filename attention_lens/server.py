@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import hashlib
 import hmac
 import inspect
@@ -367,34 +366,13 @@ def build_registry(config: ServerConfig) -> Registry:
 
 
 def check_models(registry: Registry) -> dict[str, str]:
-    """Cheaply validate every discovered model folder (config and safetensors header).
+    """``name -> reason`` of the discovered model folders that cannot be loaded.
 
-    Folders that fail are marked unavailable with the reason, so the model picker and
-    ``GET /api/models`` report them from the start instead of at the first request.
-    Returns ``name -> reason`` of the folders found broken.
+    The registry validates each folder cheaply when it scans (config and safetensors
+    header), so the model picker and ``GET /api/models`` report broken folders from the
+    start instead of at the first request.
     """
-    from safetensors import SafetensorError, safe_open
-
-    from .model.checkpoint import WEIGHTS, CheckpointError, read_config
-
-    broken: dict[str, str] = {}
-    for entry in registry.entries():
-        if not entry.available or entry.kind != "attention-lens":
-            continue
-        try:
-            read_config(entry.path)
-            path = entry.path / WEIGHTS
-            if path.is_file():
-                try:
-                    with safe_open(str(path), "pt") as fh:
-                        fh.keys()
-                except (SafetensorError, OSError, ValueError) as exc:
-                    raise CheckpointError(path, f"corrupt or truncated safetensors file ({exc})")
-        except CheckpointError as exc:
-            broken[entry.name] = str(exc)
-            with registry._lock:  # no public setter: mark the entry as the loader would
-                registry._entries[entry.name] = dataclasses.replace(entry, error=str(exc))
-    return broken
+    return {e.name: e.error for e in registry.entries() if e.error}
 
 
 def _create_dash_app(registry: Registry, config: ServerConfig,

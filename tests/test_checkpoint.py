@@ -172,3 +172,23 @@ def test_registry_reports_broken_folder_and_keeps_others(tmp_copy, tmp_path):
     assert not entry.available and "corrupt" in entry.error
     with pytest.raises(AnalysisError, match="unknown model 'gpt-9'.*attn-only-2l"):
         reg.get("gpt-9")
+
+
+def test_registry_weight_cache_is_bounded(tmp_copy, tmp_path):
+    tmp_copy("attn-only-1l")
+    reg = Registry([tmp_path], max_weights=3)
+    calls = []
+    for key in range(5):
+        reg.weights("attn-only-1l", key, lambda lm, key=key: calls.append(key) or key)
+    assert reg.cache_info()["weights"] == 3
+    assert reg.weights("attn-only-1l", 4, lambda lm: -1) == 4  # still cached
+    assert reg.weights("attn-only-1l", 0, lambda lm: -1) == -1  # evicted, recomputed
+    assert calls == [0, 1, 2, 3, 4]
+
+
+def test_lone_surrogate_is_an_analysis_error(model_1l):
+    from attention_lens.analysis import AnalysisError
+    from attention_lens.analysis.forward import tokenize
+
+    with pytest.raises(AnalysisError, match="lone surrogate"):
+        tokenize(model_1l, "abc\ud800")

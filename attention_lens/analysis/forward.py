@@ -11,6 +11,7 @@ import torch
 from ..model.checkpoint import LoadedModel
 from .errors import AnalysisError
 
+
 #: Hook points kept in a :class:`ForwardPass` (each head's output is rebuilt exactly from
 #: ``hook_z`` and ``W_O`` when needed, so ``hook_result`` is never stored).
 def _keep(name: str) -> bool:
@@ -51,10 +52,15 @@ class ForwardPass:
         return int(self.token_ids.shape[0])
 
 
-def tokenize(lm: LoadedModel, text: str, max_tokens: Optional[int] = None) -> tuple[list[int], int]:
-    """Token ids of ``text`` cut to the model context (and ``max_tokens``); also the count dropped."""
+def tokenize(lm: LoadedModel, text: str,
+             max_tokens: Optional[int] = None) -> tuple[list[int], int]:
+    """Token ids of ``text`` cut to the context (and ``max_tokens``), and the count dropped."""
     if not isinstance(text, str):
         raise AnalysisError("the prompt must be text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise AnalysisError("the prompt is not valid Unicode (it holds a lone surrogate)") from None
     if "\x00" in text:
         raise AnalysisError("the prompt contains a NUL character")
     if not text.strip():
