@@ -438,7 +438,8 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         data = jsonable(res)
         if layer is not None:
             sel = (lambda v: v[layer]) if head is None else (lambda v: v[layer][head])
-            data = {key: (sel(v) if isinstance(v, list) else v) for key, v in data.items()}
+            data = {key: (sel(v) if isinstance(v, list) and key != "notes" else v)
+                    for key, v in data.items()}
         return {"model": lm.name, "layer": layer, "head": head, "result": data}
 
     # ---------------------------------------------------------------- embeddings

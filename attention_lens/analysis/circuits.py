@@ -14,7 +14,7 @@ scale of LayerNorm are not linear maps and are left out.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, get_args
+from typing import Callable, Literal, Optional, get_args
 
 import numpy as np
 import torch
@@ -189,6 +189,45 @@ def circuit(lm: LoadedModel, which: str, dtype: torch.dtype = torch.float64) -> 
     return ov_circuit(lm, dtype) if which == "OV" else qk_circuit(lm, dtype)
 
 
+# -------------------------------------------------------------------- architecture
+def rotary_note(lm: LoadedModel) -> Optional[str]:
+    """Why a QK circuit of a rotary model holds at relative distance 0 only (None otherwise)."""
+    cfg = lm.cfg
+    if cfg.has_absolute_positions:
+        return None
+    r = cfg.rotary_dim or cfg.d_head
+    part = (f"the first {r} of {cfg.d_head} query/key dimensions" if r < cfg.d_head
+            else f"all {cfg.d_head} query/key dimensions")
+    rest = (f" (the other {cfg.d_head - r} dimensions carry no position)"
+            if r < cfg.d_head else "")
+    return (f"Rotary positions: this model rotates {part} by each token's position, so a "
+            "query at i meets a key at j through W_Q R(j - i) W_K^T. W_QK = W_Q W_K^T is that "
+            f"circuit at relative distance 0 only{rest}: QK spectra, QK eigenvalues and Q/K-"
+            "composition ignore the relative-position rotation, and there is no W_pos to "
+            "add.")
+
+
+def gqa_note(lm: LoadedModel) -> Optional[str]:
+    """How grouped-query attention ties heads together (None without it)."""
+    kv = int(lm.cfg.extra.get("n_key_value_heads", lm.cfg.n_heads))
+    if kv >= lm.cfg.n_heads:
+        return None
+    return (f"Grouped-query attention: {kv} key/value heads serve {lm.cfg.n_heads} query heads "
+            f"({lm.cfg.n_heads // kv} per group; heads h and h' share one when h // "
+            f"{lm.cfg.n_heads // kv} = h' // {lm.cfg.n_heads // kv}). Heads of a group share "
+            "W_K and W_V, so their OV circuits differ only through W_O and their QK circuits "
+            "only through W_Q.")
+
+
+def architecture_notes(lm: LoadedModel, topic: str = "OV") -> tuple[str, ...]:
+    """Readable caveats for circuits of ``topic`` ("OV", "QK" or "all") on this model."""
+    notes = []
+    if topic in ("QK", "all"):
+        notes.append(rotary_note(lm))
+    notes.append(gqa_note(lm))
+    return tuple(n for n in notes if n)
+
+
 # ------------------------------------------------------------------------------ SVD
 @dataclass(frozen=True)
 class CircuitSVD:
@@ -214,6 +253,8 @@ class CircuitSVD:
         output_scores: [n_layers, n_heads, n_directions, top_k] those projections.
         input_tokens: nested list [layer][head][direction][k] of display strings.
         output_tokens: nested list [layer][head][direction][k] of display strings.
+        notes: what the numbers leave out for this model's architecture (rotary positions,
+            shared key/value heads), from :func:`architecture_notes`; empty when nothing.
     """
 
     circuit: str
@@ -227,6 +268,7 @@ class CircuitSVD:
     output_scores: np.ndarray
     input_tokens: list
     output_tokens: list
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:  # noqa: D105
         lh = self.singular_values.shape[:2]
@@ -263,35 +305,46 @@ def _check_top(lm: LoadedModel, top_k: int, n_directions: int) -> None:
 
 
 def circuit_svd(lm: LoadedModel, which: str = "OV", n_directions: int = 3, top_k: int = 10,
-                dtype: torch.dtype = torch.float32) -> CircuitSVD:
+                dtype: torch.dtype = torch.float32,
+                progress: Optional[Callable[[float], None]] = None) -> CircuitSVD:
     """SVD of every head's OV (or QK) circuit from its factors, with the tokens each reads.
 
     The top ``n_directions`` singular directions of each head are read through the
     embedding/unembedding (``dtype`` sets the precision of those vocabulary-sized
-    projections; the SVD itself is always float64).
+    projections; the SVD itself is always float64). ``progress(fraction)`` is called after
+    each layer's projections (a background job may raise from it to stop).
     """
     _check_top(lm, top_k, n_directions)
     fm = circuit(lm, which, torch.float64)
     u, s, vh = fm.svd()  # u [L,H,d,k], s [L,H,k], vh [L,H,k,d]
     L, H = s.shape[:2]
+    if progress is not None:
+        progress(0.1)
     w = head_weights(lm, dtype, ("W_E", "W_U") if which == "OV" else ("W_E",))
     n = n_directions
     u_top = u[..., :n].to(dtype)  # [L,H,d,n]
     v_top = vh[..., :n, :].transpose(-1, -2).to(dtype)  # [L,H,d,n]
+    read_out = w["W_U"] if which == "OV" else w["W_E"].T  # [d, d_vocab]
+    parts: list[tuple[np.ndarray, ...]] = []
     with torch.no_grad():
-        flat_v = v_top.permute(0, 1, 3, 2).reshape(-1, v_top.shape[2])  # [L*H*n, d]
-        flat_u = u_top.permute(0, 1, 3, 2).reshape(-1, u_top.shape[2])
-        # [L*H*n, d_vocab], contiguous along the vocabulary so topk is fast
-        out_proj = flat_v @ (w["W_U"] if which == "OV" else w["W_E"].T)
-        # fix each direction's sign: largest |output score| positive (flip u with v)
-        sign = torch.sign(out_proj.gather(1, out_proj.abs().argmax(1, keepdim=True)))
-        sign[sign == 0] = 1
-        out_proj.mul_(sign)
-        out_ids, out_sc = _top_tokens(out_proj, top_k)
-        del out_proj
-        in_proj = (flat_u * sign) @ w["W_E"].T
-        in_ids, in_sc = _top_tokens(in_proj, top_k)
-        del in_proj
+        for layer in range(L):  # one layer at a time: bounded memory, progress, cancel
+            flat_v = v_top[layer].permute(0, 2, 1).reshape(-1, v_top.shape[2])  # [H*n, d]
+            flat_u = u_top[layer].permute(0, 2, 1).reshape(-1, u_top.shape[2])
+            # [H*n, d_vocab], contiguous along the vocabulary so topk is fast
+            out_proj = flat_v @ read_out
+            # fix each direction's sign: largest |output score| positive (flip u with v)
+            sign = torch.sign(out_proj.gather(1, out_proj.abs().argmax(1, keepdim=True)))
+            sign[sign == 0] = 1
+            out_proj.mul_(sign)
+            out_ids, out_sc = _top_tokens(out_proj, top_k)
+            del out_proj
+            in_proj = (flat_u * sign) @ w["W_E"].T
+            in_ids, in_sc = _top_tokens(in_proj, top_k)
+            del in_proj
+            parts.append((in_ids, in_sc, out_ids, out_sc))
+            if progress is not None:
+                progress(0.1 + 0.9 * (layer + 1) / L)
+    in_ids, in_sc, out_ids, out_sc = (np.concatenate([p[i] for p in parts]) for i in range(4))
     shape = (L, H, n, top_k)
     in_ids, in_sc = in_ids.reshape(shape), in_sc.reshape(shape)
     out_ids, out_sc = out_ids.reshape(shape), out_sc.reshape(shape)
@@ -304,6 +357,7 @@ def circuit_svd(lm: LoadedModel, which: str = "OV", n_directions: int = 3, top_k
         output_space="v @ W_U (logits written)" if which == "OV" else "W_E @ v (key token)",
         input_ids=in_ids, input_scores=in_sc, output_ids=out_ids, output_scores=out_sc,
         input_tokens=_nested_display(lm, in_ids), output_tokens=_nested_display(lm, out_ids),
+        notes=architecture_notes(lm, which),
     )
 
 

@@ -17,13 +17,13 @@ same ranks), seeded.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Callable, Literal, Optional, get_args
 
 import numpy as np
 import torch
 
 from ..model.checkpoint import LoadedModel
-from .circuits import FactoredMatrix, head_weights, thin_r
+from .circuits import FactoredMatrix, architecture_notes, head_weights, thin_r
 from .errors import AnalysisError
 
 Kind = Literal["Q", "K", "V"]
@@ -56,6 +56,8 @@ class Composition:
         baseline_std: kind -> standard deviation of those random scores.
         n_samples: random samples behind each baseline.
         seed: seed of the baseline.
+        notes: what the scores leave out for this model's architecture (rotary positions
+            for Q/K, shared key/value heads).
     """
 
     q: np.ndarray
@@ -65,6 +67,7 @@ class Composition:
     baseline_std: dict[str, float]
     n_samples: int
     seed: int
+    notes: tuple[str, ...] = ()
 
     def scores(self, kind: str) -> np.ndarray:
         """The [n_layers, n_heads, n_layers, n_heads] array of ``kind`` ("Q", "K" or "V")."""
@@ -109,8 +112,12 @@ def random_baseline(d_model: int, d_head: int, n_samples: int = 32, seed: int = 
 
 
 def composition_scores(lm: LoadedModel, n_samples: int = 32, seed: int = 0,
-                       dtype: str = "float32") -> Composition:
-    """Q-, K- and V-composition scores of every pair of heads in different layers."""
+                       dtype: str = "float32",
+                       progress: Optional[Callable[[float], None]] = None) -> Composition:
+    """Q-, K- and V-composition scores of every pair of heads in different layers.
+
+    ``progress(fraction)`` is called after each source layer of each kind.
+    """
     dtypes = {"float32": torch.float32, "float64": torch.float64}
     if dtype not in dtypes:
         raise AnalysisError("composition is computed in float32 or float64 only")
@@ -133,6 +140,7 @@ def composition_scores(lm: LoadedModel, n_samples: int = 32, seed: int = 0,
             "V": ((W_V @ r_o.transpose(-1, -2)).to(td), src_norm),
         }
         out = {}
+        steps, done = 3 * max(1, L - 1), 0
         for kind, (tgt, tgt_norm) in targets.items():
             scores = torch.full((L, H, L, H), float("nan"), dtype=torch.float64)
             for l1 in range(L - 1):
@@ -143,8 +151,11 @@ def composition_scores(lm: LoadedModel, n_samples: int = 32, seed: int = 0,
                 num = y.pow(2).sum((1, 4)).sqrt()  # [H, n_later, H]
                 den = src_norm[l1][:, None, None] * tgt_norm[l1 + 1:][None]
                 scores[l1, :, l1 + 1:] = (num / den).double()
+                done += 1
+                if progress is not None:
+                    progress(done / steps)
             out[kind] = scores.numpy()
     mean, std = random_baseline(d, e, n_samples, seed)
     return Composition(q=out["Q"], k=out["K"], v=out["V"], baseline={k: mean for k in KINDS},
                        baseline_std={k: std for k in KINDS},
-                       n_samples=n_samples, seed=seed)
+                       n_samples=n_samples, seed=seed, notes=architecture_notes(lm, "all"))

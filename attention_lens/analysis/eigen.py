@@ -18,13 +18,13 @@ model; no d_vocab x d_vocab matrix is ever formed. Copying score ``Re(Σλ) / Σ
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
 from ..model.checkpoint import LoadedModel
-from .circuits import check_head, head_weights
+from .circuits import architecture_notes, check_head, head_weights
 from .errors import AnalysisError
 from .forward import ForwardPass
 
@@ -136,6 +136,8 @@ class CircuitEigenvalues:
             Re λ > 0.
         dtype: precision of the large Gram products ("float32" or "float64"); the
             d_head x d_head eigenproblems are solved in float64.
+        notes: what these circuits leave out for this model's architecture (positional
+            terms, rotary positions, shared key/value heads).
     """
 
     ov: np.ndarray
@@ -145,6 +147,7 @@ class CircuitEigenvalues:
     copying: dict[str, np.ndarray]
     positive: dict[str, np.ndarray]
     dtype: str
+    notes: tuple[str, ...] = ()
 
     CIRCUITS = ("ov", "full_ov", "qk", "full_qk")
 
@@ -172,31 +175,48 @@ class CircuitEigenvalues:
 
 
 def circuit_eigenvalues(lm: LoadedModel, dtype: str = "float32",
-                        gram: Optional[dict[str, torch.Tensor]] = None) -> CircuitEigenvalues:
+                        gram: Optional[dict[str, torch.Tensor]] = None,
+                        progress: Optional[Callable[[float], None]] = None
+                        ) -> CircuitEigenvalues:
     """Eigenvalues and copying scores of every head's OV, full OV, QK and full QK circuits.
 
     ``dtype`` ("float32" or "float64") is the precision of the vocabulary-sized Gram products
     (pass ``gram`` from :func:`gram_terms` to reuse them); the small eigenproblems use float64.
+    ``progress(fraction)`` is called after the Gram terms and after each layer.
     """
     td = _dtype(dtype)
     if gram is None:
         gram = gram_terms(lm, td)
+    if progress is not None:
+        progress(0.3)
     w = head_weights(lm, td, ("W_Q", "W_K", "W_V", "W_O"))
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in CircuitEigenvalues.CIRCUITS}
+    n_layers = w["W_Q"].shape[0]
     with torch.no_grad():
-        W_Q, W_K, W_V, W_O = w["W_Q"], w["W_K"], w["W_V"], w["W_O"]
-        W_Kt = W_K.transpose(-1, -2)
-        small = {
-            "ov": W_O @ W_V,  # [L, H, e, e]
-            "full_ov": (W_O @ gram["UE"].to(td)) @ W_V,
-            "qk": W_Kt @ W_Q,
-            "full_qk": (W_Kt @ gram["EE"].to(td)) @ W_Q,
-        }
-        eig = {k: _sorted(torch.linalg.eigvals(v.double())) for k, v in small.items()}
+        for layer in range(n_layers):
+            W_Q, W_K, W_V, W_O = (w[k][layer] for k in ("W_Q", "W_K", "W_V", "W_O"))
+            W_Kt = W_K.transpose(-1, -2)
+            small = {
+                "ov": W_O @ W_V,  # [H, e, e]
+                "full_ov": (W_O @ gram["UE"].to(td)) @ W_V,
+                "qk": W_Kt @ W_Q,
+                "full_qk": (W_Kt @ gram["EE"].to(td)) @ W_Q,
+            }
+            for k, v in small.items():
+                parts[k].append(_sorted(torch.linalg.eigvals(v.double())))
+            if progress is not None:
+                progress(0.3 + 0.7 * (layer + 1) / n_layers)
+    eig = {k: np.stack(v) for k, v in parts.items()}
+    notes = architecture_notes(lm, "all")
+    if lm.cfg.has_absolute_positions:
+        notes = ("The full QK circuit W_E W_QK W_E^T compares token embeddings only: the "
+                 "positional terms through W_pos are left out.", *notes)
     return CircuitEigenvalues(
         **eig,
         copying={k: copying_score(v) for k, v in eig.items()},
         positive={k: positive_fraction(v) for k, v in eig.items()},
         dtype=dtype,
+        notes=notes,
     )
 
 

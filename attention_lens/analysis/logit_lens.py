@@ -20,6 +20,10 @@ from .predictions import TokenLike, check_k, display_array, entropy_nats, ranks_
 
 Granularity = Literal["sublayer", "layer"]
 GRANULARITIES: tuple[str, ...] = ("sublayer", "layer")
+PARALLEL_NOTE = ("Parallel attention and MLP (GPT-NeoX style): each block's MLP reads the "
+                 "stream before attention, so an 'after attn (parallel)' stage (resid_pre + "
+                 "attention output) is not an input of the MLP; the block's output adds both "
+                 "to resid_pre.")
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class LogitLens:
         target_probs: [S, pos] probability of the target at each stage (None without a target).
         target_ranks: [S, pos] its 1-based rank (None without a target).
         target_logits: [S, pos] its logit (None without a target).
+        note: how to read the stages for this architecture ("" when nothing to add).
     """
 
     stage_labels: tuple[str, ...]
@@ -59,6 +64,7 @@ class LogitLens:
     target_probs: Optional[np.ndarray] = None
     target_ranks: Optional[np.ndarray] = None
     target_logits: Optional[np.ndarray] = None
+    note: str = ""
 
     def __post_init__(self) -> None:  # noqa: D105
         s, p = len(self.stage_labels), len(self.display)
@@ -83,7 +89,11 @@ def lens_stages(lm: LoadedModel, granularity: Granularity = "sublayer") -> list[
         if granularity == "layer":
             stages.append((f"after L{layer}", f"blocks.{layer}.hook_resid_post"))
             continue
-        stages.append((f"after L{layer} attn", f"blocks.{layer}.hook_resid_mid"))
+        # parallel blocks (GPT-NeoX): the MLP reads resid_pre, so resid_mid is a stage the
+        # model never computes with; it is still resid_pre + attention output
+        parallel = lm.cfg.parallel_attn_mlp and not lm.cfg.attn_only
+        stages.append((f"after L{layer} attn" + (" (parallel)" if parallel else ""),
+                       f"blocks.{layer}.hook_resid_mid"))
         if not lm.cfg.attn_only:
             stages.append((f"after L{layer} MLP", f"blocks.{layer}.hook_resid_post"))
     label, hook = stages[-1]
@@ -150,4 +160,5 @@ def logit_lens(lm: LoadedModel, fp: ForwardPass, *, k: int = 5,
         target_probs=None if tid is None else torch.stack(t_probs).numpy(),
         target_ranks=None if tid is None else torch.stack(t_ranks).numpy().astype(np.int64),
         target_logits=None if tid is None else torch.stack(t_logits).numpy(),
+        note=PARALLEL_NOTE if any("(parallel)" in label for label, _ in stages) else "",
     )

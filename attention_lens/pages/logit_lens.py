@@ -38,6 +38,11 @@ probability of the top token, of the token that actually came next, or of a targ
 token you type (it must be one token — words inside a sentence usually start with a space,
 e.g. ` Granger`). The second chart follows the target (or the actual next token) across
 stages at position `pos` (−1 = last, where it follows the model's final top guess).
+
+Models with **parallel attention and MLP** (GPT-NeoX, Pythia) feed each block's MLP the
+stream *before* attention; their "after L attn (parallel)" rows show $x_\ell$ plus the
+attention output, a sum the MLP never reads. For **RMSNorm** models (Llama) the final norm
+is recomputed the same way, without centring.
 """
 
 
