@@ -1,0 +1,201 @@
+"""The background job runner: completion, progress, cancel, sharing, errors, retention;
+weight analyses through the registry cache, and the page strip's polling callbacks."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from attention_lens import jobs as J
+from attention_lens.analysis.errors import AnalysisError
+
+TIMEOUT = 30  # generous bound on waits; the jobs below take milliseconds when not blocked
+
+
+def layered(n_layers: int, gate: threading.Event, seen: list, result=42):
+    """A job function that reports after each 'layer', each layer waiting for ``gate``."""
+    def fn(job: J.Job):
+        for layer in range(n_layers):
+            assert gate.wait(TIMEOUT)
+            seen.append(layer)
+            job.report((layer + 1) / n_layers)
+        return result
+    return fn
+
+
+@pytest.fixture
+def run():
+    runner = J.JobRunner(max_workers=2, keep=4)
+    J.set_runner(runner)
+    yield runner
+    runner.shutdown()
+    J.set_runner(J.JobRunner())
+
+
+def test_job_completes_with_result(run):
+    gate = threading.Event()
+    gate.set()
+    job = run.submit("k", layered(3, gate, []), "test")
+    assert job.wait(TIMEOUT)
+    assert job.status == J.DONE and job.result == 42 and job.progress == 1.0
+    assert run.get(job.id) is job and run.find("k") is job
+
+
+def test_progress_increases_layer_by_layer(run):
+    steps = [threading.Event() for _ in range(4)]
+    reported = []
+
+    def fn(job):
+        for i, step in enumerate(steps):
+            assert step.wait(TIMEOUT)
+            job.report((i + 1) / 4)
+            reported.append(job.progress)
+        return "ok"
+
+    job = run.submit("p", fn)
+    for step in steps:
+        before = job.progress
+        step.set()
+        for _ in range(1000):
+            if job.progress > before:
+                break
+            threading.Event().wait(0.005)
+        assert job.progress > before
+    assert job.wait(TIMEOUT) and reported == [0.25, 0.5, 0.75, 1.0]
+
+
+def test_cancel_stops_between_layers(run):
+    gate, seen = threading.Event(), []
+    job = run.submit("c", layered(10, gate, seen))
+    assert run.cancel(job.id)
+    gate.set()
+    assert job.wait(TIMEOUT)
+    assert job.status == J.CANCELLED and job.result is None
+    assert len(seen) <= 1  # stopped at the first report after the flag was set
+    assert not run.cancel(job.id)  # already finished
+    again = run.submit("c", layered(2, gate, []))  # a cancelled job is replaced
+    assert again is not job and again.wait(TIMEOUT) and again.status == J.DONE
+
+
+def test_identical_requests_share_one_job(run):
+    gate, calls = threading.Event(), []
+
+    def fn(job):
+        calls.append(1)
+        assert gate.wait(TIMEOUT)
+        return "shared"
+
+    jobs, barrier = [], threading.Barrier(6)
+
+    def request():
+        barrier.wait(TIMEOUT)
+        jobs.append(run.submit(("model", "svd"), fn))
+
+    threads = [threading.Thread(target=request) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    gate.set()
+    assert len({j.id for j in jobs}) == 1
+    assert jobs[0].wait(TIMEOUT) and jobs[0].result == "shared" and calls == [1]
+    assert run.submit(("model", "svd"), fn) is jobs[0]  # done jobs are reused too
+
+
+def test_errors_become_messages(run):
+    def bad_input(job):
+        raise AnalysisError("layer 9 does not exist")
+
+    def crash(job):
+        raise ZeroDivisionError("boom")
+
+    a, b = run.submit("a", bad_input, "SVD"), run.submit("b", crash, "composition")
+    assert a.wait(TIMEOUT) and b.wait(TIMEOUT)
+    assert a.status == J.ERROR and a.error == "layer 9 does not exist"
+    assert b.status == J.ERROR and "composition analysis failed (ZeroDivisionError" in b.error
+    assert "boom" not in b.error  # details stay in the server log
+
+
+def test_bounded_workers_and_retention(run):
+    gate = threading.Event()
+    jobs = [run.submit(i, layered(1, gate, [])) for i in range(5)]
+    threading.Event().wait(0.05)
+    assert sum(j.status == J.RUNNING for j in jobs) <= 2
+    assert sum(j.status == J.QUEUED for j in jobs) >= 3
+    gate.set()
+    assert all(j.wait(TIMEOUT) for j in jobs)
+    more = [run.submit(10 + i, layered(1, gate, [])) for i in range(3)]
+    assert all(j.wait(TIMEOUT) for j in more)
+    threading.Event().wait(0.05)  # the last job trims after it signals completion
+    assert len(run.jobs()) <= 4  # keep=4 finished jobs
+    assert run.get(jobs[0].id) is None
+
+
+# ------------------------------------------------------------------ with the registry
+class FakeRegistry:
+    """The two registry methods cached_or_jobs uses."""
+
+    def __init__(self):
+        self.cache, self.computed = {}, 0
+
+    def get(self, model):
+        return type("LM", (), {"name": model})()
+
+    def weights(self, model, key, compute):
+        if (model, key) not in self.cache:
+            value = compute(self.get(model))
+            self.computed += 1
+            self.cache[(model, key)] = value
+        return self.cache[(model, key)]
+
+
+def test_cached_or_jobs_pending_then_cached(run):
+    reg, gate = FakeRegistry(), threading.Event()
+
+    def compute(lm, report):
+        for i in range(3):
+            assert gate.wait(TIMEOUT)
+            report((i + 1) / 3)
+        return f"svd of {lm.name}"
+
+    need = J.Need("svd", compute, "circuit SVD")
+    with pytest.raises(J.JobPending) as pending:
+        J.cached_or_jobs(reg, "m", [need], wait=0.0)
+    assert isinstance(pending.value, AnalysisError)  # exports show its message
+    assert "still computing circuit SVD" in str(pending.value)
+    job = pending.value.jobs[0]
+    with pytest.raises(J.JobPending) as again:  # a second request joins the same job
+        J.cached_or_jobs(reg, "m", [need], wait=0.0)
+    assert again.value.jobs[0] is job
+    gate.set()
+    assert J.cached_or_jobs(reg, "m", [need], wait=None) == ["svd of m"]
+    assert reg.cache[("m", "svd")] == "svd of m" and reg.computed == 1
+    assert J.cached_or_jobs(reg, "m", [need], wait=0.0) == ["svd of m"]  # from the cache
+
+
+def test_cached_or_jobs_error_and_cancel(run):
+    reg, gate = FakeRegistry(), threading.Event()
+
+    def failing(lm, report):
+        raise AnalysisError("this model has one layer")
+
+    with pytest.raises(AnalysisError, match="one layer"):
+        J.cached_or_jobs(reg, "m", [J.Need("comp", failing, "composition")], wait=None)
+    assert run.find(("m", "comp")) is None  # forgotten: the next request retries
+
+    def slow(lm, report):
+        while True:
+            assert gate.wait(TIMEOUT)
+            report(0.5)
+
+    need = J.Need("eig", slow, "eigenvalues")
+    with pytest.raises(J.JobPending) as pending:
+        J.cached_or_jobs(reg, "m", [need], wait=0.0)
+    job = pending.value.jobs[0]
+    run.cancel(job.id)
+    gate.set()
+    assert job.wait(TIMEOUT) and job.status == J.CANCELLED
+    with pytest.raises(AnalysisError, match="cancelled"):
+        J.cached_or_jobs(reg, "m", [need], wait=0.0)
+    assert ("m", "eig") not in reg.cache
