@@ -1,0 +1,69 @@
+"""The README's two set-up commands and its API examples stay true."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from attention_lens.server import ServerConfig, create_server
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def _curl_examples() -> list[list[str]]:
+    block = README.split("## JSON API", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [shlex.split(line.split("#")[0].replace("$B", "http://127.0.0.1:8050/api"))
+            for line in block.splitlines() if line.startswith("curl ")]
+
+
+def test_readme_opens_with_the_two_commands():
+    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    app_cmd, test_cmd = blocks[0].strip(), blocks[1].strip()
+    assert app_cmd.endswith("app.py") and "pip install" in app_cmd
+    assert test_cmd.endswith("python -m pytest") and "chromium-driver" in test_cmd
+    ci = (ROOT / ".ci" / "run").read_text()
+    # CI runs exactly the README's test command after installing the browser
+    assert test_cmd.split("&& ", 1)[1] in ci
+
+
+@pytest.fixture(scope="module")
+def client():
+    app = create_server(ServerConfig(cache_size=8))
+    c = app.server.test_client()
+    assert c.get("/").status_code == 200
+    return c
+
+
+def test_every_endpoint_has_an_example():
+    paths = {urlsplit(args[-1] if args[1] != "-X" else args[3]).path for args in _curl_examples()}
+    for endpoint in ("models", "predict", "token-predictions", "attention", "activations",
+                     "embeddings", "weights", "analogy", "eigenvalues", "induction-score",
+                     "logit-lens", "attribution", "ablation"):
+        assert f"/api/{endpoint}" in paths, endpoint
+
+
+@pytest.mark.parametrize("args", _curl_examples(), ids=lambda a: " ".join(a[1:4])[:60])
+def test_curl_example_answers_200(client, args):
+    method, body, url = "GET", None, None
+    rest = args[1:]
+    while rest:
+        tok = rest.pop(0)
+        if tok == "-X":
+            method = rest.pop(0)
+        elif tok == "-d":
+            body = json.loads(rest.pop(0))
+        else:
+            url = tok
+    parts = urlsplit(url)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    # curl -d sends its default form content type: the API must read the JSON anyway
+    r = client.open(path, method=method, data=None if body is None else json.dumps(body),
+                    content_type=None if body is None else "application/x-www-form-urlencoded")
+    assert r.status_code == 200, (path, r.get_json())
+    assert r.is_json
