@@ -341,7 +341,8 @@ with torch.no_grad():
         ev = (model.W_E @ model.OV @ model.W_U).eigenvalues
         (ev.sum(-1).real / ev.abs().sum(-1)).numpy()
         times.append(time.perf_counter() - t)
-version = getattr(transformer_lens, "__version__", "?")
+from importlib.metadata import version as _v
+version = _v("transformer-lens")
 print(json.dumps({"median_s": statistics.median(times), "times": times, "version": version,
                   "torch": torch.__version__}))
 """
