@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import nullcontext
 
 import numpy as np
 import plotly.graph_objects as go
@@ -215,3 +216,39 @@ def test_probe_fits_the_context_and_starts_with_bos(reg, family):
     prev_rows = torch.arange(1 + bos, 2 * T + bos)
     assert np.allclose(probe.previous_token[1],
                        A[:, :, prev_rows, prev_rows - 1].mean((0, 2)).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pages_say_what_does_not_apply(app, reg, family):
+    """Rotary QK circuits hold at distance 0 only, GQA heads share K/V, NeoX stages are
+    parallel, GPT-2's full QK leaves W_pos out: each page says so, in its own words."""
+    lm = reg.get(family)
+    rotary, kv = family in ROTARY, GQA.get(family)
+    *_, note, job, alerts, _ = run_page("weights", family, circuit="QK")
+    qk_text = texts(note)
+    assert ("Rotary positions" in qk_text) is rotary and job is None
+    if family == "neox":  # rotary_pct 0.5 of d_head 16
+        assert "the first 8 of 16 query/key dimensions" in qk_text
+    *_, note, _, _, _ = run_page("weights", family, circuit="OV")
+    ov_text = texts(note)
+    assert "Rotary" not in ov_text
+    assert (f"{kv} key/value heads serve 4 query heads" in ov_text) if kv else \
+        "Grouped-query" not in ov_text
+    *_, note, _, _, _ = run_page("eigenvalues", family)
+    eig_text = texts(note)
+    assert ("Rotary positions" in eig_text) is rotary
+    assert ("W_pos are left out" in eig_text) is (not rotary)
+    *_, note, _, _, _ = run_page("induction", family)
+    assert ("Rotary positions" in texts([note])) is rotary
+    lens = post_free_lens(reg, family)
+    assert any("(parallel)" in s for s in lens.stage_labels) is (family == "neox")
+    assert bool(lens.note) is (family == "neox")
+    with pytest.raises(AttributeError, match="rotary") if rotary else nullcontext():
+        assert lm.model.W_pos.shape[0] == 64
+
+
+def post_free_lens(reg, family):
+    """The logit lens of the prompt on ``family``."""
+    from attention_lens.analysis.logit_lens import logit_lens
+
+    return logit_lens(reg.get(family), reg.forward(PROMPT, family), k=2)

@@ -199,3 +199,73 @@ def test_cached_or_jobs_error_and_cancel(run):
     with pytest.raises(AnalysisError, match="cancelled"):
         J.cached_or_jobs(reg, "m", [need], wait=0.0)
     assert ("m", "eig") not in reg.cache
+
+
+# ------------------------------------------------------------------ a page, end to end
+def test_weights_page_shows_progress_cancels_and_draws_when_done(run, monkeypatch):
+    """First visit: the figures wait while the strip polls the job; Cancel stops it; Run
+    again restarts it; when it finishes the main callback draws from the cache."""
+    import sys
+
+    import dash
+    import plotly.graph_objects as go
+
+    from attention_lens.app import create_app
+    from attention_lens.components import jobs as JS
+    from attention_lens.components import page as P
+    from attention_lens.registry import DEFAULT_WEIGHTS, Registry
+
+    reg = Registry([DEFAULT_WEIGHTS], default="attn-only-1l")
+    app = create_app(reg)
+    mod = sys.modules["attention_lens.pages.weights"]
+    real, gate, layers_done = mod.circuit_svd, threading.Event(), []
+
+    def slow_svd(lm, *args, progress=None, **kwargs):
+        def report(fraction):
+            assert gate.wait(TIMEOUT)
+            layers_done.append(fraction)
+            progress(fraction)
+        return real(lm, *args, progress=report, **kwargs)
+
+    monkeypatch.setattr(mod, "circuit_svd", slow_svd)
+    monkeypatch.setattr(JS, "GRACE_S", 0.0)
+    q, _ = P.parse_query(mod.CONTROLS, {})
+    st = {"model": "attn-only-1l", "text": "Harry Potter", "pos": None}
+    cb = mod.JOB_CALLBACKS
+
+    def visit():
+        with app.server.test_request_context():
+            return mod.update(st, *[q[k] for k in mod.CONTROLS])
+
+    *figs, table, note, store, alerts, _ = visit()
+    assert figs == [dash.no_update] * 3 and table is dash.no_update and alerts == []
+    assert store["labels"] == ["OV circuit SVD"] and len(store["ids"]) == 1
+    style, value, label, text, disabled, done, cancel_style, rerun_style = cb["poll"](store, 0)
+    assert style == JS.SHOWN and disabled is False and done is dash.no_update
+    assert "Computing OV circuit SVD" in text and rerun_style == JS.HIDDEN
+    # a second visit while it runs joins the same job
+    assert visit()[-3]["ids"] == store["ids"]
+    # Cancel: the job stops at its next layer; the strip offers Run again
+    assert cb["cancel"](1, store) == "Cancelling…"
+    gate.set()
+    job = run.get(store["ids"][0])
+    assert job.wait(TIMEOUT) and job.status == "cancelled"
+    assert layers_done == [0.1] and job.result is None  # stopped at its first report
+    layers_done.clear()
+    style, *_, disabled, done, cancel_style, rerun_style = cb["poll"](store, 1)
+    assert style == JS.SHOWN and disabled is True and rerun_style == JS.SHOWN
+    assert cancel_style == JS.HIDDEN and done is dash.no_update
+    *_, alerts, _ = visit()
+    assert "cancelled" in str(alerts[0].children)
+    # Run again forgets the cancelled job; the next visit starts (and here finishes) it
+    assert "rerun" in cb["rerun"](1, store)
+    assert run.get(store["ids"][0]) is None
+    monkeypatch.setattr(JS, "GRACE_S", TIMEOUT)
+    spectra, norms, directions, table, note, store2, alerts, _ = visit()
+    assert isinstance(spectra, go.Figure) and len(spectra.data) == 12 and store2 is None
+    assert layers_done and layers_done[-1] == 1.0 and alerts == []
+    # the strip hides and tells the main callback once the job is done
+    style, value, *_, disabled, done, _, _ = cb["poll"]({"ids": [run.find(
+        ("attn-only-1l", ("circuit_svd", "OV", 8, 30))).id]}, 2)
+    assert style == JS.HIDDEN and disabled is True and done["ids"]
+    assert reg.cache_info()["weights"] >= 1

@@ -52,8 +52,8 @@ def figure_named(fig: go.Figure, name: str):
 # --------------------------------------------------------------------------- weights
 def test_weights_spectra_and_directions(pages, model_2l):
     outs = run(pages["weights"], state())
-    spectra, norms, directions, table, note, alerts, query = outs
-    assert alert_texts(alerts) == []
+    spectra, norms, directions, table, note, job, alerts, query = outs
+    assert alert_texts(alerts) == [] and job is None  # called directly: no pending job
     assert len(spectra.data) == 24  # 2 layers x 12 heads, all selected by default
     for trace in spectra.data:
         s = np.asarray(trace.y)
@@ -67,7 +67,7 @@ def test_weights_spectra_and_directions(pages, model_2l):
 
 
 def test_weights_selection_and_qk(pages):
-    spectra, _, directions, _, _, alerts, query = run(
+    spectra, _, directions, _, _, _, alerts, query = run(
         pages["weights"], state(), circuit="QK", layers=[1], heads=[5, 0], layer=1, head=5,
         dirs=2, k=4, scale="linear")
     assert alert_texts(alerts) == []
@@ -96,9 +96,10 @@ def test_weights_url_parameters(pages):
 
 # ----------------------------------------------------------------------- eigenvalues
 def test_eigenvalues_page(pages, registry, model_2l):
-    spectrum, circuits, copying, alerts, _ = run(pages["eigenvalues"], state(), layer=1,
+    spectrum, circuits, copying, note, job, alerts, _ = run(pages["eigenvalues"], state(), layer=1,
                                                  head=5, order="position")
-    assert alert_texts(alerts) == []
+    assert alert_texts(alerts) == [] and job is None
+    assert "W_pos are left out" in str(note)  # full QK: token embeddings only
     fp = registry.forward(DEFAULT_PROMPT, "attn-only-2l")
     diag = fp.cache["blocks.1.attn.hook_pattern"][5].diagonal().double().numpy()
     assert np.allclose(np.asarray(spectrum.data[0].y), diag)  # eigenvalues = the diagonal
@@ -123,8 +124,8 @@ def test_eigenvalues_default_head_and_bad_head(pages):
 # ------------------------------------------------------------------------- induction
 def test_induction_grids_labels_examples(pages):
     outs = run(pages["induction"], state())
-    scores, labels, examples, comp_q, comp_k, comp_v, note, alerts, _ = outs
-    assert alert_texts(alerts) == [] and note is None
+    scores, labels, examples, comp_q, comp_k, comp_v, note, job, alerts, _ = outs
+    assert alert_texts(alerts) == [] and note is None and job is None
     probe = figure_named(scores, "probe: induction")
     z = np.asarray(probe.z)
     assert z.shape == (2, 12) and z[1, 5] > 0.8 and z[0].max() < 0.1
@@ -155,7 +156,7 @@ def test_induction_selected_head_and_prompt_labels(pages):
 
 def test_induction_one_layer_model_says_no_composition(pages):
     outs = run(pages["induction"], state("attn-only-1l"))
-    scores, labels, examples, comp_q, comp_k, comp_v, note, alerts, _ = outs
+    scores, labels, examples, comp_q, comp_k, comp_v, note, job, alerts, _ = outs
     assert alert_texts(alerts) == []
     assert np.asarray(figure_named(scores, "probe: induction").z).shape == (1, 12)
     assert "one layer" in str(note.children)
@@ -175,7 +176,7 @@ def test_induction_bad_controls(pages):
 # ------------------------------------------------------------------------ embeddings
 def test_embeddings_map_prompt_and_search(pages, registry):
     fp = registry.forward(DEFAULT_PROMPT, "attn-only-2l")
-    mp, variance, neighbours, alerts, _ = run(pages["embeddings"], state(), clusters=5,
+    mp, variance, neighbours, job, alerts, _ = run(pages["embeddings"], state(), clusters=5,
                                               n=500, search="Harry", neighbours=7)
     assert alert_texts(alerts) == []
     clusters = [t for t in mp.data if t.name.startswith("cluster")]
@@ -191,7 +192,7 @@ def test_embeddings_map_prompt_and_search(pages, registry):
 
 
 def test_embeddings_unembedding_and_filters(pages):
-    mp, _, neighbours, alerts, query = run(pages["embeddings"], state(), matrix="W_U",
+    mp, _, neighbours, _, alerts, query = run(pages["embeddings"], state(), matrix="W_U",
                                            filter="whole_word", n=300)
     assert alert_texts(alerts) == []
     assert "W_U^T" in mp.layout.title.text and query["filter"] == "whole_word"

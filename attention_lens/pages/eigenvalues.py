@@ -7,17 +7,19 @@ from typing import Any, Optional
 import dash
 import dash_bootstrap_components as dbc
 import numpy as np
-from dash import callback, html
+from dash import Output, callback, html
 
 from ..analysis.circuits import check_head
 from ..analysis.eigen import CircuitEigenvalues, attention_spectrum, circuit_eigenvalues
 from ..app import registry
+from ..components import jobs as JS
 from ..components import page as P
 from ..figures.eigen import (
     attention_spectrum_figure,
     circuit_eigenvalues_figure,
     copying_scores_figure,
 )
+from ..jobs import Need, cached_or_jobs
 
 PAGE = "eigenvalues"
 dash.register_page(__name__, path="/eigenvalues", order=6, name="Eigenvalues",
@@ -58,8 +60,18 @@ copying score.
 """
 
 
+NOTE = f"{PAGE}-note"
+
+
 def _eigen(model: str) -> CircuitEigenvalues:
-    return registry().weights(model, "circuit_eigenvalues", circuit_eigenvalues)
+    """Every head's circuit eigenvalues (cached per model; a background job the first time)."""
+    (eig,) = cached_or_jobs(registry(), model, [EIGEN_NEED])
+    return eig
+
+
+EIGEN_NEED = Need("circuit_eigenvalues",
+                  lambda lm, report: circuit_eigenvalues(lm, progress=report),
+                  "circuit eigenvalues")
 
 
 def selected_head(eig: CircuitEigenvalues, layer: Optional[int], head: Optional[int]
@@ -87,7 +99,7 @@ def panels(state: dict, query: dict) -> list[P.Panel]:
                 {"layer": layer, "head": head, "note": spectrum.note,
                  "eigenvalues": spectrum.eigenvalues[layer, head], "display": spectrum.display}),
         P.Panel("circuit-eigenvalues", circuit_eigenvalues_figure(eig, layer, head),
-                {"layer": layer, "head": head, "dtype": eig.dtype,
+                {"layer": layer, "head": head, "dtype": eig.dtype, "notes": list(eig.notes),
                  **{c: np.stack([eig.eigenvalues(c)[layer, head].real,
                                  eig.eigenvalues(c)[layer, head].imag], -1) for c in CIRCUITS}}),
         P.Panel("copying", copying_scores_figure(eig, which),
@@ -117,14 +129,22 @@ def layout(**query: Any) -> html.Div:
             P.select_control(PAGE, "order", q["order"], ("sorted", "position"),
                              "spectrum order"),
         ],
-        body=[dbc.Row([dbc.Col(P.graph(PAGE, "pattern-spectrum"), lg=5),
+        body=[JS.job_strip(PAGE), html.Div(id=NOTE),
+              dbc.Row([dbc.Col(P.graph(PAGE, "pattern-spectrum"), lg=5),
                        dbc.Col(P.graph(PAGE, "copying"), lg=7)]),
               P.graph(PAGE, "circuit-eigenvalues")],
         help_md=HELP, query=q, problems=problems)
 
 
-@callback(*P.main_outputs(PAGE, GRAPHS), *P.main_inputs(PAGE, CONTROLS))
-@P.analysis_callback(PAGE, CONTROLS, n_outputs=len(GRAPHS))
+@callback(*P.main_outputs(PAGE, GRAPHS, [Output(NOTE, "children"), JS.job_output(PAGE)]),
+          *P.main_inputs(PAGE, CONTROLS), JS.job_input(PAGE))
+@P.analysis_callback(PAGE, CONTROLS, n_outputs=len(GRAPHS) + 2)
+@JS.in_background(len(GRAPHS) + 1)
 def update(state: dict, query: dict) -> tuple:
-    """Fetch the cached forward pass and eigenvalues, draw."""
-    return P.figures_of(panels(state, query))
+    """Fetch the cached forward pass and eigenvalues (a background job at first), draw."""
+    out = panels(state, query)
+    notes = _eigen(state["model"]).notes
+    return (*P.figures_of(out), [P.shell.alert(n, color="info") for n in notes] or None)
+
+
+JOB_CALLBACKS = JS.register_job_callbacks(PAGE)

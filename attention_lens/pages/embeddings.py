@@ -18,12 +18,14 @@ from ..analysis.embeddings import (
     project_tokens,
 )
 from ..app import registry
+from ..components import jobs as JS
 from ..components import page as P
 from ..figures.embeddings import (
     embedding_scatter_figure,
     explained_variance_figure,
     neighbours_figure,
 )
+from ..jobs import Need, cached_or_jobs
 
 PAGE = "embeddings"
 dash.register_page(__name__, path="/embeddings", order=4, name="Embeddings",
@@ -71,10 +73,12 @@ def _pca(model: str, query: dict) -> EmbeddingPCA:
     """PCA and clusters of the chosen rows, computed once per model and setting."""
     key = ("embedding_pca", query["matrix"], query["filter"], query["n"], query["clusters"],
            query["centre"])
-    return registry().weights(model, key, lambda lm: embedding_pca(
+    (pca,) = cached_or_jobs(registry(), model, [Need(key, lambda lm, report: embedding_pca(
         lm, matrix=query["matrix"], token_filter=query["filter"], max_tokens=query["n"],
         n_components=min(N_COMPONENTS, lm.cfg.d_model, query["n"]),
-        n_clusters=query["clusters"], centre=query["centre"] == "yes"))
+        n_clusters=query["clusters"], centre=query["centre"] == "yes"),
+        f"PCA and k-means of {query['matrix']}")])
+    return pca
 
 
 def search_result(model: str, query: dict) -> Optional[Neighbours]:
@@ -137,14 +141,19 @@ def layout(**query: Any) -> html.Div:
             P.number_control(PAGE, "neighbours", q["neighbours"], "neighbours", min=1,
                              max=100),
         ],
-        body=[P.graph(PAGE, "map", height=620),
+        body=[JS.job_strip(PAGE), P.graph(PAGE, "map", height=620),
               dbc.Row([dbc.Col(P.graph(PAGE, "variance"), lg=5),
                        dbc.Col(P.graph(PAGE, "neighbours"), lg=7)])],
         help_md=HELP, query=q, problems=problems)
 
 
-@callback(*P.main_outputs(PAGE, GRAPHS), *P.main_inputs(PAGE, CONTROLS))
-@P.analysis_callback(PAGE, CONTROLS, n_outputs=len(GRAPHS))
+@callback(*P.main_outputs(PAGE, GRAPHS, [JS.job_output(PAGE)]),
+          *P.main_inputs(PAGE, CONTROLS), JS.job_input(PAGE))
+@P.analysis_callback(PAGE, CONTROLS, n_outputs=len(GRAPHS) + 1)
+@JS.in_background(len(GRAPHS))
 def update(state: dict, query: dict) -> tuple:
-    """Fetch the cached PCA and forward pass, project the prompt, draw."""
+    """Fetch the cached PCA (a background job at first) and forward pass, project, draw."""
     return P.figures_of(panels(state, query))
+
+
+JOB_CALLBACKS = JS.register_job_callbacks(PAGE)

@@ -21,6 +21,7 @@ from ..analysis.heads import (
     probe_head_scores,
 )
 from ..app import registry
+from ..components import jobs as JS
 from ..components import page as P
 from ..components import shell
 from ..figures.heads import (
@@ -29,6 +30,7 @@ from ..figures.heads import (
     head_labels_figure,
     head_scores_figure,
 )
+from ..jobs import Need, cached_or_jobs
 
 PAGE = "induction"
 dash.register_page(__name__, path="/induction", order=7, name="Induction",
@@ -78,24 +80,42 @@ head stands out.
 """
 
 
+NEEDS = {
+    "probe": Need("probe_head_scores", lambda lm, report: probe_head_scores(lm),
+                  "repeated-token probe"),
+    "eigen": Need("circuit_eigenvalues",
+                  lambda lm, report: circuit_eigenvalues(lm, progress=report),
+                  "circuit eigenvalues"),
+    "composition": Need("composition_scores",
+                        lambda lm, report: composition_scores(lm, progress=report),
+                        "composition scores"),
+}
+
+
+def _weights(model: str) -> dict[str, Any]:
+    """The probe, eigenvalues and composition of ``model``: cached, or background jobs."""
+    return dict(zip(NEEDS, cached_or_jobs(registry(), model, list(NEEDS.values()))))
+
+
 def _probe(model: str) -> Any:
-    return registry().weights(model, "probe_head_scores", probe_head_scores)
+    return _weights(model)["probe"]
 
 
 def _eigen(model: str) -> Any:
-    return registry().weights(model, "circuit_eigenvalues", circuit_eigenvalues)
+    return _weights(model)["eigen"]
 
 
 def _composition(model: str) -> Composition:
-    return registry().weights(model, "composition_scores", composition_scores)
+    return _weights(model)["composition"]
 
 
 def detection(state: dict, query: dict) -> HeadDetection:
     """Head scores on the prompt (probe and copying scores come from the per-model cache)."""
     lm = registry().get(state["model"])
     fp = registry().forward(state["text"], state["model"])
+    w = _weights(lm.name)
     return head_detection(lm, fp, metric=query["metric"], n_examples=query["n"],
-                          probe=_probe(lm.name), eigen=_eigen(lm.name))
+                          probe=w["probe"], eigen=w["eigen"])
 
 
 def labels_of(hd: HeadDetection, source: str) -> list[list[str]]:
@@ -118,11 +138,11 @@ def selected_head(hd: HeadDetection, layer: Optional[int], head: Optional[int]
 
 
 def composition_note(comp: Composition, n_layers: int) -> Optional[str]:
-    """Why there is nothing to show, or None."""
+    """Why there is nothing to show, or what the scores leave out for this model; or None."""
     if n_layers < 2:
         return ("This model has one layer, so no head can compose with another: Q-, K- and "
                 "V-composition need a head in a later layer.")
-    return None
+    return " ".join(comp.notes) or None
 
 
 def panels(state: dict, query: dict) -> list[P.Panel]:
@@ -191,7 +211,7 @@ def layout(**query: Any) -> html.Div:
             P.number_control(PAGE, "src", q["src"], "composition from layer", min=0,
                              placeholder="all"),
         ],
-        body=[P.graph(PAGE, "scores"),
+        body=[JS.job_strip(PAGE), P.graph(PAGE, "scores"),
               dbc.Row([dbc.Col(P.graph(PAGE, "labels"), lg=7),
                        dbc.Col(P.graph(PAGE, "examples"), lg=5)]),
               html.Div(id=NOTE),
@@ -199,12 +219,16 @@ def layout(**query: Any) -> html.Div:
         help_md=HELP, query=q, problems=problems)
 
 
-@callback(*P.main_outputs(PAGE, GRAPHS, [Output(NOTE, "children")]),
-          *P.main_inputs(PAGE, CONTROLS))
-@P.analysis_callback(PAGE, CONTROLS, n_outputs=len(GRAPHS) + 1)
+@callback(*P.main_outputs(PAGE, GRAPHS, [Output(NOTE, "children"), JS.job_output(PAGE)]),
+          *P.main_inputs(PAGE, CONTROLS), JS.job_input(PAGE))
+@P.analysis_callback(PAGE, CONTROLS, n_outputs=len(GRAPHS) + 2)
+@JS.in_background(len(GRAPHS) + 1)
 def update(state: dict, query: dict) -> tuple:
-    """Fetch the cached forward pass and weight analyses, score, draw."""
+    """Fetch the forward pass and weight analyses (background jobs at first), score, draw."""
     out = panels(state, query)
     lm = registry().get(state["model"])
     note = composition_note(_composition(lm.name), lm.cfg.n_layers)
     return (*P.figures_of(out), shell.alert(note, color="info") if note else None)
+
+
+JOB_CALLBACKS = JS.register_job_callbacks(PAGE)

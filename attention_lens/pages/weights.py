@@ -13,8 +13,10 @@ from dash import Output, callback, dcc, html
 from ..analysis.circuits import CIRCUITS, CircuitSVD, check_head, circuit_svd
 from ..analysis.errors import AnalysisError
 from ..app import registry
+from ..components import jobs as JS
 from ..components import page as P
 from ..figures.weights import singular_values_figure, svd_directions_figure, svd_norms_figure
+from ..jobs import Need, cached_or_jobs
 
 PAGE = "weights"
 dash.register_page(__name__, path="/weights", order=5, name="Weights",
@@ -79,10 +81,11 @@ head (empty boxes: the head with the largest $\sigma_1$).
 
 def _svd(model: str, circuit: str, dirs: int, k: int) -> CircuitSVD:
     """The circuit SVD of every head (computed once per model and circuit), cut to dirs x k."""
-    full = registry().weights(
-        model, ("circuit_svd", circuit, MAX_DIRECTIONS, MAX_TOP_K),
-        lambda lm: circuit_svd(lm, circuit, min(MAX_DIRECTIONS, lm.cfg.d_head),
-                               min(MAX_TOP_K, lm.cfg.d_vocab)))
+    (full,) = cached_or_jobs(registry(), model, [Need(
+        ("circuit_svd", circuit, MAX_DIRECTIONS, MAX_TOP_K),
+        lambda lm, report: circuit_svd(lm, circuit, min(MAX_DIRECTIONS, lm.cfg.d_head),
+                                       min(MAX_TOP_K, lm.cfg.d_vocab), progress=report),
+        f"{circuit} circuit SVD")])
     if dirs > full.input_ids.shape[2]:
         raise AnalysisError(f"at most {full.input_ids.shape[2]} directions (d_head of {model} "
                             f"is {full.singular_values.shape[2]})")
@@ -135,7 +138,8 @@ def panels(state: dict, query: dict) -> list[P.Panel]:
     check_head(lm, layer, head)
     return [
         P.Panel("spectra", singular_values_figure(svd, heads, log=query["scale"] == "log"),
-                {"circuit": svd.circuit, "heads": [f"L{la}H{h}" for la, h in heads],
+                {"circuit": svd.circuit, "notes": list(svd.notes),
+                 "heads": [f"L{la}H{h}" for la, h in heads],
                  "singular_values": [svd.singular_values[la, h] for la, h in heads]}),
         P.Panel("norms", svd_norms_figure(svd), {"circuit": svd.circuit,
                                                  "frobenius": svd.frobenius,
@@ -222,7 +226,7 @@ def layout(**query: Any) -> html.Div:
                              max=min(MAX_DIRECTIONS, d_head)),
             P.number_control(PAGE, "k", q["k"], "tokens", min=1, max=MAX_TOP_K),
         ],
-        body=[html.Div(id=NOTE),
+        body=[JS.job_strip(PAGE), html.Div(id=NOTE),
               dbc.Row([dbc.Col(P.graph(PAGE, "spectra"), lg=8),
                        dbc.Col(P.graph(PAGE, "norms"), lg=4)]),
               dcc.Loading(html.Div(id=TABLE), type="dot", delay_show=150),
@@ -231,15 +235,21 @@ def layout(**query: Any) -> html.Div:
 
 
 @callback(*P.main_outputs(PAGE, ["spectra", "norms", "directions"],
-                          [Output(TABLE, "children"), Output(NOTE, "children")]),
-          *P.main_inputs(PAGE, CONTROLS))
-@P.analysis_callback(PAGE, CONTROLS, n_outputs=5)
+                          [Output(TABLE, "children"), Output(NOTE, "children"),
+                           JS.job_output(PAGE)]),
+          *P.main_inputs(PAGE, CONTROLS), JS.job_input(PAGE))
+@P.analysis_callback(PAGE, CONTROLS, n_outputs=6)
+@JS.in_background(5)
 def update(state: dict, query: dict) -> tuple:
-    """Fetch the cached circuit SVD, pick the heads, draw."""
+    """Fetch the cached circuit SVD (a background job on first visit), pick the heads, draw."""
     lm = registry().get(state["model"])
     spectra, norms, directions = panels(state, query)
     svd = _svd(lm.name, query["circuit"], query["dirs"], query["k"])
     _, note = selected_heads(svd.n_layers, svd.n_heads, query["layers"], query["heads"])
     layer, head = table_head(svd, query["layer"], query["head"])
+    notes = [*svd.notes, *([note] if note else [])]
     return (spectra.figure, norms.figure, directions.figure, direction_table(svd, layer, head),
-            P.shell.alert(note, color="info") if note else None)
+            [P.shell.alert(n, color="info") for n in notes] or None)
+
+
+JOB_CALLBACKS = JS.register_job_callbacks(PAGE)
