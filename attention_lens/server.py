@@ -360,9 +360,27 @@ def _install_callback_guard(app: dash.Dash, prefix: str) -> None:
 # ------------------------------------------------------------------------------ the factory
 def build_registry(config: ServerConfig) -> Registry:
     """The model registry described by ``config``."""
+    check_device(config.device)
     return Registry(config.models_dirs, default=config.model, max_models=config.max_models,
                     max_forward=config.cache_size, max_tokens=config.max_tokens,
                     device=config.device)
+
+
+def check_device(device: str) -> None:
+    """Refuse a torch device this machine cannot use (``--device cuda`` without a GPU)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"device {device!r} is not a torch device (use cpu, cuda or cuda:N)"
+                          ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: no CUDA GPU is available to torch here; "
+                          "use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA "
+                          "device(s) are visible")
 
 
 def check_models(registry: Registry) -> dict[str, str]:

@@ -252,3 +252,22 @@ def post_free_lens(reg, family):
     from attention_lens.analysis.logit_lens import logit_lens
 
     return logit_lens(reg.get(family), reg.forward(PROMPT, family), k=2)
+
+
+def test_device_option_reaches_the_registry(tmp_path):
+    """``--device`` goes from ServerConfig to the registry; a device torch cannot use is a
+    configuration error, not a failure on first model load."""
+    import torch
+
+    from attention_lens.server import ConfigError, build_registry
+
+    reg = build_registry(ServerConfig(models_dirs=[tmp_path], device="cpu"))
+    assert reg.device == "cpu"
+    with pytest.raises(ConfigError, match="not a torch device"):
+        build_registry(ServerConfig(models_dirs=[tmp_path], device="banana"))
+    if torch.cuda.is_available():
+        assert build_registry(ServerConfig(models_dirs=[tmp_path], device="cuda")).device == \
+            "cuda"
+    else:
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            build_registry(ServerConfig(models_dirs=[tmp_path], device="cuda"))
