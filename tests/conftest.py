@@ -85,19 +85,24 @@ def tmp_copy(tmp_path):
 
 
 # ----------------------------------------------------------------- browser tests
-def pytest_setup_options():
-    """Chromium options for dash_duo (Debian chromium, headless, no background network)."""
-    from selenium.webdriver.chrome.options import Options
+try:  # the hook exists only with dash[testing]; the model and analysis tests run without it
+    import dash.testing  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
+else:
+    def pytest_setup_options():
+        """Chromium options for dash_duo (Debian chromium, headless, no background network)."""
+        from selenium.webdriver.chrome.options import Options
 
-    opts = Options()
-    opts.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", "--window-size=1400,1000",
-                f"--user-data-dir={tempfile.mkdtemp(prefix='al-chrome-')}"):
-        opts.add_argument(arg)
-    return opts
+        opts = Options()
+        opts.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+        for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync",
+                    "--disable-dev-shm-usage", "--window-size=1400,1000",
+                    f"--user-data-dir={tempfile.mkdtemp(prefix='al-chrome-')}"):
+            opts.add_argument(arg)
+        return opts
 
 
 def pytest_collection_modifyitems(config, items):
