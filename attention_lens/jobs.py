@@ -18,7 +18,6 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Optional, Sequence
@@ -84,8 +83,10 @@ class JobRunner:
         if max_workers < 1 or keep < 0:
             raise ValueError("max_workers must be at least 1 and keep at least 0")
         self.max_workers, self.keep = max_workers, keep
-        self._pool = ThreadPoolExecutor(max_workers=max_workers,
-                                        thread_name_prefix="attention-lens-job")
+        # one daemon thread per job, at most max_workers computing at once: a thread that
+        # dies abnormally takes only its own job with it (never a pool worker others wait on)
+        self._slots = threading.BoundedSemaphore(max_workers)
+        self._closed = False
         self._lock = threading.Lock()
         self._jobs: OrderedDict[str, Job] = OrderedDict()  # id -> job, oldest first
         self._by_key: dict[Hashable, str] = {}
@@ -105,16 +106,20 @@ class JobRunner:
                 self._forget(old)
             self._jobs[job.id] = job
             self._by_key[key] = job.id
-        self._pool.submit(self._run, job, fn)
+        if self._closed:
+            raise RuntimeError("the job runner was shut down")
+        threading.Thread(target=self._run, args=(job, fn), daemon=True,
+                         name=f"attention-lens-{job.id}").start()
         return job
 
     def _run(self, job: Job, fn: Callable[[Job], Any]) -> None:
         try:
-            if job.cancelled:
-                raise JobCancelled(job.label)
-            job.status, job.started = RUNNING, time.monotonic()
-            job.result = fn(job)
-            job.progress, job.status = 1.0, DONE
+            with self._slots:
+                if job.cancelled:
+                    raise JobCancelled(job.label)
+                job.status, job.started = RUNNING, time.monotonic()
+                job.result = fn(job)
+                job.progress, job.status = 1.0, DONE
         except JobCancelled:
             job.status = CANCELLED
         except AnalysisError as exc:
@@ -125,6 +130,8 @@ class JobRunner:
             job.error = f"the {job.label} analysis failed ({type(exc).__name__}; details in " \
                         "the server log)"
         finally:
+            if job.status not in FINISHED:  # the thread was interrupted (e.g. SystemExit)
+                job.status, job.error = ERROR, f"the {job.label} analysis was interrupted"
             job.finished = time.monotonic()
             job._done.set()
             with self._lock:
@@ -170,12 +177,16 @@ class JobRunner:
         with self._lock:
             return list(self._jobs.values())
 
-    def shutdown(self, cancel: bool = True) -> None:
-        """Stop the pool (cancelling the running jobs first when ``cancel``)."""
+    def shutdown(self, cancel: bool = True, timeout: Optional[float] = 30.0) -> None:
+        """Refuse new jobs and wait for running ones (cancelling them first when ``cancel``)."""
+        self._closed = True
+        jobs = self.jobs()
         if cancel:
-            for job in self.jobs():
+            for job in jobs:
                 job._cancel.set()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for job in jobs:
+            job.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
 
 _RUNNER: Optional[JobRunner] = None
@@ -262,7 +273,10 @@ def cached_or_jobs(reg: Any, model: str, needs: Sequence[Need],
             continue
         except _NotCached:
             pass
-        job = run.find((lm.name, need.key))
+        # keyed by this registry and this loaded instance too: a model of the same name in
+        # another registry (or reloaded from another folder) never shares a result
+        job_key = (id(reg), lm.name, id(lm), need.key)
+        job = run.find(job_key)
         if job is not None and job.status == CANCELLED:
             raise AnalysisError(f"the {job.label} analysis was cancelled; press \"Run again\" "
                                 "to start it")
@@ -270,7 +284,7 @@ def cached_or_jobs(reg: Any, model: str, needs: Sequence[Need],
         def fn(job: Job, need: Need = need) -> Any:
             return reg.weights(lm.name, need.key, lambda m: need.compute(m, job.report))
 
-        pending.append((i, run.submit((lm.name, need.key), fn, need.label)))
+        pending.append((i, run.submit(job_key, fn, need.label)))
     if wait is _DEFAULT:
         wait = WAIT.get()
     deadline = None if wait is None else time.monotonic() + wait

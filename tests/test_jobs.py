@@ -137,10 +137,10 @@ class FakeRegistry:
     """The two registry methods cached_or_jobs uses."""
 
     def __init__(self):
-        self.cache, self.computed = {}, 0
+        self.cache, self.computed, self.models = {}, 0, {}
 
-    def get(self, model):
-        return type("LM", (), {"name": model})()
+    def get(self, model):  # like the registry: one loaded instance per name
+        return self.models.setdefault(model, type("LM", (), {"name": model})())
 
     def weights(self, model, key, compute):
         if (model, key) not in self.cache:
@@ -265,7 +265,26 @@ def test_weights_page_shows_progress_cancels_and_draws_when_done(run, monkeypatc
     assert isinstance(spectra, go.Figure) and len(spectra.data) == 12 and store2 is None
     assert layers_done and layers_done[-1] == 1.0 and alerts == []
     # the strip hides and tells the main callback once the job is done
-    style, value, *_, disabled, done, _, _ = cb["poll"]({"ids": [run.find(
-        ("attn-only-1l", ("circuit_svd", "OV", 8, 30))).id]}, 2)
+    key = (id(reg), "attn-only-1l", id(reg.get("attn-only-1l")), ("circuit_svd", "OV", 8, 30))
+    style, value, *_, disabled, done, _, _ = cb["poll"]({"ids": [run.find(key).id]}, 2)
     assert style == JS.HIDDEN and disabled is True and done["ids"]
     assert reg.cache_info()["weights"] >= 1
+
+
+def test_same_name_in_another_registry_never_shares_a_result(run):
+    """Two registries (or a reloaded model) with one model name get their own results."""
+    a, b = FakeRegistry(), FakeRegistry()
+    need = J.Need("svd", lambda lm, report: id(lm), "circuit SVD")
+    (ra,) = J.cached_or_jobs(a, "m", [need], wait=None)
+    (rb,) = J.cached_or_jobs(b, "m", [need], wait=None)
+    assert ra == id(a.get("m")) and rb == id(b.get("m")) and ra != rb
+
+
+def test_an_interrupted_job_thread_still_finishes_its_job(run):
+    """A job whose thread is killed (SystemExit) ends as an error, so nobody waits forever."""
+    def die(job):
+        raise SystemExit
+
+    job = run.submit("dies", die, "doomed")
+    assert job.wait(TIMEOUT)
+    assert job.status == J.ERROR and "interrupted" in job.error
