@@ -121,12 +121,14 @@ class Registry:
         max_models: int = 2,
         max_forward: int = 64,
         max_weights: int = 256,
+        max_forward_bytes: int = 2 * 2**30,
         max_tokens: Optional[int] = None,
         device: str = "cpu",
     ) -> None:
         self.models_dirs = [Path(d) for d in models_dirs]
         self.max_models, self.max_forward, self.max_weights = max_models, max_forward, max_weights
         self.max_tokens, self.device = max_tokens, device
+        self.max_forward_bytes = max_forward_bytes
         self._lock = threading.RLock()
         self._load_locks: dict[str, threading.Lock] = {}
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
@@ -232,8 +234,13 @@ class Registry:
         with self._lock:
             self._forward[key] = fp
             self._forward.move_to_end(key)
-            while len(self._forward) > self.max_forward:
-                self._forward.popitem(last=False)
+            # bounded in count and in bytes (a long prompt through a big model holds every
+            # layer's attention patterns); the newest pass always stays
+            total = sum(v.nbytes for v in self._forward.values())
+            while len(self._forward) > 1 and (len(self._forward) > self.max_forward
+                                              or total > self.max_forward_bytes):
+                _, old = self._forward.popitem(last=False)
+                total -= old.nbytes
         return fp
 
     def weights(self, model: Optional[str], key: Any, compute: Callable[[LoadedModel], T]) -> T:
@@ -255,4 +262,5 @@ class Registry:
         """Sizes of the caches (for monitoring and the soak test)."""
         with self._lock:
             return {"models": len(self._models), "forward": len(self._forward),
+                    "forward_bytes": sum(v.nbytes for v in self._forward.values()),
                     "weights": len(self._weights)}

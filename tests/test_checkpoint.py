@@ -192,3 +192,19 @@ def test_lone_surrogate_is_an_analysis_error(model_1l):
 
     with pytest.raises(AnalysisError, match="lone surrogate"):
         tokenize(model_1l, "abc\ud800")
+
+
+def test_forward_cache_is_bounded_in_count_and_bytes(tmp_copy, tmp_path):
+    tmp_copy("attn-only-1l")
+    reg = Registry([tmp_path], max_forward=3)
+    prompts = [f"Prompt number {i} about Harry Potter" for i in range(5)]
+    for p in prompts:
+        reg.forward(p, "attn-only-1l")
+    assert reg.cache_info()["forward"] == 3
+    one = reg.forward(prompts[-1], "attn-only-1l").nbytes
+    assert one > 0
+    reg.max_forward_bytes = int(one * 1.5)  # room for one pass only
+    reg.forward(prompts[0], "attn-only-1l")
+    info = reg.cache_info()
+    assert info["forward"] == 1 and info["forward_bytes"] <= reg.max_forward_bytes
+    assert reg.forward(prompts[0], "attn-only-1l") is reg.forward(prompts[0], "attn-only-1l")

@@ -47,6 +47,12 @@ class ForwardPass:
     n_prompt_tokens: int = 0
 
     @property
+    def nbytes(self) -> int:
+        """Memory held by the logits and the cached activations."""
+        tensors = [self.logits, *self.cache.values()]
+        return sum(t.numel() * t.element_size() for t in tensors) + self.token_ids.nbytes
+
+    @property
     def n_tokens(self) -> int:
         """Number of positions analysed."""
         return int(self.token_ids.shape[0])
