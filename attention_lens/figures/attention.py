@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import warnings
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
@@ -54,29 +55,65 @@ def attention_figure(result: AttentionPattern) -> go.Figure:
     return finish(fig)
 
 
-def attention_grid_figure(result: AttentionPatterns) -> go.Figure:
-    """Every head's pattern in a layer × head grid, one shared colour scale (0 to 1)."""
+#: Thumbnails of longer prompts are max-pooled to at most this many rows and columns.
+GRID_MAX_POSITIONS = 96
+
+
+def pooled(z: np.ndarray, labels: list[str], max_positions: int = GRID_MAX_POSITIONS
+           ) -> tuple[np.ndarray, list[str], bool]:
+    """Max-pool masked patterns [..., q, k] into blocks so at most ``max_positions`` remain.
+
+    Returns the pooled array, block labels ("i–j: first token") and whether pooling happened.
+    """
+    n = z.shape[-1]
+    if n <= max_positions:
+        return z, labels, False
+    b = -(-n // max_positions)
+    m = -(-n // b)
+    padded = np.full(z.shape[:-2] + (m * b, m * b), np.nan)
+    padded[..., :n, :n] = z
+    blocks = padded.reshape(z.shape[:-2] + (m, b, m, b))
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN blocks above the diagonal
+        out = np.nanmax(blocks, axis=(-3, -1))
+    names = [f"{i * b}–{min(n, (i + 1) * b) - 1}" for i in range(m)]
+    return out, names, True
+
+
+def attention_grid_figure(result: AttentionPatterns,
+                          layers: Optional[Sequence[int]] = None) -> go.Figure:
+    """Every head's pattern in a layer × head grid, one shared colour scale (0 to 1).
+
+    ``layers`` limits the rows (models with many heads show one layer at a time); prompts
+    longer than :data:`GRID_MAX_POSITIONS` are max-pooled into position blocks.
+    """
     n_layers, n_heads = result.patterns.shape[:2]
-    labels = _labels(result.display)
-    fig = make_subplots(rows=n_layers, cols=n_heads, horizontal_spacing=0.01,
-                        vertical_spacing=0.03, subplot_titles=[
-                            f"L{layer}H{head}" for layer in range(n_layers)
-                            for head in range(n_heads)])
-    z = masked(result.patterns)
-    for layer in range(n_layers):
+    rows = list(range(n_layers)) if layers is None else [int(x) for x in layers]
+    z, labels, is_pooled = pooled(masked(result.patterns[rows]), _labels(result.display))
+    what = "max weight in block" if is_pooled else "weight"
+    unit = "positions " if is_pooled else ""
+    fig = make_subplots(rows=len(rows), cols=n_heads, horizontal_spacing=0.01,
+                        vertical_spacing=0.03 if len(rows) > 1 else 0.0, subplot_titles=[
+                            f"L{layer}H{head}" for layer in rows for head in range(n_heads)])
+    for r, layer in enumerate(rows):
         for head in range(n_heads):
             fig.add_trace(go.Heatmap(
-                z=z[layer, head], x=labels, y=labels, coloraxis="coloraxis", hoverongaps=False,
-                hovertemplate=(f"L{layer}H{head}<br>query %{{y}} ← key %{{x}}: %{{z:.3f}}"
-                               "<extra></extra>"),
-            ), row=layer + 1, col=head + 1)
+                z=z[r, head], x=labels, y=labels, coloraxis="coloraxis", hoverongaps=False,
+                hovertemplate=(f"L{layer}H{head}<br>query {unit}%{{y}} ← key {unit}%{{x}}: "
+                               f"{what} %{{z:.3f}}<extra></extra>"),
+            ), row=r + 1, col=head + 1)
     fig.update_xaxes(showticklabels=False, type="category")
     fig.update_yaxes(showticklabels=False, type="category", autorange="reversed")
     fig.update_annotations(font_size=10)
+    title = "Attention patterns of every head (rows: queries, columns: keys)"
+    if layers is not None and len(rows) < n_layers:
+        title = f"Layer {', '.join(map(str, rows))} of {n_layers}: every head's pattern"
+    if is_pooled:
+        title += f"; {result.patterns.shape[-1]} positions max-pooled into blocks"
     fig.update_layout(
-        template=TEMPLATE, title="Attention patterns of every head (rows: queries, columns: keys)",
+        template=TEMPLATE, title=title,
         coloraxis=dict(colorscale=SEQUENTIAL, cmin=0.0, cmax=1.0, colorbar_title="weight"),
-        height=max(300, 110 * n_layers + 120),
+        height=max(300, 110 * len(rows) + 120),
     )
     return finish(fig)
 

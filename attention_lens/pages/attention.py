@@ -57,6 +57,19 @@ def _resolve(state: dict, query: dict) -> tuple[int, int]:
     return layer, head
 
 
+#: Models with more heads than this show the grid one layer (the selected head's) at a time.
+GRID_MAX_HEADS = 48
+
+
+def grid_layers(state: dict, query: dict) -> Optional[list[int]]:
+    """Rows of the all-heads grid: every layer, or the selected head's layer on big models."""
+    cfg = registry().get(state["model"]).cfg
+    if cfg.n_layers * cfg.n_heads <= GRID_MAX_HEADS:
+        return None
+    layer = _resolve(state, query)[0]
+    return [layer if 0 <= layer < cfg.n_layers else default_head(state["model"])[0]]
+
+
 def panels(state: dict, query: dict) -> list[P.Panel]:
     """The chosen head, the grid of every head, and the entropy per head."""
     lm = registry().get(state["model"])
@@ -65,7 +78,7 @@ def panels(state: dict, query: dict) -> list[P.Panel]:
     one = attention_pattern(lm, fp, layer=layer, head=head)
     every = attention_patterns(lm, fp)
     return [P.Panel("pattern", attention_figure(one), one),
-            P.Panel("all-heads", attention_grid_figure(every), every),
+            P.Panel("all-heads", attention_grid_figure(every, grid_layers(state, query)), every),
             P.Panel("entropy", entropy_figure(every), {"entropy": every.entropy,
                                                        "display": every.display})]
 
@@ -102,15 +115,23 @@ def update(state: dict, query: dict) -> tuple:
 
 @callback(Output(P.graph_id(PAGE, "all-heads"), "figure"),
           Output(P.graph_id(PAGE, "entropy"), "figure"), Output(ALL_ALERTS, "children"),
-          Input(shell.STATE, "data"))
-def update_grid(state: Optional[dict]) -> tuple:
-    """Every head's pattern and entropy (redrawn only when the prompt or model changes)."""
+          Input(shell.STATE, "data"), Input(P.control_id(PAGE, "layer"), "value"))
+def update_grid(state: Optional[dict], layer: Any = None) -> tuple:
+    """Every head's pattern and entropy (redrawn when the prompt or model changes; on models
+    with many heads also when the layer changes, as the grid then shows one layer)."""
     if not state:
         raise PreventUpdate
     try:
         lm = registry().get(state["model"])
+        big = lm.cfg.n_layers * lm.cfg.n_heads > GRID_MAX_HEADS
+        if not big and P.triggered_id() == P.control_id(PAGE, "layer"):
+            raise PreventUpdate
+        layers = None
+        if big:
+            q, _ = P.parse_query(CONTROLS, {"layer": layer})
+            layers = grid_layers(state, q)
         every = attention_patterns(lm, registry().forward(state["text"], state["model"]))
-        return attention_grid_figure(every), entropy_figure(every), []
+        return attention_grid_figure(every, layers), entropy_figure(every), []
     except AnalysisError as exc:
         return no_update, no_update, shell.alert(str(exc))
 
@@ -119,16 +140,18 @@ def update_grid(state: Optional[dict]) -> tuple:
           Output(P.control_id(PAGE, "head"), "value"),
           Input(P.graph_id(PAGE, "all-heads"), "clickData"),
           Input(P.graph_id(PAGE, "entropy"), "clickData"), State(shell.STATE, "data"),
-          prevent_initial_call=True)
+          State(P.control_id(PAGE, "layer"), "value"), prevent_initial_call=True)
 def select_head(grid_click: Optional[dict], entropy_click: Optional[dict],
-                state: Optional[dict]) -> tuple[int, int]:
+                state: Optional[dict], layer: Any = None) -> tuple[int, int]:
     """Clicking a thumbnail (or an entropy cell) selects that head."""
     trigger = P.triggered_id()
-    click = grid_click if trigger == P.graph_id(PAGE, "all-heads") else entropy_click
+    click = entropy_click if trigger == P.graph_id(PAGE, "entropy") else grid_click
     if not click or not state:
         raise PreventUpdate
     point = click["points"][0]
     if trigger == P.graph_id(PAGE, "entropy"):
         return int(str(point["y"]).lstrip("L")), int(str(point["x"]).lstrip("H"))
-    n_heads = registry().get(state["model"]).cfg.n_heads
-    return divmod(int(point["curveNumber"]), n_heads)
+    cfg = registry().get(state["model"]).cfg
+    row, head = divmod(int(point["curveNumber"]), cfg.n_heads)
+    layers = grid_layers(state, P.parse_query(CONTROLS, {"layer": layer})[0])
+    return (row if layers is None else layers[row]), head
