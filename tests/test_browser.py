@@ -164,8 +164,9 @@ def test_deep_link_reproduces_its_state(lens):
     text = "Alice met Bob. Alice met Bob."
     lens.driver.get(url(lens, "/attention", model="attn-only-1l", text=text, layer=0, head=3))
     gd = graph_js("attention", "pattern")
-    title = wait(lens, f"{gd} && {gd}._fullLayout && {gd}._fullLayout.title.text",
-                 what="pattern title")
+    # wait for the drawn figure (an empty graph's title placeholder is text too)
+    wait(lens, has_traces("attention", "pattern"), what="the drawn pattern")
+    title = lens.driver.execute_script(f"return {gd}._fullLayout.title.text;")
     assert "Layer 0, head 3" in title
     assert lens.find_element("#shell-text").get_attribute("value") == text
     assert lens.find_element("#shell-model").get_attribute("value") == "attn-only-1l"
@@ -290,3 +291,16 @@ def test_phone_width_has_no_horizontal_scroll(lens):
         assert widths[0] <= widths[1], (path, widths)
         if path == "/attention":
             lens.driver.save_screenshot(str(SHOTS / "phone-attention.png"))
+
+
+def test_background_job_progress_then_figure(dash_duo, monkeypatch):
+    """A weight analysis that is not cached yet: the progress strip shows, polls, and the
+    figures are drawn when the job finishes (a fresh registry, so nothing is cached)."""
+    from attention_lens.components import jobs as JS
+    from attention_lens.registry import DEFAULT_WEIGHTS, Registry
+
+    monkeypatch.setattr(JS, "GRACE_S", 0.0)  # always take the background path
+    dash_duo.start_server(create_app(Registry([DEFAULT_WEIGHTS])))
+    dash_duo.driver.get(url(dash_duo, "/weights", model=MODEL, text="Harry Potter"))
+    wait(dash_duo, has_traces("weights", "spectra"), timeout=60, what="the drawn spectra")
+    assert severe_logs(dash_duo) == []

@@ -240,8 +240,16 @@ def test_weights_page_shows_progress_cancels_and_draws_when_done(run, monkeypatc
     *figs, table, note, store, alerts, _ = visit()
     assert figs == [dash.no_update] * 3 and table is dash.no_update and alerts == []
     assert store["labels"] == ["OV circuit SVD"] and len(store["ids"]) == 1
-    style, value, label, text, disabled, done, cancel_style, rerun_style = cb["poll"](store, 0)
-    assert style == JS.SHOWN and disabled is False and done is dash.no_update
+    values = [q[k] for k in mod.CONTROLS]
+    n_page = len(mod.OUTPUTS)
+
+    def poll(data, tick):
+        out = cb["poll"](data, tick, st, *values)
+        assert len(out) == 7 + n_page
+        return out[:7], out[7:]
+
+    (style, value, label, text, disabled, cancel_style, rerun_style), page = poll(store, 0)
+    assert style == JS.SHOWN and disabled is False and page == (dash.no_update,) * n_page
     assert "Computing OV circuit SVD" in text and rerun_style == JS.HIDDEN
     # a second visit while it runs joins the same job
     assert visit()[-3]["ids"] == store["ids"]
@@ -252,22 +260,30 @@ def test_weights_page_shows_progress_cancels_and_draws_when_done(run, monkeypatc
     assert job.wait(TIMEOUT) and job.status == "cancelled"
     assert layers_done == [0.1] and job.result is None  # stopped at its first report
     layers_done.clear()
-    style, *_, disabled, done, cancel_style, rerun_style = cb["poll"](store, 1)
+    (style, *_, disabled, cancel_style, rerun_style), page = poll(store, 1)
     assert style == JS.SHOWN and disabled is True and rerun_style == JS.SHOWN
-    assert cancel_style == JS.HIDDEN and done is dash.no_update
+    assert cancel_style == JS.HIDDEN and page == (dash.no_update,) * n_page
     *_, alerts, _ = visit()
     assert "cancelled" in str(alerts[0].children)
-    # Run again forgets the cancelled job; the next visit starts (and here finishes) it
+    # Run again forgets the cancelled job; the main callback (through the "done" store)
+    # starts it again; here it is left pending, then the poll draws the page once it is done
     assert "rerun" in cb["rerun"](1, store)
     assert run.get(store["ids"][0]) is None
-    monkeypatch.setattr(JS, "GRACE_S", TIMEOUT)
-    spectra, norms, directions, table, note, store2, alerts, _ = visit()
-    assert isinstance(spectra, go.Figure) and len(spectra.data) == 12 and store2 is None
-    assert layers_done and layers_done[-1] == 1.0 and alerts == []
-    # the strip hides and tells the main callback once the job is done
-    key = (id(reg), "attn-only-1l", id(reg.get("attn-only-1l")), ("circuit_svd", "OV", 8, 30))
-    style, value, *_, disabled, done, _, _ = cb["poll"]({"ids": [run.find(key).id]}, 2)
-    assert style == JS.HIDDEN and disabled is True and done["ids"]
+    gate.clear()  # hold the new job at its first layer so this visit finds it pending
+    *figs, table, note, store2, alerts, _ = visit()
+    assert figs == [dash.no_update] * 3 and store2["ids"] != store["ids"]
+    gate.set()
+    job2 = run.get(store2["ids"][0])
+    assert job2.wait(TIMEOUT) and job2.status == "done"
+    assert layers_done and layers_done[-1] == 1.0
+    (style, value, *_), page = poll(store2, 2)
+    assert style == JS.HIDDEN and value == 100
+    spectra, norms, directions, table, note, store3, alerts, query = page
+    assert isinstance(spectra, go.Figure) and len(spectra.data) == 12 and store3 is None
+    assert alerts == [] and query is dash.no_update  # the URL is left to the main callback
+    # later visits draw straight from the cache
+    spectra, *_, store4, alerts, _ = visit()
+    assert isinstance(spectra, go.Figure) and store4 is None
     assert reg.cache_info()["weights"] >= 1
 
 

@@ -3,24 +3,24 @@
 A page whose main callback needs a heavy weight analysis:
 
 1. puts ``job_strip(PAGE)`` in its layout, appends ``job_output(PAGE)`` to the main
-   callback's outputs and ``job_input(PAGE)`` to its inputs (the main callback ignores its
-   value: it only re-runs the callback when a job finishes), and calls
-   ``register_job_callbacks(PAGE)`` once;
+   callback's outputs (keep that list as ``OUTPUTS``) and ``job_input(PAGE)`` to its inputs
+   (the main callback ignores its value: "Run again" uses it to restart the jobs);
 2. wraps its body with ``@in_background(n)`` (below ``P.analysis_callback``), where ``n``
    is the number of outputs before the job store. Inside, it fetches weight analyses with
-   :func:`attention_lens.jobs.cached_or_jobs`.
+   :func:`attention_lens.jobs.cached_or_jobs`;
+3. calls ``register_job_callbacks(PAGE, update, OUTPUTS, list(CONTROLS))`` once.
 
 A cached result is drawn at once; a missing one starts a job, and if it is not done
 within ``GRACE_S`` the figures keep their content while the strip shows the progress
-(polled by a ``dcc.Interval``) with a Cancel button; when the job finishes the main
-callback runs again and draws from the cache.
+(polled by a ``dcc.Interval``) with a Cancel button; when the job finishes the poll
+callback runs the page's main callback body and draws from the cache.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import dash_bootstrap_components as dbc
 import flask
@@ -28,6 +28,8 @@ from dash import Input, Output, State, callback, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
 from .. import jobs as J
+from . import page as P
+from . import shell
 
 #: Seconds a main callback waits for a new job before showing the progress strip (short
 #: analyses then draw without a flash of progress bar).
@@ -119,27 +121,45 @@ def job_status(ids: list[str]) -> tuple[str, float, str]:
                                  else f"Computing {names} (first visit for this model)…")
 
 
-def register_job_callbacks(page: str) -> dict[str, Callable[..., Any]]:
-    """The polling, Cancel and Run again callbacks of ``page``'s job strip."""
+def register_job_callbacks(page: str, update: Optional[Callable[..., tuple]] = None,
+                           outputs: Sequence[Output] = (),
+                           controls: Sequence[str] = ()) -> dict[str, Callable[..., Any]]:
+    """The polling, Cancel and Run again callbacks of ``page``'s job strip.
+
+    When the pending jobs finish, the poll callback itself calls the page's main callback
+    body ``update(state, *control_values)`` and writes its ``outputs`` (duplicates of the
+    main callback's, the URL query store left alone). Signalling the main callback through
+    one of its inputs instead would close a dependency cycle (main -> store -> poll ->
+    main), which the browser refuses to run.
+    """
     i = _ids(page)
+    dup = [Output(o.component_id, o.component_property, allow_duplicate=True)
+           for o in outputs]
+    n = len(dup)
+    states = [State(shell.STATE, "data")] + [State(P.control_id(page, c), "value")
+                                             for c in controls]
 
     @callback(Output(i["strip"], "style"), Output(i["bar"], "value"), Output(i["bar"], "label"),
               Output(i["text"], "children"), Output(i["tick"], "disabled"),
-              Output(i["done"], "data"), Output(i["cancel"], "style"),
-              Output(i["rerun"], "style"),
-              Input(i["store"], "data"), Input(i["tick"], "n_intervals"))
-    def poll(data: Optional[dict], _: Any) -> tuple:
-        """Show the pending jobs' progress; signal the main callback when they finish."""
+              Output(i["cancel"], "style"), Output(i["rerun"], "style"), *dup,
+              Input(i["store"], "data"), Input(i["tick"], "n_intervals"), *states,
+              prevent_initial_call=True)
+    def poll(data: Optional[dict], _: Any, state: Optional[dict] = None, *values: Any) -> tuple:
+        """Show the pending jobs' progress; draw the page when they finish."""
+        keep = (no_update,) * n
         if not data or not data.get("ids"):
-            return HIDDEN, 0, "", "", True, no_update, SHOWN, HIDDEN
+            return (HIDDEN, 0, "", "", True, SHOWN, HIDDEN, *keep)
         status, progress, text = job_status(data["ids"])
         pct = round(100 * progress)
         if status in ("finished", "gone"):
-            return HIDDEN, 100, "", "", True, {"ids": data["ids"], "at": time.time()}, \
-                SHOWN, HIDDEN
+            drawn = keep
+            if update is not None and state:
+                outs = tuple(update(state, *values))
+                drawn = (*outs[:-1], no_update) if len(outs) == n else keep
+            return (HIDDEN, 100, "", "", True, SHOWN, HIDDEN, *drawn)
         if status == "cancelled":
-            return SHOWN, pct, f"{pct}%", text, True, no_update, HIDDEN, SHOWN
-        return SHOWN, pct, f"{pct}%", text, False, no_update, SHOWN, HIDDEN
+            return (SHOWN, pct, f"{pct}%", text, True, HIDDEN, SHOWN, *keep)
+        return (SHOWN, pct, f"{pct}%", text, False, SHOWN, HIDDEN, *keep)
 
     @callback(Output(i["text"], "children", allow_duplicate=True),
               Input(i["cancel"], "n_clicks"), State(i["store"], "data"),

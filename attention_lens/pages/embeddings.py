@@ -147,7 +147,10 @@ def layout(**query: Any) -> html.Div:
         help_md=HELP, query=q, problems=problems)
 
 
-@callback(*P.main_outputs(PAGE, GRAPHS, [JS.job_output(PAGE)]),
+OUTPUTS = P.main_outputs(PAGE, GRAPHS, [JS.job_output(PAGE)])
+
+
+@callback(*OUTPUTS,
           *P.main_inputs(PAGE, CONTROLS), JS.job_input(PAGE))
 @P.analysis_callback(PAGE, CONTROLS, n_outputs=len(GRAPHS) + 1)
 @JS.in_background(len(GRAPHS))
@@ -156,4 +159,4 @@ def update(state: dict, query: dict) -> tuple:
     return P.figures_of(panels(state, query))
 
 
-JOB_CALLBACKS = JS.register_job_callbacks(PAGE)
+JOB_CALLBACKS = JS.register_job_callbacks(PAGE, update, OUTPUTS, list(CONTROLS))

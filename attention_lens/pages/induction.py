@@ -219,7 +219,10 @@ def layout(**query: Any) -> html.Div:
         help_md=HELP, query=q, problems=problems)
 
 
-@callback(*P.main_outputs(PAGE, GRAPHS, [Output(NOTE, "children"), JS.job_output(PAGE)]),
+OUTPUTS = P.main_outputs(PAGE, GRAPHS, [Output(NOTE, "children"), JS.job_output(PAGE)])
+
+
+@callback(*OUTPUTS,
           *P.main_inputs(PAGE, CONTROLS), JS.job_input(PAGE))
 @P.analysis_callback(PAGE, CONTROLS, n_outputs=len(GRAPHS) + 2)
 @JS.in_background(len(GRAPHS) + 1)
@@ -231,4 +234,4 @@ def update(state: dict, query: dict) -> tuple:
     return (*P.figures_of(out), shell.alert(note, color="info") if note else None)
 
 
-JOB_CALLBACKS = JS.register_job_callbacks(PAGE)
+JOB_CALLBACKS = JS.register_job_callbacks(PAGE, update, OUTPUTS, list(CONTROLS))

@@ -234,9 +234,12 @@ def layout(**query: Any) -> html.Div:
         help_md=HELP, query=q, problems=problems)
 
 
-@callback(*P.main_outputs(PAGE, ["spectra", "norms", "directions"],
+OUTPUTS = P.main_outputs(PAGE, ["spectra", "norms", "directions"],
                           [Output(TABLE, "children"), Output(NOTE, "children"),
-                           JS.job_output(PAGE)]),
+                           JS.job_output(PAGE)])
+
+
+@callback(*OUTPUTS,
           *P.main_inputs(PAGE, CONTROLS), JS.job_input(PAGE))
 @P.analysis_callback(PAGE, CONTROLS, n_outputs=6)
 @JS.in_background(5)
@@ -252,4 +255,4 @@ def update(state: dict, query: dict) -> tuple:
             [P.shell.alert(n, color="info") for n in notes] or None)
 
 
-JOB_CALLBACKS = JS.register_job_callbacks(PAGE)
+JOB_CALLBACKS = JS.register_job_callbacks(PAGE, update, OUTPUTS, list(CONTROLS))
