@@ -122,6 +122,8 @@ class JobRunner:
                 job.progress, job.status = 1.0, DONE
         except JobCancelled:
             job.status = CANCELLED
+        except (SystemExit, KeyboardInterrupt):  # the thread was killed: fail this job only
+            job.status, job.error = ERROR, f"the {job.label} analysis was interrupted"
         except AnalysisError as exc:
             job.status, job.error = ERROR, str(exc)
         except Exception as exc:  # noqa: BLE001 - a worker thread must never die silently
