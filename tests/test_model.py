@@ -77,7 +77,8 @@ def test_cache_names_and_shapes(tiny_ln):
     last = f"blocks.{cfg.n_layers - 1}.hook_resid_post"
     total = cache["hook_embed"] + cache["hook_pos_embed"]
     for layer in range(cfg.n_layers):
-        total = total + cache[f"blocks.{layer}.hook_attn_out"] + cache[f"blocks.{layer}.hook_mlp_out"]
+        total = (total + cache[f"blocks.{layer}.hook_attn_out"]
+                 + cache[f"blocks.{layer}.hook_mlp_out"])
     torch.testing.assert_close(total, cache[last], atol=1e-5, rtol=1e-5)
     # each head's output sums (with b_O) to the attention output
     attn = tiny_ln.model.blocks[0].attn

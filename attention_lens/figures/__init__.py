@@ -1,1 +1,1 @@
-"""Figures: analysis result dataclasses in, ``plotly.graph_objects.Figure`` out (no torch, no dash)."""
+"""Figures: analysis results in, ``plotly.graph_objects.Figure`` out (no torch, no dash)."""

@@ -73,7 +73,7 @@ class ModelConfig:
         n = v * d + d * v + v  # W_E, W_U, b_U
         if self.positional_embedding_type == "standard":
             n += self.n_ctx * d
-        norm = 0 if self.normalization_type is None else (2 * d if self.normalization_type == "LN" else d)
+        norm = {None: 0, "LN": 2 * d, "RMS": d}[self.normalization_type]
         per_layer = 4 * h * d * dh + 3 * h * dh + d + norm
         if not self.attn_only:
             m = self.d_mlp or 0

@@ -252,7 +252,8 @@ class HookedTransformer(nn.Module):
         if tokens.ndim == 1:
             tokens = tokens.unsqueeze(0)
         if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [batch, pos] or [pos], got shape {tuple(tokens.shape)}")
+            raise ValueError(
+                f"tokens must be [batch, pos] or [pos], got shape {tuple(tokens.shape)}")
         if tokens.shape[1] == 0:
             raise ValueError("tokens must hold at least one position")
         if tokens.shape[1] > self.cfg.n_ctx and self.cfg.positional_embedding_type == "standard":
@@ -396,7 +397,8 @@ class HookedTransformer(nn.Module):
             elif name.split(".")[-1].startswith("b"):
                 nn.init.zeros_(p)
             else:
-                scale = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("W_O", "W_out")) else std
+                residual_out = name.endswith(("W_O", "W_out"))  # GPT-2: scale by depth
+                scale = std / math.sqrt(2 * self.cfg.n_layers) if residual_out else std
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=gen) * scale)
         return self

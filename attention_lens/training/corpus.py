@@ -126,7 +126,8 @@ def build(out: Path, cache: Path, val_fraction: float = 0.02) -> dict:
             n_docs += 1
             n_chars += len(doc)
         entry = asdict(source) | {"documents": n_docs, "characters": n_chars,
-                                  "archive_sha256": hashlib.sha256(archive.read_bytes()).hexdigest()}
+                                  "archive_sha256":
+                                      hashlib.sha256(archive.read_bytes()).hexdigest()}
         summary["sources"].append(entry)
     (out / "train.txt").write_text(DOC_SEPARATOR.join(train), encoding="utf-8")
     (out / "val.txt").write_text(DOC_SEPARATOR.join(val), encoding="utf-8")

@@ -248,7 +248,8 @@ def train(cfg: TrainConfig, out: Path, corpus: Path, tokenizer_path: Path, devic
             state["history"].append({"step": state["step"], "phase": state["phase"],
                                      "train_loss": round(float(loss.detach()), 4),
                                      "val_loss": round(val, 4), "induction_max": round(best, 4)})
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", val=f"{val:.3f}", induction=f"{best:.2f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", val=f"{val:.3f}",
+                            induction=f"{best:.2f}")
             if phase.until_induction is not None and best >= phase.until_induction:
                 tqdm.write(f"phase {state['phase']} reached induction {best:.3f} "
                            f"at step {state['step']}")
