@@ -48,6 +48,9 @@ def _add_serve_options(ap: argparse.ArgumentParser) -> None:
                     help=f"forward passes kept in the LRU cache; default 64 {_env('CACHE_SIZE')}")
     ap.add_argument("--max-body", type=int,
                     help=f"largest request body in bytes; default 1 MiB {_env('MAX_BODY')}")
+    ap.add_argument("--torch-threads", type=int,
+                    help="CPU threads torch uses in each process; with gunicorn, cores divided "
+                    f"by workers {_env('TORCH_THREADS')}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +79,8 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """The server configuration: environment variables, then command-line flags on top."""
     keys = ("host", "port", "model", "models_dirs", "max_tokens", "auth_file", "url_prefix",
-            "debug", "allow_anonymous", "device", "max_models", "cache_size", "max_body")
+            "debug", "allow_anonymous", "device", "max_models", "cache_size", "max_body",
+            "torch_threads")
     return ServerConfig.from_env(**{k: getattr(args, k, None) for k in keys})
 
 

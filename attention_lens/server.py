@@ -105,6 +105,7 @@ class ServerConfig:
     cache_size: int = 64
     max_body: int = 1 << 20
     secret_key: Optional[str] = None
+    torch_threads: Optional[int] = None
 
     def __post_init__(self) -> None:
         self.models_dirs = [Path(d) for d in self.models_dirs]
@@ -116,6 +117,8 @@ class ServerConfig:
                 raise ConfigError(f"{name} must be at least {minimum}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ConfigError("max_tokens must be at least 1")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ConfigError("torch_threads must be at least 1")
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides: Any) -> "ServerConfig":
@@ -131,7 +134,7 @@ class ServerConfig:
                 values[f.name] = _parse_bool(raw, key)
             elif f.name in {"port", "max_models", "cache_size", "max_body"}:
                 values[f.name] = _parse_int(raw, key)
-            elif f.name == "max_tokens":
+            elif f.name in {"max_tokens", "torch_threads"}:
                 values[f.name] = _parse_int(raw, key, 1) if raw.strip() else None
             elif f.name == "models_dirs":
                 values[f.name] = [Path(p) for p in raw.split(os.pathsep) if p.strip()]
@@ -361,6 +364,10 @@ def _install_callback_guard(app: dash.Dash, prefix: str) -> None:
 def build_registry(config: ServerConfig) -> Registry:
     """The model registry described by ``config``."""
     check_device(config.device)
+    if config.torch_threads:  # e.g. cores / gunicorn workers, so workers do not oversubscribe
+        import torch
+
+        torch.set_num_threads(config.torch_threads)
     return Registry(config.models_dirs, default=config.model, max_models=config.max_models,
                     max_forward=config.cache_size, max_tokens=config.max_tokens,
                     device=config.device)

@@ -223,3 +223,21 @@ def test_debug_is_off_and_missing_users_file_is_an_error(tmp_path):
     empty.write_text("# nobody\n")
     with pytest.raises(ConfigError, match="no users"):
         create_server(ServerConfig(auth_file=empty))
+
+
+def test_torch_threads_setting():
+    import torch
+
+    from attention_lens.server import build_registry
+
+    assert ServerConfig.from_env({"ATTENTION_LENS_TORCH_THREADS": "1"}).torch_threads == 1
+    assert cli.config_from_args(cli.parse(["--torch-threads", "2"])).torch_threads == 2
+    for bad in ({"ATTENTION_LENS_TORCH_THREADS": "0"}, {"ATTENTION_LENS_TORCH_THREADS": "x"}):
+        with pytest.raises(ConfigError):
+            ServerConfig.from_env(bad)
+    before = torch.get_num_threads()
+    try:
+        build_registry(ServerConfig(torch_threads=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
