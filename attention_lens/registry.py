@@ -223,14 +223,14 @@ class Registry:
     def forward(self, text: str, model: Optional[str] = None) -> ForwardPass:
         """The cached forward pass of ``text`` through ``model``."""
         lm = self.get(model)
-        ids, _ = tokenize(lm, text, self.max_tokens)
-        key = (lm.name, tuple(ids))
+        tokenized = tokenize(lm, text, self.max_tokens)
+        key = (lm.name, tuple(tokenized[0]))
         with self._lock:
             hit = self._forward.get(key)
             if hit is not None:
                 self._forward.move_to_end(key)
                 return hit
-        fp = run_forward(lm, text, self.max_tokens)
+        fp = run_forward(lm, text, self.max_tokens, tokenized=tokenized)
         with self._lock:
             self._forward[key] = fp
             self._forward.move_to_end(key)

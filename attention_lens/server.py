@@ -390,16 +390,6 @@ def check_device(device: str) -> None:
                           "device(s) are visible")
 
 
-def check_models(registry: Registry) -> dict[str, str]:
-    """``name -> reason`` of the discovered model folders that cannot be loaded.
-
-    The registry validates each folder cheaply when it scans (config and safetensors
-    header), so the model picker and ``GET /api/models`` report broken folders from the
-    start instead of at the first request.
-    """
-    return {e.name: e.error for e in registry.entries() if e.error}
-
-
 def _create_dash_app(registry: Registry, config: ServerConfig,
                      create_app: Optional[Callable[..., dash.Dash]] = None) -> dash.Dash:
     """Call the app factory with the options it accepts."""
@@ -438,8 +428,7 @@ def create_server(config: Optional[ServerConfig] = None, registry: Optional[Regi
     from .api import create_api
 
     config = config or ServerConfig.from_env()
-    registry = registry or build_registry(config)
-    check_models(registry)
+    registry = registry or build_registry(config)  # folders are validated as it scans
     for entry in registry.entries():
         if entry.error:
             log.warning("model %s is unavailable: %s", entry.name, entry.error)

@@ -81,10 +81,14 @@ def tokenize(lm: LoadedModel, text: str,
 
 
 def run_forward(lm: LoadedModel, text: str, max_tokens: Optional[int] = None,
-                token_ids: Optional[list[int]] = None) -> ForwardPass:
-    """Run the model once on ``text`` (or on ``token_ids``) and keep its activations."""
+                token_ids: Optional[list[int]] = None,
+                tokenized: Optional[tuple[list[int], int]] = None) -> ForwardPass:
+    """Run the model once on ``text`` (or on ``token_ids``) and keep its activations.
+
+    ``tokenized`` is ``tokenize(lm, text, max_tokens)`` when the caller already has it.
+    """
     if token_ids is None:
-        ids, dropped = tokenize(lm, text, max_tokens)
+        ids, dropped = tokenized if tokenized is not None else tokenize(lm, text, max_tokens)
         n_prompt = len(ids) + dropped
     else:
         ids, dropped, n_prompt = list(token_ids), 0, len(token_ids)
