@@ -90,6 +90,19 @@ try:  # the hook exists only with dash[testing]; the model and analysis tests ru
 except ImportError:  # pragma: no cover
     pass
 else:
+    import socket
+
+    from dash.testing.application_runners import BaseDashRunner
+
+    def _free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    # dash_duo numbers its servers from 8050 upwards; start at a free port instead so that
+    # two test runs on one machine (or a developer's app on 8050) never collide.
+    BaseDashRunner._next_port = _free_port()
+
     def pytest_setup_options():
         """Chromium options for dash_duo (Debian chromium, headless, no background network)."""
         from selenium.webdriver.chrome.options import Options
