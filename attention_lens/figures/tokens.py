@@ -38,6 +38,29 @@ def _alternatives(result: TokenPredictions, row: int) -> str:
     )
 
 
+def grid_width(n_tokens: int, per_row: int) -> int:
+    """Columns of the token grid: ``per_row``, or fewer for a short prompt."""
+    return max(1, min(per_row, n_tokens))
+
+
+def cell_position(x: object, y: object, per_row: int, n_tokens: int) -> int | None:
+    """The token position of the grid cell at column ``x``, row ``y`` (a click's x and y).
+
+    A browser's click on a heatmap carries the cell's x and y (and z) but not always the
+    trace's ``customdata``, so the position is computed from the cell. None for a padding
+    cell after the last token or for coordinates that are not a cell.
+    """
+    try:
+        col, row = int(round(float(x))), int(round(float(y)))
+    except (TypeError, ValueError):
+        return None
+    width = grid_width(n_tokens, per_row)
+    if not (0 <= col < width and row >= 0):
+        return None
+    pos = row * width + col
+    return pos if pos < n_tokens else None
+
+
 def token_sequence_figure(result: TokenPredictions, per_row: int = 16) -> go.Figure:
     """Tokens in reading order, coloured by p(token | everything before it); hover: alternatives.
 
@@ -46,7 +69,7 @@ def token_sequence_figure(result: TokenPredictions, per_row: int = 16) -> go.Fig
     can pin the clicked token.
     """
     p = len(result.display)
-    per_row = max(1, min(per_row, p))
+    per_row = grid_width(p, per_row)
     rows = math.ceil(p / per_row)
     z = np.full((rows, per_row), np.nan)
     custom = np.empty((rows, per_row, 2), dtype=object)

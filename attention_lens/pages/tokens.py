@@ -12,7 +12,7 @@ from ..analysis.predictions import token_predictions
 from ..app import registry
 from ..components import page as P
 from ..components import shell
-from ..figures.tokens import token_sequence_figure
+from ..figures.tokens import cell_position, token_sequence_figure
 
 PAGE = "tokens"
 dash.register_page(__name__, path="/tokens", order=2, name="Tokens",
@@ -83,15 +83,22 @@ def update(state: dict, query: dict) -> tuple:
 
 @callback(Output(shell.STATE, "data", allow_duplicate=True),
           Input(P.graph_id(PAGE, "tokens"), "clickData"), State(shell.STATE, "data"),
-          prevent_initial_call=True)
-def pin(click: Optional[dict], state: Optional[dict]) -> Any:
-    """Clicking a token pins its position in the shared state (and the URL)."""
-    if not click or not state:
+          State(P.control_id(PAGE, "per_row"), "value"), prevent_initial_call=True)
+def pin(click: Optional[dict], state: Optional[dict], per_row: Any = None) -> Any:
+    """Clicking a token pins its position in the shared state (and the URL).
+
+    The position comes from the clicked cell's x (column) and y (row): that is what a
+    browser's click event carries.
+    """
+    if not click or not state or not click.get("points"):
         raise PreventUpdate
+    point = click["points"][0]
+    width, _ = CONTROLS["per_row"].parse("per_row", per_row)
     try:
-        pos = int(click["points"][0]["customdata"][0])
-    except (KeyError, IndexError, TypeError, ValueError):
+        n = registry().forward(state["text"], state["model"]).n_tokens
+    except Exception:  # noqa: BLE001 - a click on a stale figure pins nothing
         raise PreventUpdate from None
-    if pos < 0 or pos == state.get("pos"):
+    pos = cell_position(point.get("x"), point.get("y"), width, n)
+    if pos is None or pos == state.get("pos"):
         return no_update
     return {**state, "pos": pos, "src": "user"}
