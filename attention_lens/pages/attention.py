@@ -45,8 +45,8 @@ the title says which, and the strongest heads are listed beside the figure.
 The grid shows every head at once (rows: layers, columns: heads); **click a thumbnail**
 to open it above (the grid outlines the head shown). A previous-token head lights up the
 sub-diagonal $A_{i,i-1}$; an induction head, on a repeated phrase, attends to the token
-*after* the earlier copy of the current token. Entropy $H_i = -\sum_j A_{ij}\ln A_{ij}$ per row, averaged over
-queries, is low for focused heads and $\ln(i+1)$ for uniform attention.
+*after* the earlier copy of the current token. Entropy $H_i = -\sum_j A_{ij}\ln A_{ij}$
+per row, averaged over queries, is low for focused heads and $\ln(i+1)$ for uniform attention.
 """
 
 
