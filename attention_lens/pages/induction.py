@@ -15,6 +15,8 @@ from ..analysis.eigen import circuit_eigenvalues
 from ..analysis.errors import AnalysisError
 from ..analysis.heads import (
     METRICS,
+    ROWS,
+    ROWS_DESCRIPTION,
     HeadDetection,
     head_detection,
     label_heads,
@@ -42,6 +44,7 @@ dash.register_page(__name__, path="/induction", order=7, name="Induction",
 EXAMPLE_KINDS = ("induction", "previous_token", "duplicate_token", "self")
 CONTROLS = {
     "metric": P.ChoiceParam("mul", METRICS),
+    "rows": P.ChoiceParam("target", ROWS),
     "labels": P.ChoiceParam("probe", ("probe", "prompt")),
     "kind": P.ChoiceParam("induction", EXAMPLE_KINDS),
     "layer": P.IntParam(None, 0),
@@ -62,7 +65,12 @@ A prompt without repeats has no induction or duplicate targets, and its first ha
 the score, so the **probe** is the standard test: random tokens $r$ of length $T = 50$
 repeated, $x = [r; r]$, batch 10, seeded; induction score $=$ mean of
 $A[i, i - (T - 1)]$ over the second half (Olsson et al. 2022), previous-token $=$ mean of
-$A[i, i-1]$. **Copying** is the full OV circuit's $\mathrm{Re}(\sum \lambda) / \sum
+$A[i, i-1]$. Prompt scores **average over the query rows that have a target** by default
+(rows with no earlier copy of their token have nothing to find and are left out, as in
+the field's dataset metrics); "all rows" is TransformerLens' `head_detector` exactly, where
+the first half of a repeated prompt halves every induction score. With "abs", the BOS
+column and the diagonal, when excluded, are left out of $|A - P|$ as in TransformerLens.
+**Copying** is the full OV circuit's $\mathrm{Re}(\sum \lambda) / \sum
 |\lambda|$ of $W_E W_{OV} W_U$, in $[-1, 1]$.
 
 **Labels** (thresholds: pattern score $\ge 0.4$, self $\ge 0.5$, copying $\ge 0.7$,
@@ -115,7 +123,7 @@ def detection(state: dict, query: dict) -> HeadDetection:
     fp = registry().forward(state["text"], state["model"])
     w = _weights(lm.name)
     return head_detection(lm, fp, metric=query["metric"], n_examples=query["n"],
-                          probe=w["probe"], eigen=w["eigen"])
+                          probe=w["probe"], eigen=w["eigen"], rows=query["rows"])
 
 
 def labels_of(hd: HeadDetection, source: str) -> list[list[str]]:
@@ -165,7 +173,9 @@ def panels(state: dict, query: dict) -> list[P.Panel]:
     note = composition_note(comp, lm.cfg.n_layers)
     out = [
         P.Panel("scores", head_scores_figure(hd),
-                {"scores": hd.scores, "metric": hd.metric, "probe_induction": hd.probe_induction,
+                {"scores": hd.scores, "metric": hd.metric, "rows": hd.rows,
+                 "rows_meaning": ROWS_DESCRIPTION[hd.rows],
+                 "probe_induction": hd.probe_induction,
                  "probe_previous_token": hd.probe_previous_token, "copying": hd.copying,
                  "probe_settings": hd.probe_settings}),
         P.Panel("labels", head_labels_figure(hd, labels, source=query["labels"]),
@@ -199,6 +209,10 @@ def layout(**query: Any) -> html.Div:
                     "how heads in different layers compose.",
         controls=[
             P.select_control(PAGE, "metric", q["metric"], METRICS, "score"),
+            P.select_control(PAGE, "rows", q["rows"],
+                             [{"label": "rows with a target", "value": "target"},
+                              {"label": "all rows (TransformerLens)", "value": "all"}],
+                             "average over"),
             P.select_control(PAGE, "labels", q["labels"],
                              [{"label": "probe", "value": "probe"},
                               {"label": "prompt", "value": "prompt"}], "labels from"),
