@@ -103,9 +103,9 @@ def test_bad_target_token_and_heads_are_alerts(app):
     *_, alerts, _ = lens.update(STATE, 5, "target", "Hermione Granger", -1, "sublayer")
     assert any("not a single token" in t for t in alert_texts(alerts))
     abl = page_module("ablation")
-    *_, alerts, _ = abl.update(STATE, "L9H0", "zero", 10, -1, "")
+    *_, alerts, _ = abl.update(STATE, "induction", "L9H0", "zero", 10, -1, "")
     assert any("does not exist" in t for t in alert_texts(alerts))
-    *_, alerts, _ = abl.update(STATE, "banana", "zero", 10, -1, "")
+    *_, alerts, _ = abl.update(STATE, "induction", "banana", "zero", 10, -1, "")
     assert any("cannot read head" in t for t in alert_texts(alerts))
 
 

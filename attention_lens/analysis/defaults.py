@@ -17,6 +17,7 @@ import numpy as np
 from ..model.checkpoint import LoadedModel
 from .forward import ForwardPass
 from .heads import PATTERN_THRESHOLD, prompt_head_scores
+from .predictions import check_position
 
 #: A prompt "repeats itself" when at least this many positions have an earlier copy of
 #: their token followed by the same next token (what an induction head can copy).
@@ -168,10 +169,11 @@ def focus_position(fp: ForwardPass) -> PositionChoice:
         if gain > best_gain:
             best, best_gain, best_earlier = i, gain, j
     tok = int(t[best + 1])
+    here, nxt = fp.display[best], fp.display[best + 1]
     return PositionChoice(best, tok, best_earlier,
-                          f"position {best}, in the repeated part: the next token also "
-                          f"followed the same token at position {best_earlier}, and the model "
-                          f"is {best_gain:.2f} nats less surprised by it the second time")
+                          f"position {best} '{here}', in the repeated part: '{nxt}' also "
+                          f"followed '{here}' at position {best_earlier}, and the model is "
+                          f"{best_gain:.2f} nats less surprised by it the second time")
 
 
 def head_presets(lm: LoadedModel, fp: ForwardPass) -> dict[str, list[tuple[int, int]]]:
@@ -191,3 +193,15 @@ def head_presets(lm: LoadedModel, fp: ForwardPass) -> dict[str, list[tuple[int, 
         cut = max(PRESET_FLOOR, PRESET_RELATIVE * float(s.max()))
         out[name] = [(int(la), int(h)) for la, h in zip(*np.nonzero(s >= cut))]
     return out
+
+
+def chosen_position(fp: ForwardPass, position: Optional[int]) -> PositionChoice:
+    """The position to use: ``position`` when given (a pinned or typed one), else
+    :func:`focus_position`; the token that actually comes next there, if any."""
+    if position is None:
+        return focus_position(fp)
+    pos = check_position(fp, position)
+    nxt = int(fp.token_ids[pos + 1]) if pos + 1 < fp.n_tokens else None
+    why = (f"position {pos} '{fp.display[pos]}', the one you chose" if nxt is not None else
+           f"position {pos} '{fp.display[pos]}', the last one: no token comes after it")
+    return PositionChoice(pos, nxt, None, why)
