@@ -88,7 +88,7 @@ def token_sequence_figure(result: TokenPredictions, per_row: int = 16) -> go.Fig
             z[r, c] = prob
             hover = (f"position {i} {quoted(tok)}<br>"
                      f"p = {prob:.4f} (rank {int(result.next_ranks[i - 1])}, "
-                     f"{float(result.surprisal_bits[i - 1]):.2f} bits)<br>"
+                     f"surprisal {float(result.surprisal_nats[i - 1]):.2f} nats)<br>"
                      f"model's top {result.k} after {quoted(result.display[i - 1])}:<br>"
                      f"{_alternatives(result, i - 1)}")
             colours.append("#111111" if prob > 0.6 else "#ffffff")
@@ -117,12 +117,12 @@ def token_sequence_table(result: TokenPredictions) -> list[dict]:
         row = {"position": i, "token": tok, "display": result.display[i],
                "token_id": int(result.token_ids[i])}
         if i == 0:
-            row.update(probability=None, rank=None, surprisal_bits=None, top_guess=None,
+            row.update(probability=None, rank=None, surprisal_nats=None, top_guess=None,
                        top_guess_probability=None)
         else:
             row.update(probability=float(result.next_probs[i - 1]),
                        rank=int(result.next_ranks[i - 1]),
-                       surprisal_bits=float(result.surprisal_bits[i - 1]),
+                       surprisal_nats=float(result.surprisal_nats[i - 1]),
                        top_guess=str(result.top_display[i - 1, 0]),
                        top_guess_probability=float(result.top_probs[i - 1, 0]))
         rows.append(row)

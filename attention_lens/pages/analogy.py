@@ -16,6 +16,7 @@ from ..app import registry
 from ..components import page as P
 from ..components import shell
 from ..figures.analogy import analogy_figure
+from ..figures.theme import number
 
 PAGE = "analogy"
 dash.register_page(__name__, path="/analogy", order=9, name="Analogy",
@@ -111,7 +112,7 @@ def results_table(res: Analogy) -> dbc.Table:
                                                      METHOD_LABELS[res.method] + " score",
                                                      "cosine to target")]))
     body = html.Tbody([html.Tr([html.Td(i + 1), html.Td(html.Code(tok)), html.Td(int(tid)),
-                                html.Td(f"{score:.4f}"), html.Td(f"{cos:.4f}")])
+                                html.Td(number(score, ".4f")), html.Td(number(cos, ".4f"))])
                        for i, (tok, tid, score, cos) in enumerate(zip(
                            res.display, res.token_ids, res.scores, res.cosine))])
     return dbc.Table([head, body], size="sm", striped=True, hover=True, responsive=True,
