@@ -79,7 +79,8 @@ def layout(**query: Any) -> html.Div:
                                  placeholder="optional"),
                   P.number_control(PAGE, "pos", q["pos"], "position",
                                    placeholder="auto (-1 = last)")],
-        body=[html.P(id=CHOICE, className="al-choice"), dbc.Row([dbc.Col(P.graph(PAGE, "heads"), lg=5),
+        body=[html.P(id=CHOICE, className="al-choice"),
+              dbc.Row([dbc.Col(P.graph(PAGE, "heads"), lg=5),
                        dbc.Col(P.graph(PAGE, "components"), lg=7)])],
         help_md=HELP, query=q, problems=problems)
 

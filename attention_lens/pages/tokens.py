@@ -28,7 +28,8 @@ Each cell is one token $t_i$ of the prompt (whitespace shown as `·` space, `↵
 `→` tab), coloured by the probability the model gave it after reading everything before it:
 $p(t_i \mid t_{<i}) = \mathrm{softmax}(x_{L,i-1} W_U + b_U)_{t_i}$.
 Bright cells were expected; dark cells surprised the model. Hover shows the rank, the
-surprisal $-\ln p$ in nats (the unit of surprisal and loss on every page) and the model's top-$k$ alternatives.
+surprisal $-\ln p$ in nats (the unit of surprisal and loss on every page) and the model's
+top-$k$ alternatives.
 
 **Click a token to pin it**: its position becomes the `pos` used by the other pages
 (predictions, logit lens, attribution, ablation) when you follow the navbar links.
