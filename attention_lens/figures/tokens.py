@@ -10,6 +10,9 @@ import plotly.graph_objects as go
 
 from .theme import GRID, SEQUENTIAL, TEMPLATE
 
+#: Outline of the pinned token (Okabe-Ito vermillion).
+PINNED = "#D55E00"
+
 if TYPE_CHECKING:
     from ..analysis.predictions import TokenPredictions
 
@@ -61,7 +64,8 @@ def cell_position(x: object, y: object, per_row: int, n_tokens: int) -> int | No
     return pos if pos < n_tokens else None
 
 
-def token_sequence_figure(result: TokenPredictions, per_row: int = 16) -> go.Figure:
+def token_sequence_figure(result: TokenPredictions, per_row: int = 16,
+                          pinned: int | None = None) -> go.Figure:
     """Tokens in reading order, coloured by p(token | everything before it); hover: alternatives.
 
     Token 0 has no prediction (nothing comes before it) and is left uncoloured. Each cell's
@@ -100,6 +104,10 @@ def token_sequence_figure(result: TokenPredictions, per_row: int = 16) -> go.Fig
         go.Scatter(x=xs, y=ys, mode="text", text=texts, textfont=dict(color=colours),
                    hoverinfo="skip", showlegend=False),
     ])
+    if pinned is not None and 0 <= pinned < p:
+        r, c = divmod(pinned, per_row)
+        fig.add_shape(type="rect", x0=c - 0.5, x1=c + 0.5, y0=r - 0.5, y1=r + 0.5,
+                      line=dict(color=PINNED, width=3))
     fig.update_layout(
         template=TEMPLATE, title="Probability of each actual token given the tokens before it",
         height=max(160, 40 * rows + 90),

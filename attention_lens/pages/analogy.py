@@ -21,7 +21,7 @@ from ..figures.theme import number
 PAGE = "analogy"
 dash.register_page(__name__, path="/analogy", order=9, name="Analogy",
                    title="Analogy · Attention Lens",
-                   description="Vector arithmetic on embeddings: king − man + woman = ?")
+                   description="Vector arithmetic on embeddings: England − English + French = ?")
 
 TERM, REMOVE, TOKENS = "analogy-term", "analogy-remove", "analogy-tokens"
 SIGNS = ("plus", "minus")
@@ -47,8 +47,8 @@ class TermsParam:
 
 
 CONTROLS = {
-    "plus": TermsParam(("king", "woman")),
-    "minus": TermsParam(("man",)),
+    "plus": TermsParam(("England", "French")),
+    "minus": TermsParam(("English",)),
     "method": P.ChoiceParam("3cosadd", METHODS),
     "matrix": P.ChoiceParam("W_E", MATRICES),
     "k": P.IntParam(10, 1, 100),
@@ -144,7 +144,11 @@ def layout(**query: Any) -> html.Div:
     return P.page_layout(
         PAGE, "Analogy: vector arithmetic on embeddings",
         description="Add and subtract words; the nearest tokens to the result are listed, "
-                    "inputs excluded.",
+                    "inputs excluded. The page opens on England − English + French: each "
+                    "word is one token of the shipped models, and the two-layer model's "
+                    "token embeddings answer France (country ↔ language). The classic "
+                    "king − man + woman = queen is too much for a 4,096-token model: "
+                    "' queen' and ' woman' are not single tokens there.",
         controls=[
             builder,
             P.select_control(PAGE, "method", q["method"],

@@ -41,7 +41,10 @@ def panels(state: dict, query: dict) -> list[P.Panel]:
     lm = registry().get(state["model"])
     fp = registry().forward(state["text"], state["model"])
     result = token_predictions(lm, fp, k=query["k"])
-    return [P.Panel("tokens", token_sequence_figure(result, per_row=query["per_row"]), result)]
+    pinned = state.get("pos")
+    pinned = pinned + fp.n_tokens if isinstance(pinned, int) and pinned < 0 else pinned
+    return [P.Panel("tokens", token_sequence_figure(result, per_row=query["per_row"],
+                                                    pinned=pinned), result)]
 
 
 P.register_panels(PAGE, panels, CONTROLS)
