@@ -14,6 +14,15 @@ if TYPE_CHECKING:
     from ..analysis.logit_lens import LogitLens
 
 Colour = Literal["top", "actual", "target"]
+#: Each position's column is at least this wide (px); longer prompts scroll inside the box.
+MIN_CELL = 46
+#: Cell text is cut to this many characters (the hover shows the whole token).
+CELL_CHARS = 6
+
+
+def cell_text(token: str, n: int = CELL_CHARS) -> str:
+    """A token as shown in a cell: at most ``n`` characters, "…" when cut."""
+    return token if len(token) <= n else token[: n - 1] + "…"
 
 
 def logit_lens_figure(result: LogitLens, colour: Colour = "top") -> go.Figure:
@@ -45,7 +54,8 @@ def logit_lens_figure(result: LogitLens, colour: Colour = "top") -> go.Figure:
                              f"p = {result.target_probs[si, i]:.4f}, "
                              f"rank {result.target_ranks[si, i]}")
             hover[si, i] = "<br>".join(lines)
-    text = np.vectorize(lambda d: esc(str(d)), otypes=[object])(result.top_display[..., 0])
+    text = np.vectorize(lambda d: esc(cell_text(str(d))), otypes=[object])(
+        result.top_display[..., 0])
     fig = go.Figure(go.Heatmap(
         z=z, x=[esc(label) for label in position_labels(list(result.display))],
         y=[esc(label) for label in result.stage_labels], text=text, texttemplate="%{text}",
@@ -59,6 +69,8 @@ def logit_lens_figure(result: LogitLens, colour: Colour = "top") -> go.Figure:
                    tickangle=-60),
         yaxis=dict(type="category", autorange="reversed"),
         height=max(300, 40 * s + 200),
+        # a readable minimum width per position: wider than the page scrolls in its box
+        width=MIN_CELL * p + 260,
     )
     return finish(fig)
 

@@ -12,6 +12,8 @@ from .theme import GRID, SEQUENTIAL, TEMPLATE
 
 #: Outline of the pinned token (Okabe-Ito vermillion).
 PINNED = "#D55E00"
+#: Each cell is at least this wide (px); a wider grid scrolls inside its box.
+MIN_CELL = 44
 
 if TYPE_CHECKING:
     from ..analysis.predictions import TokenPredictions
@@ -110,7 +112,7 @@ def token_sequence_figure(result: TokenPredictions, per_row: int = 16,
                       line=dict(color=PINNED, width=3))
     fig.update_layout(
         template=TEMPLATE, title="Probability of each actual token given the tokens before it",
-        height=max(160, 40 * rows + 90),
+        height=max(160, 40 * rows + 90), width=MIN_CELL * per_row + 140,
         xaxis=dict(visible=False, range=[-0.5, per_row - 0.5]),
         yaxis=dict(visible=False, autorange="reversed"),
         plot_bgcolor=GRID,
