@@ -42,7 +42,7 @@ def head_scores_figure(result: HeadDetection) -> go.Figure:
     L, H = result.probe_induction.shape
     cols = 3
     fig = make_subplots(rows=2, cols=cols, subplot_titles=[g[0] for g in grids],
-                        horizontal_spacing=0.05, vertical_spacing=0.16)
+                        horizontal_spacing=0.05, vertical_spacing=0.2)
     x, y = [str(h) for h in range(H)], [str(la) for la in range(L)]
     text = "%{z:.2f}" if H <= 16 and L <= 12 else ""
     for i, (title, z, (zmin, zmax)) in enumerate(grids):
@@ -51,7 +51,8 @@ def head_scores_figure(result: HeadDetection) -> go.Figure:
             texttemplate=text, textfont=dict(size=8), hoverongaps=False,
             hovertemplate=f"{title}<br>layer %{{y}}, head %{{x}}: %{{z:.3f}}<extra></extra>",
         ), row=i // cols + 1, col=i % cols + 1)
-    fig.update_xaxes(type="category", title_text="head", title_standoff=2)
+    fig.update_xaxes(type="category")
+    fig.update_xaxes(title_text="head", title_standoff=2, row=2)
     fig.update_yaxes(type="category", autorange="reversed", title_text="layer")
     fig.update_annotations(font_size=11)
     fig.update_layout(

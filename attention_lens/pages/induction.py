@@ -11,6 +11,7 @@ from dash import Output, callback, html
 
 from ..analysis.circuits import check_head
 from ..analysis.composition import KINDS, Composition, composition_scores
+from ..analysis.defaults import HeadChoice, strongest_head
 from ..analysis.eigen import circuit_eigenvalues
 from ..analysis.errors import AnalysisError
 from ..analysis.heads import (
@@ -76,8 +77,9 @@ column and the diagonal, when excluded, are left out of $|A - P|$ as in Transfor
 **Labels** (thresholds: pattern score $\ge 0.4$, self $\ge 0.5$, copying $\ge 0.7$,
 normalised entropy $\ge 0.75$ for diffuse) use the probe's induction and previous-token
 scores ("probe") or the prompt's ("prompt"). **Examples** list the strongest
-"query ← key: weight" entries of $A \odot P$ for the selected head (empty boxes: the head
-with the highest probe induction score).
+"query ← key: weight" entries of $A \odot P$ for the selected head (empty boxes: the
+strongest induction head on this prompt when it repeats itself, else the head with the
+highest probe induction score).
 
 **Composition** of an earlier head $h_1$ ($L = W_{OV}^{h_1}$) into a later head $h_2$:
 Q: $\lVert L\, W_{QK}^{h_2} \rVert_F / (\lVert L \rVert_F \lVert W_{QK}^{h_2} \rVert_F)$,
@@ -136,10 +138,13 @@ def labels_of(hd: HeadDetection, source: str) -> list[list[str]]:
     return labels
 
 
-def selected_head(hd: HeadDetection, layer: Optional[int], head: Optional[int]
-                  ) -> tuple[int, int]:
-    """The head whose examples are listed: the one asked for, else the best probe inductor."""
+def selected_head(hd: HeadDetection, layer: Optional[int], head: Optional[int],
+                  prompt_choice: Optional[HeadChoice] = None) -> tuple[int, int]:
+    """The head whose examples are listed: the one asked for, else the strongest induction
+    head on this prompt when it repeats itself, else the best inductor on the probe."""
     if layer is None and head is None:
+        if prompt_choice is not None and prompt_choice.kind == "induction":
+            return prompt_choice.layer, prompt_choice.head
         flat = int(np.argmax(hd.probe_induction))
         return divmod(flat, hd.probe_induction.shape[1])
     return (0 if layer is None else layer), (0 if head is None else head)
@@ -157,7 +162,8 @@ def panels(state: dict, query: dict) -> list[P.Panel]:
     """Score grids, labels, the selected head's examples and the composition heatmaps."""
     lm = registry().get(state["model"])
     hd = detection(state, query)
-    layer, head = selected_head(hd, query["layer"], query["head"])
+    fp = registry().forward(state["text"], state["model"])
+    layer, head = selected_head(hd, query["layer"], query["head"], strongest_head(lm, fp))
     check_head(lm, layer, head)
     src = query["src"]
     if src is not None and not 0 <= src < lm.cfg.n_layers - 1:
