@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .server import ENV_PREFIX, ConfigError, ServerConfig, write_user
+from .auth import write_user
+from .config import ENV_PREFIX, ConfigError, ServerConfig
 
 DEFAULT_USERS_FILE = "users.txt"
 
