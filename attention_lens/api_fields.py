@@ -56,6 +56,8 @@ def json_body(allowed: set[str]) -> dict[str, Any]:
             from None
     except RecursionError:
         raise ApiError("malformed JSON: nested too deeply") from None
+    except ValueError as exc:  # an integer literal of thousands of digits
+        raise ApiError(f"malformed JSON: {str(exc)[:120]}") from None
     if not isinstance(body, dict):
         raise ApiError("the request body must be a JSON object")
     _check_unicode(body)

@@ -21,7 +21,7 @@ import flask
 
 from .auth import LabAuth, UserStore, read_users, write_user
 from .config import ENV_PREFIX, ConfigError, ServerConfig, check_device, is_loopback
-from .guards import install_callback_guard, install_error_handlers
+from .guards import install_callback_guard, install_error_handlers, install_request_checks
 from .registry import Registry
 
 log = logging.getLogger("attention_lens.server")
@@ -103,6 +103,7 @@ def create_server(config: Optional[ServerConfig] = None, registry: Optional[Regi
         app._attention_lens_auth = LabAuth(app, users, secret)  # keep a reference
     else:
         server.secret_key = secret
+    install_request_checks(server, config.url_prefix)
     install_callback_guard(app, config.url_prefix)
     server.register_blueprint(create_api(registry, config), url_prefix=config.url_prefix + "api")
     install_error_handlers(server, config.url_prefix)
