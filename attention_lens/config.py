@@ -80,19 +80,33 @@ class ServerConfig:
     max_body: int = 1 << 20
     secret_key: Optional[str] = None
     torch_threads: Optional[int] = None
+    auth_rate: str = "10/minute"
+    auth_storage: str = "memory://"
+    hash_slots: int = 1
+    proxy_hops: int = 0
+    max_exports: int = 2
+    export_timeout: int = 120
 
     def __post_init__(self) -> None:
         self.models_dirs = [Path(d) for d in self.models_dirs]
         self.auth_file = Path(self.auth_file) if self.auth_file else None
         self.url_prefix = normalize_prefix(self.url_prefix)
         for name, minimum in (("port", 0), ("max_models", 1), ("cache_size", 1),
-                              ("max_body", 1024)):
+                              ("max_body", 1024), ("hash_slots", 1), ("proxy_hops", 0),
+                              ("max_exports", 1), ("export_timeout", 1)):
             if int(getattr(self, name)) < minimum:
                 raise ConfigError(f"{name} must be at least {minimum}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ConfigError("max_tokens must be at least 1")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ConfigError("torch_threads must be at least 1")
+        try:
+            from limits import parse
+
+            parse(self.auth_rate)
+        except ValueError:
+            raise ConfigError(f"auth_rate {self.auth_rate!r}: expected a rate such as "
+                              "10/minute") from None
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides: Any) -> "ServerConfig":
@@ -106,7 +120,8 @@ class ServerConfig:
             key = f.name.upper()
             if f.name in {"debug", "allow_anonymous"}:
                 values[f.name] = _parse_bool(raw, key)
-            elif f.name in {"port", "max_models", "cache_size", "max_body"}:
+            elif f.name in {"port", "max_models", "cache_size", "max_body", "hash_slots",
+                            "proxy_hops", "max_exports", "export_timeout"}:
                 values[f.name] = _parse_int(raw, key)
             elif f.name in {"max_tokens", "torch_threads"}:
                 values[f.name] = _parse_int(raw, key, 1) if raw.strip() else None

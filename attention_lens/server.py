@@ -18,8 +18,9 @@ from typing import Any, Callable, Mapping, Optional
 
 import dash
 import flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
-from .auth import LabAuth, UserStore, read_users, write_user
+from .auth import LabAuth, SignInThrottle, UserStore, read_users, write_user
 from .config import ENV_PREFIX, ConfigError, ServerConfig, check_device, is_loopback
 from .guards import install_callback_guard, install_error_handlers, install_request_checks
 from .registry import Registry
@@ -87,6 +88,9 @@ def create_server(config: Optional[ServerConfig] = None, registry: Optional[Regi
     app = _create_dash_app(registry, config, app_factory)
     server: flask.Flask = app.server
     server.config["MAX_CONTENT_LENGTH"] = config.max_body
+    if config.proxy_hops:  # client addresses (for throttling) from the proxies' headers
+        server.wsgi_app = ProxyFix(server.wsgi_app, x_for=config.proxy_hops,  # type: ignore
+                                   x_proto=config.proxy_hops)
     server.config["PROPAGATE_EXCEPTIONS"] = False
     server.config["TRAP_HTTP_EXCEPTIONS"] = False
     server.json.sort_keys = False  # type: ignore[attr-defined]
@@ -97,10 +101,16 @@ def create_server(config: Optional[ServerConfig] = None, registry: Optional[Regi
         if not config.auth_file.is_file():
             raise ConfigError(f"users file {config.auth_file} does not exist: create it with "
                               "'attention-lens add-user NAME --auth-file PATH'")
-        users = UserStore(config.auth_file)
+        users = UserStore(config.auth_file, hash_slots=config.hash_slots)
+        if users.problem:
+            raise ConfigError(f"users file {config.auth_file}: {users.problem}")
         if not users.names():
             raise ConfigError(f"users file {config.auth_file} has no users")
-        app._attention_lens_auth = LabAuth(app, users, secret)  # keep a reference
+        try:
+            throttle = SignInThrottle(config.auth_rate, config.auth_storage)
+        except Exception as exc:  # noqa: BLE001 - limits raises several kinds for a bad URI
+            raise ConfigError(f"auth_storage {config.auth_storage!r}: {exc}") from None
+        app._attention_lens_auth = LabAuth(app, users, secret, throttle)  # keep a reference
     else:
         server.secret_key = secret
     install_request_checks(server, config.url_prefix)
