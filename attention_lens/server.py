@@ -106,13 +106,18 @@ class ServerConfig:
     max_body: int = 1 << 20
     secret_key: Optional[str] = None
     torch_threads: Optional[int] = None
+    cache_dir: Optional[Path] = None
+    celery_broker: Optional[str] = None
+    max_jobs: int = 2
 
     def __post_init__(self) -> None:
         self.models_dirs = [Path(d) for d in self.models_dirs]
         self.auth_file = Path(self.auth_file) if self.auth_file else None
+        self.cache_dir = Path(self.cache_dir) if self.cache_dir else None
+        self.celery_broker = self.celery_broker or None
         self.url_prefix = normalize_prefix(self.url_prefix)
         for name, minimum in (("port", 0), ("max_models", 1), ("cache_size", 1),
-                              ("max_body", 1024)):
+                              ("max_body", 1024), ("max_jobs", 1)):
             if int(getattr(self, name)) < minimum:
                 raise ConfigError(f"{name} must be at least {minimum}")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -132,13 +137,13 @@ class ServerConfig:
             key = f.name.upper()
             if f.name in {"debug", "allow_anonymous"}:
                 values[f.name] = _parse_bool(raw, key)
-            elif f.name in {"port", "max_models", "cache_size", "max_body"}:
+            elif f.name in {"port", "max_models", "cache_size", "max_body", "max_jobs"}:
                 values[f.name] = _parse_int(raw, key)
             elif f.name in {"max_tokens", "torch_threads"}:
                 values[f.name] = _parse_int(raw, key, 1) if raw.strip() else None
             elif f.name == "models_dirs":
                 values[f.name] = [Path(p) for p in raw.split(os.pathsep) if p.strip()]
-            elif f.name == "auth_file":
+            elif f.name in {"auth_file", "cache_dir"}:
                 values[f.name] = Path(raw) if raw.strip() else None
             else:
                 values[f.name] = raw
@@ -373,6 +378,13 @@ def build_registry(config: ServerConfig) -> Registry:
                     device=config.device)
 
 
+def build_background(config: ServerConfig) -> Any:
+    """The background-callback manager and shared stores described by ``config``."""
+    from . import background
+
+    return background.create(config.cache_dir, config.celery_broker, config.max_jobs)
+
+
 def check_device(device: str) -> None:
     """Refuse a torch device this machine cannot use (``--device cuda`` without a GPU)."""
     import torch
@@ -391,7 +403,8 @@ def check_device(device: str) -> None:
 
 
 def _create_dash_app(registry: Registry, config: ServerConfig,
-                     create_app: Optional[Callable[..., dash.Dash]] = None) -> dash.Dash:
+                     create_app: Optional[Callable[..., dash.Dash]] = None,
+                     background: Any = None) -> dash.Dash:
     """Call the app factory with the options it accepts."""
     if create_app is None:
         from .app import create_app
@@ -399,7 +412,8 @@ def _create_dash_app(registry: Registry, config: ServerConfig,
     params = inspect.signature(create_app).parameters
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     options: dict[str, Any] = {}
-    wanted = {"url_base_pathname": config.url_prefix, "max_tokens": config.max_tokens}
+    wanted = {"url_base_pathname": config.url_prefix, "max_tokens": config.max_tokens,
+              "background": background}
     if config.url_prefix != "/":
         wanted["requests_pathname_prefix"] = config.url_prefix
         wanted["routes_pathname_prefix"] = config.url_prefix
@@ -432,15 +446,18 @@ def create_server(config: Optional[ServerConfig] = None, registry: Optional[Regi
     for entry in registry.entries():
         if entry.error:
             log.warning("model %s is unavailable: %s", entry.name, entry.error)
-    app = _create_dash_app(registry, config, app_factory)
+    bg = build_background(config)
+    app = _create_dash_app(registry, config, app_factory, bg)
     server: flask.Flask = app.server
     server.config["MAX_CONTENT_LENGTH"] = config.max_body
     server.config["PROPAGATE_EXCEPTIONS"] = False
     server.config["TRAP_HTTP_EXCEPTIONS"] = False
     server.json.sort_keys = False  # type: ignore[attr-defined]
     server.debug = bool(config.debug)
-    server.extensions["attention_lens"] = {"registry": registry, "config": config}
-    secret = config.secret_key or secrets.token_hex(32)
+    server.extensions["attention_lens"] = {"registry": registry, "config": config,
+                                           "background": bg}
+    # one secret for every web worker (it signs sessions and background-job handles)
+    secret = config.secret_key or bg.shared_secret()
     if config.auth_file is not None:
         if not config.auth_file.is_file():
             raise ConfigError(f"users file {config.auth_file} does not exist: create it with "
