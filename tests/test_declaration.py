@@ -143,3 +143,32 @@ def test_slots_expire_when_a_job_dies(bg, monkeypatch):
     time.sleep(0.8)
     assert bg.slots.active() == []
     assert shell.alert("x") is not None
+
+
+@pytest.mark.browser
+def test_recipe_page_in_the_browser_runs_its_job_and_draws(dash_duo, tmp_path, registry, bg):
+    """The background callback really runs (a forked job process) and its result is drawn."""
+    import time
+
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    (pages / "top_copying.py").write_text(recipe_code(), encoding="utf-8")
+    dash_duo.start_server(create_app(registry, background=bg, pages_folder=pages))
+    dash_duo.driver.get(f"{dash_duo.server_url}/top-copying?model=attn-only-2l&k=6")
+    js = ("(() => {const h = document.getElementById(JSON.stringify({name: 'copying', "
+          "page: 'top-copying', type: 'al-graph'})); const gd = h && "
+          "h.querySelector('.js-plotly-plot'); return gd && gd._fullData && "
+          "gd._fullData.length && gd._fullData[0].type === 'heatmap';})()")
+    end = time.time() + 60
+    while time.time() < end and not dash_duo.driver.execute_script(f"return {js};"):
+        time.sleep(0.3)
+    assert dash_duo.driver.execute_script(f"return {js};"), "the job's figure never arrived"
+    lm = registry.get("attn-only-2l")
+    stats = W.store().stats(lm, W.circuit_eigenvalues())
+    assert stats["computed"] == 1
+    import os
+
+    assert stats["computed_by"]["pid"] != os.getpid()  # computed in the job's own process
+    assert bg.slots.active() == []
+    assert "Showing the top 6 tokens." in dash_duo.driver.find_element(
+        "id", "top-copying-alerts").text
