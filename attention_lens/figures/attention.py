@@ -97,9 +97,11 @@ def attention_grid_figure(result: AttentionPatterns,
     z, labels, is_pooled = pooled(masked(result.patterns[rows]), _labels(result.display))
     what = "max weight in block" if is_pooled else "weight"
     unit = "positions " if is_pooled else ""
+    # heads name the columns (top row) and layers the rows: short labels that fit a phone
     fig = make_subplots(rows=len(rows), cols=n_heads, horizontal_spacing=0.01,
                         vertical_spacing=0.03 if len(rows) > 1 else 0.0, subplot_titles=[
-                            f"L{layer}H{head}" for layer in rows for head in range(n_heads)])
+                            f"H{head}" if r == 0 else "" for r in range(len(rows))
+                            for head in range(n_heads)])
     for r, layer in enumerate(rows):
         for head in range(n_heads):
             fig.add_trace(go.Heatmap(
@@ -109,7 +111,9 @@ def attention_grid_figure(result: AttentionPatterns,
             ), row=r + 1, col=head + 1)
     fig.update_xaxes(showticklabels=False, type="category")
     fig.update_yaxes(showticklabels=False, type="category", autorange="reversed")
-    fig.update_annotations(font_size=10)
+    for r, layer in enumerate(rows):
+        fig.update_yaxes(title_text=f"L{layer}", title_standoff=2, row=r + 1, col=1)
+    fig.update_annotations(font_size=9)
     if selected is not None and int(selected[0]) in rows and 0 <= selected[1] < n_heads:
         r, c = rows.index(int(selected[0])) + 1, int(selected[1]) + 1
         fig.add_shape(type="rect", xref="x domain", yref="y domain", x0=-0.04, x1=1.04,
