@@ -81,7 +81,9 @@ figs.forEach(gd => {
     if (area(inner[i].r, inner[j].r) > 4)
       problems.push(`${id}: ${inner[i].name} overlaps ${inner[j].name}`); }
   boxes.concat(texts.filter(t => t.kind !== 'label')).forEach(b => plots.forEach(p => {
-    if (area(b.r, p.r) > 4) problems.push(`${id}: ${b.name} covers a plot area`); }));
+    if (area(b.r, p.r) > 4) problems.push(`${id}: ${b.name} covers a plot area ` +
+      `(${[b.r.l, b.r.t, b.r.r, b.r.b].map(Math.round)} on ${[p.r.l, p.r.t, p.r.r, p.r.b].map(Math.round)})`);
+  }));
   const mb = gd.querySelector('.modebar');
   if (mb) gd.querySelectorAll('.gtitle').forEach(t => {
     if (area(box(mb), box(t)) > 1) problems.push(`${id}: the toolbar covers the title`); });
@@ -108,6 +110,7 @@ return {figures: figs.length, problems: problems};
 #: Every graph on the page has drawn its analysis (the blank placeholder has no title).
 DRAWN_JS = """
 const figs = [...document.querySelectorAll('.al-graph .js-plotly-plot')];
+if (figs.length < document.querySelectorAll('.al-graph').length) { return false; }
 return figs.every(g => g._fullLayout && !g.classList.contains('dash-graph--pending') &&
                        ((g._fullData || []).length > 0 ||
                         (g.layout && g.layout.title && g.layout.title.text)));
@@ -219,14 +222,15 @@ def real_click(duo, x: float, y: float) -> None:
 def graph_js(page: str, name: str) -> str:
     """JS expression for the plotly div of a page's graph."""
     gid = json.dumps({"name": name, "page": page, "type": "al-graph"}, separators=(",", ":"))
-    return f"document.getElementById({json.dumps(gid)}).querySelector('.js-plotly-plot')"
+    return (f"(document.getElementById({json.dumps(gid)}) || document.body)"
+            ".querySelector('.js-plotly-plot')")
 
 
 def test_clicking_a_token_pins_it_for_the_predictions_page(lens, registry):
     set_size(lens, *SIZES["desktop"])
     lens.driver.get(url(lens, "/tokens", model=MODEL, text=shell.DEFAULT_PROMPT))
     gd = graph_js("tokens", "tokens")
-    wait(lens, f"{gd}._fullData && {gd}._fullData.length > 1", what="the token grid")
+    wait(lens, f"{gd} && {gd}._fullData && {gd}._fullData.length > 1", what="the token grid")
     lens.wait_for_contains_text("#tokens-pinned", "No token pinned", timeout=TIMEOUT)
     per_row = int(lens.find_element("#tokens-per_row").get_attribute("value") or 16)
     pos = 30
@@ -241,7 +245,7 @@ def test_clicking_a_token_pins_it_for_the_predictions_page(lens, registry):
     # ...and reaches the predictions page through the navbar link
     lens.driver.find_element(By.LINK_TEXT, "Predictions").click()
     nt = graph_js("predictions", "next-token")
-    wait(lens, f"location.pathname === '/predictions' && {nt}._fullLayout && "
+    wait(lens, f"location.pathname === '/predictions' && {nt} && {nt}._fullLayout && "
                f"{nt}._fullLayout.title.text.indexOf('(position {pos})') >= 0",
          what="the predictions at the pinned position")
     assert lens.find_element("#predictions-pos").get_attribute("value") == str(pos)
@@ -252,11 +256,12 @@ def test_clicking_a_head_thumbnail_shows_that_head(lens):
     set_size(lens, *SIZES["desktop"])
     lens.driver.get(url(lens, "/attention", model=MODEL, text=shell.DEFAULT_PROMPT))
     pattern, grid = graph_js("attention", "pattern"), graph_js("attention", "all-heads")
-    wait(lens, f"{pattern}._fullLayout && {pattern}._fullLayout.title.text"
+    wait(lens, f"{pattern} && {pattern}._fullLayout && {pattern}._fullLayout.title.text"
                ".indexOf('Layer 1, head 0') === 0", what="the default head L1H0")
     lens.wait_for_contains_text("#attention-choice", "strongest induction head on this prompt",
                                 timeout=TIMEOUT)
-    wait(lens, f"{grid}._fullData && {grid}._fullData.length === 24", what="the grid")
+    wait(lens, f"{grid} && {grid}._fullData && {grid}._fullData.length === 24",
+         what="the grid")
     # L0H2 is the third thumbnail of the first row: subplot 3
     x, y = cell_point(lens, grid, 20, 30, "xaxis3", "yaxis3")
     real_click(lens, x, y)
