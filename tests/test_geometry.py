@@ -8,7 +8,11 @@ page scrolls sideways. Clicks are real pointer events (Selenium ActionChains at 
 pixel position, read from the figure's own axes), never forged callback payloads.
 
 Screenshots of every page at both widths land in ``$ATTENTION_LENS_SCREENSHOTS`` (default
-``/tmp/dash_artifacts/geometry``): look at them.
+``/tmp/dash_artifacts/geometry``): look at them. With ``ATTENTION_LENS_README_SHOTS=DIR``
+the test also writes the README's small pictures of :data:`README_PAGES` into DIR::
+
+    ATTENTION_LENS_README_SHOTS=assets/screenshots .venv/bin/python -m pytest \
+        tests/test_geometry.py -k laid_out
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ SHOTS = Path(os.environ.get("ATTENTION_LENS_SCREENSHOTS", "/tmp/dash_artifacts/g
 MODEL = "attn-only-2l"
 TIMEOUT = 60
 SIZES = {"desktop": (1440, 1000), "phone": (390, 844)}
+#: Pages pictured in the README, and the scale of their pictures (kept small).
+README_PAGES = ("attention", "induction", "logit-lens", "ablation")
+README_SCALE = {"desktop": 0.5, "phone": 0.6}
+README_SHOTS = os.environ.get("ATTENTION_LENS_README_SHOTS")
 
 #: Every figure against its box, every pair of figures, tables and headings, every title
 #: and tick label against its figure's edge and the toolbar, and sideways page scroll.
@@ -164,6 +172,18 @@ def full_screenshot(duo, path: Path, width: int, height: int) -> None:
     set_size(duo, width, height)
 
 
+def small_screenshot(duo, path: Path, scale: float) -> None:
+    """The whole page as a PNG scaled by ``scale`` (Chromium scales it: no image library)."""
+    import base64
+
+    size = duo.driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+    shot = duo.driver.execute_cdp_cmd("Page.captureScreenshot", {
+        "format": "png", "captureBeyondViewport": True,
+        "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"],
+                 "scale": scale}})
+    path.write_bytes(base64.b64decode(shot["data"]))
+
+
 @pytest.fixture
 def lens(dash_duo, registry):
     """The app over the shipped weights, served on a local port."""
@@ -191,6 +211,9 @@ def test_every_page_is_laid_out_on_first_load(lens, size):
         report = page_geometry(lens)
         name = path.strip("/") or "overview"
         full_screenshot(lens, SHOTS / f"{name}-{size}.png", width, height)
+        if README_SHOTS and name in README_PAGES:
+            small_screenshot(lens, Path(README_SHOTS) / f"{name}-{size}.png",
+                             README_SCALE[size])
         if path != "/":
             assert report["figures"] > 0, f"{path}: no figure"
         if report["problems"]:

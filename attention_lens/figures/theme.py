@@ -170,18 +170,22 @@ def styled(fig: go.Figure, theme: Optional[str] = "dark") -> go.Figure:
         fig.update_layout(margin_t=max(MODEBAR_ROOM + 4, top))
     fig.update_xaxes(automargin=True)
     fig.update_yaxes(automargin=True)
+    def narrow(bar: go.heatmap.ColorBar) -> None:
+        # in the right margin (placed against the figure's edge), whatever the plot's width
+        bar.update(thickness=COLORBAR_THICKNESS, xref="container", x=1.0, xanchor="right",
+                   xpad=8)
+        bar.title.side = "right"
+
     bars = False
     for trace in fig.data:
         if "colorbar" in trace and getattr(trace, "showscale", None) is not False \
                 and getattr(trace, "coloraxis", None) is None:
-            trace.colorbar.thickness = COLORBAR_THICKNESS
-            trace.colorbar.title.side = "right"
+            narrow(trace.colorbar)
             bars = True
     for name in ("coloraxis", "coloraxis2", "coloraxis3"):
         axis = fig.layout[name] if name in fig.layout else None
         if axis is not None and axis.colorscale is not None:
-            axis.colorbar.thickness = COLORBAR_THICKNESS
-            axis.colorbar.title.side = "right"
+            narrow(axis.colorbar)
             bars = True
     if bars:  # room for the colour bars beside the plot, so they never sit on it
         right = fig.layout.margin.r
