@@ -178,3 +178,99 @@ def test_a_slow_socket_is_dropped_at_the_read_deadline(tmp_path):
         for s in socks:
             s.close()
         server.stop()
+
+
+def app_py(tmp_path, *flags: str, auth: bool = True) -> Server:
+    port = free_port()
+    args = [sys.executable, "app.py", "--port", str(port), *flags]
+    if auth:
+        users = tmp_path / "users.txt"
+        write_user(users, "alice", PASSWORD)
+        args += ["--auth-file", str(users)]
+    return Server(args, {"ATTENTION_LENS_TORCH_THREADS": "1"}, port)
+
+
+def test_python_app_py_holds_against_slow_sockets(tmp_path):
+    server = app_py(tmp_path)
+    socks: list[socket.socket] = []
+    try:
+        server.wait_ready("/api/models", AUTH)
+        socks = slow_sockets(server.port, 4, "/")
+        latencies = []
+        for _ in range(4):
+            trickle(socks)
+            t0 = time.perf_counter()
+            status, _ = server.get("/api/models", AUTH, timeout=8)
+            latencies.append(time.perf_counter() - t0)
+            assert status == 200
+            time.sleep(0.5)
+        print(f"app.py, 4 slow sockets: max {max(latencies) * 1000:.0f} ms")
+        assert max(latencies) < 3.0, latencies
+    finally:
+        for s in socks:
+            s.close()
+        server.stop()
+
+
+def test_debug_mode_has_no_werkzeug_console_and_stays_on_loopback(tmp_path):
+    refused = subprocess.run([sys.executable, "app.py", "--debug", "--host", "0.0.0.0",
+                              "--port", str(free_port()), "--allow-anonymous"], cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 2 and "debug" in refused.stderr, refused.stderr[-500:]
+    server = app_py(tmp_path, "--debug", auth=False)
+    try:
+        server.wait_ready("/api/models")
+        for path in ("/console", "/console?__debugger__=yes&cmd=resource&f=debugger.js"):
+            try:
+                status, body = server.get(path)
+            except urllib.error.HTTPError as exc:
+                status, body = exc.code, exc.read()
+            text = body.decode("utf-8", "replace")
+            # Werkzeug's console page sets EVALEX and SECRET; its debugger.js defines them too
+            assert "EVALEX" not in text and "SECRET" not in text, (path, status)
+            assert "Interactive Console" not in text and "Werkzeug" not in text
+    finally:
+        server.stop()
+
+
+def _gunicorn_anonymous(args: list[str], port: int) -> Server:
+    cmd = [sys.executable, "-m", "gunicorn", "app:server", "-w", "1", *args]
+    env = {"ATTENTION_LENS_TORCH_THREADS": "1", "ATTENTION_LENS_AUTH_FILE": "",
+           "ATTENTION_LENS_ALLOW_ANONYMOUS": "", "GUNICORN_CMD_ARGS": ""}
+    return Server(cmd, env, port)
+
+
+@pytest.mark.parametrize("how", ["python -m gunicorn", "config file", "preload"])
+def test_anonymous_service_beyond_loopback_is_refused_under_any_launcher(tmp_path, how):
+    """Bound on every interface without a users file: nothing is served (requests only ever
+    go to 127.0.0.1, which a 0.0.0.0 socket also answers)."""
+    port = free_port()
+    args = ["-b", f"0.0.0.0:{port}"]
+    if how == "config file":
+        conf = tmp_path / "conf.py"
+        conf.write_text(f"bind = ['0.0.0.0:{port}']\n")
+        args = ["-c", str(conf)]
+    elif how == "preload":
+        args.append("--preload")
+    server = _gunicorn_anonymous(args, port)
+    try:
+        deadline = time.monotonic() + 90
+        outcome = None
+        while time.monotonic() < deadline and outcome is None:
+            if server.proc.poll() is not None:
+                outcome = f"exited {server.proc.returncode}"
+                break
+            try:
+                status, _ = server.get("/api/models", timeout=5)
+                outcome = f"served {status}"
+            except urllib.error.HTTPError as exc:
+                outcome = f"refused {exc.code}: {exc.read()[:200]!r}"
+            except OSError:
+                time.sleep(0.5)
+        log = server.stop()
+        assert outcome is not None and not outcome.startswith("served"), (outcome, log)
+        assert "refusing to listen on 0.0.0.0" in log or "refused 503" in outcome, (outcome,
+                                                                                     log)
+    finally:
+        server.stop()
