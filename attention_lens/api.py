@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 import flask
 
+from . import background
+from . import weight_analyses as W
 from .analysis.errors import AnalysisError
 from .analysis.forward import ForwardPass
 from .api_fields import (
@@ -33,6 +35,7 @@ from .api_fields import (
     words_field,
 )
 from .api_json import jsonable
+from .background import BusyError
 from .model.checkpoint import LoadedModel
 from .registry import Registry
 
@@ -66,6 +69,8 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
                     result = fn()
                 except ApiError as exc:
                     return flask.jsonify(error=str(exc)), exc.status
+                except BusyError as exc:
+                    return flask.jsonify(error=str(exc)), 503, {"Retry-After": "5"}
                 except AnalysisError as exc:
                     return flask.jsonify(error=str(exc)), 400
                 return flask.jsonify(result)
@@ -194,11 +199,12 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         k = int_field(q, "top_k", 10, 1, min(MAX_GRID_K, lm.cfg.d_vocab))
         n_dir = int_field(q, "n_directions", 3, 0, lm.cfg.d_head,
                           f" (d_head of {lm.name})")
-        if (k, n_dir) == (10, 3):  # the default view is cached per model
-            res = registry.weights(lm.name, ("api-svd", which),
-                                   lambda m: circuit_svd(m, which, n_dir, k))
+        if n_dir <= W.SVD_DIRECTIONS and k <= W.SVD_TOP_K:  # cut from the shared result
+            (full,) = W.store().get_or_compute(lm, W.circuit_svd(which))
+            res = full.top(n_dir, k)
         else:
-            res = circuit_svd(lm, which, n_dir, k)
+            with background.current().slots.job(f"{which} circuit SVD"):
+                res = circuit_svd(lm, which, n_dir, k)
         data = jsonable(res)
         if layer is not None:
             sel = (lambda v: v[layer]) if head is None else (lambda v: v[layer][head])
@@ -209,7 +215,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
     # ---------------------------------------------------------------- embeddings
     @endpoint("/embeddings", ("GET",))
     def embeddings() -> dict[str, Any]:
-        from .analysis.embeddings import MATRICES, TOKEN_FILTERS, embedding_pca, project_tokens
+        from .analysis.embeddings import MATRICES, TOKEN_FILTERS, project_tokens
 
         q = query_params({"model", "matrix", "filter", "max_tokens", "n_components",
                           "n_clusters", "text"}, {"max_tokens", "n_components", "n_clusters"})
@@ -219,15 +225,8 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         n_max = int_field(q, "max_tokens", 2000, 1, lm.cfg.d_vocab, " (the vocabulary size)")
         n_comp = int_field(q, "n_components", 2, 1, 10)
         n_clusters = int_field(q, "n_clusters", 8, 1, 50)
-        args = (matrix, token_filter, n_max, n_comp, n_clusters)
-
-        def compute(m: LoadedModel) -> Any:
-            return embedding_pca(m, matrix, token_filter, n_max, n_comp, n_clusters)
-
-        if (n_max, n_comp, n_clusters) == (2000, 2, 8):  # the default views are cached
-            res = registry.weights(lm.name, ("api-embedding-pca",) + args, compute)
-        else:
-            res = compute(lm)
+        (res,) = W.store().get_or_compute(lm, W.embedding_pca(
+            matrix, token_filter, n_max, n_clusters, centre=True, n_components=n_comp))
         out: dict[str, Any] = {"model": lm.name, "result": jsonable(res)}
         if "text" in q:
             fp = registry.forward(text_field(q), lm.name)
@@ -260,9 +259,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
 
     # -------------------------------------------------------------- eigenvalues
     def eigen_of(lm: LoadedModel) -> Any:
-        from .analysis.eigen import circuit_eigenvalues
-
-        return registry.weights(lm.name, "circuit_eigenvalues", circuit_eigenvalues)
+        return W.store().get_or_compute(lm, W.circuit_eigenvalues())[0]
 
     @endpoint("/eigenvalues", ("POST",))
     def eigenvalues() -> dict[str, Any]:
@@ -297,13 +294,13 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
     # -------------------------------------------------------------- head scores
     @endpoint("/induction-score", ("POST",))
     def induction_score() -> dict[str, Any]:
-        from .analysis.heads import METRICS, head_detection, probe_head_scores
+        from .analysis.heads import METRICS, head_detection
 
         body = json_body(base | {"metric", "exclude_bos", "exclude_diagonal", "n_examples"})
         lm, fp, part = prompt(body)
         metric = choice_field(body, "metric", "mul", tuple(METRICS))
         n_examples = int_field(body, "n_examples", 5, 1, 20)
-        probe = registry.weights(lm.name, "probe_head_scores", probe_head_scores)
+        probe = W.store().get_or_compute(lm, W.probe_head_scores())[0]
         res = head_detection(lm, fp, metric=metric,
                              exclude_bos=bool_field(body, "exclude_bos", False),
                              exclude_diagonal=bool_field(body, "exclude_diagonal", False),

@@ -86,14 +86,19 @@ class ServerConfig:
     proxy_hops: int = 0
     max_exports: int = 2
     export_timeout: int = 120
+    cache_dir: Optional[Path] = None
+    celery_broker: Optional[str] = None
+    max_jobs: int = 2
 
     def __post_init__(self) -> None:
         self.models_dirs = [Path(d) for d in self.models_dirs]
         self.auth_file = Path(self.auth_file) if self.auth_file else None
+        self.cache_dir = Path(self.cache_dir) if self.cache_dir else None
+        self.celery_broker = self.celery_broker or None
         self.url_prefix = normalize_prefix(self.url_prefix)
         for name, minimum in (("port", 0), ("max_models", 1), ("cache_size", 1),
                               ("max_body", 1024), ("hash_slots", 1), ("proxy_hops", 0),
-                              ("max_exports", 1), ("export_timeout", 1)):
+                              ("max_exports", 1), ("export_timeout", 1), ("max_jobs", 1)):
             if int(getattr(self, name)) < minimum:
                 raise ConfigError(f"{name} must be at least {minimum}")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -121,13 +126,13 @@ class ServerConfig:
             if f.name in {"debug", "allow_anonymous"}:
                 values[f.name] = _parse_bool(raw, key)
             elif f.name in {"port", "max_models", "cache_size", "max_body", "hash_slots",
-                            "proxy_hops", "max_exports", "export_timeout"}:
+                            "proxy_hops", "max_exports", "export_timeout", "max_jobs"}:
                 values[f.name] = _parse_int(raw, key)
             elif f.name in {"max_tokens", "torch_threads"}:
                 values[f.name] = _parse_int(raw, key, 1) if raw.strip() else None
             elif f.name == "models_dirs":
                 values[f.name] = [Path(p) for p in raw.split(os.pathsep) if p.strip()]
-            elif f.name == "auth_file":
+            elif f.name in {"auth_file", "cache_dir"}:
                 values[f.name] = Path(raw) if raw.strip() else None
             else:
                 values[f.name] = raw

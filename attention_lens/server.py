@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import secrets
 from typing import Any, Callable, Optional
 
 import dash
@@ -41,8 +40,16 @@ def build_registry(config: ServerConfig) -> Registry:
                     device=config.device)
 
 
+def build_background(config: ServerConfig) -> Any:
+    """The background-callback manager and shared stores described by ``config``."""
+    from . import background
+
+    return background.create(config.cache_dir, config.celery_broker, config.max_jobs)
+
+
 def _create_dash_app(registry: Registry, config: ServerConfig,
-                     create_app: Optional[Callable[..., dash.Dash]] = None) -> dash.Dash:
+                     create_app: Optional[Callable[..., dash.Dash]] = None,
+                     background: Any = None) -> dash.Dash:
     """Call the app factory with the options it accepts."""
     if create_app is None:
         from .app import create_app
@@ -50,7 +57,8 @@ def _create_dash_app(registry: Registry, config: ServerConfig,
     params = inspect.signature(create_app).parameters
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     options: dict[str, Any] = {}
-    wanted = {"url_base_pathname": config.url_prefix, "max_tokens": config.max_tokens}
+    wanted = {"url_base_pathname": config.url_prefix, "max_tokens": config.max_tokens,
+              "background": background}
     if config.url_prefix != "/":
         wanted["requests_pathname_prefix"] = config.url_prefix
         wanted["routes_pathname_prefix"] = config.url_prefix
@@ -83,7 +91,8 @@ def create_server(config: Optional[ServerConfig] = None, registry: Optional[Regi
     for entry in registry.entries():
         if entry.error:
             log.warning("model %s is unavailable: %s", entry.name, entry.error)
-    app = _create_dash_app(registry, config, app_factory)
+    bg = build_background(config)
+    app = _create_dash_app(registry, config, app_factory, bg)
     server: flask.Flask = app.server
     server.config["MAX_CONTENT_LENGTH"] = config.max_body
     if config.proxy_hops:  # client addresses (for throttling) from the proxies' headers
@@ -93,8 +102,10 @@ def create_server(config: Optional[ServerConfig] = None, registry: Optional[Regi
     server.config["TRAP_HTTP_EXCEPTIONS"] = False
     server.json.sort_keys = False  # type: ignore[attr-defined]
     server.debug = bool(config.debug)
-    server.extensions["attention_lens"] = {"registry": registry, "config": config}
-    secret = config.secret_key or secrets.token_hex(32)
+    server.extensions["attention_lens"] = {"registry": registry, "config": config,
+                                           "background": bg}
+    # one secret for every web worker (it signs sessions and background-job handles)
+    secret = config.secret_key or bg.shared_secret()
     if config.auth_file is not None:
         if not config.auth_file.is_file():
             raise ConfigError(f"users file {config.auth_file} does not exist: create it with "
