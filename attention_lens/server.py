@@ -16,6 +16,7 @@ import dash
 import flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from . import export
 from .auth import LabAuth, SignInThrottle, UserStore, read_users, write_user
 from .config import ENV_PREFIX, ConfigError, ServerConfig, check_device, is_loopback
 from .exposure import exposure_problem, install_exposure_guard, listening_addresses
@@ -122,6 +123,7 @@ def create_server(config: Optional[ServerConfig] = None, registry: Optional[Regi
         app._attention_lens_auth = LabAuth(app, users, secret, throttle)  # keep a reference
     else:
         server.secret_key = secret
+    export.configure(config.max_exports, config.export_timeout)
     install_exposure_guard(server, config)
     install_request_checks(server, config.url_prefix)
     install_callback_guard(app, config.url_prefix)
