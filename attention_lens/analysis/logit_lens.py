@@ -212,3 +212,13 @@ def logit_lens(lm: LoadedModel, fp: ForwardPass, *, k: int = 5,
         target_logits=None if tid is None else grid(t_logits),
         note=PARALLEL_NOTE if any("(parallel)" in label for label, _ in stages) else "",
     )
+
+
+def lens_key(lm: LoadedModel, *, k: int = 5, target: Optional[TokenLike] = None,
+             granularity: Granularity = "sublayer") -> tuple:
+    """The cache key of a logit lens of one forward pass (its arguments checked, the target
+    resolved to its id), so every caller with the same view shares one result."""
+    if granularity not in GRANULARITIES:
+        raise AnalysisError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    return ("logit_lens", check_k(lm, k), None if target is None else token_id(lm, target),
+            granularity)
