@@ -67,7 +67,7 @@ class Components:
 
 def residual_components(lm: LoadedModel, fp: ForwardPass, layer: int,
                         n_pos: Optional[int] = None) -> Components:
-    """Components of ``resid_pre`` of ``layer`` at the first ``n_pos`` positions (all by default)."""
+    """Components of ``resid_pre`` of ``layer`` at the first ``n_pos`` positions (default all)."""
     cfg, model = lm.cfg, lm.model
     n = fp.n_tokens if n_pos is None else n_pos
     labels: list[str] = []
@@ -101,9 +101,8 @@ def residual_components(lm: LoadedModel, fp: ForwardPass, layer: int,
                       heads=np.asarray(heads, dtype=np.int64), vectors=vectors)
 
 
-def normalized_components(lm: LoadedModel, fp: ForwardPass, layer: int,
-                          comps: torch.Tensor, which: str = "ln1") -> tuple[torch.Tensor,
-                                                                             Optional[torch.Tensor]]:
+def normalized_components(lm: LoadedModel, fp: ForwardPass, layer: int, comps: torch.Tensor,
+                          which: str = "ln1") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Apply ``blocks.{layer}.{which}`` with its scale frozen to components [pos, C, d].
 
     Returns the transformed components and the LayerNorm bias (None without one); their sum
