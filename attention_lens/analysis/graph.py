@@ -285,53 +285,65 @@ def attribution_graph(lm: LoadedModel, fp: ForwardPass, *, target: Optional[Toke
             ln_id = int(add("ln_bias", L, [-1], [P], [ln_final_bias])[0])
         target_node = int(add("target", L, [-1], [P], [logit - bias])[0])
 
-        # ---- edges into each layer's heads, from everything written before it
-        srcs, dsts, weights = [], [], []
+        # ---- edges into each layer's heads, from everything written before it, then into
+        # the target; laid out by the destination's layer (pruning sweeps them in that order)
+        mlp = 0 if cfg.attn_only else 1
+        per_pos = H + 1 + mlp  # sources a layer writes at a position
+        pairs = [int((all_pos[:, None] <= queries[layer][None, :]).sum()) for layer in range(L)]
+        n_edges = sum(p * (1 + layer * per_pos) * H for layer, p in enumerate(pairs))
+        n_edges += 1 + L * per_pos + (ln_id is not None)
+        src = np.empty(n_edges, dtype=np.int32)
+        dst = np.empty(n_edges, dtype=np.int32)
+        weight = np.empty(n_edges, dtype=np.float64)
+        off = 0
+        # sources at every key position: vectors [n (or 1: the same at every k), c, d], ids [n, c]
+        written = [(tok[:, None, :], tok_ids[:, None])]
         for layer in range(L):
             qs = queries[layer]
-            # sources at every key position: [n, C, d] and their node ids [n, C]
-            vecs, ids = [tok[:, None, :]], [tok_ids[:, None]]
-            for lay in range(layer):
-                vecs += [heads_out[lay], bias_out[lay].expand(n, 1, -1)]
-                ids += [head_ids[lay].T, bias_ids[lay][:, None]]
-                if not cfg.attn_only:
-                    vecs.append(mlp_out[lay][:, None, :])
-                    ids.append(mlp_ids[lay][:, None])
-            vecs_t = torch.cat(vecs, dim=1)
-            ids_a = np.concatenate(ids, axis=1)  # [n, C]
-            a = patterns[layer][:, qs, :] / scales[layer]  # [h, nq, k]
-            dots = torch.einsum("kcd,hqd->kchq", vecs_t, w_read[layer][:, qs])
-            flows = (dots * a.permute(2, 0, 1)[:, None]).numpy()  # [k, c, h, nq]
-            causal = all_pos[:, None] <= qs[None, :]  # [k, nq]
-            kk, qq = np.nonzero(causal)
-            # every (k, q) causal pair, for every source c and head h
-            sel = flows[kk, :, :, qq]  # [pairs, c, h]
-            srcs.append(np.broadcast_to(ids_a[kk][:, :, None], sel.shape).reshape(-1))
+            kk, qq = np.nonzero(all_pos[:, None] <= qs[None, :])  # causal (key, query) pairs
+            a = (patterns[layer][:, qs, :] / scales[layer]).permute(2, 0, 1)  # [k, h, nq]
+            a_pairs = a[torch.as_tensor(kk), :, torch.as_tensor(qq)]  # [pairs, h]
+            w_q = w_read[layer][:, qs]  # [h, nq, d]
             hid = head_ids[layer][:, qq].T  # [pairs, h]
-            dsts.append(np.broadcast_to(hid[:, None, :], sel.shape).reshape(-1))
-            weights.append(sel.reshape(-1))
-            del flows, dots, sel
+            for vecs, ids in written:
+                dots = torch.einsum("kcd,hqd->kchq", vecs, w_q)
+                if dots.shape[0] == 1:  # a bias: the same vector at every key
+                    sel = dots[0][:, :, torch.as_tensor(qq)].permute(2, 0, 1)
+                else:
+                    sel = dots[torch.as_tensor(kk), :, :, torch.as_tensor(qq)]
+                sel = sel * a_pairs[:, None, :]  # [pairs, c, h]
+                m, c = sel.numel(), sel.shape[1]
+                weight[off:off + m] = sel.reshape(-1).numpy()
+                src[off:off + m].reshape(len(kk), c, H)[:] = ids[kk][:, :, None]
+                dst[off:off + m].reshape(len(kk), c, H)[:] = hid[:, None, :]
+                off += m
+            if layer < L - 1:  # its nodes sit at every position and feed later layers
+                written += [(heads_out[layer], head_ids[layer].T),
+                            (bias_out[layer][None, None, :], bias_ids[layer][:, None])]
+                if mlp:
+                    written.append((mlp_out[layer][:, None, :], mlp_ids[layer][:, None]))
             if progress is not None:
                 progress(layer + 1, L + 1)
 
-        # ---- edges into the target: every source written at P, and the final LN bias
         at_p = [tok_ids[P:P + 1]]
         vec_p = [tok[P:P + 1]]
         for layer in range(L):
             qi = int(np.searchsorted(queries[layer], P))
             at_p += [head_ids[layer][:, qi], bias_ids[layer][qi:qi + 1]]
             vec_p += [heads_out[layer][P], bias_out[layer][None]]
-            if not cfg.attn_only:
+            if mlp:
                 at_p.append(mlp_ids[layer][qi:qi + 1])
                 vec_p.append(mlp_out[layer][P:P + 1])
-        src_p = np.concatenate(at_p)
-        srcs.append(src_p)
-        dsts.append(np.full(len(src_p), target_node))
-        weights.append((torch.cat(vec_p) @ g_final).numpy())
         if ln_id is not None:
-            srcs.append(np.array([ln_id]))
-            dsts.append(np.array([target_node]))
-            weights.append(np.array([ln_final_bias]))
+            at_p.append(np.array([ln_id]))
+        into_target = np.concatenate(at_p)
+        src[off:] = into_target
+        dst[off:] = target_node
+        weight[off:off + len(into_target) - (ln_id is not None)] = (
+            torch.cat(vec_p) @ g_final).numpy()
+        if ln_id is not None:
+            weight[-1] = ln_final_bias
+        assert off + len(into_target) == n_edges
         if progress is not None:
             progress(L + 1, L + 1)
 
@@ -342,8 +354,7 @@ def attribution_graph(lm: LoadedModel, fp: ForwardPass, *, target: Optional[Toke
         bias=bias, probability=prob, n_layers=L, n_heads=H, normalization=norm,
         kind=np.concatenate(kinds).astype(str), layer=np.concatenate(layers),
         head=np.concatenate(heads), pos=np.concatenate(poss), value=np.concatenate(values),
-        src=np.concatenate(srcs).astype(np.int64), dst=np.concatenate(dsts).astype(np.int64),
-        weight=np.concatenate(weights).astype(np.float64),
+        src=src, dst=dst, weight=weight,
     )
 
 
@@ -362,21 +373,25 @@ def _influence(graph: AttributionGraph, keep: np.ndarray, weights: np.ndarray) -
         np.ndarray, np.ndarray]:
     """Σ_n w Â^n over the kept edges (Â: |adjacency| normalised over each node's inputs).
 
-    Returns the influence of every node and the normalised weight of every edge.
+    Returns the influence of every node and the normalised weight of every edge. Edges are
+    laid out by their destination's layer, so one sweep from the target down suffices:
+    influence(u) = Σ_v Â[v, u] (influence(v) + w(v)).
     """
     n = graph.n_nodes
     a = np.where(keep, np.abs(graph.weight), 0.0)
     row = np.bincount(graph.dst, weights=a, minlength=n)
     norm_w = a / np.maximum(row[graph.dst], 1e-10)
+    dst_layer = graph.layer[graph.dst]
+    cuts = np.flatnonzero(np.diff(dst_layer)) + 1
+    if (dst_layer[cuts] < dst_layer[cuts - 1]).any():  # pragma: no cover - construction order
+        raise AssertionError("edges are not laid out by destination layer")
+    bounds = np.concatenate([[0], cuts, [len(dst_layer)]])
     influence = np.zeros(n)
-    current = weights
-    for _ in range(graph.n_layers + 3):  # the graph is a DAG of depth n_layers + 1
-        current = np.bincount(graph.src, weights=norm_w * current[graph.dst], minlength=n)
-        if not current.any():
-            break
-        influence += current
-    else:  # pragma: no cover - depth is bounded by construction
-        raise AssertionError("influence did not converge on a DAG")
+    for start, end in zip(bounds[-2::-1], bounds[:0:-1]):
+        d = graph.dst[start:end]
+        influence += np.bincount(graph.src[start:end],
+                                 weights=norm_w[start:end] * (influence + weights)[d],
+                                 minlength=n)
     return influence, norm_w
 
 

@@ -287,36 +287,74 @@ def _split_by_source(lm: LoadedModel, fp: ForwardPass, comps: Components, positi
 def _side(lm: LoadedModel, fp: ForwardPass, layer: int, head: int, positions: list[int],
           which: str, split: bool) -> _Side:
     """Query-side (``which="q"``) or key-side projected components at ``positions``."""
-    comps = residual_components(lm, fp, layer, n_pos=max(positions) + 1)
-    if split:
-        labels, kinds, sources, vecs = _split_by_source(lm, fp, comps, positions)
-    else:
-        labels, kinds = list(comps.labels), list(comps.kinds)
-        sources = [-1] * len(labels)
-        vecs = comps.vectors[torch.as_tensor(positions)]
     attn = lm.model.blocks[layer].attn
-    # scale frozen per position: normalise the chosen positions' components
-    vecs = _normalize_at(lm, fp, layer, vecs, positions)
+    w = (attn.W_Q if which == "q" else attn.W_K)[head].detach().to("cpu", DTYPE)  # [d, e]
+    b = (attn.b_Q if which == "q" else attn.b_K)[head].detach().to("cpu", DTYPE)  # [e]
+    if split:
+        comps = residual_components(lm, fp, layer, n_pos=max(positions) + 1)
+        labels, kinds, sources, vecs = _split_by_source(lm, fp, comps, positions)
+        proj = _normalize_at(lm, fp, layer, vecs, positions) @ w  # [P, C, e]
+    else:
+        labels, kinds, proj = _projected_components(lm, fp, layer, positions, w)
+        sources = [-1] * len(labels)
     ln_bias = _ln_bias(lm, layer)
-    if ln_bias is not None:
-        vecs = torch.cat([vecs, ln_bias.expand(vecs.shape[0], 1, -1)], dim=1)
-        labels.append("LN bias")
-        kinds.append("ln_bias")
+    extra = [] if ln_bias is None else [("LN bias", "ln_bias", ln_bias @ w)]
+    extra.append(("b_Q" if which == "q" else "b_K", "qk_bias", b))
+    for label, kind, vec in extra:
+        proj = torch.cat([proj, vec.expand(proj.shape[0], 1, -1)], dim=1)
+        labels.append(label)
+        kinds.append(kind)
         sources.append(-1)
-    w = (attn.W_Q if which == "q" else attn.W_K)[head].detach().to(DTYPE)  # [d, e]
-    b = (attn.b_Q if which == "q" else attn.b_K)[head].detach().to(DTYPE)  # [e]
-    proj = vecs @ w  # [P, C, e]
-    proj = torch.cat([proj, b.expand(proj.shape[0], 1, -1)], dim=1)
-    labels.append("b_Q" if which == "q" else "b_K")
-    kinds.append("qk_bias")
-    sources.append(-1)
     if lm.cfg.positional_embedding_type == "rotary":
         pos = torch.as_tensor(positions)
         # rotate() takes [b, p, h, e]: components play the batch, one head
-        proj = torch.stack([rotate(proj[:, c][None, :, None, :], pos, lm.cfg)[0, :, 0]
-                            for c in range(proj.shape[1])], dim=1)
+        proj = rotate(proj.permute(1, 0, 2)[:, :, None, :], pos, lm.cfg)[:, :, 0].permute(1, 0, 2)
     return _Side(labels=tuple(labels), kinds=tuple(kinds),
                  sources=np.asarray(sources, dtype=np.int64), vecs=proj)
+
+
+def _projected_components(lm: LoadedModel, fp: ForwardPass, layer: int, positions: list[int],
+                          w: torch.Tensor) -> tuple[list[str], list[str], torch.Tensor]:
+    """``LN'(c_i) W`` for every component at ``positions`` [P, C, e], from the factors.
+
+    The frozen norm's centring and weight fold into W (``(c − mean c) W = c (W − mean_rows W)``)
+    and a head's output ``z W_O`` projects as ``z (W_O W)``, so no [P, C, d_model] stack is made.
+    """
+    cfg, model = lm.cfg, lm.model
+    idx = torch.as_tensor(positions)
+    norm = cfg.normalization_type
+    if norm:
+        w = lm.model.blocks[layer].ln1.w.detach().to("cpu", DTYPE)[:, None] * w
+        if norm == "LN":
+            w = w - w.mean(0, keepdim=True)
+    labels: list[str] = []
+    kinds: list[str] = []
+    parts: list[torch.Tensor] = []  # each [P, c, e]
+
+    def add(label: str, kind: str, vec: torch.Tensor) -> None:
+        labels.append(label)
+        kinds.append(kind)
+        parts.append(vec.expand(len(positions), -1)[:, None, :])
+
+    add("embed", "embed", fp.cache["hook_embed"][idx].to(DTYPE) @ w)
+    if "hook_pos_embed" in fp.cache:
+        add("pos_embed", "pos_embed", fp.cache["hook_pos_embed"][idx].to(DTYPE) @ w)
+    for lay in range(layer):
+        attn = model.blocks[lay].attn
+        z = fp.cache[f"blocks.{lay}.attn.hook_z"][idx].to(DTYPE)  # [P, h, e]
+        w_ow = torch.einsum("hed,df->hef", attn.W_O.detach().to("cpu", DTYPE), w)
+        heads = torch.einsum("phe,hef->phf", z, w_ow)
+        labels.extend(f"L{lay}H{h}" for h in range(cfg.n_heads))
+        kinds.extend(["head"] * cfg.n_heads)
+        parts.append(heads)
+        add(f"L{lay} b_O", "b_O", attn.b_O.detach().to("cpu", DTYPE)[None, :] @ w)
+        if not cfg.attn_only:
+            add(f"L{lay} MLP", "mlp", fp.cache[f"blocks.{lay}.hook_mlp_out"][idx].to(DTYPE) @ w)
+    proj = torch.cat(parts, dim=1)
+    if norm:
+        scale = fp.cache[f"blocks.{layer}.ln1.hook_scale"].reshape(-1)[idx].to(DTYPE)
+        proj = proj / scale[:, None, None]
+    return labels, kinds, proj
 
 
 def _normalize_at(lm: LoadedModel, fp: ForwardPass, layer: int, vecs: torch.Tensor,
