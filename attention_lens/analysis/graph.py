@@ -531,3 +531,90 @@ def graph_json(graph: AttributionGraph, pruned: PrunedGraph, *, slug: str, promp
         "nodes": list(nodes.values()),
         "links": links,
     }
+
+
+# ---------------------------------------------------------------------- the kept part
+@dataclass(frozen=True)
+class GraphView:
+    """The pruned graph alone (what a page draws and the API returns), with its totals.
+
+    Attributes:
+        graph: the kept nodes and edges, renumbered (the target is still the last node; node
+            values are the exact values of the full graph).
+        pruned: the pruning on that subgraph (masks all true; influence and cumulative
+            influence as computed on the full graph).
+        n_nodes_full: nodes of the full graph.
+        n_edges_full: edges of the full graph.
+        kept_target_share: Σ kept edges into the target / (logit − bias).
+    """
+
+    graph: AttributionGraph
+    pruned: PrunedGraph
+    n_nodes_full: int
+    n_edges_full: int
+    kept_target_share: float
+
+
+def subgraph(graph: AttributionGraph, pruned: PrunedGraph) -> GraphView:
+    """The kept nodes and edges of ``graph`` as a graph of their own."""
+    keep = np.flatnonzero(pruned.node_mask)
+    new = np.full(graph.n_nodes, -1, dtype=np.int64)
+    new[keep] = np.arange(len(keep))
+    edges = pruned.edge_mask & pruned.node_mask[graph.src] & pruned.node_mask[graph.dst]
+    sub = AttributionGraph(
+        display=graph.display, token_ids=graph.token_ids, position=graph.position,
+        target_id=graph.target_id, target_display=graph.target_display,
+        contrast_id=graph.contrast_id, contrast_display=graph.contrast_display,
+        logit=graph.logit, bias=graph.bias, probability=graph.probability,
+        n_layers=graph.n_layers, n_heads=graph.n_heads, normalization=graph.normalization,
+        kind=graph.kind[keep], layer=graph.layer[keep], head=graph.head[keep],
+        pos=graph.pos[keep], value=graph.value[keep], src=new[graph.src[edges]],
+        dst=new[graph.dst[edges]], weight=graph.weight[edges])
+    ones = np.ones(len(keep), dtype=bool)
+    kept = PrunedGraph(node_threshold=pruned.node_threshold,
+                       edge_threshold=pruned.edge_threshold, node_mask=ones,
+                       edge_mask=np.ones(len(sub.weight), dtype=bool),
+                       influence=pruned.influence[keep], cumulative=pruned.cumulative[keep],
+                       edge_score=pruned.edge_score[edges])
+    total = graph.logit - graph.bias
+    into = sub.weight[sub.dst == sub.target].sum()
+    return GraphView(graph=sub, pruned=kept, n_nodes_full=graph.n_nodes,
+                     n_edges_full=len(graph.weight),
+                     kept_target_share=float(into / total) if total else float("nan"))
+
+
+def graph_view(lm: LoadedModel, fp: ForwardPass, *, target: Optional[TokenLike] = None,
+               contrast: Optional[TokenLike] = None, position: int = -1,
+               node_threshold: float = 0.8, edge_threshold: float = 0.98,
+               progress: Progress = None) -> GraphView:
+    """Build the attribution graph, prune it and keep what survives."""
+    node_threshold = check_threshold("node threshold", node_threshold)
+    edge_threshold = check_threshold("edge threshold", edge_threshold)
+    graph = attribution_graph(lm, fp, target=target, contrast=contrast, position=position,
+                              progress=progress)
+    return subgraph(graph, prune_graph(graph, node_threshold, edge_threshold))
+
+
+def estimated_edges(cfg, n_tokens: int) -> int:
+    """Edges of the full graph of a ``n_tokens`` prompt (to decide whether to run it as a job)."""
+    per_pos = cfg.n_heads + 1 + (0 if cfg.attn_only else 1)
+    pairs_all = n_tokens * (n_tokens + 1) // 2
+    total = 0
+    for layer in range(cfg.n_layers):
+        pairs = n_tokens if layer == cfg.n_layers - 1 else pairs_all
+        total += pairs * (1 + layer * per_pos) * cfg.n_heads
+    return total
+
+
+def default_position(fp: ForwardPass) -> int:
+    """Where the graph is most telling by default: the position, among those whose token
+    appeared earlier, where the model predicts the actual next token most confidently (an
+    in-context copy); the last position when there is none."""
+    ids = fp.token_ids
+    logp = fp.logits.double().log_softmax(-1).numpy()
+    best, best_lp = fp.n_tokens - 1, -np.inf
+    for p in range(1, fp.n_tokens - 1):
+        nxt = int(ids[p + 1])
+        if ids[p] in ids[:p] and int(logp[p].argmax()) == nxt and logp[p, nxt] > best_lp:
+            best, best_lp = p, logp[p, nxt]
+    return best

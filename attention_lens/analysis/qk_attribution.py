@@ -439,3 +439,22 @@ def qk_attribution_row(lm: LoadedModel, fp: ForwardPass, *, layer: int, head: in
                  k_labels=ks.labels, q_kinds=qs.kinds, k_kinds=ks.kinds, terms=terms.numpy(),
                  scores=scores.numpy().astype(np.float64),
                  pattern=pattern.numpy().astype(np.float64))
+
+
+def default_cell(fp: ForwardPass, layer: int, head: int) -> tuple[int, int]:
+    """The (query, key) a head attends most strongly, leaving out the diagonal and the first
+    token (where heads park attention): the cell its QK attribution explains by default."""
+    a = fp.cache[f"blocks.{layer}.attn.hook_pattern"][head].numpy().astype(np.float64)
+    n = a.shape[0]
+    if n < 3:
+        return n - 1, int(a[n - 1].argmax())
+    b = np.tril(a, -1)
+    b[:, 0] = 0.0
+    q, k = np.unravel_index(int(b.argmax()), b.shape)
+    return int(q), int(k)
+
+
+def strongest_head(scores: np.ndarray) -> tuple[int, int]:
+    """(layer, head) of the largest score in a [n_layers, n_heads] table."""
+    layer, head = np.unravel_index(int(np.argmax(scores)), scores.shape)
+    return int(layer), int(head)
