@@ -57,7 +57,7 @@ with one source removed changes the logit by exactly that source's value.
 with absolute weights normalised over each node's inputs; keep the nodes that make up the
 **node threshold** share of the total influence (tokens and the logit always), then the edges
 that make up the **edge threshold** share of the edge influence, then drop nodes left
-without outgoing (heads: or incoming) edges. At 100% % nothing is pruned.
+without outgoing (heads: or incoming) edges. At 100% nothing is pruned.
 
 **Reading it.** Rows: tokens at the bottom, one row per layer, the logit on top; columns:
 positions. Width: |edge|, colour: sign (blue +, red −); node size: |value|. Hover a node for
@@ -115,7 +115,8 @@ def view_of(ctx: P.PageContext, query: dict) -> tuple[GraphView, list[str]]:
                 edge_threshold=query["edge"] / 100)
     if estimated_edges(lm.cfg, n) <= INLINE_EDGES:
         return graph_view(lm, fp, **args), notes
-    req = W.attribution_graph(fp.text, ctx.registry.max_tokens or 0, query["target"],
+    req = W.attribution_graph(ctx.state["text"], ctx.registry.max_tokens or 0,
+                              query["target"],
                               query["contrast"], pos, args["node_threshold"],
                               args["edge_threshold"])
     notes.append("This model's graph is large: it was built as a background job.")
