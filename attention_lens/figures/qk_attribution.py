@@ -112,5 +112,6 @@ def qk_row_figure(row: QKRow, n_groups: int = 6) -> go.Figure:
                                       "key-side component", font=dict(size=14)),
                       xaxis=dict(title="key", type="category", tickangle=-60),
                       yaxis_title="score part",
-                      legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0))
+                      margin=dict(t=90),
+                      legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
     return finish(fig)
