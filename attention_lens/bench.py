@@ -373,6 +373,12 @@ def bench_graph(reps: int, gpt2: bool = True) -> None:
     from .analysis.graph import attribution_graph, prune_graph
     from .analysis.qk_attribution import qk_attribution, qk_attribution_row
 
+    def cpu(fn: Callable[[], Any]) -> str:
+        """CPU seconds of one call (all threads): on a busy machine, a quiet wall-time bound."""
+        t0 = time.process_time()
+        fn()
+        return f"cpu {time.process_time() - t0:.2f} s"
+
     def cases(lm: LoadedModel, n_tokens: int, layer: int, head: int) -> None:
         text = None if isinstance(lm.tokenizer, _IdTokenizer) else BENCH_TEXT
         ids = None if text else [int(i) for i in torch.randint(0, lm.cfg.d_vocab, (n_tokens,),
@@ -381,14 +387,17 @@ def bench_graph(reps: int, gpt2: bool = True) -> None:
         fp = run_forward(lm, text or "", max_tokens=n_tokens, token_ids=ids)
         q = fp.n_tokens - 1
         print(f"  ({lm.name}, {fp.n_tokens} tokens, head L{layer}H{head}, query {q})")
-        _row("qk_attribution (one cell)", measure(
-            lambda: qk_attribution(lm, fp, layer=layer, head=head, query=q, key=q // 2), reps))
-        _row("qk_attribution_row (whole query row)", measure(
-            lambda: qk_attribution_row(lm, fp, layer=layer, head=head, query=q), reps))
+        cell = lambda: qk_attribution(lm, fp, layer=layer, head=head, query=q,  # noqa: E731
+                                      key=q // 2)
+        row = lambda: qk_attribution_row(lm, fp, layer=layer, head=head, query=q)  # noqa: E731
+        both = lambda: prune_graph(attribution_graph(lm, fp), 0.8, 0.98)  # noqa: E731
+        _row("qk_attribution (one cell)", measure(cell, reps), cpu(cell))
+        _row("qk_attribution_row (whole query row)", measure(row, reps), cpu(row))
         graph = attribution_graph(lm, fp)
-        _row("attribution_graph + prune_graph(0.8, 0.98)", measure(
-            lambda: prune_graph(attribution_graph(lm, fp), 0.8, 0.98), reps),
-             f"{graph.n_nodes} nodes, {len(graph.weight)} edges")
+        size = f"{graph.n_nodes} nodes, {len(graph.weight)} edges"
+        del graph
+        _row("attribution_graph + prune_graph(0.8, 0.98)", measure(both, reps),
+             f"{cpu(both)}; {size}")
 
     _header("QK attribution and attribution graph")
     cases(Registry([DEFAULT_WEIGHTS]).get("attn-only-2l"), 128, 1, 5)

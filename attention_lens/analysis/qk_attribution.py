@@ -342,8 +342,11 @@ def _projected_components(lm: LoadedModel, fp: ForwardPass, layer: int, position
     for lay in range(layer):
         attn = model.blocks[lay].attn
         z = fp.cache[f"blocks.{lay}.attn.hook_z"][idx].to(DTYPE)  # [P, h, e]
-        w_ow = torch.einsum("hed,df->hef", attn.W_O.detach().to("cpu", DTYPE), w)
-        heads = torch.einsum("phe,hef->phf", z, w_ow)
+        w_o = attn.W_O.detach().to("cpu", DTYPE)  # [h, e, d]
+        if len(positions) < w.shape[1]:  # few positions: z W_O first is cheaper
+            heads = torch.einsum("phe,hed->phd", z, w_o) @ w
+        else:
+            heads = torch.einsum("phe,hef->phf", z, torch.einsum("hed,df->hef", w_o, w))
         labels.extend(f"L{lay}H{h}" for h in range(cfg.n_heads))
         kinds.extend(["head"] * cfg.n_heads)
         parts.append(heads)
