@@ -264,3 +264,25 @@ class Registry:
             return {"models": len(self._models), "forward": len(self._forward),
                     "forward_bytes": sum(v.nbytes for v in self._forward.values()),
                     "weights": len(self._weights)}
+
+
+# ----------------------------------------------------------------- the process's registry
+_CURRENT: Optional[Registry] = None
+_CURRENT_LOCK = threading.Lock()
+
+
+def current() -> Registry:
+    """The registry installed for this process (a default one over ``weights/`` at first use)."""
+    global _CURRENT
+    with _CURRENT_LOCK:
+        if _CURRENT is None:
+            _CURRENT = Registry()
+        return _CURRENT
+
+
+def install(reg: Registry) -> Registry:
+    """Make ``reg`` the registry page callbacks and background jobs of this process use."""
+    global _CURRENT
+    with _CURRENT_LOCK:
+        _CURRENT = reg
+    return reg
