@@ -11,7 +11,9 @@ from attention_lens.analysis.compare import (
     compare,
     default_icl_positions,
     icl_score,
+    icl_view,
     loss_by_position,
+    probe_halves,
     same_tokenizer,
 )
 from attention_lens.analysis.datasets import dataset_windows, load_dataset
@@ -102,6 +104,7 @@ def test_icl_on_the_probe(model_1l, model_2l):
         curve = loss_by_position(lm, probe.tokens, source="probe")
         first = curve.loss[: T - 1].mean()  # predicted positions 1 .. T-1
         second = curve.loss[T:].mean()  # predicted positions T+1 .. 2T-1
+        assert probe_halves(curve, T) == pytest.approx((first, second))
         assert first == pytest.approx(probe.loss_first_half, abs=1e-4)
         assert second == pytest.approx(probe.loss_second_half, abs=1e-4)
         gaps[lm.name] = (first, second)
@@ -131,3 +134,17 @@ def test_icl_score_on_the_dataset(model_1l, model_2l):
 
 def _losses_batch(lm, tokens) -> np.ndarray:
     return lm.model.loss(torch.as_tensor(tokens), per_token=True).double().numpy()
+
+
+def test_icl_view(model_1l, model_2l, tiny):
+    w = dataset_windows(model_2l, load_dataset("validation"), max_windows=8)
+    probe = probe_head_scores(model_2l)
+    view = icl_view([model_1l, model_2l], w.tokens, "validation", probe.tokens, probe.seq_len)
+    assert [c.model for c in view.dataset] == ["attn-only-1l", "attn-only-2l"]
+    first, second = view.probe_halves["attn-only-2l"]
+    assert first == pytest.approx(probe.loss_first_half, abs=1e-4)
+    assert second == pytest.approx(probe.loss_second_half, abs=1e-4)
+    assert view.scores[1].score == pytest.approx(
+        view.dataset[1].at(view.scores[1].late) - view.dataset[1].at(view.scores[1].early))
+    with pytest.raises(AnalysisError, match="different tokenizers"):
+        icl_view([model_2l, tiny], w.tokens, "v", probe.tokens, probe.seq_len)

@@ -75,7 +75,7 @@ def test_upload_refusals(data, message):
 
 def test_upload_size_bound():
     big = b"word " * (D.MAX_UPLOAD_BYTES // 5 + 10)
-    with pytest.raises(AnalysisError, match="at most 2 MiB"):
+    with pytest.raises(AnalysisError, match="at most 512 KiB"):
         D.parse_upload(big, "big.txt")
     assert D.parse_upload(big[: D.MAX_UPLOAD_BYTES], "ok.txt").n_chars > 0
 
@@ -84,7 +84,13 @@ def test_upload_text_and_jsonl():
     ds = D.parse_upload("\ufeffFirst doc.\n\nSecond doc.\n\n\n".encode(), "a.txt")
     assert ds.documents == ("First doc.", "Second doc.")
     js = D.parse_upload(b'{"text": "one"}\n\n"two"\n{"text": "three", "id": 3}\n', "b.jsonl")
-    assert js.documents == ("one", "two", "three") and js.name == "upload:b.jsonl"
+    assert js.documents == ("one", "two", "three") and js.title == "uploaded file b.jsonl"
+    assert js.name == "upload:" + js.sha256[:16]
+    assert D.load_dataset(D.remember_upload(js)) is js
+    for i in range(D.MAX_KEPT_UPLOADS):
+        D.remember_upload(D.parse_upload(f"text number {i}".encode(), "n.txt"))
+    with pytest.raises(AnalysisError, match="upload it again"):
+        D.load_dataset(js.name)
     sniffed = D.parse_upload(b'{"text": "one"}\n', "noext")
     assert sniffed.documents == ("one",)
     with pytest.raises(AnalysisError, match="line 2: not valid JSON"):

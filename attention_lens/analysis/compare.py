@@ -321,3 +321,58 @@ def icl_score(curve: LossByPosition, early: Optional[int] = None,
                             f"({late})")
     return IclScore(model=curve.model, early=early, late=late, loss_early=curve.at(early),
                     loss_late=curve.at(late))
+
+
+@dataclass(frozen=True)
+class IclView:
+    """Loss-by-position curves of several models over dataset windows and over the probe.
+
+    Attributes:
+        dataset: one curve per model over the dataset's windows.
+        probe: one curve per model over the repeated-random-token probe [r ; r].
+        scores: the in-context-learning score of each model on the dataset.
+        probe_len: T, the probe's random segment length (its repeat starts at position T,
+            plus one after a BOS).
+        probe_halves: model -> (mean loss on the first half, on the repeated half), over the
+            same predicted positions as :class:`~attention_lens.analysis.probe.ProbeScores`.
+    """
+
+    dataset: tuple[LossByPosition, ...]
+    probe: tuple[LossByPosition, ...]
+    scores: tuple[IclScore, ...]
+    probe_len: int
+    probe_halves: dict[str, tuple[float, float]]
+
+
+def probe_halves(curve: LossByPosition, seq_len: int, bos: bool = False) -> tuple[float, float]:
+    """Mean loss on the probe's first half and on its repeated half (the repeat's first token,
+    which nothing predicts, left out)."""
+    b = int(bos)
+    return (float(curve.loss[b: b + seq_len - 1].mean()),
+            float(curve.loss[seq_len + b:].mean()))
+
+
+def icl_view(models: list[LoadedModel], window_tokens: np.ndarray, dataset_label: str,
+             probe_tokens: np.ndarray, probe_len: int, probe_bos: bool = False,
+             early: Optional[int] = None, late: Optional[int] = None,
+             progress: Optional[Callable[[float], None]] = None) -> IclView:
+    """Every model's loss by position over the windows and the probe, and its ICL score."""
+    if not models:
+        raise AnalysisError("no model to compare")
+    for lm in models[1:]:
+        reason = same_tokenizer(models[0], lm)
+        if reason:
+            raise AnalysisError(reason)
+    n = len(models)
+    dataset, probe = [], []
+    for i, lm in enumerate(models):
+        def report(f: float, i: int = i) -> None:
+            if progress is not None:
+                progress((i + f) / n)
+        dataset.append(loss_by_position(lm, window_tokens, source=dataset_label,
+                                        progress=report))
+        probe.append(loss_by_position(lm, probe_tokens, source=f"probe [r ; r], T = {probe_len}"))
+    scores = tuple(icl_score(c, early, late) for c in dataset)
+    halves = {c.model: probe_halves(c, probe_len, probe_bos) for c in probe}
+    return IclView(dataset=tuple(dataset), probe=tuple(probe), scores=scores,
+                   probe_len=probe_len, probe_halves=halves)

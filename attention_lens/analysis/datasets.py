@@ -20,6 +20,8 @@ import gzip
 import hashlib
 import json
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -33,8 +35,10 @@ from .errors import AnalysisError
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "eval"
 SHIPPED = "validation"
 DOC_SEPARATOR = "\n\n"
-#: Largest uploaded file accepted (bytes).
-MAX_UPLOAD_BYTES = 2 * 2**20
+#: Largest uploaded file accepted (bytes; its base64 form must fit the server's 1 MiB body).
+MAX_UPLOAD_BYTES = 512 * 2**10
+#: Uploaded datasets this process keeps (the oldest is forgotten first).
+MAX_KEPT_UPLOADS = 8
 #: Largest file read from a datasets folder (bytes).
 MAX_FILE_BYTES = 16 * 2**20
 #: Most windows one run may score.
@@ -138,6 +142,10 @@ def is_jsonl(name: str, text: str) -> bool:
         return False
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
 def parse_upload(data: bytes, filename: str = "upload", max_bytes: int = MAX_UPLOAD_BYTES
                  ) -> Dataset:
     """A dataset from an uploaded file's bytes (plain text or JSONL), size-bounded."""
@@ -146,16 +154,31 @@ def parse_upload(data: bytes, filename: str = "upload", max_bytes: int = MAX_UPL
     if not isinstance(data, (bytes, bytearray)):
         raise AnalysisError(f"{what} could not be read")
     if len(data) > max_bytes:
-        raise AnalysisError(f"{what} is {len(data) / 2**20:.1f} MiB; at most "
-                            f"{max_bytes / 2**20:.0f} MiB can be uploaded")
+        raise AnalysisError(f"{what} is {_size(len(data))}; at most {_size(max_bytes)} can be "
+                            "used (cut it, or put it in a datasets folder on the server)")
     text = decode_text(bytes(data), what)
     docs = parse_jsonl(text, what) if is_jsonl(filename, text) else text.split(DOC_SEPARATOR)
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise AnalysisError(f"{what} holds no text")
-    return _dataset(f"upload:{filename}", docs, title=f"uploaded file {filename}",
-                    provenance={"source": "uploaded file", "file": filename,
-                                "bytes": len(data)})
+    ds = _dataset("upload", docs, title=f"uploaded file {filename}",
+                  provenance={"source": "uploaded file", "file": filename, "bytes": len(data)})
+    return Dataset(name=f"upload:{ds.sha256[:16]}", documents=ds.documents, sha256=ds.sha256,
+                   title=ds.title, provenance=ds.provenance)
+
+
+_UPLOADS: OrderedDict[str, Dataset] = OrderedDict()
+_UPLOADS_LOCK = threading.Lock()
+
+
+def remember_upload(ds: Dataset) -> str:
+    """Keep an uploaded dataset in this process (bounded) and return the name to load it by."""
+    with _UPLOADS_LOCK:
+        _UPLOADS[ds.name] = ds
+        _UPLOADS.move_to_end(ds.name)
+        while len(_UPLOADS) > MAX_KEPT_UPLOADS:
+            _UPLOADS.popitem(last=False)
+    return ds.name
 
 
 # ----------------------------------------------------------------------- loading
@@ -191,6 +214,13 @@ def load_dataset(name: str, dirs: Iterable[Path | str] = ()) -> Dataset:
     """The dataset called ``name``: the shipped one or a file in a datasets folder."""
     if name == SHIPPED:
         return _shipped()
+    if isinstance(name, str) and name.startswith("upload:"):
+        with _UPLOADS_LOCK:
+            ds = _UPLOADS.get(name)
+        if ds is None:
+            raise AnalysisError("this server no longer holds that uploaded file (it keeps the "
+                                f"last {MAX_KEPT_UPLOADS}): upload it again")
+        return ds
     if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
         raise AnalysisError(f"unknown dataset {str(name)[:80]!r}")
     for folder in dataset_dirs(dirs):
@@ -198,8 +228,7 @@ def load_dataset(name: str, dirs: Iterable[Path | str] = ()) -> Dataset:
         if path.is_file() and path.suffix.lower() in SUFFIXES:
             data = path.read_bytes() if path.stat().st_size <= MAX_FILE_BYTES else None
             if data is None:
-                raise AnalysisError(f"dataset {name!r} is larger than "
-                                    f"{MAX_FILE_BYTES / 2**20:.0f} MiB")
+                raise AnalysisError(f"dataset {name!r} is larger than {_size(MAX_FILE_BYTES)}")
             ds = parse_upload(data, name, max_bytes=MAX_FILE_BYTES)
             return Dataset(name=name, documents=ds.documents, sha256=ds.sha256, title=name,
                            provenance={"source": "datasets folder", "file": str(path)})
