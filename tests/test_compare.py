@@ -148,3 +148,51 @@ def test_icl_view(model_1l, model_2l, tiny):
         view.dataset[1].at(view.scores[1].late) - view.dataset[1].at(view.scores[1].early))
     with pytest.raises(AnalysisError, match="different tokenizers"):
         icl_view([model_2l, tiny], w.tokens, "v", probe.tokens, probe.seq_len)
+
+
+# ----------------------------------------------------------------------------- the API
+@pytest.fixture(scope="module")
+def api():
+    from attention_lens.server import ServerConfig, create_server
+
+    app = create_server(ServerConfig(cache_size=8))
+    client = app.server.test_client()
+    assert client.get("/").status_code == 200
+    return client, app.server.extensions["attention_lens"]["registry"]
+
+
+def test_api_compare(api, model_1l, model_2l):
+    client, reg = api
+    r = client.post("/api/compare", json={"text": CLEAN, "text_b": CORRUPT, "layer": 1,
+                                          "head": 5, "top_k": 5})
+    assert r.status_code == 200, r.data[:300]
+    data = r.get_json()["result"]
+    fa, fb = reg.forward(CLEAN, "attn-only-2l"), reg.forward(CORRUPT, "attn-only-2l")
+    lm = reg.get("attn-only-2l")
+    np.testing.assert_allclose(data["loss_diff"], _losses(lm, fb.token_ids)
+                               - _losses(lm, fa.token_ids), atol=1e-5)
+    assert data["mode"] == "prompts"
+    r = client.post("/api/compare", json={"text": CLEAN, "model": "attn-only-1l",
+                                          "model_b": "attn-only-2l", "icl": True,
+                                          "windows": 4})
+    assert r.status_code == 200, r.data[:300]
+    out = r.get_json()
+    assert out["result"]["mode"] == "models"
+    halves = out["icl"]["probe_halves"]
+    assert halves["attn-only-2l"][0] - halves["attn-only-2l"][1] > 5
+    assert not halves["attn-only-1l"][0] - halves["attn-only-1l"][1] > 5
+    assert [s["early"] for s in out["icl"]["scores"]] == [12, 12]
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"text_b": "x"}, 400, "missing field 'text'"),
+    ({"text": "a", "model_b": "nope"}, 400, "unknown model"),
+    ({"text": "a", "layer": 9}, 400, "'layer' must be between"),
+    ({"text": "a b c", "position": 60}, 400, "outside the prompt"),
+    ({"text": "a", "target": "two words"}, 400, "not a single token"),
+    ({"text": "a", "icl": "yes"}, 400, "true or false"),
+])
+def test_api_compare_bad_input(api, body, status, message):
+    client, _ = api
+    r = client.post("/api/compare", json=body)
+    assert r.status_code == status and message in r.get_json()["error"], r.get_json()

@@ -163,3 +163,54 @@ def test_bad_inputs(tiny):
         hm.ranking("nonsense")
     with pytest.raises(AnalysisError, match="does not exist"):
         hm.examples("induction", 5, 0)
+
+
+# ----------------------------------------------------------------------------- the API
+@pytest.fixture(scope="module")
+def api():
+    from attention_lens.server import ServerConfig, create_server
+
+    app = create_server(ServerConfig(cache_size=8))
+    client = app.server.test_client()
+    assert client.get("/").status_code == 200
+    return client, app.server.extensions["attention_lens"]["registry"]
+
+
+def test_api_head_metrics_matches_the_analysis(api):
+    client, reg = api
+    lm = reg.get("attn-only-2l")
+    body = {"windows": 6, "length": 64, "stride": 64, "metric": "previous_token",
+            "n_examples": 2, "copying": False}
+    r = client.post("/api/head-metrics", json=body)
+    assert r.status_code == 200, r.data[:300]
+    data = r.get_json()
+    w = dataset_windows(lm, load_dataset("validation"), length=64, stride=64, max_windows=6)
+    hm = head_metrics(lm, w)
+    for m in PATTERN_METRICS:
+        np.testing.assert_allclose(data["metrics"][m], hm.metrics[m], rtol=1e-6, atol=1e-9)
+    assert data["dataset"]["sha256"] == lm.card["data"]["val_sha256"]
+    assert data["dataset"]["stride"] == 64 and "every 64 tokens" in data["dataset"]["description"]
+    best = hm.ranking("previous_token", 1)[0]
+    assert (data["examples"]["layer"], data["examples"]["head"]) == best[:2]
+    assert len(data["examples"]["windows"]) == 2 and "copying" not in data["metrics"]
+    text = {"text": "the cat sat on the mat. " * 40, "windows": 3, "length": 32,
+            "layer": 1, "head": 5, "metric": "induction"}
+    r = client.post("/api/head-metrics", json=text)
+    assert r.status_code == 200 and r.get_json()["examples"]["head"] == 5
+    assert r.get_json()["metrics"]["copying"]
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"dataset": "nope.txt"}, "unknown dataset"),
+    ({"dataset": "validation", "text": "x"}, "not both"),
+    ({"text": ""}, "empty"),
+    ({"windows": 0}, "'windows' must be between 1"),
+    ({"length": 999}, "context"),
+    ({"metric": "copying"}, "'metric' must be one of"),
+    ({"text": "a b"}, "too short"),
+    ({"layer": 7, "head": 0}, "'layer' must be between"),
+])
+def test_api_head_metrics_bad_input(api, body, message):
+    client, _ = api
+    r = client.post("/api/head-metrics", json=body)
+    assert r.status_code == 400 and message in r.get_json()["error"], r.get_json()

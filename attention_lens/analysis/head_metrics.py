@@ -330,3 +330,17 @@ def head_examples(lm: LoadedModel, hm: HeadMetrics, metric: str, layer: int, hea
             attention=patterns[i, q].astype(np.float64) if q >= 0 else np.zeros(len(ids)),
             targets=metric_targets(ids, metric, q), percentile=p.get("percentile")))
     return out
+
+
+def windows_key(windows: Windows) -> tuple:
+    """What identifies a run over ``windows``: the dataset's hash and how it was cut."""
+    return ("head_metrics", windows.sha256, windows.length, windows.stride, windows.n_windows,
+            windows.n_available, windows.bos)
+
+
+def head_table(hm: HeadMetrics) -> list[dict]:
+    """One row per head: layer, head and every metric (rounded to 4 decimals)."""
+    L, H = hm.shape
+    return [{"head": f"L{layer}H{h}", "layer": layer, "index": h,
+             **{m: round(float(v[layer, h]), 4) for m, v in hm.metrics.items()}}
+            for layer in range(L) for h in range(H)]
