@@ -291,8 +291,28 @@ def end_of_text_id(lm: LoadedModel) -> Optional[int]:
     return None
 
 
+_STREAMS: OrderedDict[tuple, tuple[Any, np.ndarray]] = OrderedDict()
+_STREAMS_LOCK = threading.Lock()
+
+
 def token_stream(lm: LoadedModel, dataset: Dataset) -> np.ndarray:
-    """Every document's tokens, each followed by end-of-text when there is one."""
+    """Every document's tokens, each followed by end-of-text when there is one (cached)."""
+    key = (id(lm.tokenizer), lm.cfg.d_vocab, dataset.sha256)
+    with _STREAMS_LOCK:
+        hit = _STREAMS.get(key)
+        if hit is not None and hit[0] is lm.tokenizer:
+            _STREAMS.move_to_end(key)
+            return hit[1]
+    stream = _token_stream(lm, dataset)
+    stream.setflags(write=False)
+    with _STREAMS_LOCK:
+        _STREAMS[key] = (lm.tokenizer, stream)  # the tokenizer held: its id stays unique
+        while len(_STREAMS) > 8:
+            _STREAMS.popitem(last=False)
+    return stream
+
+
+def _token_stream(lm: LoadedModel, dataset: Dataset) -> np.ndarray:
     eot = end_of_text_id(lm)
     hf = getattr(lm.tokenizer, "hf", None)
     if hf is not None:
