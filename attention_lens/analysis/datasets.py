@@ -297,7 +297,7 @@ _STREAMS_LOCK = threading.Lock()
 
 def token_stream(lm: LoadedModel, dataset: Dataset) -> np.ndarray:
     """Every document's tokens, each followed by end-of-text when there is one (cached)."""
-    key = (id(lm.tokenizer), lm.cfg.d_vocab, dataset.sha256)
+    key = (id(lm.tokenizer), lm.cfg.d_vocab, dataset.sha256, hash(dataset.documents))
     with _STREAMS_LOCK:
         hit = _STREAMS.get(key)
         if hit is not None and hit[0] is lm.tokenizer:
