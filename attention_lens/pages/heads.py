@@ -89,12 +89,12 @@ itself), every query of every window weighing the same:
 | metric | per query $i$ | queries |
 |---|---|---|
 | previous-token | $A[i, i-1]$ | all |
-| induction | $\sum_{j:\,t_{j-1} = t_i,\ 1 \le j \le i} A[i, j]$ (after earlier copies) | $t_i$ seen before |
+| induction | $\sum_{j:\,t_{j-1}=t_i,\,1\le j\le i} A[i,j]$ | $t_i$ seen before |
 | duplicate-token | $\sum_{j < i:\ t_j = t_i} A[i, j]$ | $t_i$ seen before |
 | first-token (sink) | $A[i, 0]$ | all |
 | self | $A[i, i]$ | all |
 | entropy | $-\sum_j A[i, j] \ln A[i, j]$ (nats) | all |
-| copying (OV) | $\mathrm{Re}(\sum\lambda)/\sum\lvert\lambda\rvert$ of $W_E W_{OV} W_U$ | weights only |
+| copying (OV) | $\mathrm{Re}(\sum\lambda)/\sum\lvert\lambda\rvert$ of $W_E W_{OV} W_U$ | weights |
 
 **Head finder**: any two metrics on the axes, one colour per layer; click a point (or a table
 row) to select the head. **Examples**: the windows where the selected head's metric (the
