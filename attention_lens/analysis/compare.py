@@ -27,7 +27,7 @@ from ..model.checkpoint import LoadedModel
 from .attribution import logit_attribution
 from .errors import AnalysisError
 from .forward import ForwardPass
-from .logit_lens import logit_lens
+from .logit_lens import lens_stages, stage_logits
 from .predictions import TokenLike, check_k, check_position, next_token, token_id
 
 
@@ -155,13 +155,15 @@ def _side(lm: LoadedModel, fp: ForwardPass, position: int, k: int, layer: int, h
     pattern = None
     if layer < lm.cfg.n_layers and head < lm.cfg.n_heads:
         pattern = fp.cache[f"blocks.{layer}.attn.hook_pattern"][head].double().numpy()
-    lens = logit_lens(lm, fp, k=1, target=target, granularity="layer")
+    stages = lens_stages(lm, "layer")
+    lens_probs = np.array([float(stage_logits(lm, fp.cache[hook][pos:pos + 1]).double()
+                                 .log_softmax(-1)[0, target].exp()) for _, hook in stages])
     dla = logit_attribution(lm, fp, target=target, position=pos)
     return Side(model=lm.name, text=fp.text, display=tuple(fp.display),
                 token_ids=np.asarray(fp.token_ids), loss=token_losses(fp), position=pos,
                 top_ids=nt.token_ids, top_display=tuple(nt.display), top_probs=nt.probs,
-                pattern=pattern, lens_labels=lens.stage_labels,
-                lens_probs=lens.target_probs[:, pos], dla_labels=dla.labels,
+                pattern=pattern, lens_labels=tuple(label for label, _ in stages),
+                lens_probs=lens_probs, dla_labels=dla.labels,
                 dla_values=dla.values, logit=dla.logit)
 
 

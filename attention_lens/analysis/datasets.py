@@ -79,12 +79,17 @@ class Dataset:
         return sum(len(d) for d in self.documents)
 
 
+def documents_sha256(documents: Sequence[str]) -> str:
+    """sha256 of the documents joined by a blank line (a dataset's identity)."""
+    return hashlib.sha256(DOC_SEPARATOR.join(documents).encode("utf-8")).hexdigest()
+
+
 def _dataset(name: str, documents: Sequence[str], title: str = "",
              provenance: Optional[dict] = None) -> Dataset:
     docs = tuple(d for d in documents if d.strip())
     if not docs:
         raise AnalysisError(f"{name}: no text (every document is empty)")
-    digest = hashlib.sha256(DOC_SEPARATOR.join(docs).encode("utf-8")).hexdigest()
+    digest = documents_sha256(docs)
     return Dataset(name=name, documents=docs, sha256=digest, title=title or name,
                    provenance=dict(provenance or {}))
 

@@ -288,6 +288,23 @@ class HeadExample:
     percentile: Optional[int] = None
 
 
+def layer_patterns(lm: LoadedModel, tokens: torch.Tensor, layer: int) -> torch.Tensor:
+    """Layer ``layer``'s patterns [b, h, q, k], the forward pass stopped right after them."""
+    name = f"blocks.{layer}.attn.hook_pattern"
+    out: dict[str, torch.Tensor] = {}
+
+    def keep(pattern: torch.Tensor, hook: object) -> None:
+        out["pattern"] = pattern.detach()
+        raise _Stop
+
+    try:
+        with torch.no_grad():
+            lm.model.run_with_hooks(tokens, [(name, keep)])
+    except _Stop:
+        pass
+    return out["pattern"]
+
+
 def metric_targets(tokens: np.ndarray, metric: str, query: int) -> np.ndarray:
     """[pos] bool: the keys a metric counts for ``query`` in a window of ``tokens``."""
     t = np.asarray(tokens)
@@ -316,9 +333,7 @@ def head_examples(lm: LoadedModel, hm: HeadMetrics, metric: str, layer: int, hea
         return []
     rows = np.asarray([p["window"] for p in picks])
     tokens = torch.as_tensor(hm.windows.tokens[rows], dtype=torch.long, device=lm.model.device)
-    name = f"blocks.{layer}.attn.hook_pattern"
-    _, cache = lm.model.run_with_cache(tokens, names_filter=[name])
-    patterns = cache[name][:, head].float().cpu().numpy()  # [n, q, k]
+    patterns = layer_patterns(lm, tokens, layer)[:, head].float().cpu().numpy()  # [n, q, k]
     out = []
     for i, p in enumerate(picks):
         ids = hm.windows.tokens[p["window"]]

@@ -2,31 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
-import dash
 import dash_bootstrap_components as dbc
-from dash import Input, Output, callback, dcc, html
+from dash import Input, Output, callback, html
 from dash.exceptions import PreventUpdate
 
+from .. import registry as registry_module
 from .. import weight_analyses as W
 from ..analysis.compare import (
     Comparison,
     IclView,
     compare,
     icl_score,
-    loss_by_position,
     probe_halves,
     same_tokenizer,
 )
-from ..analysis.datasets import MAX_WINDOWS, SHIPPED, dataset_windows, load_dataset
+from ..analysis.datasets import DEFAULT_LENGTH, MAX_WINDOWS, SHIPPED
 from ..analysis.errors import AnalysisError
-from ..analysis.head_metrics import windows_key
-from ..analysis.heads import probe_head_scores
-from ..app import registry
-from ..components import jobs as JS
 from ..components import page as P
 from ..components import shell
+from ..components.controls import Int, Text
 from ..figures.compare import (
     attention_compare_figure,
     dla_compare_figure,
@@ -35,29 +31,47 @@ from ..figures.compare import (
     loss_compare_figure,
     predictions_compare_figure,
 )
-from ..jobs import JobPending, Need, cached_or_jobs
 
 PAGE = "compare"
-dash.register_page(__name__, path="/compare", order=15, name="Compare",
-                   title="Compare · Attention Lens",
-                   description="Two prompts, or two models, side by side and as differences; "
-                               "in-context-learning curves.")
 
-CONTROLS = {
-    "text_b": P.TextParam("", 2000),
-    "model_b": P.TextParam("", 120),
-    "layer": P.IntParam(None, 0),
-    "head": P.IntParam(None, 0),
-    "position": P.IntParam(-1),
-    "target": P.TextParam("", 40),
-    "k": P.IntParam(10, 1, 50),
-    "windows": P.IntParam(200, 1, MAX_WINDOWS),
-}
-ICL_CONTROLS = {k: CONTROLS[k] for k in ("text_b", "model_b", "windows")}
-GRAPHS = ["loss", "predictions", "attention", "lens", "dla"]
-NOTE, ICL_NOTE, ICL_ALERTS, ICL_QUERY = (f"{PAGE}-note", f"{PAGE}-icl-note",
-                                         f"{PAGE}-icl-alerts", f"{PAGE}-icl-query")
-ICL_PAGE = f"{PAGE}-icl"
+
+class ModelChoice:
+    """Model B: any model of the registry, or "auto" (see the help).
+
+    (A plain class: Dash imports page modules outside ``sys.modules``.)
+    """
+
+    name, default, label = "model_b", "", "model B"
+
+    def parse(self, raw: Any, cfg: Any = None) -> tuple[str, Optional[str]]:
+        """A model name, or "" for auto (an unknown name is reported when loaded)."""
+        text = "" if raw is None else str(raw)
+        if len(text) > 120:
+            return "", "model_b: the name is too long"
+        return text, None
+
+    def widget(self, page: str, value: Any, cfg: Any = None) -> dbc.InputGroup:
+        """A labelled drop-down of the registry's models."""
+        names = registry_module.current().names()
+        options = [{"label": "auto (see help)", "value": ""}] + [{"label": n, "value": n}
+                                                                for n in names]
+        if value and value not in names:
+            options.append({"label": value, "value": value})
+        return dbc.InputGroup([dbc.InputGroupText(self.label),
+                               dbc.Select(id=P.control_id(page, self.name), options=options,
+                                          value=value)], size="sm", className="al-control")
+
+
+CONTROLS = [
+    Text("text_b", "", 2000, label="prompt B", placeholder="empty: the same prompt as A"),
+    ModelChoice(),
+    Int("layer", None, 0, label="layer", placeholder="auto"),
+    Int("head", None, 0, label="head", placeholder="auto"),
+    Int("position", -1, label="position"),
+    Text("target", "", 40, label="target", placeholder="A's top prediction"),
+    Int("k", 10, 1, 50, label="top k"),
+    Int("windows", 100, 1, MAX_WINDOWS, label="ICL windows"),
+]
 
 HELP = r"""
 **A** is the prompt and model of the prompt bar; **B** is the prompt typed here (empty: the
@@ -81,10 +95,11 @@ first half.
 """
 
 
+
 def models_of(state: dict, query: dict) -> tuple[Any, Any, str]:
     """Models A and B and B's prompt (defaults as the help text says)."""
-    reg = registry()
-    lm_a = reg.get(state["model"])
+    reg = registry_module.current()
+    lm_a = reg.get(state.get("model"))
     text_b = query["text_b"] if query["text_b"].strip() else state["text"]
     name_b = query["model_b"].strip()
     if not name_b:
@@ -94,7 +109,11 @@ def models_of(state: dict, query: dict) -> tuple[Any, Any, str]:
                 if other != lm_a.name and not same_tokenizer(lm_a, reg.get(other)):
                     name_b = other
                     break
-    return lm_a, reg.get(name_b), text_b
+    lm_b = reg.get(name_b)
+    reason = same_tokenizer(lm_a, lm_b)
+    if reason:
+        raise AnalysisError(reason)
+    return lm_a, lm_b, text_b
 
 
 def default_head(lm_a: Any, lm_b: Any) -> tuple[int, int]:
@@ -108,83 +127,48 @@ def default_head(lm_a: Any, lm_b: Any) -> tuple[int, int]:
 
 def comparison(state: dict, query: dict) -> Comparison:
     """The comparison of A and B for the page's controls."""
+    reg = registry_module.current()
     lm_a, lm_b, text_b = models_of(state, query)
-    reason = same_tokenizer(lm_a, lm_b)
-    if reason:
-        raise AnalysisError(reason)
     d_layer, d_head = default_head(lm_a, lm_b)
     layer = d_layer if query["layer"] is None else query["layer"]
     head = d_head if query["head"] is None else query["head"]
-    fp_a = registry().forward(state["text"], lm_a.name)
-    fp_b = registry().forward(text_b, lm_b.name)
+    fp_a = reg.forward(state["text"], lm_a.name)
+    fp_b = reg.forward(text_b, lm_b.name)
     return compare(lm_a, fp_a, lm_b, fp_b, layer=layer, head=head, position=query["position"],
                    k=query["k"], target=query["target"] or None)
 
 
-def icl(state: dict, query: dict) -> IclView:
+def icl(ctx: P.PageContext, state: dict, query: dict) -> IclView:
     """Loss-by-position curves of A (and B) over the validation windows and the probe.
 
-    The dataset curves are cached per model weights and windows (background jobs at first).
+    The dataset curves are weight-and-dataset analyses (background jobs the first time).
     """
     lm_a, lm_b, _ = models_of(state, query)
     models = [lm_a] if lm_b is lm_a else [lm_a, lm_b]
-    reason = same_tokenizer(lm_a, lm_b)
-    if reason:
-        raise AnalysisError(reason)
-    windows = dataset_windows(lm_a, load_dataset(SHIPPED), max_windows=query["windows"])
-    label = f"validation text: {windows.n_windows} windows of {windows.length} tokens"
-    curves, pending = [], []
-    for lm in models:
-        key = ("loss_by_position", W.weight_hash(lm), *windows_key(windows))
-        need = Need(key, lambda m, report: loss_by_position(m, windows.tokens, label,
-                                                            progress=report),
-                    f"loss by position of {lm.name} over {windows.n_windows} windows")
-        try:
-            curves.append(cached_or_jobs(registry(), lm.name, [need])[0])
-        except JobPending as exc:
-            pending += exc.jobs
-    if pending:
-        raise JobPending(pending)
-    probe = cached_or_jobs(registry(), lm_a.name, [Need(
-        "probe_head_scores", lambda m, report: probe_head_scores(m),
-        "repeated-token probe")])[0]
-    probes = [loss_by_position(lm, probe.tokens, f"probe [r ; r], T = {probe.seq_len}")
-              for lm in models]
+    ds = W.load_dataset(SHIPPED)
+    length = min(lm_a.cfg.n_ctx, DEFAULT_LENGTH)
+    req = W.loss_by_position(ds.name, ds.sha256, length, length, query["windows"])
+    store = W.store()
+    if ctx.compute:
+        curves = [ctx.weight(req)] + [store.compute(lm, req) for lm in models[1:]]
+    else:
+        missing = []
+        for lm in models:
+            try:
+                store.get(lm, req)
+            except W.Missing as exc:
+                missing.append((lm.name, exc))
+        if missing:
+            raise missing[0][1]
+        curves = [store.get(lm, req)[0] for lm in models]
+    probe = ctx.weight(W.probe_head_scores())
+    probes = [ctx.weight(W.probe_loss())] + [
+        store.compute(lm, W.probe_loss()) if ctx.compute else store.get(lm, W.probe_loss())[0]
+        for lm in models[1:]]
     return IclView(dataset=tuple(curves), probe=tuple(probes),
                    scores=tuple(icl_score(c) for c in curves), probe_len=probe.seq_len,
                    probe_halves={c.model: probe_halves(c, probe.seq_len, probe.bos is not None)
                                  for c in probes})
-
-
-def panels(state: dict, query: dict) -> list[P.Panel]:
-    """The five side-by-side views and the in-context-learning curves."""
-    c = comparison(state, query)
-    out = [P.Panel("loss", loss_compare_figure(c),
-                   {"a": c.a.loss, "b": c.b.loss, "b_minus_a": c.loss_diff}),
-           P.Panel("predictions", predictions_compare_figure(c),
-                   {"tokens": c.prob_display, "a": c.prob_a, "b": c.prob_b,
-                    "b_minus_a": c.prob_diff}),
-           P.Panel("attention", attention_compare_figure(c),
-                   {"layer": c.layer, "head": c.head, "a": c.a.pattern, "b": c.b.pattern,
-                    "b_minus_a": c.pattern_diff}),
-           P.Panel("lens", lens_compare_figure(c),
-                   {"target": c.target_display, "stages": c.lens_labels,
-                    "a": c.a.lens_probs, "b": c.b.lens_probs, "b_minus_a": c.lens_diff}),
-           P.Panel("dla", dla_compare_figure(c),
-                   {"target": c.target_display, "components": c.dla_labels,
-                    "b_minus_a": c.dla_diff})]
-    return out + icl_panels(state, query)
-
-
-def icl_panels(state: dict, query: dict) -> list[P.Panel]:
-    """The in-context-learning figure and its data."""
-    v = icl(state, query)
-    return [P.Panel("icl", icl_figure(v.dataset, v.probe, v.scores, v.probe_len),
-                    {"scores": v.scores, "probe_halves": v.probe_halves,
-                     "dataset": v.dataset, "probe": v.probe})]
-
-
-P.register_panels(PAGE, panels, CONTROLS)
 
 
 def describe(c: Comparison) -> list[Any]:
@@ -209,57 +193,50 @@ def icl_note(v: IclView) -> str:
             + ". Probe — " + "; ".join(probe) + ".")
 
 
-# ------------------------------------------------------------------------------ layout
-def layout(**query: Any) -> html.Div:
-    """Prompt B, model B, head, position and target from the URL; five views; ICL curves."""
-    q, problems = P.parse_query(CONTROLS, query)
-    names = registry().names()
-    options = [{"label": "auto (see help)", "value": ""}] + [{"label": n, "value": n}
-                                                            for n in names]
-    if q["model_b"] and q["model_b"] not in names:
-        options.append({"label": q["model_b"], "value": q["model_b"]})
-    return P.page_layout(
-        PAGE, "Compare",
-        description="A clean and a corrupted prompt, the one-layer and the two-layer model: "
-                    "side by side and as differences (B − A).",
-        controls=[
-            P.text_control(PAGE, "text_b", q["text_b"], "prompt B",
-                           placeholder="empty: the same prompt as A"),
-            P.select_control(PAGE, "model_b", q["model_b"], options, "model B"),
-            P.number_control(PAGE, "layer", q["layer"], "layer", min=0, placeholder="auto"),
-            P.number_control(PAGE, "head", q["head"], "head", min=0, placeholder="auto"),
-            P.number_control(PAGE, "position", q["position"], "position"),
-            P.text_control(PAGE, "target", q["target"], "target",
-                           placeholder="A's top prediction"),
-            P.number_control(PAGE, "k", q["k"], "top k", min=1, max=50),
-            P.number_control(PAGE, "windows", q["windows"], "ICL windows", min=1,
-                             max=MAX_WINDOWS),
-        ],
-        body=[html.Div(id=NOTE, className="small mb-2"),
-              dbc.Row([dbc.Col(P.graph(PAGE, "loss"), lg=6),
-                       dbc.Col(P.graph(PAGE, "predictions"), lg=6)]),
-              P.graph(PAGE, "attention"),
-              dbc.Row([dbc.Col(P.graph(PAGE, "lens"), lg=5),
-                       dbc.Col(P.graph(PAGE, "dla"), lg=7)]),
-              html.H4("In-context learning", className="mt-4"),
-              JS.job_strip(PAGE),
-              html.Div(id=ICL_ALERTS),
-              html.Div(id=ICL_NOTE, className="small mb-2"),
-              dcc.Store(id=ICL_QUERY),
-              P.graph(PAGE, "icl")],
-        help_md=HELP, query=q, problems=problems)
+
+def panels(ctx: P.PageContext, query: dict) -> list:
+    """The five side-by-side views, what is compared, and the in-context-learning curves."""
+    c = comparison(ctx.state, query)
+    v = icl(ctx, ctx.state, query)
+    return [P.Panel("loss", loss_compare_figure(c),
+                    {"a": c.a.loss, "b": c.b.loss, "b_minus_a": c.loss_diff}),
+            P.Panel("predictions", predictions_compare_figure(c),
+                    {"tokens": c.prob_display, "a": c.prob_a, "b": c.prob_b,
+                     "b_minus_a": c.prob_diff}),
+            P.Panel("attention", attention_compare_figure(c),
+                    {"layer": c.layer, "head": c.head, "a": c.a.pattern, "b": c.b.pattern,
+                     "b_minus_a": c.pattern_diff}),
+            P.Panel("lens", lens_compare_figure(c),
+                    {"target": c.target_display, "stages": c.lens_labels,
+                     "a": c.a.lens_probs, "b": c.b.lens_probs, "b_minus_a": c.lens_diff}),
+            P.Panel("dla", dla_compare_figure(c),
+                    {"target": c.target_display, "components": c.dla_labels,
+                     "b_minus_a": c.dla_diff}),
+            P.Panel("icl", icl_figure(v.dataset, v.probe, v.scores, v.probe_len),
+                    {"scores": v.scores, "probe_halves": v.probe_halves,
+                     "dataset": v.dataset, "probe": v.probe}),
+            P.Html("what", describe(c)),
+            P.Html("icl-note", icl_note(v))]
 
 
-# ----------------------------------------------------------------------------- callbacks
-@callback(*P.main_outputs(PAGE, GRAPHS, [Output(NOTE, "children")]),
-          *P.main_inputs(PAGE, CONTROLS))
-@P.analysis_callback(PAGE, CONTROLS, n_outputs=len(GRAPHS) + 1)
-def update(state: dict, query: dict) -> tuple:
-    """Forward both sides (cached), compare, draw the five views."""
-    c = comparison(state, query)
-    figs = (loss_compare_figure(c), predictions_compare_figure(c), attention_compare_figure(c),
-            lens_compare_figure(c), dla_compare_figure(c))
-    return (*figs, describe(c))
+def body(parts: dict) -> list:
+    """What is compared, the five views, then the in-context-learning curves."""
+    return [html.Div(parts["what"], className="small mb-2"),
+            dbc.Row([dbc.Col(parts["loss"], lg=6), dbc.Col(parts["predictions"], lg=6)]),
+            parts["attention"],
+            dbc.Row([dbc.Col(parts["lens"], lg=5), dbc.Col(parts["dla"], lg=7)]),
+            html.H4("In-context learning", className="mt-4"),
+            html.Div(parts["icl-note"], className="small mb-2"),
+            parts["icl"]]
+
+
+P.register_page(
+    __name__, path="/compare", name="Compare", order=15, heading="Compare",
+    title="Compare · Attention Lens",
+    description="A clean and a corrupted prompt, the one-layer and the two-layer model: side "
+                "by side and as differences (B − A); in-context-learning curves.",
+    help_md=HELP, panels=panels, graphs=["loss", "predictions", "attention", "lens", "dla", "icl"],
+    extras=["what", "icl-note"], controls=CONTROLS, body=body)
 
 
 @callback(Output(P.control_id(PAGE, "position"), "value"),
@@ -271,20 +248,3 @@ def select_position(click: Any) -> int:
     if not isinstance(x, (int, float)) or x < 1:
         raise PreventUpdate
     return int(x) - 1
-
-
-ICL_OUTPUTS = [Output(P.graph_id(PAGE, "icl"), "figure"), Output(ICL_NOTE, "children"),
-               JS.job_output(PAGE), Output(ICL_ALERTS, "children"),
-               Output(ICL_QUERY, "data")]
-
-
-@callback(*ICL_OUTPUTS, *P.main_inputs(PAGE, ICL_CONTROLS), JS.job_input(PAGE))
-@P.analysis_callback(ICL_PAGE, ICL_CONTROLS, n_outputs=3)
-@JS.in_background(2)
-def update_icl(state: dict, query: dict) -> tuple:
-    """The in-context-learning curves (background jobs the first time for each model)."""
-    v = icl(state, query)
-    return (icl_figure(v.dataset, v.probe, v.scores, v.probe_len), icl_note(v))
-
-
-JOB_CALLBACKS = JS.register_job_callbacks(PAGE, update_icl, ICL_OUTPUTS, list(ICL_CONTROLS))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import logging
+import base64
+import binascii
 from typing import Any, Optional
 
 import dash
@@ -11,37 +12,32 @@ from dash import Input, Output, State, callback, clientside_callback, dash_table
 from dash import no_update
 from dash.exceptions import PreventUpdate
 
+from .. import registry as registry_module
 from .. import weight_analyses as W
 from ..analysis.attention import attention_patterns
 from ..analysis.datasets import (
+    DEFAULT_LENGTH,
     DEFAULT_WINDOWS,
     MAX_UPLOAD_BYTES,
     MAX_WINDOWS,
     SHIPPED,
+    check_window_args,
     dataset_names,
-    dataset_windows,
-    load_dataset,
     parse_upload,
     remember_upload,
 )
-from ..analysis.eigen import circuit_eigenvalues
 from ..analysis.errors import AnalysisError
 from ..analysis.head_metrics import (
     ALL_METRICS,
-    DEFINITIONS,
     PATTERN_METRICS,
-    QUERIES,
     HeadExample,
     HeadMetrics,
     head_examples,
-    head_metrics,
     head_table,
-    windows_key,
 )
-from ..app import registry
-from ..components import jobs as JS
 from ..components import page as P
 from ..components import shell
+from ..components.controls import Choice, Int
 from ..figures.heads_dashboard import (
     LABELS,
     all_heads_query_figure,
@@ -49,36 +45,60 @@ from ..figures.heads_dashboard import (
     head_values_figure,
     prompt_tokens_figure,
 )
-from ..jobs import Need, cached_or_jobs
-
-log = logging.getLogger(__name__)
 
 PAGE = "heads"
-dash.register_page(__name__, path="/heads", order=14, name="Heads",
-                   title="Heads · Attention Lens",
-                   description="Every head's metrics over a dataset: sortable table, head "
-                               "finder, top examples and deciles; every head's attention from "
-                               "one token.")
-
-METRIC_OPTIONS = [{"label": LABELS[m], "value": m} for m in ALL_METRICS]
-CONTROLS = {
-    "dataset": P.TextParam(SHIPPED, 60),
-    "windows": P.IntParam(DEFAULT_WINDOWS, 1, MAX_WINDOWS),
-    "length": P.IntParam(None, 4),
-    "stride": P.IntParam(None, 1, 100_000),
-    "x": P.ChoiceParam("previous_token", ALL_METRICS),
-    "y": P.ChoiceParam("induction", ALL_METRICS),
-    "metric": P.ChoiceParam("induction", PATTERN_METRICS),
-    "layer": P.IntParam(None, 0),
-    "head": P.IntParam(None, 0),
-    "query": P.IntParam(None, 0),
-}
-GRAPHS = ["finder", "values"]
-TABLE, EXAMPLES, LINKS, NOTE = (f"{PAGE}-table", f"{PAGE}-examples", f"{PAGE}-links",
-                                f"{PAGE}-note")
-UPLOAD, UPLOADED, UPLOAD_STATUS = f"{PAGE}-upload", f"{PAGE}-uploaded", f"{PAGE}-upload-status"
-TOKEN_ALERTS = f"{PAGE}-token-alerts"
+TABLE, UPLOAD, UPLOADED, UPLOAD_STATUS = (f"{PAGE}-table-grid", f"{PAGE}-upload",
+                                          f"{PAGE}-uploaded", f"{PAGE}-upload-status")
+TOKEN_ALERTS, PROMPT, ALL_HEADS = (f"{PAGE}-token-alerts", f"{PAGE}-prompt-graph",
+                                   f"{PAGE}-all-heads-graph")
 N_EXAMPLES = 5
+METRIC_LABELS = {m: LABELS[m] for m in ALL_METRICS}
+
+
+class DatasetChoice:
+    """The dataset control: the shipped set, files of the datasets folders, uploads.
+
+    (A plain class: Dash imports page modules outside ``sys.modules``, where a dataclass
+    cannot be built.)
+    """
+
+    name, default, label = "dataset", SHIPPED, "dataset"
+
+    def parse(self, raw: Any, cfg: Any = None) -> tuple[str, Optional[str]]:
+        """A dataset name (checked when the page loads it)."""
+        if raw is None or raw == "":
+            return self.default, None
+        text = str(raw)
+        if len(text) > 120:
+            return self.default, "dataset: the name is too long"
+        return text, None
+
+    def widget(self, page: str, value: Any, cfg: Any = None) -> dbc.InputGroup:
+        """A labelled drop-down of the datasets this server has."""
+        names = dataset_names()
+        if value not in names:
+            names.append(value)
+        options = [{"label": "validation split (shipped)" if n == SHIPPED else
+                    (f"uploaded file {n[7:15]}…" if n.startswith("upload:") else n), "value": n}
+                   for n in names]
+        return dbc.InputGroup([dbc.InputGroupText(self.label),
+                               dbc.Select(id=P.control_id(page, self.name), options=options,
+                                          value=value)], size="sm", className="al-control")
+
+
+CONTROLS = [
+    DatasetChoice(),
+    Int("windows", DEFAULT_WINDOWS, 1, MAX_WINDOWS, label="windows"),
+    Int("length", None, 4, hi=lambda cfg: cfg.n_ctx, label="tokens",
+        placeholder="min(context, 128)"),
+    Int("stride", None, 1, 100_000, label="stride", placeholder="= tokens"),
+    Choice("x", "previous_token", ALL_METRICS, label="x", labels=METRIC_LABELS),
+    Choice("y", "induction", ALL_METRICS, label="y", labels=METRIC_LABELS),
+    Choice("metric", "induction", PATTERN_METRICS, label="examples by", labels=METRIC_LABELS),
+    Int("layer", None, 0, hi=lambda cfg: cfg.n_layers - 1, label="layer", placeholder="auto"),
+    Int("head", None, 0, hi=lambda cfg: cfg.n_heads - 1, label="head", placeholder="auto"),
+    Int("query", None, 0, label="token", placeholder="last"),
+]
 
 HELP = r"""
 Over windows of a dataset (a window: $n$ tokens of the dataset's token stream, one starting
@@ -122,72 +142,25 @@ function(contents, filename) {
 
 
 # ------------------------------------------------------------------------------ analysis
-def dataset_metrics(state: dict, query: dict) -> HeadMetrics:
-    """The head metrics of the state's model over the query's dataset (cached; a job first).
-
-    Cached per model weights, dataset content and windowing; the copying scores come from
-    the model's circuit eigenvalues (cached too).
-    """
-    lm = registry().get(state["model"])
-    windows = dataset_windows(lm, load_dataset(query["dataset"]), length=query["length"],
-                              stride=query["stride"], max_windows=query["windows"])
-    key = (W.weight_hash(lm), *windows_key(windows), True)
-
-    def compute(m: Any, report: Any) -> HeadMetrics:
-        eig = registry().weights(m.name, "circuit_eigenvalues", circuit_eigenvalues)
-        return head_metrics(m, windows, copying=eig.copying["full_ov"], progress=report)
-
-    return cached_or_jobs(registry(), lm.name, [
-        Need(key, compute, f"head metrics over {windows.n_windows} windows")])[0]
+def dataset_request(lm: Any, query: dict) -> W.Request:
+    """The cached run the page needs: the dataset (by content hash) cut into windows."""
+    ds = W.load_dataset(query["dataset"])
+    length = query["length"] or min(lm.cfg.n_ctx, DEFAULT_LENGTH)
+    stride = query["stride"] or length
+    check_window_args(lm, length, stride, query["windows"])
+    return W.head_metrics(ds.name, ds.sha256, length, stride, query["windows"])
 
 
 def selected(hm: HeadMetrics, query: dict) -> tuple[int, int]:
     """The head asked for, else the head with the largest value of the examples' metric."""
-    L, H = hm.shape
     layer, head = query["layer"], query["head"]
     if layer is None or head is None:
         best_l, best_h, _ = hm.ranking(query["metric"], 1)[0]
         layer = best_l if layer is None else layer
         head = best_h if head is None else head
-    if not (0 <= layer < L and 0 <= head < H):
-        raise AnalysisError(f"head L{layer}H{head} does not exist: the model has {L} layer(s) "
-                            f"of {H} heads")
     return layer, head
 
 
-def token_panels(state: dict, pinned: Optional[int]) -> list[P.Panel]:
-    """The prompt as tokens, and every head's attention from token ``pinned`` (last: None)."""
-    lm = registry().get(state["model"])
-    fp = registry().forward(state["text"], state["model"])
-    pos = fp.n_tokens - 1 if pinned is None else pinned
-    if not 0 <= pos < fp.n_tokens:
-        raise AnalysisError(f"token {pos} is outside the prompt ({fp.n_tokens} tokens)")
-    every = attention_patterns(lm, fp)
-    return [P.Panel("prompt", prompt_tokens_figure(fp.display, pos),
-                    {"display": fp.display, "query": pos}),
-            P.Panel("all-heads", all_heads_query_figure(every.patterns, fp.display, pos),
-                    {"query": pos, "display": fp.display[: pos + 1],
-                     "attention": every.patterns[:, :, pos, : pos + 1]})]
-
-
-def panels(state: dict, query: dict) -> list[P.Panel]:
-    """Head-finder scatter, the selected head's per-window values, and the all-heads view."""
-    hm = dataset_metrics(state, query)
-    layer, head = selected(hm, query)
-    return [P.Panel("finder", head_finder_figure(hm, query["x"], query["y"], (layer, head)),
-                    {"rows": head_table(hm), "x": query["x"], "y": query["y"],
-                     "windows": hm.windows.describe(), "sha256": hm.windows.sha256}),
-            P.Panel("values", head_values_figure(hm, query["metric"], layer, head),
-                    {"layer": layer, "head": head, "metric": query["metric"],
-                     "deciles": hm.deciles(query["metric"], layer, head),
-                     "top": hm.examples(query["metric"], layer, head, N_EXAMPLES)}),
-            *token_panels(state, query["query"])]
-
-
-P.register_panels(PAGE, panels, CONTROLS)
-
-
-# ------------------------------------------------------------------------------ drawing
 def table(hm: HeadMetrics) -> dash_table.DataTable:
     """Every head with every metric, sortable by any column."""
     rows = [{**r, "id": r["head"]} for r in head_table(hm)]
@@ -264,114 +237,104 @@ def links(state: dict, layer: int, head: int) -> list[Any]:
             link("/patching", "patching", f"layer={layer}&head={head}")]
 
 
-# ------------------------------------------------------------------------------ layout
-def layout(**query: Any) -> html.Div:
-    """Dataset, windows and axes from the URL; table, head finder, examples, all heads."""
-    q, problems = P.parse_query(CONTROLS, query)
-    names = dataset_names()
-    if q["dataset"] not in names:
-        names.append(q["dataset"])
-    options = [{"label": "validation split (shipped)" if n == SHIPPED else n, "value": n}
-               for n in names]
-    metric_sel = [{"label": LABELS[m], "value": m} for m in PATTERN_METRICS]
-    return P.page_layout(
-        PAGE, "Heads over a dataset",
-        description="Every head's behaviour over many windows of text, not one prompt: "
-                    "find heads by their metrics, read their strongest and typical examples.",
-        controls=[
-            P.select_control(PAGE, "dataset", q["dataset"], options, "dataset"),
-            P.number_control(PAGE, "windows", q["windows"], "windows", min=1, max=MAX_WINDOWS),
-            P.number_control(PAGE, "length", q["length"], "tokens", min=4,
-                             placeholder="min(context, 128)"),
-            P.number_control(PAGE, "stride", q["stride"], "stride", min=1,
-                             placeholder="= tokens"),
-            P.select_control(PAGE, "x", q["x"], METRIC_OPTIONS, "x"),
-            P.select_control(PAGE, "y", q["y"], METRIC_OPTIONS, "y"),
-            P.select_control(PAGE, "metric", q["metric"], metric_sel, "examples by"),
-            P.number_control(PAGE, "layer", q["layer"], "layer", min=0, placeholder="auto"),
-            P.number_control(PAGE, "head", q["head"], "head", min=0, placeholder="auto"),
-            P.number_control(PAGE, "query", q["query"], "token", min=0, placeholder="last"),
-        ],
-        body=[
-            html.Div([
-                dcc.Upload(html.Div(["Drop or ", html.A("choose"), " a .txt or .jsonl file "
-                                     f"(at most {MAX_UPLOAD_BYTES // 1024} KiB)"]),
-                           id=UPLOAD, multiple=False, className="al-upload",
-                           style={"border": "1px dashed #777", "borderRadius": "4px",
-                                  "padding": "6px 10px", "textAlign": "center",
-                                  "cursor": "pointer"}),
-                dcc.Store(id=UPLOADED),
-                html.Div(id=UPLOAD_STATUS, className="small mt-1", **{"aria-live": "polite"}),
-            ], className="mb-2"),
-            JS.job_strip(PAGE),
-            html.Div(id=NOTE, className="small text-muted mb-2"),
-            dbc.Row([dbc.Col(html.Div(id=f"{PAGE}-table-box"), lg=6, className="mb-3"),
-                     dbc.Col(P.graph(PAGE, "finder"), lg=6)]),
-            html.Div(id=LINKS, className="my-2"),
-            dbc.Row([dbc.Col(P.graph(PAGE, "values"), lg=5),
-                     dbc.Col(html.Div(id=EXAMPLES, style={"maxHeight": "640px",
-                                                          "overflowY": "auto"}), lg=7)]),
-            html.H4("All heads at once", className="mt-4"),
-            html.Div(id=TOKEN_ALERTS),
-            P.graph(PAGE, "prompt"),
-            P.graph(PAGE, "all-heads"),
-        ],
-        help_md=HELP, query=q, problems=problems)
+def panels(ctx: P.PageContext, query: dict) -> list:
+    """Table, head finder, the selected head's distribution and examples, links, a note."""
+    lm = ctx.model
+    hm = ctx.weight(dataset_request(lm, query))
+    layer, head = selected(hm, query)
+    w = hm.windows
+    note = (f"{lm.name} on {w.describe()} (sha256 {w.sha256[:12]}…); induction and "
+            f"duplicate-token average over {hm.n_queries['induction']:,} queries with an "
+            f"earlier copy, the others over {hm.n_queries['previous_token']:,} queries.")
+    return [P.Panel("finder", head_finder_figure(hm, query["x"], query["y"], (layer, head)),
+                    {"rows": head_table(hm), "x": query["x"], "y": query["y"],
+                     "windows": w.describe(), "sha256": w.sha256}),
+            P.Panel("values", head_values_figure(hm, query["metric"], layer, head),
+                    {"layer": layer, "head": head, "metric": query["metric"],
+                     "deciles": hm.deciles(query["metric"], layer, head),
+                     "top": hm.examples(query["metric"], layer, head, N_EXAMPLES)}),
+            P.Html("table", table(hm)),
+            P.Html("examples", examples_view(lm, hm, query["metric"], layer, head)),
+            P.Html("links", links(ctx.state, layer, head)),
+            P.Notice(note)]
+
+
+def body(parts: dict) -> list:
+    """Upload box, table beside the head finder, the head's examples, all heads at once."""
+    return [
+        html.Div([
+            dcc.Upload(html.Div(["Drop or ", html.A("choose"), " a .txt or .jsonl file "
+                                 f"(at most {MAX_UPLOAD_BYTES // 1024} KiB) to use as the "
+                                 "dataset"]),
+                       id=UPLOAD, multiple=False, className="al-upload",
+                       style={"border": "1px dashed #777", "borderRadius": "4px",
+                              "padding": "6px 10px", "textAlign": "center",
+                              "cursor": "pointer"}),
+            dcc.Store(id=UPLOADED),
+            html.Div(id=UPLOAD_STATUS, className="small mt-1", **{"aria-live": "polite"}),
+        ], className="mb-2"),
+        dbc.Row([dbc.Col(parts["table"], lg=6, className="mb-3"),
+                 dbc.Col(parts["finder"], lg=6)]),
+        html.Div(parts["links"], className="my-2"),
+        dbc.Row([dbc.Col(parts["values"], lg=5),
+                 dbc.Col(html.Div(parts["examples"], className="al-examples",
+                                  style={"maxHeight": "640px", "overflowY": "auto"}), lg=7)]),
+        html.H4("All heads at once", className="mt-4"),
+        html.Div(id=TOKEN_ALERTS),
+        html.Div(dcc.Graph(id=PROMPT, figure=P.empty_figure(), config=P.graph_config(
+            "heads-prompt"), className="al-graph-plot"), className="al-graph"),
+        html.Div(dcc.Graph(id=ALL_HEADS, figure=P.empty_figure(), config=P.graph_config(
+            "heads-all-heads"), className="al-graph-plot"), className="al-graph"),
+    ]
+
+
+P.register_page(
+    __name__, path="/heads", name="Heads", order=14, heading="Heads over a dataset",
+    title="Heads · Attention Lens",
+    description="Every head's behaviour over many windows of text, not one prompt: find heads "
+                "by their metrics, read their strongest and typical examples.",
+    help_md=HELP, panels=panels, graphs=["finder", "values"],
+    extras=["table", "examples", "links"], controls=CONTROLS, body=body)
 
 
 # ----------------------------------------------------------------------------- callbacks
-OUTPUTS = P.main_outputs(PAGE, GRAPHS, [Output(f"{PAGE}-table-box", "children"),
-                                        Output(EXAMPLES, "children"),
-                                        Output(LINKS, "children"), Output(NOTE, "children"),
-                                        JS.job_output(PAGE)])
+def token_panels(state: dict, pinned: Optional[int]) -> tuple[Any, Any]:
+    """The prompt as tokens, and every head's attention from token ``pinned`` (last: None)."""
+    reg = registry_module.current()
+    lm = reg.get(state.get("model"))
+    fp = reg.forward(state["text"], lm.name)
+    pos = fp.n_tokens - 1 if pinned is None else pinned
+    if not 0 <= pos < fp.n_tokens:
+        raise AnalysisError(f"token {pos} is outside the prompt ({fp.n_tokens} tokens)")
+    every = attention_patterns(lm, fp)
+    return (prompt_tokens_figure(fp.display, pos),
+            all_heads_query_figure(every.patterns, fp.display, pos))
 
 
-@callback(*OUTPUTS, *P.main_inputs(PAGE, CONTROLS), JS.job_input(PAGE))
-@P.analysis_callback(PAGE, CONTROLS, n_outputs=len(GRAPHS) + 5)
-@JS.in_background(len(GRAPHS) + 4)
-def update(state: dict, query: dict) -> tuple:
-    """Run (or read the cached) dataset metrics; draw the finder, table and examples."""
-    lm = registry().get(state["model"])
-    hm = dataset_metrics(state, query)
-    layer, head = selected(hm, query)
-    figures = P.figures_of(panels(state, query)[:len(GRAPHS)])
-    w = hm.windows
-    note = (f"{lm.name} on {w.describe()}; induction and duplicate-token average over "
-            f"{hm.n_queries['induction']:,} queries with an earlier copy, the others over "
-            f"{hm.n_queries['previous_token']:,} queries.")
-    return (*figures, table(hm), examples_view(lm, hm, query["metric"], layer, head),
-            links(state, layer, head), note)
-
-
-JOB_CALLBACKS = JS.register_job_callbacks(PAGE, update, OUTPUTS, list(CONTROLS))
-
-
-@callback(Output(P.graph_id(PAGE, "prompt"), "figure"),
-          Output(P.graph_id(PAGE, "all-heads"), "figure"), Output(TOKEN_ALERTS, "children"),
+@callback(Output(PROMPT, "figure"), Output(ALL_HEADS, "figure"), Output(TOKEN_ALERTS, "children"),
           Input(shell.STATE, "data"), Input(P.control_id(PAGE, "query"), "value"),
-          Input(P.graph_id(PAGE, "prompt"), "hoverData"))
-def token_view(state: Optional[dict], query: Any = None,
-               hover: Optional[dict] = None) -> tuple:
+          Input(PROMPT, "hoverData"))
+def token_view(state: Optional[dict], query: Any = None, hover: Optional[dict] = None) -> tuple:
     """The prompt as tokens and every head's attention from the hovered (or pinned) token."""
     if not state or not state.get("text"):
         raise PreventUpdate
     try:
-        pinned, problem = CONTROLS["query"].parse("token", query)
+        pinned, problem = CONTROLS[-1].parse(query)
         if problem:
             raise AnalysisError(problem)
-        if P.triggered_id() == P.graph_id(PAGE, "prompt"):
+        if P.triggered_id() == PROMPT:
             point = (hover or {}).get("points", [{}])[0]
             hovered = point.get("customdata")
             if not isinstance(hovered, int) or hovered < 0:
                 raise PreventUpdate
             pinned = hovered
-        return (*P.figures_of(token_panels(state, pinned)), [])
+        return (*token_panels(state, pinned), [])
     except AnalysisError as exc:
         return no_update, no_update, shell.alert(str(exc))
 
 
 @callback(Output(P.control_id(PAGE, "query"), "value"),
-          Input(P.graph_id(PAGE, "prompt"), "clickData"), prevent_initial_call=True)
+          Input(PROMPT, "clickData"), prevent_initial_call=True)
 def pin_token(click: Optional[dict]) -> int:
     """Clicking a token pins the all-heads view to it (and writes it into the URL)."""
     point = (click or {}).get("points", [{}])[0]
@@ -412,9 +375,6 @@ clientside_callback(UPLOAD_CHECK, Output(UPLOADED, "data"), Output(UPLOAD_STATUS
           prevent_initial_call=True)
 def read_upload(data: Optional[dict], options: Optional[list]) -> tuple:
     """Check an uploaded file and make it the page's dataset (or say why it cannot be)."""
-    import base64
-    import binascii
-
     if not data or not data.get("contents"):
         raise PreventUpdate
     name = str(data.get("filename") or "upload")
@@ -425,11 +385,9 @@ def read_upload(data: Optional[dict], options: Optional[list]) -> tuple:
         message = str(exc) if isinstance(exc, AnalysisError) else \
             f"the file {name!r} could not be read"
         return no_update, no_update, shell.alert(message, color="warning")
-    key = remember_upload(ds)
+    key = W.keep_upload(ds)
+    remember_upload(ds)
     opts = [o for o in (options or []) if o.get("value") != key]
     opts.append({"label": f"{name} (uploaded, {len(ds.documents)} documents)", "value": key})
     return opts, key, shell.alert(f"Using {name}: {len(ds.documents)} documents, "
                                   f"{ds.n_chars:,} characters.", color="success")
-
-
-__all__ = ["DEFINITIONS", "QUERIES", "layout", "update"]
