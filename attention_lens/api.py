@@ -348,36 +348,35 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
 
     # ------------------------------------------------- dataset heads and comparison
     def dataset_of(body: dict[str, Any]) -> Any:
-        from .analysis.datasets import SHIPPED, load_dataset, parse_upload
+        from .analysis.datasets import SHIPPED, parse_upload, remember_upload
 
         if "text" in body and "dataset" in body:
             raise ApiError("give either 'dataset' (a name) or 'text' (the documents), not both")
         if "text" in body:
-            return parse_upload(text_field(body).encode("utf-8"), "request body")
+            ds = parse_upload(text_field(body).encode("utf-8"), "request body")
+            remember_upload(ds)
+            W.keep_upload(ds)
+            return ds
         name = body.get("dataset", SHIPPED)
         if not isinstance(name, str) or not name.strip():
             raise ApiError("'dataset' must be a dataset name")
-        return load_dataset(name)
+        return W.load_dataset(name)
 
-    def windows_of(lm: LoadedModel, body: dict[str, Any], default_n: int) -> Any:
-        from .analysis.datasets import MAX_WINDOWS, dataset_windows
+    def windows_args(lm: LoadedModel, body: dict[str, Any], default_n: int) -> tuple:
+        from .analysis.datasets import DEFAULT_LENGTH, MAX_WINDOWS, check_window_args
 
         n = int_field(body, "windows", default_n, 1, MAX_WINDOWS)
-        length = int_field(body, "length", None, 4, lm.cfg.n_ctx,
+        length = int_field(body, "length", min(lm.cfg.n_ctx, DEFAULT_LENGTH), 4, lm.cfg.n_ctx,
                            f" (the context of {lm.name})")
-        stride = int_field(body, "stride", None, 1, 100_000)
-        return dataset_windows(lm, dataset_of(body), length=length, stride=stride,
-                               max_windows=n)
+        stride = int_field(body, "stride", length, 1, 100_000)
+        check_window_args(lm, length, stride, n)
+        return length, stride, n
 
-    def dataset_metrics(lm: LoadedModel, windows: Any, copying: bool) -> Any:
-        from .analysis.head_metrics import head_metrics, windows_key
-
-        eig = eigen_of(lm) if copying else None
-        key = (W.weight_hash(lm), *windows_key(windows), copying)
-        label = f"head metrics over {windows.n_windows} windows"
-        with background.current().slots.job(label):
-            return registry.weights(lm.name, key, lambda m: head_metrics(
-                m, windows, copying=None if eig is None else eig.copying["full_ov"]))
+    def dataset_metrics(lm: LoadedModel, body: dict[str, Any]) -> Any:
+        length, stride, n = windows_args(lm, body, 400)
+        ds = dataset_of(body)
+        return W.store().get_or_compute(lm, W.head_metrics(ds.name, ds.sha256, length, stride,
+                                                           n))[0]
 
     @endpoint("/head-metrics", ("POST",))
     def head_metrics_api() -> dict[str, Any]:
@@ -391,34 +390,36 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         body = json_body({"model", "dataset", "text", "windows", "length", "stride", "metric",
                           "layer", "head", "n_examples", "copying", "top"})
         lm = model_of(body)
-        windows = windows_of(lm, body, 400)
         metric = choice_field(body, "metric", "induction", tuple(PATTERN_METRICS))
         layer, head = layer_head(lm, body)
         n_examples = int_field(body, "n_examples", 3, 0, 20)
         top = int_field(body, "top", 10, 1, lm.cfg.n_layers * lm.cfg.n_heads)
-        hm = dataset_metrics(lm, windows, bool_field(body, "copying", True))
+        copying = bool_field(body, "copying", True)
+        hm = dataset_metrics(lm, body)
         if head is None:
             layer, head, _ = hm.ranking(metric, 1)[0]
         examples = [{"window": e.window, "start": e.start, "query": e.query, "value": e.value,
                      "tokens": list(e.display), "attention": jsonable(e.attention)}
                     for e in head_examples(lm, hm, metric, layer, head, n_examples)] \
             if n_examples else []
+        windows = hm.windows
+        metrics = {m: v for m, v in hm.metrics.items() if copying or m != "copying"}
         return {"model": lm.name,
                 "dataset": {"name": windows.dataset, "sha256": windows.sha256,
                             "windows": windows.n_windows, "length": windows.length,
                             "stride": windows.stride, "available": windows.n_available,
                             "description": windows.describe()},
                 "definitions": {m: {"formula": DEFINITIONS[m], "queries": QUERIES.get(m, "")}
-                                for m in hm.metrics},
-                "metrics": jsonable(hm.metrics), "n_queries": hm.n_queries,
+                                for m in metrics},
+                "metrics": jsonable(metrics), "n_queries": hm.n_queries,
                 "ranking": {m: [{"layer": la, "head": h, "value": jsonable(v)}
-                                for la, h, v in hm.ranking(m, top)] for m in hm.metrics},
+                                for la, h, v in hm.ranking(m, top)] for m in metrics},
                 "examples": {"metric": metric, "layer": layer, "head": head,
                              "windows": examples}}
 
     @endpoint("/compare", ("POST",))
     def compare_api() -> dict[str, Any]:
-        from .analysis.compare import compare, icl_view
+        from .analysis.compare import compare
 
         body = json_body({"text", "text_b", "model", "model_b", "layer", "head", "position",
                           "target", "top_k", "icl", "windows"})
@@ -441,12 +442,23 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         out = {"a": _prompt_part(fp_a, limit_of(lm_a)), "b": _prompt_part(fp_b, limit_of(lm_b)),
                "result": jsonable(c)}
         if bool_field(body, "icl", False):
-            probe = W.store().get_or_compute(lm_a, W.probe_head_scores())[0]
-            windows = windows_of(lm_a, {k: v for k, v in body.items() if k == "windows"}, 100)
+            from .analysis.compare import IclView, icl_score, probe_halves
+            from .analysis.datasets import SHIPPED
+
+            length, stride, n = windows_args(lm_a, {k: v for k, v in body.items()
+                                                    if k == "windows"}, 100)
+            ds = W.load_dataset(SHIPPED)
+            req = W.loss_by_position(ds.name, ds.sha256, length, stride, n)
             models = [lm_a] if lm_b is lm_a else [lm_a, lm_b]
-            with background.current().slots.job("in-context-learning curves"):
-                view = icl_view(models, windows.tokens, windows.describe(), probe.tokens,
-                                probe.seq_len, probe.bos is not None)
+            probe = W.store().get_or_compute(lm_a, W.probe_head_scores())[0]
+            curves = [W.store().get_or_compute(m, req, W.probe_loss()) for m in models]
+            view = IclView(dataset=tuple(c[0] for c in curves),
+                           probe=tuple(c[1] for c in curves),
+                           scores=tuple(icl_score(c[0]) for c in curves),
+                           probe_len=probe.seq_len,
+                           probe_halves={c[1].model: probe_halves(c[1], probe.seq_len,
+                                                                  probe.bos is not None)
+                                         for c in curves})
             out["icl"] = jsonable(view)
             for item, score in zip(out["icl"]["scores"], view.scores):
                 item["score"] = jsonable(score.score)
