@@ -214,3 +214,188 @@ def test_api_head_metrics_bad_input(api, body, message):
     client, _ = api
     r = client.post("/api/head-metrics", json=body)
     assert r.status_code == 400 and message in r.get_json()["error"], r.get_json()
+
+
+# --------------------------------------------------------------------------- the browser
+GEOMETRY_JS = """
+const problems = [], boxes = [];
+const page = document.querySelector('.al-page');
+if (!page) { return ['no page']; }
+page.querySelectorAll('.js-plotly-plot').forEach(function (gd, i) {
+    const svg = gd.querySelector('.main-svg');
+    const name = (gd.closest('[id]') || {}).id || ('figure ' + i);
+    if (!svg) { return; }
+    const g = gd.getBoundingClientRect(), s = svg.getBoundingClientRect();
+    if (s.height > g.height + 2 || s.width > g.width + 2 || g.height < 50) {
+        problems.push(name + ': figure ' + Math.round(s.width) + 'x' + Math.round(s.height) +
+                      ' in a box of ' + Math.round(g.width) + 'x' + Math.round(g.height));
+    }
+    if (g.right > document.documentElement.clientWidth + 2) {
+        problems.push(name + ' is cut at the right edge');
+    }
+    boxes.push([name, g]);
+});
+page.querySelectorAll('h2, h4, .dash-table-container, .al-examples, .al-upload')
+    .forEach(function (el, i) {
+        const r = el.getBoundingClientRect();
+        if (r.width > 0 && r.height > 0) { boxes.push([el.tagName + '.' + el.className + i, r]); }
+    });
+for (let i = 0; i < boxes.length; i++) {
+    for (let j = i + 1; j < boxes.length; j++) {
+        const a = boxes[i][1], b = boxes[j][1];
+        const w = Math.min(a.right, b.right) - Math.max(a.left, b.left);
+        const h = Math.min(a.bottom, b.bottom) - Math.max(a.top, b.top);
+        if (w > 2 && h > 2) { problems.push(boxes[i][0] + ' overlaps ' + boxes[j][0]); }
+    }
+}
+return problems;
+"""
+
+
+def geometry_problems(driver) -> list[str]:
+    """Figures taller or wider than their boxes, cut at the edge, or overlapping anything."""
+    return driver.execute_script(GEOMETRY_JS)
+
+
+def full_screenshot(driver, path) -> None:
+    """The whole page as a PNG (beyond the window's height), via the DevTools protocol."""
+    import base64
+
+    w, h = driver.execute_script("return [document.documentElement.scrollWidth, "
+                                 "document.documentElement.scrollHeight]")
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
+        "format": "png", "captureBeyondViewport": True,
+        "clip": {"x": 0, "y": 0, "width": w, "height": h, "scale": 1}})
+    with open(path, "wb") as f:
+        f.write(base64.b64decode(shot["data"]))
+
+
+def point_offset(driver, element, trace: int, index: int) -> tuple[int, int]:
+    """Pixel offset, from the plot element's top-left corner, of a scatter/line point."""
+    return tuple(driver.execute_script(
+        "const gd = arguments[0], fl = gd._fullLayout, d = gd._fullData[arguments[1]];"
+        "const xa = fl[d.xaxis === 'x' ? 'xaxis' : 'xaxis' + d.xaxis.slice(1)];"
+        "const ya = fl[d.yaxis === 'y' ? 'yaxis' : 'yaxis' + d.yaxis.slice(1)];"
+        "const cd = gd.calcdata[arguments[1]][arguments[2]];"
+        "return [Math.round(xa._offset + xa.c2p(cd.x)), Math.round(ya._offset + ya.c2p(cd.y))];",
+        element, trace, index))
+
+
+@pytest.mark.browser
+def test_heads_page_in_the_browser(dash_duo, registry, tmp_path):
+    """Geometry at desktop and phone widths; a real click on the head finder selects a head;
+    hovering a prompt token redraws every head's attention from it."""
+    import os
+    import time
+    from pathlib import Path
+
+    from selenium.webdriver.common.action_chains import ActionChains
+    from test_browser import has_traces, url, wait
+
+    from attention_lens import background
+    from attention_lens.app import create_app
+    from attention_lens.components import shell
+
+    shots = Path(os.environ.get("ATTENTION_LENS_SCREENSHOTS", "/tmp/dash_artifacts/screenshots"))
+    shots.mkdir(parents=True, exist_ok=True)
+    old = background._CURRENT
+    bg = background.install(background.create(tmp_path / "cache", max_jobs=2))
+    try:
+        dash_duo.start_server(create_app(registry, background=bg))
+        d = dash_duo.driver
+        d.set_window_size(1440, 1000)
+        d.get(url(dash_duo, "/heads", model="attn-only-2l", text=shell.DEFAULT_PROMPT))
+        wait(dash_duo, has_traces("heads", "finder"), timeout=180, what="the head finder")
+        wait(dash_duo, "document.querySelector('#heads-all-heads-graph .js-plotly-plot') && "
+                       "document.querySelector('#heads-all-heads-graph .js-plotly-plot')"
+                       "._fullData.length > 0", what="the all-heads view")
+        wait(dash_duo, "document.querySelectorAll('.al-example').length >= 10",
+             what="examples and deciles")
+        time.sleep(1.0)
+        assert geometry_problems(d) == []
+        assert dash_duo.driver.execute_script(
+            "return document.querySelectorAll('.dash-spreadsheet td').length") >= 12 * 7
+        full_screenshot(d, shots / "heads.png")
+        # a real click on the layer-0 point of head 2 of the head finder
+        host = d.find_element("css selector",
+                              '[id=\'{"name":"finder","page":"heads","type":"al-graph"}\'] '
+                              '.js-plotly-plot')
+        d.execute_script("arguments[0].scrollIntoView({block: 'center'})", host)
+        time.sleep(0.3)
+        x, y = point_offset(d, host, 0, 2)
+        ActionChains(d).move_to_element_with_offset(host, x, y).click().perform()
+        wait(dash_duo, "document.getElementById('heads-layer').value === '0' && "
+                       "document.getElementById('heads-head').value === '2'",
+             what="L0H2 selected by the click")
+        wait(dash_duo, "window.location.search.includes('head=2')", what="the URL")
+        wait(dash_duo, "Array.from(document.querySelectorAll('.al-examples h5'))"
+                       ".some(h => h.textContent.startsWith('L0H2'))", what="L0H2's examples")
+        # hover the fourth token of the prompt: every head's attention from it
+        prompt = d.find_element("css selector", "#heads-prompt-graph .js-plotly-plot")
+        d.execute_script("arguments[0].scrollIntoView({block: 'center'})", prompt)
+        time.sleep(0.3)
+        px, py = d.execute_script(
+            "const gd = arguments[0], fl = gd._fullLayout;"
+            "return [fl.xaxis._offset + fl.xaxis.c2p(3), fl.yaxis._offset + fl.yaxis.c2p(0)];",
+            prompt)
+        ActionChains(d).move_to_element_with_offset(prompt, int(px), int(py)).perform()
+        wait(dash_duo, "(document.querySelector('#heads-all-heads-graph .gtitle') || {})"
+                       ".textContent.includes('from 3:')", what="the hovered token's view")
+        assert geometry_problems(d) == []
+        # a phone: the page loaded at 390 x 844 (cached results now)
+        d.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                          {"width": 390, "height": 844, "deviceScaleFactor": 1,
+                           "mobile": True})
+        d.get(url(dash_duo, "/heads", model="attn-only-2l", text=shell.DEFAULT_PROMPT))
+        wait(dash_duo, has_traces("heads", "finder"), timeout=60, what="the phone's finder")
+        wait(dash_duo, "document.querySelector('#heads-all-heads-graph .js-plotly-plot') && "
+                       "document.querySelector('#heads-all-heads-graph .js-plotly-plot')"
+                       "._fullData.length > 0", what="the phone's all-heads view")
+        time.sleep(1.0)
+        assert geometry_problems(d) == []
+        widths = d.execute_script("return [document.body.scrollWidth, "
+                                  "document.documentElement.clientWidth]")
+        assert widths[0] <= widths[1] + 1, widths
+        full_screenshot(d, shots / "phone-heads.png")
+        assert [e for e in dash_duo.get_logs() or [] if e.get("level") == "SEVERE"] == []
+    finally:
+        background._CURRENT = old
+
+
+@pytest.mark.browser
+def test_heads_upload_messages(dash_duo, registry, tmp_path):
+    """Uploaded files: binary, not UTF-8, empty and too large ones are refused with a reason;
+    a good one becomes the dataset."""
+    from test_browser import url, wait
+
+    from attention_lens import background
+    from attention_lens.analysis.datasets import MAX_UPLOAD_BYTES
+    from attention_lens.app import create_app
+    from attention_lens.components import shell
+
+    files = {"bin.txt": b"\x00\x01\x02binary", "latin.txt": "café".encode("latin-1"),
+             "empty.txt": b"", "big.txt": b"word " * (MAX_UPLOAD_BYTES // 5 + 100),
+             "good.jsonl": b'{"text": "the cat sat on the mat. the cat sat on the mat."}\n' * 30}
+    expect = {"bin.txt": "looks binary", "latin.txt": "not UTF-8", "empty.txt": "empty",
+              "big.txt": "at most 512 KiB", "good.jsonl": "Using good.jsonl: 30 documents"}
+    old = background._CURRENT
+    bg = background.install(background.create(tmp_path / "cache", max_jobs=2))
+    try:
+        dash_duo.start_server(create_app(registry, background=bg))
+        dash_duo.driver.get(url(dash_duo, "/heads", model="attn-only-2l",
+                                text=shell.DEFAULT_PROMPT, windows=8, length=32))
+        dash_duo.wait_for_element("#heads-upload input[type=file]", timeout=20)
+        for name, data in files.items():
+            path = tmp_path / name
+            path.write_bytes(data)
+            box = dash_duo.driver.find_element("css selector", "#heads-upload input[type=file]")
+            box.send_keys(str(path))
+            wait(dash_duo, "document.getElementById('heads-upload-status').textContent"
+                           f".includes({expect[name]!r})", timeout=30, what=expect[name])
+        wait(dash_duo, "document.getElementById('heads-dataset').value.startsWith('upload:')",
+             what="the uploaded dataset chosen")
+        wait(dash_duo, "(document.getElementById('heads-alerts') || {}).textContent !== undefined"
+                       " && document.body.textContent.includes('uploaded')", what="a note")
+        assert [e for e in dash_duo.get_logs() or [] if e.get("level") == "SEVERE"] == []
+    finally:
+        background._CURRENT = old

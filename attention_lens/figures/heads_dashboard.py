@@ -53,7 +53,7 @@ def head_finder_figure(hm: HeadMetrics, x: str, y: str,
             marker=dict(size=22, color="rgba(0,0,0,0)", line=dict(width=3, color="#ffffff"))))
     fig.update_layout(
         template=TEMPLATE, height=460,
-        title=f"Head finder: {LABELS[x]} × {LABELS[y]} over {hm.windows.n_windows} windows",
+        title=f"Head finder ({hm.windows.n_windows} windows)",
         xaxis_title=LABELS[x], yaxis_title=LABELS[y],
         legend=dict(orientation="h", y=-0.18, x=0), clickmode="event")
     return finish(fig)
