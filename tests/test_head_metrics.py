@@ -261,7 +261,8 @@ def full_screenshot(driver, path) -> None:
     """The whole page as a PNG (beyond the window's height), via the DevTools protocol."""
     import base64
 
-    w, h = driver.execute_script("return [document.documentElement.scrollWidth, "
+    w, h = driver.execute_script("window.scrollTo(0, 0); "
+                                 "return [document.documentElement.scrollWidth, "
                                  "document.documentElement.scrollHeight]")
     shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
         "format": "png", "captureBeyondViewport": True,

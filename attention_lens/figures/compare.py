@@ -27,9 +27,16 @@ def side_name(c: Comparison, which: str) -> str:
     return f"{which}: {esc(text)}" + (f" ({s.model})" if c.mode == "both" else "")
 
 
+#: Legend in a row of its own between the title and the plots (never over a title).
+LEGEND_ABOVE = dict(orientation="h", yanchor="bottom", y=1.03, x=0, xanchor="left")
+
+
 def _two_rows(title_top: str, title_bottom: str) -> go.Figure:
-    return make_subplots(rows=2, cols=1, shared_xaxes=False, vertical_spacing=0.2,
-                         subplot_titles=[title_top, title_bottom], row_heights=[0.6, 0.4])
+    """Two stacked panels: the sides (y axis titled ``title_top``) and B − A below."""
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=False, vertical_spacing=0.16,
+                        subplot_titles=["", title_bottom], row_heights=[0.6, 0.4])
+    fig.update_yaxes(title_text=title_top, row=1, col=1)
+    return fig
 
 
 def loss_compare_figure(c: Comparison) -> go.Figure:
@@ -48,27 +55,26 @@ def loss_compare_figure(c: Comparison) -> go.Figure:
                          hovertemplate="position %{x}: %{y:+.3f} nats<extra></extra>"),
                   row=2, col=1)
     fig.update_xaxes(title_text="position of the predicted token", row=2, col=1)
-    fig.update_layout(template=TEMPLATE, height=480,
+    fig.update_layout(template=TEMPLATE, height=500,
                       title=f"Loss: mean A {c.a.mean_loss:.3f}, B {c.b.mean_loss:.3f} nats",
-                      legend=dict(orientation="h", y=1.12, x=0))
+                      legend=LEGEND_ABOVE, margin=dict(t=100))
     return finish(fig)
 
 
 def predictions_compare_figure(c: Comparison) -> go.Figure:
     """Next-token probabilities of every token in either top-k, each side and B − A."""
     labels = unique_labels([quoted(d) for d in c.prob_display])
-    fig = _two_rows(f"next token after A's position {c.a.position} and B's {c.b.position}",
-                    "B − A")
+    fig = _two_rows("probability", "B − A")
     fig.add_trace(go.Bar(x=labels, y=c.prob_a, name=side_name(c, "A"), marker_color=A_COLOUR,
                          hovertemplate="%{x}: %{y:.4f}<extra>A</extra>"), row=1, col=1)
     fig.add_trace(go.Bar(x=labels, y=c.prob_b, name=side_name(c, "B"), marker_color=B_COLOUR,
                          hovertemplate="%{x}: %{y:.4f}<extra>B</extra>"), row=1, col=1)
     fig.add_trace(go.Bar(x=labels, y=c.prob_diff, name="B − A", marker_color=DIFF_COLOUR,
                          hovertemplate="%{x}: %{y:+.4f}<extra>B − A</extra>"), row=2, col=1)
-    fig.update_yaxes(title_text="probability", row=1, col=1)
     fig.update_xaxes(tickangle=-45, type="category")
-    fig.update_layout(template=TEMPLATE, height=520, barmode="group",
-                      title="Next-token predictions", legend=dict(orientation="h", y=1.12, x=0))
+    fig.update_layout(template=TEMPLATE, height=540, barmode="group",
+                      title=f"Next token after A's position {c.a.position}, B's {c.b.position}",
+                      legend=LEGEND_ABOVE, margin=dict(t=100))
     return finish(fig)
 
 
@@ -105,7 +111,7 @@ def attention_compare_figure(c: Comparison) -> go.Figure:
 
 def lens_compare_figure(c: Comparison) -> go.Figure:
     """Probability of the target token after each layer (logit lens), each side and B − A."""
-    fig = _two_rows(f"p({quoted(c.target_display)}) after each layer", "B − A")
+    fig = _two_rows(f"p({quoted(c.target_display)})", "B − A")
     for s, name, colour in ((c.a, side_name(c, "A"), A_COLOUR), (c.b, side_name(c, "B"),
                                                                  B_COLOUR)):
         stages = [lab.replace(" (final)", "") for lab in s.lens_labels]
@@ -116,8 +122,8 @@ def lens_compare_figure(c: Comparison) -> go.Figure:
                          marker_color=DIFF_COLOUR,
                          hovertemplate="%{x}: %{y:+.4f}<extra>B − A</extra>"), row=2, col=1)
     fig.update_xaxes(type="category")
-    fig.update_layout(template=TEMPLATE, height=440, title="Logit lens",
-                      legend=dict(orientation="h", y=1.14, x=0))
+    fig.update_layout(template=TEMPLATE, height=460, legend=LEGEND_ABOVE, margin=dict(t=100),
+                      title=f"Logit lens: p({quoted(c.target_display)}) after each layer")
     return finish(fig)
 
 
@@ -130,7 +136,9 @@ def dla_compare_figure(c: Comparison, top: int = 24) -> go.Figure:
         idx = {lab: i for i, lab in enumerate(s.dla_labels)}
         return [float(s.dla_values[idx[lab]]) for lab in labels]
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.04,
-                        subplot_titles=["attribution", "B − A"], column_widths=[0.6, 0.4])
+                        column_widths=[0.6, 0.4])
+    fig.update_xaxes(title_text="attribution", col=1)
+    fig.update_xaxes(title_text="B − A", col=2)
     fig.add_trace(go.Bar(y=labels, x=values(c.a), orientation="h", name=side_name(c, "A"),
                          marker_color=A_COLOUR, hovertemplate="%{y}: %{x:.3f}<extra>A</extra>"),
                   row=1, col=1)
@@ -145,7 +153,7 @@ def dla_compare_figure(c: Comparison, top: int = 24) -> go.Figure:
         template=TEMPLATE, height=max(320, 22 * len(labels) + 140), barmode="group",
         title=(f"Direct logit attribution of {quoted(c.target_display)} (logit A "
                f"{c.a.logit:.2f}, B {c.b.logit:.2f}); {len(labels)} largest differences"),
-        legend=dict(orientation="h", y=-0.08, x=0))
+        legend=LEGEND_ABOVE, margin=dict(t=100))
     return finish(fig)
 
 
@@ -156,9 +164,10 @@ def icl_figure(dataset: Sequence[LossByPosition], probe: Sequence[LossByPosition
     Dotted lines mark the in-context-learning score's early and late positions; the probe's
     repeat starts at ``probe_len``.
     """
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.08,
-                        subplot_titles=[dataset[0].source if dataset else "dataset",
-                                        probe[0].source if probe else "probe"])
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.08)
+    for col, label in ((1, "windows of the dataset"), (2, "the probe [r ; r]")):
+        fig.update_xaxes(title_text=f"position of the predicted token, {label}", row=1,
+                         col=col)
     colours = [A_COLOUR, B_COLOUR, QUALITATIVE[2], QUALITATIVE[4]]
     for col, curves in ((1, dataset), (2, probe)):
         for i, curve in enumerate(curves):
@@ -179,9 +188,7 @@ def icl_figure(dataset: Sequence[LossByPosition], probe: Sequence[LossByPosition
     if scores:
         title += (f"<br><sup>ICL score = loss at {scores[0].late} − loss at {scores[0].early}"
                   f": {', '.join(parts)} nats</sup>")
-    fig.update_xaxes(title_text="position of the predicted token")
     fig.update_yaxes(title_text="mean loss (nats)", col=1)
-    fig.update_layout(template=TEMPLATE, height=440, title=title,
-                      legend=dict(orientation="h", y=-0.22, x=0),
-                      margin=dict(t=90))
+    fig.update_layout(template=TEMPLATE, height=460, title=title, legend=LEGEND_ABOVE,
+                      margin=dict(t=120))
     return finish(fig)

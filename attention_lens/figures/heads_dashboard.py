@@ -55,7 +55,8 @@ def head_finder_figure(hm: HeadMetrics, x: str, y: str,
         template=TEMPLATE, height=460,
         title=f"Head finder ({hm.windows.n_windows} windows)",
         xaxis_title=LABELS[x], yaxis_title=LABELS[y],
-        legend=dict(orientation="h", y=-0.18, x=0), clickmode="event")
+        legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0), margin=dict(t=90),
+        clickmode="event")
     return finish(fig)
 
 
