@@ -153,6 +153,8 @@ def composition_figure(result: Composition, kind: str, source_layer: Optional[in
     tgt_layers = range(1 if source_layer is None else source_layer + 1, L)
     rows = [(la, h) for la in src_layers for h in range(H)]
     cols = [(la, h) for la in tgt_layers for h in range(H)]
+    if source_layer is None and max(len(rows), len(cols)) > COMPOSITION_MAX_HEADS:
+        return _composition_by_layer(s, kind, base, title)
     z = np.array([[s[l1, h1, l2, h2] for (l2, h2) in cols] for (l1, h1) in rows])
     ratio = z / base if base > 0 else np.full_like(z, np.nan)
     fig.add_trace(go.Heatmap(
@@ -164,9 +166,47 @@ def composition_figure(result: Composition, kind: str, source_layer: Optional[in
     ))
     fig.update_layout(
         template=TEMPLATE, title=title,
-        xaxis=dict(title="later head (reads)", type="category", tickangle=-60),
-        yaxis=dict(title="earlier head (writes)", type="category", autorange="reversed"),
-        height=max(380, 14 * len(rows) + 200),
+        xaxis=dict(title="later head (reads)", type="category", tickangle=-60,
+                   nticks=min(len(cols), COMPOSITION_MAX_HEADS)),
+        yaxis=dict(title="earlier head (writes)", type="category", autorange="reversed",
+                   nticks=min(len(rows), COMPOSITION_MAX_HEADS)),
+        height=max(380, 14 * min(len(rows), COMPOSITION_MAX_HEADS) + 200),
+    )
+    return fig
+
+
+#: Above this many source or target heads, the all-layers view shows layer pairs (the
+#: strongest head pair of each); one source layer at a time shows every head.
+COMPOSITION_MAX_HEADS = 48
+
+
+def _composition_by_layer(s: np.ndarray, kind: str, base: float, title: str) -> go.Figure:
+    """Layer × later-layer grid of the strongest head pair's score, the pair in the hover."""
+    L, H = s.shape[:2]
+    z = np.full((L - 1, L - 1), np.nan)
+    best = np.empty((L - 1, L - 1), dtype=object)
+    best[...] = ""
+    for l1 in range(L - 1):
+        for l2 in range(l1 + 1, L):
+            block = s[l1, :, l2, :]
+            h1, h2 = np.unravel_index(int(np.nanargmax(block)), block.shape)
+            z[l1, l2 - 1] = block[h1, h2]
+            ratio = f" ({block[h1, h2] / base:.1f}× baseline)" if base > 0 else ""
+            best[l1, l2 - 1] = f"L{l1}H{h1} → L{l2}H{h2}{ratio}"
+    fig = go.Figure(go.Heatmap(
+        z=z, x=[f"L{la}" for la in range(1, L)], y=[f"L{la}" for la in range(L - 1)],
+        customdata=best, colorscale=SEQUENTIAL, hoverongaps=False,
+        colorbar=dict(title="max score"),
+        hovertemplate=(f"%{{y}} → %{{x}}: strongest {kind}-composition %{{z:.3f}}<br>"
+                       "%{customdata}<extra></extra>"),
+    ))
+    fig.update_layout(
+        template=TEMPLATE,
+        title=f"{title}<br><sup>strongest head pair per pair of layers; choose a source "
+              "layer to see every head</sup>",
+        xaxis=dict(title="later layer (reads)", type="category"),
+        yaxis=dict(title="earlier layer (writes)", type="category", autorange="reversed"),
+        height=max(380, 30 * (L - 1) + 200),
     )
     return fig
 
