@@ -100,9 +100,13 @@ figs.forEach(gd => {
     if (r.r - r.l > 0.25 * Math.min(s.r - s.l, view.r - view.l))
       problems.push(`${id}: colour bar ${Math.round(r.r - r.l)} px wide on a phone`); });
 });
-document.querySelectorAll('.al-page table, .al-page h1, .al-page h2, .al-page h3, ' +
-                          '.al-page h4, .al-graph-toolbar, .al-choice, .al-controls').forEach(e => {
-  if (e.offsetParent !== null) items.push({what: label(e), rect: box(e), el: e}); });
+// a DataTable draws several <table>s on top of each other: it counts as one table
+document.querySelectorAll('.al-page table, .al-page .dash-table-container, .al-page h1, ' +
+    '.al-page h2, .al-page h3, .al-page h4, .al-graph-toolbar, .al-choice, .al-controls')
+  .forEach(e => {
+    if (e.tagName === 'TABLE' && e.closest('.dash-table-container')) return;
+    if (e.closest('details:not([open])')) return;  // a closed help panel's content
+    if (e.offsetParent !== null) items.push({what: label(e), rect: box(e), el: e}); });
 for (let i = 0; i < items.length; i++) for (let j = i + 1; j < items.length; j++) {
   const a = items[i], b = items[j];
   if (a.el.contains(b.el) || b.el.contains(a.el)) continue;

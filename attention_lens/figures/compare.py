@@ -164,10 +164,10 @@ def icl_figure(dataset: Sequence[LossByPosition], probe: Sequence[LossByPosition
     Dotted lines mark the in-context-learning score's early and late positions; the probe's
     repeat starts at ``probe_len``.
     """
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.08)
-    for col, label in ((1, "windows of the dataset"), (2, "the probe [r ; r]")):
-        fig.update_xaxes(title_text=f"position of the predicted token, {label}", row=1,
-                         col=col)
+    # one panel above the other: two long axis titles side by side collide on a phone
+    fig = make_subplots(rows=2, cols=1, vertical_spacing=0.2)
+    for row, label in ((1, "dataset windows"), (2, "the probe [r ; r]")):
+        fig.update_xaxes(title_text=f"position ({label})", row=row, col=1)
     colours = [A_COLOUR, B_COLOUR, QUALITATIVE[2], QUALITATIVE[4]]
     for col, curves in ((1, dataset), (2, probe)):
         for i, curve in enumerate(curves):
@@ -176,19 +176,19 @@ def icl_figure(dataset: Sequence[LossByPosition], probe: Sequence[LossByPosition
                 legendgroup=curve.model, showlegend=col == 1 or not dataset,
                 line=dict(color=colours[i % len(colours)]),
                 hovertemplate=f"{curve.model}<br>position %{{x}}: %{{y:.3f}} nats"
-                              "<extra></extra>"), row=1, col=col)
+                              "<extra></extra>"), row=col, col=1)
     if scores:
         for x in (scores[0].early, scores[0].late):
             fig.add_vline(x=x, line=dict(dash="dot", color="#999999", width=1), row=1, col=1)
     if probe_len:
-        fig.add_vline(x=probe_len, line=dict(dash="dot", color="#999999", width=1), row=1,
-                      col=2)
+        fig.add_vline(x=probe_len, line=dict(dash="dot", color="#999999", width=1), row=2,
+                      col=1)
     parts = [f"{s.model} {s.score:+.3f}" for s in scores]
     title = "In-context learning: loss against position"
     if scores:
         title += (f"<br><sup>ICL score = loss at {scores[0].late} − loss at {scores[0].early}"
                   f": {', '.join(parts)} nats</sup>")
-    fig.update_yaxes(title_text="mean loss (nats)", col=1)
-    fig.update_layout(template=TEMPLATE, height=460, title=title, legend=LEGEND_ABOVE,
+    fig.update_yaxes(title_text="mean loss (nats)")
+    fig.update_layout(template=TEMPLATE, height=700, title=title, legend=LEGEND_ABOVE,
                       margin=dict(t=120))
     return finish(fig)

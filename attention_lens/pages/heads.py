@@ -328,7 +328,7 @@ def token_view(state: Optional[dict], query: Any = None, hover: Optional[dict] =
             if not isinstance(hovered, int) or hovered < 0:
                 raise PreventUpdate
             pinned = hovered
-        return (*token_panels(state, pinned), [])
+        return (*P.themed(token_panels(state, pinned), state), [])
     except AnalysisError as exc:
         return no_update, no_update, shell.alert(str(exc))
 
