@@ -23,8 +23,8 @@ import torch
 from . import background
 from . import weight_analyses as W
 from .analysis.errors import AnalysisError
-from .background import BusyError
 from .analysis.forward import ForwardPass
+from .background import BusyError
 from .model.checkpoint import LoadedModel
 from .registry import Registry
 

@@ -15,6 +15,7 @@ import io
 import json
 import math
 import zipfile
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
@@ -24,11 +25,19 @@ from . import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
     from .analysis.forward import ForwardPass
-    from .components.page import Panel
 
 IMAGE_SCALE = 3
 DEFAULT_SIZE = (1000, 600)
 TRACE_COLUMNS = ("x", "y", "z", "text", "customdata")
+
+
+@dataclass
+class Panel:
+    """One figure of a page with the data behind it (exported as CSV/JSON and in the zip)."""
+
+    name: str
+    figure: go.Figure
+    data: Any = None
 
 
 class ExportError(RuntimeError):
@@ -57,7 +66,7 @@ def to_jsonable(value: Any) -> Any:
     return str(value)
 
 
-def panel_json(panel: "Panel", state: Optional[dict] = None) -> str:
+def panel_json(panel: Panel, state: Optional[dict] = None) -> str:
     """The data behind one figure as JSON (the analysis result, fields as lists)."""
     body = {"figure": panel.name, "model": (state or {}).get("model"),
             "prompt": (state or {}).get("text"), "data": to_jsonable(panel.data)}
@@ -170,7 +179,7 @@ def render_images(figs: Sequence[go.Figure], formats: Sequence[str] = ("png", "s
 
 
 # ------------------------------------------------------------------------------- zip
-def manifest(page: str, panels: Sequence["Panel"], state: dict, settings: dict,
+def manifest(page: str, panels: Sequence[Panel], state: dict, settings: dict,
              fp: Optional["ForwardPass"] = None) -> dict[str, Any]:
     """What a page export contains and how to reproduce it."""
     m: dict[str, Any] = {
@@ -194,7 +203,7 @@ def manifest(page: str, panels: Sequence["Panel"], state: dict, settings: dict,
     return m
 
 
-def page_zip(page: str, panels: Sequence["Panel"], state: dict, settings: dict,
+def page_zip(page: str, panels: Sequence[Panel], state: dict, settings: dict,
              fp: Optional["ForwardPass"] = None, *, images: bool = True,
              timeout: float = 120.0) -> bytes:
     """A zip of every figure of a page as PNG and SVG, its data (CSV, JSON) and a manifest."""

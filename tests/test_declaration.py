@@ -11,11 +11,11 @@ import zipfile
 import dash
 import pytest
 
-from attention_lens import background, components, weight_analyses as W
+from attention_lens import background, components
+from attention_lens import weight_analyses as W
 from attention_lens.app import create_app
-from attention_lens.components import job_strip
+from attention_lens.components import job_strip, shell
 from attention_lens.components import page as P
-from attention_lens.components import shell
 
 
 def recipe_code() -> str:
@@ -74,7 +74,8 @@ def test_recipe_page_runs_a_job_then_draws_from_the_store(recipe_app, registry, 
     out = spec.update(STATE, 5, "full_ov", 0, None)
     n = len(spec.graphs)
     figures, alerts, query, request, after, note = out[:n], out[n], out[n + 1], *out[n + 2:]
-    assert all(f is dash.no_update for f in figures)
+    assert all(f is dash.no_update for f in figures) and alerts == []
+    assert after == job_strip.HIDDEN and note == ""
     assert request["labels"] == ["circuit eigenvalues"] and request["token"]
     assert query == {"k": 5, "circuit": "full_ov", "src": "url"}
     assert len(bg.slots.active()) == 1  # the job's slot is reserved

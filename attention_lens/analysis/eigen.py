@@ -156,6 +156,12 @@ class CircuitEigenvalues:
         """[n_layers, n_heads] copying score of the full OV circuit (the headline number)."""
         return self.copying["full_ov"]
 
+    def strongest_copying_head(self, which: str = "full_ov") -> tuple[int, int]:
+        """(layer, head) with the highest copying score of circuit ``which``."""
+        scores = self.copying[which]
+        flat = int(np.argmax(scores))
+        return divmod(flat, scores.shape[1])
+
     def eigenvalues(self, which: str) -> np.ndarray:
         """The eigenvalue array of circuit ``which`` (one of :attr:`CIRCUITS`)."""
         if which not in self.CIRCUITS:

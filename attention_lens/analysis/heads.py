@@ -215,6 +215,11 @@ class HeadDetection:
                  "key": self.display[k], "weight": float(x)}
                 for (q, k), x in zip(pos, w) if q >= 0]
 
+    def strongest_induction_head(self) -> tuple[int, int]:
+        """(layer, head) with the highest induction score on the probe."""
+        flat = int(np.argmax(self.probe_induction))
+        return divmod(flat, self.probe_induction.shape[1])
+
     def heads_labelled(self, label: str) -> list[tuple[int, int]]:
         """(layer, head) of every head whose label is ``label``."""
         return [(layer, head) for layer, row in enumerate(self.labels)
@@ -316,3 +321,14 @@ def head_examples(result: HeadDetection, lm: LoadedModel, kind: str, layer: int,
     """Range-checked :meth:`HeadDetection.examples`."""
     check_head(lm, layer, head)
     return result.examples(kind, layer, head)
+
+
+def card_induction_head(lm: LoadedModel) -> Optional[tuple[int, int]]:
+    """The strongest induction head recorded in the model's card (its training evaluation on
+    the repeated-random-token probe), or None when the card has none."""
+    probe = ((lm.card or {}).get("evaluation", {}) or {}).get("induction_probe", {}) or {}
+    layer, head = probe.get("max_layer"), probe.get("max_head")
+    if isinstance(layer, int) and isinstance(head, int) and \
+            0 <= layer < lm.cfg.n_layers and 0 <= head < lm.cfg.n_heads:
+        return layer, head
+    return None

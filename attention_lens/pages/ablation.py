@@ -3,30 +3,14 @@
 from __future__ import annotations
 
 import re
-from typing import Any
-
-import dash
-from dash import callback, html
 
 from ..analysis.ablation import ablate_heads
 from ..analysis.errors import AnalysisError
-from ..app import registry
+from ..analysis.heads import card_induction_head
 from ..components import page as P
+from ..components.controls import Choice, Int, Text
 from ..figures.ablation import ablation_figure, ablation_positions_figure
 
-PAGE = "ablation"
-dash.register_page(__name__, path="/ablation", order=6, name="Ablation",
-                   title="Ablation · Attention Lens",
-                   description="Switch heads off and see what the model predicts without "
-                               "them.")
-
-CONTROLS = {
-    "heads": P.TextParam("", max_len=400),
-    "method": P.ChoiceParam("zero", ("zero", "mean")),
-    "k": P.IntParam(10, 1, 50),
-    "pos": P.IntParam(-1),
-    "target": P.TextParam(""),
-}
 HEAD_RE = re.compile(r"^L?(\d+)\s*[.:Hh]\s*(\d+)$")
 
 HELP = r"""
@@ -56,51 +40,25 @@ def parse_heads(text: str) -> list[tuple[int, int]]:
     return pairs
 
 
-def default_heads(model: str) -> list[tuple[int, int]]:
-    """The model card's strongest induction head, else the last layer's head 0."""
-    lm = registry().get(model)
-    probe = ((lm.card or {}).get("evaluation", {}) or {}).get("induction_probe", {}) or {}
-    if isinstance(probe.get("max_layer"), int) and isinstance(probe.get("max_head"), int):
-        return [(probe["max_layer"], probe["max_head"])]
-    return [(lm.cfg.n_layers - 1, 0)]
-
-
-def panels(state: dict, query: dict) -> list[P.Panel]:
+def panels(ctx: P.PageContext, query: dict) -> list:
     """Top-k before/after and the per-position change."""
-    lm = registry().get(state["model"])
-    fp = registry().forward(state["text"], state["model"])
-    heads = parse_heads(query["heads"]) or default_heads(state["model"])
-    result = ablate_heads(lm, fp, heads=heads, method=query["method"], k=query["k"],
+    lm = ctx.model
+    heads = parse_heads(query["heads"]) or [card_induction_head(lm)
+                                            or (lm.cfg.n_layers - 1, 0)]
+    result = ablate_heads(lm, ctx.forward, heads=heads, method=query["method"], k=query["k"],
                           position=query["pos"], target=query["target"] or None)
     return [P.Panel("predictions", ablation_figure(result), result),
             P.Panel("positions", ablation_positions_figure(result), result)]
 
 
-P.register_panels(PAGE, panels, CONTROLS)
-
-
-def layout(**query: Any) -> html.Div:
-    """Heads, method and settings from the URL; the two charts."""
-    q, problems = P.parse_query(CONTROLS, query)
-    return P.page_layout(
-        PAGE, "Head ablation",
-        description="Remove heads from the forward pass and compare.",
-        controls=[P.text_control(PAGE, "heads", q["heads"], "heads",
-                                 placeholder="e.g. L1H5 L1H0"),
-                  P.select_control(PAGE, "method", q["method"],
-                                   [{"label": "zero", "value": "zero"},
-                                    {"label": "mean over positions", "value": "mean"}],
-                                   "ablation"),
-                  P.number_control(PAGE, "k", q["k"], "top k", min=1, max=50),
-                  P.number_control(PAGE, "pos", q["pos"], "position", placeholder="-1 = last"),
-                  P.text_control(PAGE, "target", q["target"], "target token",
-                                 placeholder="top prediction")],
-        body=[P.graph(PAGE, "predictions"), P.graph(PAGE, "positions")],
-        help_md=HELP, query=q, problems=problems)
-
-
-@callback(*P.main_outputs(PAGE, ["predictions", "positions"]), *P.main_inputs(PAGE, CONTROLS))
-@P.analysis_callback(PAGE, CONTROLS, n_outputs=2)
-def update(state: dict, query: dict) -> tuple:
-    """Fetch the cached forward pass, analyse (one extra hooked run), draw."""
-    return P.figures_of(panels(state, query))
+P.register_page(
+    __name__, path="/ablation", order=6, name="Ablation", title="Ablation · Attention Lens",
+    description="Switch heads off and see what the model predicts without them.",
+    heading="Head ablation", lead="Remove heads from the forward pass and compare.",
+    help_md=HELP, panels=panels, graphs=["predictions", "positions"],
+    controls=[Text("heads", "", max_len=400, label="heads", placeholder="e.g. L1H5 L1H0"),
+              Choice("method", "zero", ("zero", "mean"), label="ablation",
+                     labels={"zero": "zero", "mean": "mean over positions"}),
+              Int("k", 10, 1, 50, label="top k"),
+              Int("pos", -1, label="position", placeholder="-1 = last"),
+              Text("target", "", label="target token", placeholder="top prediction")])
