@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .server import ENV_PREFIX, ConfigError, ServerConfig, write_user
+from .auth import write_user
+from .config import ENV_PREFIX, ConfigError, ServerConfig
 
 DEFAULT_USERS_FILE = "users.txt"
 
@@ -49,6 +50,16 @@ def _add_serve_options(ap: argparse.ArgumentParser) -> None:
                     help=f"forward passes kept in the LRU cache; default 64 {_env('CACHE_SIZE')}")
     ap.add_argument("--max-body", type=int,
                     help=f"largest request body in bytes; default 1 MiB {_env('MAX_BODY')}")
+    ap.add_argument("--auth-rate", help="failed sign-ins allowed per client address and per "
+                    f"user name; default 10/minute {_env('AUTH_RATE')}")
+    ap.add_argument("--hash-slots", type=int, help="password hashes checked at once per "
+                    f"process; default 1 {_env('HASH_SLOTS')}")
+    ap.add_argument("--proxy-hops", type=int, help="reverse proxies in front that set "
+                    f"X-Forwarded-For; default 0 {_env('PROXY_HOPS')}")
+    ap.add_argument("--max-exports", type=int, help="page exports drawn at once per process; "
+                    f"default 2 {_env('MAX_EXPORTS')}")
+    ap.add_argument("--export-timeout", type=int, help="seconds a page export may take; "
+                    f"default 120 {_env('EXPORT_TIMEOUT')}")
     ap.add_argument("--torch-threads", type=int,
                     help="CPU threads torch uses in each process; with gunicorn, cores divided "
                     f"by workers {_env('TORCH_THREADS')}")
@@ -96,7 +107,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """The server configuration: environment variables, then command-line flags on top."""
     keys = ("host", "port", "model", "models_dirs", "max_tokens", "auth_file", "url_prefix",
             "debug", "allow_anonymous", "device", "max_models", "cache_size", "max_body",
-            "torch_threads", "cache_dir", "celery_broker", "max_jobs")
+            "torch_threads", "auth_rate", "hash_slots", "proxy_hops", "max_exports",
+            "export_timeout", "cache_dir", "celery_broker", "max_jobs")
     return ServerConfig.from_env(**{k: getattr(args, k, None) for k in keys})
 
 

@@ -39,7 +39,8 @@ def users_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app(users_file):
-    app = create_server(ServerConfig(auth_file=users_file))
+    # many deliberate failures from one address below: a generous sign-in rate
+    app = create_server(ServerConfig(auth_file=users_file, auth_rate="1000/minute"))
 
     @app.callback(dash.Output("auth-test-out", "children"), dash.Input("auth-test-in", "value"))
     def echo(value):
