@@ -391,16 +391,6 @@ def circuit_svd(lm: LoadedModel, which: str = "OV", n_directions: int = 3, top_k
     )
 
 
-def ov_svd(lm: LoadedModel, n_directions: int = 3, top_k: int = 10) -> CircuitSVD:
-    """SVD of every head's OV circuit (the seed's Weight Analysis)."""
-    return circuit_svd(lm, "OV", n_directions, top_k)
-
-
-def qk_svd(lm: LoadedModel, n_directions: int = 3, top_k: int = 10) -> CircuitSVD:
-    """SVD of every head's QK circuit."""
-    return circuit_svd(lm, "QK", n_directions, top_k)
-
-
 def check_head(lm: LoadedModel, layer: Optional[int], head: Optional[int]) -> None:
     """Raise AnalysisError when ``layer``/``head`` are out of range (None is allowed)."""
     L, H = lm.cfg.n_layers, lm.cfg.n_heads
