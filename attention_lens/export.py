@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import dataclasses
 import datetime as _dt
 import io
 import json
-import math
 import zipfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Sequence
@@ -22,6 +20,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from . import __version__
+from .api_json import jsonable
 
 if TYPE_CHECKING:  # pragma: no cover
     from .analysis.forward import ForwardPass
@@ -46,24 +45,8 @@ class ExportError(RuntimeError):
 
 # ------------------------------------------------------------------------------ data
 def to_jsonable(value: Any) -> Any:
-    """``value`` with numpy arrays, dataclasses and non-finite floats made JSON-safe."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return to_jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return to_jsonable(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    if hasattr(value, "tolist"):  # torch tensors
-        return to_jsonable(value.tolist())
-    return str(value)
+    """``value`` made JSON-safe with its numbers exact (the app's one encoder)."""
+    return jsonable(value, digits=None)
 
 
 def panel_json(panel: Panel, state: Optional[dict] = None) -> str:

@@ -175,7 +175,7 @@ def test_every_page_runs(app, family):
         for fig in d.figures.values():
             if not fig.data:  # a placeholder says why it is empty
                 assert fig.layout.annotations and fig.layout.annotations[0].text
-        assert d.query["src"] == "url"
+        assert d.query["_src"] == "url"
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -79,7 +79,7 @@ def test_main_callback_returns_figures_for_default_prompt(app, page_name):
     assert d.drew, f"{page_name} returned no figure"
     for name, fig in d.figures.items():
         assert len(fig.data) > 0 or fig.layout.annotations, (page_name, name)
-    assert d.query["src"] == "url" and set(spec(page_name).control_names) <= set(d.query)
+    assert d.query["_src"] == "url" and set(spec(page_name).control_names) <= set(d.query)
 
 
 def test_layout_renders_from_query_and_reports_bad_params(app, page_name):
@@ -158,7 +158,7 @@ def test_attention_head_switch_keeps_the_grid(app):
     out = copy_context().run(run)
     assert isinstance(out[0], go.Figure)
     assert out[1] is dash.no_update and out[2] is dash.no_update
-    assert out[4]["src"] == "user"  # a control changed: a new history entry
+    assert out[4]["_src"] == "user"  # a control changed: a new history entry
 
 
 def test_thumbnail_click_selects_head(app):

@@ -22,7 +22,7 @@ from typing import Literal, Optional, get_args
 import numpy as np
 
 from ..model.checkpoint import LoadedModel
-from .circuits import check_head
+from .checks import check_layer_head
 from .eigen import CircuitEigenvalues, circuit_eigenvalues
 from .errors import AnalysisError
 from .forward import ForwardPass
@@ -319,7 +319,7 @@ def head_detection(lm: LoadedModel, fp: ForwardPass, metric: str = "mul",
 def head_examples(result: HeadDetection, lm: LoadedModel, kind: str, layer: int,
                   head: int) -> list[dict]:
     """Range-checked :meth:`HeadDetection.examples`."""
-    check_head(lm, layer, head)
+    check_layer_head(lm, layer, head)
     return result.examples(kind, layer, head)
 
 

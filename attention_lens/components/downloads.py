@@ -27,6 +27,7 @@ from .page import (
     GRAPH,
     IMAGE_BTN,
     QUERY,
+    SOURCE,
     page_panels,
     triggered_id,
 )
@@ -181,7 +182,7 @@ def export_page(clicks: list[Optional[int]], ids: list[dict], state: Optional[di
             panels = page_panels(page, state, query, compute=True)
             fp = registry_module.current().forward(state["text"], state["model"])
             data = export.page_zip(page, panels, state, {k: v for k, v in query.items()
-                                                         if k != "src"}, fp)
+                                                         if k != SOURCE}, fp)
     except background.BusyError as exc:
         statuses[idx] = shell.alert(str(exc), color="warning")
         return no_update, statuses

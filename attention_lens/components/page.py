@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 GRAPH, QUERY, EXPORT, EXPORT_STATUS = "al-graph", "al-query", "al-export", "al-export-status"
 IMAGE_BTN, DATA_BTN = "al-img", "al-data"
+#: Key of a page's query store saying whether the user ("user") or a link ("url") set it
+#: (a user's change adds a browser history entry); never a control's name.
+SOURCE = "_src"
 
 
 # ------------------------------------------------------------------------------ ids
@@ -139,7 +142,7 @@ def page_layout(page: str, title: str, *, description: Any = None,
         html.Div(list(controls), className="al-controls") if controls else None,
         html.Div(url_alerts, id=f"{page}-url-alerts"),
         html.Div(id=alerts_id(page), **{"aria-live": "polite"}),
-        dcc.Store(id=query_id(page), data={**(query or {}), "src": "url"}),
+        dcc.Store(id=query_id(page), data={**(query or {}), SOURCE: "url"}),
         html.Div(list(body), className="al-body"),
     ], className=f"al-page al-page-{page}")
 
@@ -288,7 +291,7 @@ class PageSpec:
                       ) -> list[Panel]:
         """The figure panels of this page for a state and query (downloads and export)."""
         ctx = PageContext(state, compute=compute)
-        q, _ = self.query({k: v for k, v in (raw_query or {}).items() if k != "src"},
+        q, _ = self.query({k: v for k, v in (raw_query or {}).items() if k != SOURCE},
                           self.config(state.get("model")))
         return [p for p in self.panels(ctx, q) if isinstance(p, Panel)]
 
@@ -362,7 +365,7 @@ class PageSpec:
             alerts.append(shell.alert(f"The {self.page} analysis failed on this input "
                                       "(details in the server log)."))
             outs = keep
-        return (*outs, alerts, {**query, "src": src}, request, after, note)
+        return (*outs, alerts, {**query, SOURCE: src}, request, after, note)
 
     def render(self, state: dict, *, compute: bool = True, **controls: Any) -> "Drawn":
         """Run the page's callbacks as Dash would, for ``state`` and these control values

@@ -214,10 +214,10 @@ function(state, queries) {
         if (!q) { return; }
         Object.keys(q).sort().forEach(function (k) {
             const v = q[k];
-            if (k === 'src' || v === null || v === undefined || v === '') { return; }
+            if (k === '_src' || v === null || v === undefined || v === '') { return; }
             p.set(k, Array.isArray(v) ? v.join(',') : String(v));
         });
-        if (q.src === 'user' && trig.some(t => t.indexOf('al-query') >= 0)) { user = true; }
+        if (q._src === 'user' && trig.some(t => t.indexOf('al-query') >= 0)) { user = true; }
     });
     const search = '?' + p.toString();
     if (search === window.location.search) { return search; }

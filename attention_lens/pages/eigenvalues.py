@@ -6,7 +6,7 @@ import dash_bootstrap_components as dbc
 import numpy as np
 
 from .. import weight_analyses as W
-from ..analysis.circuits import check_head
+from ..analysis.checks import check_layer_head
 from ..analysis.eigen import CircuitEigenvalues, attention_spectrum
 from ..components import page as P
 from ..components.controls import Choice, Int
@@ -51,7 +51,7 @@ def panels(ctx: P.PageContext, query: dict) -> list:
         layer, head = eig.strongest_copying_head("full_ov")
     else:
         layer, head = query["layer"] or 0, query["head"] or 0
-    check_head(lm, layer, head)
+    check_layer_head(lm, layer, head)
     spectrum = attention_spectrum(lm, ctx.forward)
     which = query["circuit"]
     return [

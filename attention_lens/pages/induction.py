@@ -8,7 +8,7 @@ import dash_bootstrap_components as dbc
 import numpy as np
 
 from .. import weight_analyses as W
-from ..analysis.circuits import check_head
+from ..analysis.checks import check_layer_head
 from ..analysis.composition import KINDS, Composition
 from ..analysis.errors import AnalysisError
 from ..analysis.heads import METRICS, HeadDetection, head_detection, label_heads
@@ -94,7 +94,7 @@ def panels(ctx: P.PageContext, query: dict) -> list:
         layer, head = hd.strongest_induction_head()
     else:
         layer, head = query["layer"] or 0, query["head"] or 0
-    check_head(lm, layer, head)
+    check_layer_head(lm, layer, head)
     src = source_layer(lm, query["src"])
     labels = labels_of(hd, query["labels"])
     examples = hd.examples(query["kind"], layer, head)

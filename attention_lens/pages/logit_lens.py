@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from ..analysis.checks import check_position
 from ..analysis.logit_lens import logit_lens
-from ..analysis.predictions import check_position
 from ..components import page as P
 from ..components.controls import Choice, Int, Text
 from ..figures.logit_lens import logit_lens_figure, logit_lens_target_figure

@@ -8,7 +8,8 @@ import dash_bootstrap_components as dbc
 from dash import dcc, html
 
 from .. import weight_analyses as W
-from ..analysis.circuits import CIRCUITS, CircuitSVD, check_head
+from ..analysis.checks import check_layer_head
+from ..analysis.circuits import CIRCUITS, CircuitSVD
 from ..analysis.errors import AnalysisError
 from ..components import page as P
 from ..components.controls import Choice, Int, IntList
@@ -93,7 +94,7 @@ def panels(ctx: P.PageContext, query: dict) -> list:
         layer, head = svd.strongest_head()
     else:
         layer, head = query["layer"] or 0, query["head"] or 0
-    check_head(lm, layer, head)
+    check_layer_head(lm, layer, head)
     return [
         *[P.Notice(n) for n in (*svd.notes, *([note] if note else []))],
         P.Panel("spectra", singular_values_figure(svd, heads, log=query["scale"] == "log"),
