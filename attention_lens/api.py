@@ -176,14 +176,16 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
     # ---------------------------------------------------------------- logit lens
     @endpoint("/logit-lens", ("POST",))
     def logit_lens() -> dict[str, Any]:
-        from .analysis.logit_lens import GRANULARITIES
+        from .analysis.logit_lens import GRANULARITIES, lens_key
         from .analysis.logit_lens import logit_lens as analyse
 
         body = json_body(base | {"top_k", "target", "granularity"})
         lm, fp, part = prompt(body)
         k = int_field(body, "top_k", 5, 1, min(MAX_GRID_K, lm.cfg.d_vocab))
         gran = choice_field(body, "granularity", "sublayer", tuple(GRANULARITIES))
-        res = analyse(lm, fp, k=k, target=token_field(body, "target"), granularity=gran)
+        key = lens_key(lm, k=k, target=token_field(body, "target"), granularity=gran)
+        res = registry.per_prompt(fp, key, lambda: analyse(lm, fp, k=k, target=key[2],
+                                                             granularity=gran))
         return {**part, "result": jsonable(res)}
 
     # ------------------------------------------------------------------- weights
@@ -249,7 +251,9 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         k = int_field(body, "top_k", 5, 1, min(1000, lm.cfg.d_vocab))
         method = choice_field(body, "method", "3cosadd", tuple(METHODS))
         matrix = choice_field(body, "matrix", "W_E", tuple(MATRICES))
-        res = analyse(lm, positive, negative, top_k=k, method=method, matrix=matrix)
+        key = ("api-analogy", tuple(positive), tuple(negative or ()), k, method, matrix)
+        res = registry.weights(lm.name, key, lambda m: analyse(m, positive, negative, top_k=k,
+                                                                method=method, matrix=matrix))
         results = [{"id": int(i), "display": d, "token": lm.tokenizer.token_text(int(i)),
                     "score": sc, "cosine": co}
                    for i, d, sc, co in zip(res.token_ids, res.display, jsonable(res.scores),

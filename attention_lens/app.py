@@ -16,7 +16,7 @@ import dash
 
 from . import background as background_module
 from . import registry as registry_module
-from .components import downloads, shell
+from .components import downloads, page, shell
 from .registry import Registry
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -93,5 +93,6 @@ def create_app(reg: Optional[Registry] = None, *,
     shell.wrap_page_layouts()
     app.layout = shell.root_layout(options)
     shell.register_callbacks(app, options)
+    page.register_callbacks(app)
     downloads.register_callbacks(app)
     return app

@@ -181,8 +181,15 @@ def test_thumbnail_click_selects_head(app):
 def test_sync_state_from_url_and_errors(app):
     state, text, model, alerts = shell.sync_state("?model=attn-only-1l&text=Hello%20there&pos=1",
                                                   None, None, None, None, None)
-    assert state == {"model": "attn-only-1l", "text": "Hello there", "pos": 1, "src": "url"}
+    assert state == {"model": "attn-only-1l", "text": "Hello there", "pos": 1, "theme": None,
+                     "src": "url"}
     assert text == "Hello there" and model == "attn-only-1l" and alerts == []
+    state, *_ = shell.sync_state("?text=Hi&theme=light", None, None, None, None, None)
+    assert state["theme"] == "light"
+    assert "theme=light" in shell.state_query(state)
+    assert shell.toggle_theme(1, state)["theme"] is None
+    assert shell.toggle_theme(1, {**state, "theme": None})["theme"] == "light"
+    assert shell.theme_label(state) == "Dark theme"
     state, text, model, alerts = shell.sync_state("?model=nope&text=Hi&pos=x", None, None,
                                                   None, None, None)
     assert model == MODEL and text == "Hi"

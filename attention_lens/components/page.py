@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Sequence
 import dash
 import dash_bootstrap_components as dbc
 import plotly.graph_objects as go
-from dash import Input, Output, State, dcc, html, no_update
+from dash import MATCH, Input, Output, State, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
 from .. import background
@@ -25,7 +25,7 @@ from .. import registry as registry_module
 from .. import weight_analyses as W
 from ..analysis.errors import AnalysisError
 from ..export import Panel
-from ..figures.theme import TEMPLATE
+from ..figures.theme import TEMPLATE, styled
 from . import job_strip, shell
 from .controls import (
     Control,
@@ -70,10 +70,14 @@ def page_panels(page: str, state: dict, query: Optional[dict], compute: bool = F
     return spec.figure_panels(state, query, compute=compute)
 
 
+#: Height (px) of the blank figure a graph shows before its first analysis.
+EMPTY_HEIGHT = 320
+
+
 def empty_figure(message: str = "") -> go.Figure:
     """A blank themed figure (shown before the first analysis or after an error)."""
     fig = go.Figure(layout=dict(template=TEMPLATE, xaxis=dict(visible=False),
-                                yaxis=dict(visible=False), height=320))
+                                yaxis=dict(visible=False), height=EMPTY_HEIGHT))
     if message:
         fig.add_annotation(text=message, showarrow=False, font=dict(size=14))
     return fig
@@ -92,8 +96,14 @@ def graph_config(filename: str = "attention-lens") -> dict[str, Any]:
 
 
 def graph(page: str, name: str, *, height: Optional[int] = None, **kwargs: Any) -> html.Div:
-    """A graph with a loading indicator and PNG / SVG / CSV / JSON download buttons."""
-    style = {"height": f"{height}px"} if height else {}
+    """A graph with a loading indicator and PNG / SVG / CSV / JSON download buttons.
+
+    The graph's box always has its figure's size: it starts at the blank figure's height
+    and :data:`GRAPH_BOX` resizes it to each new figure's ``layout.height`` (and
+    ``layout.width`` for figures wider than the page, which then scroll inside their box).
+    The figure fills its box (``responsive``), so it follows the box's width.
+    """
+    style = {"height": f"{height or EMPTY_HEIGHT}px"}
 
     def button(label: str, kind: str, fmt: str) -> dbc.Button:
         return dbc.Button(label, id={"type": kind, "page": page, "name": name, "fmt": fmt},
@@ -101,10 +111,10 @@ def graph(page: str, name: str, *, height: Optional[int] = None, **kwargs: Any) 
                           className="al-dl", title=f"Download this figure as {label}")
 
     return html.Div([
-        dcc.Loading(dcc.Graph(id=graph_id(page, name), figure=empty_figure(),
-                              config=graph_config(f"{page}-{name}"), style=style,
-                              className="al-graph-plot", **kwargs),
-                    type="dot", delay_show=150),
+        html.Div(dcc.Loading(dcc.Graph(id=graph_id(page, name), figure=empty_figure(),
+                                       config=graph_config(f"{page}-{name}"), style=style,
+                                       responsive=True, className="al-graph-plot", **kwargs),
+                             type="dot", delay_show=150), className="al-graph-scroll"),
         html.Div([html.Span("Download", className="al-dl-label"),
                   button("PNG", IMAGE_BTN, "png"), button("SVG", IMAGE_BTN, "svg"),
                   button("CSV", DATA_BTN, "csv"), button("JSON", DATA_BTN, "json")],
@@ -154,6 +164,33 @@ def triggered_id() -> Any:
         return dash.ctx.triggered_id
     except Exception:  # noqa: BLE001 - called directly (tests)
         return None
+
+
+#: A graph's box takes its figure's height (and width, when the figure sets one), so a
+#: figure never spills over what follows it; dcc.Graph drops the figure's own size when
+#: it fills its box, and this puts it back on the box.
+GRAPH_BOX = """
+function(figure, style) {
+    const lay = (figure && figure.layout) || {};
+    const next = Object.assign({}, style || {});
+    next.height = (lay.height || 450) + 'px';
+    if (lay.width) { next.width = lay.width + 'px'; next.minWidth = '100%'; }
+    else { delete next.width; delete next.minWidth; }
+    if (style && style.height === next.height && style.width === next.width) {
+        return window.dash_clientside.no_update;
+    }
+    return next;
+}
+"""
+
+
+def register_callbacks(app: dash.Dash) -> None:
+    """What every page's graphs rely on: each graph's box follows its figure's size."""
+    app.clientside_callback(
+        GRAPH_BOX, Output({"type": GRAPH, "page": MATCH, "name": MATCH}, "style"),
+        Input({"type": GRAPH, "page": MATCH, "name": MATCH}, "figure"),
+        State({"type": GRAPH, "page": MATCH, "name": MATCH}, "style"),
+    )
 
 
 # ====================================================================== page declaration
@@ -252,6 +289,7 @@ class PageSpec:
     prepare: Optional[Callable[[dict, Any], dict]] = None
     graph_options: Optional[dict[str, dict]] = None
     exportable: bool = True
+    extra_classes: Optional[dict[str, str]] = None
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -277,7 +315,8 @@ class PageSpec:
     def draw(self, ctx: PageContext, query: dict) -> tuple[list[Any], list[Any]]:
         """The outputs (figures, then parts) and notices of the panels for ``query``."""
         parts = list(self.panels(ctx, query))
-        figures = {p.name: p.figure for p in parts if isinstance(p, Panel)}
+        theme = (ctx.state or {}).get("theme")
+        figures = {p.name: styled(p.figure, theme) for p in parts if isinstance(p, Panel)}
         extras = {p.name: p.children for p in parts if isinstance(p, Html)}
         unknown = (set(figures) - set(self.graphs)) | (set(extras) - set(self.extras))
         if unknown:
@@ -293,7 +332,10 @@ class PageSpec:
         ctx = PageContext(state, compute=compute)
         q, _ = self.query({k: v for k, v in (raw_query or {}).items() if k != SOURCE},
                           self.config(state.get("model")))
-        return [p for p in self.panels(ctx, q) if isinstance(p, Panel)]
+        panels = [p for p in self.panels(ctx, q) if isinstance(p, Panel)]
+        for p in panels:
+            styled(p.figure, state.get("theme"))
+        return panels
 
     # ----------------------------------------------------------------- outputs
     def drawing_outputs(self) -> list[Output]:
@@ -319,7 +361,9 @@ class PageSpec:
         q, problems = self.query(raw, cfg)
         opts = self.graph_options or {}
         parts: dict[str, Any] = {g: graph(self.page, g, **opts.get(g, {})) for g in self.graphs}
-        parts.update({e: html.Div(id=extra_id(self.page, e)) for e in self.extras})
+        classes = self.extra_classes or {}
+        parts.update({e: html.Div(id=extra_id(self.page, e), className=classes.get(e))
+                      for e in self.extras})
         body = list(self.body(parts)) if self.body else list(parts.values())
         return page_layout(self.page, self.heading, description=self.lead,
                            controls=[c.widget(self.page, q[c.name], cfg)
@@ -498,7 +542,7 @@ def _count_ids(tree: Any, wanted: set[str]) -> dict[str, int]:
 
 def register_page(module: str, *, path: str, name: str, order: int, heading: str,
                   panels: Callable[[PageContext, dict], Sequence[Part]],
-                  graphs: Sequence[str] = (), extras: Sequence[str] = (),
+                  graphs: Sequence[str] = (), extras: Sequence[Any] = (),
                   controls: Sequence[Control] = (), lead: Any = "",
                   help_md: str = "", body: Optional[Callable[[dict], Sequence[Any]]] = None,
                   prepare: Optional[Callable[[dict, Any], dict]] = None,
@@ -507,7 +551,8 @@ def register_page(module: str, *, path: str, name: str, order: int, heading: str
     """Declare an analysis page: Dash's ``register_page`` plus everything wired from it.
 
     ``heading`` and ``lead`` (a sentence under it) title the page; ``controls`` (each with
-    its label, bounds and widget), ``graphs`` and ``extras`` (named once) and
+    its label, bounds and widget), ``graphs`` and ``extras`` (named once; an extra may be a
+    ``(name, css_class)`` pair) and
     ``panels(ctx, query) -> [Panel | Html | Notice]`` are all a page states; the rest
     (``title``, ``description`` for the navbar and overview) goes to Dash. The
     scaffolding builds the layout (``body(parts)`` arranges the graphs and extras, each
@@ -517,10 +562,12 @@ def register_page(module: str, *, path: str, name: str, order: int, heading: str
     ``"attention_lens"`` so export and the tests find every page there.
     """
     page = page or module.rsplit(".", 1)[-1].replace("_", "-")
+    pairs = [(e, None) if isinstance(e, str) else tuple(e) for e in extras]
     spec = PageSpec(page=page, heading=heading, lead=lead, help_md=help_md,
-                    controls=tuple(controls), graphs=tuple(graphs), extras=tuple(extras),
-                    panels=panels, body=body, prepare=prepare, graph_options=graph_options,
-                    exportable=exportable)
+                    controls=tuple(controls), graphs=tuple(graphs),
+                    extras=tuple(name for name, _ in pairs), panels=panels, body=body,
+                    prepare=prepare, graph_options=graph_options, exportable=exportable,
+                    extra_classes={name: cls for name, cls in pairs if cls})
     names = [*spec.extras, *spec.control_names]  # both are ``{page}-{name}`` ids
     if len(set(names)) != len(names) or len(set(spec.graphs)) != len(spec.graphs):
         raise ValueError(f"page {page}: graphs, and extras and controls, need distinct names")

@@ -3,27 +3,40 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
-from ..analysis.ablation import ablate_heads
+from ..analysis.ablation import ablate_heads, head_sweep
+from ..analysis.defaults import chosen_position, head_presets, repeated_positions
 from ..analysis.errors import AnalysisError
-from ..analysis.heads import card_induction_head
 from ..components import page as P
 from ..components.controls import Choice, Int, Text
-from ..figures.ablation import ablation_figure, ablation_positions_figure
+from ..figures.ablation import ablation_figure, ablation_positions_figure, sweep_figure
+from ..figures.tokens import quoted
 
+PRESETS = ("induction", "previous-token")
 HEAD_RE = re.compile(r"^L?(\d+)\s*[.:Hh]\s*(\d+)$")
 
 HELP = r"""
 **Zero-ablation** replaces a head's output $z W_O$ by 0 at every position;
 **mean-ablation** replaces it by its mean over the prompt's positions. The prompt is then
 run again with the chosen heads ablated, and the page compares the top-$k$ next-token
-distribution at position `pos`, the logit and probability of a target token (the top
-prediction if empty), the loss $-\frac{1}{n}\sum_i \ln p(t_{i+1}\mid t_{\le i})$, and the
-KL divergence $\mathrm{KL}(p_{\text{before}}\,\|\,p_{\text{after}})$ per position.
+distribution at position `pos`, the logit and probability of a target token, the loss
+$-\frac{1}{n}\sum_i \ln p(t_{i+1}\mid t_{\le i})$ in nats (over the whole prompt and over
+its **repeated part**: the positions whose next token also followed an earlier copy of the
+current token, shaded in the lower chart), and the KL divergence
+$\mathrm{KL}(p_{\text{before}}\,\|\,p_{\text{after}})$ per position.
 
-Heads are written `L1H5` or `1.5`, separated by spaces or commas. Empty: the model's
-strongest induction head from its card. Ablating the induction heads of the two-layer model
-raises the loss on the repeated half of the default prompt.
+**Which heads**: type heads as `L1H5` or `1.5`, separated by spaces or commas, or leave the
+box empty to use a preset: *all induction heads* or *all previous-token heads* of this
+prompt (every head scoring at least half the strongest head's score on it, and at least
+0.2; scores as on the Induction page). Induction heads come in redundant groups: ablating
+one of them barely changes the output, ablating the group does. The **sweep** ablates each
+head alone and shows how much the loss on the repeated part (the whole prompt when it does
+not repeat itself) rises.
+
+**Defaults**: on a prompt that repeats itself the page opens at a position in the repeated
+part (where the model gained most from the earlier copy) and follows the token that
+actually comes next there; otherwise at the last position and its top prediction.
 """
 
 
@@ -40,25 +53,56 @@ def parse_heads(text: str) -> list[tuple[int, int]]:
     return pairs
 
 
-def panels(ctx: P.PageContext, query: dict) -> list:
-    """Top-k before/after and the per-position change."""
-    lm = ctx.model
-    heads = parse_heads(query["heads"]) or [card_induction_head(lm)
-                                            or (lm.cfg.n_layers - 1, 0)]
-    result = ablate_heads(lm, ctx.forward, heads=heads, method=query["method"], k=query["k"],
-                          position=query["pos"], target=query["target"] or None)
-    return [P.Panel("predictions", ablation_figure(result), result),
-            P.Panel("positions", ablation_positions_figure(result), result)]
+def chosen_heads(ctx: P.PageContext, query: dict) -> tuple[list[tuple[int, int]], str]:
+    """The heads to ablate (typed, else the preset) and a sentence saying which and why."""
+    typed = parse_heads(query["heads"])
+    if typed:
+        return typed, "the heads you typed"
+    heads = head_presets(ctx.model, ctx.forward)[query["preset"]]
+    if not heads:
+        raise AnalysisError(f"no head scores as a {query['preset']} head on this prompt "
+                            "(a prompt that repeats a phrase shows induction heads); type "
+                            "heads to ablate, e.g. L1H5")
+    return heads, f"all {query['preset']} heads of this prompt"
+
+
+def panels(ctx: P.PageContext, query: dict) -> list[Any]:
+    """Which heads and where, top-k before/after, the per-position change, the sweep."""
+    lm, fp = ctx.model, ctx.forward
+    heads, which = chosen_heads(ctx, query)
+    where = chosen_position(fp, query["pos"])
+    target = query["target"] or where.target_id
+    part = repeated_positions(fp.token_ids)
+    result = ablate_heads(lm, fp, heads=heads, method=query["method"], k=query["k"],
+                          position=where.position, target=target,
+                          part=part if part.size else None)
+    sweep = head_sweep(lm, fp, query["method"], part if part.size else None)
+    names = " ".join(f"L{la}H{h}" for la, h in result.heads)
+    follows = ("the token you typed" if query["target"] else
+               "the token that actually comes next" if where.target_id is not None else
+               "the model's top prediction")
+    what = "the repeated part" if result.part.size else "the whole prompt"
+    return [P.Html("choice", f"Ablating {which}: {names}. At {where.reason}; following "
+                             f"{quoted(result.target_display)}, {follows}."),
+            P.Panel("predictions", ablation_figure(result), result),
+            P.Panel("positions", ablation_positions_figure(result), result),
+            P.Panel("sweep", sweep_figure(sweep, what), sweep)]
 
 
 P.register_page(
     __name__, path="/ablation", order=6, name="Ablation", title="Ablation · Attention Lens",
     description="Switch heads off and see what the model predicts without them.",
     heading="Head ablation", lead="Remove heads from the forward pass and compare.",
-    help_md=HELP, panels=panels, graphs=["predictions", "positions"],
-    controls=[Text("heads", "", max_len=400, label="heads", placeholder="e.g. L1H5 L1H0"),
+    help_md=HELP, panels=panels, graphs=["predictions", "positions", "sweep"],
+    extras=[("choice", "al-choice")],
+    controls=[Choice("preset", "induction", PRESETS, label="ablate",
+                     labels={"induction": "all induction heads",
+                             "previous-token": "all previous-token heads"}),
+              Text("heads", "", max_len=400, label="or heads", placeholder="e.g. L1H5 L1H0"),
               Choice("method", "zero", ("zero", "mean"), label="ablation",
                      labels={"zero": "zero", "mean": "mean over positions"}),
               Int("k", 10, 1, 50, label="top k"),
-              Int("pos", -1, label="position", placeholder="-1 = last"),
-              Text("target", "", label="target token", placeholder="top prediction")])
+              Int("pos", None, label="position", placeholder="auto (-1 = last)"),
+              Text("target", "", label="target token", placeholder="the actual next token")],
+    body=lambda parts: [parts["choice"], parts["predictions"],
+                        parts["positions"], parts["sweep"]])

@@ -15,6 +15,7 @@ from ..components import page as P
 from ..components import shell
 from ..components.controls import Choice, Int
 from ..figures.analogy import analogy_figure
+from ..figures.theme import number
 
 PAGE = "analogy"
 TERM, REMOVE, TOKENS = "analogy-term", "analogy-remove", "analogy-tokens"
@@ -90,7 +91,7 @@ def results_table(res: Analogy) -> dbc.Table:
                                                      METHOD_LABELS[res.method] + " score",
                                                      "cosine to target")]))
     body = html.Tbody([html.Tr([html.Td(i + 1), html.Td(html.Code(tok)), html.Td(int(tid)),
-                                html.Td(f"{score:.4f}"), html.Td(f"{cos:.4f}")])
+                                html.Td(number(score, ".4f")), html.Td(number(cos, ".4f"))])
                        for i, (tok, tid, score, cos) in enumerate(zip(
                            res.display, res.token_ids, res.scores, res.cosine))])
     return dbc.Table([head, body], size="sm", striped=True, hover=True, responsive=True,
@@ -121,12 +122,16 @@ def panels(ctx: P.PageContext, query: dict) -> list:
 
 P.register_page(
     __name__, path="/analogy", order=9, name="Analogy", title="Analogy · Attention Lens",
-    description="Vector arithmetic on embeddings: king − man + woman = ?",
+    description="Vector arithmetic on embeddings: England − English + French = ?",
     heading="Analogy: vector arithmetic on embeddings",
     lead="Add and subtract words; the nearest tokens to the result are listed, inputs "
-         "excluded.",
+         "excluded. The page opens on England − English + French: each word is one token of "
+         "the shipped models, and the two-layer model's token embeddings answer France "
+         "(country ↔ language). The classic king − man + woman = queen is too much for a "
+         "4,096-token model: ' queen' and ' woman' are not single tokens there.",
     help_md=HELP, panels=panels, graphs=["results"], extras=["caption", "table"],
-    controls=[Terms("plus", ("king", "woman"), "add"), Terms("minus", ("man",), "subtract"),
+    controls=[Terms("plus", ("England", "French"), "add"),
+              Terms("minus", ("English",), "subtract"),
               Choice("method", "3cosadd", METHODS, label="method", labels=METHOD_LABELS),
               Choice("matrix", "W_E", MATRICES, label="matrix",
                      labels={"W_E": "W_E (embedding)", "W_U": "W_U^T (unembedding)"}),

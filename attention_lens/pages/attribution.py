@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import dash_bootstrap_components as dbc
 
 from ..analysis.attribution import logit_attribution
+from ..analysis.defaults import chosen_position
 from ..components import page as P
 from ..components.controls import Int, Text
 from ..figures.attribution import attribution_components_figure, attribution_heads_figure
+from ..figures.tokens import quoted
 
 HELP = r"""
 The final residual stream is a sum of components $x_L = \sum_k c_k$ (token embedding,
@@ -17,18 +21,29 @@ LayerNorm models, centred and divided by the final LayerNorm scale of the real f
 the attributions sum exactly to $\mathrm{logit}_u - b_U[u]$.
 
 With a **contrast** token $u'$ the page explains the logit difference, using
-$W_U[:, u] - W_U[:, u']$. Leave the target empty to explain the model's top prediction at
-position `pos` (−1 = last; a token pinned on the Tokens page carries over). "Direct" means
+$W_U[:, u] - W_U[:, u']$. Leave the target empty to explain **the token that actually comes
+next** at position `pos` (the model's top prediction at the last position). Leave the
+position empty and, on a prompt that repeats itself, the page explains a position in the
+repeated part (where the model gained most from the earlier copy: induction at work);
+otherwise the last position. A token pinned on the Tokens page carries over. "Direct" means
 only the path straight to the unembedding: a head that matters through later heads shows
 little here (try the Ablation page).
 """
 
 
-def panels(ctx: P.PageContext, query: dict) -> list:
-    """Per-head heatmap and per-component bars."""
-    result = logit_attribution(ctx.model, ctx.forward, target=query["target"] or None,
-                               contrast=query["contrast"] or None, position=query["pos"])
-    return [P.Panel("heads", attribution_heads_figure(result), result),
+def panels(ctx: P.PageContext, query: dict) -> list[Any]:
+    """What is explained where, the per-head heatmap and the per-component bars."""
+    fp = ctx.forward
+    where = chosen_position(fp, query["pos"])
+    target = query["target"] or where.target_id
+    result = logit_attribution(ctx.model, fp, target=target,
+                               contrast=query["contrast"] or None, position=where.position)
+    follows = ("the token you typed" if query["target"] else
+               "the token that actually comes next" if where.target_id is not None else
+               "the model's top prediction")
+    return [P.Html("choice", f"Explaining {quoted(result.target_display)} ({follows}) at "
+                             f"{where.reason}."),
+            P.Panel("heads", attribution_heads_figure(result), result),
             P.Panel("components", attribution_components_figure(result), result)]
 
 
@@ -39,8 +54,10 @@ P.register_page(
     heading="Direct logit attribution",
     lead="Which heads write the predicted token straight into the output.",
     help_md=HELP, panels=panels, graphs=["heads", "components"],
-    controls=[Text("target", "", label="target token", placeholder="top prediction"),
+    extras=[("choice", "al-choice")],
+    controls=[Text("target", "", label="target token", placeholder="the actual next token"),
               Text("contrast", "", label="minus token", placeholder="optional"),
-              Int("pos", -1, label="position", placeholder="-1 = last")],
-    body=lambda parts: [dbc.Row([dbc.Col(parts["heads"], lg=5),
+              Int("pos", None, label="position", placeholder="auto (-1 = last)")],
+    body=lambda parts: [parts["choice"],
+                        dbc.Row([dbc.Col(parts["heads"], lg=5),
                                  dbc.Col(parts["components"], lg=7)])])

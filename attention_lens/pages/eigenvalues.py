@@ -21,11 +21,11 @@ CIRCUIT_NAMES = {"ov": "OV  W_V W_O", "full_ov": "full OV  W_E W_OV W_U",
                  "qk": "QK  W_Q W_K^T", "full_qk": "full QK  W_E W_QK W_E^T"}
 
 HELP = r"""
-**Attention-pattern spectrum (as in the seed).** A head's pattern $A$ on the prompt is
+**Attention-pattern spectrum.** A head's pattern $A$ on the prompt is
 causal, i.e. lower-triangular, so its eigenvalues are **exactly its diagonal** $A[i, i]$:
 the weight each token puts on itself. The first chart shows that diagonal for the selected
-head (sorted, as the seed did, or in token order); it is a self-attention profile, not a
-hidden structure.
+head (sorted from largest to smallest, as tools that compute "attention eigenvalues"
+show them, or in token order); it is a self-attention profile, not a hidden structure.
 
 **Circuit eigenvalues** carry the real signal (Elhage et al. 2021). For the OV circuit
 $W_{OV} = W_V W_O$, the full OV circuit $W_E W_{OV} W_U$ (token → logit), the QK circuit
@@ -77,8 +77,9 @@ P.register_page(
     description="Attention-pattern spectra (the diagonal of a causal pattern) and OV / QK "
                 "circuit eigenvalues with copying scores.",
     heading="Eigenvalues: attention spectra and circuits",
-    lead="The seed's attention-pattern eigenvalues (the diagonal of a causal pattern) next to "
-         "the eigenvalues of each head's circuits, which show whether a head copies.",
+    lead="The eigenvalues of an attention pattern (for a causal pattern, simply its diagonal: "
+         "how much each token attends to itself) next to the eigenvalues of each head's "
+         "circuits, which show whether a head copies.",
     help_md=HELP, panels=panels,
     graphs=["pattern-spectrum", "circuit-eigenvalues", "copying"],
     controls=[

@@ -74,7 +74,10 @@ P.register_page(
                 "highlighted, and a token search.",
     heading="Embedding space",
     lead="Where tokens sit in the model's embedding (or unembedding) space, which ones "
-         "cluster together, and which are closest to a word you type.",
+         "cluster together, and which are closest to a word you type. The page opens on a "
+         "search for January: the shipped models' nearest tokens to it are the other months. "
+         "The axes give the share of the variance each component explains; it is small, so "
+         "the 2D map shows only a sliver of the geometry.",
     help_md=HELP, panels=panels, graphs=["map", "variance", "neighbours"],
     graph_options={"map": {"height": 620}},
     controls=[
@@ -84,7 +87,8 @@ P.register_page(
         Int("n", 2000, 10, MAX_TOKENS, label="at most", step=100),
         Int("clusters", 8, 1, 50, label="k clusters"),
         Choice("centre", "yes", ("yes", "no"), label="centre"),
-        Text("search", "", max_len=100, label="search", placeholder="a word, e.g. Harry"),
+        Text("search", "January", max_len=100, label="search",
+             placeholder="a word, e.g. Harry"),
         Int("neighbours", 10, 1, 100, label="neighbours"),
     ],
     body=lambda parts: [parts["map"],

@@ -10,8 +10,16 @@ import numpy as np
 from .. import weight_analyses as W
 from ..analysis.checks import check_layer_head
 from ..analysis.composition import KINDS, Composition
+from ..analysis.defaults import strongest_head
 from ..analysis.errors import AnalysisError
-from ..analysis.heads import METRICS, HeadDetection, head_detection, label_heads
+from ..analysis.heads import (
+    METRICS,
+    ROWS,
+    ROWS_DESCRIPTION,
+    HeadDetection,
+    head_detection,
+    label_heads,
+)
 from ..components import page as P
 from ..components.controls import Choice, Int
 from ..figures.heads import (
@@ -34,14 +42,20 @@ A prompt without repeats has no induction or duplicate targets, and its first ha
 the score, so the **probe** is the standard test: random tokens $r$ of length $T = 50$
 repeated, $x = [r; r]$, batch 10, seeded; induction score $=$ mean of
 $A[i, i - (T - 1)]$ over the second half (Olsson et al. 2022), previous-token $=$ mean of
-$A[i, i-1]$. **Copying** is the full OV circuit's $\mathrm{Re}(\sum \lambda) / \sum
+$A[i, i-1]$. Prompt scores **average over the query rows that have a target** by default
+(rows with no earlier copy of their token have nothing to find and are left out, as in
+the field's dataset metrics); "all rows" is TransformerLens' `head_detector` exactly, where
+the first half of a repeated prompt halves every induction score. With "abs", the BOS
+column and the diagonal, when excluded, are left out of $|A - P|$ as in TransformerLens.
+**Copying** is the full OV circuit's $\mathrm{Re}(\sum \lambda) / \sum
 |\lambda|$ of $W_E W_{OV} W_U$, in $[-1, 1]$.
 
 **Labels** (thresholds: pattern score $\ge 0.4$, self $\ge 0.5$, copying $\ge 0.7$,
 normalised entropy $\ge 0.75$ for diffuse) use the probe's induction and previous-token
 scores ("probe") or the prompt's ("prompt"). **Examples** list the strongest
-"query ← key: weight" entries of $A \odot P$ for the selected head (empty boxes: the head
-with the highest probe induction score).
+"query ← key: weight" entries of $A \odot P$ for the selected head (empty boxes: the
+strongest induction head on this prompt when it repeats itself, else the head with the
+highest probe induction score).
 
 **Composition** of an earlier head $h_1$ ($L = W_{OV}^{h_1}$) into a later head $h_2$:
 Q: $\lVert L\, W_{QK}^{h_2} \rVert_F / (\lVert L \rVert_F \lVert W_{QK}^{h_2} \rVert_F)$,
@@ -89,9 +103,13 @@ def panels(ctx: P.PageContext, query: dict) -> list:
     probe, eigen, comp = ctx.weights(W.probe_head_scores(), W.circuit_eigenvalues(),
                                      W.composition_scores())
     hd = head_detection(lm, ctx.forward, metric=query["metric"], n_examples=query["n"],
-                        probe=probe, eigen=eigen)
+                        probe=probe, eigen=eigen, rows=query["rows"])
     if query["layer"] is None and query["head"] is None:
-        layer, head = hd.strongest_induction_head()
+        # the strongest induction head on this prompt when it repeats itself, else the
+        # strongest on the probe
+        choice = strongest_head(lm, ctx.forward)
+        layer, head = ((choice.layer, choice.head) if choice.kind == "induction"
+                       else hd.strongest_induction_head())
     else:
         layer, head = query["layer"] or 0, query["head"] or 0
     check_layer_head(lm, layer, head)
@@ -102,7 +120,9 @@ def panels(ctx: P.PageContext, query: dict) -> list:
     out = [
         *([P.Notice(note)] if note else []),
         P.Panel("scores", head_scores_figure(hd),
-                {"scores": hd.scores, "metric": hd.metric, "probe_induction": hd.probe_induction,
+                {"scores": hd.scores, "metric": hd.metric, "rows": hd.rows,
+                 "rows_meaning": ROWS_DESCRIPTION[hd.rows],
+                 "probe_induction": hd.probe_induction,
                  "probe_previous_token": hd.probe_previous_token, "copying": hd.copying,
                  "probe_settings": hd.probe_settings}),
         P.Panel("labels", head_labels_figure(hd, labels, source=query["labels"]),
@@ -133,6 +153,8 @@ P.register_page(
     graphs=["scores", "labels", "examples", *[f"composition-{k}" for k in KINDS]],
     controls=[
         Choice("metric", "mul", METRICS, label="score"),
+        Choice("rows", "target", ROWS, label="average over",
+               labels={"target": "rows with a target", "all": "all rows (TransformerLens)"}),
         Choice("labels", "probe", ("probe", "prompt"), label="labels from"),
         Choice("kind", "induction", EXAMPLE_KINDS, label="examples of",
                labels={k: k.replace("_", "-") for k in EXAMPLE_KINDS}),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..analysis.checks import check_position
+from ..analysis.defaults import chosen_position
 from ..analysis.logit_lens import logit_lens
 from ..components import page as P
 from ..components.controls import Choice, Int, Text
@@ -18,7 +18,11 @@ Each cell shows the top token at that stage (row) and position (column); colour 
 probability of the top token, of the token that actually came next, or of a target
 token you type (it must be one token — words inside a sentence usually start with a space,
 e.g. ` Granger`). The second chart follows the target (or the actual next token) across
-stages at position `pos` (−1 = last, where it follows the model's final top guess).
+stages at position `pos` (−1 = last, where it follows the model's final top guess). With
+no position given, on a prompt that repeats itself the chart follows the token that
+actually comes next at a position in the repeated part (where the model gained most from
+the earlier copy), so you see at which stage the copied token appears; otherwise the last
+position.
 
 Models with **parallel attention and MLP** (GPT-NeoX, Pythia) feed each block's MLP the
 stream *before* attention; their "after L attn (parallel)" rows show $x_\ell$ plus the
@@ -30,7 +34,7 @@ is recomputed the same way, without centring.
 def panels(ctx: P.PageContext, query: dict) -> list:
     """The stage × position grid and the target trajectory."""
     fp = ctx.forward
-    pos = check_position(fp, query["pos"])
+    pos = chosen_position(fp, query["pos"]).position
     target = query["target"] or None
     if target is None and pos == fp.n_tokens - 1:
         # the last position has no actual next token: follow the model's final top guess
@@ -53,7 +57,7 @@ P.register_page(
                labels={"top": "top token", "actual": "actual next token",
                        "target": "target token"}),
         Text("target", "", label="target token", placeholder="e.g. ' Granger'"),
-        Int("pos", -1, label="position", placeholder="-1 = last"),
+        Int("pos", None, label="position", placeholder="auto (-1 = last)"),
         Choice("stages", "sublayer", ("sublayer", "layer"), label="stages",
                labels={"sublayer": "after attention and MLP", "layer": "per layer"}),
     ])
