@@ -141,8 +141,9 @@ def test_attention_head_switch_reuses_the_forward_pass(app, registry):
     assert "head 5" in fig_a.layout.title.text and "head 2" in fig_b.layout.title.text
 
 
-def test_attention_head_switch_keeps_the_grid(app):
-    """Only the head changed: the grid and entropy are left as drawn (no redraw)."""
+def test_attention_head_switch_keeps_the_entropy(app):
+    """Only the head changed: the grid is redrawn (it outlines the head shown), the entropy
+    is left as drawn."""
     from contextvars import copy_context
 
     from dash._callback_context import context_value
@@ -156,9 +157,12 @@ def test_attention_head_switch_keeps_the_grid(app):
         return att.update(STATE, 1, 2, 0, None)
 
     out = copy_context().run(run)
-    assert isinstance(out[0], go.Figure)
-    assert out[1] is dash.no_update and out[2] is dash.no_update
-    assert out[4]["_src"] == "user"  # a control changed: a new history entry
+    assert isinstance(out[0], go.Figure) and isinstance(out[1], go.Figure)
+    assert out[2] is dash.no_update
+    assert "Layer 1, head 2" in out[0].layout.title.text
+    assert out[3] == "Showing L1H2, the head you chose."
+    n = len(spec("attention").graphs) + len(spec("attention").extras)
+    assert out[n + 1]["_src"] == "user"  # a control changed: a new history entry
 
 
 def test_thumbnail_click_selects_head(app):
