@@ -6,7 +6,7 @@ import re
 from typing import Any
 
 from ..analysis.ablation import ablate_heads, head_sweep
-from ..analysis.defaults import chosen_position, head_presets, repeated_positions
+from ..analysis.defaults import chosen_position, preset_heads, repeated_positions
 from ..analysis.errors import AnalysisError
 from ..components import page as P
 from ..components.controls import Choice, Int, Text
@@ -58,12 +58,7 @@ def chosen_heads(ctx: P.PageContext, query: dict) -> tuple[list[tuple[int, int]]
     typed = parse_heads(query["heads"])
     if typed:
         return typed, "the heads you typed"
-    heads = head_presets(ctx.model, ctx.forward)[query["preset"]]
-    if not heads:
-        raise AnalysisError(f"no head scores as a {query['preset']} head on this prompt "
-                            "(a prompt that repeats a phrase shows induction heads); type "
-                            "heads to ablate, e.g. L1H5")
-    return heads, f"all {query['preset']} heads of this prompt"
+    return preset_heads(ctx.model, ctx.forward, query["preset"])
 
 
 def panels(ctx: P.PageContext, query: dict) -> list[Any]:
