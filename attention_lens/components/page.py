@@ -611,7 +611,17 @@ def model(name: Optional[str] = None) -> Any:
 
 def forward(state: dict) -> Any:
     """The cached forward pass of a shared state, for a page's own callbacks."""
-    return registry_module.current().forward(state["text"], state.get("model"))
+    return forward_of(state["text"], state.get("model"))
+
+
+def forward_of(text: str, name: Optional[str] = None) -> Any:
+    """The cached forward pass of ``text`` through model ``name`` (a second prompt or model)."""
+    return registry_module.current().forward(text, name)
+
+
+def model_names() -> list[str]:
+    """The names of the models that can be picked."""
+    return registry_module.current().names()
 
 
 def default_model() -> str:
