@@ -95,4 +95,9 @@ def create_app(reg: Optional[Registry] = None, *,
     shell.register_callbacks(app, options)
     page.register_callbacks(app)
     downloads.register_callbacks(app)
+    # Dash finishes its setup on the first request (adding the background callbacks' Cancel
+    # callbacks to its callback map); concurrent first requests race on that map, so do it
+    # now, before any request
+    with app.server.test_request_context("/"):
+        app._setup_server()
     return app

@@ -221,22 +221,19 @@ def test_pages_say_what_does_not_apply(app, reg, family):
     parallel, GPT-2's full QK leaves W_pos out: each page says so, in its own words."""
     lm = reg.get(family)
     rotary, kv = family in ROTARY, GQA.get(family)
-    *_, note, job, alerts, _ = run_page("weights", family, circuit="QK")
-    qk_text = texts(note)
-    assert ("Rotary positions" in qk_text) is rotary and job is None
+    d = run_page("weights", family, circuit="QK")
+    qk_text = " ".join(d.notes)
+    assert ("Rotary positions" in qk_text) is rotary and d.errors == []
     if family == "neox":  # rotary_pct 0.5 of d_head 16
         assert "the first 8 of 16 query/key dimensions" in qk_text
-    *_, note, _, _, _ = run_page("weights", family, circuit="OV")
-    ov_text = texts(note)
+    ov_text = " ".join(run_page("weights", family, circuit="OV").notes)
     assert "Rotary" not in ov_text
     assert (f"{kv} key/value heads serve 4 query heads" in ov_text) if kv else \
         "Grouped-query" not in ov_text
-    *_, note, _, _, _ = run_page("eigenvalues", family)
-    eig_text = texts(note)
+    eig_text = " ".join(run_page("eigenvalues", family).notes)
     assert ("Rotary positions" in eig_text) is rotary
     assert ("W_pos are left out" in eig_text) is (not rotary)
-    *_, note, _, _, _ = run_page("induction", family)
-    assert ("Rotary positions" in texts([note])) is rotary
+    assert ("Rotary positions" in " ".join(run_page("induction", family).notes)) is rotary
     lens = post_free_lens(reg, family)
     assert any("(parallel)" in s for s in lens.stage_labels) is (family == "neox")
     assert bool(lens.note) is (family == "neox")
