@@ -128,8 +128,8 @@ def _optional(module: str, name: str) -> Optional[Callable]:
 def bench_prompt(reps: int) -> None:
     """Per-prompt analyses on a 128-token prompt with the shipped two-layer model."""
     from .analysis.composition import composition_scores
-    from .analysis.eigen import attention_spectrum, circuit_eigenvalues
-    from .analysis.embeddings import embedding_pca, project_tokens
+    from .analysis.eigen import attention_spectrum
+    from .analysis.embeddings import project_tokens
     from .analysis.forward import run_forward
     from .analysis.heads import head_detection, probe_head_scores
 
@@ -142,9 +142,11 @@ def bench_prompt(reps: int) -> None:
             f"(forward pass cached by the registry)")
     _row("forward pass (cold, run_forward)", measure(lambda: run_forward(lm, text), reps))
     _row("forward pass (registry cache hit)", measure(lambda: reg.forward(text, lm.name), reps))
-    probe = reg.weights(lm.name, ("probe", 50, 10, 0), probe_head_scores)
-    eigen = reg.weights(lm.name, ("eigen", "float32"), circuit_eigenvalues)
-    pca = reg.weights(lm.name, ("pca", "W_E"), embedding_pca)
+    from . import weight_analyses as W
+
+    store = W.store()  # the shared store of weight analyses (computed once, then kept)
+    probe, eigen, pca = store.get_or_compute(lm, W.probe_head_scores(), W.circuit_eigenvalues(),
+                                             W.embedding_pca(n_components=2))
     cases: list[tuple[str, Optional[Callable], dict]] = [
         ("predictions.next_token", _optional("predictions", "next_token"), dict(k=10)),
         ("predictions.token_predictions", _optional("predictions", "token_predictions"),
@@ -182,8 +184,8 @@ def bench_prompt(reps: int) -> None:
     weight_cases.append(("composition_scores", lambda: composition_scores(lm)))
     for name, fn in weight_cases:
         _row(name, measure(fn, reps))
-    _row("registry.weights cache hit", measure(
-        lambda: reg.weights(lm.name, ("eigen", "float32"), circuit_eigenvalues), reps))
+    _row("weight store hit (in-process memo)", measure(
+        lambda: store.get(lm, W.circuit_eigenvalues()), reps))
 
 
 def _weight_cases(lm: LoadedModel, include_vocab: bool) -> list[tuple[str, Callable]]:

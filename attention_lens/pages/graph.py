@@ -22,6 +22,7 @@ from ..analysis.graph import (
 from ..components import page as P
 from ..components import shell
 from ..components.controls import Int, Text, control_id
+from ..components.downloads import export_filename
 from ..figures.graph import graph_figure, graph_table
 
 PAGE = "graph"
@@ -221,7 +222,7 @@ def graph_file(n_clicks: Optional[int], state: Optional[dict], query: Optional[d
     spec = P.spec_of(PAGE)
     try:
         ctx = P.PageContext(state)
-        q, _ = spec.query({k: v for k, v in (query or {}).items() if k != "src"},
+        q, _ = spec.query({k: v for k, v in (query or {}).items() if k != P.SOURCE},
                           spec.config(state.get("model")))
         view, _ = view_of(ctx, q)
         data = graph_json(view.graph, view.pruned, slug=f"{ctx.model.name}-graph",
@@ -232,7 +233,7 @@ def graph_file(n_clicks: Optional[int], state: Optional[dict], query: Optional[d
                                       "drawn.", color="warning")
     except AnalysisError as exc:
         return no_update, shell.alert(str(exc))
-    name = f"{P.export_filename(PAGE, 'circuit-tracer', state)}.json"
+    name = f"{export_filename(PAGE, 'circuit-tracer', state)}.json"
     return dcc.send_string(json.dumps(data, ensure_ascii=False), name), ""
 
 
