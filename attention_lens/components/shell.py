@@ -19,7 +19,7 @@ import dash
 import dash_bootstrap_components as dbc
 from dash import ALL, Input, Output, State, dcc, html, no_update
 
-from .. import __version__
+from .. import __version__, prompt_links
 from ..analysis.errors import AnalysisError
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,9 @@ def state_query(state: Optional[dict]) -> str:
     if not state:
         return ""
     params = {k: state[k] for k in SHARED_KEYS if state.get(k) not in (None, "")}
+    if state.get("tid"):  # a long prompt travels as the id of its stored text
+        params.pop("text", None)
+        params["t"] = state["tid"]
     return urlencode(params)
 
 
@@ -196,7 +199,7 @@ function(state, queries) {
     const trig = ((dc.callback_context || {}).triggered || []).map(t => t.prop_id);
     const p = new URLSearchParams();
     p.set('model', state.model);
-    p.set('text', state.text);
+    if (state.tid) { p.set('t', state.tid); } else { p.set('text', state.text); }
     if (state.pos !== null && state.pos !== undefined) { p.set('pos', String(state.pos)); }
     let user = trig.indexOf('shell-state.data') >= 0 && state.src === 'user';
     (queries || []).forEach(function (q) {
@@ -274,6 +277,13 @@ def sync_state(search: Optional[str], nav: Optional[dict], n_clicks: Optional[in
             search = nav.get("search")
         q = parse_search(search)
         new_text = q.get("text", DEFAULT_PROMPT)
+        if q.get("t"):
+            stored = prompt_links.load(q["t"])
+            if stored is None:
+                alerts.append(alert("This link's prompt is not stored on this server (the "
+                                    "link is incomplete or has expired); showing the default "
+                                    "prompt.", color="warning"))
+            new_text = stored or DEFAULT_PROMPT
         new_model = q.get("model") or reg.default
         pos = _int_or_none(q.get("pos"))
         if q.get("pos") not in (None, "") and pos is None:
@@ -306,6 +316,9 @@ def sync_state(search: Optional[str], nav: Optional[dict], n_clicks: Optional[in
             f"{fp.n_tokens}: analysed the first {fp.n_tokens} of {fp.n_prompt_tokens} tokens.",
             color="warning"))
     new_state = {"model": new_model, "text": new_text, "pos": pos, "src": src}
+    tid = prompt_links.link_id(new_text)
+    if tid:  # a long prompt: the link carries the id of its stored text
+        new_state["tid"] = tid
     if state and src == "url" and all(state.get(k) == new_state[k] for k in SHARED_KEYS):
         return (no_update, text_out, model_out, alerts)
     return (new_state, text_out, model_out, alerts)
