@@ -23,7 +23,9 @@ def basic(user: str, password: str) -> dict[str, str]:
 
 
 def make_app(path, **options):
-    return create_server(ServerConfig(auth_file=path, cache_size=4, **options))
+    """The server with a users file; sign-in options as their environment variables."""
+    env = {f"ATTENTION_LENS_{k.upper()}": str(v) for k, v in options.items()}
+    return create_server(ServerConfig.from_env(env, auth_file=path, cache_size=4))
 
 
 @pytest.fixture()

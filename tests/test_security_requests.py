@@ -20,8 +20,9 @@ AUTH = {"Authorization": "Basic " + base64.b64encode(f"alice:{PASSWORD}".encode(
 def app(tmp_path_factory):
     users = tmp_path_factory.mktemp("req") / "users.txt"
     write_user(users, "alice", PASSWORD)
-    return create_server(ServerConfig(auth_file=users, cache_size=4, max_body=65536,
-                                      auth_rate="1000/minute"))
+    env = {"ATTENTION_LENS_AUTH_RATE": "1000/minute"}  # deliberate failures below
+    return create_server(ServerConfig.from_env(env, auth_file=users, cache_size=4,
+                                               max_body=65536))
 
 
 @pytest.fixture(scope="module")
