@@ -520,7 +520,7 @@ def load_hf_folder(folder: str | Path, device: str = "cpu",
         "stored_dtype": sorted(weights.dtypes),
         "analysed_dtype": "float32",
         "tokenizer": Path(tokenizer.source).name if tokenizer.source else "tokenizer.json",
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "n_params": sum(p.numel() for p in model.parameters()),  # the card's parameter count
     }
     if "n_key_value_heads" in cfg.extra:
         card["key_value_heads"] = cfg.extra["n_key_value_heads"]
