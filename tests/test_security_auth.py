@@ -1,4 +1,4 @@
-"""Sign-in hardening: equal cost for unknown users, throttling, bounded hashing, fail-closed file."""
+"""Sign-in hardening: unknown users cost a hash, throttling, bounded hashing, fail-closed file."""
 
 from __future__ import annotations
 
