@@ -82,3 +82,45 @@ def test_graph_page_and_a_click_on_a_head_node(lens):
                       ".map(a => a.getAttribute('href')).join(' ')",
                 what="the clicked node's links")
     assert "/qk?" in link and "/weights?" in link
+
+
+GEOMETRY_JS = """
+const boxes = [], problems = [];
+document.querySelectorAll('.al-graph .js-plotly-plot').forEach((gd, i) => {
+  const svg = gd.querySelector('.main-svg');
+  if (!svg) return;
+  const outer = gd.getBoundingClientRect(), inner = svg.getBoundingClientRect();
+  if (inner.height > outer.height + 2 || inner.width > outer.width + 2)
+    problems.push(`figure ${i} overflows its box: ${inner.width}x${inner.height} in ` +
+                  `${outer.width}x${outer.height}`);
+  boxes.push([`figure ${i}`, gd.closest('.al-graph').getBoundingClientRect()]);
+});
+document.querySelectorAll('.al-page table, .al-page h1, .al-page h2, .al-page h6')
+  .forEach((el, i) => boxes.push([`${el.tagName} ${i}`, el.getBoundingClientRect()]));
+for (let a = 0; a < boxes.length; a++) for (let b = a + 1; b < boxes.length; b++) {
+  const [na, ra] = boxes[a], [nb, rb] = boxes[b];
+  const w = Math.min(ra.right, rb.right) - Math.max(ra.left, rb.left);
+  const h = Math.min(ra.bottom, rb.bottom) - Math.max(ra.top, rb.top);
+  if (w > 2 && h > 2 && !(na.startsWith('TABLE') && nb.startsWith('H6')))
+    problems.push(`${na} overlaps ${nb}`);
+}
+if (document.documentElement.scrollWidth > window.innerWidth + 1)
+  problems.push(`horizontal scroll: ${document.documentElement.scrollWidth}px`);
+return problems;
+"""
+
+
+@pytest.mark.parametrize("width, height", [(1440, 1000), (390, 844)])
+def test_graph_and_qk_pages_lay_out_without_overlap(lens, width, height):
+    lens.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+        "width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 500})
+    try:
+        for path, name, graph in (("/graph", "graph", "graph"), ("/qk", "qk", "terms")):
+            lens.driver.get(url(lens, path, model=MODEL, text=shell.DEFAULT_PROMPT, layer=1,
+                                head=5) if name == "qk" else
+                            url(lens, path, model=MODEL, text=shell.DEFAULT_PROMPT))
+            wait(lens, shown(name, graph), what=f"{path} drawn")
+            time.sleep(1.0)
+            assert lens.driver.execute_script(GEOMETRY_JS) == [], (path, width)
+    finally:
+        lens.driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
