@@ -176,14 +176,16 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
     # ---------------------------------------------------------------- logit lens
     @endpoint("/logit-lens", ("POST",))
     def logit_lens() -> dict[str, Any]:
-        from .analysis.logit_lens import GRANULARITIES
+        from .analysis.logit_lens import GRANULARITIES, lens_key
         from .analysis.logit_lens import logit_lens as analyse
 
         body = json_body(base | {"top_k", "target", "granularity"})
         lm, fp, part = prompt(body)
         k = int_field(body, "top_k", 5, 1, min(MAX_GRID_K, lm.cfg.d_vocab))
         gran = choice_field(body, "granularity", "sublayer", tuple(GRANULARITIES))
-        res = analyse(lm, fp, k=k, target=token_field(body, "target"), granularity=gran)
+        key = lens_key(lm, k=k, target=token_field(body, "target"), granularity=gran)
+        res = registry.per_prompt(fp, key, lambda: analyse(lm, fp, k=k, target=key[2],
+                                                             granularity=gran))
         return {**part, "result": jsonable(res)}
 
     # ------------------------------------------------------------------- weights
@@ -249,7 +251,9 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         k = int_field(body, "top_k", 5, 1, min(1000, lm.cfg.d_vocab))
         method = choice_field(body, "method", "3cosadd", tuple(METHODS))
         matrix = choice_field(body, "matrix", "W_E", tuple(MATRICES))
-        res = analyse(lm, positive, negative, top_k=k, method=method, matrix=matrix)
+        key = ("api-analogy", tuple(positive), tuple(negative or ()), k, method, matrix)
+        res = registry.weights(lm.name, key, lambda m: analyse(m, positive, negative, top_k=k,
+                                                                method=method, matrix=matrix))
         results = [{"id": int(i), "display": d, "token": lm.tokenizer.token_text(int(i)),
                     "score": sc, "cosine": co}
                    for i, d, sc, co in zip(res.token_ids, res.display, jsonable(res.scores),
@@ -413,6 +417,123 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
             "n_edges_full": view.n_edges_full,
             "graph": graph_json(g, view.pruned, slug=f"{lm.name}-graph", prompt=fp.text,
                                 model_name=lm.name, tokens=fp.tokens)}}
+    # ------------------------------------------------- dataset heads and comparison
+    def dataset_of(body: dict[str, Any]) -> Any:
+        from .analysis.datasets import SHIPPED, parse_upload, remember_upload
+
+        if "text" in body and "dataset" in body:
+            raise ApiError("give either 'dataset' (a name) or 'text' (the documents), not both")
+        if "text" in body:
+            ds = parse_upload(text_field(body).encode("utf-8"), "request body")
+            remember_upload(ds)
+            W.keep_upload(ds)
+            return ds
+        name = body.get("dataset", SHIPPED)
+        if not isinstance(name, str) or not name.strip():
+            raise ApiError("'dataset' must be a dataset name")
+        return W.load_dataset(name)
+
+    def windows_args(lm: LoadedModel, body: dict[str, Any], default_n: int) -> tuple:
+        from .analysis.datasets import DEFAULT_LENGTH, MAX_WINDOWS, check_window_args
+
+        n = int_field(body, "windows", default_n, 1, MAX_WINDOWS)
+        length = int_field(body, "length", min(lm.cfg.n_ctx, DEFAULT_LENGTH), 4, lm.cfg.n_ctx,
+                           f" (the context of {lm.name})")
+        stride = int_field(body, "stride", length, 1, 100_000)
+        check_window_args(lm, length, stride, n)
+        return length, stride, n
+
+    def dataset_metrics(lm: LoadedModel, body: dict[str, Any]) -> Any:
+        length, stride, n = windows_args(lm, body, 400)
+        ds = dataset_of(body)
+        return W.store().get_or_compute(lm, W.head_metrics(ds.name, ds.sha256, length, stride,
+                                                           n))[0]
+
+    @endpoint("/head-metrics", ("POST",))
+    def head_metrics_api() -> dict[str, Any]:
+        from .analysis.head_metrics import (
+            DEFINITIONS,
+            PATTERN_METRICS,
+            QUERIES,
+            head_examples,
+        )
+
+        body = json_body({"model", "dataset", "text", "windows", "length", "stride", "metric",
+                          "layer", "head", "n_examples", "copying", "top"})
+        lm = model_of(body)
+        metric = choice_field(body, "metric", "induction", tuple(PATTERN_METRICS))
+        layer, head = layer_head(lm, body)
+        n_examples = int_field(body, "n_examples", 3, 0, 20)
+        top = int_field(body, "top", 10, 1, lm.cfg.n_layers * lm.cfg.n_heads)
+        copying = bool_field(body, "copying", True)
+        hm = dataset_metrics(lm, body)
+        if head is None:
+            layer, head, _ = hm.ranking(metric, 1)[0]
+        examples = [{"window": e.window, "start": e.start, "query": e.query, "value": e.value,
+                     "tokens": list(e.display), "attention": jsonable(e.attention)}
+                    for e in head_examples(lm, hm, metric, layer, head, n_examples)] \
+            if n_examples else []
+        windows = hm.windows
+        metrics = {m: v for m, v in hm.metrics.items() if copying or m != "copying"}
+        return {"model": lm.name,
+                "dataset": {"name": windows.dataset, "sha256": windows.sha256,
+                            "windows": windows.n_windows, "length": windows.length,
+                            "stride": windows.stride, "available": windows.n_available,
+                            "description": windows.describe()},
+                "definitions": {m: {"formula": DEFINITIONS[m], "queries": QUERIES.get(m, "")}
+                                for m in metrics},
+                "metrics": jsonable(metrics), "n_queries": hm.n_queries,
+                "ranking": {m: [{"layer": la, "head": h, "value": jsonable(v)}
+                                for la, h, v in hm.ranking(m, top)] for m in metrics},
+                "examples": {"metric": metric, "layer": layer, "head": head,
+                             "windows": examples}}
+
+    @endpoint("/compare", ("POST",))
+    def compare_api() -> dict[str, Any]:
+        from .analysis.compare import compare
+
+        body = json_body({"text", "text_b", "model", "model_b", "layer", "head", "position",
+                          "target", "top_k", "icl", "windows"})
+        text_a = text_field(body)
+        text_b = text_field(body, "text_b") if "text_b" in body else text_a
+        lm_a = model_of(body)
+        name_b = body.get("model_b", lm_a.name)
+        if not isinstance(name_b, str) or not name_b.strip():
+            raise ApiError("'model_b' must be a model name")
+        lm_b = registry.get(name_b)
+        fp_a, fp_b = registry.forward(text_a, lm_a.name), registry.forward(text_b, lm_b.name)
+        n_layers = max(lm_a.cfg.n_layers, lm_b.cfg.n_layers)
+        n_heads = max(lm_a.cfg.n_heads, lm_b.cfg.n_heads)
+        layer = int_field(body, "layer", 0, 0, n_layers - 1)
+        head = int_field(body, "head", 0, 0, n_heads - 1)
+        position = int_field(body, "position", -1, -lm_a.cfg.n_ctx, lm_a.cfg.n_ctx - 1)
+        k = int_field(body, "top_k", 10, 1, MAX_GRID_K)
+        c = compare(lm_a, fp_a, lm_b, fp_b, layer=layer, head=head, position=position, k=k,
+                    target=token_field(body, "target"))
+        out = {"a": _prompt_part(fp_a, limit_of(lm_a)), "b": _prompt_part(fp_b, limit_of(lm_b)),
+               "result": jsonable(c)}
+        if bool_field(body, "icl", False):
+            from .analysis.compare import IclView, icl_score, probe_halves
+            from .analysis.datasets import SHIPPED
+
+            length, stride, n = windows_args(lm_a, {k: v for k, v in body.items()
+                                                    if k == "windows"}, 100)
+            ds = W.load_dataset(SHIPPED)
+            req = W.loss_by_position(ds.name, ds.sha256, length, stride, n)
+            models = [lm_a] if lm_b is lm_a else [lm_a, lm_b]
+            probe = W.store().get_or_compute(lm_a, W.probe_head_scores())[0]
+            curves = [W.store().get_or_compute(m, req, W.probe_loss()) for m in models]
+            view = IclView(dataset=tuple(c[0] for c in curves),
+                           probe=tuple(c[1] for c in curves),
+                           scores=tuple(icl_score(c[0]) for c in curves),
+                           probe_len=probe.seq_len,
+                           probe_halves={c[1].model: probe_halves(c[1], probe.seq_len,
+                                                                  probe.bos is not None)
+                                         for c in curves})
+            out["icl"] = jsonable(view)
+            for item, score in zip(out["icl"]["scores"], view.scores):
+                item["score"] = jsonable(score.score)
+        return out
 
     # ------------------------------------------------------------------ the rest
     @endpoint("/", ("GET",))
