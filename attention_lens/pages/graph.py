@@ -213,6 +213,13 @@ callback(Output(DETAIL, "children"), Input(P.graph_id(PAGE, "graph"), "clickData
          State(shell.STATE, "data"), prevent_initial_call=True)(node_detail)
 
 
+def g_slug(view: GraphView) -> str:
+    """A file-name part naming the target: ``pos38-ang``."""
+    g = view.graph
+    word = "".join(ch for ch in g.target_display if ch.isalnum())[:20] or str(g.target_id)
+    return f"pos{g.position}-{word}"
+
+
 def graph_file(n_clicks: Optional[int], state: Optional[dict], query: Optional[dict]
                ) -> tuple[Any, Any]:
     """The pruned graph as a circuit-tracer graph file."""
@@ -232,7 +239,7 @@ def graph_file(n_clicks: Optional[int], state: Optional[dict], query: Optional[d
                                       "drawn.", color="warning")
     except AnalysisError as exc:
         return no_update, shell.alert(str(exc))
-    name = f"{P.export_filename(PAGE, 'circuit-tracer', state)}.json"
+    name = f"attention-lens-graph-{ctx.model.name}-{g_slug(view)}.json"
     return dcc.send_string(json.dumps(data, ensure_ascii=False), name), ""
 
 
