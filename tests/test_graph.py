@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from tl_oracle import tl_tokens, to_transformer_lens
 
 from attention_lens.analysis.errors import AnalysisError
 from attention_lens.analysis.forward import run_forward
 from attention_lens.analysis.graph import attribution_graph, graph_json, prune_graph
-from tl_oracle import tl_tokens, to_transformer_lens
 
 TEXT = "Harry Potter and Hermione Granger walked. Harry Potter and Hermione"
 

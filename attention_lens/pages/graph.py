@@ -38,8 +38,10 @@ $\sigma$ at its value on the prompt. The model is then linear in its sources: th
 (an opaque source: what the MLP computes from its input is not followed). A head's output at
 query $q$ is
 
-$$\mathrm{out}_{l,h}(q) = \sum_{k \le q} A_{l,h}[q,k]\; J_{l,k}\big(\mathrm{resid}_l(k)\big)\, W_V W_O,
-\qquad J_{l,k}(x) = \frac{x - \bar x}{\sigma_{l,k}} \odot w$$
+$$\begin{aligned}\mathrm{out}_{l,h}(q) &= \textstyle\sum_{k \le q} A_{l,h}[q,k]\,
+v(k)\, W_O,\\
+v(k) &= J_{l,k}\big(\mathrm{resid}_l(k)\big)\, W_V,\\
+J_{l,k}(x) &= (x - \bar x)/\sigma_{l,k} \odot w\end{aligned}$$
 
 ($J$ is the identity without LayerNorm); its constant parts $(b_V + b_{LN} W_V) W_O$ and
 $b_O$ form the layer's **bias** node at $q$. The target is

@@ -41,7 +41,8 @@ earlier head's output $z W_O$, every earlier layer's $b_O$ and MLP output. With 
 scale $\sigma$ held at its value on the prompt, $\mathrm{LN}(x) = (x - \bar x)/\sigma \cdot w + b$
 is linear in the components (centring is linear), so
 
-$$s[q,k] = \sum_i \sum_j \frac{\big(\mathrm{LN}'(c_i(q)) W_Q\big)\cdot\big(\mathrm{LN}'(c_j(k)) W_K\big)}{\sqrt{d_{head}}}$$
+$$\begin{aligned}s[q,k] &= \textstyle\sum_i \sum_j Q_i \cdot K_j / \sqrt{d_{head}},\\
+Q_i &= \mathrm{LN}'(c_i(q))\, W_Q,\\ K_j &= \mathrm{LN}'(c_j(k))\, W_K\end{aligned}$$
 
 plus the bias terms ($b W_Q + b_Q$ on the query side, $b W_K + b_K$ on the key side), which
 appear as components of their own. Each cell of the heatmap is one term; the terms add up to
