@@ -196,3 +196,17 @@ def test_page_downloads_and_export_data(server):
     assert [p.name for p in panels] == ["terms", "top", "dims", "row"]
     csv = export.figure_csv(panels[0].figure)
     assert "L0H2" in csv and len(csv.splitlines()) > 100
+
+
+def test_attention_click_link(server):
+    from attention_lens.pages import qk as qk_page
+
+    figure = {"layout": {"title": {"text": "Layer 1, head 5: attention pattern"}},
+              "data": [{"x": ["a", "b", "c"], "y": ["a", "b", "c"]}]}
+    click = {"points": [{"pointNumber": [2, 1], "x": "b", "y": "c"}]}
+    href = qk_page.cell_href(click, figure, STATE, {"layer": None, "head": None})
+    assert href.startswith("/qk?") and "layer=1&head=5&query=2&key=1" in href
+    href = qk_page.cell_href(click, figure, STATE, {"layer": 0, "head": 3})
+    assert "layer=0&head=3&query=2&key=1" in href
+    with pytest.raises(dash.exceptions.PreventUpdate):  # the masked upper triangle
+        qk_page.cell_href({"points": [{"pointNumber": [0, 2]}]}, figure, STATE, {})
