@@ -9,7 +9,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 from selenium.webdriver.common.action_chains import ActionChains
-from test_browser import SHOTS, url, wait
+from test_browser import SHOTS, page_alerts, severe_logs, url, wait
 
 from attention_lens.analysis.qk_attribution import default_cell
 from attention_lens.app import create_app
@@ -136,5 +136,6 @@ def test_graph_and_qk_pages_lay_out_without_overlap(lens, width, height):
             time.sleep(1.0)
             problems = lens.driver.execute_script(GEOMETRY_JS)
             assert problems == [], (path, width, problems)
+            assert page_alerts(lens) == [] and severe_logs(lens) == [], path
     finally:
         lens.driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
