@@ -263,3 +263,18 @@ def test_bad_input(model_2l):
         attribution_graph(model_2l, fp, target=" and", contrast=" and")
     with pytest.raises(AnalysisError, match="outside the prompt"):
         attribution_graph(model_2l, fp, position=fp.n_tokens)
+
+
+def test_rotary_rms_gated_parallel_model(tiny_tokenizer):
+    """Rotary positions, RMSNorm, gated parallel MLPs: the graph still adds up exactly."""
+    from conftest import make_tiny
+
+    lm = make_tiny(tiny_tokenizer, seed=4, attn_only=False, d_mlp=48, act_fn="silu",
+                   gated_mlp=True, parallel_attn_mlp=True, normalization_type="RMS",
+                   positional_embedding_type="rotary", name="tiny-llama-like")
+    fp = run_forward(lm, TEXT)
+    graph = attribution_graph(lm, fp)
+    assert abs(graph.weight[graph.dst == graph.target].sum() - (graph.logit - graph.bias)) <= 1e-4
+    heads = graph.kind == "head"
+    assert np.abs(graph.inflow()[heads] - graph.outflow()[heads]).max() <= 1e-6
+    assert "ln_bias" not in set(graph.kind) and "mlp" in set(graph.kind)
