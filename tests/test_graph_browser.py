@@ -117,7 +117,8 @@ document.querySelectorAll('.al-page *').forEach(el => {
   const r = el.getBoundingClientRect();
   if (r.width > 0 && r.right > window.innerWidth + 1 && !el.closest('.js-plotly-plot') &&
       problems.length < 20)
-    problems.push(`${el.tagName}.${el.getAttribute("class")} in ${el.parentElement.getAttribute("class")} reaches ${Math.round(r.right)}px`);
+    problems.push(`${el.tagName}.${el.getAttribute("class")} in ` +
+                  `${el.parentElement.getAttribute("class")} reaches ${Math.round(r.right)}px`);
 });
 return problems;
 """
