@@ -209,7 +209,13 @@ def test_pruning_matches_circuit_tracer_and_keeps_everything_at_one(which, reque
 
 
 def test_circuit_tracer_graph_file_fields(tiny_ln):
-    """The export carries every field of circuit-tracer 0.5.0's graph JSON (graph_models.py)."""
+    """The export carries every field of circuit-tracer 0.5.0's graph JSON (graph_models.py).
+
+    circuit-tracer itself is not a test dependency: installing 0.5.0 next to our pins would
+    replace transformer-lens 3.9.0 by 3.2.1, transformers 5.24.0 by 4.57.3, huggingface-hub
+    2.4.0 by 0.36.2, tokenizers 0.23.3 by 0.22.2 (and fsspec, datasets), and add nnsight.
+    Its pruning is transcribed in ``_circuit_tracer_prune`` above instead.
+    """
     fp = run_forward(tiny_ln, TEXT)
     graph = attribution_graph(tiny_ln, fp)
     pruned = prune_graph(graph, 0.8, 0.98)
