@@ -376,10 +376,17 @@ def bench_graph(reps: int, gpt2: bool = True) -> None:
     from .analysis.qk_attribution import qk_attribution, qk_attribution_row
 
     def cpu(fn: Callable[[], Any]) -> str:
-        """CPU seconds of one call (all threads): on a busy machine, a quiet wall-time bound."""
-        t0 = time.process_time()
-        fn()
-        return f"cpu {time.process_time() - t0:.2f} s"
+        """CPU seconds of one call on one thread: the work itself, which a busy machine's
+        wall time hides (and which spinning threads inflate); a quiet machine's wall-time
+        bound."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            t0 = time.process_time()
+            fn()
+            return f"1-thread cpu {time.process_time() - t0:.3f} s"
+        finally:
+            torch.set_num_threads(threads)
 
     def cases(lm: LoadedModel, n_tokens: int, layer: int, head: int) -> None:
         text = None if isinstance(lm.tokenizer, _IdTokenizer) else BENCH_TEXT
