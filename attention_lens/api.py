@@ -450,7 +450,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
             from .analysis.datasets import SHIPPED
 
             length, stride, n = windows_args(lm_a, {k: v for k, v in body.items()
-                                                    if k == "windows"}, 100)
+                                                    if k == "windows"}, 64)
             ds = W.load_dataset(SHIPPED)
             req = W.loss_by_position(ds.name, ds.sha256, length, stride, n)
             models = [lm_a] if lm_b is lm_a else [lm_a, lm_b]

@@ -24,6 +24,7 @@ from ..components import page as P
 from ..components import shell
 from ..components.controls import Int, Text
 from ..figures.compare import (
+    HEIGHTS,
     attention_compare_figure,
     dla_compare_figure,
     icl_figure,
@@ -70,7 +71,7 @@ CONTROLS = [
     Int("position", -1, label="position"),
     Text("target", "", 40, label="target", placeholder="A's top prediction"),
     Int("k", 10, 1, 50, label="top k"),
-    Int("windows", 100, 1, MAX_WINDOWS, label="ICL windows"),
+    Int("windows", 64, 1, MAX_WINDOWS, label="ICL windows"),
 ]
 
 HELP = r"""
@@ -236,7 +237,8 @@ P.register_page(
     description="A clean and a corrupted prompt, the one-layer and the two-layer model: side "
                 "by side and as differences (B − A); in-context-learning curves.",
     help_md=HELP, panels=panels, graphs=["loss", "predictions", "attention", "lens", "dla", "icl"],
-    extras=["what", "icl-note"], controls=CONTROLS, body=body)
+    extras=["what", "icl-note"], controls=CONTROLS, body=body,
+    graph_options={name: {"height": h} for name, h in HEIGHTS.items()})
 
 
 @callback(Output(P.control_id(PAGE, "position"), "value"),
