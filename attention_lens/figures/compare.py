@@ -187,11 +187,10 @@ def icl_figure(dataset: Sequence[LossByPosition], probe: Sequence[LossByPosition
     if probe_len:
         fig.add_vline(x=probe_len, line=dict(dash="dot", color="#999999", width=1), row=1,
                       col=2)
-    parts = [f"{s.model} {s.score:+.3f}" for s in scores]
     title = "In-context learning: loss against position"
     if scores:
-        title += (f"<br><sup>ICL score = loss at {scores[0].late} − loss at {scores[0].early}"
-                  f": {', '.join(parts)} nats</sup>")
+        title += (f" (ICL score = loss at {scores[0].late} − loss at {scores[0].early}: "
+                  + ", ".join(f"{s.model} {s.score:+.3f}" for s in scores) + " nats)")
     fig.update_yaxes(title_text="mean loss (nats)", col=1)
     fig.update_layout(template=TEMPLATE, height=HEIGHTS["icl"], title=title, legend=LEGEND_ABOVE,
                       margin=dict(t=120))
