@@ -350,6 +350,73 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
     # New endpoints go here, each as `@endpoint(rule, methods)` over a function that reads
     # its fields with the helpers of .api_fields and returns a jsonable dict.
 
+    # ------------------------------------------- QK attribution and attribution graph
+    def whole_prompt(body: dict[str, Any], fp: ForwardPass, lm: LoadedModel) -> None:
+        if fp.truncated and not bool_field(body, "truncate", False):
+            raise ApiError(f"the prompt has {fp.n_prompt_tokens} tokens but {lm.name} reads at "
+                           f"most {fp.n_tokens}: shorten it, or send \"truncate\": true to "
+                           f"analyse the first {fp.n_tokens}")
+
+    @endpoint("/qk-attribution", ("POST",))
+    def qk_attribution_route() -> dict[str, Any]:
+        from .analysis.qk_attribution import qk_attribution, qk_attribution_row
+
+        body = json_body(base | {"layer", "head", "query", "key", "contrast_key",
+                                 "split_sources", "row", "truncate"})
+        lm, fp, part = prompt(body)
+        whole_prompt(body, fp, lm)
+        layer, head = layer_head(lm, body, need_head=True)
+        what = f" (the prompt has {fp.n_tokens} tokens)"
+        q = int_field(body, "query", -1, -fp.n_tokens, fp.n_tokens - 1, what)
+        if bool_field(body, "row", False):
+            row = qk_attribution_row(lm, fp, layer=layer, head=head, query=q)
+            return {**part, "result": jsonable(row)}
+        if "key" not in body:
+            raise ApiError("missing field 'key' (the key position; or send \"row\": true)")
+        k = int_field(body, "key", None, -fp.n_tokens, fp.n_tokens - 1, what)
+        k2 = int_field(body, "contrast_key", None, -fp.n_tokens, fp.n_tokens - 1, what)
+        res = qk_attribution(lm, fp, layer=layer, head=head, query=q, key=k, contrast_key=k2,
+                             split_sources=bool_field(body, "split_sources", False))
+        top = [{"query_component": res.q_labels[i], "key_component": res.k_labels[j],
+                "value": v, "text": res.describe(i, j)} for i, j, v in res.top_terms(10)]
+        return {**part, "result": {**jsonable(res), "total": res.total, "top_terms": top}}
+
+    @endpoint("/graph", ("POST",))
+    def graph_route() -> dict[str, Any]:
+        from .analysis.graph import graph_json
+
+        body = json_body(base | {"target", "contrast", "position", "node_threshold",
+                                 "edge_threshold", "truncate"})
+        lm, fp, part = prompt(body)
+        whole_prompt(body, fp, lm)
+        pos = int_field(body, "position", -1, -fp.n_tokens, fp.n_tokens - 1,
+                        f" (the prompt has {fp.n_tokens} tokens)")
+        shares = {}
+        for key, default in (("node_threshold", 0.8), ("edge_threshold", 0.98)):
+            value = body.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not 0 < value <= 1:
+                raise ApiError(f"{key!r} must be a number in (0, 1] (a share of the total "
+                               f"influence), got {value!r}"[:200])
+            shares[key] = float(value)
+        target, contrast = token_field(body, "target"), token_field(body, "contrast")
+        if target is not None:
+            from .analysis.predictions import token_id
+            token_id(lm, target)  # a bad target is a 400 before any job starts
+        req = W.attribution_graph(body["text"], registry.max_tokens or 0,
+                                  "" if target is None else target,
+                                  "" if contrast is None else contrast, pos,
+                                  shares["node_threshold"], shares["edge_threshold"])
+        view = W.store().get_or_compute(lm, req)[0]
+        g = view.graph
+        return {**part, "result": {
+            "target": g.label(g.target), "position": g.position, "logit": g.logit,
+            "bias": g.bias, "sum_into_target": float(g.weight[g.dst == g.target].sum()),
+            "kept_target_share": view.kept_target_share, "n_nodes": g.n_nodes,
+            "n_edges": len(g.weight), "n_nodes_full": view.n_nodes_full,
+            "n_edges_full": view.n_edges_full,
+            "graph": graph_json(g, view.pruned, slug=f"{lm.name}-graph", prompt=fp.text,
+                                model_name=lm.name, tokens=fp.tokens)}}
     # ------------------------------------------------- dataset heads and comparison
     def dataset_of(body: dict[str, Any]) -> Any:
         from .analysis.datasets import SHIPPED, parse_upload, remember_upload

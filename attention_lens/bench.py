@@ -366,6 +366,43 @@ def bench_transformer_lens(python: str, reps: int) -> Optional[float]:
     return float(res["median_s"])
 
 
+def bench_graph(reps: int, gpt2: bool = True) -> None:
+    """QK attribution and the exact attribution graph: attn-only-2l at 128 tokens, then
+    (``gpt2``) a random GPT-2-small-shaped model at 64 tokens with MLPs as opaque nodes."""
+    from .analysis.forward import run_forward
+    from .analysis.graph import attribution_graph, prune_graph
+    from .analysis.qk_attribution import qk_attribution, qk_attribution_row
+
+    def cpu(fn: Callable[[], Any]) -> str:
+        """CPU seconds of one call (all threads): on a busy machine, a quiet wall-time bound."""
+        t0 = time.process_time()
+        fn()
+        return f"cpu {time.process_time() - t0:.2f} s"
+
+    def cases(lm: LoadedModel, n_tokens: int, layer: int, head: int) -> None:
+        text = None if isinstance(lm.tokenizer, _IdTokenizer) else BENCH_TEXT
+        ids = None if text else [int(i) for i in torch.randint(0, lm.cfg.d_vocab, (n_tokens,),
+                                                                   generator=torch.Generator()
+                                                                   .manual_seed(0))]
+        fp = run_forward(lm, text or "", max_tokens=n_tokens, token_ids=ids)
+        q = fp.n_tokens - 1
+        print(f"  ({lm.name}, {fp.n_tokens} tokens, head L{layer}H{head}, query {q})")
+        cell = lambda: qk_attribution(lm, fp, layer=layer, head=head, query=q,  # noqa: E731
+                                      key=q // 2)
+        row = lambda: qk_attribution_row(lm, fp, layer=layer, head=head, query=q)  # noqa: E731
+        both = lambda: prune_graph(attribution_graph(lm, fp), 0.8, 0.98)  # noqa: E731
+        _row("qk_attribution (one cell)", measure(cell, reps), cpu(cell))
+        _row("qk_attribution_row (whole query row)", measure(row, reps), cpu(row))
+        graph = attribution_graph(lm, fp)
+        size = f"{graph.n_nodes} nodes, {len(graph.weight)} edges"
+        del graph
+        _row("attribution_graph + prune_graph(0.8, 0.98)", measure(both, reps),
+             f"{cpu(both)}; {size}")
+
+    _header("QK attribution and attribution graph")
+    cases(Registry([DEFAULT_WEIGHTS]).get("attn-only-2l"), 128, 1, 5)
+    if gpt2:
+        cases(random_gpt2_shape(), 64, 11, 0)
 # -------------------------------------------------------------- dataset heads, compare
 def bench_heads(reps: int) -> None:
     """Dataset head metrics (shipped model, GPT-2 shape in a worker thread) and /compare."""
@@ -444,6 +481,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--skip-gpt2", action="store_true",
                         help="skip the GPT-2-small-shaped random model (needs ~1.5 GB)")
     parser.add_argument("--only-gpt2", action="store_true", help="run only that part")
+    parser.add_argument("--only-graph", action="store_true",
+                        help="run only QK attribution and the attribution graph")
     parser.add_argument("--heads", action="store_true",
                         help="run only the dataset head metrics and /compare benchmark")
     parser.add_argument("--transformer-lens", metavar="PYTHON",
@@ -452,6 +491,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, numpy {np.__version__}, {torch.get_num_threads()} "
           f"threads; medians of {args.reps} runs")
+    if args.only_graph:
+        bench_graph(args.reps, gpt2=not args.skip_gpt2)
+        return
     if args.heads:
         bench_heads(args.reps)
         return
@@ -465,6 +507,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                 print(f"  full-OV eigenvalues: ours {ours:.2f} s vs TransformerLens "
                       f"{theirs:.2f} s -> {theirs / ours:.1f}x faster")
     if not args.only_gpt2:
+        bench_graph(max(1, min(args.reps, 3)), gpt2=not args.skip_gpt2)
         bench_heads(args.reps)
 
 

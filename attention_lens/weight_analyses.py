@@ -109,6 +109,19 @@ def _pca(lm: LoadedModel, progress: Progress, matrix: str, token_filter: str,
                          n_clusters=n_clusters, centre=centre)
 
 
+def _graph(lm: LoadedModel, progress: Progress, text: str, max_tokens: int, target: Any,
+           contrast: Any, position: int, node_threshold: float, edge_threshold: float) -> Any:
+    from .analysis.forward import run_forward
+    from .analysis.graph import graph_view
+
+    fp = run_forward(lm, text, max_tokens or None)
+    return graph_view(lm, fp, target=None if target == "" else target,
+                      contrast=None if contrast == "" else contrast,
+                      position=position, node_threshold=node_threshold,
+                      edge_threshold=edge_threshold,
+                      progress=lambda done, total: progress(done / total))
+
+
 ANALYSES: dict[str, Analysis] = {
     "circuit_svd": Analysis("{circuit} circuit SVD", _svd, ("circuit",)),
     "circuit_eigenvalues": Analysis("circuit eigenvalues", _eigen),
@@ -117,6 +130,9 @@ ANALYSES: dict[str, Analysis] = {
     "embedding_pca": Analysis("PCA and k-means of {matrix}", _pca,
                               ("matrix", "token_filter", "max_tokens", "n_components",
                                "n_clusters", "centre")),
+    "attribution_graph": Analysis("attribution graph", _graph,
+                                  ("text", "max_tokens", "target", "contrast", "position",
+                                   "node_threshold", "edge_threshold")),
 }
 
 
@@ -160,6 +176,17 @@ def embedding_pca(matrix: str = "W_E", token_filter: str = "frequent", max_token
     return request("embedding_pca", matrix=matrix, token_filter=token_filter,
                    max_tokens=int(max_tokens), n_components=int(n_components),
                    n_clusters=int(n_clusters), centre=bool(centre))
+
+
+def attribution_graph(text: str, max_tokens: int = 0, target: Any = "", contrast: Any = "",
+                      position: int = -1, node_threshold: float = 0.8,
+                      edge_threshold: float = 0.98) -> Request:
+    """The pruned attribution graph of a prompt's target logit (a prompt analysis long
+    enough on big models to run as a job). ``target`` and ``contrast`` are token ids or
+    strings; ``""`` means the top prediction and no contrast."""
+    return request("attribution_graph", text=text, max_tokens=int(max_tokens), target=target,
+                   contrast=contrast, position=int(position),
+                   node_threshold=float(node_threshold), edge_threshold=float(edge_threshold))
 
 
 # ------------------------------------------------------------------------ dataset runs
