@@ -14,8 +14,7 @@ from ..analysis.compare import (
     Comparison,
     IclView,
     compare,
-    icl_score,
-    probe_halves,
+    icl_from_curves,
     same_tokenizer,
 )
 from ..analysis.datasets import DEFAULT_LENGTH, MAX_WINDOWS, SHIPPED
@@ -166,10 +165,7 @@ def icl(ctx: P.PageContext, state: dict, query: dict) -> IclView:
     probes = [ctx.weight(W.probe_loss())] + [
         store.compute(lm, W.probe_loss()) if ctx.compute else store.get(lm, W.probe_loss())[0]
         for lm in models[1:]]
-    return IclView(dataset=tuple(curves), probe=tuple(probes),
-                   scores=tuple(icl_score(c) for c in curves), probe_len=probe.seq_len,
-                   probe_halves={c.model: probe_halves(c, probe.seq_len, probe.bos is not None)
-                                 for c in probes})
+    return icl_from_curves(curves, probes, probe.seq_len, probe.bos is not None)
 
 
 def describe(c: Comparison) -> list[Any]:
