@@ -513,23 +513,18 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         out = {"a": _prompt_part(fp_a, limit_of(lm_a)), "b": _prompt_part(fp_b, limit_of(lm_b)),
                "result": jsonable(c)}
         if bool_field(body, "icl", False):
-            from .analysis.compare import IclView, icl_score, probe_halves
+            from .analysis.compare import icl_from_curves
             from .analysis.datasets import SHIPPED
 
             length, stride, n = windows_args(lm_a, {k: v for k, v in body.items()
-                                                    if k == "windows"}, 100)
+                                                    if k == "windows"}, 64)
             ds = W.load_dataset(SHIPPED)
             req = W.loss_by_position(ds.name, ds.sha256, length, stride, n)
             models = [lm_a] if lm_b is lm_a else [lm_a, lm_b]
             probe = W.store().get_or_compute(lm_a, W.probe_head_scores())[0]
             curves = [W.store().get_or_compute(m, req, W.probe_loss()) for m in models]
-            view = IclView(dataset=tuple(c[0] for c in curves),
-                           probe=tuple(c[1] for c in curves),
-                           scores=tuple(icl_score(c[0]) for c in curves),
-                           probe_len=probe.seq_len,
-                           probe_halves={c[1].model: probe_halves(c[1], probe.seq_len,
-                                                                  probe.bos is not None)
-                                         for c in curves})
+            view = icl_from_curves([c[0] for c in curves], [c[1] for c in curves],
+                                   probe.seq_len, probe.bos is not None)
             out["icl"] = jsonable(view)
             for item, score in zip(out["icl"]["scores"], view.scores):
                 item["score"] = jsonable(score.score)
