@@ -406,7 +406,7 @@ def bench_page_flow(lengths: tuple[int, ...] = (64, 256), soak: int = 0) -> Opti
         print(f"  {ntok} tokens{'':<32} {'first':>9} {'second':>9}  {'peak RSS':>9}")
         print(f"  forward pass (registry){'':<15} {fwd[0][0]:>8.2f}s {fwd[1][0]:>8.2f}s "
               f"{max(f[1] for f in fwd):>8.0f}M  (every call below reuses it)", flush=True)
-        results["forward"] = {ntok: [f[:2] for f in fwd]}
+        results.setdefault("forward", {})[ntok] = [f[:2] for f in fwd]
         for method, path, body in api_calls(text):
             call = (lambda m=method, p=path, b=body:
                     client.open(p, method=m, json=b) if b is not None else client.open(p))
