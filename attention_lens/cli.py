@@ -131,7 +131,12 @@ def add_user(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Run the app with Flask's threaded server (use gunicorn on a shared machine)."""
+    """Run the app: waitress (slow clients cannot hold its threads), or Flask's debug server.
+
+    Waitress reads every request completely before a thread handles it, so a client sending
+    its headers a byte at a time holds one connection, never a thread. ``--debug`` runs
+    Flask's reloading server on loopback only, without Werkzeug's interactive console.
+    """
     config = config_from_args(args)
     config.check_exposure()
     from .server import create_server
@@ -140,8 +145,17 @@ def serve(args: argparse.Namespace) -> int:
     app = create_server(config)
     names = ", ".join(app.server.extensions["attention_lens"]["registry"].names())
     print(f"Attention Lens on http://{config.host}:{config.port}{config.url_prefix} "
-          f"(models: {names})")
-    app.run(host=config.host, port=config.port, debug=config.debug)
+          f"(models: {names})", flush=True)
+    if config.debug:
+        app.run(host=config.host, port=config.port, debug=True, use_debugger=False,
+                use_evalex=False)
+        return 0
+    import waitress
+
+    waitress.serve(app.server, host=config.host, port=config.port, threads=8,
+                   connection_limit=1000, asyncore_use_poll=True, channel_timeout=60,
+                   max_request_body_size=config.max_body, ident="attention-lens",
+                   clear_untrusted_proxy_headers=not config.proxy_hops)
     return 0
 
 

@@ -140,13 +140,16 @@ class ServerConfig:
         return cls(**values)
 
     def check_exposure(self, hosts: Optional[list[str]] = None) -> None:
-        """Refuse to serve a non-loopback address without a users file (unless allowed)."""
-        exposed = [h for h in (hosts or [self.host]) if not is_loopback(h)]
-        if exposed and self.auth_file is None and not self.allow_anonymous:
-            raise ConfigError(
-                f"refusing to listen on {', '.join(exposed)} without authentication: create a "
-                "users file with 'attention-lens add-user NAME' and pass --auth-file "
-                f"(or {ENV_PREFIX}AUTH_FILE), or pass --allow-anonymous to serve everyone")
+        """Refuse to listen on ``hosts`` (default: ``host``) if unsafe for this configuration.
+
+        A non-loopback address needs a users file (or ``allow_anonymous``); debug mode is
+        refused on anything but loopback.
+        """
+        from .exposure import exposure_problem
+
+        problem = exposure_problem(self, hosts or [self.host])
+        if problem:
+            raise ConfigError(problem)
 
 
 def check_device(device: str) -> None:

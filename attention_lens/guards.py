@@ -31,6 +31,10 @@ SECURITY_HEADERS = {
 BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 
 
+class RequestReadTimeout(TimeoutError):
+    """The client did not send its request body in time (answered 408)."""
+
+
 def json_error(message: str, status: int) -> flask.Response:
     """A JSON ``{"error": message}`` response with ``status``."""
     resp = flask.jsonify(error=message)
@@ -62,6 +66,14 @@ def install_error_handlers(server: flask.Flask, prefix: str) -> None:
     def _unknown_asset(exc: DependencyException) -> Any:
         log.warning("unknown asset %s", flask.request.path[:200])
         return json_error("not found", 404)
+
+    @server.errorhandler(RequestReadTimeout)
+    def _too_slow(exc: RequestReadTimeout) -> Any:
+        log.warning("%s: %s %s from %s", exc, flask.request.method, flask.request.path[:200],
+                    flask.request.remote_addr)
+        resp = json_error(str(exc), 408)
+        resp.headers["Connection"] = "close"
+        return resp
 
     @server.errorhandler(AnalysisError)
     def _bad_input(exc: AnalysisError) -> Any:

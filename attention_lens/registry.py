@@ -70,12 +70,27 @@ def folder_kind(folder: Path) -> Optional[str]:
 
 
 def _read_json(path: Path) -> Any:
-    import json
+    from .model.jsonfile import read_json
 
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json(path)
     except (OSError, ValueError):
         return None
+
+
+def public_reason(reason: BaseException | str, folder: Path) -> str:
+    """Why ``folder`` cannot be used, naming files relative to its models directory.
+
+    Every user sees these reasons (model picker, ``/api/models``): they never contain the
+    server's absolute paths.
+    """
+    text = str(reason) if isinstance(reason, (str, CheckpointError)) else \
+        f"{folder.name}: cannot be loaded ({type(reason).__name__}: {str(reason)[:300]})"
+    base = folder.parent
+    for root in {str(base.resolve()), str(base.absolute()), str(base)}:
+        if root not in ("", ".", "/"):
+            text = text.replace(root.rstrip("/") + "/", "")
+    return text
 
 
 def _is_our_config(data: Any) -> bool:
@@ -97,24 +112,26 @@ def load_folder(folder: Path, device: str = "cpu", name: Optional[str] = None) -
 def quick_check(folder: Path) -> Optional[str]:
     """Cheap validation of a folder in our format (files present, config, safetensors header).
 
-    Returns the reason the folder cannot be loaded, or None; reading the weights themselves
-    is left to the first use.
+    Returns the reason the folder cannot be loaded, or None (a CheckpointError may also
+    escape); reading the weights themselves is left to the first use.
     """
-    from safetensors import SafetensorError, safe_open
+    from .model.checkpoint import (
+        CARD,
+        TOKENIZER,
+        WEIGHTS,
+        check_shapes,
+        read_config,
+        read_json_file,
+        tensor_shapes,
+    )
 
-    from .model.checkpoint import TOKENIZER, WEIGHTS, read_config
-
+    cfg = read_config(folder)  # sizes bounded, paths inside the folder
     for name in (WEIGHTS, TOKENIZER):
         if not (folder / name).is_file():
             return f"{folder / name}: missing file"
-    try:
-        read_config(folder)
-        with safe_open(str(folder / WEIGHTS), "pt") as fh:
-            fh.keys()
-    except CheckpointError as exc:
-        return str(exc)
-    except (SafetensorError, OSError, ValueError) as exc:
-        return f"{folder / WEIGHTS}: corrupt or truncated safetensors file ({exc})"
+    check_shapes(cfg, tensor_shapes(folder / WEIGHTS), folder / WEIGHTS)
+    if (folder / CARD).is_file():
+        read_json_file(folder / CARD)
     return None
 
 
@@ -225,14 +242,20 @@ class Registry:
                 kind = folder_kind(folder)
                 if kind is None:
                     continue
-                if kind == "attention-lens":
-                    error = quick_check(folder)
-                else:  # cheap checks only (config, architecture, files): no weights read
-                    from .model.hf import inspect_hf_folder
+                error: Optional[BaseException | str]
+                try:
+                    if kind == "attention-lens":
+                        error = quick_check(folder)
+                    else:  # cheap checks only (config, architecture, files): no weights read
+                        from .model.hf import inspect_hf_folder
 
-                    error = inspect_hf_folder(folder)
-                entries.setdefault(folder.name, ModelEntry(folder.name, folder, _size(folder),
-                                                           kind, error))
+                        error = inspect_hf_folder(folder)
+                    size = _size(folder)
+                except Exception as exc:  # noqa: BLE001 - one bad folder never stops the app
+                    error, size = exc, 0
+                reason = public_reason(error, folder) if error else None
+                entries.setdefault(folder.name, ModelEntry(folder.name, folder, size, kind,
+                                                           reason))
         with self._lock:
             self._entries = entries
         return list(entries.values())
@@ -273,9 +296,10 @@ class Registry:
                     return self._models[name]
             try:
                 lm = load_folder(entry.path, device=self.device, name=name)
-            except CheckpointError as exc:
-                self.mark_unavailable(name, str(exc))
-                raise AnalysisError(f"model {name!r} is unavailable: {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - any failure: unavailable, with the reason
+                reason = public_reason(exc, entry.path)
+                self.mark_unavailable(name, reason)
+                raise AnalysisError(f"model {name!r} is unavailable: {reason}") from None
             with self._lock:
                 self._models[name] = lm
                 while len(self._models) > self.max_models:

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
-import sys
-from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Optional
 
 import dash
 import flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from . import export
 from .auth import LabAuth, SignInThrottle, UserStore, read_users, write_user
 from .config import ENV_PREFIX, ConfigError, ServerConfig, check_device, is_loopback
+from .exposure import exposure_problem, install_exposure_guard, listening_addresses
 from .guards import install_callback_guard, install_error_handlers, install_request_checks
 from .registry import Registry
 
@@ -124,6 +123,8 @@ def create_server(config: Optional[ServerConfig] = None, registry: Optional[Regi
         app._attention_lens_auth = LabAuth(app, users, secret, throttle)  # keep a reference
     else:
         server.secret_key = secret
+    export.configure(config.max_exports, config.export_timeout)
+    install_exposure_guard(server, config)
     install_request_checks(server, config.url_prefix)
     install_callback_guard(app, config.url_prefix)
     server.register_blueprint(create_api(registry, config), url_prefix=config.url_prefix + "api")
@@ -131,41 +132,19 @@ def create_server(config: Optional[ServerConfig] = None, registry: Optional[Regi
     return app
 
 
-# ----------------------------------------------------------------------------- gunicorn
-def _bind_host(bind: str) -> Optional[str]:
-    """The host of a gunicorn bind ('0.0.0.0:8050', '[::1]:80', 'unix:/x' -> None)."""
-    if bind.startswith(("unix:", "fd://")):
-        return None
-    if bind.startswith("["):
-        return bind[1:].split("]", 1)[0]
-    return bind.rsplit(":", 1)[0] if ":" in bind else bind
-
-
-def gunicorn_hosts(argv: Optional[list[str]] = None,
-                   env: Optional[Mapping[str, str]] = None) -> list[str]:
-    """The hosts gunicorn was told to bind (command line and GUNICORN_CMD_ARGS); [] if none."""
-    import shlex
-
-    from gunicorn.config import Config
-
-    argv = sys.argv if argv is None else argv
-    env = os.environ if env is None else env
-    cfg = Config()
-    args = shlex.split(env.get("GUNICORN_CMD_ARGS", "")) + list(argv[1:])
-    ns, _ = cfg.parser().parse_known_args(args)
-    binds = getattr(ns, "bind", None) or cfg.bind
-    return [h for h in (_bind_host(b) for b in binds) if h is not None]
-
-
 def server_from_env() -> dash.Dash:
-    """The server ``app.py`` exposes to gunicorn, configured by ``ATTENTION_LENS_*`` variables."""
+    """The WSGI app ``app.py`` exposes (``gunicorn app:server``), set by ``ATTENTION_LENS_*``.
+
+    Refuses to start when the process already listens beyond loopback in a way the
+    configuration forbids (a gunicorn worker does; other servers are checked per request).
+    """
     config = ServerConfig.from_env()
-    under_gunicorn = "gunicorn" in Path(sys.argv[0] if sys.argv else "").name
-    if under_gunicorn:
-        glog = logging.getLogger("gunicorn.error")
-        pkg = logging.getLogger("attention_lens")
-        if glog.handlers and not pkg.handlers:
-            pkg.handlers, pkg.propagate = list(glog.handlers), False
-            pkg.setLevel(glog.level or logging.INFO)
-        config.check_exposure(gunicorn_hosts())
+    glog = logging.getLogger("gunicorn.error")
+    pkg = logging.getLogger("attention_lens")
+    if glog.handlers and not pkg.handlers:  # under gunicorn: log through its handlers
+        pkg.handlers, pkg.propagate = list(glog.handlers), False
+        pkg.setLevel(glog.level or logging.INFO)
+    problem = exposure_problem(config, listening_addresses())
+    if problem:
+        raise ConfigError(problem)
     return create_server(config)

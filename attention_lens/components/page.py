@@ -16,14 +16,14 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import dash
 import dash_bootstrap_components as dbc
 import plotly.graph_objects as go
-from dash import ALL, Input, Output, State, dcc, html, no_update
+from dash import ALL, MATCH, Input, Output, State, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
 from .. import background
 from .. import registry as registry_module
 from .. import weight_analyses as W
 from ..analysis.errors import AnalysisError
-from ..figures.theme import TEMPLATE
+from ..figures.theme import TEMPLATE, styled
 from . import job_strip, shell
 from .controls import Control, parse_all
 
@@ -163,7 +163,16 @@ def page_panels(page: str, state: dict, query: Optional[dict], compute: bool = F
         raise AnalysisError(f"the {page} page has no figures to export")
     values, _ = parse_query(_CONTROLS.get(page, {}), {k: v for k, v in (query or {}).items()
                                                        if k != "src"})
-    return _PANELS[page](state, values)
+    panels = _PANELS[page](state, values)
+    for p in panels:
+        styled(p.figure, (state or {}).get("theme"))
+    return panels
+
+
+def themed(outputs: Sequence[Any], state: Optional[dict]) -> tuple[Any, ...]:
+    """``outputs`` with every figure given the state's theme and the finishing layout pass."""
+    theme = (state or {}).get("theme")
+    return tuple(styled(o, theme) if isinstance(o, go.Figure) else o for o in outputs)
 
 
 def figures_of(panels: Sequence[Panel]) -> tuple[go.Figure, ...]:
@@ -171,10 +180,14 @@ def figures_of(panels: Sequence[Panel]) -> tuple[go.Figure, ...]:
     return tuple(p.figure for p in panels)
 
 
+#: Height (px) of the blank figure a graph shows before its first analysis.
+EMPTY_HEIGHT = 320
+
+
 def empty_figure(message: str = "") -> go.Figure:
     """A blank themed figure (shown before the first analysis or after an error)."""
     fig = go.Figure(layout=dict(template=TEMPLATE, xaxis=dict(visible=False),
-                                yaxis=dict(visible=False), height=320))
+                                yaxis=dict(visible=False), height=EMPTY_HEIGHT))
     if message:
         fig.add_annotation(text=message, showarrow=False, font=dict(size=14))
     return fig
@@ -193,8 +206,14 @@ def graph_config(filename: str = "attention-lens") -> dict[str, Any]:
 
 
 def graph(page: str, name: str, *, height: Optional[int] = None, **kwargs: Any) -> html.Div:
-    """A graph with a loading indicator and PNG / SVG / CSV / JSON download buttons."""
-    style = {"height": f"{height}px"} if height else {}
+    """A graph with a loading indicator and PNG / SVG / CSV / JSON download buttons.
+
+    The graph's box always has its figure's size: it starts at the blank figure's height
+    and :data:`GRAPH_BOX` resizes it to each new figure's ``layout.height`` (and
+    ``layout.width`` for figures wider than the page, which then scroll inside their box).
+    The figure fills its box (``responsive``), so it follows the box's width.
+    """
+    style = {"height": f"{height or EMPTY_HEIGHT}px"}
 
     def button(label: str, kind: str, fmt: str) -> dbc.Button:
         return dbc.Button(label, id={"type": kind, "page": page, "name": name, "fmt": fmt},
@@ -202,10 +221,10 @@ def graph(page: str, name: str, *, height: Optional[int] = None, **kwargs: Any) 
                           className="al-dl", title=f"Download this figure as {label}")
 
     return html.Div([
-        dcc.Loading(dcc.Graph(id=graph_id(page, name), figure=empty_figure(),
-                              config=graph_config(f"{page}-{name}"), style=style,
-                              className="al-graph-plot", **kwargs),
-                    type="dot", delay_show=150),
+        html.Div(dcc.Loading(dcc.Graph(id=graph_id(page, name), figure=empty_figure(),
+                                       config=graph_config(f"{page}-{name}"), style=style,
+                                       responsive=True, className="al-graph-plot", **kwargs),
+                             type="dot", delay_show=150), className="al-graph-scroll"),
         html.Div([html.Span("Download", className="al-dl-label"),
                   button("PNG", IMAGE_BTN, "png"), button("SVG", IMAGE_BTN, "svg"),
                   button("CSV", DATA_BTN, "csv"), button("JSON", DATA_BTN, "json")],
@@ -318,7 +337,7 @@ def analysis_callback(page: str, controls: dict[str, Param], n_outputs: Optional
             src = "user" if isinstance(trigger, str) and trigger.startswith(f"{page}-") else "url"
             alerts: list[Any] = [shell.alert(p, color="warning") for p in problems]
             try:
-                outs = tuple(fn(state, query))
+                outs = themed(tuple(fn(state, query)), state)
             except AnalysisError as exc:
                 alerts.append(shell.alert(str(exc)))
                 outs = (no_update,) * (n_outputs or 0)
@@ -350,6 +369,23 @@ def export_filename(page: str, name: str, state: Optional[dict]) -> str:
         return f"{page}-{name}"
     return f"{page}-{name}-{slug(state.get('model', ''), 30)}-{slug(state.get('text', ''))}"
 
+
+#: A graph's box takes its figure's height (and width, when the figure sets one), so a
+#: figure never spills over what follows it; dcc.Graph drops the figure's own size when
+#: it fills its box, and this puts it back on the box.
+GRAPH_BOX = """
+function(figure, style) {
+    const lay = (figure && figure.layout) || {};
+    const next = Object.assign({}, style || {});
+    next.height = (lay.height || 450) + 'px';
+    if (lay.width) { next.width = lay.width + 'px'; next.minWidth = '100%'; }
+    else { delete next.width; delete next.minWidth; }
+    if (style && style.height === next.height && style.width === next.width) {
+        return window.dash_clientside.no_update;
+    }
+    return next;
+}
+"""
 
 IMAGE_DOWNLOAD = """
 function(clicks, state, ids) {
@@ -400,7 +436,12 @@ function(state, figures, ids, configs) {
 
 
 def register_shell_callbacks(app: dash.Dash) -> None:
-    """Callbacks every page's widgets rely on: image/data downloads and the page export."""
+    """Callbacks every page's widgets rely on: graph box sizes, downloads and page export."""
+    app.clientside_callback(
+        GRAPH_BOX, Output({"type": GRAPH, "page": MATCH, "name": MATCH}, "style"),
+        Input({"type": GRAPH, "page": MATCH, "name": MATCH}, "figure"),
+        State({"type": GRAPH, "page": MATCH, "name": MATCH}, "style"),
+    )
     app.clientside_callback(
         IMAGE_DOWNLOAD, Output("shell-image-status", "children"),
         Input({"type": IMAGE_BTN, "page": ALL, "name": ALL, "fmt": ALL}, "n_clicks"),
@@ -618,7 +659,8 @@ class PageSpec:
     def draw(self, ctx: PageContext, query: dict) -> tuple[list[Any], list[Any]]:
         """The outputs (figures, then parts) and notices of the panels for ``query``."""
         parts = list(self.panels(ctx, query))
-        figures = {p.name: p.figure for p in parts if isinstance(p, Panel)}
+        theme = (ctx.state or {}).get("theme")
+        figures = {p.name: styled(p.figure, theme) for p in parts if isinstance(p, Panel)}
         extras = {p.name: p.children for p in parts if isinstance(p, Html)}
         unknown = (set(figures) - set(self.graphs)) | (set(extras) - set(self.extras))
         if unknown:
@@ -634,7 +676,10 @@ class PageSpec:
         ctx = PageContext(state, compute=compute)
         q, _ = self.query({k: v for k, v in (raw_query or {}).items() if k != "src"},
                           self.config(state.get("model")))
-        return [p for p in self.panels(ctx, q) if isinstance(p, Panel)]
+        panels = [p for p in self.panels(ctx, q) if isinstance(p, Panel)]
+        for p in panels:
+            styled(p.figure, state.get("theme"))
+        return panels
 
     # ----------------------------------------------------------------- outputs
     def drawing_outputs(self) -> list[Output]:

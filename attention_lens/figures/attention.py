@@ -10,6 +10,9 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .theme import SEQUENTIAL, SEQUENTIAL_ALT, TEMPLATE, position_labels
+
+#: Outline of the head shown in the main figure (Okabe-Ito vermillion).
+SELECTED = "#D55E00"
 from .tokens import esc, finish
 
 if TYPE_CHECKING:
@@ -92,11 +95,13 @@ def pooled(z: np.ndarray, labels: list[str], max_positions: int = GRID_MAX_POSIT
 
 
 def attention_grid_figure(result: AttentionPatterns,
-                          layers: Optional[Sequence[int]] = None) -> go.Figure:
+                          layers: Optional[Sequence[int]] = None,
+                          selected: Optional[tuple[int, int]] = None) -> go.Figure:
     """Every head's pattern in a layer × head grid, one shared colour scale (0 to 1).
 
     ``layers`` limits the rows (models with many heads show one layer at a time); prompts
-    longer than :data:`GRID_MAX_POSITIONS` are max-pooled into position blocks.
+    longer than :data:`GRID_MAX_POSITIONS` are max-pooled into position blocks;
+    ``selected`` (layer, head) is outlined.
     """
     n_layers, n_heads = result.patterns.shape[:2]
     rows = list(range(n_layers)) if layers is None else [int(x) for x in layers]
@@ -122,6 +127,10 @@ def attention_grid_figure(result: AttentionPatterns,
     fig.update_xaxes(showticklabels=False, type="category")
     fig.update_yaxes(showticklabels=False, type="category", autorange="reversed")
     fig.update_annotations(font_size=10)
+    if selected is not None and int(selected[0]) in rows and 0 <= selected[1] < n_heads:
+        r, c = rows.index(int(selected[0])) + 1, int(selected[1]) + 1
+        fig.add_shape(type="rect", xref="x domain", yref="y domain", x0=-0.04, x1=1.04,
+                      y0=-0.04, y1=1.04, line=dict(color=SELECTED, width=3), row=r, col=c)
     title = "Attention patterns of every head (rows: queries, columns: keys)"
     if layers is not None and len(rows) < n_layers:
         title = f"Layer {', '.join(map(str, rows))} of {n_layers}: every head's pattern"
