@@ -398,7 +398,7 @@ def bench_page_flow(lengths: tuple[int, ...] = (64, 256), soak: int = 0) -> Opti
           f"resident {_current_rss_mb():.0f} MiB; caches: forward {reg.max_forward_bytes >> 20}"
           f" MiB, weights {reg.max_weights_bytes >> 20} MiB")
     results: dict[str, Any] = {"api": {}, "pages": {}}
-    pages = sorted({*P._PANELS, *(s.page for s in P.declared_pages())})
+    pages = sorted({*getattr(P, "_PANELS", {}), *(s.page for s in P.declared_pages())})
     for n in lengths:
         text = flow_prompt(lm, n, variant=n)
         fwd = [_timed(lambda: reg.forward(text, lm.name)) for _ in range(2)]
@@ -428,7 +428,9 @@ def bench_page_flow(lengths: tuple[int, ...] = (64, 256), soak: int = 0) -> Opti
             print(f"  page /{page:<34} {rows[0][0]:>8.2f}s {rows[1][0]:>8.2f}s "
                   f"{max(r[1] for r in rows):>8.0f}M", flush=True)
     if soak:
-        bound = reg.memory_bound() / 2**20
+        from . import weight_analyses as W
+
+        bound = (reg.memory_bound() + W.store().memo_bytes) / 2**20
         t0 = time.perf_counter()
         for i in range(soak):
             state = {"model": lm.name, "text": flow_prompt(lm, max(lengths), variant=1000 + i),
@@ -441,8 +443,8 @@ def bench_page_flow(lengths: tuple[int, ...] = (64, 256), soak: int = 0) -> Opti
                            "bound_mb": bound}
         print(f"  after {soak} distinct {max(lengths)}-token prompts on every page "
               f"({time.perf_counter() - t0:.0f} s): resident {now:.0f} MiB (peak "
-              f"{_rss_mb():.0f} MiB); caches' bound {bound:.0f} MiB "
-              f"(models + forward + weights); {reg.cache_info()}")
+              f"{_rss_mb():.0f} MiB); caches' bound {bound:.0f} MiB (models + forward "
+              f"passes + weight analyses + the store's memo); {reg.cache_info()}")
     return results
 
 

@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 from . import __version__
 from .analysis.errors import AnalysisError
 from .model.checkpoint import LoadedModel
+from .registry import DEFAULT_WEIGHTS_BYTES, nbytes_of
 
 Progress = Callable[[float], None]
 
@@ -203,9 +204,11 @@ _MISS = object()
 class Store:
     """Weight analyses in a store shared by processes, with a small in-process memo."""
 
-    def __init__(self, results: Any, coord: Any, memo: int = 32) -> None:
+    def __init__(self, results: Any, coord: Any, memo: int = 32,
+                 memo_bytes: int = DEFAULT_WEIGHTS_BYTES) -> None:
         self.results, self.coord, self.memo_size = results, coord, memo
-        self._memo: OrderedDict[str, Any] = OrderedDict()
+        self.memo_bytes = memo_bytes  # the memo is bounded in bytes too (GPT-2 small's
+        self._memo: OrderedDict[str, tuple[Any, int]] = OrderedDict()  # composition: ~1 MB)
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ reading
@@ -215,7 +218,7 @@ class Store:
         with self._lock:
             if key in self._memo:
                 self._memo.move_to_end(key)
-                return self._memo[key]
+                return self._memo[key][0]
         value = self.results.get(key, _MISS)
         if value is not _MISS:
             self.coord.incr(f"served:{key}:{os.getpid()}")
@@ -224,10 +227,13 @@ class Store:
 
     def _remember(self, key: str, value: Any) -> None:
         with self._lock:
-            self._memo[key] = value
+            self._memo[key] = (value, nbytes_of(value))
             self._memo.move_to_end(key)
-            while len(self._memo) > self.memo_size:
-                self._memo.popitem(last=False)
+            total = sum(size for _, size in self._memo.values())
+            while len(self._memo) > 1 and (len(self._memo) > self.memo_size
+                                           or total > self.memo_bytes):
+                _, (_, size) = self._memo.popitem(last=False)
+                total -= size
 
     def get(self, lm: LoadedModel, *reqs: Request) -> list[Any]:
         """The results of ``reqs``; :class:`Missing` lists those not computed yet."""
