@@ -348,7 +348,8 @@ def api_calls(text: str) -> list[tuple[str, str, Optional[dict]]]:
         ("GET", "/api/embeddings", None),
         ("POST", "/api/analogy", {"positive": ["king", "woman"], "negative": ["man"]}),
         ("POST", "/api/eigenvalues", body), ("POST", "/api/induction-score", body),
-        ("POST", "/api/attribution", body), ("POST", "/api/ablation", {**body, "heads": [[0, 0], [5, 3]]}),
+        ("POST", "/api/attribution", body),
+        ("POST", "/api/ablation", {**body, "heads": [[0, 0], [5, 3]]}),
         ("GET", "/api/models", None),
     ]
 
@@ -364,14 +365,27 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
     return dt, sampler.peak, out
 
 
-def bench_page_flow(lengths: tuple[int, ...] = (64, 256), soak: int = 0) -> Optional[dict]:
+def _draw_page(P: Any, page: str, state: dict) -> str:
+    """Build a page's figures with default settings; the alert it shows instead, or ""."""
+    from .analysis.errors import AnalysisError
+
+    try:
+        P.page_panels(page, state, {}, compute=True)
+    except AnalysisError as exc:
+        return str(exc)
+    return ""
+
+
+def bench_page_flow(lengths: tuple[int, ...] = (64, 256), soak: int = 0, visits: bool = True,
+                    quiet: bool = False) -> Optional[dict]:
     """Every API endpoint and every page on a GPT-2-small-shaped random model.
 
     Each endpoint and page is called twice per prompt length (first: forward pass and
     analyses computed; second: from the caches), through the server's own Flask app and
     the pages' panels (no browser), with the resident set size sampled. ``soak`` distinct
     prompts then visit every page with default settings, and the resident size after them
-    is reported against the registry's configured bound. Returns the measurements.
+    is reported against the registry's configured bound (``visits=False`` skips the
+    per-length calls). Returns the measurements.
     """
     import tempfile
 
@@ -384,28 +398,31 @@ def bench_page_flow(lengths: tuple[int, ...] = (64, 256), soak: int = 0) -> Opti
     if tok is None:
         print("\nPage flow: skipped (GPT-2's vocabulary needs the 'hf' extra)")
         return None
-    rss0 = _current_rss_mb()
-    lm = random_gpt2_shape(tokenizer=tok)
+    say = (lambda *a, **k: None) if quiet else print
     reg = Registry([])
+    cache_dir = Path(tempfile.mkdtemp(prefix="attention-lens-bench-"))
+    app = create_server(ServerConfig(model=GPT2_SHAPE["name"], cache_dir=cache_dir),
+                        registry=reg)
+    client = app.server.test_client()
+    gc.collect()
+    rss0 = _current_rss_mb()  # the app without a model
+    lm = random_gpt2_shape(tokenizer=tok)
     reg.add(lm)
     reg.default = lm.name
-    cache_dir = Path(tempfile.mkdtemp(prefix="attention-lens-bench-"))
-    app = create_server(ServerConfig(model=lm.name, cache_dir=cache_dir), registry=reg)
-    client = app.server.test_client()
     client.get("/")
-    print(f"\nPage flow, random model of GPT-2-small shape with GPT-2's vocabulary "
-          f"({lm.cfg.n_params / 1e6:.0f}M parameters, +{_current_rss_mb() - rss0:.0f} MiB); "
-          f"resident {_current_rss_mb():.0f} MiB; caches: forward {reg.max_forward_bytes >> 20}"
-          f" MiB, weights {reg.max_weights_bytes >> 20} MiB")
-    results: dict[str, Any] = {"api": {}, "pages": {}}
+    say(f"\nPage flow, random model of GPT-2-small shape with GPT-2's vocabulary "
+        f"({lm.cfg.n_params / 1e6:.0f}M parameters, +{_current_rss_mb() - rss0:.0f} MiB); "
+        f"resident {_current_rss_mb():.0f} MiB; caches: forward {reg.max_forward_bytes >> 20}"
+        f" MiB, weights {reg.max_weights_bytes >> 20} MiB")
+    results: dict[str, Any] = {"api": {}, "pages": {}, "rss_base_mb": rss0}
     pages = sorted({*getattr(P, "_PANELS", {}), *(s.page for s in P.declared_pages())})
-    for n in lengths:
+    for n in lengths if visits else ():
         text = flow_prompt(lm, n, variant=n)
         fwd = [_timed(lambda: reg.forward(text, lm.name)) for _ in range(2)]
         ntok = fwd[0][2].n_tokens
-        print(f"  {ntok} tokens{'':<32} {'first':>9} {'second':>9}  {'peak RSS':>9}")
-        print(f"  forward pass (registry){'':<15} {fwd[0][0]:>8.2f}s {fwd[1][0]:>8.2f}s "
-              f"{max(f[1] for f in fwd):>8.0f}M  (every call below reuses it)", flush=True)
+        say(f"  {ntok} tokens{'':<32} {'first':>9} {'second':>9}  {'peak RSS':>9}")
+        say(f"  forward pass (registry){'':<15} {fwd[0][0]:>8.2f}s {fwd[1][0]:>8.2f}s "
+            f"{max(f[1] for f in fwd):>8.0f}M  (every call below reuses it)", flush=True)
         results.setdefault("forward", {})[ntok] = [f[:2] for f in fwd]
         for method, path, body in api_calls(text):
             call = (lambda m=method, p=path, b=body:
@@ -416,17 +433,18 @@ def bench_page_flow(lengths: tuple[int, ...] = (64, 256), soak: int = 0) -> Opti
                 rows.append((dt, peak, resp.status_code))
             results["api"][(path, ntok)] = rows
             status = "" if rows[0][2] == 200 else f"  HTTP {rows[0][2]}"
-            print(f"  {method} {path:<36} {rows[0][0]:>8.2f}s {rows[1][0]:>8.2f}s "
-                  f"{max(r[1] for r in rows):>8.0f}M{status}", flush=True)
+            say(f"  {method} {path:<36} {rows[0][0]:>8.2f}s {rows[1][0]:>8.2f}s "
+                f"{max(r[1] for r in rows):>8.0f}M{status}", flush=True)
         state = {"model": lm.name, "text": text, "pos": None}
         for page in pages:
             rows = []
             for _ in range(2):
-                dt, peak, _ = _timed(lambda pg=page: P.page_panels(pg, state, {}, compute=True))
+                dt, peak, alert = _timed(lambda pg=page: _draw_page(P, pg, state))
                 rows.append((dt, peak))
             results["pages"][(page, ntok)] = rows
-            print(f"  page /{page:<34} {rows[0][0]:>8.2f}s {rows[1][0]:>8.2f}s "
-                  f"{max(r[1] for r in rows):>8.0f}M", flush=True)
+            note = f"  (the page says: {alert[:70]})" if alert else ""
+            say(f"  page /{page:<34} {rows[0][0]:>8.2f}s {rows[1][0]:>8.2f}s "
+                f"{max(r[1] for r in rows):>8.0f}M{note}", flush=True)
     if soak:
         from . import weight_analyses as W
 
@@ -436,15 +454,15 @@ def bench_page_flow(lengths: tuple[int, ...] = (64, 256), soak: int = 0) -> Opti
             state = {"model": lm.name, "text": flow_prompt(lm, max(lengths), variant=1000 + i),
                      "pos": None}
             for page in pages:
-                P.page_panels(page, state, {}, compute=True)
+                _draw_page(P, page, state)
         gc.collect()
         now = _current_rss_mb()
         results["soak"] = {"prompts": soak, "rss_mb": now, "peak_mb": _rss_mb(),
                            "bound_mb": bound}
-        print(f"  after {soak} distinct {max(lengths)}-token prompts on every page "
-              f"({time.perf_counter() - t0:.0f} s): resident {now:.0f} MiB (peak "
-              f"{_rss_mb():.0f} MiB); caches' bound {bound:.0f} MiB (models + forward "
-              f"passes + weight analyses + the store's memo); {reg.cache_info()}")
+        say(f"  after {soak} distinct {max(lengths)}-token prompts on every page "
+            f"({time.perf_counter() - t0:.0f} s): resident {now:.0f} MiB (peak "
+            f"{_rss_mb():.0f} MiB); caches' bound {bound:.0f} MiB (models + forward "
+            f"passes + weight analyses + the store's memo); {reg.cache_info()}")
     return results
 
 
