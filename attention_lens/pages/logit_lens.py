@@ -8,7 +8,7 @@ import dash
 from dash import callback, html
 
 from ..analysis.defaults import chosen_position
-from ..analysis.logit_lens import logit_lens
+from ..analysis.logit_lens import lens_key, logit_lens
 from ..app import registry
 from ..components import page as P
 from ..figures.logit_lens import logit_lens_figure, logit_lens_target_figure
@@ -59,7 +59,9 @@ def panels(state: dict, query: dict) -> list[P.Panel]:
     if target is None and pos == fp.n_tokens - 1:
         # the last position has no actual next token: follow the model's final top guess
         target = int(fp.logits[pos].argmax())
-    lens = logit_lens(lm, fp, k=query["k"], target=target, granularity=query["stages"])
+    key = lens_key(lm, k=query["k"], target=target, granularity=query["stages"])
+    lens = registry().per_prompt(fp, key, lambda: logit_lens(
+        lm, fp, k=query["k"], target=key[2], granularity=query["stages"]))
     colour = query["colour"] if (query["colour"] != "target" or target is not None) else "top"
     return [P.Panel("logit-lens", logit_lens_figure(lens, colour=colour), lens),
             P.Panel("trajectory", logit_lens_target_figure(lens, position=pos), lens)]
