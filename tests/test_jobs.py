@@ -244,9 +244,12 @@ def test_weights_page_shows_progress_cancels_and_draws_when_done(run, monkeypatc
     n_page = len(mod.OUTPUTS)
 
     def poll(data, tick):
-        out = cb["poll"](data, tick, st, *values)
-        assert len(out) == 7 + n_page
-        return out[:7], out[7:]
+        out = cb["poll"](data, tick)
+        assert len(out) == 8
+        finished = out[7]
+        page = ((dash.no_update,) * n_page if finished is dash.no_update
+                else cb["draw"](finished, st, *values))
+        return out[:7], page
 
     (style, value, label, text, disabled, cancel_style, rerun_style), page = poll(store, 0)
     assert style == JS.SHOWN and disabled is False and page == (dash.no_update,) * n_page

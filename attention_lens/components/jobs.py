@@ -13,7 +13,8 @@ A page whose main callback needs a heavy weight analysis:
 A cached result is drawn at once; a missing one starts a job, and if it is not done
 within ``GRACE_S`` the figures keep their content while the strip shows the progress
 (polled by a ``dcc.Interval``) with a Cancel button; when the job finishes the poll
-callback runs the page's main callback body and draws from the cache.
+stops and signals a draw callback, which runs the page's main callback body once and draws
+from the cache.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ HIDDEN, SHOWN = {"display": "none"}, {"display": "flex"}
 
 
 def _ids(page: str) -> dict[str, str]:
-    return {k: f"{page}-job-{k}" for k in ("store", "done", "tick", "strip", "bar", "text",
-                                          "cancel", "rerun")}
+    return {k: f"{page}-job-{k}" for k in ("store", "done", "finished", "tick", "strip",
+                                          "bar", "text", "cancel", "rerun")}
 
 
 def job_output(page: str) -> Output:
@@ -58,7 +59,7 @@ def job_strip(page: str) -> html.Div:
     """Progress bar, status text, Cancel and Run again buttons (hidden until needed)."""
     i = _ids(page)
     return html.Div([
-        dcc.Store(id=i["store"]), dcc.Store(id=i["done"]),
+        dcc.Store(id=i["store"]), dcc.Store(id=i["done"]), dcc.Store(id=i["finished"]),
         dcc.Interval(id=i["tick"], interval=POLL_MS, disabled=True),
         html.Div([
             html.Span(id=i["text"], className="al-job-text me-2 small"),
@@ -126,8 +127,9 @@ def register_job_callbacks(page: str, update: Optional[Callable[..., tuple]] = N
                            controls: Sequence[str] = ()) -> dict[str, Callable[..., Any]]:
     """The polling, Cancel and Run again callbacks of ``page``'s job strip.
 
-    When the pending jobs finish, the poll callback itself calls the page's main callback
-    body ``update(state, *control_values)`` and writes its ``outputs`` (duplicates of the
+    When the pending jobs finish, the poll stops the timer and writes the "finished" store;
+    the draw callback then calls the page's main callback body
+    ``update(state, *control_values)`` once and writes its ``outputs`` (duplicates of the
     main callback's, the URL query store left alone). Signalling the main callback through
     one of its inputs instead would close a dependency cycle (main -> store -> poll ->
     main), which the browser refuses to run.
@@ -141,25 +143,35 @@ def register_job_callbacks(page: str, update: Optional[Callable[..., tuple]] = N
 
     @callback(Output(i["strip"], "style"), Output(i["bar"], "value"), Output(i["bar"], "label"),
               Output(i["text"], "children"), Output(i["tick"], "disabled"),
-              Output(i["cancel"], "style"), Output(i["rerun"], "style"), *dup,
-              Input(i["store"], "data"), Input(i["tick"], "n_intervals"), *states,
+              Output(i["cancel"], "style"), Output(i["rerun"], "style"),
+              Output(i["finished"], "data"),
+              Input(i["store"], "data"), Input(i["tick"], "n_intervals"),
               prevent_initial_call=True)
-    def poll(data: Optional[dict], _: Any, state: Optional[dict] = None, *values: Any) -> tuple:
-        """Show the pending jobs' progress; draw the page when they finish."""
-        keep = (no_update,) * n
+    def poll(data: Optional[dict], _: Any) -> tuple:
+        """Show the pending jobs' progress; stop polling and signal once they finish.
+
+        The poll answers at once and never draws: a drawing slower than the polling period
+        would be overtaken by the next poll, whose reply the browser prefers, forever.
+        """
         if not data or not data.get("ids"):
-            return (HIDDEN, 0, "", "", True, SHOWN, HIDDEN, *keep)
+            return (HIDDEN, 0, "", "", True, SHOWN, HIDDEN, no_update)
         status, progress, text = job_status(data["ids"])
         pct = round(100 * progress)
         if status in ("finished", "gone"):
-            drawn = keep
-            if update is not None and state:
-                outs = tuple(update(state, *values))
-                drawn = (*outs[:-1], no_update) if len(outs) == n else keep
-            return (HIDDEN, 100, "", "", True, SHOWN, HIDDEN, *drawn)
+            return (HIDDEN, 100, "", "", True, SHOWN, HIDDEN, {"ids": data["ids"]})
         if status == "cancelled":
-            return (SHOWN, pct, f"{pct}%", text, True, HIDDEN, SHOWN, *keep)
-        return (SHOWN, pct, f"{pct}%", text, False, SHOWN, HIDDEN, *keep)
+            return (SHOWN, pct, f"{pct}%", text, True, HIDDEN, SHOWN, no_update)
+        return (SHOWN, pct, f"{pct}%", text, False, SHOWN, HIDDEN, no_update)
+
+    @callback(*dup, Input(i["finished"], "data"), *states, prevent_initial_call=True)
+    def draw(finished: Optional[dict], state: Optional[dict] = None, *values: Any) -> tuple:
+        """Draw the page from the finished jobs' cached results (once per finish)."""
+        if not finished or update is None or not state:
+            raise PreventUpdate
+        outs = tuple(update(state, *values))
+        if len(outs) != n:
+            raise PreventUpdate
+        return (*outs[:-1], no_update)
 
     @callback(Output(i["text"], "children", allow_duplicate=True),
               Input(i["cancel"], "n_clicks"), State(i["store"], "data"),
@@ -182,4 +194,4 @@ def register_job_callbacks(page: str, update: Optional[Callable[..., tuple]] = N
             J.runner().forget(job_id)
         return {"ids": data.get("ids", []), "rerun": time.time()}
 
-    return {"poll": poll, "cancel": cancel, "rerun": rerun}
+    return {"poll": poll, "draw": draw, "cancel": cancel, "rerun": rerun}
