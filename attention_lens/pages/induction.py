@@ -124,8 +124,10 @@ def detection(state: dict, query: dict) -> HeadDetection:
     lm = registry().get(state["model"])
     fp = registry().forward(state["text"], state["model"])
     w = _weights(lm.name)
-    return head_detection(lm, fp, metric=query["metric"], n_examples=query["n"],
-                          probe=w["probe"], eigen=w["eigen"], rows=query["rows"])
+    key = ("head_detection", query["metric"], query["n"], query["rows"])
+    return registry().per_prompt(fp, key, lambda: head_detection(
+        lm, fp, metric=query["metric"], n_examples=query["n"], probe=w["probe"],
+        eigen=w["eigen"], rows=query["rows"]))
 
 
 def labels_of(hd: HeadDetection, source: str) -> list[list[str]]:
@@ -163,7 +165,8 @@ def panels(state: dict, query: dict) -> list[P.Panel]:
     lm = registry().get(state["model"])
     hd = detection(state, query)
     fp = registry().forward(state["text"], state["model"])
-    layer, head = selected_head(hd, query["layer"], query["head"], strongest_head(lm, fp))
+    best = registry().per_prompt(fp, "strongest_head", lambda: strongest_head(lm, fp))
+    layer, head = selected_head(hd, query["layer"], query["head"], best)
     check_head(lm, layer, head)
     src = query["src"]
     if src is not None and not 0 <= src < lm.cfg.n_layers - 1:
