@@ -455,6 +455,8 @@ def bench_page_flow(lengths: tuple[int, ...] = (64, 256), soak: int = 0, visits:
                      "pos": None}
             for page in pages:
                 _draw_page(P, page, state)
+            say(f"    prompt {i + 1}: resident {_current_rss_mb():.0f} MiB "
+                f"({time.perf_counter() - t0:.0f} s)", flush=True)
         gc.collect()
         now = _current_rss_mb()
         results["soak"] = {"prompts": soak, "rss_mb": now, "peak_mb": _rss_mb(),
