@@ -340,8 +340,10 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         k = int_field(body, "top_k", 10, 1, min(MAX_GRID_K * 20, lm.cfg.d_vocab))
         pos = int_field(body, "position", -1, -fp.n_tokens, fp.n_tokens - 1,
                         f" (the prompt has {fp.n_tokens} tokens)")
-        res = ablate_heads(lm, fp, heads=heads, method=method, k=k, position=pos,
-                           target=token_field(body, "target"))
+        target = token_field(body, "target")
+        key = ("api-ablation", tuple(tuple(h) for h in heads), method, k, pos, target)
+        res = registry.per_prompt(fp, key, lambda: ablate_heads(
+            lm, fp, heads=heads, method=method, k=k, position=pos, target=target))
         extra = {"target_logit_change": res.target_logit_change,
                  "target_prob_change": res.target_prob_change, "loss_change": res.loss_change}
         return {**part, "result": {**jsonable(res), **jsonable(extra)}}

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import tracemalloc
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -225,14 +226,19 @@ class _IdTokenizer:
     token_text = display
 
 
-def random_gpt2_shape(seed: int = 0) -> LoadedModel:
-    """A random model of GPT-2-small shape (12 x 12 heads, d_model 768, vocab 50257)."""
+def random_gpt2_shape(seed: int = 0, tokenizer: Any = None) -> LoadedModel:
+    """A random model of GPT-2-small shape (12 x 12 heads, d_model 768, vocab 50257).
+
+    ``tokenizer``: e.g. GPT-2's own (``model.hf.gpt2_tokenizer()``) to read text; by default
+    a stand-in that only displays ids.
+    """
     cfg = ModelConfig(**GPT2_SHAPE)
     torch.manual_seed(seed)
     model = HookedTransformer(cfg).init_weights(seed, std=0.02).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return LoadedModel(name=cfg.name, model=model, tokenizer=_IdTokenizer(cfg.d_vocab))
+    return LoadedModel(name=cfg.name, model=model,
+                       tokenizer=tokenizer or _IdTokenizer(cfg.d_vocab))
 
 
 def _naive_full_ov(lm: LoadedModel, heads: list[tuple[int, int]]) -> None:
@@ -320,6 +326,148 @@ def bench_gpt2_shape(reps: int) -> float:
                          f"-> {est / m['median_s']:.0f}x faster")
             _row(name, m, extra)
     return full_ov_median
+
+
+# ------------------------------------------------------------------ page flow
+def flow_prompt(lm: LoadedModel, n_tokens: int, variant: int = 0) -> str:
+    """A prompt of exactly ``n_tokens`` tokens of ``lm`` (``variant`` shuffles its words, so
+    each variant is a distinct prompt)."""
+    import random
+
+    words = BENCH_TEXT.split()
+    random.Random(variant).shuffle(words)
+    ids = lm.tokenizer.encode(" ".join(words * (1 + 4 * n_tokens // len(words))))[:n_tokens]
+    return lm.tokenizer.decode(ids)
+
+
+def api_calls(text: str) -> list[tuple[str, str, Optional[dict]]]:
+    """(method, path, JSON body) of every API endpoint, on ``text`` where it reads a prompt."""
+    body = {"text": text}
+    return [
+        ("POST", "/api/predict", body), ("POST", "/api/token-predictions", body),
+        ("POST", "/api/attention", body), ("POST", "/api/activations", body),
+        ("POST", "/api/logit-lens", body), ("GET", "/api/weights", None),
+        ("GET", "/api/embeddings", None),
+        ("POST", "/api/analogy", {"positive": ["king", "woman"], "negative": ["man"]}),
+        ("POST", "/api/eigenvalues", body), ("POST", "/api/induction-score", body),
+        ("POST", "/api/attribution", body),
+        ("POST", "/api/ablation", {**body, "heads": [[0, 0], [5, 3]]}),
+        ("GET", "/api/models", None),
+    ]
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
+    """(seconds, peak resident MiB during the call, result)."""
+    sampler = _RssSampler()
+    sampler.start()
+    t0 = time.perf_counter()
+    out = fn()
+    dt = time.perf_counter() - t0
+    sampler.stop()
+    return dt, sampler.peak, out
+
+
+def _draw_page(P: Any, page: str, state: dict) -> str:
+    """Build a page's figures with default settings; the alert it shows instead, or ""."""
+    from .analysis.errors import AnalysisError
+
+    try:
+        P.page_panels(page, state, {}, compute=True)
+    except AnalysisError as exc:
+        return str(exc)
+    return ""
+
+
+def bench_page_flow(lengths: tuple[int, ...] = (64, 256), soak: int = 0, visits: bool = True,
+                    quiet: bool = False) -> Optional[dict]:
+    """Every API endpoint and every page on a GPT-2-small-shaped random model.
+
+    Each endpoint and page is called twice per prompt length (first: forward pass and
+    analyses computed; second: from the caches), through the server's own Flask app and
+    the pages' panels (no browser), with the resident set size sampled. ``soak`` distinct
+    prompts then visit every page with default settings, and the resident size after them
+    is reported against the registry's configured bound (``visits=False`` skips the
+    per-length calls). Returns the measurements.
+    """
+    import tempfile
+
+    from .components import page as P
+    from .config import ServerConfig
+    from .model.hf import gpt2_tokenizer
+    from .server import create_server
+
+    tok = gpt2_tokenizer()
+    if tok is None:
+        print("\nPage flow: skipped (GPT-2's vocabulary needs the 'hf' extra)")
+        return None
+    say = (lambda *a, **k: None) if quiet else print
+    reg = Registry([])
+    cache_dir = Path(tempfile.mkdtemp(prefix="attention-lens-bench-"))
+    app = create_server(ServerConfig(model=GPT2_SHAPE["name"], cache_dir=cache_dir),
+                        registry=reg)
+    client = app.server.test_client()
+    gc.collect()
+    rss0 = _current_rss_mb()  # the app without a model
+    lm = random_gpt2_shape(tokenizer=tok)
+    reg.add(lm)
+    reg.default = lm.name
+    client.get("/")
+    say(f"\nPage flow, random model of GPT-2-small shape with GPT-2's vocabulary "
+        f"({lm.cfg.n_params / 1e6:.0f}M parameters, +{_current_rss_mb() - rss0:.0f} MiB); "
+        f"resident {_current_rss_mb():.0f} MiB; caches: forward {reg.max_forward_bytes >> 20}"
+        f" MiB, weights {reg.max_weights_bytes >> 20} MiB")
+    results: dict[str, Any] = {"api": {}, "pages": {}, "rss_base_mb": rss0}
+    pages = sorted({*getattr(P, "_PANELS", {}), *(s.page for s in P.declared_pages())})
+    for n in lengths if visits else ():
+        text = flow_prompt(lm, n, variant=n)
+        fwd = [_timed(lambda: reg.forward(text, lm.name)) for _ in range(2)]
+        ntok = fwd[0][2].n_tokens
+        say(f"  {ntok} tokens{'':<32} {'first':>9} {'second':>9}  {'peak RSS':>9}")
+        say(f"  forward pass (registry){'':<15} {fwd[0][0]:>8.2f}s {fwd[1][0]:>8.2f}s "
+            f"{max(f[1] for f in fwd):>8.0f}M  (every call below reuses it)", flush=True)
+        results.setdefault("forward", {})[ntok] = [f[:2] for f in fwd]
+        for method, path, body in api_calls(text):
+            call = (lambda m=method, p=path, b=body:
+                    client.open(p, method=m, json=b) if b is not None else client.open(p))
+            rows = []
+            for _ in range(2):
+                dt, peak, resp = _timed(call)
+                rows.append((dt, peak, resp.status_code))
+            results["api"][(path, ntok)] = rows
+            status = "" if rows[0][2] == 200 else f"  HTTP {rows[0][2]}"
+            say(f"  {method} {path:<36} {rows[0][0]:>8.2f}s {rows[1][0]:>8.2f}s "
+                f"{max(r[1] for r in rows):>8.0f}M{status}", flush=True)
+        state = {"model": lm.name, "text": text, "pos": None}
+        for page in pages:
+            rows = []
+            for _ in range(2):
+                dt, peak, alert = _timed(lambda pg=page: _draw_page(P, pg, state))
+                rows.append((dt, peak))
+            results["pages"][(page, ntok)] = rows
+            note = f"  (the page says: {alert[:70]})" if alert else ""
+            say(f"  page /{page:<34} {rows[0][0]:>8.2f}s {rows[1][0]:>8.2f}s "
+                f"{max(r[1] for r in rows):>8.0f}M{note}", flush=True)
+    if soak:
+        from . import weight_analyses as W
+
+        bound = (reg.memory_bound() + W.store().memo_bytes) / 2**20
+        t0 = time.perf_counter()
+        for i in range(soak):
+            state = {"model": lm.name, "text": flow_prompt(lm, max(lengths), variant=1000 + i),
+                     "pos": None}
+            for page in pages:
+                _draw_page(P, page, state)
+            say(f"    prompt {i + 1}: resident {_current_rss_mb():.0f} MiB "
+                f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        gc.collect()
+        now = _current_rss_mb()
+        results["soak"] = {"prompts": soak, "rss_mb": now, "peak_mb": _rss_mb(),
+                           "bound_mb": bound}
+        say(f"  after {soak} distinct {max(lengths)}-token prompts on every page "
+            f"({time.perf_counter() - t0:.0f} s): resident {now:.0f} MiB (peak "
+            f"{_rss_mb():.0f} MiB); caches' bound {bound:.0f} MiB (models + forward "
+            f"passes + weight analyses + the store's memo); {reg.cache_info()}")
+    return results
 
 
 #: Run by ``--transformer-lens PYTHON`` in that interpreter (a separate virtual environment
@@ -490,6 +638,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--skip-gpt2", action="store_true",
                         help="skip the GPT-2-small-shaped random model (needs ~1.5 GB)")
     parser.add_argument("--only-gpt2", action="store_true", help="run only that part")
+    parser.add_argument("--page-flow", action="store_true",
+                        help="every API endpoint and page on a GPT-2-small-shaped random model "
+                             "at 64 and 256 tokens, first and second call, with peak RSS")
+    parser.add_argument("--soak", type=int, default=0, metavar="N",
+                        help="with --page-flow: N distinct 256-token prompts through every "
+                             "page, then the resident size against the configured bound")
     parser.add_argument("--only-graph", action="store_true",
                         help="run only QK attribution and the attribution graph")
     parser.add_argument("--heads", action="store_true",
@@ -500,6 +654,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, numpy {np.__version__}, {torch.get_num_threads()} "
           f"threads; medians of {args.reps} runs")
+    if args.page_flow:
+        bench_page_flow(soak=args.soak)
+        return
     if args.only_graph:
         bench_graph(args.reps, gpt2=not args.skip_gpt2)
         return
