@@ -224,7 +224,8 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         lm = model_of(q)
         matrix = choice_field(q, "matrix", "W_E", tuple(MATRICES))
         token_filter = choice_field(q, "filter", "frequent", tuple(TOKEN_FILTERS))
-        n_max = int_field(q, "max_tokens", 2000, 1, lm.cfg.d_vocab, " (the vocabulary size)")
+        n_max = int_field(q, "max_tokens", min(2000, lm.cfg.d_vocab), 1, lm.cfg.d_vocab,
+                          " (the vocabulary size)")
         n_comp = int_field(q, "n_components", 2, 1, 10)
         n_clusters = int_field(q, "n_clusters", 8, 1, 50)
         (res,) = W.store().get_or_compute(lm, W.embedding_pca(
