@@ -29,7 +29,7 @@ import io
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional, Union
+from typing import Callable, Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -90,24 +90,44 @@ ProgressFn = Callable[[int, int], None]
 
 
 # ----------------------------------------------------------------------------- inputs
+#: A prompt: text, or token ids.
+Prompt = Union[str, Sequence[int]]
+
+
 @dataclass(frozen=True)
 class PromptPair:
     """A clean and a corrupted prompt of the same token length, and the answer tokens."""
 
-    clean: str
-    corrupted: str
+    clean: Prompt
+    corrupted: Prompt
     correct: TokenLike
     wrong: Optional[TokenLike] = None
 
 
-def pair_tokens(lm: LoadedModel, clean: str, corrupted: str) -> tuple[list[int], list[int]]:
-    """Token ids of both prompts; refuse pairs of different length with where they differ."""
-    ids = []
-    for name, text in (("clean", clean), ("corrupted", corrupted)):
+def _prompt_ids(lm: LoadedModel, name: str, prompt: Prompt) -> tuple[list[int], int]:
+    if isinstance(prompt, str):
         try:
-            tok, dropped = tokenize(lm, text)
+            return tokenize(lm, prompt)
         except AnalysisError as exc:
             raise AnalysisError(f"{name} prompt: {exc}") from None
+    try:
+        ids = [int(i) for i in prompt]
+    except (TypeError, ValueError):
+        raise AnalysisError(f"the {name} prompt must be text or a list of token ids") from None
+    if not ids:
+        raise AnalysisError(f"{name} prompt: no tokens")
+    if any(not 0 <= i < lm.cfg.d_vocab for i in ids):
+        raise AnalysisError(f"{name} prompt: token ids must lie in [0, {lm.cfg.d_vocab})")
+    return ids[:lm.cfg.n_ctx], max(0, len(ids) - lm.cfg.n_ctx)
+
+
+def pair_tokens(lm: LoadedModel, clean: Prompt, corrupted: Prompt) -> tuple[list[int],
+                                                                           list[int]]:
+    """Token ids of both prompts (text, or token ids); refuse pairs of different length with
+    where they differ."""
+    ids = []
+    for name, prompt in (("clean", clean), ("corrupted", corrupted)):
+        tok, dropped = _prompt_ids(lm, name, prompt)
         if dropped:
             raise AnalysisError(f"the {name} prompt has {len(tok) + dropped} tokens, more than "
                                 f"the model's context of {lm.cfg.n_ctx}")
@@ -153,6 +173,19 @@ class Metric:
             return lp[..., self.correct]
         ref = self.clean_logprobs.to(lp)
         return (ref.exp() * (ref - lp)).sum(-1)
+
+    def of_rows(self, rows: torch.Tensor, W_U: torch.Tensor, b_U: torch.Tensor  # noqa: N803
+                ) -> torch.Tensor:
+        """Metric of final (normalised) residual rows [B, d]: a logit difference needs only
+        its two columns of W_U."""
+        if self.kind in ("logit_diff", "normalized"):
+            cols = torch.tensor([self.correct, self.wrong], device=rows.device)
+            two = rows @ W_U[:, cols] + b_U[cols]
+            ld = two[:, 0] - two[:, 1]
+            if self.kind == "logit_diff":
+                return ld
+            return (ld - self.corrupted_ld) / (self.clean_ld - self.corrupted_ld)
+        return self(rows @ W_U + b_U)
 
     def on_full_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """The metric of a model's output logits [batch, pos, d_vocab] (TransformerLens style)."""
@@ -451,6 +484,8 @@ class _Engine:
         that can change; only the last row when ``last``)."""
         n, h, e = self.n, self.h, self.e
         qb, kb, vb = self.base["q", j], self.base["k", j], self.base["v", j]
+        if isinstance(st, _Single) and last:
+            return self._attention_single_last(j, st)
         if isinstance(st, _Single):
             b = st.val.shape[0]
             ar = torch.arange(b, device=st.val.device)
@@ -479,6 +514,30 @@ class _Engine:
         q_pos = torch.arange(p0, n, device=q.device)
         z = self._softmax_z(q, k, v, q_pos, e)
         return _Dense(p0, self._out(j, z))
+
+    def _attention_single_last(self, j: int, st: _Single) -> _Dense:
+        """Last layer, one changed row per variant: only the metric's query row is needed, so
+        update the base run's score row at the changed key (and the query itself when the
+        changed row is the metric's) instead of recomputing every key."""
+        n, e = self.n, self.e
+        qb, kb, vb = self.base["q", j], self.base["k", j], self.base["v", j]  # [n, h, e]
+        b = st.val.shape[0]
+        ar = torch.arange(b, device=st.val.device)
+        xn = self._norm("ln1", j, st.val)[:, None]  # [B, 1, d]
+        pos = st.pos[:, None]
+        qi = self._rot(self._proj(j, xn, "Q"), pos)[:, 0]  # [B, h, e]
+        ki = self._rot(self._proj(j, xn, "K"), pos)[:, 0]
+        vi = self._proj(j, xn, "V")[:, 0]
+        root = math.sqrt(e)
+        q = qb[n - 1].expand_as(qi).clone()
+        at_query = torch.nonzero(st.pos == n - 1).flatten()
+        q[at_query] = qi[at_query]
+        scores = torch.einsum("bhe,the->bht", q, kb) / root  # every key of the base run
+        scores[ar, :, st.pos] = (q * ki).sum(-1) / root  # ... but the changed one
+        pattern = scores.softmax(-1)
+        z = torch.einsum("bht,the->bhe", pattern, vb)
+        z = z + pattern[ar, :, st.pos][..., None] * (vi - vb[st.pos])
+        return _Dense(n - 1, self._out(j, z)[:, None])
 
     def _mlp(self, j: int, x: torch.Tensor) -> torch.Tensor:
         blk = self.model.blocks[j]
@@ -533,11 +592,11 @@ class _Engine:
         else:
             here = (st.pos == self.n - 1)[:, None]
             row = torch.where(here, st.val, self.base.final_row.expand_as(st.val))
-        return self.metric(self.logits(row))
+        return self.metric.of_rows(self.normalized(row), self.W_U, self.b_U)
 
-    def logits(self, row: torch.Tensor, frozen_scale: Optional[torch.Tensor] = None
-               ) -> torch.Tensor:
-        """Logits of final residual rows [B, d] (through the final norm)."""
+    def normalized(self, row: torch.Tensor, frozen_scale: Optional[torch.Tensor] = None
+                   ) -> torch.Tensor:
+        """Final residual rows [B, d] through the final norm (if the model has one)."""
         if self.cfg.normalization_type:
             ln = self.model.ln_final
             if frozen_scale is None:
@@ -547,14 +606,14 @@ class _Engine:
                     row = row - row.mean(-1, keepdim=True)
                 row = row / frozen_scale * ln.w + (ln.b if self.cfg.normalization_type == "LN"
                                                    else 0)
-        return row @ self.W_U + self.b_U
+        return row
 
 
 # ------------------------------------------------------------------------ the grids
 class _Setup:
     """Validated pair, metric, base/source runs and the engine."""
 
-    def __init__(self, lm: LoadedModel, clean: str, corrupted: str, correct: TokenLike,
+    def __init__(self, lm: LoadedModel, clean: Prompt, corrupted: Prompt, correct: TokenLike,
                  wrong: Optional[TokenLike], metric: str, direction: str,
                  position: int) -> None:
         self.kind = _check_choice(metric, METRICS, "metric")
@@ -607,13 +666,16 @@ class _Setup:
         self.engine = _Engine(lm, self.base, self.metric, self.n)
 
 
-def _chunks(order: list[int], starts: list[int], n: int) -> list[list[int]]:
-    """Split variants (sorted by start row) into batches of at most ROW_BUDGET rows."""
+def _chunks(order: list[int], starts: list[int], n: int, one_row: bool = False
+            ) -> list[list[int]]:
+    """Split variants (sorted by start row) into batches of at most ROW_BUDGET rows
+    (``one_row``: each variant recomputes a single row)."""
     out: list[list[int]] = []
     cur: list[int] = []
     for i in order:
         p0 = starts[cur[0]] if cur else starts[i]
-        if cur and (len(cur) + 1) * max(1, n - p0) > ROW_BUDGET:
+        rows = 1 if one_row else max(1, n - p0)
+        if cur and (len(cur) + 1) * rows > ROW_BUDGET:
             out.append(cur)
             cur = []
         cur.append(i)
@@ -670,7 +732,10 @@ def _exact_grid(s: _Setup, granularity: str, progress: Optional[ProgressFn]) -> 
         for j in range(L):
             variants = sorted(jobs[j], key=lambda v: v[1])
             starts = [v[1] for v in variants]
-            for chunk in _chunks(list(range(len(variants))), starts, n):
+            # one changed row that meets only the last layer: a score-row update per variant
+            one_row = (j == L - 1 or (j == L - 2 and granularity in (
+                "attn_out", "mlp_out", "head_out_by_pos")))
+            for chunk in _chunks(list(range(len(variants))), starts, n, one_row):
                 batch = [variants[i] for i in chunk]
                 values = _run_batch(s, granularity, j, batch)
                 for (index, _, _), val in zip(batch, values.tolist()):
@@ -763,8 +828,7 @@ def _attribution(s: _Setup, granularities: tuple[str, ...]) -> dict[str, np.ndar
         grads = torch.autograd.grad(m, [probes[k] for k in names], allow_unused=True)
     grad = {k: (g[0] if g is not None else torch.zeros_like(acts[k]))
             for k, g in zip(names, grads)}
-    src_ids = torch.tensor([s.source_ids[:s.n]], dtype=torch.long, device=model.device)
-    _, src_cache = model.run_with_cache(src_ids, names_filter=names)
+    src_cache = s.source.cache
     base_m = s.base_metric
     out: dict[str, np.ndarray] = {}
     L, H, T = cfg.n_layers, cfg.n_heads, s.n_tokens
@@ -772,7 +836,7 @@ def _attribution(s: _Setup, granularities: tuple[str, ...]) -> dict[str, np.ndar
         rows = []
         for j in range(L):
             name = f"blocks.{j}.{_ATTR_HOOKS[g]}"
-            delta = (src_cache[name][0] - acts[name]).double() * grad[name].double()
+            delta = (src_cache[name] - acts[name]).double() * grad[name].double()
             if g in ("resid_pre", "attn_out", "mlp_out"):
                 r = torch.zeros(T, dtype=torch.float64)
                 r[:s.n] = delta.sum(-1)
@@ -795,21 +859,25 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def activation_patching(lm: LoadedModel, clean: str, corrupted: str, *, correct: TokenLike,
+def activation_patching(lm: LoadedModel, clean: Prompt, corrupted: Prompt, *, correct: TokenLike,
                         wrong: Optional[TokenLike] = None, granularity: str = "resid_pre",
                         metric: str = "logit_diff", direction: str = "denoising",
-                        position: int = -1, progress: Optional[ProgressFn] = None
-                        ) -> PatchingGrid:
+                        position: int = -1, progress: Optional[ProgressFn] = None,
+                        attribution: bool = True) -> PatchingGrid:
     """Patch every activation of one granularity and read the metric (exact), beside the
-    attribution-patching estimate of the same grid."""
+    attribution-patching estimate of the same grid (NaN when ``attribution`` is False)."""
     _check_choice(granularity, GRANULARITIES, "granularity")
     s = _Setup(lm, clean, corrupted, correct, wrong, metric, direction, position)
-    return _grid(s, granularity, progress)
+    return _grid(s, granularity, progress, attribution)
 
 
-def _grid(s: _Setup, granularity: str, progress: Optional[ProgressFn]) -> PatchingGrid:
+def _grid(s: _Setup, granularity: str, progress: Optional[ProgressFn],
+          with_attribution: bool = True) -> PatchingGrid:
     values, computed = _exact_grid(s, granularity, progress)
-    attribution = _attribution(s, (granularity,))[granularity]
+    if with_attribution:
+        attribution = _attribution(s, (granularity,))[granularity]
+    else:
+        attribution = np.full_like(values, np.nan)
     disp = s.lm.tokenizer.display
     return PatchingGrid(
         granularity=granularity, axes=GRID_AXES[granularity], direction=s.direction,
@@ -878,7 +946,7 @@ def _path_from_sender(s: _Setup, layer: int, head: int, ln_mode: str) -> tuple[n
     if ln_mode == "frozen" and cfg.normalization_type:
         post = base.cache[f"blocks.{cfg.n_layers - 1}.hook_resid_post"][-1]
         scale = _norm_scale(post, cfg.normalization_type, cfg.eps)
-    direct = float(s.metric(eng.logits(row[None], scale))[0])
+    direct = float(s.metric.of_rows(eng.normalized(row[None], scale), eng.W_U, eng.b_U)[0])
     return values, direct
 
 
@@ -888,7 +956,7 @@ def _norm_scale(x: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
     return (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
 
 
-def path_patching(lm: LoadedModel, clean: str, corrupted: str, *, sender: tuple[int, int],
+def path_patching(lm: LoadedModel, clean: Prompt, corrupted: Prompt, *, sender: tuple[int, int],
                   correct: TokenLike, wrong: Optional[TokenLike] = None,
                   metric: str = "logit_diff", direction: str = "denoising", position: int = -1,
                   ln_mode: str = "recomputed") -> PathPatching:
@@ -912,7 +980,7 @@ def path_patching(lm: LoadedModel, clean: str, corrupted: str, *, sender: tuple[
 MAX_TABLE_HEADS = 64
 
 
-def path_patching_table(lm: LoadedModel, clean: str, corrupted: str, *, correct: TokenLike,
+def path_patching_table(lm: LoadedModel, clean: Prompt, corrupted: Prompt, *, correct: TokenLike,
                         wrong: Optional[TokenLike] = None, metric: str = "logit_diff",
                         direction: str = "denoising", position: int = -1,
                         ln_mode: str = "recomputed",
