@@ -1,280 +1,47 @@
 """The JSON API under ``/api/``: the seed's endpoints, answered by the same analyses as the pages.
 
-Every endpoint validates its input strictly: bad input is a 400 ``{"error": "..."}`` (an
-oversized body is a 413, handled by the server). Per-prompt endpoints run the prompt through
-the registry's cached forward pass; prompts longer than the context are truncated to the
-first ``n_ctx`` tokens (or ``--max-tokens``) and the response's ``"truncated"`` says so.
+Every endpoint validates its input strictly (:mod:`.api_fields`): bad input is a 400
+``{"error": "..."}`` (an oversized body is a 413, handled by the server). Results are encoded
+by :mod:`.api_json`. Per-prompt endpoints run the prompt through the registry's cached
+forward pass; prompts longer than the context are truncated to the first ``n_ctx`` tokens (or
+``--max-tokens``) and the response's ``"truncated"`` says so.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 from functools import wraps
-from numbers import Integral
-from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import flask
-import numpy as np
-import torch
 
+from . import background
+from . import weight_analyses as W
 from .analysis.errors import AnalysisError
 from .analysis.forward import ForwardPass
+from .api_fields import (
+    MAX_GRID_K,
+    MAX_HEADS,
+    MAX_TERMS,
+    ApiError,
+    bool_field,
+    choice_field,
+    heads_field,
+    int_field,
+    json_body,
+    layer_head,
+    query_params,
+    text_field,
+    token_field,
+    words_field,
+)
+from .api_json import jsonable
+from .background import BusyError
 from .model.checkpoint import LoadedModel
 from .registry import Registry
 
-#: Most alternatives per position for endpoints that return a [pos, k] grid.
-MAX_GRID_K = 50
-#: Most terms in an analogy and heads in an ablation.
-MAX_TERMS = 16
-MAX_HEADS = 256
-
-
-class ApiError(ValueError):
-    """A 4xx answer with a readable message."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-# ------------------------------------------------------------------------- serialisation
-def _round_sig(a: np.ndarray, digits: int = 7) -> np.ndarray:
-    """Round to ``digits`` significant digits so JSON stays short (float32 precision)."""
-    a = np.asarray(a, dtype=np.float64)
-    finite = np.isfinite(a) & (a != 0)
-    out = a.copy()
-    if finite.any():
-        mag = np.floor(np.log10(np.abs(a[finite])))
-        exp = (digits - 1 - mag).astype(np.int64)
-        vals = a[finite]
-        pos = exp >= 0
-        res = np.empty_like(vals)
-        res[pos] = np.round(vals[pos] * 10.0 ** exp[pos]) / 10.0 ** exp[pos]
-        res[~pos] = np.round(vals[~pos] / 10.0 ** -exp[~pos]) * 10.0 ** -exp[~pos]
-        out[finite] = res
-    return out
-
-
-def _array(a: np.ndarray) -> Any:
-    kind = a.dtype.kind
-    if kind in "biu":
-        return a.tolist()
-    if kind == "f":
-        r = _round_sig(a)
-        bad = ~np.isfinite(r)
-        if bad.any():  # JSON has no NaN or infinity: send null
-            obj = r.astype(object)
-            obj[bad] = None
-            return obj.tolist()
-        return r.tolist()
-    if kind == "c":
-        return {"real": _array(a.real), "imag": _array(a.imag)}
-    return jsonable(a.tolist())
-
-
-def jsonable(obj: Any) -> Any:
-    """A JSON-ready copy of an analysis result (dataclasses, numpy arrays, tensors, ...)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, np.ndarray):
-        return _array(obj)
-    if isinstance(obj, torch.Tensor):
-        return _array(obj.detach().cpu().numpy())
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        x = float(obj)
-        return float(_round_sig(np.array([x]))[0]) if math.isfinite(x) else None
-    if isinstance(obj, (complex, np.complexfloating)):
-        return {"real": jsonable(obj.real), "imag": jsonable(obj.imag)}
-    if obj is None or isinstance(obj, str):
-        return obj
-    if isinstance(obj, Path):
-        return str(obj)
-    return str(obj)
-
-
-# ---------------------------------------------------------------------------- validation
-def _check_unicode(value: Any) -> None:
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise ApiError("the request contains invalid Unicode (a lone surrogate)") from None
-
-
-def json_body(allowed: set[str]) -> dict[str, Any]:
-    """The request's JSON object, strictly parsed; unknown fields are an error."""
-    raw = flask.request.get_data(cache=True)  # raises 413 past MAX_CONTENT_LENGTH
-    if not raw.strip():
-        raise ApiError("the request body is empty: send a JSON object")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ApiError(f"the request body is not valid UTF-8 (byte {exc.start})") from None
-
-    def no_constants(name: str) -> None:
-        raise ApiError(f"{name} is not valid JSON")
-
-    try:
-        body = json.loads(text, parse_constant=no_constants)
-    except json.JSONDecodeError as exc:
-        raise ApiError(f"malformed JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") \
-            from None
-    except RecursionError:
-        raise ApiError("malformed JSON: nested too deeply") from None
-    if not isinstance(body, dict):
-        raise ApiError("the request body must be a JSON object")
-    _check_unicode(body)
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise ApiError(f"unknown field(s) {', '.join(map(repr, unknown))}; "
-                       f"allowed: {', '.join(sorted(allowed))}")
-    return body
-
-
-def query_params(allowed: set[str], ints: set[str]) -> dict[str, Any]:
-    """The query string as a dict; fields in ``ints`` must be integers."""
-    args = flask.request.args
-    unknown = sorted(set(args) - allowed)
-    if unknown:
-        raise ApiError(f"unknown parameter(s) {', '.join(map(repr, unknown))}; "
-                       f"allowed: {', '.join(sorted(allowed))}")
-    out: dict[str, Any] = {}
-    for key in args:
-        values = args.getlist(key)
-        if len(values) > 1:
-            raise ApiError(f"parameter {key!r} is given more than once")
-        value = values[0]
-        if "\x00" in value:
-            raise ApiError(f"parameter {key!r} contains a NUL character")
-        if key in ints:
-            try:
-                out[key] = int(value.strip(), 10)
-            except ValueError:
-                raise ApiError(f"{key} must be an integer, got {value!r}") from None
-        else:
-            out[key] = value
-    return out
-
-
-def text_field(body: dict[str, Any], key: str = "text") -> str:
-    """A required, non-empty prompt."""
-    if key not in body:
-        raise ApiError(f"missing field {key!r} (the prompt to analyse)")
-    text = body[key]
-    if not isinstance(text, str):
-        raise ApiError(f"{key!r} must be a string, got {type(text).__name__}")
-    if "\x00" in text:
-        raise ApiError(f"{key!r} contains a NUL character")
-    if not text.strip():
-        raise ApiError(f"{key!r} is empty: send some text to analyse")
-    return text
-
-
-def int_field(body: dict[str, Any], key: str, default: Optional[int], lo: int, hi: int,
-              what: str = "") -> Optional[int]:
-    """An optional integer in [lo, hi]; booleans and floats are refused."""
-    value = body.get(key, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise ApiError(f"{key!r} must be an integer, got {value!r}"[:200])
-    if not lo <= int(value) <= hi:
-        raise ApiError(f"{key!r} must be between {lo} and {hi}{what}, got {value}")
-    return int(value)
-
-
-def bool_field(body: dict[str, Any], key: str, default: bool) -> bool:
-    """An optional boolean."""
-    value = body.get(key, default)
-    if not isinstance(value, bool):
-        raise ApiError(f"{key!r} must be true or false, got {value!r}"[:200])
-    return value
-
-
-def choice_field(body: dict[str, Any], key: str, default: str, choices: tuple[str, ...]) -> str:
-    """An optional string from ``choices``."""
-    value = body.get(key, default)
-    if value not in choices:
-        raise ApiError(f"{key!r} must be one of {', '.join(map(repr, choices))}, "
-                       f"got {value!r}"[:300])
-    return value
-
-
-def token_field(body: dict[str, Any], key: str) -> Optional[int | str]:
-    """An optional target token: an id or a string (checked by the analysis)."""
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ApiError(f"{key!r} must be a token id or a token string, got {value!r}"[:200])
-    if isinstance(value, str) and "\x00" in value:
-        raise ApiError(f"{key!r} contains a NUL character")
-    return value
-
-
-def words_field(body: dict[str, Any], key: str, required: bool) -> list[str]:
-    """A list of analogy terms."""
-    value = body.get(key, [] if not required else None)
-    if value is None:
-        raise ApiError(f"missing field {key!r} (a list of words)")
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(w, str) for w in value):
-        raise ApiError(f"{key!r} must be a list of strings")
-    if len(value) > MAX_TERMS:
-        raise ApiError(f"{key!r} has {len(value)} terms; at most {MAX_TERMS} are allowed")
-    for w in value:
-        if "\x00" in w:
-            raise ApiError(f"{key!r} contains a NUL character")
-        if not w.strip():
-            raise ApiError(f"{key!r} contains an empty word")
-    return value
-
-
-def layer_head(lm: LoadedModel, body: dict[str, Any], need_head: bool = False
-               ) -> tuple[Optional[int], Optional[int]]:
-    """Optional ``layer`` and ``head`` in range for ``lm`` (a head needs its layer)."""
-    n_layers, n_heads = lm.cfg.n_layers, lm.cfg.n_heads
-    layer = int_field(body, "layer", None, 0, n_layers - 1,
-                      f" (the model {lm.name} has {n_layers} layer(s))")
-    head = int_field(body, "head", None, 0, n_heads - 1,
-                     f" (each layer of {lm.name} has {n_heads} heads)")
-    if head is not None and layer is None:
-        raise ApiError("'head' needs a 'layer' too")
-    if need_head and (layer is None or head is None):
-        raise ApiError("'layer' and 'head' are required")
-    return layer, head
-
-
-def heads_field(lm: LoadedModel, body: dict[str, Any]) -> list[tuple[int, int]]:
-    """A list of ``[layer, head]`` pairs."""
-    value = body.get("heads")
-    if value is None:
-        raise ApiError("missing field 'heads' (a list of [layer, head] pairs)")
-    if not isinstance(value, list) or len(value) > MAX_HEADS:
-        raise ApiError(f"'heads' must be a list of at most {MAX_HEADS} [layer, head] pairs")
-    heads = []
-    for item in value:
-        if not (isinstance(item, list) and len(item) == 2):
-            raise ApiError(f"each entry of 'heads' must be a [layer, head] pair, got {item!r}"
-                           [:200])
-        pair = {"layer": item[0], "head": item[1]}
-        layer, head = layer_head(lm, pair, need_head=True)
-        heads.append((int(layer), int(head)))  # type: ignore[arg-type]
-    return heads
+__all__ = ["MAX_GRID_K", "MAX_HEADS", "MAX_TERMS", "ApiError", "bool_field", "choice_field",
+           "create_api", "heads_field", "int_field", "json_body", "jsonable", "layer_head",
+           "query_params", "text_field", "token_field", "words_field"]
 
 
 # ------------------------------------------------------------------------------ the API
@@ -302,6 +69,8 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
                     result = fn()
                 except ApiError as exc:
                     return flask.jsonify(error=str(exc)), exc.status
+                except BusyError as exc:
+                    return flask.jsonify(error=str(exc)), 503, {"Retry-After": "5"}
                 except AnalysisError as exc:
                     return flask.jsonify(error=str(exc)), 400
                 return flask.jsonify(result)
@@ -407,14 +176,16 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
     # ---------------------------------------------------------------- logit lens
     @endpoint("/logit-lens", ("POST",))
     def logit_lens() -> dict[str, Any]:
-        from .analysis.logit_lens import GRANULARITIES
+        from .analysis.logit_lens import GRANULARITIES, lens_key
         from .analysis.logit_lens import logit_lens as analyse
 
         body = json_body(base | {"top_k", "target", "granularity"})
         lm, fp, part = prompt(body)
         k = int_field(body, "top_k", 5, 1, min(MAX_GRID_K, lm.cfg.d_vocab))
         gran = choice_field(body, "granularity", "sublayer", tuple(GRANULARITIES))
-        res = analyse(lm, fp, k=k, target=token_field(body, "target"), granularity=gran)
+        key = lens_key(lm, k=k, target=token_field(body, "target"), granularity=gran)
+        res = registry.per_prompt(fp, key, lambda: analyse(lm, fp, k=k, target=key[2],
+                                                             granularity=gran))
         return {**part, "result": jsonable(res)}
 
     # ------------------------------------------------------------------- weights
@@ -430,11 +201,12 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         k = int_field(q, "top_k", 10, 1, min(MAX_GRID_K, lm.cfg.d_vocab))
         n_dir = int_field(q, "n_directions", 3, 0, lm.cfg.d_head,
                           f" (d_head of {lm.name})")
-        if (k, n_dir) == (10, 3):  # the default view is cached per model
-            res = registry.weights(lm.name, ("api-svd", which),
-                                   lambda m: circuit_svd(m, which, n_dir, k))
+        if n_dir <= W.SVD_DIRECTIONS and k <= W.SVD_TOP_K:  # cut from the shared result
+            (full,) = W.store().get_or_compute(lm, W.circuit_svd(which))
+            res = full.top(n_dir, k)
         else:
-            res = circuit_svd(lm, which, n_dir, k)
+            with background.current().slots.job(f"{which} circuit SVD"):
+                res = circuit_svd(lm, which, n_dir, k)
         data = jsonable(res)
         if layer is not None:
             sel = (lambda v: v[layer]) if head is None else (lambda v: v[layer][head])
@@ -445,7 +217,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
     # ---------------------------------------------------------------- embeddings
     @endpoint("/embeddings", ("GET",))
     def embeddings() -> dict[str, Any]:
-        from .analysis.embeddings import MATRICES, TOKEN_FILTERS, embedding_pca, project_tokens
+        from .analysis.embeddings import MATRICES, TOKEN_FILTERS, project_tokens
 
         q = query_params({"model", "matrix", "filter", "max_tokens", "n_components",
                           "n_clusters", "text"}, {"max_tokens", "n_components", "n_clusters"})
@@ -455,15 +227,8 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         n_max = int_field(q, "max_tokens", 2000, 1, lm.cfg.d_vocab, " (the vocabulary size)")
         n_comp = int_field(q, "n_components", 2, 1, 10)
         n_clusters = int_field(q, "n_clusters", 8, 1, 50)
-        args = (matrix, token_filter, n_max, n_comp, n_clusters)
-
-        def compute(m: LoadedModel) -> Any:
-            return embedding_pca(m, matrix, token_filter, n_max, n_comp, n_clusters)
-
-        if (n_max, n_comp, n_clusters) == (2000, 2, 8):  # the default views are cached
-            res = registry.weights(lm.name, ("api-embedding-pca",) + args, compute)
-        else:
-            res = compute(lm)
+        (res,) = W.store().get_or_compute(lm, W.embedding_pca(
+            matrix, token_filter, n_max, n_clusters, centre=True, n_components=n_comp))
         out: dict[str, Any] = {"model": lm.name, "result": jsonable(res)}
         if "text" in q:
             fp = registry.forward(text_field(q), lm.name)
@@ -486,7 +251,9 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         k = int_field(body, "top_k", 5, 1, min(1000, lm.cfg.d_vocab))
         method = choice_field(body, "method", "3cosadd", tuple(METHODS))
         matrix = choice_field(body, "matrix", "W_E", tuple(MATRICES))
-        res = analyse(lm, positive, negative, top_k=k, method=method, matrix=matrix)
+        key = ("api-analogy", tuple(positive), tuple(negative or ()), k, method, matrix)
+        res = registry.weights(lm.name, key, lambda m: analyse(m, positive, negative, top_k=k,
+                                                                method=method, matrix=matrix))
         results = [{"id": int(i), "display": d, "token": lm.tokenizer.token_text(int(i)),
                     "score": sc, "cosine": co}
                    for i, d, sc, co in zip(res.token_ids, res.display, jsonable(res.scores),
@@ -496,9 +263,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
 
     # -------------------------------------------------------------- eigenvalues
     def eigen_of(lm: LoadedModel) -> Any:
-        from .analysis.eigen import circuit_eigenvalues
-
-        return registry.weights(lm.name, "circuit_eigenvalues", circuit_eigenvalues)
+        return W.store().get_or_compute(lm, W.circuit_eigenvalues())[0]
 
     @endpoint("/eigenvalues", ("POST",))
     def eigenvalues() -> dict[str, Any]:
@@ -533,13 +298,13 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
     # -------------------------------------------------------------- head scores
     @endpoint("/induction-score", ("POST",))
     def induction_score() -> dict[str, Any]:
-        from .analysis.heads import METRICS, head_detection, probe_head_scores
+        from .analysis.heads import METRICS, head_detection
 
         body = json_body(base | {"metric", "exclude_bos", "exclude_diagonal", "n_examples"})
         lm, fp, part = prompt(body)
         metric = choice_field(body, "metric", "mul", tuple(METRICS))
         n_examples = int_field(body, "n_examples", 5, 1, 20)
-        probe = registry.weights(lm.name, "probe_head_scores", probe_head_scores)
+        probe = W.store().get_or_compute(lm, W.probe_head_scores())[0]
         res = head_detection(lm, fp, metric=metric,
                              exclude_bos=bool_field(body, "exclude_bos", False),
                              exclude_diagonal=bool_field(body, "exclude_diagonal", False),
@@ -580,6 +345,10 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         extra = {"target_logit_change": res.target_logit_change,
                  "target_prob_change": res.target_prob_change, "loss_change": res.loss_change}
         return {**part, "result": {**jsonable(res), **jsonable(extra)}}
+
+    # ------------------------------------------------------- further analyses
+    # New endpoints go here, each as `@endpoint(rule, methods)` over a function that reads
+    # its fields with the helpers of .api_fields and returns a jsonable dict.
 
     # ------------------------------------------------------------------ the rest
     @endpoint("/", ("GET",))

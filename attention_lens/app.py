@@ -15,13 +15,13 @@ from typing import Any, Optional
 
 import dash
 
+from . import background as background_module
+from . import registry as registry_module
 from .registry import Registry
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR.parent / "assets"
 PAGES_DIR = PACKAGE_DIR / "pages"
-
-_REGISTRY: Optional[Registry] = None
 
 
 @dataclass
@@ -36,17 +36,13 @@ _OPTIONS = AppOptions()
 
 
 def registry() -> Registry:
-    """The process-wide model registry used by page callbacks."""
-    global _REGISTRY
-    if _REGISTRY is None:
-        _REGISTRY = Registry()
-    return _REGISTRY
+    """The process-wide model registry (:func:`attention_lens.registry.current`)."""
+    return registry_module.current()
 
 
 def set_registry(reg: Registry) -> None:
-    """Install the registry page callbacks use (the server and tests call this)."""
-    global _REGISTRY
-    _REGISTRY = reg
+    """Install the process-wide registry (:func:`attention_lens.registry.install`)."""
+    registry_module.install(reg)
 
 
 def options() -> AppOptions:
@@ -64,28 +60,36 @@ def _reset_pages_state() -> None:
     _callback.GLOBAL_INLINE_SCRIPTS.clear()
 
 
-def create_app(reg: Optional[Registry] = None, *, max_tokens: Optional[int] = None,
+def create_app(reg: Optional[Registry] = None, *,
+               background: Optional[background_module.Background] = None,
+               max_tokens: Optional[int] = None,
                max_prompt_chars: Optional[int] = None,
                requests_pathname_prefix: Optional[str] = None,
                routes_pathname_prefix: Optional[str] = None,
                url_base_pathname: Optional[str] = None,
+               pages_folder: Optional[Path | str] = None,
                **dash_kwargs: Any) -> dash.Dash:
     """Build the Dash app around ``reg`` (a default registry over ``weights/`` if None).
 
     Args:
-        reg: the model registry; installed process-wide with :func:`set_registry`.
+        reg: the model registry; installed process-wide (:func:`registry.install`).
+        background: the background-callback manager and shared stores (installed
+            process-wide); the default is a disk cache under the user's cache folder.
         max_tokens: analyse at most this many tokens of a prompt (sets ``reg.max_tokens``).
         max_prompt_chars: longest prompt text accepted from the prompt box or a link.
         requests_pathname_prefix: URL prefix the browser uses (running behind a proxy).
         routes_pathname_prefix: URL prefix of the server's own routes.
         url_base_pathname: sets both prefixes at once.
+        pages_folder: where the pages are (default: ``attention_lens/pages``).
         **dash_kwargs: passed on to :class:`dash.Dash`.
     """
     from .components import shell
 
     if reg is not None:
-        set_registry(reg)
-    reg = registry()
+        registry_module.install(reg)
+    reg = registry_module.current()
+    bg = (background_module.install(background) if background is not None
+          else background_module.current())
     if max_tokens is not None:
         reg.max_tokens = int(max_tokens)
     if max_prompt_chars is not None:
@@ -99,7 +103,7 @@ def create_app(reg: Optional[Registry] = None, *, max_tokens: Optional[int] = No
     app = dash.Dash(
         "attention_lens",
         use_pages=True,
-        pages_folder=str(PAGES_DIR),
+        pages_folder=str(pages_folder or PAGES_DIR),
         assets_folder=str(ASSETS_DIR),
         assets_ignore=r"screenshots/.*",
         external_stylesheets=[],
@@ -109,6 +113,7 @@ def create_app(reg: Optional[Registry] = None, *, max_tokens: Optional[int] = No
         title="Attention Lens",
         update_title=None,
         routing_callback_inputs={shell.NAV_KWARG: dash.Input(shell.NAV, "data")},
+        background_callback_manager=bg.manager,
         meta_tags=[{"name": "viewport", "content": "width=device-width, initial-scale=1"}],
         **prefixes,
         **dash_kwargs,

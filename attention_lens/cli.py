@@ -1,4 +1,5 @@
-"""Command line: ``attention-lens serve`` (the default) runs the app; ``add-user`` manages logins.
+"""Command line: ``attention-lens serve`` (the default) runs the app; ``add-user`` manages logins;
+``worker`` runs background jobs for a lab deployment (Celery on Redis).
 
 Every ``serve`` option can also come from an ``ATTENTION_LENS_*`` environment variable
 (``--max-tokens`` from ``ATTENTION_LENS_MAX_TOKENS``, ...); a command-line flag wins.
@@ -14,7 +15,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .server import ENV_PREFIX, ConfigError, ServerConfig, write_user
+from .auth import write_user
+from .config import ENV_PREFIX, ConfigError, ServerConfig
 
 DEFAULT_USERS_FILE = "users.txt"
 
@@ -48,9 +50,29 @@ def _add_serve_options(ap: argparse.ArgumentParser) -> None:
                     help=f"forward passes kept in the LRU cache; default 64 {_env('CACHE_SIZE')}")
     ap.add_argument("--max-body", type=int,
                     help=f"largest request body in bytes; default 1 MiB {_env('MAX_BODY')}")
+    ap.add_argument("--auth-rate", help="failed sign-ins allowed per client address and per "
+                    f"user name; default 10/minute {_env('AUTH_RATE')}")
+    ap.add_argument("--hash-slots", type=int, help="password hashes checked at once per "
+                    f"process; default 1 {_env('HASH_SLOTS')}")
+    ap.add_argument("--proxy-hops", type=int, help="reverse proxies in front that set "
+                    f"X-Forwarded-For; default 0 {_env('PROXY_HOPS')}")
+    ap.add_argument("--max-exports", type=int, help="page exports drawn at once per process; "
+                    f"default 2 {_env('MAX_EXPORTS')}")
+    ap.add_argument("--export-timeout", type=int, help="seconds a page export may take; "
+                    f"default 120 {_env('EXPORT_TIMEOUT')}")
     ap.add_argument("--torch-threads", type=int,
                     help="CPU threads torch uses in each process; with gunicorn, cores divided "
                     f"by workers {_env('TORCH_THREADS')}")
+    ap.add_argument("--cache-dir", type=Path,
+                    help="folder of background-job results and weight analyses shared by the "
+                    f"web workers; default the user's cache folder {_env('CACHE_DIR')}")
+    ap.add_argument("--celery-broker", metavar="URL",
+                    help="redis://host:port/db: run background jobs on Celery workers "
+                    "('attention-lens worker') with Redis as broker and store "
+                    f"{_env('CELERY_BROKER')}")
+    ap.add_argument("--max-jobs", type=int,
+                    help="background jobs running or queued at once; more are refused with "
+                    f"'busy, try again'; default 2 {_env('MAX_JOBS')}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,13 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"users file; default {DEFAULT_USERS_FILE} {_env('AUTH_FILE')}")
     add.add_argument("--password-stdin", action="store_true",
                      help="read the password from the first line of standard input")
+    worker = sub.add_parser("worker", help="run background jobs (Celery on the Redis of "
+                            "--celery-broker), loading the same model folders as the app")
+    _add_serve_options(worker)
+    worker.add_argument("--concurrency", type=int,
+                        help="jobs this worker runs at once; default --max-jobs")
     return ap
 
 
 def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Parse ``argv``, inserting ``serve`` when no command is named."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in {"serve", "add-user", "-h", "--help"}:
+    if not argv or argv[0] not in {"serve", "add-user", "worker", "-h", "--help"}:
         argv.insert(0, "serve")
     return build_parser().parse_args(argv)
 
@@ -80,7 +107,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """The server configuration: environment variables, then command-line flags on top."""
     keys = ("host", "port", "model", "models_dirs", "max_tokens", "auth_file", "url_prefix",
             "debug", "allow_anonymous", "device", "max_models", "cache_size", "max_body",
-            "torch_threads")
+            "torch_threads", "auth_rate", "hash_slots", "proxy_hops", "max_exports",
+            "export_timeout", "cache_dir", "celery_broker", "max_jobs")
     return ServerConfig.from_env(**{k: getattr(args, k, None) for k in keys})
 
 
@@ -103,7 +131,12 @@ def add_user(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Run the app with Flask's threaded server (use gunicorn on a shared machine)."""
+    """Run the app: waitress (slow clients cannot hold its threads), or Flask's debug server.
+
+    Waitress reads every request completely before a thread handles it, so a client sending
+    its headers a byte at a time holds one connection, never a thread. ``--debug`` runs
+    Flask's reloading server on loopback only, without Werkzeug's interactive console.
+    """
     config = config_from_args(args)
     config.check_exposure()
     from .server import create_server
@@ -112,16 +145,44 @@ def serve(args: argparse.Namespace) -> int:
     app = create_server(config)
     names = ", ".join(app.server.extensions["attention_lens"]["registry"].names())
     print(f"Attention Lens on http://{config.host}:{config.port}{config.url_prefix} "
-          f"(models: {names})")
-    app.run(host=config.host, port=config.port, debug=config.debug)
+          f"(models: {names})", flush=True)
+    if config.debug:
+        app.run(host=config.host, port=config.port, debug=True, use_debugger=False,
+                use_evalex=False)
+        return 0
+    import waitress
+
+    waitress.serve(app.server, host=config.host, port=config.port, threads=8,
+                   connection_limit=1000, asyncore_use_poll=True, channel_timeout=60,
+                   max_request_body_size=config.max_body, ident="attention-lens",
+                   clear_untrusted_proxy_headers=not config.proxy_hops)
+    return 0
+
+
+def worker(args: argparse.Namespace) -> int:
+    """Run a Celery worker for the app's background callbacks (needs ``--celery-broker``)."""
+    config = config_from_args(args)
+    if not config.celery_broker:
+        raise ConfigError("the worker needs the Redis URL of the deployment: --celery-broker "
+                          f"redis://HOST:PORT/DB (or {ENV_PREFIX}CELERY_BROKER)")
+    from .server import create_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    app = create_server(config)  # the same pages, so the same background callbacks
+    bg = app.server.extensions["attention_lens"]["background"]
+    concurrency = args.concurrency or config.max_jobs
+    bg.celery_app.worker_main(["worker", f"--concurrency={concurrency}", "--pool=prefork",
+                               "--loglevel=INFO", "--without-gossip", "--without-mingle",
+                               "--hostname=attention-lens-%h-" + str(os.getpid())])
     return 0
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of ``attention-lens`` and ``python app.py``."""
     args = parse(argv)
+    commands = {"add-user": add_user, "worker": worker}
     try:
-        code = add_user(args) if args.command == "add-user" else serve(args)
+        code = commands.get(args.command, serve)(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2

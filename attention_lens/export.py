@@ -13,8 +13,12 @@ import dataclasses
 import datetime as _dt
 import io
 import json
+import logging
 import math
+import threading
+import time
 import zipfile
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
@@ -25,6 +29,8 @@ from . import __version__
 if TYPE_CHECKING:  # pragma: no cover
     from .analysis.forward import ForwardPass
     from .components.page import Panel
+
+log = logging.getLogger("attention_lens.export")
 
 IMAGE_SCALE = 3
 DEFAULT_SIZE = (1000, 600)
@@ -135,38 +141,140 @@ def _size(fig: go.Figure) -> tuple[int, int]:
     return int(width), int(height)
 
 
+@dataclasses.dataclass
+class ExportLimits:
+    """How many page exports a process draws at once, and how long one may take."""
+
+    max_concurrent: int = 2
+    timeout_s: float = 120.0
+
+
+_LIMITS = ExportLimits()
+_SLOTS = threading.BoundedSemaphore(_LIMITS.max_concurrent)
+
+
+def configure(max_concurrent: Optional[int] = None, timeout_s: Optional[float] = None) -> None:
+    """Set the export limits of this process (the server calls this from its configuration)."""
+    global _SLOTS
+    if max_concurrent is not None and max_concurrent != _LIMITS.max_concurrent:
+        _LIMITS.max_concurrent = max(1, int(max_concurrent))
+        _SLOTS = threading.BoundedSemaphore(_LIMITS.max_concurrent)
+    if timeout_s is not None:
+        _LIMITS.timeout_s = float(timeout_s)
+
+
+class _Renderer:
+    """One Chromium (one kaleido tab) per process, started on first use and shared by exports.
+
+    Starting a browser per export cost seconds and up to gigabytes each; here every export
+    queues its figures on the same tab, on an event loop in a background thread.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._kaleido: Any = None
+
+    def _open(self, timeout: float) -> tuple[asyncio.AbstractEventLoop, Any]:
+        with self._lock:
+            if self._loop is None:
+                import kaleido
+
+                async def start() -> Any:
+                    k = kaleido.Kaleido(n=1, timeout=timeout, mathjax=False)
+                    await k.__aenter__()
+                    return k
+
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="attention-lens-kaleido",
+                                 daemon=True).start()
+                try:
+                    self._kaleido = asyncio.run_coroutine_threadsafe(start(), loop).result(
+                        timeout)
+                except BaseException:
+                    loop.call_soon_threadsafe(loop.stop)
+                    raise
+                self._loop = loop
+            return self._loop, self._kaleido
+
+    def render(self, fig: go.Figure, opts: dict[str, Any], deadline: float) -> bytes:
+        """``fig`` drawn with kaleido ``opts``, or TimeoutError past ``deadline`` (monotonic).
+
+        A render that fails is tried once more on a fresh browser (Chromium can lose a tab).
+        """
+        for attempt in (1, 2):
+            loop, k = self._open(max(1.0, deadline - time.monotonic()))
+            future = asyncio.run_coroutine_threadsafe(k.calc_fig(fig, opts=opts), loop)
+            try:
+                return future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except (TimeoutError, FutureTimeout):
+                future.cancel()
+                self.close(k)  # the tab may still be busy with it
+                raise
+            except Exception as exc:  # noqa: BLE001 - kaleido/Chromium failures of every kind
+                log.warning("export render failed (attempt %d): %s", attempt, str(exc)[:200])
+                self.close(k)
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def close(self, which: Any = None) -> None:
+        """Stop the shared browser (only if it is still ``which``); the next use starts one."""
+        with self._lock:
+            if self._loop is None or (which is not None and which is not self._kaleido):
+                return
+            loop, k, self._loop, self._kaleido = self._loop, self._kaleido, None, None
+        try:
+            asyncio.run_coroutine_threadsafe(k.__aexit__(None, None, None), loop).result(15)
+        except BaseException:  # noqa: BLE001 - it is being thrown away either way
+            log.warning("the export browser did not close cleanly")
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+
+
+_RENDERER = _Renderer()
+
+
 def render_images(figs: Sequence[go.Figure], formats: Sequence[str] = ("png", "svg"),
-                  timeout: float = 120.0) -> list[dict[str, bytes]]:
-    """Render each figure in each format with one Chromium; ``[{fmt: bytes}]`` per figure."""
+                  timeout: Optional[float] = None) -> list[dict[str, bytes]]:
+    """Render each figure in each format on the shared browser; ``[{fmt: bytes}]`` per figure.
+
+    At most :func:`configure`'s ``max_concurrent`` exports draw at once in a process (more
+    get an :class:`ExportError` saying so at once), and one export takes at most ``timeout``
+    seconds (default: the configured one).
+    """
     if find_chromium() is None:
         raise ExportError("Export page needs Chromium on the server to draw the figures "
                           "(install it, e.g. `apt-get install chromium`, or set "
                           "BROWSER_PATH). The PNG and SVG buttons under each graph work "
                           "without it.")
-    import kaleido
-
-    async def run() -> list[dict[str, bytes]]:
-        out: list[dict[str, bytes]] = []
-        async with kaleido.Kaleido(n=1, timeout=timeout, mathjax=False) as k:
-            for fig in figs:
-                width, height = _size(fig)
-                images = {}
-                for fmt in formats:
-                    opts = {"format": fmt, "width": width, "height": height,
-                            "scale": IMAGE_SCALE if fmt == "png" else 1}
-                    images[fmt] = await k.calc_fig(fig, opts=opts)
-                out.append(images)
-        return out
-
+    limit = _LIMITS.timeout_s if timeout is None else timeout
+    slots = _SLOTS
+    if not slots.acquire(blocking=False):
+        raise ExportError(f"{_LIMITS.max_concurrent} page export(s) are already being drawn "
+                          "on the server; try again in a minute (the PNG and SVG buttons "
+                          "under each graph work meanwhile).")
     try:
-        return asyncio.run(asyncio.wait_for(run(), timeout=timeout))
-    except asyncio.TimeoutError:
-        raise ExportError(f"drawing the figures took longer than {timeout:.0f} s") from None
+        deadline = time.monotonic() + limit
+        out: list[dict[str, bytes]] = []
+        for fig in figs:
+            width, height = _size(fig)
+            images = {}
+            for fmt in formats:
+                opts = {"format": fmt, "width": width, "height": height,
+                        "scale": IMAGE_SCALE if fmt == "png" else 1}
+                images[fmt] = _RENDERER.render(fig, opts, deadline)
+            out.append(images)
+        return out
+    except (TimeoutError, FutureTimeout):
+        raise ExportError(f"drawing the figures took longer than {limit:.0f} s") from None
     except ExportError:
         raise
     except Exception as exc:  # noqa: BLE001 - kaleido/Chromium failures of every kind
         raise ExportError(f"Chromium could not draw the figures ({type(exc).__name__}: "
                           f"{str(exc)[:200]})") from None
+    finally:
+        slots.release()
 
 
 # ------------------------------------------------------------------------------- zip
@@ -196,7 +304,7 @@ def manifest(page: str, panels: Sequence["Panel"], state: dict, settings: dict,
 
 def page_zip(page: str, panels: Sequence["Panel"], state: dict, settings: dict,
              fp: Optional["ForwardPass"] = None, *, images: bool = True,
-             timeout: float = 120.0) -> bytes:
+             timeout: Optional[float] = None) -> bytes:
     """A zip of every figure of a page as PNG and SVG, its data (CSV, JSON) and a manifest."""
     if not panels:
         raise ExportError("this page has no figures to export")

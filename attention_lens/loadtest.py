@@ -362,7 +362,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                "ATTENTION_LENS_HOST": HOST}
         auth = None
         if not args.no_auth:
-            from .server import write_user
+            from .auth import write_user
 
             write_user(root / "users.txt", USER, PASSWORD)
             env["ATTENTION_LENS_AUTH_FILE"] = str(root / "users.txt")

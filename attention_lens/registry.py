@@ -7,11 +7,18 @@ Weight-only analyses are cached per model (they never change).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import dataclasses
+import sys
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, TypeVar
+from typing import Any, Callable, Hashable, Iterable, Optional, TypeVar
+
+import numpy as np
+import torch
 
 from .analysis.errors import AnalysisError
 from .analysis.forward import ForwardPass, run_forward, tokenize
@@ -22,6 +29,10 @@ T = TypeVar("T")
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WEIGHTS = PACKAGE_ROOT / "weights"
 DEFAULT_MODEL = "attn-only-2l"
+#: Default caps of a worker's caches: forward passes with their per-prompt results, and
+#: weight analyses (a 256-token forward pass through GPT-2 small holds ~260 MB).
+DEFAULT_FORWARD_BYTES = 2**30
+DEFAULT_WEIGHTS_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -59,12 +70,27 @@ def folder_kind(folder: Path) -> Optional[str]:
 
 
 def _read_json(path: Path) -> Any:
-    import json
+    from .model.jsonfile import read_json
 
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json(path)
     except (OSError, ValueError):
         return None
+
+
+def public_reason(reason: BaseException | str, folder: Path) -> str:
+    """Why ``folder`` cannot be used, naming files relative to its models directory.
+
+    Every user sees these reasons (model picker, ``/api/models``): they never contain the
+    server's absolute paths.
+    """
+    text = str(reason) if isinstance(reason, (str, CheckpointError)) else \
+        f"{folder.name}: cannot be loaded ({type(reason).__name__}: {str(reason)[:300]})"
+    base = folder.parent
+    for root in {str(base.resolve()), str(base.absolute()), str(base)}:
+        if root not in ("", ".", "/"):
+            text = text.replace(root.rstrip("/") + "/", "")
+    return text
 
 
 def _is_our_config(data: Any) -> bool:
@@ -86,29 +112,91 @@ def load_folder(folder: Path, device: str = "cpu", name: Optional[str] = None) -
 def quick_check(folder: Path) -> Optional[str]:
     """Cheap validation of a folder in our format (files present, config, safetensors header).
 
-    Returns the reason the folder cannot be loaded, or None; reading the weights themselves
-    is left to the first use.
+    Returns the reason the folder cannot be loaded, or None (a CheckpointError may also
+    escape); reading the weights themselves is left to the first use.
     """
-    from safetensors import SafetensorError, safe_open
+    from .model.checkpoint import (
+        CARD,
+        TOKENIZER,
+        WEIGHTS,
+        check_shapes,
+        read_config,
+        read_json_file,
+        tensor_shapes,
+    )
 
-    from .model.checkpoint import TOKENIZER, WEIGHTS, read_config
-
+    cfg = read_config(folder)  # sizes bounded, paths inside the folder
     for name in (WEIGHTS, TOKENIZER):
         if not (folder / name).is_file():
             return f"{folder / name}: missing file"
-    try:
-        read_config(folder)
-        with safe_open(str(folder / WEIGHTS), "pt") as fh:
-            fh.keys()
-    except CheckpointError as exc:
-        return str(exc)
-    except (SafetensorError, OSError, ValueError) as exc:
-        return f"{folder / WEIGHTS}: corrupt or truncated safetensors file ({exc})"
+    check_shapes(cfg, tensor_shapes(folder / WEIGHTS), folder / WEIGHTS)
+    if (folder / CARD).is_file():
+        read_json_file(folder / CARD)
     return None
 
 
 def _size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+#: Results kept per cached forward pass (logit lens views and the like).
+MAX_PER_PROMPT = 8
+
+
+@dataclass
+class _Cached:
+    """A cached forward pass, what was computed from it, and the bytes both hold."""
+
+    fp: ForwardPass
+    nbytes: int
+    derived: OrderedDict[Hashable, tuple[Any, int]] = field(default_factory=OrderedDict)
+
+
+def nbytes_of(value: Any, _seen: Optional[set[int]] = None) -> int:
+    """Bytes held by an analysis result: its arrays and tensors, strings and containers.
+
+    Walks dataclasses, dicts, lists, tuples and object arrays; shared objects count once.
+    """
+    seen = set() if _seen is None else _seen
+    if id(value) in seen or value is None or isinstance(value, (bool, int, float)):
+        return 0
+    seen.add(id(value))
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, np.ndarray):
+        if value.dtype != object:
+            return value.nbytes
+        return value.nbytes + sum(nbytes_of(v, seen) for v in value.reshape(-1))
+    if isinstance(value, (str, bytes)):
+        return sys.getsizeof(value)
+    if isinstance(value, dict):
+        return sys.getsizeof(value) + sum(nbytes_of(k, seen) + nbytes_of(v, seen)
+                                          for k, v in value.items())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return sys.getsizeof(value) + sum(nbytes_of(v, seen) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return sys.getsizeof(value) + sum(nbytes_of(getattr(value, f.name), seen)
+                                          for f in dataclasses.fields(value))
+    return sys.getsizeof(value)
+
+
+def _model_bytes(lm: LoadedModel) -> int:
+    return sum(t.numel() * t.element_size() for t in lm.model.state_dict().values())
+
+
+def release_memory() -> None:
+    """Give freed memory back to the operating system (glibc keeps freed heap pages, so a
+    worker's resident size would otherwise stay at its peak after caches evict)."""
+    global _LIBC
+    try:
+        if _LIBC is None:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        _LIBC.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to give back this way
+        pass
+
+
+_LIBC: Any = None
 
 
 class Registry:
@@ -121,19 +209,21 @@ class Registry:
         max_models: int = 2,
         max_forward: int = 64,
         max_weights: int = 256,
-        max_forward_bytes: int = 2 * 2**30,
+        max_forward_bytes: int = DEFAULT_FORWARD_BYTES,
+        max_weights_bytes: int = DEFAULT_WEIGHTS_BYTES,
         max_tokens: Optional[int] = None,
         device: str = "cpu",
     ) -> None:
         self.models_dirs = [Path(d) for d in models_dirs]
         self.max_models, self.max_forward, self.max_weights = max_models, max_forward, max_weights
         self.max_tokens, self.device = max_tokens, device
-        self.max_forward_bytes = max_forward_bytes
+        self.max_forward_bytes, self.max_weights_bytes = max_forward_bytes, max_weights_bytes
         self._lock = threading.RLock()
         self._load_locks: dict[str, threading.Lock] = {}
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
-        self._forward: OrderedDict[tuple[str, tuple[int, ...]], ForwardPass] = OrderedDict()
-        self._weights: OrderedDict[tuple[str, Any], Any] = OrderedDict()
+        self._forward: OrderedDict[tuple[str, tuple[int, ...]], _Cached] = OrderedDict()
+        self._running: dict[tuple[str, tuple[int, ...]], threading.Lock] = {}
+        self._weights: OrderedDict[tuple[str, Any], tuple[Any, int]] = OrderedDict()
         self._entries: dict[str, ModelEntry] = {}
         self.refresh()
         self.default = default if default in self._entries else next(iter(self._entries), default)
@@ -152,14 +242,20 @@ class Registry:
                 kind = folder_kind(folder)
                 if kind is None:
                     continue
-                if kind == "attention-lens":
-                    error = quick_check(folder)
-                else:  # cheap checks only (config, architecture, files): no weights read
-                    from .model.hf import inspect_hf_folder
+                error: Optional[BaseException | str]
+                try:
+                    if kind == "attention-lens":
+                        error = quick_check(folder)
+                    else:  # cheap checks only (config, architecture, files): no weights read
+                        from .model.hf import inspect_hf_folder
 
-                    error = inspect_hf_folder(folder)
-                entries.setdefault(folder.name, ModelEntry(folder.name, folder, _size(folder),
-                                                           kind, error))
+                        error = inspect_hf_folder(folder)
+                    size = _size(folder)
+                except Exception as exc:  # noqa: BLE001 - one bad folder never stops the app
+                    error, size = exc, 0
+                reason = public_reason(error, folder) if error else None
+                entries.setdefault(folder.name, ModelEntry(folder.name, folder, size, kind,
+                                                           reason))
         with self._lock:
             self._entries = entries
         return list(entries.values())
@@ -200,9 +296,10 @@ class Registry:
                     return self._models[name]
             try:
                 lm = load_folder(entry.path, device=self.device, name=name)
-            except CheckpointError as exc:
-                self.mark_unavailable(name, str(exc))
-                raise AnalysisError(f"model {name!r} is unavailable: {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - any failure: unavailable, with the reason
+                reason = public_reason(exc, entry.path)
+                self.mark_unavailable(name, reason)
+                raise AnalysisError(f"model {name!r} is unavailable: {reason}") from None
             with self._lock:
                 self._models[name] = lm
                 while len(self._models) > self.max_models:
@@ -211,6 +308,7 @@ class Registry:
                                                 if k[0] != evicted)
                     self._weights = OrderedDict((k, v) for k, v in self._weights.items()
                                                 if k[0] != evicted)
+                release_memory()
             return lm
 
     def add(self, lm: LoadedModel) -> None:
@@ -221,46 +319,145 @@ class Registry:
 
     # --------------------------------------------------------------- caching
     def forward(self, text: str, model: Optional[str] = None) -> ForwardPass:
-        """The cached forward pass of ``text`` through ``model``."""
+        """The cached forward pass of ``text`` through ``model``.
+
+        Concurrent requests for the same prompt (a page's callbacks fire together) wait for
+        one computation instead of each running the model.
+        """
         lm = self.get(model)
         tokenized = tokenize(lm, text, self.max_tokens)
         key = (lm.name, tuple(tokenized[0]))
         with self._lock:
-            hit = self._forward.get(key)
+            hit = self._hit(key)
             if hit is not None:
-                self._forward.move_to_end(key)
-                return hit
-        fp = run_forward(lm, text, self.max_tokens, tokenized=tokenized)
-        with self._lock:
-            self._forward[key] = fp
-            self._forward.move_to_end(key)
-            # bounded in count and in bytes (a long prompt through a big model holds every
-            # layer's attention patterns); the newest pass always stays
-            total = sum(v.nbytes for v in self._forward.values())
-            while len(self._forward) > 1 and (len(self._forward) > self.max_forward
-                                              or total > self.max_forward_bytes):
-                _, old = self._forward.popitem(last=False)
-                total -= old.nbytes
+                return hit.fp
+            lock = self._running.setdefault(key, threading.Lock())
+        with lock:
+            with self._lock:
+                hit = self._hit(key)
+                if hit is not None:
+                    return hit.fp
+            try:
+                fp = run_forward(lm, text, self.max_tokens, tokenized=tokenized)
+            finally:
+                with self._lock:
+                    self._running.pop(key, None)
+            with self._lock:
+                self._forward[key] = _Cached(fp, fp.nbytes)
+                self._shrink_forward()
         return fp
 
+    def _hit(self, key: tuple[str, tuple[int, ...]]) -> Optional["_Cached"]:
+        hit = self._forward.get(key)
+        if hit is not None:
+            self._forward.move_to_end(key)
+        return hit
+
+    def _shrink_forward(self) -> None:
+        """Evict the least recently used passes (and their per-prompt results) over the caps;
+        the newest pass always stays. Call with the lock held."""
+        total = sum(c.nbytes for c in self._forward.values())
+        evicted = False
+        while len(self._forward) > 1 and (len(self._forward) > self.max_forward
+                                          or total > self.max_forward_bytes):
+            _, old = self._forward.popitem(last=False)
+            total -= old.nbytes
+            evicted = True
+        if evicted:
+            release_memory()
+
+    def per_prompt(self, fp: ForwardPass, key: Hashable, compute: Callable[[], T]) -> T:
+        """An analysis of one forward pass, cached with it under ``key``.
+
+        The result is counted in the forward-pass cache's bytes and evicted with its pass
+        (a pass no longer cached is computed on without keeping the result).
+        """
+        fkey = (fp.model_name, tuple(int(i) for i in fp.token_ids))
+        with self._lock:
+            entry = self._forward.get(fkey)
+            if entry is not None and entry.fp is fp and key in entry.derived:
+                self._forward.move_to_end(fkey)
+                return entry.derived[key][0]
+        value = compute()
+        size = nbytes_of(value)
+        with self._lock:
+            entry = self._forward.get(fkey)
+            if entry is not None and entry.fp is fp:
+                if key not in entry.derived:
+                    entry.derived[key] = (value, size)
+                    entry.nbytes += size
+                self._forward.move_to_end(fkey)
+                # a result larger than the whole budget is not kept
+                while len(entry.derived) > MAX_PER_PROMPT or (
+                        entry.nbytes > self.max_forward_bytes and entry.derived):
+                    _, (_, dropped) = entry.derived.popitem(last=False)
+                    entry.nbytes -= dropped
+                self._shrink_forward()
+        return value
+
     def weights(self, model: Optional[str], key: Any, compute: Callable[[LoadedModel], T]) -> T:
-        """A weight-only analysis of ``model``, computed once and cached under ``key``."""
+        """A weight-only analysis of ``model``, computed once and cached under ``key``.
+
+        Bounded by count (``max_weights``) and bytes (``max_weights_bytes``); the newest
+        result always stays.
+        """
         lm = self.get(model)
         k = (lm.name, key)
         with self._lock:
             if k in self._weights:
                 self._weights.move_to_end(k)
-                return self._weights[k]
+                return self._weights[k][0]
         value = compute(lm)
+        size = nbytes_of(value)
         with self._lock:
-            self._weights[k] = value
-            while len(self._weights) > self.max_weights:
-                self._weights.popitem(last=False)
+            self._weights[k] = (value, size)
+            self._weights.move_to_end(k)
+            total = sum(s for _, s in self._weights.values())
+            evicted = False
+            while len(self._weights) > 1 and (len(self._weights) > self.max_weights
+                                              or total > self.max_weights_bytes):
+                _, (_, dropped) = self._weights.popitem(last=False)
+                total -= dropped
+                evicted = True
+            if evicted:
+                release_memory()
         return value
 
     def cache_info(self) -> dict[str, int]:
         """Sizes of the caches (for monitoring and the soak test)."""
         with self._lock:
             return {"models": len(self._models), "forward": len(self._forward),
-                    "forward_bytes": sum(v.nbytes for v in self._forward.values()),
-                    "weights": len(self._weights)}
+                    "forward_bytes": sum(c.nbytes for c in self._forward.values()),
+                    "per_prompt": sum(len(c.derived) for c in self._forward.values()),
+                    "weights": len(self._weights),
+                    "weights_bytes": sum(s for _, s in self._weights.values())}
+
+    def memory_bound(self) -> int:
+        """Bytes the caches may hold at most: forward passes with their per-prompt results,
+        weight analyses, and the loaded models' parameters (the largest ``max_models``)."""
+        with self._lock:
+            models = sorted((_model_bytes(lm) for lm in self._models.values()), reverse=True)
+        return (self.max_forward_bytes + self.max_weights_bytes
+                + sum(models[: self.max_models]))
+
+
+# ----------------------------------------------------------------- the process's registry
+_CURRENT: Optional[Registry] = None
+_CURRENT_LOCK = threading.Lock()
+
+
+def current() -> Registry:
+    """The registry installed for this process (a default one over ``weights/`` at first use)."""
+    global _CURRENT
+    with _CURRENT_LOCK:
+        if _CURRENT is None:
+            _CURRENT = Registry()
+        return _CURRENT
+
+
+def install(reg: Registry) -> Registry:
+    """Make ``reg`` the registry page callbacks and background jobs of this process use."""
+    global _CURRENT
+    with _CURRENT_LOCK:
+        _CURRENT = reg
+    return reg

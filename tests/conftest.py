@@ -14,6 +14,9 @@ from attention_lens.model import HookedTransformer, LoadedModel, ModelConfig, To
 from attention_lens.registry import DEFAULT_WEIGHTS, Registry
 
 ROOT = Path(__file__).resolve().parent.parent
+# background jobs and weight analyses of the tests live in a folder of this run, never in the
+# user's cache (subprocesses started by tests inherit it)
+os.environ["ATTENTION_LENS_CACHE_DIR"] = tempfile.mkdtemp(prefix="al-cache-")
 TINY_TEXT = (
     "The quick brown fox jumps over the lazy dog. Harry Potter went to the shop, "
     "and Harry Potter bought a wand. Mr and Mrs Dursley were proud to say that they "

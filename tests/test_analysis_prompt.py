@@ -66,12 +66,11 @@ def test_token_predictions_consistent_with_softmax(tiny, fp_tiny):
         assert res.next_ids[i] == ids[i + 1]
         assert res.next_probs[i] == pytest.approx(math.exp(lp), rel=1e-9)
         assert res.surprisal_nats[i] == pytest.approx(-lp, rel=1e-9)
-        assert res.surprisal_bits[i] == pytest.approx(-lp / math.log(2), rel=1e-9)
         rank = int((fp_tiny.logits[i] > fp_tiny.logits[i, ids[i + 1]]).sum()) + 1
         assert res.next_ranks[i] == rank
         assert res.top_ids[i, 0] == int(fp_tiny.logits[i].argmax())
     assert res.next_ids[-1] == -1 and res.next_ranks[-1] == -1
-    assert math.isnan(res.next_probs[-1]) and math.isnan(res.surprisal_bits[-1])
+    assert math.isnan(res.next_probs[-1]) and math.isnan(res.surprisal_nats[-1])
     assert res.top_ids.shape == res.top_display.shape == (p, 4)
     # mean loss equals the model's own cross-entropy
     loss = tiny.model.loss(torch.as_tensor(ids)).item()

@@ -267,3 +267,24 @@ def test_concurrent_ablation_never_leaks_into_other_requests(server, reg):
     for t in threads:
         t.join()
     assert errors == [] and wrong == []
+
+
+def test_logit_lens_and_analogy_are_cached(client, reg):
+    body = {"text": PROMPT + " cached", "top_k": 3, "target": " and"}
+    _, first = post(client, "/api/logit-lens", body)
+    before = reg.cache_info()["per_prompt"]
+    status, again = post(client, "/api/logit-lens", body)
+    assert status == 200 and again == first
+    assert reg.cache_info()["per_prompt"] == before  # served from the forward pass's cache
+    fp = reg.forward(body["text"], reg.default)
+    lm = reg.get(reg.default)
+    from attention_lens.analysis.logit_lens import lens_key
+
+    key = lens_key(lm, k=3, target=" and")
+    cached = reg.per_prompt(fp, key, lambda: pytest.fail("the logit lens was not cached"))
+    assert cached.top_ids.tolist() == first["result"]["top_ids"]
+    words = {"positive": ["king", "woman"], "negative": ["man"], "top_k": 4}
+    _, one = post(client, "/api/analogy", words)
+    n = reg.cache_info()["weights"]
+    status, two = post(client, "/api/analogy", words)
+    assert status == 200 and two == one and reg.cache_info()["weights"] == n

@@ -44,7 +44,7 @@ API_CASES = [
     ("invalid UTF-8", "POST", "/api/predict", raw(b'{"text": "\xff\xfe abc"}'), 400, "UTF-8"),
     ("lone surrogate", "POST", "/api/predict", raw('{"text": "a\\ud800b"}'), 400, "Unicode"),
     ("malformed JSON", "POST", "/api/predict", raw('{"text": "abc"'), 400, "malformed"),
-    ("form body", "POST", "/api/predict", {"data": "text=hello"}, 400, "malformed"),
+    ("form body", "POST", "/api/predict", {"data": "text=hello"}, 415, "Content-Type"),
     ("NaN literal", "POST", "/api/predict", raw('{"text": "a", "top_k": NaN}'), 400, "NaN"),
     ("deep nesting", "POST", "/api/predict", raw("[" * 100_000), 400, "JSON"),
     ("array body", "POST", "/api/predict", js(["text"]), 400, "object"),

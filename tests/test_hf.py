@@ -165,6 +165,8 @@ def test_half_precision_loads_as_float32(tmp_path, tiny_tokenizer, ids, dtype):
     assert all(p.dtype == torch.float32 for p in lm.model.parameters())
     assert lm.card["stored_dtype"] == [str(dtype).replace("torch.", "")]
     assert lm.card["analysed_dtype"] == "float32"
+    # the card counts the parameters as analysed (the overview page shows it)
+    assert lm.card["n_params"] == sum(p.numel() for p in lm.model.parameters()) > 0
     # reference: HF's own load of the half-precision folder, run in float32 (a cast of ``hf``
     # back to float32 would keep its rotary frequencies rounded to half precision)
     ref = transformers.LlamaForCausalLM.from_pretrained(

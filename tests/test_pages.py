@@ -103,9 +103,9 @@ def test_bad_target_token_and_heads_are_alerts(app):
     *_, alerts, _ = lens.update(STATE, 5, "target", "Hermione Granger", -1, "sublayer")
     assert any("not a single token" in t for t in alert_texts(alerts))
     abl = page_module("ablation")
-    *_, alerts, _ = abl.update(STATE, "L9H0", "zero", 10, -1, "")
+    *_, alerts, _ = abl.update(STATE, "induction", "L9H0", "zero", 10, -1, "")
     assert any("does not exist" in t for t in alert_texts(alerts))
-    *_, alerts, _ = abl.update(STATE, "banana", "zero", 10, -1, "")
+    *_, alerts, _ = abl.update(STATE, "induction", "banana", "zero", 10, -1, "")
     assert any("cannot read head" in t for t in alert_texts(alerts))
 
 
@@ -138,8 +138,15 @@ def test_thumbnail_click_selects_head(app):
 def test_sync_state_from_url_and_errors(app):
     state, text, model, alerts = shell.sync_state("?model=attn-only-1l&text=Hello%20there&pos=1",
                                                   None, None, None, None, None)
-    assert state == {"model": "attn-only-1l", "text": "Hello there", "pos": 1, "src": "url"}
+    assert state == {"model": "attn-only-1l", "text": "Hello there", "pos": 1, "theme": None,
+                     "src": "url"}
     assert text == "Hello there" and model == "attn-only-1l" and alerts == []
+    state, *_ = shell.sync_state("?text=Hi&theme=light", None, None, None, None, None)
+    assert state["theme"] == "light"
+    assert "theme=light" in shell.state_query(state)
+    assert shell.toggle_theme(1, state)["theme"] is None
+    assert shell.toggle_theme(1, {**state, "theme": None})["theme"] == "light"
+    assert shell.theme_label(state) == "Dark theme"
     state, text, model, alerts = shell.sync_state("?model=nope&text=Hi&pos=x", None, None,
                                                   None, None, None)
     assert model == MODEL and text == "Hi"

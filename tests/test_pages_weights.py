@@ -193,7 +193,7 @@ def test_embeddings_map_prompt_and_search(pages, registry):
 
 def test_embeddings_unembedding_and_filters(pages):
     mp, _, neighbours, _, alerts, query = run(pages["embeddings"], state(), matrix="W_U",
-                                           filter="whole_word", n=300)
+                                           filter="whole_word", n=300, search="")
     assert alert_texts(alerts) == []
     assert "W_U^T" in mp.layout.title.text and query["filter"] == "whole_word"
     tokens = [s for t in mp.data if t.name.startswith("cluster") for s in t.text]
@@ -215,13 +215,17 @@ def test_analogy_default_equation(pages):
     fig, table, notes, alerts, query = run(pages["analogy"], state())
     assert alert_texts(alerts) == []
     assert len(fig.data[0].y) == 10
-    assert "king + woman − man" in fig.layout.title.text
+    assert "England + French − English" in fig.layout.title.text
     answers = [str(r.children[1].children.children) for r in table.children[1].children]
-    assert len(answers) == 10 and "·king" not in answers and "·man" not in answers
+    assert len(answers) == 10 and "·England" not in answers and "·English" not in answers
+    # the default shows something true about the shipped model: the answer is France
+    assert answers[0] == "·France"
+    assert query["plus"] == ["England", "French"] and query["minus"] == ["English"]
     # ' woman' is two tokens for this vocabulary: the page says so
+    *_, notes, alerts, _ = run(pages["analogy"], state(), plus=["king", "woman"],
+                               minus=["man"])
     assert any("woman" in str(n.children) and "2 tokens" in str(n.children)
                for n in notes[1:])
-    assert query["plus"] == ["king", "woman"] and query["minus"] == ["man"]
 
 
 def test_analogy_method_and_errors(pages):

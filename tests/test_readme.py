@@ -41,7 +41,8 @@ def client():
 
 
 def test_every_endpoint_has_an_example():
-    paths = {urlsplit(args[-1] if args[1] != "-X" else args[3]).path for args in _curl_examples()}
+    paths = {urlsplit(next(a for a in args if a.startswith("http"))).path
+             for args in _curl_examples()}
     for endpoint in ("models", "predict", "token-predictions", "attention", "activations",
                      "embeddings", "weights", "analogy", "eigenvalues", "induction-score",
                      "logit-lens", "attribution", "ablation"):
@@ -50,20 +51,22 @@ def test_every_endpoint_has_an_example():
 
 @pytest.mark.parametrize("args", _curl_examples(), ids=lambda a: " ".join(a[1:4])[:60])
 def test_curl_example_answers_200(client, args):
-    method, body, url = "GET", None, None
+    method, body, url, content_type = "GET", None, None, None
     rest = args[1:]
     while rest:
         tok = rest.pop(0)
         if tok == "-X":
             method = rest.pop(0)
-        elif tok == "-d":
+        elif tok in ("-d", "--json"):  # as curl sends them: -d a form, --json a JSON POST
             body = json.loads(rest.pop(0))
+            method = "POST" if method == "GET" else method
+            content_type = "application/json" if tok == "--json" else \
+                "application/x-www-form-urlencoded"
         else:
             url = tok
     parts = urlsplit(url)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
-    # curl -d sends its default form content type: the API must read the JSON anyway
     r = client.open(path, method=method, data=None if body is None else json.dumps(body),
-                    content_type=None if body is None else "application/x-www-form-urlencoded")
+                    content_type=content_type)
     assert r.status_code == 200, (path, r.get_json())
     assert r.is_json

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tl_oracle import tl_tokens, to_transformer_lens
 
 TEXT = "Harry Potter and Hermione Granger walked. Harry Potter and Hermione"

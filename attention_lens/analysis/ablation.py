@@ -8,7 +8,7 @@ positions of the prompt in the original (unablated) forward pass.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import numpy as np
@@ -56,6 +56,10 @@ class Ablation:
         kl_per_position: [pos] KL(before || after) at every position (nats).
         surprisal_before: [pos] -ln p(actual next token) before (NaN at the last position).
         surprisal_after: [pos] the same after ablation.
+        part: positions whose next-token loss is also reported on its own (e.g. the
+            repeated part of the prompt); empty when none was asked for.
+        part_loss_before: mean next-token loss over ``part`` before (nats; NaN if empty).
+        part_loss_after: the same after ablation.
     """
 
     heads: tuple[tuple[int, int], ...]
@@ -85,6 +89,9 @@ class Ablation:
     kl_per_position: np.ndarray
     surprisal_before: np.ndarray
     surprisal_after: np.ndarray
+    part: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    part_loss_before: float = float("nan")
+    part_loss_after: float = float("nan")
 
     def __post_init__(self) -> None:  # noqa: D105
         assert self.before_ids.shape == self.before_probs.shape == self.after_probs.shape
@@ -106,6 +113,33 @@ class Ablation:
         """Loss after minus before (positive: the heads helped predict the prompt)."""
         return self.loss_after - self.loss_before
 
+    @property
+    def part_loss_change(self) -> float:
+        """Loss over :attr:`part` after minus before."""
+        return self.part_loss_after - self.part_loss_before
+
+
+@dataclass(frozen=True)
+class HeadSweep:
+    """The change in loss when each head alone is ablated.
+
+    Attributes:
+        method: "zero" or "mean".
+        positions: the positions whose next-token loss is averaged.
+        loss_before: the mean loss over ``positions`` with no head ablated (nats).
+        loss_after: [n_layers, n_heads] the same with that one head ablated.
+    """
+
+    method: str
+    positions: np.ndarray
+    loss_before: float
+    loss_after: np.ndarray
+
+    @property
+    def loss_change(self) -> np.ndarray:
+        """[n_layers, n_heads] loss after minus before (positive: the head helped)."""
+        return self.loss_after - self.loss_before
+
 
 def check_heads(lm: LoadedModel, heads: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
     """Validate and sort a set of (layer, head) pairs; at least one is required."""
@@ -118,6 +152,11 @@ def check_heads(lm: LoadedModel, heads: Iterable[tuple[int, int]]) -> tuple[tupl
     if not pairs:
         raise AnalysisError("choose at least one head to ablate")
     return tuple(sorted({(check_layer(lm, lay), check_head(lm, h)) for lay, h in pairs}))
+
+
+def _z_means(fp: ForwardPass, layer: int) -> torch.Tensor:
+    """[n_heads, d_head] each head's z averaged over the prompt's positions."""
+    return fp.cache[f"blocks.{layer}.attn.hook_z"].mean(0)
 
 
 def ablated_logits(lm: LoadedModel, fp: ForwardPass, heads: Iterable[tuple[int, int]],
@@ -147,6 +186,72 @@ def ablated_logits(lm: LoadedModel, fp: ForwardPass, heads: Iterable[tuple[int, 
     return logits[0].float().cpu()
 
 
+def check_positions(fp: ForwardPass, positions: Optional[Iterable[int]]) -> np.ndarray:
+    """Sorted distinct positions with a next token (0 <= p < n - 1); all of them if None."""
+    n = fp.n_tokens
+    if positions is None:
+        return np.arange(max(n - 1, 0), dtype=np.int64)
+    out = sorted({int(p) for p in positions})
+    if any(not 0 <= p < n - 1 for p in out):
+        raise AnalysisError(f"loss positions must be between 0 and {n - 2} (each needs a "
+                            "next token)")
+    return np.asarray(out, dtype=np.int64)
+
+
+#: Single-head ablations run this many at a time (one batched forward pass).
+SWEEP_BATCH = 32
+
+
+def head_sweep(lm: LoadedModel, fp: ForwardPass, method: AblationMethod = "zero",
+               positions: Optional[Iterable[int]] = None) -> HeadSweep:
+    """Loss over ``positions`` with each head ablated alone (batched forward passes).
+
+    Row ``b`` of a batch ablates head ``heads[b]`` and nothing else, so each row equals
+    :func:`ablated_logits` with that one head.
+    """
+    if method not in METHODS:
+        raise AnalysisError(f"ablation method must be one of {METHODS}, got {method!r}")
+    pos = check_positions(fp, positions)
+    L, H = lm.cfg.n_layers, lm.cfg.n_heads
+    heads = [(la, h) for la in range(L) for h in range(H)]
+    model = lm.model
+    tokens = torch.as_tensor(fp.token_ids, dtype=torch.long, device=model.device)
+    targets = torch.as_tensor(np.asarray(fp.token_ids)[pos + 1], dtype=torch.long)
+    idx = torch.as_tensor(pos, dtype=torch.long)
+
+    def loss(logits: torch.Tensor) -> torch.Tensor:  # [b, p, v] -> [b]
+        lp = logits[:, idx].double().log_softmax(-1)
+        return -lp.gather(-1, targets[None, :, None].expand(lp.shape[0], -1, 1)).mean((1, 2))
+
+    before = float(loss(fp.logits[None].cpu())) if pos.size else float("nan")
+    after = np.full(L * H, np.nan)
+    if pos.size:
+        for start in range(0, len(heads), SWEEP_BATCH):
+            chunk = heads[start:start + SWEEP_BATCH]
+
+            def hook_for(layer: int, rows: list[tuple[int, int]]):
+                mean = _z_means(fp, layer)
+
+                def fn(z: torch.Tensor, hook) -> torch.Tensor:  # z [b, p, h, e]
+                    z = z.clone()
+                    for b, h in rows:
+                        z[b, :, h] = 0.0 if method == "zero" else mean[h].to(z)
+                    return z
+                return fn
+
+            by_layer: dict[int, list[tuple[int, int]]] = {}
+            for b, (la, h) in enumerate(chunk):
+                by_layer.setdefault(la, []).append((b, h))
+            hooks = [(f"blocks.{la}.attn.hook_z", hook_for(la, rows))
+                     for la, rows in by_layer.items()]
+            with torch.no_grad():
+                logits = model.run_with_hooks(tokens[None].expand(len(chunk), -1),
+                                              fwd_hooks=hooks)
+            after[start:start + len(chunk)] = loss(logits.float().cpu()).numpy()
+    return HeadSweep(method=method, positions=pos, loss_before=before,
+                     loss_after=after.reshape(L, H))
+
+
 def _surprisal(log_probs: torch.Tensor, token_ids: np.ndarray) -> np.ndarray:
     out = np.full(len(token_ids), np.nan)
     if len(token_ids) > 1:
@@ -157,10 +262,12 @@ def _surprisal(log_probs: torch.Tensor, token_ids: np.ndarray) -> np.ndarray:
 
 def ablate_heads(lm: LoadedModel, fp: ForwardPass, *, heads: Iterable[tuple[int, int]],
                  method: AblationMethod = "zero", k: int = 10, position: int = -1,
-                 target: Optional[TokenLike] = None) -> Ablation:
+                 target: Optional[TokenLike] = None,
+                 part: Optional[Iterable[int]] = None) -> Ablation:
     """Compare predictions, a token's logit and probability, loss and KL before/after ablation.
 
-    Without ``target`` the model's top prediction before ablation is tracked.
+    Without ``target`` the model's top prediction before ablation is tracked; ``part``
+    names positions whose next-token loss is also reported on its own.
     """
     k = check_k(lm, k)
     pos = check_position(fp, position)
@@ -177,6 +284,7 @@ def ablate_heads(lm: LoadedModel, fp: ForwardPass, *, heads: Iterable[tuple[int,
     probs_b, probs_a = lp_b[pos].exp().numpy(), lp_a[pos].exp().numpy()
     s_b, s_a = _surprisal(lp_b, fp.token_ids), _surprisal(lp_a, fp.token_ids)
     nan = float("nan")
+    part_pos = check_positions(fp, part) if part is not None else np.zeros(0, dtype=np.int64)
     disp = lm.tokenizer.display
     return Ablation(
         heads=pairs, method=method, position=pos, context=fp.display[pos], display=fp.display,
@@ -192,5 +300,7 @@ def ablate_heads(lm: LoadedModel, fp: ForwardPass, *, heads: Iterable[tuple[int,
         loss_before=float(np.nanmean(s_b)) if fp.n_tokens > 1 else nan,
         loss_after=float(np.nanmean(s_a)) if fp.n_tokens > 1 else nan,
         kl=float(kl_all[pos]), kl_per_position=kl_all.numpy(),
-        surprisal_before=s_b, surprisal_after=s_a,
+        surprisal_before=s_b, surprisal_after=s_a, part=part_pos,
+        part_loss_before=float(s_b[part_pos].mean()) if part_pos.size else nan,
+        part_loss_after=float(s_a[part_pos].mean()) if part_pos.size else nan,
     )

@@ -13,6 +13,7 @@ scale of LayerNorm are not linear maps and are left out.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional, get_args
 
@@ -285,6 +286,35 @@ class CircuitSVD:
     def n_heads(self) -> int:
         """Heads per layer."""
         return int(self.singular_values.shape[1])
+
+    def top(self, n_directions: int, top_k: int) -> "CircuitSVD":
+        """The same SVD with only the first ``n_directions`` directions and ``top_k`` tokens.
+
+        Raises AnalysisError when more directions are asked for than were computed; ``top_k``
+        is capped at the tokens computed.
+        """
+        have = self.input_ids.shape[2]
+        if n_directions > have:
+            raise AnalysisError(f"at most {have} directions (d_head is "
+                                f"{self.singular_values.shape[2]})")
+        k = min(top_k, self.input_ids.shape[3])
+
+        def cut(a: np.ndarray) -> np.ndarray:
+            return a[:, :, :n_directions, :k]
+
+        def cut_nested(t: list) -> list:
+            return [[[d[:k] for d in h[:n_directions]] for h in layer] for layer in t]
+
+        return dataclasses.replace(
+            self, input_ids=cut(self.input_ids), input_scores=cut(self.input_scores),
+            output_ids=cut(self.output_ids), output_scores=cut(self.output_scores),
+            input_tokens=cut_nested(self.input_tokens),
+            output_tokens=cut_nested(self.output_tokens))
+
+    def strongest_head(self) -> tuple[int, int]:
+        """(layer, head) with the largest first singular value."""
+        flat = int(np.argmax(self.singular_values[..., 0]))
+        return divmod(flat, self.n_heads)
 
 
 def _nested_display(lm: LoadedModel, ids: np.ndarray) -> list:

@@ -13,10 +13,12 @@ from .errors import AnalysisError
 
 
 #: Hook points kept in a :class:`ForwardPass` (each head's output is rebuilt exactly from
-#: ``hook_z`` and ``W_O`` when needed, so ``hook_result`` is never stored).
+#: ``hook_z`` and ``W_O`` when needed, so ``hook_result`` is never stored; the MLP's hidden
+#: activations, 4 × d_model wide, are read by no analysis and would double a pass's size).
 def _keep(name: str) -> bool:
     return not name.endswith(("hook_result", "hook_q", "hook_k", "hook_v",
-                              "hook_rot_q", "hook_rot_k", "hook_normalized"))
+                              "hook_rot_q", "hook_rot_k", "hook_normalized", "mlp.hook_pre",
+                              "mlp.hook_pre_linear", "mlp.hook_post", "hook_mlp_in"))
 
 
 @dataclass(frozen=True)

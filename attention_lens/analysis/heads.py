@@ -9,9 +9,16 @@ Scores on the user's prompt compare each head's pattern A with a detection patte
 
 ``"mul"``: Σ A⊙P / Σ A.  ``"abs"``: 1 - mean|A - P|, the mean taken over query rows of
 each row's summed absolute difference (as TransformerLens computes it; an element-wise
-mean would be ~1 for every head). The BOS column (key 0) and the diagonal can be zeroed
-in A first. Scores on the seeded repeated-random-token probe come from
-:mod:`.probe`; the OV copying score from :mod:`.eigen`.
+mean would be ~1 for every head). ``exclude_bos`` leaves key 0 out of the comparison and
+``exclude_diagonal`` the diagonal: for "mul" they are zeroed in A, for "abs" in |A - P|
+(TransformerLens' semantics: P's entries there are not counted as errors either).
+
+Which query rows count (``rows``): ``"target"`` (the default shown) averages over the rows
+that have at least one target in P, as the field's dataset metrics do (on a prompt whose
+second half repeats the first, the first half has no earlier copy, and counting it would
+halve every induction score); ``"all"`` averages over every row, exactly as
+TransformerLens' ``head_detector`` does. Scores on the seeded repeated-random-token probe
+come from :mod:`.probe`; the OV copying score from :mod:`.eigen`.
 """
 
 from __future__ import annotations
@@ -32,6 +39,11 @@ DetectionKind = Literal["previous_token", "duplicate_token", "induction"]
 DETECTION_KINDS: tuple[str, ...] = get_args(DetectionKind)
 Metric = Literal["mul", "abs"]
 METRICS: tuple[str, ...] = get_args(Metric)
+Rows = Literal["target", "all"]
+ROWS: tuple[str, ...] = get_args(Rows)
+#: What each choice of rows means, for pages and exports.
+ROWS_DESCRIPTION = {"target": "averaged over the query rows that have a target",
+                    "all": "averaged over every query row (TransformerLens' head_detector)"}
 Label = Literal["induction", "duplicate", "previous-token", "self/diagonal", "copying",
                 "diffuse", "other"]
 LABELS: tuple[str, ...] = get_args(Label)
@@ -80,18 +92,39 @@ def _masked(patterns: np.ndarray, exclude_bos: bool, exclude_diagonal: bool) -> 
     return a
 
 
+def target_rows(detection: np.ndarray, exclude_bos: bool = False,
+                exclude_diagonal: bool = False) -> np.ndarray:
+    """[q] bool: the query rows of a detection pattern with at least one counted target."""
+    d = _masked(detection, exclude_bos, exclude_diagonal)
+    return d.sum(-1) > 0
+
+
 def pattern_scores(patterns: np.ndarray, detection: np.ndarray, metric: str = "mul",
-                   exclude_bos: bool = False, exclude_diagonal: bool = False) -> np.ndarray:
-    """Score patterns [..., q, k] against a detection pattern [q, k] ("mul" or "abs")."""
+                   exclude_bos: bool = False, exclude_diagonal: bool = False,
+                   rows: str = "all") -> np.ndarray:
+    """Score patterns [..., q, k] against a detection pattern [q, k] ("mul" or "abs").
+
+    ``rows="all"`` is TransformerLens' ``head_detector`` exactly (without its rounding to
+    three decimals); ``rows="target"`` counts only the query rows that have a target, and
+    is NaN where no row has one.
+    """
     if metric not in METRICS:
         raise AnalysisError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
-    a = _masked(patterns, exclude_bos, exclude_diagonal)
+    if rows not in ROWS:
+        raise AnalysisError(f"unknown rows {rows!r}; choose one of {', '.join(ROWS)}")
+    n = patterns.shape[-2]
+    keep = (target_rows(detection, exclude_bos, exclude_diagonal) if rows == "target"
+            else np.ones(n, dtype=bool))
+    if rows == "target" and not keep.any():
+        return np.full(patterns.shape[:-2], np.nan)
     if metric == "mul":
-        num = (a * detection).sum((-1, -2))
+        a = _masked(patterns, exclude_bos, exclude_diagonal)[..., keep, :]
+        num = (a * detection[keep]).sum((-1, -2))
         den = a.sum((-1, -2))
         return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
-    rows = a.shape[-2]
-    return 1.0 - np.abs(a - detection).sum((-1, -2)) / rows
+    err = _masked(np.abs(np.asarray(patterns, dtype=np.float64) - detection), exclude_bos,
+                  exclude_diagonal)
+    return 1.0 - err[..., keep, :].sum((-1, -2)) / int(keep.sum())
 
 
 def self_scores(patterns: np.ndarray) -> np.ndarray:
@@ -165,6 +198,7 @@ class HeadDetection:
 
     Attributes:
         metric: "mul" or "abs" (used for :attr:`scores`; labels always use "mul").
+        rows: which query rows the prompt scores average over ("target" or "all").
         exclude_bos: whether key position 0 was zeroed in A before scoring.
         exclude_diagonal: whether A[i, i] was zeroed before scoring.
         scores: kind ("previous_token", "duplicate_token", "induction") -> [n_layers,
@@ -188,6 +222,7 @@ class HeadDetection:
     """
 
     metric: str
+    rows: str
     exclude_bos: bool
     exclude_diagonal: bool
     scores: dict[str, np.ndarray]
@@ -263,12 +298,24 @@ def prompt_patterns(lm: LoadedModel, fp: ForwardPass) -> np.ndarray:
                      for layer in range(lm.cfg.n_layers)])
 
 
+def prompt_head_scores(lm: LoadedModel, fp: ForwardPass, kind: str, metric: str = "mul",
+                       rows: str = "target", exclude_bos: bool = False,
+                       exclude_diagonal: bool = False) -> np.ndarray:
+    """[n_layers, n_heads] score of every head on the prompt for one detection ``kind``."""
+    return pattern_scores(prompt_patterns(lm, fp), detection_pattern(fp.token_ids, kind),
+                          metric, exclude_bos, exclude_diagonal, rows)
+
+
 def head_detection(lm: LoadedModel, fp: ForwardPass, metric: str = "mul",
                    exclude_bos: bool = False, exclude_diagonal: bool = False,
                    n_examples: int = 5, probe: Optional[ProbeScores] = None,
                    eigen: Optional[CircuitEigenvalues] = None,
-                   probe_settings: Optional[dict[str, int]] = None) -> HeadDetection:
+                   probe_settings: Optional[dict[str, int]] = None,
+                   rows: str = "target") -> HeadDetection:
     """Score and label every head on the prompt, the probe and its OV copying.
+
+    ``rows`` chooses the query rows the prompt scores average over (module docstring);
+    labels use the "mul" scores over the same rows.
 
     ``probe`` (from :func:`probe_head_scores`) and ``eigen`` (from
     :func:`.eigen.circuit_eigenvalues`) are weight-only: pass cached ones to avoid
@@ -276,6 +323,8 @@ def head_detection(lm: LoadedModel, fp: ForwardPass, metric: str = "mul",
     """
     if metric not in METRICS:
         raise AnalysisError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    if rows not in ROWS:
+        raise AnalysisError(f"unknown rows {rows!r}; choose one of {', '.join(ROWS)}")
     if not isinstance(n_examples, int) or not 1 <= n_examples <= 100:
         raise AnalysisError("n_examples must be between 1 and 100")
     settings = {"seq_len": None, "batch": 10, "seed": 0, **(probe_settings or {})}
@@ -290,9 +339,9 @@ def head_detection(lm: LoadedModel, fp: ForwardPass, metric: str = "mul",
     masked = _masked(patterns, exclude_bos, exclude_diagonal)
     for kind in DETECTION_KINDS:
         det = detection_pattern(fp.token_ids, kind)
-        mul[kind] = pattern_scores(patterns, det, "mul", exclude_bos, exclude_diagonal)
+        mul[kind] = pattern_scores(patterns, det, "mul", exclude_bos, exclude_diagonal, rows)
         scores[kind] = mul[kind] if metric == "mul" else pattern_scores(
-            patterns, det, "abs", exclude_bos, exclude_diagonal)
+            patterns, det, "abs", exclude_bos, exclude_diagonal, rows)
         examples_pos[kind], examples_w[kind] = _examples(masked * det, n_examples)
     eye = np.eye(patterns.shape[-1])
     eye[0, 0] = 0.0
@@ -302,7 +351,8 @@ def head_detection(lm: LoadedModel, fp: ForwardPass, metric: str = "mul",
     copying = eigen.copying["full_ov"]
     labels, tags = label_heads(mul, self_att, entropy, copying)
     return HeadDetection(
-        metric=metric, exclude_bos=bool(exclude_bos), exclude_diagonal=bool(exclude_diagonal),
+        metric=metric, rows=rows, exclude_bos=bool(exclude_bos),
+        exclude_diagonal=bool(exclude_diagonal),
         scores=scores, mul_scores=mul, self_attention=self_att, entropy=entropy,
         probe_induction=np.asarray(probe.induction), probe_previous_token=np.asarray(
             probe.previous_token), copying=np.asarray(copying), labels=labels, tags=tags,

@@ -8,7 +8,7 @@ The last stage is the final residual stream, so its logits are the model's logit
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ import torch
 from ..model.checkpoint import LoadedModel
 from .errors import AnalysisError
 from .forward import ForwardPass
-from .predictions import TokenLike, check_k, display_array, entropy_nats, ranks_of, token_id
+from .predictions import TokenLike, check_k, display_array, token_id
 
 Granularity = Literal["sublayer", "layer"]
 GRANULARITIES: tuple[str, ...] = ("sublayer", "layer")
@@ -103,62 +103,122 @@ def lens_stages(lm: LoadedModel, granularity: Granularity = "sublayer") -> list[
 
 def stage_logits(lm: LoadedModel, resid: torch.Tensor) -> torch.Tensor:
     """Logits ``LN_final(resid) W_U + b_U`` with LayerNorm recomputed on ``resid`` itself."""
-    model = lm.model
     with torch.no_grad():
-        x = resid.to(model.device, model.W_U.dtype)
-        if lm.cfg.normalization_type:
-            x = model.ln_final(x)  # fresh mean and scale of x, not the cached final ones
-        return model.unembed(x).float().cpu()
+        return _unembed(lm, _normalised(lm, resid)).float().cpu()
+
+
+def _normalised(lm: LoadedModel, resid: torch.Tensor) -> torch.Tensor:
+    """``LN_final(resid)`` with fresh statistics of each row (``resid`` itself without LN)."""
+    model = lm.model
+    x = resid.to(model.device, model.W_U.dtype)
+    return model.ln_final(x) if lm.cfg.normalization_type else x
+
+
+def _unembed(lm: LoadedModel, x: torch.Tensor) -> torch.Tensor:
+    """``x W_U + b_U`` in one fused product."""
+    model = lm.model
+    return torch.addmm(model.b_U, x, model.W_U)
+
+
+#: Logits computed at once: rows × d_vocab stays under this many numbers (64 MiB of float32),
+#: so a 256-token prompt through a 50k-token vocabulary never holds every stage's logits.
+CHUNK_ELEMENTS = 2 ** 24
+
+
+def chunk_rows(d_vocab: int, elements: int = CHUNK_ELEMENTS) -> int:
+    """Rows (stage, position pairs) per chunk for a vocabulary of ``d_vocab`` tokens."""
+    return max(1, elements // max(1, d_vocab))
 
 
 def logit_lens(lm: LoadedModel, fp: ForwardPass, *, k: int = 5,
-               target: Optional[TokenLike] = None,
-               granularity: Granularity = "sublayer") -> LogitLens:
-    """Top-k tokens at every stage and position, plus the probability and rank of ``target``."""
+               target: Optional[TokenLike] = None, granularity: Granularity = "sublayer",
+               progress: Optional[Callable[[float], None]] = None,
+               rows_per_chunk: Optional[int] = None) -> LogitLens:
+    """Top-k tokens at every stage and position, plus the probability and rank of ``target``.
+
+    Only what is shown is kept: the logits of every (stage, position) are computed in chunks
+    of ``rows_per_chunk`` rows (default :func:`chunk_rows`), each reduced to its top-k, its
+    normaliser, its entropy and the probability and rank of the actual next token and of the
+    target before the next chunk. ``progress(fraction)`` is called after each chunk (it may
+    raise to stop the computation).
+    """
     k = check_k(lm, k)
     tid = None if target is None else token_id(lm, target)
     stages = lens_stages(lm, granularity)
-    p = fp.n_tokens
-    has_next = p > 1
-    nxt = torch.as_tensor(fp.token_ids[1:], dtype=torch.long)
-    top_ids, top_probs, entropy, next_probs, next_ranks = [], [], [], [], []
-    t_probs, t_ranks, t_logits = [], [], []
-    for _, hook in stages:
-        logits = stage_logits(lm, fp.cache[hook]).double()  # [p, v]
-        log_probs = logits.log_softmax(-1)
-        top = torch.topk(logits, k, dim=-1)
-        top_ids.append(top.indices)
-        top_probs.append(log_probs.gather(-1, top.indices).exp())
-        entropy.append(entropy_nats(log_probs))
-        np_row, nr_row = torch.full((p,), float("nan"), dtype=torch.float64), torch.full((p,), -1)
-        if has_next:
-            np_row[:-1] = log_probs[:-1].gather(-1, nxt[:, None]).squeeze(-1).exp()
-            nr_row[:-1] = ranks_of(logits[:-1], nxt)
-        next_probs.append(np_row)
-        next_ranks.append(nr_row)
-        if tid is not None:
-            ids = torch.full((p,), tid, dtype=torch.long)
-            t_probs.append(log_probs[:, tid].exp())
-            t_ranks.append(ranks_of(logits, ids))
-            t_logits.append(logits[:, tid])
-    top_ids_np = torch.stack(top_ids).numpy().astype(np.int64)
-    next_ids = np.full(p, -1, dtype=np.int64)
-    next_ids[:-1] = fp.token_ids[1:]
+    s, p = len(stages), fp.n_tokens
+    n = s * p
+    rows = rows_per_chunk or chunk_rows(lm.cfg.d_vocab)
+    # the token that came next at each row's position (row = stage * p + position); the last
+    # position has none, so it borrows token 0 and is blanked afterwards
+    nxt = np.zeros(p, dtype=np.int64)
+    nxt[:-1] = fp.token_ids[1:]
+    next_of_row = torch.as_tensor(np.tile(nxt, s))
+    top_ids = torch.empty((n, k), dtype=torch.long)
+    top_probs, entropy = torch.empty((n, k)), torch.empty(n)
+    next_probs, next_ranks = torch.empty(n), torch.empty(n, dtype=torch.long)
+    t_probs, t_ranks, t_logits = torch.empty(n), torch.empty(n, dtype=torch.long), torch.empty(n)
+    with torch.no_grad():
+        resid = torch.cat([fp.cache[hook] for _, hook in stages])  # [s * p, d_model]
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            logits = _unembed(lm, _normalised(lm, resid[start:stop])).float().cpu()  # [r, v]
+            top = torch.topk(logits, k, dim=-1)
+            # log-sum-exp shifted by each row's maximum (the top-1 logit), which is also
+            # what the entropy H = lse - sum_v p_v l_v needs
+            peak = top.values[:, :1]
+            shifted = (logits - peak).exp_()
+            total = shifted.sum(-1)
+            lse = peak[:, 0] + total.log()
+            entropy[start:stop] = lse - torch.linalg.vecdot(shifted, logits) / total
+            del shifted
+            top_ids[start:stop] = top.indices
+            top_probs[start:stop] = (top.values - lse[:, None]).exp()
+            chosen = logits.gather(-1, next_of_row[start:stop, None])
+            next_probs[start:stop] = (chosen[:, 0] - lse).exp()
+            next_ranks[start:stop] = (logits > chosen).sum(-1) + 1
+            if tid is not None:
+                col = logits[:, tid:tid + 1]
+                t_logits[start:stop] = col[:, 0]
+                t_probs[start:stop] = (col[:, 0] - lse).exp()
+                t_ranks[start:stop] = (logits > col).sum(-1) + 1
+            del logits
+            if progress is not None:
+                progress(stop / n)
+    next_probs_np = next_probs.double().numpy().reshape(s, p)
+    next_ranks_np = next_ranks.numpy().astype(np.int64).reshape(s, p)
+    next_probs_np[:, -1], next_ranks_np[:, -1] = np.nan, -1
+    next_ids = nxt.copy()
+    next_ids[-1] = -1
+    top_ids_np = top_ids.numpy().astype(np.int64).reshape(s, p, k)
+
+    def grid(t: torch.Tensor) -> np.ndarray:
+        return t.double().numpy().reshape(s, p)
+
     return LogitLens(
         stage_labels=tuple(label for label, _ in stages),
         stage_hooks=tuple(hook for _, hook in stages),
         display=fp.display,
         top_ids=top_ids_np,
         top_display=display_array(lm, top_ids_np),
-        top_probs=torch.stack(top_probs).numpy(),
-        entropy=torch.stack(entropy).numpy(),
+        top_probs=top_probs.double().numpy().reshape(s, p, k),
+        entropy=grid(entropy),
         next_ids=next_ids,
-        next_probs=torch.stack(next_probs).numpy(),
-        next_ranks=torch.stack(next_ranks).numpy().astype(np.int64),
+        next_probs=next_probs_np,
+        next_ranks=next_ranks_np,
         target_id=tid,
         target_display="" if tid is None else lm.tokenizer.display(tid),
-        target_probs=None if tid is None else torch.stack(t_probs).numpy(),
-        target_ranks=None if tid is None else torch.stack(t_ranks).numpy().astype(np.int64),
-        target_logits=None if tid is None else torch.stack(t_logits).numpy(),
+        target_probs=None if tid is None else grid(t_probs),
+        target_ranks=None if tid is None else t_ranks.numpy().astype(np.int64).reshape(s, p),
+        target_logits=None if tid is None else grid(t_logits),
         note=PARALLEL_NOTE if any("(parallel)" in label for label, _ in stages) else "",
     )
+
+
+def lens_key(lm: LoadedModel, *, k: int = 5, target: Optional[TokenLike] = None,
+             granularity: Granularity = "sublayer") -> tuple:
+    """The cache key of a logit lens of one forward pass (its arguments checked, the target
+    resolved to its id), so every caller with the same view shares one result."""
+    if granularity not in GRANULARITIES:
+        raise AnalysisError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    return ("logit_lens", check_k(lm, k), None if target is None else token_id(lm, target),
+            granularity)

@@ -6,7 +6,6 @@ token), so they fail with the same readable :class:`AnalysisError` everywhere.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from numbers import Integral
 from typing import Union
@@ -20,8 +19,6 @@ from .forward import ForwardPass
 
 #: A target token: its id, or a string that must be exactly one token.
 TokenLike = Union[int, str]
-
-LN2 = math.log(2.0)
 
 
 # ----------------------------------------------------------------------- input checks
@@ -122,8 +119,8 @@ class TokenPredictions:
         next_ids: [pos] id of the token that actually came next (-1 at the last position).
         next_probs: [pos] its probability (NaN at the last position).
         next_ranks: [pos] its 1-based rank among all tokens (-1 at the last position).
-        surprisal_nats: [pos] -ln p(next token) (NaN at the last position).
-        surprisal_bits: [pos] -log2 p(next token) (NaN at the last position).
+        surprisal_nats: [pos] -ln p(next token) (NaN at the last position); surprisal and
+            loss are in nats everywhere in the app.
         entropy: [pos] entropy of each next-token distribution, in nats.
         loss: mean next-token loss of the prompt in nats (NaN for a one-token prompt).
     """
@@ -139,7 +136,6 @@ class TokenPredictions:
     next_probs: np.ndarray
     next_ranks: np.ndarray
     surprisal_nats: np.ndarray
-    surprisal_bits: np.ndarray
     entropy: np.ndarray
     loss: float
 
@@ -148,7 +144,7 @@ class TokenPredictions:
         assert self.top_ids.shape[0] == p and self.top_probs.shape == self.top_ids.shape
         assert self.top_display.shape == self.top_ids.shape == self.top_logits.shape
         for arr in (self.next_ids, self.next_probs, self.next_ranks, self.surprisal_nats,
-                    self.surprisal_bits, self.entropy):
+                    self.entropy):
             assert arr.shape == (p,)
 
     @property
@@ -230,7 +226,6 @@ def token_predictions(lm: LoadedModel, fp: ForwardPass, *, k: int = 5) -> TokenP
         next_probs=next_probs,
         next_ranks=next_ranks,
         surprisal_nats=surprisal,
-        surprisal_bits=surprisal / LN2,
         entropy=entropy_nats(log_probs).numpy(),
         loss=float(np.nanmean(surprisal)) if p > 1 else float("nan"),
     )

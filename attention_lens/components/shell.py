@@ -1,6 +1,7 @@
 """The app shell: navbar, shared prompt and model picker, alerts, and the URL as shared state.
 
-State flow: the URL query string (``model``, ``text``, ``pos`` and the page's own controls)
+State flow: the URL query string (``model``, ``text``, ``pos``, ``theme`` and the page's own
+controls)
 is the source of truth. On load, on link navigation and on back/forward the shell reads
 it into :data:`STATE`; the Analyse button and the model picker write :data:`STATE`; a
 clientside callback writes :data:`STATE` plus the page's query store back into the URL
@@ -42,8 +43,11 @@ URLSYNC = "shell-urlsync"
 NAVLINK = "shell-navlink"
 TOGGLER = "shell-toggler"
 COLLAPSE = "shell-collapse"
+THEME = "shell-theme"
 LOCATION = "_pages_location"  # dash.page_container's own dcc.Location
-SHARED_KEYS = ("model", "text", "pos")
+SHARED_KEYS = ("model", "text", "pos", "theme")
+#: The light "publication" theme's name in the URL (``theme=light``); dark is the default.
+LIGHT = "light"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -56,7 +60,7 @@ def parse_search(search: Optional[str]) -> dict[str, str]:
 
 
 def state_query(state: Optional[dict]) -> str:
-    """The shared part of a page URL (``model``, ``text``, ``pos``) for ``state``."""
+    """The shared part of a page URL (``model``, ``text``, ``pos``, ``theme``) for ``state``."""
     if not state:
         return ""
     params = {k: state[k] for k in SHARED_KEYS if state.get(k) not in (None, "")}
@@ -111,8 +115,12 @@ def navbar() -> dbc.Navbar:
             dbc.NavbarBrand("Attention Lens", href=dash.get_relative_path("/"),
                             className="al-brand"),
             dbc.NavbarToggler(id=TOGGLER, n_clicks=0),
-            dbc.Collapse(dbc.Nav(links, navbar=True, className="al-nav"), id=COLLAPSE,
-                         navbar=True, is_open=False),
+            dbc.Collapse([dbc.Nav(links, navbar=True, className="al-nav"),
+                          dbc.Button("Light theme", id=THEME, n_clicks=0, size="sm",
+                                     color="secondary", outline=True, className="al-theme",
+                                     title="Switch between the dark theme and a light one "
+                                           "for papers (figures and exports follow)")],
+                         id=COLLAPSE, navbar=True, is_open=False),
         ], fluid=True),
         color="dark", dark=True, expand="lg", className="al-navbar mb-2",
     )
@@ -195,9 +203,12 @@ function(state, queries) {
     if (!state || !state.text) { return dc.no_update; }
     const trig = ((dc.callback_context || {}).triggered || []).map(t => t.prop_id);
     const p = new URLSearchParams();
+    document.documentElement.setAttribute('data-al-theme',
+                                          state.theme === 'light' ? 'light' : 'dark');
     p.set('model', state.model);
     p.set('text', state.text);
     if (state.pos !== null && state.pos !== undefined) { p.set('pos', String(state.pos)); }
+    if (state.theme === 'light') { p.set('theme', 'light'); }
     let user = trig.indexOf('shell-state.data') >= 0 && state.src === 'user';
     (queries || []).forEach(function (q) {
         if (!q) { return; }
@@ -247,6 +258,13 @@ def register_callbacks(app: dash.Dash) -> None:
         prevent_initial_call=True,
     )(lambda n, is_open: not is_open)
 
+    app.callback(
+        Output(STATE, "data", allow_duplicate=True), Input(THEME, "n_clicks"),
+        State(STATE, "data"), prevent_initial_call=True,
+    )(toggle_theme)
+
+    app.callback(Output(THEME, "children"), Input(STATE, "data"))(theme_label)
+
     page_components.register_shell_callbacks(app)
 
 
@@ -268,6 +286,7 @@ def sync_state(search: Optional[str], nav: Optional[dict], n_clicks: Optional[in
         text_out, model_out = no_update, no_update
         same_text = bool(state) and state.get("text") == new_text
         pos = state.get("pos") if same_text and state.get("model") == new_model else None
+        theme = (state or {}).get("theme")
     else:
         src = "url"
         if trigger == NAV and nav:
@@ -276,6 +295,7 @@ def sync_state(search: Optional[str], nav: Optional[dict], n_clicks: Optional[in
         new_text = q.get("text", DEFAULT_PROMPT)
         new_model = q.get("model") or reg.default
         pos = _int_or_none(q.get("pos"))
+        theme = LIGHT if q.get("theme") == LIGHT else None
         if q.get("pos") not in (None, "") and pos is None:
             alerts.append(alert(f"Ignored the link's position {q.get('pos')!r}: "
                                 "it must be a whole number.", color="warning"))
@@ -305,10 +325,22 @@ def sync_state(search: Optional[str], nav: Optional[dict], n_clicks: Optional[in
             f"The prompt has {fp.n_prompt_tokens} tokens but {new_model} reads at most "
             f"{fp.n_tokens}: analysed the first {fp.n_tokens} of {fp.n_prompt_tokens} tokens.",
             color="warning"))
-    new_state = {"model": new_model, "text": new_text, "pos": pos, "src": src}
+    new_state = {"model": new_model, "text": new_text, "pos": pos, "theme": theme, "src": src}
     if state and src == "url" and all(state.get(k) == new_state[k] for k in SHARED_KEYS):
         return (no_update, text_out, model_out, alerts)
     return (new_state, text_out, model_out, alerts)
+
+
+def toggle_theme(n_clicks: Optional[int], state: Optional[dict]) -> Any:
+    """Switch the shared state between the dark theme and the light publication theme."""
+    if not n_clicks or not state:
+        return no_update
+    return {**state, "theme": None if state.get("theme") == LIGHT else LIGHT, "src": "user"}
+
+
+def theme_label(state: Optional[dict]) -> str:
+    """The theme button offers the theme not in use."""
+    return "Dark theme" if (state or {}).get("theme") == LIGHT else "Light theme"
 
 
 def _fallback(state: Optional[dict]) -> Any:
@@ -317,7 +349,8 @@ def _fallback(state: Optional[dict]) -> Any:
 
     if state:
         return no_update
-    return {"model": registry().default, "text": DEFAULT_PROMPT, "pos": None, "src": "url"}
+    return {"model": registry().default, "text": DEFAULT_PROMPT, "pos": None, "theme": None,
+            "src": "url"}
 
 
 def _int_or_none(value: Optional[str]) -> Optional[int]:

@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import plotly.graph_objects as go
 
-from .theme import QUALITATIVE, TEMPLATE, position_labels, unique_labels
+from .theme import DIVERGING, QUALITATIVE, TEMPLATE, number, position_labels, unique_labels
 from .tokens import esc, finish, quoted
 
 if TYPE_CHECKING:
-    from ..analysis.ablation import Ablation
+    from ..analysis.ablation import Ablation, HeadSweep
 
 
 def _heads(result: Ablation) -> str:
@@ -54,15 +54,58 @@ def ablation_positions_figure(result: Ablation) -> go.Figure:
                marker_color=QUALITATIVE[7], opacity=0.6,
                hovertemplate="after %{x}: KL = %{y:.4f} nats<extra></extra>"),
     ])
+    loss = (f"loss {number(result.loss_before)} → {number(result.loss_after)} nats")
+    if result.part.size:
+        loss = (f"loss on the repeated part {number(result.part_loss_before)} → "
+                f"{number(result.part_loss_after)} nats (whole prompt "
+                f"{number(result.loss_before)} → {number(result.loss_after)})")
+        part = set(result.part.tolist())
+        for i in range(len(result.display)):
+            if i in part:
+                fig.add_vrect(x0=i - 0.5, x1=i + 0.5, fillcolor=QUALITATIVE[2], opacity=0.12,
+                              line_width=0, layer="below")
     fig.update_layout(
         template=TEMPLATE,
-        title=(f"{esc(_heads(result))}: loss {result.loss_before:.3f} → "
-               f"{result.loss_after:.3f} nats"),
+        title=f"{esc(_heads(result))}: {loss}",
         xaxis=dict(type="category", title="position (predicting the next token)",
                    tickangle=-60),
         yaxis_title="nats",
     )
     return finish(fig)
+
+
+def sweep_figure(result: HeadSweep, what: str = "the repeated part") -> go.Figure:
+    """Heatmap [layer, head]: the change in loss when that head alone is ablated."""
+    z = result.loss_change
+    n_layers, n_heads = z.shape
+    bound = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
+    fig = go.Figure(go.Heatmap(
+        z=z, x=[f"H{h}" for h in range(n_heads)], y=[f"L{la}" for la in range(n_layers)],
+        colorscale=DIVERGING, zmid=0.0, zmin=-bound, zmax=bound or 1.0,
+        texttemplate="%{z:+.2f}" if n_heads <= 16 else "", textfont=dict(size=10),
+        colorbar=dict(title="Δ loss (nats)"),
+        hovertemplate=(f"%{{y}}%{{x}} alone {result.method}-ablated: loss on {what} "
+                       "changes by %{z:+.3f} nats<extra></extra>"),
+    ))
+    fig.update_layout(
+        template=TEMPLATE,
+        title=(f"Change in loss on {what} with each head {result.method}-ablated alone "
+               f"(no head ablated: {number(result.loss_before)} nats)"),
+        xaxis=dict(title="head", type="category"),
+        yaxis=dict(title="layer", type="category", autorange="reversed"),
+        height=max(260, 40 * n_layers + 200),
+    )
+    return finish(fig)
+
+
+def sweep_table(result: HeadSweep) -> list[dict]:
+    """Rows (layer, head, loss after, change) behind :func:`sweep_figure`."""
+    n_layers, n_heads = result.loss_after.shape
+    return [{"layer": la, "head": h, "method": result.method,
+             "loss_before_nats": result.loss_before,
+             "loss_after_nats": float(result.loss_after[la, h]),
+             "loss_change_nats": float(result.loss_change[la, h])}
+            for la in range(n_layers) for h in range(n_heads)]
 
 
 def ablation_table(result: Ablation) -> list[dict]:

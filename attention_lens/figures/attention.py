@@ -10,6 +10,9 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .theme import SEQUENTIAL, SEQUENTIAL_ALT, TEMPLATE, position_labels
+
+#: Outline of the head shown in the main figure (Okabe-Ito vermillion).
+SELECTED = "#D55E00"
 from .tokens import esc, finish
 
 if TYPE_CHECKING:
@@ -44,15 +47,26 @@ def attention_figure(result: AttentionPattern) -> go.Figure:
         hoverongaps=False, colorbar=dict(title="weight"),
         hovertemplate=f"query %{{y}} ← key %{{x}}: %{{z:.3f}}<extra>{name}</extra>",
     ))
+    n = len(labels)
+    # long prompts fit the viewport (zoom in with a drag, double-click to reset); every
+    # k-th position is labelled so the labels never run into each other
+    ticks = min(n, PATTERN_MAX_LABELS)
     fig.update_layout(
         template=TEMPLATE,
         title=(f"Layer {result.layer}, head {result.head}: attention pattern "
                f"(mean entropy {result.mean_entropy:.2f} nats)"),
-        xaxis=dict(title="key (attended to)", type="category", tickangle=-60),
-        yaxis=dict(title="query (attending)", type="category", autorange="reversed"),
-        height=max(450, 14 * len(labels) + 200),
+        xaxis=dict(title="key (attended to)", type="category", tickangle=-60, nticks=ticks),
+        yaxis=dict(title="query (attending)", type="category", autorange="reversed",
+                   nticks=ticks),
+        height=min(PATTERN_MAX_HEIGHT, max(450, 14 * n + 200)),
     )
     return finish(fig)
+
+
+#: Tallest pattern heatmap (px): it fits a laptop screen whatever the prompt's length.
+PATTERN_MAX_HEIGHT = 820
+#: Most position labels on a pattern's axes (every k-th position beyond that).
+PATTERN_MAX_LABELS = 48
 
 
 #: Thumbnails of longer prompts are max-pooled to at most this many rows and columns.
@@ -81,30 +95,42 @@ def pooled(z: np.ndarray, labels: list[str], max_positions: int = GRID_MAX_POSIT
 
 
 def attention_grid_figure(result: AttentionPatterns,
-                          layers: Optional[Sequence[int]] = None) -> go.Figure:
+                          layers: Optional[Sequence[int]] = None,
+                          selected: Optional[tuple[int, int]] = None) -> go.Figure:
     """Every head's pattern in a layer × head grid, one shared colour scale (0 to 1).
 
     ``layers`` limits the rows (models with many heads show one layer at a time); prompts
-    longer than :data:`GRID_MAX_POSITIONS` are max-pooled into position blocks.
+    longer than :data:`GRID_MAX_POSITIONS` are max-pooled into position blocks;
+    ``selected`` (layer, head) is outlined.
     """
     n_layers, n_heads = result.patterns.shape[:2]
     rows = list(range(n_layers)) if layers is None else [int(x) for x in layers]
     z, labels, is_pooled = pooled(masked(result.patterns[rows]), _labels(result.display))
     what = "max weight in block" if is_pooled else "weight"
     unit = "positions " if is_pooled else ""
-    fig = make_subplots(rows=len(rows), cols=n_heads, horizontal_spacing=0.01,
-                        vertical_spacing=0.03 if len(rows) > 1 else 0.0, subplot_titles=[
+    # one layer of many heads wraps into rows of GRID_MAX_COLUMNS larger thumbnails
+    per_row = n_heads if len(rows) > 1 else min(n_heads, GRID_MAX_COLUMNS)
+    lines = -(-n_heads // per_row)
+    grid_rows = len(rows) * lines
+    fig = make_subplots(rows=grid_rows, cols=per_row, horizontal_spacing=0.01,
+                        vertical_spacing=(0.03 if lines == 1 else 0.06) if grid_rows > 1
+                        else 0.0, subplot_titles=[
                             f"L{layer}H{head}" for layer in rows for head in range(n_heads)])
     for r, layer in enumerate(rows):
         for head in range(n_heads):
+            line, col = divmod(head, per_row)
             fig.add_trace(go.Heatmap(
                 z=z[r, head], x=labels, y=labels, coloraxis="coloraxis", hoverongaps=False,
                 hovertemplate=(f"L{layer}H{head}<br>query {unit}%{{y}} ← key {unit}%{{x}}: "
                                f"{what} %{{z:.3f}}<extra></extra>"),
-            ), row=r + 1, col=head + 1)
+            ), row=r * lines + line + 1, col=col + 1)
     fig.update_xaxes(showticklabels=False, type="category")
     fig.update_yaxes(showticklabels=False, type="category", autorange="reversed")
     fig.update_annotations(font_size=10)
+    if selected is not None and int(selected[0]) in rows and 0 <= selected[1] < n_heads:
+        r, c = rows.index(int(selected[0])) + 1, int(selected[1]) + 1
+        fig.add_shape(type="rect", xref="x domain", yref="y domain", x0=-0.04, x1=1.04,
+                      y0=-0.04, y1=1.04, line=dict(color=SELECTED, width=3), row=r, col=c)
     title = "Attention patterns of every head (rows: queries, columns: keys)"
     if layers is not None and len(rows) < n_layers:
         title = f"Layer {', '.join(map(str, rows))} of {n_layers}: every head's pattern"
@@ -113,9 +139,13 @@ def attention_grid_figure(result: AttentionPatterns,
     fig.update_layout(
         template=TEMPLATE, title=title,
         coloraxis=dict(colorscale=SEQUENTIAL, cmin=0.0, cmax=1.0, colorbar_title="weight"),
-        height=max(300, 110 * len(rows) + 120),
+        height=max(300, (110 if lines == 1 else 150) * grid_rows + 120),
     )
     return finish(fig)
+
+
+#: Thumbnails per row when the grid shows one layer (larger than one row of every head).
+GRID_MAX_COLUMNS = 6
 
 
 def entropy_figure(result: AttentionPatterns) -> go.Figure:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import plotly.graph_objects as go
 
-from .theme import DIVERGING, QUALITATIVE, TEMPLATE
+from .theme import DIVERGING, QUALITATIVE, TEMPLATE, number, signed
 from .tokens import esc, finish, quoted
 
 if TYPE_CHECKING:
@@ -57,8 +57,8 @@ def attribution_components_figure(result: LogitAttribution) -> go.Figure:
     fig.update_layout(
         template=TEMPLATE,
         title=(f"Direct logit attribution at position {result.position} "
-               f"{quoted(result.context)}: sum {result.total:+.3f} = {what} − b_U "
-               f"({result.logit:.3f} − {result.bias:.3f})"),
+               f"{quoted(result.context)}: sum {signed(result.total)} = {what} − b_U "
+               f"({number(result.logit)} − {number(result.bias)})"),
         xaxis=dict(type="category", title="component", tickangle=-60),
         yaxis_title=f"contribution to {what}",
     )

@@ -8,7 +8,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .theme import DIVERGING, QUALITATIVE, SEQUENTIAL, TEMPLATE
+from .theme import DIVERGING, QUALITATIVE, SEQUENTIAL, TEMPLATE, signed
 from .tokens import esc
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def circuit_eigenvalues_figure(result: CircuitEigenvalues, layer: int, head: int
     """One head's eigenvalues of each circuit in the complex plane, one panel per circuit."""
     names = list(result.CIRCUITS)
     fig = make_subplots(rows=1, cols=len(names), horizontal_spacing=0.06, subplot_titles=[
-        f"{CIRCUIT_TITLES[c]}<br>copying {result.copying[c][layer, head]:+.2f}, "
+        f"{CIRCUIT_TITLES[c]}<br>copying {signed(result.copying[c][layer, head], '.2f')}, "
         f"Re λ > 0: {result.positive[c][layer, head]:.0%}" for c in names])
     for col, c in enumerate(names, start=1):
         e = result.eigenvalues(c)[layer, head]

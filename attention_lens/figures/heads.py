@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 LABEL_COLOURS = {"induction": QUALITATIVE[5], "duplicate": QUALITATIVE[6],
                  "previous-token": QUALITATIVE[1], "self/diagonal": QUALITATIVE[3],
                  "copying": QUALITATIVE[2], "diffuse": QUALITATIVE[7], "other": "#444444"}
+#: How the prompt scores were averaged, in a figure title.
+ROWS_SHORT = {"target": "over rows with a target", "all": "over all rows (TransformerLens)"}
 KIND_TITLES = {"previous_token": "previous-token", "duplicate_token": "duplicate-token",
                "induction": "induction", "self": "self"}
 
@@ -26,7 +28,7 @@ KIND_TITLES = {"previous_token": "previous-token", "duplicate_token": "duplicate
 def score_grids(result: HeadDetection) -> list[tuple[str, np.ndarray, tuple[float, float]]]:
     """(title, [n_layers, n_heads] scores, colour range) of every grid, in display order."""
     lo = 0.0 if result.metric == "mul" else None
-    grids = [(f"prompt: {KIND_TITLES[k]} ({result.metric})", result.scores[k], (lo, 1.0))
+    grids = [(f"prompt: {KIND_TITLES[k]}", result.scores[k], (lo, 1.0))
              for k in ("previous_token", "duplicate_token", "induction")]
     grids += [("probe: induction", result.probe_induction, (0.0, 1.0)),
               ("probe: previous-token", result.probe_previous_token, (0.0, 1.0)),
@@ -40,20 +42,25 @@ def head_scores_figure(result: HeadDetection) -> go.Figure:
     L, H = result.probe_induction.shape
     cols = 3
     fig = make_subplots(rows=2, cols=cols, subplot_titles=[g[0] for g in grids],
-                        horizontal_spacing=0.05, vertical_spacing=0.16)
+                        horizontal_spacing=0.05, vertical_spacing=0.2)
     x, y = [str(h) for h in range(H)], [str(la) for la in range(L)]
+    text = "%{z:.2f}" if H <= 16 and L <= 12 else ""
     for i, (title, z, (zmin, zmax)) in enumerate(grids):
         fig.add_trace(go.Heatmap(
             z=z, x=x, y=y, name=title, coloraxis="coloraxis2" if i == 5 else "coloraxis",
+            texttemplate=text, textfont=dict(size=8), hoverongaps=False,
             hovertemplate=f"{title}<br>layer %{{y}}, head %{{x}}: %{{z:.3f}}<extra></extra>",
         ), row=i // cols + 1, col=i % cols + 1)
-    fig.update_xaxes(type="category", title_text="head", title_standoff=2)
+    fig.update_xaxes(type="category")
+    fig.update_xaxes(title_text="head", title_standoff=2, row=2)
     fig.update_yaxes(type="category", autorange="reversed", title_text="layer")
     fig.update_annotations(font_size=11)
     fig.update_layout(
         template=TEMPLATE,
-        title=(f"Head scores (probe: T = {result.probe_settings.get('seq_len')}, batch "
-               f"{result.probe_settings.get('batch')}, seed {result.probe_settings.get('seed')})"),
+        title=(f"Head scores. Prompt: {result.metric}, "
+               f"{ROWS_SHORT.get(getattr(result, 'rows', 'all'), '')}; probe: T = "
+               f"{result.probe_settings.get('seq_len')}, batch "
+               f"{result.probe_settings.get('batch')}, seed {result.probe_settings.get('seed')}"),
         coloraxis=dict(colorscale=SEQUENTIAL, cmin=0.0, cmax=1.0,
                        colorbar=dict(title="score", x=1.0, len=0.45, y=0.78)),
         coloraxis2=dict(colorscale="RdBu_r", cmin=-1.0, cmax=1.0,
@@ -94,7 +101,9 @@ def head_labels_figure(result: HeadDetection, labels: Sequence[Sequence[str]],
         template=TEMPLATE, title=f"Head labels (pattern scores from the {source})",
         xaxis=dict(title="head", type="category"),
         yaxis=dict(title="layer", type="category", autorange="reversed"),
-        legend=dict(orientation="h", y=-0.25), height=max(300, 40 * L + 220),
+        # the legend sits at the bottom of the figure, below the head axis and its title
+        legend=dict(orientation="h", yref="container", y=0, yanchor="bottom", x=0),
+        margin=dict(b=120), height=max(330, 40 * L + 250),
     )
     return fig
 
@@ -102,12 +111,12 @@ def head_labels_figure(result: HeadDetection, labels: Sequence[Sequence[str]],
 def head_examples_figure(examples: Sequence[dict], layer: int, head: int,
                          kind: str) -> go.Figure:
     """The strongest "query ← key: weight" entries behind one head's score."""
-    labels = [f"{e['query_pos']}: '{esc(e['query'])}' ← {e['key_pos']}: '{esc(e['key'])}'"
+    labels = [f"{e['query_pos']} '{esc(e['query'])}' ← {e['key_pos']} '{esc(e['key'])}'"
               for e in examples]
     weights = [e["weight"] for e in examples]
     fig = go.Figure(go.Bar(
         x=weights, y=labels, orientation="h", marker_color=QUALITATIVE[5],
-        hovertemplate="query %{y}: %{x:.3f}<extra></extra>",
+        hovertemplate="query ← key %{y}: %{x:.3f}<extra></extra>",
     ))
     title = f"L{layer}H{head}: strongest {KIND_TITLES.get(kind, kind)} entries"
     if not examples:
@@ -140,6 +149,8 @@ def composition_figure(result: Composition, kind: str, source_layer: Optional[in
     tgt_layers = range(1 if source_layer is None else source_layer + 1, L)
     rows = [(la, h) for la in src_layers for h in range(H)]
     cols = [(la, h) for la in tgt_layers for h in range(H)]
+    if source_layer is None and max(len(rows), len(cols)) > COMPOSITION_MAX_HEADS:
+        return _composition_by_layer(s, kind, base, title)
     z = np.array([[s[l1, h1, l2, h2] for (l2, h2) in cols] for (l1, h1) in rows])
     ratio = z / base if base > 0 else np.full_like(z, np.nan)
     fig.add_trace(go.Heatmap(
@@ -151,9 +162,47 @@ def composition_figure(result: Composition, kind: str, source_layer: Optional[in
     ))
     fig.update_layout(
         template=TEMPLATE, title=title,
-        xaxis=dict(title="later head (reads)", type="category", tickangle=-60),
-        yaxis=dict(title="earlier head (writes)", type="category", autorange="reversed"),
-        height=max(380, 14 * len(rows) + 200),
+        xaxis=dict(title="later head (reads)", type="category", tickangle=-60,
+                   nticks=min(len(cols), COMPOSITION_MAX_HEADS)),
+        yaxis=dict(title="earlier head (writes)", type="category", autorange="reversed",
+                   nticks=min(len(rows), COMPOSITION_MAX_HEADS)),
+        height=max(380, 14 * min(len(rows), COMPOSITION_MAX_HEADS) + 200),
+    )
+    return fig
+
+
+#: Above this many source or target heads, the all-layers view shows layer pairs (the
+#: strongest head pair of each); one source layer at a time shows every head.
+COMPOSITION_MAX_HEADS = 48
+
+
+def _composition_by_layer(s: np.ndarray, kind: str, base: float, title: str) -> go.Figure:
+    """Layer × later-layer grid of the strongest head pair's score, the pair in the hover."""
+    L, H = s.shape[:2]
+    z = np.full((L - 1, L - 1), np.nan)
+    best = np.empty((L - 1, L - 1), dtype=object)
+    best[...] = ""
+    for l1 in range(L - 1):
+        for l2 in range(l1 + 1, L):
+            block = s[l1, :, l2, :]
+            h1, h2 = np.unravel_index(int(np.nanargmax(block)), block.shape)
+            z[l1, l2 - 1] = block[h1, h2]
+            ratio = f" ({block[h1, h2] / base:.1f}× baseline)" if base > 0 else ""
+            best[l1, l2 - 1] = f"L{l1}H{h1} → L{l2}H{h2}{ratio}"
+    fig = go.Figure(go.Heatmap(
+        z=z, x=[f"L{la}" for la in range(1, L)], y=[f"L{la}" for la in range(L - 1)],
+        customdata=best, colorscale=SEQUENTIAL, hoverongaps=False,
+        colorbar=dict(title="max score"),
+        hovertemplate=(f"%{{y}} → %{{x}}: strongest {kind}-composition %{{z:.3f}}<br>"
+                       "%{customdata}<extra></extra>"),
+    ))
+    fig.update_layout(
+        template=TEMPLATE,
+        title=f"{title}<br><sup>strongest head pair per pair of layers; choose a source "
+              "layer to see every head</sup>",
+        xaxis=dict(title="later layer (reads)", type="category"),
+        yaxis=dict(title="earlier layer (writes)", type="category", autorange="reversed"),
+        height=max(380, 30 * (L - 1) + 200),
     )
     return fig
 

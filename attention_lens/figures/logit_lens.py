@@ -16,11 +16,24 @@ if TYPE_CHECKING:
 Colour = Literal["top", "actual", "target"]
 
 
+#: Positions in view at first: longer prompts open on their last positions and scroll
+#: sideways (drag the grid or the range slider), the tokens and stages staying on screen.
+WINDOW = 24
+#: Cell text is cut to this many characters (plotly sizes the text of every cell to fit the
+#: narrowest one; cells too narrow for legible text show colour and hover only).
+CELL_CHARS = 7
+
+
+def _cell_text(display: str) -> str:
+    return esc(display if len(display) <= CELL_CHARS else display[: CELL_CHARS - 1] + "…")
+
+
 def logit_lens_figure(result: LogitLens, colour: Colour = "top") -> go.Figure:
     """Grid [stage, position]: each cell shows the top token; colour is a probability.
 
     ``colour``: "top" (probability of the top token), "actual" (of the token that really came
-    next) or "target" (of the chosen target token).
+    next) or "target" (of the chosen target token). Prompts longer than :data:`WINDOW`
+    positions open on their last ``WINDOW`` positions with a range slider below.
     """
     if colour == "target" and result.target_probs is None:
         raise ValueError("colour='target' needs a logit lens computed with a target token")
@@ -29,13 +42,13 @@ def logit_lens_figure(result: LogitLens, colour: Colour = "top") -> go.Figure:
     what = {"top": "top token", "actual": "actual next token",
             "target": f"target {quoted(result.target_display)}"}[colour]
     s, p, k = result.top_ids.shape
+    # hover: the stage and position come from the axes, the rest from each cell's customdata
+    tops = [[[f"{quoted(str(result.top_display[si, i, j]))} {result.top_probs[si, i, j]:.3f}"
+              for j in range(k)] for i in range(p)] for si in range(s)]
     hover = np.empty((s, p), dtype=object)
     for si in range(s):
         for i in range(p):
-            lines = [f"{esc(result.stage_labels[si])}, after position {i} "
-                     f"{quoted(result.display[i])}"]
-            lines += [f"  {j + 1}. {quoted(str(result.top_display[si, i, j]))} "
-                      f"{result.top_probs[si, i, j]:.3f}" for j in range(k)]
+            lines = [f"  {j + 1}. {t}" for j, t in enumerate(tops[si][i])]
             if i < p - 1:
                 lines.append(f"actual next {quoted(result.display[i + 1])}: "
                              f"p = {result.next_probs[si, i]:.4f}, "
@@ -45,20 +58,26 @@ def logit_lens_figure(result: LogitLens, colour: Colour = "top") -> go.Figure:
                              f"p = {result.target_probs[si, i]:.4f}, "
                              f"rank {result.target_ranks[si, i]}")
             hover[si, i] = "<br>".join(lines)
-    text = np.vectorize(lambda d: esc(str(d)), otypes=[object])(result.top_display[..., 0])
+    text = np.vectorize(lambda d: _cell_text(str(d)), otypes=[object])(result.top_display[..., 0])
+    labels = [esc(label) for label in position_labels(list(result.display))]
     fig = go.Figure(go.Heatmap(
-        z=z, x=[esc(label) for label in position_labels(list(result.display))],
-        y=[esc(label) for label in result.stage_labels], text=text, texttemplate="%{text}",
-        textfont=dict(size=10), customdata=hover, colorscale=SEQUENTIAL, zmin=0.0, zmax=1.0,
-        hoverongaps=False, colorbar=dict(title="p"),
-        hovertemplate="%{customdata}<extra></extra>",
+        z=z, x=labels, y=[esc(label) for label in result.stage_labels], text=text,
+        texttemplate="%{text}", customdata=hover, colorscale=SEQUENTIAL, zmin=0.0, zmax=1.0,
+        hoverongaps=False, colorbar=dict(title="p"), xgap=1, ygap=1,
+        hovertemplate="%{y}, after position %{x}<br>%{customdata}<extra></extra>",
     ))
+    xaxis = dict(title="position (prediction of the next token)", type="category",
+                 tickangle=-60, nticks=min(p, WINDOW) + 1)
+    if p > WINDOW:
+        xaxis.update(range=[p - WINDOW - 0.5, p - 0.5],
+                     rangeslider=dict(visible=True, thickness=0.06))
+    title = f"Logit lens: top token per stage; colour = p({what})"
+    if p > WINDOW:
+        title += f"<br><sup>positions {p - WINDOW}–{p - 1} of {p}: drag sideways for the rest</sup>"
     fig.update_layout(
-        template=TEMPLATE, title=f"Logit lens: top token per stage; colour = p({what})",
-        xaxis=dict(title="position (prediction of the next token)", type="category",
-                   tickangle=-60),
-        yaxis=dict(type="category", autorange="reversed"),
-        height=max(300, 40 * s + 200),
+        template=TEMPLATE, title=title, xaxis=xaxis, dragmode="pan",
+        yaxis=dict(type="category", autorange="reversed", fixedrange=True),
+        height=max(300, 26 * s + (290 if p > WINDOW else 220)),
     )
     return finish(fig)
 

@@ -45,21 +45,21 @@ def next_token_table(result: NextToken) -> list[dict]:
 
 
 def surprisal_figure(result: TokenPredictions) -> go.Figure:
-    """Bars of the surprisal (bits) of each actual next token, by the position that predicts it."""
+    """Bars of the surprisal (nats) of each actual next token, by the position that predicts it."""
     p = len(result.display)
     labels = [esc(s) for s in position_labels(list(result.display))]
     nxt = [quoted(str(d)) for d in result.top_display[:, 0]]
     actual = ["" if i == p - 1 else quoted(result.display[i + 1]) for i in range(p)]
     custom = np.stack([actual, result.next_probs, result.next_ranks, nxt], axis=-1).astype(object)
     fig = go.Figure(go.Bar(
-        x=labels, y=result.surprisal_bits, marker_color=QUALITATIVE[0], customdata=custom,
+        x=labels, y=result.surprisal_nats, marker_color=QUALITATIVE[0], customdata=custom,
         hovertemplate=("after %{x}: next token %{customdata[0]}<br>"
-                       "surprisal %{y:.2f} bits, p = %{customdata[1]:.4f}, rank %{customdata[2]}"
+                       "surprisal %{y:.2f} nats, p = %{customdata[1]:.4f}, rank %{customdata[2]}"
                        "<br>top guess %{customdata[3]}<extra></extra>"),
     ))
     fig.update_layout(
         template=TEMPLATE, xaxis=dict(type="category", title="position (reads this token)"),
-        yaxis_title="surprisal of the next token (bits)",
+        yaxis_title="surprisal of the next token (nats)",
         title=f"Surprisal per position (mean loss {result.loss:.3f} nats)",
     )
     return finish(fig)
@@ -75,7 +75,7 @@ def token_predictions_table(result: TokenPredictions) -> list[dict]:
             "next_token": None if i == last else result.display[i + 1],
             "next_probability": None if i == last else float(result.next_probs[i]),
             "next_rank": None if i == last else int(result.next_ranks[i]),
-            "surprisal_bits": None if i == last else float(result.surprisal_bits[i]),
+            "surprisal_nats": None if i == last else float(result.surprisal_nats[i]),
             "surprisal_nats": None if i == last else float(result.surprisal_nats[i]),
             "entropy_nats": float(result.entropy[i]),
         }

@@ -1,15 +1,25 @@
-"""The dark Plotly template matching the vendored Bootstrap theme, and colour scales.
+"""Plotly templates (dark, matching the vendored Bootstrap theme; light for publication),
+colour scales, and the finishing pass every figure gets before it is shown or exported.
 
-Every figure uses ``TEMPLATE``; scales are colour-blind safe (viridis/cividis for
-sequential data, a blue-white-red diverging scale centred at zero for signed data).
+Figures are built with ``TEMPLATE``; :func:`styled` switches them to the chosen theme and
+lays out titles, margins and colour bars so that nothing is cut or covered. Scales are
+colour-blind safe (viridis/cividis for sequential data, a blue-white-red diverging scale
+centred at zero for signed data).
 """
 
 from __future__ import annotations
 
+import math
+import textwrap
+from typing import Literal, Optional, get_args
+
 import plotly.graph_objects as go
 import plotly.io as pio
 
+Theme = Literal["dark", "light"]
+THEMES: tuple[str, ...] = get_args(Theme)
 TEMPLATE = "attention_lens"
+LIGHT_TEMPLATE = "attention_lens_light"
 SEQUENTIAL = "Viridis"
 SEQUENTIAL_ALT = "Cividis"
 DIVERGING = "RdBu_r"
@@ -20,24 +30,150 @@ BACKGROUND = "#222222"
 PAPER = "#2b2b2b"
 TEXT = "#dee2e6"
 GRID = "#444444"
+#: The light theme's colours (white paper, as journals print).
+LIGHT_PAPER = "#ffffff"
+LIGHT_BACKGROUND = "#ffffff"
+LIGHT_TEXT = "#212529"
+LIGHT_GRID = "#dddddd"
+#: The qualitative palette on white: its white entry becomes black.
+LIGHT_QUALITATIVE = [c if c != "#FFFFFF" else "#000000" for c in QUALITATIVE]
+#: Text on a cell coloured by a sequential scale: dark on bright cells, light on dark ones.
+ON_BRIGHT, ON_DARK = "#111111", "#ffffff"
+#: Titles are wrapped at this many characters so they fit a phone-width figure.
+TITLE_WIDTH = 46
+#: Room (px) kept free above a title for plotly's toolbar, which appears on hover.
+MODEBAR_ROOM = 30
+#: Font size (px) of figure titles.
+TITLE_FONT = 15
+#: Width (px) of colour bars.
+COLORBAR_THICKNESS = 12
+MINUS = "\u2212"
+
+
+def _template(base: str, paper: str, background: str, text: str, grid: str,
+              colorway: list[str]) -> go.layout.Template:
+    t = go.layout.Template(pio.templates[base])  # plotly only: no dash import here
+    t.layout.paper_bgcolor = paper
+    t.layout.plot_bgcolor = background
+    t.layout.font = dict(color=text, family="Lato, -apple-system, 'Segoe UI', sans-serif")
+    t.layout.colorway = colorway
+    t.layout.xaxis = dict(gridcolor=grid, zerolinecolor=grid)
+    t.layout.yaxis = dict(gridcolor=grid, zerolinecolor=grid)
+    t.layout.margin = dict(l=60, r=20, t=50, b=50)
+    t.layout.title = dict(font=dict(size=TITLE_FONT))
+    t.layout.hoverlabel = dict(font=dict(family="Menlo, Consolas, monospace"))
+    return t
 
 
 def _register() -> None:
-    if TEMPLATE in pio.templates:
-        return
-    t = go.layout.Template(pio.templates["plotly_dark"])  # plotly only: no dash import here
-    t.layout.paper_bgcolor = PAPER
-    t.layout.plot_bgcolor = BACKGROUND
-    t.layout.font = dict(color=TEXT, family="Lato, -apple-system, 'Segoe UI', sans-serif")
-    t.layout.colorway = QUALITATIVE
-    t.layout.xaxis = dict(gridcolor=GRID, zerolinecolor=GRID)
-    t.layout.yaxis = dict(gridcolor=GRID, zerolinecolor=GRID)
-    t.layout.margin = dict(l=60, r=20, t=50, b=50)
-    t.layout.hoverlabel = dict(font=dict(family="Menlo, Consolas, monospace"))
-    pio.templates[TEMPLATE] = t
+    if TEMPLATE not in pio.templates:
+        pio.templates[TEMPLATE] = _template("plotly_dark", PAPER, BACKGROUND, TEXT, GRID,
+                                            QUALITATIVE)
+    if LIGHT_TEMPLATE not in pio.templates:
+        pio.templates[LIGHT_TEMPLATE] = _template("plotly_white", LIGHT_PAPER,
+                                                  LIGHT_BACKGROUND, LIGHT_TEXT, LIGHT_GRID,
+                                                  LIGHT_QUALITATIVE)
 
 
 _register()
+
+
+def theme_of(value: Optional[str]) -> str:
+    """A known theme name for ``value`` (anything else is the default, dark)."""
+    return value if value in THEMES else "dark"
+
+
+def number(x: float, fmt: str = ".3f") -> str:
+    """``x`` formatted with a true minus sign (−1.260, not -1.260); NaN as "n/a"."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return format(x, fmt).replace("-", MINUS)
+
+
+def signed(x: float, fmt: str = ".3f") -> str:
+    """``x`` with its sign always written: +0.125, −1.260."""
+    return number(x, "+" + fmt)
+
+
+def wrap_title(text: str, width: int = TITLE_WIDTH) -> str:
+    """Break a title into lines of at most ``width`` characters (``<br>`` between them).
+
+    Existing ``<br>`` breaks are kept; markup-free text is assumed (titles are plain words
+    and escaped tokens).
+    """
+    lines = []
+    for part in text.split("<br>"):
+        lines += textwrap.wrap(part, width, break_long_words=False,
+                               break_on_hyphens=False) or [""]
+    return "<br>".join(lines)
+
+
+def _recolour(fig: go.Figure, theme: str) -> None:
+    """Swap the dark theme's hard-coded greys and whites for the light theme's."""
+    if theme != "light":
+        return
+    swap = {BACKGROUND.lower(): LIGHT_BACKGROUND, PAPER.lower(): LIGHT_PAPER,
+            GRID.lower(): LIGHT_GRID, "#ffffff": "#000000", "#fff": "#000000"}
+    layout = fig.layout
+    for key in ("plot_bgcolor", "paper_bgcolor"):
+        value = getattr(layout, key)
+        if isinstance(value, str) and value.lower() in swap:
+            setattr(layout, key, {"#ffffff": LIGHT_BACKGROUND}.get(value.lower(),
+                                                                    swap[value.lower()]))
+    for trace in fig.data:
+        tf = getattr(trace, "textfont", None)
+        if tf is not None and tf.color is not None and getattr(trace, "type", "") == "scatter":
+            colours = tf.color
+            if isinstance(colours, str):
+                tf.color = swap.get(colours.lower(), colours)
+            else:  # per-point colours on a scatter over a dark plot area
+                tf.color = [swap.get(str(c).lower(), c) for c in colours]
+        marker = getattr(trace, "marker", None)
+        line = getattr(marker, "line", None) if marker is not None else None
+        if line is not None and isinstance(line.color, str) and line.color.lower() in swap:
+            line.color = swap[line.color.lower()]
+
+
+def styled(fig: go.Figure, theme: Optional[str] = "dark") -> go.Figure:
+    """The finishing pass of every shown or exported figure.
+
+    It applies the theme's template, wraps the title and places it below the strip where
+    plotly's toolbar appears (so the toolbar never covers it), lets every axis and the
+    title push the margins (tick labels are never cut) and keeps colour bars narrow. The
+    figure is changed in place and returned.
+    """
+    theme = theme_of(theme)
+    fig.update_layout(template=LIGHT_TEMPLATE if theme == "light" else TEMPLATE)
+    _recolour(fig, theme)
+    title = fig.layout.title.text
+    meta = fig.layout.meta if isinstance(fig.layout.meta, dict) else {}
+    top = meta.get("al_top", fig.layout.margin.t)  # the figure's own top margin (idempotent)
+    top = 50 if top is None else top  # the templates' top margin
+    fig.update_layout(meta={**meta, "al_top": top})
+    if title:
+        text = wrap_title(title)
+        size = fig.layout.title.font.size or TITLE_FONT
+        lines = text.count("<br>") + 1
+        # the title sits in the top margin, below the toolbar's strip; the plot below it
+        fig.update_layout(
+            title=dict(text=text, x=0, xref="container", xanchor="left", y=1,
+                       yref="container", yanchor="top", pad=dict(t=MODEBAR_ROOM + size, l=10)),
+            margin_t=max(top - 50 + MODEBAR_ROOM + int(lines * size * 1.3) + 22,
+                         MODEBAR_ROOM + 4))
+    else:
+        fig.update_layout(margin_t=max(MODEBAR_ROOM + 4, top))
+    fig.update_xaxes(automargin=True)
+    fig.update_yaxes(automargin=True)
+    for trace in fig.data:
+        if "colorbar" in trace and getattr(trace, "showscale", None) is not False:
+            trace.colorbar.thickness = COLORBAR_THICKNESS
+            trace.colorbar.title.side = "right"
+    for name in ("coloraxis", "coloraxis2", "coloraxis3"):
+        axis = fig.layout[name] if name in fig.layout else None
+        if axis is not None and axis.colorscale is not None:
+            axis.colorbar.thickness = COLORBAR_THICKNESS
+            axis.colorbar.title.side = "right"
+    return fig
 
 
 def unique_labels(labels: list[str]) -> list[str]:

@@ -10,6 +10,11 @@ import plotly.graph_objects as go
 
 from .theme import GRID, SEQUENTIAL, TEMPLATE
 
+#: Outline of the pinned token (Okabe-Ito vermillion).
+PINNED = "#D55E00"
+#: Each cell is at least this wide (px); a wider grid scrolls inside its box.
+MIN_CELL = 44
+
 if TYPE_CHECKING:
     from ..analysis.predictions import TokenPredictions
 
@@ -38,7 +43,31 @@ def _alternatives(result: TokenPredictions, row: int) -> str:
     )
 
 
-def token_sequence_figure(result: TokenPredictions, per_row: int = 16) -> go.Figure:
+def grid_width(n_tokens: int, per_row: int) -> int:
+    """Columns of the token grid: ``per_row``, or fewer for a short prompt."""
+    return max(1, min(per_row, n_tokens))
+
+
+def cell_position(x: object, y: object, per_row: int, n_tokens: int) -> int | None:
+    """The token position of the grid cell at column ``x``, row ``y`` (a click's x and y).
+
+    A browser's click on a heatmap carries the cell's x and y (and z) but not always the
+    trace's ``customdata``, so the position is computed from the cell. None for a padding
+    cell after the last token or for coordinates that are not a cell.
+    """
+    try:
+        col, row = int(round(float(x))), int(round(float(y)))
+    except (TypeError, ValueError):
+        return None
+    width = grid_width(n_tokens, per_row)
+    if not (0 <= col < width and row >= 0):
+        return None
+    pos = row * width + col
+    return pos if pos < n_tokens else None
+
+
+def token_sequence_figure(result: TokenPredictions, per_row: int = 16,
+                          pinned: int | None = None) -> go.Figure:
     """Tokens in reading order, coloured by p(token | everything before it); hover: alternatives.
 
     Token 0 has no prediction (nothing comes before it) and is left uncoloured. Each cell's
@@ -46,7 +75,7 @@ def token_sequence_figure(result: TokenPredictions, per_row: int = 16) -> go.Fig
     can pin the clicked token.
     """
     p = len(result.display)
-    per_row = max(1, min(per_row, p))
+    per_row = grid_width(p, per_row)
     rows = math.ceil(p / per_row)
     z = np.full((rows, per_row), np.nan)
     custom = np.empty((rows, per_row, 2), dtype=object)
@@ -65,7 +94,7 @@ def token_sequence_figure(result: TokenPredictions, per_row: int = 16) -> go.Fig
             z[r, c] = prob
             hover = (f"position {i} {quoted(tok)}<br>"
                      f"p = {prob:.4f} (rank {int(result.next_ranks[i - 1])}, "
-                     f"{float(result.surprisal_bits[i - 1]):.2f} bits)<br>"
+                     f"surprisal {float(result.surprisal_nats[i - 1]):.2f} nats)<br>"
                      f"model's top {result.k} after {quoted(result.display[i - 1])}:<br>"
                      f"{_alternatives(result, i - 1)}")
             colours.append("#111111" if prob > 0.6 else "#ffffff")
@@ -77,9 +106,13 @@ def token_sequence_figure(result: TokenPredictions, per_row: int = 16) -> go.Fig
         go.Scatter(x=xs, y=ys, mode="text", text=texts, textfont=dict(color=colours),
                    hoverinfo="skip", showlegend=False),
     ])
+    if pinned is not None and 0 <= pinned < p:
+        r, c = divmod(pinned, per_row)
+        fig.add_shape(type="rect", x0=c - 0.5, x1=c + 0.5, y0=r - 0.5, y1=r + 0.5,
+                      line=dict(color=PINNED, width=3))
     fig.update_layout(
         template=TEMPLATE, title="Probability of each actual token given the tokens before it",
-        height=max(160, 40 * rows + 90),
+        height=max(160, 40 * rows + 90), width=MIN_CELL * per_row + 140,
         xaxis=dict(visible=False, range=[-0.5, per_row - 0.5]),
         yaxis=dict(visible=False, autorange="reversed"),
         plot_bgcolor=GRID,
@@ -94,12 +127,12 @@ def token_sequence_table(result: TokenPredictions) -> list[dict]:
         row = {"position": i, "token": tok, "display": result.display[i],
                "token_id": int(result.token_ids[i])}
         if i == 0:
-            row.update(probability=None, rank=None, surprisal_bits=None, top_guess=None,
+            row.update(probability=None, rank=None, surprisal_nats=None, top_guess=None,
                        top_guess_probability=None)
         else:
             row.update(probability=float(result.next_probs[i - 1]),
                        rank=int(result.next_ranks[i - 1]),
-                       surprisal_bits=float(result.surprisal_bits[i - 1]),
+                       surprisal_nats=float(result.surprisal_nats[i - 1]),
                        top_guess=str(result.top_display[i - 1, 0]),
                        top_guess_probability=float(result.top_probs[i - 1, 0]))
         rows.append(row)

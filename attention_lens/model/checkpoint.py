@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
+from .jsonfile import JsonFileError, read_json
 from .tokenizer import Tokenizer
 from .transformer import HookedTransformer
 
@@ -52,19 +53,82 @@ def _is_optional(name: str) -> bool:
     return name.rsplit(".", 1)[-1].startswith("b_")
 
 
+def read_json_file(path: Path) -> Any:
+    """A JSON side file of a model folder (bounded size and depth), or a CheckpointError."""
+    try:
+        return read_json(path)
+    except JsonFileError as exc:
+        raise CheckpointError(path, str(exc)) from None
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot be read ({exc.strerror or exc})") from None
+
+
+def inside(folder: Path, name: str, config: Path) -> Path:
+    """``folder / name`` if it stays inside ``folder`` (symbolic links resolved)."""
+    path = folder / name
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except (ValueError, OSError, RuntimeError):
+        raise CheckpointError(config, f"the path {name!r} points outside the model folder") \
+            from None
+    return path
+
+
 def read_config(folder: Path) -> ModelConfig:
-    """Parse and validate ``config.json``."""
+    """Parse and validate ``config.json`` (sizes bounded, the tokenizer inside the folder)."""
     path = folder / CONFIG
     if not path.is_file():
         raise CheckpointError(path, "missing file (every model folder needs config.json)")
+    data = read_json_file(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(path, f"not valid JSON ({exc})") from None
-    try:
-        return ModelConfig.from_dict(data)
+        cfg = ModelConfig.from_dict(data)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(path, str(exc)) from None
+    inside(folder, cfg.tokenizer or TOKENIZER, path)
+    return cfg
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors in a safetensors file, read from its header only."""
+    try:
+        with safe_open(str(path), "pt") as fh:
+            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(path, f"corrupt or truncated safetensors file ({exc})") from None
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The state-dict shapes a model of ``cfg`` has, without allocating its weights."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in HookedTransformer(cfg).state_dict().items()}
+
+
+def check_shapes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+    """Refuse a config that disagrees with the weights' names and shapes, before allocating."""
+    layers = {int(k.split(".")[1]) for k in shapes
+              if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    if cfg.n_layers > len(layers):  # before even describing the model: n_layers is bounded
+        raise CheckpointError(path, f"the weights hold {len(layers)} layer(s) but config.json "
+                                    f"says n_layers = {cfg.n_layers}")
+    compare_shapes(expected_shapes(cfg), shapes, path)
+
+
+def compare_shapes(expected: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]],
+                   path: Path) -> None:
+    """Every tensor the architecture needs is present with its shape, and nothing else."""
+    unexpected = sorted(set(shapes) - set(expected))
+    if unexpected:
+        raise CheckpointError(path, f"unexpected tensors not in the config's architecture: "
+                                    f"{unexpected[:5]}{' …' if len(unexpected) > 5 else ''}")
+    missing = sorted(k for k in expected if k not in shapes and not _is_optional(k))
+    if missing:
+        raise CheckpointError(path, f"missing tensors: {missing[:5]}"
+                                    f"{' …' if len(missing) > 5 else ''}")
+    for name, shape in expected.items():
+        if name in shapes and tuple(shapes[name]) != tuple(shape):
+            raise CheckpointError(path, f"tensor {name} has shape {list(shapes[name])} but "
+                                        f"config.json implies {list(shape)} (the config "
+                                        "disagrees with the weights)")
 
 
 def _read_tensors(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -89,23 +153,13 @@ def _read_tensors(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
 def load_state_dict(model: HookedTransformer, tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Copy ``tensors`` into ``model`` after checking every name and shape against the config."""
     expected = model.state_dict()
-    unexpected = sorted(set(tensors) - set(expected))
-    if unexpected:
-        raise CheckpointError(path, f"unexpected tensors not in the config's architecture: "
-                                    f"{unexpected[:5]}{' …' if len(unexpected) > 5 else ''}")
-    missing = sorted(k for k in expected if k not in tensors and not _is_optional(k))
-    if missing:
-        raise CheckpointError(path, f"missing tensors: {missing[:5]}"
-                                    f"{' …' if len(missing) > 5 else ''}")
+    compare_shapes({k: tuple(v.shape) for k, v in expected.items()},
+                   {k: tuple(t.shape) for k, t in tensors.items()}, path)
     for name, target in expected.items():
         if name not in tensors:
             target.zero_()
             continue
         t = tensors[name]
-        if tuple(t.shape) != tuple(target.shape):
-            raise CheckpointError(
-                path, f"tensor {name} has shape {list(t.shape)} but config.json implies "
-                      f"{list(target.shape)} (the config disagrees with the weights)")
         if not t.is_floating_point():
             raise CheckpointError(path, f"tensor {name} has non-float dtype {t.dtype}")
         t = t.to(torch.float32)
@@ -120,14 +174,17 @@ def load_model(folder: str | Path, device: str = "cpu", name: Optional[str] = No
     if not folder.is_dir():
         raise CheckpointError(folder, "model folder does not exist")
     cfg = read_config(folder)
+    if (folder / WEIGHTS).is_file():
+        check_shapes(cfg, tensor_shapes(folder / WEIGHTS), folder / WEIGHTS)
     weights_path, tensors = _read_tensors(folder)
+    check_shapes(cfg, {k: tuple(v.shape) for k, v in tensors.items()}, weights_path)
     model = HookedTransformer(cfg)
     with torch.no_grad():
         load_state_dict(model, tensors, weights_path)
     model.eval().to(device)
     for p in model.parameters():
         p.requires_grad_(False)
-    tok_path = folder / (cfg.tokenizer or TOKENIZER)
+    tok_path = inside(folder, cfg.tokenizer or TOKENIZER, folder / CONFIG)
     if not tok_path.is_file():
         raise CheckpointError(tok_path, "missing tokenizer file")
     try:
@@ -140,10 +197,9 @@ def load_model(folder: str | Path, device: str = "cpu", name: Optional[str] = No
     card: dict[str, Any] = {}
     card_path = folder / CARD
     if card_path.is_file():
-        try:
-            card = json.loads(card_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(card_path, f"not valid JSON ({exc})") from None
+        card = read_json_file(card_path)
+        if not isinstance(card, dict):
+            raise CheckpointError(card_path, "the model card must be a JSON object")
     return LoadedModel(name=name or cfg.name or folder.name, model=model, tokenizer=tokenizer,
                        card=card, path=folder)
 

@@ -10,6 +10,11 @@ NormalizationType = Literal["LN", "RMS"]
 ActFn = Literal["gelu", "gelu_new", "relu", "silu"]
 PositionalEmbeddingType = Literal["standard", "rotary"]
 
+#: Largest value accepted for each size in a config (beyond any model this app can analyse);
+#: checked before anything is allocated, so a hostile config cannot exhaust memory.
+MAX_SIZES = {"n_layers": 512, "d_model": 1 << 16, "n_heads": 1024, "d_head": 4096,
+             "n_ctx": 1 << 20, "d_vocab": 1 << 20, "d_mlp": 1 << 18}
+
 
 @dataclass
 class ModelConfig:
@@ -43,6 +48,12 @@ class ModelConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"config: {key} must be a positive integer, got {value!r}")
+        for key, most in MAX_SIZES.items():
+            value = getattr(self, key)
+            if isinstance(value, int) and value > most:
+                raise ValueError(f"config: {key} = {value} is larger than the {most} allowed")
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            raise ValueError("config: tokenizer must be a file name")
         if self.normalization_type not in (None, "LN", "RMS"):
             raise ValueError(
                 f"config: normalization_type must be null, 'LN' or 'RMS', "

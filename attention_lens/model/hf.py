@@ -11,7 +11,6 @@ analysis sees ordinary heads. Weights are converted to float32 whatever they wer
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -20,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-from .checkpoint import CheckpointError, LoadedModel, load_state_dict
+from .checkpoint import CheckpointError, LoadedModel, inside, load_state_dict, read_json_file
 from .config import ModelConfig
 from .tokenizer import Tokenizer
 from .transformer import HookedTransformer
@@ -63,10 +62,7 @@ def read_hf_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG
     if not path.is_file():
         raise CheckpointError(path, "missing file (a Hugging Face model folder needs config.json)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(path, f"not valid JSON ({exc})") from None
+    data = read_json_file(path)
     if not isinstance(data, dict):
         raise CheckpointError(path, "top level must be a JSON object")
     return data
@@ -218,14 +214,13 @@ def weight_files(folder: Path) -> list[Path]:
         index = folder / index_name
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                shards = sorted(set(weight_map.values()))
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError,
-                    AttributeError) as exc:
+                weight_map = read_json_file(index)["weight_map"]
+                shards = sorted({str(v) for v in weight_map.values()})
+            except (KeyError, TypeError, AttributeError) as exc:
                 raise CheckpointError(index, f"not a valid shard index ({exc})") from None
-            files = [folder / s for s in shards]
+            files = [inside(folder, s, index) for s in shards]
             for f in files:
-                if not f.is_file() or f.resolve().parent != folder.resolve():
+                if not f.is_file():
                     raise CheckpointError(f, f"shard listed in {index_name} is missing")
             return files
     for single in (SAFETENSORS, BIN):
@@ -525,15 +520,15 @@ def load_hf_folder(folder: str | Path, device: str = "cpu",
         "stored_dtype": sorted(weights.dtypes),
         "analysed_dtype": "float32",
         "tokenizer": Path(tokenizer.source).name if tokenizer.source else "tokenizer.json",
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "n_params": sum(p.numel() for p in model.parameters()),  # the card's parameter count
     }
     if "n_key_value_heads" in cfg.extra:
         card["key_value_heads"] = cfg.extra["n_key_value_heads"]
     card_path = folder / "card.json"
     if card_path.is_file():
-        try:
-            card.update(json.loads(card_path.read_text(encoding="utf-8")))
-        except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
-            raise CheckpointError(card_path, f"not valid JSON ({exc})") from None
+        extra_card = read_json_file(card_path)
+        if not isinstance(extra_card, dict):
+            raise CheckpointError(card_path, "the model card must be a JSON object")
+        card.update(extra_card)
     return LoadedModel(name=name or folder.name, model=model, tokenizer=tokenizer, card=card,
                        path=folder)

@@ -6,13 +6,15 @@ import re
 from typing import Any
 
 import dash
-from dash import callback, html
+from dash import Output, callback, html
 
-from ..analysis.ablation import ablate_heads
+from ..analysis.ablation import ablate_heads, head_sweep
+from ..analysis.defaults import chosen_position, head_presets, repeated_positions
 from ..analysis.errors import AnalysisError
 from ..app import registry
 from ..components import page as P
-from ..figures.ablation import ablation_figure, ablation_positions_figure
+from ..figures.ablation import ablation_figure, ablation_positions_figure, sweep_figure
+from ..figures.tokens import quoted
 
 PAGE = "ablation"
 dash.register_page(__name__, path="/ablation", order=6, name="Ablation",
@@ -20,26 +22,39 @@ dash.register_page(__name__, path="/ablation", order=6, name="Ablation",
                    description="Switch heads off and see what the model predicts without "
                                "them.")
 
+PRESETS = ("induction", "previous-token")
 CONTROLS = {
+    "preset": P.ChoiceParam("induction", PRESETS),
     "heads": P.TextParam("", max_len=400),
     "method": P.ChoiceParam("zero", ("zero", "mean")),
     "k": P.IntParam(10, 1, 50),
-    "pos": P.IntParam(-1),
+    "pos": P.IntParam(None),
     "target": P.TextParam(""),
 }
+CHOICE = f"{PAGE}-choice"
 HEAD_RE = re.compile(r"^L?(\d+)\s*[.:Hh]\s*(\d+)$")
 
 HELP = r"""
 **Zero-ablation** replaces a head's output $z W_O$ by 0 at every position;
 **mean-ablation** replaces it by its mean over the prompt's positions. The prompt is then
 run again with the chosen heads ablated, and the page compares the top-$k$ next-token
-distribution at position `pos`, the logit and probability of a target token (the top
-prediction if empty), the loss $-\frac{1}{n}\sum_i \ln p(t_{i+1}\mid t_{\le i})$, and the
-KL divergence $\mathrm{KL}(p_{\text{before}}\,\|\,p_{\text{after}})$ per position.
+distribution at position `pos`, the logit and probability of a target token, the loss
+$-\frac{1}{n}\sum_i \ln p(t_{i+1}\mid t_{\le i})$ in nats (over the whole prompt and over
+its **repeated part**: the positions whose next token also followed an earlier copy of the
+current token, shaded in the lower chart), and the KL divergence
+$\mathrm{KL}(p_{\text{before}}\,\|\,p_{\text{after}})$ per position.
 
-Heads are written `L1H5` or `1.5`, separated by spaces or commas. Empty: the model's
-strongest induction head from its card. Ablating the induction heads of the two-layer model
-raises the loss on the repeated half of the default prompt.
+**Which heads**: type heads as `L1H5` or `1.5`, separated by spaces or commas, or leave the
+box empty to use a preset: *all induction heads* or *all previous-token heads* of this
+prompt (every head scoring at least half the strongest head's score on it, and at least
+0.2; scores as on the Induction page). Induction heads come in redundant groups: ablating
+one of them barely changes the output, ablating the group does. The **sweep** ablates each
+head alone and shows how much the loss on the repeated part (the whole prompt when it does
+not repeat itself) rises.
+
+**Defaults**: on a prompt that repeats itself the page opens at a position in the repeated
+part (where the model gained most from the earlier copy) and follows the token that
+actually comes next there; otherwise at the last position and its top prediction.
 """
 
 
@@ -56,24 +71,48 @@ def parse_heads(text: str) -> list[tuple[int, int]]:
     return pairs
 
 
-def default_heads(model: str) -> list[tuple[int, int]]:
-    """The model card's strongest induction head, else the last layer's head 0."""
-    lm = registry().get(model)
-    probe = ((lm.card or {}).get("evaluation", {}) or {}).get("induction_probe", {}) or {}
-    if isinstance(probe.get("max_layer"), int) and isinstance(probe.get("max_head"), int):
-        return [(probe["max_layer"], probe["max_head"])]
-    return [(lm.cfg.n_layers - 1, 0)]
+def chosen_heads(state: dict, query: dict) -> tuple[list[tuple[int, int]], str]:
+    """The heads to ablate (typed, else the preset) and a sentence saying which and why."""
+    typed = parse_heads(query["heads"])
+    if typed:
+        return typed, "the heads you typed"
+    lm = registry().get(state["model"])
+    fp = registry().forward(state["text"], state["model"])
+    heads = head_presets(lm, fp)[query["preset"]]
+    if not heads:
+        raise AnalysisError(f"no head scores as a {query['preset']} head on this prompt "
+                            "(a prompt that repeats a phrase shows induction heads); type "
+                            "heads to ablate, e.g. L1H5")
+    return heads, f"all {query['preset']} heads of this prompt"
+
+
+def _analyses(state: dict, query: dict) -> tuple[Any, Any, str]:
+    lm = registry().get(state["model"])
+    fp = registry().forward(state["text"], state["model"])
+    heads, which = chosen_heads(state, query)
+    where = chosen_position(fp, query["pos"])
+    target = query["target"] or where.target_id
+    part = repeated_positions(fp.token_ids)
+    result = ablate_heads(lm, fp, heads=heads, method=query["method"], k=query["k"],
+                          position=where.position, target=target,
+                          part=part if part.size else None)
+    sweep = head_sweep(lm, fp, query["method"], part if part.size else None)
+    names = " ".join(f"L{la}H{h}" for la, h in result.heads)
+    follows = ("the token you typed" if query["target"] else
+               "the token that actually comes next" if where.target_id is not None else
+               "the model's top prediction")
+    text = (f"Ablating {which}: {names}. At {where.reason}; following "
+            f"{quoted(result.target_display)}, {follows}.")
+    return result, sweep, text
 
 
 def panels(state: dict, query: dict) -> list[P.Panel]:
-    """Top-k before/after and the per-position change."""
-    lm = registry().get(state["model"])
-    fp = registry().forward(state["text"], state["model"])
-    heads = parse_heads(query["heads"]) or default_heads(state["model"])
-    result = ablate_heads(lm, fp, heads=heads, method=query["method"], k=query["k"],
-                          position=query["pos"], target=query["target"] or None)
+    """Top-k before/after, the per-position change and the per-head sweep."""
+    result, sweep, _ = _analyses(state, query)
+    what = "the repeated part" if result.part.size else "the whole prompt"
     return [P.Panel("predictions", ablation_figure(result), result),
-            P.Panel("positions", ablation_positions_figure(result), result)]
+            P.Panel("positions", ablation_positions_figure(result), result),
+            P.Panel("sweep", sweep_figure(sweep, what), sweep)]
 
 
 P.register_panels(PAGE, panels, CONTROLS)
@@ -85,22 +124,33 @@ def layout(**query: Any) -> html.Div:
     return P.page_layout(
         PAGE, "Head ablation",
         description="Remove heads from the forward pass and compare.",
-        controls=[P.text_control(PAGE, "heads", q["heads"], "heads",
+        controls=[P.select_control(PAGE, "preset", q["preset"],
+                                   [{"label": "all induction heads", "value": "induction"},
+                                    {"label": "all previous-token heads",
+                                     "value": "previous-token"}], "ablate"),
+                  P.text_control(PAGE, "heads", q["heads"], "or heads",
                                  placeholder="e.g. L1H5 L1H0"),
                   P.select_control(PAGE, "method", q["method"],
                                    [{"label": "zero", "value": "zero"},
                                     {"label": "mean over positions", "value": "mean"}],
                                    "ablation"),
                   P.number_control(PAGE, "k", q["k"], "top k", min=1, max=50),
-                  P.number_control(PAGE, "pos", q["pos"], "position", placeholder="-1 = last"),
+                  P.number_control(PAGE, "pos", q["pos"], "position",
+                                   placeholder="auto (-1 = last)"),
                   P.text_control(PAGE, "target", q["target"], "target token",
-                                 placeholder="top prediction")],
-        body=[P.graph(PAGE, "predictions"), P.graph(PAGE, "positions")],
+                                 placeholder="the actual next token")],
+        body=[html.P(id=CHOICE, className="al-choice"), P.graph(PAGE, "predictions"),
+              P.graph(PAGE, "positions"), P.graph(PAGE, "sweep")],
         help_md=HELP, query=q, problems=problems)
 
 
-@callback(*P.main_outputs(PAGE, ["predictions", "positions"]), *P.main_inputs(PAGE, CONTROLS))
-@P.analysis_callback(PAGE, CONTROLS, n_outputs=2)
+@callback(*P.main_outputs(PAGE, ["predictions", "positions", "sweep"],
+                          [Output(CHOICE, "children")]),
+          *P.main_inputs(PAGE, CONTROLS))
+@P.analysis_callback(PAGE, CONTROLS, n_outputs=4)
 def update(state: dict, query: dict) -> tuple:
-    """Fetch the cached forward pass, analyse (one extra hooked run), draw."""
-    return P.figures_of(panels(state, query))
+    """Fetch the cached forward pass, ablate (batched hooked runs), draw."""
+    result, sweep, text = _analyses(state, query)
+    what = "the repeated part" if result.part.size else "the whole prompt"
+    return (ablation_figure(result), ablation_positions_figure(result),
+            sweep_figure(sweep, what), text)

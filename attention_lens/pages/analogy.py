@@ -16,11 +16,12 @@ from ..app import registry
 from ..components import page as P
 from ..components import shell
 from ..figures.analogy import analogy_figure
+from ..figures.theme import number
 
 PAGE = "analogy"
 dash.register_page(__name__, path="/analogy", order=9, name="Analogy",
                    title="Analogy · Attention Lens",
-                   description="Vector arithmetic on embeddings: king − man + woman = ?")
+                   description="Vector arithmetic on embeddings: England − English + French = ?")
 
 TERM, REMOVE, TOKENS = "analogy-term", "analogy-remove", "analogy-tokens"
 SIGNS = ("plus", "minus")
@@ -46,8 +47,8 @@ class TermsParam:
 
 
 CONTROLS = {
-    "plus": TermsParam(("king", "woman")),
-    "minus": TermsParam(("man",)),
+    "plus": TermsParam(("England", "French")),
+    "minus": TermsParam(("English",)),
     "method": P.ChoiceParam("3cosadd", METHODS),
     "matrix": P.ChoiceParam("W_E", MATRICES),
     "k": P.IntParam(10, 1, 100),
@@ -111,7 +112,7 @@ def results_table(res: Analogy) -> dbc.Table:
                                                      METHOD_LABELS[res.method] + " score",
                                                      "cosine to target")]))
     body = html.Tbody([html.Tr([html.Td(i + 1), html.Td(html.Code(tok)), html.Td(int(tid)),
-                                html.Td(f"{score:.4f}"), html.Td(f"{cos:.4f}")])
+                                html.Td(number(score, ".4f")), html.Td(number(cos, ".4f"))])
                        for i, (tok, tid, score, cos) in enumerate(zip(
                            res.display, res.token_ids, res.scores, res.cosine))])
     return dbc.Table([head, body], size="sm", striped=True, hover=True, responsive=True,
@@ -143,7 +144,11 @@ def layout(**query: Any) -> html.Div:
     return P.page_layout(
         PAGE, "Analogy: vector arithmetic on embeddings",
         description="Add and subtract words; the nearest tokens to the result are listed, "
-                    "inputs excluded.",
+                    "inputs excluded. The page opens on England − English + French: each "
+                    "word is one token of the shipped models, and the two-layer model's "
+                    "token embeddings answer France (country ↔ language). The classic "
+                    "king − man + woman = queen is too much for a 4,096-token model: "
+                    "' queen' and ' woman' are not single tokens there.",
         controls=[
             builder,
             P.select_control(PAGE, "method", q["method"],

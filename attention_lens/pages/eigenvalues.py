@@ -38,11 +38,11 @@ CONTROLS = {
 }
 
 HELP = r"""
-**Attention-pattern spectrum (as in the seed).** A head's pattern $A$ on the prompt is
+**Attention-pattern spectrum.** A head's pattern $A$ on the prompt is
 causal, i.e. lower-triangular, so its eigenvalues are **exactly its diagonal** $A[i, i]$:
 the weight each token puts on itself. The first chart shows that diagonal for the selected
-head (sorted, as the seed did, or in token order); it is a self-attention profile, not a
-hidden structure.
+head (sorted from largest to smallest, as tools that compute "attention eigenvalues"
+show them, or in token order); it is a self-attention profile, not a hidden structure.
 
 **Circuit eigenvalues** carry the real signal (Elhage et al. 2021). For the OV circuit
 $W_{OV} = W_V W_O$, the full OV circuit $W_E W_{OV} W_U$ (token → logit), the QK circuit
@@ -117,9 +117,9 @@ def layout(**query: Any) -> html.Div:
     q, problems = P.parse_query(CONTROLS, query)
     return P.page_layout(
         PAGE, "Eigenvalues: attention spectra and circuits",
-        description="The seed's attention-pattern eigenvalues (the diagonal of a causal "
-                    "pattern) next to the eigenvalues of each head's circuits, which show "
-                    "whether a head copies.",
+        description="The eigenvalues of an attention pattern (for a causal pattern, simply "
+                    "its diagonal: how much each token attends to itself) next to the "
+                    "eigenvalues of each head's circuits, which show whether a head copies.",
         controls=[
             P.number_control(PAGE, "layer", q["layer"], "layer", min=0, placeholder="auto"),
             P.number_control(PAGE, "head", q["head"], "head", min=0, placeholder="auto"),

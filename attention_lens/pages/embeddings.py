@@ -43,7 +43,7 @@ CONTROLS = {
     "n": P.IntParam(2000, 10, MAX_TOKENS),
     "clusters": P.IntParam(8, 1, 50),
     "centre": P.ChoiceParam("yes", ("yes", "no")),
-    "search": P.TextParam("", max_len=100),
+    "search": P.TextParam("January", max_len=100),
     "neighbours": P.IntParam(10, 1, 100),
 }
 FILTER_LABELS = {"frequent": "frequent (lowest BPE ids)", "whole_word": "whole words",
@@ -125,7 +125,11 @@ def layout(**query: Any) -> html.Div:
     return P.page_layout(
         PAGE, "Embedding space",
         description="Where tokens sit in the model's embedding (or unembedding) space, which "
-                    "ones cluster together, and which are closest to a word you type.",
+                    "ones cluster together, and which are closest to a word you type. The "
+                    "page opens on a search for January: the shipped models' nearest "
+                    "tokens to it are the other months. The axes give the share of the "
+                    "variance each component explains; it is small, so the 2D map shows "
+                    "only a sliver of the geometry.",
         controls=[
             P.select_control(PAGE, "matrix", q["matrix"],
                              [{"label": "W_E (embedding)", "value": "W_E"},

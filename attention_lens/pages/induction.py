@@ -11,10 +11,13 @@ from dash import Output, callback, html
 
 from ..analysis.circuits import check_head
 from ..analysis.composition import KINDS, Composition, composition_scores
+from ..analysis.defaults import HeadChoice, strongest_head
 from ..analysis.eigen import circuit_eigenvalues
 from ..analysis.errors import AnalysisError
 from ..analysis.heads import (
     METRICS,
+    ROWS,
+    ROWS_DESCRIPTION,
     HeadDetection,
     head_detection,
     label_heads,
@@ -42,6 +45,7 @@ dash.register_page(__name__, path="/induction", order=7, name="Induction",
 EXAMPLE_KINDS = ("induction", "previous_token", "duplicate_token", "self")
 CONTROLS = {
     "metric": P.ChoiceParam("mul", METRICS),
+    "rows": P.ChoiceParam("target", ROWS),
     "labels": P.ChoiceParam("probe", ("probe", "prompt")),
     "kind": P.ChoiceParam("induction", EXAMPLE_KINDS),
     "layer": P.IntParam(None, 0),
@@ -62,14 +66,20 @@ A prompt without repeats has no induction or duplicate targets, and its first ha
 the score, so the **probe** is the standard test: random tokens $r$ of length $T = 50$
 repeated, $x = [r; r]$, batch 10, seeded; induction score $=$ mean of
 $A[i, i - (T - 1)]$ over the second half (Olsson et al. 2022), previous-token $=$ mean of
-$A[i, i-1]$. **Copying** is the full OV circuit's $\mathrm{Re}(\sum \lambda) / \sum
+$A[i, i-1]$. Prompt scores **average over the query rows that have a target** by default
+(rows with no earlier copy of their token have nothing to find and are left out, as in
+the field's dataset metrics); "all rows" is TransformerLens' `head_detector` exactly, where
+the first half of a repeated prompt halves every induction score. With "abs", the BOS
+column and the diagonal, when excluded, are left out of $|A - P|$ as in TransformerLens.
+**Copying** is the full OV circuit's $\mathrm{Re}(\sum \lambda) / \sum
 |\lambda|$ of $W_E W_{OV} W_U$, in $[-1, 1]$.
 
 **Labels** (thresholds: pattern score $\ge 0.4$, self $\ge 0.5$, copying $\ge 0.7$,
 normalised entropy $\ge 0.75$ for diffuse) use the probe's induction and previous-token
 scores ("probe") or the prompt's ("prompt"). **Examples** list the strongest
-"query ← key: weight" entries of $A \odot P$ for the selected head (empty boxes: the head
-with the highest probe induction score).
+"query ← key: weight" entries of $A \odot P$ for the selected head (empty boxes: the
+strongest induction head on this prompt when it repeats itself, else the head with the
+highest probe induction score).
 
 **Composition** of an earlier head $h_1$ ($L = W_{OV}^{h_1}$) into a later head $h_2$:
 Q: $\lVert L\, W_{QK}^{h_2} \rVert_F / (\lVert L \rVert_F \lVert W_{QK}^{h_2} \rVert_F)$,
@@ -115,7 +125,7 @@ def detection(state: dict, query: dict) -> HeadDetection:
     fp = registry().forward(state["text"], state["model"])
     w = _weights(lm.name)
     return head_detection(lm, fp, metric=query["metric"], n_examples=query["n"],
-                          probe=w["probe"], eigen=w["eigen"])
+                          probe=w["probe"], eigen=w["eigen"], rows=query["rows"])
 
 
 def labels_of(hd: HeadDetection, source: str) -> list[list[str]]:
@@ -128,10 +138,13 @@ def labels_of(hd: HeadDetection, source: str) -> list[list[str]]:
     return labels
 
 
-def selected_head(hd: HeadDetection, layer: Optional[int], head: Optional[int]
-                  ) -> tuple[int, int]:
-    """The head whose examples are listed: the one asked for, else the best probe inductor."""
+def selected_head(hd: HeadDetection, layer: Optional[int], head: Optional[int],
+                  prompt_choice: Optional[HeadChoice] = None) -> tuple[int, int]:
+    """The head whose examples are listed: the one asked for, else the strongest induction
+    head on this prompt when it repeats itself, else the best inductor on the probe."""
     if layer is None and head is None:
+        if prompt_choice is not None and prompt_choice.kind == "induction":
+            return prompt_choice.layer, prompt_choice.head
         flat = int(np.argmax(hd.probe_induction))
         return divmod(flat, hd.probe_induction.shape[1])
     return (0 if layer is None else layer), (0 if head is None else head)
@@ -149,7 +162,8 @@ def panels(state: dict, query: dict) -> list[P.Panel]:
     """Score grids, labels, the selected head's examples and the composition heatmaps."""
     lm = registry().get(state["model"])
     hd = detection(state, query)
-    layer, head = selected_head(hd, query["layer"], query["head"])
+    fp = registry().forward(state["text"], state["model"])
+    layer, head = selected_head(hd, query["layer"], query["head"], strongest_head(lm, fp))
     check_head(lm, layer, head)
     src = query["src"]
     if src is not None and not 0 <= src < lm.cfg.n_layers - 1:
@@ -165,7 +179,9 @@ def panels(state: dict, query: dict) -> list[P.Panel]:
     note = composition_note(comp, lm.cfg.n_layers)
     out = [
         P.Panel("scores", head_scores_figure(hd),
-                {"scores": hd.scores, "metric": hd.metric, "probe_induction": hd.probe_induction,
+                {"scores": hd.scores, "metric": hd.metric, "rows": hd.rows,
+                 "rows_meaning": ROWS_DESCRIPTION[hd.rows],
+                 "probe_induction": hd.probe_induction,
                  "probe_previous_token": hd.probe_previous_token, "copying": hd.copying,
                  "probe_settings": hd.probe_settings}),
         P.Panel("labels", head_labels_figure(hd, labels, source=query["labels"]),
@@ -199,6 +215,10 @@ def layout(**query: Any) -> html.Div:
                     "how heads in different layers compose.",
         controls=[
             P.select_control(PAGE, "metric", q["metric"], METRICS, "score"),
+            P.select_control(PAGE, "rows", q["rows"],
+                             [{"label": "rows with a target", "value": "target"},
+                              {"label": "all rows (TransformerLens)", "value": "all"}],
+                             "average over"),
             P.select_control(PAGE, "labels", q["labels"],
                              [{"label": "probe", "value": "probe"},
                               {"label": "prompt", "value": "prompt"}], "labels from"),

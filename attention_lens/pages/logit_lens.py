@@ -7,8 +7,8 @@ from typing import Any
 import dash
 from dash import callback, html
 
+from ..analysis.defaults import chosen_position
 from ..analysis.logit_lens import logit_lens
-from ..analysis.predictions import check_position
 from ..app import registry
 from ..components import page as P
 from ..figures.logit_lens import logit_lens_figure, logit_lens_target_figure
@@ -23,7 +23,7 @@ CONTROLS = {
     "k": P.IntParam(5, 1, 20),
     "colour": P.ChoiceParam("top", ("top", "actual", "target")),
     "target": P.TextParam(""),
-    "pos": P.IntParam(-1),
+    "pos": P.IntParam(None),
     "stages": P.ChoiceParam("sublayer", ("sublayer", "layer")),
 }
 
@@ -37,7 +37,11 @@ Each cell shows the top token at that stage (row) and position (column); colour 
 probability of the top token, of the token that actually came next, or of a target
 token you type (it must be one token — words inside a sentence usually start with a space,
 e.g. ` Granger`). The second chart follows the target (or the actual next token) across
-stages at position `pos` (−1 = last, where it follows the model's final top guess).
+stages at position `pos` (−1 = last, where it follows the model's final top guess). With
+no position given, on a prompt that repeats itself the chart follows the token that
+actually comes next at a position in the repeated part (where the model gained most from
+the earlier copy), so you see at which stage the copied token appears; otherwise the last
+position.
 
 Models with **parallel attention and MLP** (GPT-NeoX, Pythia) feed each block's MLP the
 stream *before* attention; their "after L attn (parallel)" rows show $x_\ell$ plus the
@@ -50,7 +54,7 @@ def panels(state: dict, query: dict) -> list[P.Panel]:
     """The stage × position grid and the target trajectory."""
     lm = registry().get(state["model"])
     fp = registry().forward(state["text"], state["model"])
-    pos = check_position(fp, query["pos"])
+    pos = chosen_position(fp, query["pos"]).position
     target = query["target"] or None
     if target is None and pos == fp.n_tokens - 1:
         # the last position has no actual next token: follow the model's final top guess
@@ -78,7 +82,8 @@ def layout(**query: Any) -> html.Div:
                               {"label": "target token", "value": "target"}], "colour by"),
             P.text_control(PAGE, "target", q["target"], "target token",
                            placeholder="e.g. ' Granger'"),
-            P.number_control(PAGE, "pos", q["pos"], "position", placeholder="-1 = last"),
+            P.number_control(PAGE, "pos", q["pos"], "position",
+                             placeholder="auto (-1 = last)"),
             P.select_control(PAGE, "stages", q["stages"],
                              [{"label": "after attention and MLP", "value": "sublayer"},
                               {"label": "per layer", "value": "layer"}], "stages"),

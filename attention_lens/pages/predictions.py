@@ -12,6 +12,7 @@ from ..analysis.predictions import next_token, token_predictions
 from ..app import registry
 from ..components import page as P
 from ..figures.predictions import next_token_figure, next_token_table, surprisal_figure
+from ..figures.theme import number
 
 PAGE = "predictions"
 dash.register_page(__name__, path="/predictions", order=1, name="Predictions",
@@ -27,7 +28,8 @@ over the vocabulary; the bars show the $k$ largest probabilities
 $p(t) = \mathrm{softmax}(\ell)_t$ with their logits and ranks (1 = most likely).
 
 The second chart shows, for every position $i$, the **surprisal** of the token that
-actually came next: $-\log_2 p(t_{i+1} \mid t_{\le i})$ bits. Low bars on the repeated part
+actually came next: $-\ln p(t_{i+1} \mid t_{\le i})$ in nats (natural logarithm; every page
+gives surprisal and loss in nats). Low bars on the repeated part
 of a prompt are the signature of induction heads (copying what followed the previous
 occurrence). Position $-1$ is the last token; pin a position on the Tokens page.
 """
@@ -52,7 +54,7 @@ def table(rows: list[dict[str, Any]]) -> dbc.Table:
                                                      "logit")]))
     body = html.Tbody([html.Tr([html.Td(r["rank"]), html.Td(html.Code(r["display"])),
                                 html.Td(r["token_id"]), html.Td(f"{r['probability']:.4f}"),
-                                html.Td(f"{r['logit']:.3f}")]) for r in rows])
+                                html.Td(number(r["logit"]))]) for r in rows])
     return dbc.Table([head, body], size="sm", striped=True, hover=True, responsive=True,
                      className="al-table")
 

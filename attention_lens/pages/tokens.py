@@ -12,7 +12,7 @@ from ..analysis.predictions import token_predictions
 from ..app import registry
 from ..components import page as P
 from ..components import shell
-from ..figures.tokens import token_sequence_figure
+from ..figures.tokens import cell_position, token_sequence_figure
 
 PAGE = "tokens"
 dash.register_page(__name__, path="/tokens", order=2, name="Tokens",
@@ -28,7 +28,8 @@ Each cell is one token $t_i$ of the prompt (whitespace shown as `·` space, `↵
 `→` tab), coloured by the probability the model gave it after reading everything before it:
 $p(t_i \mid t_{<i}) = \mathrm{softmax}(x_{L,i-1} W_U + b_U)_{t_i}$.
 Bright cells were expected; dark cells surprised the model. Hover shows the rank, the
-surprisal $-\log_2 p$ in bits and the model's top-$k$ alternatives.
+surprisal $-\ln p$ in nats (the unit of surprisal and loss on every page) and the model's
+top-$k$ alternatives.
 
 **Click a token to pin it**: its position becomes the `pos` used by the other pages
 (predictions, logit lens, attribution, ablation) when you follow the navbar links.
@@ -40,7 +41,10 @@ def panels(state: dict, query: dict) -> list[P.Panel]:
     lm = registry().get(state["model"])
     fp = registry().forward(state["text"], state["model"])
     result = token_predictions(lm, fp, k=query["k"])
-    return [P.Panel("tokens", token_sequence_figure(result, per_row=query["per_row"]), result)]
+    pinned = state.get("pos")
+    pinned = pinned + fp.n_tokens if isinstance(pinned, int) and pinned < 0 else pinned
+    return [P.Panel("tokens", token_sequence_figure(result, per_row=query["per_row"],
+                                                    pinned=pinned), result)]
 
 
 P.register_panels(PAGE, panels, CONTROLS)
@@ -83,15 +87,22 @@ def update(state: dict, query: dict) -> tuple:
 
 @callback(Output(shell.STATE, "data", allow_duplicate=True),
           Input(P.graph_id(PAGE, "tokens"), "clickData"), State(shell.STATE, "data"),
-          prevent_initial_call=True)
-def pin(click: Optional[dict], state: Optional[dict]) -> Any:
-    """Clicking a token pins its position in the shared state (and the URL)."""
-    if not click or not state:
+          State(P.control_id(PAGE, "per_row"), "value"), prevent_initial_call=True)
+def pin(click: Optional[dict], state: Optional[dict], per_row: Any = None) -> Any:
+    """Clicking a token pins its position in the shared state (and the URL).
+
+    The position comes from the clicked cell's x (column) and y (row): that is what a
+    browser's click event carries.
+    """
+    if not click or not state or not click.get("points"):
         raise PreventUpdate
+    point = click["points"][0]
+    width, _ = CONTROLS["per_row"].parse("per_row", per_row)
     try:
-        pos = int(click["points"][0]["customdata"][0])
-    except (KeyError, IndexError, TypeError, ValueError):
+        n = registry().forward(state["text"], state["model"]).n_tokens
+    except Exception:  # noqa: BLE001 - a click on a stale figure pins nothing
         raise PreventUpdate from None
-    if pos < 0 or pos == state.get("pos"):
+    pos = cell_position(point.get("x"), point.get("y"), width, n)
+    if pos is None or pos == state.get("pos"):
         return no_update
     return {**state, "pos": pos, "src": "user"}

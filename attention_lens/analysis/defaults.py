@@ -1,0 +1,207 @@
+"""Defaults chosen from the prompt: the head, position and token that show what a page is for.
+
+A page opens on the phenomenon it exists for, on the reader's own prompt, and says what it
+chose. On a prompt that repeats itself that is induction: the strongest induction head on
+this prompt, a position in the repeated part whose next token an induction head can copy
+from the earlier copy, and that actual next token. Elsewhere the model card's head and the
+last position are the fallbacks. Every choice carries a sentence saying why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from ..model.checkpoint import LoadedModel
+from .forward import ForwardPass
+from .heads import PATTERN_THRESHOLD, prompt_head_scores
+from .predictions import check_position
+
+#: A prompt "repeats itself" when at least this many positions have an earlier copy of
+#: their token followed by the same next token (what an induction head can copy).
+MIN_REPEATED = 3
+#: Heads listed beside the figure.
+N_RANKED = 5
+#: A preset holds every head scoring at least this fraction of the strongest head's score
+#: on the prompt, and at least :data:`PRESET_FLOOR`.
+PRESET_RELATIVE = 0.5
+PRESET_FLOOR = 0.2
+
+
+@dataclass(frozen=True)
+class HeadChoice:
+    """The head a page opens on, the score that chose it, and the runners-up.
+
+    Attributes:
+        layer: the chosen head's layer.
+        head: its index in the layer.
+        kind: what chose it: "induction" or "previous_token" (scores on this prompt),
+            "card" (the model card's strongest induction head on the probe) or "first".
+        score: the chosen head's score on this prompt (None for "card" and "first").
+        reason: a sentence saying why this head is shown.
+        ranking: [(layer, head, score)] the strongest heads by the same score, best first.
+    """
+
+    layer: int
+    head: int
+    kind: str
+    score: Optional[float]
+    reason: str
+    ranking: tuple[tuple[int, int, float], ...]
+
+
+@dataclass(frozen=True)
+class PositionChoice:
+    """The position a page opens on and the token it follows there.
+
+    Attributes:
+        position: the query position (0-based).
+        target_id: the token that actually comes next (None at the last position).
+        earlier: the position of the earlier copy of the token at ``position`` whose next
+            token was the same (None when the prompt does not repeat there).
+        reason: a sentence saying why this position is shown.
+    """
+
+    position: int
+    target_id: Optional[int]
+    earlier: Optional[int]
+    reason: str
+
+
+def repeated_positions(token_ids: np.ndarray) -> np.ndarray:
+    """Positions i < n-1 whose token t_i occurred before at some j with t_{j+1} = t_{i+1}.
+
+    These are the positions where an induction head can predict the next token by copying
+    what followed the earlier copy: the "repeated part" of a prompt.
+    """
+    t = np.asarray(token_ids)
+    n = t.shape[0]
+    if n < 3:
+        return np.zeros(0, dtype=np.int64)
+    pairs = np.stack([t[:-1], t[1:]], -1)  # [n-1, 2] (t_i, t_{i+1})
+    same = (pairs[:, None, :] == pairs[None, :, :]).all(-1)  # [n-1, n-1]
+    earlier = np.tril(same, k=-1).any(-1)
+    return np.flatnonzero(earlier).astype(np.int64)
+
+
+def repeats(token_ids: np.ndarray) -> bool:
+    """Whether the prompt repeats itself enough for induction to show."""
+    return repeated_positions(token_ids).size >= MIN_REPEATED
+
+
+def _ranked(scores: np.ndarray, n: int = N_RANKED) -> tuple[tuple[int, int, float], ...]:
+    flat = np.where(np.isnan(scores), -np.inf, scores).ravel()
+    order = np.argsort(-flat, kind="stable")[:n]
+    H = scores.shape[1]
+    return tuple((int(i // H), int(i % H), float(flat[i])) for i in order
+                 if np.isfinite(flat[i]))
+
+
+def card_head(lm: LoadedModel) -> Optional[tuple[int, int]]:
+    """The strongest induction head on the probe named in the model card, if any."""
+    probe = ((lm.card or {}).get("evaluation", {}) or {}).get("induction_probe", {}) or {}
+    layer, head = probe.get("max_layer"), probe.get("max_head")
+    if isinstance(layer, int) and isinstance(head, int) and 0 <= layer < lm.cfg.n_layers \
+            and 0 <= head < lm.cfg.n_heads:
+        return layer, head
+    return None
+
+
+def strongest_head(lm: LoadedModel, fp: ForwardPass) -> HeadChoice:
+    """The head that shows what this prompt shows best.
+
+    A prompt that repeats itself: the head with the highest induction score on it
+    (averaged over the query rows that have a target). Otherwise the model card's
+    strongest induction head on the probe, else the strongest previous-token head on the
+    prompt.
+    """
+    if repeats(fp.token_ids):
+        scores = prompt_head_scores(lm, fp, "induction", rows="target")
+        ranking = _ranked(scores)
+        if ranking and ranking[0][2] >= PATTERN_THRESHOLD / 2:
+            layer, head, score = ranking[0]
+            return HeadChoice(layer, head, "induction", score,
+                              f"L{layer}H{head}: the strongest induction head on this prompt "
+                              f"(induction score {score:.2f} on its repeated part)", ranking)
+    prev = prompt_head_scores(lm, fp, "previous_token", rows="target") \
+        if fp.n_tokens > 1 else np.zeros((lm.cfg.n_layers, lm.cfg.n_heads))
+    card = card_head(lm)
+    if card is not None:
+        layer, head = card
+        return HeadChoice(layer, head, "card", None,
+                          f"L{layer}H{head}: the model card's strongest induction head on "
+                          "repeated random tokens (this prompt does not repeat itself)",
+                          _ranked(prev))
+    ranking = _ranked(prev)
+    if ranking:
+        layer, head, score = ranking[0]
+        return HeadChoice(layer, head, "previous_token", score,
+                          f"L{layer}H{head}: the strongest previous-token head on this prompt "
+                          f"(score {score:.2f})", ranking)
+    return HeadChoice(0, 0, "first", None, "L0H0: the first head (the prompt is one token)",
+                      ())
+
+
+def focus_position(fp: ForwardPass) -> PositionChoice:
+    """A position in the repeated part of the prompt, and the token that comes next there.
+
+    Among the repeated positions, the one where the model predicts the next token much
+    better than it did after the earlier copy (the largest drop in surprisal, what
+    induction buys); the last position when the prompt does not repeat itself.
+    """
+    n = fp.n_tokens
+    t = np.asarray(fp.token_ids)
+    positions = repeated_positions(t)
+    if positions.size == 0:
+        return PositionChoice(n - 1, None, None,
+                              f"position {n - 1}, the last one: the model's next-token "
+                              "guess (this prompt does not repeat itself)")
+    logp = fp.logits[: n - 1].double().log_softmax(-1)
+    nxt = np.asarray(t[1:], dtype=np.int64)
+    surprisal = -logp[np.arange(n - 1), nxt].numpy()  # [n-1] nats, at position i
+    best, best_gain, best_earlier = int(positions[0]), -np.inf, None
+    for i in positions.tolist():
+        earlier = [j for j in range(i) if t[j] == t[i] and t[j + 1] == t[i + 1]]
+        j = earlier[0]
+        gain = float(surprisal[j] - surprisal[i])
+        if gain > best_gain:
+            best, best_gain, best_earlier = i, gain, j
+    tok = int(t[best + 1])
+    here, nxt = fp.display[best], fp.display[best + 1]
+    return PositionChoice(best, tok, best_earlier,
+                          f"position {best} '{here}', in the repeated part: '{nxt}' also "
+                          f"followed '{here}' at position {best_earlier}, and the model is "
+                          f"{best_gain:.2f} nats less surprised by it the second time")
+
+
+def head_presets(lm: LoadedModel, fp: ForwardPass) -> dict[str, list[tuple[int, int]]]:
+    """Sets of heads to ablate together, from their scores on this prompt.
+
+    "induction": every head whose induction score on the prompt (over the rows that have a
+    target) is at least half the strongest head's and at least 0.2; "previous-token":
+    likewise for previous-token scores. Induction heads come in redundant groups, so
+    ablating one of them alone barely changes the output.
+    """
+    out: dict[str, list[tuple[int, int]]] = {}
+    for name, kind in (("induction", "induction"), ("previous-token", "previous_token")):
+        if fp.n_tokens < 2:
+            out[name] = []
+            continue
+        s = np.nan_to_num(prompt_head_scores(lm, fp, kind, rows="target"), nan=0.0)
+        cut = max(PRESET_FLOOR, PRESET_RELATIVE * float(s.max()))
+        out[name] = [(int(la), int(h)) for la, h in zip(*np.nonzero(s >= cut))]
+    return out
+
+
+def chosen_position(fp: ForwardPass, position: Optional[int]) -> PositionChoice:
+    """The position to use: ``position`` when given (a pinned or typed one), else
+    :func:`focus_position`; the token that actually comes next there, if any."""
+    if position is None:
+        return focus_position(fp)
+    pos = check_position(fp, position)
+    nxt = int(fp.token_ids[pos + 1]) if pos + 1 < fp.n_tokens else None
+    why = (f"position {pos} '{fp.display[pos]}', the one you chose" if nxt is not None else
+           f"position {pos} '{fp.display[pos]}', the last one: no token comes after it")
+    return PositionChoice(pos, nxt, None, why)

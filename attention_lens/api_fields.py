@@ -1,0 +1,204 @@
+"""Strict validation of API input: the JSON body, the query string and each field type.
+
+Every helper raises :class:`ApiError` (a 4xx with a readable message) on bad input, so a
+route reads its fields in a few lines and never answers 500 to a malformed request.
+"""
+
+from __future__ import annotations
+
+import json
+from numbers import Integral
+from typing import Any, Optional
+
+import flask
+
+from .model.checkpoint import LoadedModel
+
+#: Most alternatives per position for endpoints that return a [pos, k] grid.
+MAX_GRID_K = 50
+#: Most terms in an analogy and heads in an ablation.
+MAX_TERMS = 16
+MAX_HEADS = 256
+
+
+class ApiError(ValueError):
+    """A 4xx answer with a readable message."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _check_unicode(value: Any) -> None:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError("the request contains invalid Unicode (a lone surrogate)") from None
+
+
+def json_body(allowed: set[str]) -> dict[str, Any]:
+    """The request's JSON object, strictly parsed; unknown fields are an error."""
+    raw = flask.request.get_data(cache=True)  # raises 413 past MAX_CONTENT_LENGTH
+    if not raw.strip():
+        raise ApiError("the request body is empty: send a JSON object")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(f"the request body is not valid UTF-8 (byte {exc.start})") from None
+
+    def no_constants(name: str) -> None:
+        raise ApiError(f"{name} is not valid JSON")
+
+    try:
+        body = json.loads(text, parse_constant=no_constants)
+    except json.JSONDecodeError as exc:
+        raise ApiError(f"malformed JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") \
+            from None
+    except RecursionError:
+        raise ApiError("malformed JSON: nested too deeply") from None
+    except ValueError as exc:  # an integer literal of thousands of digits
+        raise ApiError(f"malformed JSON: {str(exc)[:120]}") from None
+    if not isinstance(body, dict):
+        raise ApiError("the request body must be a JSON object")
+    _check_unicode(body)
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise ApiError(f"unknown field(s) {', '.join(map(repr, unknown))}; "
+                       f"allowed: {', '.join(sorted(allowed))}")
+    return body
+
+
+def query_params(allowed: set[str], ints: set[str]) -> dict[str, Any]:
+    """The query string as a dict; fields in ``ints`` must be integers."""
+    args = flask.request.args
+    unknown = sorted(set(args) - allowed)
+    if unknown:
+        raise ApiError(f"unknown parameter(s) {', '.join(map(repr, unknown))}; "
+                       f"allowed: {', '.join(sorted(allowed))}")
+    out: dict[str, Any] = {}
+    for key in args:
+        values = args.getlist(key)
+        if len(values) > 1:
+            raise ApiError(f"parameter {key!r} is given more than once")
+        value = values[0]
+        if "\x00" in value:
+            raise ApiError(f"parameter {key!r} contains a NUL character")
+        if key in ints:
+            try:
+                out[key] = int(value.strip(), 10)
+            except ValueError:
+                raise ApiError(f"{key} must be an integer, got {value!r}") from None
+        else:
+            out[key] = value
+    return out
+
+
+def text_field(body: dict[str, Any], key: str = "text") -> str:
+    """A required, non-empty prompt."""
+    if key not in body:
+        raise ApiError(f"missing field {key!r} (the prompt to analyse)")
+    text = body[key]
+    if not isinstance(text, str):
+        raise ApiError(f"{key!r} must be a string, got {type(text).__name__}")
+    if "\x00" in text:
+        raise ApiError(f"{key!r} contains a NUL character")
+    if not text.strip():
+        raise ApiError(f"{key!r} is empty: send some text to analyse")
+    return text
+
+
+def int_field(body: dict[str, Any], key: str, default: Optional[int], lo: int, hi: int,
+              what: str = "") -> Optional[int]:
+    """An optional integer in [lo, hi]; booleans and floats are refused."""
+    value = body.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise ApiError(f"{key!r} must be an integer, got {value!r}"[:200])
+    if not lo <= int(value) <= hi:
+        raise ApiError(f"{key!r} must be between {lo} and {hi}{what}, got {value}")
+    return int(value)
+
+
+def bool_field(body: dict[str, Any], key: str, default: bool) -> bool:
+    """An optional boolean."""
+    value = body.get(key, default)
+    if not isinstance(value, bool):
+        raise ApiError(f"{key!r} must be true or false, got {value!r}"[:200])
+    return value
+
+
+def choice_field(body: dict[str, Any], key: str, default: str, choices: tuple[str, ...]) -> str:
+    """An optional string from ``choices``."""
+    value = body.get(key, default)
+    if value not in choices:
+        raise ApiError(f"{key!r} must be one of {', '.join(map(repr, choices))}, "
+                       f"got {value!r}"[:300])
+    return value
+
+
+def token_field(body: dict[str, Any], key: str) -> Optional[int | str]:
+    """An optional target token: an id or a string (checked by the analysis)."""
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ApiError(f"{key!r} must be a token id or a token string, got {value!r}"[:200])
+    if isinstance(value, str) and "\x00" in value:
+        raise ApiError(f"{key!r} contains a NUL character")
+    return value
+
+
+def words_field(body: dict[str, Any], key: str, required: bool) -> list[str]:
+    """A list of analogy terms."""
+    value = body.get(key, [] if not required else None)
+    if value is None:
+        raise ApiError(f"missing field {key!r} (a list of words)")
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(w, str) for w in value):
+        raise ApiError(f"{key!r} must be a list of strings")
+    if len(value) > MAX_TERMS:
+        raise ApiError(f"{key!r} has {len(value)} terms; at most {MAX_TERMS} are allowed")
+    for w in value:
+        if "\x00" in w:
+            raise ApiError(f"{key!r} contains a NUL character")
+        if not w.strip():
+            raise ApiError(f"{key!r} contains an empty word")
+    return value
+
+
+def layer_head(lm: LoadedModel, body: dict[str, Any], need_head: bool = False
+               ) -> tuple[Optional[int], Optional[int]]:
+    """Optional ``layer`` and ``head`` in range for ``lm`` (a head needs its layer)."""
+    n_layers, n_heads = lm.cfg.n_layers, lm.cfg.n_heads
+    layer = int_field(body, "layer", None, 0, n_layers - 1,
+                      f" (the model {lm.name} has {n_layers} layer(s))")
+    head = int_field(body, "head", None, 0, n_heads - 1,
+                     f" (each layer of {lm.name} has {n_heads} heads)")
+    if head is not None and layer is None:
+        raise ApiError("'head' needs a 'layer' too")
+    if need_head and (layer is None or head is None):
+        raise ApiError("'layer' and 'head' are required")
+    return layer, head
+
+
+def heads_field(lm: LoadedModel, body: dict[str, Any]) -> list[tuple[int, int]]:
+    """A list of ``[layer, head]`` pairs."""
+    value = body.get("heads")
+    if value is None:
+        raise ApiError("missing field 'heads' (a list of [layer, head] pairs)")
+    if not isinstance(value, list) or len(value) > MAX_HEADS:
+        raise ApiError(f"'heads' must be a list of at most {MAX_HEADS} [layer, head] pairs")
+    heads = []
+    for item in value:
+        if not (isinstance(item, list) and len(item) == 2):
+            raise ApiError(f"each entry of 'heads' must be a [layer, head] pair, got {item!r}"
+                           [:200])
+        pair = {"layer": item[0], "head": item[1]}
+        layer, head = layer_head(lm, pair, need_head=True)
+        heads.append((int(layer), int(head)))  # type: ignore[arg-type]
+    return heads

@@ -1,0 +1,188 @@
+"""A page's controls: each parameter knows its name, default, bounds, label and widget.
+
+A control parses its value from the URL or the widget (a bad value becomes the default or
+the nearest bound, with a message saying what was wrong) and renders its labelled widget.
+Bounds may depend on the model (``hi=lambda cfg: cfg.n_layers - 1``): the widget then
+offers only the model's range and a value beyond it is clamped with a message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import dash_bootstrap_components as dbc
+from dash import dcc, html
+
+Bound = Union[int, None, Callable[[Any], Optional[int]]]
+
+
+def control_id(page: str, name: str) -> str:
+    """Id of a page's control ``name``."""
+    return f"{page}-{name}"
+
+
+def _bound(bound: Bound, cfg: Any) -> Optional[int]:
+    if callable(bound):
+        return bound(cfg) if cfg is not None else None
+    return bound
+
+
+def _group(label: str, widget: Any) -> dbc.InputGroup:
+    return dbc.InputGroup([dbc.InputGroupText(label), widget], size="sm",
+                          className="al-control")
+
+
+@dataclass(frozen=True)
+class Int:
+    """A whole number (a number box), with a default and optional bounds."""
+
+    name: str
+    default: Optional[int]
+    lo: Bound = None
+    hi: Bound = None
+    label: str = ""
+    placeholder: str = ""
+
+    def parse(self, raw: Any, cfg: Any = None) -> tuple[Optional[int], Optional[str]]:
+        """The value of ``raw`` (URL text or widget value) and a problem, or None."""
+        if raw is None or raw == "":
+            return self.default, None
+        try:
+            value = int(str(raw).strip())
+        except (TypeError, ValueError):
+            return self.default, f"{self.name} must be a whole number, got {str(raw)[:40]!r}"
+        lo, hi = _bound(self.lo, cfg), _bound(self.hi, cfg)
+        if lo is not None and value < lo:
+            return lo, f"{self.name} {value} is below the smallest allowed value {lo}"
+        if hi is not None and value > hi:
+            return hi, f"{self.name} {value} is above the largest allowed value {hi}"
+        return value, None
+
+    def widget(self, page: str, value: Any, cfg: Any = None) -> dbc.InputGroup:
+        """A labelled number box (updates when the user leaves it or presses Enter)."""
+        return _group(self.label or self.name, dbc.Input(
+            id=control_id(page, self.name), type="number", value=value,
+            min=_bound(self.lo, cfg), max=_bound(self.hi, cfg), step=1, debounce=True,
+            placeholder=self.placeholder, inputmode="numeric"))
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of a fixed set of strings (a drop-down); ``labels`` name the options."""
+
+    name: str
+    default: str
+    choices: tuple[str, ...]
+    label: str = ""
+    labels: Optional[dict[str, str]] = None
+
+    def parse(self, raw: Any, cfg: Any = None) -> tuple[str, Optional[str]]:
+        """``raw`` if it is one of the choices, else the default and a problem."""
+        if raw is None or raw == "":
+            return self.default, None
+        if str(raw) in self.choices:
+            return str(raw), None
+        return self.default, (f"{self.name} must be one of {', '.join(self.choices)}, "
+                              f"got {str(raw)[:40]!r}")
+
+    def widget(self, page: str, value: Any, cfg: Any = None) -> dbc.InputGroup:
+        """A labelled drop-down."""
+        names = self.labels or {}
+        return _group(self.label or self.name, dbc.Select(
+            id=control_id(page, self.name), value=value,
+            options=[{"label": names.get(c, c), "value": c} for c in self.choices]))
+
+
+@dataclass(frozen=True)
+class Text:
+    """Free text (a target token, a search word), cut to ``max_len`` characters."""
+
+    name: str
+    default: str = ""
+    max_len: int = 200
+    label: str = ""
+    placeholder: str = ""
+
+    def parse(self, raw: Any, cfg: Any = None) -> tuple[str, Optional[str]]:
+        """``raw`` as text, cut to ``max_len`` characters."""
+        if raw is None:
+            return self.default, None
+        text = str(raw)
+        if len(text) > self.max_len:
+            return text[: self.max_len], f"{self.name} was cut to {self.max_len} characters"
+        return text, None
+
+    def widget(self, page: str, value: Any, cfg: Any = None) -> dbc.InputGroup:
+        """A labelled text box (updates when the user leaves it or presses Enter)."""
+        return _group(self.label or self.name, dbc.Input(
+            id=control_id(page, self.name), type="text", value=value, debounce=True,
+            placeholder=self.placeholder))
+
+
+@dataclass(frozen=True)
+class IntList:
+    """A set of whole numbers (a multi-select; ``"0,2"`` in the URL); empty means all.
+
+    ``count(cfg)`` gives how many options the widget offers (``prefix`` + index).
+    """
+
+    name: str
+    count: Callable[[Any], int]
+    label: str = ""
+    prefix: str = ""
+
+    @property
+    def default(self) -> list[int]:
+        """Nothing chosen: all."""
+        return []
+
+    def parse(self, raw: Any, cfg: Any = None) -> tuple[list[int], Optional[str]]:
+        """The sorted distinct whole numbers in ``raw`` (a list or comma-separated text)."""
+        if raw is None or raw == "" or raw == []:
+            return [], None
+        items = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
+        out: list[int] = []
+        for item in items:
+            try:
+                out.append(int(str(item).strip()))
+            except (TypeError, ValueError):
+                return [], (f"{self.name} must be whole numbers separated by commas, "
+                            f"got {str(raw)[:40]!r}")
+        n = self.count(cfg) if cfg is not None else None
+        bad = [x for x in out if x < 0 or (n is not None and x >= n)]
+        if bad:
+            return [x for x in sorted(set(out)) if x not in bad], (
+                f"{self.name}: {bad[0]} does not exist"
+                + (f" (0-{n - 1})" if n else ""))
+        return sorted(set(out)), None
+
+    def widget(self, page: str, value: Any, cfg: Any = None) -> dbc.InputGroup:
+        """A labelled multi-select (empty: all)."""
+        n = self.count(cfg) if cfg is not None else 1
+        return _group(self.label or self.name, html.Div(
+            dcc.Dropdown(id=control_id(page, self.name), multi=True, value=value,
+                         options=[{"label": f"{self.prefix}{i}", "value": i}
+                                  for i in range(n)],
+                         placeholder="all", className="al-dropdown"),
+            style={"minWidth": "12rem", "flex": "1 1 auto"}))
+
+
+Control = Union[Int, Choice, Text, IntList]
+
+
+def parse_all(controls: Sequence[Control], raw: dict[str, Any], cfg: Any = None
+              ) -> tuple[dict[str, Any], list[str]]:
+    """Every control's value from ``raw``, and what was wrong with the input."""
+    values, problems = {}, []
+    for c in controls:
+        value, problem = c.parse(raw.get(c.name), cfg)
+        values[c.name] = value
+        if problem:
+            problems.append(problem)
+    return values, problems
+
+
+def names(controls: Iterable[Control]) -> list[str]:
+    """The controls' names, in order."""
+    return [c.name for c in controls]

@@ -1,0 +1,313 @@
+"""Weight analyses of a model, computed once per deployment and shared by pages and the API.
+
+A weight analysis (circuit SVD, circuit eigenvalues, composition scores, the repeated-token
+probe, the embedding PCA) depends only on a model's weights and a few parameters. Each is
+named here once, with its cache key: the model's weight hash, the analysis and its
+parameters. Results live in the background's shared store (a disk cache on one machine,
+Redis in a lab), so every web worker and every job process reads the one computed copy, and
+a restart does not recompute it. A computation holds a lock in that store, so two processes
+asking for the same analysis at once compute it once; how often each was computed, and by
+which process, is counted there too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+from . import __version__
+from .analysis.errors import AnalysisError
+from .model.checkpoint import LoadedModel
+
+Progress = Callable[[float], None]
+
+#: Singular directions and tokens per direction computed once for the circuit SVD (pages
+#: and the API cut what they show from it).
+SVD_DIRECTIONS, SVD_TOP_K = 8, 30
+#: Principal components computed for the embedding map.
+PCA_COMPONENTS = 10
+#: Seconds a waiting process sleeps between looks at a computation another process holds.
+POLL_S = 0.1
+
+
+# ------------------------------------------------------------------------- the analyses
+@dataclass(frozen=True)
+class Request:
+    """One weight analysis with its parameters (JSON-ready, hashable)."""
+
+    name: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        """What the progress strip calls it."""
+        return ANALYSES[self.name].label.format(**dict(self.params))
+
+    def as_json(self) -> list[Any]:
+        """``[name, {param: value}]`` (what a job request carries through the browser)."""
+        return [self.name, dict(self.params)]
+
+    @classmethod
+    def from_json(cls, value: Any) -> "Request":
+        """The request of :meth:`as_json`'s output; AnalysisError for anything else."""
+        try:
+            name, params = value
+            if name not in ANALYSES or not isinstance(params, dict):
+                raise ValueError
+            return request(name, **params)
+        except (TypeError, ValueError):
+            raise AnalysisError(f"not a weight analysis: {str(value)[:80]!r}") from None
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """How to compute a weight analysis: ``compute(lm, progress, **params)``."""
+
+    label: str
+    compute: Callable[..., Any]
+    params: tuple[str, ...] = ()
+
+
+def _svd(lm: LoadedModel, progress: Progress, circuit: str) -> Any:
+    from .analysis.circuits import circuit_svd
+
+    return circuit_svd(lm, circuit, min(SVD_DIRECTIONS, lm.cfg.d_head),
+                       min(SVD_TOP_K, lm.cfg.d_vocab), progress=progress)
+
+
+def _eigen(lm: LoadedModel, progress: Progress) -> Any:
+    from .analysis.eigen import circuit_eigenvalues
+
+    return circuit_eigenvalues(lm, progress=progress)
+
+
+def _composition(lm: LoadedModel, progress: Progress) -> Any:
+    from .analysis.composition import composition_scores
+
+    return composition_scores(lm, progress=progress)
+
+
+def _probe(lm: LoadedModel, progress: Progress) -> Any:
+    from .analysis.heads import probe_head_scores
+
+    return probe_head_scores(lm)
+
+
+def _pca(lm: LoadedModel, progress: Progress, matrix: str, token_filter: str,
+         max_tokens: int, n_components: int, n_clusters: int, centre: bool) -> Any:
+    from .analysis.embeddings import embedding_pca
+
+    return embedding_pca(lm, matrix=matrix, token_filter=token_filter, max_tokens=max_tokens,
+                         n_components=min(n_components, lm.cfg.d_model, max_tokens),
+                         n_clusters=n_clusters, centre=centre)
+
+
+ANALYSES: dict[str, Analysis] = {
+    "circuit_svd": Analysis("{circuit} circuit SVD", _svd, ("circuit",)),
+    "circuit_eigenvalues": Analysis("circuit eigenvalues", _eigen),
+    "composition_scores": Analysis("composition scores", _composition),
+    "probe_head_scores": Analysis("repeated-token probe", _probe),
+    "embedding_pca": Analysis("PCA and k-means of {matrix}", _pca,
+                              ("matrix", "token_filter", "max_tokens", "n_components",
+                               "n_clusters", "centre")),
+}
+
+
+def request(name: str, **params: Any) -> Request:
+    """The request for analysis ``name`` with exactly its parameters."""
+    spec = ANALYSES.get(name)
+    if spec is None:
+        raise AnalysisError(f"unknown weight analysis {name!r}")
+    if set(params) != set(spec.params):
+        raise AnalysisError(f"{name} takes {', '.join(spec.params) or 'no parameters'}")
+    for key, value in params.items():
+        if not isinstance(value, (str, int, float, bool)) or value is None:
+            raise AnalysisError(f"{name}: parameter {key} must be a plain value")
+    return Request(name, tuple(sorted(params.items())))
+
+
+def circuit_svd(circuit: str = "OV") -> Request:
+    """Every head's OV or QK circuit SVD (``SVD_DIRECTIONS`` x ``SVD_TOP_K`` tokens)."""
+    return request("circuit_svd", circuit=circuit)
+
+
+def circuit_eigenvalues() -> Request:
+    """Every head's OV / full-OV / QK / full-QK eigenvalues and copying scores."""
+    return request("circuit_eigenvalues")
+
+
+def composition_scores() -> Request:
+    """Q-, K- and V-composition of every pair of heads."""
+    return request("composition_scores")
+
+
+def probe_head_scores() -> Request:
+    """Induction and previous-token scores on the repeated-random-token probe."""
+    return request("probe_head_scores")
+
+
+def embedding_pca(matrix: str = "W_E", token_filter: str = "frequent", max_tokens: int = 2000,
+                  n_clusters: int = 8, centre: bool = True,
+                  n_components: int = PCA_COMPONENTS) -> Request:
+    """PCA (at most ``n_components`` components) and k-means clusters of embedding rows."""
+    return request("embedding_pca", matrix=matrix, token_filter=token_filter,
+                   max_tokens=int(max_tokens), n_components=int(n_components),
+                   n_clusters=int(n_clusters), centre=bool(centre))
+
+
+# --------------------------------------------------------------------------- cache keys
+def weight_hash(lm: LoadedModel) -> str:
+    """A digest of every weight tensor of ``lm`` (names, shapes, dtypes and bytes)."""
+    cached = getattr(lm, "_weight_hash", None)
+    if cached is not None:
+        return cached
+    import torch
+
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(lm.model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes()
+                 if t.numel() else b"")
+    digest = h.hexdigest()
+    object.__setattr__(lm, "_weight_hash", digest)
+    return digest
+
+
+def cache_key(lm: LoadedModel, req: Request) -> str:
+    """The store key of ``req`` on ``lm``'s weights (the code version included)."""
+    params = json.dumps(dict(req.params), sort_keys=True, separators=(",", ":"))
+    return f"wa:{__version__}:{weight_hash(lm)}:{req.name}:{params}"
+
+
+class Missing(AnalysisError):
+    """Weight analyses not computed yet (a page starts a background job for them)."""
+
+    def __init__(self, model: str, requests: Sequence[Request]) -> None:
+        self.model, self.requests = model, list(requests)
+        super().__init__(f"{model}: not computed yet: "
+                         + ", ".join(r.label for r in self.requests))
+
+
+# ----------------------------------------------------------------------------- the store
+_MISS = object()
+
+
+class Store:
+    """Weight analyses in a store shared by processes, with a small in-process memo."""
+
+    def __init__(self, results: Any, coord: Any, memo: int = 32) -> None:
+        self.results, self.coord, self.memo_size = results, coord, memo
+        self._memo: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ reading
+    def cached(self, lm: LoadedModel, req: Request) -> Any:
+        """The stored result of ``req`` or :data:`_MISS`."""
+        key = cache_key(lm, req)
+        with self._lock:
+            if key in self._memo:
+                self._memo.move_to_end(key)
+                return self._memo[key]
+        value = self.results.get(key, _MISS)
+        if value is not _MISS:
+            self.coord.incr(f"served:{key}:{os.getpid()}")
+            self._remember(key, value)
+        return value
+
+    def _remember(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._memo[key] = value
+            self._memo.move_to_end(key)
+            while len(self._memo) > self.memo_size:
+                self._memo.popitem(last=False)
+
+    def get(self, lm: LoadedModel, *reqs: Request) -> list[Any]:
+        """The results of ``reqs``; :class:`Missing` lists those not computed yet."""
+        values = [self.cached(lm, r) for r in reqs]
+        missing = [r for r, v in zip(reqs, values) if v is _MISS]
+        if missing:
+            raise Missing(lm.name, missing)
+        return values
+
+    # ---------------------------------------------------------------- computing
+    def compute(self, lm: LoadedModel, req: Request, progress: Optional[Progress] = None
+                ) -> Any:
+        """The result of ``req``: stored, or computed here once (waiting for another process
+        that computes it already)."""
+        from .background import STALE_S, heartbeat
+
+        key = cache_key(lm, req)
+        lock = f"lock:{key}"
+        report = progress or (lambda _: None)
+        while True:
+            value = self.cached(lm, req)
+            if value is not _MISS:
+                return value
+            if self.coord.add(lock, os.getpid(), expire=STALE_S):
+                break
+            time.sleep(POLL_S)  # another process computes it; its lock expires if it dies
+        try:
+            with heartbeat(self.coord, lock):
+                value = self.cached(lm, req)  # finished between our look and the lock
+                if value is not _MISS:
+                    return value
+                spec = ANALYSES[req.name]
+                value = spec.compute(lm, report, **dict(req.params))
+                self.results.set(key, value)
+                self.coord.incr(f"computed:{key}")
+                self.coord.set(f"computed-by:{key}", {"pid": os.getpid(),
+                                                      "host": socket.gethostname(),
+                                                      "t": time.time()})
+                self._remember(key, value)
+                return value
+        finally:
+            self.coord.delete(lock)
+
+    def get_or_compute(self, lm: LoadedModel, *reqs: Request) -> list[Any]:
+        """The results of ``reqs``, computing the missing ones here in one job slot.
+
+        Raises :class:`attention_lens.background.BusyError` when every slot is taken.
+        """
+        from . import background
+
+        try:
+            return self.get(lm, *reqs)
+        except Missing as missing:
+            label = ", ".join(r.label for r in missing.requests)
+        with background.current().slots.job(label):
+            return [self.compute(lm, r) for r in reqs]
+
+    # ---------------------------------------------------------------- counting
+    def stats(self, lm: LoadedModel, req: Request, pids: Sequence[int] = ()) -> dict[str, Any]:
+        """How often ``req`` was computed, by which process, and read by each of ``pids``."""
+        key = cache_key(lm, req)
+        return {"computed": self.coord.count(f"computed:{key}"),
+                "computed_by": self.coord.get(f"computed-by:{key}"),
+                "served": {pid: self.coord.count(f"served:{key}:{pid}") for pid in pids}}
+
+    def forget_memo(self) -> None:
+        """Drop the in-process memo (the shared store keeps everything)."""
+        with self._lock:
+            self._memo.clear()
+
+
+_STORES: dict[int, Store] = {}
+
+
+def store() -> Store:
+    """The store of the installed background (one per background, per process)."""
+    from . import background
+
+    bg = background.current()
+    st = _STORES.get(id(bg))
+    if st is None:
+        st = _STORES.setdefault(id(bg), Store(bg.results, bg.kv))
+    return st

@@ -1,0 +1,106 @@
+"""The chunked logit lens equals the full stages × positions × vocabulary computation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from attention_lens.analysis.forward import run_forward
+from attention_lens.analysis.logit_lens import chunk_rows, lens_stages, logit_lens, stage_logits
+
+from .conftest import TINY_TEXT
+
+PROMPT = ("Mr and Mrs Dursley, of number four, Privet Drive, were proud to say that they were "
+          "perfectly normal, thank you very much. Mr and Mrs Dursley, of number four, Privet")
+
+
+def full_lens(lm, fp, k, target_id, granularity):
+    """Every stage's full logits at once, in float64 (the definition, without chunks)."""
+    stages = lens_stages(lm, granularity)
+    logits = torch.stack([stage_logits(lm, fp.cache[hook]) for _, hook in stages]).double()
+    log_probs = logits.log_softmax(-1)  # [S, P, V]
+    top = torch.topk(logits, k, dim=-1)
+    nxt = torch.as_tensor(fp.token_ids[1:])[None, :, None].expand(len(stages), -1, 1)
+    chosen = logits[:, :-1].gather(-1, nxt)
+    tcol = logits[..., target_id:target_id + 1]
+    return {
+        "logits": logits,
+        "top_ids": top.indices.numpy(),
+        "top_probs": log_probs.gather(-1, top.indices).exp().numpy(),
+        "entropy": -(log_probs.exp() * log_probs).sum(-1).numpy(),
+        "next_probs": log_probs[:, :-1].gather(-1, nxt)[..., 0].exp().numpy(),
+        "next_ranks": ((logits[:, :-1] > chosen).sum(-1) + 1).numpy(),
+        "target_probs": log_probs[..., target_id].exp().numpy(),
+        "target_ranks": ((logits > tcol).sum(-1) + 1).numpy(),
+        "target_logits": logits[..., target_id].numpy(),
+    }
+
+
+@pytest.fixture(scope="module")
+def shipped_passes(registry):
+    out = []
+    for name in ("attn-only-1l", "attn-only-2l"):
+        lm = registry.get(name)
+        out.append((lm, run_forward(lm, PROMPT)))
+    return out
+
+
+def check_equal(res, ref, atol=1e-5):
+    np.testing.assert_array_equal(res.top_ids, ref["top_ids"])
+    np.testing.assert_allclose(res.top_probs, ref["top_probs"], atol=atol, rtol=0)
+    np.testing.assert_allclose(res.entropy, ref["entropy"], atol=10 * atol, rtol=0)
+    np.testing.assert_allclose(res.next_probs[:, :-1], ref["next_probs"], atol=atol, rtol=0)
+    np.testing.assert_array_equal(res.next_ranks[:, :-1], ref["next_ranks"])
+    assert np.isnan(res.next_probs[:, -1]).all() and (res.next_ranks[:, -1] == -1).all()
+    np.testing.assert_allclose(res.target_probs, ref["target_probs"], atol=atol, rtol=0)
+    np.testing.assert_array_equal(res.target_ranks, ref["target_ranks"])
+    np.testing.assert_allclose(res.target_logits, ref["target_logits"], atol=atol, rtol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [None, 1, 7, 64])
+@pytest.mark.parametrize("granularity", ["sublayer", "layer"])
+def test_chunked_lens_equals_full_computation_on_shipped_models(shipped_passes, rows,
+                                                                 granularity):
+    for lm, fp in shipped_passes:
+        tid = int(fp.logits[-1].argmax())
+        ref = full_lens(lm, fp, 5, tid, granularity)
+        res = logit_lens(lm, fp, k=5, target=tid, granularity=granularity,
+                         rows_per_chunk=rows)
+        check_equal(res, ref)
+        # the last stage is the model itself
+        torch.testing.assert_close(ref["logits"][-1].float(), fp.logits, atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(res.top_ids[-1], torch.topk(fp.logits, 5).indices.numpy())
+        probs = torch.softmax(fp.logits.double(), -1)
+        np.testing.assert_allclose(res.target_probs[-1], probs[:, tid].numpy(), atol=1e-5)
+
+
+def test_chunked_lens_equals_full_computation_with_layernorm(tiny_ln):
+    fp = run_forward(tiny_ln, TINY_TEXT[:200])
+    tid = int(fp.logits[-1].argmax())
+    for rows in (None, 3, 10):
+        check_equal(logit_lens(tiny_ln, fp, k=3, target=tid, rows_per_chunk=rows),
+                    full_lens(tiny_ln, fp, 3, tid, "sublayer"))
+
+
+def test_chunks_bound_the_logits_held_at_once():
+    assert chunk_rows(50257) * 50257 <= 2 ** 24 < (chunk_rows(50257) + 1) * 50257
+    assert chunk_rows(4096) == 4096 and chunk_rows(10 ** 9) == 1
+
+
+def test_progress_reports_every_chunk_and_can_stop(shipped_passes):
+    lm, fp = shipped_passes[1]
+    seen: list[float] = []
+    logit_lens(lm, fp, k=2, rows_per_chunk=16, progress=seen.append)
+    n = len(lens_stages(lm)) * fp.n_tokens
+    assert len(seen) == -(-n // 16) and seen == sorted(seen) and seen[-1] == 1.0
+
+    class Stop(Exception):
+        pass
+
+    def stop(fraction: float) -> None:
+        if fraction > 0.3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        logit_lens(lm, fp, k=2, rows_per_chunk=16, progress=stop)
