@@ -459,11 +459,11 @@ class _Engine:
                    d_head: int) -> torch.Tensor:
         """Causal attention of queries q [B, nq, h, e] at positions q_pos [nq] over keys and
         values k, v [B, T, h, e] -> z [B, nq, h, e]."""
-        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(d_head)
+        scores = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) / math.sqrt(d_head)  # [B,h,q,k]
         key_pos = torch.arange(k.shape[1], device=k.device)
         masked = key_pos[None, :] > q_pos[:, None]  # [nq, T]
         scores = scores.masked_fill(masked, float("-inf"))
-        return torch.einsum("bhqk,bkhe->bqhe", scores.softmax(-1), v)
+        return (scores.softmax(-1) @ v.transpose(1, 2)).transpose(1, 2)  # [B, q, h, e]
 
     def _base_rows(self, name: str, j: int, p0: int, batch: int) -> torch.Tensor:
         return self.base[name, j][p0:].expand(batch, -1, -1)
@@ -532,10 +532,11 @@ class _Engine:
         q = qb[n - 1].expand_as(qi).clone()
         at_query = torch.nonzero(st.pos == n - 1).flatten()
         q[at_query] = qi[at_query]
-        scores = torch.einsum("bhe,the->bht", q, kb) / root  # every key of the base run
+        # every key of the base run (per head: [B, e] @ [e, n]) ...
+        scores = (q.transpose(0, 1) @ kb.permute(1, 2, 0)).transpose(0, 1) / root  # [B, h, n]
         scores[ar, :, st.pos] = (q * ki).sum(-1) / root  # ... but the changed one
         pattern = scores.softmax(-1)
-        z = torch.einsum("bht,the->bhe", pattern, vb)
+        z = (pattern.transpose(0, 1) @ vb.transpose(0, 1)).transpose(0, 1)  # [B, h, e]
         z = z + pattern[ar, :, st.pos][..., None] * (vi - vb[st.pos])
         return _Dense(n - 1, self._out(j, z)[:, None])
 
