@@ -447,6 +447,191 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
             res = PT.path_patching(lm, sender=tuple(sender), ln_mode=ln_mode, **args)
         return {"model": lm.name, "components": list(PT.COMPONENTS), "result": jsonable(res)}
 
+    # ------------------------------------------- QK attribution and attribution graph
+    def whole_prompt(body: dict[str, Any], fp: ForwardPass, lm: LoadedModel) -> None:
+        if fp.truncated and not bool_field(body, "truncate", False):
+            raise ApiError(f"the prompt has {fp.n_prompt_tokens} tokens but {lm.name} reads at "
+                           f"most {fp.n_tokens}: shorten it, or send \"truncate\": true to "
+                           f"analyse the first {fp.n_tokens}")
+
+    @endpoint("/qk-attribution", ("POST",))
+    def qk_attribution_route() -> dict[str, Any]:
+        from .analysis.qk_attribution import qk_attribution, qk_attribution_row
+
+        body = json_body(base | {"layer", "head", "query", "key", "contrast_key",
+                                 "split_sources", "row", "truncate"})
+        lm, fp, part = prompt(body)
+        whole_prompt(body, fp, lm)
+        layer, head = layer_head(lm, body, need_head=True)
+        what = f" (the prompt has {fp.n_tokens} tokens)"
+        q = int_field(body, "query", -1, -fp.n_tokens, fp.n_tokens - 1, what)
+        if bool_field(body, "row", False):
+            row = qk_attribution_row(lm, fp, layer=layer, head=head, query=q)
+            return {**part, "result": jsonable(row)}
+        if "key" not in body:
+            raise ApiError("missing field 'key' (the key position; or send \"row\": true)")
+        k = int_field(body, "key", None, -fp.n_tokens, fp.n_tokens - 1, what)
+        k2 = int_field(body, "contrast_key", None, -fp.n_tokens, fp.n_tokens - 1, what)
+        res = qk_attribution(lm, fp, layer=layer, head=head, query=q, key=k, contrast_key=k2,
+                             split_sources=bool_field(body, "split_sources", False))
+        top = [{"query_component": res.q_labels[i], "key_component": res.k_labels[j],
+                "value": v, "text": res.describe(i, j)} for i, j, v in res.top_terms(10)]
+        return {**part, "result": {**jsonable(res), "total": res.total, "top_terms": top}}
+
+    @endpoint("/graph", ("POST",))
+    def graph_route() -> dict[str, Any]:
+        from .analysis.graph import graph_json
+
+        body = json_body(base | {"target", "contrast", "position", "node_threshold",
+                                 "edge_threshold", "truncate"})
+        lm, fp, part = prompt(body)
+        whole_prompt(body, fp, lm)
+        pos = int_field(body, "position", -1, -fp.n_tokens, fp.n_tokens - 1,
+                        f" (the prompt has {fp.n_tokens} tokens)")
+        shares = {}
+        for key, default in (("node_threshold", 0.8), ("edge_threshold", 0.98)):
+            value = body.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not 0 < value <= 1:
+                raise ApiError(f"{key!r} must be a number in (0, 1] (a share of the total "
+                               f"influence), got {value!r}"[:200])
+            shares[key] = float(value)
+        target, contrast = token_field(body, "target"), token_field(body, "contrast")
+        if target is not None:
+            from .analysis.predictions import token_id
+            token_id(lm, target)  # a bad target is a 400 before any job starts
+        req = W.attribution_graph(body["text"], registry.max_tokens or 0,
+                                  "" if target is None else target,
+                                  "" if contrast is None else contrast, pos,
+                                  shares["node_threshold"], shares["edge_threshold"])
+        view = W.store().get_or_compute(lm, req)[0]
+        g = view.graph
+        return {**part, "result": {
+            "target": g.label(g.target), "position": g.position, "logit": g.logit,
+            "bias": g.bias, "sum_into_target": float(g.weight[g.dst == g.target].sum()),
+            "kept_target_share": view.kept_target_share, "n_nodes": g.n_nodes,
+            "n_edges": len(g.weight), "n_nodes_full": view.n_nodes_full,
+            "n_edges_full": view.n_edges_full,
+            "graph": graph_json(g, view.pruned, slug=f"{lm.name}-graph", prompt=fp.text,
+                                model_name=lm.name, tokens=fp.tokens)}}
+    # ------------------------------------------------- dataset heads and comparison
+    def dataset_of(body: dict[str, Any]) -> Any:
+        from .analysis.datasets import SHIPPED, parse_upload, remember_upload
+
+        if "text" in body and "dataset" in body:
+            raise ApiError("give either 'dataset' (a name) or 'text' (the documents), not both")
+        if "text" in body:
+            ds = parse_upload(text_field(body).encode("utf-8"), "request body")
+            remember_upload(ds)
+            W.keep_upload(ds)
+            return ds
+        name = body.get("dataset", SHIPPED)
+        if not isinstance(name, str) or not name.strip():
+            raise ApiError("'dataset' must be a dataset name")
+        return W.load_dataset(name)
+
+    def windows_args(lm: LoadedModel, body: dict[str, Any], default_n: int) -> tuple:
+        from .analysis.datasets import DEFAULT_LENGTH, MAX_WINDOWS, check_window_args
+
+        n = int_field(body, "windows", default_n, 1, MAX_WINDOWS)
+        length = int_field(body, "length", min(lm.cfg.n_ctx, DEFAULT_LENGTH), 4, lm.cfg.n_ctx,
+                           f" (the context of {lm.name})")
+        stride = int_field(body, "stride", length, 1, 100_000)
+        check_window_args(lm, length, stride, n)
+        return length, stride, n
+
+    def dataset_metrics(lm: LoadedModel, body: dict[str, Any]) -> Any:
+        length, stride, n = windows_args(lm, body, 400)
+        ds = dataset_of(body)
+        return W.store().get_or_compute(lm, W.head_metrics(ds.name, ds.sha256, length, stride,
+                                                           n))[0]
+
+    @endpoint("/head-metrics", ("POST",))
+    def head_metrics_api() -> dict[str, Any]:
+        from .analysis.head_metrics import (
+            DEFINITIONS,
+            PATTERN_METRICS,
+            QUERIES,
+            head_examples,
+        )
+
+        body = json_body({"model", "dataset", "text", "windows", "length", "stride", "metric",
+                          "layer", "head", "n_examples", "copying", "top"})
+        lm = model_of(body)
+        metric = choice_field(body, "metric", "induction", tuple(PATTERN_METRICS))
+        layer, head = layer_head(lm, body)
+        n_examples = int_field(body, "n_examples", 3, 0, 20)
+        top = int_field(body, "top", 10, 1, lm.cfg.n_layers * lm.cfg.n_heads)
+        copying = bool_field(body, "copying", True)
+        hm = dataset_metrics(lm, body)
+        if head is None:
+            layer, head, _ = hm.ranking(metric, 1)[0]
+        examples = [{"window": e.window, "start": e.start, "query": e.query, "value": e.value,
+                     "tokens": list(e.display), "attention": jsonable(e.attention)}
+                    for e in head_examples(lm, hm, metric, layer, head, n_examples)] \
+            if n_examples else []
+        windows = hm.windows
+        metrics = {m: v for m, v in hm.metrics.items() if copying or m != "copying"}
+        return {"model": lm.name,
+                "dataset": {"name": windows.dataset, "sha256": windows.sha256,
+                            "windows": windows.n_windows, "length": windows.length,
+                            "stride": windows.stride, "available": windows.n_available,
+                            "description": windows.describe()},
+                "definitions": {m: {"formula": DEFINITIONS[m], "queries": QUERIES.get(m, "")}
+                                for m in metrics},
+                "metrics": jsonable(metrics), "n_queries": hm.n_queries,
+                "ranking": {m: [{"layer": la, "head": h, "value": jsonable(v)}
+                                for la, h, v in hm.ranking(m, top)] for m in metrics},
+                "examples": {"metric": metric, "layer": layer, "head": head,
+                             "windows": examples}}
+
+    @endpoint("/compare", ("POST",))
+    def compare_api() -> dict[str, Any]:
+        from .analysis.compare import compare
+
+        body = json_body({"text", "text_b", "model", "model_b", "layer", "head", "position",
+                          "target", "top_k", "icl", "windows"})
+        text_a = text_field(body)
+        text_b = text_field(body, "text_b") if "text_b" in body else text_a
+        lm_a = model_of(body)
+        name_b = body.get("model_b", lm_a.name)
+        if not isinstance(name_b, str) or not name_b.strip():
+            raise ApiError("'model_b' must be a model name")
+        lm_b = registry.get(name_b)
+        fp_a, fp_b = registry.forward(text_a, lm_a.name), registry.forward(text_b, lm_b.name)
+        n_layers = max(lm_a.cfg.n_layers, lm_b.cfg.n_layers)
+        n_heads = max(lm_a.cfg.n_heads, lm_b.cfg.n_heads)
+        layer = int_field(body, "layer", 0, 0, n_layers - 1)
+        head = int_field(body, "head", 0, 0, n_heads - 1)
+        position = int_field(body, "position", -1, -lm_a.cfg.n_ctx, lm_a.cfg.n_ctx - 1)
+        k = int_field(body, "top_k", 10, 1, MAX_GRID_K)
+        c = compare(lm_a, fp_a, lm_b, fp_b, layer=layer, head=head, position=position, k=k,
+                    target=token_field(body, "target"))
+        out = {"a": _prompt_part(fp_a, limit_of(lm_a)), "b": _prompt_part(fp_b, limit_of(lm_b)),
+               "result": jsonable(c)}
+        if bool_field(body, "icl", False):
+            from .analysis.compare import IclView, icl_score, probe_halves
+            from .analysis.datasets import SHIPPED
+
+            length, stride, n = windows_args(lm_a, {k: v for k, v in body.items()
+                                                    if k == "windows"}, 100)
+            ds = W.load_dataset(SHIPPED)
+            req = W.loss_by_position(ds.name, ds.sha256, length, stride, n)
+            models = [lm_a] if lm_b is lm_a else [lm_a, lm_b]
+            probe = W.store().get_or_compute(lm_a, W.probe_head_scores())[0]
+            curves = [W.store().get_or_compute(m, req, W.probe_loss()) for m in models]
+            view = IclView(dataset=tuple(c[0] for c in curves),
+                           probe=tuple(c[1] for c in curves),
+                           scores=tuple(icl_score(c[0]) for c in curves),
+                           probe_len=probe.seq_len,
+                           probe_halves={c[1].model: probe_halves(c[1], probe.seq_len,
+                                                                  probe.bos is not None)
+                                         for c in curves})
+            out["icl"] = jsonable(view)
+            for item, score in zip(out["icl"]["scores"], view.scores):
+                item["score"] = jsonable(score.score)
+        return out
+
     # ------------------------------------------------------------------ the rest
     @endpoint("/", ("GET",))
     def index() -> dict[str, Any]:

@@ -481,6 +481,112 @@ def bench_patching(reps: int, tl_sample: int, gpt2: bool = True) -> None:
           f"(token 4 corrupted)")
     run(big, clean, corrupted, ["head_out_by_pos"], 1)
 
+def bench_graph(reps: int, gpt2: bool = True) -> None:
+    """QK attribution and the exact attribution graph: attn-only-2l at 128 tokens, then
+    (``gpt2``) a random GPT-2-small-shaped model at 64 tokens with MLPs as opaque nodes."""
+    from .analysis.forward import run_forward
+    from .analysis.graph import attribution_graph, prune_graph
+    from .analysis.qk_attribution import qk_attribution, qk_attribution_row
+
+    def cpu(fn: Callable[[], Any]) -> str:
+        """CPU seconds of one call (all threads): on a busy machine, a quiet wall-time bound."""
+        t0 = time.process_time()
+        fn()
+        return f"cpu {time.process_time() - t0:.2f} s"
+
+    def cases(lm: LoadedModel, n_tokens: int, layer: int, head: int) -> None:
+        text = None if isinstance(lm.tokenizer, _IdTokenizer) else BENCH_TEXT
+        ids = None if text else [int(i) for i in torch.randint(0, lm.cfg.d_vocab, (n_tokens,),
+                                                                   generator=torch.Generator()
+                                                                   .manual_seed(0))]
+        fp = run_forward(lm, text or "", max_tokens=n_tokens, token_ids=ids)
+        q = fp.n_tokens - 1
+        print(f"  ({lm.name}, {fp.n_tokens} tokens, head L{layer}H{head}, query {q})")
+        cell = lambda: qk_attribution(lm, fp, layer=layer, head=head, query=q,  # noqa: E731
+                                      key=q // 2)
+        row = lambda: qk_attribution_row(lm, fp, layer=layer, head=head, query=q)  # noqa: E731
+        both = lambda: prune_graph(attribution_graph(lm, fp), 0.8, 0.98)  # noqa: E731
+        _row("qk_attribution (one cell)", measure(cell, reps), cpu(cell))
+        _row("qk_attribution_row (whole query row)", measure(row, reps), cpu(row))
+        graph = attribution_graph(lm, fp)
+        size = f"{graph.n_nodes} nodes, {len(graph.weight)} edges"
+        del graph
+        _row("attribution_graph + prune_graph(0.8, 0.98)", measure(both, reps),
+             f"{cpu(both)}; {size}")
+
+    _header("QK attribution and attribution graph")
+    cases(Registry([DEFAULT_WEIGHTS]).get("attn-only-2l"), 128, 1, 5)
+    if gpt2:
+        cases(random_gpt2_shape(), 64, 11, 0)
+# -------------------------------------------------------------- dataset heads, compare
+def bench_heads(reps: int) -> None:
+    """Dataset head metrics (shipped model, GPT-2 shape in a worker thread) and /compare."""
+    from .analysis.compare import compare
+    from .analysis.datasets import Windows, dataset_windows, load_dataset
+    from .analysis.forward import run_forward
+    from .analysis.head_metrics import head_metrics
+    from .figures import compare as FC
+
+    reg = Registry([DEFAULT_WEIGHTS])
+    lm = reg.get("attn-only-2l")
+    ds = load_dataset("validation")
+    t0 = time.perf_counter()
+    w = dataset_windows(lm, ds, length=128, max_windows=400)
+    cut = time.perf_counter() - t0
+    _header(f"Dataset head metrics, {lm.name}: {w.describe()} (cut in {cut * 1e3:.0f} ms)")
+    _row("all head metrics, 400 windows x 128 tokens",
+         measure(lambda: head_metrics(lm, w), max(1, min(reps, 3))), "(target <= 5 s)")
+
+    g = random_gpt2_shape()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, g.cfg.d_vocab, size=(100, 128))
+    gw = Windows(dataset="random ids", sha256="random", tokens=ids, starts=np.arange(100) * 128,
+                 length=128, stride=128, n_stream_tokens=12800, n_available=100)
+    reports: list[float] = []
+    result: dict[str, Any] = {}
+
+    def job() -> None:
+        result["hm"] = head_metrics(g, gw, progress=reports.append)
+
+    sampler = _RssSampler()
+    sampler.start()
+    t0 = time.perf_counter()
+    worker = threading.Thread(target=job, name="bench-heads-job")
+    worker.start()
+    worker.join()
+    took = time.perf_counter() - t0
+    print(f"  {'GPT-2-small shape, 100 windows x 128 (worker)':<44} {took * 1e3:>10.1f} ms"
+          f"  {'':>8}      {sampler.stop():>8.1f} MiB  ({len(reports)} progress reports; "
+          f"target <= 60 s)", flush=True)
+
+    l1 = reg.get("attn-only-1l")
+    base = lm.tokenizer.encode(BENCH_TEXT)[:128]
+    text_a = lm.tokenizer.decode(base)
+    variants = iter(range(10_000))
+
+    def draw() -> None:
+        # a changed prompt B: two cold forward passes, the comparison, five figures as JSON
+        text_b = text_a.replace("Dursley", f"Smith{next(variants)}", 1)
+        ids_b = lm.tokenizer.encode(text_b)[:128]
+        fa, fb = run_forward(lm, text_a), run_forward(lm, "", token_ids=ids_b)
+        c = compare(lm, fa, lm, fb, layer=1, head=5)
+        for fig in (FC.loss_compare_figure(c), FC.predictions_compare_figure(c),
+                    FC.attention_compare_figure(c), FC.lens_compare_figure(c),
+                    FC.dla_compare_figure(c)):
+            fig.to_json()
+
+    def draw_models() -> None:
+        fa, fb = run_forward(lm, text_a), run_forward(l1, text_a)
+        c = compare(lm, fa, l1, fb, layer=1, head=5)
+        for fig in (FC.loss_compare_figure(c), FC.predictions_compare_figure(c),
+                    FC.attention_compare_figure(c), FC.lens_compare_figure(c),
+                    FC.dla_compare_figure(c)):
+            fig.to_json()
+
+    _header("/compare, two 128-token prompts (forward passes, comparison, 5 figures)")
+    _row("two prompts on attn-only-2l", measure(draw, reps), "(target <= 2 s)")
+    _row("one prompt on attn-only-2l vs attn-only-1l", measure(draw_models, reps))
+
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Run the benchmark and print the table."""
@@ -490,6 +596,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--skip-gpt2", action="store_true",
                         help="skip the GPT-2-small-shaped random model (needs ~1.5 GB)")
     parser.add_argument("--only-gpt2", action="store_true", help="run only that part")
+    parser.add_argument("--only-graph", action="store_true",
+                        help="run only QK attribution and the attribution graph")
+    parser.add_argument("--heads", action="store_true",
+                        help="run only the dataset head metrics and /compare benchmark")
     parser.add_argument("--transformer-lens", metavar="PYTHON",
                         help="interpreter of a separate venv with transformer_lens installed: "
                              "time its full-OV eigenvalues side by side")
@@ -503,6 +613,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.patching:
         bench_patching(args.reps, args.tl_sample, gpt2=not args.skip_gpt2)
         return
+    if args.only_graph:
+        bench_graph(args.reps, gpt2=not args.skip_gpt2)
+        return
+    if args.heads:
+        bench_heads(args.reps)
+        return
     if not args.only_gpt2:
         bench_prompt(args.reps)
     if not args.skip_gpt2:
@@ -512,6 +628,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             if theirs is not None:
                 print(f"  full-OV eigenvalues: ours {ours:.2f} s vs TransformerLens "
                       f"{theirs:.2f} s -> {theirs / ours:.1f}x faster")
+    if not args.only_gpt2:
+        bench_graph(max(1, min(args.reps, 3)), gpt2=not args.skip_gpt2)
+        bench_heads(args.reps)
 
 
 if __name__ == "__main__":

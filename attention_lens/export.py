@@ -174,9 +174,14 @@ class _Renderer:
         self._lock = threading.Lock()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._kaleido: Any = None
+        self._thread: Optional[threading.Thread] = None
 
     def _open(self, timeout: float) -> tuple[asyncio.AbstractEventLoop, Any]:
         with self._lock:
+            if self._loop is not None and not (self._thread and self._thread.is_alive()):
+                # the loop's thread died (killed with its host server, say): start afresh
+                log.warning("the export browser's event loop stopped; starting a new one")
+                self._loop, self._kaleido = None, None
             if self._loop is None:
                 import kaleido
 
@@ -186,8 +191,9 @@ class _Renderer:
                     return k
 
                 loop = asyncio.new_event_loop()
-                threading.Thread(target=loop.run_forever, name="attention-lens-kaleido",
-                                 daemon=True).start()
+                self._thread = threading.Thread(target=loop.run_forever, daemon=True,
+                                                name="attention-lens-kaleido")
+                self._thread.start()
                 try:
                     self._kaleido = asyncio.run_coroutine_threadsafe(start(), loop).result(
                         timeout)

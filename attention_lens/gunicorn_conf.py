@@ -1,4 +1,6 @@
-"""gunicorn settings for a lab server: ``gunicorn -c python:attention_lens.gunicorn_conf app:server``.
+"""gunicorn settings for a lab server.
+
+Use: ``gunicorn -c python:attention_lens.gunicorn_conf app:server``.
 
 Command-line flags given after ``-c`` win (``-w``, ``-b``, ``--threads``, ...).
 """

@@ -109,6 +109,19 @@ def _pca(lm: LoadedModel, progress: Progress, matrix: str, token_filter: str,
                          n_clusters=n_clusters, centre=centre)
 
 
+def _graph(lm: LoadedModel, progress: Progress, text: str, max_tokens: int, target: Any,
+           contrast: Any, position: int, node_threshold: float, edge_threshold: float) -> Any:
+    from .analysis.forward import run_forward
+    from .analysis.graph import graph_view
+
+    fp = run_forward(lm, text, max_tokens or None)
+    return graph_view(lm, fp, target=None if target == "" else target,
+                      contrast=None if contrast == "" else contrast,
+                      position=position, node_threshold=node_threshold,
+                      edge_threshold=edge_threshold,
+                      progress=lambda done, total: progress(done / total))
+
+
 ANALYSES: dict[str, Analysis] = {
     "circuit_svd": Analysis("{circuit} circuit SVD", _svd, ("circuit",)),
     "circuit_eigenvalues": Analysis("circuit eigenvalues", _eigen),
@@ -117,6 +130,9 @@ ANALYSES: dict[str, Analysis] = {
     "embedding_pca": Analysis("PCA and k-means of {matrix}", _pca,
                               ("matrix", "token_filter", "max_tokens", "n_components",
                                "n_clusters", "centre")),
+    "attribution_graph": Analysis("attribution graph", _graph,
+                                  ("text", "max_tokens", "target", "contrast", "position",
+                                   "node_threshold", "edge_threshold")),
 }
 
 
@@ -161,6 +177,106 @@ def embedding_pca(matrix: str = "W_E", token_filter: str = "frequent", max_token
                    max_tokens=int(max_tokens), n_components=int(n_components),
                    n_clusters=int(n_clusters), centre=bool(centre))
 
+
+def attribution_graph(text: str, max_tokens: int = 0, target: Any = "", contrast: Any = "",
+                      position: int = -1, node_threshold: float = 0.8,
+                      edge_threshold: float = 0.98) -> Request:
+    """The pruned attribution graph of a prompt's target logit (a prompt analysis long
+    enough on big models to run as a job). ``target`` and ``contrast`` are token ids or
+    strings; ``""`` means the top prediction and no contrast."""
+    return request("attribution_graph", text=text, max_tokens=int(max_tokens), target=target,
+                   contrast=contrast, position=int(position),
+                   node_threshold=float(node_threshold), edge_threshold=float(edge_threshold))
+
+
+# ------------------------------------------------------------------------ dataset runs
+# Runs over a dataset's windows (head metrics, loss by position) depend on the weights and
+# the dataset's content: the dataset's sha256 is a parameter, so each is cached per weights
+# and dataset. Uploaded documents are kept in the shared store, where a job process finds
+# them by that hash.
+#: Seconds an uploaded dataset stays in the shared store.
+UPLOAD_TTL_S = 7 * 24 * 3600
+
+
+def keep_upload(dataset: Any) -> str:
+    """Put an uploaded dataset's documents in the shared store; return its name."""
+    store().results.set(f"dataset:{dataset.sha256}", list(dataset.documents),
+                        expire=UPLOAD_TTL_S)
+    return dataset.name
+
+
+def load_dataset(name: str) -> Any:
+    """A dataset by name: shipped, in a datasets folder, or uploaded (from the shared store)."""
+    from .analysis import datasets as D
+
+    if name.startswith("upload:"):
+        docs = store().results.get(f"dataset:{name[len('upload:'):]}", None) \
+            if len(name) > len("upload:") else None
+        if docs is None:
+            return D.load_dataset(name)  # this process may still hold it; else it says so
+        return D.Dataset(name=name, documents=tuple(docs), sha256=D.documents_sha256(docs),
+                         title=name, provenance={"source": "uploaded file"})
+    return D.load_dataset(name)
+
+
+def _windows(lm: LoadedModel, dataset: str, sha256: str, length: int, stride: int,
+             windows: int) -> Any:
+    from .analysis.datasets import dataset_windows
+
+    ds = load_dataset(dataset)
+    if ds.sha256 != sha256:
+        raise AnalysisError(f"dataset {dataset!r} changed since it was chosen: choose it again")
+    return dataset_windows(lm, ds, length=length, stride=stride, max_windows=windows)
+
+
+def _head_metrics(lm: LoadedModel, progress: Progress, dataset: str, sha256: str, length: int,
+                  stride: int, windows: int) -> Any:
+    from .analysis.head_metrics import head_metrics
+
+    eig = store().compute(lm, circuit_eigenvalues())
+    return head_metrics(lm, _windows(lm, dataset, sha256, length, stride, windows),
+                        copying=eig.copying["full_ov"], progress=progress)
+
+
+def _loss_by_position(lm: LoadedModel, progress: Progress, dataset: str, sha256: str,
+                      length: int, stride: int, windows: int) -> Any:
+    from .analysis.compare import loss_by_position
+
+    w = _windows(lm, dataset, sha256, length, stride, windows)
+    return loss_by_position(lm, w.tokens, source=w.describe(), progress=progress)
+
+
+def _probe_loss(lm: LoadedModel, progress: Progress) -> Any:
+    from .analysis.compare import loss_by_position
+
+    probe = store().compute(lm, probe_head_scores())
+    return loss_by_position(lm, probe.tokens, f"probe [r ; r], T = {probe.seq_len}")
+
+
+_DATASET_PARAMS = ("dataset", "sha256", "length", "stride", "windows")
+ANALYSES["probe_loss"] = Analysis("loss by position on the probe", _probe_loss)
+ANALYSES["head_metrics"] = Analysis("head metrics over {windows} windows", _head_metrics,
+                                    _DATASET_PARAMS)
+ANALYSES["loss_by_position"] = Analysis("loss by position over {windows} windows",
+                                        _loss_by_position, _DATASET_PARAMS)
+
+
+def probe_loss() -> Request:
+    """Mean next-token loss at each position of the repeated-random-token probe."""
+    return request("probe_loss")
+
+
+def head_metrics(dataset: str, sha256: str, length: int, stride: int, windows: int) -> Request:
+    """Every head's dataset metrics (and examples) over windows of ``dataset``."""
+    return request("head_metrics", dataset=dataset, sha256=sha256, length=int(length),
+                   stride=int(stride), windows=int(windows))
+
+
+def loss_by_position(dataset: str, sha256: str, length: int, stride: int,
+                     windows: int) -> Request:
+    """Mean next-token loss at each position over windows of ``dataset``."""
+    return request("loss_by_position", dataset=dataset, sha256=sha256, length=int(length),
+                   stride=int(stride), windows=int(windows))
 
 # --------------------------------------------------------------------------- cache keys
 def weight_hash(lm: LoadedModel) -> str:

@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 
 from ..model.checkpoint import LoadedModel
+from .errors import AnalysisError
 from .forward import ForwardPass
 from .heads import PATTERN_THRESHOLD, prompt_head_scores
 from .predictions import check_position
@@ -193,6 +194,25 @@ def head_presets(lm: LoadedModel, fp: ForwardPass) -> dict[str, list[tuple[int, 
         cut = max(PRESET_FLOOR, PRESET_RELATIVE * float(s.max()))
         out[name] = [(int(la), int(h)) for la, h in zip(*np.nonzero(s >= cut))]
     return out
+
+
+def preset_heads(lm: LoadedModel, fp: ForwardPass, preset: str
+                 ) -> tuple[list[tuple[int, int]], str]:
+    """The heads of ``preset`` (see :func:`head_presets`) and a sentence saying why; when no
+    head reaches the preset's floor on this prompt, the single strongest head of that kind."""
+    heads = head_presets(lm, fp).get(preset)
+    if heads is None:
+        raise AnalysisError(f"unknown preset {preset!r}: use induction or previous-token")
+    if heads:
+        return heads, f"all {preset} heads of this prompt"
+    if fp.n_tokens < 2:
+        raise AnalysisError("the prompt has one token: no head has a score on it")
+    kind = preset.replace("-", "_")
+    s = np.nan_to_num(prompt_head_scores(lm, fp, kind, rows="target"), nan=0.0)
+    layer, head = (int(i) for i in np.unravel_index(int(np.argmax(s)), s.shape))
+    return [(layer, head)], (f"the strongest {preset} head of this prompt (score "
+                             f"{float(s[layer, head]):.2f}; no head reaches "
+                             f"{PRESET_FLOOR} on it)")
 
 
 def chosen_position(fp: ForwardPass, position: Optional[int]) -> PositionChoice:

@@ -10,10 +10,10 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .theme import SEQUENTIAL, SEQUENTIAL_ALT, TEMPLATE, position_labels
+from .tokens import esc, finish
 
 #: Outline of the head shown in the main figure (Okabe-Ito vermillion).
 SELECTED = "#D55E00"
-from .tokens import esc, finish
 
 if TYPE_CHECKING:
     from ..analysis.attention import (
@@ -128,9 +128,10 @@ def attention_grid_figure(result: AttentionPatterns,
     fig.update_yaxes(showticklabels=False, type="category", autorange="reversed")
     fig.update_annotations(font_size=10)
     if selected is not None and int(selected[0]) in rows and 0 <= selected[1] < n_heads:
-        r, c = rows.index(int(selected[0])) + 1, int(selected[1]) + 1
+        line, col = divmod(int(selected[1]), per_row)  # the thumbnail's place after wrapping
         fig.add_shape(type="rect", xref="x domain", yref="y domain", x0=-0.04, x1=1.04,
-                      y0=-0.04, y1=1.04, line=dict(color=SELECTED, width=3), row=r, col=c)
+                      y0=-0.04, y1=1.04, line=dict(color=SELECTED, width=3),
+                      row=rows.index(int(selected[0])) * lines + line + 1, col=col + 1)
     title = "Attention patterns of every head (rows: queries, columns: keys)"
     if layers is not None and len(rows) < n_layers:
         title = f"Layer {', '.join(map(str, rows))} of {n_layers}: every head's pattern"

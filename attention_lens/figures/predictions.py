@@ -76,7 +76,6 @@ def token_predictions_table(result: TokenPredictions) -> list[dict]:
             "next_probability": None if i == last else float(result.next_probs[i]),
             "next_rank": None if i == last else int(result.next_ranks[i]),
             "surprisal_nats": None if i == last else float(result.surprisal_nats[i]),
-            "surprisal_nats": None if i == last else float(result.surprisal_nats[i]),
             "entropy_nats": float(result.entropy[i]),
         }
         for j in range(result.k):

@@ -9,7 +9,7 @@ import dash
 from dash import Output, callback, html
 
 from ..analysis.ablation import ablate_heads, head_sweep
-from ..analysis.defaults import chosen_position, head_presets, repeated_positions
+from ..analysis.defaults import chosen_position, preset_heads, repeated_positions
 from ..analysis.errors import AnalysisError
 from ..app import registry
 from ..components import page as P
@@ -78,12 +78,7 @@ def chosen_heads(state: dict, query: dict) -> tuple[list[tuple[int, int]], str]:
         return typed, "the heads you typed"
     lm = registry().get(state["model"])
     fp = registry().forward(state["text"], state["model"])
-    heads = head_presets(lm, fp)[query["preset"]]
-    if not heads:
-        raise AnalysisError(f"no head scores as a {query['preset']} head on this prompt "
-                            "(a prompt that repeats a phrase shows induction heads); type "
-                            "heads to ablate, e.g. L1H5")
-    return heads, f"all {query['preset']} heads of this prompt"
+    return preset_heads(lm, fp, query["preset"])
 
 
 def _analyses(state: dict, query: dict) -> tuple[Any, Any, str]:

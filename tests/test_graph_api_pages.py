@@ -1,0 +1,184 @@
+"""/api/qk-attribution, /api/graph and the /qk and /graph pages (callbacks called directly)."""
+
+from __future__ import annotations
+
+import json
+
+import dash
+import numpy as np
+import pytest
+
+from attention_lens import background
+from attention_lens import weight_analyses as W
+from attention_lens.components import page as P
+from attention_lens.components.shell import DEFAULT_PROMPT
+from attention_lens.server import ServerConfig, create_server
+
+PROMPT = "Harry Potter and Hermione Granger walked. Harry Potter and Hermione"
+STATE = {"model": "attn-only-2l", "text": DEFAULT_PROMPT, "pos": None}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    old = background._CURRENT
+    app = create_server(ServerConfig(cache_size=8,
+                                     cache_dir=str(tmp_path_factory.mktemp("cache"))))
+    client = app.server.test_client()
+    assert client.get("/").status_code == 200
+    yield app
+    background._CURRENT = old
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.server.test_client()
+
+
+def post(client, path, body):
+    r = client.post(path, json=body)
+    assert r.is_json, r.data[:200]
+    return r.status_code, r.get_json()
+
+
+# ------------------------------------------------------------------------------- API
+def test_api_qk_attribution_cell_and_row(client):
+    code, data = post(client, "/api/qk-attribution",
+                      {"text": PROMPT, "layer": 1, "head": 5, "query": -1, "key": 4})
+    assert code == 200, data
+    res = data["result"]
+    assert abs(res["total"] - res["score"]) <= 1e-4
+    assert len(res["terms"]) == len(res["q_labels"]) and res["top_terms"][0]["text"]
+    code, data = post(client, "/api/qk-attribution",
+                      {"text": PROMPT, "layer": 1, "head": 5, "query": 10, "row": True})
+    assert code == 200, data
+    terms = np.asarray(data["result"]["terms"])
+    assert terms.shape[0] == 11
+    np.testing.assert_allclose(terms.sum((1, 2)), data["result"]["scores"], atol=1e-4)
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"layer": 1, "head": 5, "query": 3, "key": 4}, "comes after query"),
+    ({"layer": 1, "head": 12, "query": 3, "key": 1}, "'head' must be between 0 and 11"),
+    ({"layer": 1, "head": 5, "query": 3}, "missing field 'key'"),
+    ({"layer": 1, "query": 3, "key": 1}, "'layer' and 'head' are required"),
+    ({"layer": 1, "head": 5, "query": 3, "key": 1, "contrast_key": 9}, "comes after query"),
+    ({"layer": 1, "head": 5, "query": 300, "key": 1}, "'query' must be between"),
+])
+def test_api_qk_attribution_bad_input(client, body, message):
+    code, data = post(client, "/api/qk-attribution", {"text": PROMPT, **body})
+    assert code == 400 and message in data["error"], data
+
+
+def test_api_graph(client):
+    code, data = post(client, "/api/graph", {"text": PROMPT, "node_threshold": 0.9})
+    assert code == 200, data
+    res = data["result"]
+    share = res["sum_into_target"] / (res["logit"] - res["bias"])
+    assert abs(share - res["kept_target_share"]) <= 1e-9 and 0.5 < share < 1.5
+    graph = res["graph"]
+    assert graph["metadata"]["node_threshold"] == 0.9
+    assert {n["feature_type"] for n in graph["nodes"]} >= {"embedding", "logit",
+                                                           "cross layer transcoder"}
+    assert len(graph["links"]) == res["n_edges"] <= res["n_edges_full"]
+    code, everything = post(client, "/api/graph", {"text": PROMPT, "node_threshold": 1,
+                                                   "edge_threshold": 1.0})
+    assert code == 200
+    res = everything["result"]
+    assert res["n_edges"] == res["n_edges_full"] and res["n_nodes"] == res["n_nodes_full"]
+    assert abs(res["sum_into_target"] - (res["logit"] - res["bias"])) <= 1e-4
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"node_threshold": 0}, "must be a number in (0, 1]"),
+    ({"node_threshold": 1.5}, "must be a number in (0, 1]"),
+    ({"edge_threshold": -0.2}, "must be a number in (0, 1]"),
+    ({"edge_threshold": "0.9"}, "must be a number in (0, 1]"),
+    ({"node_threshold": True}, "must be a number in (0, 1]"),
+    ({"target": " Hermione Granger"}, "is not a single token"),
+    ({"position": 500}, "'position' must be between"),
+])
+def test_api_graph_bad_input(client, body, message):
+    code, data = post(client, "/api/graph", {"text": PROMPT, **body})
+    assert code == 400 and message in data["error"], data
+
+
+@pytest.mark.parametrize("path, extra", [
+    ("/api/graph", {}), ("/api/qk-attribution", {"layer": 1, "head": 5, "query": 3, "key": 1})])
+def test_api_prompt_over_the_context(client, path, extra):
+    long = "Harry Potter went to the shop. " * 60
+    code, data = post(client, path, {"text": long, **extra})
+    assert code == 400 and "reads at most 128" in data["error"], data
+    code, data = post(client, path, {"text": long, "truncate": True, **extra})
+    assert code == 200 and data["truncated"]["n_tokens_kept"] == 128
+
+
+# ----------------------------------------------------------------------------- pages
+def _draw(spec, state, **controls):
+    values = [controls.get(c.name, c.default) for c in spec.controls]
+    out = spec.update(state, *values, 0, None)
+    n = len(spec.graphs) + len(spec.extras)
+    return out[:len(spec.graphs)], out[len(spec.graphs):n], out[n], out[n + 2]
+
+
+def test_graph_page_draws_the_default_prompts_graph(server):
+    spec = P.spec_of("graph")
+    figures, extras, alerts, request = _draw(spec, STATE)
+    assert request is dash.no_update
+    (fig,) = figures
+    text = " ".join(str(a.children) for a in alerts)
+    assert "Position 38" in text and "logit − b_U" in text, text
+    assert "Logit '·ang'" in fig.layout.title.text or "Logit 'ang'" in fig.layout.title.text
+    nodes = fig.data[-1]
+    kinds = {c[0] for c in nodes.customdata}
+    assert {"token", "head", "target"} <= kinds
+    assert "L0H" in str(extras[0]) and "QK attribution" in str(extras[0])
+    # a bad threshold from a link is a warning, never an error
+    _, _, alerts, _ = _draw(spec, STATE, node="150")
+    assert any("must lie in (0, 100]" in str(a.children) for a in alerts)
+
+
+def test_graph_page_runs_big_graphs_as_a_job(server, monkeypatch):
+    from attention_lens.pages import graph as graph_page
+
+    monkeypatch.setattr(graph_page, "INLINE_EDGES", 0)
+    spec = P.spec_of("graph")
+    state = {**STATE, "text": PROMPT + " job"}
+    figures, _, _, request = _draw(spec, state)
+    assert request["labels"] == ["attribution graph"] and figures[0] is dash.no_update
+    progress = []
+    values = [c.default for c in spec.controls]
+    out = spec.run_job(progress.append, request, state, *values)
+    assert progress and out[0].layout.title.text.startswith("Logit")
+    # drawn from the store the next time
+    figures, _, _, request = _draw(spec, state)
+    assert request is dash.no_update and figures[0].layout.title.text.startswith("Logit")
+
+
+def test_graph_page_node_click_and_graph_file(server):
+    from attention_lens.pages import graph as graph_page
+
+    spec = P.spec_of("graph")
+    (fig,), _, _, _ = _draw(spec, STATE)
+    nodes = fig.data[-1]
+    i = next(i for i, c in enumerate(nodes.customdata) if c[0] == "head")
+    detail = graph_page.node_detail({"points": [{"customdata": list(nodes.customdata[i]),
+                                                 "hovertext": nodes.hovertext[i]}]}, STATE)
+    assert "/qk?" in str(detail) and "/weights?" in str(detail) and "value" in str(detail)
+    sent, status = graph_page.graph_file(1, STATE, {"node": 80, "edge": 98})
+    data = json.loads(sent["content"])
+    assert set(data) == {"metadata", "qParams", "nodes", "links"} and status == ""
+
+
+def test_qk_page_defaults_to_an_induction_cell(server):
+    spec = P.spec_of("qk")
+    lm = server.server.extensions["attention_lens"]["registry"].get("attn-only-2l")
+    W.store().compute(lm, W.probe_head_scores())
+    figures, extras, alerts, request = _draw(spec, STATE)
+    assert request is dash.no_update
+    text = " ".join(str(a.children) for a in alerts)
+    assert "strongest induction head" in text and "terms sum to" in text, text
+    terms = figures[0]
+    assert terms.layout.title.text.startswith("L1H")
+    assert "token" in str(extras[0]) and "output of L0H" in str(extras[0])
+    figures, _, alerts, _ = _draw(spec, STATE, layer=1, head=5, query=3, key=7)
+    assert any("comes after query" in str(a.children) for a in alerts)
