@@ -122,7 +122,34 @@ def _graph(lm: LoadedModel, progress: Progress, text: str, max_tokens: int, targ
                       progress=lambda done, total: progress(done / total))
 
 
+def _patching(lm: LoadedModel, progress: Progress, clean: str, corrupted: str, correct: str,
+              wrong: str, metric: str, direction: str, granularity: str, position: int) -> Any:
+    from .analysis.patching import activation_patching
+
+    return activation_patching(lm, clean, corrupted, correct=correct, wrong=wrong or None,
+                               granularity=granularity, metric=metric, direction=direction,
+                               position=position,
+                               progress=lambda done, total: progress(done / max(total, 1)))
+
+
+def _path_patching(lm: LoadedModel, progress: Progress, clean: str, corrupted: str,
+                   correct: str, wrong: str, metric: str, direction: str, position: int,
+                   layer: int, head: int) -> Any:
+    from .analysis.patching import path_patching
+
+    return path_patching(lm, clean, corrupted, sender=(layer, head), correct=correct,
+                         wrong=wrong or None, metric=metric, direction=direction,
+                         position=position)
+
+
 ANALYSES: dict[str, Analysis] = {
+    # a prompt pair's patching grids are long work on big models: jobs and cache like these
+    "activation_patching": Analysis("{granularity} activation patching", _patching,
+                                    ("clean", "corrupted", "correct", "wrong", "metric",
+                                     "direction", "granularity", "position")),
+    "path_patching": Analysis("path patching from L{layer}H{head}", _path_patching,
+                              ("clean", "corrupted", "correct", "wrong", "metric",
+                               "direction", "position", "layer", "head")),
     "circuit_svd": Analysis("{circuit} circuit SVD", _svd, ("circuit",)),
     "circuit_eigenvalues": Analysis("circuit eigenvalues", _eigen),
     "composition_scores": Analysis("composition scores", _composition),

@@ -1094,3 +1094,88 @@ def patching_over_pairs(lm: LoadedModel, pairs: list[PromptPair], *,
         corrupted_metrics=np.array([g.corrupted_metric for g in grids]),
         correlation=_correlation(per - bases.reshape(shape), per_attr - bases.reshape(shape)),
         grids=tuple(grids))
+
+
+# ------------------------------------------------------------------- page defaults
+#: The default example (found by measuring on attn-only-2l): the second half repeats the
+#: first, and the corrupted prompt changes the earlier copy of the last token (" h" of
+#: " holiday" becomes " and"), so no earlier token is followed by " h": the induction heads
+#: have nothing to copy, and the model says " house" instead of " holiday".
+DEFAULT_CLEAN = (" Anna gave Peter a red book about ancient Rome before the winter holiday."
+                 " Anna gave Peter a red book about ancient Rome before the winter h")
+DEFAULT_CORRUPTED = (" Anna gave Peter a red book about ancient Rome before the winter andoliday."
+                     " Anna gave Peter a red book about ancient Rome before the winter h")
+DEFAULT_CORRECT, DEFAULT_WRONG = "olid", "ouse"
+#: Replacement words tried (in order) when the corrupted prompt is left to the page.
+REPLACEMENTS = (" and", " the", " of", " a", " to", " in")
+
+
+def corrupt_one_token(lm: LoadedModel, clean: str) -> tuple[str, int, int, int]:
+    """The clean prompt with one token changed: the earlier copy of the last token (what an
+    induction head would attend next to), else the token before the last. Returns the text,
+    the position, the old and the new token id."""
+    ids, dropped = tokenize(lm, clean)
+    if dropped:
+        raise AnalysisError(f"the clean prompt has {len(ids) + dropped} tokens, more than the "
+                            f"model's context of {lm.cfg.n_ctx}")
+    if len(ids) < 2:
+        raise AnalysisError("the clean prompt needs at least two tokens to corrupt one")
+    earlier = [i for i in range(len(ids) - 1) if ids[i] == ids[-1]]
+    spots = ([earlier[-1]] if earlier else []) + [len(ids) - 2]
+    for c in spots:
+        for word in REPLACEMENTS:
+            new = lm.tokenizer.encode(word)
+            if len(new) != 1 or new[0] == ids[c]:
+                continue
+            cand = list(ids)
+            cand[c] = new[0]
+            text = lm.tokenizer.decode(cand)
+            if tokenize(lm, text)[0] == cand:
+                return text, c, ids[c], new[0]
+    raise AnalysisError("could not change one token of the clean prompt and keep its length; "
+                        "type the corrupted prompt")
+
+
+def pair_predictions(lm: LoadedModel, clean: Prompt, corrupted: Prompt, position: int = -1,
+                     k: int = 5) -> tuple[list[int], list[int]]:
+    """The top-k next tokens of the clean and of the corrupted prompt at ``position``."""
+    a, b = pair_tokens(lm, clean, corrupted)
+    pos = _check_position(position, len(a))
+    with torch.no_grad():
+        out = []
+        for ids in (a, b):
+            logits = lm.model(torch.tensor([ids[:pos + 1]], device=lm.model.device))[0, -1]
+            out.append([int(i) for i in logits.topk(min(k, lm.cfg.d_vocab)).indices])
+    return out[0], out[1]
+
+
+def default_answers(lm: LoadedModel, clean: Prompt, corrupted: Prompt, position: int = -1
+                    ) -> tuple[int, int]:
+    """Correct = the clean prompt's top prediction; wrong = the corrupted prompt's top
+    prediction (its second when both agree)."""
+    top_c, top_r = pair_predictions(lm, clean, corrupted, position, k=2)
+    wrong = top_r[0] if top_r[0] != top_c[0] else top_r[1]
+    return top_c[0], wrong
+
+
+def strongest_cells(grid: PatchingGrid, n: int = 5) -> list[tuple[tuple[int, ...], float]]:
+    """The ``n`` cells whose patch moves the metric most towards the source run, as
+    (index, effect): largest effect for denoising, most negative for noising."""
+    effect = grid.effect
+    sign = 1.0 if grid.direction == "denoising" else -1.0
+    if grid.metric == "kl":
+        sign = -sign  # KL to the clean run falls as the clean run is restored
+    order = np.argsort(-(sign * effect).ravel(), kind="stable")[:n]
+    return [(tuple(int(i) for i in np.unravel_index(k, effect.shape)), float(effect.ravel()[k]))
+            for k in order]
+
+
+#: Models at most this big (layers x heads and d_model) are patched in the page's own
+#: callback; bigger ones as a background job with progress.
+INLINE_HEADS, INLINE_D_MODEL = 64, 1024
+
+
+def runs_inline(lm: LoadedModel) -> bool:
+    """Whether a patching grid of this model is quick enough to draw without a job."""
+    return (lm.cfg.n_layers * lm.cfg.n_heads <= INLINE_HEADS
+            and lm.cfg.d_model <= INLINE_D_MODEL)

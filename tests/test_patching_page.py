@@ -1,0 +1,130 @@
+"""/patching: the default example tells the induction story; bad input is an alert; clicks,
+big models as a background job, figures."""
+
+from __future__ import annotations
+
+import dash
+import numpy as np
+import pytest
+
+from attention_lens import background
+from attention_lens.analysis import patching as PT
+from attention_lens.components import page as P
+from attention_lens.figures.patching import (
+    parse_head_label,
+    patching_figure,
+    patching_scatter_figure,
+)
+from attention_lens.server import ServerConfig, create_server
+
+STATE = {"model": "attn-only-2l", "text": "Harry Potter went to the shop.", "pos": None}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    old = background._CURRENT
+    app = create_server(ServerConfig(cache_size=8,
+                                     cache_dir=str(tmp_path_factory.mktemp("cache"))))
+    assert app.server.test_client().get("/").status_code == 200
+    yield app
+    background._CURRENT = old
+
+
+def _draw(spec, state, **controls):
+    values = [controls.get(c.name, c.default) for c in spec.controls]
+    out = spec.update(state, *values, 0, None)
+    n = len(spec.graphs) + len(spec.extras)
+    return dict(zip(spec.graphs, out)), out[len(spec.graphs):n], out[n], out[n + 2]
+
+
+def _text(alerts) -> str:
+    return " ".join(str(a.children) for a in alerts)
+
+
+def test_default_example_names_the_induction_circuit(server):
+    spec = P.spec_of("patching")
+    figures, extras, alerts, request = _draw(spec, STATE)
+    assert request is dash.no_update
+    note = _text(alerts)
+    # the previous-token head after the corrupted token, then the four induction heads
+    assert "Strongest cells: L0H2 at 20 'olid' (+9.54), L1H5 at 42 '·h' (+3.13), " \
+           "L1H0 at 42 '·h' (+2.45), L1H6 at 42 '·h' (+2.35), L1H10 at 42 '·h' (+1.69)" in note
+    exact = figures["exact"]
+    assert exact.data[0].z.shape == (24, 43) and "denoising" in exact.layout.title.text
+    assert "'olid'" in str(extras[0]) and "'ouse'" in str(extras[0])
+    path = figures["path"]
+    z = np.asarray(path.data[0].z)
+    # L0H2's effect on the induction heads goes through their keys
+    assert list(path.data[0].x) == ["query", "key", "value"]
+    keys = z[:, 1]
+    assert set(np.argsort(-keys)[:4]) == {5, 0, 6, 10}
+    assert keys.max() > 5 * max(abs(z[:, 0]).max(), abs(z[:, 2]).max())
+
+
+def test_empty_boxes_are_filled_and_said(server):
+    spec = P.spec_of("patching")
+    _, _, alerts, _ = _draw(spec, STATE, corrupted="", correct="", wrong="",
+                            granularity="head_out")
+    note = _text(alerts)
+    assert "token 19 '·h' changed to '·and'" in note
+    assert "clean prompt's top prediction 'olid'" in note
+    assert "corrupted prompt's top prediction 'ouse'" in note
+
+
+@pytest.mark.parametrize("controls, message", [
+    (dict(corrupted=" Anna gave Peter"), "same token length"),
+    (dict(clean=""), "clean prompt: the prompt is empty"),
+    (dict(correct="olidays"), "not a single token"),
+    (dict(wrong="olid"), "the same token"),
+    (dict(sender="L7H0"), "sender L7H0 does not exist"),
+    (dict(sender="head"), "cannot read the sender"),
+    (dict(granularity="mlp_out"), "no MLPs"),
+    (dict(position="99"), "outside the prompts"),
+    (dict(metric="loss"), "metric must be one of"),  # a bad link value: a warning
+])
+def test_bad_input_is_an_alert(server, controls, message):
+    spec = P.spec_of("patching")
+    _, _, alerts, _ = _draw(spec, STATE, **controls)
+    assert message in _text(alerts)
+
+
+def test_click_opens_the_head_on_attention(server):
+    from attention_lens.pages import patching as page
+
+    href = page.open_head({"points": [{"x": "20: olid", "y": "L0H2"}]}, None, STATE,
+                          PT.DEFAULT_CLEAN)
+    assert href.startswith("/attention?") and "layer=0&head=2" in href and "holiday" in href
+    href = page.open_head({"points": [{"x": "H5", "y": "L1"}]}, None, STATE, PT.DEFAULT_CLEAN)
+    assert "layer=1&head=5" in href
+    assert page.open_head({"points": [{"x": "3: a", "y": "L1"}]}, None, STATE, "x") is \
+        dash.no_update
+    assert parse_head_label("L1H10\u200b") == (1, 10) and parse_head_label("H3") is None
+
+
+def test_big_models_patch_in_a_background_job(server, monkeypatch):
+    monkeypatch.setattr(PT, "INLINE_HEADS", 0)
+    spec = P.spec_of("patching")
+    state = {**STATE, "text": STATE["text"] + " job"}
+    figures, _, _, request = _draw(spec, state, granularity="head_v", sender="")
+    assert figures["exact"] is dash.no_update
+    assert request["labels"] == ["head_v activation patching"]
+    progress = []
+    values = [{"granularity": "head_v", "sender": ""}.get(c.name, c.default)
+              for c in spec.controls]
+    out = spec.run_job(progress.append, request, state, *values)
+    assert progress and "activation patching (exact)" in out[0].layout.title.text
+    figures, _, _, request = _draw(spec, state, granularity="head_v", sender="")
+    assert request is dash.no_update and figures["exact"].data[0].z.shape == (2, 12)
+
+
+@pytest.mark.parametrize("granularity", PT.GRANULARITIES)
+def test_figures_of_every_granularity(tiny_ln, granularity):
+    clean = "Harry Potter went to the shop, and Harry"
+    grid = PT.activation_patching(tiny_ln, clean, "Harry Potter went to and shop, and Harry",
+                                  correct=" Potter", wrong=" the", granularity=granularity)
+    fig = patching_figure(grid)
+    z = np.asarray(fig.data[0].z)
+    assert z.size == grid.values.size and np.nanmax(np.abs(z)) == pytest.approx(
+        np.abs(grid.effect).max())
+    scatter = patching_scatter_figure(grid)
+    assert len(scatter.data[1].x) == grid.values.size
