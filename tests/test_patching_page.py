@@ -128,3 +128,60 @@ def test_figures_of_every_granularity(tiny_ln, granularity):
         np.abs(grid.effect).max())
     scatter = patching_scatter_figure(grid)
     assert len(scatter.data[1].x) == grid.values.size
+
+
+# --------------------------------------------------------------------------- the browser
+@pytest.mark.browser
+def test_patching_page_in_the_browser(dash_duo, registry, tmp_path):
+    """The default example drawn with nothing overlapping at desktop and phone widths, and a
+    real click on the previous-token head's cell opening it on /attention."""
+    import os
+    import time
+    from pathlib import Path
+
+    from selenium.webdriver.common.action_chains import ActionChains
+    from test_browser import has_traces, url, wait
+    from test_head_metrics import full_screenshot, geometry_problems
+
+    from attention_lens.app import create_app
+
+    shots = Path(os.environ.get("ATTENTION_LENS_SCREENSHOTS", "/tmp/dash_artifacts/screenshots"))
+    shots.mkdir(parents=True, exist_ok=True)
+    old = background._CURRENT
+    bg = background.install(background.create(tmp_path / "cache", max_jobs=2))
+    try:
+        dash_duo.start_server(create_app(registry, background=bg))
+        d = dash_duo.driver
+        d.set_window_size(1440, 1000)
+        d.get(url(dash_duo, "/patching", model="attn-only-2l", text="Harry Potter went."))
+        for name in ("exact", "attribution", "scatter", "path"):
+            wait(dash_duo, has_traces("patching", name), timeout=120, what=f"the {name} figure")
+        time.sleep(1.0)
+        assert geometry_problems(d) == []
+        assert "L1H5 at 42" in d.find_element("css selector", "#patching-alerts").text
+        full_screenshot(d, shots / "patching.png")
+        host = d.find_element("css selector",
+                              '[id=\'{"name":"exact","page":"patching","type":"al-graph"}\'] '
+                              '.js-plotly-plot')
+        d.execute_script("arguments[0].scrollIntoView({block: 'center'})", host)
+        time.sleep(0.3)
+        x, y = d.execute_script(  # the centre of cell (row L0H2, column position 20)
+            "const fl = arguments[0]._fullLayout;"
+            "return [Math.round(fl.xaxis._offset + fl.xaxis.l2p(20)),"
+            "        Math.round(fl.yaxis._offset + fl.yaxis.l2p(2))];", host)
+        ActionChains(d).move_to_element_with_offset(host, x, y).click().perform()
+        wait(dash_duo, "window.location.pathname === '/attention' && "
+                       "window.location.search.includes('layer=0') && "
+                       "window.location.search.includes('head=2')", what="L0H2 on /attention")
+        wait(dash_duo, has_traces("attention", "pattern"), timeout=60, what="its pattern")
+        d.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                          {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True})
+        d.get(url(dash_duo, "/patching", model="attn-only-2l", text="Harry Potter went.",
+                  granularity="resid_pre"))
+        for name in ("exact", "scatter", "path"):
+            wait(dash_duo, has_traces("patching", name), timeout=60, what=f"the phone's {name}")
+        time.sleep(1.0)
+        assert geometry_problems(d) == []
+        assert [e for e in dash_duo.get_logs() or [] if e.get("level") == "SEVERE"] == []
+    finally:
+        background._CURRENT = old
