@@ -379,9 +379,9 @@ def _patching_pair(ids: list[int], corrupt_at: int, replacement: int) -> tuple[l
 
 def _tl_sampled(tl: Any, corrupted: list[int], clean: list[int], metric: Callable,
                 granularity: str, n_cells: int, sample: int, seed: int = 0
-                ) -> tuple[float, Any, Any]:
-    """Seconds of TransformerLens' patching loop on ``sample`` cells (all if fewer), its
-    values, and the sampled cells (a DataFrame of indices)."""
+                ) -> tuple[tuple[float, float], Any, Any]:
+    """(wall, CPU) seconds of TransformerLens' patching loop on ``sample`` cells (all if
+    fewer), its values, and the sampled cells (a DataFrame of indices)."""
     import itertools
 
     import pandas as pd
@@ -398,14 +398,14 @@ def _tl_sampled(tl: Any, corrupted: list[int], clean: list[int], metric: Callabl
     pick = sorted(rng.choice(len(cells), size=min(sample, len(cells)), replace=False))
     index = pd.DataFrame([cells[i] for i in pick], columns=list(axes))
     _, cache = tl.run_with_cache(torch.tensor([clean]))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     import contextlib
     import io
     with contextlib.redirect_stderr(io.StringIO()), torch.no_grad():
         out = tlp.generic_activation_patch(tl, torch.tensor([corrupted]), cache, metric,
                                            patch_setter=setter, activation_name=act,
                                            index_df=index)
-    return time.perf_counter() - t0, out.numpy(), index
+    return (time.perf_counter() - t0, time.process_time() - c0), out.numpy(), index
 
 
 def bench_patching(reps: int, tl_sample: int, gpt2: bool = True) -> None:
@@ -444,21 +444,27 @@ def bench_patching(reps: int, tl_sample: int, gpt2: bool = True) -> None:
                                                         attribution=False, **kw), n_reps)
             with_attr = measure(lambda g=g: activation_patching(
                 lm, clean, corrupted, granularity=g, **kw), 1)["median_s"]
+            c0 = time.process_time()
+            activation_patching(lm, clean, corrupted, granularity=g, attribution=False, **kw)
+            cpu = time.process_time() - c0
             print(f"  {g}: {grid.n_runs} patched runs ({grid.n_computed} computed, the rest "
                   f"patch an identical value or cannot reach the metric): median "
-                  f"{m['median_s']:.3f} s (min {m['min_s']:.3f}), with attribution patching "
+                  f"{m['median_s']:.3f} s (min {m['min_s']:.3f}; CPU {cpu:.3f} s over all "
+                  f"threads), with attribution patching "
                   f"{with_attr:.3f} s; peak RSS +{m['rss_growth_mb']:.0f} MiB, "
                   f"python peak {m['py_peak_mb']:.1f} MiB", flush=True)
             if tl is None:
                 continue
-            secs, theirs, index = _tl_sampled(tl, corrupted, clean, metric, g, grid.n_runs,
-                                              tl_sample)
+            (secs, tl_cpu), theirs, index = _tl_sampled(tl, corrupted, clean, metric, g,
+                                                        grid.n_runs, tl_sample)
             est = secs * grid.n_runs / len(index)
+            est_cpu = tl_cpu * grid.n_runs / len(index)
             ours_cells = grid.values[tuple(index[c].to_numpy() for c in index.columns)]
             how = ("all cells" if len(index) == grid.n_runs else
                    f"{len(index)} random cells timed, x{grid.n_runs / len(index):.0f}")
             print(f"    TransformerLens {secs:.2f} s ({how}); max |ours - theirs| on those "
-                  f"cells {np.abs(ours_cells - theirs).max():.1e}")
+                  f"cells {np.abs(ours_cells - theirs).max():.1e}; CPU time ours {cpu:.2f} s "
+                  f"vs TransformerLens {est_cpu:.1f} s -> {est_cpu / cpu:.0f}x")
             print(f"activation patching {g} ({lm.name}, {len(clean)}-token pair): ours "
                   f"{m['median_s']:.3f} s vs TransformerLens {est:.1f} s -> "
                   f"{est / m['median_s']:.0f}\u00d7 faster", flush=True)
