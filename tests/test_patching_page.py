@@ -117,6 +117,47 @@ def test_big_models_patch_in_a_background_job(server, monkeypatch):
     assert request is dash.no_update and figures["exact"].data[0].z.shape == (2, 12)
 
 
+def test_uploaded_pairs_are_averaged_in_a_job(server):
+    import base64
+
+    from attention_lens.pages import patching as page
+
+    csv = ("clean,corrupted,correct,wrong\n"
+           f"\"{PT.DEFAULT_CLEAN}\",\"{PT.DEFAULT_CORRUPTED}\",olid,ouse\n"
+           " The cat sat on the mat. The cat sat on the, The man sat on the mat. The cat sat "
+           "on the, mat, man\n")
+    url = "data:text/csv;base64," + base64.b64encode(csv.encode()).decode()
+    digest, status = page.upload_pairs(url, "pairs.csv")
+    assert "2 pairs" in str(status.children)
+    spec = P.spec_of("patching")
+    controls = dict(pairs=digest, granularity="head_out", sender="")
+    figures, _, _, request = _draw(spec, STATE, **controls)
+    assert request["labels"] == ["head_out patching over a set of pairs"]
+    values = [controls.get(c.name, c.default) for c in spec.controls]
+    out = spec.run_job(lambda _: None, request, STATE, *values)
+    fig = out[spec.graphs.index("pair-set")]
+    assert "mean over 2 pairs" in fig.layout.title.text
+    one = PT.activation_patching(server.server.extensions["attention_lens"]["registry"]
+                                 .get("attn-only-2l"), PT.DEFAULT_CLEAN, PT.DEFAULT_CORRUPTED,
+                                 correct="olid", wrong="ouse", granularity="head_out")
+    two = PT.activation_patching(server.server.extensions["attention_lens"]["registry"]
+                                 .get("attn-only-2l"),
+                                 " The cat sat on the mat. The cat sat on the",
+                                 " The man sat on the mat. The cat sat on the",
+                                 correct=" mat", wrong=" man", granularity="head_out")
+    np.testing.assert_allclose(np.asarray(fig.data[0].z), (one.effect + two.effect) / 2,
+                               atol=1e-6)
+    # bad files: a message, the page keeps its set
+    for body, message in [("clean,corrupted\na,b\n", "lacks the column"),
+                          ("clean,corrupted,correct,wrong\n" + "a b,a c, d, e\n" * 10_000,
+                           "10,000 pairs; at most 100")]:
+        bad = "data:text/csv;base64," + base64.b64encode(body.encode()).decode()
+        value, status = page.upload_pairs(bad, "bad.csv")
+        assert value is dash.no_update and message in str(status.children)
+    value, status = page.upload_pairs("data:text/csv;base64,//79", "bin.csv")
+    assert value is dash.no_update and "could not be read" in str(status.children)
+
+
 @pytest.mark.parametrize("granularity", PT.GRANULARITIES)
 def test_figures_of_every_granularity(tiny_ln, granularity):
     clean = "Harry Potter went to the shop, and Harry"

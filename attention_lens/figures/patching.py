@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
@@ -11,7 +12,7 @@ from .theme import DIVERGING, QUALITATIVE, TEMPLATE, number, position_labels, wr
 from .tokens import esc, finish
 
 if TYPE_CHECKING:
-    from ..analysis.patching import PatchingGrid, PathPatching
+    from ..analysis.patching import PairSetPatching, PatchingGrid, PathPatching
 
 METRIC_NAMES = {"logit_diff": "logit difference", "normalized": "normalised logit difference",
                 "logprob": "log-probability", "kl": "KL to clean"}
@@ -144,3 +145,25 @@ def path_patching_figure(result: PathPatching) -> go.Figure:
                                  autorange="reversed"),
                       height=max(300, CELL_PX * len(rows) + 200))
     return finish(fig)
+
+
+def pair_set_figure(result: PairSetPatching) -> go.Figure:
+    """The mean change of the metric over a set of pairs (positions labelled by pair 1)."""
+    shape = (-1,) + (1,) * (result.per_pair.ndim - 1)
+    bases = result.base_metrics.reshape(shape)
+    first = result.grids[0]
+    mean = dataclasses.replace(
+        first, values=(result.per_pair - bases).mean(0),
+        attribution=(result.per_pair_attribution - bases).mean(0), base_metric=0.0,
+        clean_metric=float(result.clean_metrics.mean()),
+        corrupted_metric=float(result.corrupted_metrics.mean()), correlation=result.correlation)
+    fig = patching_figure(mean, "exact")
+    n = len(result.grids)
+    metric = METRIC_NAMES.get(first.metric, first.metric)
+    title = (f"mean over {n} pair{'s' if n != 1 else ''}, {first.direction}: Δ {metric} "
+             f"(clean {number(mean.clean_metric)}, corrupted {number(mean.corrupted_metric)} "
+             f"on average; attribution correlation {number(result.correlation)})")
+    if "pos" in first.axes:
+        title += "; positions labelled by pair 1"
+    fig.update_layout(title=wrap_title(title, 90))
+    return fig

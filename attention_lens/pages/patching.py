@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import re
 from typing import Any, Optional
 from urllib.parse import urlencode
 
 import dash_bootstrap_components as dbc
-from dash import Input, Output, State, callback, html, no_update
+from dash import Input, Output, State, callback, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
+from .. import background
 from .. import weight_analyses as W
 from ..analysis import patching as PT
 from ..analysis.errors import AnalysisError
@@ -18,6 +22,7 @@ from ..components import shell
 from ..components.controls import Choice, Int, Text
 from ..figures.patching import (
     head_label,
+    pair_set_figure,
     parse_head_label,
     patching_figure,
     patching_scatter_figure,
@@ -26,6 +31,7 @@ from ..figures.patching import (
 from ..figures.tokens import quoted
 
 PAGE = "patching"
+UPLOAD, UPLOAD_STATUS = f"{PAGE}-upload", f"{PAGE}-upload-status"
 SENDER_RE = re.compile(r"^\s*L?(\d+)\s*[.:Hh]\s*(\d+)\s*$")
 
 HELP = r"""
@@ -152,6 +158,16 @@ def panels(ctx: P.PageContext, query: dict) -> list:
             path = ctx.weight(W.request("path_patching", layer=layer, head=head, **wa))
         parts.append(P.Panel("path", path_patching_figure(path), path))
     notes.append(_cells_note(lm, grid))
+    if query["pairs"]:
+        res = ctx.weight(W.request("pair_set_patching", pairs=query["pairs"],
+                                   granularity=query["granularity"], metric=query["metric"],
+                                   direction=query["direction"], position=query["position"]))
+        parts.append(P.Panel("pair-set", pair_set_figure(res), res))
+        notes.append(f"The set of pairs: {len(res.grids)} pairs, per-pair grids in its "
+                     f"CSV/JSON download.")
+    else:
+        parts.append(P.Panel("pair-set", P.empty_figure(
+            "Upload a set of pairs (below) to see the mean grid over them"), None))
     return parts + [P.Notice(" ".join(notes))]
 
 
@@ -162,7 +178,7 @@ SPEC = P.register_page(
     description="Does this head matter for this behaviour? Patch activations between a "
                 "clean and a corrupted prompt and watch the answer come back.",
     help_md=HELP, panels=panels,
-    graphs=["exact", "attribution", "scatter", "path"], extras=["answers"],
+    graphs=["exact", "attribution", "scatter", "path", "pair-set"], extras=["answers"],
     controls=[
         Text("clean", PT.DEFAULT_CLEAN, max_len=4000, label="clean prompt"),
         Text("corrupted", PT.DEFAULT_CORRUPTED, max_len=4000, label="corrupted prompt",
@@ -180,13 +196,43 @@ SPEC = P.register_page(
         Int("position", -1, label="metric position", placeholder="-1 = last"),
         Text("sender", "L0H2", max_len=12, label="path-patching sender",
              placeholder="e.g. L0H2"),
+        Text("pairs", "", max_len=64, label="set of pairs",
+             placeholder="upload a CSV or JSON below"),
     ],
     body=lambda parts: [parts["answers"],
                         dbc.Row([dbc.Col(parts["exact"], lg=6),
                                  dbc.Col(parts["attribution"], lg=6)]),
                         dbc.Row([dbc.Col(parts["scatter"], lg=5),
-                                 dbc.Col(parts["path"], lg=7)])],
+                                 dbc.Col(parts["path"], lg=7)]),
+                        html.Div([
+                            dcc.Upload(html.Div([
+                                "Sets of pairs: drop or ", html.A("choose"),
+                                " a CSV (columns clean, corrupted, correct, wrong) or a JSON "
+                                f"list of such objects, at most {PT.MAX_PAIRS} pairs"]),
+                                id=UPLOAD, multiple=False, className="al-upload"),
+                            html.Div(id=UPLOAD_STATUS)]),
+                        parts["pair-set"]],
 )
+
+
+@callback(Output(P.control_id(PAGE, "pairs"), "value"), Output(UPLOAD_STATUS, "children"),
+          Input(UPLOAD, "contents"), State(UPLOAD, "filename"), prevent_initial_call=True)
+def upload_pairs(contents: Optional[str], filename: Optional[str]) -> tuple:
+    """Check an uploaded set of pairs, keep it in the shared store, name it in the URL."""
+    if not contents:
+        raise PreventUpdate
+    name = str(filename or "the file")[:80]
+    try:
+        raw = base64.b64decode(contents.split(",", 1)[1], validate=True)
+        text = raw.decode("utf-8")
+        pairs = PT.parse_pairs(text)
+    except (IndexError, binascii.Error, UnicodeDecodeError):
+        return no_update, shell.alert(f"{name} could not be read as UTF-8 text")
+    except AnalysisError as exc:
+        return no_update, shell.alert(f"{name}: {exc}")
+    digest = hashlib.sha256(raw).hexdigest()[:32]
+    background.current().results.set(W.pair_set_key(digest), text)
+    return digest, shell.alert(f"Using {name}: {len(pairs)} pairs.", color="info")
 
 
 @callback(Output(shell.LOCATION, "href", allow_duplicate=True),
@@ -212,4 +258,4 @@ def open_head(exact: Optional[dict], attribution: Optional[dict], state: Optiona
     return f"/attention?{urlencode(query)}"
 
 
-__all__ = ["SPEC", "head_label", "open_head", "panels", "resolve"]
+__all__ = ["SPEC", "head_label", "open_head", "panels", "resolve", "upload_pairs"]
