@@ -428,7 +428,7 @@ def bench_patching(reps: int, tl_sample: int, gpt2: bool = True) -> None:
         print(f"  (TransformerLens side skipped: {exc})")
 
     def run(lm: LoadedModel, clean: list[int], corrupted: list[int], granularities: list[str],
-            n_reps: int) -> None:
+            n_reps: int, heavy: bool = False) -> None:
         s = _Setup(lm, clean, corrupted, 0, 1, "logit_diff", "denoising", -1)
         top = s.corrupted.logits.topk(2).indices.tolist()
         correct = int(s.clean.logits.argmax())
@@ -438,21 +438,33 @@ def bench_patching(reps: int, tl_sample: int, gpt2: bool = True) -> None:
         metric = _Setup(lm, clean, corrupted, correct, wrong, "logit_diff", "denoising",
                         -1).metric.on_full_logits
         for g in granularities:
-            grid = activation_patching(lm, clean, corrupted, granularity=g,
-                                       attribution=False, **kw)
-            m = measure(lambda g=g: activation_patching(lm, clean, corrupted, granularity=g,
-                                                        attribution=False, **kw), n_reps)
-            with_attr = measure(lambda g=g: activation_patching(
-                lm, clean, corrupted, granularity=g, **kw), 1)["median_s"]
-            c0 = time.process_time()
-            activation_patching(lm, clean, corrupted, granularity=g, attribution=False, **kw)
-            cpu = time.process_time() - c0
+            def once(g: str = g, attribution: bool = False) -> tuple[Any, float, float, float]:
+                """One grid: (result, wall s, CPU s over all threads, peak RSS growth MiB)."""
+                last = [0.0]
+
+                def progress(done: int, total: int) -> None:
+                    if heavy and time.perf_counter() - last[0] > 30:
+                        last[0] = time.perf_counter()
+                        print(f"    ... {done}/{total} patched runs", flush=True)
+                gc.collect()
+                sampler = _RssSampler()
+                sampler.start()
+                t0, c0 = time.perf_counter(), time.process_time()
+                res = activation_patching(lm, clean, corrupted, granularity=g,
+                                          attribution=attribution, progress=progress, **kw)
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                return res, wall, cpu, sampler.stop()
+
+            grid, wall, cpu, rss = once()
+            walls = [wall] + [once()[1] for _ in range(n_reps - 1)]
+            median = statistics.median(walls)
+            extra = ("" if heavy else
+                     f", with attribution patching {once(attribution=True)[1]:.3f} s")
             print(f"  {g}: {grid.n_runs} patched runs ({grid.n_computed} computed, the rest "
-                  f"patch an identical value or cannot reach the metric): median "
-                  f"{m['median_s']:.3f} s (min {m['min_s']:.3f}; CPU {cpu:.3f} s over all "
-                  f"threads), with attribution patching "
-                  f"{with_attr:.3f} s; peak RSS +{m['rss_growth_mb']:.0f} MiB, "
-                  f"python peak {m['py_peak_mb']:.1f} MiB", flush=True)
+                  f"patch an identical value or cannot reach the metric): median {median:.3f} s "
+                  f"of {len(walls)} (min {min(walls):.3f}; CPU {cpu:.3f} s over all threads)"
+                  f"{extra}; peak RSS growth +{rss:.0f} MiB, process peak RSS "
+                  f"{_rss_mb():.0f} MiB", flush=True)
             if tl is None:
                 continue
             (secs, tl_cpu), theirs, index = _tl_sampled(tl, corrupted, clean, metric, g,
@@ -466,8 +478,8 @@ def bench_patching(reps: int, tl_sample: int, gpt2: bool = True) -> None:
                   f"cells {np.abs(ours_cells - theirs).max():.1e}; CPU time ours {cpu:.2f} s "
                   f"vs TransformerLens {est_cpu:.1f} s -> {est_cpu / cpu:.0f}x")
             print(f"activation patching {g} ({lm.name}, {len(clean)}-token pair): ours "
-                  f"{m['median_s']:.3f} s vs TransformerLens {est:.1f} s -> "
-                  f"{est / m['median_s']:.0f}\u00d7 faster", flush=True)
+                  f"{median:.3f} s vs TransformerLens {est:.1f} s -> "
+                  f"{est / median:.0f}\u00d7 faster", flush=True)
 
     torch.manual_seed(0)
     lm = Registry([DEFAULT_WEIGHTS]).get("attn-only-2l")
@@ -485,7 +497,7 @@ def bench_patching(reps: int, tl_sample: int, gpt2: bool = True) -> None:
     print(f"\nActivation patching, random GPT-2-small shape ({big.cfg.n_layers} x "
           f"{big.cfg.n_heads} heads, d_model {big.cfg.d_model}), {len(clean)}-token pair "
           f"(token 4 corrupted)")
-    run(big, clean, corrupted, ["head_out_by_pos"], 1)
+    run(big, clean, corrupted, ["head_out_by_pos"], 1, heavy=True)
 
 def bench_graph(reps: int, gpt2: bool = True) -> None:
     """QK attribution and the exact attribution graph: attn-only-2l at 128 tokens, then
