@@ -88,6 +88,14 @@ def test_bad_input_is_an_alert(server, controls, message):
     assert message in _text(alerts)
 
 
+def test_server_token_limit_applies(server, monkeypatch):
+    from attention_lens import registry as registry_module
+
+    monkeypatch.setattr(registry_module.current(), "max_tokens", 10)
+    _, _, alerts, _ = _draw(P.spec_of("patching"), STATE)
+    assert "the clean prompt has 43 tokens; this server analyses at most 10" in _text(alerts)
+
+
 def test_click_opens_the_head_on_attention(server):
     from attention_lens.pages import patching as page
 

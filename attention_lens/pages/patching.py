@@ -133,6 +133,11 @@ def _cells_note(lm: Any, grid: PT.PatchingGrid) -> str:
 def panels(ctx: P.PageContext, query: dict) -> list:
     """Exact and attribution grids, their scatter, path patching from the sender head."""
     lm = ctx.model
+    limit = getattr(ctx.registry, "max_tokens", None)
+    n_tokens = len(PT.pair_tokens(lm, query["clean"], query["clean"])[0])
+    if limit is not None and n_tokens > limit:
+        raise AnalysisError(f"the clean prompt has {n_tokens} tokens; this server analyses at "
+                            f"most {limit}")
     args, notes = resolve(lm, query)
     wa = {**args, "correct": str(args["correct"]), "wrong": str(args["wrong"])}
     if PT.runs_inline(lm):
