@@ -65,14 +65,19 @@ figs.forEach(gd => {
   const view = scroller ? box(scroller) : h;
   if (h.b - h.t < 1) problems.push(`${id}: its box is ${Math.round(h.b - h.t)} px tall`);
   if (s.b - s.t > h.b - h.t + 1)
-    problems.push(`${id}: figure ${Math.round(s.b - s.t)} px tall in a ${Math.round(h.b - h.t)} px box`);
+    problems.push(`${id}: figure ${Math.round(s.b - s.t)} px tall in a ` +
+                  `${Math.round(h.b - h.t)} px box`);
   if (s.r - s.l > h.r - h.l + 1)
-    problems.push(`${id}: figure ${Math.round(s.r - s.l)} px wide in a ${Math.round(h.r - h.l)} px box`);
+    problems.push(`${id}: figure ${Math.round(s.r - s.l)} px wide in a ` +
+                  `${Math.round(h.r - h.l)} px box`);
   items.push({what: 'figure ' + id, rect: clip(s, view), el: gd});
   gd.querySelectorAll('.gtitle, .xtick text, .ytick text, .g-xtitle text, ' +
-    '.g-ytitle text, .cbtitle text, .cbaxis text, .legendtext, .annotation-text').forEach(t => { const r = box(t); if (r.r - r.l < 0.5) return;
+    '.g-ytitle text, .cbtitle text, .cbaxis text, .legendtext, .annotation-text').forEach(t => {
+    const r = box(t);
+    if (r.r - r.l < 0.5) return;
     if (r.l < s.l - 1 || r.r > s.r + 1 || r.t < s.t - 1 || r.b > s.b + 1)
-      problems.push(`${id}: '${(t.textContent || '').slice(0, 30)}' is cut by the figure's edge`); });
+      problems.push(`${id}: '${(t.textContent || '').slice(0, 30)}' is cut by the ` +
+                    "figure's edge"); });
   // inside the figure: titles, subplot titles, axis titles, legend and colour bars never
   // overlap each other, and a colour bar or the legend never covers a plot area
   const part = (sel, kind) => [...gd.querySelectorAll(sel)].map(e => ({kind: kind, e: e,
@@ -90,7 +95,8 @@ figs.forEach(gd => {
       problems.push(`${id}: ${inner[i].name} overlaps ${inner[j].name}`); }
   boxes.concat(texts.filter(t => t.kind !== 'label')).forEach(b => plots.forEach(p => {
     if (area(b.r, p.r) > 4) problems.push(`${id}: ${b.name} covers a plot area ` +
-      `(${[b.r.l, b.r.t, b.r.r, b.r.b].map(Math.round)} on ${[p.r.l, p.r.t, p.r.r, p.r.b].map(Math.round)})`);
+      `(${[b.r.l, b.r.t, b.r.r, b.r.b].map(Math.round)} on ` +
+      `${[p.r.l, p.r.t, p.r.r, p.r.b].map(Math.round)})`);
   }));
   const mb = gd.querySelector('.modebar');
   if (mb) gd.querySelectorAll('.gtitle').forEach(t => {
