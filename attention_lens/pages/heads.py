@@ -54,6 +54,7 @@ from ..figures.heads_dashboard import (
     head_values_figure,
     prompt_tokens_figure,
 )
+from ..figures.theme import styled
 
 PAGE = "heads"
 TABLE, UPLOAD, UPLOADED, UPLOAD_STATUS = (f"{PAGE}-table-grid", f"{PAGE}-upload",
@@ -337,7 +338,7 @@ def token_view(state: Optional[dict], query: Any = None, hover: Optional[dict] =
             if not isinstance(hovered, int) or hovered < 0:
                 raise PreventUpdate
             pinned = hovered
-        figs = P.themed(token_panels(state, pinned), state)
+        figs = tuple(styled(f, state.get("theme")) for f in token_panels(state, pinned))
         # the boxes get the figures' heights: a box left to size itself can stay 0 px high
         return (*figs, *({"height": f"{f.layout.height}px"} for f in figs), [])
     except AnalysisError as exc:
