@@ -126,6 +126,7 @@ def test_every_page_renders_without_console_errors(lens):
             wait(lens, "document.querySelectorAll('.al-graph .js-plotly-plot').length > 0 && "
                        "Array.from(document.querySelectorAll('.al-graph .js-plotly-plot'))"
                        ".some(g => g._fullData && g._fullData.length > 0)",
+                 timeout=180,  # a page whose analyses run as a background job the first time
                  what=f"a drawn figure on {p['path']}")
         time.sleep(0.5)
         assert page_alerts(lens) == [], p["path"]
