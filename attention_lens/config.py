@@ -77,6 +77,7 @@ class ServerConfig:
     device: str = "cpu"
     max_models: int = 2
     cache_size: int = 64
+    cache_mb: int = 1024
     max_body: int = 1 << 20
     secret_key: Optional[str] = None
     torch_threads: Optional[int] = None
@@ -97,8 +98,9 @@ class ServerConfig:
         self.celery_broker = self.celery_broker or None
         self.url_prefix = normalize_prefix(self.url_prefix)
         for name, minimum in (("port", 0), ("max_models", 1), ("cache_size", 1),
-                              ("max_body", 1024), ("hash_slots", 1), ("proxy_hops", 0),
-                              ("max_exports", 1), ("export_timeout", 1), ("max_jobs", 1)):
+                              ("cache_mb", 16), ("max_body", 1024), ("hash_slots", 1),
+                              ("proxy_hops", 0), ("max_exports", 1), ("export_timeout", 1),
+                              ("max_jobs", 1)):
             if int(getattr(self, name)) < minimum:
                 raise ConfigError(f"{name} must be at least {minimum}")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -125,8 +127,9 @@ class ServerConfig:
             key = f.name.upper()
             if f.name in {"debug", "allow_anonymous"}:
                 values[f.name] = _parse_bool(raw, key)
-            elif f.name in {"port", "max_models", "cache_size", "max_body", "hash_slots",
-                            "proxy_hops", "max_exports", "export_timeout", "max_jobs"}:
+            elif f.name in {"port", "max_models", "cache_size", "cache_mb", "max_body",
+                            "hash_slots", "proxy_hops", "max_exports", "export_timeout",
+                            "max_jobs"}:
                 values[f.name] = _parse_int(raw, key)
             elif f.name in {"max_tokens", "torch_threads"}:
                 values[f.name] = _parse_int(raw, key, 1) if raw.strip() else None

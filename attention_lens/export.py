@@ -173,7 +173,7 @@ class _Renderer:
             if self._loop is not None and not (self._thread and self._thread.is_alive()):
                 # the loop's thread died (killed with its host server, say): start afresh
                 log.warning("the export browser's event loop stopped; starting a new one")
-                self._loop, self._kaleido = None, None
+                self._discard()
             if self._loop is None:
                 import kaleido
 
@@ -215,6 +215,24 @@ class _Renderer:
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _discard(self) -> None:
+        """Forget the browser without asking it to close (its loop may be dead): kill it."""
+        proc = getattr(self._kaleido, "subprocess", None)
+        if proc is not None:
+            try:
+                proc.kill()
+                proc.wait(5)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        if self._loop is not None and self._thread is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop, self._kaleido, self._thread = None, None, None
+
+    def reset(self) -> None:
+        """Kill the shared browser and its loop at once; the next export starts new ones."""
+        with self._lock:
+            self._discard()
 
     def close(self, which: Any = None) -> None:
         """Stop the shared browser (only if it is still ``which``); the next use starts one."""

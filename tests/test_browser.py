@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SHOTS = Path(os.environ.get("ATTENTION_LENS_SCREENSHOTS", "/tmp/dash_artifacts/screenshots"))
 MODEL = "attn-only-2l"
 TIMEOUT = 20
+#: A first visit may wait for background jobs (weight and dataset analyses in a new process).
+FIRST_VISIT = 90
 
 
 @pytest.fixture
@@ -126,8 +128,7 @@ def test_every_page_renders_without_console_errors(lens):
             wait(lens, "document.querySelectorAll('.al-graph .js-plotly-plot').length > 0 && "
                        "Array.from(document.querySelectorAll('.al-graph .js-plotly-plot'))"
                        ".some(g => g._fullData && g._fullData.length > 0)",
-                 timeout=180,  # a page whose analyses run as a background job the first time
-                 what=f"a drawn figure on {p['path']}")
+                 timeout=FIRST_VISIT, what=f"a drawn figure on {p['path']}")
         time.sleep(0.5)
         assert page_alerts(lens) == [], p["path"]
         assert severe_logs(lens) == [], p["path"]

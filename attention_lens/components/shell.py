@@ -21,7 +21,7 @@ import dash
 import dash_bootstrap_components as dbc
 from dash import ALL, Input, Output, State, dcc, html, no_update
 
-from .. import __version__
+from .. import __version__, prompt_links
 from .. import registry as registry_module
 from ..analysis.errors import AnalysisError
 
@@ -73,6 +73,9 @@ def state_query(state: Optional[dict]) -> str:
     if not state:
         return ""
     params = {k: state[k] for k in SHARED_KEYS if state.get(k) not in (None, "")}
+    if state.get("tid"):  # a long prompt travels as the id of its stored text
+        params.pop("text", None)
+        params["t"] = state["tid"]
     return urlencode(params)
 
 
@@ -217,7 +220,7 @@ function(state, queries) {
     document.documentElement.setAttribute('data-al-theme',
                                           state.theme === 'light' ? 'light' : 'dark');
     p.set('model', state.model);
-    p.set('text', state.text);
+    if (state.tid) { p.set('t', state.tid); } else { p.set('text', state.text); }
     if (state.pos !== null && state.pos !== undefined) { p.set('pos', String(state.pos)); }
     if (state.theme === 'light') { p.set('theme', 'light'); }
     let user = trig.indexOf('shell-state.data') >= 0 && state.src === 'user';
@@ -304,6 +307,13 @@ def sync_state(search: Optional[str], nav: Optional[dict], n_clicks: Optional[in
             search = nav.get("search")
         q = parse_search(search)
         new_text = q.get("text", DEFAULT_PROMPT)
+        if q.get("t"):
+            stored = prompt_links.load(q["t"])
+            if stored is None:
+                alerts.append(alert("This link's prompt is not stored on this server (the "
+                                    "link is incomplete or has expired); showing the default "
+                                    "prompt.", color="warning"))
+            new_text = stored or DEFAULT_PROMPT
         new_model = q.get("model") or reg.default
         pos = _int_or_none(q.get("pos"))
         theme = LIGHT if q.get("theme") == LIGHT else None
@@ -337,6 +347,9 @@ def sync_state(search: Optional[str], nav: Optional[dict], n_clicks: Optional[in
             f"{fp.n_tokens}: analysed the first {fp.n_tokens} of {fp.n_prompt_tokens} tokens.",
             color="warning"))
     new_state = {"model": new_model, "text": new_text, "pos": pos, "theme": theme, "src": src}
+    tid = prompt_links.link_id(new_text)
+    if tid:  # a long prompt: the link carries the id of its stored text
+        new_state["tid"] = tid
     if state and src == "url" and all(state.get(k) == new_state[k] for k in SHARED_KEYS):
         return (no_update, text_out, model_out, alerts)
     return (new_state, text_out, model_out, alerts)

@@ -13,8 +13,7 @@ from ..analysis.compare import (
     Comparison,
     IclView,
     compare,
-    icl_score,
-    probe_halves,
+    icl_from_curves,
     same_tokenizer,
 )
 from ..analysis.datasets import DEFAULT_LENGTH, MAX_WINDOWS, SHIPPED
@@ -24,6 +23,7 @@ from ..components import page as P
 from ..components import shell
 from ..components.controls import Int, Text
 from ..figures.compare import (
+    HEIGHTS,
     attention_compare_figure,
     dla_compare_figure,
     icl_figure,
@@ -70,7 +70,7 @@ CONTROLS = [
     Int("position", -1, label="position"),
     Text("target", "", 40, label="target", placeholder="A's top prediction"),
     Int("k", 10, 1, 50, label="top k"),
-    Int("windows", 100, 1, MAX_WINDOWS, label="ICL windows"),
+    Int("windows", 64, 1, MAX_WINDOWS, label="ICL windows"),
 ]
 
 HELP = r"""
@@ -160,10 +160,7 @@ def icl(ctx: P.PageContext, state: dict, query: dict) -> IclView:
     probes = [ctx.weight(W.probe_loss())] + [
         store.compute(lm, W.probe_loss()) if ctx.compute else store.get(lm, W.probe_loss())[0]
         for lm in models[1:]]
-    return IclView(dataset=tuple(curves), probe=tuple(probes),
-                   scores=tuple(icl_score(c) for c in curves), probe_len=probe.seq_len,
-                   probe_halves={c.model: probe_halves(c, probe.seq_len, probe.bos is not None)
-                                 for c in probes})
+    return icl_from_curves(curves, probes, probe.seq_len, probe.bos is not None)
 
 
 def describe(c: Comparison) -> list[Any]:
@@ -231,7 +228,8 @@ P.register_page(
     description="A clean and a corrupted prompt, the one-layer and the two-layer model: side "
                 "by side and as differences (B − A); in-context-learning curves.",
     help_md=HELP, panels=panels, graphs=["loss", "predictions", "attention", "lens", "dla", "icl"],
-    extras=["what", "icl-note"], controls=CONTROLS, body=body)
+    extras=["what", "icl-note"], controls=CONTROLS, body=body,
+    graph_options={name: {"height": h} for name, h in HEIGHTS.items()})
 
 
 @callback(Output(P.control_id(PAGE, "position"), "value"),

@@ -22,7 +22,8 @@ FILTER_LABELS = {"frequent": "frequent (lowest BPE ids)", "whole_word": "whole w
 HELP = r"""
 Each point is a token's row of $W_E$ (how the model reads it) or of $W_U^\top$ (the
 direction that raises its logit), projected onto the first two **principal components**
-(scikit-learn PCA of the centred rows; "centre: no" uses a truncated SVD of the raw rows).
+(scikit-learn PCA of the centred rows with its exact LAPACK solver; "centre: no" uses the
+exact SVD of the raw rows).
 The bars give the **explained variance ratio** of each component, $\lambda_j / \sum_i
 \lambda_i$: small values mean the 2D map shows only a sliver of the geometry, so read
 distances with care.

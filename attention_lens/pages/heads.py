@@ -47,6 +47,7 @@ from ..components import page as P
 from ..components import shell
 from ..components.controls import Choice, Int
 from ..figures.heads_dashboard import (
+    HEIGHTS,
     LABELS,
     all_heads_query_figure,
     head_finder_figure,
@@ -302,7 +303,8 @@ P.register_page(
     description="Every head's behaviour over many windows of text, not one prompt: find heads "
                 "by their metrics, read their strongest and typical examples.",
     help_md=HELP, panels=panels, graphs=["finder", "values"],
-    extras=["table", "examples", "links"], controls=CONTROLS, body=body)
+    extras=["table", "examples", "links"], controls=CONTROLS, body=body,
+    graph_options={name: {"height": h} for name, h in HEIGHTS.items()})
 
 
 # ----------------------------------------------------------------------------- callbacks
@@ -317,7 +319,8 @@ def token_panels(state: dict, pinned: Optional[int]) -> tuple[Any, Any]:
             all_heads_query_figure(every.patterns, fp.display, pos))
 
 
-@callback(Output(PROMPT, "figure"), Output(ALL_HEADS, "figure"), Output(TOKEN_ALERTS, "children"),
+@callback(Output(PROMPT, "figure"), Output(ALL_HEADS, "figure"), Output(PROMPT, "style"),
+          Output(ALL_HEADS, "style"), Output(TOKEN_ALERTS, "children"),
           Input(shell.STATE, "data"), Input(P.control_id(PAGE, "query"), "value"),
           Input(PROMPT, "hoverData"))
 def token_view(state: Optional[dict], query: Any = None, hover: Optional[dict] = None) -> tuple:
@@ -334,9 +337,11 @@ def token_view(state: Optional[dict], query: Any = None, hover: Optional[dict] =
             if not isinstance(hovered, int) or hovered < 0:
                 raise PreventUpdate
             pinned = hovered
-        return (*token_panels(state, pinned), [])
+        figs = token_panels(state, pinned)
+        # the boxes get the figures' heights: a box left to size itself can stay 0 px high
+        return (*figs, *({"height": f"{f.layout.height}px"} for f in figs), [])
     except AnalysisError as exc:
-        return no_update, no_update, shell.alert(str(exc))
+        return no_update, no_update, no_update, no_update, shell.alert(str(exc))
 
 
 @callback(Output(P.control_id(PAGE, "query"), "value"),

@@ -102,12 +102,15 @@ def panels(ctx: P.PageContext, query: dict) -> list:
     lm = ctx.model
     probe, eigen, comp = ctx.weights(W.probe_head_scores(), W.circuit_eigenvalues(),
                                      W.composition_scores())
-    hd = head_detection(lm, ctx.forward, metric=query["metric"], n_examples=query["n"],
-                        probe=probe, eigen=eigen, rows=query["rows"])
+    fp = ctx.forward
+    key = ("head_detection", query["metric"], query["n"], query["rows"])
+    hd = ctx.registry.per_prompt(fp, key, lambda: head_detection(
+        lm, fp, metric=query["metric"], n_examples=query["n"], probe=probe, eigen=eigen,
+        rows=query["rows"]))
     if query["layer"] is None and query["head"] is None:
         # the strongest induction head on this prompt when it repeats itself, else the
         # strongest on the probe
-        choice = strongest_head(lm, ctx.forward)
+        choice = ctx.registry.per_prompt(fp, "strongest_head", lambda: strongest_head(lm, fp))
         layer, head = ((choice.layer, choice.head) if choice.kind == "induction"
                        else hd.strongest_induction_head())
     else:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..analysis.defaults import chosen_position
-from ..analysis.logit_lens import logit_lens
+from ..analysis.logit_lens import lens_key, logit_lens
 from ..components import page as P
 from ..components.controls import Choice, Int, Text
 from ..figures.logit_lens import logit_lens_figure, logit_lens_target_figure
@@ -39,7 +39,9 @@ def panels(ctx: P.PageContext, query: dict) -> list:
     if target is None and pos == fp.n_tokens - 1:
         # the last position has no actual next token: follow the model's final top guess
         target = int(fp.logits[pos].argmax())
-    lens = logit_lens(ctx.model, fp, k=query["k"], target=target, granularity=query["stages"])
+    key = lens_key(ctx.model, k=query["k"], target=target, granularity=query["stages"])
+    lens = ctx.registry.per_prompt(fp, key, lambda: logit_lens(
+        ctx.model, fp, k=query["k"], target=key[2], granularity=query["stages"]))
     colour = query["colour"] if (query["colour"] != "target" or target is not None) else "top"
     return [P.Panel("logit-lens", logit_lens_figure(lens, colour=colour), lens),
             P.Panel("trajectory", logit_lens_target_figure(lens, position=pos), lens)]
