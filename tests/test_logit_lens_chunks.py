@@ -120,3 +120,13 @@ def test_logit_lens_as_a_background_request_matches_the_direct_computation(shipp
     np.testing.assert_allclose(res.target_probs, ref.target_probs, atol=1e-6)
     assert seen and seen[-1] == 1.0
     assert W.logit_lens(fp.token_ids, 3, None, "sublayer") != req
+
+
+def test_only_big_lenses_are_background_work(shipped_passes):
+    from attention_lens.analysis.logit_lens import is_large
+    from attention_lens.bench import random_gpt2_shape
+
+    lm, fp = shipped_passes[1]
+    assert not is_large(lm, lm.cfg.n_ctx)  # the shipped models draw at once
+    big = random_gpt2_shape()
+    assert not is_large(big, 64, "layer") and is_large(big, 256) and is_large(big, 256, "layer")

@@ -8,10 +8,12 @@ import dash
 from dash import callback, html
 
 from ..analysis.defaults import chosen_position
-from ..analysis.logit_lens import lens_key, logit_lens
+from ..analysis.logit_lens import is_large, lens_key, logit_lens
 from ..app import registry
+from ..components import jobs as JS
 from ..components import page as P
 from ..figures.logit_lens import logit_lens_figure, logit_lens_target_figure
+from ..jobs import Need, cached_or_jobs
 
 PAGE = "logit-lens"
 dash.register_page(__name__, path="/logit-lens", order=4, name="Logit lens",
@@ -60,8 +62,16 @@ def panels(state: dict, query: dict) -> list[P.Panel]:
         # the last position has no actual next token: follow the model's final top guess
         target = int(fp.logits[pos].argmax())
     key = lens_key(lm, k=query["k"], target=target, granularity=query["stages"])
-    lens = registry().per_prompt(fp, key, lambda: logit_lens(
-        lm, fp, k=query["k"], target=key[2], granularity=query["stages"]))
+
+    def compute(report: Any = None) -> Any:
+        return logit_lens(lm, fp, k=key[1], target=key[2], granularity=key[3], progress=report)
+
+    if is_large(lm, fp.n_tokens, key[3]):  # a background job with progress, cached per model
+        need = Need((*key, tuple(int(i) for i in fp.token_ids)),
+                    lambda _, report: compute(report), "logit lens")
+        (lens,) = cached_or_jobs(registry(), lm.name, [need])
+    else:
+        lens = registry().per_prompt(fp, key, compute)
     colour = query["colour"] if (query["colour"] != "target" or target is not None) else "top"
     return [P.Panel("logit-lens", logit_lens_figure(lens, colour=colour), lens),
             P.Panel("trajectory", logit_lens_target_figure(lens, position=pos), lens)]
@@ -90,12 +100,19 @@ def layout(**query: Any) -> html.Div:
                              [{"label": "after attention and MLP", "value": "sublayer"},
                               {"label": "per layer", "value": "layer"}], "stages"),
         ],
-        body=[P.graph(PAGE, "logit-lens"), P.graph(PAGE, "trajectory")],
+        body=[JS.job_strip(PAGE), P.graph(PAGE, "logit-lens"), P.graph(PAGE, "trajectory")],
         help_md=HELP, query=q, problems=problems)
 
 
-@callback(*P.main_outputs(PAGE, ["logit-lens", "trajectory"]), *P.main_inputs(PAGE, CONTROLS))
-@P.analysis_callback(PAGE, CONTROLS, n_outputs=2)
+OUTPUTS = P.main_outputs(PAGE, ["logit-lens", "trajectory"], [JS.job_output(PAGE)])
+
+
+@callback(*OUTPUTS, *P.main_inputs(PAGE, CONTROLS), JS.job_input(PAGE))
+@P.analysis_callback(PAGE, CONTROLS, n_outputs=3)
+@JS.in_background(2)
 def update(state: dict, query: dict) -> tuple:
-    """Fetch the cached forward pass, analyse, draw."""
+    """Fetch the cached forward pass and the lens (a background job when large), draw."""
     return P.figures_of(panels(state, query))
+
+
+JOB_CALLBACKS = JS.register_job_callbacks(PAGE, update, OUTPUTS, list(CONTROLS))
