@@ -148,11 +148,25 @@ class ServerConfig:
         A non-loopback address needs a users file (or ``allow_anonymous``); debug mode is
         refused on anything but loopback.
         """
-        from .exposure import exposure_problem
-
         problem = exposure_problem(self, hosts or [self.host])
         if problem:
             raise ConfigError(problem)
+
+
+def exposure_problem(config: "ServerConfig", addresses: list[str]) -> Optional[str]:
+    """Why serving on ``addresses`` with ``config`` is unsafe, or None."""
+    exposed = sorted({a for a in addresses if not is_loopback(a)})
+    if not exposed:
+        return None
+    if config.debug:
+        return (f"refusing debug mode on {', '.join(exposed)}: debug mode is for loopback "
+                "only (127.0.0.1)")
+    if config.auth_file is None and not config.allow_anonymous:
+        return (f"refusing to listen on {', '.join(exposed)} without authentication: create a "
+                "users file with 'attention-lens add-user NAME' and set --auth-file (or "
+                f"{ENV_PREFIX}AUTH_FILE), or set --allow-anonymous ({ENV_PREFIX}ALLOW_ANONYMOUS"
+                "=1) to serve everyone")
+    return None
 
 
 def check_device(device: str) -> None:

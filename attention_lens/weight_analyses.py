@@ -135,7 +135,56 @@ def _graph(lm: LoadedModel, progress: Progress, text: str, max_tokens: int, targ
                       progress=lambda done, total: progress(done / total))
 
 
+def _patching(lm: LoadedModel, progress: Progress, clean: str, corrupted: str, correct: str,
+              wrong: str, metric: str, direction: str, granularity: str, position: int) -> Any:
+    from .analysis.patching import activation_patching
+
+    return activation_patching(lm, clean, corrupted, correct=correct, wrong=wrong or None,
+                               granularity=granularity, metric=metric, direction=direction,
+                               position=position,
+                               progress=lambda done, total: progress(done / max(total, 1)))
+
+
+def _path_patching(lm: LoadedModel, progress: Progress, clean: str, corrupted: str,
+                   correct: str, wrong: str, metric: str, direction: str, position: int,
+                   layer: int, head: int) -> Any:
+    from .analysis.patching import path_patching
+
+    return path_patching(lm, clean, corrupted, sender=(layer, head), correct=correct,
+                         wrong=wrong or None, metric=metric, direction=direction,
+                         position=position)
+
+
+def pair_set_key(digest: str) -> str:
+    """Where an uploaded set of pairs is kept in the shared store (by its content hash)."""
+    return f"pairs:{digest}"
+
+
+def _pair_set(lm: LoadedModel, progress: Progress, pairs: str, metric: str, direction: str,
+              granularity: str, position: int) -> Any:
+    from . import background
+    from .analysis.patching import parse_pairs, patching_over_pairs
+
+    text = background.current().results.get(pair_set_key(pairs))
+    if not isinstance(text, str):
+        raise AnalysisError("the uploaded set of pairs is no longer on this server: upload "
+                            "it again")
+    return patching_over_pairs(lm, parse_pairs(text), granularity=granularity, metric=metric,
+                               direction=direction, position=position,
+                               progress=lambda done, total: progress(done / max(total, 1)))
+
+
 ANALYSES: dict[str, Analysis] = {
+    "pair_set_patching": Analysis("{granularity} patching over a set of pairs", _pair_set,
+                                  ("pairs", "metric", "direction", "granularity",
+                                   "position")),
+    # a prompt pair's patching grids are long work on big models: jobs and cache like these
+    "activation_patching": Analysis("{granularity} activation patching", _patching,
+                                    ("clean", "corrupted", "correct", "wrong", "metric",
+                                     "direction", "granularity", "position")),
+    "path_patching": Analysis("path patching from L{layer}H{head}", _path_patching,
+                              ("clean", "corrupted", "correct", "wrong", "metric",
+                               "direction", "position", "layer", "head")),
     "circuit_svd": Analysis("{circuit} circuit SVD", _svd, ("circuit",)),
     "circuit_eigenvalues": Analysis("circuit eigenvalues", _eigen),
     "composition_scores": Analysis("composition scores", _composition),

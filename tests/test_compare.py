@@ -222,6 +222,7 @@ def test_compare_page_in_the_browser(dash_duo, registry, tmp_path):
     try:
         dash_duo.start_server(create_app(registry, background=bg))
         d = dash_duo.driver
+        d.set_script_timeout(120)  # a busy machine's browser answers slowly
         d.set_window_size(1440, 1000)
         d.get(url(dash_duo, "/compare", model="attn-only-2l", text=CLEAN, windows=200))
         for name in ("loss", "predictions", "attention", "lens", "dla", "icl"):
@@ -243,6 +244,7 @@ def test_compare_page_in_the_browser(dash_duo, registry, tmp_path):
                        ".includes('A at position 4')", what="the comparison at position 4")
         wait(dash_duo, "window.location.search.includes('position=4')", what="the URL")
         time.sleep(1.0)
+        # screenshots last: capturing resizes the viewport for a moment
         full_screenshot(d, shots / "compare.png")
         d.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
                           {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True})

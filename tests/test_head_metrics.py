@@ -261,9 +261,13 @@ def full_screenshot(driver, path) -> None:
     """The whole page as a PNG (beyond the window's height), via the DevTools protocol."""
     import base64
 
-    w, h = driver.execute_script("window.scrollTo(0, 0); "
-                                 "return [document.documentElement.scrollWidth, "
-                                 "document.documentElement.scrollHeight]")
+    # fixed and sticky bars would be painted over the page's middle in a beyond-viewport shot
+    w, h = driver.execute_script(
+        "window.scrollTo(0, 0);"
+        "document.querySelectorAll('body *').forEach(function (el) {"
+        "  const p = getComputedStyle(el).position;"
+        "  if (p === 'fixed' || p === 'sticky') { el.style.position = 'static'; } });"
+        "return [document.documentElement.scrollWidth, document.documentElement.scrollHeight]")
     shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
         "format": "png", "captureBeyondViewport": True,
         "clip": {"x": 0, "y": 0, "width": w, "height": h, "scale": 1}})
@@ -304,6 +308,7 @@ def test_heads_page_in_the_browser(dash_duo, registry, tmp_path):
     try:
         dash_duo.start_server(create_app(registry, background=bg))
         d = dash_duo.driver
+        d.set_script_timeout(120)  # a busy machine's browser answers slowly
         d.set_window_size(1440, 1000)
         d.get(url(dash_duo, "/heads", model="attn-only-2l", text=shell.DEFAULT_PROMPT))
         wait(dash_duo, has_traces("heads", "finder"), timeout=180, what="the head finder")
@@ -316,7 +321,6 @@ def test_heads_page_in_the_browser(dash_duo, registry, tmp_path):
         assert geometry_problems(d) == []
         assert dash_duo.driver.execute_script(
             "return document.querySelectorAll('.dash-spreadsheet td').length") >= 12 * 7
-        full_screenshot(d, shots / "heads.png")
         # a real click on the layer-0 point of head 2 of the head finder
         host = d.find_element("css selector",
                               '[id=\'{"name":"finder","page":"heads","type":"al-graph"}\'] '
@@ -327,10 +331,11 @@ def test_heads_page_in_the_browser(dash_duo, registry, tmp_path):
         ActionChains(d).move_to_element_with_offset(host, x, y).click().perform()
         wait(dash_duo, "document.getElementById('heads-layer').value === '0' && "
                        "document.getElementById('heads-head').value === '2'",
-             what="L0H2 selected by the click")
+             timeout=60, what="L0H2 selected by the click")
         wait(dash_duo, "window.location.search.includes('head=2')", what="the URL")
         wait(dash_duo, "Array.from(document.querySelectorAll('.al-examples h5'))"
-                       ".some(h => h.textContent.startsWith('L0H2'))", what="L0H2's examples")
+                       ".some(h => h.textContent.startsWith('L0H2'))", timeout=60,
+             what="L0H2's examples")
         # hover the fourth token of the prompt: every head's attention from it
         prompt = d.find_element("css selector", "#heads-prompt-graph .js-plotly-plot")
         d.execute_script("arguments[0].scrollIntoView({block: 'center'})", prompt)
@@ -339,10 +344,18 @@ def test_heads_page_in_the_browser(dash_duo, registry, tmp_path):
             "const gd = arguments[0], fl = gd._fullLayout;"
             "return [fl.xaxis._offset + fl.xaxis.c2p(3), fl.yaxis._offset + fl.yaxis.c2p(0)];",
             prompt)
-        ActionChains(d).move_to_element_with_offset(prompt, int(px), int(py)).perform()
+        ActionChains(d).move_to_element_with_offset(prompt, int(px) - 3, int(py)) \
+            .move_to_element_with_offset(prompt, int(px), int(py)).perform()
         wait(dash_duo, "(document.querySelector('#heads-all-heads-graph .gtitle') || {})"
-                       ".textContent.includes('from 3:')", what="the hovered token's view")
+                       ".textContent.includes('from 3:')", timeout=60,
+             what="the hovered token's view")
         assert geometry_problems(d) == []
+        # screenshots last: capturing resizes the viewport for a moment
+        d.get(url(dash_duo, "/heads", model="attn-only-2l", text=shell.DEFAULT_PROMPT))
+        wait(dash_duo, has_traces("heads", "finder"), timeout=60, what="the head finder again")
+        wait(dash_duo, "document.querySelectorAll('.al-example').length >= 10", what="examples")
+        time.sleep(1.0)
+        full_screenshot(d, shots / "heads.png")
         # a phone: the page loaded at 390 x 844 (cached results now)
         d.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
                           {"width": 390, "height": 844, "deviceScaleFactor": 1,

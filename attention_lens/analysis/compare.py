@@ -374,6 +374,13 @@ def icl_view(models: list[LoadedModel], window_tokens: np.ndarray, dataset_label
         dataset.append(loss_by_position(lm, window_tokens, source=dataset_label,
                                         progress=report))
         probe.append(loss_by_position(lm, probe_tokens, source=f"probe [r ; r], T = {probe_len}"))
+    return icl_from_curves(dataset, probe, probe_len, probe_bos, early, late)
+
+
+def icl_from_curves(dataset: list[LossByPosition], probe: list[LossByPosition], probe_len: int,
+                    probe_bos: bool = False, early: Optional[int] = None,
+                    late: Optional[int] = None) -> IclView:
+    """The in-context-learning view of curves already computed (e.g. cached ones)."""
     scores = tuple(icl_score(c, early, late) for c in dataset)
     halves = {c.model: probe_halves(c, probe_len, probe_bos) for c in probe}
     return IclView(dataset=tuple(dataset), probe=tuple(probe), scores=scores,

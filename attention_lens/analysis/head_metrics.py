@@ -35,9 +35,6 @@ PatternMetric = Literal["previous_token", "induction", "duplicate_token", "first
 PATTERN_METRICS: tuple[str, ...] = get_args(PatternMetric)
 #: Every metric a dashboard can show (the weight-based copying score last).
 ALL_METRICS: tuple[str, ...] = PATTERN_METRICS + ("copying",)
-LABELS = {"previous_token": "previous-token", "induction": "induction",
-          "duplicate_token": "duplicate-token", "first_token": "first-token",
-          "self": "self", "entropy": "entropy (nats)", "copying": "copying (OV)"}
 #: Which queries each pattern metric averages over.
 QUERIES = {"previous_token": "every query i ≥ 1", "first_token": "every query i ≥ 1",
            "self": "every query i ≥ 1", "entropy": "every query i ≥ 1",
@@ -345,12 +342,6 @@ def head_examples(lm: LoadedModel, hm: HeadMetrics, metric: str, layer: int, hea
             attention=patterns[i, q].astype(np.float64) if q >= 0 else np.zeros(len(ids)),
             targets=metric_targets(ids, metric, q), percentile=p.get("percentile")))
     return out
-
-
-def windows_key(windows: Windows) -> tuple:
-    """What identifies a run over ``windows``: the dataset's hash and how it was cut."""
-    return ("head_metrics", windows.sha256, windows.length, windows.stride, windows.n_windows,
-            windows.n_available, windows.bos)
 
 
 def head_table(hm: HeadMetrics) -> list[dict]:

@@ -29,7 +29,7 @@ from typing import Literal, Optional, get_args
 import numpy as np
 
 from ..model.checkpoint import LoadedModel
-from .circuits import check_head
+from .checks import check_layer_head
 from .eigen import CircuitEigenvalues, circuit_eigenvalues
 from .errors import AnalysisError
 from .forward import ForwardPass
@@ -267,6 +267,11 @@ class HeadDetection:
                  "key": self.display[k], "weight": float(x)}
                 for (q, k), x in zip(pos, w) if q >= 0]
 
+    def strongest_induction_head(self) -> tuple[int, int]:
+        """(layer, head) with the highest induction score on the probe."""
+        flat = int(np.argmax(self.probe_induction))
+        return divmod(flat, self.probe_induction.shape[1])
+
     def heads_labelled(self, label: str) -> list[tuple[int, int]]:
         """(layer, head) of every head whose label is ``label``."""
         return [(layer, head) for layer, row in enumerate(self.labels)
@@ -381,5 +386,5 @@ def head_detection(lm: LoadedModel, fp: ForwardPass, metric: str = "mul",
 def head_examples(result: HeadDetection, lm: LoadedModel, kind: str, layer: int,
                   head: int) -> list[dict]:
     """Range-checked :meth:`HeadDetection.examples`."""
-    check_head(lm, layer, head)
+    check_layer_head(lm, layer, head)
     return result.examples(kind, layer, head)

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 
 from ..model.checkpoint import LoadedModel
+from .checks import check_k
 from .errors import AnalysisError
 from .forward import ForwardPass
-from .predictions import TokenLike, check_k, display_array, token_id
+from .predictions import TokenLike, display_array, token_id
 
 Granularity = Literal["sublayer", "layer"]
 GRANULARITIES: tuple[str, ...] = ("sublayer", "layer")

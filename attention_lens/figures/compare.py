@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from ..analysis.compare import Comparison, IclScore, LossByPosition
 
 A_COLOUR, B_COLOUR, DIFF_COLOUR = QUALITATIVE[1], QUALITATIVE[0], QUALITATIVE[6]
+#: Each figure's height (px): fixed, so a page can give its graph box the same height.
+HEIGHTS = {"loss": 500, "predictions": 540, "attention": 440, "lens": 460, "dla": 660,
+           "icl": 460}
 
 
 def side_name(c: Comparison, which: str) -> str:
@@ -55,7 +58,7 @@ def loss_compare_figure(c: Comparison) -> go.Figure:
                          hovertemplate="position %{x}: %{y:+.3f} nats<extra></extra>"),
                   row=2, col=1)
     fig.update_xaxes(title_text="position of the predicted token", row=2, col=1)
-    fig.update_layout(template=TEMPLATE, height=500,
+    fig.update_layout(template=TEMPLATE, height=HEIGHTS["loss"],
                       title=f"Loss: mean A {c.a.mean_loss:.3f}, B {c.b.mean_loss:.3f} nats",
                       legend=LEGEND_ABOVE, margin=dict(t=100))
     return finish(fig)
@@ -72,7 +75,7 @@ def predictions_compare_figure(c: Comparison) -> go.Figure:
     fig.add_trace(go.Bar(x=labels, y=c.prob_diff, name="B − A", marker_color=DIFF_COLOUR,
                          hovertemplate="%{x}: %{y:+.4f}<extra>B − A</extra>"), row=2, col=1)
     fig.update_xaxes(tickangle=-45, type="category")
-    fig.update_layout(template=TEMPLATE, height=540, barmode="group",
+    fig.update_layout(template=TEMPLATE, height=HEIGHTS["predictions"], barmode="group",
                       title=f"Next token after A's position {c.a.position}, B's {c.b.position}",
                       legend=LEGEND_ABOVE, margin=dict(t=100))
     return finish(fig)
@@ -101,7 +104,7 @@ def attention_compare_figure(c: Comparison) -> go.Figure:
     fig.update_yaxes(type="category", autorange="reversed", showticklabels=False)
     fig.update_yaxes(title_text="query", col=1)
     fig.update_layout(
-        template=TEMPLATE, height=440, title=f"Attention of L{c.layer}H{c.head}",
+        template=TEMPLATE, height=HEIGHTS["attention"], title=f"Attention of L{c.layer}H{c.head}",
         coloraxis=dict(colorscale=SEQUENTIAL, cmin=0, cmax=1,
                        colorbar=dict(title="A", x=1.0, len=0.45, y=0.78)),
         coloraxis2=dict(colorscale=DIVERGING, cmid=0,
@@ -122,7 +125,8 @@ def lens_compare_figure(c: Comparison) -> go.Figure:
                          marker_color=DIFF_COLOUR,
                          hovertemplate="%{x}: %{y:+.4f}<extra>B − A</extra>"), row=2, col=1)
     fig.update_xaxes(type="category")
-    fig.update_layout(template=TEMPLATE, height=460, legend=LEGEND_ABOVE, margin=dict(t=100),
+    fig.update_layout(template=TEMPLATE, height=HEIGHTS["lens"], legend=LEGEND_ABOVE,
+                      margin=dict(t=100),
                       title=f"Logit lens: p({quoted(c.target_display)}) after each layer")
     return finish(fig)
 
@@ -150,7 +154,7 @@ def dla_compare_figure(c: Comparison, top: int = 24) -> go.Figure:
                          hovertemplate="%{y}: %{x:+.3f}<extra>B − A</extra>"), row=1, col=2)
     fig.update_yaxes(type="category", autorange="reversed")
     fig.update_layout(
-        template=TEMPLATE, height=max(320, 22 * len(labels) + 140), barmode="group",
+        template=TEMPLATE, height=HEIGHTS["dla"], barmode="group",
         title=(f"Direct logit attribution of {quoted(c.target_display)} (logit A "
                f"{c.a.logit:.2f}, B {c.b.logit:.2f}); {len(labels)} largest differences"),
         legend=LEGEND_ABOVE, margin=dict(t=100))
@@ -183,12 +187,11 @@ def icl_figure(dataset: Sequence[LossByPosition], probe: Sequence[LossByPosition
     if probe_len:
         fig.add_vline(x=probe_len, line=dict(dash="dot", color="#999999", width=1), row=1,
                       col=2)
-    parts = [f"{s.model} {s.score:+.3f}" for s in scores]
     title = "In-context learning: loss against position"
     if scores:
-        title += (f"<br><sup>ICL score = loss at {scores[0].late} − loss at {scores[0].early}"
-                  f": {', '.join(parts)} nats</sup>")
+        title += (f" (ICL score = loss at {scores[0].late} − loss at {scores[0].early}: "
+                  + ", ".join(f"{s.model} {s.score:+.3f}" for s in scores) + " nats)")
     fig.update_yaxes(title_text="mean loss (nats)", col=1)
-    fig.update_layout(template=TEMPLATE, height=460, title=title, legend=LEGEND_ABOVE,
+    fig.update_layout(template=TEMPLATE, height=HEIGHTS["icl"], title=title, legend=LEGEND_ABOVE,
                       margin=dict(t=120))
     return finish(fig)

@@ -14,6 +14,8 @@ from .tokens import esc, finish, quoted
 if TYPE_CHECKING:
     from ..analysis.head_metrics import HeadMetrics
 
+#: Heights (px) of the fixed-size figures, so a page can give their boxes the same height.
+HEIGHTS = {"finder": 460, "values": 300}
 LABELS = {"previous_token": "previous-token", "induction": "induction",
           "duplicate_token": "duplicate-token", "first_token": "first-token",
           "self": "self", "entropy": "entropy (nats)", "copying": "copying (OV)"}
@@ -52,7 +54,7 @@ def head_finder_figure(hm: HeadMetrics, x: str, y: str,
             name=f"L{layer}H{head}", hoverinfo="skip",
             marker=dict(size=22, color="rgba(0,0,0,0)", line=dict(width=3, color="#ffffff"))))
     fig.update_layout(
-        template=TEMPLATE, height=460,
+        template=TEMPLATE, height=HEIGHTS["finder"],
         title=f"Head finder ({hm.windows.n_windows} windows)",
         xaxis_title=LABELS[x], yaxis_title=LABELS[y],
         legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0), margin=dict(t=90),
@@ -73,7 +75,7 @@ def head_values_figure(hm: HeadMetrics, metric: str, layer: int, head: int) -> g
             fig.add_vline(x=v, line=dict(color=GRID if q != 50 else "#ffffff", dash="dot",
                                          width=1))
     fig.update_layout(
-        template=TEMPLATE, height=300, showlegend=False, bargap=0.05,
+        template=TEMPLATE, height=HEIGHTS["values"], showlegend=False, bargap=0.05,
         title=f"L{layer}H{head}: {LABELS[metric]} per window ({vals.size} windows; "
               f"dotted: deciles)",
         xaxis_title=f"{LABELS[metric]} (window mean)", yaxis_title="windows")

@@ -8,11 +8,19 @@ from typing import Any, Optional
 
 import dash
 import dash_bootstrap_components as dbc
-from dash import Input, Output, State, callback, clientside_callback, dash_table, dcc, html
-from dash import no_update
+from dash import (
+    Input,
+    Output,
+    State,
+    callback,
+    clientside_callback,
+    dash_table,
+    dcc,
+    html,
+    no_update,
+)
 from dash.exceptions import PreventUpdate
 
-from .. import registry as registry_module
 from .. import weight_analyses as W
 from ..analysis.attention import attention_patterns
 from ..analysis.datasets import (
@@ -39,6 +47,7 @@ from ..components import page as P
 from ..components import shell
 from ..components.controls import Choice, Int
 from ..figures.heads_dashboard import (
+    HEIGHTS,
     LABELS,
     all_heads_query_figure,
     head_finder_figure,
@@ -294,15 +303,14 @@ P.register_page(
     description="Every head's behaviour over many windows of text, not one prompt: find heads "
                 "by their metrics, read their strongest and typical examples.",
     help_md=HELP, panels=panels, graphs=["finder", "values"],
-    extras=["table", "examples", "links"], controls=CONTROLS, body=body)
+    extras=["table", "examples", "links"], controls=CONTROLS, body=body,
+    graph_options={name: {"height": h} for name, h in HEIGHTS.items()})
 
 
 # ----------------------------------------------------------------------------- callbacks
 def token_panels(state: dict, pinned: Optional[int]) -> tuple[Any, Any]:
     """The prompt as tokens, and every head's attention from token ``pinned`` (last: None)."""
-    reg = registry_module.current()
-    lm = reg.get(state.get("model"))
-    fp = reg.forward(state["text"], lm.name)
+    lm, fp = P.model(state.get("model")), P.forward(state)
     pos = fp.n_tokens - 1 if pinned is None else pinned
     if not 0 <= pos < fp.n_tokens:
         raise AnalysisError(f"token {pos} is outside the prompt ({fp.n_tokens} tokens)")
@@ -311,7 +319,8 @@ def token_panels(state: dict, pinned: Optional[int]) -> tuple[Any, Any]:
             all_heads_query_figure(every.patterns, fp.display, pos))
 
 
-@callback(Output(PROMPT, "figure"), Output(ALL_HEADS, "figure"), Output(TOKEN_ALERTS, "children"),
+@callback(Output(PROMPT, "figure"), Output(ALL_HEADS, "figure"), Output(PROMPT, "style"),
+          Output(ALL_HEADS, "style"), Output(TOKEN_ALERTS, "children"),
           Input(shell.STATE, "data"), Input(P.control_id(PAGE, "query"), "value"),
           Input(PROMPT, "hoverData"))
 def token_view(state: Optional[dict], query: Any = None, hover: Optional[dict] = None) -> tuple:
@@ -328,9 +337,11 @@ def token_view(state: Optional[dict], query: Any = None, hover: Optional[dict] =
             if not isinstance(hovered, int) or hovered < 0:
                 raise PreventUpdate
             pinned = hovered
-        return (*token_panels(state, pinned), [])
+        figs = token_panels(state, pinned)
+        # the boxes get the figures' heights: a box left to size itself can stay 0 px high
+        return (*figs, *({"height": f"{f.layout.height}px"} for f in figs), [])
     except AnalysisError as exc:
-        return no_update, no_update, shell.alert(str(exc))
+        return no_update, no_update, no_update, no_update, shell.alert(str(exc))
 
 
 @callback(Output(P.control_id(PAGE, "query"), "value"),
