@@ -253,7 +253,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         k = int_field(body, "top_k", 5, 1, min(1000, lm.cfg.d_vocab))
         method = choice_field(body, "method", "3cosadd", tuple(METHODS))
         matrix = choice_field(body, "matrix", "W_E", tuple(MATRICES))
-        key = ("api-analogy", tuple(positive), tuple(negative or ()), k, method, matrix)
+        key = ("analogy", tuple(positive), tuple(negative or ()), k, method, matrix)
         res = registry.weights(lm.name, key, lambda m: analyse(m, positive, negative, top_k=k,
                                                                 method=method, matrix=matrix))
         results = [{"id": int(i), "display": d, "token": lm.tokenizer.token_text(int(i)),
