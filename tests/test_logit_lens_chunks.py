@@ -84,8 +84,11 @@ def test_chunked_lens_equals_full_computation_with_layernorm(tiny_ln):
 
 
 def test_chunks_bound_the_logits_held_at_once():
-    assert chunk_rows(50257) * 50257 <= 2 ** 24 < (chunk_rows(50257) + 1) * 50257
-    assert chunk_rows(4096) == 4096 and chunk_rows(10 ** 9) == 1
+    from attention_lens.analysis.logit_lens import CHUNK_ELEMENTS
+
+    assert chunk_rows(50257) * 50257 <= CHUNK_ELEMENTS < (chunk_rows(50257) + 1) * 50257
+    assert CHUNK_ELEMENTS * 4 <= 32 * 2 ** 20  # at most 32 MiB of logits at a time
+    assert chunk_rows(4096) == CHUNK_ELEMENTS // 4096 and chunk_rows(10 ** 9) == 1
 
 
 def test_progress_reports_every_chunk_and_can_stop(shipped_passes):

@@ -121,9 +121,9 @@ def _unembed(lm: LoadedModel, x: torch.Tensor) -> torch.Tensor:
     return torch.addmm(model.b_U, x, model.W_U)
 
 
-#: Logits computed at once: rows × d_vocab stays under this many numbers (64 MiB of float32),
+#: Logits computed at once: rows × d_vocab stays under this many numbers (32 MiB of float32),
 #: so a 256-token prompt through a 50k-token vocabulary never holds every stage's logits.
-CHUNK_ELEMENTS = 2 ** 24
+CHUNK_ELEMENTS = 2 ** 23
 
 
 def chunk_rows(d_vocab: int, elements: int = CHUNK_ELEMENTS) -> int:
