@@ -307,10 +307,13 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         metric = choice_field(body, "metric", "mul", tuple(METRICS))
         n_examples = int_field(body, "n_examples", 5, 1, 20)
         probe = W.store().get_or_compute(lm, W.probe_head_scores())[0]
-        res = head_detection(lm, fp, metric=metric,
-                             exclude_bos=bool_field(body, "exclude_bos", False),
-                             exclude_diagonal=bool_field(body, "exclude_diagonal", False),
-                             n_examples=n_examples, probe=probe, eigen=eigen_of(lm))
+        bos = bool_field(body, "exclude_bos", False)
+        diagonal = bool_field(body, "exclude_diagonal", False)
+        eigen = eigen_of(lm)
+        key = ("api-head-detection", metric, bos, diagonal, n_examples)
+        res = registry.per_prompt(fp, key, lambda: head_detection(
+            lm, fp, metric=metric, exclude_bos=bos, exclude_diagonal=diagonal,
+            n_examples=n_examples, probe=probe, eigen=eigen))
         data = jsonable(res)
         return {**part, "induction_scores": data["scores"]["induction"],
                 "probe_induction_scores": data["probe_induction"], "result": data}
