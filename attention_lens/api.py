@@ -253,7 +253,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         k = int_field(body, "top_k", 5, 1, min(1000, lm.cfg.d_vocab))
         method = choice_field(body, "method", "3cosadd", tuple(METHODS))
         matrix = choice_field(body, "matrix", "W_E", tuple(MATRICES))
-        key = ("api-analogy", tuple(positive), tuple(negative or ()), k, method, matrix)
+        key = ("analogy", tuple(positive), tuple(negative or ()), k, method, matrix)
         res = registry.weights(lm.name, key, lambda m: analyse(m, positive, negative, top_k=k,
                                                                 method=method, matrix=matrix))
         results = [{"id": int(i), "display": d, "token": lm.tokenizer.token_text(int(i)),
@@ -307,10 +307,13 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         metric = choice_field(body, "metric", "mul", tuple(METRICS))
         n_examples = int_field(body, "n_examples", 5, 1, 20)
         probe = W.store().get_or_compute(lm, W.probe_head_scores())[0]
-        res = head_detection(lm, fp, metric=metric,
-                             exclude_bos=bool_field(body, "exclude_bos", False),
-                             exclude_diagonal=bool_field(body, "exclude_diagonal", False),
-                             n_examples=n_examples, probe=probe, eigen=eigen_of(lm))
+        bos = bool_field(body, "exclude_bos", False)
+        diagonal = bool_field(body, "exclude_diagonal", False)
+        eigen = eigen_of(lm)
+        key = ("api-head-detection", metric, bos, diagonal, n_examples)
+        res = registry.per_prompt(fp, key, lambda: head_detection(
+            lm, fp, metric=metric, exclude_bos=bos, exclude_diagonal=diagonal,
+            n_examples=n_examples, probe=probe, eigen=eigen))
         data = jsonable(res)
         return {**part, "induction_scores": data["scores"]["induction"],
                 "probe_induction_scores": data["probe_induction"], "result": data}

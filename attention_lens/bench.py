@@ -380,7 +380,7 @@ def _draw_page(P: Any, page: str, state: dict) -> str:
 
 
 def bench_page_flow(lengths: tuple[int, ...] = (64, 256), soak: int = 0, visits: bool = True,
-                    quiet: bool = False) -> Optional[dict]:
+                    quiet: bool = False, only: Optional[list[str]] = None) -> Optional[dict]:
     """Every API endpoint and every page on a GPT-2-small-shaped random model.
 
     Each endpoint and page is called twice per prompt length (first: forward pass and
@@ -419,6 +419,7 @@ def bench_page_flow(lengths: tuple[int, ...] = (64, 256), soak: int = 0, visits:
         f" MiB, weights {reg.max_weights_bytes >> 20} MiB")
     results: dict[str, Any] = {"api": {}, "pages": {}, "rss_base_mb": rss0}
     pages = sorted({*getattr(P, "_PANELS", {}), *(s.page for s in P.declared_pages())})
+    pages = [p for p in pages if only is None or p in only]
     for n in lengths if visits else ():
         text = flow_prompt(lm, n, variant=n)
         fwd = [_timed(lambda: reg.forward(text, lm.name)) for _ in range(2)]
@@ -774,6 +775,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--page-flow", action="store_true",
                         help="every API endpoint and page on a GPT-2-small-shaped random model "
                              "at 64 and 256 tokens, first and second call, with peak RSS")
+    parser.add_argument("--flow-lengths", default="64,256", metavar="N,N",
+                        help="with --page-flow: prompt lengths in tokens")
+    parser.add_argument("--flow-pages", metavar="PAGE,PAGE",
+                        help="with --page-flow: only these pages (default: every page)")
     parser.add_argument("--soak", type=int, default=0, metavar="N",
                         help="with --page-flow: N distinct 256-token prompts through every "
                              "page, then the resident size against the configured bound")
@@ -792,7 +797,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"torch {torch.__version__}, numpy {np.__version__}, {torch.get_num_threads()} "
           f"threads; medians of {args.reps} runs")
     if args.page_flow:
-        bench_page_flow(soak=args.soak)
+        bench_page_flow(tuple(int(n) for n in args.flow_lengths.split(",")), soak=args.soak,
+                        only=args.flow_pages.split(",") if args.flow_pages else None)
         return
     if args.patching:
         bench_patching(args.reps, args.tl_sample, gpt2=not args.skip_gpt2)

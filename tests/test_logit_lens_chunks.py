@@ -84,8 +84,11 @@ def test_chunked_lens_equals_full_computation_with_layernorm(tiny_ln):
 
 
 def test_chunks_bound_the_logits_held_at_once():
-    assert chunk_rows(50257) * 50257 <= 2 ** 24 < (chunk_rows(50257) + 1) * 50257
-    assert chunk_rows(4096) == 4096 and chunk_rows(10 ** 9) == 1
+    from attention_lens.analysis.logit_lens import CHUNK_ELEMENTS
+
+    assert chunk_rows(50257) * 50257 <= CHUNK_ELEMENTS < (chunk_rows(50257) + 1) * 50257
+    assert CHUNK_ELEMENTS * 4 <= 32 * 2 ** 20  # at most 32 MiB of logits at a time
+    assert chunk_rows(4096) == CHUNK_ELEMENTS // 4096 and chunk_rows(10 ** 9) == 1
 
 
 def test_progress_reports_every_chunk_and_can_stop(shipped_passes):
@@ -120,3 +123,13 @@ def test_logit_lens_as_a_background_request_matches_the_direct_computation(shipp
     np.testing.assert_allclose(res.target_probs, ref.target_probs, atol=1e-6)
     assert seen and seen[-1] == 1.0
     assert W.logit_lens(fp.token_ids, 3, None, "sublayer") != req
+
+
+def test_only_big_lenses_are_background_work(shipped_passes):
+    from attention_lens.analysis.logit_lens import is_large
+    from attention_lens.bench import random_gpt2_shape
+
+    lm, fp = shipped_passes[1]
+    assert not is_large(lm, lm.cfg.n_ctx)  # the shipped models draw at once
+    big = random_gpt2_shape()
+    assert not is_large(big, 64, "layer") and is_large(big, 256) and is_large(big, 256, "layer")

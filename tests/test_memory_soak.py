@@ -13,7 +13,7 @@ import pytest
 from attention_lens.model.hf import gpt2_tokenizer
 
 #: Working memory of one analysis on top of what the caches keep (the logit lens holds at
-#: most ~200 MB of logits at once, a forward pass its activations before they are filtered).
+#: most 32 MiB of logits at once, a forward pass its activations before they are filtered).
 HEADROOM_MB = 512
 
 DRIVER = """

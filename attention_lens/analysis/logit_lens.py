@@ -121,9 +121,9 @@ def _unembed(lm: LoadedModel, x: torch.Tensor) -> torch.Tensor:
     return torch.addmm(model.b_U, x, model.W_U)
 
 
-#: Logits computed at once: rows × d_vocab stays under this many numbers (64 MiB of float32),
+#: Logits computed at once: rows × d_vocab stays under this many numbers (32 MiB of float32),
 #: so a 256-token prompt through a 50k-token vocabulary never holds every stage's logits.
-CHUNK_ELEMENTS = 2 ** 24
+CHUNK_ELEMENTS = 2 ** 23
 
 
 def chunk_rows(d_vocab: int, elements: int = CHUNK_ELEMENTS) -> int:
@@ -223,3 +223,14 @@ def lens_key(lm: LoadedModel, *, k: int = 5, target: Optional[TokenLike] = None,
         raise AnalysisError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     return ("logit_lens", check_k(lm, k), None if target is None else token_id(lm, target),
             granularity)
+
+
+#: Above this many logits (stages × positions × vocabulary), a logit lens is background work
+#: with a progress bar (about a second of work on two cores; GPT-2 small at 256 tokens is
+#: 25 × 256 × 50,257 = 322 M).
+BACKGROUND_LOGITS = 2 ** 27
+
+
+def is_large(lm: LoadedModel, n_tokens: int, granularity: Granularity = "sublayer") -> bool:
+    """Whether the logit lens of ``n_tokens`` positions should run as background work."""
+    return len(lens_stages(lm, granularity)) * n_tokens * lm.cfg.d_vocab > BACKGROUND_LOGITS

@@ -110,8 +110,11 @@ def panels(ctx: P.PageContext, query: dict) -> list:
     """The top-k answers as bars and a table, what was solved, the multi-token notes."""
     if not query["plus"]:
         raise AnalysisError("Type at least one word to add (a + term).")
-    res = analogy(ctx.model, query["plus"], query["minus"], top_k=query["k"],
-                  method=query["method"], matrix=query["matrix"])
+    key = ("analogy", tuple(query["plus"]), tuple(query["minus"]), query["k"],
+           query["method"], query["matrix"])  # solved once per model (the API shares it)
+    res = ctx.registry.weights(ctx.model.name, key, lambda lm: analogy(
+        lm, query["plus"], query["minus"], top_k=query["k"], method=query["method"],
+        matrix=query["matrix"]))
     caption = html.P(["Answers to ", html.Code(equation_text(res)), " (",
                       METHOD_LABELS[res.method], ", ", res.matrix, ")"], className="small")
     return [*[P.Notice(n) for n in res.notes],

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ..analysis.defaults import chosen_position
-from ..analysis.logit_lens import lens_key, logit_lens
+from .. import weight_analyses as W
+from ..analysis.logit_lens import is_large, lens_key, logit_lens
 from ..components import page as P
 from ..components.controls import Choice, Int, Text
 from ..figures.logit_lens import logit_lens_figure, logit_lens_target_figure
@@ -40,8 +41,12 @@ def panels(ctx: P.PageContext, query: dict) -> list:
         # the last position has no actual next token: follow the model's final top guess
         target = int(fp.logits[pos].argmax())
     key = lens_key(ctx.model, k=query["k"], target=target, granularity=query["stages"])
-    lens = ctx.registry.per_prompt(fp, key, lambda: logit_lens(
-        ctx.model, fp, k=query["k"], target=key[2], granularity=query["stages"]))
+    if is_large(ctx.model, fp.n_tokens, key[3]):
+        # a background job with progress the first time, then read from the shared store
+        lens = ctx.weight(W.logit_lens(fp.token_ids, key[1], key[2], key[3]))
+    else:
+        lens = ctx.registry.per_prompt(fp, key, lambda: logit_lens(
+            ctx.model, fp, k=key[1], target=key[2], granularity=key[3]))
     colour = query["colour"] if (query["colour"] != "target" or target is not None) else "top"
     return [P.Panel("logit-lens", logit_lens_figure(lens, colour=colour), lens),
             P.Panel("trajectory", logit_lens_target_figure(lens, position=pos), lens)]

@@ -1,0 +1,41 @@
+"""A large logit lens runs as background work: the page asks for a job, the job computes it
+with progress chunk by chunk, and later visits read it without recomputing."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+import pytest
+
+from attention_lens import background
+from attention_lens.analysis import logit_lens as L
+from attention_lens.app import create_app
+from attention_lens.components import page as P
+
+
+@pytest.fixture
+def bg(tmp_path):
+    """A fresh background (disk caches in a temporary folder), installed for the test."""
+    old = background._CURRENT
+    yield background.install(background.create(tmp_path / "cache", max_jobs=2))
+    background._CURRENT = old
+
+
+def test_large_logit_lens_is_a_background_job_with_progress(registry, bg, monkeypatch):
+    create_app(registry, background=bg)
+    spec = P.spec_of("logit-lens")
+    state = {"model": "attn-only-2l", "text": "Harry Potter and Hermione. Harry Potter and",
+             "pos": None}
+    small = spec.render(state, compute=False)
+    assert small.drew and not isinstance(small.request, dict)  # a small lens draws at once
+    monkeypatch.setattr(L, "BACKGROUND_LOGITS", 0)  # now every lens counts as large
+    first = spec.render(state, compute=False, k=4)
+    assert not first.drew and first.request["labels"] == ["logit lens"]
+    progress: list = []
+    out = spec.run_job(progress.append, first.request, state,
+                       *[first.query[n] for n in spec.control_names])
+    assert isinstance(out[0], go.Figure) and isinstance(out[1], go.Figure)
+    assert progress and progress[-1][0] == 100  # the strip reached 100%
+    again = spec.render(state, compute=False, k=4)
+    assert again.drew and not isinstance(again.request, dict)  # read from the store
+    lens = again.figures["logit-lens"]
+    assert len(lens.data[0].x) == registry.forward(state["text"], "attn-only-2l").n_tokens
