@@ -10,6 +10,7 @@ forward pass; prompts longer than the context are truncated to the first ``n_ctx
 from __future__ import annotations
 
 from functools import wraps
+from json import dumps as json_dumps
 from typing import Any, Callable
 
 import flask
@@ -224,7 +225,8 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         lm = model_of(q)
         matrix = choice_field(q, "matrix", "W_E", tuple(MATRICES))
         token_filter = choice_field(q, "filter", "frequent", tuple(TOKEN_FILTERS))
-        n_max = int_field(q, "max_tokens", 2000, 1, lm.cfg.d_vocab, " (the vocabulary size)")
+        n_max = int_field(q, "max_tokens", min(2000, lm.cfg.d_vocab), 1, lm.cfg.d_vocab,
+                          " (the vocabulary size)")
         n_comp = int_field(q, "n_components", 2, 1, 10)
         n_clusters = int_field(q, "n_clusters", 8, 1, 50)
         (res,) = W.store().get_or_compute(lm, W.embedding_pca(
@@ -340,8 +342,10 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         k = int_field(body, "top_k", 10, 1, min(MAX_GRID_K * 20, lm.cfg.d_vocab))
         pos = int_field(body, "position", -1, -fp.n_tokens, fp.n_tokens - 1,
                         f" (the prompt has {fp.n_tokens} tokens)")
-        res = ablate_heads(lm, fp, heads=heads, method=method, k=k, position=pos,
-                           target=token_field(body, "target"))
+        target = token_field(body, "target")
+        key = ("api-ablation", tuple(tuple(h) for h in heads), method, k, pos, target)
+        res = registry.per_prompt(fp, key, lambda: ablate_heads(
+            lm, fp, heads=heads, method=method, k=k, position=pos, target=target))
         extra = {"target_logit_change": res.target_logit_change,
                  "target_prob_change": res.target_prob_change, "loss_change": res.loss_change}
         return {**part, "result": {**jsonable(res), **jsonable(extra)}}
@@ -349,6 +353,102 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
     # ------------------------------------------------------- further analyses
     # New endpoints go here, each as `@endpoint(rule, methods)` over a function that reads
     # its fields with the helpers of .api_fields and returns a jsonable dict.
+
+    # --------------------------------------------------------------- patching
+    pair_fields = {"model", "clean", "corrupted", "correct", "wrong", "metric", "direction",
+                   "position"}
+
+    def pair_args(body: dict[str, Any], lm: LoadedModel) -> dict[str, Any]:
+        """The validated pair and metric fields of a patching request."""
+        from .analysis import patching as PT
+
+        clean, corrupted = text_field(body, "clean"), text_field(body, "corrupted")
+        ids, _ = PT.pair_tokens(lm, clean, corrupted)
+        if len(ids) > limit_of(lm):
+            raise ApiError(f"the prompts have {len(ids)} tokens; this server analyses at most "
+                           f"{limit_of(lm)}")
+        correct = token_field(body, "correct")
+        if correct is None:
+            raise ApiError("missing field 'correct' (the answer token the clean prompt "
+                           "should predict)")
+        return dict(clean=clean, corrupted=corrupted, correct=correct,
+                    wrong=token_field(body, "wrong"),
+                    metric=choice_field(body, "metric", "logit_diff", PT.METRICS),
+                    direction=choice_field(body, "direction", "denoising", PT.DIRECTIONS),
+                    position=int_field(body, "position", -1, -len(ids), len(ids) - 1,
+                                       f" (the prompts have {len(ids)} tokens)"))
+
+    @endpoint("/patching", ("POST",))
+    def patching() -> dict[str, Any]:
+        from .analysis import patching as PT
+
+        body = json_body(pair_fields | {"granularity", "attribution", "pairs"})
+        lm = model_of(body)
+        gran = choice_field(body, "granularity", "head_out_by_pos", PT.GRANULARITIES)
+        attribution = bool_field(body, "attribution", True)
+        if "pairs" in body:
+            extra = sorted(k for k in ("clean", "corrupted", "correct", "wrong")
+                           if k in body)
+            if extra:
+                raise ApiError(f"send either 'pairs' or one pair, not both (got 'pairs' and "
+                               f"{', '.join(map(repr, extra))})")
+            pairs = body["pairs"]
+            if isinstance(pairs, str):
+                parsed = PT.parse_pairs(pairs)
+            elif isinstance(pairs, list):
+                parsed = PT.parse_pairs(json_dumps(pairs))
+            else:
+                raise ApiError("'pairs' must be a list of objects (clean, corrupted, correct, "
+                               "wrong) or CSV text with those columns")
+            for i, pair in enumerate(parsed, start=1):
+                try:
+                    ids, _ = PT.pair_tokens(lm, pair.clean, pair.corrupted)
+                except AnalysisError as exc:
+                    raise ApiError(f"pair {i}: {exc}") from None
+                if len(ids) > limit_of(lm):
+                    raise ApiError(f"pair {i} has {len(ids)} tokens; this server analyses at "
+                                   f"most {limit_of(lm)}")
+            metric = choice_field(body, "metric", "logit_diff", PT.METRICS)
+            direction = choice_field(body, "direction", "denoising", PT.DIRECTIONS)
+            position = int_field(body, "position", -1, -lm.cfg.n_ctx, lm.cfg.n_ctx - 1)
+            with background.current().slots.job(f"patching over {len(parsed)} pairs"):
+                res = PT.patching_over_pairs(lm, parsed, granularity=gran, metric=metric,
+                                             direction=direction, position=position)
+            data = jsonable(res)
+            data.pop("grids")
+            return {"model": lm.name, "granularity": gran, "axes": list(res.axes),
+                    "n_pairs": len(parsed), "result": data}
+        args = pair_args(body, lm)
+        with background.current().slots.job(f"{gran} patching"):
+            res = PT.activation_patching(lm, granularity=gran, attribution=attribution,
+                                         **args)
+        return {"model": lm.name, "result": jsonable(res)}
+
+    @endpoint("/path-patching", ("POST",))
+    def path_patching() -> dict[str, Any]:
+        from .analysis import patching as PT
+
+        body = json_body(pair_fields | {"sender", "table", "ln_mode"})
+        lm = model_of(body)
+        args = pair_args(body, lm)
+        ln_mode = choice_field(body, "ln_mode", "recomputed", ("recomputed", "frozen"))
+        if bool_field(body, "table", False):
+            if "sender" in body:
+                raise ApiError("send either 'sender' or 'table': true, not both")
+            with background.current().slots.job("path-patching table"):
+                res = PT.path_patching_table(lm, ln_mode=ln_mode, **args)
+            return {"model": lm.name, "components": list(PT.COMPONENTS),
+                    "result": jsonable(res)}
+        sender = body.get("sender")
+        if sender is None:
+            raise ApiError("missing field 'sender' ([layer, head] of the sender head), or "
+                           "send 'table': true for every sender")
+        if (not isinstance(sender, list) or len(sender) != 2
+                or any(isinstance(v, bool) or not isinstance(v, int) for v in sender)):
+            raise ApiError(f"'sender' must be [layer, head], got {sender!r}"[:200])
+        with background.current().slots.job("path patching"):
+            res = PT.path_patching(lm, sender=tuple(sender), ln_mode=ln_mode, **args)
+        return {"model": lm.name, "components": list(PT.COMPONENTS), "result": jsonable(res)}
 
     # ------------------------------------------- QK attribution and attribution graph
     def whole_prompt(body: dict[str, Any], fp: ForwardPass, lm: LoadedModel) -> None:

@@ -12,12 +12,12 @@ from typing import Any, Optional
 
 import flask
 
+from .analysis.analogy import MAX_TERMS
 from .model.checkpoint import LoadedModel
 
 #: Most alternatives per position for endpoints that return a [pos, k] grid.
 MAX_GRID_K = 50
-#: Most terms in an analogy and heads in an ablation.
-MAX_TERMS = 16
+#: Most heads in an ablation (the most terms in an analogy is the analysis's own limit).
 MAX_HEADS = 256
 
 

@@ -1,11 +1,12 @@
-"""JSON encoding of analysis results: dataclasses, numpy arrays and tensors, rounded to float32."""
+"""JSON encoding of analysis results (dataclasses, numpy arrays, tensors): the one encoder of
+the API (rounded to float32 precision) and of the exported data (exact)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -28,12 +29,12 @@ def _round_sig(a: np.ndarray, digits: int = 7) -> np.ndarray:
     return out
 
 
-def _array(a: np.ndarray) -> Any:
+def _array(a: np.ndarray, digits: Optional[int]) -> Any:
     kind = a.dtype.kind
     if kind in "biu":
         return a.tolist()
     if kind == "f":
-        r = _round_sig(a)
+        r = _round_sig(a, digits) if digits else np.asarray(a, dtype=np.float64)
         bad = ~np.isfinite(r)
         if bad.any():  # JSON has no NaN or infinity: send null
             obj = r.astype(object)
@@ -41,31 +42,38 @@ def _array(a: np.ndarray) -> Any:
             return obj.tolist()
         return r.tolist()
     if kind == "c":
-        return {"real": _array(a.real), "imag": _array(a.imag)}
-    return jsonable(a.tolist())
+        return {"real": _array(a.real, digits), "imag": _array(a.imag, digits)}
+    return jsonable(a.tolist(), digits)
 
 
-def jsonable(obj: Any) -> Any:
-    """A JSON-ready copy of an analysis result (dataclasses, numpy arrays, tensors, ...)."""
+def jsonable(obj: Any, digits: Optional[int] = 7) -> Any:
+    """A JSON-ready copy of an analysis result (dataclasses, numpy arrays, tensors, ...).
+
+    Floats are rounded to ``digits`` significant digits (float32 precision keeps the API's
+    answers short); ``digits=None`` keeps them exact. NaN and infinity become null.
+    """
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: jsonable(getattr(obj, f.name), digits)
+                for f in dataclasses.fields(obj)}
     if isinstance(obj, np.ndarray):
-        return _array(obj)
+        return _array(obj, digits)
     if isinstance(obj, torch.Tensor):
-        return _array(obj.detach().cpu().numpy())
+        return _array(obj.detach().cpu().numpy(), digits)
     if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v, digits) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
+        return [jsonable(v, digits) for v in obj]
     if isinstance(obj, (bool, np.bool_)):
         return bool(obj)
     if isinstance(obj, (int, np.integer)):
         return int(obj)
     if isinstance(obj, (float, np.floating)):
         x = float(obj)
-        return float(_round_sig(np.array([x]))[0]) if math.isfinite(x) else None
+        if not math.isfinite(x):
+            return None
+        return float(_round_sig(np.array([x]), digits)[0]) if digits else x
     if isinstance(obj, (complex, np.complexfloating)):
-        return {"real": jsonable(obj.real), "imag": jsonable(obj.imag)}
+        return {"real": jsonable(obj.real, digits), "imag": jsonable(obj.imag, digits)}
     if obj is None or isinstance(obj, str):
         return obj
     if isinstance(obj, Path):

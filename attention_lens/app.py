@@ -9,7 +9,6 @@ Everything is served from this process: the dark Bootstrap theme is vendored in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,37 +16,12 @@ import dash
 
 from . import background as background_module
 from . import registry as registry_module
+from .components import downloads, page, shell
 from .registry import Registry
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR.parent / "assets"
 PAGES_DIR = PACKAGE_DIR / "pages"
-
-
-@dataclass
-class AppOptions:
-    """Process-wide app settings the page callbacks read (set by :func:`create_app`)."""
-
-    max_prompt_chars: int = 20_000
-    export_timeout_s: float = 120.0
-
-
-_OPTIONS = AppOptions()
-
-
-def registry() -> Registry:
-    """The process-wide model registry (:func:`attention_lens.registry.current`)."""
-    return registry_module.current()
-
-
-def set_registry(reg: Registry) -> None:
-    """Install the process-wide registry (:func:`attention_lens.registry.install`)."""
-    registry_module.install(reg)
-
-
-def options() -> AppOptions:
-    """The settings of the app built last (prompt length limit, export timeout)."""
-    return _OPTIONS
 
 
 def _reset_pages_state() -> None:
@@ -83,8 +57,6 @@ def create_app(reg: Optional[Registry] = None, *,
         pages_folder: where the pages are (default: ``attention_lens/pages``).
         **dash_kwargs: passed on to :class:`dash.Dash`.
     """
-    from .components import shell
-
     if reg is not None:
         registry_module.install(reg)
     reg = registry_module.current()
@@ -92,8 +64,8 @@ def create_app(reg: Optional[Registry] = None, *,
           else background_module.current())
     if max_tokens is not None:
         reg.max_tokens = int(max_tokens)
-    if max_prompt_chars is not None:
-        _OPTIONS.max_prompt_chars = int(max_prompt_chars)
+    options = shell.AppOptions(**({} if max_prompt_chars is None
+                                  else {"max_prompt_chars": int(max_prompt_chars)}))
 
     _reset_pages_state()
     prefixes = {k: v for k, v in dict(requests_pathname_prefix=requests_pathname_prefix,
@@ -119,6 +91,13 @@ def create_app(reg: Optional[Registry] = None, *,
         **dash_kwargs,
     )
     shell.wrap_page_layouts()
-    app.layout = shell.layout
-    shell.register_callbacks(app)
+    app.layout = shell.root_layout(options)
+    shell.register_callbacks(app, options)
+    page.register_callbacks(app)
+    downloads.register_callbacks(app)
+    # Dash finishes its setup on the first request (adding the background callbacks' Cancel
+    # callbacks to its callback map); concurrent first requests race on that map, so do it
+    # now, before any request
+    with app.server.test_request_context("/"):
+        app._setup_server()
     return app

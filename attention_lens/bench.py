@@ -19,12 +19,14 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import importlib.util
 import resource
 import statistics
 import sys
 import threading
 import time
 import tracemalloc
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -128,8 +130,8 @@ def _optional(module: str, name: str) -> Optional[Callable]:
 def bench_prompt(reps: int) -> None:
     """Per-prompt analyses on a 128-token prompt with the shipped two-layer model."""
     from .analysis.composition import composition_scores
-    from .analysis.eigen import attention_spectrum, circuit_eigenvalues
-    from .analysis.embeddings import embedding_pca, project_tokens
+    from .analysis.eigen import attention_spectrum
+    from .analysis.embeddings import project_tokens
     from .analysis.forward import run_forward
     from .analysis.heads import head_detection, probe_head_scores
 
@@ -142,9 +144,11 @@ def bench_prompt(reps: int) -> None:
             f"(forward pass cached by the registry)")
     _row("forward pass (cold, run_forward)", measure(lambda: run_forward(lm, text), reps))
     _row("forward pass (registry cache hit)", measure(lambda: reg.forward(text, lm.name), reps))
-    probe = reg.weights(lm.name, ("probe", 50, 10, 0), probe_head_scores)
-    eigen = reg.weights(lm.name, ("eigen", "float32"), circuit_eigenvalues)
-    pca = reg.weights(lm.name, ("pca", "W_E"), embedding_pca)
+    from . import weight_analyses as W
+
+    store = W.store()  # the shared store of weight analyses (computed once, then kept)
+    probe, eigen, pca = store.get_or_compute(lm, W.probe_head_scores(), W.circuit_eigenvalues(),
+                                             W.embedding_pca(n_components=2))
     cases: list[tuple[str, Optional[Callable], dict]] = [
         ("predictions.next_token", _optional("predictions", "next_token"), dict(k=10)),
         ("predictions.token_predictions", _optional("predictions", "token_predictions"),
@@ -182,8 +186,8 @@ def bench_prompt(reps: int) -> None:
     weight_cases.append(("composition_scores", lambda: composition_scores(lm)))
     for name, fn in weight_cases:
         _row(name, measure(fn, reps))
-    _row("registry.weights cache hit", measure(
-        lambda: reg.weights(lm.name, ("eigen", "float32"), circuit_eigenvalues), reps))
+    _row("weight store hit (in-process memo)", measure(
+        lambda: store.get(lm, W.circuit_eigenvalues()), reps))
 
 
 def _weight_cases(lm: LoadedModel, include_vocab: bool) -> list[tuple[str, Callable]]:
@@ -223,14 +227,19 @@ class _IdTokenizer:
     token_text = display
 
 
-def random_gpt2_shape(seed: int = 0) -> LoadedModel:
-    """A random model of GPT-2-small shape (12 x 12 heads, d_model 768, vocab 50257)."""
+def random_gpt2_shape(seed: int = 0, tokenizer: Any = None) -> LoadedModel:
+    """A random model of GPT-2-small shape (12 x 12 heads, d_model 768, vocab 50257).
+
+    ``tokenizer``: e.g. GPT-2's own (``model.hf.gpt2_tokenizer()``) to read text; by default
+    a stand-in that only displays ids.
+    """
     cfg = ModelConfig(**GPT2_SHAPE)
     torch.manual_seed(seed)
     model = HookedTransformer(cfg).init_weights(seed, std=0.02).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return LoadedModel(name=cfg.name, model=model, tokenizer=_IdTokenizer(cfg.d_vocab))
+    return LoadedModel(name=cfg.name, model=model,
+                       tokenizer=tokenizer or _IdTokenizer(cfg.d_vocab))
 
 
 def _naive_full_ov(lm: LoadedModel, heads: list[tuple[int, int]]) -> None:
@@ -320,6 +329,148 @@ def bench_gpt2_shape(reps: int) -> float:
     return full_ov_median
 
 
+# ------------------------------------------------------------------ page flow
+def flow_prompt(lm: LoadedModel, n_tokens: int, variant: int = 0) -> str:
+    """A prompt of exactly ``n_tokens`` tokens of ``lm`` (``variant`` shuffles its words, so
+    each variant is a distinct prompt)."""
+    import random
+
+    words = BENCH_TEXT.split()
+    random.Random(variant).shuffle(words)
+    ids = lm.tokenizer.encode(" ".join(words * (1 + 4 * n_tokens // len(words))))[:n_tokens]
+    return lm.tokenizer.decode(ids)
+
+
+def api_calls(text: str) -> list[tuple[str, str, Optional[dict]]]:
+    """(method, path, JSON body) of every API endpoint, on ``text`` where it reads a prompt."""
+    body = {"text": text}
+    return [
+        ("POST", "/api/predict", body), ("POST", "/api/token-predictions", body),
+        ("POST", "/api/attention", body), ("POST", "/api/activations", body),
+        ("POST", "/api/logit-lens", body), ("GET", "/api/weights", None),
+        ("GET", "/api/embeddings", None),
+        ("POST", "/api/analogy", {"positive": ["king", "woman"], "negative": ["man"]}),
+        ("POST", "/api/eigenvalues", body), ("POST", "/api/induction-score", body),
+        ("POST", "/api/attribution", body),
+        ("POST", "/api/ablation", {**body, "heads": [[0, 0], [5, 3]]}),
+        ("GET", "/api/models", None),
+    ]
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
+    """(seconds, peak resident MiB during the call, result)."""
+    sampler = _RssSampler()
+    sampler.start()
+    t0 = time.perf_counter()
+    out = fn()
+    dt = time.perf_counter() - t0
+    sampler.stop()
+    return dt, sampler.peak, out
+
+
+def _draw_page(P: Any, page: str, state: dict) -> str:
+    """Build a page's figures with default settings; the alert it shows instead, or ""."""
+    from .analysis.errors import AnalysisError
+
+    try:
+        P.page_panels(page, state, {}, compute=True)
+    except AnalysisError as exc:
+        return str(exc)
+    return ""
+
+
+def bench_page_flow(lengths: tuple[int, ...] = (64, 256), soak: int = 0, visits: bool = True,
+                    quiet: bool = False) -> Optional[dict]:
+    """Every API endpoint and every page on a GPT-2-small-shaped random model.
+
+    Each endpoint and page is called twice per prompt length (first: forward pass and
+    analyses computed; second: from the caches), through the server's own Flask app and
+    the pages' panels (no browser), with the resident set size sampled. ``soak`` distinct
+    prompts then visit every page with default settings, and the resident size after them
+    is reported against the registry's configured bound (``visits=False`` skips the
+    per-length calls). Returns the measurements.
+    """
+    import tempfile
+
+    from .components import page as P
+    from .config import ServerConfig
+    from .model.hf import gpt2_tokenizer
+    from .server import create_server
+
+    tok = gpt2_tokenizer()
+    if tok is None:
+        print("\nPage flow: skipped (GPT-2's vocabulary needs the 'hf' extra)")
+        return None
+    say = (lambda *a, **k: None) if quiet else print
+    reg = Registry([])
+    cache_dir = Path(tempfile.mkdtemp(prefix="attention-lens-bench-"))
+    app = create_server(ServerConfig(model=GPT2_SHAPE["name"], cache_dir=cache_dir),
+                        registry=reg)
+    client = app.server.test_client()
+    gc.collect()
+    rss0 = _current_rss_mb()  # the app without a model
+    lm = random_gpt2_shape(tokenizer=tok)
+    reg.add(lm)
+    reg.default = lm.name
+    client.get("/")
+    say(f"\nPage flow, random model of GPT-2-small shape with GPT-2's vocabulary "
+        f"({lm.cfg.n_params / 1e6:.0f}M parameters, +{_current_rss_mb() - rss0:.0f} MiB); "
+        f"resident {_current_rss_mb():.0f} MiB; caches: forward {reg.max_forward_bytes >> 20}"
+        f" MiB, weights {reg.max_weights_bytes >> 20} MiB")
+    results: dict[str, Any] = {"api": {}, "pages": {}, "rss_base_mb": rss0}
+    pages = sorted({*getattr(P, "_PANELS", {}), *(s.page for s in P.declared_pages())})
+    for n in lengths if visits else ():
+        text = flow_prompt(lm, n, variant=n)
+        fwd = [_timed(lambda: reg.forward(text, lm.name)) for _ in range(2)]
+        ntok = fwd[0][2].n_tokens
+        say(f"  {ntok} tokens{'':<32} {'first':>9} {'second':>9}  {'peak RSS':>9}")
+        say(f"  forward pass (registry){'':<15} {fwd[0][0]:>8.2f}s {fwd[1][0]:>8.2f}s "
+            f"{max(f[1] for f in fwd):>8.0f}M  (every call below reuses it)", flush=True)
+        results.setdefault("forward", {})[ntok] = [f[:2] for f in fwd]
+        for method, path, body in api_calls(text):
+            def call(m=method, p=path, b=body):
+                return (client.open(p, method=m, json=b) if b is not None else client.open(p))
+            rows = []
+            for _ in range(2):
+                dt, peak, resp = _timed(call)
+                rows.append((dt, peak, resp.status_code))
+            results["api"][(path, ntok)] = rows
+            status = "" if rows[0][2] == 200 else f"  HTTP {rows[0][2]}"
+            say(f"  {method} {path:<36} {rows[0][0]:>8.2f}s {rows[1][0]:>8.2f}s "
+                f"{max(r[1] for r in rows):>8.0f}M{status}", flush=True)
+        state = {"model": lm.name, "text": text, "pos": None}
+        for page in pages:
+            rows = []
+            for _ in range(2):
+                dt, peak, alert = _timed(lambda pg=page: _draw_page(P, pg, state))
+                rows.append((dt, peak))
+            results["pages"][(page, ntok)] = rows
+            note = f"  (the page says: {alert[:70]})" if alert else ""
+            say(f"  page /{page:<34} {rows[0][0]:>8.2f}s {rows[1][0]:>8.2f}s "
+                f"{max(r[1] for r in rows):>8.0f}M{note}", flush=True)
+    if soak:
+        from . import weight_analyses as W
+
+        bound = (reg.memory_bound() + W.store().memo_bytes) / 2**20
+        t0 = time.perf_counter()
+        for i in range(soak):
+            state = {"model": lm.name, "text": flow_prompt(lm, max(lengths), variant=1000 + i),
+                     "pos": None}
+            for page in pages:
+                _draw_page(P, page, state)
+            say(f"    prompt {i + 1}: resident {_current_rss_mb():.0f} MiB "
+                f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        gc.collect()
+        now = _current_rss_mb()
+        results["soak"] = {"prompts": soak, "rss_mb": now, "peak_mb": _rss_mb(),
+                           "bound_mb": bound}
+        say(f"  after {soak} distinct {max(lengths)}-token prompts on every page "
+            f"({time.perf_counter() - t0:.0f} s): resident {now:.0f} MiB (peak "
+            f"{_rss_mb():.0f} MiB); caches' bound {bound:.0f} MiB (models + forward "
+            f"passes + weight analyses + the store's memo); {reg.cache_info()}")
+    return results
+
+
 #: Run by ``--transformer-lens PYTHON`` in that interpreter (a separate virtual environment
 #: with transformer_lens installed): the same random shape, full-OV eigenvalues through
 #: TransformerLens' FactoredMatrix (W_E @ OV @ W_U).eigenvalues, medians of ``reps`` runs.
@@ -366,6 +517,138 @@ def bench_transformer_lens(python: str, reps: int) -> Optional[float]:
     return float(res["median_s"])
 
 
+# ------------------------------------------------------------------ activation patching
+def _patching_pair(ids: list[int], corrupt_at: int, replacement: int) -> tuple[list[int],
+                                                                              list[int]]:
+    """A repeated sequence (second half = first half) and a copy with one token changed."""
+    clean = ids + ids
+    corrupted = list(clean)
+    corrupted[corrupt_at] = replacement if replacement != clean[corrupt_at] else replacement + 1
+    return clean, corrupted
+
+
+def _tl_sampled(tl: Any, corrupted: list[int], clean: list[int], metric: Callable,
+                granularity: str, n_cells: int, sample: int, seed: int = 0
+                ) -> tuple[tuple[float, float], Any, Any]:
+    """(wall, CPU) seconds of TransformerLens' patching loop on ``sample`` cells (all if
+    fewer), its values, and the sampled cells (a DataFrame of indices)."""
+    import itertools
+
+    import pandas as pd
+    from transformer_lens import patching as tlp
+
+    setter, act, axes = {
+        "resid_pre": (tlp.layer_pos_patch_setter, "resid_pre", ("layer", "pos")),
+        "head_out_by_pos": (tlp.layer_pos_head_vector_patch_setter, "z",
+                            ("layer", "pos", "head")),
+    }[granularity]
+    sizes = {"layer": tl.cfg.n_layers, "pos": len(clean), "head": tl.cfg.n_heads}
+    cells = list(itertools.product(*(range(sizes[a]) for a in axes)))
+    rng = np.random.default_rng(seed)
+    pick = sorted(rng.choice(len(cells), size=min(sample, len(cells)), replace=False))
+    index = pd.DataFrame([cells[i] for i in pick], columns=list(axes))
+    _, cache = tl.run_with_cache(torch.tensor([clean]))
+    t0, c0 = time.perf_counter(), time.process_time()
+    import contextlib
+    import io
+    with contextlib.redirect_stderr(io.StringIO()), torch.no_grad():
+        out = tlp.generic_activation_patch(tl, torch.tensor([corrupted]), cache, metric,
+                                           patch_setter=setter, activation_name=act,
+                                           index_df=index)
+    return (time.perf_counter() - t0, time.process_time() - c0), out.numpy(), index
+
+
+def bench_patching(reps: int, tl_sample: int, gpt2: bool = True) -> None:
+    """Activation patching grids, ours (exact, batched) beside TransformerLens' loop.
+
+    TransformerLens runs on the same weights (tests/tl_oracle.py) in this process; where a
+    grid would take it minutes it is timed on ``tl_sample`` random cells and extrapolated
+    (the sampled cells are also compared with ours).
+    """
+    from .analysis.patching import _Setup, activation_patching
+
+    oracle_path = DEFAULT_WEIGHTS.parent / "tests" / "tl_oracle.py"
+    to_tl = None
+    try:
+        spec = importlib.util.spec_from_file_location("tl_oracle", oracle_path)
+        oracle = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(oracle)
+        to_tl = oracle.to_transformer_lens
+    except (ImportError, OSError, AttributeError) as exc:
+        print(f"  (TransformerLens side skipped: {exc})")
+
+    def run(lm: LoadedModel, clean: list[int], corrupted: list[int], granularities: list[str],
+            n_reps: int, heavy: bool = False) -> None:
+        s = _Setup(lm, clean, corrupted, 0, 1, "logit_diff", "denoising", -1)
+        top = s.corrupted.logits.topk(2).indices.tolist()
+        correct = int(s.clean.logits.argmax())
+        wrong = top[0] if top[0] != correct else top[1]
+        kw = dict(correct=correct, wrong=wrong)
+        tl = to_tl(lm) if to_tl is not None else None
+        metric = _Setup(lm, clean, corrupted, correct, wrong, "logit_diff", "denoising",
+                        -1).metric.on_full_logits
+        for g in granularities:
+            def once(g: str = g, attribution: bool = False) -> tuple[Any, float, float, float]:
+                """One grid: (result, wall s, CPU s over all threads, peak RSS growth MiB)."""
+                last = [0.0]
+
+                def progress(done: int, total: int) -> None:
+                    if heavy and time.perf_counter() - last[0] > 30:
+                        last[0] = time.perf_counter()
+                        print(f"    ... {done}/{total} patched runs", flush=True)
+                gc.collect()
+                sampler = _RssSampler()
+                sampler.start()
+                t0, c0 = time.perf_counter(), time.process_time()
+                res = activation_patching(lm, clean, corrupted, granularity=g,
+                                          attribution=attribution, progress=progress, **kw)
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                return res, wall, cpu, sampler.stop()
+
+            grid, wall, cpu, rss = once()
+            walls = [wall] + [once()[1] for _ in range(n_reps - 1)]
+            median = statistics.median(walls)
+            extra = ("" if heavy else
+                     f", with attribution patching {once(attribution=True)[1]:.3f} s")
+            print(f"  {g}: {grid.n_runs} patched runs ({grid.n_computed} computed, the rest "
+                  f"patch an identical value or cannot reach the metric): median {median:.3f} s "
+                  f"of {len(walls)} (min {min(walls):.3f}; CPU {cpu:.3f} s over all threads)"
+                  f"{extra}; peak RSS growth +{rss:.0f} MiB, process peak RSS "
+                  f"{_rss_mb():.0f} MiB", flush=True)
+            if tl is None:
+                continue
+            (secs, tl_cpu), theirs, index = _tl_sampled(tl, corrupted, clean, metric, g,
+                                                        grid.n_runs, tl_sample)
+            est = secs * grid.n_runs / len(index)
+            est_cpu = tl_cpu * grid.n_runs / len(index)
+            ours_cells = grid.values[tuple(index[c].to_numpy() for c in index.columns)]
+            how = ("all cells" if len(index) == grid.n_runs else
+                   f"{len(index)} random cells timed, x{grid.n_runs / len(index):.0f}")
+            print(f"    TransformerLens {secs:.2f} s ({how}); max |ours - theirs| on those "
+                  f"cells {np.abs(ours_cells - theirs).max():.1e}; CPU time ours {cpu:.2f} s "
+                  f"vs TransformerLens {est_cpu:.1f} s -> {est_cpu / cpu:.0f}x")
+            print(f"activation patching {g} ({lm.name}, {len(clean)}-token pair): ours "
+                  f"{median:.3f} s vs TransformerLens {est:.1f} s -> "
+                  f"{est / median:.0f}\u00d7 faster", flush=True)
+
+    torch.manual_seed(0)
+    lm = Registry([DEFAULT_WEIGHTS]).get("attn-only-2l")
+    ids = lm.tokenizer.encode(BENCH_TEXT)[:64]
+    clean, corrupted = _patching_pair(ids, 4, lm.tokenizer.encode(" the")[0])
+    print(f"\nActivation patching, {lm.name}, {len(clean)}-token pair (second half repeats "
+          f"the first; token 4 corrupted), logit difference at the last position, denoising")
+    run(lm, clean, corrupted, ["head_out_by_pos", "resid_pre"], reps)
+    if not gpt2:
+        return
+    big = random_gpt2_shape()
+    rng = np.random.default_rng(0)
+    ids = [int(i) for i in rng.integers(1000, big.cfg.d_vocab, 32)]
+    clean, corrupted = _patching_pair(ids, 4, 500)
+    print(f"\nActivation patching, random GPT-2-small shape ({big.cfg.n_layers} x "
+          f"{big.cfg.n_heads} heads, d_model {big.cfg.d_model}), {len(clean)}-token pair "
+          f"(token 4 corrupted)")
+    run(big, clean, corrupted, ["head_out_by_pos"], 1, heavy=True)
+
 def bench_graph(reps: int, gpt2: bool = True) -> None:
     """QK attribution and the exact attribution graph: attn-only-2l at 128 tokens, then
     (``gpt2``) a random GPT-2-small-shaped model at 64 tokens with MLPs as opaque nodes."""
@@ -374,10 +657,17 @@ def bench_graph(reps: int, gpt2: bool = True) -> None:
     from .analysis.qk_attribution import qk_attribution, qk_attribution_row
 
     def cpu(fn: Callable[[], Any]) -> str:
-        """CPU seconds of one call (all threads): on a busy machine, a quiet wall-time bound."""
-        t0 = time.process_time()
-        fn()
-        return f"cpu {time.process_time() - t0:.2f} s"
+        """CPU seconds of one call on one thread: the work itself, which a busy machine's
+        wall time hides (and which spinning threads inflate); a quiet machine's wall-time
+        bound."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            t0 = time.process_time()
+            fn()
+            return f"1-thread cpu {time.process_time() - t0:.3f} s"
+        finally:
+            torch.set_num_threads(threads)
 
     def cases(lm: LoadedModel, n_tokens: int, layer: int, head: int) -> None:
         text = None if isinstance(lm.tokenizer, _IdTokenizer) else BENCH_TEXT
@@ -481,6 +771,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--skip-gpt2", action="store_true",
                         help="skip the GPT-2-small-shaped random model (needs ~1.5 GB)")
     parser.add_argument("--only-gpt2", action="store_true", help="run only that part")
+    parser.add_argument("--page-flow", action="store_true",
+                        help="every API endpoint and page on a GPT-2-small-shaped random model "
+                             "at 64 and 256 tokens, first and second call, with peak RSS")
+    parser.add_argument("--soak", type=int, default=0, metavar="N",
+                        help="with --page-flow: N distinct 256-token prompts through every "
+                             "page, then the resident size against the configured bound")
     parser.add_argument("--only-graph", action="store_true",
                         help="run only QK attribution and the attribution graph")
     parser.add_argument("--heads", action="store_true",
@@ -488,9 +784,19 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--transformer-lens", metavar="PYTHON",
                         help="interpreter of a separate venv with transformer_lens installed: "
                              "time its full-OV eigenvalues side by side")
+    parser.add_argument("--patching", action="store_true",
+                        help="run only the activation-patching part (with TransformerLens)")
+    parser.add_argument("--tl-sample", type=int, default=96,
+                        help="patched runs TransformerLens is timed on per grid (extrapolated)")
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, numpy {np.__version__}, {torch.get_num_threads()} "
           f"threads; medians of {args.reps} runs")
+    if args.page_flow:
+        bench_page_flow(soak=args.soak)
+        return
+    if args.patching:
+        bench_patching(args.reps, args.tl_sample, gpt2=not args.skip_gpt2)
+        return
     if args.only_graph:
         bench_graph(args.reps, gpt2=not args.skip_gpt2)
         return
@@ -509,6 +815,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if not args.only_gpt2:
         bench_graph(max(1, min(args.reps, 3)), gpt2=not args.skip_gpt2)
         bench_heads(args.reps)
+        bench_patching(args.reps, args.tl_sample, gpt2=not args.skip_gpt2)
 
 
 if __name__ == "__main__":

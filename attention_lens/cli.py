@@ -48,6 +48,9 @@ def _add_serve_options(ap: argparse.ArgumentParser) -> None:
                     help=f"models kept loaded at once; default 2 {_env('MAX_MODELS')}")
     ap.add_argument("--cache-size", type=int,
                     help=f"forward passes kept in the LRU cache; default 64 {_env('CACHE_SIZE')}")
+    ap.add_argument("--cache-mb", type=int,
+                    help="MiB of forward passes (and the results cached with them) a worker "
+                         f"keeps; default 1024 {_env('CACHE_MB')}")
     ap.add_argument("--max-body", type=int,
                     help=f"largest request body in bytes; default 1 MiB {_env('MAX_BODY')}")
     ap.add_argument("--auth-rate", help="failed sign-ins allowed per client address and per "
@@ -106,8 +109,8 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """The server configuration: environment variables, then command-line flags on top."""
     keys = ("host", "port", "model", "models_dirs", "max_tokens", "auth_file", "url_prefix",
-            "debug", "allow_anonymous", "device", "max_models", "cache_size", "max_body",
-            "torch_threads", "auth_rate", "hash_slots", "proxy_hops", "max_exports",
+            "debug", "allow_anonymous", "device", "max_models", "cache_size", "cache_mb",
+            "max_body", "torch_threads", "auth_rate", "hash_slots", "proxy_hops", "max_exports",
             "export_timeout", "cache_dir", "celery_broker", "max_jobs")
     return ServerConfig.from_env(**{k: getattr(args, k, None) for k in keys})
 

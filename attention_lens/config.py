@@ -77,6 +77,7 @@ class ServerConfig:
     device: str = "cpu"
     max_models: int = 2
     cache_size: int = 64
+    cache_mb: int = 1024
     max_body: int = 1 << 20
     secret_key: Optional[str] = None
     torch_threads: Optional[int] = None
@@ -97,8 +98,9 @@ class ServerConfig:
         self.celery_broker = self.celery_broker or None
         self.url_prefix = normalize_prefix(self.url_prefix)
         for name, minimum in (("port", 0), ("max_models", 1), ("cache_size", 1),
-                              ("max_body", 1024), ("hash_slots", 1), ("proxy_hops", 0),
-                              ("max_exports", 1), ("export_timeout", 1), ("max_jobs", 1)):
+                              ("cache_mb", 16), ("max_body", 1024), ("hash_slots", 1),
+                              ("proxy_hops", 0), ("max_exports", 1), ("export_timeout", 1),
+                              ("max_jobs", 1)):
             if int(getattr(self, name)) < minimum:
                 raise ConfigError(f"{name} must be at least {minimum}")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -125,8 +127,9 @@ class ServerConfig:
             key = f.name.upper()
             if f.name in {"debug", "allow_anonymous"}:
                 values[f.name] = _parse_bool(raw, key)
-            elif f.name in {"port", "max_models", "cache_size", "max_body", "hash_slots",
-                            "proxy_hops", "max_exports", "export_timeout", "max_jobs"}:
+            elif f.name in {"port", "max_models", "cache_size", "cache_mb", "max_body",
+                            "hash_slots", "proxy_hops", "max_exports", "export_timeout",
+                            "max_jobs"}:
                 values[f.name] = _parse_int(raw, key)
             elif f.name in {"max_tokens", "torch_threads"}:
                 values[f.name] = _parse_int(raw, key, 1) if raw.strip() else None
@@ -145,11 +148,25 @@ class ServerConfig:
         A non-loopback address needs a users file (or ``allow_anonymous``); debug mode is
         refused on anything but loopback.
         """
-        from .exposure import exposure_problem
-
         problem = exposure_problem(self, hosts or [self.host])
         if problem:
             raise ConfigError(problem)
+
+
+def exposure_problem(config: "ServerConfig", addresses: list[str]) -> Optional[str]:
+    """Why serving on ``addresses`` with ``config`` is unsafe, or None."""
+    exposed = sorted({a for a in addresses if not is_loopback(a)})
+    if not exposed:
+        return None
+    if config.debug:
+        return (f"refusing debug mode on {', '.join(exposed)}: debug mode is for loopback "
+                "only (127.0.0.1)")
+    if config.auth_file is None and not config.allow_anonymous:
+        return (f"refusing to listen on {', '.join(exposed)} without authentication: create a "
+                "users file with 'attention-lens add-user NAME' and set --auth-file (or "
+                f"{ENV_PREFIX}AUTH_FILE), or set --allow-anonymous ({ENV_PREFIX}ALLOW_ANONYMOUS"
+                "=1) to serve everyone")
+    return None
 
 
 def check_device(device: str) -> None:

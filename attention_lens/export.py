@@ -9,26 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import dataclasses
 import datetime as _dt
 import io
 import json
 import logging
-import math
 import threading
 import time
 import zipfile
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
 
 from . import __version__
+from .api_json import jsonable
 
 if TYPE_CHECKING:  # pragma: no cover
     from .analysis.forward import ForwardPass
-    from .components.page import Panel
 
 log = logging.getLogger("attention_lens.export")
 
@@ -37,33 +36,26 @@ DEFAULT_SIZE = (1000, 600)
 TRACE_COLUMNS = ("x", "y", "z", "text", "customdata")
 
 
+@dataclass
+class Panel:
+    """One figure of a page with the data behind it (exported as CSV/JSON and in the zip)."""
+
+    name: str
+    figure: go.Figure
+    data: Any = None
+
+
 class ExportError(RuntimeError):
     """Static export is impossible here (no Chromium, render failure); the message says why."""
 
 
 # ------------------------------------------------------------------------------ data
 def to_jsonable(value: Any) -> Any:
-    """``value`` with numpy arrays, dataclasses and non-finite floats made JSON-safe."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return to_jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return to_jsonable(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    if hasattr(value, "tolist"):  # torch tensors
-        return to_jsonable(value.tolist())
-    return str(value)
+    """``value`` made JSON-safe with its numbers exact (the app's one encoder)."""
+    return jsonable(value, digits=None)
 
 
-def panel_json(panel: "Panel", state: Optional[dict] = None) -> str:
+def panel_json(panel: Panel, state: Optional[dict] = None) -> str:
     """The data behind one figure as JSON (the analysis result, fields as lists)."""
     body = {"figure": panel.name, "model": (state or {}).get("model"),
             "prompt": (state or {}).get("text"), "data": to_jsonable(panel.data)}
@@ -141,7 +133,7 @@ def _size(fig: go.Figure) -> tuple[int, int]:
     return int(width), int(height)
 
 
-@dataclasses.dataclass
+@dataclass
 class ExportLimits:
     """How many page exports a process draws at once, and how long one may take."""
 
@@ -181,7 +173,7 @@ class _Renderer:
             if self._loop is not None and not (self._thread and self._thread.is_alive()):
                 # the loop's thread died (killed with its host server, say): start afresh
                 log.warning("the export browser's event loop stopped; starting a new one")
-                self._loop, self._kaleido = None, None
+                self._discard()
             if self._loop is None:
                 import kaleido
 
@@ -223,6 +215,24 @@ class _Renderer:
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _discard(self) -> None:
+        """Forget the browser without asking it to close (its loop may be dead): kill it."""
+        proc = getattr(self._kaleido, "subprocess", None)
+        if proc is not None:
+            try:
+                proc.kill()
+                proc.wait(5)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        if self._loop is not None and self._thread is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop, self._kaleido, self._thread = None, None, None
+
+    def reset(self) -> None:
+        """Kill the shared browser and its loop at once; the next export starts new ones."""
+        with self._lock:
+            self._discard()
 
     def close(self, which: Any = None) -> None:
         """Stop the shared browser (only if it is still ``which``); the next use starts one."""
@@ -284,7 +294,7 @@ def render_images(figs: Sequence[go.Figure], formats: Sequence[str] = ("png", "s
 
 
 # ------------------------------------------------------------------------------- zip
-def manifest(page: str, panels: Sequence["Panel"], state: dict, settings: dict,
+def manifest(page: str, panels: Sequence[Panel], state: dict, settings: dict,
              fp: Optional["ForwardPass"] = None) -> dict[str, Any]:
     """What a page export contains and how to reproduce it."""
     m: dict[str, Any] = {
@@ -308,7 +318,7 @@ def manifest(page: str, panels: Sequence["Panel"], state: dict, settings: dict,
     return m
 
 
-def page_zip(page: str, panels: Sequence["Panel"], state: dict, settings: dict,
+def page_zip(page: str, panels: Sequence[Panel], state: dict, settings: dict,
              fp: Optional["ForwardPass"] = None, *, images: bool = True,
              timeout: Optional[float] = None) -> bytes:
     """A zip of every figure of a page as PNG and SVG, its data (CSV, JSON) and a manifest."""

@@ -17,7 +17,7 @@ from typing import Optional
 
 import flask
 
-from .config import ENV_PREFIX, ServerConfig, is_loopback
+from .config import ServerConfig, exposure_problem
 
 log = logging.getLogger("attention_lens.exposure")
 
@@ -45,22 +45,6 @@ def listening_addresses() -> list[str]:
             except OSError:
                 continue
     return out
-
-
-def exposure_problem(config: ServerConfig, addresses: list[str]) -> Optional[str]:
-    """Why serving on ``addresses`` with ``config`` is unsafe, or None."""
-    exposed = sorted({a for a in addresses if not is_loopback(a)})
-    if not exposed:
-        return None
-    if config.debug:
-        return (f"refusing debug mode on {', '.join(exposed)}: debug mode is for loopback "
-                "only (127.0.0.1)")
-    if config.auth_file is None and not config.allow_anonymous:
-        return (f"refusing to listen on {', '.join(exposed)} without authentication: create a "
-                "users file with 'attention-lens add-user NAME' and set --auth-file (or "
-                f"{ENV_PREFIX}AUTH_FILE), or set --allow-anonymous ({ENV_PREFIX}ALLOW_ANONYMOUS"
-                "=1) to serve everyone")
-    return None
 
 
 def install_exposure_guard(server: flask.Flask, config: ServerConfig) -> None:

@@ -52,6 +52,8 @@ def install_error_handlers(server: flask.Flask, prefix: str) -> None:
     """JSON errors for the API and callbacks; an unexpected error is logged, never sent."""
     @server.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Any:
+        if isinstance(exc.__context__, RequestReadTimeout):  # Werkzeug saw a "disconnect"
+            return _too_slow(exc.__context__)
         if exc.code == 413:
             limit = server.config.get("MAX_CONTENT_LENGTH")
             return json_error(f"request body too large (limit {limit} bytes)", 413)
@@ -194,11 +196,11 @@ def install_request_checks(server: flask.Flask, prefix: str) -> None:
 def _limit_chunked_body(req: flask.Request, limit: Optional[int]) -> Optional[flask.Response]:
     """Read a body without Content-Length (chunked) up to ``limit``: over it is a 413."""
     env = req.environ
-    if limit is None or env.get("CONTENT_LENGTH") or "wsgi.input" not in env:
-        return None  # with a length, the server's MAX_CONTENT_LENGTH check answers 413
-    if "chunked" not in env.get("HTTP_TRANSFER_ENCODING", "").lower() and \
-            not env.get("wsgi.input_terminated"):
+    if limit is None or "wsgi.input" not in env:
         return None
+    chunked = "chunked" in env.get("HTTP_TRANSFER_ENCODING", "").lower()
+    if not chunked and (env.get("CONTENT_LENGTH") or not env.get("wsgi.input_terminated")):
+        return None  # with a length, the server's MAX_CONTENT_LENGTH check answers 413
     stream, chunks, size = env["wsgi.input"], [], 0
     while size <= limit:
         chunk = stream.read(min(65536, limit + 1 - size))

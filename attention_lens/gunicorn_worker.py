@@ -40,6 +40,7 @@ class _DeadlineSocket:
         self._sock, self._conn = sock, conn
 
     def recv(self, size: int, *flags: int) -> bytes:
+        """At most ``size`` bytes, waiting no longer than the request's deadline."""
         remaining = self._conn.deadline - time.monotonic()
         if remaining <= 0:
             raise self._conn.too_slow()
@@ -77,7 +78,8 @@ class DeadlineConn(TConn):
             return RequestReadTimeout("the request body did not arrive in time")
         return NoMoreData(b"")
 
-    def init(self) -> None:  # noqa: D102 - gthread's, plus the deadline on the parser's reads
+    def init(self) -> None:
+        """Set up the connection as gthread does, then bound the parser's reads."""
         super().init()
         unreader = getattr(self.parser, "unreader", None)
         if unreader is not None and isinstance(getattr(unreader, "sock", None), socket.socket):
@@ -91,7 +93,8 @@ class ReadDeadlineWorker(ThreadWorker):
         super().__init__(*args, **kwargs)
         self.read_timeout = read_timeout()
 
-    def accept(self, listener: socket.socket) -> None:  # noqa: D102 - as gthread's
+    def accept(self, listener: socket.socket) -> None:
+        """Accept a connection as gthread does, as a :class:`DeadlineConn`."""
         try:
             client_sock, client_addr = listener.accept()
             self.nr_conns += 1
@@ -102,12 +105,14 @@ class ReadDeadlineWorker(ThreadWorker):
             if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
                 raise
 
-    def handle(self, conn: TConn) -> Any:  # noqa: D102 - as gthread's, with a fresh deadline
+    def handle(self, conn: TConn) -> Any:
+        """Serve the next request of ``conn`` (gthread's), under a fresh read deadline."""
         if isinstance(conn, DeadlineConn):
             conn.start_request(self.read_timeout)
         return super().handle(conn)
 
-    def handle_request(self, req: Any, conn: TConn) -> Optional[bool]:  # noqa: D102
+    def handle_request(self, req: Any, conn: TConn) -> Optional[bool]:
+        """Run the app on ``req`` (gthread's); a body arriving late is now a 408."""
         if isinstance(conn, DeadlineConn):
             conn.in_app = True  # headers are in; a late body is now the app's 408
         return super().handle_request(req, conn)

@@ -15,7 +15,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterable, Optional, TypeVar
+from typing import Any, Callable, Hashable, Iterable, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -346,6 +346,12 @@ class Registry:
                 self._forward[key] = _Cached(fp, fp.nbytes)
                 self._shrink_forward()
         return fp
+
+    def cached_forward(self, model: str, token_ids: Sequence[int]) -> Optional[ForwardPass]:
+        """The cached forward pass of these token ids through ``model``, or None."""
+        with self._lock:
+            hit = self._hit((model, tuple(int(i) for i in token_ids)))
+            return None if hit is None else hit.fp
 
     def _hit(self, key: tuple[str, tuple[int, ...]]) -> Optional["_Cached"]:
         hit = self._forward.get(key)

@@ -37,7 +37,8 @@ def build_registry(config: ServerConfig) -> Registry:
 
         torch.set_num_threads(config.torch_threads)
     return Registry(config.models_dirs, default=config.model, max_models=config.max_models,
-                    max_forward=config.cache_size, max_tokens=config.max_tokens,
+                    max_forward=config.cache_size, max_forward_bytes=config.cache_mb << 20,
+                    max_tokens=config.max_tokens,
                     device=config.device)
 
 

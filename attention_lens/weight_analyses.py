@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 from . import __version__
 from .analysis.errors import AnalysisError
 from .model.checkpoint import LoadedModel
+from .registry import DEFAULT_WEIGHTS_BYTES, nbytes_of
 
 Progress = Callable[[float], None]
 
@@ -109,6 +110,18 @@ def _pca(lm: LoadedModel, progress: Progress, matrix: str, token_filter: str,
                          n_clusters=n_clusters, centre=centre)
 
 
+def _logit_lens(lm: LoadedModel, progress: Progress, tokens: str, k: int, target: int,
+                granularity: str) -> Any:
+    from .analysis.forward import run_forward
+    from .analysis.logit_lens import logit_lens
+    from .registry import current
+
+    ids = [int(t) for t in tokens.split(",")]
+    fp = current().cached_forward(lm.name, ids) or run_forward(lm, "", token_ids=ids)
+    return logit_lens(lm, fp, k=k, target=None if target < 0 else target,
+                      granularity=granularity, progress=progress)  # type: ignore[arg-type]
+
+
 def _graph(lm: LoadedModel, progress: Progress, text: str, max_tokens: int, target: Any,
            contrast: Any, position: int, node_threshold: float, edge_threshold: float) -> Any:
     from .analysis.forward import run_forward
@@ -122,11 +135,63 @@ def _graph(lm: LoadedModel, progress: Progress, text: str, max_tokens: int, targ
                       progress=lambda done, total: progress(done / total))
 
 
+def _patching(lm: LoadedModel, progress: Progress, clean: str, corrupted: str, correct: str,
+              wrong: str, metric: str, direction: str, granularity: str, position: int) -> Any:
+    from .analysis.patching import activation_patching
+
+    return activation_patching(lm, clean, corrupted, correct=correct, wrong=wrong or None,
+                               granularity=granularity, metric=metric, direction=direction,
+                               position=position,
+                               progress=lambda done, total: progress(done / max(total, 1)))
+
+
+def _path_patching(lm: LoadedModel, progress: Progress, clean: str, corrupted: str,
+                   correct: str, wrong: str, metric: str, direction: str, position: int,
+                   layer: int, head: int) -> Any:
+    from .analysis.patching import path_patching
+
+    return path_patching(lm, clean, corrupted, sender=(layer, head), correct=correct,
+                         wrong=wrong or None, metric=metric, direction=direction,
+                         position=position)
+
+
+def pair_set_key(digest: str) -> str:
+    """Where an uploaded set of pairs is kept in the shared store (by its content hash)."""
+    return f"pairs:{digest}"
+
+
+def _pair_set(lm: LoadedModel, progress: Progress, pairs: str, metric: str, direction: str,
+              granularity: str, position: int) -> Any:
+    from . import background
+    from .analysis.patching import parse_pairs, patching_over_pairs
+
+    text = background.current().results.get(pair_set_key(pairs))
+    if not isinstance(text, str):
+        raise AnalysisError("the uploaded set of pairs is no longer on this server: upload "
+                            "it again")
+    return patching_over_pairs(lm, parse_pairs(text), granularity=granularity, metric=metric,
+                               direction=direction, position=position,
+                               progress=lambda done, total: progress(done / max(total, 1)))
+
+
 ANALYSES: dict[str, Analysis] = {
+    "pair_set_patching": Analysis("{granularity} patching over a set of pairs", _pair_set,
+                                  ("pairs", "metric", "direction", "granularity",
+                                   "position")),
+    # a prompt pair's patching grids are long work on big models: jobs and cache like these
+    "activation_patching": Analysis("{granularity} activation patching", _patching,
+                                    ("clean", "corrupted", "correct", "wrong", "metric",
+                                     "direction", "granularity", "position")),
+    "path_patching": Analysis("path patching from L{layer}H{head}", _path_patching,
+                              ("clean", "corrupted", "correct", "wrong", "metric",
+                               "direction", "position", "layer", "head")),
     "circuit_svd": Analysis("{circuit} circuit SVD", _svd, ("circuit",)),
     "circuit_eigenvalues": Analysis("circuit eigenvalues", _eigen),
     "composition_scores": Analysis("composition scores", _composition),
     "probe_head_scores": Analysis("repeated-token probe", _probe),
+    # a long prompt's logit lens through a big vocabulary runs as background work too,
+    # keyed by the prompt's token ids (see logit_lens below)
+    "logit_lens": Analysis("logit lens", _logit_lens, ("tokens", "k", "target", "granularity")),
     "embedding_pca": Analysis("PCA and k-means of {matrix}", _pca,
                               ("matrix", "token_filter", "max_tokens", "n_components",
                                "n_clusters", "centre")),
@@ -147,6 +212,13 @@ def request(name: str, **params: Any) -> Request:
         if not isinstance(value, (str, int, float, bool)) or value is None:
             raise AnalysisError(f"{name}: parameter {key} must be a plain value")
     return Request(name, tuple(sorted(params.items())))
+
+
+def logit_lens(token_ids: Sequence[int], k: int, target: Optional[int],
+               granularity: str) -> Request:
+    """The logit lens of a prompt given by its token ids (``target`` an id or None)."""
+    return request("logit_lens", tokens=",".join(str(int(t)) for t in token_ids), k=int(k),
+                   target=-1 if target is None else int(target), granularity=str(granularity))
 
 
 def circuit_svd(circuit: str = "OV") -> Request:
@@ -319,9 +391,11 @@ _MISS = object()
 class Store:
     """Weight analyses in a store shared by processes, with a small in-process memo."""
 
-    def __init__(self, results: Any, coord: Any, memo: int = 32) -> None:
+    def __init__(self, results: Any, coord: Any, memo: int = 32,
+                 memo_bytes: int = DEFAULT_WEIGHTS_BYTES) -> None:
         self.results, self.coord, self.memo_size = results, coord, memo
-        self._memo: OrderedDict[str, Any] = OrderedDict()
+        self.memo_bytes = memo_bytes  # the memo is bounded in bytes too (GPT-2 small's
+        self._memo: OrderedDict[str, tuple[Any, int]] = OrderedDict()  # composition: ~1 MB)
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ reading
@@ -331,7 +405,7 @@ class Store:
         with self._lock:
             if key in self._memo:
                 self._memo.move_to_end(key)
-                return self._memo[key]
+                return self._memo[key][0]
         value = self.results.get(key, _MISS)
         if value is not _MISS:
             self.coord.incr(f"served:{key}:{os.getpid()}")
@@ -340,10 +414,13 @@ class Store:
 
     def _remember(self, key: str, value: Any) -> None:
         with self._lock:
-            self._memo[key] = value
+            self._memo[key] = (value, nbytes_of(value))
             self._memo.move_to_end(key)
-            while len(self._memo) > self.memo_size:
-                self._memo.popitem(last=False)
+            total = sum(size for _, size in self._memo.values())
+            while len(self._memo) > 1 and (len(self._memo) > self.memo_size
+                                           or total > self.memo_bytes):
+                _, (_, size) = self._memo.popitem(last=False)
+                total -= size
 
     def get(self, lm: LoadedModel, *reqs: Request) -> list[Any]:
         """The results of ``reqs``; :class:`Missing` lists those not computed yet."""

@@ -121,6 +121,17 @@ else:
         return opts
 
 
+@pytest.fixture(autouse=True)
+def _fresh_export_browser_after_browser_tests(request):
+    """dash_duo stops its server by killing every thread started during the test, the
+    shared export browser's threads included: throw that browser away after such a test."""
+    yield
+    if "dash_duo" in request.fixturenames:
+        from attention_lens import export
+
+        export._RENDERER.reset()
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip browser tests without Chromium, except under CI where that is a failure."""
     have = shutil.which("chromium") and shutil.which("chromedriver")

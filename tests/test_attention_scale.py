@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import sys
 
+import dash
 import numpy as np
 import pytest
 
 from attention_lens.analysis.attention import attention_patterns
 from attention_lens.app import create_app
+from attention_lens.components import page as P
 from attention_lens.figures.attention import GRID_MAX_POSITIONS, attention_grid_figure, pooled
 from attention_lens.registry import DEFAULT_WEIGHTS, Registry
 
@@ -38,11 +40,14 @@ def test_grid_shows_one_layer_of_a_big_model_and_pools_long_prompts(big, tiny_to
     reg = Registry([DEFAULT_WEIGHTS])
     reg.add(big)
     create_app(reg)
-    page = sys.modules["attention_lens.pages.attention"]
+    page = sys.modules[next(k for k, p in dash.page_registry.items()
+                            if p["path"] == "/attention")]
+    spec = P.spec_of("attention")
     text = "Harry Potter went to the shop. " * 30
     state = {"model": "big", "text": text, "pos": None}
-    grid, entropy, alerts = page.update_grid(state, 5)
-    assert alerts == []
+    d = spec.render(state, layer=5)
+    grid, entropy = d.figures["all-heads"], d.figures["entropy"]
+    assert d.errors == []
     assert len(grid.data) == 8  # one layer's heads, not all 64
     assert "Layer 5 of 8" in grid.layout.title.text and "max-pooled" in grid.layout.title.text
     assert len(grid.data[0].x) <= GRID_MAX_POSITIONS
@@ -51,7 +56,8 @@ def test_grid_shows_one_layer_of_a_big_model_and_pools_long_prompts(big, tiny_to
     click = {"points": [{"curveNumber": 2}]}
     assert page.select_head(click, None, state, 5) == (5, 2)
     # the shipped 24-head model keeps the full grid
-    full, *_ = page.update_grid({"model": "attn-only-2l", "text": "Harry Potter", "pos": None})
+    full = spec.render({"model": "attn-only-2l", "text": "Harry Potter", "pos": None}
+                       ).figures["all-heads"]
     assert len(full.data) == 24
 
 

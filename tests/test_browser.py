@@ -296,13 +296,16 @@ def test_phone_width_has_no_horizontal_scroll(lens):
 
 
 def test_background_job_progress_then_figure(dash_duo, monkeypatch):
-    """A weight analysis that is not cached yet: the progress strip shows, polls, and the
-    figures are drawn when the job finishes (a fresh registry, so nothing is cached)."""
-    from attention_lens.components import jobs as JS
+    """A weight analysis that is not computed yet: it runs as a background job and the
+    figures are drawn when the job finishes (a fresh store, so nothing is cached)."""
+    import tempfile
+
+    from attention_lens import background
     from attention_lens.registry import DEFAULT_WEIGHTS, Registry
 
-    monkeypatch.setattr(JS, "GRACE_S", 0.0)  # always take the background path
-    dash_duo.start_server(create_app(Registry([DEFAULT_WEIGHTS])))
+    bg = background.create(tempfile.mkdtemp(prefix="al-browser-"))
+    monkeypatch.setattr(background, "_CURRENT", bg)
+    dash_duo.start_server(create_app(Registry([DEFAULT_WEIGHTS]), background=bg))
     dash_duo.driver.get(url(dash_duo, "/weights", model=MODEL, text="Harry Potter"))
     wait(dash_duo, has_traces("weights", "spectra"), timeout=60, what="the drawn spectra")
     assert severe_logs(dash_duo) == []

@@ -74,9 +74,10 @@ def test_recipe_page_runs_a_job_then_draws_from_the_store(recipe_app, registry, 
     out = spec.update(STATE, 5, "full_ov", 0, None)
     n = len(spec.graphs)
     figures, alerts, query, request, after, note = out[:n], out[n], out[n + 1], *out[n + 2:]
-    assert all(f is dash.no_update for f in figures)
+    assert all(f is dash.no_update for f in figures) and alerts == []
+    assert after == job_strip.HIDDEN and note == ""
     assert request["labels"] == ["circuit eigenvalues"] and request["token"]
-    assert query == {"k": 5, "circuit": "full_ov", "src": "url"}
+    assert query == {"k": 5, "circuit": "full_ov", "_src": "url"}
     assert len(bg.slots.active()) == 1  # the job's slot is reserved
     # the job: computes with progress in its slot, then draws
     seen = []
@@ -122,7 +123,7 @@ def test_recipe_page_exports_and_downloads(recipe_app, registry, bg):
     from attention_lens import export
 
     spec = the_spec()
-    panels = P.page_panels("top-copying", STATE, {"k": "4", "src": "url"}, compute=True)
+    panels = P.page_panels("top-copying", STATE, {"k": "4", "_src": "url"}, compute=True)
     assert [p.name for p in panels] == ["next", "copying"]
     data = export.page_zip("top-copying", panels, STATE, {"k": 4}, images=False)
     names = zipfile.ZipFile(io.BytesIO(data)).namelist()

@@ -14,8 +14,8 @@ import os
 import sys
 from contextlib import nullcontext
 
+import dash
 import numpy as np
-import plotly.graph_objects as go
 import pytest
 
 from attention_lens.components import page as P
@@ -30,8 +30,6 @@ FAMILIES = ("gpt2", "neox", "llama-gqa", "qwen2")
 ROTARY = {"neox", "llama-gqa", "qwen2"}
 GQA = {"llama-gqa": 2, "qwen2": 2}  # key/value heads (of 4 query heads)
 PROMPT = "Harry Potter went to the shop. Harry Potter bought a wand. Harry Potter"
-PAGES = ("predictions", "tokens", "attention", "logit_lens", "attribution", "ablation",
-         "weights", "eigenvalues", "induction", "embeddings", "analogy")
 
 
 @pytest.fixture(scope="module")
@@ -57,18 +55,15 @@ def reg(app):
     return app.server.extensions["attention_lens"]["registry"]
 
 
-def page_module(name: str):
-    """A page module imported by Dash."""
-    return sys.modules[f"attention_lens.pages.{name}"]
+def page_module(path: str):
+    """The module Dash imported for the page at ``path``."""
+    return sys.modules[next(k for k, p in dash.page_registry.items() if p["path"] == path)]
 
 
-def run_page(name: str, family: str, **controls) -> tuple:
-    """A page's main callback on ``family`` with default controls (and ``controls``)."""
-    mod = page_module(name)
-    q, _ = P.parse_query(mod.CONTROLS, {})
-    q.update(controls)
+def run_page(name: str, family: str, **controls) -> P.Drawn:
+    """A page's callbacks on ``family`` with default controls (and ``controls``)."""
     st = {"model": family, "text": PROMPT, "pos": None, "src": "url"}
-    return mod.update(st, *[q[k] for k in mod.CONTROLS])
+    return P.spec_of(name).render(st, **controls)
 
 
 def texts(components) -> str:
@@ -167,23 +162,25 @@ def test_weight_endpoints(client, reg, family):
 
 # ------------------------------------------------------------------------------ pages
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", PAGES)
-def test_every_page_runs(app, family, name):
-    *outputs, alerts, query = run_page(name, family)
-    alert_text = texts(alerts)
-    assert "analysis failed" not in alert_text, alert_text
-    assert not [a for a in alerts or [] if a.color == "danger"], alert_text
-    figures = [o for o in outputs if isinstance(o, go.Figure)]
-    assert figures, f"{name} drew nothing on {family}: {alert_text}"
-    for fig in figures:
-        if not fig.data:  # a placeholder says why it is empty
-            assert fig.layout.annotations and fig.layout.annotations[0].text
-    assert query["src"] == "url"
+def test_every_page_runs(app, family):
+    """Every declared page (from dash.page_registry) draws on every family."""
+    names = [s.page for s in P.declared_pages()]
+    assert len(names) >= 11
+    for name in names:
+        d = run_page(name, family)
+        alert_text = " ".join(text for _, text in d.alerts)
+        assert "analysis failed" not in alert_text, (name, alert_text)
+        assert not [t for c, t in d.alerts if c == "danger"], (name, alert_text)
+        assert d.drew, f"{name} drew nothing on {family}: {alert_text}"
+        for fig in d.figures.values():
+            if not fig.data:  # a placeholder says why it is empty
+                assert fig.layout.annotations and fig.layout.annotations[0].text
+        assert d.query["_src"] == "url"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_overview_card(app, family):
-    card, links = page_module("overview").update({"model": family, "text": PROMPT})
+    card, links = page_module("/").update({"model": family, "text": PROMPT})
     text = texts([card])
     assert family in text
 
@@ -224,22 +221,19 @@ def test_pages_say_what_does_not_apply(app, reg, family):
     parallel, GPT-2's full QK leaves W_pos out: each page says so, in its own words."""
     lm = reg.get(family)
     rotary, kv = family in ROTARY, GQA.get(family)
-    *_, note, job, alerts, _ = run_page("weights", family, circuit="QK")
-    qk_text = texts(note)
-    assert ("Rotary positions" in qk_text) is rotary and job is None
+    d = run_page("weights", family, circuit="QK")
+    qk_text = " ".join(d.notes)
+    assert ("Rotary positions" in qk_text) is rotary and d.errors == []
     if family == "neox":  # rotary_pct 0.5 of d_head 16
         assert "the first 8 of 16 query/key dimensions" in qk_text
-    *_, note, _, _, _ = run_page("weights", family, circuit="OV")
-    ov_text = texts(note)
+    ov_text = " ".join(run_page("weights", family, circuit="OV").notes)
     assert "Rotary" not in ov_text
     assert (f"{kv} key/value heads serve 4 query heads" in ov_text) if kv else \
         "Grouped-query" not in ov_text
-    *_, note, _, _, _ = run_page("eigenvalues", family)
-    eig_text = texts(note)
+    eig_text = " ".join(run_page("eigenvalues", family).notes)
     assert ("Rotary positions" in eig_text) is rotary
     assert ("W_pos are left out" in eig_text) is (not rotary)
-    *_, note, _, _, _ = run_page("induction", family)
-    assert ("Rotary positions" in texts([note])) is rotary
+    assert ("Rotary positions" in " ".join(run_page("induction", family).notes)) is rotary
     lens = post_free_lens(reg, family)
     assert any("(parallel)" in s for s in lens.stage_labels) is (family == "neox")
     assert bool(lens.note) is (family == "neox")

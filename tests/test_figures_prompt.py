@@ -23,6 +23,7 @@ from attention_lens.analysis.attention import (
 from attention_lens.analysis.attribution import logit_attribution
 from attention_lens.analysis.logit_lens import logit_lens
 from attention_lens.analysis.predictions import next_token, token_predictions
+from attention_lens.figures import theme
 from attention_lens.figures.ablation import (
     ablation_figure,
     ablation_positions_figure,
@@ -69,9 +70,22 @@ def fp(tiny):
 
 def _check(fig: go.Figure) -> dict:
     assert isinstance(fig, go.Figure)
-    assert fig.layout.template.layout.paper_bgcolor is not None
+    dark_theme(fig)
     data = json.loads(fig.to_json())  # serialisable (what Dash sends)
     return data
+
+
+def dark_theme(fig: go.Figure) -> None:
+    """The figure carries the app's dark template (plotly's default is white)."""
+    layout = fig.layout.template.layout
+    assert layout.paper_bgcolor == theme.PAPER and layout.plot_bgcolor == theme.BACKGROUND
+    assert layout.font.color == theme.TEXT
+
+
+def test_the_theme_check_fails_on_plotly_defaults():
+    with pytest.raises(AssertionError):
+        dark_theme(go.Figure())
+    dark_theme(go.Figure(layout=dict(template=theme.TEMPLATE)))
 
 
 def _table_ok(rows: list[dict]) -> None:

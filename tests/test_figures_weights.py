@@ -19,6 +19,7 @@ from attention_lens.figures import analogy as fa
 from attention_lens.figures import eigen as fe
 from attention_lens.figures import embeddings as fm
 from attention_lens.figures import heads as fh
+from attention_lens.figures import theme
 from attention_lens.figures import weights as fw
 from attention_lens.figures.theme import TEMPLATE
 
@@ -27,7 +28,8 @@ PROMPT = "Harry Potter went to the shop, and Harry Potter bought a wand."
 
 def _check(fig: go.Figure, n_traces: int | None = None) -> None:
     assert isinstance(fig, go.Figure)
-    assert fig.layout.template.layout.paper_bgcolor is not None  # the template resolved
+    layout = fig.layout.template.layout  # the app's dark template, not plotly's white one
+    assert layout.paper_bgcolor == theme.PAPER and layout.plot_bgcolor == theme.BACKGROUND
     if n_traces is not None:
         assert len(fig.data) == n_traces
     for trace in fig.data:
@@ -46,8 +48,18 @@ def fp(tiny):
     return run_forward(tiny, PROMPT)
 
 
-def test_template_name():
-    assert TEMPLATE == "attention_lens"
+def _luminance(hex_colour: str) -> float:
+    r, g, b = (int(hex_colour.lstrip("#")[i:i + 2], 16) / 255 for i in (0, 2, 4))
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def test_template_is_registered_and_dark():
+    import plotly.io as pio
+
+    t = pio.templates[TEMPLATE].layout
+    assert _luminance(t.paper_bgcolor) < 0.25 and _luminance(t.plot_bgcolor) < 0.25
+    assert _luminance(t.font.color) > 0.75  # light text on the dark background
+    assert pio.templates["plotly"].layout.paper_bgcolor != t.paper_bgcolor
 
 
 def test_weight_figures(tiny):

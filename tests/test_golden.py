@@ -28,9 +28,16 @@ def test_golden_top5(registry, name):
     np.testing.assert_allclose(top.values.numpy(), gold["top5_logits"], atol=1e-4)
 
 
-def test_default_model_is_two_layer(registry):
-    assert DEFAULT_MODEL == "attn-only-2l"
-    assert registry.default == "attn-only-2l"
+def test_default_model_is_the_two_layer_induction_model(registry):
+    """The default is the shipped model with two layers and an induction head, as the README
+    says (its table marks it "(default)")."""
+    assert registry.default == DEFAULT_MODEL
+    lm = registry.get(registry.default)
+    assert lm.cfg.n_layers == 2
+    probe = lm.card["evaluation"]["induction_probe"]
+    assert probe["max_layer"] == 1 and probe["max_score"] > 0.8
+    readme = (DEFAULT_WEIGHTS.parent / "README.md").read_text(encoding="utf-8")
+    assert f"| `{registry.default}` (default) |" in readme
 
 
 @pytest.mark.parametrize("name", ["attn-only-1l", "attn-only-2l"])

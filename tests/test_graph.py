@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from tl_oracle import tl_tokens, to_transformer_lens
 
 from attention_lens.analysis.errors import AnalysisError
 from attention_lens.analysis.forward import run_forward
 from attention_lens.analysis.graph import attribution_graph, graph_json, prune_graph
-from tl_oracle import tl_tokens, to_transformer_lens
 
 TEXT = "Harry Potter and Hermione Granger walked. Harry Potter and Hermione"
 
@@ -209,7 +209,13 @@ def test_pruning_matches_circuit_tracer_and_keeps_everything_at_one(which, reque
 
 
 def test_circuit_tracer_graph_file_fields(tiny_ln):
-    """The export carries every field of circuit-tracer 0.5.0's graph JSON (graph_models.py)."""
+    """The export carries every field of circuit-tracer 0.5.0's graph JSON (graph_models.py).
+
+    circuit-tracer itself is not a test dependency: installing 0.5.0 next to our pins would
+    replace transformer-lens 3.9.0 by 3.2.1, transformers 5.24.0 by 4.57.3, huggingface-hub
+    2.4.0 by 0.36.2, tokenizers 0.23.3 by 0.22.2 (and fsspec, datasets), and add nnsight.
+    Its pruning is transcribed in ``_circuit_tracer_prune`` above instead.
+    """
     fp = run_forward(tiny_ln, TEXT)
     graph = attribution_graph(tiny_ln, fp)
     pruned = prune_graph(graph, 0.8, 0.98)
@@ -263,3 +269,18 @@ def test_bad_input(model_2l):
         attribution_graph(model_2l, fp, target=" and", contrast=" and")
     with pytest.raises(AnalysisError, match="outside the prompt"):
         attribution_graph(model_2l, fp, position=fp.n_tokens)
+
+
+def test_rotary_rms_gated_parallel_model(tiny_tokenizer):
+    """Rotary positions, RMSNorm, gated parallel MLPs: the graph still adds up exactly."""
+    from conftest import make_tiny
+
+    lm = make_tiny(tiny_tokenizer, seed=4, attn_only=False, d_mlp=48, act_fn="silu",
+                   gated_mlp=True, parallel_attn_mlp=True, normalization_type="RMS",
+                   positional_embedding_type="rotary", name="tiny-llama-like")
+    fp = run_forward(lm, TEXT)
+    graph = attribution_graph(lm, fp)
+    assert abs(graph.weight[graph.dst == graph.target].sum() - (graph.logit - graph.bias)) <= 1e-4
+    heads = graph.kind == "head"
+    assert np.abs(graph.inflow()[heads] - graph.outflow()[heads]).max() <= 1e-6
+    assert "ln_bias" not in set(graph.kind) and "mlp" in set(graph.kind)

@@ -182,3 +182,31 @@ def test_qk_page_defaults_to_an_induction_cell(server):
     assert "token" in str(extras[0]) and "output of L0H" in str(extras[0])
     figures, _, alerts, _ = _draw(spec, STATE, layer=1, head=5, query=3, key=7)
     assert any("comes after query" in str(a.children) for a in alerts)
+
+
+def test_page_downloads_and_export_data(server):
+    from attention_lens import export
+
+    (panel,) = P.page_panels("graph", STATE, {"node": "90"})
+    assert panel.name == "graph" and set(panel.data) == {"metadata", "qParams", "nodes",
+                                                         "links"}
+    assert panel.data["metadata"]["node_threshold"] == 0.9
+    assert json.loads(export.panel_json(panel, STATE))["data"]["links"]
+    panels = P.page_panels("qk", STATE, {"layer": "1", "head": "5", "query": "29", "key": "4"})
+    assert [p.name for p in panels] == ["terms", "top", "dims", "row"]
+    csv = export.figure_csv(panels[0].figure)
+    assert "L0H2" in csv and len(csv.splitlines()) > 100
+
+
+def test_attention_click_link(server):
+    from attention_lens.pages import qk as qk_page
+
+    figure = {"layout": {"title": {"text": "Layer 1, head 5: attention pattern"}},
+              "data": [{"x": ["a", "b", "c"], "y": ["a", "b", "c"]}]}
+    click = {"points": [{"pointNumber": [2, 1], "x": "b", "y": "c"}]}
+    href = qk_page.cell_href(click, figure, STATE, {"layer": None, "head": None})
+    assert href.startswith("/qk?") and "layer=1&head=5&query=2&key=1" in href
+    href = qk_page.cell_href(click, figure, STATE, {"layer": 0, "head": 3})
+    assert "layer=0&head=3&query=2&key=1" in href
+    with pytest.raises(dash.exceptions.PreventUpdate):  # the masked upper triangle
+        qk_page.cell_href({"points": [{"pointNumber": [0, 2]}]}, figure, STATE, {})

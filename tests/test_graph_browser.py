@@ -9,13 +9,21 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 from selenium.webdriver.common.action_chains import ActionChains
+from test_browser import SHOTS, page_alerts, severe_logs, url, wait
 
 from attention_lens.analysis.qk_attribution import default_cell
+from attention_lens.app import create_app
 from attention_lens.components import shell
-from test_browser import SHOTS, lens, url, wait  # noqa: F401
 
 pytestmark = pytest.mark.browser
 MODEL = "attn-only-2l"
+
+
+@pytest.fixture
+def lens(dash_duo, registry):
+    """The app over the shipped weights, served on a local port."""
+    dash_duo.start_server(create_app(registry))
+    return dash_duo
 
 
 def strict_js(page: str, name: str) -> str:
@@ -82,3 +90,53 @@ def test_graph_page_and_a_click_on_a_head_node(lens):
                       ".map(a => a.getAttribute('href')).join(' ')",
                 what="the clicked node's links")
     assert "/qk?" in link and "/weights?" in link
+
+
+GEOMETRY_JS = """
+const boxes = [], problems = [];
+document.querySelectorAll('.al-graph .js-plotly-plot').forEach((gd, i) => {
+  const svg = gd.querySelector('.main-svg');
+  if (!svg) return;
+  const outer = gd.getBoundingClientRect(), inner = svg.getBoundingClientRect();
+  if (inner.height > outer.height + 2 || inner.width > outer.width + 2)
+    problems.push(`figure ${i} overflows its box: ${inner.width}x${inner.height} in ` +
+                  `${outer.width}x${outer.height}`);
+  boxes.push([`figure ${i}`, gd.closest('.al-graph').getBoundingClientRect()]);
+});
+document.querySelectorAll('.al-page table, .al-page h1, .al-page h2, .al-page h6')
+  .forEach((el, i) => boxes.push([`${el.tagName} ${i}`, el.getBoundingClientRect()]));
+for (let a = 0; a < boxes.length; a++) for (let b = a + 1; b < boxes.length; b++) {
+  const [na, ra] = boxes[a], [nb, rb] = boxes[b];
+  const w = Math.min(ra.right, rb.right) - Math.max(ra.left, rb.left);
+  const h = Math.min(ra.bottom, rb.bottom) - Math.max(ra.top, rb.top);
+  if (w > 2 && h > 2 && !(na.startsWith('TABLE') && nb.startsWith('H6')))
+    problems.push(`${na} overlaps ${nb}`);
+}
+// the page's own content stays within the window (the shared navbar is not this page's)
+document.querySelectorAll('.al-page *').forEach(el => {
+  const r = el.getBoundingClientRect();
+  if (r.width > 0 && r.right > window.innerWidth + 1 && !el.closest('.js-plotly-plot') &&
+      problems.length < 20)
+    problems.push(`${el.tagName}.${el.getAttribute("class")} in ` +
+                  `${el.parentElement.getAttribute("class")} reaches ${Math.round(r.right)}px`);
+});
+return problems;
+"""
+
+
+@pytest.mark.parametrize("width, height", [(1440, 1000), (390, 844)])
+def test_graph_and_qk_pages_lay_out_without_overlap(lens, width, height):
+    lens.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+        "width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 500})
+    try:
+        for path, name, graph in (("/graph", "graph", "graph"), ("/qk", "qk", "terms")):
+            lens.driver.get(url(lens, path, model=MODEL, text=shell.DEFAULT_PROMPT, layer=1,
+                                head=5) if name == "qk" else
+                            url(lens, path, model=MODEL, text=shell.DEFAULT_PROMPT))
+            wait(lens, shown(name, graph), what=f"{path} drawn")
+            time.sleep(1.0)
+            problems = lens.driver.execute_script(GEOMETRY_JS)
+            assert problems == [], (path, width, problems)
+            assert page_alerts(lens) == [] and severe_logs(lens) == [], path
+    finally:
+        lens.driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})

@@ -104,3 +104,19 @@ def test_progress_reports_every_chunk_and_can_stop(shipped_passes):
 
     with pytest.raises(Stop):
         logit_lens(lm, fp, k=2, rows_per_chunk=16, progress=stop)
+
+
+def test_logit_lens_as_a_background_request_matches_the_direct_computation(shipped_passes):
+    from attention_lens import weight_analyses as W
+
+    lm, fp = shipped_passes[1]
+    tid = int(fp.logits[-1].argmax())
+    req = W.logit_lens(fp.token_ids, 3, tid, "layer")
+    assert W.Request.from_json(req.as_json()) == req  # travels through the browser intact
+    seen: list[float] = []
+    res = W.ANALYSES[req.name].compute(lm, seen.append, **dict(req.params))
+    ref = logit_lens(lm, fp, k=3, target=tid, granularity="layer")
+    np.testing.assert_array_equal(res.top_ids, ref.top_ids)
+    np.testing.assert_allclose(res.target_probs, ref.target_probs, atol=1e-6)
+    assert seen and seen[-1] == 1.0
+    assert W.logit_lens(fp.token_ids, 3, None, "sublayer") != req

@@ -14,30 +14,28 @@ from dash import html
 
 from attention_lens import export
 from attention_lens.app import create_app
+from attention_lens.components import downloads, shell
 from attention_lens.components import page as P
-from attention_lens.components import shell
 
 MODEL = "attn-only-2l"
 STATE = {"model": MODEL, "text": shell.DEFAULT_PROMPT, "pos": None, "src": "url"}
-PAGES = ["predictions", "tokens", "attention", "logit_lens", "attribution", "ablation"]
 
 
 @pytest.fixture(scope="module")
 def app(registry):
-    """One app over the shipped weights; its page modules, as Dash imported them."""
+    """One app over the shipped weights; its pages, as Dash registered them."""
     return create_app(registry)
 
 
-def page_module(name: str):
-    """A page module imported by Dash (never imported directly)."""
-    return sys.modules[f"attention_lens.pages.{name}"]
+def declared() -> list[str]:
+    """Every declared page, from dash.page_registry (after the app is built)."""
+    return [s.page for s in P.declared_pages()]
 
 
-def controls(mod) -> list:
-    """Each control's value as the page's layout would set it from an empty URL."""
-    values, problems = P.parse_query(mod.CONTROLS, {})
-    assert problems == []
-    return [values[k] for k in mod.CONTROLS]
+@pytest.fixture(scope="module")
+def pages(app):
+    """The declared pages' names (the parametrised tests below cover every one)."""
+    return declared()
 
 
 def alert_texts(alerts) -> list[str]:
@@ -45,82 +43,136 @@ def alert_texts(alerts) -> list[str]:
     return [str(a.children) for a in (alerts or [])]
 
 
-def test_every_page_is_registered(app):
+def spec(name: str) -> P.PageSpec:
+    """The declaration of page ``name``."""
+    found = P.spec_of(name)
+    assert found is not None, name
+    return found
+
+
+def test_every_page_is_registered_and_declared(app):
     paths = {p["path"] for p in dash.page_registry.values()}
     assert {"/", "/predictions", "/tokens", "/attention", "/logit-lens", "/attribution",
             "/ablation"} <= paths
+    # every page module in the pages folder is registered, and every analysis page is a
+    # declaration (the overview is the only free-form page)
+    from pathlib import Path
+
+    import attention_lens.pages
+
+    folder = Path(attention_lens.pages.__file__).parent
+    files = {p.stem for p in folder.glob("*.py") if not p.name.startswith("_")}
+    registered = {k.rsplit(".", 1)[-1] for k in dash.page_registry}
+    assert files == registered
+    free = [p["path"] for p in dash.page_registry.values() if "attention_lens" not in p]
+    assert free == ["/"]
+    assert len(declared()) == len(files) - 1
 
 
-@pytest.mark.parametrize("name", PAGES)
-def test_main_callback_returns_figures_for_default_prompt(app, name):
-    mod = page_module(name)
-    out = mod.update(STATE, *controls(mod))
-    *outputs, alerts, query = out
-    assert alert_texts(alerts) == []
-    figures = [o for o in outputs if isinstance(o, go.Figure)]
-    assert figures, f"{name} returned no figure"
-    for fig in figures:
-        assert len(fig.data) > 0
-    assert query["src"] == "url" and set(mod.CONTROLS) <= set(query)
+def pytest_generate_tests(metafunc):
+    """Parametrise ``page_name`` over every page Dash registers (built once here)."""
+    if "page_name" in metafunc.fixturenames:
+        from attention_lens.registry import Registry
+
+        create_app(Registry())
+        metafunc.parametrize("page_name", declared())
 
 
-@pytest.mark.parametrize("name", PAGES)
-def test_layout_renders_from_query_and_reports_bad_params(app, name):
-    mod = page_module(name)
-    div = mod.layout()
+def test_main_callback_returns_figures_for_default_prompt(app, page_name):
+    d = spec(page_name).render(STATE)
+    assert d.errors == [], d.errors
+    assert d.drew, f"{page_name} returned no figure"
+    for name, fig in d.figures.items():
+        assert len(fig.data) > 0 or fig.layout.annotations, (page_name, name)
+    assert d.query["_src"] == "url" and set(spec(page_name).control_names) <= set(d.query)
+
+
+def test_layout_renders_from_query_and_reports_bad_params(app, page_name):
+    from attention_lens.components.controls import Int
+
+    sp = spec(page_name)
+    div = dash.page_registry[next(k for k, p in dash.page_registry.items()
+                                  if p.get("attention_lens") is sp)]["layout"]()
     assert isinstance(div, html.Div)
-    bad = {k: "not-a-number" for k, p in mod.CONTROLS.items() if isinstance(p, P.IntParam)}
-    div = mod.layout(**bad)
-    text = json.dumps(div.to_plotly_json(), default=str)
+    bad = {c.name: "not-a-number" for c in sp.controls if isinstance(c, Int)}
+    text = str(sp.layout(**bad))
     for k in bad:
         assert f"{k} must be a whole number" in text
+    for c in sp.controls:  # each control is rendered, with its label
+        assert f"'{sp.page}-{c.name}'" in text or c.name in ("plus", "minus")
+        assert repr(c.label) in text
+    for g in sp.graphs:
+        assert f"'name': '{g}'" in text
+    for e in sp.extras:
+        assert f"'{sp.page}-{e}'" in text
 
 
 def test_predictions_figure_depends_on_prompt_and_k(app):
-    mod = page_module("predictions")
-    top, surprisal, table, alerts, _ = mod.update(STATE, 7, -1)
-    assert len(top.data[0].y) == 7
-    short = {**STATE, "text": "Harry Potter"}
-    _, surprisal2, *_ = mod.update(short, 7, -1)
-    assert len(surprisal2.data[0].x) < len(surprisal.data[0].x)
+    d = spec("predictions").render(STATE, k=7, pos=-1)
+    assert len(d.figures["next-token"].data[0].y) == 7
+    short = spec("predictions").render({**STATE, "text": "Harry Potter"}, k=7)
+    assert len(short.figures["surprisal"].data[0].x) < len(d.figures["surprisal"].data[0].x)
 
 
 def test_out_of_range_controls_become_alerts(app):
-    pred = page_module("predictions")
-    *outs, alerts, query = pred.update(STATE, 10, 999)
-    assert outs == [dash.no_update] * 3
-    assert any("outside the prompt" in t for t in alert_texts(alerts))
-    att = page_module("attention")
-    *outs, alerts, _ = att.update(STATE, 7, 0)
-    assert any("layer 7 does not exist" in t for t in alert_texts(alerts))
-    *outs, alerts, _ = pred.update(STATE, 1000, -1)  # clamped to the allowed maximum
-    assert any("above the largest allowed value 100" in t for t in alert_texts(alerts))
-    assert len(outs[0].data[0].y) == 100
+    pred = spec("predictions").render(STATE, k=10, pos=999)
+    assert list(pred.figures.values()) == [dash.no_update] * 2
+    assert pred.extras["table"] is dash.no_update
+    assert any("outside the prompt" in t for t in pred.errors)
+    att = spec("attention").render(STATE, layer=7, head=0)  # clamped to the model's layers
+    assert any("layer 7 is above the largest allowed value 1" in t for t in att.errors)
+    assert "Layer 1, head 0" in att.figures["pattern"].layout.title.text
+    big = spec("predictions").render(STATE, k=1000)  # clamped to the allowed maximum
+    assert any("above the largest allowed value 100" in t for t in big.errors)
+    assert len(big.figures["next-token"].data[0].y) == 100
 
 
 def test_bad_target_token_and_heads_are_alerts(app):
-    lens = page_module("logit_lens")
-    *_, alerts, _ = lens.update(STATE, 5, "target", "Hermione Granger", -1, "sublayer")
-    assert any("not a single token" in t for t in alert_texts(alerts))
-    abl = page_module("ablation")
-    *_, alerts, _ = abl.update(STATE, "induction", "L9H0", "zero", 10, -1, "")
-    assert any("does not exist" in t for t in alert_texts(alerts))
-    *_, alerts, _ = abl.update(STATE, "induction", "banana", "zero", 10, -1, "")
-    assert any("cannot read head" in t for t in alert_texts(alerts))
+    lens = spec("logit-lens").render(STATE, colour="target", target="Hermione Granger")
+    assert any("not a single token" in t for t in lens.errors)
+    abl = spec("ablation").render(STATE, heads="L9H0")
+    assert any("does not exist" in t for t in abl.errors)
+    abl = spec("ablation").render(STATE, heads="banana")
+    assert any("cannot read head" in t for t in abl.errors)
 
 
 def test_attention_head_switch_reuses_the_forward_pass(app, registry):
-    att = page_module("attention")
-    att.update(STATE, 1, 5)
+    att = spec("attention")
+    att.render(STATE, layer=1, head=5)
     before = registry.cache_info()["forward"]
-    fig_a = att.update(STATE, 1, 5)[0]
-    fig_b = att.update(STATE, 0, 2)[0]
+    fig_a = att.render(STATE, layer=1, head=5).figures["pattern"]
+    fig_b = att.render(STATE, layer=0, head=2).figures["pattern"]
     assert registry.cache_info()["forward"] == before
     assert "head 5" in fig_a.layout.title.text and "head 2" in fig_b.layout.title.text
 
 
+def test_attention_head_switch_keeps_the_entropy(app):
+    """Only the head changed: the grid is redrawn (it outlines the head shown), the entropy
+    is left as drawn."""
+    from contextvars import copy_context
+
+    from dash._callback_context import context_value
+    from dash._utils import AttributeDict
+
+    att = spec("attention")
+
+    def run():
+        context_value.set(AttributeDict(triggered_inputs=[
+            {"prop_id": "attention-head.value", "value": 2}]))
+        return att.update(STATE, 1, 2, 0, None)
+
+    out = copy_context().run(run)
+    assert isinstance(out[0], go.Figure) and isinstance(out[1], go.Figure)
+    assert out[2] is dash.no_update
+    assert "Layer 1, head 2" in out[0].layout.title.text
+    assert out[3] == "Showing L1H2, the head you chose."
+    n = len(spec("attention").graphs) + len(spec("attention").extras)
+    assert out[n + 1]["_src"] == "user"  # a control changed: a new history entry
+
+
 def test_thumbnail_click_selects_head(app):
-    att = page_module("attention")
+    att = sys.modules[next(k for k, p in dash.page_registry.items()
+                           if p["path"] == "/attention")]
     from contextvars import copy_context
 
     from dash._callback_context import context_value
@@ -174,11 +226,9 @@ def test_nav_links_carry_the_state(app):
 
 def test_user_text_is_never_html(app):
     evil = "<img src=x onerror=alert(1)>"
-    state = {**STATE, "text": evil}
-    mod = page_module("predictions")
-    *_, alerts, _ = mod.update(state, 5, -1)
-    assert alert_texts(alerts) == []
-    tree = json.dumps(mod.layout().to_plotly_json(), default=str)
+    d = spec("predictions").render({**STATE, "text": evil}, k=5)
+    assert d.errors == []
+    tree = json.dumps(spec("predictions").layout().to_plotly_json(), default=str)
     assert "dangerously_allow_html" not in tree
 
 
@@ -205,3 +255,18 @@ def test_export_without_chromium_says_so(app, monkeypatch):
     panels = P.page_panels("predictions", STATE, {})
     with pytest.raises(export.ExportError, match="needs Chromium"):
         export.page_zip("predictions", panels, STATE, {})
+
+
+def test_export_over_the_job_bound_says_busy(app):
+    """Page export takes a job slot like any background job: over the bound it says so."""
+    from attention_lens import background
+
+    slots = background.current().slots
+    held = [slots.reserve("other") for _ in range(slots.n)]
+    try:
+        ids = [{"type": P.EXPORT, "page": "predictions"}]
+        _, statuses = downloads.export_page([1], ids, STATE, [{}])
+        assert "The server is busy" in str(statuses[0].children)
+    finally:
+        for token in held:
+            slots.release(token)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from contextvars import copy_context
 
+import dash
 import numpy as np
 import plotly.graph_objects as go
 import pytest
@@ -17,14 +18,22 @@ from attention_lens.app import create_app
 from attention_lens.components import page as P
 from attention_lens.components.shell import DEFAULT_PROMPT
 
-PAGES = ("weights", "eigenvalues", "induction", "embeddings", "analogy")
+#: Pages that read weight analyses (others may too: found by what their panels ask for).
+WEIGHT_PAGES = ("weights", "eigenvalues", "induction", "embeddings")
 
 
 @pytest.fixture(scope="module")
 def pages(registry):
-    """The page modules of an app built over the shipped models."""
+    """The declarations of an app built over the shipped models, by page name."""
     create_app(registry)
-    return {name: sys.modules[f"attention_lens.pages.{name}"] for name in PAGES}
+    return {s.page: s for s in P.declared_pages()}
+
+
+def module_of(page: str):
+    """The module Dash imported for ``page`` (its own callbacks and helpers)."""
+    key = next(k for k, p in dash.page_registry.items()
+               if getattr(p.get("attention_lens"), "page", None) == page)
+    return sys.modules[key]
 
 
 def state(model: str = "attn-only-2l", text: str = DEFAULT_PROMPT) -> dict:
@@ -32,16 +41,9 @@ def state(model: str = "attn-only-2l", text: str = DEFAULT_PROMPT) -> dict:
     return {"model": model, "text": text, "pos": None}
 
 
-def run(module, st: dict, **controls) -> tuple:
-    """Call a page's main callback like Dash would: the state, then each control's value."""
-    q, _ = P.parse_query(module.CONTROLS, {})
-    q.update(controls)
-    return module.update(st, *[q[k] for k in module.CONTROLS])
-
-
-def alert_texts(alerts) -> list[str]:
-    """The messages of the alerts a callback returned."""
-    return [str(a.children) for a in alerts or []]
+def run(spec: P.PageSpec, st: dict, **controls) -> P.Drawn:
+    """Run a page's callbacks like Dash would (the job too, when one is needed)."""
+    return spec.render(st, **controls)
 
 
 def figure_named(fig: go.Figure, name: str):
@@ -51,9 +53,10 @@ def figure_named(fig: go.Figure, name: str):
 
 # --------------------------------------------------------------------------- weights
 def test_weights_spectra_and_directions(pages, model_2l):
-    outs = run(pages["weights"], state())
-    spectra, norms, directions, table, note, job, alerts, query = outs
-    assert alert_texts(alerts) == [] and job is None  # called directly: no pending job
+    d = run(pages["weights"], state())
+    spectra, norms, directions = (d.figures[k] for k in ("spectra", "norms", "directions"))
+    table, query = d.extras["table"], d.query
+    assert d.errors == [] and d.notes == []
     assert len(spectra.data) == 24  # 2 layers x 12 heads, all selected by default
     for trace in spectra.data:
         s = np.asarray(trace.y)
@@ -63,14 +66,14 @@ def test_weights_spectra_and_directions(pages, model_2l):
     # default table head: the largest sigma_1; its heatmaps hold dirs x k tokens
     assert np.asarray(directions.data[0].z).shape == (3, 8)
     assert "L" in directions.layout.title.text and query["circuit"] == "OV"
-    assert note is None and "top tokens" in str(table.children[0].children)
+    assert "top tokens" in str(table.children[0].children)
 
 
 def test_weights_selection_and_qk(pages):
-    spectra, _, directions, _, _, _, alerts, query = run(
-        pages["weights"], state(), circuit="QK", layers=[1], heads=[5, 0], layer=1, head=5,
-        dirs=2, k=4, scale="linear")
-    assert alert_texts(alerts) == []
+    d = run(pages["weights"], state(), circuit="QK", layers=[1], heads=[5, 0], layer=1, head=5,
+            dirs=2, k=4, scale="linear")
+    spectra, directions, query = d.figures["spectra"], d.figures["directions"], d.query
+    assert d.errors == []
     assert [t.name for t in spectra.data] == ["L1H0", "L1H5"]
     assert "W_QK" in spectra.layout.title.text and spectra.layout.yaxis.type == "linear"
     assert directions.layout.title.text.startswith("L1H5")
@@ -79,10 +82,10 @@ def test_weights_selection_and_qk(pages):
 
 
 def test_weights_bad_controls_give_alerts(pages):
-    for controls, words in (({"layers": [7]}, "layer 7"), ({"head": 12, "layer": 0}, "head"),
+    for controls, words in (({"layers": [7]}, "layers: 7 does not exist (0-1)"),
+                            ({"head": 12, "layer": 0}, "head 12 is above the largest allowed"),
                             ({"heads": "x,y"}, "whole numbers")):
-        outs = run(pages["weights"], state(), **controls)
-        texts = " ".join(alert_texts(outs[-2]))
+        texts = " ".join(run(pages["weights"], state(), **controls).errors)
         assert words in texts, (controls, texts)
 
 
@@ -90,16 +93,17 @@ def test_weights_url_parameters(pages):
     layout = pages["weights"].layout(model="attn-only-2l", layers="0,1", circuit="XY")
     text = str(layout)
     assert "Link parameter: circuit must be one of OV, QK" in text
-    q, problems = P.parse_query(pages["weights"].CONTROLS, {"layers": "1,0", "heads": "3"})
+    q, problems = pages["weights"].query({"layers": "1,0", "heads": "3"}, None)
     assert q["layers"] == [0, 1] and q["heads"] == [3] and not problems
 
 
 # ----------------------------------------------------------------------- eigenvalues
 def test_eigenvalues_page(pages, registry, model_2l):
-    spectrum, circuits, copying, note, job, alerts, _ = run(pages["eigenvalues"], state(), layer=1,
-                                                 head=5, order="position")
-    assert alert_texts(alerts) == [] and job is None
-    assert "W_pos are left out" in str(note)  # full QK: token embeddings only
+    d = run(pages["eigenvalues"], state(), layer=1, head=5, order="position")
+    spectrum, circuits, copying = (d.figures[k] for k in ("pattern-spectrum",
+                                                          "circuit-eigenvalues", "copying"))
+    assert d.errors == []
+    assert "W_pos are left out" in " ".join(d.notes)  # full QK: token embeddings only
     fp = registry.forward(DEFAULT_PROMPT, "attn-only-2l")
     diag = fp.cache["blocks.1.attn.hook_pattern"][5].diagonal().double().numpy()
     assert np.allclose(np.asarray(spectrum.data[0].y), diag)  # eigenvalues = the diagonal
@@ -109,23 +113,23 @@ def test_eigenvalues_page(pages, registry, model_2l):
     assert [np.asarray(t.z).shape for t in copying.data] == [(2, 12), (2, 12)]
     z = np.asarray(copying.data[0].z)
     assert np.all((z >= -1) & (z <= 1)) and z[1, 5] > 0.7  # the induction head copies
-    help_text = pages["eigenvalues"].HELP
+    help_text = pages["eigenvalues"].help_md
     assert "diagonal" in help_text and "lower-triangular" in help_text
 
 
 def test_eigenvalues_default_head_and_bad_head(pages):
-    spectrum, *_ = run(pages["eigenvalues"], state())
+    spectrum = run(pages["eigenvalues"], state()).figures["pattern-spectrum"]
     assert spectrum.layout.title.text.startswith("L1H")  # highest full-OV copying head
-    outs = run(pages["eigenvalues"], state(), layer=2, head=0)
-    assert "layer must be between 0 and 1" in " ".join(alert_texts(outs[-2]))
-    assert outs[0] is not None and not isinstance(outs[0], go.Figure)  # no_update
+    d = run(pages["eigenvalues"], state(), layer=2, head=0)  # clamped to the last layer
+    assert "layer 2 is above the largest allowed value 1" in " ".join(d.errors)
+    assert d.figures["pattern-spectrum"].layout.title.text.startswith("L1H0")
 
 
 # ------------------------------------------------------------------------- induction
 def test_induction_grids_labels_examples(pages):
-    outs = run(pages["induction"], state())
-    scores, labels, examples, comp_q, comp_k, comp_v, note, job, alerts, _ = outs
-    assert alert_texts(alerts) == [] and note is None and job is None
+    d = run(pages["induction"], state())
+    scores, labels, examples, comp_q, comp_k, comp_v = d.figures.values()
+    assert d.errors == [] and d.notes == []
     probe = figure_named(scores, "probe: induction")
     z = np.asarray(probe.z)
     assert z.shape == (2, 12) and z[1, 5] > 0.8 and z[0].max() < 0.1
@@ -145,9 +149,9 @@ def test_induction_grids_labels_examples(pages):
 
 
 def test_induction_selected_head_and_prompt_labels(pages):
-    outs = run(pages["induction"], state(), layer=0, head=2, kind="previous_token",
-               labels="prompt", n=3)
-    examples, labels = outs[2], outs[1]
+    d = run(pages["induction"], state(), layer=0, head=2, kind="previous_token",
+            labels="prompt", n=3)
+    examples, labels = d.figures["examples"], d.figures["labels"]
     assert examples.layout.title.text == "L0H2: strongest previous-token entries"
     assert len(examples.data[0].y) == 3
     assert "from the prompt" in labels.layout.title.text
@@ -155,30 +159,30 @@ def test_induction_selected_head_and_prompt_labels(pages):
 
 
 def test_induction_one_layer_model_says_no_composition(pages):
-    outs = run(pages["induction"], state("attn-only-1l"))
-    scores, labels, examples, comp_q, comp_k, comp_v, note, job, alerts, _ = outs
-    assert alert_texts(alerts) == []
+    d = run(pages["induction"], state("attn-only-1l"))
+    scores, labels, examples, comp_q, comp_k, comp_v = d.figures.values()
+    assert d.errors == []
     assert np.asarray(figure_named(scores, "probe: induction").z).shape == (1, 12)
-    assert "one layer" in str(note.children)
+    assert "one layer" in " ".join(d.notes)
     for fig in (comp_q, comp_k, comp_v):
         assert "one layer" in fig.layout.annotations[0].text
     bad = run(pages["induction"], state("attn-only-1l"), src=0)
-    assert "one layer" in " ".join(alert_texts(bad[-2]))
+    assert "one layer" in " ".join(bad.errors)
 
 
 def test_induction_bad_controls(pages):
-    outs = run(pages["induction"], state(), layer=0, head=40)
-    assert "head must be between 0 and 11" in " ".join(alert_texts(outs[-2]))
-    outs = run(pages["induction"], state(), src=1)
-    assert "source layer must be between 0 and 0" in " ".join(alert_texts(outs[-2]))
+    d = run(pages["induction"], state(), layer=0, head=40)
+    assert "head 40 is above the largest allowed value 11" in " ".join(d.errors)
+    d = run(pages["induction"], state(), src=1)
+    assert "source layer must be between 0 and 0" in " ".join(d.errors)
 
 
 # ------------------------------------------------------------------------ embeddings
 def test_embeddings_map_prompt_and_search(pages, registry):
     fp = registry.forward(DEFAULT_PROMPT, "attn-only-2l")
-    mp, variance, neighbours, job, alerts, _ = run(pages["embeddings"], state(), clusters=5,
-                                              n=500, search="Harry", neighbours=7)
-    assert alert_texts(alerts) == []
+    d = run(pages["embeddings"], state(), clusters=5, n=500, search="Harry", neighbours=7)
+    mp, variance, neighbours = d.figures.values()
+    assert d.errors == []
     clusters = [t for t in mp.data if t.name.startswith("cluster")]
     assert len(clusters) == 5 and sum(len(t.x) for t in clusters) == 500
     assert all(t.type == "scattergl" for t in mp.data)
@@ -192,9 +196,9 @@ def test_embeddings_map_prompt_and_search(pages, registry):
 
 
 def test_embeddings_unembedding_and_filters(pages):
-    mp, _, neighbours, _, alerts, query = run(pages["embeddings"], state(), matrix="W_U",
-                                           filter="whole_word", n=300, search="")
-    assert alert_texts(alerts) == []
+    d = run(pages["embeddings"], state(), matrix="W_U", filter="whole_word", n=300, search="")
+    mp, neighbours, query = d.figures["map"], d.figures["neighbours"], d.query
+    assert d.errors == []
     assert "W_U^T" in mp.layout.title.text and query["filter"] == "whole_word"
     tokens = [s for t in mp.data if t.name.startswith("cluster") for s in t.text]
     assert tokens and all(s.startswith("·") for s in tokens)
@@ -202,18 +206,17 @@ def test_embeddings_unembedding_and_filters(pages):
 
 
 def test_embeddings_bad_controls(pages):
-    outs = run(pages["embeddings"], state(), search="x" * 90)
-    assert "tokens long" in " ".join(alert_texts(outs[-2]))
-    values = dict(zip(pages["embeddings"].CONTROLS, [None] * 7))
-    values["clusters"] = 0
-    outs = pages["embeddings"].update(state(), *values.values())
-    assert "below the smallest allowed value 1" in " ".join(alert_texts(outs[-2]))
+    d = run(pages["embeddings"], state(), search="x" * 90)
+    assert "tokens long" in " ".join(d.errors)
+    d = run(pages["embeddings"], state(), clusters=0)
+    assert "below the smallest allowed value 1" in " ".join(d.errors)
 
 
 # --------------------------------------------------------------------------- analogy
 def test_analogy_default_equation(pages):
-    fig, table, notes, alerts, query = run(pages["analogy"], state())
-    assert alert_texts(alerts) == []
+    d = run(pages["analogy"], state())
+    fig, table, query = d.figures["results"], d.extras["table"], d.query
+    assert d.errors == []
     assert len(fig.data[0].y) == 10
     assert "England + French − English" in fig.layout.title.text
     answers = [str(r.children[1].children.children) for r in table.children[1].children]
@@ -221,22 +224,21 @@ def test_analogy_default_equation(pages):
     # the default shows something true about the shipped model: the answer is France
     assert answers[0] == "·France"
     assert query["plus"] == ["England", "French"] and query["minus"] == ["English"]
+    assert "England + French − English" in str(d.extras["caption"])
     # ' woman' is two tokens for this vocabulary: the page says so
-    *_, notes, alerts, _ = run(pages["analogy"], state(), plus=["king", "woman"],
-                               minus=["man"])
-    assert any("woman" in str(n.children) and "2 tokens" in str(n.children)
-               for n in notes[1:])
+    d = run(pages["analogy"], state(), plus=["king", "woman"], minus=["man"])
+    assert any("woman" in n and "2 tokens" in n for n in d.notes)
 
 
 def test_analogy_method_and_errors(pages):
-    fig, *_ = run(pages["analogy"], state(), method="3cosmul", k=3, plus=["France", "Paris"],
-                  minus=[])
+    fig = run(pages["analogy"], state(), method="3cosmul", k=3, plus=["France", "Paris"],
+              minus=[]).figures["results"]
     assert "3CosMul" in fig.layout.title.text and len(fig.data[0].y) == 3
-    outs = run(pages["analogy"], state(), plus=[], minus=["man"])
-    assert "at least one word" in " ".join(alert_texts(outs[-2]))
-    outs = run(pages["analogy"], state(), plus=["Supercalifragilisticexpialidocious" * 2])
-    assert "tokens long" in " ".join(alert_texts(outs[-2]))
-    q, _ = P.parse_query(pages["analogy"].CONTROLS, {"plus": "king, ,woman", "minus": "man"})
+    d = run(pages["analogy"], state(), plus=[], minus=["man"])
+    assert "at least one word" in " ".join(d.errors)
+    d = run(pages["analogy"], state(), plus=["Supercalifragilisticexpialidocious" * 2])
+    assert "tokens long" in " ".join(d.errors)
+    q, _ = pages["analogy"].query({"plus": "king, ,woman", "minus": "man"}, None)
     assert q["plus"] == ["king", "woman"]
 
 
@@ -248,7 +250,7 @@ def _with_trigger(prop_id: str, fn, *args):
 
 
 def test_analogy_builder_adds_and_removes_terms(pages):
-    mod = pages["analogy"]
+    mod = module_of("analogy")
     rows = _with_trigger("analogy-add-plus.n_clicks", mod.edit_plus, 1, [0, 0],
                          ["king", "woman"])
     assert len(rows) == 3
@@ -261,20 +263,55 @@ def test_analogy_builder_adds_and_removes_terms(pages):
 
 
 # ------------------------------------------------------------------- every page
-@pytest.mark.parametrize("name", PAGES)
-def test_every_panel_exports(pages, name):
-    panels = P.page_panels(name, state(), {})
-    assert panels and all(isinstance(p.figure, go.Figure) for p in panels)
-    for panel in panels:
-        if not panel.figure.data:  # a placeholder must say why it is empty
-            assert panel.figure.layout.annotations[0].text
-            continue
-        assert export.figure_csv(panel.figure).count("\n") > 1
-        assert export.panel_json(panel, state())
-    assert pages[name].HELP.count("$") >= 4  # the formula is in the help
+def test_weight_pages_are_the_ones_asking_for_weight_analyses(pages):
+    """The pages reading weight analyses, found by running them with an empty store."""
+    from attention_lens import background
+
+    old = background._CURRENT
+    import tempfile
+
+    bg = background.install(background.create(tempfile.mkdtemp(prefix="al-empty-")))
+    asking = []
+    try:
+        for name, spec in pages.items():
+            request = spec.render(state(), compute=False).request
+            if isinstance(request, dict):
+                asking.append(name)
+                bg.slots.release(request["token"])  # the job is not run here
+        assert bg.slots.active() == []
+    finally:
+        background._CURRENT = old
+    assert set(WEIGHT_PAGES) <= set(asking)
+    prompt_only = {"predictions", "tokens", "attention", "logit-lens", "attribution",
+                   "ablation", "analogy"}
+    assert not prompt_only & set(asking), asking
 
 
-@pytest.mark.parametrize("name", PAGES)
-def test_layout_renders_with_defaults_and_garbage(pages, name):
-    assert pages[name].layout(model="attn-only-2l") is not None
-    assert pages[name].layout(model="no-such-model", layer="x", k="-3") is not None
+def test_every_panel_exports(pages):
+    for name, spec in pages.items():
+        panels = P.page_panels(name, state(), {}, compute=True)
+        assert panels and all(isinstance(p.figure, go.Figure) for p in panels), name
+        assert [p.name for p in panels] == list(spec.graphs), name
+        for panel in panels:
+            if not panel.figure.data:  # a placeholder must say why it is empty
+                assert panel.figure.layout.annotations[0].text
+                continue
+            assert export.figure_csv(panel.figure).count("\n") > 1
+            assert export.panel_json(panel, state())
+        assert spec.help_md.count("$") >= 4, name  # the formula is in the help
+
+
+def test_layouts_warn_about_garbage_link_parameters(pages):
+    for name, spec in pages.items():
+        assert spec.layout(model="attn-only-2l") is not None
+        garbage = {c.name: "x!" for c in spec.controls}
+        text = str(spec.layout(model="no-such-model", **garbage))
+        from attention_lens.components.controls import Choice, Int, IntList
+
+        for c in spec.controls:
+            if isinstance(c, Int):
+                assert f"Link parameter: {c.name} must be a whole number" in text, (name, c)
+            elif isinstance(c, Choice):
+                assert f"Link parameter: {c.name} must be one of" in text, (name, c)
+            elif isinstance(c, IntList):
+                assert f"Link parameter: {c.name} must be whole numbers" in text, (name, c)

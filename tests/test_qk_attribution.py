@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny
+from tl_oracle import tl_tokens, to_transformer_lens
 
 from attention_lens.analysis.errors import AnalysisError
 from attention_lens.analysis.forward import run_forward
@@ -14,8 +16,6 @@ from attention_lens.analysis.qk_attribution import (
     qk_attribution_row,
     residual_components,
 )
-from conftest import make_tiny
-from tl_oracle import tl_tokens, to_transformer_lens
 
 TEXT = "Harry Potter and Hermione Granger walked. Harry Potter and Hermione"
 

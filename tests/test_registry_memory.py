@@ -112,3 +112,18 @@ def test_concurrent_requests_for_one_prompt_run_the_model_once(reg, monkeypatch)
 def test_memory_bound_adds_the_caps_and_the_models(reg, tiny):
     params = sum(t.numel() * t.element_size() for t in tiny.model.state_dict().values())
     assert reg.memory_bound() == reg.max_forward_bytes + reg.max_weights_bytes + params
+
+
+def test_logit_lens_page_reuses_the_lens_cached_with_its_forward_pass(registry):
+    from attention_lens.app import create_app
+    from attention_lens.components import page as P
+
+    create_app(registry)
+    state = {"model": "attn-only-2l", "text": "Harry Potter and Hermione. Harry Potter and",
+             "pos": None}
+    before = registry.cache_info()["per_prompt"]
+    first = P.page_panels("logit-lens", state, {})
+    assert registry.cache_info()["per_prompt"] == before + 1
+    again = P.page_panels("logit-lens", state, {})
+    assert registry.cache_info()["per_prompt"] == before + 1
+    assert again[0].data is first[0].data  # the same result object, not recomputed

@@ -1,4 +1,4 @@
-"""Sign-in hardening: equal cost for unknown users, throttling, bounded hashing, fail-closed file."""
+"""Sign-in hardening: unknown users cost a hash, throttling, bounded hashing, fail-closed file."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ def basic(user: str, password: str) -> dict[str, str]:
 
 
 def make_app(path, **options):
-    return create_server(ServerConfig(auth_file=path, cache_size=4, **options))
+    """The server with a users file; sign-in options as their environment variables."""
+    env = {f"ATTENTION_LENS_{k.upper()}": str(v) for k, v in options.items()}
+    return create_server(ServerConfig.from_env(env, auth_file=path, cache_size=4))
 
 
 @pytest.fixture()

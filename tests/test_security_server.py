@@ -212,12 +212,18 @@ def test_python_app_py_holds_against_slow_sockets(tmp_path):
         server.stop()
 
 
-def test_debug_mode_has_no_werkzeug_console_and_stays_on_loopback(tmp_path):
-    refused = subprocess.run([sys.executable, "app.py", "--debug", "--host", "0.0.0.0",
+def test_debug_mode_is_refused_beyond_loopback():
+    # 192.0.2.1 (TEST-NET-1) is no address of this machine: a version that tried to serve
+    # would fail to bind, so nothing is ever exposed by this test
+    refused = subprocess.run([sys.executable, "app.py", "--debug", "--host", "192.0.2.1",
                               "--port", str(free_port()), "--allow-anonymous"], cwd=ROOT,
                              env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
                              text=True, timeout=120)
-    assert refused.returncode == 2 and "debug" in refused.stderr, refused.stderr[-500:]
+    assert refused.returncode == 2 and "refusing debug mode" in refused.stderr, \
+        refused.stderr[-500:]
+
+
+def test_debug_mode_has_no_werkzeug_console(tmp_path):
     server = app_py(tmp_path, "--debug", auth=False)
     try:
         server.wait_ready("/api/models")
@@ -272,5 +278,115 @@ def test_anonymous_service_beyond_loopback_is_refused_under_any_launcher(tmp_pat
         assert outcome is not None and not outcome.startswith("served"), (outcome, log)
         assert "refusing to listen on 0.0.0.0" in log or "refused 503" in outcome, (outcome,
                                                                                      log)
+    finally:
+        server.stop()
+
+
+def post_json(server: Server, path: str, body: dict, headers: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", method="POST",
+                                 data=json.dumps(body).encode(),
+                                 headers={**headers, "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, {"error": exc.read()[:300]}
+
+
+def test_a_20000_character_prompt_survives_a_shareable_link(tmp_path):
+    server, prefix = readme_server(tmp_path, extra_env={
+        "ATTENTION_LENS_CACHE_DIR": str(tmp_path / "cache")})
+    words = "Harry Potter went to the castle and the owl flew over the lake".split()
+    text = " ".join(words[i % len(words)] + str(i % 97) for i in range(4000))[:20_000]
+    assert len(text) == 20_000
+    try:
+        _, deps = server.get(prefix + "_dash-dependencies", AUTH)
+        output = next(d["output"] for d in json.loads(deps)
+                      if d["output"].startswith("..shell-state.data"))
+        outputs = [dict(zip(("id", "property"), o.split("."))) for o in
+                   output[2:-2].split("...")]
+
+        def sync(search, clicks, typed):
+            return post_json(server, prefix + "_dash-update-component", {
+                "output": output, "outputs": outputs, "changedPropIds": [
+                    "shell-analyse.n_clicks" if clicks else "_pages_location.search"],
+                "inputs": [{"id": "_pages_location", "property": "search", "value": search},
+                           {"id": "shell-nav", "property": "data", "value": None},
+                           {"id": "shell-analyse", "property": "n_clicks", "value": clicks},
+                           {"id": "shell-model", "property": "value", "value": None}],
+                "state": [{"id": "shell-text", "property": "value", "value": typed},
+                          {"id": "shell-state", "property": "data", "value": None}]}, AUTH)
+
+        status, body = sync("", 1, text)  # typed into the prompt box, Analyse
+        assert status == 200, body
+        state = body["response"]["shell-state"]["data"]
+        assert state["text"] == text and state.get("tid")
+        link = f"{prefix}attention?model={state['model']}&t={state['tid']}"
+        assert len(link) < 200
+        status, _ = server.get(link, AUTH)  # the shared link loads through gunicorn
+        assert status == 200
+        for _ in range(4):  # opened in any worker, the link brings back the whole prompt
+            status, body = sync("?" + link.split("?", 1)[1], None, None)
+            assert status == 200, body
+            assert body["response"]["shell-state"]["data"]["text"] == text
+        # the same prompt in the URL itself does not pass gunicorn's request line limit
+        from urllib.parse import quote
+
+        with pytest.raises(urllib.error.HTTPError):
+            server.get(f"{prefix}attention?text={quote(text)}", AUTH)
+    finally:
+        server.stop()
+
+
+def raw_request(port: int, data: bytes, pause_after: int = -1, wait: float = 30) -> bytes:
+    """Send ``data`` (stalling after ``pause_after`` bytes if given); the raw response."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
+        s.sendall(data if pause_after < 0 else data[:pause_after])
+        chunks = []
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                if b"\r\n\r\n" in b"".join(chunks) and pause_after < 0 and \
+                        b"Connection: close" not in b"".join(chunks):
+                    s.settimeout(2)
+        except socket.timeout:
+            pass
+        return b"".join(chunks)
+
+
+def test_chunked_bodies_slow_bodies_and_headers_through_gunicorn(tmp_path):
+    server, prefix = readme_server(tmp_path, extra_env={"ATTENTION_LENS_READ_TIMEOUT": "3"})
+    auth = AUTH["Authorization"]
+    try:
+        def chunked(body: bytes) -> bytes:
+            pieces = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 65536]), body[i:i + 65536])
+                              for i in range(0, len(body), 65536))
+            return (f"POST {prefix}api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    f"Authorization: {auth}\r\nContent-Type: application/json\r\n"
+                    "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode() + \
+                pieces + b"0\r\n\r\n"
+
+        big = json.dumps({"text": "x" * (2 << 20)}).encode()
+        head = raw_request(server.port, chunked(big)).split(b"\r\n", 1)[0]
+        assert b" 413 " in head, head
+        small = json.dumps({"text": "hello there", "top_k": 2}).encode()
+        resp = raw_request(server.port, chunked(small))
+        assert b" 200 " in resp.split(b"\r\n", 1)[0], resp[:300]
+        assert b"X-Frame-Options: DENY" in resp and b"nosniff" in resp
+
+        body = json.dumps({"text": "hello there"}).encode()
+        slow = (f"POST {prefix}api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Authorization: {auth}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        t0 = time.perf_counter()
+        resp = raw_request(server.port, slow, pause_after=len(slow) - 5, wait=30)
+        waited = time.perf_counter() - t0
+        first = resp.split(b"\r\n", 1)[0]
+        print(f"a body stalled mid-way: answered {first!r} after {waited:.1f} s")
+        assert waited < 10, waited
+        assert b" 408 " in first, resp[:200]
     finally:
         server.stop()

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from ..model.checkpoint import LoadedModel
-from .attention import check_head, check_layer
+from .checks import check_head, check_k, check_layer, check_position
 from .errors import AnalysisError
 from .forward import ForwardPass
-from .predictions import TokenLike, check_k, check_position, token_id
+from .predictions import TokenLike, token_id
 
 AblationMethod = Literal["zero", "mean"]
 METHODS: tuple[str, ...] = ("zero", "mean")

@@ -9,33 +9,12 @@ import numpy as np
 import torch
 
 from ..model.checkpoint import LoadedModel
+from .checks import check_head, check_layer
 from .errors import AnalysisError
 from .forward import ForwardPass
 
 
 # ----------------------------------------------------------------------- input checks
-def check_layer(lm: LoadedModel, layer: int) -> int:
-    """Return ``layer`` if it is a valid layer index (negative counts from the end)."""
-    n = lm.cfg.n_layers
-    if isinstance(layer, bool) or not isinstance(layer, Integral):
-        raise AnalysisError(f"layer must be a whole number, got {layer!r}")
-    if not -n <= int(layer) < n:
-        raise AnalysisError(f"layer {layer} does not exist: the model has {n} layer(s), "
-                            f"numbered 0 to {n - 1}")
-    return int(layer) % n
-
-
-def check_head(lm: LoadedModel, head: int) -> int:
-    """Return ``head`` if it is a valid head index (negative counts from the end)."""
-    n = lm.cfg.n_heads
-    if isinstance(head, bool) or not isinstance(head, Integral):
-        raise AnalysisError(f"head must be a whole number, got {head!r}")
-    if not -n <= int(head) < n:
-        raise AnalysisError(f"head {head} does not exist: each layer has {n} heads, "
-                            f"numbered 0 to {n - 1}")
-    return int(head) % n
-
-
 def pattern_entropy(pattern: np.ndarray) -> np.ndarray:
     """Entropy in nats of each row of attention patterns [..., q, k] (0·log 0 = 0)."""
     a = np.asarray(pattern, dtype=np.float64)

@@ -19,8 +19,9 @@ import torch
 
 from ..model.checkpoint import LoadedModel
 from .attention import head_results
+from .checks import check_position
 from .forward import ForwardPass
-from .predictions import TokenLike, check_position, token_id
+from .predictions import TokenLike, token_id
 
 #: Component kinds, in the order they enter the residual stream.
 KINDS: tuple[str, ...] = ("embed", "pos_embed", "head", "b_O", "mlp", "ln_bias")

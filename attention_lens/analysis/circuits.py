@@ -389,24 +389,3 @@ def circuit_svd(lm: LoadedModel, which: str = "OV", n_directions: int = 3, top_k
         input_tokens=_nested_display(lm, in_ids), output_tokens=_nested_display(lm, out_ids),
         notes=architecture_notes(lm, which),
     )
-
-
-def ov_svd(lm: LoadedModel, n_directions: int = 3, top_k: int = 10) -> CircuitSVD:
-    """SVD of every head's OV circuit (the seed's Weight Analysis)."""
-    return circuit_svd(lm, "OV", n_directions, top_k)
-
-
-def qk_svd(lm: LoadedModel, n_directions: int = 3, top_k: int = 10) -> CircuitSVD:
-    """SVD of every head's QK circuit."""
-    return circuit_svd(lm, "QK", n_directions, top_k)
-
-
-def check_head(lm: LoadedModel, layer: Optional[int], head: Optional[int]) -> None:
-    """Raise AnalysisError when ``layer``/``head`` are out of range (None is allowed)."""
-    L, H = lm.cfg.n_layers, lm.cfg.n_heads
-    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, (int, np.integer))
-                              or not 0 <= layer < L):
-        raise AnalysisError(f"layer must be between 0 and {L - 1}, got {layer!r}")
-    if head is not None and (isinstance(head, bool) or not isinstance(head, (int, np.integer))
-                             or not 0 <= head < H):
-        raise AnalysisError(f"head must be between 0 and {H - 1}, got {head!r}")

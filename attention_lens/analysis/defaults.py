@@ -148,8 +148,8 @@ def strongest_head(lm: LoadedModel, fp: ForwardPass) -> HeadChoice:
 def focus_position(fp: ForwardPass) -> PositionChoice:
     """A position in the repeated part of the prompt, and the token that comes next there.
 
-    Among the repeated positions, the one where the model predicts the next token much
-    better than it did after the earlier copy (the largest drop in surprisal, what
+    Among the repeated positions, the one where the model's probability of the actual next
+    token rose most over what it gave the same token after the earlier copy (what
     induction buys); the last position when the prompt does not repeat itself.
     """
     n = fp.n_tokens
@@ -161,20 +161,19 @@ def focus_position(fp: ForwardPass) -> PositionChoice:
                               "guess (this prompt does not repeat itself)")
     logp = fp.logits[: n - 1].double().log_softmax(-1)
     nxt = np.asarray(t[1:], dtype=np.int64)
-    surprisal = -logp[np.arange(n - 1), nxt].numpy()  # [n-1] nats, at position i
+    prob = logp[np.arange(n - 1), nxt].exp().numpy()  # [n-1] p(t_{i+1} | t_<=i)
     best, best_gain, best_earlier = int(positions[0]), -np.inf, None
     for i in positions.tolist():
-        earlier = [j for j in range(i) if t[j] == t[i] and t[j + 1] == t[i + 1]]
-        j = earlier[0]
-        gain = float(surprisal[j] - surprisal[i])
+        j = next(j for j in range(i) if t[j] == t[i] and t[j + 1] == t[i + 1])
+        gain = float(prob[i] - prob[j])
         if gain > best_gain:
             best, best_gain, best_earlier = i, gain, j
-    tok = int(t[best + 1])
-    here, nxt = fp.display[best], fp.display[best + 1]
-    return PositionChoice(best, tok, best_earlier,
-                          f"position {best} '{here}', in the repeated part: '{nxt}' also "
-                          f"followed '{here}' at position {best_earlier}, and the model is "
-                          f"{best_gain:.2f} nats less surprised by it the second time")
+    here, nxt_tok = fp.display[best], fp.display[best + 1]
+    return PositionChoice(best, int(t[best + 1]), best_earlier,
+                          f"position {best} '{here}', in the repeated part: '{nxt_tok}' also "
+                          f"followed '{here}' at position {best_earlier}; the model gives it "
+                          f"p = {prob[best]:.2f} here against {prob[best_earlier]:.2f} after "
+                          "the earlier copy")
 
 
 def head_presets(lm: LoadedModel, fp: ForwardPass) -> dict[str, list[tuple[int, int]]]:

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from ..model.checkpoint import LoadedModel
-from .circuits import architecture_notes, check_head, head_weights
+from .checks import check_layer_head
+from .circuits import architecture_notes, head_weights
 from .errors import AnalysisError
 from .forward import ForwardPass
 
@@ -156,6 +157,12 @@ class CircuitEigenvalues:
         """[n_layers, n_heads] copying score of the full OV circuit (the headline number)."""
         return self.copying["full_ov"]
 
+    def strongest_copying_head(self, which: str = "full_ov") -> tuple[int, int]:
+        """(layer, head) with the highest copying score of circuit ``which``."""
+        scores = self.copying[which]
+        flat = int(np.argmax(scores))
+        return divmod(flat, scores.shape[1])
+
     def eigenvalues(self, which: str) -> np.ndarray:
         """The eigenvalue array of circuit ``which`` (one of :attr:`CIRCUITS`)."""
         if which not in self.CIRCUITS:
@@ -223,5 +230,5 @@ def circuit_eigenvalues(lm: LoadedModel, dtype: str = "float32",
 def head_eigenvalues(result: CircuitEigenvalues, lm: LoadedModel, layer: int, head: int,
                      which: str = "full_ov") -> np.ndarray:
     """The eigenvalues [d_head] (complex) of one head's circuit, with range checks."""
-    check_head(lm, layer, head)
+    check_layer_head(lm, layer, head)
     return result.eigenvalues(which)[layer, head]

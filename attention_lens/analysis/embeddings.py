@@ -1,7 +1,8 @@
 """Embedding space: PCA of W_E (or W_U^T) rows, k-means clusters, nearest neighbours.
 
-PCA is scikit-learn's (centred) or a truncated SVD (uncentred) of the selected rows;
-k-means runs on those same full-dimensional rows, never on the 2D projection.
+PCA is exact: scikit-learn's PCA with the full LAPACK SVD (centred; its default would pick
+a randomized solver for inputs as large as 2,000 × 384) or numpy's full SVD of the raw rows
+(uncentred); k-means runs on those same full-dimensional rows, never on the 2D projection.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class EmbeddingPCA:
     Attributes:
         matrix: "W_E" or "W_U" (rows of W_U^T).
         token_filter: which tokens were kept ("all", "frequent", "whole_word").
-        centred: whether rows were centred (scikit-learn PCA) or not (truncated SVD).
+        centred: whether rows were centred (scikit-learn PCA) or not (exact SVD of the raw rows).
         token_ids: [n] the tokens analysed.
         display: [n] their display strings.
         coords: [n, n_components] projection onto the principal components.
@@ -111,7 +112,7 @@ def embedding_pca(lm: LoadedModel, matrix: str = "W_E", token_filter: str = "fre
                   n_clusters: int = 8, centre: bool = True, seed: int = 0) -> EmbeddingPCA:
     """PCA of the selected embedding rows with explained variance, and k-means clusters."""
     from sklearn.cluster import KMeans, MiniBatchKMeans
-    from sklearn.decomposition import PCA, TruncatedSVD
+    from sklearn.decomposition import PCA
 
     w = embedding_matrix(lm, matrix)
     ids = token_selection(lm, token_filter, max_tokens)
@@ -122,16 +123,20 @@ def embedding_pca(lm: LoadedModel, matrix: str = "W_E", token_filter: str = "fre
     if not isinstance(n_clusters, int) or not 1 <= n_clusters <= min(n, 50):
         raise AnalysisError(f"n_clusters must be between 1 and {min(n, 50)}")
     if centre:
-        pca = PCA(n_components=n_components, random_state=seed).fit(x)
-        mean = pca.mean_
+        pca = PCA(n_components=n_components, svd_solver="full").fit(x)
+        mean, components = pca.mean_, pca.components_
+        variance, ratio = pca.explained_variance_, pca.explained_variance_ratio_
     else:
-        pca = TruncatedSVD(n_components=n_components, random_state=seed,
-                           algorithm="arpack" if n_components < min(n, d) else "randomized")
-        pca.fit(x)
         mean = np.zeros(d)
-    coords = (x - mean) @ pca.components_.T
-    ratio = pca.explained_variance_ratio_
-    if not centre:  # TruncatedSVD's ratio is relative to the centred variance; use the raw energy
+        _, _, vt = np.linalg.svd(x, full_matrices=False)
+        components = vt[:n_components]
+        # one sign per direction, as scikit-learn fixes it: the largest loading positive
+        signs = np.sign(components[np.arange(n_components),
+                                   np.abs(components).argmax(1)])
+        components = components * signs[:, None]
+    coords = (x - mean) @ components.T
+    if not centre:  # the share of the raw energy Σ x² along each direction
+        variance = coords.var(0)
         ratio = (coords ** 2).sum(0) / (x ** 2).sum()
     km_cls = MiniBatchKMeans if n > MINIBATCH_ABOVE else KMeans
     km = km_cls(n_clusters=n_clusters, random_state=seed, n_init=2).fit(x.astype(np.float32))
@@ -139,9 +144,9 @@ def embedding_pca(lm: LoadedModel, matrix: str = "W_E", token_filter: str = "fre
     return EmbeddingPCA(
         matrix=matrix, token_filter=token_filter, centred=bool(centre), token_ids=ids,
         display=[lm.tokenizer.display(int(i)) for i in ids], coords=coords,
-        explained_variance=np.asarray(pca.explained_variance_, dtype=np.float64),
+        explained_variance=np.asarray(variance, dtype=np.float64),
         explained_variance_ratio=np.asarray(ratio, dtype=np.float64),
-        components=np.asarray(pca.components_), mean=np.asarray(mean),
+        components=np.asarray(components), mean=np.asarray(mean),
         cluster=labels, centroids=np.asarray(km.cluster_centers_, dtype=np.float64),
         cluster_sizes=np.bincount(labels, minlength=n_clusters), seed=seed,
     )

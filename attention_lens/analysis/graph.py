@@ -474,7 +474,7 @@ def graph_json(graph: AttributionGraph, pruned: PrunedGraph, *, slug: str, promp
     exact contribution to the target); ``influence`` is the cumulative influence.
     ``tokens`` are the raw token strings (up to the target position).
     """
-    L, H, P = graph.n_layers, graph.n_heads, graph.position  # noqa: N806
+    L, P = graph.n_layers, graph.position  # noqa: N806
     nodes: dict[int, dict] = {}
     for i in np.flatnonzero(pruned.node_mask):
         kind, layer, pos = graph.kind[i], int(graph.layer[i]), int(graph.pos[i])

@@ -29,7 +29,7 @@ from typing import Literal, Optional, get_args
 import numpy as np
 
 from ..model.checkpoint import LoadedModel
-from .circuits import check_head
+from .checks import check_layer_head
 from .eigen import CircuitEigenvalues, circuit_eigenvalues
 from .errors import AnalysisError
 from .forward import ForwardPass
@@ -176,12 +176,29 @@ def label_heads(scores: dict[str, np.ndarray], self_attention: np.ndarray,
     return labels, tags
 
 
+def _top_indices(flat: np.ndarray, n: int) -> np.ndarray:
+    """``np.argsort(-flat, kind="stable")[..., :n]`` without sorting whole rows: the n largest
+    of each row, ties in index order (a long prompt has q * k entries per head)."""
+    size = flat.shape[-1]
+    if n >= size or size <= 4 * n:
+        return np.argsort(-flat, axis=-1, kind="stable")[..., :n]
+    rows = flat.reshape(-1, size)
+    out = np.empty((rows.shape[0], n), dtype=np.int64)
+    for r, row in enumerate(rows):
+        threshold = row[np.argpartition(-row, n - 1)[n - 1]]  # the n-th largest value
+        above = np.flatnonzero(row > threshold)
+        tied = np.flatnonzero(row == threshold)[: n - len(above)]
+        pick = np.concatenate([above, tied])
+        out[r] = pick[np.argsort(-row[pick], kind="stable")]
+    return out.reshape(flat.shape[:-1] + (n,))
+
+
 def _examples(weighted: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-n entries of [L, H, q, k] weights: positions [L, H, n, 2] (-1 pad), weights."""
     L, H, q, k = weighted.shape
     flat = weighted.reshape(L, H, q * k)
     n_take = min(n, q * k)
-    idx = np.argsort(-flat, axis=-1, kind="stable")[..., :n_take]
+    idx = _top_indices(flat, n_take)
     w = np.take_along_axis(flat, idx, -1)
     pos = np.stack([idx // k, idx % k], -1)
     pos[w <= 0] = -1
@@ -249,6 +266,11 @@ class HeadDetection:
         return [{"query_pos": int(q), "query": self.display[q], "key_pos": int(k),
                  "key": self.display[k], "weight": float(x)}
                 for (q, k), x in zip(pos, w) if q >= 0]
+
+    def strongest_induction_head(self) -> tuple[int, int]:
+        """(layer, head) with the highest induction score on the probe."""
+        flat = int(np.argmax(self.probe_induction))
+        return divmod(flat, self.probe_induction.shape[1])
 
     def heads_labelled(self, label: str) -> list[tuple[int, int]]:
         """(layer, head) of every head whose label is ``label``."""
@@ -364,5 +386,5 @@ def head_detection(lm: LoadedModel, fp: ForwardPass, metric: str = "mul",
 def head_examples(result: HeadDetection, lm: LoadedModel, kind: str, layer: int,
                   head: int) -> list[dict]:
     """Range-checked :meth:`HeadDetection.examples`."""
-    check_head(lm, layer, head)
+    check_layer_head(lm, layer, head)
     return result.examples(kind, layer, head)

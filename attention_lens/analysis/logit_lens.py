@@ -14,9 +14,10 @@ import numpy as np
 import torch
 
 from ..model.checkpoint import LoadedModel
+from .checks import check_k
 from .errors import AnalysisError
 from .forward import ForwardPass
-from .predictions import TokenLike, check_k, display_array, token_id
+from .predictions import TokenLike, display_array, token_id
 
 Granularity = Literal["sublayer", "layer"]
 GRANULARITIES: tuple[str, ...] = ("sublayer", "layer")
@@ -175,12 +176,12 @@ def logit_lens(lm: LoadedModel, fp: ForwardPass, *, k: int = 5,
             top_probs[start:stop] = (top.values - lse[:, None]).exp()
             chosen = logits.gather(-1, next_of_row[start:stop, None])
             next_probs[start:stop] = (chosen[:, 0] - lse).exp()
-            next_ranks[start:stop] = (logits > chosen).sum(-1) + 1
+            next_ranks[start:stop] = (logits > chosen).sum(-1, dtype=torch.int32) + 1
             if tid is not None:
                 col = logits[:, tid:tid + 1]
                 t_logits[start:stop] = col[:, 0]
                 t_probs[start:stop] = (col[:, 0] - lse).exp()
-                t_ranks[start:stop] = (logits > col).sum(-1) + 1
+                t_ranks[start:stop] = (logits > col).sum(-1, dtype=torch.int32) + 1
             del logits
             if progress is not None:
                 progress(stop / n)

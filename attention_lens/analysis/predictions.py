@@ -1,7 +1,7 @@
 """Next-token predictions: top-k at one position, and how well each actual token was predicted.
 
-Also the small input checks every per-prompt analysis shares (``k``, ``position``, target
-token), so they fail with the same readable :class:`AnalysisError` everywhere.
+Also how a target token is read (an id, or a string that must be exactly one token); the
+index checks are in :mod:`.checks`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..model.checkpoint import LoadedModel
+from .checks import check_k, check_position
 from .errors import AnalysisError
 from .forward import ForwardPass
 
@@ -22,29 +23,6 @@ TokenLike = Union[int, str]
 
 
 # ----------------------------------------------------------------------- input checks
-def check_k(lm: LoadedModel, k: int) -> int:
-    """Return ``k`` if 1 <= k <= d_vocab, else raise :class:`AnalysisError`."""
-    if isinstance(k, bool) or not isinstance(k, Integral):
-        raise AnalysisError(f"k must be a whole number, got {k!r}")
-    k = int(k)
-    if not 1 <= k <= lm.cfg.d_vocab:
-        raise AnalysisError(f"k must lie between 1 and the vocabulary size {lm.cfg.d_vocab}, "
-                            f"got {k}")
-    return k
-
-
-def check_position(fp: ForwardPass, position: int) -> int:
-    """Return ``position`` as a non-negative index (negative counts from the end)."""
-    if isinstance(position, bool) or not isinstance(position, Integral):
-        raise AnalysisError(f"position must be a whole number, got {position!r}")
-    n = fp.n_tokens
-    position = int(position)
-    if not -n <= position < n:
-        raise AnalysisError(f"position {position} is outside the prompt: it has {n} tokens "
-                            f"(positions 0 to {n - 1}, or -1 for the last)")
-    return position % n
-
-
 def token_id(lm: LoadedModel, target: TokenLike) -> int:
     """Id of a target token given as an id or as a string that is exactly one token."""
     if isinstance(target, bool):

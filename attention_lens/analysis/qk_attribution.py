@@ -254,7 +254,7 @@ def _split_by_source(lm: LoadedModel, fp: ForwardPass, comps: Components, positi
     kinds, sources and the vectors [len(positions), C', d] where C' is the same for every
     position given (sources up to max(positions); parts at sources > p are zero).
     """
-    cfg, model = lm.cfg, lm.model
+    model = lm.model
     top = max(positions)
     labels: list[str] = []
     kinds: list[str] = []

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import dash_bootstrap_components as dbc
-from dash import dcc, html
+from dash import Input, State, dcc, html
 
 Bound = Union[int, None, Callable[[Any], Optional[int]]]
 
@@ -43,6 +43,7 @@ class Int:
     hi: Bound = None
     label: str = ""
     placeholder: str = ""
+    step: int = 1
 
     def parse(self, raw: Any, cfg: Any = None) -> tuple[Optional[int], Optional[str]]:
         """The value of ``raw`` (URL text or widget value) and a problem, or None."""
@@ -63,7 +64,7 @@ class Int:
         """A labelled number box (updates when the user leaves it or presses Enter)."""
         return _group(self.label or self.name, dbc.Input(
             id=control_id(page, self.name), type="number", value=value,
-            min=_bound(self.lo, cfg), max=_bound(self.hi, cfg), step=1, debounce=True,
+            min=_bound(self.lo, cfg), max=_bound(self.hi, cfg), step=self.step, debounce=True,
             placeholder=self.placeholder, inputmode="numeric"))
 
 
@@ -169,6 +170,18 @@ class IntList:
 
 
 Control = Union[Int, Choice, Text, IntList]
+
+
+def control_input(page: str, control: Any) -> Input:
+    """The callback input of a control (a control may name its own, e.g. pattern-matched)."""
+    own = getattr(control, "input", None)
+    return own(page) if callable(own) else Input(control_id(page, control.name), "value")
+
+
+def control_state(page: str, control: Any) -> State:
+    """The same dependency as a callback state."""
+    dep = control_input(page, control)
+    return State(dep.component_id, dep.component_property)
 
 
 def parse_all(controls: Sequence[Control], raw: dict[str, Any], cfg: Any = None

@@ -1,7 +1,9 @@
-"""Page scaffolding: query parameters, controls, graphs with export buttons, help, alerts.
+"""The page declaration: a page states its controls, graphs and panels; the rest is derived.
 
-Component ids are plain strings prefixed by the page (``"attention-layer"``) for a page's
-own controls, and dicts for the widgets the shell handles on every page:
+A page module calls :func:`register_page` once (the recipe is in the package docs of
+:mod:`attention_lens.components`). Component ids are plain strings prefixed by the page
+(``"attention-layer"``) for a page's own controls and parts, and dicts for the widgets
+handled on every page:
 ``{"type": "al-graph", "page": p, "name": n}`` (graphs), ``{"type": "al-query", "page": p}``
 (the page's validated controls, written into the URL), ``{"type": "al-export", "page": p}``.
 """
@@ -9,28 +11,37 @@ own controls, and dicts for the widgets the shell handles on every page:
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import dash
 import dash_bootstrap_components as dbc
 import plotly.graph_objects as go
-from dash import ALL, MATCH, Input, Output, State, dcc, html, no_update
+from dash import MATCH, Input, Output, State, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
 from .. import background
 from .. import registry as registry_module
 from .. import weight_analyses as W
 from ..analysis.errors import AnalysisError
+from ..export import Panel
 from ..figures.theme import TEMPLATE, styled
 from . import job_strip, shell
-from .controls import Control, parse_all
+from .controls import (
+    Control,
+    control_id,  # noqa: F401 - pages address their controls through P
+    control_input,
+    control_state,
+    parse_all,
+)
 
 log = logging.getLogger(__name__)
 
 GRAPH, QUERY, EXPORT, EXPORT_STATUS = "al-graph", "al-query", "al-export", "al-export-status"
 IMAGE_BTN, DATA_BTN = "al-img", "al-data"
+#: Key of a page's query store saying whether the user ("user") or a link ("url") set it
+#: (a user's change adds a browser history entry); never a control's name.
+SOURCE = "_src"
 
 
 # ------------------------------------------------------------------------------ ids
@@ -49,135 +60,14 @@ def alerts_id(page: str) -> str:
     return f"{page}-alerts"
 
 
-def control_id(page: str, name: str) -> str:
-    """Id of a page's control ``name``."""
-    return f"{page}-{name}"
-
-
-# ------------------------------------------------------------------- query parameters
-@dataclass(frozen=True)
-class IntParam:
-    """An integer URL/control parameter with a default and optional bounds."""
-
-    default: Optional[int]
-    lo: Optional[int] = None
-    hi: Optional[int] = None
-    label: str = ""
-
-    def parse(self, name: str, raw: Any) -> tuple[Optional[int], Optional[str]]:
-        """The value of ``raw`` (text from the URL or a control value), and a problem or None."""
-        if raw is None or raw == "":
-            return self.default, None
-        try:
-            value = int(str(raw).strip())
-        except (TypeError, ValueError):
-            return self.default, f"{name} must be a whole number, got {str(raw)[:40]!r}"
-        if self.lo is not None and value < self.lo:
-            return self.lo, f"{name} {value} is below the smallest allowed value {self.lo}"
-        if self.hi is not None and value > self.hi:
-            return self.hi, f"{name} {value} is above the largest allowed value {self.hi}"
-        return value, None
-
-
-@dataclass(frozen=True)
-class ChoiceParam:
-    """A parameter taking one of a fixed set of strings."""
-
-    default: str
-    choices: tuple[str, ...]
-    label: str = ""
-
-    def parse(self, name: str, raw: Any) -> tuple[str, Optional[str]]:
-        """The value of ``raw`` if it is one of ``choices``, else the default and a problem."""
-        if raw is None or raw == "":
-            return self.default, None
-        if str(raw) in self.choices:
-            return str(raw), None
-        return self.default, (f"{name} must be one of {', '.join(self.choices)}, "
-                              f"got {str(raw)[:40]!r}")
-
-
-@dataclass(frozen=True)
-class TextParam:
-    """A free-text parameter (a target token, a list of heads, ...)."""
-
-    default: str = ""
-    max_len: int = 200
-    label: str = ""
-
-    def parse(self, name: str, raw: Any) -> tuple[str, Optional[str]]:
-        """``raw`` as text, cut to ``max_len`` characters."""
-        if raw is None:
-            return self.default, None
-        text = str(raw)
-        if len(text) > self.max_len:
-            return text[: self.max_len], f"{name} was cut to {self.max_len} characters"
-        return text, None
-
-
-Param = Any  # IntParam | ChoiceParam | TextParam
-
-
-def parse_query(controls: dict[str, Param], raw: dict[str, Any]) -> tuple[dict[str, Any],
-                                                                       list[str]]:
-    """Validate a page's parameters: the values to use, and what was wrong with the input."""
-    values, problems = {}, []
-    for name, param in controls.items():
-        value, problem = param.parse(name, raw.get(name))
-        values[name] = value
-        if problem:
-            problems.append(problem)
-    return values, problems
-
-
-# ---------------------------------------------------------------------------- panels
-@dataclass
-class Panel:
-    """One figure of a page with the data behind it (exported as CSV/JSON and in the zip)."""
-
-    name: str
-    figure: go.Figure
-    data: Any = None
-
-
-PanelsFn = Callable[[dict, dict], list[Panel]]
-_PANELS: dict[str, PanelsFn] = {}
-_CONTROLS: dict[str, dict[str, Param]] = {}
-
-
-def register_panels(page: str, fn: PanelsFn, controls: Optional[dict[str, Param]] = None
-                    ) -> PanelsFn:
-    """Declare how to build a page's panels from (state, query); used by export and downloads."""
-    _PANELS[page] = fn
-    _CONTROLS[page] = dict(controls or {})
-    return fn
-
-
 def page_panels(page: str, state: dict, query: Optional[dict], compute: bool = False
                 ) -> list[Panel]:
-    """Build the figure panels of ``page`` (raises AnalysisError for bad input)."""
+    """The figure panels of ``page`` (AnalysisError for bad input; weight analyses not
+    computed yet are computed here when ``compute``, else they raise ``Missing``)."""
     spec = spec_of(page)
-    if spec is not None:
-        return spec.figure_panels(state, query, compute=compute)
-    if page not in _PANELS:
+    if spec is None:
         raise AnalysisError(f"the {page} page has no figures to export")
-    values, _ = parse_query(_CONTROLS.get(page, {}), {k: v for k, v in (query or {}).items()
-                                                       if k != "src"})
-    panels = _PANELS[page](state, values)
-    for p in panels:
-        styled(p.figure, (state or {}).get("theme"))
-    return panels
-
-
-def themed(outputs: Sequence[Any], state: Optional[dict]) -> tuple[Any, ...]:
-    """``outputs`` with every figure given the state's theme and the finishing layout pass."""
-    theme = (state or {}).get("theme")
-    return tuple(styled(o, theme) if isinstance(o, go.Figure) else o for o in outputs)
-
-
-def figures_of(panels: Sequence[Panel]) -> tuple[go.Figure, ...]:
-    """The figures of ``panels``, in order (a page's main callback returns these)."""
-    return tuple(p.figure for p in panels)
+    return spec.figure_panels(state, query, compute=compute)
 
 
 #: Height (px) of the blank figure a graph shows before its first analysis.
@@ -239,37 +129,6 @@ def help_panel(markdown: str, title: str = "How to read this") -> html.Details:
                         className="al-help")
 
 
-def number_control(page: str, name: str, value: Optional[int], label: str, *,
-                   min: Optional[int] = None, max: Optional[int] = None,  # noqa: A002
-                   step: int = 1, placeholder: str = "") -> dbc.InputGroup:
-    """A labelled number box (updates when the user leaves it or presses Enter)."""
-    return dbc.InputGroup([
-        dbc.InputGroupText(label),
-        dbc.Input(id=control_id(page, name), type="number", value=value, min=min, max=max,
-                  step=step, debounce=True, placeholder=placeholder, inputmode="numeric"),
-    ], size="sm", className="al-control")
-
-
-def select_control(page: str, name: str, value: Any, options: Iterable[Any],
-                   label: str) -> dbc.InputGroup:
-    """A labelled drop-down of fixed options."""
-    opts = [o if isinstance(o, dict) else {"label": str(o), "value": o} for o in options]
-    return dbc.InputGroup([
-        dbc.InputGroupText(label),
-        dbc.Select(id=control_id(page, name), options=opts, value=value),
-    ], size="sm", className="al-control")
-
-
-def text_control(page: str, name: str, value: str, label: str,
-                 placeholder: str = "") -> dbc.InputGroup:
-    """A labelled text box (updates when the user leaves it or presses Enter)."""
-    return dbc.InputGroup([
-        dbc.InputGroupText(label),
-        dbc.Input(id=control_id(page, name), type="text", value=value, debounce=True,
-                  placeholder=placeholder),
-    ], size="sm", className="al-control")
-
-
 def page_layout(page: str, title: str, *, description: Any = None,
                 controls: Sequence[Any] = (), body: Sequence[Any] = (), help_md: str = "",
                 query: Optional[dict] = None, problems: Sequence[str] = (),
@@ -293,81 +152,18 @@ def page_layout(page: str, title: str, *, description: Any = None,
         html.Div(list(controls), className="al-controls") if controls else None,
         html.Div(url_alerts, id=f"{page}-url-alerts"),
         html.Div(id=alerts_id(page), **{"aria-live": "polite"}),
-        dcc.Store(id=query_id(page), data={**(query or {}), "src": "url"}),
+        dcc.Store(id=query_id(page), data={**(query or {}), SOURCE: "url"}),
         html.Div(list(body), className="al-body"),
     ], className=f"al-page al-page-{page}")
 
 
 # ------------------------------------------------------------------------- callbacks
-def main_outputs(page: str, names: Sequence[str], extra: Sequence[Output] = ()) -> list[Output]:
-    """Outputs of a page's main callback: its graphs, extra outputs, alerts, query store."""
-    return ([Output(graph_id(page, n), "figure") for n in names] + list(extra)
-            + [Output(alerts_id(page), "children"), Output(query_id(page), "data")])
-
-
-def main_inputs(page: str, controls: dict[str, Param], prop: str = "value") -> list[Input]:
-    """Inputs of a page's main callback: the shared state, then each control."""
-    return [Input(shell.STATE, "data")] + [Input(control_id(page, n), prop) for n in controls]
-
-
 def triggered_id() -> Any:
     """The id of the input that fired the current callback (None outside a callback)."""
     try:
         return dash.ctx.triggered_id
     except Exception:  # noqa: BLE001 - called directly (tests)
         return None
-
-
-def analysis_callback(page: str, controls: dict[str, Param], n_outputs: Optional[int] = None
-                      ) -> Callable[[Callable[..., Sequence[Any]]], Callable[..., tuple]]:
-    """Turn ``fn(state, query) -> outputs`` into a main callback body.
-
-    It validates the controls, turns an :class:`AnalysisError` into an alert (never a
-    traceback; the outputs keep their last value), and writes the validated controls to
-    the page's query store, flagged ``src="user"`` when a control triggered the call so the
-    URL gets a new history entry.
-    """
-
-    def deco(fn: Callable[..., Sequence[Any]]) -> Callable[..., tuple]:
-        def inner(state: Optional[dict], *values: Any) -> tuple:
-            if not state or not state.get("text"):
-                raise PreventUpdate
-            query, problems = parse_query(controls, dict(zip(controls, values)))
-            trigger = triggered_id()
-            src = "user" if isinstance(trigger, str) and trigger.startswith(f"{page}-") else "url"
-            alerts: list[Any] = [shell.alert(p, color="warning") for p in problems]
-            try:
-                outs = themed(tuple(fn(state, query)), state)
-            except AnalysisError as exc:
-                alerts.append(shell.alert(str(exc)))
-                outs = (no_update,) * (n_outputs or 0)
-            except Exception:  # noqa: BLE001 - never a traceback in the browser
-                log.exception("%s analysis failed", page)
-                alerts.append(shell.alert(f"The {page} analysis failed on this input "
-                                          "(details in the server log)."))
-                outs = (no_update,) * (n_outputs or 0)
-            return (*outs, alerts, {**query, "src": src})
-
-        # not functools.wraps: dash's own wrapper must expose this body as ``__wrapped__``
-        inner.__name__, inner.__doc__ = fn.__name__, fn.__doc__
-        inner.__module__, inner.__qualname__ = fn.__module__, fn.__qualname__
-        inner.analysis = fn  # type: ignore[attr-defined]
-        return inner
-
-    return deco
-
-
-def slug(text: str, n: int = 40) -> str:
-    """A file-name-safe slug of ``text``."""
-    s = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:n].strip("-")
-    return s or "prompt"
-
-
-def export_filename(page: str, name: str, state: Optional[dict]) -> str:
-    """Base file name of an exported figure: page, figure, model and prompt."""
-    if not state:
-        return f"{page}-{name}"
-    return f"{page}-{name}-{slug(state.get('model', ''), 30)}-{slug(state.get('text', ''))}"
 
 
 #: A graph's box takes its figure's height (and width, when the figure sets one), so a
@@ -387,162 +183,14 @@ function(figure, style) {
 }
 """
 
-IMAGE_DOWNLOAD = """
-function(clicks, state, ids) {
-    const dc = window.dash_clientside;
-    const t = dc.callback_context.triggered_id;
-    if (!t || !t.fmt) { return dc.no_update; }
-    const i = ids.findIndex(x => x.page === t.page && x.name === t.name && x.fmt === t.fmt);
-    if (i < 0 || !clicks[i]) { return dc.no_update; }
-    const gid = JSON.stringify({name: t.name, page: t.page, type: 'al-graph'});
-    const host = document.getElementById(gid);
-    const gd = host && (host.classList.contains('js-plotly-plot') ? host :
-                        host.querySelector('.js-plotly-plot'));
-    if (!gd || !window.Plotly) { return 'no figure to download'; }
-    const slug = s => (s || '').replace(/[^A-Za-z0-9]+/g, '-').replace(/^-+|-+$/g, '')
-                                 .slice(0, 40).replace(/-+$/, '') || 'prompt';
-    const name = state ? [t.page, t.name, slug(state.model).slice(0, 30), slug(state.text)]
-                         .join('-') : t.page + '-' + t.name;
-    const fl = gd._fullLayout || {};
-    window.Plotly.downloadImage(gd, {format: t.fmt, filename: name,
-        width: fl.width || 900, height: fl.height || 500, scale: t.fmt === 'png' ? 3 : 1});
-    return 'downloaded ' + name + '.' + t.fmt;
-}
-"""
 
-CONFIG_FILENAMES = """
-function(state, figures, ids, configs) {
-    const dc = window.dash_clientside;
-    const slug = s => (s || '').replace(/[^A-Za-z0-9]+/g, '-').replace(/^-+|-+$/g, '')
-                                 .slice(0, 40).replace(/-+$/, '') || 'prompt';
-    return ids.map(function (id, i) {
-        const name = state ? [id.page, id.name, slug(state.model).slice(0, 30), slug(state.text)]
-                             .join('-') : id.page + '-' + id.name;
-        const cfg = configs[i] || {};
-        const opts = cfg.toImageButtonOptions || {};
-        // dcc.Graph applies a new config only with its next figure: also set it on the plot
-        const host = document.getElementById(JSON.stringify({name: id.name, page: id.page,
-                                                             type: id.type}));
-        const gd = host && host.querySelector('.js-plotly-plot');
-        if (gd && gd._context) {
-            gd._context.toImageButtonOptions = Object.assign({}, opts, {filename: name});
-        }
-        if (opts.filename === name) { return dc.no_update; }
-        return Object.assign({}, cfg, {toImageButtonOptions: Object.assign({}, opts,
-                                                                      {filename: name})});
-    });
-}
-"""
-
-
-def register_shell_callbacks(app: dash.Dash) -> None:
-    """Callbacks every page's widgets rely on: graph box sizes, downloads and page export."""
+def register_callbacks(app: dash.Dash) -> None:
+    """What every page's graphs rely on: each graph's box follows its figure's size."""
     app.clientside_callback(
         GRAPH_BOX, Output({"type": GRAPH, "page": MATCH, "name": MATCH}, "style"),
         Input({"type": GRAPH, "page": MATCH, "name": MATCH}, "figure"),
         State({"type": GRAPH, "page": MATCH, "name": MATCH}, "style"),
     )
-    app.clientside_callback(
-        IMAGE_DOWNLOAD, Output("shell-image-status", "children"),
-        Input({"type": IMAGE_BTN, "page": ALL, "name": ALL, "fmt": ALL}, "n_clicks"),
-        State(shell.STATE, "data"),
-        State({"type": IMAGE_BTN, "page": ALL, "name": ALL, "fmt": ALL}, "id"),
-        prevent_initial_call=True,
-    )
-    app.clientside_callback(
-        CONFIG_FILENAMES, Output({"type": GRAPH, "page": ALL, "name": ALL}, "config"),
-        Input(shell.STATE, "data"), Input({"type": GRAPH, "page": ALL, "name": ALL}, "figure"),
-        State({"type": GRAPH, "page": ALL, "name": ALL}, "id"),
-        State({"type": GRAPH, "page": ALL, "name": ALL}, "config"),
-    )
-    app.callback(
-        Output(shell.DOWNLOAD, "data", allow_duplicate=True),
-        Output(shell.ALERTS, "children", allow_duplicate=True),
-        Input({"type": DATA_BTN, "page": ALL, "name": ALL, "fmt": ALL}, "n_clicks"),
-        State({"type": DATA_BTN, "page": ALL, "name": ALL, "fmt": ALL}, "id"),
-        State(shell.STATE, "data"), State({"type": QUERY, "page": ALL}, "data"),
-        prevent_initial_call=True,
-    )(download_data)
-    app.callback(
-        Output(shell.DOWNLOAD, "data", allow_duplicate=True),
-        Output({"type": EXPORT_STATUS, "page": ALL}, "children"),
-        Input({"type": EXPORT, "page": ALL}, "n_clicks"),
-        State({"type": EXPORT, "page": ALL}, "id"),
-        State(shell.STATE, "data"), State({"type": QUERY, "page": ALL}, "data"),
-        prevent_initial_call=True,
-    )(export_page)
-
-
-def _clicked(clicks: list[Optional[int]], ids: list[dict]) -> Optional[dict]:
-    trigger = triggered_id()
-    for n, i in zip(clicks, ids):
-        if n and (trigger is None or trigger == i):
-            return i
-    return None
-
-
-def _page_query(page: str, queries: list[Optional[dict]]) -> dict:
-    return next((q for q in queries if q), {})
-
-
-def download_data(clicks: list[Optional[int]], ids: list[dict], state: Optional[dict],
-                  queries: list[Optional[dict]]) -> tuple[Any, Any]:
-    """CSV or JSON of one figure's data, rebuilt server-side from the cached forward pass."""
-    from .. import export
-
-    which = _clicked(clicks, ids)
-    if which is None or not state:
-        raise PreventUpdate
-    try:
-        panels = page_panels(which["page"], state, _page_query(which["page"], queries))
-        panel = next((p for p in panels if p.name == which["name"]), None)
-        if panel is None:
-            raise AnalysisError(f"figure {which['name']!r} is not on this page")
-        base = export_filename(which["page"], which["name"], state)
-        if which["fmt"] == "csv":
-            return dcc.send_string(export.figure_csv(panel.figure), f"{base}.csv"), no_update
-        return dcc.send_string(export.panel_json(panel, state), f"{base}.json"), no_update
-    except AnalysisError as exc:
-        return no_update, shell.alert(f"Download failed: {exc}")
-    except Exception:  # noqa: BLE001
-        log.exception("data download failed")
-        return no_update, shell.alert("Download failed (details in the server log).")
-
-
-def export_page(clicks: list[Optional[int]], ids: list[dict], state: Optional[dict],
-                queries: list[Optional[dict]]) -> tuple[Any, list[Any]]:
-    """The "Export page" zip: every figure as PNG and SVG, its data, and a manifest."""
-    from .. import export
-
-    which = _clicked(clicks, ids)
-    if which is None or not state:
-        raise PreventUpdate
-    statuses: list[Any] = [no_update] * len(ids)
-    idx = ids.index(which)
-    page = which["page"]
-    query = _page_query(page, queries)
-    try:
-        with background.current().slots.job(f"export of {page}"):
-            panels = page_panels(page, state, query, compute=True)
-            fp = registry_module.current().forward(state["text"], state["model"])
-            data = export.page_zip(page, panels, state, {k: v for k, v in query.items()
-                                                         if k != "src"}, fp)
-    except background.BusyError as exc:
-        statuses[idx] = shell.alert(str(exc), color="warning")
-        return no_update, statuses
-    except export.ExportError as exc:
-        statuses[idx] = shell.alert(str(exc), color="warning")
-        return no_update, statuses
-    except AnalysisError as exc:
-        statuses[idx] = shell.alert(f"Export failed: {exc}")
-        return no_update, statuses
-    except Exception:  # noqa: BLE001
-        log.exception("page export failed")
-        statuses[idx] = shell.alert("Export failed (details in the server log).")
-        return no_update, statuses
-    name = f"{export_filename(page, 'page', state)}.zip"
-    statuses[idx] = f"{len(panels)} figure(s), {len(data) / 1000:.0f} kB"
-    return dcc.send_bytes(data, name), statuses
 
 
 # ====================================================================== page declaration
@@ -576,8 +224,10 @@ class PageContext:
     """
 
     def __init__(self, state: dict, *, compute: bool = False,
-                 progress: Optional[Callable[[W.Request, float], None]] = None) -> None:
+                 progress: Optional[Callable[[W.Request, float], None]] = None,
+                 changed: Optional[set[str]] = None) -> None:
         self.state, self.compute, self.progress = state, compute, progress
+        self.changed: Optional[set[str]] = changed
         self.registry = registry_module.current()
         self._model: Any = None
         self._forward: Any = None
@@ -612,6 +262,11 @@ class PageContext:
         """The result of one weight analysis of the model."""
         return self.weights(request)[0]
 
+    def only(self, *controls: str) -> bool:
+        """True when only some of these controls changed since the page was drawn (parts
+        that do not depend on them may then be left out: they keep what they show)."""
+        return bool(self.changed) and self.changed <= set(controls)
+
 
 def extra_id(page: str, name: str) -> str:
     """Id of a page's non-figure part ``name``."""
@@ -624,7 +279,7 @@ class PageSpec:
 
     page: str
     heading: str
-    description: Any
+    lead: Any
     help_md: str
     controls: tuple[Control, ...]
     graphs: tuple[str, ...]
@@ -634,6 +289,7 @@ class PageSpec:
     prepare: Optional[Callable[[dict, Any], dict]] = None
     graph_options: Optional[dict[str, dict]] = None
     exportable: bool = True
+    extra_classes: Optional[dict[str, str]] = None
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -674,7 +330,7 @@ class PageSpec:
                       ) -> list[Panel]:
         """The figure panels of this page for a state and query (downloads and export)."""
         ctx = PageContext(state, compute=compute)
-        q, _ = self.query({k: v for k, v in (raw_query or {}).items() if k != "src"},
+        q, _ = self.query({k: v for k, v in (raw_query or {}).items() if k != SOURCE},
                           self.config(state.get("model")))
         panels = [p for p in self.panels(ctx, q) if isinstance(p, Panel)]
         for p in panels:
@@ -688,10 +344,15 @@ class PageSpec:
                 + [Output(extra_id(self.page, e), "children") for e in self.extras]
                 + [Output(alerts_id(self.page), "children")])
 
+    def inputs(self) -> list[Input]:
+        """The shared state and every control, as the main callback's inputs."""
+        return [Input(shell.STATE, "data")] + [control_input(self.page, c)
+                                               for c in self.controls]
+
     def states(self) -> list[State]:
         """The shared state and every control, as the job reads them."""
-        return [State(shell.STATE, "data")] + [State(control_id(self.page, n), "value")
-                                               for n in self.control_names]
+        return [State(shell.STATE, "data")] + [control_state(self.page, c)
+                                               for c in self.controls]
 
     # ------------------------------------------------------------------ layout
     def layout(self, **raw: Any) -> html.Div:
@@ -700,9 +361,11 @@ class PageSpec:
         q, problems = self.query(raw, cfg)
         opts = self.graph_options or {}
         parts: dict[str, Any] = {g: graph(self.page, g, **opts.get(g, {})) for g in self.graphs}
-        parts.update({e: html.Div(id=extra_id(self.page, e)) for e in self.extras})
+        classes = self.extra_classes or {}
+        parts.update({e: html.Div(id=extra_id(self.page, e), className=classes.get(e))
+                      for e in self.extras})
         body = list(self.body(parts)) if self.body else list(parts.values())
-        return page_layout(self.page, self.heading, description=self.description,
+        return page_layout(self.page, self.heading, description=self.lead,
                            controls=[c.widget(self.page, q[c.name], cfg)
                                      for c in self.controls],
                            body=[job_strip.strip(self.page), *body], help_md=self.help_md,
@@ -717,13 +380,13 @@ class PageSpec:
         cfg = self.config(state.get("model"))
         query, problems = self.query(dict(zip(self.control_names, values)), cfg)
         trigger = triggered_id()
-        src = "user" if isinstance(trigger, str) and trigger.startswith(f"{self.page}-") \
-            else "url"
+        src = "url" if trigger in (None, shell.STATE) else "user"
         alerts: list[Any] = [shell.alert(p, color="warning") for p in problems]
         keep = [no_update] * (len(self.graphs) + len(self.extras))
         request, after, note = no_update, job_strip.HIDDEN, ""
         try:
-            outs, notices = self.draw(PageContext(state), query)
+            outs, notices = self.draw(PageContext(state, changed=self.changed_controls()),
+                                      query)
             alerts += notices
         except W.Missing as missing:
             outs = keep
@@ -746,7 +409,43 @@ class PageSpec:
             alerts.append(shell.alert(f"The {self.page} analysis failed on this input "
                                       "(details in the server log)."))
             outs = keep
-        return (*outs, alerts, {**query, "src": src}, request, after, note)
+        return (*outs, alerts, {**query, SOURCE: src}, request, after, note)
+
+    def render(self, state: dict, *, compute: bool = True, **controls: Any) -> "Drawn":
+        """Run the page's callbacks as Dash would, for ``state`` and these control values
+        (the others as an empty URL sets them): the main callback, then, if it asked for one,
+        the background job (``compute``). For tests, notebooks and scripts."""
+        cfg = self.config(state.get("model"))
+        defaults, _ = self.query({}, cfg)
+        values = [controls.get(n, defaults[n]) for n in self.control_names]
+        unknown = set(controls) - set(self.control_names)
+        if unknown:
+            raise TypeError(f"the {self.page} page has no controls {sorted(unknown)}")
+        out = self.update(state, *values, 0, None)
+        n = len(self.graphs) + len(self.extras)
+        drawn, alerts, query, request = list(out[:n]), out[n], out[n + 1], out[n + 2]
+        if compute and isinstance(request, dict):
+            job = self.run_job(lambda _: None, request, state, *values)
+            drawn, alerts = list(job[:n]), list(job[n] or [])
+        return Drawn(figures=dict(zip(self.graphs, drawn[:len(self.graphs)])),
+                     extras=dict(zip(self.extras, drawn[len(self.graphs):])),
+                     alerts=[(a.color, str(a.children)) for a in alerts or []],
+                     query=query, request=request)
+
+    def changed_controls(self) -> set[str]:
+        """Names of the controls that triggered the current callback (empty: anything else)."""
+        try:
+            props = dash.ctx.triggered_prop_ids or {}
+        except Exception:  # noqa: BLE001 - called directly (tests)
+            return set()
+        deps = [(control_input(self.page, c).component_id, c.name) for c in self.controls]
+        out = set()
+        for cid in props.values():
+            name = next((n for pattern, n in deps if _matches(pattern, cid)), None)
+            if name is None:
+                return set()
+            out.add(name)
+        return out
 
     def run_job(self, set_progress: Callable[[Any], None], request: dict, state: Any,
                 *values: Any) -> tuple:
@@ -784,6 +483,44 @@ class PageSpec:
         return (*outs, alerts, job_strip.HIDDEN, "")
 
 
+@dataclass
+class Drawn:
+    """What a page's callbacks drew (see :meth:`PageSpec.render`)."""
+
+    figures: dict[str, Any]
+    extras: dict[str, Any]
+    alerts: list[tuple[str, str]]  # (colour, text)
+    query: dict
+    request: Any
+
+    @property
+    def errors(self) -> list[str]:
+        """Texts of the error and warning alerts."""
+        return [text for color, text in self.alerts if color != "info"]
+
+    @property
+    def notes(self) -> list[str]:
+        """Texts of the informational notes."""
+        return [text for color, text in self.alerts if color == "info"]
+
+    @property
+    def drew(self) -> bool:
+        """True when every graph got a figure."""
+        return all(isinstance(f, go.Figure) for f in self.figures.values())
+
+
+def _wild(value: Any) -> bool:
+    return not isinstance(value, (str, int, float, bool))
+
+
+def _matches(pattern: Any, cid: Any) -> bool:
+    """Whether component id ``cid`` is ``pattern`` (whose wildcards match anything)."""
+    if not isinstance(pattern, dict) or not isinstance(cid, dict):
+        return pattern == cid
+    return set(pattern) == set(cid) and all(_wild(v) or cid.get(k) == v
+                                            for k, v in pattern.items())
+
+
 def _count_ids(tree: Any, wanted: set[str]) -> dict[str, int]:
     counts = dict.fromkeys(wanted, 0)
 
@@ -805,16 +542,19 @@ def _count_ids(tree: Any, wanted: set[str]) -> dict[str, int]:
 
 def register_page(module: str, *, path: str, name: str, order: int, heading: str,
                   panels: Callable[[PageContext, dict], Sequence[Part]],
-                  graphs: Sequence[str] = (), extras: Sequence[str] = (),
-                  controls: Sequence[Control] = (), description: Any = "",
+                  graphs: Sequence[str] = (), extras: Sequence[Any] = (),
+                  controls: Sequence[Control] = (), lead: Any = "",
                   help_md: str = "", body: Optional[Callable[[dict], Sequence[Any]]] = None,
                   prepare: Optional[Callable[[dict, Any], dict]] = None,
                   graph_options: Optional[dict[str, dict]] = None, exportable: bool = True,
                   page: Optional[str] = None, **dash_kwargs: Any) -> PageSpec:
     """Declare an analysis page: Dash's ``register_page`` plus everything wired from it.
 
-    ``controls`` (each with its label, bounds and widget), ``graphs`` and ``extras`` (named
-    once) and ``panels(ctx, query) -> [Panel | Html | Notice]`` are all a page states. The
+    ``heading`` and ``lead`` (a sentence under it) title the page; ``controls`` (each with
+    its label, bounds and widget), ``graphs`` and ``extras`` (named once; an extra may be a
+    ``(name, css_class)`` pair) and
+    ``panels(ctx, query) -> [Panel | Html | Notice]`` are all a page states; the rest
+    (``title``, ``description`` for the navbar and overview) goes to Dash. The
     scaffolding builds the layout (``body(parts)`` arranges the graphs and extras, each
     placed once), the main callback (outputs and inputs derived from the declaration, URL
     state, alerts), the background job for weight analyses with its strip, CSV/JSON
@@ -822,13 +562,15 @@ def register_page(module: str, *, path: str, name: str, order: int, heading: str
     ``"attention_lens"`` so export and the tests find every page there.
     """
     page = page or module.rsplit(".", 1)[-1].replace("_", "-")
-    spec = PageSpec(page=page, heading=heading, description=description, help_md=help_md,
-                    controls=tuple(controls), graphs=tuple(graphs), extras=tuple(extras),
-                    panels=panels, body=body, prepare=prepare, graph_options=graph_options,
-                    exportable=exportable)
-    names = [*spec.graphs, *spec.extras, *spec.control_names]
-    if len(set(names)) != len(names):
-        raise ValueError(f"page {page}: graphs, extras and controls need distinct names")
+    pairs = [(e, None) if isinstance(e, str) else tuple(e) for e in extras]
+    spec = PageSpec(page=page, heading=heading, lead=lead, help_md=help_md,
+                    controls=tuple(controls), graphs=tuple(graphs),
+                    extras=tuple(name for name, _ in pairs), panels=panels, body=body,
+                    prepare=prepare, graph_options=graph_options, exportable=exportable,
+                    extra_classes={name: cls for name, cls in pairs if cls})
+    names = [*spec.extras, *spec.control_names]  # both are ``{page}-{name}`` ids
+    if len(set(names)) != len(names) or len(set(spec.graphs)) != len(spec.graphs):
+        raise ValueError(f"page {page}: graphs, and extras and controls, need distinct names")
     if body is not None:
         placed = _count_ids(list(body({n: html.Div(id=n) for n in (*spec.graphs,
                                                                    *spec.extras)})),
@@ -845,9 +587,8 @@ def register_page(module: str, *, path: str, name: str, order: int, heading: str
     drawing = spec.drawing_outputs()
     strip_ids = job_strip.ids(page)
     dash.callback(*drawing, Output(query_id(page), "data"), *job_strip.main_outputs(page),
-                  Input(shell.STATE, "data"),
-                  *[Input(control_id(page, n), "value") for n in spec.control_names],
-                  job_strip.rerun_input(page), State(strip_ids["request"], "data"))(spec.update)
+                  *spec.inputs(), job_strip.rerun_input(page),
+                  State(strip_ids["request"], "data"))(spec.update)
     job_strip.register(page, drawing, spec.states(), spec.run_job)
     return spec
 
@@ -861,3 +602,28 @@ def declared_pages() -> list[PageSpec]:
 def spec_of(page: str) -> Optional[PageSpec]:
     """The declaration of ``page``, or None."""
     return next((s for s in declared_pages() if s.page == page), None)
+
+
+def model(name: Optional[str] = None) -> Any:
+    """A model from the process's registry (the default if None), for a page's own callbacks."""
+    return registry_module.current().get(name)
+
+
+def forward(state: dict) -> Any:
+    """The cached forward pass of a shared state, for a page's own callbacks."""
+    return forward_of(state["text"], state.get("model"))
+
+
+def forward_of(text: str, name: Optional[str] = None) -> Any:
+    """The cached forward pass of ``text`` through model ``name`` (a second prompt or model)."""
+    return registry_module.current().forward(text, name)
+
+
+def model_names() -> list[str]:
+    """The names of the models that can be picked."""
+    return registry_module.current().names()
+
+
+def default_model() -> str:
+    """The name of the default model."""
+    return registry_module.current().default

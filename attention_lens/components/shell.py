@@ -13,14 +13,16 @@ reproduces the view. Back/forward raise a ``popstate`` that ``assets/app.js`` tu
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 from urllib.parse import parse_qs, urlencode
 
 import dash
 import dash_bootstrap_components as dbc
 from dash import ALL, Input, Output, State, dcc, html, no_update
 
-from .. import __version__
+from .. import __version__, prompt_links
+from .. import registry as registry_module
 from ..analysis.errors import AnalysisError
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,13 @@ SHARED_KEYS = ("model", "text", "pos", "theme")
 LIGHT = "light"
 
 
+@dataclass(frozen=True)
+class AppOptions:
+    """Settings of the shell the app factory passes in."""
+
+    max_prompt_chars: int = 20_000
+
+
 # --------------------------------------------------------------------------- helpers
 def parse_search(search: Optional[str]) -> dict[str, str]:
     """Query-string parameters of ``search`` (``"?a=1&b=2"``); the first value of each."""
@@ -64,6 +73,9 @@ def state_query(state: Optional[dict]) -> str:
     if not state:
         return ""
     params = {k: state[k] for k in SHARED_KEYS if state.get(k) not in (None, "")}
+    if state.get("tid"):  # a long prompt travels as the id of its stored text
+        params.pop("text", None)
+        params["t"] = state["tid"]
     return urlencode(params)
 
 
@@ -84,10 +96,8 @@ def alert(message: str, color: str = "danger", **kwargs: Any) -> dbc.Alert:
 
 def model_options() -> list[dict[str, Any]]:
     """Model picker options: every model folder with its size; unavailable ones disabled."""
-    from ..app import registry
-
     opts = []
-    for e in registry().entries():
+    for e in registry_module.current().entries():
         size = f" · {human_size(e.size_bytes)}" if e.size_bytes else ""
         if e.available:
             opts.append({"label": f"{e.name}{size}", "value": e.name})
@@ -126,19 +136,18 @@ def navbar() -> dbc.Navbar:
     )
 
 
-def prompt_bar() -> html.Div:
+def prompt_bar(options: AppOptions) -> html.Div:
     """The prompt box, model picker and Analyse button shared by every page."""
-    from ..app import options, registry
-
     return html.Div([
         dbc.Row([
             dbc.Col(dbc.Textarea(id=TEXT, value=DEFAULT_PROMPT, rows=2,
-                                 maxLength=options().max_prompt_chars,
+                                 maxLength=options.max_prompt_chars,
                                  placeholder="Type a prompt to analyse",
                                  className="al-prompt", persistence=False,
                                  title="prompt"),
                     xs=12, lg=8),
-            dbc.Col(dbc.Select(id=MODEL, options=model_options(), value=registry().default),
+            dbc.Col(dbc.Select(id=MODEL, options=model_options(),
+                               value=registry_module.current().default),
                     xs=8, lg=3),
             dbc.Col(dbc.Button("Analyse", id=ANALYSE, n_clicks=0, color="primary",
                                className="w-100"), xs=4, lg=1),
@@ -146,8 +155,13 @@ def prompt_bar() -> html.Div:
     ], className="al-prompt-bar mb-2")
 
 
-def layout(**_: Any) -> html.Div:
-    """The root layout (a function so the model list is fresh on every page load)."""
+def root_layout(options: AppOptions) -> Callable[..., html.Div]:
+    """The root layout: a function, so the model list is fresh on every page load."""
+    return lambda **_: layout(options)
+
+
+def layout(options: AppOptions = AppOptions()) -> html.Div:
+    """The root layout: shared state, navbar, prompt bar, the page, the footer."""
     return html.Div([
         dcc.Store(id=STATE),
         dcc.Store(id=NAV),
@@ -156,7 +170,7 @@ def layout(**_: Any) -> html.Div:
         html.Div(id="shell-image-status", hidden=True),
         navbar(),
         dbc.Container([
-            prompt_bar(),
+            prompt_bar(options),
             html.Div(id=ALERTS, **{"aria-live": "polite"}),
             dash.page_container,
         ], fluid=True, className="al-main"),
@@ -206,7 +220,7 @@ function(state, queries) {
     document.documentElement.setAttribute('data-al-theme',
                                           state.theme === 'light' ? 'light' : 'dark');
     p.set('model', state.model);
-    p.set('text', state.text);
+    if (state.tid) { p.set('t', state.tid); } else { p.set('text', state.text); }
     if (state.pos !== null && state.pos !== undefined) { p.set('pos', String(state.pos)); }
     if (state.theme === 'light') { p.set('theme', 'light'); }
     let user = trig.indexOf('shell-state.data') >= 0 && state.src === 'user';
@@ -214,10 +228,10 @@ function(state, queries) {
         if (!q) { return; }
         Object.keys(q).sort().forEach(function (k) {
             const v = q[k];
-            if (k === 'src' || v === null || v === undefined || v === '') { return; }
+            if (k === '_src' || v === null || v === undefined || v === '') { return; }
             p.set(k, Array.isArray(v) ? v.join(',') : String(v));
         });
-        if (q.src === 'user' && trig.some(t => t.indexOf('al-query') >= 0)) { user = true; }
+        if (q._src === 'user' && trig.some(t => t.indexOf('al-query') >= 0)) { user = true; }
     });
     const search = '?' + p.toString();
     if (search === window.location.search) { return search; }
@@ -229,9 +243,12 @@ function(state, queries) {
 """
 
 
-def register_callbacks(app: dash.Dash) -> None:
-    """Shell callbacks: URL <-> state, navbar links, mobile menu, downloads and export."""
-    from . import page as page_components
+def register_callbacks(app: dash.Dash, options: AppOptions = AppOptions()) -> None:
+    """Shell callbacks: URL <-> state, navbar links, mobile menu."""
+    def sync(search: Optional[str], nav: Optional[dict], n_clicks: Optional[int],
+             model: Optional[str], text: Optional[str], state: Optional[dict]) -> tuple:
+        return sync_state(search, nav, n_clicks, model, text, state,
+                          max_prompt_chars=options.max_prompt_chars)
 
     app.callback(
         Output(STATE, "data"), Output(TEXT, "value"), Output(MODEL, "value"),
@@ -239,7 +256,7 @@ def register_callbacks(app: dash.Dash) -> None:
         Input(LOCATION, "search"), Input(NAV, "data"), Input(ANALYSE, "n_clicks"),
         Input(MODEL, "value"), State(TEXT, "value"), State(STATE, "data"),
         prevent_initial_call=True,
-    )(sync_state)
+    )(sync)
 
     app.clientside_callback(
         URL_WRITER, Output(URLSYNC, "children"),
@@ -265,20 +282,17 @@ def register_callbacks(app: dash.Dash) -> None:
 
     app.callback(Output(THEME, "children"), Input(STATE, "data"))(theme_label)
 
-    page_components.register_shell_callbacks(app)
-
 
 def sync_state(search: Optional[str], nav: Optional[dict], n_clicks: Optional[int],
-               model: Optional[str], text: Optional[str], state: Optional[dict]
+               model: Optional[str], text: Optional[str], state: Optional[dict], *,
+               max_prompt_chars: int = AppOptions.max_prompt_chars
                ) -> tuple[Any, Any, Any, Any]:
     """Read the URL (load, links, back/forward) or the prompt box (Analyse) into the state."""
-    from ..app import options, registry
-
     try:
         trigger = dash.ctx.triggered_id
     except Exception:  # noqa: BLE001 - called directly in tests
         trigger = LOCATION
-    reg = registry()
+    reg = registry_module.current()
     alerts: list[Any] = []
     if trigger in (ANALYSE, MODEL):
         src = "user"
@@ -293,6 +307,13 @@ def sync_state(search: Optional[str], nav: Optional[dict], n_clicks: Optional[in
             search = nav.get("search")
         q = parse_search(search)
         new_text = q.get("text", DEFAULT_PROMPT)
+        if q.get("t"):
+            stored = prompt_links.load(q["t"])
+            if stored is None:
+                alerts.append(alert("This link's prompt is not stored on this server (the "
+                                    "link is incomplete or has expired); showing the default "
+                                    "prompt.", color="warning"))
+            new_text = stored or DEFAULT_PROMPT
         new_model = q.get("model") or reg.default
         pos = _int_or_none(q.get("pos"))
         theme = LIGHT if q.get("theme") == LIGHT else None
@@ -306,7 +327,7 @@ def sync_state(search: Optional[str], nav: Optional[dict], n_clicks: Optional[in
             new_model = reg.default
         text_out, model_out = new_text, new_model
 
-    limit = options().max_prompt_chars
+    limit = max_prompt_chars
     if len(new_text) > limit:
         alerts.append(alert(f"The prompt is {len(new_text):,} characters long; the limit is "
                             f"{limit:,}. Shorten it and press Analyse."))
@@ -326,6 +347,9 @@ def sync_state(search: Optional[str], nav: Optional[dict], n_clicks: Optional[in
             f"{fp.n_tokens}: analysed the first {fp.n_tokens} of {fp.n_prompt_tokens} tokens.",
             color="warning"))
     new_state = {"model": new_model, "text": new_text, "pos": pos, "theme": theme, "src": src}
+    tid = prompt_links.link_id(new_text)
+    if tid:  # a long prompt: the link carries the id of its stored text
+        new_state["tid"] = tid
     if state and src == "url" and all(state.get(k) == new_state[k] for k in SHARED_KEYS):
         return (no_update, text_out, model_out, alerts)
     return (new_state, text_out, model_out, alerts)
@@ -345,12 +369,10 @@ def theme_label(state: Optional[dict]) -> str:
 
 def _fallback(state: Optional[dict]) -> Any:
     """Keep the last good analysis; on a first load with a bad link, analyse the default."""
-    from ..app import registry
-
     if state:
         return no_update
-    return {"model": registry().default, "text": DEFAULT_PROMPT, "pos": None, "theme": None,
-            "src": "url"}
+    return {"model": registry_module.current().default, "text": DEFAULT_PROMPT, "pos": None,
+            "theme": None, "src": "url"}
 
 
 def _int_or_none(value: Optional[str]) -> Optional[int]:

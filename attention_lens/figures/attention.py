@@ -108,14 +108,17 @@ def attention_grid_figure(result: AttentionPatterns,
     z, labels, is_pooled = pooled(masked(result.patterns[rows]), _labels(result.display))
     what = "max weight in block" if is_pooled else "weight"
     unit = "positions " if is_pooled else ""
-    # one layer of many heads wraps into rows of GRID_MAX_COLUMNS larger thumbnails
+    # one layer of many heads wraps into rows of GRID_MAX_COLUMNS larger thumbnails; heads
+    # name the thumbnails (only the top row when each layer is one row) and layers the rows:
+    # short labels that fit a phone
     per_row = n_heads if len(rows) > 1 else min(n_heads, GRID_MAX_COLUMNS)
     lines = -(-n_heads // per_row)
     grid_rows = len(rows) * lines
     fig = make_subplots(rows=grid_rows, cols=per_row, horizontal_spacing=0.01,
                         vertical_spacing=(0.03 if lines == 1 else 0.06) if grid_rows > 1
                         else 0.0, subplot_titles=[
-                            f"L{layer}H{head}" for layer in rows for head in range(n_heads)])
+                            f"H{head}" if (lines > 1 or r == 0) else ""
+                            for r in range(len(rows)) for head in range(n_heads)])
     for r, layer in enumerate(rows):
         for head in range(n_heads):
             line, col = divmod(head, per_row)
@@ -126,7 +129,9 @@ def attention_grid_figure(result: AttentionPatterns,
             ), row=r * lines + line + 1, col=col + 1)
     fig.update_xaxes(showticklabels=False, type="category")
     fig.update_yaxes(showticklabels=False, type="category", autorange="reversed")
-    fig.update_annotations(font_size=10)
+    for r, layer in enumerate(rows):
+        fig.update_yaxes(title_text=f"L{layer}", title_standoff=2, row=r * lines + 1, col=1)
+    fig.update_annotations(font_size=9)
     if selected is not None and int(selected[0]) in rows and 0 <= selected[1] < n_heads:
         line, col = divmod(int(selected[1]), per_row)  # the thumbnail's place after wrapping
         fig.add_shape(type="rect", xref="x domain", yref="y domain", x0=-0.04, x1=1.04,

@@ -57,8 +57,8 @@ def attribution_components_figure(result: LogitAttribution) -> go.Figure:
     fig.update_layout(
         template=TEMPLATE,
         title=(f"Direct logit attribution at position {result.position} "
-               f"{quoted(result.context)}: sum {signed(result.total)} = {what} − b_U "
-               f"({number(result.logit)} − {number(result.bias)})"),
+               f"{quoted(result.context)}: sum {signed(result.total)} = {what} − b_U, "
+               f"with {what} = {number(result.logit)} and b_U = {number(result.bias)}"),
         xaxis=dict(type="category", title="component", tickangle=-60),
         yaxis_title=f"contribution to {what}",
     )

@@ -42,25 +42,30 @@ def attention_spectrum_figure(result: AttentionSpectrum, layer: int, head: int,
 def circuit_eigenvalues_figure(result: CircuitEigenvalues, layer: int, head: int) -> go.Figure:
     """One head's eigenvalues of each circuit in the complex plane, one panel per circuit."""
     names = list(result.CIRCUITS)
-    fig = make_subplots(rows=1, cols=len(names), horizontal_spacing=0.06, subplot_titles=[
-        f"{CIRCUIT_TITLES[c]}<br>copying {signed(result.copying[c][layer, head], '.2f')}, "
+    cols = 2  # two panels a row: each stays readable on a phone
+    rows = -(-len(names) // cols)
+    fig = make_subplots(rows=rows, cols=cols, horizontal_spacing=0.14, vertical_spacing=0.22,
+                        subplot_titles=[
+        f"{CIRCUIT_TITLES[c]}<br>copying {signed(result.copying[c][layer, head], '.2f')}<br>"
         f"Re λ > 0: {result.positive[c][layer, head]:.0%}" for c in names])
-    for col, c in enumerate(names, start=1):
+    for i, c in enumerate(names):
+        row, col = i // cols + 1, i % cols + 1
         e = result.eigenvalues(c)[layer, head]
         fig.add_trace(go.Scatter(
             x=e.real, y=e.imag, mode="markers", name=CIRCUIT_TITLES[c],
-            marker=dict(size=7, color=QUALITATIVE[(col - 1) % len(QUALITATIVE)],
+            marker=dict(size=7, color=QUALITATIVE[i % len(QUALITATIVE)],
                         line=dict(width=0.5, color="#000")),
             customdata=np.stack([np.arange(1, e.shape[0] + 1), np.abs(e)], -1),
             hovertemplate=(f"{CIRCUIT_TITLES[c]}<br>λ_%{{customdata[0]}} = %{{x:.4g}} "
                            "%{y:+.4g}i (|λ| %{customdata[1]:.4g})<extra></extra>"),
-        ), row=1, col=col)
-        fig.add_vline(x=0, line=dict(color="#888", width=1), row=1, col=col)
-        fig.add_hline(y=0, line=dict(color="#888", width=1), row=1, col=col)
+        ), row=row, col=col)
+        fig.add_vline(x=0, line=dict(color="#888", width=1), row=row, col=col)
+        fig.add_hline(y=0, line=dict(color="#888", width=1), row=row, col=col)
     fig.update_xaxes(title_text="Re λ")
     fig.update_yaxes(title_text="Im λ", col=1)
     fig.update_annotations(font_size=11)
-    fig.update_layout(template=TEMPLATE, showlegend=False, height=430, margin=dict(t=90),
+    fig.update_layout(template=TEMPLATE, showlegend=False, height=330 * rows + 120,
+                      margin=dict(t=110),
                       title=f"L{layer}H{head}: circuit eigenvalues in the complex plane")
     return fig
 
@@ -70,24 +75,25 @@ def copying_scores_figure(result: CircuitEigenvalues, which: str = "full_ov") ->
     copying, positive = result.copying[which], result.positive[which]
     L, H = copying.shape
     x, y = [str(h) for h in range(H)], [str(la) for la in range(L)]
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.22, subplot_titles=[
+    # one grid above the other, each with its colour bar beside it: readable on a phone
+    fig = make_subplots(rows=2, cols=1, vertical_spacing=0.28, subplot_titles=[
         "copying score Re(Σλ)/Σ|λ|", "fraction of eigenvalues with Re λ > 0"])
     fig.add_trace(go.Heatmap(
         z=copying, x=x, y=y, zmin=-1, zmax=1, colorscale=DIVERGING, zmid=0,
-        colorbar=dict(title="copying", x=0.41, xanchor="left", len=0.9),
+        colorbar=dict(title="copying", y=1.0, yanchor="top", len=0.36),
         hovertemplate="layer %{y}, head %{x}: copying %{z:+.3f}<extra></extra>",
     ), row=1, col=1)
     fig.add_trace(go.Heatmap(
         z=positive, x=x, y=y, zmin=0, zmax=1, colorscale=SEQUENTIAL,
-        colorbar=dict(title="Re λ > 0", len=0.9),
+        colorbar=dict(title="Re λ > 0", y=0.0, yanchor="bottom", len=0.36),
         hovertemplate="layer %{y}, head %{x}: %{z:.0%} of eigenvalues with Re λ > 0"
                       "<extra></extra>",
-    ), row=1, col=2)
+    ), row=2, col=1)
     fig.update_xaxes(title_text="head", type="category")
     fig.update_yaxes(title_text="layer", type="category", autorange="reversed")
     fig.update_annotations(font_size=11)
     fig.update_layout(template=TEMPLATE, title=f"{CIRCUIT_TITLES[which]}: every head",
-                      height=max(320, 40 * L + 180))
+                      height=max(460, 2 * (36 * L + 120) + 120))
     return fig
 
 

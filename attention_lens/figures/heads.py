@@ -40,19 +40,22 @@ def head_scores_figure(result: HeadDetection) -> go.Figure:
     """Layer × head grids of each score on the prompt and the probe, and OV copying."""
     grids = score_grids(result)
     L, H = result.probe_induction.shape
-    cols = 3
-    fig = make_subplots(rows=2, cols=cols, subplot_titles=[g[0] for g in grids],
-                        horizontal_spacing=0.05, vertical_spacing=0.2)
+    # one grid a row (layers × heads strips): the values stay readable on a phone too
+    n = len(grids)
+    strip, gap = 26 * L + 24, 62  # px: a grid's height, the room for the next one's title
+    height = n * strip + (n - 1) * gap + 150
+    fig = make_subplots(rows=n, cols=1, subplot_titles=[g[0] for g in grids],
+                        vertical_spacing=gap / (height - 150))
     x, y = [str(h) for h in range(H)], [str(la) for la in range(L)]
     text = "%{z:.2f}" if H <= 16 and L <= 12 else ""
     for i, (title, z, (zmin, zmax)) in enumerate(grids):
         fig.add_trace(go.Heatmap(
-            z=z, x=x, y=y, name=title, coloraxis="coloraxis2" if i == 5 else "coloraxis",
-            texttemplate=text, textfont=dict(size=8), hoverongaps=False,
+            z=z, x=x, y=y, name=title, coloraxis="coloraxis2" if i == n - 1 else "coloraxis",
+            texttemplate=text, textfont=dict(size=9), hoverongaps=False,
             hovertemplate=f"{title}<br>layer %{{y}}, head %{{x}}: %{{z:.3f}}<extra></extra>",
-        ), row=i // cols + 1, col=i % cols + 1)
+        ), row=i + 1, col=1)
     fig.update_xaxes(type="category")
-    fig.update_xaxes(title_text="head", title_standoff=2, row=2)
+    fig.update_xaxes(title_text="head", title_standoff=2, row=n)
     fig.update_yaxes(type="category", autorange="reversed", title_text="layer")
     fig.update_annotations(font_size=11)
     fig.update_layout(
@@ -62,10 +65,11 @@ def head_scores_figure(result: HeadDetection) -> go.Figure:
                f"{result.probe_settings.get('seq_len')}, batch "
                f"{result.probe_settings.get('batch')}, seed {result.probe_settings.get('seed')}"),
         coloraxis=dict(colorscale=SEQUENTIAL, cmin=0.0, cmax=1.0,
-                       colorbar=dict(title="score", x=1.0, len=0.45, y=0.78)),
+                       colorbar=dict(title="score", len=0.6, y=1.0, yanchor="top")),
         coloraxis2=dict(colorscale="RdBu_r", cmin=-1.0, cmax=1.0,
-                        colorbar=dict(title="copying", x=1.0, len=0.45, y=0.22)),
-        height=max(420, 2 * (28 * L + 120)),
+                        colorbar=dict(title="copying", len=0.25, y=0.0,
+                                      yanchor="bottom")),
+        height=height,
     )
     return fig
 

@@ -18,10 +18,10 @@ Colour = Literal["top", "actual", "target"]
 
 #: Positions in view at first: longer prompts open on their last positions and scroll
 #: sideways (drag the grid or the range slider), the tokens and stages staying on screen.
-WINDOW = 24
+WINDOW = 16
 #: Cell text is cut to this many characters (plotly sizes the text of every cell to fit the
 #: narrowest one; cells too narrow for legible text show colour and hover only).
-CELL_CHARS = 7
+CELL_CHARS = 6
 
 
 def _cell_text(display: str) -> str:

@@ -45,8 +45,9 @@ TITLE_WIDTH = 46
 MODEBAR_ROOM = 30
 #: Font size (px) of figure titles.
 TITLE_FONT = 15
-#: Width (px) of colour bars.
+#: Width (px) of colour bars, and the right margin kept for one with its labels and title.
 COLORBAR_THICKNESS = 12
+COLORBAR_ROOM = 84
 MINUS = "\u2212"
 
 
@@ -154,25 +155,41 @@ def styled(fig: go.Figure, theme: Optional[str] = "dark") -> go.Figure:
         text = wrap_title(title)
         size = fig.layout.title.font.size or TITLE_FONT
         lines = text.count("<br>") + 1
+        # subplot titles sit just above the top plot areas, inside the top margin
+        above = [a for a in fig.layout.annotations if a.yref == "paper"
+                 and a.y is not None and a.y >= 0.99 and a.yanchor == "bottom"]
+        sub = max((str(a.text or "").count("<br>") + 1 for a in above), default=0)
         # the title sits in the top margin, below the toolbar's strip; the plot below it
         fig.update_layout(
             title=dict(text=text, x=0, xref="container", xanchor="left", y=1,
                        yref="container", yanchor="top", pad=dict(t=MODEBAR_ROOM + size, l=10)),
-            margin_t=max(top - 50 + MODEBAR_ROOM + int(lines * size * 1.3) + 22,
+            margin_t=max(top - 50 + MODEBAR_ROOM + int(lines * size * 1.3) + 22
+                         + (sub * 15 + 6 if sub else 0),
                          MODEBAR_ROOM + 4))
     else:
         fig.update_layout(margin_t=max(MODEBAR_ROOM + 4, top))
     fig.update_xaxes(automargin=True)
     fig.update_yaxes(automargin=True)
+    def narrow(bar: go.heatmap.ColorBar) -> None:
+        # in the right margin (placed against the figure's edge), whatever the plot's width
+        bar.update(thickness=COLORBAR_THICKNESS, xref="container", x=1.0, xanchor="right",
+                   xpad=8)
+        bar.title.side = "right"
+
+    bars = False
     for trace in fig.data:
-        if "colorbar" in trace and getattr(trace, "showscale", None) is not False:
-            trace.colorbar.thickness = COLORBAR_THICKNESS
-            trace.colorbar.title.side = "right"
+        if "colorbar" in trace and getattr(trace, "showscale", None) is not False \
+                and getattr(trace, "coloraxis", None) is None:
+            narrow(trace.colorbar)
+            bars = True
     for name in ("coloraxis", "coloraxis2", "coloraxis3"):
         axis = fig.layout[name] if name in fig.layout else None
         if axis is not None and axis.colorscale is not None:
-            axis.colorbar.thickness = COLORBAR_THICKNESS
-            axis.colorbar.title.side = "right"
+            narrow(axis.colorbar)
+            bars = True
+    if bars:  # room for the colour bars beside the plot, so they never sit on it
+        right = fig.layout.margin.r
+        fig.update_layout(margin_r=max(COLORBAR_ROOM, right or 0))
     return fig
 
 

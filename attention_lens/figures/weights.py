@@ -18,6 +18,7 @@ def singular_values_figure(svd: CircuitSVD, heads: Sequence[tuple[int, int]],
                            log: bool = True) -> go.Figure:
     """One line per selected head: σ_i of its OV (or QK) circuit against i (1-based)."""
     fig = go.Figure()
+    legend_room = 70 + 22 * -(-len(heads) // 4)
     for n, (layer, head) in enumerate(heads):
         s = svd.singular_values[layer, head]
         name = f"L{layer}H{head}"
@@ -32,7 +33,9 @@ def singular_values_figure(svd: CircuitSVD, heads: Sequence[tuple[int, int]],
         title=f"Singular values of W_{svd.circuit} per head ({len(heads)} heads)",
         xaxis=dict(title="index i", rangemode="tozero"),
         yaxis=dict(title="σ_i", type="log" if log else "linear"),
-        legend=dict(title="head"), height=460,
+        # below the plot, in as many rows as a phone-width figure needs (about four a row)
+        legend=dict(title="head", orientation="h", yref="container", y=0, yanchor="bottom",
+                    x=0), margin=dict(b=legend_room), height=400 + legend_room,
     )
     return fig
 

@@ -5,33 +5,15 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import dash
-from dash import Output, callback, html
-
 from ..analysis.ablation import ablate_heads, head_sweep
 from ..analysis.defaults import chosen_position, preset_heads, repeated_positions
 from ..analysis.errors import AnalysisError
-from ..app import registry
 from ..components import page as P
+from ..components.controls import Choice, Int, Text
 from ..figures.ablation import ablation_figure, ablation_positions_figure, sweep_figure
 from ..figures.tokens import quoted
 
-PAGE = "ablation"
-dash.register_page(__name__, path="/ablation", order=6, name="Ablation",
-                   title="Ablation · Attention Lens",
-                   description="Switch heads off and see what the model predicts without "
-                               "them.")
-
 PRESETS = ("induction", "previous-token")
-CONTROLS = {
-    "preset": P.ChoiceParam("induction", PRESETS),
-    "heads": P.TextParam("", max_len=400),
-    "method": P.ChoiceParam("zero", ("zero", "mean")),
-    "k": P.IntParam(10, 1, 50),
-    "pos": P.IntParam(None),
-    "target": P.TextParam(""),
-}
-CHOICE = f"{PAGE}-choice"
 HEAD_RE = re.compile(r"^L?(\d+)\s*[.:Hh]\s*(\d+)$")
 
 HELP = r"""
@@ -71,20 +53,18 @@ def parse_heads(text: str) -> list[tuple[int, int]]:
     return pairs
 
 
-def chosen_heads(state: dict, query: dict) -> tuple[list[tuple[int, int]], str]:
+def chosen_heads(ctx: P.PageContext, query: dict) -> tuple[list[tuple[int, int]], str]:
     """The heads to ablate (typed, else the preset) and a sentence saying which and why."""
     typed = parse_heads(query["heads"])
     if typed:
         return typed, "the heads you typed"
-    lm = registry().get(state["model"])
-    fp = registry().forward(state["text"], state["model"])
-    return preset_heads(lm, fp, query["preset"])
+    return preset_heads(ctx.model, ctx.forward, query["preset"])
 
 
-def _analyses(state: dict, query: dict) -> tuple[Any, Any, str]:
-    lm = registry().get(state["model"])
-    fp = registry().forward(state["text"], state["model"])
-    heads, which = chosen_heads(state, query)
+def panels(ctx: P.PageContext, query: dict) -> list[Any]:
+    """Which heads and where, top-k before/after, the per-position change, the sweep."""
+    lm, fp = ctx.model, ctx.forward
+    heads, which = chosen_heads(ctx, query)
     where = chosen_position(fp, query["pos"])
     target = query["target"] or where.target_id
     part = repeated_positions(fp.token_ids)
@@ -96,56 +76,28 @@ def _analyses(state: dict, query: dict) -> tuple[Any, Any, str]:
     follows = ("the token you typed" if query["target"] else
                "the token that actually comes next" if where.target_id is not None else
                "the model's top prediction")
-    text = (f"Ablating {which}: {names}. At {where.reason}; following "
-            f"{quoted(result.target_display)}, {follows}.")
-    return result, sweep, text
-
-
-def panels(state: dict, query: dict) -> list[P.Panel]:
-    """Top-k before/after, the per-position change and the per-head sweep."""
-    result, sweep, _ = _analyses(state, query)
     what = "the repeated part" if result.part.size else "the whole prompt"
-    return [P.Panel("predictions", ablation_figure(result), result),
+    return [P.Html("choice", f"Ablating {which}: {names}. At {where.reason}; following "
+                             f"{quoted(result.target_display)}, {follows}."),
+            P.Panel("predictions", ablation_figure(result), result),
             P.Panel("positions", ablation_positions_figure(result), result),
             P.Panel("sweep", sweep_figure(sweep, what), sweep)]
 
 
-P.register_panels(PAGE, panels, CONTROLS)
-
-
-def layout(**query: Any) -> html.Div:
-    """Heads, method and settings from the URL; the two charts."""
-    q, problems = P.parse_query(CONTROLS, query)
-    return P.page_layout(
-        PAGE, "Head ablation",
-        description="Remove heads from the forward pass and compare.",
-        controls=[P.select_control(PAGE, "preset", q["preset"],
-                                   [{"label": "all induction heads", "value": "induction"},
-                                    {"label": "all previous-token heads",
-                                     "value": "previous-token"}], "ablate"),
-                  P.text_control(PAGE, "heads", q["heads"], "or heads",
-                                 placeholder="e.g. L1H5 L1H0"),
-                  P.select_control(PAGE, "method", q["method"],
-                                   [{"label": "zero", "value": "zero"},
-                                    {"label": "mean over positions", "value": "mean"}],
-                                   "ablation"),
-                  P.number_control(PAGE, "k", q["k"], "top k", min=1, max=50),
-                  P.number_control(PAGE, "pos", q["pos"], "position",
-                                   placeholder="auto (-1 = last)"),
-                  P.text_control(PAGE, "target", q["target"], "target token",
-                                 placeholder="the actual next token")],
-        body=[html.P(id=CHOICE, className="al-choice"), P.graph(PAGE, "predictions"),
-              P.graph(PAGE, "positions"), P.graph(PAGE, "sweep")],
-        help_md=HELP, query=q, problems=problems)
-
-
-@callback(*P.main_outputs(PAGE, ["predictions", "positions", "sweep"],
-                          [Output(CHOICE, "children")]),
-          *P.main_inputs(PAGE, CONTROLS))
-@P.analysis_callback(PAGE, CONTROLS, n_outputs=4)
-def update(state: dict, query: dict) -> tuple:
-    """Fetch the cached forward pass, ablate (batched hooked runs), draw."""
-    result, sweep, text = _analyses(state, query)
-    what = "the repeated part" if result.part.size else "the whole prompt"
-    return (ablation_figure(result), ablation_positions_figure(result),
-            sweep_figure(sweep, what), text)
+P.register_page(
+    __name__, path="/ablation", order=6, name="Ablation", title="Ablation · Attention Lens",
+    description="Switch heads off and see what the model predicts without them.",
+    heading="Head ablation", lead="Remove heads from the forward pass and compare.",
+    help_md=HELP, panels=panels, graphs=["predictions", "positions", "sweep"],
+    extras=[("choice", "al-choice")],
+    controls=[Choice("preset", "induction", PRESETS, label="ablate",
+                     labels={"induction": "all induction heads",
+                             "previous-token": "all previous-token heads"}),
+              Text("heads", "", max_len=400, label="or heads", placeholder="e.g. L1H5 L1H0"),
+              Choice("method", "zero", ("zero", "mean"), label="ablation",
+                     labels={"zero": "zero", "mean": "mean over positions"}),
+              Int("k", 10, 1, 50, label="top k"),
+              Int("pos", None, label="position", placeholder="auto (-1 = last)"),
+              Text("target", "", label="target token", placeholder="the actual next token")],
+    body=lambda parts: [parts["choice"], parts["predictions"],
+                        parts["positions"], parts["sweep"]])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import dash
 import dash_bootstrap_components as dbc
 from dash import ALL, MATCH, Input, Output, State, callback, ctx, html
 from dash.exceptions import PreventUpdate
@@ -12,47 +11,14 @@ from dash.exceptions import PreventUpdate
 from ..analysis.analogy import MAX_TERMS, METHODS, Analogy, analogy
 from ..analysis.embeddings import MATRICES, resolve_term
 from ..analysis.errors import AnalysisError
-from ..app import registry
 from ..components import page as P
 from ..components import shell
+from ..components.controls import Choice, Int
 from ..figures.analogy import analogy_figure
 from ..figures.theme import number
 
 PAGE = "analogy"
-dash.register_page(__name__, path="/analogy", order=9, name="Analogy",
-                   title="Analogy · Attention Lens",
-                   description="Vector arithmetic on embeddings: England − English + French = ?")
-
 TERM, REMOVE, TOKENS = "analogy-term", "analogy-remove", "analogy-tokens"
-SIGNS = ("plus", "minus")
-TABLE = f"{PAGE}-table"
-NOTES = f"{PAGE}-notes"
-
-
-class TermsParam:
-    """Words of one side of the equation: a list, or ``"a,b"`` in the URL; blanks dropped."""
-
-    def __init__(self, default: tuple[str, ...] = ()) -> None:  # noqa: D107
-        self.default = default
-
-    def parse(self, name: str, raw: Any) -> tuple[list[str], Optional[str]]:
-        """The non-blank words in ``raw`` (at most MAX_TERMS), and a problem or None."""
-        if raw is None:
-            return list(self.default), None
-        items = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
-        words = [str(w).strip()[:60] for w in items if w is not None and str(w).strip()]
-        if len(words) > MAX_TERMS:
-            return words[:MAX_TERMS], f"{name}: kept the first {MAX_TERMS} words"
-        return words, None
-
-
-CONTROLS = {
-    "plus": TermsParam(("England", "French")),
-    "minus": TermsParam(("English",)),
-    "method": P.ChoiceParam("3cosadd", METHODS),
-    "matrix": P.ChoiceParam("W_E", MATRICES),
-    "k": P.IntParam(10, 1, 100),
-}
 METHOD_LABELS = {"3cosadd": "3CosAdd", "3cosmul": "3CosMul"}
 
 HELP = r"""
@@ -89,21 +55,34 @@ def term_rows(sign: str, words: list[str]) -> list[dbc.InputGroup]:
     return [term_row(sign, i, w) for i, w in enumerate(words or [""])]
 
 
-def result_of(state: dict, query: dict) -> Analogy:
-    """Solve the equation on the state's model."""
-    if not query["plus"]:
-        raise AnalysisError("Type at least one word to add (a + term).")
-    return analogy(registry().get(state["model"]), query["plus"], query["minus"],
-                   top_k=query["k"], method=query["method"], matrix=query["matrix"])
+class Terms:
+    """Words of one side of the equation (``"a,b"`` in the URL; blanks dropped), edited as a
+    list of boxes with add and remove buttons."""
 
+    def __init__(self, name: str, default: tuple[str, ...], label: str) -> None:  # noqa: D107
+        self.name, self.default, self.label = name, default, label  # name: "plus" or "minus"
 
-def panels(state: dict, query: dict) -> list[P.Panel]:
-    """The top-k answers as a bar chart (the table is built from the same result)."""
-    res = result_of(state, query)
-    return [P.Panel("results", analogy_figure(res), res)]
+    def parse(self, raw: Any, cfg: Any = None) -> tuple[list[str], Optional[str]]:
+        """The non-blank words in ``raw`` (at most MAX_TERMS), and a problem or None."""
+        if raw is None:
+            return list(self.default), None
+        items = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
+        words = [str(w).strip()[:60] for w in items if w is not None and str(w).strip()]
+        if len(words) > MAX_TERMS:
+            return words[:MAX_TERMS], f"{self.name}: kept the first {MAX_TERMS} words"
+        return words, None
 
+    def input(self, page: str) -> Input:
+        """Every box of this side (pattern-matched)."""
+        return Input({"type": TERM, "sign": self.name, "index": ALL}, "value")
 
-P.register_panels(PAGE, panels, CONTROLS)
+    def widget(self, page: str, value: list[str], cfg: Any = None) -> html.Div:
+        """The boxes of this side and a button adding one."""
+        add = "+ add a word" if self.name == "plus" else "− subtract a word"
+        return html.Div([html.H6(self.label),
+                         html.Div(term_rows(self.name, value), id=f"{PAGE}-{self.name}-terms"),
+                         dbc.Button(add, id=f"{PAGE}-add-{self.name}", n_clicks=0, size="sm",
+                                    color="secondary", outline=True)], className="al-terms")
 
 
 def results_table(res: Analogy) -> dbc.Table:
@@ -127,63 +106,39 @@ def equation_text(res: Analogy) -> str:
     return text
 
 
-def layout(**query: Any) -> html.Div:
-    """The equation builder (words from the URL), method, k, the chart and the table."""
-    q, problems = P.parse_query(CONTROLS, query)
-    builder = html.Div([
-        html.Div([html.H6("add"), html.Div(term_rows("plus", q["plus"]),
-                                           id=f"{PAGE}-plus-terms"),
-                  dbc.Button("+ add a word", id=f"{PAGE}-add-plus", n_clicks=0, size="sm",
-                             color="secondary", outline=True)], className="al-terms"),
-        html.Div([html.H6("subtract"), html.Div(term_rows("minus", q["minus"]),
-                                                id=f"{PAGE}-minus-terms"),
-                  dbc.Button("− subtract a word", id=f"{PAGE}-add-minus", n_clicks=0,
-                             size="sm", color="secondary", outline=True)],
-                 className="al-terms"),
-    ], className="al-equation", style={"flex": "1 1 100%"})
-    return P.page_layout(
-        PAGE, "Analogy: vector arithmetic on embeddings",
-        description="Add and subtract words; the nearest tokens to the result are listed, "
-                    "inputs excluded. The page opens on England − English + French: each "
-                    "word is one token of the shipped models, and the two-layer model's "
-                    "token embeddings answer France (country ↔ language). The classic "
-                    "king − man + woman = queen is too much for a 4,096-token model: "
-                    "' queen' and ' woman' are not single tokens there.",
-        controls=[
-            builder,
-            P.select_control(PAGE, "method", q["method"],
-                             [{"label": METHOD_LABELS[m], "value": m} for m in METHODS],
-                             "method"),
-            P.select_control(PAGE, "matrix", q["matrix"],
-                             [{"label": "W_E (embedding)", "value": "W_E"},
-                              {"label": "W_U^T (unembedding)", "value": "W_U"}], "matrix"),
-            P.number_control(PAGE, "k", q["k"], "top k", min=1, max=100),
-        ],
-        body=[html.Div(id=NOTES),
-              dbc.Row([dbc.Col(P.graph(PAGE, "results"), lg=7),
-                       dbc.Col(html.Div(id=TABLE), lg=5)])],
-        help_md=HELP, query=q, problems=problems)
-
-
-def main_inputs() -> list[Input]:
-    """The shared state, the words of both sides (pattern-matched), then the other controls."""
-    return ([Input(shell.STATE, "data")]
-            + [Input({"type": TERM, "sign": s, "index": ALL}, "value") for s in SIGNS]
-            + [Input(P.control_id(PAGE, n), "value") for n in ("method", "matrix", "k")])
-
-
-@callback(*P.main_outputs(PAGE, ["results"], [Output(TABLE, "children"),
-                                             Output(NOTES, "children")]),
-          *main_inputs())
-@P.analysis_callback(PAGE, CONTROLS, n_outputs=3)
-def update(state: dict, query: dict) -> tuple:
-    """Solve the equation, draw the bars, the table and the multi-token notes."""
-    (results,) = panels(state, query)
-    res = results.data
-    notes = [shell.alert(n, color="info") for n in res.notes]
+def panels(ctx: P.PageContext, query: dict) -> list:
+    """The top-k answers as bars and a table, what was solved, the multi-token notes."""
+    if not query["plus"]:
+        raise AnalysisError("Type at least one word to add (a + term).")
+    res = analogy(ctx.model, query["plus"], query["minus"], top_k=query["k"],
+                  method=query["method"], matrix=query["matrix"])
     caption = html.P(["Answers to ", html.Code(equation_text(res)), " (",
                       METHOD_LABELS[res.method], ", ", res.matrix, ")"], className="small")
-    return results.figure, results_table(res), [caption, *notes]
+    return [*[P.Notice(n) for n in res.notes],
+            P.Html("caption", caption),
+            P.Panel("results", analogy_figure(res), res),
+            P.Html("table", results_table(res))]
+
+
+P.register_page(
+    __name__, path="/analogy", order=9, name="Analogy", title="Analogy · Attention Lens",
+    description="Vector arithmetic on embeddings: England − English + French = ?",
+    heading="Analogy: vector arithmetic on embeddings",
+    lead="Add and subtract words; the nearest tokens to the result are listed, inputs "
+         "excluded. The page opens on England − English + French: each word is one token of "
+         "the shipped models, and the two-layer model's token embeddings answer France "
+         "(country ↔ language). The classic king − man + woman = queen is too much for a "
+         "4,096-token model: ' queen' and ' woman' are not single tokens there.",
+    help_md=HELP, panels=panels, graphs=["results"], extras=["caption", "table"],
+    controls=[Terms("plus", ("England", "French"), "add"),
+              Terms("minus", ("English",), "subtract"),
+              Choice("method", "3cosadd", METHODS, label="method", labels=METHOD_LABELS),
+              Choice("matrix", "W_E", MATRICES, label="matrix",
+                     labels={"W_E": "W_E (embedding)", "W_U": "W_U^T (unembedding)"}),
+              Int("k", 10, 1, 100, label="top k")],
+    body=lambda parts: [parts["caption"],
+                        dbc.Row([dbc.Col(parts["results"], lg=7),
+                                 dbc.Col(parts["table"], lg=5)])])
 
 
 def _edit(sign: str, words: list[Optional[str]], removes: list[Optional[int]]) -> list:
@@ -230,7 +185,7 @@ def term_tokens(word: Optional[str], state: Optional[dict]) -> str:
     if not word or not word.strip() or not state:
         return ""
     try:
-        term = resolve_term(registry().get(state["model"]), word)
+        term = resolve_term(P.model(state["model"]), word)
     except AnalysisError as exc:
         return f"⚠ {exc}"
     if not term.multi_token:

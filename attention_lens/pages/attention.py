@@ -4,31 +4,22 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import dash
 import dash_bootstrap_components as dbc
-from dash import ALL, Input, Output, State, callback, clientside_callback, html, no_update
+from dash import ALL, Input, Output, State, callback, clientside_callback, html
 from dash.exceptions import PreventUpdate
 
 from ..analysis.attention import attention_pattern, attention_patterns
-from ..analysis.defaults import HeadChoice, card_head, strongest_head
-from ..analysis.errors import AnalysisError
-from ..app import registry
+from ..analysis.defaults import HeadChoice, strongest_head
 from ..components import page as P
 from ..components import shell
+from ..components.controls import Int, parse_all
 from ..figures.attention import attention_figure, attention_grid_figure, entropy_figure
 
 PAGE = "attention"
-dash.register_page(__name__, path="/attention", order=3, name="Attention",
-                   title="Attention · Attention Lens",
-                   description="Attention pattern of any head, every head at a glance, "
-                               "and how focused each head is.")
-
-CONTROLS = {"layer": P.IntParam(None, label="layer"), "head": P.IntParam(None, label="head")}
-ALL_ALERTS = f"{PAGE}-grid-alerts"
-CHOICE = f"{PAGE}-choice"
-RANKING = f"{PAGE}-ranking"
-SCROLL = f"{PAGE}-scroll"
 RANK = f"{PAGE}-rank"
+SCROLL = f"{PAGE}-scroll"
+#: Models with more heads than this show the grid one layer (the selected head's) at a time.
+GRID_MAX_HEADS = 48
 
 HELP = r"""
 A head's pattern is $A = \mathrm{softmax}\big(\mathrm{mask}(q k^\top / \sqrt{d_{head}})\big)$
@@ -49,41 +40,31 @@ sub-diagonal $A_{i,i-1}$; an induction head, on a repeated phrase, attends to th
 per row, averaged over queries, is low for focused heads and $\ln(i+1)$ for uniform attention.
 """
 
-
-def default_head(model: str) -> tuple[int, int]:
-    """The card's strongest induction head, else L0H0 (when no prompt is at hand)."""
-    return card_head(registry().get(model)) or (0, 0)
-
-
-def choice(state: dict) -> HeadChoice:
-    """The head this prompt shows best, with the reason and the ranking."""
-    lm = registry().get(state["model"])
-    return strongest_head(lm, registry().forward(state["text"], state["model"]))
+CONTROLS = [Int("layer", None, 0, hi=lambda cfg: cfg.n_layers - 1, label="layer",
+                placeholder="auto"),
+            Int("head", None, 0, hi=lambda cfg: cfg.n_heads - 1, label="head",
+                placeholder="strongest induction head")]
 
 
-def _resolve(state: dict, query: dict) -> tuple[int, int]:
-    layer, head = query["layer"], query["head"]
-    if layer is None or head is None:
-        best = choice(state)
-        layer = best.layer if layer is None else layer
-        head = best.head if head is None else head
+def chosen_head(best: HeadChoice, query: dict) -> tuple[int, int]:
+    """The head asked for; an empty box takes the head this prompt shows best."""
+    layer = best.layer if query["layer"] is None else query["layer"]
+    head = best.head if query["head"] is None else query["head"]
     return layer, head
 
 
-def choice_text(state: dict, query: dict) -> str:
+def choice_text(best: HeadChoice, query: dict) -> str:
     """The sentence under the title: which head is shown and why."""
     if query["layer"] is not None and query["head"] is not None:
         return f"Showing L{query['layer']}H{query['head']}, the head you chose."
-    best = choice(state)
-    layer, head = _resolve(state, query)
+    layer, head = chosen_head(best, query)
     if (layer, head) == (best.layer, best.head):
         return f"Showing {best.reason}."
     return f"Showing L{layer}H{head} (the layer or head you chose)."
 
 
-def ranking_panel(state: dict) -> Any:
+def ranking_panel(best: HeadChoice) -> Any:
     """The strongest heads by the score that chose the default, as links to each."""
-    best = choice(state)
     if not best.ranking:
         return None
     what = {"induction": "induction", "previous_token": "previous-token",
@@ -98,89 +79,45 @@ def ranking_panel(state: dict) -> Any:
                      html.Ol(items, className="al-rank-list")], className="al-rank")
 
 
-#: Models with more heads than this show the grid one layer (the selected head's) at a time.
-GRID_MAX_HEADS = 48
-
-
-def grid_layers(state: dict, query: dict) -> Optional[list[int]]:
+def grid_layers(lm: Any, layer: int) -> Optional[list[int]]:
     """Rows of the all-heads grid: every layer, or the selected head's layer on big models."""
-    cfg = registry().get(state["model"]).cfg
-    if cfg.n_layers * cfg.n_heads <= GRID_MAX_HEADS:
+    if lm.cfg.n_layers * lm.cfg.n_heads <= GRID_MAX_HEADS:
         return None
-    layer = _resolve(state, query)[0]
-    return [layer if 0 <= layer < cfg.n_layers else choice(state).layer]
+    return [layer]
 
 
-def panels(state: dict, query: dict) -> list[P.Panel]:
-    """The chosen head, the grid of every head, and the entropy per head."""
-    lm = registry().get(state["model"])
-    fp = registry().forward(state["text"], state["model"])
-    layer, head = _resolve(state, query)
+def panels(ctx: P.PageContext, query: dict) -> list[Any]:
+    """Which head and why, its pattern, the grid of every head (the shown one outlined), the
+    entropy per head; switching head leaves the entropy as drawn."""
+    lm, fp = ctx.model, ctx.forward
+    best = strongest_head(lm, fp)
+    layer, head = chosen_head(best, query)
     one = attention_pattern(lm, fp, layer=layer, head=head)
     every = attention_patterns(lm, fp)
-    return [P.Panel("pattern", attention_figure(one), one),
-            P.Panel("all-heads", attention_grid_figure(every, grid_layers(state, query),
-                                                       selected=(layer, head)), every),
-            P.Panel("entropy", entropy_figure(every), {"entropy": every.entropy,
-                                                       "display": every.display})]
+    out = [P.Html("choice", choice_text(best, query)), P.Html("ranking", ranking_panel(best)),
+           P.Panel("pattern", attention_figure(one), one),
+           P.Panel("all-heads", attention_grid_figure(every, grid_layers(lm, layer),
+                                                      selected=(layer, head)), every)]
+    if ctx.only("layer", "head"):
+        return out
+    return out + [P.Panel("entropy", entropy_figure(every), {"entropy": every.entropy,
+                                                             "display": every.display})]
 
 
-P.register_panels(PAGE, panels, CONTROLS)
-
-
-def layout(**query: Any) -> html.Div:
-    """Layer and head from the URL; the chosen head, then the grid and entropy."""
-    q, problems = P.parse_query(CONTROLS, query)
-    return P.page_layout(
-        PAGE, "Attention patterns",
-        description="Which earlier tokens each token reads from, head by head.",
-        controls=[P.number_control(PAGE, "layer", q["layer"], "layer", min=0,
-                                   placeholder="auto"),
-                  P.number_control(PAGE, "head", q["head"], "head", min=0,
-                                   placeholder="strongest induction head")],
-        body=[html.P(id=CHOICE, className="al-choice"),
-              dbc.Row([dbc.Col(P.graph(PAGE, "pattern"), lg=10),
-                       dbc.Col(html.Div(id=RANKING), lg=2)]),
-              html.Div(id=SCROLL, hidden=True),
-              html.Div(id=ALL_ALERTS),
-              dbc.Row([dbc.Col(P.graph(PAGE, "all-heads"), lg=8),
-                       dbc.Col(P.graph(PAGE, "entropy"), lg=4)])],
-        help_md=HELP, query=q, problems=problems)
-
-
-@callback(*P.main_outputs(PAGE, ["pattern"], [Output(CHOICE, "children"),
-                                              Output(RANKING, "children")]),
-          *P.main_inputs(PAGE, CONTROLS))
-@P.analysis_callback(PAGE, CONTROLS, n_outputs=3)
-def update(state: dict, query: dict) -> tuple:
-    """The chosen head only: switching head reuses the cached forward pass and the grid."""
-    lm = registry().get(state["model"])
-    fp = registry().forward(state["text"], state["model"])
-    layer, head = _resolve(state, query)
-    return (attention_figure(attention_pattern(lm, fp, layer=layer, head=head)),
-            choice_text(state, query), ranking_panel(state))
-
-
-@callback(Output(P.graph_id(PAGE, "all-heads"), "figure"),
-          Output(P.graph_id(PAGE, "entropy"), "figure"), Output(ALL_ALERTS, "children"),
-          Input(shell.STATE, "data"), Input(P.control_id(PAGE, "layer"), "value"),
-          Input(P.control_id(PAGE, "head"), "value"))
-def update_grid(state: Optional[dict], layer: Any = None, head: Any = None) -> tuple:
-    """Every head's pattern, the shown head outlined, and every head's entropy."""
-    if not state:
-        raise PreventUpdate
-    try:
-        lm = registry().get(state["model"])
-        q, _ = P.parse_query(CONTROLS, {"layer": layer, "head": head})
-        big = lm.cfg.n_layers * lm.cfg.n_heads > GRID_MAX_HEADS
-        layers = grid_layers(state, q) if big else None
-        every = attention_patterns(lm, registry().forward(state["text"], state["model"]))
-        grid = attention_grid_figure(every, layers, selected=_resolve(state, q))
-        if P.triggered_id() in (P.control_id(PAGE, "layer"), P.control_id(PAGE, "head")):
-            return (*P.themed((grid,), state), no_update, [])
-        return (*P.themed((grid, entropy_figure(every)), state), [])
-    except AnalysisError as exc:
-        return no_update, no_update, shell.alert(str(exc))
+P.register_page(
+    __name__, path="/attention", order=3, name="Attention", title="Attention · Attention Lens",
+    description="Attention pattern of any head, every head at a glance, and how focused each "
+                "head is.",
+    heading="Attention patterns",
+    lead="Which earlier tokens each token reads from, head by head.",
+    help_md=HELP, panels=panels, graphs=["pattern", "all-heads", "entropy"],
+    extras=[("choice", "al-choice"), "ranking"], controls=CONTROLS,
+    body=lambda parts: [parts["choice"],
+                        dbc.Row([dbc.Col(parts["pattern"], lg=10),
+                                 dbc.Col(parts["ranking"], lg=2)]),
+                        html.Div(id=SCROLL, hidden=True),
+                        dbc.Row([dbc.Col(parts["all-heads"], lg=8),
+                                 dbc.Col(parts["entropy"], lg=4)])])
 
 
 # A click on a thumbnail brings the main figure into view (it sits above the grid).
@@ -219,7 +156,10 @@ def select_head(grid_click: Optional[dict], entropy_click: Optional[dict],
     point = click["points"][0]
     if trigger == P.graph_id(PAGE, "entropy"):
         return int(str(point["y"]).lstrip("L")), int(str(point["x"]).lstrip("H"))
-    cfg = registry().get(state["model"]).cfg
-    row, head = divmod(int(point["curveNumber"]), cfg.n_heads)
-    layers = grid_layers(state, P.parse_query(CONTROLS, {"layer": layer})[0])
+    lm = P.model(state["model"])
+    row, head = divmod(int(point["curveNumber"]), lm.cfg.n_heads)
+    query, _ = parse_all(CONTROLS, {"layer": layer, "head": None}, lm.cfg)
+    if query["layer"] is None:
+        query["layer"] = strongest_head(lm, P.forward(state)).layer
+    layers = grid_layers(lm, query["layer"])
     return (row if layers is None else layers[row]), head

@@ -4,25 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import dash
 import dash_bootstrap_components as dbc
-from dash import Output, callback, html
 
-from ..analysis.attribution import LogitAttribution, logit_attribution
+from ..analysis.attribution import logit_attribution
 from ..analysis.defaults import chosen_position
-from ..app import registry
 from ..components import page as P
+from ..components.controls import Int, Text
 from ..figures.attribution import attribution_components_figure, attribution_heads_figure
 from ..figures.tokens import quoted
-
-PAGE = "attribution"
-dash.register_page(__name__, path="/attribution", order=5, name="Attribution",
-                   title="Attribution · Attention Lens",
-                   description="How much each head and component pushes a chosen token's "
-                               "logit up or down.")
-
-CONTROLS = {"target": P.TextParam(""), "contrast": P.TextParam(""), "pos": P.IntParam(None)}
-CHOICE = f"{PAGE}-choice"
 
 HELP = r"""
 The final residual stream is a sum of components $x_L = \sum_k c_k$ (token embedding,
@@ -42,53 +31,33 @@ little here (try the Ablation page).
 """
 
 
-def attribution(state: dict, query: dict) -> tuple[LogitAttribution, str]:
-    """The attribution at the chosen position, and a sentence saying what is explained."""
-    lm = registry().get(state["model"])
-    fp = registry().forward(state["text"], state["model"])
+def panels(ctx: P.PageContext, query: dict) -> list[Any]:
+    """What is explained where, the per-head heatmap and the per-component bars."""
+    fp = ctx.forward
     where = chosen_position(fp, query["pos"])
     target = query["target"] or where.target_id
-    result = logit_attribution(lm, fp, target=target, contrast=query["contrast"] or None,
-                               position=where.position)
+    result = logit_attribution(ctx.model, fp, target=target,
+                               contrast=query["contrast"] or None, position=where.position)
     follows = ("the token you typed" if query["target"] else
                "the token that actually comes next" if where.target_id is not None else
                "the model's top prediction")
-    return result, (f"Explaining {quoted(result.target_display)} ({follows}) at "
-                    f"{where.reason}.")
-
-
-def panels(state: dict, query: dict) -> list[P.Panel]:
-    """Per-head heatmap and per-component bars."""
-    result, _ = attribution(state, query)
-    return [P.Panel("heads", attribution_heads_figure(result), result),
+    return [P.Html("choice", f"Explaining {quoted(result.target_display)} ({follows}) at "
+                             f"{where.reason}."),
+            P.Panel("heads", attribution_heads_figure(result), result),
             P.Panel("components", attribution_components_figure(result), result)]
 
 
-P.register_panels(PAGE, panels, CONTROLS)
-
-
-def layout(**query: Any) -> html.Div:
-    """Target, contrast and position from the URL; the two charts."""
-    q, problems = P.parse_query(CONTROLS, query)
-    return P.page_layout(
-        PAGE, "Direct logit attribution",
-        description="Which heads write the predicted token straight into the output.",
-        controls=[P.text_control(PAGE, "target", q["target"], "target token",
-                                 placeholder="the actual next token"),
-                  P.text_control(PAGE, "contrast", q["contrast"], "minus token",
-                                 placeholder="optional"),
-                  P.number_control(PAGE, "pos", q["pos"], "position",
-                                   placeholder="auto (-1 = last)")],
-        body=[html.P(id=CHOICE, className="al-choice"),
-              dbc.Row([dbc.Col(P.graph(PAGE, "heads"), lg=5),
-                       dbc.Col(P.graph(PAGE, "components"), lg=7)])],
-        help_md=HELP, query=q, problems=problems)
-
-
-@callback(*P.main_outputs(PAGE, ["heads", "components"], [Output(CHOICE, "children")]),
-          *P.main_inputs(PAGE, CONTROLS))
-@P.analysis_callback(PAGE, CONTROLS, n_outputs=3)
-def update(state: dict, query: dict) -> tuple:
-    """Fetch the cached forward pass, analyse, draw."""
-    result, text = attribution(state, query)
-    return attribution_heads_figure(result), attribution_components_figure(result), text
+P.register_page(
+    __name__, path="/attribution", order=5, name="Attribution",
+    title="Attribution · Attention Lens",
+    description="How much each head and component pushes a chosen token's logit up or down.",
+    heading="Direct logit attribution",
+    lead="Which heads write the predicted token straight into the output.",
+    help_md=HELP, panels=panels, graphs=["heads", "components"],
+    extras=[("choice", "al-choice")],
+    controls=[Text("target", "", label="target token", placeholder="the actual next token"),
+              Text("contrast", "", label="minus token", placeholder="optional"),
+              Int("pos", None, label="position", placeholder="auto (-1 = last)")],
+    body=lambda parts: [parts["choice"],
+                        dbc.Row([dbc.Col(parts["heads"], lg=5),
+                                 dbc.Col(parts["components"], lg=7)])])

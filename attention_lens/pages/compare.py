@@ -8,7 +8,6 @@ import dash_bootstrap_components as dbc
 from dash import Input, Output, callback, html
 from dash.exceptions import PreventUpdate
 
-from .. import registry as registry_module
 from .. import weight_analyses as W
 from ..analysis.compare import (
     Comparison,
@@ -18,6 +17,7 @@ from ..analysis.compare import (
     same_tokenizer,
 )
 from ..analysis.datasets import DEFAULT_LENGTH, MAX_WINDOWS, SHIPPED
+from ..analysis.defaults import card_head
 from ..analysis.errors import AnalysisError
 from ..components import page as P
 from ..components import shell
@@ -52,7 +52,7 @@ class ModelChoice:
 
     def widget(self, page: str, value: Any, cfg: Any = None) -> dbc.InputGroup:
         """A labelled drop-down of the registry's models."""
-        names = registry_module.current().names()
+        names = P.model_names()
         options = [{"label": "auto (see help)", "value": ""}] + [{"label": n, "value": n}
                                                                 for n in names]
         if value and value not in names:
@@ -98,18 +98,17 @@ first half.
 
 def models_of(state: dict, query: dict) -> tuple[Any, Any, str]:
     """Models A and B and B's prompt (defaults as the help text says)."""
-    reg = registry_module.current()
-    lm_a = reg.get(state.get("model"))
+    lm_a = P.model(state.get("model"))
     text_b = query["text_b"] if query["text_b"].strip() else state["text"]
     name_b = query["model_b"].strip()
     if not name_b:
         name_b = lm_a.name
         if text_b == state["text"]:  # one prompt: compare with another model that fits
-            for other in reg.names():
-                if other != lm_a.name and not same_tokenizer(lm_a, reg.get(other)):
+            for other in P.model_names():
+                if other != lm_a.name and not same_tokenizer(lm_a, P.model(other)):
                     name_b = other
                     break
-    lm_b = reg.get(name_b)
+    lm_b = P.model(name_b)
     reason = same_tokenizer(lm_a, lm_b)
     if reason:
         raise AnalysisError(reason)
@@ -119,21 +118,17 @@ def models_of(state: dict, query: dict) -> tuple[Any, Any, str]:
 def default_head(lm_a: Any, lm_b: Any) -> tuple[int, int]:
     """The deeper model's strongest probe induction head from its card, else L0H0."""
     deeper = lm_b if lm_b.cfg.n_layers > lm_a.cfg.n_layers else lm_a
-    probe = ((deeper.card or {}).get("evaluation", {}) or {}).get("induction_probe", {}) or {}
-    if isinstance(probe.get("max_layer"), int) and isinstance(probe.get("max_head"), int):
-        return probe["max_layer"], probe["max_head"]
-    return 0, 0
+    return card_head(deeper) or (0, 0)
 
 
 def comparison(state: dict, query: dict) -> Comparison:
     """The comparison of A and B for the page's controls."""
-    reg = registry_module.current()
     lm_a, lm_b, text_b = models_of(state, query)
     d_layer, d_head = default_head(lm_a, lm_b)
     layer = d_layer if query["layer"] is None else query["layer"]
     head = d_head if query["head"] is None else query["head"]
-    fp_a = reg.forward(state["text"], lm_a.name)
-    fp_b = reg.forward(text_b, lm_b.name)
+    fp_a = P.forward_of(state["text"], lm_a.name)
+    fp_b = P.forward_of(text_b, lm_b.name)
     return compare(lm_a, fp_a, lm_b, fp_b, layer=layer, head=head, position=query["position"],
                    k=query["k"], target=query["target"] or None)
 

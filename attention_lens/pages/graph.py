@@ -38,8 +38,10 @@ $\sigma$ at its value on the prompt. The model is then linear in its sources: th
 (an opaque source: what the MLP computes from its input is not followed). A head's output at
 query $q$ is
 
-$$\mathrm{out}_{l,h}(q) = \sum_{k \le q} A_{l,h}[q,k]\; J_{l,k}\big(\mathrm{resid}_l(k)\big)\, W_V W_O,
-\qquad J_{l,k}(x) = \frac{x - \bar x}{\sigma_{l,k}} \odot w$$
+$$\begin{aligned}\mathrm{out}_{l,h}(q) &= \textstyle\sum_{k \le q} A_{l,h}[q,k]\,
+v(k)\, W_O,\\
+v(k) &= J_{l,k}\big(\mathrm{resid}_l(k)\big)\, W_V,\\
+J_{l,k}(x) &= (x - \bar x)/\sigma_{l,k} \odot w\end{aligned}$$
 
 ($J$ is the identity without LayerNorm); its constant parts $(b_V + b_{LN} W_V) W_O$ and
 $b_O$ form the layer's **bias** node at $q$. The target is
@@ -213,6 +215,13 @@ callback(Output(DETAIL, "children"), Input(P.graph_id(PAGE, "graph"), "clickData
          State(shell.STATE, "data"), prevent_initial_call=True)(node_detail)
 
 
+def g_slug(view: GraphView) -> str:
+    """A file-name part naming the target: ``pos38-ang``."""
+    g = view.graph
+    word = "".join(ch for ch in g.target_display if ch.isalnum())[:20] or str(g.target_id)
+    return f"pos{g.position}-{word}"
+
+
 def graph_file(n_clicks: Optional[int], state: Optional[dict], query: Optional[dict]
                ) -> tuple[Any, Any]:
     """The pruned graph as a circuit-tracer graph file."""
@@ -221,7 +230,7 @@ def graph_file(n_clicks: Optional[int], state: Optional[dict], query: Optional[d
     spec = P.spec_of(PAGE)
     try:
         ctx = P.PageContext(state)
-        q, _ = spec.query({k: v for k, v in (query or {}).items() if k != "src"},
+        q, _ = spec.query({k: v for k, v in (query or {}).items() if k != P.SOURCE},
                           spec.config(state.get("model")))
         view, _ = view_of(ctx, q)
         data = graph_json(view.graph, view.pruned, slug=f"{ctx.model.name}-graph",
@@ -232,7 +241,7 @@ def graph_file(n_clicks: Optional[int], state: Optional[dict], query: Optional[d
                                       "drawn.", color="warning")
     except AnalysisError as exc:
         return no_update, shell.alert(str(exc))
-    name = f"{P.export_filename(PAGE, 'circuit-tracer', state)}.json"
+    name = f"attention-lens-graph-{ctx.model.name}-{g_slug(view)}.json"
     return dcc.send_string(json.dumps(data, ensure_ascii=False), name), ""
 
 

@@ -8,11 +8,19 @@ from typing import Any, Optional
 
 import dash
 import dash_bootstrap_components as dbc
-from dash import Input, Output, State, callback, clientside_callback, dash_table, dcc, html
-from dash import no_update
+from dash import (
+    Input,
+    Output,
+    State,
+    callback,
+    clientside_callback,
+    dash_table,
+    dcc,
+    html,
+    no_update,
+)
 from dash.exceptions import PreventUpdate
 
-from .. import registry as registry_module
 from .. import weight_analyses as W
 from ..analysis.attention import attention_patterns
 from ..analysis.datasets import (
@@ -302,9 +310,7 @@ P.register_page(
 # ----------------------------------------------------------------------------- callbacks
 def token_panels(state: dict, pinned: Optional[int]) -> tuple[Any, Any]:
     """The prompt as tokens, and every head's attention from token ``pinned`` (last: None)."""
-    reg = registry_module.current()
-    lm = reg.get(state.get("model"))
-    fp = reg.forward(state["text"], lm.name)
+    lm, fp = P.model(state.get("model")), P.forward(state)
     pos = fp.n_tokens - 1 if pinned is None else pinned
     if not 0 <= pos < fp.n_tokens:
         raise AnalysisError(f"token {pos} is outside the prompt ({fp.n_tokens} tokens)")

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import dash
 import dash_bootstrap_components as dbc
 import numpy as np
-from dash import Output, callback, html
 
-from ..analysis.circuits import check_head
-from ..analysis.composition import KINDS, Composition, composition_scores
-from ..analysis.defaults import HeadChoice, strongest_head
-from ..analysis.eigen import circuit_eigenvalues
+from .. import weight_analyses as W
+from ..analysis.checks import check_layer_head
+from ..analysis.composition import KINDS, Composition
+from ..analysis.defaults import strongest_head
 from ..analysis.errors import AnalysisError
 from ..analysis.heads import (
     METRICS,
@@ -21,39 +19,17 @@ from ..analysis.heads import (
     HeadDetection,
     head_detection,
     label_heads,
-    probe_head_scores,
 )
-from ..app import registry
-from ..components import jobs as JS
 from ..components import page as P
-from ..components import shell
+from ..components.controls import Choice, Int
 from ..figures.heads import (
     composition_figure,
     head_examples_figure,
     head_labels_figure,
     head_scores_figure,
 )
-from ..jobs import Need, cached_or_jobs
-
-PAGE = "induction"
-dash.register_page(__name__, path="/induction", order=7, name="Induction",
-                   title="Induction · Attention Lens",
-                   description="Previous-token, duplicate-token, induction and copying scores "
-                               "of every head, on the prompt and on a repeated random probe; "
-                               "head labels; Q/K/V composition.")
 
 EXAMPLE_KINDS = ("induction", "previous_token", "duplicate_token", "self")
-CONTROLS = {
-    "metric": P.ChoiceParam("mul", METRICS),
-    "rows": P.ChoiceParam("target", ROWS),
-    "labels": P.ChoiceParam("probe", ("probe", "prompt")),
-    "kind": P.ChoiceParam("induction", EXAMPLE_KINDS),
-    "layer": P.IntParam(None, 0),
-    "head": P.IntParam(None, 0),
-    "n": P.IntParam(8, 1, 30),
-    "src": P.IntParam(None, 0),
-}
-NOTE = f"{PAGE}-note"
 #: Composition heatmaps with more source heads than this show one source layer at a time.
 MAX_COMPOSITION_HEADS = 256
 
@@ -90,44 +66,6 @@ head stands out.
 """
 
 
-NEEDS = {
-    "probe": Need("probe_head_scores", lambda lm, report: probe_head_scores(lm),
-                  "repeated-token probe"),
-    "eigen": Need("circuit_eigenvalues",
-                  lambda lm, report: circuit_eigenvalues(lm, progress=report),
-                  "circuit eigenvalues"),
-    "composition": Need("composition_scores",
-                        lambda lm, report: composition_scores(lm, progress=report),
-                        "composition scores"),
-}
-
-
-def _weights(model: str) -> dict[str, Any]:
-    """The probe, eigenvalues and composition of ``model``: cached, or background jobs."""
-    return dict(zip(NEEDS, cached_or_jobs(registry(), model, list(NEEDS.values()))))
-
-
-def _probe(model: str) -> Any:
-    return _weights(model)["probe"]
-
-
-def _eigen(model: str) -> Any:
-    return _weights(model)["eigen"]
-
-
-def _composition(model: str) -> Composition:
-    return _weights(model)["composition"]
-
-
-def detection(state: dict, query: dict) -> HeadDetection:
-    """Head scores on the prompt (probe and copying scores come from the per-model cache)."""
-    lm = registry().get(state["model"])
-    fp = registry().forward(state["text"], state["model"])
-    w = _weights(lm.name)
-    return head_detection(lm, fp, metric=query["metric"], n_examples=query["n"],
-                          probe=w["probe"], eigen=w["eigen"], rows=query["rows"])
-
-
 def labels_of(hd: HeadDetection, source: str) -> list[list[str]]:
     """One label per head from the prompt's pattern scores or the probe's."""
     if source == "prompt":
@@ -138,18 +76,6 @@ def labels_of(hd: HeadDetection, source: str) -> list[list[str]]:
     return labels
 
 
-def selected_head(hd: HeadDetection, layer: Optional[int], head: Optional[int],
-                  prompt_choice: Optional[HeadChoice] = None) -> tuple[int, int]:
-    """The head whose examples are listed: the one asked for, else the strongest induction
-    head on this prompt when it repeats itself, else the best inductor on the probe."""
-    if layer is None and head is None:
-        if prompt_choice is not None and prompt_choice.kind == "induction":
-            return prompt_choice.layer, prompt_choice.head
-        flat = int(np.argmax(hd.probe_induction))
-        return divmod(flat, hd.probe_induction.shape[1])
-    return (0 if layer is None else layer), (0 if head is None else head)
-
-
 def composition_note(comp: Composition, n_layers: int) -> Optional[str]:
     """Why there is nothing to show, or what the scores leave out for this model; or None."""
     if n_layers < 2:
@@ -158,26 +84,44 @@ def composition_note(comp: Composition, n_layers: int) -> Optional[str]:
     return " ".join(comp.notes) or None
 
 
-def panels(state: dict, query: dict) -> list[P.Panel]:
+def source_layer(lm: Any, src: Optional[int]) -> Optional[int]:
+    """The composition heatmaps' source layer: the one asked for, or all (layer 0 when a
+    model has too many heads to show at once)."""
+    n_layers = lm.cfg.n_layers
+    if src is not None and not 0 <= src < n_layers - 1:
+        raise AnalysisError(f"source layer must be between 0 and {n_layers - 2} (the last "
+                            "layer has no later head to compose with)" if n_layers > 1 else
+                            "this model has one layer: there is no source layer to choose")
+    if src is None and (n_layers - 1) * lm.cfg.n_heads > MAX_COMPOSITION_HEADS:
+        return 0
+    return src
+
+
+def panels(ctx: P.PageContext, query: dict) -> list:
     """Score grids, labels, the selected head's examples and the composition heatmaps."""
-    lm = registry().get(state["model"])
-    hd = detection(state, query)
-    fp = registry().forward(state["text"], state["model"])
-    layer, head = selected_head(hd, query["layer"], query["head"], strongest_head(lm, fp))
-    check_head(lm, layer, head)
-    src = query["src"]
-    if src is not None and not 0 <= src < lm.cfg.n_layers - 1:
-        raise AnalysisError(f"source layer must be between 0 and {lm.cfg.n_layers - 2} "
-                            "(the last layer has no later head to compose with)"
-                            if lm.cfg.n_layers > 1 else "this model has one layer: there "
-                            "is no source layer to choose")
-    if src is None and (lm.cfg.n_layers - 1) * lm.cfg.n_heads > MAX_COMPOSITION_HEADS:
-        src = 0
+    lm = ctx.model
+    probe, eigen, comp = ctx.weights(W.probe_head_scores(), W.circuit_eigenvalues(),
+                                     W.composition_scores())
+    fp = ctx.forward
+    key = ("head_detection", query["metric"], query["n"], query["rows"])
+    hd = ctx.registry.per_prompt(fp, key, lambda: head_detection(
+        lm, fp, metric=query["metric"], n_examples=query["n"], probe=probe, eigen=eigen,
+        rows=query["rows"]))
+    if query["layer"] is None and query["head"] is None:
+        # the strongest induction head on this prompt when it repeats itself, else the
+        # strongest on the probe
+        choice = ctx.registry.per_prompt(fp, "strongest_head", lambda: strongest_head(lm, fp))
+        layer, head = ((choice.layer, choice.head) if choice.kind == "induction"
+                       else hd.strongest_induction_head())
+    else:
+        layer, head = query["layer"] or 0, query["head"] or 0
+    check_layer_head(lm, layer, head)
+    src = source_layer(lm, query["src"])
     labels = labels_of(hd, query["labels"])
     examples = hd.examples(query["kind"], layer, head)
-    comp = _composition(lm.name)
     note = composition_note(comp, lm.cfg.n_layers)
     out = [
+        *([P.Notice(note)] if note else []),
         P.Panel("scores", head_scores_figure(hd),
                 {"scores": hd.scores, "metric": hd.metric, "rows": hd.rows,
                  "rows_meaning": ROWS_DESCRIPTION[hd.rows],
@@ -200,58 +144,30 @@ def panels(state: dict, query: dict) -> list[P.Panel]:
     return out
 
 
-P.register_panels(PAGE, panels, CONTROLS)
-
-GRAPHS = ["scores", "labels", "examples", "composition-Q", "composition-K", "composition-V"]
-
-
-def layout(**query: Any) -> html.Div:
-    """Controls from the URL, the score grids, labels, examples and composition."""
-    q, problems = P.parse_query(CONTROLS, query)
-    return P.page_layout(
-        PAGE, "Induction and other head types",
-        description="Which heads attend to the previous token, to earlier copies of the "
-                    "current token, or to the token after an earlier copy (induction), and "
-                    "how heads in different layers compose.",
-        controls=[
-            P.select_control(PAGE, "metric", q["metric"], METRICS, "score"),
-            P.select_control(PAGE, "rows", q["rows"],
-                             [{"label": "rows with a target", "value": "target"},
-                              {"label": "all rows (TransformerLens)", "value": "all"}],
-                             "average over"),
-            P.select_control(PAGE, "labels", q["labels"],
-                             [{"label": "probe", "value": "probe"},
-                              {"label": "prompt", "value": "prompt"}], "labels from"),
-            P.select_control(PAGE, "kind", q["kind"],
-                             [{"label": k.replace("_", "-"), "value": k}
-                              for k in EXAMPLE_KINDS], "examples of"),
-            P.number_control(PAGE, "layer", q["layer"], "layer", min=0, placeholder="auto"),
-            P.number_control(PAGE, "head", q["head"], "head", min=0, placeholder="auto"),
-            P.number_control(PAGE, "n", q["n"], "examples", min=1, max=30),
-            P.number_control(PAGE, "src", q["src"], "composition from layer", min=0,
-                             placeholder="all"),
-        ],
-        body=[JS.job_strip(PAGE), P.graph(PAGE, "scores"),
-              dbc.Row([dbc.Col(P.graph(PAGE, "labels"), lg=7),
-                       dbc.Col(P.graph(PAGE, "examples"), lg=5)]),
-              html.Div(id=NOTE),
-              dbc.Row([dbc.Col(P.graph(PAGE, f"composition-{k}"), lg=4) for k in KINDS])],
-        help_md=HELP, query=q, problems=problems)
-
-
-OUTPUTS = P.main_outputs(PAGE, GRAPHS, [Output(NOTE, "children"), JS.job_output(PAGE)])
-
-
-@callback(*OUTPUTS,
-          *P.main_inputs(PAGE, CONTROLS), JS.job_input(PAGE))
-@P.analysis_callback(PAGE, CONTROLS, n_outputs=len(GRAPHS) + 2)
-@JS.in_background(len(GRAPHS) + 1)
-def update(state: dict, query: dict) -> tuple:
-    """Fetch the forward pass and weight analyses (background jobs at first), score, draw."""
-    out = panels(state, query)
-    lm = registry().get(state["model"])
-    note = composition_note(_composition(lm.name), lm.cfg.n_layers)
-    return (*P.figures_of(out), shell.alert(note, color="info") if note else None)
-
-
-JOB_CALLBACKS = JS.register_job_callbacks(PAGE, update, OUTPUTS, list(CONTROLS))
+P.register_page(
+    __name__, path="/induction", order=7, name="Induction", title="Induction · Attention Lens",
+    description="Previous-token, duplicate-token, induction and copying scores of every head, "
+                "on the prompt and on a repeated random probe; head labels; Q/K/V composition.",
+    heading="Induction and other head types",
+    lead="Which heads attend to the previous token, to earlier copies of the current token, "
+         "or to the token after an earlier copy (induction), and how heads in different "
+         "layers compose.",
+    help_md=HELP, panels=panels,
+    graphs=["scores", "labels", "examples", *[f"composition-{k}" for k in KINDS]],
+    controls=[
+        Choice("metric", "mul", METRICS, label="score"),
+        Choice("rows", "target", ROWS, label="average over",
+               labels={"target": "rows with a target", "all": "all rows (TransformerLens)"}),
+        Choice("labels", "probe", ("probe", "prompt"), label="labels from"),
+        Choice("kind", "induction", EXAMPLE_KINDS, label="examples of",
+               labels={k: k.replace("_", "-") for k in EXAMPLE_KINDS}),
+        Int("layer", None, 0, hi=lambda cfg: cfg.n_layers - 1, label="layer",
+            placeholder="auto"),
+        Int("head", None, 0, hi=lambda cfg: cfg.n_heads - 1, label="head", placeholder="auto"),
+        Int("n", 8, 1, 30, label="examples"),
+        Int("src", None, 0, label="composition from layer", placeholder="all"),
+    ],
+    body=lambda parts: [parts["scores"],
+                        dbc.Row([dbc.Col(parts["labels"], lg=7),
+                                 dbc.Col(parts["examples"], lg=5)]),
+                        dbc.Row([dbc.Col(parts[f"composition-{k}"], lg=4) for k in KINDS])])

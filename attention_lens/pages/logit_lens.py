@@ -2,30 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import dash
-from dash import callback, html
-
 from ..analysis.defaults import chosen_position
-from ..analysis.logit_lens import logit_lens
-from ..app import registry
+from ..analysis.logit_lens import lens_key, logit_lens
 from ..components import page as P
+from ..components.controls import Choice, Int, Text
 from ..figures.logit_lens import logit_lens_figure, logit_lens_target_figure
-
-PAGE = "logit-lens"
-dash.register_page(__name__, path="/logit-lens", order=4, name="Logit lens",
-                   title="Logit lens · Attention Lens",
-                   description="Top tokens read off the residual stream after every "
-                               "layer, and a target token's trajectory.")
-
-CONTROLS = {
-    "k": P.IntParam(5, 1, 20),
-    "colour": P.ChoiceParam("top", ("top", "actual", "target")),
-    "target": P.TextParam(""),
-    "pos": P.IntParam(None),
-    "stages": P.ChoiceParam("sublayer", ("sublayer", "layer")),
-}
 
 HELP = r"""
 The **logit lens** (nostalgebraist 2020) decodes the residual stream $x_\ell$ at each stage
@@ -50,50 +31,35 @@ is recomputed the same way, without centring.
 """
 
 
-def panels(state: dict, query: dict) -> list[P.Panel]:
+def panels(ctx: P.PageContext, query: dict) -> list:
     """The stage × position grid and the target trajectory."""
-    lm = registry().get(state["model"])
-    fp = registry().forward(state["text"], state["model"])
+    fp = ctx.forward
     pos = chosen_position(fp, query["pos"]).position
     target = query["target"] or None
     if target is None and pos == fp.n_tokens - 1:
         # the last position has no actual next token: follow the model's final top guess
         target = int(fp.logits[pos].argmax())
-    lens = logit_lens(lm, fp, k=query["k"], target=target, granularity=query["stages"])
+    key = lens_key(ctx.model, k=query["k"], target=target, granularity=query["stages"])
+    lens = ctx.registry.per_prompt(fp, key, lambda: logit_lens(
+        ctx.model, fp, k=query["k"], target=key[2], granularity=query["stages"]))
     colour = query["colour"] if (query["colour"] != "target" or target is not None) else "top"
     return [P.Panel("logit-lens", logit_lens_figure(lens, colour=colour), lens),
             P.Panel("trajectory", logit_lens_target_figure(lens, position=pos), lens)]
 
 
-P.register_panels(PAGE, panels, CONTROLS)
-
-
-def layout(**query: Any) -> html.Div:
-    """Controls from the URL; the grid and the trajectory."""
-    q, problems = P.parse_query(CONTROLS, query)
-    return P.page_layout(
-        PAGE, "Logit lens",
-        description="What each layer would predict if the model stopped there.",
-        controls=[
-            P.number_control(PAGE, "k", q["k"], "top k (hover)", min=1, max=20),
-            P.select_control(PAGE, "colour", q["colour"],
-                             [{"label": "top token", "value": "top"},
-                              {"label": "actual next token", "value": "actual"},
-                              {"label": "target token", "value": "target"}], "colour by"),
-            P.text_control(PAGE, "target", q["target"], "target token",
-                           placeholder="e.g. ' Granger'"),
-            P.number_control(PAGE, "pos", q["pos"], "position",
-                             placeholder="auto (-1 = last)"),
-            P.select_control(PAGE, "stages", q["stages"],
-                             [{"label": "after attention and MLP", "value": "sublayer"},
-                              {"label": "per layer", "value": "layer"}], "stages"),
-        ],
-        body=[P.graph(PAGE, "logit-lens"), P.graph(PAGE, "trajectory")],
-        help_md=HELP, query=q, problems=problems)
-
-
-@callback(*P.main_outputs(PAGE, ["logit-lens", "trajectory"]), *P.main_inputs(PAGE, CONTROLS))
-@P.analysis_callback(PAGE, CONTROLS, n_outputs=2)
-def update(state: dict, query: dict) -> tuple:
-    """Fetch the cached forward pass, analyse, draw."""
-    return P.figures_of(panels(state, query))
+P.register_page(
+    __name__, path="/logit-lens", order=4, name="Logit lens", title="Logit lens · Attention Lens",
+    description="Top tokens read off the residual stream after every layer, and a target "
+                "token's trajectory.",
+    heading="Logit lens", lead="What each layer would predict if the model stopped there.",
+    help_md=HELP, panels=panels, graphs=["logit-lens", "trajectory"],
+    controls=[
+        Int("k", 5, 1, 20, label="top k (hover)"),
+        Choice("colour", "top", ("top", "actual", "target"), label="colour by",
+               labels={"top": "top token", "actual": "actual next token",
+                       "target": "target token"}),
+        Text("target", "", label="target token", placeholder="e.g. ' Granger'"),
+        Int("pos", None, label="position", placeholder="auto (-1 = last)"),
+        Choice("stages", "sublayer", ("sublayer", "layer"), label="stages",
+               labels={"sublayer": "after attention and MLP", "layer": "per layer"}),
+    ])

@@ -10,7 +10,7 @@ from dash import Input, Output, callback, dcc, html
 from dash.exceptions import PreventUpdate
 
 from ..analysis.errors import AnalysisError
-from ..app import registry
+from ..components import page as P
 from ..components import shell
 
 PAGE = "overview"
@@ -47,7 +47,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 def model_card(name: str) -> dbc.Card:
     """What the model is, how it was trained and how well it does (from its card.json)."""
-    lm = registry().get(name)
+    lm = P.model(name)
     card, cfg = lm.card or {}, lm.cfg
     ev = card.get("evaluation", {}) or {}
     probe = ev.get("induction_probe", {}) or {}

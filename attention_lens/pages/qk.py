@@ -41,7 +41,8 @@ earlier head's output $z W_O$, every earlier layer's $b_O$ and MLP output. With 
 scale $\sigma$ held at its value on the prompt, $\mathrm{LN}(x) = (x - \bar x)/\sigma \cdot w + b$
 is linear in the components (centring is linear), so
 
-$$s[q,k] = \sum_i \sum_j \frac{\big(\mathrm{LN}'(c_i(q)) W_Q\big)\cdot\big(\mathrm{LN}'(c_j(k)) W_K\big)}{\sqrt{d_{head}}}$$
+$$\begin{aligned}s[q,k] &= \textstyle\sum_i \sum_j Q_i \cdot K_j / \sqrt{d_{head}},\\
+Q_i &= \mathrm{LN}'(c_i(q))\, W_Q,\\ K_j &= \mathrm{LN}'(c_j(k))\, W_K\end{aligned}$$
 
 plus the bias terms ($b W_Q + b_Q$ on the query side, $b W_K + b_K$ on the key side), which
 appear as components of their own. Each cell of the heatmap is one term; the terms add up to
@@ -137,15 +138,24 @@ P.register_page(
 TITLE = re.compile(r"Layer (\d+), head (\d+)")
 
 
-def cell_href(click: Optional[dict], figure: Optional[dict], state: Optional[dict]
-              ) -> str:
-    """The /qk link of the attention-pattern cell a click landed on."""
+def cell_href(click: Optional[dict], figure: Optional[dict], state: Optional[dict],
+              query: Optional[dict] = None) -> str:
+    """The /qk link of the attention-pattern cell a click landed on.
+
+    The head is the attention page's chosen one (its query store), or, where that says
+    "auto", the one its figure's title names.
+    """
     if not click or not click.get("points") or not figure or not state:
         raise PreventUpdate
     point = click["points"][0]
     title = ((figure.get("layout") or {}).get("title") or {})
     match = TITLE.search(title.get("text", "") if isinstance(title, dict) else str(title))
-    if not match:
+    chosen = [(query or {}).get(k) for k in ("layer", "head")]
+    if all(isinstance(v, int) for v in chosen):
+        layer, head = chosen
+    elif match:
+        layer, head = int(match.group(1)), int(match.group(2))
+    else:
         raise PreventUpdate
     trace = (figure.get("data") or [{}])[0]
     number = point.get("pointNumber")
@@ -156,13 +166,15 @@ def cell_href(click: Optional[dict], figure: Optional[dict], state: Optional[dic
             q, k = list(trace["y"]).index(point["y"]), list(trace["x"]).index(point["x"])
         except (KeyError, ValueError, TypeError):
             raise PreventUpdate from None
-    if k > q:
-        raise PreventUpdate  # the masked upper triangle
-    layer, head = int(match.group(1)), int(match.group(2))
+    xs = trace.get("x")
+    if k > q or (isinstance(xs, list) and len(xs) <= k):
+        raise PreventUpdate  # the masked upper triangle, or a cell of a pooled pattern
+    if isinstance(xs, list) and isinstance(trace.get("y"), list) and len(xs) != len(trace["y"]):
+        raise PreventUpdate
     return f"/qk?{_state_query(state, layer=layer, head=head, query=q, key=k)}"
 
 
 callback(Output(shell.LOCATION, "href", allow_duplicate=True),
          Input(P.graph_id("attention", "pattern"), "clickData"),
          State(P.graph_id("attention", "pattern"), "figure"), State(shell.STATE, "data"),
-         prevent_initial_call=True)(cell_href)
+         State(P.query_id("attention"), "data"), prevent_initial_call=True)(cell_href)

@@ -1,0 +1,266 @@
+"""/patching: activation patching beside attribution patching, and path patching, on a pair."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from typing import Any, Optional
+from urllib.parse import urlencode
+
+import dash_bootstrap_components as dbc
+from dash import Input, Output, State, callback, dcc, html, no_update
+from dash.exceptions import PreventUpdate
+
+from .. import background
+from .. import weight_analyses as W
+from ..analysis import patching as PT
+from ..analysis.errors import AnalysisError
+from ..components import page as P
+from ..components import shell
+from ..components.controls import Choice, Int, Text
+from ..figures.patching import (
+    head_label,
+    pair_set_figure,
+    parse_head_label,
+    patching_figure,
+    patching_scatter_figure,
+    path_patching_figure,
+)
+from ..figures.tokens import quoted
+
+PAGE = "patching"
+UPLOAD, UPLOAD_STATUS = f"{PAGE}-upload", f"{PAGE}-upload-status"
+SENDER_RE = re.compile(r"^\s*L?(\d+)\s*[.:Hh]\s*(\d+)\s*$")
+
+HELP = r"""
+A **pair** is a clean prompt $x_c$ and a corrupted prompt $x_r$ of the same token length.
+The **metric** $m$ is read on the final logits at one position (default: the last): the
+logit difference $LD = \mathrm{logit}[a] - \mathrm{logit}[b]$ between the correct answer
+$a$ and the wrong one $b$; normalised, $(LD - LD_r)/(LD_c - LD_r)$ (clean = 1,
+corrupted = 0); $\log p(a)$; or $\mathrm{KL}(p_c \,\|\, p)$.
+
+**Activation patching** (Meng et al. 2022; Wang et al. 2022): *denoising* runs $x_r$ and
+replaces one activation by its value on $x_c$; *noising* runs $x_c$ with one activation from
+$x_r$. Each cell is one patched run; the heatmap shows the change of the metric it causes
+(red: towards the metric's increase). The numbers equal TransformerLens'
+`patching.get_act_patch_*` on the same weights. A patch at layer $l$ and position $p$
+changes nothing before $l$ or before $p$, so each run is recomputed from the patch on only.
+
+**Attribution patching** (Nanda 2023) estimates every cell at once to first order,
+$m(\text{patched}) - m \approx (a_{\text{source}} - a_{\text{base}}) \cdot \partial m /
+\partial a$, from one forward and one backward pass; the scatter compares it with the exact
+cells (equal where $m$ is linear in $a$, e.g. last-layer heads of an attention-only model).
+
+**Path patching** (Wang et al. 2022): the sender head's output, taken from the source run,
+reaches one receiver head's query, key or value input only (every other component keeps its
+base value there); the network is then recomputed from the receiver on. "Direct to logits"
+sends it into the final residual stream only.
+
+**The default example** (attn-only-2l): the second half repeats the first; the corrupted
+prompt changes the earlier " h" of " holiday" to " and", so no earlier token follows " h"
+and the model predicts " house" instead of " holiday" (logit difference 6.9 clean, −3.0
+corrupted). Head output × position, denoising, lights up the **previous-token head L0H2 at
+position 20** ("olid"), the position after the corrupted token (it writes "the previous token was
+' h'" there, which the induction heads' keys look for), and the **induction heads L1H5,
+L1H0, L1H6 and L1H10 at the last position**, which copy "olid" from there. Path patching
+from L0H2 shows that its effect goes through those heads' **keys**. **Click a head's cell**
+to open that head on the Attention page.
+
+Empty boxes are filled for you: the corrupted prompt as the clean one with the earlier copy
+of the last token changed; the answers as the clean and the corrupted prompt's top
+predictions.
+"""
+
+
+def _sender(text: str, lm: Any) -> Optional[tuple[int, int]]:
+    if not text.strip():
+        return None
+    m = SENDER_RE.match(text)
+    if not m:
+        raise AnalysisError(f"cannot read the sender {text[:20]!r}: write a head as L0H2 or 0.2")
+    return int(m.group(1)), int(m.group(2))
+
+
+def resolve(lm: Any, query: dict) -> tuple[dict[str, Any], list[str]]:
+    """The pair and metric to patch (empty boxes filled) and sentences saying what was filled."""
+    notes = []
+    clean, corrupted = query["clean"], query["corrupted"]
+    if not corrupted.strip():
+        corrupted, c, old, new = PT.corrupt_one_token(lm, clean)
+        notes.append(f"Corrupted prompt: the clean prompt with token {c} "
+                     f"{quoted(lm.tokenizer.display(old))} changed to "
+                     f"{quoted(lm.tokenizer.display(new))}.")
+    correct, wrong = query["correct"], query["wrong"]
+    if not correct or not wrong:
+        auto_c, auto_w = PT.default_answers(lm, clean, corrupted, query["position"])
+        if not correct:
+            correct = auto_c
+            notes.append(f"Correct answer: the clean prompt's top prediction "
+                         f"{quoted(lm.tokenizer.display(auto_c))}.")
+        if not wrong:
+            wrong = auto_w
+            notes.append(f"Wrong answer: the corrupted prompt's top prediction "
+                         f"{quoted(lm.tokenizer.display(auto_w))}.")
+    return dict(clean=clean, corrupted=corrupted, correct=correct, wrong=wrong,
+                metric=query["metric"], direction=query["direction"],
+                position=query["position"]), notes
+
+
+def _answers(lm: Any, args: dict) -> Any:
+    top_c, top_r = PT.pair_predictions(lm, args["clean"], args["corrupted"], args["position"])
+    disp = lm.tokenizer.display
+    return html.Div([
+        html.Span("Top predictions: clean ", className="al-rank-title"),
+        html.Span(", ".join(quoted(disp(i)) for i in top_c)),
+        html.Span(" · corrupted ", className="al-rank-title"),
+        html.Span(", ".join(quoted(disp(i)) for i in top_r)),
+    ], className="al-choice")
+
+
+def _cells_note(lm: Any, grid: PT.PatchingGrid) -> str:
+    parts = []
+    for index, effect in PT.strongest_cells(grid, 5):
+        named = dict(zip(grid.axes, index))
+        where = ("L{layer}H{head}" if "head" in named else "L{layer}").format(**named)
+        if "pos" in named:
+            where += f" at {named['pos']} {quoted(grid.clean_display[named['pos']])}"
+        parts.append(f"{where} ({effect:+.2f})")
+    return "Strongest cells: " + ", ".join(parts) + "."
+
+
+def panels(ctx: P.PageContext, query: dict) -> list:
+    """Exact and attribution grids, their scatter, path patching from the sender head."""
+    lm = ctx.model
+    limit = getattr(ctx.registry, "max_tokens", None)
+    n_tokens = len(PT.pair_tokens(lm, query["clean"], query["clean"])[0])
+    if limit is not None and n_tokens > limit:
+        raise AnalysisError(f"the clean prompt has {n_tokens} tokens; this server analyses at "
+                            f"most {limit}")
+    args, notes = resolve(lm, query)
+    wa = {**args, "correct": str(args["correct"]), "wrong": str(args["wrong"])}
+    if PT.runs_inline(lm):
+        grid = PT.activation_patching(lm, granularity=query["granularity"], **args)
+    else:
+        grid = ctx.weight(W.request("activation_patching", granularity=query["granularity"],
+                                    **wa))
+    parts: list[Any] = [P.Panel("exact", patching_figure(grid, "exact"), grid),
+                        P.Panel("attribution", patching_figure(grid, "attribution"), grid),
+                        P.Panel("scatter", patching_scatter_figure(grid),
+                                {"exact": grid.effect, "attribution": grid.attribution_effect,
+                                 "correlation": grid.correlation}),
+                        P.Html("answers", _answers(lm, args))]
+    sender = _sender(query["sender"], lm)
+    if sender is not None:
+        layer, head = sender
+        if not (0 <= layer < lm.cfg.n_layers and 0 <= head < lm.cfg.n_heads):
+            raise AnalysisError(f"sender L{layer}H{head} does not exist: {lm.name} has "
+                                f"{lm.cfg.n_layers} layers of {lm.cfg.n_heads} heads")
+        if PT.runs_inline(lm):
+            path = PT.path_patching(lm, sender=sender, **args)
+        else:
+            path = ctx.weight(W.request("path_patching", layer=layer, head=head, **wa))
+        parts.append(P.Panel("path", path_patching_figure(path), path))
+    notes.append(_cells_note(lm, grid))
+    if query["pairs"]:
+        res = ctx.weight(W.request("pair_set_patching", pairs=query["pairs"],
+                                   granularity=query["granularity"], metric=query["metric"],
+                                   direction=query["direction"], position=query["position"]))
+        parts.append(P.Panel("pair-set", pair_set_figure(res), res))
+        notes.append(f"The set of pairs: {len(res.grids)} pairs, per-pair grids in its "
+                     f"CSV/JSON download.")
+    else:
+        parts.append(P.Panel("pair-set", P.empty_figure(
+            "Upload a set of pairs (below) to see the mean grid over them"), None))
+    return parts + [P.Notice(" ".join(notes))]
+
+
+SPEC = P.register_page(
+    __name__, path="/patching", name="Patching", order=12,
+    heading="Activation, attribution and path patching",
+    title="Patching · Attention Lens",
+    description="Does this head matter for this behaviour? Patch activations between a "
+                "clean and a corrupted prompt and watch the answer come back.",
+    help_md=HELP, panels=panels,
+    graphs=["exact", "attribution", "scatter", "path", "pair-set"], extras=["answers"],
+    controls=[
+        Text("clean", PT.DEFAULT_CLEAN, max_len=4000, label="clean prompt"),
+        Text("corrupted", PT.DEFAULT_CORRUPTED, max_len=4000, label="corrupted prompt",
+             placeholder="the clean prompt with one token changed"),
+        Text("correct", PT.DEFAULT_CORRECT, max_len=40, label="correct answer",
+             placeholder="clean top prediction"),
+        Text("wrong", PT.DEFAULT_WRONG, max_len=40, label="wrong answer",
+             placeholder="corrupted top prediction"),
+        Choice("metric", "logit_diff", PT.METRICS, label="metric", labels=PT.METRIC_LABELS),
+        Choice("direction", "denoising", PT.DIRECTIONS, label="direction",
+               labels={"denoising": "denoising (clean into corrupted)",
+                       "noising": "noising (corrupted into clean)"}),
+        Choice("granularity", "head_out_by_pos", PT.GRANULARITIES, label="patch",
+               labels=PT.GRANULARITY_LABELS),
+        Int("position", -1, label="metric position", placeholder="-1 = last"),
+        Text("sender", "L0H2", max_len=12, label="path-patching sender",
+             placeholder="e.g. L0H2"),
+        Text("pairs", "", max_len=64, label="set of pairs",
+             placeholder="upload a CSV or JSON below"),
+    ],
+    body=lambda parts: [parts["answers"],
+                        dbc.Row([dbc.Col(parts["exact"], lg=6),
+                                 dbc.Col(parts["attribution"], lg=6)]),
+                        dbc.Row([dbc.Col(parts["scatter"], lg=5),
+                                 dbc.Col(parts["path"], lg=7)]),
+                        html.Div([
+                            dcc.Upload(html.Div([
+                                "Sets of pairs: drop or ", html.A("choose"),
+                                " a CSV (columns clean, corrupted, correct, wrong) or a JSON "
+                                f"list of such objects, at most {PT.MAX_PAIRS} pairs"]),
+                                id=UPLOAD, multiple=False, className="al-upload"),
+                            html.Div(id=UPLOAD_STATUS)]),
+                        parts["pair-set"]],
+)
+
+
+@callback(Output(P.control_id(PAGE, "pairs"), "value"), Output(UPLOAD_STATUS, "children"),
+          Input(UPLOAD, "contents"), State(UPLOAD, "filename"), prevent_initial_call=True)
+def upload_pairs(contents: Optional[str], filename: Optional[str]) -> tuple:
+    """Check an uploaded set of pairs, keep it in the shared store, name it in the URL."""
+    if not contents:
+        raise PreventUpdate
+    name = str(filename or "the file")[:80]
+    try:
+        raw = base64.b64decode(contents.split(",", 1)[1], validate=True)
+        text = raw.decode("utf-8")
+        pairs = PT.parse_pairs(text)
+    except (IndexError, binascii.Error, UnicodeDecodeError):
+        return no_update, shell.alert(f"{name} could not be read as UTF-8 text")
+    except AnalysisError as exc:
+        return no_update, shell.alert(f"{name}: {exc}")
+    digest = hashlib.sha256(raw).hexdigest()[:32]
+    background.current().results.set(W.pair_set_key(digest), text)
+    return digest, shell.alert(f"Using {name}: {len(pairs)} pairs.", color="info")
+
+
+@callback(Output(shell.LOCATION, "href", allow_duplicate=True),
+          Input(P.graph_id(PAGE, "exact"), "clickData"),
+          Input(P.graph_id(PAGE, "attribution"), "clickData"),
+          State(shell.STATE, "data"), State(P.control_id(PAGE, "clean"), "value"),
+          prevent_initial_call=True)
+def open_head(exact: Optional[dict], attribution: Optional[dict], state: Optional[dict],
+              clean: Optional[str]) -> Any:
+    """A click on a head's cell opens that head on /attention, on the clean prompt."""
+    click = attribution if P.triggered_id() == P.graph_id(PAGE, "attribution") else exact
+    if not click or not state:
+        raise PreventUpdate
+    point = click["points"][0]
+    head = parse_head_label(point.get("y"))
+    if head is None:  # a layer-level grid: the column is the head
+        layer = parse_head_label(f"{point.get('y')}{point.get('x')}")
+        head = layer
+    if head is None:
+        return no_update
+    query = {"model": state.get("model", ""), "text": clean or state.get("text", ""),
+             "layer": head[0], "head": head[1]}
+    return f"/attention?{urlencode(query)}"
+
+
+__all__ = ["SPEC", "head_label", "open_head", "panels", "resolve", "upload_pairs"]

@@ -1,0 +1,124 @@
+"""Import structure of the package, found by walking every module's imports (no lists by hand).
+
+Data flows down: nothing imports the app factory module except the entry points, no import
+cycle anywhere in the package (imports inside functions count too), and the layers keep to
+their libraries.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "attention_lens"
+#: The modules that may build the app: the server factory and the command line.
+ENTRY_POINTS = {"attention_lens.server", "attention_lens.cli"}
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
+    """Package modules ``name`` imports (absolute or relative, anywhere in the file)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        targets: list[str] = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            targets = [mod] + [f"{mod}.{a.name}" for a in node.names]
+        for t in targets:
+            # the deepest package module the import names (``from . import page`` -> page)
+            while t and t not in known:
+                t = t.rsplit(".", 1)[0] if "." in t else ""
+            if t and t != name:
+                found.add(t)
+    return found
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    known = set(mods)
+    return {name: imports_of(name, path, known) for name, path in mods.items()}
+
+
+def test_the_walk_sees_the_package(graph):
+    assert len(graph) > 40
+    assert "attention_lens.components.page" in graph["attention_lens.pages.weights"]
+    assert "attention_lens.registry" in graph["attention_lens.components.page"]
+
+
+def test_nothing_imports_the_app_module_but_the_entry_points(graph):
+    users = sorted(m for m, deps in graph.items() if "attention_lens.app" in deps)
+    assert set(users) <= ENTRY_POINTS, users
+
+
+def test_no_import_cycle(graph):
+    """Depth-first search over every import edge; any back edge is a cycle."""
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph.get(node, ())):
+            if dep not in graph:
+                continue
+            if state.get(dep) == 1:
+                cycles.append(stack[stack.index(dep):] + [dep] if dep in stack else [node, dep])
+            elif dep not in state:
+                visit(dep, stack + [dep])
+        state[node] = 2
+
+    for mod in sorted(graph):
+        if mod not in state:
+            visit(mod, [mod])
+    # a package's __init__ importing its own submodules is not a loop back up
+    real = [c for c in cycles if not all(x.startswith(c[0] + ".") or x == c[0] for x in c)]
+    assert real == [], real
+
+
+def third_party(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+@pytest.mark.parametrize("layer,banned", [("analysis", {"dash", "plotly", "flask"}),
+                                          ("figures", {"torch", "dash", "flask"}),
+                                          ("model", {"dash", "plotly", "flask"})])
+def test_layers_keep_to_their_libraries(layer, banned):
+    for path in (PACKAGE / layer).rglob("*.py"):
+        assert not third_party(path) & banned, (path.name, third_party(path) & banned)
+
+
+def test_pages_never_import_the_app_registry_or_server(graph):
+    for mod, deps in graph.items():
+        if mod.startswith("attention_lens.pages."):
+            bad = deps & {"attention_lens.app", "attention_lens.server", "attention_lens.cli",
+                          "attention_lens.registry", "attention_lens.api"}
+            assert not bad, (mod, bad)

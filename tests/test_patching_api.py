@@ -1,0 +1,109 @@
+"""POST /api/patching and /api/path-patching: the analysis' numbers, and 400s naming the problem."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from attention_lens.analysis import patching as P
+from attention_lens.server import ServerConfig, create_server
+
+PAIR = dict(clean=" The cat sat on the mat. The cat sat on the",
+            corrupted=" The man sat on the mat. The cat sat on the", correct=" mat", wrong=" man")
+
+
+@pytest.fixture(scope="module")
+def server():
+    app = create_server(ServerConfig(cache_size=8))
+    client = app.server.test_client()
+    assert client.get("/").status_code == 200
+    return app
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.server.test_client()
+
+
+@pytest.fixture(scope="module")
+def lm(server):
+    return server.server.extensions["attention_lens"]["registry"].get("attn-only-2l")
+
+
+def post(client, path, body):
+    r = client.post(path, json=body)
+    assert r.is_json, r.data[:200]
+    return r.status_code, r.get_json()
+
+
+def test_patching_returns_the_analysis_grid(client, lm):
+    status, data = post(client, "/api/patching", {**PAIR, "granularity": "head_out"})
+    assert status == 200, data
+    res = data["result"]
+    ours = P.activation_patching(lm, **PAIR, granularity="head_out")
+    np.testing.assert_allclose(np.array(res["values"]), ours.values, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.array(res["attribution"]), ours.attribution, rtol=1e-6,
+                               atol=1e-6)
+    assert res["axes"] == ["layer", "head"] and res["clean_display"][1] == "·cat"
+    status, data = post(client, "/api/patching", {**PAIR, "granularity": "resid_pre",
+                                                  "direction": "noising",
+                                                  "metric": "normalized",
+                                                  "attribution": False})
+    assert status == 200, data
+    assert data["result"]["base_metric"] == pytest.approx(1.0)
+    assert all(v is None for row in data["result"]["attribution"] for v in row)
+
+
+def test_patching_over_pairs(client):
+    pairs = [PAIR, {**PAIR, "wrong": " car"}]
+    status, data = post(client, "/api/patching", {"pairs": pairs, "granularity": "head_v"})
+    assert status == 200, data
+    per = np.array(data["result"]["per_pair"])
+    assert per.shape == (2, 2, 12) and data["n_pairs"] == 2
+    np.testing.assert_allclose(np.array(data["result"]["mean"]), per.mean(0), atol=1e-5)
+    csv = "clean,corrupted,correct,wrong\n" + ",".join(PAIR.values()) + "\n"
+    status, data = post(client, "/api/patching", {"pairs": csv, "granularity": "head_v"})
+    assert status == 200 and data["n_pairs"] == 1
+
+
+def test_path_patching(client, lm):
+    status, data = post(client, "/api/path-patching", {**PAIR, "sender": [0, 7]})
+    assert status == 200, data
+    ours = P.path_patching(lm, **PAIR, sender=(0, 7))
+    vals = np.array([[[np.nan if v is None else v for v in h] for h in layer]
+                     for layer in data["result"]["values"]])
+    np.testing.assert_allclose(vals, ours.values, atol=1e-5)
+    assert data["components"] == ["q", "k", "v"]
+    status, data = post(client, "/api/path-patching", {**PAIR, "table": True})
+    assert status == 200 and len(data["result"]["direct"]) == 2
+
+
+@pytest.mark.parametrize("path, body, message", [
+    ("/api/patching", {**PAIR, "corrupted": " The dog sat on the mat. The cat sat on the"},
+     "14 tokens and the corrupted prompt 15"),
+    ("/api/patching", {**PAIR, "clean": ""}, "'clean' is empty"),
+    ("/api/patching", {k: v for k, v in PAIR.items() if k != "corrupted"},
+     "missing field 'corrupted'"),
+    ("/api/patching", {**PAIR, "correct": " matress"}, "not a single token"),
+    ("/api/patching", {**PAIR, "correct": 10 ** 9}, "outside the vocabulary"),
+    ("/api/patching", {k: v for k, v in PAIR.items() if k != "correct"},
+     "missing field 'correct'"),
+    ("/api/patching", {**PAIR, "wrong": " mat"}, "the same token"),
+    ("/api/patching", {**PAIR, "position": 14}, "position"),
+    ("/api/patching", {**PAIR, "granularity": "neurons"}, "'granularity' must be one of"),
+    ("/api/patching", {**PAIR, "granularity": "mlp_out"}, "no MLPs"),
+    ("/api/patching", {**PAIR, "pairs": []}, "either 'pairs' or one pair"),
+    ("/api/patching", {"pairs": 5}, "'pairs' must be a list"),
+    ("/api/patching", {"pairs": "clean,corrupted\na,b\n"}, "lacks the column"),
+    ("/api/patching", {"pairs": "clean,corrupted,correct,wrong\n" + "a b,a c, d, e\n" * 10_000},
+     "10,000 pairs; at most 100"),
+    ("/api/patching", {**PAIR, "shoe": 1}, "shoe"),
+    ("/api/path-patching", PAIR, "missing field 'sender'"),
+    ("/api/path-patching", {**PAIR, "sender": [5, 0]}, "layer 5 does not exist"),
+    ("/api/path-patching", {**PAIR, "sender": "L0H1"}, "'sender' must be \\[layer, head\\]"),
+    ("/api/path-patching", {**PAIR, "sender": [0, 1], "table": True}, "not both"),
+])
+def test_bad_requests_are_400_naming_the_problem(client, path, body, message):
+    status, data = post(client, path, body)
+    assert status == 400, data
+    assert __import__("re").search(message, data["error"]), data["error"]
