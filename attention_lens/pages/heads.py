@@ -244,7 +244,7 @@ def links(state: dict, layer: int, head: int) -> list[Any]:
     return [html.Span(f"L{layer}H{head} on this prompt: ", className="me-2"),
             link("/attention", "attention pattern", f"layer={layer}&head={head}"),
             link("/weights", "OV/QK weights", f"layer={layer}&head={head}"),
-            link("/patching", "patching", f"layer={layer}&head={head}")]
+            link("/patching", "path patching from it", f"sender=L{layer}H{head}")]
 
 
 def panels(ctx: P.PageContext, query: dict) -> list:
