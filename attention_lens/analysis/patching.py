@@ -1112,6 +1112,45 @@ DEFAULT_CORRECT, DEFAULT_WRONG = "olid", "ouse"
 REPLACEMENTS = (" and", " the", " of", " a", " to", " in")
 
 
+#: The sentence a shorter default is built from, on models the measured example does not fit.
+SHORT_SENTENCE = " Anna gave Peter a red book about ancient Rome before the winter holiday."
+
+
+def default_fits(lm: LoadedModel, limit: Optional[int] = None) -> bool:
+    """Whether the measured default example (pair and answers) fits ``lm``: both prompts within
+    its context (and ``limit`` tokens), of one length, and each answer a single token."""
+    n = min(lm.cfg.n_ctx, limit or lm.cfg.n_ctx)
+    try:
+        a, b = pair_tokens(lm, DEFAULT_CLEAN, DEFAULT_CORRUPTED)
+    except AnalysisError:
+        return False
+    answers = [lm.tokenizer.encode(w) for w in (DEFAULT_CORRECT, DEFAULT_WRONG)]
+    return len(a) <= n and all(len(t) == 1 for t in answers)
+
+
+def short_default(lm: LoadedModel, limit: Optional[int] = None) -> tuple[str, str]:
+    """A (clean, corrupted) pair in ``lm``'s tokenizer that fits its context: the first k
+    words of :data:`SHORT_SENTENCE`, then the same words again but the last (so the next word
+    is the one an induction head would copy); the corrupted prompt changes the earlier copy of
+    the last word, as the measured example does."""
+    n = min(lm.cfg.n_ctx, limit or lm.cfg.n_ctx)
+    words = SHORT_SENTENCE.split()
+    for k in range(len(words), 2, -1):
+        first, second = words[:k], words[:k - 1]
+        clean = " " + " ".join(first + second)
+        ids, dropped = tokenize(lm, clean)
+        if dropped or len(ids) > n:
+            continue
+        for word in REPLACEMENTS:
+            changed = list(first)
+            changed[k - 2] = word.strip()
+            corrupted = " " + " ".join(changed + second)
+            if len(tokenize(lm, corrupted)[0]) == len(ids):
+                return clean, corrupted
+    raise AnalysisError("this model's context is too short for a default example; type a "
+                        "clean and a corrupted prompt")
+
+
 def corrupt_one_token(lm: LoadedModel, clean: str) -> tuple[str, int, int, int]:
     """The clean prompt with one token changed: the earlier copy of the last token (what an
     induction head would attend next to), else the token before the last. Returns the text,

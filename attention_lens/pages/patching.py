@@ -83,10 +83,23 @@ def _sender(text: str, lm: Any) -> Optional[tuple[int, int]]:
     return int(m.group(1)), int(m.group(2))
 
 
-def resolve(lm: Any, query: dict) -> tuple[dict[str, Any], list[str]]:
+DEFAULT_SENDER = "L0H2"
+DEFAULTS = (PT.DEFAULT_CLEAN, PT.DEFAULT_CORRUPTED, PT.DEFAULT_CORRECT, PT.DEFAULT_WRONG)
+
+
+def resolve(lm: Any, query: dict, limit: Optional[int] = None
+            ) -> tuple[dict[str, Any], list[str]]:
     """The pair and metric to patch (empty boxes filled) and sentences saying what was filled."""
     notes = []
     clean, corrupted = query["clean"], query["corrupted"]
+    untouched = (clean, corrupted, query["correct"], query["wrong"]) == DEFAULTS
+    if untouched and not PT.default_fits(lm, limit):
+        # the measured example is in the shipped models' tokens: build one in this model's
+        clean, corrupted = PT.short_default(lm, limit)
+        query = {**query, "correct": "", "wrong": ""}
+        notes.append("The default example does not fit this model (its tokenizer or context), "
+                     "so the page uses a sentence followed by its own beginning, corrupted at "
+                     "the earlier copy of its last word.")
     if not corrupted.strip():
         corrupted, c, old, new = PT.corrupt_one_token(lm, clean)
         notes.append(f"Corrupted prompt: the clean prompt with token {c} "
@@ -134,11 +147,11 @@ def panels(ctx: P.PageContext, query: dict) -> list:
     """Exact and attribution grids, their scatter, path patching from the sender head."""
     lm = ctx.model
     limit = getattr(ctx.registry, "max_tokens", None)
-    n_tokens = len(PT.pair_tokens(lm, query["clean"], query["clean"])[0])
+    args, notes = resolve(lm, query, limit)
+    n_tokens = len(PT.pair_tokens(lm, args["clean"], args["clean"])[0])
     if limit is not None and n_tokens > limit:
         raise AnalysisError(f"the clean prompt has {n_tokens} tokens; this server analyses at "
                             f"most {limit}")
-    args, notes = resolve(lm, query)
     wa = {**args, "correct": str(args["correct"]), "wrong": str(args["wrong"])}
     if PT.runs_inline(lm):
         grid = PT.activation_patching(lm, granularity=query["granularity"], **args)
@@ -152,6 +165,10 @@ def panels(ctx: P.PageContext, query: dict) -> list:
                                  "correlation": grid.correlation}),
                         P.Html("answers", _answers(lm, args))]
     sender = _sender(query["sender"], lm)
+    if sender is not None and query["sender"] == DEFAULT_SENDER and not (
+            sender[0] < lm.cfg.n_layers and sender[1] < lm.cfg.n_heads):
+        sender = (0, 0)  # the shipped models' previous-token head does not exist here
+        notes.append(f"Path patching from L0H0 ({DEFAULT_SENDER} does not exist in {lm.name}).")
     if sender is not None:
         layer, head = sender
         if not (0 <= layer < lm.cfg.n_layers and 0 <= head < lm.cfg.n_heads):
@@ -199,7 +216,7 @@ SPEC = P.register_page(
         Choice("granularity", "head_out_by_pos", PT.GRANULARITIES, label="patch",
                labels=PT.GRANULARITY_LABELS),
         Int("position", -1, label="metric position", placeholder="-1 = last"),
-        Text("sender", "L0H2", max_len=12, label="path-patching sender",
+        Text("sender", DEFAULT_SENDER, max_len=12, label="path-patching sender",
              placeholder="e.g. L0H2"),
         Text("pairs", "", max_len=64, label="set of pairs",
              placeholder="upload a CSV or JSON below"),
