@@ -157,6 +157,8 @@ def test_two_workers_compute_a_weight_analysis_once_and_a_restart_keeps_it(tmp_p
         with ThreadPoolExecutor(8) as pool:
             assert set(pool.map(ask, [server.url] * 16)) == {2}
         stats = store.stats(lm, req, pids)
+        print(f"two workers, 16 requests: computed {stats['computed']} time(s) by pid "
+              f"{stats['computed_by']['pid']}; read from the store by {stats['served']}")
         assert stats["computed"] == 1, stats
         computer = stats["computed_by"]["pid"]
         assert computer in pids
@@ -169,6 +171,8 @@ def test_two_workers_compute_a_weight_analysis_once_and_a_restart_keeps_it(tmp_p
         with ThreadPoolExecutor(8) as pool:
             assert set(pool.map(ask, [again.url] * 16)) == {2}
         stats = store.stats(lm, req, again.workers())
+        print(f"after a restart: computed {stats['computed']} time(s); read from the store by "
+              f"{stats['served']}")
         assert stats["computed"] == 1, stats  # not recomputed after the restart
         assert all(n >= 1 for n in stats["served"].values()), stats
     finally:
@@ -207,6 +211,8 @@ def test_the_job_bound_holds_under_forty_distinct_requests(tmp_path):
         assert all("busy" in e and "Try again" in e for c, e in answers if c == 503)
         done.set()
         watcher.join(5)
+        print(f"job bound 2: {codes.count(200)} answered, {codes.count(503)} told busy, "
+              f"at most {max(seen)} slots taken at once")
         assert max(seen) <= 2, max(seen)
         assert bg.slots.active() == []
         # the CPU goes idle within a few seconds of the last answer
@@ -369,6 +375,8 @@ def test_celery_worker_runs_the_page_job_with_progress_cancel_and_shares_the_res
             "'.js-plotly-plot'); return gd && gd._fullData && gd._fullData.length > 0;"),
             timeout=180, what="the drawn copying scores")
         stats = store.stats(lm, req, server.workers())
+        print(f"celery: computed {stats['computed']} time(s) by pid "
+              f"{stats['computed_by']['pid']} (worker {worker.pid})")
         assert stats["computed"] == 1, stats
         worker_tree = {worker.pid} | {p.pid for p in
                                       psutil.Process(worker.pid).children(recursive=True)}
@@ -382,6 +390,8 @@ def test_celery_worker_runs_the_page_job_with_progress_cancel_and_shares_the_res
                 range(16)))
         assert codes == [200] * 16
         stats = store.stats(lm, req, server.workers())
+        print(f"celery, 16 API requests after: computed {stats['computed']} time(s); read "
+              f"from Redis by {stats['served']}")
         assert stats["computed"] == 1, stats
         assert all(n >= 1 for n in stats["served"].values()), stats
     finally:

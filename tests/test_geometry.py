@@ -65,14 +65,19 @@ figs.forEach(gd => {
   const view = scroller ? box(scroller) : h;
   if (h.b - h.t < 1) problems.push(`${id}: its box is ${Math.round(h.b - h.t)} px tall`);
   if (s.b - s.t > h.b - h.t + 1)
-    problems.push(`${id}: figure ${Math.round(s.b - s.t)} px tall in a ${Math.round(h.b - h.t)} px box`);
+    problems.push(`${id}: figure ${Math.round(s.b - s.t)} px tall in a ` +
+                  `${Math.round(h.b - h.t)} px box`);
   if (s.r - s.l > h.r - h.l + 1)
-    problems.push(`${id}: figure ${Math.round(s.r - s.l)} px wide in a ${Math.round(h.r - h.l)} px box`);
+    problems.push(`${id}: figure ${Math.round(s.r - s.l)} px wide in a ` +
+                  `${Math.round(h.r - h.l)} px box`);
   items.push({what: 'figure ' + id, rect: clip(s, view), el: gd});
   gd.querySelectorAll('.gtitle, .xtick text, .ytick text, .g-xtitle text, ' +
-    '.g-ytitle text, .cbtitle text, .cbaxis text, .legendtext, .annotation-text').forEach(t => { const r = box(t); if (r.r - r.l < 0.5) return;
+    '.g-ytitle text, .cbtitle text, .cbaxis text, .legendtext, .annotation-text').forEach(t => {
+    const r = box(t);
+    if (r.r - r.l < 0.5) return;
     if (r.l < s.l - 1 || r.r > s.r + 1 || r.t < s.t - 1 || r.b > s.b + 1)
-      problems.push(`${id}: '${(t.textContent || '').slice(0, 30)}' is cut by the figure's edge`); });
+      problems.push(`${id}: '${(t.textContent || '').slice(0, 30)}' is cut by the ` +
+                    "figure's edge"); });
   // inside the figure: titles, subplot titles, axis titles, legend and colour bars never
   // overlap each other, and a colour bar or the legend never covers a plot area
   const part = (sel, kind) => [...gd.querySelectorAll(sel)].map(e => ({kind: kind, e: e,
@@ -90,7 +95,8 @@ figs.forEach(gd => {
       problems.push(`${id}: ${inner[i].name} overlaps ${inner[j].name}`); }
   boxes.concat(texts.filter(t => t.kind !== 'label')).forEach(b => plots.forEach(p => {
     if (area(b.r, p.r) > 4) problems.push(`${id}: ${b.name} covers a plot area ` +
-      `(${[b.r.l, b.r.t, b.r.r, b.r.b].map(Math.round)} on ${[p.r.l, p.r.t, p.r.r, p.r.b].map(Math.round)})`);
+      `(${[b.r.l, b.r.t, b.r.r, b.r.b].map(Math.round)} on ` +
+      `${[p.r.l, p.r.t, p.r.r, p.r.b].map(Math.round)})`);
   }));
   const mb = gd.querySelector('.modebar');
   if (mb) gd.querySelectorAll('.gtitle').forEach(t => {
@@ -100,9 +106,13 @@ figs.forEach(gd => {
     if (r.r - r.l > 0.25 * Math.min(s.r - s.l, view.r - view.l))
       problems.push(`${id}: colour bar ${Math.round(r.r - r.l)} px wide on a phone`); });
 });
-document.querySelectorAll('.al-page table, .al-page h1, .al-page h2, .al-page h3, ' +
-                          '.al-page h4, .al-graph-toolbar, .al-choice, .al-controls').forEach(e => {
-  if (e.offsetParent !== null) items.push({what: label(e), rect: box(e), el: e}); });
+// a DataTable draws several <table>s on top of each other: it counts as one table
+document.querySelectorAll('.al-page table, .al-page .dash-table-container, .al-page h1, ' +
+    '.al-page h2, .al-page h3, .al-page h4, .al-graph-toolbar, .al-choice, .al-controls')
+  .forEach(e => {
+    if (e.tagName === 'TABLE' && e.closest('.dash-table-container')) return;
+    if (e.closest('details:not([open])')) return;  // a closed help panel's content
+    if (e.offsetParent !== null) items.push({what: label(e), rect: box(e), el: e}); });
 for (let i = 0; i < items.length; i++) for (let j = i + 1; j < items.length; j++) {
   const a = items[i], b = items[j];
   if (a.el.contains(b.el) || b.el.contains(a.el)) continue;

@@ -676,7 +676,9 @@ def _chunks(order: list[int], starts: list[int], n: int, one_row: bool = False
     for i in order:
         p0 = starts[cur[0]] if cur else starts[i]
         rows = 1 if one_row else max(1, n - p0)
-        if cur and (len(cur) + 1) * rows > ROW_BUDGET:
+        # rows between p0 and a variant's own start are recomputed for nothing: keep them few
+        spread = not one_row and starts[i] - p0 > max(1, (n - p0) // 16)
+        if cur and ((len(cur) + 1) * rows > ROW_BUDGET or spread):
             out.append(cur)
             cur = []
         cur.append(i)

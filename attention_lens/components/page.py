@@ -25,7 +25,7 @@ from .. import registry as registry_module
 from .. import weight_analyses as W
 from ..analysis.errors import AnalysisError
 from ..export import Panel
-from ..figures.theme import TEMPLATE, styled
+from ..figures.theme import TEMPLATE, styled, wrap_title
 from . import job_strip, shell
 from .controls import (
     Control,
@@ -79,7 +79,8 @@ def empty_figure(message: str = "") -> go.Figure:
     fig = go.Figure(layout=dict(template=TEMPLATE, xaxis=dict(visible=False),
                                 yaxis=dict(visible=False), height=EMPTY_HEIGHT))
     if message:
-        fig.add_annotation(text=message, showarrow=False, font=dict(size=14))
+        # wrapped like a title, so that a phone-width figure shows it whole
+        fig.add_annotation(text=wrap_title(message, 40), showarrow=False, font=dict(size=14))
     return fig
 
 

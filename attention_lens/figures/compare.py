@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 A_COLOUR, B_COLOUR, DIFF_COLOUR = QUALITATIVE[1], QUALITATIVE[0], QUALITATIVE[6]
 #: Each figure's height (px): fixed, so a page can give its graph box the same height.
 HEIGHTS = {"loss": 500, "predictions": 540, "attention": 440, "lens": 460, "dla": 660,
-           "icl": 460}
+           "icl": 700}
 
 
 def side_name(c: Comparison, which: str) -> str:
@@ -168,10 +168,10 @@ def icl_figure(dataset: Sequence[LossByPosition], probe: Sequence[LossByPosition
     Dotted lines mark the in-context-learning score's early and late positions; the probe's
     repeat starts at ``probe_len``.
     """
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.08)
-    for col, label in ((1, "windows of the dataset"), (2, "the probe [r ; r]")):
-        fig.update_xaxes(title_text=f"position of the predicted token, {label}", row=1,
-                         col=col)
+    # one panel above the other: two long axis titles side by side collide on a phone
+    fig = make_subplots(rows=2, cols=1, vertical_spacing=0.2)
+    for row, label in ((1, "dataset windows"), (2, "the probe [r ; r]")):
+        fig.update_xaxes(title_text=f"position ({label})", row=row, col=1)
     colours = [A_COLOUR, B_COLOUR, QUALITATIVE[2], QUALITATIVE[4]]
     for col, curves in ((1, dataset), (2, probe)):
         for i, curve in enumerate(curves):
@@ -180,18 +180,18 @@ def icl_figure(dataset: Sequence[LossByPosition], probe: Sequence[LossByPosition
                 legendgroup=curve.model, showlegend=col == 1 or not dataset,
                 line=dict(color=colours[i % len(colours)]),
                 hovertemplate=f"{curve.model}<br>position %{{x}}: %{{y:.3f}} nats"
-                              "<extra></extra>"), row=1, col=col)
+                              "<extra></extra>"), row=col, col=1)
     if scores:
         for x in (scores[0].early, scores[0].late):
             fig.add_vline(x=x, line=dict(dash="dot", color="#999999", width=1), row=1, col=1)
     if probe_len:
-        fig.add_vline(x=probe_len, line=dict(dash="dot", color="#999999", width=1), row=1,
-                      col=2)
+        fig.add_vline(x=probe_len, line=dict(dash="dot", color="#999999", width=1), row=2,
+                      col=1)
     title = "In-context learning: loss against position"
     if scores:
         title += (f" (ICL score = loss at {scores[0].late} − loss at {scores[0].early}: "
                   + ", ".join(f"{s.model} {s.score:+.3f}" for s in scores) + " nats)")
-    fig.update_yaxes(title_text="mean loss (nats)", col=1)
+    fig.update_yaxes(title_text="mean loss (nats)")
     fig.update_layout(template=TEMPLATE, height=HEIGHTS["icl"], title=title, legend=LEGEND_ABOVE,
                       margin=dict(t=120))
     return finish(fig)

@@ -159,6 +159,13 @@ def styled(fig: go.Figure, theme: Optional[str] = "dark") -> go.Figure:
         above = [a for a in fig.layout.annotations if a.yref == "paper"
                  and a.y is not None and a.y >= 0.99 and a.yanchor == "bottom"]
         sub = max((str(a.text or "").count("<br>") + 1 for a in above), default=0)
+        # a horizontal legend above the plot also sits in the top margin: room for its rows
+        # (about three entries a row on a phone)
+        legend = fig.layout.legend
+        entries = sum(1 for t in fig.data if t.showlegend is not False and t.name)
+        if legend.orientation == "h" and legend.y is not None and legend.y > 1 \
+                and legend.yref != "container" and entries and fig.layout.showlegend is not False:
+            sub += 2 * -(-entries // 3)
         # the title sits in the top margin, below the toolbar's strip; the plot below it
         fig.update_layout(
             title=dict(text=text, x=0, xref="container", xanchor="left", y=1,

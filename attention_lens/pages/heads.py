@@ -54,6 +54,7 @@ from ..figures.heads_dashboard import (
     head_values_figure,
     prompt_tokens_figure,
 )
+from ..figures.theme import styled
 
 PAGE = "heads"
 TABLE, UPLOAD, UPLOADED, UPLOAD_STATUS = (f"{PAGE}-table-grid", f"{PAGE}-upload",
@@ -243,7 +244,7 @@ def links(state: dict, layer: int, head: int) -> list[Any]:
     return [html.Span(f"L{layer}H{head} on this prompt: ", className="me-2"),
             link("/attention", "attention pattern", f"layer={layer}&head={head}"),
             link("/weights", "OV/QK weights", f"layer={layer}&head={head}"),
-            link("/patching", "patching", f"layer={layer}&head={head}")]
+            link("/patching", "path patching from it", f"sender=L{layer}H{head}")]
 
 
 def panels(ctx: P.PageContext, query: dict) -> list:
@@ -337,7 +338,7 @@ def token_view(state: Optional[dict], query: Any = None, hover: Optional[dict] =
             if not isinstance(hovered, int) or hovered < 0:
                 raise PreventUpdate
             pinned = hovered
-        figs = token_panels(state, pinned)
+        figs = tuple(styled(f, state.get("theme")) for f in token_panels(state, pinned))
         # the boxes get the figures' heights: a box left to size itself can stay 0 px high
         return (*figs, *({"height": f"{f.layout.height}px"} for f in figs), [])
     except AnalysisError as exc:
