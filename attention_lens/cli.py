@@ -50,7 +50,7 @@ def _add_serve_options(ap: argparse.ArgumentParser) -> None:
                     help=f"forward passes kept in the LRU cache; default 64 {_env('CACHE_SIZE')}")
     ap.add_argument("--cache-mb", type=int,
                     help="MiB of forward passes (and the results cached with them) a worker "
-                         f"keeps; default 1024 {_env('CACHE_MB')}")
+                         f"keeps; default 640 {_env('CACHE_MB')}")
     ap.add_argument("--max-body", type=int,
                     help=f"largest request body in bytes; default 1 MiB {_env('MAX_BODY')}")
     ap.add_argument("--auth-rate", help="failed sign-ins allowed per client address and per "

@@ -77,7 +77,7 @@ class ServerConfig:
     device: str = "cpu"
     max_models: int = 2
     cache_size: int = 64
-    cache_mb: int = 1024
+    cache_mb: int = 640
     max_body: int = 1 << 20
     secret_key: Optional[str] = None
     torch_threads: Optional[int] = None

@@ -30,8 +30,9 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WEIGHTS = PACKAGE_ROOT / "weights"
 DEFAULT_MODEL = "attn-only-2l"
 #: Default caps of a worker's caches: forward passes with their per-prompt results, and
-#: weight analyses (a 256-token forward pass through GPT-2 small holds ~260 MB).
-DEFAULT_FORWARD_BYTES = 2**30
+#: weight analyses (a 256-token forward pass through GPT-2 small holds ~180 MB; with
+#: 640 MiB one GPT-2-small worker stays near 2.5 GB).
+DEFAULT_FORWARD_BYTES = 640 * 2**20
 DEFAULT_WEIGHTS_BYTES = 256 * 2**20
 
 
