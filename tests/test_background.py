@@ -79,12 +79,12 @@ def stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def slow_models(tmp_path_factory, tiny_tokenizer) -> Path:
-    """A models folder with the shipped models and one slow enough to watch (6 layers x 16
-    heads, d_model 1024: its circuit eigenvalues take seconds)."""
+    """A models folder with the shipped models and one slow enough to watch (12 layers x 16
+    heads, d_model 1024: its circuit eigenvalues take over a second on one thread)."""
     root = tmp_path_factory.mktemp("models")
     for name in ("attn-only-1l", "attn-only-2l"):
         shutil.copytree(DEFAULT_WEIGHTS / name, root / name)
-    lm = make_tiny(tiny_tokenizer, n_layers=6, n_heads=16, d_head=64, d_model=1024, n_ctx=64,
+    lm = make_tiny(tiny_tokenizer, n_layers=12, n_heads=16, d_head=64, d_model=1024, n_ctx=64,
                    name="slow")
     save_model(lm.model, tiny_tokenizer, root / "slow")
     return root
@@ -291,7 +291,7 @@ def test_a_forged_or_foreign_job_handle_cannot_cancel_a_job(tmp_path, slow_model
                                   (a, end_a, str(pid))):
             session.post(f"{server.url}/{cancel}", params={"endId": end, "cancelJob": job},
                          json=cancel_body, timeout=TIMEOUT)
-            time.sleep(0.3)
+            time.sleep(0.1)
             assert psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie", job
         # the page load that started it can cancel it
         a.post(f"{server.url}/{cancel}", params={"endId": end_a, "cancelJob": handle},

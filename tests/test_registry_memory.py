@@ -119,7 +119,7 @@ def test_logit_lens_page_reuses_the_lens_cached_with_its_forward_pass(registry):
     from attention_lens.components import page as P
 
     create_app(registry)
-    state = {"model": "attn-only-2l", "text": "Harry Potter and Hermione. Harry Potter and",
+    state = {"model": "attn-only-2l", "text": "Ron met Luna. Ron met",
              "pos": None}
     before = registry.cache_info()["per_prompt"]
     first = P.page_panels("logit-lens", state, {})

@@ -93,9 +93,9 @@ def resolve(lm: Any, query: dict, limit: Optional[int] = None
     notes = []
     clean, corrupted = query["clean"], query["corrupted"]
     untouched = (clean, corrupted, query["correct"], query["wrong"]) == DEFAULTS
-    if untouched and not PT.default_fits(lm, limit):
+    if untouched and not PT.default_fits(lm):
         # the measured example is in the shipped models' tokens: build one in this model's
-        clean, corrupted = PT.short_default(lm, limit)
+        clean, corrupted = PT.short_default(lm)
         query = {**query, "correct": "", "wrong": ""}
         notes.append("The default example does not fit this model (its tokenizer or context), "
                      "so the page uses a sentence followed by its own beginning, corrupted at "
