@@ -155,7 +155,7 @@ def logit_lens(lm: LoadedModel, fp: ForwardPass, *, k: int = 5,
     tid = None if target is None else token_id(lm, target)
     stages = lens_stages(lm, granularity)
     s, p = len(stages), fp.n_tokens
-    cols = _checked_positions(positions, p)
+    cols = checked_positions(positions, p)
     v = lm.cfg.d_vocab
     # rows = (stage, position) pairs in stage-major order, only the chosen positions
     rows_pos = np.tile(cols, s)
@@ -240,7 +240,7 @@ def logit_lens(lm: LoadedModel, fp: ForwardPass, *, k: int = 5,
     )
 
 
-def _checked_positions(positions: Optional[Sequence[int]], p: int) -> np.ndarray:
+def checked_positions(positions: Optional[Sequence[int]], p: int) -> np.ndarray:
     """The sorted distinct positions to compute (every position when None)."""
     if positions is None:
         return np.arange(p)
