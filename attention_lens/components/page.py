@@ -230,6 +230,8 @@ class PageContext:
         self.state, self.compute, self.progress = state, compute, progress
         self.changed: Optional[set[str]] = changed
         self.registry = registry_module.current()
+        #: analyses a panel drew a preview for (see :meth:`weight_or`): still to compute
+        self.pending: list[W.Missing] = []
         self._model: Any = None
         self._forward: Any = None
 
@@ -262,6 +264,17 @@ class PageContext:
     def weight(self, request: W.Request) -> Any:
         """The result of one weight analysis of the model."""
         return self.weights(request)[0]
+
+    def weight_or(self, request: W.Request, preview: Callable[[], Any]) -> Any:
+        """The result of ``request``, or, while it is not computed yet, ``preview()`` (a
+        cheaper part of it, e.g. the positions a figure shows first): the page then draws the
+        preview at once and the scaffolding computes the rest as a background job, which
+        draws the page again when it ends."""
+        try:
+            return self.weight(request)
+        except W.Missing as missing:
+            self.pending.append(missing)
+            return preview()
 
     def only(self, *controls: str) -> bool:
         """True when only some of these controls changed since the page was drawn (parts
@@ -385,12 +398,9 @@ class PageSpec:
         alerts: list[Any] = [shell.alert(p, color="warning") for p in problems]
         keep = [no_update] * (len(self.graphs) + len(self.extras))
         request, after, note = no_update, job_strip.HIDDEN, ""
-        try:
-            outs, notices = self.draw(PageContext(state, changed=self.changed_controls()),
-                                      query)
-            alerts += notices
-        except W.Missing as missing:
-            outs = keep
+
+        def start_job(missing: W.Missing) -> None:
+            nonlocal request, after, note
             slots = background.current().slots
             if isinstance(old_request, dict) and old_request.get("token"):
                 slots.release(str(old_request["token"]))  # a newer request replaces it
@@ -402,6 +412,17 @@ class PageSpec:
                 after, note = job_strip.SHOWN, "Busy."
             else:
                 request = {"token": token, "labels": labels, "model": missing.model}
+
+        try:
+            ctx = PageContext(state, changed=self.changed_controls())
+            outs, notices = self.draw(ctx, query)
+            alerts += notices
+            if ctx.pending:  # previews drawn: the job computes the rest and draws again
+                start_job(W.Missing(ctx.pending[0].model,
+                                    [r for m in ctx.pending for r in m.requests]))
+        except W.Missing as missing:
+            outs = keep
+            start_job(missing)
         except AnalysisError as exc:
             alerts.append(shell.alert(str(exc)))
             outs = keep
