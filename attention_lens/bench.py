@@ -440,6 +440,8 @@ def bench_page_flow(lengths: tuple[int, ...] = (64, 256), soak: int = 0, visits:
             say(f"  {method} {path:<36} {rows[0][0]:>8.2f}s {rows[1][0]:>8.2f}s "
                 f"{max(r[1] for r in rows):>8.0f}M{status}", flush=True)
         state = {"model": lm.name, "text": text, "pos": None}
+        if only is None or "logit-lens" in only:
+            results.setdefault("lens", {})[ntok] = _lens_detail(lm, fwd[0][2], say)
         for page in pages:
             rows = []
             for _ in range(2):
@@ -470,6 +472,42 @@ def bench_page_flow(lengths: tuple[int, ...] = (64, 256), soak: int = 0, visits:
             f"{_rss_mb():.0f} MiB); caches' bound {bound:.0f} MiB (models + forward "
             f"passes + weight analyses + the store's memo); {reg.cache_info()}")
     return results
+
+
+def _lens_detail(lm: LoadedModel, fp: Any, say: Callable[..., None]) -> dict[str, float]:
+    """The logit lens on a cached forward pass: the positions a page shows first, the whole
+    grid, and its floor (the float32 products of every stage and position with W_U alone);
+    medians of 3, wall and CPU seconds (the CPU over all threads)."""
+    from .analysis.logit_lens import _normalised, lens_stages, logit_lens
+    from .figures.logit_lens import WINDOW
+
+    p = fp.n_tokens
+    window = list(range(max(0, p - WINDOW), p))
+    stages = lens_stages(lm)
+
+    def products() -> None:
+        with torch.no_grad():
+            x = _normalised(lm, torch.cat([fp.cache[h] for _, h in stages]))
+            for start in range(0, x.shape[0], 160):
+                torch.addmm(lm.model.b_U, x[start:start + 160], lm.model.W_U)
+
+    out = {}
+    for name, fn in (("window", lambda: logit_lens(lm, fp, positions=window)),
+                     ("full", lambda: logit_lens(lm, fp)), ("products", products)):
+        runs = []
+        for _ in range(3):
+            gc.collect()
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            runs.append((time.perf_counter() - t0, time.process_time() - c0))
+        out[name] = statistics.median(r[0] for r in runs)
+        out[name + "_cpu"] = statistics.median(r[1] for r in runs)
+    n_logits = len(stages) * p * lm.cfg.d_vocab
+    say(f"  logit lens, cached pass: the {len(window)} positions in view {out['window']:.2f}s "
+        f"(CPU {out['window_cpu']:.2f}s); all {p} positions {out['full']:.2f}s (CPU "
+        f"{out['full_cpu']:.2f}s); the {n_logits / 1e6:.0f}M float32 products alone "
+        f"{out['products']:.2f}s (CPU {out['products_cpu']:.2f}s)", flush=True)
+    return out
 
 
 #: Run by ``--transformer-lens PYTHON`` in that interpreter (a separate virtual environment
