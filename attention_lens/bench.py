@@ -677,6 +677,7 @@ def bench_patching(reps: int, tl_sample: int, gpt2: bool = True) -> None:
     print(f"\nActivation patching, {lm.name}, {len(clean)}-token pair (second half repeats "
           f"the first; token 4 corrupted), logit difference at the last position, denoising")
     run(lm, clean, corrupted, ["head_out_by_pos", "resid_pre"], reps)
+    _patching_page(reps)
     if not gpt2:
         return
     big = random_gpt2_shape()
@@ -687,6 +688,47 @@ def bench_patching(reps: int, tl_sample: int, gpt2: bool = True) -> None:
           f"{big.cfg.n_heads} heads, d_model {big.cfg.d_model}), {len(clean)}-token pair "
           f"(token 4 corrupted)")
     run(big, clean, corrupted, ["head_out_by_pos"], 1, heavy=True)
+
+#: Pairs the page has not seen: a sentence whose second copy stops inside a word.
+PAGE_PAIR_SENTENCES = (
+    " Tom took Mary to a small cafe near the old harbour after the long meeting.",
+    " Lena sent Oskar a blue letter about modern Paris during the cold spring.",
+    " Omar lent Julia a green bike for the trip along the quiet river last summer.",
+)
+
+
+def _patching_page(reps: int) -> None:
+    """The /patching page from a new pair to every drawn figure (exact and attribution grids,
+    scatter, path patching from the sender head) on attn-only-2l, as its callbacks run."""
+    import tempfile
+
+    from . import background
+    from .analysis.patching import corrupt_one_token
+    from .app import create_app
+    from .components import page as P
+
+    reg = Registry([DEFAULT_WEIGHTS])
+    cache = Path(tempfile.mkdtemp(prefix="attention-lens-bench-"))
+    create_app(reg, background=background.create(cache / "jobs", max_jobs=2))
+    spec = P.spec_of("patching")
+    lm = reg.get("attn-only-2l")
+    state = {"model": lm.name, "text": "", "pos": None}
+    times = []
+    for i in range(max(reps, len(PAGE_PAIR_SENTENCES))):
+        sentence = PAGE_PAIR_SENTENCES[i % len(PAGE_PAIR_SENTENCES)]
+        clean = sentence + sentence[:-12]  # the copy stops short of its last words
+        corrupted = corrupt_one_token(lm, clean)[0]
+        state["text"] = clean + f" {i}"  # a prompt bar the page has not drawn either
+        t0 = time.perf_counter()
+        drawn = spec.render(state, clean=clean, corrupted=corrupted, correct="", wrong="")
+        times.append(time.perf_counter() - t0)
+        if not drawn.drew or drawn.errors:
+            print(f"  /patching page: did not draw ({drawn.errors})")
+            return
+    print(f"  /patching page, a new pair to every figure drawn (attn-only-2l, "
+          f"{len(lm.tokenizer.encode(clean))} tokens): median {statistics.median(times):.2f} s "
+          f"of {len(times)} pairs (max {max(times):.2f} s)", flush=True)
+
 
 def bench_graph(reps: int, gpt2: bool = True) -> None:
     """QK attribution and the exact attribution graph: attn-only-2l at 128 tokens, then

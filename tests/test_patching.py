@@ -339,3 +339,21 @@ def test_bad_sets_of_pairs():
         P.parse_pairs('[{"clean": "a", "corrupted": "b", "correct": "c"}]')
     with pytest.raises(AnalysisError, match="at most"):
         P.parse_pairs("x" * (P.MAX_PAIR_FILE_CHARS + 1))
+
+
+def test_runs_are_shared_by_the_analyses_of_one_pair_and_bounded(model_2l, monkeypatch):
+    clean = " Anna gave Peter a red book. Anna gave Peter a red"
+    corrupted, *_ = P.corrupt_one_token(model_2l, clean)
+    ids = model_2l.tokenizer.encode(clean)
+    first = P._run(model_2l, ids, len(ids))
+    top_c, _ = P.pair_predictions(model_2l, clean, corrupted)
+    assert P._run(model_2l, ids, len(ids)) is first  # predictions read the same run
+    with torch.no_grad():
+        fresh = model_2l.model(torch.tensor([ids]))[0, -1]
+    torch.testing.assert_close(first.logits, fresh, atol=1e-5, rtol=0)
+    assert top_c[0] == int(fresh.argmax())
+    # a bound smaller than one run keeps nothing
+    monkeypatch.setattr(P, "RUN_CACHE_BYTES", 1)
+    P._run(model_2l, ids[:-1], len(ids) - 1)
+    assert len(P._RUNS) == 0
+    assert P._run(model_2l, ids, len(ids)) is not first

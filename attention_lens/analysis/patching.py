@@ -28,6 +28,9 @@ import csv
 import io
 import json
 import math
+import threading
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional, Sequence, Union
 
@@ -384,6 +387,34 @@ class _Run:
         return self.cache[f"blocks.{layer}.hook_{name}"]
 
 
+#: Runs kept for reuse (a page patches, path-patches and lists predictions of one pair, each
+#: from the same two runs), bounded in bytes.
+RUN_CACHE_BYTES = 256 * 2 ** 20
+_RUNS: "OrderedDict[tuple, tuple[weakref.ref, _Run, int]]" = OrderedDict()
+_RUNS_LOCK = threading.Lock()
+
+
+def _run(lm: LoadedModel, ids: list[int], n: int) -> _Run:
+    """The cached activations of ``ids[:n]`` through ``lm`` (computed once while they fit in
+    :data:`RUN_CACHE_BYTES` with the other recent runs). Runs are read-only."""
+    key = (lm.name, id(lm.model), tuple(int(i) for i in ids[:n]))
+    with _RUNS_LOCK:
+        hit = _RUNS.get(key)
+        if hit is not None and hit[0]() is lm.model:
+            _RUNS.move_to_end(key)
+            return hit[1]
+    with torch.no_grad():
+        run = _Run(lm, ids, n)
+    size = sum(t.numel() * t.element_size() for t in run.cache.values())
+    with _RUNS_LOCK:
+        _RUNS[key] = (weakref.ref(lm.model), run, size)
+        total = sum(v[2] for v in _RUNS.values())
+        while total > RUN_CACHE_BYTES and _RUNS:
+            _, (_, _, dropped) = _RUNS.popitem(last=False)
+            total -= dropped
+    return run
+
+
 @dataclass
 class _Single:
     """Patched rows that differ from the base run at one position each: ``pos`` [B],
@@ -676,8 +707,8 @@ class _Setup:
                                     f"({lm.tokenizer.display(a)!r}); choose two different ones")
         self.lm = lm
         with torch.no_grad():
-            self.clean = _Run(lm, clean_ids, self.n)
-            self.corrupted = _Run(lm, corrupted_ids, self.n)
+            self.clean = _run(lm, clean_ids, self.n)
+            self.corrupted = _run(lm, corrupted_ids, self.n)
             lc, lr = self.clean.logits.float(), self.corrupted.logits.float()
             ld_c = float(lc[a] - lc[b]) if b is not None else 0.0
             ld_r = float(lr[a] - lr[b]) if b is not None else 0.0
@@ -1217,11 +1248,10 @@ def pair_predictions(lm: LoadedModel, clean: Prompt, corrupted: Prompt, position
     """The top-k next tokens of the clean and of the corrupted prompt at ``position``."""
     a, b = pair_tokens(lm, clean, corrupted)
     pos = _check_position(position, len(a))
-    with torch.no_grad():
-        out = []
-        for ids in (a, b):
-            logits = lm.model(torch.tensor([ids[:pos + 1]], device=lm.model.device))[0, -1]
-            out.append([int(i) for i in logits.topk(min(k, lm.cfg.d_vocab)).indices])
+    out = []
+    for ids in (a, b):
+        logits = _run(lm, ids, pos + 1).logits
+        out.append([int(i) for i in logits.topk(min(k, lm.cfg.d_vocab)).indices])
     return out[0], out[1]
 
 
