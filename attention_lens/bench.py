@@ -453,8 +453,9 @@ def bench_page_flow(lengths: tuple[int, ...] = (64, 256), soak: int = 0, visits:
                 f"{max(r[1] for r in rows):>8.0f}M{note}", flush=True)
     if soak:
         from . import weight_analyses as W
+        from .analysis.patching import RUN_CACHE_BYTES
 
-        bound = (reg.memory_bound() + W.store().memo_bytes) / 2**20
+        bound = (reg.memory_bound() + W.store().memo_bytes + RUN_CACHE_BYTES) / 2**20
         t0 = time.perf_counter()
         for i in range(soak):
             state = {"model": lm.name, "text": flow_prompt(lm, max(lengths), variant=1000 + i),

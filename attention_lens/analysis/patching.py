@@ -388,8 +388,8 @@ class _Run:
 
 
 #: Runs kept for reuse (a page patches, path-patches and lists predictions of one pair, each
-#: from the same two runs), bounded in bytes.
-RUN_CACHE_BYTES = 256 * 2 ** 20
+#: from the same two runs), bounded in bytes (a 64-token pair through GPT-2 small is ~48 MiB).
+RUN_CACHE_BYTES = 128 * 2 ** 20
 _RUNS: "OrderedDict[tuple, tuple[weakref.ref, _Run, int]]" = OrderedDict()
 _RUNS_LOCK = threading.Lock()
 
