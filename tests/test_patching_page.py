@@ -61,6 +61,22 @@ def test_default_example_names_the_induction_circuit(server):
     assert keys.max() > 5 * max(abs(z[:, 0]).max(), abs(z[:, 2]).max())
 
 
+def test_the_prompt_bar_text_becomes_the_clean_prompt(server):
+    from dash.exceptions import PreventUpdate
+
+    from attention_lens.pages.patching import use_prompt
+
+    assert use_prompt(1, {"text": "Harry Potter went to Hogwarts"}) == (
+        "Harry Potter went to Hogwarts", "", "", "")
+    for clicks, state in ((None, {"text": "x y"}), (1, {"text": "  "}), (1, None)):
+        with pytest.raises(PreventUpdate):
+            use_prompt(clicks, state)
+    spec = P.spec_of("patching")
+    _, _, alerts, _ = _draw(spec, STATE, clean="Harry Potter went to Hogwarts", corrupted="",
+                            correct="", wrong="", granularity="head_out")
+    assert "Corrupted prompt: the clean prompt with token" in _text(alerts)
+
+
 def test_empty_boxes_are_filled_and_said(server):
     spec = P.spec_of("patching")
     _, _, alerts, _ = _draw(spec, STATE, corrupted="", correct="", wrong="",
@@ -231,6 +247,16 @@ def test_patching_page_in_the_browser(dash_duo, registry, tmp_path):
             wait(dash_duo, has_traces("patching", name), timeout=60, what=f"the phone's {name}")
         time.sleep(1.0)
         assert geometry_problems(d) == []
+        # a real click patches the prompt bar's text instead of the example
+        button = d.find_element("css selector", "#patching-use-prompt")
+        d.execute_script("arguments[0].scrollIntoView({block: 'center'})", button)
+        time.sleep(0.3)
+        ActionChains(d).move_to_element(button).click().perform()
+        wait(dash_duo, "document.getElementById('patching-clean').value === 'Harry Potter "
+                       "went.' && document.getElementById('patching-alerts').textContent"
+                       ".includes('Corrupted prompt: the clean prompt with token')",
+             timeout=120, what="the prompt bar's text patched")
+        assert d.find_element("css selector", "#patching-corrupted").get_attribute("value") == ""
         assert [e for e in dash_duo.get_logs() or [] if e.get("level") == "SEVERE"] == []
     finally:
         background._CURRENT = old

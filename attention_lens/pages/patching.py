@@ -31,6 +31,7 @@ from ..figures.patching import (
 from ..figures.tokens import quoted
 
 PAGE = "patching"
+USE_PROMPT = "patching-use-prompt"
 UPLOAD, UPLOAD_STATUS = f"{PAGE}-upload", f"{PAGE}-upload-status"
 SENDER_RE = re.compile(r"^\s*L?(\d+)\s*[.:Hh]\s*(\d+)\s*$")
 
@@ -221,7 +222,13 @@ SPEC = P.register_page(
         Text("pairs", "", max_len=64, label="set of pairs",
              placeholder="upload a CSV or JSON below"),
     ],
-    body=lambda parts: [parts["answers"],
+    body=lambda parts: [html.Div(dbc.Button(
+                            "Patch the prompt bar's text", id=USE_PROMPT, size="sm",
+                            color="info", outline=True,
+                            title="Clean prompt = the text in the prompt bar; the corrupted "
+                                  "prompt, the answers: chosen for it"),
+                            className="mb-2"),
+                        parts["answers"],
                         dbc.Row([dbc.Col(parts["exact"], lg=6),
                                  dbc.Col(parts["attribution"], lg=6)]),
                         dbc.Row([dbc.Col(parts["scatter"], lg=5),
@@ -257,6 +264,20 @@ def upload_pairs(contents: Optional[str], filename: Optional[str]) -> tuple:
     return digest, shell.alert(f"Using {name}: {len(pairs)} pairs.", color="info")
 
 
+@callback(Output(P.control_id(PAGE, "clean"), "value", allow_duplicate=True),
+          Output(P.control_id(PAGE, "corrupted"), "value", allow_duplicate=True),
+          Output(P.control_id(PAGE, "correct"), "value", allow_duplicate=True),
+          Output(P.control_id(PAGE, "wrong"), "value", allow_duplicate=True),
+          Input(USE_PROMPT, "n_clicks"), State(shell.STATE, "data"), prevent_initial_call=True)
+def use_prompt(clicks: Optional[int], state: Optional[dict]) -> tuple:
+    """The prompt bar's text becomes the clean prompt; the corrupted prompt (one token
+    changed) and the answers (the two prompts' top predictions) are left to the page."""
+    text = (state or {}).get("text") or ""
+    if not clicks or not text.strip():
+        raise PreventUpdate
+    return text, "", "", ""
+
+
 @callback(Output(shell.LOCATION, "href", allow_duplicate=True),
           Input(P.graph_id(PAGE, "exact"), "clickData"),
           Input(P.graph_id(PAGE, "attribution"), "clickData"),
@@ -280,4 +301,4 @@ def open_head(exact: Optional[dict], attribution: Optional[dict], state: Optiona
     return f"/attention?{urlencode(query)}"
 
 
-__all__ = ["SPEC", "head_label", "open_head", "panels", "resolve", "upload_pairs"]
+__all__ = ["SPEC", "head_label", "open_head", "panels", "resolve", "upload_pairs", "use_prompt"]
