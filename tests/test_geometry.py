@@ -21,12 +21,14 @@ import json
 import os
 import time
 from pathlib import Path
-from urllib.parse import parse_qs, quote, urlparse
+from urllib.parse import parse_qs, urlparse
 
 import dash
 import pytest
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
+from test_browser import url
+from test_browser import wait as browser_wait
 
 from attention_lens.app import create_app
 from attention_lens.components import shell
@@ -135,22 +137,9 @@ return figs.every(g => g._fullLayout && !g.classList.contains('dash-graph--pendi
 """
 
 
-def url(duo, path: str = "/", **params) -> str:
-    """An app URL with query parameters."""
-    q = "&".join(f"{k}={quote(str(v), safe='')}" for k, v in params.items())
-    return f"{duo.server_url}{path}" + (f"?{q}" if q else "")
-
-
 def wait(duo, js: str, timeout: float = TIMEOUT, what: str = ""):
-    """Wait until the JavaScript expression ``js`` is truthy; return its value."""
-    end = time.time() + timeout
-    value = None
-    while time.time() < end:
-        value = duo.driver.execute_script(f"return ({js});")
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what or js} (last value {value!r})")
+    """:func:`test_browser.wait` with this file's longer default timeout."""
+    return browser_wait(duo, js, timeout, what)
 
 
 def set_size(duo, width: int, height: int) -> None:
