@@ -90,12 +90,14 @@ class Share:
         return max(1, int(round(value))), None
 
     def widget(self, page: str, value: Any, cfg: Any = None) -> html.Div:
-        """A labelled slider from 1% to 100%."""
+        """A labelled slider from 1% to 100% (its value shown on the handle)."""
         return html.Div([
             html.Small(self.label or self.name, className="text-muted"),
             dcc.Slider(id=control_id(page, self.name), min=1, max=100, step=1, value=value,
-                       marks={1: "1%", 50: "50%", 80: "80%", 100: "100%"},
-                       updatemode="mouseup", tooltip={"placement": "bottom"})],
+                       marks={25: "25%", 50: "50%", 75: "75%"}, allow_direct_input=False,
+                       updatemode="mouseup",
+                       tooltip={"placement": "bottom", "always_visible": True,
+                                "template": "{value}%"})],
             className="al-control", style={"minWidth": "14rem", "flex": "1 1 14rem"})
 
 
