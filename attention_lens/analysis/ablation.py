@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from ..model.checkpoint import LoadedModel
 from .checks import check_head, check_k, check_layer, check_position
 from .errors import AnalysisError
 from .forward import ForwardPass
+from .logit_lens import chunk_rows
 from .predictions import TokenLike, token_id
 
 AblationMethod = Literal["zero", "mean"]
@@ -198,58 +199,116 @@ def check_positions(fp: ForwardPass, positions: Optional[Iterable[int]]) -> np.n
     return np.asarray(out, dtype=np.int64)
 
 
-#: Single-head ablations run this many at a time (one batched forward pass).
-SWEEP_BATCH = 32
+#: Rows (heads × positions) recomputed at once by the sweep: a batch's attention scores and
+#: MLP activations stay near 150 MB on GPT-2 small at 256 tokens.
+SWEEP_ROWS = 2048
+#: Above this many logits (heads × loss positions × vocabulary), the page runs the sweep as
+#: background work with a progress bar (GPT-2 small at 256 tokens: 144 × 255 × 50,257).
+BACKGROUND_LOGITS = 2 ** 27
+
+
+def sweep_key(method: str, positions: Optional[Iterable[int]] = None) -> tuple:
+    """The cache key of a head sweep of one forward pass (``positions`` None: all of them)."""
+    if method not in METHODS:
+        raise AnalysisError(f"ablation method must be one of {METHODS}, got {method!r}")
+    return ("head_sweep", method,
+            None if positions is None else tuple(sorted({int(p) for p in positions})))
+
+
+def sweep_is_large(lm: LoadedModel, n_tokens: int) -> bool:
+    """Whether the head sweep of an ``n_tokens`` prompt should run as background work."""
+    return lm.cfg.n_layers * lm.cfg.n_heads * n_tokens * lm.cfg.d_vocab > BACKGROUND_LOGITS
+
+
+def _token_losses(lm: LoadedModel, final: torch.Tensor, targets: torch.Tensor,
+                  normalise: bool = True) -> torch.Tensor:
+    """``-ln p(target)`` [r] (float64) of rows [r, d] of the final residual stream (or of
+    logits [r, d_vocab] when not ``normalise``), the logits computed a chunk of rows at a
+    time, so no [rows, vocabulary] tensor larger than a chunk is held."""
+    model = lm.model
+    rows = chunk_rows(lm.cfg.d_vocab)
+    out = torch.empty(final.shape[0], dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(0, final.shape[0], rows):
+            x = final[start:start + rows]
+            if normalise:
+                if lm.cfg.normalization_type:
+                    x = model.ln_final(x)
+                x = model.unembed(x)
+            logits = x.float().cpu().double()
+            t = targets[start:start + rows, None]
+            out[start:start + rows] = logits.logsumexp(-1) - logits.gather(-1, t)[:, 0]
+            del logits, x
+    return out
 
 
 def head_sweep(lm: LoadedModel, fp: ForwardPass, method: AblationMethod = "zero",
-               positions: Optional[Iterable[int]] = None) -> HeadSweep:
-    """Loss over ``positions`` with each head ablated alone (batched forward passes).
+               positions: Optional[Iterable[int]] = None,
+               progress: Optional[Callable[[float], None]] = None) -> HeadSweep:
+    """Loss over ``positions`` with each head ablated alone.
 
-    Row ``b`` of a batch ablates head ``heads[b]`` and nothing else, so each row equals
-    :func:`ablated_logits` with that one head.
+    Equals :func:`ablated_logits` with that one head, computed with less work: ablating a
+    head of layer ``l`` changes nothing before layer ``l`` and nothing at positions after
+    the last one the loss reads, so each batch of heads of one layer starts from the cached
+    residual stream before layer ``l``, runs layers ``l``.. on rows ``0..max(positions)``
+    only, and computes logits only at ``positions``, a chunk of rows at a time (each
+    chunk reduced to its losses before the next). ``progress(fraction)`` is called after
+    each batch (it may raise to stop the computation).
     """
     if method not in METHODS:
         raise AnalysisError(f"ablation method must be one of {METHODS}, got {method!r}")
     pos = check_positions(fp, positions)
-    L, H = lm.cfg.n_layers, lm.cfg.n_heads
-    heads = [(la, h) for la in range(L) for h in range(H)]
-    model = lm.model
-    tokens = torch.as_tensor(fp.token_ids, dtype=torch.long, device=model.device)
+    cfg, model = lm.cfg, lm.model
+    L, H = cfg.n_layers, cfg.n_heads
+    after = np.full((L, H), np.nan)
+    if not pos.size:
+        return HeadSweep(method=method, positions=pos, loss_before=float("nan"),
+                         loss_after=after)
     targets = torch.as_tensor(np.asarray(fp.token_ids)[pos + 1], dtype=torch.long)
     idx = torch.as_tensor(pos, dtype=torch.long)
+    before = float(_token_losses(lm, fp.logits[idx], targets, normalise=False).mean())
+    m = int(pos[-1]) + 1  # rows after the last loss position never matter (causal)
+    per_batch = max(1, SWEEP_ROWS // m)
+    n_batches = -(-H // per_batch)
+    size = -(-H // n_batches)  # the layer's heads split evenly over its batches
+    batches = [(la, list(range(h0, min(H, h0 + size))))
+               for la in range(L) for h0 in range(0, H, size)]
+    # work of a batch: its heads × (layers it recomputes + the unembedding)
+    unembed = len(pos) * cfg.d_vocab
+    layer = m * (4 * cfg.d_model + (0 if cfg.attn_only else 2 * (cfg.d_mlp or 0)) + 2 * m)
+    work = [len(hs) * ((L - la) * layer + unembed) for la, hs in batches]
+    total, done = float(sum(work)), 0.0
+    dtype = model.W_U.dtype
+    with torch.no_grad():
+        for (la, hs), w in zip(batches, work):
+            b = len(hs)
+            rows = torch.arange(b)
+            heads = torch.as_tensor(hs, dtype=torch.long)
+            mean = _z_means(fp, la)
 
-    def loss(logits: torch.Tensor) -> torch.Tensor:  # [b, p, v] -> [b]
-        lp = logits[:, idx].double().log_softmax(-1)
-        return -lp.gather(-1, targets[None, :, None].expand(lp.shape[0], -1, 1)).mean((1, 2))
+            def ablate(z: torch.Tensor, hook) -> torch.Tensor:  # z [b, p, h, e]
+                z = z.clone()
+                z[rows, :, heads] = 0.0 if method == "zero" else mean[heads][:, None].to(z)
+                return z
 
-    before = float(loss(fp.logits[None].cpu())) if pos.size else float("nan")
-    after = np.full(L * H, np.nan)
-    if pos.size:
-        for start in range(0, len(heads), SWEEP_BATCH):
-            chunk = heads[start:start + SWEEP_BATCH]
-
-            def hook_for(layer: int, rows: list[tuple[int, int]]):
-                mean = _z_means(fp, layer)
-
-                def fn(z: torch.Tensor, hook) -> torch.Tensor:  # z [b, p, h, e]
-                    z = z.clone()
-                    for b, h in rows:
-                        z[b, :, h] = 0.0 if method == "zero" else mean[h].to(z)
-                    return z
-                return fn
-
-            by_layer: dict[int, list[tuple[int, int]]] = {}
-            for b, (la, h) in enumerate(chunk):
-                by_layer.setdefault(la, []).append((b, h))
-            hooks = [(f"blocks.{la}.attn.hook_z", hook_for(la, rows))
-                     for la, rows in by_layer.items()]
-            with torch.no_grad():
-                logits = model.run_with_hooks(tokens[None].expand(len(chunk), -1),
-                                              fwd_hooks=hooks)
-            after[start:start + len(chunk)] = loss(logits.float().cpu()).numpy()
-    return HeadSweep(method=method, positions=pos, loss_before=before,
-                     loss_after=after.reshape(L, H))
+            hook_z = model.blocks[la].attn.hook_z
+            x = fp.cache[f"blocks.{la}.hook_resid_pre"][:m]
+            x = x.to(model.device, dtype)[None].expand(b, m, -1)
+            try:
+                hook_z.add_hook(ablate)
+                x = model.blocks[la](x)
+            finally:
+                hook_z.remove_hooks()
+            for block in model.blocks[la + 1:]:
+                x = block(x)
+            final = x[:, idx].reshape(b * len(pos), -1)
+            del x
+            losses = _token_losses(lm, final, targets.repeat(b)).reshape(b, len(pos))
+            after[la, hs] = losses.mean(1).numpy()
+            done += w
+            if progress is not None:
+                progress(done / total)
+    return HeadSweep(method=method, positions=pos, loss_before=before, loss_after=after)
 
 
 def _surprisal(log_probs: torch.Tensor, token_ids: np.ndarray) -> np.ndarray:

@@ -230,6 +230,8 @@ class PageContext:
         self.state, self.compute, self.progress = state, compute, progress
         self.changed: Optional[set[str]] = changed
         self.registry = registry_module.current()
+        #: weight analyses :meth:`later` found missing (the page drew without them)
+        self.pending: list[W.Request] = []
         self._model: Any = None
         self._forward: Any = None
 
@@ -262,6 +264,16 @@ class PageContext:
     def weight(self, request: W.Request) -> Any:
         """The result of one weight analysis of the model."""
         return self.weights(request)[0]
+
+    def later(self, request: W.Request) -> Any:
+        """The result of a weight analysis one part of the page needs, or None when it is not
+        computed yet: the page then draws its other parts now (that part as a placeholder)
+        and the scaffolding starts a background job that draws the whole page."""
+        try:
+            return self.weight(request)
+        except W.Missing as missing:
+            self.pending.extend(missing.requests)
+            return None
 
     def only(self, *controls: str) -> bool:
         """True when only some of these controls changed since the page was drawn (parts
@@ -385,12 +397,24 @@ class PageSpec:
         alerts: list[Any] = [shell.alert(p, color="warning") for p in problems]
         keep = [no_update] * (len(self.graphs) + len(self.extras))
         request, after, note = no_update, job_strip.HIDDEN, ""
+        missing: Optional[W.Missing] = None
         try:
-            outs, notices = self.draw(PageContext(state, changed=self.changed_controls()),
-                                      query)
+            ctx = PageContext(state, changed=self.changed_controls())
+            outs, notices = self.draw(ctx, query)
             alerts += notices
-        except W.Missing as missing:
+            if ctx.pending:  # drawn without these: a job draws the rest
+                missing = W.Missing(ctx.model.name, ctx.pending)
+        except W.Missing as exc:
+            outs, missing = keep, exc
+        except AnalysisError as exc:
+            alerts.append(shell.alert(str(exc)))
             outs = keep
+        except Exception:  # noqa: BLE001 - never a traceback in the browser
+            log.exception("%s analysis failed", self.page)
+            alerts.append(shell.alert(f"The {self.page} analysis failed on this input "
+                                      "(details in the server log)."))
+            outs = keep
+        if missing is not None:
             slots = background.current().slots
             if isinstance(old_request, dict) and old_request.get("token"):
                 slots.release(str(old_request["token"]))  # a newer request replaces it
@@ -402,14 +426,6 @@ class PageSpec:
                 after, note = job_strip.SHOWN, "Busy."
             else:
                 request = {"token": token, "labels": labels, "model": missing.model}
-        except AnalysisError as exc:
-            alerts.append(shell.alert(str(exc)))
-            outs = keep
-        except Exception:  # noqa: BLE001 - never a traceback in the browser
-            log.exception("%s analysis failed", self.page)
-            alerts.append(shell.alert(f"The {self.page} analysis failed on this input "
-                                      "(details in the server log)."))
-            outs = keep
         return (*outs, alerts, {**query, SOURCE: src}, request, after, note)
 
     def render(self, state: dict, *, compute: bool = True, **controls: Any) -> "Drawn":
