@@ -111,7 +111,7 @@ def test_batches_and_chunks_do_not_change_the_result(tiny_ln, monkeypatch):
 
     monkeypatch.setattr(tiny_ln.model.unembed, "forward", counted)
     monkeypatch.setattr(A, "SWEEP_ROWS", 1)  # one head per batch
-    monkeypatch.setattr(A, "chunk_rows", lambda d_vocab: 7)  # 7 rows of logits at a time
+    monkeypatch.setattr(A, "chunk_rows", lambda d_vocab, elements: 7)  # 7 rows of logits at a time
     small = A.head_sweep(tiny_ln, fp, "mean")
     np.testing.assert_allclose(small.loss_after, default.loss_after, rtol=0, atol=1e-6)
     # each head's 15 loss rows in chunks of at most 7: never a [rows, vocabulary] tensor
@@ -222,3 +222,28 @@ def test_big_sweep_is_a_background_job_while_the_other_panels_draw(registry, bg,
     panels = P.page_panels("ablation", state, {"method": "mean"}, compute=True)
     assert {p.name for p in panels} == {"predictions", "positions", "sweep"}
     assert all(p.figure.data for p in panels)
+
+
+def test_repeated_part_is_shaded_as_runs_of_positions(tiny):
+    from attention_lens.figures.ablation import ablation_positions_figure
+
+    fp = run_forward(tiny, "", token_ids=REPEAT)
+    res = A.ablate_heads(tiny, fp, heads=[(1, 0)], part=[2, 3, 4, 8, 9, 12])
+    shapes = ablation_positions_figure(res).layout.shapes
+    assert [(s.x0, s.x1) for s in shapes] == [(1.5, 4.5), (7.5, 9.5), (11.5, 12.5)]
+
+
+def test_ablation_report_in_chunks_equals_the_full_distributions(tiny_ln, monkeypatch):
+    fp = run_forward(tiny_ln, "", token_ids=REPEAT)
+    monkeypatch.setattr(A, "chunk_rows", lambda d_vocab, elements: 4)
+    res = A.ablate_heads(tiny_ln, fp, heads=[(0, 1), (1, 3)], method="mean", part=[8, 9, 10])
+    lp_b = fp.logits.double().log_softmax(-1)
+    lp_a = A.ablated_logits(tiny_ln, fp, [(0, 1), (1, 3)], "mean").double().log_softmax(-1)
+    kl = (lp_b.exp() * (lp_b - lp_a)).sum(-1).numpy()
+    np.testing.assert_allclose(res.kl_per_position, kl, rtol=1e-9, atol=1e-12)
+    nxt = torch.as_tensor(fp.token_ids[1:])
+    s_a = -lp_a[:-1].gather(-1, nxt[:, None])[:, 0].numpy()
+    np.testing.assert_allclose(res.surprisal_after[:-1], s_a, rtol=1e-12)
+    assert np.isnan(res.surprisal_after[-1]) and np.isnan(res.surprisal_before[-1])
+    assert res.part_loss_after == pytest.approx(float(s_a[[8, 9, 10]].mean()), rel=1e-12)
+    assert res.loss_after == pytest.approx(float(s_a.mean()), rel=1e-12)

@@ -202,6 +202,9 @@ def check_positions(fp: ForwardPass, positions: Optional[Iterable[int]]) -> np.n
 #: Rows (heads × positions) recomputed at once by the sweep: a batch's attention scores and
 #: MLP activations stay near 150 MB on GPT-2 small at 256 tokens.
 SWEEP_ROWS = 2048
+#: Logits of the sweep held at once: rows × d_vocab stays under this many numbers (16 MiB
+#: of float32, 32 MiB as float64 for the log-sum-exp).
+LOSS_CHUNK_ELEMENTS = 2 ** 22
 #: Above this many logits (heads × loss positions × vocabulary), the page runs the sweep as
 #: background work with a progress bar (GPT-2 small at 256 tokens: 144 × 255 × 50,257).
 BACKGROUND_LOGITS = 2 ** 27
@@ -226,7 +229,7 @@ def _token_losses(lm: LoadedModel, final: torch.Tensor, targets: torch.Tensor,
     logits [r, d_vocab] when not ``normalise``), the logits computed a chunk of rows at a
     time, so no [rows, vocabulary] tensor larger than a chunk is held."""
     model = lm.model
-    rows = chunk_rows(lm.cfg.d_vocab)
+    rows = chunk_rows(lm.cfg.d_vocab, LOSS_CHUNK_ELEMENTS)
     out = torch.empty(final.shape[0], dtype=torch.float64)
     with torch.no_grad():
         for start in range(0, final.shape[0], rows):
@@ -311,14 +314,6 @@ def head_sweep(lm: LoadedModel, fp: ForwardPass, method: AblationMethod = "zero"
     return HeadSweep(method=method, positions=pos, loss_before=before, loss_after=after)
 
 
-def _surprisal(log_probs: torch.Tensor, token_ids: np.ndarray) -> np.ndarray:
-    out = np.full(len(token_ids), np.nan)
-    if len(token_ids) > 1:
-        nxt = torch.as_tensor(token_ids[1:], dtype=torch.long)
-        out[:-1] = (-log_probs[:-1].gather(-1, nxt[:, None]).squeeze(-1)).numpy()
-    return out
-
-
 def ablate_heads(lm: LoadedModel, fp: ForwardPass, *, heads: Iterable[tuple[int, int]],
                  method: AblationMethod = "zero", k: int = 10, position: int = -1,
                  target: Optional[TokenLike] = None,
@@ -326,22 +321,37 @@ def ablate_heads(lm: LoadedModel, fp: ForwardPass, *, heads: Iterable[tuple[int,
     """Compare predictions, a token's logit and probability, loss and KL before/after ablation.
 
     Without ``target`` the model's top prediction before ablation is tracked; ``part``
-    names positions whose next-token loss is also reported on its own.
+    names positions whose next-token loss is also reported on its own. The distributions
+    of every position (for the loss and the KL) are computed a chunk of rows at a time.
     """
     k = check_k(lm, k)
     pos = check_position(fp, position)
     tid = int(fp.logits[pos].argmax()) if target is None else token_id(lm, target)
     pairs = check_heads(lm, heads)
-    before = fp.logits.double()
-    after = ablated_logits(lm, fp, pairs, method).double()
-    lp_b, lp_a = before.log_softmax(-1), after.log_softmax(-1)
-    kl_all = (lp_b.exp() * (lp_b - lp_a)).sum(-1).clamp_min(0.0)
+    before = fp.logits
+    after = ablated_logits(lm, fp, pairs, method)
+    n = fp.n_tokens
+    kl_all = torch.empty(n, dtype=torch.float64)
+    s_b, s_a = np.full(n, np.nan), np.full(n, np.nan)
+    nxt = torch.as_tensor(np.append(np.asarray(fp.token_ids)[1:], 0), dtype=torch.long)
+    rows = chunk_rows(lm.cfg.d_vocab, LOSS_CHUNK_ELEMENTS)
+    with torch.no_grad():
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            lp_b = before[start:stop].double().log_softmax(-1)
+            lp_a = after[start:stop].double().log_softmax(-1)
+            kl_all[start:stop] = (lp_b.exp() * (lp_b - lp_a)).sum(-1).clamp_min(0.0)
+            t = nxt[start:stop, None]
+            s_b[start:stop] = (-lp_b.gather(-1, t)[:, 0]).numpy()
+            s_a[start:stop] = (-lp_a.gather(-1, t)[:, 0]).numpy()
+            del lp_b, lp_a
+    s_b[-1] = s_a[-1] = np.nan  # the last position has no next token
     top_b = torch.topk(before[pos], k).indices.numpy()
     top_a = torch.topk(after[pos], k).indices.numpy()
     union = list(top_b) + [i for i in top_a if i not in set(top_b.tolist())]
     union_ids = np.asarray(union, dtype=np.int64)
-    probs_b, probs_a = lp_b[pos].exp().numpy(), lp_a[pos].exp().numpy()
-    s_b, s_a = _surprisal(lp_b, fp.token_ids), _surprisal(lp_a, fp.token_ids)
+    probs_b = before[pos].double().softmax(-1).numpy()
+    probs_a = after[pos].double().softmax(-1).numpy()
     nan = float("nan")
     part_pos = check_positions(fp, part) if part is not None else np.zeros(0, dtype=np.int64)
     disp = lm.tokenizer.display
