@@ -177,16 +177,22 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
     # ---------------------------------------------------------------- logit lens
     @endpoint("/logit-lens", ("POST",))
     def logit_lens() -> dict[str, Any]:
-        from .analysis.logit_lens import GRANULARITIES, lens_key
+        from .analysis.logit_lens import GRANULARITIES, checked_positions, lens_key
         from .analysis.logit_lens import logit_lens as analyse
 
-        body = json_body(base | {"top_k", "target", "granularity"})
+        body = json_body(base | {"top_k", "target", "granularity", "positions"})
         lm, fp, part = prompt(body)
         k = int_field(body, "top_k", 5, 1, min(MAX_GRID_K, lm.cfg.d_vocab))
         gran = choice_field(body, "granularity", "sublayer", tuple(GRANULARITIES))
         key = lens_key(lm, k=k, target=token_field(body, "target"), granularity=gran)
-        res = registry.per_prompt(fp, key, lambda: analyse(lm, fp, k=k, target=key[2],
-                                                             granularity=gran))
+        cols = body.get("positions")
+        if cols is not None and not isinstance(cols, list):
+            raise ApiError("'positions' must be a list of token positions, e.g. [-3, -2, -1]")
+        if cols is not None:  # only these columns (the others come back null)
+            cols = [int(c) for c in checked_positions(cols, fp.n_tokens)]
+        res = registry.per_prompt(
+            fp, key if cols is None else (*key, "positions", *cols),
+            lambda: analyse(lm, fp, k=k, target=key[2], granularity=gran, positions=cols))
         return {**part, "result": jsonable(res)}
 
     # ------------------------------------------------------------------- weights

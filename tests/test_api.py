@@ -147,6 +147,25 @@ def test_logit_lens_last_stage_is_the_model(client):
     assert len(res["stage_labels"]) == len(res["top_ids"])
 
 
+def test_logit_lens_window_of_positions(client):
+    body = {"text": PROMPT, "top_k": 3, "target": " Mr"}
+    _, full = post(client, "/api/logit-lens", body)
+    status, part = post(client, "/api/logit-lens", {**body, "positions": [-1, 2, 2]})
+    assert status == 200
+    n, res, ref = part["n_tokens"], part["result"], full["result"]
+    assert res["positions"] == [2, n - 1] and ref["positions"] is None
+    for name in ("top_ids", "target_ranks", "target_probs", "entropy"):
+        for stage, row in enumerate(res[name]):
+            for pos, value in enumerate(row):
+                if pos in (2, n - 1):
+                    assert value == pytest.approx(ref[name][stage][pos], abs=1e-5), (name, pos)
+                else:
+                    assert value in (None, -1, [-1, -1, -1]), (name, stage, pos)
+    for bad, word in (([], "at least one"), ([n], "positions"), ("3", "list"), ([1.5], "whole")):
+        status, err = post(client, "/api/logit-lens", {**body, "positions": bad})
+        assert status == 400 and word in err["error"], (bad, err)
+
+
 def test_weights_one_head_and_cached(client, reg):
     r = client.get("/api/weights?layer=1&head=5")
     assert r.status_code == 200

@@ -162,4 +162,17 @@ def test_long_prompt_pages_lay_out(big, path):
             f"return document.getElementById({json.dumps(gid)})"
             ".querySelector('.js-plotly-plot')._fullLayout.xaxis.range")
         assert xr[1] - xr[0] <= 17, xr  # a window of positions, not 256 squeezed columns
+        # the positions in view draw first; the background job then draws every position
+        title = (f"return document.getElementById({json.dumps(gid)})"
+                 ".querySelector('.js-plotly-plot')._fullLayout.title.text")
+        end = time.time() + COLD_S
+        while "being computed" in duo.driver.execute_script(title) and time.time() < end:
+            time.sleep(0.5)
+        assert "being computed" not in duo.driver.execute_script(title)
+        width, full = duo.driver.execute_script(
+            f"const g = document.getElementById({json.dumps(gid)})"
+            ".querySelector('.js-plotly-plot');"
+            "const rows = Array.from(g._fullData[0].z, r => Array.from(r));"
+            "return [rows[0].length, rows.every(r => r.every(v => v !== null && !isNaN(v)))]")
+        assert width == N_TOKENS and full
     check_page(duo, path.strip("/"))

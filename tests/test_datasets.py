@@ -7,10 +7,10 @@ import json
 
 import numpy as np
 import pytest
+from conftest import make_tiny
 
 from attention_lens.analysis import datasets as D
 from attention_lens.analysis.errors import AnalysisError
-from conftest import make_tiny
 
 
 def test_shipped_text_is_the_cards_validation_split(model_1l, model_2l):

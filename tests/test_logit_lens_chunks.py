@@ -133,3 +133,35 @@ def test_only_big_lenses_are_background_work(shipped_passes):
     assert not is_large(lm, lm.cfg.n_ctx)  # the shipped models draw at once
     big = random_gpt2_shape()
     assert not is_large(big, 64, "layer") and is_large(big, 256) and is_large(big, 256, "layer")
+
+
+@pytest.mark.parametrize("rows", [None, 5])
+def test_a_window_of_positions_equals_those_columns_of_the_full_lens(shipped_passes, rows):
+    for lm, fp in shipped_passes:
+        tid = int(fp.logits[-1].argmax())
+        full = logit_lens(lm, fp, k=4, target=tid)
+        window = [fp.n_tokens - 3, 2, -1, 2]  # unordered, repeated and negative positions
+        part = logit_lens(lm, fp, k=4, target=tid, positions=window, rows_per_chunk=rows)
+        cols = [2, fp.n_tokens - 3, fp.n_tokens - 1]
+        assert part.positions == tuple(cols) and full.positions is None
+        rest = np.setdiff1d(np.arange(fp.n_tokens), cols)
+        for name in ("top_probs", "entropy", "next_probs", "target_probs", "target_logits"):
+            a, b = getattr(part, name), getattr(full, name)
+            np.testing.assert_allclose(a[:, cols], b[:, cols], atol=1e-5, rtol=0,
+                                       equal_nan=True)
+            assert np.isnan(a[:, rest]).all(), name
+        for name in ("top_ids", "next_ranks", "target_ranks"):
+            a, b = getattr(part, name), getattr(full, name)
+            np.testing.assert_array_equal(a[:, cols], b[:, cols])
+            assert (a[:, rest] == -1).all(), name
+        assert (part.top_display[:, rest] == "").all()
+        assert (part.top_display[:, cols] == full.top_display[:, cols]).all()
+
+
+@pytest.mark.parametrize("bad", [[], [10 ** 6], [-10 ** 6], [1.5], ["3"], [True]])
+def test_bad_windows_are_refused_with_a_message(shipped_passes, bad):
+    from attention_lens.analysis.errors import AnalysisError
+
+    lm, fp = shipped_passes[0]
+    with pytest.raises(AnalysisError, match="position"):
+        logit_lens(lm, fp, positions=bad)

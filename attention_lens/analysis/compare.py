@@ -270,13 +270,23 @@ class LossByPosition:
         return float(self.loss[position - 1])
 
 
+#: Logits of one batch of sequences stay under this many numbers (64 MiB of float32): a
+#: GPT-2-sized vocabulary then runs two 128-token windows at a time, not 64 (3 GB).
+LOSS_ELEMENTS = 2 ** 24
+
+
 def loss_by_position(lm: LoadedModel, tokens: np.ndarray, source: str = "",
-                     batch_size: int = 64,
+                     batch_size: Optional[int] = None,
                      progress: Optional[Callable[[float], None]] = None) -> LossByPosition:
-    """Mean next-token loss at each position over ``tokens`` [n, pos] (float64 sums)."""
+    """Mean next-token loss at each position over ``tokens`` [n, pos] (float64 sums).
+
+    ``batch_size``: sequences per forward pass (default: as many as keep the batch's logits
+    under :data:`LOSS_ELEMENTS`, at most 64).
+    """
     t = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
     if t.ndim != 2 or t.shape[0] == 0 or t.shape[1] < 2:
         raise AnalysisError("need at least one sequence of two or more tokens")
+    batch_size = batch_size or max(1, min(64, LOSS_ELEMENTS // (t.shape[1] * lm.cfg.d_vocab)))
     total = torch.zeros(t.shape[1] - 1, dtype=torch.float64)
     with torch.no_grad():
         for start in range(0, t.shape[0], batch_size):

@@ -8,7 +8,7 @@ The last stage is the final residual stream, so its logits are the model's logit
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -48,6 +48,8 @@ class LogitLens:
         target_ranks: [S, pos] its 1-based rank (None without a target).
         target_logits: [S, pos] its logit (None without a target).
         note: how to read the stages for this architecture ("" when nothing to add).
+        positions: the positions computed when only some were (the others are empty:
+            NaN, −1, ""); None when every position was.
     """
 
     stage_labels: tuple[str, ...]
@@ -66,6 +68,7 @@ class LogitLens:
     target_ranks: Optional[np.ndarray] = None
     target_logits: Optional[np.ndarray] = None
     note: str = ""
+    positions: Optional[tuple[int, ...]] = None
 
     def __post_init__(self) -> None:  # noqa: D105
         s, p = len(self.stage_labels), len(self.display)
@@ -134,85 +137,131 @@ def chunk_rows(d_vocab: int, elements: int = CHUNK_ELEMENTS) -> int:
 def logit_lens(lm: LoadedModel, fp: ForwardPass, *, k: int = 5,
                target: Optional[TokenLike] = None, granularity: Granularity = "sublayer",
                progress: Optional[Callable[[float], None]] = None,
-               rows_per_chunk: Optional[int] = None) -> LogitLens:
+               rows_per_chunk: Optional[int] = None,
+               positions: Optional[Sequence[int]] = None) -> LogitLens:
     """Top-k tokens at every stage and position, plus the probability and rank of ``target``.
 
     Only what is shown is kept: the logits of every (stage, position) are computed in chunks
-    of ``rows_per_chunk`` rows (default :func:`chunk_rows`), each reduced to its top-k, its
-    normaliser, its entropy and the probability and rank of the actual next token and of the
-    target before the next chunk. ``progress(fraction)`` is called after each chunk (it may
-    raise to stop the computation).
+    of ``rows_per_chunk`` rows (default :func:`chunk_rows`) into two reused buffers, each
+    chunk reduced to its top-k, its normaliser, its entropy and the probability and rank of
+    the actual next token and of the target before the next chunk. ``progress(fraction)`` is
+    called after each chunk (it may raise to stop the computation).
+
+    ``positions``: compute only these positions (the columns a view shows first); the others
+    are left empty (NaN probabilities, rank and id −1, display "") and listed as not
+    computed in :attr:`LogitLens.positions`.
     """
     k = check_k(lm, k)
     tid = None if target is None else token_id(lm, target)
     stages = lens_stages(lm, granularity)
     s, p = len(stages), fp.n_tokens
-    n = s * p
-    rows = rows_per_chunk or chunk_rows(lm.cfg.d_vocab)
-    # the token that came next at each row's position (row = stage * p + position); the last
-    # position has none, so it borrows token 0 and is blanked afterwards
+    cols = checked_positions(positions, p)
+    v = lm.cfg.d_vocab
+    # rows = (stage, position) pairs in stage-major order, only the chosen positions
+    rows_pos = np.tile(cols, s)
+    rows_flat = (np.repeat(np.arange(s), len(cols)) * p + rows_pos).astype(np.int64)
+    n = len(rows_flat)
+    per = max(1, min(n, rows_per_chunk or chunk_rows(v)))
+    # the token that came next at each row's position; the last position has none, so it
+    # borrows token 0 and is blanked afterwards
     nxt = np.zeros(p, dtype=np.int64)
     nxt[:-1] = fp.token_ids[1:]
-    next_of_row = torch.as_tensor(np.tile(nxt, s))
-    top_ids = torch.empty((n, k), dtype=torch.long)
-    top_probs, entropy = torch.empty((n, k)), torch.empty(n)
-    next_probs, next_ranks = torch.empty(n), torch.empty(n, dtype=torch.long)
-    t_probs, t_ranks, t_logits = torch.empty(n), torch.empty(n, dtype=torch.long), torch.empty(n)
+    top_ids = np.full((s * p, k), -1, dtype=np.int64)
+    top_probs = np.full((s * p, k), np.nan)
+    entropy, next_probs = np.full(s * p, np.nan), np.full(s * p, np.nan)
+    next_ranks = np.full(s * p, -1, dtype=np.int64)
+    t_probs, t_logits = np.full(s * p, np.nan), np.full(s * p, np.nan)
+    t_ranks = np.full(s * p, -1, dtype=np.int64)
+    model = lm.model
     with torch.no_grad():
+        # every chosen row normalised at once ([n, d_model]: small beside one chunk of logits)
         resid = torch.cat([fp.cache[hook] for _, hook in stages])  # [s * p, d_model]
-        for start in range(0, n, rows):
-            stop = min(n, start + rows)
-            logits = _unembed(lm, _normalised(lm, resid[start:stop])).float().cpu()  # [r, v]
+        normed = _normalised(lm, resid[torch.as_tensor(rows_flat)])
+        del resid
+        logit_buf = torch.empty((per, v), dtype=torch.float32)
+        exp_buf = torch.empty((per, v), dtype=torch.float32)
+        for start in range(0, n, per):
+            idx = rows_flat[start:start + per]
+            r = len(idx)
+            x = normed[start:start + r]
+            logits = logit_buf[:r]
+            if x.device.type == "cpu" and model.W_U.dtype == torch.float32:
+                torch.addmm(model.b_U, x, model.W_U, out=logits)
+            else:
+                logits.copy_(_unembed(lm, x).float().cpu())
             top = torch.topk(logits, k, dim=-1)
-            # log-sum-exp shifted by each row's maximum (the top-1 logit), which is also
-            # what the entropy H = lse - sum_v p_v l_v needs
+            ln = logits.numpy()
+            # ranks: how many logits beat the chosen token's (numpy's comparison and count
+            # are several times faster than torch's on CPU)
+            chosen = ln[np.arange(r), nxt[rows_pos[start:start + r]]]
+            next_ranks[idx] = (ln > chosen[:, None]).sum(-1) + 1
+            # log-sum-exp shifted by each row's maximum (the top-1 logit); the entropy is
+            # H = lse - sum_v p_v l_v
             peak = top.values[:, :1]
-            shifted = (logits - peak).exp_()
-            total = shifted.sum(-1)
-            lse = peak[:, 0] + total.log()
-            entropy[start:stop] = lse - torch.linalg.vecdot(shifted, logits) / total
-            del shifted
-            top_ids[start:stop] = top.indices
-            top_probs[start:stop] = (top.values - lse[:, None]).exp()
-            chosen = logits.gather(-1, next_of_row[start:stop, None])
-            next_probs[start:stop] = (chosen[:, 0] - lse).exp()
-            next_ranks[start:stop] = (logits > chosen).sum(-1, dtype=torch.int32) + 1
+            shifted = torch.sub(logits, peak, out=exp_buf[:r]).exp_().numpy()
+            total = shifted.sum(-1, dtype=np.float64)
+            lse = peak[:, 0].double().numpy() + np.log(total)
+            entropy[idx] = lse - np.vecdot(shifted, ln).astype(np.float64) / total
+            top_ids[idx] = top.indices.numpy()
+            top_probs[idx] = np.exp(top.values.double().numpy() - lse[:, None])
+            next_probs[idx] = np.exp(chosen.astype(np.float64) - lse)
             if tid is not None:
-                col = logits[:, tid:tid + 1]
-                t_logits[start:stop] = col[:, 0]
-                t_probs[start:stop] = (col[:, 0] - lse).exp()
-                t_ranks[start:stop] = (logits > col).sum(-1, dtype=torch.int32) + 1
-            del logits
+                col = ln[:, tid]
+                t_logits[idx] = col
+                t_probs[idx] = np.exp(col.astype(np.float64) - lse)
+                t_ranks[idx] = (ln > col[:, None]).sum(-1) + 1
             if progress is not None:
-                progress(stop / n)
-    next_probs_np = next_probs.double().numpy().reshape(s, p)
-    next_ranks_np = next_ranks.numpy().astype(np.int64).reshape(s, p)
+                progress((start + r) / n)
+        del logit_buf, exp_buf
+    next_probs_np, next_ranks_np = next_probs.reshape(s, p), next_ranks.reshape(s, p)
     next_probs_np[:, -1], next_ranks_np[:, -1] = np.nan, -1
     next_ids = nxt.copy()
     next_ids[-1] = -1
-    top_ids_np = top_ids.numpy().astype(np.int64).reshape(s, p, k)
-
-    def grid(t: torch.Tensor) -> np.ndarray:
-        return t.double().numpy().reshape(s, p)
-
+    top_ids_np = top_ids.reshape(s, p, k)
+    done = None if len(cols) == p else tuple(int(c) for c in cols)
     return LogitLens(
         stage_labels=tuple(label for label, _ in stages),
         stage_hooks=tuple(hook for _, hook in stages),
         display=fp.display,
         top_ids=top_ids_np,
-        top_display=display_array(lm, top_ids_np),
-        top_probs=top_probs.double().numpy().reshape(s, p, k),
-        entropy=grid(entropy),
+        top_display=_display(lm, top_ids_np),
+        top_probs=top_probs.reshape(s, p, k),
+        entropy=entropy.reshape(s, p),
         next_ids=next_ids,
         next_probs=next_probs_np,
         next_ranks=next_ranks_np,
         target_id=tid,
         target_display="" if tid is None else lm.tokenizer.display(tid),
-        target_probs=None if tid is None else grid(t_probs),
-        target_ranks=None if tid is None else t_ranks.numpy().astype(np.int64).reshape(s, p),
-        target_logits=None if tid is None else grid(t_logits),
+        target_probs=None if tid is None else t_probs.reshape(s, p),
+        target_ranks=None if tid is None else t_ranks.reshape(s, p),
+        target_logits=None if tid is None else t_logits.reshape(s, p),
         note=PARALLEL_NOTE if any("(parallel)" in label for label, _ in stages) else "",
+        positions=done,
     )
+
+
+def checked_positions(positions: Optional[Sequence[int]], p: int) -> np.ndarray:
+    """The sorted distinct positions to compute (every position when None)."""
+    if positions is None:
+        return np.arange(p)
+    cols = []
+    for q in positions:
+        if isinstance(q, bool) or not isinstance(q, (int, np.integer)) or not -p <= q < p:
+            raise AnalysisError(f"positions must be whole numbers from {-p} to {p - 1} (the "
+                                f"prompt has {p} tokens), got {q!r}")
+        cols.append(int(q) % p)
+    if not cols:
+        raise AnalysisError("positions must name at least one position")
+    return np.unique(np.asarray(cols, dtype=np.int64))
+
+
+def _display(lm: LoadedModel, ids: np.ndarray) -> np.ndarray:
+    """Display strings of an id array ("" where the id is −1: not computed)."""
+    out = np.full(ids.shape, "", dtype=object)
+    mask = ids >= 0
+    if mask.any():
+        out[mask] = display_array(lm, ids[mask])
+    return out
 
 
 def lens_key(lm: LoadedModel, *, k: int = 5, target: Optional[TokenLike] = None,

@@ -230,8 +230,8 @@ class PageContext:
         self.state, self.compute, self.progress = state, compute, progress
         self.changed: Optional[set[str]] = changed
         self.registry = registry_module.current()
-        #: weight analyses :meth:`later` found missing (the page drew without them)
-        self.pending: list[W.Request] = []
+        #: analyses a panel drew a preview for (see :meth:`weight_or`): still to compute
+        self.pending: list[W.Missing] = []
         self._model: Any = None
         self._forward: Any = None
 
@@ -265,15 +265,16 @@ class PageContext:
         """The result of one weight analysis of the model."""
         return self.weights(request)[0]
 
-    def later(self, request: W.Request) -> Any:
-        """The result of a weight analysis one part of the page needs, or None when it is not
-        computed yet: the page then draws its other parts now (that part as a placeholder)
-        and the scaffolding starts a background job that draws the whole page."""
+    def weight_or(self, request: W.Request, preview: Callable[[], Any]) -> Any:
+        """The result of ``request``, or, while it is not computed yet, ``preview()`` (a
+        cheaper part of it, e.g. the positions a figure shows first): the page then draws the
+        preview at once and the scaffolding computes the rest as a background job, which
+        draws the page again when it ends."""
         try:
             return self.weight(request)
         except W.Missing as missing:
-            self.pending.extend(missing.requests)
-            return None
+            self.pending.append(missing)
+            return preview()
 
     def only(self, *controls: str) -> bool:
         """True when only some of these controls changed since the page was drawn (parts
@@ -397,24 +398,9 @@ class PageSpec:
         alerts: list[Any] = [shell.alert(p, color="warning") for p in problems]
         keep = [no_update] * (len(self.graphs) + len(self.extras))
         request, after, note = no_update, job_strip.HIDDEN, ""
-        missing: Optional[W.Missing] = None
-        try:
-            ctx = PageContext(state, changed=self.changed_controls())
-            outs, notices = self.draw(ctx, query)
-            alerts += notices
-            if ctx.pending:  # drawn without these: a job draws the rest
-                missing = W.Missing(ctx.model.name, ctx.pending)
-        except W.Missing as exc:
-            outs, missing = keep, exc
-        except AnalysisError as exc:
-            alerts.append(shell.alert(str(exc)))
-            outs = keep
-        except Exception:  # noqa: BLE001 - never a traceback in the browser
-            log.exception("%s analysis failed", self.page)
-            alerts.append(shell.alert(f"The {self.page} analysis failed on this input "
-                                      "(details in the server log)."))
-            outs = keep
-        if missing is not None:
+
+        def start_job(missing: W.Missing) -> None:
+            nonlocal request, after, note
             slots = background.current().slots
             if isinstance(old_request, dict) and old_request.get("token"):
                 slots.release(str(old_request["token"]))  # a newer request replaces it
@@ -426,6 +412,25 @@ class PageSpec:
                 after, note = job_strip.SHOWN, "Busy."
             else:
                 request = {"token": token, "labels": labels, "model": missing.model}
+
+        try:
+            ctx = PageContext(state, changed=self.changed_controls())
+            outs, notices = self.draw(ctx, query)
+            alerts += notices
+            if ctx.pending:  # previews drawn: the job computes the rest and draws again
+                start_job(W.Missing(ctx.pending[0].model,
+                                    [r for m in ctx.pending for r in m.requests]))
+        except W.Missing as missing:
+            outs = keep
+            start_job(missing)
+        except AnalysisError as exc:
+            alerts.append(shell.alert(str(exc)))
+            outs = keep
+        except Exception:  # noqa: BLE001 - never a traceback in the browser
+            log.exception("%s analysis failed", self.page)
+            alerts.append(shell.alert(f"The {self.page} analysis failed on this input "
+                                      "(details in the server log)."))
+            outs = keep
         return (*outs, alerts, {**query, SOURCE: src}, request, after, note)
 
     def render(self, state: dict, *, compute: bool = True, **controls: Any) -> "Drawn":

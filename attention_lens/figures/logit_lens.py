@@ -45,9 +45,10 @@ def logit_lens_figure(result: LogitLens, colour: Colour = "top") -> go.Figure:
     # hover: the stage and position come from the axes, the rest from each cell's customdata
     tops = [[[f"{quoted(str(result.top_display[si, i, j]))} {result.top_probs[si, i, j]:.3f}"
               for j in range(k)] for i in range(p)] for si in range(s)]
-    hover = np.empty((s, p), dtype=object)
+    hover = np.full((s, p), "", dtype=object)
+    computed = range(p) if result.positions is None else result.positions
     for si in range(s):
-        for i in range(p):
+        for i in computed:
             lines = [f"  {j + 1}. {t}" for j, t in enumerate(tops[si][i])]
             if i < p - 1:
                 lines.append(f"actual next {quoted(result.display[i + 1])}: "
@@ -72,7 +73,10 @@ def logit_lens_figure(result: LogitLens, colour: Colour = "top") -> go.Figure:
         xaxis.update(range=[p - WINDOW - 0.5, p - 0.5],
                      rangeslider=dict(visible=True, thickness=0.06))
     title = f"Logit lens: top token per stage; colour = p({what})"
-    if p > WINDOW:
+    if result.positions is not None:
+        title += (f"<br><sup>{len(result.positions)} of {p} positions so far; the others are "
+                  "being computed</sup>")
+    elif p > WINDOW:
         title += f"<br><sup>positions {p - WINDOW}–{p - 1} of {p}: drag sideways for the rest</sup>"
     fig.update_layout(
         template=TEMPLATE, title=title, xaxis=xaxis, dragmode="pan",
@@ -112,8 +116,9 @@ def logit_lens_table(result: LogitLens) -> list[dict]:
     """Long-format rows (stage, position, rank, token, probability) plus target columns."""
     s, p, k = result.top_ids.shape
     rows = []
+    computed = range(p) if result.positions is None else result.positions
     for si in range(s):
-        for i in range(p):
+        for i in computed:
             for j in range(k):
                 row = {"stage": result.stage_labels[si], "hook": result.stage_hooks[si],
                        "position": i, "token": result.display[i], "rank": j + 1,

@@ -265,9 +265,10 @@ class HookedTransformer(nn.Module):
     def loss(self, tokens: torch.Tensor, per_token: bool = False) -> torch.Tensor:
         """Next-token cross-entropy (mean, or [b, p-1] when ``per_token``)."""
         tokens = self._as_batch(tokens)
-        logits = self(tokens)
-        lp = logits[:, :-1].log_softmax(-1)
-        nll = -lp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+        logits = self(tokens)[:, :-1]
+        # log-sum-exp minus the target's logit: one temporary the size of the logits, where
+        # log_softmax then gather would hold two
+        nll = logits.logsumexp(-1) - logits.gather(-1, tokens[:, 1:, None]).squeeze(-1)
         return nll if per_token else nll.mean()
 
     # ------------------------------------------------------------------- hooks

@@ -78,7 +78,7 @@ def sweep_of(ctx: P.PageContext, method: str, positions: Optional[np.ndarray]
     job the first time (None until it is done: the page's other parts draw meanwhile)."""
     lm, fp = ctx.model, ctx.forward
     if sweep_is_large(lm, fp.n_tokens):
-        return ctx.later(W.head_sweep(fp.token_ids, method, positions))
+        return ctx.weight_or(W.head_sweep(fp.token_ids, method, positions), lambda: None)
     return ctx.registry.per_prompt(fp, sweep_key(method, positions),
                                    lambda: head_sweep(lm, fp, method, positions))
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from ..analysis.defaults import chosen_position
 from .. import weight_analyses as W
+from ..analysis.defaults import chosen_position
 from ..analysis.logit_lens import is_large, lens_key, logit_lens
 from ..components import page as P
 from ..components.controls import Choice, Int, Text
-from ..figures.logit_lens import logit_lens_figure, logit_lens_target_figure
+from ..figures.logit_lens import WINDOW, logit_lens_figure, logit_lens_target_figure
 
 HELP = r"""
 The **logit lens** (nostalgebraist 2020) decodes the residual stream $x_\ell$ at each stage
@@ -42,8 +42,13 @@ def panels(ctx: P.PageContext, query: dict) -> list:
         target = int(fp.logits[pos].argmax())
     key = lens_key(ctx.model, k=query["k"], target=target, granularity=query["stages"])
     if is_large(ctx.model, fp.n_tokens, key[3]):
-        # a background job with progress the first time, then read from the shared store
-        lens = ctx.weight(W.logit_lens(fp.token_ids, key[1], key[2], key[3]))
+        # the positions in view at first (and the followed one) are drawn at once; the whole
+        # lens is a background job with progress the first time, then read from the store
+        window = sorted({*range(max(0, fp.n_tokens - WINDOW), fp.n_tokens), pos})
+        lens = ctx.weight_or(
+            W.logit_lens(fp.token_ids, key[1], key[2], key[3]),
+            lambda: ctx.registry.per_prompt(fp, (*key, "window", *window), lambda: logit_lens(
+                ctx.model, fp, k=key[1], target=key[2], granularity=key[3], positions=window)))
     else:
         lens = ctx.registry.per_prompt(fp, key, lambda: logit_lens(
             ctx.model, fp, k=key[1], target=key[2], granularity=key[3]))
