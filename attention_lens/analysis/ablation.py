@@ -199,9 +199,10 @@ def check_positions(fp: ForwardPass, positions: Optional[Iterable[int]]) -> np.n
     return np.asarray(out, dtype=np.int64)
 
 
-#: Rows (heads × positions) recomputed at once by the sweep: a batch's attention scores and
-#: MLP activations stay near 150 MB on GPT-2 small at 256 tokens.
-SWEEP_ROWS = 2048
+#: Rows (heads × positions) recomputed at once by the sweep: GPT-2 small at 256 tokens runs
+#: a layer's 12 heads in one batch (its attention scores and MLP activations near 300 MB;
+#: smaller batches run markedly slower per head on two cores).
+SWEEP_ROWS = 3072
 #: Logits of the sweep held at once: rows × d_vocab stays under this many numbers (16 MiB
 #: of float32, 32 MiB as float64 for the log-sum-exp).
 LOSS_CHUNK_ELEMENTS = 2 ** 22
