@@ -9,11 +9,13 @@ forward pass; prompts longer than the context are truncated to the first ``n_ctx
 
 from __future__ import annotations
 
+import dataclasses
 from functools import wraps
 from json import dumps as json_dumps
 from typing import Any, Callable
 
 import flask
+import numpy as np
 
 from . import background
 from . import weight_analyses as W
@@ -30,6 +32,7 @@ from .api_fields import (
     int_field,
     json_body,
     layer_head,
+    positions_field,
     query_params,
     text_field,
     token_field,
@@ -42,7 +45,7 @@ from .registry import Registry
 
 __all__ = ["MAX_GRID_K", "MAX_HEADS", "MAX_TERMS", "ApiError", "bool_field", "choice_field",
            "create_api", "heads_field", "int_field", "json_body", "jsonable", "layer_head",
-           "query_params", "text_field", "token_field", "words_field"]
+           "positions_field", "query_params", "text_field", "token_field", "words_field"]
 
 
 # ------------------------------------------------------------------------------ the API
@@ -145,18 +148,41 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
     def attention() -> dict[str, Any]:
         from .analysis.attention import attention_pattern, attention_patterns
 
-        body = json_body(base | {"layer", "head"})
+        body = json_body(base | {"layer", "head", "heads", "queries"})
         lm, fp, part = prompt(body)
         layer, head = layer_head(lm, body)
+        heads = None
+        if "heads" in body:
+            if layer is not None:
+                raise ApiError("send either 'heads' (a list of heads) or 'layer' (and 'head'), "
+                               "not both")
+            heads = heads_field(lm, body)
+            if not heads:
+                raise ApiError("'heads' is empty: choose at least one head, as [layer, head] "
+                               "or 'L1H0'")
+        rows = positions_field(body, "queries", fp.n_tokens)
+        asked = {} if rows is None else {"queries": rows}
         if head is not None:
-            res = attention_pattern(lm, fp, layer=layer, head=head)
-            return {**part, "layer": layer, "head": head, "result": jsonable(res)}
+            one = attention_pattern(lm, fp, layer=layer, head=head)
+            data = {f.name: getattr(one, f.name) for f in dataclasses.fields(one)}
+            if rows is not None:  # query rows of the pattern and of its per-query entropy
+                data["pattern"], data["entropy"] = one.pattern[rows], one.entropy[rows]
+            return {**part, "layer": layer, "head": head, **asked,
+                    "result": jsonable(data, arrays=True)}
         res = attention_patterns(lm, fp)
-        data = jsonable(res)
-        if layer is not None:
-            data = {k: (v[layer] if k in {"patterns", "entropy", "entropy_per_query"} else v)
-                    for k, v in data.items()}
-        return {**part, "layer": layer, "result": data}
+        data = {f.name: getattr(res, f.name) for f in dataclasses.fields(res)}
+        per_head = ("patterns", "entropy", "entropy_per_query")
+        if heads is not None:
+            sel = tuple(np.array(heads).T)
+            data.update({k: data[k][sel] for k in per_head})
+        elif layer is not None:
+            data.update({k: data[k][layer] for k in per_head})
+        if rows is not None:  # query rows (the key axis stays whole)
+            data["patterns"] = data["patterns"][..., rows, :]
+            data["entropy_per_query"] = data["entropy_per_query"][..., rows]
+            data["max_entropy"] = data["max_entropy"][rows]
+        which = {"layer": layer} if heads is None else {"heads": [list(h) for h in heads]}
+        return {**part, **which, **asked, "result": jsonable(data, arrays=True)}
 
     @endpoint("/activations", ("POST",))
     def activations() -> dict[str, Any]:

@@ -187,7 +187,9 @@ def layer_head(lm: LoadedModel, body: dict[str, Any], need_head: bool = False
 
 
 def heads_field(lm: LoadedModel, body: dict[str, Any]) -> list[tuple[int, int]]:
-    """A list of ``[layer, head]`` pairs."""
+    """A list of heads, each a ``[layer, head]`` pair or a label such as ``"L1H0"``."""
+    from .figures.patching import parse_head_label
+
     value = body.get("heads")
     if value is None:
         raise ApiError("missing field 'heads' (a list of [layer, head] pairs)")
@@ -195,10 +197,53 @@ def heads_field(lm: LoadedModel, body: dict[str, Any]) -> list[tuple[int, int]]:
         raise ApiError(f"'heads' must be a list of at most {MAX_HEADS} [layer, head] pairs")
     heads = []
     for item in value:
+        label = parse_head_label(item) if isinstance(item, str) else None
+        if label is not None:
+            item = list(label)
         if not (isinstance(item, list) and len(item) == 2):
-            raise ApiError(f"each entry of 'heads' must be a [layer, head] pair, got {item!r}"
-                           [:200])
+            raise ApiError(f"each entry of 'heads' must be a [layer, head] pair or a label "
+                           f"like 'L1H0', got {item!r}"[:200])
         pair = {"layer": item[0], "head": item[1]}
         layer, head = layer_head(lm, pair, need_head=True)
         heads.append((int(layer), int(head)))  # type: ignore[arg-type]
     return heads
+
+
+def positions_field(body: dict[str, Any], key: str, n_tokens: int) -> Optional[list[int]]:
+    """Optional prompt positions: a list of positions, or a window ``{"start", "stop"}``.
+
+    Positions count from 0, negative ones from the end (``-1`` is the last token); a window
+    is half-open, ``start`` defaulting to 0 and ``stop`` to the prompt's length. The
+    positions come back non-negative, in the order given (a window's in increasing order).
+    """
+    value = body.get(key)
+    if value is None:
+        return None
+    what = f" (the prompt has {n_tokens} tokens)"
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {"start", "stop"})
+        if unknown:
+            raise ApiError(f"{key!r} as a window takes 'start' and 'stop', got "
+                           f"{', '.join(map(repr, unknown))}"[:200])
+        start = int_field(value, "start", 0, -n_tokens, n_tokens - 1, what)
+        stop = int_field(value, "stop", n_tokens, -n_tokens, n_tokens, what)
+        start, stop = start % n_tokens, stop if stop >= 0 else stop + n_tokens  # type: ignore
+        if stop <= start:
+            raise ApiError(f"{key!r} window is empty: start {start} is not before stop {stop}"
+                           f"{what}")
+        return list(range(start, stop))
+    if not isinstance(value, list):
+        raise ApiError(f"{key!r} must be a list of positions or a window "
+                       f"{{\"start\": .., \"stop\": ..}}, got {value!r}"[:200])
+    if not value:
+        raise ApiError(f"{key!r} is empty: give at least one position")
+    if len(value) > n_tokens:
+        raise ApiError(f"{key!r} has {len(value)} entries; the prompt has {n_tokens} tokens")
+    out = []
+    for i, item in enumerate(value):
+        name = f"{key}[{i}]"
+        pos = int_field({name: item}, name, None, -n_tokens, n_tokens - 1, what)
+        if pos is None:
+            raise ApiError(f"{name!r} must be an integer, got null")
+        out.append(pos % n_tokens)
+    return out

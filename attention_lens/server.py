@@ -17,6 +17,7 @@ import flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import export
+from .api_json import JSONProvider
 from .auth import LabAuth, SignInThrottle, UserStore, read_users, write_user
 from .config import ENV_PREFIX, ConfigError, ServerConfig, check_device, is_loopback
 from .exposure import exposure_problem, install_exposure_guard, listening_addresses
@@ -102,7 +103,7 @@ def create_server(config: Optional[ServerConfig] = None, registry: Optional[Regi
                                    x_proto=config.proxy_hops)
     server.config["PROPAGATE_EXCEPTIONS"] = False
     server.config["TRAP_HTTP_EXCEPTIONS"] = False
-    server.json.sort_keys = False  # type: ignore[attr-defined]
+    server.json = JSONProvider(server)  # orjson; keys in insertion order
     server.debug = bool(config.debug)
     server.extensions["attention_lens"] = {"registry": registry, "config": config,
                                            "background": bg}

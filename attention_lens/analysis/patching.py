@@ -33,6 +33,7 @@ from typing import Callable, Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..model.checkpoint import LoadedModel
 from ..model.transformer import rotate
@@ -403,6 +404,23 @@ class _Dense:
 _State = Union[_Single, _Dense]
 
 
+def _first_row(st: _State) -> int:
+    """The first row a state changes."""
+    return int(st.pos.min()) if isinstance(st, _Single) else st.p0
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+            resid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ w + b`` (``+ resid``) on the rows' 2-D view, in one fused product."""
+    shape, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
+    if resid is None:
+        out = torch.addmm(b, x2, w)
+    else:
+        out = torch.addmm(resid.reshape(-1, w.shape[1]), x2, w)
+        out += b
+    return out.view(*shape, w.shape[1])
+
+
 def _first_difference(a: torch.Tensor, b: torch.Tensor, dim: int = 0) -> int:
     """First index along ``dim`` where ``a`` and ``b`` differ (their length if nowhere)."""
     diff = (a != b).flatten(dim + 1).any(-1) if a.ndim > dim + 1 else a != b
@@ -443,27 +461,35 @@ class _Engine:
     def _proj(self, j: int, x: torch.Tensor, which: str) -> torch.Tensor:
         """q, k or v of normalised rows x [..., d] -> [..., h, e] (before rotary)."""
         w = self.w[j]
-        return (x @ w[which] + w["b" + which]).unflatten(-1, (self.h, self.e))
+        return _linear(x, w[which], w["b" + which]).unflatten(-1, (self.h, self.e))
 
     def _norm(self, module_name: str, j: int, x: torch.Tensor) -> torch.Tensor:
-        blk = self.model.blocks[j]
-        return getattr(blk, module_name)(x)
+        """The block's LayerNorm (one fused pass; the same arithmetic as the model's) or
+        other norm."""
+        norm = getattr(self.model.blocks[j], module_name)
+        if getattr(norm, "kind", None) == "LN":
+            return F.layer_norm(x, (self.d,), norm.w, norm.b, norm.eps)
+        return norm(x)
 
-    def _out(self, j: int, z: torch.Tensor) -> torch.Tensor:
-        """Attention output rows from z rows [..., h, e] (bias included)."""
+    def _out(self, j: int, z: torch.Tensor, resid: Optional[torch.Tensor] = None
+             ) -> torch.Tensor:
+        """Attention output rows from z rows [..., h, e] (bias included), plus ``resid``
+        rows of the same shape when given (one fused product)."""
         w = self.w[j]
-        return z.flatten(-2) @ w["O"] + w["bO"]
+        return _linear(z.flatten(-2), w["O"], w["bO"], resid)
 
     @staticmethod
     def _softmax_z(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                    d_head: int) -> torch.Tensor:
         """Causal attention of queries q [B, nq, h, e] at positions q_pos [nq] over keys and
         values k, v [B, T, h, e] -> z [B, nq, h, e]."""
-        scores = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) / math.sqrt(d_head)  # [B,h,q,k]
         key_pos = torch.arange(k.shape[1], device=k.device)
-        masked = key_pos[None, :] > q_pos[:, None]  # [nq, T]
-        scores = scores.masked_fill(masked, float("-inf"))
-        return (scores.softmax(-1) @ v.transpose(1, 2)).transpose(1, 2)  # [B, q, h, e]
+        allowed = key_pos[None, :] <= q_pos[:, None]  # [nq, T]
+        # one fused kernel (scores, mask, softmax and the weighted sum); same scale 1/sqrt(e)
+        z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                           v.transpose(1, 2), attn_mask=allowed,
+                                           scale=1 / math.sqrt(d_head))
+        return z.transpose(1, 2)  # [B, q, h, e]
 
     def _base_rows(self, name: str, j: int, p0: int, batch: int) -> torch.Tensor:
         return self.base[name, j][p0:].expand(batch, -1, -1)
@@ -479,13 +505,15 @@ class _Engine:
         rows[idx, st.pos[idx] - p0] = st.val[idx]
         return rows
 
-    def _attention(self, j: int, st: _State, last: bool) -> _Dense:
+    def _attention(self, j: int, st: _State, last: bool,
+                   resid: Optional[torch.Tensor] = None) -> _Dense:
         """Attention output of layer j for a patched resid_pre state (rows of the queries
-        that can change; only the last row when ``last``)."""
+        that can change; only the last row when ``last``), plus ``resid`` (those rows of the
+        residual stream) when given."""
         n, h, e = self.n, self.h, self.e
         qb, kb, vb = self.base["q", j], self.base["k", j], self.base["v", j]
         if isinstance(st, _Single) and last:
-            return self._attention_single_last(j, st)
+            return self._attention_single_last(j, st, resid)
         if isinstance(st, _Single):
             b = st.val.shape[0]
             ar = torch.arange(b, device=st.val.device)
@@ -513,9 +541,10 @@ class _Engine:
             q = self._rot(self._proj(j, xn, "Q"), positions)
         q_pos = torch.arange(p0, n, device=q.device)
         z = self._softmax_z(q, k, v, q_pos, e)
-        return _Dense(p0, self._out(j, z))
+        return _Dense(p0, self._out(j, z, resid))
 
-    def _attention_single_last(self, j: int, st: _Single) -> _Dense:
+    def _attention_single_last(self, j: int, st: _Single,
+                               resid: Optional[torch.Tensor] = None) -> _Dense:
         """Last layer, one changed row per variant: only the metric's query row is needed, so
         update the base run's score row at the changed key (and the query itself when the
         changed row is the metric's) instead of recomputing every key."""
@@ -538,11 +567,18 @@ class _Engine:
         pattern = scores.softmax(-1)
         z = (pattern.transpose(0, 1) @ vb.transpose(0, 1)).transpose(0, 1)  # [B, h, e]
         z = z + pattern[ar, :, st.pos][..., None] * (vi - vb[st.pos])
-        return _Dense(n - 1, self._out(j, z)[:, None])
+        return _Dense(n - 1, self._out(j, z, None if resid is None else resid[:, 0])[:, None])
 
-    def _mlp(self, j: int, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, j: int, x: torch.Tensor, resid: Optional[torch.Tensor] = None
+             ) -> torch.Tensor:
+        """MLP output of rows x (its LayerNorm included), plus ``resid`` when given."""
         blk = self.model.blocks[j]
-        return blk.mlp(blk.ln2(x))
+        mlp, xn = blk.mlp, self._norm("ln2", j, x)
+        if mlp.gated:
+            out = mlp(xn)
+            return out if resid is None else out + resid
+        hidden = mlp.act(_linear(xn, mlp.W_in, mlp.b_in))
+        return _linear(hidden, mlp.W_out, mlp.b_out, resid)
 
     def _rows_like(self, st: _State, name: str, j: int, like: _State) -> torch.Tensor:
         """Base rows ``name`` of layer j at the rows ``like`` holds."""
@@ -553,15 +589,14 @@ class _Engine:
     def layer(self, j: int, st: _State) -> _State:
         """Run layer j on a patched resid_pre state; returns the resid_post state."""
         last = j == self.cfg.n_layers - 1
-        attn = self._attention(j, st, last)
-        x = self._dense(st, "resid_pre", j, attn.p0)
+        x = self._dense(st, "resid_pre", j, self.n - 1 if last else _first_row(st))
+        attn = self._attention(j, st, last, x)
         if self.cfg.attn_only:
-            post = x + attn.val
+            post = attn.val
         elif self.cfg.parallel_attn_mlp:
-            post = x + attn.val + self._mlp(j, x)
+            post = self._mlp(j, x, attn.val)
         else:
-            mid = x + attn.val
-            post = mid + self._mlp(j, mid)
+            post = self._mlp(j, attn.val, attn.val)
         return _Dense(attn.p0, post)
 
     def from_attn(self, j: int, st: _State) -> torch.Tensor:
@@ -576,7 +611,7 @@ class _Engine:
             post = pre + val + self._rows_like(st, "mlp_out", j, st)
         else:
             mid = pre + val
-            post = mid + self._mlp(j, mid)
+            post = self._mlp(j, mid, mid)
         new = _Single(st.pos, post) if isinstance(st, _Single) else _Dense(st.p0, post)
         return self.from_post(j, new)
 
