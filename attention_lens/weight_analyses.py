@@ -110,16 +110,30 @@ def _pca(lm: LoadedModel, progress: Progress, matrix: str, token_filter: str,
                          n_clusters=n_clusters, centre=centre)
 
 
-def _logit_lens(lm: LoadedModel, progress: Progress, tokens: str, k: int, target: int,
-                granularity: str) -> Any:
+def _prompt_pass(lm: LoadedModel, tokens: str) -> Any:
+    """The forward pass of a prompt given as comma-separated token ids (cached if it is)."""
     from .analysis.forward import run_forward
-    from .analysis.logit_lens import logit_lens
     from .registry import current
 
     ids = [int(t) for t in tokens.split(",")]
-    fp = current().cached_forward(lm.name, ids) or run_forward(lm, "", token_ids=ids)
-    return logit_lens(lm, fp, k=k, target=None if target < 0 else target,
+    return current().cached_forward(lm.name, ids) or run_forward(lm, "", token_ids=ids)
+
+
+def _logit_lens(lm: LoadedModel, progress: Progress, tokens: str, k: int, target: int,
+                granularity: str) -> Any:
+    from .analysis.logit_lens import logit_lens
+
+    return logit_lens(lm, _prompt_pass(lm, tokens), k=k, target=None if target < 0 else target,
                       granularity=granularity, progress=progress)  # type: ignore[arg-type]
+
+
+def _head_sweep(lm: LoadedModel, progress: Progress, tokens: str, method: str,
+                positions: str) -> Any:
+    from .analysis.ablation import head_sweep
+
+    pos = None if positions == "" else [int(p) for p in positions.split(",")]
+    return head_sweep(lm, _prompt_pass(lm, tokens), method,  # type: ignore[arg-type]
+                      pos, progress=progress)
 
 
 def _graph(lm: LoadedModel, progress: Progress, text: str, max_tokens: int, target: Any,
@@ -192,6 +206,9 @@ ANALYSES: dict[str, Analysis] = {
     # a long prompt's logit lens through a big vocabulary runs as background work too,
     # keyed by the prompt's token ids (see logit_lens below)
     "logit_lens": Analysis("logit lens", _logit_lens, ("tokens", "k", "target", "granularity")),
+    # so does a long prompt's sweep of single-head ablations on a big model
+    "head_sweep": Analysis("{method}-ablation of each head", _head_sweep,
+                           ("tokens", "method", "positions")),
     "embedding_pca": Analysis("PCA and k-means of {matrix}", _pca,
                               ("matrix", "token_filter", "max_tokens", "n_components",
                                "n_clusters", "centre")),
@@ -219,6 +236,15 @@ def logit_lens(token_ids: Sequence[int], k: int, target: Optional[int],
     """The logit lens of a prompt given by its token ids (``target`` an id or None)."""
     return request("logit_lens", tokens=",".join(str(int(t)) for t in token_ids), k=int(k),
                    target=-1 if target is None else int(target), granularity=str(granularity))
+
+
+def head_sweep(token_ids: Sequence[int], method: str,
+               positions: Optional[Sequence[int]] = None) -> Request:
+    """Each head ablated alone on a prompt given by its token ids (loss over ``positions``,
+    all of them when None)."""
+    return request("head_sweep", tokens=",".join(str(int(t)) for t in token_ids),
+                   method=str(method), positions="" if positions is None else
+                   ",".join(str(int(p)) for p in sorted({int(p) for p in positions})))
 
 
 def circuit_svd(circuit: str = "OV") -> Request:

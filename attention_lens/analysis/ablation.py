@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from ..model.checkpoint import LoadedModel
 from .checks import check_head, check_k, check_layer, check_position
 from .errors import AnalysisError
 from .forward import ForwardPass
+from .logit_lens import chunk_rows
 from .predictions import TokenLike, token_id
 
 AblationMethod = Literal["zero", "mean"]
@@ -198,66 +199,120 @@ def check_positions(fp: ForwardPass, positions: Optional[Iterable[int]]) -> np.n
     return np.asarray(out, dtype=np.int64)
 
 
-#: Single-head ablations run this many at a time (one batched forward pass).
-SWEEP_BATCH = 32
+#: Rows (heads × positions) recomputed at once by the sweep: GPT-2 small at 256 tokens runs
+#: a layer's 12 heads in one batch (its attention scores and MLP activations near 300 MB;
+#: smaller batches run markedly slower per head on two cores).
+SWEEP_ROWS = 3072
+#: Logits of the sweep held at once: rows × d_vocab stays under this many numbers (16 MiB
+#: of float32, 32 MiB as float64 for the log-sum-exp).
+LOSS_CHUNK_ELEMENTS = 2 ** 22
+#: Above this many logits (heads × loss positions × vocabulary), the page runs the sweep as
+#: background work with a progress bar (GPT-2 small at 256 tokens: 144 × 255 × 50,257).
+BACKGROUND_LOGITS = 2 ** 27
+
+
+def sweep_key(method: str, positions: Optional[Iterable[int]] = None) -> tuple:
+    """The cache key of a head sweep of one forward pass (``positions`` None: all of them)."""
+    if method not in METHODS:
+        raise AnalysisError(f"ablation method must be one of {METHODS}, got {method!r}")
+    return ("head_sweep", method,
+            None if positions is None else tuple(sorted({int(p) for p in positions})))
+
+
+def sweep_is_large(lm: LoadedModel, n_tokens: int) -> bool:
+    """Whether the head sweep of an ``n_tokens`` prompt should run as background work."""
+    return lm.cfg.n_layers * lm.cfg.n_heads * n_tokens * lm.cfg.d_vocab > BACKGROUND_LOGITS
+
+
+def _token_losses(lm: LoadedModel, final: torch.Tensor, targets: torch.Tensor,
+                  normalise: bool = True) -> torch.Tensor:
+    """``-ln p(target)`` [r] (float64) of rows [r, d] of the final residual stream (or of
+    logits [r, d_vocab] when not ``normalise``), the logits computed a chunk of rows at a
+    time, so no [rows, vocabulary] tensor larger than a chunk is held."""
+    model = lm.model
+    rows = chunk_rows(lm.cfg.d_vocab, LOSS_CHUNK_ELEMENTS)
+    out = torch.empty(final.shape[0], dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(0, final.shape[0], rows):
+            x = final[start:start + rows]
+            if normalise:
+                if lm.cfg.normalization_type:
+                    x = model.ln_final(x)
+                x = model.unembed(x)
+            logits = x.float().cpu().double()
+            t = targets[start:start + rows, None]
+            out[start:start + rows] = logits.logsumexp(-1) - logits.gather(-1, t)[:, 0]
+            del logits, x
+    return out
 
 
 def head_sweep(lm: LoadedModel, fp: ForwardPass, method: AblationMethod = "zero",
-               positions: Optional[Iterable[int]] = None) -> HeadSweep:
-    """Loss over ``positions`` with each head ablated alone (batched forward passes).
+               positions: Optional[Iterable[int]] = None,
+               progress: Optional[Callable[[float], None]] = None) -> HeadSweep:
+    """Loss over ``positions`` with each head ablated alone.
 
-    Row ``b`` of a batch ablates head ``heads[b]`` and nothing else, so each row equals
-    :func:`ablated_logits` with that one head.
+    Equals :func:`ablated_logits` with that one head, computed with less work: ablating a
+    head of layer ``l`` changes nothing before layer ``l`` and nothing at positions after
+    the last one the loss reads, so each batch of heads of one layer starts from the cached
+    residual stream before layer ``l``, runs layers ``l``.. on rows ``0..max(positions)``
+    only, and computes logits only at ``positions``, a chunk of rows at a time (each
+    chunk reduced to its losses before the next). ``progress(fraction)`` is called after
+    each batch (it may raise to stop the computation).
     """
     if method not in METHODS:
         raise AnalysisError(f"ablation method must be one of {METHODS}, got {method!r}")
     pos = check_positions(fp, positions)
-    L, H = lm.cfg.n_layers, lm.cfg.n_heads
-    heads = [(la, h) for la in range(L) for h in range(H)]
-    model = lm.model
-    tokens = torch.as_tensor(fp.token_ids, dtype=torch.long, device=model.device)
+    cfg, model = lm.cfg, lm.model
+    L, H = cfg.n_layers, cfg.n_heads
+    after = np.full((L, H), np.nan)
+    if not pos.size:
+        return HeadSweep(method=method, positions=pos, loss_before=float("nan"),
+                         loss_after=after)
     targets = torch.as_tensor(np.asarray(fp.token_ids)[pos + 1], dtype=torch.long)
     idx = torch.as_tensor(pos, dtype=torch.long)
+    before = float(_token_losses(lm, fp.logits[idx], targets, normalise=False).mean())
+    m = int(pos[-1]) + 1  # rows after the last loss position never matter (causal)
+    per_batch = max(1, SWEEP_ROWS // m)
+    n_batches = -(-H // per_batch)
+    size = -(-H // n_batches)  # the layer's heads split evenly over its batches
+    batches = [(la, list(range(h0, min(H, h0 + size))))
+               for la in range(L) for h0 in range(0, H, size)]
+    # work of a batch: its heads × (layers it recomputes + the unembedding)
+    unembed = len(pos) * cfg.d_vocab
+    layer = m * (4 * cfg.d_model + (0 if cfg.attn_only else 2 * (cfg.d_mlp or 0)) + 2 * m)
+    work = [len(hs) * ((L - la) * layer + unembed) for la, hs in batches]
+    total, done = float(sum(work)), 0.0
+    dtype = model.W_U.dtype
+    with torch.no_grad():
+        for (la, hs), w in zip(batches, work):
+            b = len(hs)
+            rows = torch.arange(b)
+            heads = torch.as_tensor(hs, dtype=torch.long)
+            mean = _z_means(fp, la)
 
-    def loss(logits: torch.Tensor) -> torch.Tensor:  # [b, p, v] -> [b]
-        lp = logits[:, idx].double().log_softmax(-1)
-        return -lp.gather(-1, targets[None, :, None].expand(lp.shape[0], -1, 1)).mean((1, 2))
+            def ablate(z: torch.Tensor, hook) -> torch.Tensor:  # z [b, p, h, e]
+                z = z.clone()
+                z[rows, :, heads] = 0.0 if method == "zero" else mean[heads][:, None].to(z)
+                return z
 
-    before = float(loss(fp.logits[None].cpu())) if pos.size else float("nan")
-    after = np.full(L * H, np.nan)
-    if pos.size:
-        for start in range(0, len(heads), SWEEP_BATCH):
-            chunk = heads[start:start + SWEEP_BATCH]
-
-            def hook_for(layer: int, rows: list[tuple[int, int]]):
-                mean = _z_means(fp, layer)
-
-                def fn(z: torch.Tensor, hook) -> torch.Tensor:  # z [b, p, h, e]
-                    z = z.clone()
-                    for b, h in rows:
-                        z[b, :, h] = 0.0 if method == "zero" else mean[h].to(z)
-                    return z
-                return fn
-
-            by_layer: dict[int, list[tuple[int, int]]] = {}
-            for b, (la, h) in enumerate(chunk):
-                by_layer.setdefault(la, []).append((b, h))
-            hooks = [(f"blocks.{la}.attn.hook_z", hook_for(la, rows))
-                     for la, rows in by_layer.items()]
-            with torch.no_grad():
-                logits = model.run_with_hooks(tokens[None].expand(len(chunk), -1),
-                                              fwd_hooks=hooks)
-            after[start:start + len(chunk)] = loss(logits.float().cpu()).numpy()
-    return HeadSweep(method=method, positions=pos, loss_before=before,
-                     loss_after=after.reshape(L, H))
-
-
-def _surprisal(log_probs: torch.Tensor, token_ids: np.ndarray) -> np.ndarray:
-    out = np.full(len(token_ids), np.nan)
-    if len(token_ids) > 1:
-        nxt = torch.as_tensor(token_ids[1:], dtype=torch.long)
-        out[:-1] = (-log_probs[:-1].gather(-1, nxt[:, None]).squeeze(-1)).numpy()
-    return out
+            hook_z = model.blocks[la].attn.hook_z
+            x = fp.cache[f"blocks.{la}.hook_resid_pre"][:m]
+            x = x.to(model.device, dtype)[None].expand(b, m, -1)
+            try:
+                hook_z.add_hook(ablate)
+                x = model.blocks[la](x)
+            finally:
+                hook_z.remove_hooks()
+            for block in model.blocks[la + 1:]:
+                x = block(x)
+            final = x[:, idx].reshape(b * len(pos), -1)
+            del x
+            losses = _token_losses(lm, final, targets.repeat(b)).reshape(b, len(pos))
+            after[la, hs] = losses.mean(1).numpy()
+            done += w
+            if progress is not None:
+                progress(done / total)
+    return HeadSweep(method=method, positions=pos, loss_before=before, loss_after=after)
 
 
 def ablate_heads(lm: LoadedModel, fp: ForwardPass, *, heads: Iterable[tuple[int, int]],
@@ -267,22 +322,37 @@ def ablate_heads(lm: LoadedModel, fp: ForwardPass, *, heads: Iterable[tuple[int,
     """Compare predictions, a token's logit and probability, loss and KL before/after ablation.
 
     Without ``target`` the model's top prediction before ablation is tracked; ``part``
-    names positions whose next-token loss is also reported on its own.
+    names positions whose next-token loss is also reported on its own. The distributions
+    of every position (for the loss and the KL) are computed a chunk of rows at a time.
     """
     k = check_k(lm, k)
     pos = check_position(fp, position)
     tid = int(fp.logits[pos].argmax()) if target is None else token_id(lm, target)
     pairs = check_heads(lm, heads)
-    before = fp.logits.double()
-    after = ablated_logits(lm, fp, pairs, method).double()
-    lp_b, lp_a = before.log_softmax(-1), after.log_softmax(-1)
-    kl_all = (lp_b.exp() * (lp_b - lp_a)).sum(-1).clamp_min(0.0)
+    before = fp.logits
+    after = ablated_logits(lm, fp, pairs, method)
+    n = fp.n_tokens
+    kl_all = torch.empty(n, dtype=torch.float64)
+    s_b, s_a = np.full(n, np.nan), np.full(n, np.nan)
+    nxt = torch.as_tensor(np.append(np.asarray(fp.token_ids)[1:], 0), dtype=torch.long)
+    rows = chunk_rows(lm.cfg.d_vocab, LOSS_CHUNK_ELEMENTS)
+    with torch.no_grad():
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            lp_b = before[start:stop].double().log_softmax(-1)
+            lp_a = after[start:stop].double().log_softmax(-1)
+            kl_all[start:stop] = (lp_b.exp() * (lp_b - lp_a)).sum(-1).clamp_min(0.0)
+            t = nxt[start:stop, None]
+            s_b[start:stop] = (-lp_b.gather(-1, t)[:, 0]).numpy()
+            s_a[start:stop] = (-lp_a.gather(-1, t)[:, 0]).numpy()
+            del lp_b, lp_a
+    s_b[-1] = s_a[-1] = np.nan  # the last position has no next token
     top_b = torch.topk(before[pos], k).indices.numpy()
     top_a = torch.topk(after[pos], k).indices.numpy()
     union = list(top_b) + [i for i in top_a if i not in set(top_b.tolist())]
     union_ids = np.asarray(union, dtype=np.int64)
-    probs_b, probs_a = lp_b[pos].exp().numpy(), lp_a[pos].exp().numpy()
-    s_b, s_a = _surprisal(lp_b, fp.token_ids), _surprisal(lp_a, fp.token_ids)
+    probs_b = before[pos].double().softmax(-1).numpy()
+    probs_a = after[pos].double().softmax(-1).numpy()
     nan = float("nan")
     part_pos = check_positions(fp, part) if part is not None else np.zeros(0, dtype=np.int64)
     disp = lm.tokenizer.display

@@ -59,11 +59,15 @@ def ablation_positions_figure(result: Ablation) -> go.Figure:
         loss = (f"loss on the repeated part {number(result.part_loss_before)} → "
                 f"{number(result.part_loss_after)} nats (whole prompt "
                 f"{number(result.loss_before)} → {number(result.loss_after)})")
-        part = set(result.part.tolist())
-        for i in range(len(result.display)):
-            if i in part:
-                fig.add_vrect(x0=i - 0.5, x1=i + 0.5, fillcolor=QUALITATIVE[2], opacity=0.12,
-                              line_width=0, layer="below")
+        # one shaded band per run of consecutive positions (one shape per position would
+        # cost a second of layout work on a long prompt)
+        part = np.asarray(result.part)
+        breaks = np.flatnonzero(np.diff(part) != 1) + 1
+        fig.update_layout(shapes=[
+            dict(type="rect", xref="x", yref="paper", x0=int(run[0]) - 0.5,
+                 x1=int(run[-1]) + 0.5, y0=0, y1=1, fillcolor=QUALITATIVE[2], opacity=0.12,
+                 line_width=0, layer="below")
+            for run in np.split(part, breaks)])
     fig.update_layout(
         template=TEMPLATE,
         title=f"{esc(_heads(result))}: {loss}",

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Optional
 
-from ..analysis.ablation import ablate_heads, head_sweep
+import numpy as np
+
+from .. import weight_analyses as W
+from ..analysis.ablation import (
+    HeadSweep,
+    ablate_heads,
+    check_heads,
+    head_sweep,
+    sweep_is_large,
+    sweep_key,
+)
 from ..analysis.defaults import chosen_position, preset_heads, repeated_positions
 from ..analysis.errors import AnalysisError
+from ..analysis.predictions import token_id
 from ..components import page as P
 from ..components.controls import Choice, Int, Text
 from ..figures.ablation import ablation_figure, ablation_positions_figure, sweep_figure
@@ -61,6 +72,17 @@ def chosen_heads(ctx: P.PageContext, query: dict) -> tuple[list[tuple[int, int]]
     return preset_heads(ctx.model, ctx.forward, query["preset"])
 
 
+def sweep_of(ctx: P.PageContext, method: str, positions: Optional[np.ndarray]
+             ) -> Optional[HeadSweep]:
+    """Every head ablated alone, cached with the forward pass; on a big model a background
+    job the first time (None until it is done: the page's other parts draw meanwhile)."""
+    lm, fp = ctx.model, ctx.forward
+    if sweep_is_large(lm, fp.n_tokens):
+        return ctx.weight_or(W.head_sweep(fp.token_ids, method, positions), lambda: None)
+    return ctx.registry.per_prompt(fp, sweep_key(method, positions),
+                                   lambda: head_sweep(lm, fp, method, positions))
+
+
 def panels(ctx: P.PageContext, query: dict) -> list[Any]:
     """Which heads and where, top-k before/after, the per-position change, the sweep."""
     lm, fp = ctx.model, ctx.forward
@@ -68,10 +90,15 @@ def panels(ctx: P.PageContext, query: dict) -> list[Any]:
     where = chosen_position(fp, query["pos"])
     target = query["target"] or where.target_id
     part = repeated_positions(fp.token_ids)
-    result = ablate_heads(lm, fp, heads=heads, method=query["method"], k=query["k"],
-                          position=where.position, target=target,
-                          part=part if part.size else None)
-    sweep = head_sweep(lm, fp, query["method"], part if part.size else None)
+    positions = part if part.size else None
+    pairs = check_heads(lm, heads)
+    tid = None if target is None else token_id(lm, target)
+    key = ("ablation", pairs, query["method"], query["k"], where.position, tid,
+           sweep_key(query["method"], positions)[2])
+    result = ctx.registry.per_prompt(fp, key, lambda: ablate_heads(
+        lm, fp, heads=pairs, method=query["method"], k=query["k"], position=where.position,
+        target=target, part=positions))
+    sweep = sweep_of(ctx, query["method"], positions)
     names = " ".join(f"L{la}H{h}" for la, h in result.heads)
     follows = ("the token you typed" if query["target"] else
                "the token that actually comes next" if where.target_id is not None else
@@ -81,7 +108,10 @@ def panels(ctx: P.PageContext, query: dict) -> list[Any]:
                              f"{quoted(result.target_display)}, {follows}."),
             P.Panel("predictions", ablation_figure(result), result),
             P.Panel("positions", ablation_positions_figure(result), result),
-            P.Panel("sweep", sweep_figure(sweep, what), sweep)]
+            P.Panel("sweep", sweep_figure(sweep, what), sweep) if sweep is not None else
+            P.Panel("sweep", P.empty_figure(
+                f"Ablating each of the {lm.cfg.n_layers * lm.cfg.n_heads} heads alone: "
+                "this chart appears when the sweep is done (progress above)."))]
 
 
 P.register_page(
