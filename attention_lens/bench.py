@@ -703,14 +703,14 @@ def _patching_page(reps: int) -> None:
     scatter, path patching from the sender head) on attn-only-2l, as its callbacks run."""
     import tempfile
 
-    from . import background
     from .analysis.patching import corrupt_one_token
-    from .app import create_app
     from .components import page as P
+    from .config import ServerConfig
+    from .server import create_server
 
     reg = Registry([DEFAULT_WEIGHTS])
     cache = Path(tempfile.mkdtemp(prefix="attention-lens-bench-"))
-    create_app(reg, background=background.create(cache / "jobs", max_jobs=2))
+    create_server(ServerConfig(model="attn-only-2l", cache_dir=cache), registry=reg)
     spec = P.spec_of("patching")
     lm = reg.get("attn-only-2l")
     state = {"model": lm.name, "text": "", "pos": None}
