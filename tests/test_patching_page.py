@@ -139,6 +139,17 @@ def test_big_models_patch_in_a_background_job(server, monkeypatch):
     assert progress and "activation patching (exact)" in out[0].layout.title.text
     figures, _, _, request = _draw(spec, state, granularity="head_v", sender="")
     assert request is dash.no_update and figures["exact"].data[0].z.shape == (2, 12)
+    # answers the page chooses (token ids) reach the job as ids, not as digit strings
+    auto = {"granularity": "head_v", "sender": "L0H2", "correct": "", "wrong": ""}
+    figures, _, alerts, request = _draw(spec, state, **auto)
+    assert isinstance(request, dict), alerts
+    values = [auto.get(c.name, c.default) for c in spec.controls]
+    out = spec.run_job(progress.append, request, state, *values)
+    n_figs = len(spec.graphs) + len(spec.extras)
+    assert not [a for a in out[n_figs] or [] if a.color == "danger"], out[n_figs]
+    assert "activation patching (exact)" in out[0].layout.title.text
+    assert "clean prompt's top prediction 'olid'" in " ".join(
+        str(a.children) for a in out[n_figs])
 
 
 def test_uploaded_pairs_are_averaged_in_a_job(server):

@@ -153,7 +153,10 @@ def panels(ctx: P.PageContext, query: dict) -> list:
     if limit is not None and n_tokens > limit:
         raise AnalysisError(f"the clean prompt has {n_tokens} tokens; this server analyses at "
                             f"most {limit}")
-    wa = {**args, "correct": str(args["correct"]), "wrong": str(args["wrong"])}
+    # answers the page chose are token ids and stay ints (a digit string would be read as
+    # text: '15249' is two tokens); typed answers are text
+    wa = {**args, **{k: args[k] if isinstance(args[k], int) else str(args[k])
+                     for k in ("correct", "wrong")}}
     if PT.runs_inline(lm):
         grid = PT.activation_patching(lm, granularity=query["granularity"], **args)
     else:
