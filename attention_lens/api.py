@@ -518,7 +518,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
 
     @endpoint("/graph", ("POST",))
     def graph_route() -> dict[str, Any]:
-        from .analysis.graph import graph_json
+        from .analysis.graph import check_size, graph_json
 
         body = json_body(base | {"target", "contrast", "position", "node_threshold",
                                  "edge_threshold", "truncate"})
@@ -526,6 +526,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         whole_prompt(body, fp, lm)
         pos = int_field(body, "position", -1, -fp.n_tokens, fp.n_tokens - 1,
                         f" (the prompt has {fp.n_tokens} tokens)")
+        check_size(lm.cfg, pos % fp.n_tokens + 1)  # a 400 naming the reach, before any job
         shares = {}
         for key, default in (("node_threshold", 0.8), ("edge_threshold", 0.98)):
             value = body.get(key, default)

@@ -733,7 +733,8 @@ def _patching_page(reps: int) -> None:
 
 def bench_graph(reps: int, gpt2: bool = True) -> None:
     """QK attribution and the exact attribution graph: attn-only-2l at 128 tokens, then
-    (``gpt2``) a random GPT-2-small-shaped model at 64 tokens with MLPs as opaque nodes."""
+    (``gpt2``) a random GPT-2-small-shaped model with MLPs as opaque nodes, at as many tokens
+    as the graph's edge budget reaches (41)."""
     from .analysis.forward import run_forward
     from .analysis.graph import attribution_graph, prune_graph
     from .analysis.qk_attribution import qk_attribution, qk_attribution_row
@@ -774,7 +775,11 @@ def bench_graph(reps: int, gpt2: bool = True) -> None:
     _header("QK attribution and attribution graph")
     cases(Registry([DEFAULT_WEIGHTS]).get("attn-only-2l"), 128, 1, 5)
     if gpt2:
-        cases(random_gpt2_shape(), 64, 11, 0)
+        from .analysis.graph import largest_position
+
+        big = random_gpt2_shape()
+        # the exact graph's edge budget reaches position 40 of GPT-2 small
+        cases(big, min(64, largest_position(big.cfg, 64) + 1), 11, 0)
 # -------------------------------------------------------------- dataset heads, compare
 def bench_heads(reps: int) -> None:
     """Dataset head metrics (shipped model, GPT-2 shape in a worker thread) and /compare."""

@@ -284,3 +284,27 @@ def test_rotary_rms_gated_parallel_model(tiny_tokenizer):
     heads = graph.kind == "head"
     assert np.abs(graph.inflow()[heads] - graph.outflow()[heads]).max() <= 1e-6
     assert "ln_bias" not in set(graph.kind) and "mlp" in set(graph.kind)
+
+
+def test_graphs_over_the_edge_budget_are_refused_before_any_work(model_2l, monkeypatch):
+    from attention_lens.analysis import graph as G
+    from attention_lens.bench import GPT2_SHAPE
+    from attention_lens.model import ModelConfig
+
+    # GPT-2 small: 309 M edges at position 255 (about 17 GB to build and prune) are refused
+    big = ModelConfig(**GPT2_SHAPE)
+    reach = G.largest_position(big, 256)
+    assert G.estimated_edges(big, reach + 1) <= G.MAX_EDGES < G.estimated_edges(big, reach + 2)
+    with pytest.raises(AnalysisError, match=f"reaches position {reach}"):
+        G.check_size(big, 256)
+    G.check_size(big, reach + 1)
+    # on a shipped model a small budget refuses the late positions and the default moves
+    fp = run_forward(model_2l, TEXT)
+    graph = attribution_graph(model_2l, fp)
+    assert G.estimated_edges(model_2l.cfg, fp.n_tokens) == len(graph.weight)
+    monkeypatch.setattr(G, "MAX_EDGES", G.estimated_edges(model_2l.cfg, 10))
+    assert G.largest_position(model_2l.cfg, fp.n_tokens) == 9
+    with pytest.raises(AnalysisError, match="choose a position up to 9"):
+        attribution_graph(model_2l, fp)
+    assert G.default_position(fp, 9) <= 9
+    assert attribution_graph(model_2l, fp, position=9).position == 9

@@ -210,3 +210,23 @@ def test_attention_click_link(server):
     assert "layer=0&head=3&query=2&key=1" in href
     with pytest.raises(dash.exceptions.PreventUpdate):  # the masked upper triangle
         qk_page.cell_href({"points": [{"pointNumber": [0, 2]}]}, figure, STATE, {})
+
+
+def test_graphs_beyond_the_edge_budget_are_refused_and_the_default_moves(client,
+                                                                         monkeypatch):
+    from attention_lens import registry as R
+    from attention_lens.analysis import graph as G
+
+    cfg = R.current().get("attn-only-2l").cfg
+    monkeypatch.setattr(G, "MAX_EDGES", G.estimated_edges(cfg, 20))  # reach: position 19
+    code, data = post(client, "/api/graph", {"text": PROMPT})
+    assert code == 400 and "choose a position up to 19" in data["error"], data
+    assert post(client, "/api/graph", {"text": PROMPT, "position": 19})[0] == 200
+    # the page's default position stays within the reach and says so
+    spec = P.spec_of("graph")
+    figures, _, alerts, _ = _draw(spec, STATE)
+    text = " ".join(str(a.children) for a in alerts)
+    assert "reach position 19" in text, text
+    assert int(text.split("Position ")[1].split()[0]) <= 19
+    _, _, alerts, _ = _draw(spec, STATE, position="25")
+    assert any("choose a position up to 19" in str(a.children) for a in alerts)

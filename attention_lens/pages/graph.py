@@ -13,11 +13,14 @@ from dash.exceptions import PreventUpdate
 from .. import weight_analyses as W
 from ..analysis.errors import AnalysisError
 from ..analysis.graph import (
+    MAX_EDGES,
     GraphView,
+    check_size,
     default_position,
     estimated_edges,
     graph_json,
     graph_view,
+    largest_position,
 )
 from ..components import page as P
 from ..components import shell
@@ -107,13 +110,18 @@ def view_of(ctx: P.PageContext, query: dict) -> tuple[GraphView, list[str]]:
     notes = []
     pos = query["position"]
     if pos is None:
-        pos = default_position(fp)
+        reach = largest_position(lm.cfg, fp.n_tokens)
+        pos = default_position(fp, reach)
         notes.append(f"Position {pos} {fp.display[pos]!r}: where the model copies the next "
                      "token from earlier in the prompt most confidently (set a position to "
                      "explain another).")
+        if reach < fp.n_tokens - 1:
+            notes.append(f"Exact graphs of {lm.name} reach position {reach} here (at most "
+                         f"{MAX_EDGES / 1e6:.1f} M edges); later positions are refused.")
     if not -fp.n_tokens <= pos < fp.n_tokens:
         raise AnalysisError(f"position {pos} is outside the prompt: it has {fp.n_tokens} tokens")
     n = (pos % fp.n_tokens) + 1
+    check_size(lm.cfg, n)  # before any job starts
     args = dict(target=query["target"] or None, contrast=query["contrast"] or None,
                 position=pos, node_threshold=query["node"] / 100,
                 edge_threshold=query["edge"] / 100)
