@@ -201,6 +201,7 @@ def test_numbers_use_a_true_minus_sign():
     assert number(-1.26) == "\u22121.260" and number(6.471) == "6.471"
     assert signed(0.125) == "+0.125" and signed(-2.0, ".1f") == "\u22122.0"
     assert number(float("nan")) == "n/a"
+    assert signed(-0.001, ".2f") == "0.00" == signed(0.0, ".2f") and number(-0.0004) == "0.000"
 
 
 def test_titles_wrap_and_sit_below_the_toolbar():

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import plotly.graph_objects as go
 
-from .theme import DIVERGING, QUALITATIVE, TEMPLATE, number, position_labels, unique_labels
+from .theme import DIVERGING, QUALITATIVE, TEMPLATE, number, position_labels, signed, unique_labels
 from .tokens import esc, finish, quoted
 
 if TYPE_CHECKING:
@@ -86,7 +86,8 @@ def sweep_figure(result: HeadSweep, what: str = "the repeated part") -> go.Figur
     fig = go.Figure(go.Heatmap(
         z=z, x=[f"H{h}" for h in range(n_heads)], y=[f"L{la}" for la in range(n_layers)],
         colorscale=DIVERGING, zmid=0.0, zmin=-bound, zmax=bound or 1.0,
-        texttemplate="%{z:+.2f}" if n_heads <= 16 else "", textfont=dict(size=10),
+        text=[[signed(v, ".2f") for v in row] for row in z],
+        texttemplate="%{text}" if n_heads <= 16 else "", textfont=dict(size=10),
         colorbar=dict(title="Δ loss (nats)"),
         hovertemplate=(f"%{{y}}%{{x}} alone {result.method}-ablated: loss on {what} "
                        "changes by %{z:+.3f} nats<extra></extra>"),

@@ -85,10 +85,14 @@ def theme_of(value: Optional[str]) -> str:
 
 
 def number(x: float, fmt: str = ".3f") -> str:
-    """``x`` formatted with a true minus sign (−1.260, not -1.260); NaN as "n/a"."""
+    """``x`` formatted with a true minus sign (−1.260, not -1.260); NaN as "n/a"; a value
+    that rounds to zero as an unsigned zero (0.00, not −0.00 or +0.00)."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
-    return format(x, fmt).replace("-", MINUS)
+    text = format(x, fmt)
+    if float(text) == 0:
+        text = format(0.0, fmt.replace("+", ""))
+    return text.replace("-", MINUS)
 
 
 def signed(x: float, fmt: str = ".3f") -> str:
