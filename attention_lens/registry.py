@@ -12,6 +12,7 @@ import ctypes.util
 import dataclasses
 import sys
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +184,12 @@ def nbytes_of(value: Any, _seen: Optional[set[int]] = None) -> int:
 
 def _model_bytes(lm: LoadedModel) -> int:
     return sum(t.numel() * t.element_size() for t in lm.model.state_dict().values())
+
+
+#: An analysis that ran longer than this held large temporaries; after it the worker gives
+#: freed memory back (one GPT-2-small worker held ~600 MiB of freed heap after 10 prompts
+#: on every page: 2,392 MiB resident, 1,797 MiB after malloc_trim).
+HEAVY_SECONDS = 0.5
 
 
 def release_memory() -> None:
@@ -385,7 +392,10 @@ class Registry:
             if entry is not None and entry.fp is fp and key in entry.derived:
                 self._forward.move_to_end(fkey)
                 return entry.derived[key][0]
+        t0 = time.perf_counter()
         value = compute()
+        if time.perf_counter() - t0 > HEAVY_SECONDS:
+            release_memory()  # a long analysis freed large temporaries: give them back
         size = nbytes_of(value)
         with self._lock:
             entry = self._forward.get(fkey)

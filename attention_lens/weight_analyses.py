@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 from . import __version__
 from .analysis.errors import AnalysisError
 from .model.checkpoint import LoadedModel
-from .registry import DEFAULT_WEIGHTS_BYTES, nbytes_of
+from .registry import DEFAULT_WEIGHTS_BYTES, nbytes_of, release_memory
 
 Progress = Callable[[float], None]
 
@@ -486,6 +486,7 @@ class Store:
                                                       "host": socket.gethostname(),
                                                       "t": time.time()})
                 self._remember(key, value)
+                release_memory()  # the analysis's temporaries are freed: give them back
                 return value
         finally:
             self.coord.delete(lock)
