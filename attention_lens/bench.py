@@ -678,7 +678,7 @@ def bench_patching(reps: int, tl_sample: int, gpt2: bool = True) -> None:
     print(f"\nActivation patching, {lm.name}, {len(clean)}-token pair (second half repeats "
           f"the first; token 4 corrupted), logit difference at the last position, denoising")
     run(lm, clean, corrupted, ["head_out_by_pos", "resid_pre"], reps)
-    _patching_page(reps)
+    _patching_page()
     if not gpt2:
         return
     big = random_gpt2_shape()
@@ -698,9 +698,10 @@ PAGE_PAIR_SENTENCES = (
 )
 
 
-def _patching_page(reps: int) -> None:
+def _patching_page() -> None:
     """The /patching page from a new pair to every drawn figure (exact and attribution grids,
-    scatter, path patching from the sender head) on attn-only-2l, as its callbacks run."""
+    scatter, path patching from the sender head) on attn-only-2l, as its callbacks run; one
+    draw per pair of :data:`PAGE_PAIR_SENTENCES`, so no pair is drawn twice."""
     import tempfile
 
     from .analysis.patching import corrupt_one_token
@@ -715,8 +716,7 @@ def _patching_page(reps: int) -> None:
     lm = reg.get("attn-only-2l")
     state = {"model": lm.name, "text": "", "pos": None}
     times = []
-    for i in range(max(reps, len(PAGE_PAIR_SENTENCES))):
-        sentence = PAGE_PAIR_SENTENCES[i % len(PAGE_PAIR_SENTENCES)]
+    for i, sentence in enumerate(PAGE_PAIR_SENTENCES):
         clean = sentence + sentence[:-12]  # the copy stops short of its last words
         corrupted = corrupt_one_token(lm, clean)[0]
         state["text"] = clean + f" {i}"  # a prompt bar the page has not drawn either

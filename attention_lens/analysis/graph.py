@@ -644,7 +644,7 @@ def default_position(fp: ForwardPass, last: Optional[int] = None) -> int:
     logp = fp.logits.double().log_softmax(-1).numpy()
     end = fp.n_tokens - 1 if last is None else min(last, fp.n_tokens - 1)
     best, best_lp = end, -np.inf
-    for p in range(1, end):
+    for p in range(1, min(end + 1, fp.n_tokens - 1)):  # the last token has no next one
         nxt = int(ids[p + 1])
         if ids[p] in ids[:p] and int(logp[p].argmax()) == nxt and logp[p, nxt] > best_lp:
             best, best_lp = p, logp[p, nxt]

@@ -89,9 +89,9 @@ def number(x: float, fmt: str = ".3f") -> str:
     that rounds to zero as an unsigned zero (0.00, not −0.00 or +0.00)."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
-    text = format(x, fmt)
-    if float(text) == 0:
-        text = format(0.0, fmt.replace("+", ""))
+    text, zero = format(x, fmt), format(0.0, fmt.replace("+", ""))
+    if text.lstrip("+-") == zero:
+        text = zero
     return text.replace("-", MINUS)
 
 

@@ -101,7 +101,8 @@ class Share:
                        updatemode="mouseup",
                        tooltip={"placement": "bottom", "always_visible": True,
                                 "template": "{value}%"})],
-            className="al-control", style={"minWidth": "14rem", "flex": "1 1 14rem"})
+            className="al-control",  # room for the value shown right of a handle at 100%
+            style={"minWidth": "14rem", "flex": "1 1 14rem", "paddingRight": "1.5rem"})
 
 
 def view_of(ctx: P.PageContext, query: dict) -> tuple[GraphView, list[str]]:
