@@ -6,6 +6,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import ipaddress
 import logging
 import math
 import os
@@ -82,26 +83,40 @@ class TooManyAttempts(Exception):
         self.retry_after = max(1, int(retry_after))
 
 
+class _Check:
+    """One password hash in progress: requests with the same credentials wait for it."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.ok = False
+        self.error: Optional[TooManyAttempts] = None
+
+
 class UserStore:
     """Checks passwords against a users file, re-reading it when it changes.
 
     The file fails closed: when it is missing, unreadable or malformed nobody signs in (and
     the log says why) until it is fixed. Password hashes are deliberately slow, so at most
     ``hash_slots`` run at once in a process, and an unknown user costs the same hash (against
-    a dummy) as a wrong password. A successful check is remembered (as a keyed digest, never
-    the password) in a small bounded cache so each request does not pay it.
+    a dummy) as a wrong password. Each distinct credential is hashed once at a time: the
+    parallel requests of a browser's first page load wait for that one hash instead of
+    queueing for their own. A successful check is remembered for ``remember_s`` seconds (as
+    a keyed digest, never the password) in a small bounded cache so each request does not
+    pay it.
     """
 
     def __init__(self, path: Path, cache_size: int = 256, hash_slots: int = 1,
-                 hash_wait: float = 2.0) -> None:
+                 hash_wait: float = 2.0, remember_s: float = 900.0) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._version: Optional[tuple[int, int, int]] = None
         self._users: dict[str, str] = {}
         self._problem: Optional[str] = None
         self._key = secrets.token_bytes(32)
-        self._ok: OrderedDict[bytes, None] = OrderedDict()
+        self._ok: OrderedDict[bytes, float] = OrderedDict()  # digest -> remembered until
+        self._checking: dict[bytes, _Check] = {}
         self._cache_size = cache_size
+        self._remember_s = remember_s
         self._slots = threading.BoundedSemaphore(hash_slots)
         self._hash_wait = hash_wait
         # the hash an unknown user is checked against: the cost of add-user's own hashes
@@ -141,43 +156,96 @@ class UserStore:
         return hmac.new(self._key, f"{name}\0{password}\0{hashed}".encode("utf-8", "replace"),
                         hashlib.sha256).digest()
 
+    def _remembered(self, digest: bytes) -> bool:
+        """Whether ``digest`` was verified within ``remember_s`` (call with the lock held)."""
+        until = self._ok.get(digest)
+        if until is None:
+            return False
+        if until < time.monotonic():
+            del self._ok[digest]
+            return False
+        self._ok.move_to_end(digest)
+        return True
+
     def remembered(self, name: str, password: str) -> bool:
         """True when these credentials were checked recently and the file has not changed."""
         self.reload()
         hashed = self._users.get(name)
         if hashed is None:
             return False
+        digest = self._digest(name, password, hashed)
         with self._lock:
-            digest = self._digest(name, password, hashed)
-            if digest in self._ok:
-                self._ok.move_to_end(digest)
-                return True
-        return False
+            return self._remembered(digest)
 
     def check(self, name: str, password: str) -> bool:
         """True when ``password`` is ``name``'s password (raises TooManyAttempts when busy)."""
-        if self.remembered(name, password):
-            return True
+        return self.verify(name, password)[0]
+
+    def verify(self, name: str, password: str) -> tuple[bool, bool]:
+        """``(ok, hashed)``: whether the password is right, and whether this call hashed it.
+
+        A call that finds the same credentials being hashed by another request waits for
+        that result (``hashed`` is then False: one failure to count, however many requests
+        carried it). Raises TooManyAttempts when no hashing slot frees up in time.
+        """
+        self.reload()
         hashed = self._users.get(name)
-        if not self._slots.acquire(timeout=self._hash_wait):
-            raise TooManyAttempts("too many sign-in attempts at once; try again shortly", 2)
+        digest = self._digest(name, password, hashed or "")
+        with self._lock:
+            if hashed is not None and self._remembered(digest):
+                return True, False
+            pending = self._checking.get(digest)
+            if pending is None:
+                mine = self._checking[digest] = _Check()
+        if pending is not None:
+            if not pending.done.wait(self._hash_wait + 60):
+                raise TooManyAttempts("too many sign-in attempts at once; try again shortly", 2)
+            if pending.error is not None:
+                raise TooManyAttempts(str(pending.error), pending.error.retry_after)
+            return pending.ok, False
         try:
-            ok = check_password_hash(hashed or self._dummy, password) and hashed is not None
+            if not self._slots.acquire(timeout=self._hash_wait):
+                mine.error = TooManyAttempts("too many sign-in attempts at once; try again "
+                                             "shortly", 2)
+                raise mine.error
+            try:
+                mine.ok = check_password_hash(hashed or self._dummy, password) and \
+                    hashed is not None
+            finally:
+                self._slots.release()
         finally:
-            self._slots.release()
-        if ok:
             with self._lock:
-                self._ok[self._digest(name, password, hashed or "")] = None
-                while len(self._ok) > self._cache_size:
-                    self._ok.popitem(last=False)
-        return ok
+                if mine.ok:
+                    self._ok[digest] = time.monotonic() + self._remember_s
+                    self._ok.move_to_end(digest)
+                    while len(self._ok) > self._cache_size:
+                        self._ok.popitem(last=False)
+                del self._checking[digest]
+            mine.done.set()
+        return mine.ok, True
+
+
+def address_key(address: str) -> str:
+    """The part of a client address that one machine controls: IPv6 addresses by their /64
+    network (a host is commonly given a whole /64), IPv4 and anything else as it is."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address[:100]
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return str(ip)
 
 
 class SignInThrottle:
-    """Failed sign-ins counted per client address and per user name (a moving window).
+    """Failed sign-ins counted per client address (a moving window), never per account.
 
-    ``rate`` is a rate-limit string such as ``10/minute``; ``storage`` a ``limits`` storage
-    URI (``memory://`` counts per process; ``redis://host:port`` shares the counts between
+    Counting per address keeps a guesser slow without letting anyone lock an account's owner
+    out: the owner signs in from her own address whatever is guessed elsewhere. ``rate`` is
+    a rate-limit string such as ``10/minute``; ``storage`` a ``limits`` storage URI
+    (``memory://`` counts per process; ``redis://host:port`` shares the counts between
     workers and machines).
     """
 
@@ -185,25 +253,25 @@ class SignInThrottle:
         self.rate = parse_limit(rate)
         self.limiter = MovingWindowRateLimiter(storage_from_string(storage))
 
-    def retry_after(self, address: str, name: str) -> Optional[int]:
-        """Seconds until this address and name may try again, or None if they may now."""
-        waits = [self.limiter.get_window_stats(self.rate, kind, key).reset_time - time.time()
-                 for kind, key in (("address", address), ("user", name))
-                 if not self.limiter.test(self.rate, kind, key)]
-        return math.ceil(max(waits)) if waits else None
+    def retry_after(self, address: str) -> Optional[int]:
+        """Seconds until this address may try again, or None if it may now."""
+        key = address_key(address)
+        if self.limiter.test(self.rate, "address", key):
+            return None
+        wait = self.limiter.get_window_stats(self.rate, "address", key).reset_time - time.time()
+        return max(1, math.ceil(wait))
 
-    def failed(self, address: str, name: str) -> None:
-        """Count one failed attempt against the address and the user name."""
-        for kind, key in (("address", address), ("user", name)):
-            self.limiter.hit(self.rate, kind, key)
+    def failed(self, address: str) -> None:
+        """Count one failed attempt against the address."""
+        self.limiter.hit(self.rate, "address", address_key(address))
 
 
 class LabAuth(BasicAuth):
     """dash-auth Basic auth over every route (no public routes), robust to malformed headers.
 
-    Failed attempts are throttled per client address and per user name (429 with
-    ``Retry-After``); credentials already verified are not throttled, so an attacker guessing
-    a user's password does not lock that user's open session out.
+    Failed attempts are throttled per client address (429 with ``Retry-After``), never per
+    user name, so somebody guessing a colleague's password from one address does not lock
+    the colleague out anywhere else; credentials already verified are not throttled at all.
     """
 
     def __init__(self, app: dash.Dash, users: UserStore, secret_key: str,
@@ -238,12 +306,14 @@ class LabAuth(BasicAuth):
             return False
         if not self.users.remembered(name, password):
             address = flask.request.remote_addr or "?"
-            wait = self.throttle.retry_after(address, name)
+            wait = self.throttle.retry_after(address)
             if wait is not None:
                 raise TooManyAttempts(f"too many failed sign-ins; try again in {wait} s", wait)
-            if not self.users.check(name, password):
-                self.throttle.failed(address, name)
-                log.info("failed sign-in for %r from %s", name[:64], address)
+            ok, hashed = self.users.verify(name, password)
+            if not ok:
+                if hashed:  # one failure however many parallel requests carried it
+                    self.throttle.failed(address)
+                    log.info("failed sign-in for %r from %s", name[:64], address)
                 return False
         flask.g.attention_lens_user = name
         return True

@@ -54,7 +54,7 @@ def test_unknown_user_costs_as_much_as_a_wrong_password(users_file):
     assert 0.5 < unknown / known < 2.0, (known, unknown)
 
 
-def test_failed_sign_ins_are_throttled_per_address_and_per_user(users_file):
+def test_failed_sign_ins_are_throttled_per_address_not_per_user(users_file):
     app = make_app(users_file, auth_rate="4/minute")
     client = app.server.test_client()
     assert client.get("/api/models", headers=basic("alice", PASSWORD)).status_code == 200
@@ -69,12 +69,11 @@ def test_failed_sign_ins_are_throttled_per_address_and_per_user(users_file):
     r = attempt("carol", "anything", "10.0.0.1")
     assert r.status_code == 429
     assert 0 < int(r.headers["Retry-After"]) <= 60 and "try again" in r.get_json()["error"]
-    # per user name: four misses from four addresses, then a fifth address is throttled too
-    for i in range(4):
+    # misses for one user name from many addresses lock nobody out: each address keeps
+    # its own count, and the owner signs in from hers
+    for i in range(8):
         assert attempt("alice", "wrong", f"10.0.1.{i}").status_code == 401
-    r = attempt("alice", "wrong", "10.0.2.1")
-    assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
-    # credentials already verified are not locked out by somebody else's guessing
+    assert attempt("alice", "wrong", "10.0.2.1").status_code == 401
     assert attempt("alice", PASSWORD, "10.0.3.1").status_code == 200
     # other users from other addresses are unaffected
     assert attempt("dave", "x", "10.0.4.1").status_code == 401
