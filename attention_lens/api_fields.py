@@ -14,9 +14,12 @@ import flask
 
 from .analysis.analogy import MAX_TERMS
 from .model.checkpoint import LoadedModel
+from .model.jsonfile import value_depth
 
 #: Most alternatives per position for endpoints that return a [pos, k] grid.
 MAX_GRID_K = 50
+#: Deepest nesting of lists and objects in a request body (no field needs more than 3).
+MAX_BODY_DEPTH = 32
 #: Most heads in an ablation (the most terms in an analogy is the analysis's own limit).
 MAX_HEADS = 256
 
@@ -55,9 +58,14 @@ def json_body(allowed: set[str]) -> dict[str, Any]:
         raise ApiError(f"malformed JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") \
             from None
     except RecursionError:
-        raise ApiError("malformed JSON: nested too deeply") from None
+        raise ApiError(f"malformed JSON: nested too deeply (at most {MAX_BODY_DEPTH} levels "
+                       "of lists and objects)") from None
     except ValueError as exc:  # an integer literal of thousands of digits
         raise ApiError(f"malformed JSON: {str(exc)[:120]}") from None
+    depth = value_depth(body)
+    if depth > MAX_BODY_DEPTH:
+        raise ApiError(f"malformed JSON: nested {depth} levels deep (at most {MAX_BODY_DEPTH} "
+                       "levels of lists and objects)")
     if not isinstance(body, dict):
         raise ApiError("the request body must be a JSON object")
     _check_unicode(body)

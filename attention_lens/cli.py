@@ -53,8 +53,8 @@ def _add_serve_options(ap: argparse.ArgumentParser) -> None:
                          f"keeps; default 640 {_env('CACHE_MB')}")
     ap.add_argument("--max-body", type=int,
                     help=f"largest request body in bytes; default 1 MiB {_env('MAX_BODY')}")
-    ap.add_argument("--auth-rate", help="failed sign-ins allowed per client address and per "
-                    f"user name; default 10/minute {_env('AUTH_RATE')}")
+    ap.add_argument("--auth-rate", help="failed sign-ins allowed per client address "
+                    f"(never per user name); default 10/minute {_env('AUTH_RATE')}")
     ap.add_argument("--hash-slots", type=int, help="password hashes checked at once per "
                     f"process; default 1 {_env('HASH_SLOTS')}")
     ap.add_argument("--proxy-hops", type=int, help="reverse proxies in front that set "

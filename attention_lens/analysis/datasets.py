@@ -30,6 +30,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 
 from ..model.checkpoint import LoadedModel
+from ..model.jsonfile import JsonFileError, loads_bounded
 from .errors import AnalysisError
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "eval"
@@ -39,6 +40,8 @@ DOC_SEPARATOR = "\n\n"
 MAX_UPLOAD_BYTES = 512 * 2**10
 #: Uploaded datasets this process keeps (the oldest is forgotten first).
 MAX_KEPT_UPLOADS = 8
+#: Deepest nesting of lists and objects in a JSONL line (a document needs 1).
+MAX_JSON_DEPTH = 16
 #: Largest file read from a datasets folder (bytes).
 MAX_FILE_BYTES = 16 * 2**20
 #: Most windows one run may score.
@@ -122,9 +125,9 @@ def parse_jsonl(text: str, what: str = "the file") -> list[str]:
         if not line.strip():
             continue
         try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise AnalysisError(f"{what}, line {n}: not valid JSON ({exc.msg})") from None
+            item = loads_bounded(line, MAX_JSON_DEPTH)
+        except JsonFileError as exc:
+            raise AnalysisError(f"{what}, line {n}: not valid JSON ({exc})") from None
         if isinstance(item, dict):
             item = item.get("text")
         if not isinstance(item, str):
@@ -142,9 +145,9 @@ def is_jsonl(name: str, text: str) -> bool:
     if not (first.startswith("{") or first.startswith('"')):
         return False
     try:
-        return isinstance(json.loads(first), (dict, str))
-    except json.JSONDecodeError:
-        return False
+        return isinstance(loads_bounded(first, MAX_JSON_DEPTH), (dict, str))
+    except JsonFileError as exc:
+        return "nested" in str(exc)  # meant as JSON: parse_jsonl says what is wrong
 
 
 def _size(n: int) -> str:

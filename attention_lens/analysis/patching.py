@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import threading
 import weakref
@@ -39,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.checkpoint import LoadedModel
+from ..model.jsonfile import JsonFileError, loads_bounded
 from ..model.transformer import rotate
 from .attention import check_head, check_layer
 from .errors import AnalysisError
@@ -1088,10 +1088,9 @@ def parse_pairs(text: str) -> list[PromptPair]:
     stripped = text.lstrip()
     if stripped.startswith(("[", "{")):
         try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise AnalysisError(f"the JSON could not be read: {exc.msg} (line {exc.lineno})"
-                                ) from None
+            rows = loads_bounded(text, 16)
+        except JsonFileError as exc:
+            raise AnalysisError(f"the JSON could not be read: {exc}") from None
         if isinstance(rows, dict):
             rows = rows.get("pairs")
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):

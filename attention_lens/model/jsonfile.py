@@ -53,3 +53,38 @@ def read_json(path: Path, max_bytes: int = MAX_BYTES, max_depth: int = MAX_DEPTH
         raise JsonFileError(f"not valid JSON ({exc})") from None
     except (ValueError, RecursionError) as exc:  # e.g. an integer of thousands of digits
         raise JsonFileError(f"not valid JSON ({str(exc)[:120]})") from None
+
+
+def value_depth(value: Any) -> int:
+    """How deeply parsed JSON ``value`` nests lists and objects (computed without recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict)
+                                                   else item))
+    return deepest
+
+
+def loads_bounded(text: str, max_depth: int = MAX_DEPTH) -> Any:
+    """``json.loads(text)`` for text from a user (an upload, a request field), nesting bounded.
+
+    Raises :class:`JsonFileError` with a message fit for the user: what is malformed (with
+    line and column), too deeply nested (Python's parser would raise ``RecursionError``), or
+    an integer of thousands of digits.
+    """
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise JsonFileError(f"{exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    except RecursionError:
+        raise JsonFileError(f"nested too deeply (at most {max_depth} levels of lists and "
+                            "objects)") from None
+    except ValueError as exc:  # an integer literal of thousands of digits
+        raise JsonFileError(str(exc)[:120]) from None
+    depth = value_depth(value)
+    if depth > max_depth:
+        raise JsonFileError(f"nested {depth} levels deep (at most {max_depth} levels of lists "
+                            "and objects)")
+    return value
