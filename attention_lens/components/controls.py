@@ -28,6 +28,50 @@ def _bound(bound: Bound, cfg: Any) -> Optional[int]:
     return bound
 
 
+#: Largest magnitude a whole number without bounds of its own may have: a page's position
+#: or index beyond it is no position at all, and a number box (a float in the browser) and
+#: the layout's JSON hold it exactly.
+MAX_WHOLE = 2**31 - 1
+#: Most numbers read from a list parameter.
+MAX_LIST = 1024
+#: Most digits read as a whole number (longer ones are beyond every bound anyway).
+_MAX_DIGITS = 40
+_HUGE = 10**_MAX_DIGITS
+
+
+def _whole(raw: Any) -> Optional[int]:
+    """``raw`` (URL text or a widget's value) as a whole number, or None if it is not one.
+
+    A number of more than ``_MAX_DIGITS`` digits comes back as ``±_HUGE`` (beyond every
+    bound, its sign kept) without converting thousands of digits.
+    """
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, int):
+        return raw
+    if isinstance(raw, float):
+        return int(raw) if raw.is_integer() else None
+    text = str(raw).strip()
+    digits = text[1:] if text[:1] in "+-" else text
+    if not (digits.isascii() and digits.isdigit()):
+        return None
+    if len(digits) > _MAX_DIGITS:
+        return -_HUGE if text.startswith("-") else _HUGE
+    return int(text, 10)
+
+
+def _shown(value: Any) -> str:
+    """A value as a message shows it: text quoted and cut, long numbers shortened."""
+    if not isinstance(value, int):
+        return repr(str(value)[:40])
+    if abs(value) >= _HUGE:
+        return f"{'-' if value < 0 else ''}(a number of more than {_MAX_DIGITS} digits)"
+    text = str(value)
+    if len(text) > 20:
+        return f"{text[:10]}… ({len(text.lstrip('-'))} digits)"
+    return text
+
+
 def _group(label: str, widget: Any) -> dbc.InputGroup:
     return dbc.InputGroup([dbc.InputGroupText(label), widget], size="sm",
                           className="al-control")
@@ -49,15 +93,17 @@ class Int:
         """The value of ``raw`` (URL text or widget value) and a problem, or None."""
         if raw is None or raw == "":
             return self.default, None
-        try:
-            value = int(str(raw).strip())
-        except (TypeError, ValueError):
-            return self.default, f"{self.name} must be a whole number, got {str(raw)[:40]!r}"
+        value = _whole(raw)
+        if value is None:
+            return self.default, f"{self.name} must be a whole number, got {_shown(raw)}"
         lo, hi = _bound(self.lo, cfg), _bound(self.hi, cfg)
         if lo is not None and value < lo:
-            return lo, f"{self.name} {value} is below the smallest allowed value {lo}"
+            return lo, f"{self.name} {_shown(value)} is below the smallest allowed value {lo}"
         if hi is not None and value > hi:
-            return hi, f"{self.name} {value} is above the largest allowed value {hi}"
+            return hi, f"{self.name} {_shown(value)} is above the largest allowed value {hi}"
+        if abs(value) > MAX_WHOLE:  # no bound of its own: a number no page can use
+            return self.default, (f"{self.name} {_shown(value)} is out of range (at most "
+                                  f"{MAX_WHOLE:,} either way); the default is used")
         return value, None
 
     def widget(self, page: str, value: Any, cfg: Any = None) -> dbc.InputGroup:
@@ -144,17 +190,19 @@ class IntList:
             return [], None
         items = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
         out: list[int] = []
+        if len(items) > MAX_LIST:
+            return [], f"{self.name} lists {len(items):,} numbers; at most {MAX_LIST} are read"
         for item in items:
-            try:
-                out.append(int(str(item).strip()))
-            except (TypeError, ValueError):
+            value = _whole(item)
+            if value is None:
                 return [], (f"{self.name} must be whole numbers separated by commas, "
-                            f"got {str(raw)[:40]!r}")
+                            f"got {_shown(raw)}")
+            out.append(value)
         n = self.count(cfg) if cfg is not None else None
         bad = [x for x in out if x < 0 or (n is not None and x >= n)]
         if bad:
             return [x for x in sorted(set(out)) if x not in bad], (
-                f"{self.name}: {bad[0]} does not exist"
+                f"{self.name}: {_shown(bad[0])} does not exist"
                 + (f" (0-{n - 1})" if n else ""))
         return sorted(set(out)), None
 
