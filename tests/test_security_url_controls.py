@@ -8,6 +8,7 @@ import json
 
 import dash
 import pytest
+from test_browser import MODEL, lens, url, wait  # noqa: F401 - fixture
 
 from attention_lens.components import controls
 from attention_lens.server import ServerConfig, create_server
@@ -103,3 +104,17 @@ def test_integer_parsing():
     heads = controls.IntList("heads", count=lambda cfg: 4)
     assert heads.parse("1,3,99999999999999999999999", 4)[0] == [1, 3]
     assert heads.parse(",".join(["1"] * 5000), 4)[0] == []
+
+
+@pytest.mark.browser
+def test_a_crafted_link_in_the_browser_shows_the_page_and_the_message(lens):  # noqa: F811
+    lens.driver.get(url(lens, "/compare", model=MODEL, layer="18446744073709551616",
+                        position="-18446744073709551616", text="Hello there"))
+    wait(lens, "document.body.innerText.includes('Link parameter: layer 18446744073709551616')",
+         timeout=60, what="the message on the layer control")
+    shown = lens.driver.execute_script("return document.body.innerText")
+    assert "Link parameter: position -18446744073709551616" in shown, \
+        [line for line in shown.splitlines() if "Link" in line]
+    # the controls are there, holding their defaults (layer: automatic, position: last)
+    assert lens.find_element("#compare-layer").get_attribute("value") == ""
+    assert lens.find_element("#compare-position").get_attribute("value") == "-1"

@@ -67,7 +67,7 @@ def _shown(value: Any) -> str:
     if abs(value) >= _HUGE:
         return f"{'-' if value < 0 else ''}(a number of more than {_MAX_DIGITS} digits)"
     text = str(value)
-    if len(text) > 20:
+    if len(text) > 24:
         return f"{text[:10]}… ({len(text.lstrip('-'))} digits)"
     return text
 
