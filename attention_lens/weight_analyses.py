@@ -294,12 +294,27 @@ def attribution_graph(text: str, max_tokens: int = 0, target: Any = "", contrast
 # them by that hash.
 #: Seconds an uploaded dataset stays in the shared store.
 UPLOAD_TTL_S = 7 * 24 * 3600
+#: Uploaded datasets the shared store keeps (each at most 512 KiB; the oldest goes first).
+MAX_STORED_UPLOADS = 64
+_UPLOAD_INDEX = "datasets:uploaded"
+
+
+def upload_key(sha256: str) -> str:
+    """The shared store's key of the uploaded documents whose sha256 is ``sha256``."""
+    return f"dataset:{sha256}"
 
 
 def keep_upload(dataset: Any) -> str:
-    """Put an uploaded dataset's documents in the shared store; return its name."""
-    store().results.set(f"dataset:{dataset.sha256}", list(dataset.documents),
-                        expire=UPLOAD_TTL_S)
+    """Put an uploaded dataset's documents in the shared store, where every web worker and
+    job process finds them by the name returned (``upload:<sha256>``); the store keeps the
+    last ``MAX_STORED_UPLOADS`` for ``UPLOAD_TTL_S`` seconds."""
+    results = store().results
+    results.set(upload_key(dataset.sha256), list(dataset.documents), expire=UPLOAD_TTL_S)
+    index = [h for h in results.get(_UPLOAD_INDEX, None) or [] if h != dataset.sha256]
+    index.append(dataset.sha256)
+    for old in index[:-MAX_STORED_UPLOADS]:
+        results.delete(upload_key(old))
+    results.set(_UPLOAD_INDEX, index[-MAX_STORED_UPLOADS:], expire=UPLOAD_TTL_S)
     return dataset.name
 
 
@@ -307,13 +322,19 @@ def load_dataset(name: str) -> Any:
     """A dataset by name: shipped, in a datasets folder, or uploaded (from the shared store)."""
     from .analysis import datasets as D
 
-    if name.startswith("upload:"):
-        docs = store().results.get(f"dataset:{name[len('upload:'):]}", None) \
-            if len(name) > len("upload:") else None
+    if isinstance(name, str) and name.startswith("upload:"):
+        digest = name[len("upload:"):]
+        if not D.is_upload_digest(digest):
+            raise AnalysisError("that uploaded file's name is not one this server gives: "
+                                "upload the file again")
+        docs = store().results.get(upload_key(digest), None)
         if docs is None:
             return D.load_dataset(name)  # this process may still hold it; else it says so
-        return D.Dataset(name=name, documents=tuple(docs), sha256=D.documents_sha256(docs),
-                         title=name, provenance={"source": "uploaded file"})
+        ds = D.Dataset(name=name, documents=tuple(docs), sha256=D.documents_sha256(docs),
+                       title="uploaded file", provenance={"source": "uploaded file"})
+        if ds.sha256 != digest:
+            raise AnalysisError("the stored upload does not match its name: upload it again")
+        return ds
     return D.load_dataset(name)
 
 

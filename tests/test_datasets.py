@@ -85,7 +85,7 @@ def test_upload_text_and_jsonl():
     assert ds.documents == ("First doc.", "Second doc.")
     js = D.parse_upload(b'{"text": "one"}\n\n"two"\n{"text": "three", "id": 3}\n', "b.jsonl")
     assert js.documents == ("one", "two", "three") and js.title == "uploaded file b.jsonl"
-    assert js.name == "upload:" + js.sha256[:16]
+    assert js.name == "upload:" + js.sha256  # its full hash, the store's key
     assert D.load_dataset(D.remember_upload(js)) is js
     for i in range(D.MAX_KEPT_UPLOADS):
         D.remember_upload(D.parse_upload(f"text number {i}".encode(), "n.txt"))

@@ -171,8 +171,14 @@ def parse_upload(data: bytes, filename: str = "upload", max_bytes: int = MAX_UPL
         raise AnalysisError(f"{what} holds no text")
     ds = _dataset("upload", docs, title=f"uploaded file {filename}",
                   provenance={"source": "uploaded file", "file": filename, "bytes": len(data)})
-    return Dataset(name=f"upload:{ds.sha256[:16]}", documents=ds.documents, sha256=ds.sha256,
+    return Dataset(name=f"upload:{ds.sha256}", documents=ds.documents, sha256=ds.sha256,
                    title=ds.title, provenance=ds.provenance)
+
+
+def is_upload_digest(text: str) -> bool:
+    """Whether ``text`` is what follows ``upload:`` in an uploaded dataset's name (its
+    documents' sha256, 64 lower-case hex digits)."""
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 _UPLOADS: OrderedDict[str, Dataset] = OrderedDict()
@@ -180,7 +186,9 @@ _UPLOADS_LOCK = threading.Lock()
 
 
 def remember_upload(ds: Dataset) -> str:
-    """Keep an uploaded dataset in this process (bounded) and return the name to load it by."""
+    """Keep an uploaded dataset in this process (bounded) and return the name to load it by
+    (the web app also puts it in the deployment's shared store, where every worker finds
+    it: :func:`attention_lens.weight_analyses.keep_upload`)."""
     with _UPLOADS_LOCK:
         _UPLOADS[ds.name] = ds
         _UPLOADS.move_to_end(ds.name)
@@ -226,8 +234,8 @@ def load_dataset(name: str, dirs: Iterable[Path | str] = ()) -> Dataset:
         with _UPLOADS_LOCK:
             ds = _UPLOADS.get(name)
         if ds is None:
-            raise AnalysisError("this server no longer holds that uploaded file (it keeps the "
-                                f"last {MAX_KEPT_UPLOADS}): upload it again")
+            raise AnalysisError("this server no longer holds that uploaded file (it keeps "
+                                "recent uploads for a week): upload it again")
         return ds
     if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
         raise AnalysisError(f"unknown dataset {str(name)[:80]!r}")
