@@ -95,7 +95,8 @@ def query_params(allowed: set[str], ints: set[str]) -> dict[str, Any]:
             try:
                 out[key] = int(value.strip(), 10)
             except ValueError:
-                raise ApiError(f"{key} must be an integer, got {value!r}") from None
+                raise ApiError(f"{key} must be an integer, got {value[:40]!r}"
+                               f"{' (cut)' if len(value) > 40 else ''}") from None
         else:
             out[key] = value
     return out
@@ -127,7 +128,9 @@ def int_field(body: dict[str, Any], key: str, default: Optional[int], lo: int, h
         else:
             raise ApiError(f"{key!r} must be an integer, got {value!r}"[:200])
     if not lo <= int(value) <= hi:
-        raise ApiError(f"{key!r} must be between {lo} and {hi}{what}, got {value}")
+        shown = str(value) if len(str(value)) <= 24 else f"{str(value)[:10]}… " \
+            f"({len(str(abs(int(value))))} digits)"
+        raise ApiError(f"{key!r} must be between {lo} and {hi}{what}, got {shown}")
     return int(value)
 
 
