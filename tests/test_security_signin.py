@@ -139,3 +139,26 @@ def test_ipv6_guesses_count_per_network():
     assert throttle.retry_after("2001:db8:1:2:ffff::1") is not None
     assert throttle.retry_after("2001:db8:1:3::1") is None
     assert throttle.retry_after("192.0.2.1") is None
+
+
+def test_parallel_first_loads_through_gunicorn_as_the_readme_runs_it(tmp_path):
+    from test_security_server import readme_server
+
+    server, prefix = readme_server(tmp_path)
+    try:
+        users = tmp_path / "users.txt"
+        _, html = server.get(prefix, basic("alice", f"{PASSWORD}"))
+        assets = re.findall(r'(?:src|href)="(/(?:_dash-component-suites|assets)/[^"]+)"',
+                            html.decode())
+        paths = ([prefix, prefix + "_dash-layout", prefix + "_dash-dependencies", *assets]
+                 * 16)[:16]
+        statuses = []
+        for user in ("bob", "carol", "dave"):  # added while it runs: new to every worker
+            write_user(users, user, f"{PASSWORD} of {user}")
+            headers = basic(user, f"{PASSWORD} of {user}")
+            with ThreadPoolExecutor(16) as pool:
+                statuses += list(pool.map(
+                    lambda p: get(f"http://127.0.0.1:{server.port}{p}", headers)[0], paths))
+        assert statuses == [200] * 48, statuses
+    finally:
+        server.stop()
