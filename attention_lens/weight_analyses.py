@@ -299,6 +299,19 @@ MAX_STORED_UPLOADS = 64
 _UPLOAD_INDEX = "datasets:uploaded"
 
 
+def store_errors() -> tuple[type[BaseException], ...]:
+    """What the shared store raises while it is unreachable (Redis stopped, the cache folder
+    full or read-only): an upload that cannot be kept is reported, not a refused callback."""
+    import sqlite3
+
+    errors: tuple[type[BaseException], ...] = (OSError, sqlite3.Error)
+    try:
+        from redis.exceptions import RedisError
+    except ImportError:  # pragma: no cover - redis comes with the lab extra
+        return errors
+    return (*errors, RedisError)
+
+
 def upload_key(sha256: str) -> str:
     """The shared store's key of the uploaded documents whose sha256 is ``sha256``."""
     return f"dataset:{sha256}"

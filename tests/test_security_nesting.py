@@ -108,3 +108,31 @@ def test_a_sound_jsonl_upload_still_works(app, client):
     r = client.post("/_dash-update-component", json=body)
     assert r.status_code == 200
     assert "4 documents" in message_of(r.get_json(), "heads-upload-status")
+
+
+def test_an_upload_the_store_cannot_keep_says_so_on_the_page(app, client, monkeypatch):
+    from redis.exceptions import ConnectionError as RedisDown
+
+    from attention_lens import background
+    from attention_lens import weight_analyses as W
+
+    def down(*args, **kwargs):
+        raise RedisDown("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr(W, "keep_upload", down)
+    values = {"heads-uploaded.data": {"contents": data_url(JSONL_OK), "filename": "d.jsonl"},
+              "heads-dataset.options": []}
+    body = callback_body(app, "heads-dataset.options", values, ["heads-uploaded.data"])
+    r = client.post("/_dash-update-component", json=body)
+    assert r.status_code == 200, r.data[:300]
+    assert "try the upload again" in message_of(r.get_json(), "heads-upload-status")
+
+    monkeypatch.setattr(background.current().results, "set", down)
+    pairs = '[{"clean": "a b", "corrupted": "a c", "correct": " d", "wrong": " e"}]'
+    values = {"patching-upload.contents": data_url(pairs),
+              "patching-upload.filename": "pairs.json"}
+    body = callback_body(app, "patching-upload-status.children", values,
+                         ["patching-upload.contents"])
+    r = client.post("/_dash-update-component", json=body)
+    assert r.status_code == 200, r.data[:300]
+    assert "try the upload again" in message_of(r.get_json(), "patching-upload-status")

@@ -397,7 +397,12 @@ def read_upload(data: Optional[dict], options: Optional[list]) -> tuple:
         message = str(exc) if isinstance(exc, AnalysisError) else \
             f"the file {name!r} could not be read"
         return no_update, no_update, shell.alert(message, color="warning")
-    key = W.keep_upload(ds)
+    try:
+        key = W.keep_upload(ds)
+    except W.store_errors() as exc:
+        return no_update, no_update, shell.alert(
+            f"The file {name!r} was read but the server's store cannot keep it right now "
+            f"({type(exc).__name__}): try the upload again in a moment.", color="warning")
     remember_upload(ds)
     opts = [o for o in (options or []) if o.get("value") != key]
     opts.append({"label": f"{name} (uploaded, {len(ds.documents)} documents)", "value": key})

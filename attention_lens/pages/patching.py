@@ -263,7 +263,12 @@ def upload_pairs(contents: Optional[str], filename: Optional[str]) -> tuple:
     except AnalysisError as exc:
         return no_update, shell.alert(f"{name}: {exc}")
     digest = hashlib.sha256(raw).hexdigest()[:32]
-    background.current().results.set(W.pair_set_key(digest), text)
+    try:
+        background.current().results.set(W.pair_set_key(digest), text)
+    except W.store_errors() as exc:
+        return no_update, shell.alert(f"{name} was read but the server's store cannot keep it "
+                                      f"right now ({type(exc).__name__}): try the upload "
+                                      "again in a moment.")
     return digest, shell.alert(f"Using {name}: {len(pairs)} pairs.", color="info")
 
 
