@@ -21,7 +21,7 @@ from attention_lens.analysis.datasets import documents_sha256
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [f"Document {i}: Mr and Mrs Dursley of number {i}, Privet Drive, were proud to say "
-        f"that they were perfectly normal, thank you very much. " * 3 for i in range(12)]
+        "that they were perfectly normal, thank you very much. " * 3 for i in range(12)]
 
 
 def free_port() -> int:
