@@ -13,8 +13,8 @@ from test_browser import MODEL, lens, url, wait  # noqa: F401 - fixture
 from attention_lens.components import controls
 from attention_lens.server import ServerConfig, create_server
 
-HOSTILE = ["18446744073709551616", "-18446744073709551616", "1" * 5000, "-1", "abc",
-           "2147483648", "1,2,99999999999999999999", "%00"]
+HOSTILE = ["18446744073709551616", "-18446744073709551616", "1" * 5000, "abc",
+           "1,2,99999999999999999999"]
 #: Values that are not whole numbers, or no bound of any page admits.
 OUT_OF_RANGE = {"18446744073709551616", "-18446744073709551616", "1" * 5000}
 
