@@ -83,6 +83,12 @@ class TooManyAttempts(Exception):
         self.retry_after = max(1, int(retry_after))
 
 
+class SignInUnavailable(Exception):
+    """The store that counts failed sign-ins is unreachable: new credentials wait (503)."""
+
+    retry_after = 5
+
+
 class _Check:
     """One password hash in progress: requests with the same credentials wait for it."""
 
@@ -254,16 +260,29 @@ class SignInThrottle:
         self.limiter = MovingWindowRateLimiter(storage_from_string(storage))
 
     def retry_after(self, address: str) -> Optional[int]:
-        """Seconds until this address may try again, or None if it may now."""
+        """Seconds until this address may try again, or None if it may now.
+
+        Raises SignInUnavailable while the counts' store (Redis) cannot be reached: new
+        credentials are not checked unthrottled meanwhile.
+        """
         key = address_key(address)
-        if self.limiter.test(self.rate, "address", key):
-            return None
-        wait = self.limiter.get_window_stats(self.rate, "address", key).reset_time - time.time()
-        return max(1, math.ceil(wait))
+        try:
+            if self.limiter.test(self.rate, "address", key):
+                return None
+            stats = self.limiter.get_window_stats(self.rate, "address", key)
+        except Exception as exc:  # the storage's own errors (redis, memcached, ...)
+            log.warning("sign-in counts unreachable (%s: %s): new sign-ins wait",
+                        type(exc).__name__, str(exc)[:200])
+            raise SignInUnavailable() from None
+        return max(1, math.ceil(stats.reset_time - time.time()))
 
     def failed(self, address: str) -> None:
-        """Count one failed attempt against the address."""
-        self.limiter.hit(self.rate, "address", address_key(address))
+        """Count one failed attempt against the address (logged if the store is away)."""
+        try:
+            self.limiter.hit(self.rate, "address", address_key(address))
+        except Exception as exc:  # the storage's own errors (redis, memcached, ...)
+            log.warning("a failed sign-in from %s was not counted (%s: %s)", address,
+                        type(exc).__name__, str(exc)[:200])
 
 
 class LabAuth(BasicAuth):
@@ -288,6 +307,12 @@ class LabAuth(BasicAuth):
             except TooManyAttempts as exc:
                 resp = flask.jsonify(error=str(exc))
                 resp.status_code = 429
+                resp.headers["Retry-After"] = str(exc.retry_after)
+                return resp
+            except SignInUnavailable as exc:
+                resp = flask.jsonify(error="sign-in is unavailable for a moment (the server "
+                                     "cannot reach its store); try again shortly")
+                resp.status_code = 503
                 resp.headers["Retry-After"] = str(exc.retry_after)
                 return resp
 

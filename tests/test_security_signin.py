@@ -162,3 +162,17 @@ def test_parallel_first_loads_through_gunicorn_as_the_readme_runs_it(tmp_path):
         assert statuses == [200] * 48, statuses
     finally:
         server.stop()
+
+
+def test_an_unreachable_counts_store_is_a_503_not_a_500(users_file):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: Redis is down
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_server(ServerConfig(auth_file=users_file,
+                                     auth_storage=f"redis://127.0.0.1:{port}"))
+    client = app.server.test_client()
+    r = client.get("/api/models", headers=basic("alice", f"{PASSWORD} of alice"))
+    assert r.status_code == 503 and int(r.headers["Retry-After"]) > 0, r.data[:200]
+    assert "try again" in r.get_json()["error"]
