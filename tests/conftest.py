@@ -185,10 +185,11 @@ def tier_of(item) -> str:
     if file in SCALE_FILES:
         return "scale"
     code = getattr(getattr(item, "function", None), "__code__", None)
-    if code is not None and ORACLE_NAMES & set(code.co_names):
+    names = set(code.co_names + code.co_varnames) if code is not None else set()
+    if ORACLE_NAMES & names:
         return "oracle"
-    module = vars(getattr(item, "module", None) or object)
-    if fixtures & CALLBACK_FIXTURES or CALLBACK_NAMES & set(module):
+    module = set(vars(getattr(item, "module", None) or object))
+    if fixtures & CALLBACK_FIXTURES or CALLBACK_NAMES & (module | names):
         return "callback"
     return "unit"
 

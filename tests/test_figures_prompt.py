@@ -158,6 +158,7 @@ def test_attention_figure_masks_upper_triangle(tiny, fp):
     assert np.all(np.isnan(z[np.triu_indices(p, 1)]))
     np.testing.assert_allclose(z[np.tril_indices(p)], res.pattern[np.tril_indices(p)])
     assert "query %{y} ← key %{x}" in heat.hovertemplate and "L1H2" in heat.hovertemplate
+    assert heat.meta == {"layer": 1, "head": 2}  # a click on a cell reads its head here
     rows = attention_table(res)
     _table_ok(rows)
     assert len(rows) == p * (p + 1) // 2

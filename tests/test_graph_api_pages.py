@@ -202,7 +202,8 @@ def test_attention_click_link(server):
     from attention_lens.pages import qk as qk_page
 
     figure = {"layout": {"title": {"text": "Layer 1, head 5: attention pattern"}},
-              "data": [{"x": ["a", "b", "c"], "y": ["a", "b", "c"]}]}
+              "data": [{"x": ["a", "b", "c"], "y": ["a", "b", "c"],
+                        "meta": {"layer": 1, "head": 5}}]}
     click = {"points": [{"pointNumber": [2, 1], "x": "b", "y": "c"}]}
     href = qk_page.cell_href(click, figure, STATE, {"layer": None, "head": None})
     assert href.startswith("/qk?") and "layer=1&head=5&query=2&key=1" in href
@@ -210,6 +211,12 @@ def test_attention_click_link(server):
     assert "layer=0&head=3&query=2&key=1" in href
     with pytest.raises(dash.exceptions.PreventUpdate):  # the masked upper triangle
         qk_page.cell_href({"points": [{"pointNumber": [0, 2]}]}, figure, STATE, {})
+    # the head comes from the drawn heatmap's meta, never from its title's wording
+    untitled = {"data": [dict(figure["data"][0])], "layout": {}}
+    assert "layer=1&head=5" in qk_page.cell_href(click, untitled, STATE, {})
+    del untitled["data"][0]["meta"]
+    with pytest.raises(dash.exceptions.PreventUpdate):
+        qk_page.cell_href(click, untitled, STATE, {})
 
 
 def test_graphs_beyond_the_edge_budget_are_refused_and_the_default_moves(client,

@@ -46,6 +46,7 @@ def attention_figure(result: AttentionPattern) -> go.Figure:
         z=masked(result.pattern), x=labels, y=labels, colorscale=SEQUENTIAL, zmin=0.0, zmax=1.0,
         hoverongaps=False, colorbar=dict(title="weight"),
         hovertemplate=f"query %{{y}} ← key %{{x}}: %{{z:.3f}}<extra>{name}</extra>",
+        meta={"layer": int(result.layer), "head": int(result.head)},  # read by a click
     ))
     n = len(labels)
     # long prompts fit the viewport (zoom in with a drag, double-click to reset); every
