@@ -11,7 +11,6 @@ import pytest
 import torch
 from conftest import make_tiny
 
-from attention_lens import background
 from attention_lens.analysis import ablation as A
 from attention_lens.analysis.defaults import repeated_positions
 from attention_lens.analysis.forward import run_forward
@@ -156,14 +155,6 @@ def test_which_sweeps_run_in_the_background(registry):
 
 
 # ------------------------------------------------------------------------------ the page
-@pytest.fixture
-def bg(tmp_path):
-    """A fresh background (disk caches in a temporary folder), installed for the test."""
-    old = background._CURRENT
-    yield background.install(background.create(tmp_path / "cache", max_jobs=2))
-    background._CURRENT = old
-
-
 def _sweep_z(fig: go.Figure) -> np.ndarray:
     return np.asarray(fig.data[0].z, dtype=float)
 
