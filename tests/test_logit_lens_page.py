@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import plotly.graph_objects as go
-import pytest
 
 from attention_lens.analysis import logit_lens as L
 from attention_lens.app import create_app

@@ -6,7 +6,6 @@ import base64
 import binascii
 from typing import Any, Optional
 
-import dash
 import dash_bootstrap_components as dbc
 from dash import (
     Input,

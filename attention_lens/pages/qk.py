@@ -5,7 +5,7 @@ Clicking a cell of the attention pattern on /attention opens this page for that 
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import dash_bootstrap_components as dbc
 from dash import Input, Output, State, callback, html
