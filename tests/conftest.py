@@ -168,14 +168,33 @@ CALLBACK_NAMES = {"create_app", "create_server", "create_api", "page_panels", "s
 #: Fixtures that stand for the app or its background.
 CALLBACK_FIXTURES = {"bg", "client", "server", "app", "pages", "recipe_app"}
 #: The oracle's entry points (``tests/tl_oracle.py`` and TransformerLens itself).
-ORACLE_NAMES = {"to_transformer_lens", "tl_tokens", "HookedTransformerConfig"}
+ORACLE_NAMES = {"to_transformer_lens", "tl_tokens", "HookedTransformerConfig", "detect_head",
+                "transformer_lens"}
+#: Exactness checks that recompute every head, cell or pair by an independent route (the
+#: model rerun once per head, a two-pass reference, the whole grid unchunked): the slowest
+#: in-process tests (each over 20 s on a loaded 2-core machine), grouped with the
+#: TransformerLens comparisons so the fast tier leaves them out.
+REFERENCE_CHECKS = {
+    "test_ablation_sweep.py::test_sweep_equals_each_single_head_rerun",
+    "test_qk_attribution.py::test_induction_heads_read_the_previous_token_head",
+    "test_patching.py::test_path_patching_equals_two_pass_reference",
+    "test_patching.py::test_self_patch_changes_nothing",
+    "test_patching.py::test_denoising_the_embedding_reproduces_the_clean_metric",
+    "test_patching.py::test_pairs_average_the_per_pair_grids",
+    "test_patching.py::test_attribution_is_exact_where_the_metric_is_linear",
+    "test_patching.py::test_path_table_matches_single_senders",
+    "test_logit_lens_chunks.py::test_chunked_lens_equals_full_computation_on_shipped_models",
+    "test_first_sight.py::test_pca_of_2000_rows_is_exact",
+    "test_head_metrics.py::test_shipped_ranking_agrees_with_probe",
+    "test_compare.py::test_icl_score_on_the_dataset",
+}
 TIERS = ("browser", "server", "scale", "oracle", "callback", "unit")
 
 
 def tier_of(item) -> str:
     """One tier per test, the first that applies: browser (a real Chromium), server
-    (subprocess servers), scale (GPT-2-shaped work), oracle (TransformerLens recomputes it),
-    callback (the app, its pages or API in process), else unit."""
+    (subprocess servers), scale (GPT-2-shaped work), oracle (TransformerLens or a per-head
+    reference recomputes it), callback (the app, its pages or API in process), else unit."""
     fixtures = set(getattr(item, "fixturenames", ()))
     file = item.path.name
     if "dash_duo" in fixtures or item.get_closest_marker("browser"):
@@ -186,7 +205,8 @@ def tier_of(item) -> str:
         return "scale"
     code = getattr(getattr(item, "function", None), "__code__", None)
     names = set(code.co_names + code.co_varnames) if code is not None else set()
-    if ORACLE_NAMES & names:
+    if ORACLE_NAMES & names or any(f.startswith("tl_") for f in fixtures) \
+            or f"{file}::{item.originalname}" in REFERENCE_CHECKS:
         return "oracle"
     module = set(vars(getattr(item, "module", None) or object))
     if fixtures & CALLBACK_FIXTURES or CALLBACK_NAMES & (module | names):
