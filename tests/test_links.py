@@ -26,9 +26,18 @@ STATE = {"model": "attn-only-2l", "pos": None,
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
+    """The app under /lens/; afterwards the process's Dash paths and pages are as before
+    (Dash keeps the last app's prefix and page paths in module globals)."""
+    from dash import _get_paths, _pages
+
+    saved = (_get_paths.CONFIG, _pages.CONFIG,
+             {k: dict(v) for k, v in dash.page_registry.items()})
     with restored_background():
         yield create_server(ServerConfig(url_prefix=PREFIX, cache_size=8,
                                          cache_dir=str(tmp_path_factory.mktemp("cache"))))
+    _get_paths.CONFIG, _pages.CONFIG, pages = saved
+    dash.page_registry.clear()
+    dash.page_registry.update(pages)
 
 
 def hrefs(tree) -> list[str]:
