@@ -156,6 +156,8 @@ def _fresh_export_browser_after_browser_tests(request):
 
 
 # ------------------------------------------------------------------------ tiers
+#: Files whose tests drive a real Chromium without dash_duo (figure export through kaleido).
+BROWSER_FILES = {"test_security_export.py"}
 #: Files whose tests start real servers (gunicorn, Redis, Celery workers) as subprocesses.
 SERVER_FILES = {"test_background.py", "test_security_server.py", "test_server_slow.py",
                 "test_memory_soak.py"}
@@ -197,7 +199,7 @@ def tier_of(item) -> str:
     reference recomputes it), callback (the app, its pages or API in process), else unit."""
     fixtures = set(getattr(item, "fixturenames", ()))
     file = item.path.name
-    if "dash_duo" in fixtures or item.get_closest_marker("browser"):
+    if "dash_duo" in fixtures or item.get_closest_marker("browser") or file in BROWSER_FILES:
         return "browser"
     if file in SERVER_FILES:
         return "server"
