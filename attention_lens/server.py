@@ -8,9 +8,8 @@ send a traceback to a client (:mod:`.guards`), and the JSON API blueprint (:mod:
 
 from __future__ import annotations
 
-import inspect
 import logging
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import dash
 import flask
@@ -50,44 +49,14 @@ def build_background(config: ServerConfig) -> Any:
     return background.create(config.cache_dir, config.celery_broker, config.max_jobs)
 
 
-def _create_dash_app(registry: Registry, config: ServerConfig,
-                     create_app: Optional[Callable[..., dash.Dash]] = None,
-                     background: Any = None) -> dash.Dash:
-    """Call the app factory with the options it accepts."""
-    if create_app is None:
-        from .app import create_app
-
-    params = inspect.signature(create_app).parameters
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    options: dict[str, Any] = {}
-    wanted = {"url_base_pathname": config.url_prefix, "max_tokens": config.max_tokens,
-              "background": background}
-    if config.url_prefix != "/":
-        wanted["requests_pathname_prefix"] = config.url_prefix
-        wanted["routes_pathname_prefix"] = config.url_prefix
-    for key, value in wanted.items():
-        if key in params or accepts_any:
-            options[key] = value
-    if config.url_prefix != "/" and not ({"url_base_pathname", "requests_pathname_prefix"}
-                                         & set(options)):
-        raise ConfigError("this app version cannot be served under a URL prefix")
-    if "requests_pathname_prefix" in options and "url_base_pathname" in options:
-        del options["url_base_pathname"]  # Dash accepts one or the other
-    if config.url_prefix == "/":
-        options.pop("url_base_pathname", None)
-        options.pop("requests_pathname_prefix", None)
-        options.pop("routes_pathname_prefix", None)
-    return create_app(registry, **options)
-
-
-def create_server(config: Optional[ServerConfig] = None, registry: Optional[Registry] = None,
-                  app_factory: Optional[Callable[..., dash.Dash]] = None) -> dash.Dash:
+def create_server(config: Optional[ServerConfig] = None,
+                  registry: Optional[Registry] = None) -> dash.Dash:
     """The Dash app with auth, limits, error handlers and the JSON API (``.server`` is Flask).
 
-    ``registry`` replaces the one the configuration describes and ``app_factory`` replaces
-    :func:`attention_lens.app.create_app` (both for tests and embedding).
+    ``registry`` replaces the one the configuration describes (for tests and embedding).
     """
     from .api import create_api
+    from .app import create_app
 
     config = config or ServerConfig.from_env()
     registry = registry or build_registry(config)  # folders are validated as it scans
@@ -95,7 +64,11 @@ def create_server(config: Optional[ServerConfig] = None, registry: Optional[Regi
         if entry.error:
             log.warning("model %s is unavailable: %s", entry.name, entry.error)
     bg = build_background(config)
-    app = _create_dash_app(registry, config, app_factory, bg)
+    # under a URL prefix (a proxy path such as /lens/) Dash serves and links every route there
+    prefix = {} if config.url_prefix == "/" else {
+        "requests_pathname_prefix": config.url_prefix,
+        "routes_pathname_prefix": config.url_prefix}
+    app = create_app(registry, max_tokens=config.max_tokens, background=bg, **prefix)
     server: flask.Flask = app.server
     server.config["MAX_CONTENT_LENGTH"] = config.max_body
     if config.proxy_hops:  # client addresses (for throttling) from the proxies' headers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from attention_lens import background
 from attention_lens.model import HookedTransformer, LoadedModel, ModelConfig, Tokenizer
 from attention_lens.registry import DEFAULT_WEIGHTS, Registry
 
@@ -17,6 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # background jobs and weight analyses of the tests live in a folder of this run, never in the
 # user's cache (subprocesses started by tests inherit it)
 os.environ["ATTENTION_LENS_CACHE_DIR"] = tempfile.mkdtemp(prefix="al-cache-")
+# float32 results depend on how many threads split a reduction: one fixed number, whatever
+# the machine's cores or the run's CPU affinity (``taskset -c 0`` gives torch one by default)
+TORCH_THREADS = int(os.environ.get("ATTENTION_LENS_TEST_THREADS", "2"))
+torch.set_num_threads(TORCH_THREADS)
 TINY_TEXT = (
     "The quick brown fox jumps over the lazy dog. Harry Potter went to the shop, "
     "and Harry Potter bought a wand. Mr and Mrs Dursley were proud to say that they "
@@ -121,6 +127,23 @@ else:
         return opts
 
 
+@contextlib.contextmanager
+def restored_background():
+    """Put back the process's background after code that installs its own (an app factory)."""
+    old = background._CURRENT
+    try:
+        yield
+    finally:
+        background._CURRENT = old
+
+
+@pytest.fixture
+def bg(tmp_path):
+    """A fresh background (disk caches in a temporary folder), installed for the test."""
+    with restored_background():
+        yield background.install(background.create(tmp_path / "cache", max_jobs=2))
+
+
 @pytest.fixture(autouse=True)
 def _fresh_export_browser_after_browser_tests(request):
     """dash_duo stops its server by killing every thread started during the test, the
@@ -132,8 +155,72 @@ def _fresh_export_browser_after_browser_tests(request):
         export._RENDERER.reset()
 
 
+# ------------------------------------------------------------------------ tiers
+#: Files whose tests drive a real Chromium without dash_duo (figure export through kaleido).
+BROWSER_FILES = {"test_security_export.py"}
+#: Files whose tests start real servers (gunicorn, Redis, Celery workers) as subprocesses.
+SERVER_FILES = {"test_background.py", "test_security_server.py", "test_server_slow.py",
+                "test_memory_soak.py"}
+#: Files that build GPT-2-shaped models or long prompts (seconds to minutes a test).
+SCALE_FILES = {"test_attention_scale.py", "test_browser_scale.py", "test_figures_scale.py",
+               "test_heads_scale.py", "test_registry_memory.py"}
+#: Names in a test module that build the app, its server or its pages' callbacks.
+CALLBACK_NAMES = {"create_app", "create_server", "create_api", "page_panels", "spec_of",
+                  "page_registry"}
+#: Fixtures that stand for the app or its background.
+CALLBACK_FIXTURES = {"bg", "client", "server", "app", "pages", "recipe_app"}
+#: The oracle's entry points (``tests/tl_oracle.py`` and TransformerLens itself).
+ORACLE_NAMES = {"to_transformer_lens", "tl_tokens", "HookedTransformerConfig", "detect_head",
+                "transformer_lens"}
+#: Exactness checks that recompute every head, cell or pair by an independent route (the
+#: model rerun once per head, a two-pass reference, the whole grid unchunked): the slowest
+#: in-process tests (each over 20 s on a loaded 2-core machine), grouped with the
+#: TransformerLens comparisons so the fast tier leaves them out.
+REFERENCE_CHECKS = {
+    "test_ablation_sweep.py::test_sweep_equals_each_single_head_rerun",
+    "test_qk_attribution.py::test_induction_heads_read_the_previous_token_head",
+    "test_patching.py::test_path_patching_equals_two_pass_reference",
+    "test_patching.py::test_self_patch_changes_nothing",
+    "test_patching.py::test_denoising_the_embedding_reproduces_the_clean_metric",
+    "test_patching.py::test_pairs_average_the_per_pair_grids",
+    "test_patching.py::test_attribution_is_exact_where_the_metric_is_linear",
+    "test_patching.py::test_path_table_matches_single_senders",
+    "test_logit_lens_chunks.py::test_chunked_lens_equals_full_computation_on_shipped_models",
+    "test_first_sight.py::test_pca_of_2000_rows_is_exact",
+    "test_head_metrics.py::test_shipped_ranking_agrees_with_probe",
+    "test_compare.py::test_icl_score_on_the_dataset",
+}
+TIERS = ("browser", "server", "scale", "oracle", "callback", "unit")
+
+
+def tier_of(item) -> str:
+    """One tier per test, the first that applies: browser (a real Chromium), server
+    (subprocess servers), scale (GPT-2-shaped work), oracle (TransformerLens or a per-head
+    reference recomputes it), callback (the app, its pages or API in process), else unit."""
+    fixtures = set(getattr(item, "fixturenames", ()))
+    file = item.path.name
+    if "dash_duo" in fixtures or item.get_closest_marker("browser") or file in BROWSER_FILES:
+        return "browser"
+    if file in SERVER_FILES:
+        return "server"
+    if file in SCALE_FILES:
+        return "scale"
+    code = getattr(getattr(item, "function", None), "__code__", None)
+    names = set(code.co_names + code.co_varnames) if code is not None else set()
+    if ORACLE_NAMES & names or any(f.startswith("tl_") for f in fixtures) \
+            or f"{file}::{item.originalname}" in REFERENCE_CHECKS:
+        return "oracle"
+    module = set(vars(getattr(item, "module", None) or object))
+    if fixtures & CALLBACK_FIXTURES or CALLBACK_NAMES & (module | names):
+        return "callback"
+    return "unit"
+
+
 def pytest_collection_modifyitems(config, items):
-    """Skip browser tests without Chromium, except under CI where that is a failure."""
+    """Mark each test with its tier (new files get one without editing them); skip browser
+    tests without Chromium, except under CI where that is a failure."""
+    for item in items:
+        item.add_marker(getattr(pytest.mark, tier_of(item)))
     have = shutil.which("chromium") and shutil.which("chromedriver")
     if have or os.environ.get("CI") == "true":
         return

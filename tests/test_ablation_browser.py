@@ -47,11 +47,26 @@ def test_ablation_panels_draw_while_the_sweep_runs(big):  # noqa: F811 - the fix
     # the chosen heads' panels are drawn and the sweep is still running in the background,
     # its progress strip shown
     assert seen["predictions"] and seen["positions"] and not seen["sweep"], seen
+    # the progress strip shows while the sweep has not drawn; before the sweep arrives it
+    # names the job and its bar has moved
     strip = duo.driver.find_element("id", "ablation-job-strip")
     end = time.time() + 60
-    while not strip.is_displayed() and not drawn(duo)["sweep"] and time.time() < end:
+    while not strip.is_displayed() and time.time() < end:
         time.sleep(0.2)
-    assert strip.is_displayed() or drawn(duo)["sweep"]
+    assert strip.is_displayed() and not drawn(duo)["sweep"], drawn(duo)
+
+    def text() -> str:
+        return duo.driver.find_element("id", "ablation-job-text").text
+
+    end = time.time() + COLD_S
+    while "zero-ablation of each head" not in text() and not drawn(duo)["sweep"] \
+            and time.time() < end:
+        time.sleep(0.3)
+    assert "zero-ablation of each head" in text() and not drawn(duo)["sweep"], text()
+    value = duo.driver.execute_script(
+        "return document.querySelector('#ablation-job-bar .progress-bar')"
+        ".getAttribute('aria-valuenow')")
+    assert 0 < float(value) <= 100, value
     wait_drawn(duo, COLD_S, "/ablation sweep")
     gid = json.dumps({"name": "sweep", "page": "ablation", "type": "al-graph"},
                      separators=(",", ":"))

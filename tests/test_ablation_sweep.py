@@ -11,7 +11,6 @@ import pytest
 import torch
 from conftest import make_tiny
 
-from attention_lens import background
 from attention_lens.analysis import ablation as A
 from attention_lens.analysis.defaults import repeated_positions
 from attention_lens.analysis.forward import run_forward
@@ -156,16 +155,16 @@ def test_which_sweeps_run_in_the_background(registry):
 
 
 # ------------------------------------------------------------------------------ the page
-@pytest.fixture
-def bg(tmp_path):
-    """A fresh background (disk caches in a temporary folder), installed for the test."""
-    old = background._CURRENT
-    yield background.install(background.create(tmp_path / "cache", max_jobs=2))
-    background._CURRENT = old
-
-
 def _sweep_z(fig: go.Figure) -> np.ndarray:
     return np.asarray(fig.data[0].z, dtype=float)
+
+
+def _same_float32_sweep(z: np.ndarray, direct: A.HeadSweep) -> None:
+    """A loss change recomputed by a float32 forward pass: equal to float32 precision of the
+    losses it is the difference of (not bit for bit: a float32 matrix product may round
+    differently from one call, thread count or machine to the next)."""
+    np.testing.assert_allclose(z, direct.loss_change, rtol=1e-6,
+                               atol=1e-6 * abs(direct.loss_before))
 
 
 def test_page_sweep_is_cached_with_the_forward_pass(registry, bg, monkeypatch):
@@ -188,8 +187,7 @@ def test_page_sweep_is_cached_with_the_forward_pass(registry, bg, monkeypatch):
     fp = registry.forward(state["text"], "attn-only-2l")
     part = repeated_positions(fp.token_ids)
     direct = A.head_sweep(registry.get("attn-only-2l"), fp, "zero", part)
-    np.testing.assert_allclose(_sweep_z(first.figures["sweep"]), direct.loss_change,
-                               rtol=1e-12)
+    _same_float32_sweep(_sweep_z(first.figures["sweep"]), direct)
 
 
 def test_big_sweep_is_a_background_job_while_the_other_panels_draw(registry, bg, monkeypatch):
@@ -216,8 +214,7 @@ def test_big_sweep_is_a_background_job_while_the_other_panels_draw(registry, bg,
     lm = registry.get("attn-only-2l")
     fp = registry.forward(state["text"], lm.name)
     direct = A.head_sweep(lm, fp, "zero", repeated_positions(fp.token_ids))
-    np.testing.assert_allclose(_sweep_z(again.figures["sweep"]), direct.loss_change,
-                               rtol=1e-12)
+    _same_float32_sweep(_sweep_z(again.figures["sweep"]), direct)
     # the export (and the bench) compute it in place
     panels = P.page_panels("ablation", state, {"method": "mean"}, compute=True)
     assert {p.name for p in panels} == {"predictions", "positions", "sweep"}
@@ -240,10 +237,13 @@ def test_ablation_report_in_chunks_equals_the_full_distributions(tiny_ln, monkey
     lp_b = fp.logits.double().log_softmax(-1)
     lp_a = A.ablated_logits(tiny_ln, fp, [(0, 1), (1, 3)], "mean").double().log_softmax(-1)
     kl = (lp_b.exp() * (lp_b - lp_a)).sum(-1).numpy()
-    np.testing.assert_allclose(res.kl_per_position, kl, rtol=1e-9, atol=1e-12)
     nxt = torch.as_tensor(fp.token_ids[1:])
     s_a = -lp_a[:-1].gather(-1, nxt[:, None])[:, 0].numpy()
-    np.testing.assert_allclose(res.surprisal_after[:-1], s_a, rtol=1e-12)
+    # the ablated logits are a second float32 forward pass: equal to float32 precision, the
+    # KL's absolute error bounded by that of the log-probabilities it is made of
+    scale = float(np.abs(lp_a.numpy()).max())
+    np.testing.assert_allclose(res.kl_per_position, kl, rtol=1e-6, atol=1e-6 * scale)
+    np.testing.assert_allclose(res.surprisal_after[:-1], s_a, rtol=1e-6)
     assert np.isnan(res.surprisal_after[-1]) and np.isnan(res.surprisal_before[-1])
-    assert res.part_loss_after == pytest.approx(float(s_a[[8, 9, 10]].mean()), rel=1e-12)
-    assert res.loss_after == pytest.approx(float(s_a.mean()), rel=1e-12)
+    assert res.part_loss_after == pytest.approx(float(s_a[[8, 9, 10]].mean()), rel=1e-6)
+    assert res.loss_after == pytest.approx(float(s_a.mean()), rel=1e-6)

@@ -295,16 +295,11 @@ def test_phone_width_has_no_horizontal_scroll(lens):
             lens.driver.save_screenshot(str(SHOTS / "phone-attention.png"))
 
 
-def test_background_job_progress_then_figure(dash_duo, monkeypatch):
+def test_background_job_progress_then_figure(dash_duo, bg):
     """A weight analysis that is not computed yet: it runs as a background job and the
     figures are drawn when the job finishes (a fresh store, so nothing is cached)."""
-    import tempfile
-
-    from attention_lens import background
     from attention_lens.registry import DEFAULT_WEIGHTS, Registry
 
-    bg = background.create(tempfile.mkdtemp(prefix="al-browser-"))
-    monkeypatch.setattr(background, "_CURRENT", bg)
     dash_duo.start_server(create_app(Registry([DEFAULT_WEIGHTS]), background=bg))
     dash_duo.driver.get(url(dash_duo, "/weights", model=MODEL, text="Harry Potter"))
     wait(dash_duo, has_traces("weights", "spectra"), timeout=60, what="the drawn spectra")

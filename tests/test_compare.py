@@ -201,7 +201,7 @@ def test_api_compare_bad_input(api, body, status, message):
 
 # --------------------------------------------------------------------------- the browser
 @pytest.mark.browser
-def test_compare_page_in_the_browser(dash_duo, registry, tmp_path):
+def test_compare_page_in_the_browser(dash_duo, registry, tmp_path, bg):
     """Two models by default (with their in-context-learning curves), geometry at desktop and
     phone widths, and a real click on a loss point that moves the predictions' position."""
     import os
@@ -212,51 +212,45 @@ def test_compare_page_in_the_browser(dash_duo, registry, tmp_path):
     from test_browser import has_traces, url, wait
     from test_head_metrics import full_screenshot, geometry_problems, point_offset
 
-    from attention_lens import background
     from attention_lens.app import create_app
 
     shots = Path(os.environ.get("ATTENTION_LENS_SCREENSHOTS", "/tmp/dash_artifacts/screenshots"))
     shots.mkdir(parents=True, exist_ok=True)
-    old = background._CURRENT
-    bg = background.install(background.create(tmp_path / "cache", max_jobs=2))
-    try:
-        dash_duo.start_server(create_app(registry, background=bg))
-        d = dash_duo.driver
-        d.set_script_timeout(120)  # a busy machine's browser answers slowly
-        d.set_window_size(1440, 1000)
-        d.get(url(dash_duo, "/compare", model="attn-only-2l", text=CLEAN, windows=200))
-        for name in ("loss", "predictions", "attention", "lens", "dla", "icl"):
-            wait(dash_duo, has_traces("compare", name), timeout=180, what=f"the {name} figure")
-        time.sleep(1.0)
-        assert geometry_problems(d) == []
-        text = d.find_element("css selector", "#compare-icl-note").text
-        assert "attn-only-1l" in text and "attn-only-2l" in text and "Probe" in text
-        host = d.find_element("css selector",
-                              '[id=\'{"name":"loss","page":"compare","type":"al-graph"}\'] '
-                              '.js-plotly-plot')
-        d.execute_script("arguments[0].scrollIntoView({block: 'center'})", host)
-        time.sleep(0.3)
-        x, y = point_offset(d, host, 0, 4)  # A's loss of the token at position 5
-        ActionChains(d).move_to_element_with_offset(host, x, y).click().perform()
-        wait(dash_duo, "document.getElementById('compare-position').value === '4'",
-             what="position 4 chosen by the click")
-        wait(dash_duo, "(document.querySelector('#compare-what') || {}).textContent"
-                       ".includes('A at position 4')", what="the comparison at position 4")
-        wait(dash_duo, "window.location.search.includes('position=4')", what="the URL")
-        time.sleep(1.0)
-        # screenshots last: capturing resizes the viewport for a moment
-        full_screenshot(d, shots / "compare.png")
-        d.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                          {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True})
-        d.get(url(dash_duo, "/compare", model="attn-only-2l", text=CLEAN, windows=200,
-                  text_b=CORRUPT, model_b="attn-only-2l"))
-        for name in ("loss", "attention", "icl"):
-            wait(dash_duo, has_traces("compare", name), timeout=60, what=f"the phone's {name}")
-        time.sleep(1.0)
-        assert geometry_problems(d) == []
-        widths = d.execute_script("return [document.body.scrollWidth, "
-                                  "document.documentElement.clientWidth]")
-        assert widths[0] <= widths[1] + 1, widths
-        assert [e for e in dash_duo.get_logs() or [] if e.get("level") == "SEVERE"] == []
-    finally:
-        background._CURRENT = old
+    dash_duo.start_server(create_app(registry, background=bg))
+    d = dash_duo.driver
+    d.set_script_timeout(120)  # a busy machine's browser answers slowly
+    d.set_window_size(1440, 1000)
+    d.get(url(dash_duo, "/compare", model="attn-only-2l", text=CLEAN, windows=200))
+    for name in ("loss", "predictions", "attention", "lens", "dla", "icl"):
+        wait(dash_duo, has_traces("compare", name), timeout=180, what=f"the {name} figure")
+    time.sleep(1.0)
+    assert geometry_problems(d) == []
+    text = d.find_element("css selector", "#compare-icl-note").text
+    assert "attn-only-1l" in text and "attn-only-2l" in text and "Probe" in text
+    host = d.find_element("css selector",
+                          '[id=\'{"name":"loss","page":"compare","type":"al-graph"}\'] '
+                          '.js-plotly-plot')
+    d.execute_script("arguments[0].scrollIntoView({block: 'center'})", host)
+    time.sleep(0.3)
+    x, y = point_offset(d, host, 0, 4)  # A's loss of the token at position 5
+    ActionChains(d).move_to_element_with_offset(host, x, y).click().perform()
+    wait(dash_duo, "document.getElementById('compare-position').value === '4'",
+         what="position 4 chosen by the click")
+    wait(dash_duo, "(document.querySelector('#compare-what') || {}).textContent"
+                   ".includes('A at position 4')", what="the comparison at position 4")
+    wait(dash_duo, "window.location.search.includes('position=4')", what="the URL")
+    time.sleep(1.0)
+    # screenshots last: capturing resizes the viewport for a moment
+    full_screenshot(d, shots / "compare.png")
+    d.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                      {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True})
+    d.get(url(dash_duo, "/compare", model="attn-only-2l", text=CLEAN, windows=200,
+              text_b=CORRUPT, model_b="attn-only-2l"))
+    for name in ("loss", "attention", "icl"):
+        wait(dash_duo, has_traces("compare", name), timeout=60, what=f"the phone's {name}")
+    time.sleep(1.0)
+    assert geometry_problems(d) == []
+    widths = d.execute_script("return [document.body.scrollWidth, "
+                              "document.documentElement.clientWidth]")
+    assert widths[0] <= widths[1] + 1, widths
+    assert [e for e in dash_duo.get_logs() or [] if e.get("level") == "SEVERE"] == []

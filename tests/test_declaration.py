@@ -14,7 +14,7 @@ import pytest
 from attention_lens import background, components
 from attention_lens import weight_analyses as W
 from attention_lens.app import create_app
-from attention_lens.components import job_strip, shell
+from attention_lens.components import job_strip
 from attention_lens.components import page as P
 
 
@@ -25,15 +25,6 @@ def recipe_code() -> str:
                       re.S)
     assert match, "the recipe's code block is missing"
     return textwrap.dedent(match.group(1))
-
-
-@pytest.fixture
-def bg(tmp_path):
-    """A fresh background (disk caches in a temporary folder), installed for the test."""
-    old = background._CURRENT
-    new = background.install(background.create(tmp_path / "cache", max_jobs=2))
-    yield new
-    background._CURRENT = old
 
 
 @pytest.fixture
@@ -134,16 +125,23 @@ def test_recipe_page_exports_and_downloads(recipe_app, registry, bg):
 
 
 def test_slots_expire_when_a_job_dies(bg, monkeypatch):
-    monkeypatch.setattr(background, "STALE_S", 0.5)
-    token = bg.slots.reserve("x")
-    # a job that claimed its slot and died without giving it back (no heartbeat)
-    bg.kv.set("slot:0", {"token": token, "state": "running"}, expire=0.5)
-    assert len(bg.slots.active()) == 1
     import time
 
+    monkeypatch.setattr(background, "STALE_S", 0.5)
+    assert bg.slots.n == 2
+    # two jobs that claimed their slots and died without giving them back (no heartbeat)
+    for i in range(2):
+        token = bg.slots.reserve(f"job {i}")
+        bg.kv.set(f"slot:{i}", {"token": token, "state": "running"}, expire=0.5)
+    assert len(bg.slots.active()) == 2
+    assert bg.slots.reserve("refused") is None  # every slot is taken
     time.sleep(0.8)
     assert bg.slots.active() == []
-    assert shell.alert("x") is not None
+    # the dead jobs' slots are free again for new work
+    fresh = [bg.slots.reserve("new a"), bg.slots.reserve("new b")]
+    assert all(fresh) and len(set(fresh)) == 2
+    assert {s["label"] for s in bg.slots.active()} == {"new a", "new b"}
+    assert bg.slots.reserve("third") is None
 
 
 @pytest.mark.browser

@@ -193,7 +193,9 @@ def test_head_sweep_equals_single_ablations(tiny):
         sweep = head_sweep(tiny, fp, method)
         for la, h in [(0, 1), (1, 3)]:
             one = ablate_heads(tiny, fp, heads=[(la, h)], method=method)
-            assert sweep.loss_after[la, h] == pytest.approx(one.loss_after, rel=1e-9)
+            # two float32 paths (a batch from the cached residual stream against a full
+            # rerun of the prompt): equal to float32 precision, not bit for bit
+            assert sweep.loss_after[la, h] == pytest.approx(one.loss_after, rel=1e-6)
 
 
 # --------------------------------------------------------------------- formatting

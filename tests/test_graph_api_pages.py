@@ -7,8 +7,8 @@ import json
 import dash
 import numpy as np
 import pytest
+from conftest import restored_background
 
-from attention_lens import background
 from attention_lens import weight_analyses as W
 from attention_lens.components import page as P
 from attention_lens.components.shell import DEFAULT_PROMPT
@@ -20,13 +20,11 @@ STATE = {"model": "attn-only-2l", "text": DEFAULT_PROMPT, "pos": None}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    old = background._CURRENT
-    app = create_server(ServerConfig(cache_size=8,
-                                     cache_dir=str(tmp_path_factory.mktemp("cache"))))
-    client = app.server.test_client()
-    assert client.get("/").status_code == 200
-    yield app
-    background._CURRENT = old
+    with restored_background():
+        app = create_server(ServerConfig(cache_size=8,
+                                         cache_dir=str(tmp_path_factory.mktemp("cache"))))
+        assert app.server.test_client().get("/").status_code == 200
+        yield app
 
 
 @pytest.fixture(scope="module")
@@ -113,28 +111,23 @@ def test_api_prompt_over_the_context(client, path, extra):
 
 
 # ----------------------------------------------------------------------------- pages
-def _draw(spec, state, **controls):
-    values = [controls.get(c.name, c.default) for c in spec.controls]
-    out = spec.update(state, *values, 0, None)
-    n = len(spec.graphs) + len(spec.extras)
-    return out[:len(spec.graphs)], out[len(spec.graphs):n], out[n], out[n + 2]
-
-
 def test_graph_page_draws_the_default_prompts_graph(server):
     spec = P.spec_of("graph")
-    figures, extras, alerts, request = _draw(spec, STATE)
-    assert request is dash.no_update
-    (fig,) = figures
-    text = " ".join(str(a.children) for a in alerts)
+    d = spec.render(STATE, compute=False)
+    assert d.request is dash.no_update
+    fig = d.figures["graph"]
+    text = " ".join(t for _, t in d.alerts)
     assert "Position 38" in text and "logit − b_U" in text, text
     assert "Logit '·ang'" in fig.layout.title.text or "Logit 'ang'" in fig.layout.title.text
     nodes = fig.data[-1]
     kinds = {c[0] for c in nodes.customdata}
     assert {"token", "head", "target"} <= kinds
-    assert "L0H" in str(extras[0]) and "QK attribution" in str(extras[0])
+    (extra,) = d.extras.values()
+    assert "L0H" in str(extra) and "QK attribution" in str(extra)
     # a bad threshold from a link is a warning, never an error
-    _, _, alerts, _ = _draw(spec, STATE, node="150")
-    assert any("must lie in (0, 100]" in str(a.children) for a in alerts)
+    alerts = spec.render(STATE, compute=False, node="150").alerts
+    assert any("must lie in (0, 100]" in text and color == "warning"
+               for color, text in alerts), alerts
 
 
 def test_graph_page_runs_big_graphs_as_a_job(server, monkeypatch):
@@ -143,23 +136,22 @@ def test_graph_page_runs_big_graphs_as_a_job(server, monkeypatch):
     monkeypatch.setattr(graph_page, "INLINE_EDGES", 0)
     spec = P.spec_of("graph")
     state = {**STATE, "text": PROMPT + " job"}
-    figures, _, _, request = _draw(spec, state)
-    assert request["labels"] == ["attribution graph"] and figures[0] is dash.no_update
+    d = spec.render(state, compute=False)
+    assert d.request["labels"] == ["attribution graph"] and d.figures["graph"] is dash.no_update
     progress = []
     values = [c.default for c in spec.controls]
-    out = spec.run_job(progress.append, request, state, *values)
+    out = spec.run_job(progress.append, d.request, state, *values)
     assert progress and out[0].layout.title.text.startswith("Logit")
     # drawn from the store the next time
-    figures, _, _, request = _draw(spec, state)
-    assert request is dash.no_update and figures[0].layout.title.text.startswith("Logit")
+    d = spec.render(state, compute=False)
+    assert d.request is dash.no_update and d.figures["graph"].layout.title.text.startswith("Logit")
 
 
 def test_graph_page_node_click_and_graph_file(server):
     from attention_lens.pages import graph as graph_page
 
     spec = P.spec_of("graph")
-    (fig,), _, _, _ = _draw(spec, STATE)
-    nodes = fig.data[-1]
+    nodes = spec.render(STATE, compute=False).figures["graph"].data[-1]
     i = next(i for i, c in enumerate(nodes.customdata) if c[0] == "head")
     detail = graph_page.node_detail({"points": [{"customdata": list(nodes.customdata[i]),
                                                  "hovertext": nodes.hovertext[i]}]}, STATE)
@@ -173,15 +165,14 @@ def test_qk_page_defaults_to_an_induction_cell(server):
     spec = P.spec_of("qk")
     lm = server.server.extensions["attention_lens"]["registry"].get("attn-only-2l")
     W.store().compute(lm, W.probe_head_scores())
-    figures, extras, alerts, request = _draw(spec, STATE)
-    assert request is dash.no_update
-    text = " ".join(str(a.children) for a in alerts)
+    d = spec.render(STATE, compute=False)
+    assert d.request is dash.no_update
+    text = " ".join(t for _, t in d.alerts)
     assert "strongest induction head" in text and "terms sum to" in text, text
-    terms = figures[0]
-    assert terms.layout.title.text.startswith("L1H")
-    assert "token" in str(extras[0]) and "output of L0H" in str(extras[0])
-    figures, _, alerts, _ = _draw(spec, STATE, layer=1, head=5, query=3, key=7)
-    assert any("comes after query" in str(a.children) for a in alerts)
+    assert d.figures["terms"].layout.title.text.startswith("L1H")
+    assert "token" in str(d.extras["words"]) and "output of L0H" in str(d.extras["words"])
+    d = spec.render(STATE, compute=False, layer=1, head=5, query=3, key=7)
+    assert any("comes after query" in text for text in d.errors), d.alerts
 
 
 def test_page_downloads_and_export_data(server):
@@ -202,7 +193,8 @@ def test_attention_click_link(server):
     from attention_lens.pages import qk as qk_page
 
     figure = {"layout": {"title": {"text": "Layer 1, head 5: attention pattern"}},
-              "data": [{"x": ["a", "b", "c"], "y": ["a", "b", "c"]}]}
+              "data": [{"x": ["a", "b", "c"], "y": ["a", "b", "c"],
+                        "meta": {"layer": 1, "head": 5}}]}
     click = {"points": [{"pointNumber": [2, 1], "x": "b", "y": "c"}]}
     href = qk_page.cell_href(click, figure, STATE, {"layer": None, "head": None})
     assert href.startswith("/qk?") and "layer=1&head=5&query=2&key=1" in href
@@ -210,6 +202,12 @@ def test_attention_click_link(server):
     assert "layer=0&head=3&query=2&key=1" in href
     with pytest.raises(dash.exceptions.PreventUpdate):  # the masked upper triangle
         qk_page.cell_href({"points": [{"pointNumber": [0, 2]}]}, figure, STATE, {})
+    # the head comes from the drawn heatmap's meta, never from its title's wording
+    untitled = {"data": [dict(figure["data"][0])], "layout": {}}
+    assert "layer=1&head=5" in qk_page.cell_href(click, untitled, STATE, {})
+    del untitled["data"][0]["meta"]
+    with pytest.raises(dash.exceptions.PreventUpdate):
+        qk_page.cell_href(click, untitled, STATE, {})
 
 
 def test_graphs_beyond_the_edge_budget_are_refused_and_the_default_moves(client,
@@ -224,9 +222,8 @@ def test_graphs_beyond_the_edge_budget_are_refused_and_the_default_moves(client,
     assert post(client, "/api/graph", {"text": PROMPT, "position": 19})[0] == 200
     # the page's default position stays within the reach and says so
     spec = P.spec_of("graph")
-    figures, _, alerts, _ = _draw(spec, STATE)
-    text = " ".join(str(a.children) for a in alerts)
+    text = " ".join(t for _, t in spec.render(STATE, compute=False).alerts)
     assert "reach position 19" in text, text
     assert int(text.split("Position ")[1].split()[0]) <= 19
-    _, _, alerts, _ = _draw(spec, STATE, position="25")
-    assert any("choose a position up to 19" in str(a.children) for a in alerts)
+    alerts = spec.render(STATE, compute=False, position="25").alerts
+    assert any("choose a position up to 19" in t for _, t in alerts)

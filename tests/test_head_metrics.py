@@ -287,7 +287,7 @@ def point_offset(driver, element, trace: int, index: int) -> tuple[int, int]:
 
 
 @pytest.mark.browser
-def test_heads_page_in_the_browser(dash_duo, registry, tmp_path):
+def test_heads_page_in_the_browser(dash_duo, registry, tmp_path, bg):
     """Geometry at desktop and phone widths; a real click on the head finder selects a head;
     hovering a prompt token redraws every head's attention from it."""
     import os
@@ -297,92 +297,85 @@ def test_heads_page_in_the_browser(dash_duo, registry, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from test_browser import has_traces, url, wait
 
-    from attention_lens import background
     from attention_lens.app import create_app
     from attention_lens.components import shell
 
     shots = Path(os.environ.get("ATTENTION_LENS_SCREENSHOTS", "/tmp/dash_artifacts/screenshots"))
     shots.mkdir(parents=True, exist_ok=True)
-    old = background._CURRENT
-    bg = background.install(background.create(tmp_path / "cache", max_jobs=2))
-    try:
-        dash_duo.start_server(create_app(registry, background=bg))
-        d = dash_duo.driver
-        d.set_script_timeout(120)  # a busy machine's browser answers slowly
-        d.set_window_size(1440, 1000)
-        d.get(url(dash_duo, "/heads", model="attn-only-2l", text=shell.DEFAULT_PROMPT))
-        wait(dash_duo, has_traces("heads", "finder"), timeout=180, what="the head finder")
-        wait(dash_duo, "document.querySelector('#heads-all-heads-graph .js-plotly-plot') && "
-                       "document.querySelector('#heads-all-heads-graph .js-plotly-plot')"
-                       "._fullData.length > 0", what="the all-heads view")
-        wait(dash_duo, "document.querySelectorAll('.al-example').length >= 10",
-             what="examples and deciles")
-        time.sleep(1.0)
-        assert geometry_problems(d) == []
-        assert dash_duo.driver.execute_script(
-            "return document.querySelectorAll('.dash-spreadsheet td').length") >= 12 * 7
-        # a real click on the layer-0 point of head 2 of the head finder
-        host = d.find_element("css selector",
-                              '[id=\'{"name":"finder","page":"heads","type":"al-graph"}\'] '
-                              '.js-plotly-plot')
-        d.execute_script("arguments[0].scrollIntoView({block: 'center'})", host)
-        time.sleep(0.3)
-        x, y = point_offset(d, host, 0, 2)
-        ActionChains(d).move_to_element_with_offset(host, x, y).click().perform()
-        wait(dash_duo, "document.getElementById('heads-layer').value === '0' && "
-                       "document.getElementById('heads-head').value === '2'",
-             timeout=60, what="L0H2 selected by the click")
-        wait(dash_duo, "window.location.search.includes('head=2')", what="the URL")
-        wait(dash_duo, "Array.from(document.querySelectorAll('.al-examples h5'))"
-                       ".some(h => h.textContent.startsWith('L0H2'))", timeout=60,
-             what="L0H2's examples")
-        # hover the fourth token of the prompt: every head's attention from it
-        prompt = d.find_element("css selector", "#heads-prompt-graph .js-plotly-plot")
-        d.execute_script("arguments[0].scrollIntoView({block: 'center'})", prompt)
-        time.sleep(0.3)
-        px, py = d.execute_script(
-            "const gd = arguments[0], fl = gd._fullLayout;"
-            "return [fl.xaxis._offset + fl.xaxis.c2p(3), fl.yaxis._offset + fl.yaxis.c2p(0)];",
-            prompt)
-        ActionChains(d).move_to_element_with_offset(prompt, int(px) - 3, int(py)) \
-            .move_to_element_with_offset(prompt, int(px), int(py)).perform()
-        wait(dash_duo, "(document.querySelector('#heads-all-heads-graph .gtitle') || {})"
-                       ".textContent.includes('from 3:')", timeout=60,
-             what="the hovered token's view")
-        assert geometry_problems(d) == []
-        # screenshots last: capturing resizes the viewport for a moment
-        d.get(url(dash_duo, "/heads", model="attn-only-2l", text=shell.DEFAULT_PROMPT))
-        wait(dash_duo, has_traces("heads", "finder"), timeout=60, what="the head finder again")
-        wait(dash_duo, "document.querySelectorAll('.al-example').length >= 10", what="examples")
-        time.sleep(1.0)
-        full_screenshot(d, shots / "heads.png")
-        # a phone: the page loaded at 390 x 844 (cached results now)
-        d.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                          {"width": 390, "height": 844, "deviceScaleFactor": 1,
-                           "mobile": True})
-        d.get(url(dash_duo, "/heads", model="attn-only-2l", text=shell.DEFAULT_PROMPT))
-        wait(dash_duo, has_traces("heads", "finder"), timeout=60, what="the phone's finder")
-        wait(dash_duo, "document.querySelector('#heads-all-heads-graph .js-plotly-plot') && "
-                       "document.querySelector('#heads-all-heads-graph .js-plotly-plot')"
-                       "._fullData.length > 0", what="the phone's all-heads view")
-        time.sleep(1.0)
-        assert geometry_problems(d) == []
-        widths = d.execute_script("return [document.body.scrollWidth, "
-                                  "document.documentElement.clientWidth]")
-        assert widths[0] <= widths[1] + 1, widths
-        full_screenshot(d, shots / "phone-heads.png")
-        assert [e for e in dash_duo.get_logs() or [] if e.get("level") == "SEVERE"] == []
-    finally:
-        background._CURRENT = old
+    dash_duo.start_server(create_app(registry, background=bg))
+    d = dash_duo.driver
+    d.set_script_timeout(120)  # a busy machine's browser answers slowly
+    d.set_window_size(1440, 1000)
+    d.get(url(dash_duo, "/heads", model="attn-only-2l", text=shell.DEFAULT_PROMPT))
+    wait(dash_duo, has_traces("heads", "finder"), timeout=180, what="the head finder")
+    wait(dash_duo, "document.querySelector('#heads-all-heads-graph .js-plotly-plot') && "
+                   "document.querySelector('#heads-all-heads-graph .js-plotly-plot')"
+                   "._fullData.length > 0", what="the all-heads view")
+    wait(dash_duo, "document.querySelectorAll('.al-example').length >= 10",
+         what="examples and deciles")
+    time.sleep(1.0)
+    assert geometry_problems(d) == []
+    assert dash_duo.driver.execute_script(
+        "return document.querySelectorAll('.dash-spreadsheet td').length") >= 12 * 7
+    # a real click on the layer-0 point of head 2 of the head finder
+    host = d.find_element("css selector",
+                          '[id=\'{"name":"finder","page":"heads","type":"al-graph"}\'] '
+                          '.js-plotly-plot')
+    d.execute_script("arguments[0].scrollIntoView({block: 'center'})", host)
+    time.sleep(0.3)
+    x, y = point_offset(d, host, 0, 2)
+    ActionChains(d).move_to_element_with_offset(host, x, y).click().perform()
+    wait(dash_duo, "document.getElementById('heads-layer').value === '0' && "
+                   "document.getElementById('heads-head').value === '2'",
+         timeout=60, what="L0H2 selected by the click")
+    wait(dash_duo, "window.location.search.includes('head=2')", what="the URL")
+    wait(dash_duo, "Array.from(document.querySelectorAll('.al-examples h5'))"
+                   ".some(h => h.textContent.startsWith('L0H2'))", timeout=60,
+         what="L0H2's examples")
+    # hover the fourth token of the prompt: every head's attention from it
+    prompt = d.find_element("css selector", "#heads-prompt-graph .js-plotly-plot")
+    d.execute_script("arguments[0].scrollIntoView({block: 'center'})", prompt)
+    time.sleep(0.3)
+    px, py = d.execute_script(
+        "const gd = arguments[0], fl = gd._fullLayout;"
+        "return [fl.xaxis._offset + fl.xaxis.c2p(3), fl.yaxis._offset + fl.yaxis.c2p(0)];",
+        prompt)
+    ActionChains(d).move_to_element_with_offset(prompt, int(px) - 3, int(py)) \
+        .move_to_element_with_offset(prompt, int(px), int(py)).perform()
+    wait(dash_duo, "(document.querySelector('#heads-all-heads-graph .gtitle') || {})"
+                   ".textContent.includes('from 3:')", timeout=60,
+         what="the hovered token's view")
+    assert geometry_problems(d) == []
+    # screenshots last: capturing resizes the viewport for a moment
+    d.get(url(dash_duo, "/heads", model="attn-only-2l", text=shell.DEFAULT_PROMPT))
+    wait(dash_duo, has_traces("heads", "finder"), timeout=60, what="the head finder again")
+    wait(dash_duo, "document.querySelectorAll('.al-example').length >= 10", what="examples")
+    time.sleep(1.0)
+    full_screenshot(d, shots / "heads.png")
+    # a phone: the page loaded at 390 x 844 (cached results now)
+    d.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                      {"width": 390, "height": 844, "deviceScaleFactor": 1,
+                       "mobile": True})
+    d.get(url(dash_duo, "/heads", model="attn-only-2l", text=shell.DEFAULT_PROMPT))
+    wait(dash_duo, has_traces("heads", "finder"), timeout=60, what="the phone's finder")
+    wait(dash_duo, "document.querySelector('#heads-all-heads-graph .js-plotly-plot') && "
+                   "document.querySelector('#heads-all-heads-graph .js-plotly-plot')"
+                   "._fullData.length > 0", what="the phone's all-heads view")
+    time.sleep(1.0)
+    assert geometry_problems(d) == []
+    widths = d.execute_script("return [document.body.scrollWidth, "
+                              "document.documentElement.clientWidth]")
+    assert widths[0] <= widths[1] + 1, widths
+    full_screenshot(d, shots / "phone-heads.png")
+    assert [e for e in dash_duo.get_logs() or [] if e.get("level") == "SEVERE"] == []
 
 
 @pytest.mark.browser
-def test_heads_upload_messages(dash_duo, registry, tmp_path):
+def test_heads_upload_messages(dash_duo, registry, tmp_path, bg):
     """Uploaded files: binary, not UTF-8, empty and too large ones are refused with a reason;
     a good one becomes the dataset."""
     from test_browser import url, wait
 
-    from attention_lens import background
     from attention_lens.analysis.datasets import MAX_UPLOAD_BYTES
     from attention_lens.app import create_app
     from attention_lens.components import shell
@@ -392,24 +385,19 @@ def test_heads_upload_messages(dash_duo, registry, tmp_path):
              "good.jsonl": b'{"text": "the cat sat on the mat. the cat sat on the mat."}\n' * 30}
     expect = {"bin.txt": "looks binary", "latin.txt": "not UTF-8", "empty.txt": "empty",
               "big.txt": "at most 512 KiB", "good.jsonl": "Using good.jsonl: 30 documents"}
-    old = background._CURRENT
-    bg = background.install(background.create(tmp_path / "cache", max_jobs=2))
-    try:
-        dash_duo.start_server(create_app(registry, background=bg))
-        dash_duo.driver.get(url(dash_duo, "/heads", model="attn-only-2l",
-                                text=shell.DEFAULT_PROMPT, windows=8, length=32))
-        dash_duo.wait_for_element("#heads-upload input[type=file]", timeout=20)
-        for name, data in files.items():
-            path = tmp_path / name
-            path.write_bytes(data)
-            box = dash_duo.driver.find_element("css selector", "#heads-upload input[type=file]")
-            box.send_keys(str(path))
-            wait(dash_duo, "document.getElementById('heads-upload-status').textContent"
-                           f".includes({expect[name]!r})", timeout=30, what=expect[name])
-        wait(dash_duo, "document.getElementById('heads-dataset').value.startsWith('upload:')",
-             what="the uploaded dataset chosen")
-        wait(dash_duo, "(document.getElementById('heads-alerts') || {}).textContent !== undefined"
-                       " && document.body.textContent.includes('uploaded')", what="a note")
-        assert [e for e in dash_duo.get_logs() or [] if e.get("level") == "SEVERE"] == []
-    finally:
-        background._CURRENT = old
+    dash_duo.start_server(create_app(registry, background=bg))
+    dash_duo.driver.get(url(dash_duo, "/heads", model="attn-only-2l",
+                            text=shell.DEFAULT_PROMPT, windows=8, length=32))
+    dash_duo.wait_for_element("#heads-upload input[type=file]", timeout=20)
+    for name, data in files.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        box = dash_duo.driver.find_element("css selector", "#heads-upload input[type=file]")
+        box.send_keys(str(path))
+        wait(dash_duo, "document.getElementById('heads-upload-status').textContent"
+                       f".includes({expect[name]!r})", timeout=30, what=expect[name])
+    wait(dash_duo, "document.getElementById('heads-dataset').value.startsWith('upload:')",
+         what="the uploaded dataset chosen")
+    wait(dash_duo, "(document.getElementById('heads-alerts') || {}).textContent !== undefined"
+                   " && document.body.textContent.includes('uploaded')", what="a note")
+    assert [e for e in dash_duo.get_logs() or [] if e.get("level") == "SEVERE"] == []

@@ -8,6 +8,8 @@ their libraries.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,12 +110,27 @@ def third_party(path: Path) -> set[str]:
     return out
 
 
+def loaded_by(modules: list[str]) -> set[str]:
+    """Top-level packages loaded by importing every one of ``modules`` in a fresh process
+    (what the layer pulls in through the package's other modules too)."""
+    code = f"import sys, importlib\nfor m in {modules!r}: importlib.import_module(m)\n" \
+           "print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    return {name.split(".")[0] for name in out.stdout.split()}
+
+
 @pytest.mark.parametrize("layer,banned", [("analysis", {"dash", "plotly", "flask"}),
                                           ("figures", {"torch", "dash", "flask"}),
                                           ("model", {"dash", "plotly", "flask"})])
 def test_layers_keep_to_their_libraries(layer, banned):
-    for path in (PACKAGE / layer).rglob("*.py"):
+    """Neither a layer's own imports nor what they load at run time reach a banned library."""
+    paths = sorted((PACKAGE / layer).rglob("*.py"))
+    assert len(paths) >= 3, layer
+    for path in paths:
         assert not third_party(path) & banned, (path.name, third_party(path) & banned)
+    names = [module_name(p) for p in paths]
+    assert not loaded_by(names) & banned, (layer, loaded_by(names) & banned)
 
 
 def test_pages_never_import_the_app_registry_or_server(graph):

@@ -5,21 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import plotly.graph_objects as go
-import pytest
 
-from attention_lens import background
 from attention_lens.analysis import logit_lens as L
 from attention_lens.app import create_app
 from attention_lens.components import page as P
 from attention_lens.figures.logit_lens import WINDOW
-
-
-@pytest.fixture
-def bg(tmp_path):
-    """A fresh background (disk caches in a temporary folder), installed for the test."""
-    old = background._CURRENT
-    yield background.install(background.create(tmp_path / "cache", max_jobs=2))
-    background._CURRENT = old
 
 
 def test_large_logit_lens_is_a_background_job_with_progress(registry, bg, monkeypatch):

@@ -83,21 +83,40 @@ def test_main_callback_returns_figures_for_default_prompt(app, page_name):
     assert d.errors == [], d.errors
     assert d.drew, f"{page_name} returned no figure"
     for name, fig in d.figures.items():
-        assert len(fig.data) > 0 or fig.layout.annotations, (page_name, name)
+        if fig.data:  # a drawn figure carries numbers
+            assert any(_has_values(t) for t in fig.data), (page_name, name)
+        else:  # an empty one says why, in words
+            said = [a.text for a in fig.layout.annotations if (a.text or "").strip()]
+            assert said, (page_name, name)
     assert d.query["_src"] == "url" and set(spec(page_name).control_names) <= set(d.query)
 
 
+def _has_values(trace) -> bool:
+    """Whether a trace holds data (z, values, x/y or a table's cells)."""
+    for key in ("z", "values", "y", "x", "cells"):
+        v = getattr(trace, key, None) if key in trace else None
+        if v is not None and (not hasattr(v, "__len__") or len(v)):
+            return True
+    return False
+
+
 def test_layout_renders_from_query_and_reports_bad_params(app, page_name):
-    from attention_lens.components.controls import Int
+    from attention_lens.components.controls import Choice, Int, IntList
 
     sp = spec(page_name)
     div = dash.page_registry[next(k for k, p in dash.page_registry.items()
                                   if p.get("attention_lens") is sp)]["layout"]()
     assert isinstance(div, html.Div)
-    bad = {c.name: "not-a-number" for c in sp.controls if isinstance(c, Int)}
-    text = str(sp.layout(**bad))
-    for k in bad:
-        assert f"{k} must be a whole number" in text
+    # garbage in every link parameter (and an unknown model): a warning for each, by name
+    text = str(sp.layout(model="no-such-model", **{c.name: "x!" for c in sp.controls}))
+    for c in sp.controls:
+        if isinstance(c, Int):
+            assert f"Link parameter: {c.name} must be a whole number" in text, (page_name, c)
+        elif isinstance(c, Choice):
+            assert f"Link parameter: {c.name} must be one of" in text, (page_name, c)
+        elif isinstance(c, IntList):
+            assert f"Link parameter: {c.name} must be whole numbers" in text, (page_name, c)
+    text = str(sp.layout())
     for c in sp.controls:  # each control is rendered, with its label
         assert f"'{sp.page}-{c.name}'" in text or c.name in ("plus", "minus")
         assert repr(c.label) in text

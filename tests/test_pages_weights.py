@@ -263,24 +263,15 @@ def test_analogy_builder_adds_and_removes_terms(pages):
 
 
 # ------------------------------------------------------------------- every page
-def test_weight_pages_are_the_ones_asking_for_weight_analyses(pages):
+def test_weight_pages_are_the_ones_asking_for_weight_analyses(pages, bg):
     """The pages reading weight analyses, found by running them with an empty store."""
-    from attention_lens import background
-
-    old = background._CURRENT
-    import tempfile
-
-    bg = background.install(background.create(tempfile.mkdtemp(prefix="al-empty-")))
     asking = []
-    try:
-        for name, spec in pages.items():
-            request = spec.render(state(), compute=False).request
-            if isinstance(request, dict):
-                asking.append(name)
-                bg.slots.release(request["token"])  # the job is not run here
-        assert bg.slots.active() == []
-    finally:
-        background._CURRENT = old
+    for name, spec in pages.items():
+        request = spec.render(state(), compute=False).request
+        if isinstance(request, dict):
+            asking.append(name)
+            bg.slots.release(request["token"])  # the job is not run here
+    assert bg.slots.active() == []
     assert set(WEIGHT_PAGES) <= set(asking)
     prompt_only = {"predictions", "tokens", "attention", "logit-lens", "attribution",
                    "ablation", "analogy"}
@@ -299,19 +290,3 @@ def test_every_panel_exports(pages):
             assert export.figure_csv(panel.figure).count("\n") > 1
             assert export.panel_json(panel, state())
         assert spec.help_md.count("$") >= 4, name  # the formula is in the help
-
-
-def test_layouts_warn_about_garbage_link_parameters(pages):
-    for name, spec in pages.items():
-        assert spec.layout(model="attn-only-2l") is not None
-        garbage = {c.name: "x!" for c in spec.controls}
-        text = str(spec.layout(model="no-such-model", **garbage))
-        from attention_lens.components.controls import Choice, Int, IntList
-
-        for c in spec.controls:
-            if isinstance(c, Int):
-                assert f"Link parameter: {c.name} must be a whole number" in text, (name, c)
-            elif isinstance(c, Choice):
-                assert f"Link parameter: {c.name} must be one of" in text, (name, c)
-            elif isinstance(c, IntList):
-                assert f"Link parameter: {c.name} must be whole numbers" in text, (name, c)

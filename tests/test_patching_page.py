@@ -6,8 +6,8 @@ from __future__ import annotations
 import dash
 import numpy as np
 import pytest
+from conftest import restored_background
 
-from attention_lens import background
 from attention_lens.analysis import patching as PT
 from attention_lens.components import page as P
 from attention_lens.figures.patching import (
@@ -22,23 +22,21 @@ STATE = {"model": "attn-only-2l", "text": "Harry Potter went to the shop.", "pos
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    old = background._CURRENT
-    app = create_server(ServerConfig(cache_size=8,
-                                     cache_dir=str(tmp_path_factory.mktemp("cache"))))
-    assert app.server.test_client().get("/").status_code == 200
-    yield app
-    background._CURRENT = old
+    with restored_background():
+        app = create_server(ServerConfig(cache_size=8,
+                                         cache_dir=str(tmp_path_factory.mktemp("cache"))))
+        assert app.server.test_client().get("/").status_code == 200
+        yield app
 
 
 def _draw(spec, state, **controls):
-    values = [controls.get(c.name, c.default) for c in spec.controls]
-    out = spec.update(state, *values, 0, None)
-    n = len(spec.graphs) + len(spec.extras)
-    return dict(zip(spec.graphs, out)), out[len(spec.graphs):n], out[n], out[n + 2]
+    """What the page draws for ``state`` and these controls, its job not run."""
+    d = spec.render(state, compute=False, **controls)
+    return d.figures, list(d.extras.values()), d.alerts, d.request
 
 
 def _text(alerts) -> str:
-    return " ".join(str(a.children) for a in alerts)
+    return " ".join(text for _, text in alerts)
 
 
 def test_default_example_names_the_induction_circuit(server):
@@ -208,7 +206,7 @@ def test_figures_of_every_granularity(tiny_ln, granularity):
 
 # --------------------------------------------------------------------------- the browser
 @pytest.mark.browser
-def test_patching_page_in_the_browser(dash_duo, registry, tmp_path):
+def test_patching_page_in_the_browser(dash_duo, registry, tmp_path, bg):
     """The default example drawn with nothing overlapping at desktop and phone widths, and a
     real click on the previous-token head's cell opening it on /attention."""
     import os
@@ -223,51 +221,46 @@ def test_patching_page_in_the_browser(dash_duo, registry, tmp_path):
 
     shots = Path(os.environ.get("ATTENTION_LENS_SCREENSHOTS", "/tmp/dash_artifacts/screenshots"))
     shots.mkdir(parents=True, exist_ok=True)
-    old = background._CURRENT
-    bg = background.install(background.create(tmp_path / "cache", max_jobs=2))
-    try:
-        dash_duo.start_server(create_app(registry, background=bg))
-        d = dash_duo.driver
-        d.set_window_size(1440, 1000)
-        d.get(url(dash_duo, "/patching", model="attn-only-2l", text="Harry Potter went."))
-        for name in ("exact", "attribution", "scatter", "path"):
-            wait(dash_duo, has_traces("patching", name), timeout=120, what=f"the {name} figure")
-        time.sleep(1.0)
-        assert geometry_problems(d) == []
-        assert "L1H5 at 42" in d.find_element("css selector", "#patching-alerts").text
-        full_screenshot(d, shots / "patching.png")
-        host = d.find_element("css selector",
-                              '[id=\'{"name":"exact","page":"patching","type":"al-graph"}\'] '
-                              '.js-plotly-plot')
-        d.execute_script("arguments[0].scrollIntoView({block: 'center'})", host)
-        time.sleep(0.3)
-        x, y = d.execute_script(  # the centre of cell (row L0H2, column position 20)
-            "const fl = arguments[0]._fullLayout;"
-            "return [Math.round(fl.xaxis._offset + fl.xaxis.l2p(20)),"
-            "        Math.round(fl.yaxis._offset + fl.yaxis.l2p(2))];", host)
-        ActionChains(d).move_to_element_with_offset(host, x, y).click().perform()
-        wait(dash_duo, "window.location.pathname === '/attention' && "
-                       "window.location.search.includes('layer=0') && "
-                       "window.location.search.includes('head=2')", what="L0H2 on /attention")
-        wait(dash_duo, has_traces("attention", "pattern"), timeout=60, what="its pattern")
-        d.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                          {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True})
-        d.get(url(dash_duo, "/patching", model="attn-only-2l", text="Harry Potter went.",
-                  granularity="resid_pre"))
-        for name in ("exact", "scatter", "path"):
-            wait(dash_duo, has_traces("patching", name), timeout=60, what=f"the phone's {name}")
-        time.sleep(1.0)
-        assert geometry_problems(d) == []
-        # a real click patches the prompt bar's text instead of the example
-        button = d.find_element("css selector", "#patching-use-prompt")
-        d.execute_script("arguments[0].scrollIntoView({block: 'center'})", button)
-        time.sleep(0.3)
-        ActionChains(d).move_to_element(button).click().perform()
-        wait(dash_duo, "document.getElementById('patching-clean').value === 'Harry Potter "
-                       "went.' && document.getElementById('patching-alerts').textContent"
-                       ".includes('Corrupted prompt: the clean prompt with token')",
-             timeout=120, what="the prompt bar's text patched")
-        assert d.find_element("css selector", "#patching-corrupted").get_attribute("value") == ""
-        assert [e for e in dash_duo.get_logs() or [] if e.get("level") == "SEVERE"] == []
-    finally:
-        background._CURRENT = old
+    dash_duo.start_server(create_app(registry, background=bg))
+    d = dash_duo.driver
+    d.set_window_size(1440, 1000)
+    d.get(url(dash_duo, "/patching", model="attn-only-2l", text="Harry Potter went."))
+    for name in ("exact", "attribution", "scatter", "path"):
+        wait(dash_duo, has_traces("patching", name), timeout=120, what=f"the {name} figure")
+    time.sleep(1.0)
+    assert geometry_problems(d) == []
+    assert "L1H5 at 42" in d.find_element("css selector", "#patching-alerts").text
+    full_screenshot(d, shots / "patching.png")
+    host = d.find_element("css selector",
+                          '[id=\'{"name":"exact","page":"patching","type":"al-graph"}\'] '
+                          '.js-plotly-plot')
+    d.execute_script("arguments[0].scrollIntoView({block: 'center'})", host)
+    time.sleep(0.3)
+    x, y = d.execute_script(  # the centre of cell (row L0H2, column position 20)
+        "const fl = arguments[0]._fullLayout;"
+        "return [Math.round(fl.xaxis._offset + fl.xaxis.l2p(20)),"
+        "        Math.round(fl.yaxis._offset + fl.yaxis.l2p(2))];", host)
+    ActionChains(d).move_to_element_with_offset(host, x, y).click().perform()
+    wait(dash_duo, "window.location.pathname === '/attention' && "
+                   "window.location.search.includes('layer=0') && "
+                   "window.location.search.includes('head=2')", what="L0H2 on /attention")
+    wait(dash_duo, has_traces("attention", "pattern"), timeout=60, what="its pattern")
+    d.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                      {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True})
+    d.get(url(dash_duo, "/patching", model="attn-only-2l", text="Harry Potter went.",
+              granularity="resid_pre"))
+    for name in ("exact", "scatter", "path"):
+        wait(dash_duo, has_traces("patching", name), timeout=60, what=f"the phone's {name}")
+    time.sleep(1.0)
+    assert geometry_problems(d) == []
+    # a real click patches the prompt bar's text instead of the example
+    button = d.find_element("css selector", "#patching-use-prompt")
+    d.execute_script("arguments[0].scrollIntoView({block: 'center'})", button)
+    time.sleep(0.3)
+    ActionChains(d).move_to_element(button).click().perform()
+    wait(dash_duo, "document.getElementById('patching-clean').value === 'Harry Potter "
+                   "went.' && document.getElementById('patching-alerts').textContent"
+                   ".includes('Corrupted prompt: the clean prompt with token')",
+         timeout=120, what="the prompt bar's text patched")
+    assert d.find_element("css selector", "#patching-corrupted").get_attribute("value") == ""
+    assert [e for e in dash_duo.get_logs() or [] if e.get("level") == "SEVERE"] == []

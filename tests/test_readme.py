@@ -6,9 +6,10 @@ import json
 import re
 import shlex
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from conftest import restored_background
 
 from attention_lens.server import ServerConfig, create_server
 
@@ -33,11 +34,13 @@ def test_readme_opens_with_the_two_commands():
 
 
 @pytest.fixture(scope="module")
-def client():
-    app = create_server(ServerConfig(cache_size=8))
-    c = app.server.test_client()
-    assert c.get("/").status_code == 200
-    return c
+def client(tmp_path_factory):
+    with restored_background():
+        app = create_server(ServerConfig(cache_size=8,
+                                         cache_dir=str(tmp_path_factory.mktemp("cache"))))
+        c = app.server.test_client()
+        assert c.get("/").status_code == 200
+        yield c
 
 
 def test_every_endpoint_has_an_example():
@@ -70,3 +73,35 @@ def test_curl_example_answers_200(client, args):
                     content_type=content_type)
     assert r.status_code == 200, (path, r.get_json())
     assert r.is_json
+    data = r.get_json()
+    sent = dict(body or {})
+    sent.update({k: int(v[0]) if v[0].lstrip("-").isdigit() else v[0]
+                 for k, v in parse_qs(parts.query).items()})
+    assert "error" not in data, data
+    # the answer is about what was sent: the default model, the prompt's tokens, the
+    # parameters it names again, and as many entries as top_k asked for
+    assert data.get("model", data.get("default")) == "attn-only-2l", data.keys()
+    prompt = data.get("prompt", data)
+    if "text" in sent:
+        assert prompt["n_tokens"] == len(prompt["tokens"]) > 0
+    for where in (data, data.get("result") or {}):
+        for key, value in sent.items():
+            if key not in ("text", "position") and _scalar(value) and _scalar(where.get(key)):
+                assert where[key] == value, (path, key, where[key], value)
+    if "top_k" in sent:
+        assert sent["top_k"] in set(_lengths(data)), (path, sent["top_k"])
+
+
+def _scalar(value) -> bool:
+    return isinstance(value, (str, int, float, bool))
+
+
+def _lengths(value):
+    """Lengths of every list in a JSON value, at any depth."""
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _lengths(v)
+    elif isinstance(value, list):
+        yield len(value)
+        for v in value[:3]:
+            yield from _lengths(v)

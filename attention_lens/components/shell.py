@@ -79,6 +79,20 @@ def state_query(state: Optional[dict]) -> str:
     return urlencode(params)
 
 
+def page_href(path: str, state: Optional[dict] = None, **extra: Any) -> str:
+    """The link to the page at ``path`` under the app's URL prefix (``--url-prefix``),
+    carrying ``state``'s shared part and ``extra`` query parameters (None values left out).
+
+    Every link between pages is built here, so that behind a proxy path such as ``/lens/``
+    no link leaves the app.
+    """
+    query = "&".join(x for x in (state_query(state),
+                                 urlencode({k: v for k, v in extra.items() if v is not None}))
+                     if x)
+    rel = dash.get_relative_path(path)
+    return f"{rel}?{query}" if query else rel
+
+
 def human_size(n: int) -> str:
     """A byte count as ``"17.5 MB"``."""
     size = float(n)
@@ -116,13 +130,13 @@ def pages() -> list[dict[str, Any]]:
 def navbar() -> dbc.Navbar:
     """The navbar, generated from ``dash.page_registry`` (adding a page touches no file here)."""
     links = [
-        dbc.NavItem(dbc.NavLink(p["name"], href=p["relative_path"],
+        dbc.NavItem(dbc.NavLink(p["name"], href=page_href(p["path"]),
                                 id={"type": NAVLINK, "path": p["path"]}))
         for p in pages()
     ]
     return dbc.Navbar(
         dbc.Container([
-            dbc.NavbarBrand("Attention Lens", href=dash.get_relative_path("/"),
+            dbc.NavbarBrand("Attention Lens", href=page_href("/"),
                             className="al-brand"),
             dbc.NavbarToggler(id=TOGGLER, n_clicks=0),
             dbc.Collapse([dbc.Nav(links, navbar=True, className="al-nav"),
@@ -386,12 +400,10 @@ def nav_links(state: Optional[dict], pathname: Optional[str],
               ids: list[dict]) -> tuple[list[str], list[bool]]:
     """Navbar hrefs carrying the shared state, and which one is the current page."""
     by_path = {p["path"]: p for p in dash.page_registry.values()}
-    query = state_query(state)
     hrefs, active = [], []
     current = dash.strip_relative_path(pathname or "/") if pathname else ""
     for i in ids:
         page = by_path.get(i["path"])
-        rel = page["relative_path"] if page else i["path"]
-        hrefs.append(f"{rel}?{query}" if query else rel)
+        hrefs.append(page_href(i["path"], state))
         active.append(page is not None and page["path"].strip("/") == (current or ""))
     return hrefs, active

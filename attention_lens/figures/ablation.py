@@ -103,21 +103,3 @@ def sweep_figure(result: HeadSweep, what: str = "the repeated part") -> go.Figur
     return finish(fig)
 
 
-def sweep_table(result: HeadSweep) -> list[dict]:
-    """Rows (layer, head, loss after, change) behind :func:`sweep_figure`."""
-    n_layers, n_heads = result.loss_after.shape
-    return [{"layer": la, "head": h, "method": result.method,
-             "loss_before_nats": result.loss_before,
-             "loss_after_nats": float(result.loss_after[la, h]),
-             "loss_change_nats": float(result.loss_change[la, h])}
-            for la in range(n_layers) for h in range(n_heads)]
-
-
-def ablation_table(result: Ablation) -> list[dict]:
-    """Rows (token, probability before, after, change) behind :func:`ablation_figure`."""
-    return [
-        {"token": d, "token_id": int(i), "probability_before": float(b),
-         "probability_after": float(a), "change": float(a - b), "heads": _heads(result)}
-        for d, i, b, a in zip(result.union_display, result.union_ids, result.union_before,
-                              result.union_after)
-    ]

@@ -42,8 +42,3 @@ def analogy_figure(result: Analogy) -> go.Figure:
     return fig
 
 
-def analogy_table(result: Analogy) -> list[dict]:
-    """Rows (rank, token id, token, score, cosine) of the answers."""
-    return [{"rank": i + 1, "token_id": int(t), "token": result.display[i],
-             "score": float(result.scores[i]), "cosine": float(result.cosine[i]),
-             "method": result.method} for i, t in enumerate(result.token_ids)]

@@ -46,6 +46,7 @@ def attention_figure(result: AttentionPattern) -> go.Figure:
         z=masked(result.pattern), x=labels, y=labels, colorscale=SEQUENTIAL, zmin=0.0, zmax=1.0,
         hoverongaps=False, colorbar=dict(title="weight"),
         hovertemplate=f"query %{{y}} ← key %{{x}}: %{{z:.3f}}<extra>{name}</extra>",
+        meta={"layer": int(result.layer), "head": int(result.head)},  # read by a click
     ))
     n = len(labels)
     # long prompts fit the viewport (zoom in with a drag, double-click to reset); every
@@ -203,34 +204,3 @@ def head_output_figure(result: HeadOutputs) -> go.Figure:
     return finish(fig)
 
 
-def attention_table(result: AttentionPattern) -> list[dict]:
-    """Rows (query, key, weight) for every causal cell of one head's pattern."""
-    q_idx, k_idx = np.tril_indices(len(result.display))
-    return [
-        {"layer": result.layer, "head": result.head, "query_position": int(q),
-         "query": result.display[q], "key_position": int(k), "key": result.display[k],
-         "weight": float(result.pattern[q, k])}
-        for q, k in zip(q_idx, k_idx)
-    ]
-
-
-def entropy_table(result: AttentionPatterns) -> list[dict]:
-    """Rows (layer, head, mean entropy) behind :func:`entropy_figure`."""
-    n_layers, n_heads = result.entropy.shape
-    return [{"layer": layer, "head": head, "mean_entropy_nats": float(result.entropy[layer, head])}
-            for layer in range(n_layers) for head in range(n_heads)]
-
-
-def residual_norm_table(result: ResidualStream) -> list[dict]:
-    """Rows (stage, position, token, norm) behind :func:`residual_norm_figure`."""
-    return [{"stage": stage, "position": i, "token": tok, "norm": float(result.norms[s, i])}
-            for s, stage in enumerate(result.labels) for i, tok in enumerate(result.display)]
-
-
-def head_output_table(result: HeadOutputs) -> list[dict]:
-    """Rows (layer, head, position, token, norm) behind :func:`head_output_figure`."""
-    n_layers, n_heads, _ = result.norms.shape
-    return [{"layer": layer, "head": head, "position": i, "token": tok,
-             "norm": float(result.norms[layer, head, i])}
-            for layer in range(n_layers) for head in range(n_heads)
-            for i, tok in enumerate(result.display)]

@@ -65,13 +65,3 @@ def attribution_components_figure(result: LogitAttribution) -> go.Figure:
     return finish(fig)
 
 
-def attribution_table(result: LogitAttribution) -> list[dict]:
-    """Rows (component, kind, layer, head, attribution) behind the attribution figures."""
-    return [
-        {"component": label, "kind": kind, "layer": None if lay < 0 else int(lay),
-         "head": None if h < 0 else int(h), "attribution": float(v),
-         "position": result.position, "target": result.target_display,
-         "contrast": result.contrast_display or None}
-        for label, kind, lay, h, v in zip(result.labels, result.kinds, result.layers,
-                                          result.head_index, result.values)
-    ]

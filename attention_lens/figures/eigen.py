@@ -98,31 +98,3 @@ def copying_scores_figure(result: CircuitEigenvalues, which: str = "full_ov") ->
 
 
 # ------------------------------------------------------------------ data export
-def attention_spectrum_table(result: AttentionSpectrum) -> list[dict]:
-    """Rows (layer, head, position, token, eigenvalue = A[i, i])."""
-    L, H, p = result.eigenvalues.shape
-    return [{"layer": la, "head": h, "position": i, "token": result.display[i],
-             "eigenvalue": float(result.eigenvalues[la, h, i])}
-            for la in range(L) for h in range(H) for i in range(p)]
-
-
-def circuit_eigenvalues_table(result: CircuitEigenvalues) -> list[dict]:
-    """Rows (circuit, layer, head, index, real, imaginary, magnitude) of every eigenvalue."""
-    rows = []
-    for c in result.CIRCUITS:
-        e = result.eigenvalues(c)
-        L, H, n = e.shape
-        rows += [{"circuit": c, "layer": la, "head": h, "index": i + 1,
-                  "real": float(e[la, h, i].real), "imag": float(e[la, h, i].imag),
-                  "abs": float(abs(e[la, h, i]))}
-                 for la in range(L) for h in range(H) for i in range(n)]
-    return rows
-
-
-def copying_table(result: CircuitEigenvalues) -> list[dict]:
-    """Rows (layer, head, copying score and positive fraction of every circuit)."""
-    L, H = result.copying["full_ov"].shape
-    return [{"layer": la, "head": h,
-             **{f"{c}_copying": float(result.copying[c][la, h]) for c in result.CIRCUITS},
-             **{f"{c}_positive": float(result.positive[c][la, h]) for c in result.CIRCUITS}}
-            for la in range(L) for h in range(H)]

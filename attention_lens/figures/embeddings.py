@@ -132,15 +132,3 @@ def neighbours_figure(result: Optional[Neighbours]) -> go.Figure:
 
 
 # ------------------------------------------------------------------ data export
-def embedding_table(pca: EmbeddingPCA) -> list[dict]:
-    """One row per token: id, token, cluster and its coordinates on every component."""
-    n_comp = pca.coords.shape[1]
-    return [{"token_id": int(t), "token": pca.display[i], "cluster": int(pca.cluster[i]),
-             **{f"pc{j + 1}": float(pca.coords[i, j]) for j in range(n_comp)}}
-            for i, t in enumerate(pca.token_ids)]
-
-
-def neighbours_table(result: Neighbours) -> list[dict]:
-    """Rows (rank, token id, token, cosine) of the nearest tokens."""
-    return [{"rank": i + 1, "token_id": int(t), "token": result.display[i],
-             "cosine": float(result.cosine[i])} for i, t in enumerate(result.token_ids)]

@@ -212,38 +212,3 @@ def _composition_by_layer(s: np.ndarray, kind: str, base: float, title: str) -> 
 
 
 # ------------------------------------------------------------------ data export
-def head_scores_table(result: HeadDetection) -> list[dict]:
-    """One row per head: label, tags, every score on the prompt and the probe, copying."""
-    L, H = result.probe_induction.shape
-    rows = []
-    for la in range(L):
-        for h in range(H):
-            row = {"layer": la, "head": h, "label": result.labels[la][h],
-                   "tags": ";".join(result.tags[la][h])}
-            for k, v in result.scores.items():
-                row[f"prompt_{k}_{result.metric}"] = float(v[la, h])
-            row.update(self_attention=float(result.self_attention[la, h]),
-                       entropy=float(result.entropy[la, h]),
-                       probe_induction=float(result.probe_induction[la, h]),
-                       probe_previous_token=float(result.probe_previous_token[la, h]),
-                       ov_copying=float(result.copying[la, h]))
-            rows.append(row)
-    return rows
-
-
-def composition_table(result: Composition) -> list[dict]:
-    """Rows (source head, target head, Q/K/V scores and ratios to the baseline)."""
-    L, H = result.q.shape[:2]
-    rows = []
-    for l1 in range(L):
-        for h1 in range(H):
-            for l2 in range(l1 + 1, L):
-                for h2 in range(H):
-                    row = {"source_layer": l1, "source_head": h1, "target_layer": l2,
-                           "target_head": h2}
-                    for kind in ("Q", "K", "V"):
-                        s = float(result.scores(kind)[l1, h1, l2, h2])
-                        row[f"{kind}_composition"] = s
-                        row[f"{kind}_ratio_to_baseline"] = s / result.baseline[kind]
-                    rows.append(row)
-    return rows

@@ -112,22 +112,3 @@ def logit_lens_target_figure(result: LogitLens, position: int = -1) -> go.Figure
     return finish(fig)
 
 
-def logit_lens_table(result: LogitLens) -> list[dict]:
-    """Long-format rows (stage, position, rank, token, probability) plus target columns."""
-    s, p, k = result.top_ids.shape
-    rows = []
-    computed = range(p) if result.positions is None else result.positions
-    for si in range(s):
-        for i in computed:
-            for j in range(k):
-                row = {"stage": result.stage_labels[si], "hook": result.stage_hooks[si],
-                       "position": i, "token": result.display[i], "rank": j + 1,
-                       "prediction": str(result.top_display[si, i, j]),
-                       "prediction_id": int(result.top_ids[si, i, j]),
-                       "probability": float(result.top_probs[si, i, j])}
-                if result.target_id is not None:
-                    row.update(target=result.target_display,
-                               target_probability=float(result.target_probs[si, i]),
-                               target_rank=int(result.target_ranks[si, i]))
-                rows.append(row)
-    return rows

@@ -65,21 +65,3 @@ def surprisal_figure(result: TokenPredictions) -> go.Figure:
     return finish(fig)
 
 
-def token_predictions_table(result: TokenPredictions) -> list[dict]:
-    """One row per position: the actual next token's probability, rank, surprisal; the top-k."""
-    rows = []
-    last = len(result.display) - 1
-    for i in range(len(result.display)):
-        row = {
-            "position": i, "token": result.tokens[i], "display": result.display[i],
-            "next_token": None if i == last else result.display[i + 1],
-            "next_probability": None if i == last else float(result.next_probs[i]),
-            "next_rank": None if i == last else int(result.next_ranks[i]),
-            "surprisal_nats": None if i == last else float(result.surprisal_nats[i]),
-            "entropy_nats": float(result.entropy[i]),
-        }
-        for j in range(result.k):
-            row[f"top_{j + 1}"] = str(result.top_display[i, j])
-            row[f"top_{j + 1}_probability"] = float(result.top_probs[i, j])
-        rows.append(row)
-    return rows

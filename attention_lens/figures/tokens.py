@@ -120,20 +120,3 @@ def token_sequence_figure(result: TokenPredictions, per_row: int = 16,
     return finish(fig)
 
 
-def token_sequence_table(result: TokenPredictions) -> list[dict]:
-    """One row per token: the probability, rank and surprisal it was given, and the top guess."""
-    rows = []
-    for i, tok in enumerate(result.tokens):
-        row = {"position": i, "token": tok, "display": result.display[i],
-               "token_id": int(result.token_ids[i])}
-        if i == 0:
-            row.update(probability=None, rank=None, surprisal_nats=None, top_guess=None,
-                       top_guess_probability=None)
-        else:
-            row.update(probability=float(result.next_probs[i - 1]),
-                       rank=int(result.next_ranks[i - 1]),
-                       surprisal_nats=float(result.surprisal_nats[i - 1]),
-                       top_guess=str(result.top_display[i - 1, 0]),
-                       top_guess_probability=float(result.top_probs[i - 1, 0]))
-        rows.append(row)
-    return rows

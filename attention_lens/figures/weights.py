@@ -93,28 +93,3 @@ def svd_directions_figure(svd: CircuitSVD, layer: int, head: int) -> go.Figure:
 
 
 # ------------------------------------------------------------------ data export
-def svd_table(svd: CircuitSVD) -> list[dict]:
-    """Rows (layer, head, index, singular value) of every head, for CSV/JSON export."""
-    L, H, k = svd.singular_values.shape
-    return [{"circuit": svd.circuit, "layer": la, "head": h, "index": i + 1,
-             "singular_value": float(svd.singular_values[la, h, i])}
-            for la in range(L) for h in range(H) for i in range(k)]
-
-
-def svd_directions_table(svd: CircuitSVD) -> list[dict]:
-    """Rows (layer, head, direction, side, rank, token, id, score) of the tokens read off."""
-    L, H, n_dir, k = svd.input_ids.shape
-    rows = []
-    for la in range(L):
-        for h in range(H):
-            for d in range(n_dir):
-                for side, ids, scores, toks in (
-                        ("input", svd.input_ids, svd.input_scores, svd.input_tokens),
-                        ("output", svd.output_ids, svd.output_scores, svd.output_tokens)):
-                    for r in range(k):
-                        rows.append({"circuit": svd.circuit, "layer": la, "head": h,
-                                     "direction": d + 1, "side": side, "rank": r + 1,
-                                     "token": str(toks[la][h][d][r]),
-                                     "token_id": int(ids[la, h, d, r]),
-                                     "score": float(scores[la, h, d, r])})
-    return rows

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from typing import Any, Optional
-from urllib.parse import urlencode
 
 import dash_bootstrap_components as dbc
 from dash import Input, Output, State, callback, dcc, html, no_update
@@ -155,17 +154,12 @@ def panels(ctx: P.PageContext, query: dict) -> list:
             *[P.Notice(n) for n in notes]]
 
 
-def _href(path: str, state: dict, **extra: Any) -> str:
-    parts = [shell.state_query(state), urlencode(extra)]
-    return f"{path}?{'&'.join(p for p in parts if p)}"
-
-
 def head_links(state: dict, layer: int, head: int, pos: int) -> list[Any]:
     """Links from a head node to its QK attribution (at that query) and its OV read-out."""
-    return [html.A("QK attribution", href=_href("/qk", state, layer=layer, head=head,
+    return [html.A("QK attribution", href=shell.page_href("/qk", state, layer=layer, head=head,
                                                 query=pos)),
             " · ",
-            html.A("OV read-out", href=_href("/weights", state, layer=layer, head=head))]
+            html.A("OV read-out", href=shell.page_href("/weights", state, layer=layer, head=head))]
 
 
 def _node_table(view: GraphView, state: dict) -> Any:

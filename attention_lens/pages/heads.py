@@ -6,7 +6,6 @@ import base64
 import binascii
 from typing import Any, Optional
 
-import dash
 import dash_bootstrap_components as dbc
 from dash import (
     Input,
@@ -233,18 +232,15 @@ def examples_view(lm: Any, hm: HeadMetrics, metric: str, layer: int, head: int) 
 
 def links(state: dict, layer: int, head: int) -> list[Any]:
     """Links to the selected head on the per-prompt pages."""
-    q = shell.state_query(state)
-
-    def link(path: str, label: str, extra: str) -> Any:
-        href = f"{dash.get_relative_path(path)}?{q}&{extra}" if q else \
-            f"{dash.get_relative_path(path)}?{extra}"
+    def link(path: str, label: str, extra: dict) -> Any:
+        href = shell.page_href(path, state, **extra)
         return dbc.Button(label, href=href, size="sm", color="secondary", outline=True,
                           className="me-2", external_link=False)
 
     return [html.Span(f"L{layer}H{head} on this prompt: ", className="me-2"),
-            link("/attention", "attention pattern", f"layer={layer}&head={head}"),
-            link("/weights", "OV/QK weights", f"layer={layer}&head={head}"),
-            link("/patching", "path patching from it", f"sender=L{layer}H{head}")]
+            link("/attention", "attention pattern", {"layer": layer, "head": head}),
+            link("/weights", "OV/QK weights", {"layer": layer, "head": head}),
+            link("/patching", "path patching from it", {"sender": f"L{layer}H{head}"})]
 
 
 def panels(ctx: P.PageContext, query: dict) -> list:

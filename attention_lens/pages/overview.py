@@ -89,10 +89,9 @@ def update(state: Optional[dict]) -> tuple[Any, Any]:
     """The card of the analysed model and links to every page carrying the prompt."""
     if not state:
         raise PreventUpdate
-    query = shell.state_query(state)
     links = [
         dbc.ListGroupItem([
-            html.Div(dcc.Link(p["name"], href=f"{p['relative_path']}?{query}",
+            html.Div(dcc.Link(p["name"], href=shell.page_href(p["path"], state),
                               className="fw-bold")),
             html.Small(p.get("description") or "", className="text-muted"),
         ])

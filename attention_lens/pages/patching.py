@@ -7,7 +7,6 @@ import binascii
 import hashlib
 import re
 from typing import Any, Optional
-from urllib.parse import urlencode
 
 import dash_bootstrap_components as dbc
 from dash import Input, Output, State, callback, dcc, html, no_update
@@ -304,9 +303,9 @@ def open_head(exact: Optional[dict], attribution: Optional[dict], state: Optiona
         head = layer
     if head is None:
         return no_update
-    query = {"model": state.get("model", ""), "text": clean or state.get("text", ""),
-             "layer": head[0], "head": head[1]}
-    return f"/attention?{urlencode(query)}"
+    return shell.page_href("/attention", {"model": state.get("model", ""),
+                                          "text": clean or state.get("text", "")},
+                           layer=head[0], head=head[1])
 
 
 __all__ = ["SPEC", "head_label", "open_head", "panels", "resolve", "upload_pairs", "use_prompt"]

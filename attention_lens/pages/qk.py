@@ -5,9 +5,7 @@ Clicking a cell of the attention pattern on /attention opens this page for that 
 
 from __future__ import annotations
 
-import re
-from typing import Any, Optional
-from urllib.parse import urlencode
+from typing import Optional
 
 import dash_bootstrap_components as dbc
 from dash import Input, Output, State, callback, html
@@ -97,7 +95,7 @@ def panels(ctx: P.PageContext, query: dict) -> list:
     links = html.Div([
         html.Ol(top, className="small"),
         html.A("This head's pattern on /attention",
-               href=f"/attention?{_state_query(ctx.state, layer=layer, head=head)}"),
+               href=shell.page_href("/attention", ctx.state, layer=layer, head=head)),
     ])
     return [P.Panel("terms", qk_terms_figure(res), res),
             P.Panel("top", qk_top_terms_figure(res), {"terms": res.top_terms(40)}),
@@ -105,12 +103,6 @@ def panels(ctx: P.PageContext, query: dict) -> list:
             P.Panel("row", qk_row_figure(row), row),
             P.Html("words", links),
             *[P.Notice(n) for n in notes]]
-
-
-def _state_query(state: dict, **extra: Any) -> str:
-    base = shell.state_query(state)
-    more = urlencode({k: v for k, v in extra.items() if v is not None})
-    return "&".join(x for x in (base, more) if x)
 
 
 P.register_page(
@@ -135,29 +127,26 @@ P.register_page(
 
 
 # ------------------------------------------------- a click on /attention opens this page
-TITLE = re.compile(r"Layer (\d+), head (\d+)")
-
-
 def cell_href(click: Optional[dict], figure: Optional[dict], state: Optional[dict],
               query: Optional[dict] = None) -> str:
     """The /qk link of the attention-pattern cell a click landed on.
 
     The head is the attention page's chosen one (its query store), or, where that says
-    "auto", the one its figure's title names.
+    "auto", the one the figure's heatmap carries in its ``meta`` (``{"layer", "head"}``).
     """
     if not click or not click.get("points") or not figure or not state:
         raise PreventUpdate
     point = click["points"][0]
-    title = ((figure.get("layout") or {}).get("title") or {})
-    match = TITLE.search(title.get("text", "") if isinstance(title, dict) else str(title))
+    trace = (figure.get("data") or [{}])[0]
+    meta = trace.get("meta") if isinstance(trace.get("meta"), dict) else {}
     chosen = [(query or {}).get(k) for k in ("layer", "head")]
+    shown = [meta.get(k) for k in ("layer", "head")]
     if all(isinstance(v, int) for v in chosen):
         layer, head = chosen
-    elif match:
-        layer, head = int(match.group(1)), int(match.group(2))
+    elif all(isinstance(v, int) for v in shown):
+        layer, head = shown
     else:
         raise PreventUpdate
-    trace = (figure.get("data") or [{}])[0]
     number = point.get("pointNumber")
     if isinstance(number, (list, tuple)) and len(number) == 2:
         q, k = int(number[0]), int(number[1])
@@ -171,7 +160,7 @@ def cell_href(click: Optional[dict], figure: Optional[dict], state: Optional[dic
         raise PreventUpdate  # the masked upper triangle, or a cell of a pooled pattern
     if isinstance(xs, list) and isinstance(trace.get("y"), list) and len(xs) != len(trace["y"]):
         raise PreventUpdate
-    return f"/qk?{_state_query(state, layer=layer, head=head, query=q, key=k)}"
+    return shell.page_href("/qk", state, layer=layer, head=head, query=q, key=k)
 
 
 callback(Output(shell.LOCATION, "href", allow_duplicate=True),
