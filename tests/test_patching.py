@@ -290,6 +290,7 @@ def test_pairs_of_different_lengths_need_whole_head_granularities(model_2l):
     (dict(correct=99999), "outside the vocabulary"),
     (dict(wrong=" mat"), "the same token"),
     (dict(wrong=None), "needs a wrong answer"),
+    (dict(correct=None), "needs a correct answer"),
     (dict(position=14), "position 14 is outside the prompts: they have 14 tokens"),
     (dict(position=-15), "outside the prompts"),
     (dict(position="3"), "whole number"),

@@ -78,6 +78,26 @@ def test_path_patching(client, lm):
     assert status == 200 and len(data["result"]["direct"]) == 2
 
 
+def test_kl_needs_no_answer_tokens(client, lm):
+    pair = {k: PAIR[k] for k in ("clean", "corrupted")}
+    status, data = post(client, "/api/patching", {**pair, "metric": "kl",
+                                                  "granularity": "head_out"})
+    assert status == 200, data
+    res = data["result"]
+    ours = P.activation_patching(lm, **PAIR, metric="kl", granularity="head_out")
+    np.testing.assert_allclose(np.array(res["values"]), ours.values, rtol=1e-6, atol=1e-6)
+    assert res["correct_id"] is None and res["wrong_id"] is None
+    assert res["clean_metric"] == pytest.approx(0.0, abs=1e-5) and res["base_metric"] > 0.1
+    status, data = post(client, "/api/path-patching", {**pair, "metric": "kl", "sender": [0, 7]})
+    assert status == 200, data
+    ref = P.path_patching(lm, **pair, metric="kl", sender=(0, 7))
+    np.testing.assert_allclose(np.array(data["result"]["values"], dtype=float), ref.values,
+                               rtol=1e-6, atol=1e-6)
+    # the metrics that read answer tokens still ask for them
+    status, data = post(client, "/api/patching", {**pair, "metric": "logprob"})
+    assert status == 400 and "missing field 'correct'" in data["error"]
+
+
 @pytest.mark.parametrize("path, body, message", [
     ("/api/patching", {**PAIR, "corrupted": " The dog sat on the mat. The cat sat on the"},
      "14 tokens and the corrupted prompt 15"),

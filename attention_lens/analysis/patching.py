@@ -159,7 +159,7 @@ class Metric:
 
     kind: str
     position: int
-    correct: int
+    correct: Optional[int]
     wrong: Optional[int]
     clean_ld: float = 0.0
     corrupted_ld: float = 0.0
@@ -229,7 +229,7 @@ class PatchingGrid:
         corrupted_metric: metric of the corrupted run.
         correlation: Pearson correlation of exact and attribution effects (NaN if constant).
         position: the metric's position.
-        correct_id: the correct answer token.
+        correct_id: the correct answer token (None for KL when none was given).
         wrong_id: the wrong answer token (None for log-probability and KL).
         clean_display: [pos] display strings of the clean prompt.
         corrupted_display: [pos] display strings of the corrupted prompt.
@@ -249,7 +249,7 @@ class PatchingGrid:
     corrupted_metric: float
     correlation: float
     position: int
-    correct_id: int
+    correct_id: Optional[int]
     wrong_id: Optional[int]
     clean_display: tuple[str, ...]
     corrupted_display: tuple[str, ...]
@@ -680,7 +680,8 @@ class _Engine:
 class _Setup:
     """Validated pair, metric, base/source runs and the engine."""
 
-    def __init__(self, lm: LoadedModel, clean: Prompt, corrupted: Prompt, correct: TokenLike,
+    def __init__(self, lm: LoadedModel, clean: Prompt, corrupted: Prompt,
+                 correct: Optional[TokenLike],
                  wrong: Optional[TokenLike], metric: str, direction: str,
                  position: int) -> None:
         self.kind = _check_choice(metric, METRICS, "metric")
@@ -690,10 +691,15 @@ class _Setup:
         n_tok = len(clean_ids)
         self.position = _check_position(position, n_tok)
         self.n = self.position + 1
-        try:
-            a = token_id(lm, correct)
-        except AnalysisError as exc:
-            raise AnalysisError(f"correct answer: {exc}") from None
+        a = None
+        if self.kind != "kl" and correct is None:
+            raise AnalysisError(f"the {METRIC_LABELS[self.kind]} needs a correct answer token")
+        if self.kind != "kl" or (correct is not None and correct != ""):
+            # KL compares whole distributions: it reads no answer token
+            try:
+                a = token_id(lm, correct)
+            except AnalysisError as exc:
+                raise AnalysisError(f"correct answer: {exc}") from None
         b = None
         if self.kind in ("logit_diff", "normalized"):
             if wrong is None or wrong == "":
@@ -928,7 +934,8 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def activation_patching(lm: LoadedModel, clean: Prompt, corrupted: Prompt, *, correct: TokenLike,
+def activation_patching(lm: LoadedModel, clean: Prompt, corrupted: Prompt, *,
+                        correct: Optional[TokenLike] = None,
                         wrong: Optional[TokenLike] = None, granularity: str = "resid_pre",
                         metric: str = "logit_diff", direction: str = "denoising",
                         position: int = -1, progress: Optional[ProgressFn] = None,
@@ -1026,7 +1033,7 @@ def _norm_scale(x: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
 
 
 def path_patching(lm: LoadedModel, clean: Prompt, corrupted: Prompt, *, sender: tuple[int, int],
-                  correct: TokenLike, wrong: Optional[TokenLike] = None,
+                  correct: Optional[TokenLike] = None, wrong: Optional[TokenLike] = None,
                   metric: str = "logit_diff", direction: str = "denoising", position: int = -1,
                   ln_mode: str = "recomputed") -> PathPatching:
     """Path patching from ``sender`` = (layer, head) into later heads' q, k, v and the logits."""
@@ -1049,7 +1056,8 @@ def path_patching(lm: LoadedModel, clean: Prompt, corrupted: Prompt, *, sender: 
 MAX_TABLE_HEADS = 64
 
 
-def path_patching_table(lm: LoadedModel, clean: Prompt, corrupted: Prompt, *, correct: TokenLike,
+def path_patching_table(lm: LoadedModel, clean: Prompt, corrupted: Prompt, *,
+                        correct: Optional[TokenLike] = None,
                         wrong: Optional[TokenLike] = None, metric: str = "logit_diff",
                         direction: str = "denoising", position: int = -1,
                         ln_mode: str = "recomputed",
