@@ -465,10 +465,11 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
     def path_patching() -> dict[str, Any]:
         from .analysis import patching as PT
 
-        body = json_body(pair_fields | {"sender", "table", "ln_mode"})
+        body = json_body(pair_fields | {"sender", "table", "ln_mode", "mlps"})
         lm = model_of(body)
         args = pair_args(body, lm)
         ln_mode = choice_field(body, "ln_mode", "recomputed", ("recomputed", "frozen"))
+        args["mlps"] = choice_field(body, "mlps", "recomputed", PT.MLP_MODES)
         if bool_field(body, "table", False):
             if "sender" in body:
                 raise ApiError("send either 'sender' or 'table': true, not both")
