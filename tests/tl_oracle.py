@@ -9,16 +9,17 @@ from attention_lens.model import LoadedModel
 
 def to_transformer_lens(lm: LoadedModel):
     """A TransformerLens ``HookedTransformer`` holding ``lm``'s weights (standard positions,
-    LayerNorm or none, GELU/ReLU MLPs or attention-only), in float32 on the CPU."""
+    LayerNorm, RMSNorm or none, GELU/ReLU/SiLU MLPs, gated or not, or attention-only), in
+    float32 on the CPU."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     c = lm.cfg
-    if c.positional_embedding_type != "standard" or c.gated_mlp or c.parallel_attn_mlp:
-        raise ValueError("the oracle covers standard-position, ungated, sequential models")
+    if c.positional_embedding_type != "standard" or c.parallel_attn_mlp or c.final_rms:
+        raise ValueError("the oracle covers standard-position, sequential models")
     cfg = HookedTransformerConfig(
         n_layers=c.n_layers, d_model=c.d_model, n_heads=c.n_heads, d_head=c.d_head,
         n_ctx=c.n_ctx, d_vocab=c.d_vocab, attn_only=c.attn_only, d_mlp=c.d_mlp,
-        act_fn=c.act_fn if not c.attn_only else None,
+        act_fn=c.act_fn if not c.attn_only else None, gated_mlp=c.gated_mlp,
         normalization_type=c.normalization_type, eps=c.eps, device="cpu", seed=0,
         default_prepend_bos=False)
     tl = HookedTransformer(cfg)
