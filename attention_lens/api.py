@@ -332,20 +332,22 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
     # -------------------------------------------------------------- head scores
     @endpoint("/induction-score", ("POST",))
     def induction_score() -> dict[str, Any]:
-        from .analysis.heads import METRICS, head_detection
+        from .analysis.heads import METRICS, ROWS, head_detection
 
-        body = json_body(base | {"metric", "exclude_bos", "exclude_diagonal", "n_examples"})
+        body = json_body(base | {"metric", "exclude_bos", "exclude_diagonal", "n_examples",
+                                 "rows"})
         lm, fp, part = prompt(body)
         metric = choice_field(body, "metric", "mul", tuple(METRICS))
+        rows = choice_field(body, "rows", "target", tuple(ROWS))
         n_examples = int_field(body, "n_examples", 5, 1, 20)
         probe = W.store().get_or_compute(lm, W.probe_head_scores())[0]
         bos = bool_field(body, "exclude_bos", False)
         diagonal = bool_field(body, "exclude_diagonal", False)
         eigen = eigen_of(lm)
-        key = ("api-head-detection", metric, bos, diagonal, n_examples)
+        key = ("api-head-detection", metric, bos, diagonal, n_examples, rows)
         res = registry.per_prompt(fp, key, lambda: head_detection(
             lm, fp, metric=metric, exclude_bos=bos, exclude_diagonal=diagonal,
-            n_examples=n_examples, probe=probe, eigen=eigen))
+            n_examples=n_examples, probe=probe, eigen=eigen, rows=rows))
         data = jsonable(res)
         return {**part, "induction_scores": data["scores"]["induction"],
                 "probe_induction_scores": data["probe_induction"], "result": data}
@@ -402,13 +404,13 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         if len(ids) > limit_of(lm):
             raise ApiError(f"the prompts have {len(ids)} tokens; this server analyses at most "
                            f"{limit_of(lm)}")
+        metric = choice_field(body, "metric", "logit_diff", PT.METRICS)
         correct = token_field(body, "correct")
-        if correct is None:
+        if correct is None and metric != "kl":  # KL reads no answer token
             raise ApiError("missing field 'correct' (the answer token the clean prompt "
                            "should predict)")
         return dict(clean=clean, corrupted=corrupted, correct=correct,
-                    wrong=token_field(body, "wrong"),
-                    metric=choice_field(body, "metric", "logit_diff", PT.METRICS),
+                    wrong=token_field(body, "wrong"), metric=metric,
                     direction=choice_field(body, "direction", "denoising", PT.DIRECTIONS),
                     position=int_field(body, "position", -1, -len(ids), len(ids) - 1,
                                        f" (the prompts have {len(ids)} tokens)"))
@@ -463,10 +465,11 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
     def path_patching() -> dict[str, Any]:
         from .analysis import patching as PT
 
-        body = json_body(pair_fields | {"sender", "table", "ln_mode"})
+        body = json_body(pair_fields | {"sender", "table", "ln_mode", "mlps"})
         lm = model_of(body)
         args = pair_args(body, lm)
         ln_mode = choice_field(body, "ln_mode", "recomputed", ("recomputed", "frozen"))
+        args["mlps"] = choice_field(body, "mlps", "recomputed", PT.MLP_MODES)
         if bool_field(body, "table", False):
             if "sender" in body:
                 raise ApiError("send either 'sender' or 'table': true, not both")
@@ -600,7 +603,9 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         metric = choice_field(body, "metric", "induction", tuple(PATTERN_METRICS))
         layer, head = layer_head(lm, body)
         n_examples = int_field(body, "n_examples", 3, 0, 20)
-        top = int_field(body, "top", 10, 1, lm.cfg.n_layers * lm.cfg.n_heads)
+        n_all = lm.cfg.n_layers * lm.cfg.n_heads
+        top = int_field(body, "top", min(10, n_all), 1, n_all,
+                        f" ({lm.name} has {n_all} heads)")
         copying = bool_field(body, "copying", True)
         hm = dataset_metrics(lm, body)
         if head is None:

@@ -161,12 +161,12 @@ def _patching(lm: LoadedModel, progress: Progress, clean: str, corrupted: str, c
 
 def _path_patching(lm: LoadedModel, progress: Progress, clean: str, corrupted: str,
                    correct: str, wrong: str, metric: str, direction: str, position: int,
-                   layer: int, head: int) -> Any:
+                   layer: int, head: int, mlps: str = "recomputed") -> Any:
     from .analysis.patching import path_patching
 
     return path_patching(lm, clean, corrupted, sender=(layer, head), correct=correct,
                          wrong=wrong or None, metric=metric, direction=direction,
-                         position=position)
+                         position=position, mlps=mlps)
 
 
 def pair_set_key(digest: str) -> str:
@@ -196,9 +196,10 @@ ANALYSES: dict[str, Analysis] = {
     "activation_patching": Analysis("{granularity} activation patching", _patching,
                                     ("clean", "corrupted", "correct", "wrong", "metric",
                                      "direction", "granularity", "position")),
-    "path_patching": Analysis("path patching from L{layer}H{head}", _path_patching,
+    "path_patching": Analysis("path patching from L{layer}H{head} (MLPs {mlps})",
+                              _path_patching,
                               ("clean", "corrupted", "correct", "wrong", "metric",
-                               "direction", "position", "layer", "head")),
+                               "direction", "position", "layer", "head", "mlps")),
     "circuit_svd": Analysis("{circuit} circuit SVD", _svd, ("circuit",)),
     "circuit_eigenvalues": Analysis("circuit eigenvalues", _eigen),
     "composition_scores": Analysis("composition scores", _composition),

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from attention_lens.analysis.attention import attention_pattern
 from attention_lens.analysis.predictions import next_token
@@ -193,6 +194,46 @@ def test_induction_score_finds_the_shipped_induction_heads(client):
     assert probe.shape == (2, 12) and probe[1].max() > 0.6 and probe[0].max() < 0.3
     assert np.array(data["induction_scores"]).shape == (2, 12)
     assert len(data["result"]["labels"]) == 2
+
+
+def test_induction_score_rows(client, reg):
+    """``rows: "all"`` is TransformerLens' head_detector score and the page's all-rows grid;
+    the default averages over the rows that have a target."""
+    from tl_oracle import to_transformer_lens
+    from transformer_lens.head_detector import (
+        compute_head_attention_similarity_score,
+        get_induction_head_detection_pattern,
+    )
+
+    from attention_lens.components import page as P
+    from attention_lens.figures.heads import KIND_TITLES
+
+    text = "Harry Potter went home. Harry Potter went home."
+    status, default = post(client, "/api/induction-score", {"text": text})
+    assert status == 200, default
+    status, data = post(client, "/api/induction-score", {"text": text, "rows": "all"})
+    assert status == 200, data
+    ours = np.array(data["induction_scores"])
+    assert data["result"]["rows"] == "all" and default["result"]["rows"] == "target"
+    lm = reg.get("attn-only-2l")
+    tokens = torch.tensor([data["token_ids"]])
+    _, cache = to_transformer_lens(lm).run_with_cache(tokens)
+    det = get_induction_head_detection_pattern(tokens[0])
+    theirs = np.array([[compute_head_attention_similarity_score(
+        cache["pattern", layer][0, head], det, exclude_bos=False, exclude_current_token=False,
+        error_measure="mul") for head in range(lm.cfg.n_heads)]
+        for layer in range(lm.cfg.n_layers)])
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    # the first half has no earlier copy: counting its rows lowers every score
+    target = np.array(default["induction_scores"])
+    assert (target >= ours - 1e-9).all() and (target - ours).max() > 0.1
+    drawn = P.spec_of("induction").render({"model": lm.name, "text": text, "pos": None},
+                                           rows="all")
+    fig = drawn.figures["scores"]
+    grid = next(t.z for t in fig.data if t.name == f"prompt: {KIND_TITLES['induction']}")
+    np.testing.assert_allclose(np.array(grid, dtype=float), ours, rtol=1e-6, atol=1e-7)
+    status, data = post(client, "/api/induction-score", {"text": text, "rows": "some"})
+    assert status == 400 and "'rows' must be one of" in data["error"]
 
 
 def test_attribution_sums_to_the_logit(client):

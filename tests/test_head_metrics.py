@@ -216,6 +216,42 @@ def test_api_head_metrics_bad_input(api, body, message):
     assert r.status_code == 400 and message in r.get_json()["error"], r.get_json()
 
 
+def test_api_head_metrics_defaults_on_models_with_few_heads(tmp_path, tiny_tokenizer):
+    """The default ``top`` (10) is capped at the number of heads; an explicit value beyond
+    it is still a 400."""
+    from attention_lens.model import save_model
+    from attention_lens.server import ServerConfig, create_server
+    from tests.conftest import make_tiny
+
+    models = {"tiny-attn": make_tiny(tiny_tokenizer, name="tiny-attn"),  # 2 x 4 heads
+              "tiny-4h": make_tiny(tiny_tokenizer, seed=2, n_layers=1, attn_only=False,
+                                   d_mlp=64, act_fn="gelu", normalization_type="LN",
+                                   name="tiny-4h")}
+    for name, lm in models.items():
+        save_model(lm.model, tiny_tokenizer, tmp_path / name)
+    app = create_server(ServerConfig(models_dirs=[tmp_path], model="tiny-attn", cache_size=4))
+    client = app.server.test_client()
+    reg = app.server.extensions["attention_lens"]["registry"]
+    body = {"text": TEXT, "windows": 3, "length": 32}
+    for name, n_heads in (("tiny-attn", 8), ("tiny-4h", 4)):
+        r = client.post("/api/head-metrics", json={**body, "model": name})
+        assert r.status_code == 200, r.get_json()
+        data = r.get_json()
+        lm = reg.get(name)
+        hm = head_metrics(lm, dataset_windows(lm, Dataset("t", (TEXT,), sha256="x"),
+                                              length=32, stride=32, max_windows=3))
+        for m in PATTERN_METRICS:
+            ranked = data["ranking"][m]
+            assert len(ranked) == n_heads, (name, m)
+            assert [(e["layer"], e["head"]) for e in ranked] == \
+                [(la, h) for la, h, _ in hm.ranking(m, n_heads)]
+            np.testing.assert_allclose(data["metrics"][m], hm.metrics[m], rtol=1e-6,
+                                       atol=1e-9)
+        r = client.post("/api/head-metrics", json={**body, "model": name, "top": n_heads + 1})
+        assert r.status_code == 400
+        assert f"'top' must be between 1 and {n_heads}" in r.get_json()["error"]
+
+
 # --------------------------------------------------------------------------- the browser
 GEOMETRY_JS = """
 const problems = [], boxes = [];

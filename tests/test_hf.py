@@ -290,6 +290,14 @@ def test_unknown_tensors_are_refused(tmp_path, tiny_tokenizer):
         load_hf_folder(tmp_path)
 
 
+def test_gated_mlp_biases_inside_the_product_are_refused(tmp_path, tiny_tokenizer):
+    """Llama with mlp_bias: act(x W_gate + b_gate) * (x W_up + b_up) has biases inside the
+    gated product, which b_in (added after it, as in TransformerLens) cannot hold."""
+    build("llama-gqa", tmp_path, tiny_tokenizer, mlp_bias=True)
+    with pytest.raises(CheckpointError, match="does not support: .*(gate|up)_proj.bias"):
+        load_hf_folder(tmp_path)
+
+
 def test_corrupt_safetensors(tmp_path, tiny_tokenizer):
     build("gpt2", tmp_path, tiny_tokenizer)
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{broken")

@@ -9,10 +9,11 @@ import io
 import numpy as np
 import pytest
 import torch
-from tl_oracle import to_transformer_lens
+from tl_oracle import path_patch_with_hooks, to_transformer_lens
 
 from attention_lens.analysis import patching as P
 from attention_lens.analysis.errors import AnalysisError
+from tests.conftest import make_tiny
 
 tl_patching = pytest.importorskip("transformer_lens.patching")
 
@@ -158,7 +159,8 @@ def _runs(lm, pair):
 
 def _plain_path_patch(lm, runs, sender, receiver, component, ln="recomputed"):
     """Rerun the corrupted prompt with the receiver's q/k/v recomputed from (corrupted
-    residual + the sender's clean − corrupted output), every other input unchanged."""
+    residual + the sender's clean − corrupted output), every other input unchanged (the
+    "MLPs frozen" variant)."""
     model = lm.model
     s, cc, rc = runs
     (ls, hs), (lr, hr) = sender, receiver
@@ -204,7 +206,7 @@ def test_path_patching_equals_two_pass_reference(model_2l, tiny_ln):
         pair = _pair_for(lm)
         runs = _runs(lm, pair)
         for sender in senders:
-            pp = P.path_patching(lm, **pair, sender=sender)
+            pp = P.path_patching(lm, **pair, sender=sender, mlps="frozen")
             assert np.isnan(pp.values[0]).all()
             for hr in range(lm.cfg.n_heads):
                 for c, comp in enumerate(P.COMPONENTS):
@@ -231,7 +233,7 @@ def test_path_patching_equals_transformer_lens_direct_path(tiny_ln):
     corrupted = torch.tensor([s.corrupted_ids])
     _, rc = tl.run_with_cache(corrupted)
     for sender in [(0, 0), (0, 3)]:
-        ours = P.path_patching(lm, **pair, sender=sender, ln_mode="frozen")
+        ours = P.path_patching(lm, **pair, sender=sender, ln_mode="frozen", mlps="frozen")
         for c, comp in enumerate(P.COMPONENTS):
             theirs = get_act_patch_direct_path(
                 tl, corrupted, cc, rc, s.metric.on_full_logits, src_layer=sender[0],
@@ -241,12 +243,90 @@ def test_path_patching_equals_transformer_lens_direct_path(tiny_ln):
             assert ours.values[1, 1, c] == pytest.approx(ref, abs=1e-4)
 
 
-def test_path_table_matches_single_senders(model_2l):
+def test_path_table_matches_single_senders(model_2l, deep_ln):
     table = P.path_patching_table(model_2l, **SHIPPED)
     one = P.path_patching(model_2l, **SHIPPED, sender=(0, 7))
     np.testing.assert_allclose(table.values[0, 7], one.values, atol=1e-6)
     assert table.direct[0, 7] == pytest.approx(one.direct, abs=1e-6)
     assert np.isnan(table.values[1]).all()
+    for mlps in P.MLP_MODES:
+        table = P.path_patching_table(deep_ln, **TINY, mlps=mlps)
+        assert table.mlps == mlps
+        one = P.path_patching(deep_ln, **TINY, sender=(1, 2), mlps=mlps)
+        np.testing.assert_allclose(table.values[1, 2], one.values, atol=1e-6)
+        assert table.direct[1, 2] == pytest.approx(one.direct, abs=1e-6)
+
+
+# ------------------------------------------------ path patching's two variants, by hooks
+@pytest.fixture(scope="module")
+def deep_ln(tiny_tokenizer):
+    """A random four-layer GPT-2-like model: LayerNorm, GELU MLPs."""
+    return make_tiny(tiny_tokenizer, seed=3, n_layers=4, attn_only=False, d_mlp=64,
+                     act_fn="gelu", normalization_type="LN", name="tiny-deep")
+
+
+@pytest.fixture(scope="module")
+def deep_tl(deep_ln):
+    return to_transformer_lens(deep_ln)
+
+
+@pytest.mark.parametrize("mlps", P.MLP_MODES)
+def test_path_patching_variants_equal_transformer_lens_hooks(deep_ln, deep_tl, mlps):
+    """Both variants, both LayerNorm modes and both directions against two hooked
+    TransformerLens runs (ARENA's construction; tl_oracle.path_patch_with_hooks)."""
+    lm, tl = deep_ln, deep_tl
+    for direction, sender in (("denoising", (0, 1)), ("noising", (1, 3))):
+        s = P._Setup(lm, TINY["clean"], TINY["corrupted"], TINY["correct"], TINY["wrong"],
+                     "logit_diff", direction, -1)
+        base = torch.tensor([s.base_ids])
+        _, base_cache = tl.run_with_cache(base)
+        _, source_cache = tl.run_with_cache(torch.tensor([s.source_ids]))
+        for ln_mode in ("recomputed", "frozen"):
+            ours = P.path_patching(lm, **TINY, sender=sender, direction=direction,
+                                   ln_mode=ln_mode, mlps=mlps)
+            assert ours.mlps == mlps
+            for c, comp in enumerate(P.COMPONENTS):
+                theirs, direct = path_patch_with_hooks(
+                    tl, base, base_cache, source_cache, sender, comp, s.metric.on_full_logits,
+                    mlps=mlps, ln_mode=ln_mode)
+                np.testing.assert_allclose(ours.values[..., c], theirs.numpy(), atol=1e-5,
+                                           rtol=1e-6, err_msg=f"{direction} {ln_mode} {comp}")
+            assert ours.direct == pytest.approx(direct, abs=1e-5)
+
+
+def test_path_patching_variants_differ_only_through_mlps(deep_ln, model_2l):
+    frozen = P.path_patching(deep_ln, **TINY, sender=(0, 1), mlps="frozen")
+    recomputed = P.path_patching(deep_ln, **TINY, sender=(0, 1), mlps="recomputed")
+    gap = abs(frozen.clean_metric - frozen.corrupted_metric)
+    assert np.nanmax(np.abs(frozen.values - recomputed.values)) > 0.5 * gap
+    assert abs(frozen.direct - recomputed.direct) > 0.05 * gap
+    # attention-only: nothing between the heads to recompute, the variants are one
+    a = P.path_patching(model_2l, **SHIPPED, sender=(0, 7), mlps="frozen")
+    b = P.path_patching(model_2l, **SHIPPED, sender=(0, 7), mlps="recomputed")
+    np.testing.assert_array_equal(a.values, b.values)
+    assert a.direct == b.direct
+
+
+def test_path_patching_recomputed_on_parallel_rotary_models(tiny_tokenizer):
+    """Parallel attention + MLP and rotary positions (NeoX-like), against the same two
+    hooked runs through our own model's hooks."""
+    lm = make_tiny(tiny_tokenizer, seed=4, n_layers=3, attn_only=False, d_mlp=64,
+                   act_fn="gelu", normalization_type="LN", parallel_attn_mlp=True,
+                   positional_embedding_type="rotary", rotary_dim=4, name="tiny-neox")
+    s = P._Setup(lm, TINY["clean"], TINY["corrupted"], TINY["correct"], TINY["wrong"],
+                 "logit_diff", "denoising", -1)
+    base = torch.tensor([s.base_ids])
+    _, base_cache = lm.model.run_with_cache(base)
+    _, source_cache = lm.model.run_with_cache(torch.tensor([s.source_ids]))
+    for mlps in P.MLP_MODES:
+        ours = P.path_patching(lm, **TINY, sender=(0, 2), mlps=mlps)
+        for c, comp in enumerate(P.COMPONENTS):
+            theirs, direct = path_patch_with_hooks(lm.model, base, base_cache, source_cache,
+                                                   (0, 2), comp, s.metric.on_full_logits,
+                                                   mlps=mlps)
+            np.testing.assert_allclose(ours.values[..., c], theirs.numpy(), atol=1e-5,
+                                       rtol=1e-6, err_msg=f"{mlps} {comp}")
+        assert ours.direct == pytest.approx(direct, abs=1e-5)
 
 
 # ---------------------------------------------------------------------- sets of pairs
@@ -290,6 +370,7 @@ def test_pairs_of_different_lengths_need_whole_head_granularities(model_2l):
     (dict(correct=99999), "outside the vocabulary"),
     (dict(wrong=" mat"), "the same token"),
     (dict(wrong=None), "needs a wrong answer"),
+    (dict(correct=None), "needs a correct answer"),
     (dict(position=14), "position 14 is outside the prompts: they have 14 tokens"),
     (dict(position=-15), "outside the prompts"),
     (dict(position="3"), "whole number"),
@@ -319,6 +400,8 @@ def test_too_long_prompts_and_bad_senders(model_2l):
         P.path_patching(model_2l, **SHIPPED, sender=5)
     with pytest.raises(AnalysisError, match="LayerNorm mode"):
         P.path_patching(model_2l, **SHIPPED, sender=(0, 0), ln_mode="thawed")
+    with pytest.raises(AnalysisError, match="mlps .* must be one of recomputed, frozen"):
+        P.path_patching(model_2l, **SHIPPED, sender=(0, 0), mlps="skipped")
 
 
 def test_bad_sets_of_pairs():

@@ -78,6 +78,65 @@ def test_path_patching(client, lm):
     assert status == 200 and len(data["result"]["direct"]) == 2
 
 
+def test_path_patching_variants(tmp_path, tiny_tokenizer):
+    """``mlps`` names the variant; on a model with MLPs the two differ and each equals the
+    analysis; the page names the variant it drew."""
+    from attention_lens.components import page as page_spec
+    from attention_lens.model import save_model
+    from tests.conftest import make_tiny
+
+    deep = make_tiny(tiny_tokenizer, seed=3, n_layers=4, attn_only=False, d_mlp=64,
+                     act_fn="gelu", normalization_type="LN", name="tiny-deep")
+    save_model(deep.model, tiny_tokenizer, tmp_path / "tiny-deep")
+    app = create_server(ServerConfig(models_dirs=[tmp_path], model="tiny-deep", cache_size=4))
+    client = app.server.test_client()
+    pair = dict(clean="Harry Potter went to the shop, and Harry",
+                corrupted="Harry Potter went to and shop, and Harry", correct=" Potter",
+                wrong=" the")
+    got = {}
+    for mlps in (None, "recomputed", "frozen"):
+        body = {**pair, "sender": [0, 1], **({} if mlps is None else {"mlps": mlps})}
+        status, data = post(client, "/api/path-patching", body)
+        assert status == 200, data
+        got[mlps] = np.array(data["result"]["values"], dtype=float)
+        assert data["result"]["mlps"] == (mlps or "recomputed")
+        ref = P.path_patching(deep, **pair, sender=(0, 1), mlps=mlps or "recomputed")
+        np.testing.assert_allclose(got[mlps], ref.values, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got[None], got["recomputed"])
+    assert np.nanmax(np.abs(got["frozen"] - got["recomputed"])) > 1e-3
+    status, data = post(client, "/api/path-patching", {**pair, "table": True, "mlps": "frozen"})
+    assert status == 200 and data["result"]["mlps"] == "frozen"
+    status, data = post(client, "/api/path-patching", {**pair, "sender": [0, 1],
+                                                       "mlps": "skipped"})
+    assert status == 400 and "'mlps' must be one of 'recomputed', 'frozen'" in data["error"]
+    state = {"model": "tiny-deep", "text": pair["clean"], "pos": None}
+    for mlps in P.MLP_MODES:
+        drawn = page_spec.spec_of("patching").render(state, **pair, sender="L0H1", mlps=mlps)
+        assert not drawn.errors, drawn.errors
+        title = drawn.figures["path"].layout.title.text.replace("<br>", " ")
+        assert f"MLPs {mlps}" in title, title
+
+
+def test_kl_needs_no_answer_tokens(client, lm):
+    pair = {k: PAIR[k] for k in ("clean", "corrupted")}
+    status, data = post(client, "/api/patching", {**pair, "metric": "kl",
+                                                  "granularity": "head_out"})
+    assert status == 200, data
+    res = data["result"]
+    ours = P.activation_patching(lm, **PAIR, metric="kl", granularity="head_out")
+    np.testing.assert_allclose(np.array(res["values"]), ours.values, rtol=1e-6, atol=1e-6)
+    assert res["correct_id"] is None and res["wrong_id"] is None
+    assert res["clean_metric"] == pytest.approx(0.0, abs=1e-5) and res["base_metric"] > 0.1
+    status, data = post(client, "/api/path-patching", {**pair, "metric": "kl", "sender": [0, 7]})
+    assert status == 200, data
+    ref = P.path_patching(lm, **pair, metric="kl", sender=(0, 7))
+    np.testing.assert_allclose(np.array(data["result"]["values"], dtype=float), ref.values,
+                               rtol=1e-6, atol=1e-6)
+    # the metrics that read answer tokens still ask for them
+    status, data = post(client, "/api/patching", {**pair, "metric": "logprob"})
+    assert status == 400 and "missing field 'correct'" in data["error"]
+
+
 @pytest.mark.parametrize("path, body, message", [
     ("/api/patching", {**PAIR, "corrupted": " The dog sat on the mat. The cat sat on the"},
      "14 tokens and the corrupted prompt 15"),

@@ -17,9 +17,17 @@ Attribution patching (Nanda 2023) estimates each cell as base metric + (a_source
 ∂m/∂a, with the gradient taken on the base run (one forward and one backward pass).
 
 Path patching (Wang et al. 2022) sends one head's output, taken from the source run, only
-into a receiver head's query, key or value input (every other component keeps its base
-value in that input), and recomputes the network from the receiver on; its direct effect
-sends it only into the final residual stream.
+into a receiver head's query, key or value input, and recomputes the network from the
+receiver on; its direct effect sends it only into the final residual stream. Two variants
+(``mlps``) say what happens between sender and receiver:
+
+- ``"recomputed"`` (the default; Wang et al., as ARENA's IOI code implements it): the sender's
+  output from the source run, every other attention head frozen at its base-run value, the
+  MLPs in between recomputed on the patched residual stream; the receiver reads that stream.
+- ``"frozen"``: only the sender's change is added to the receiver's input; every other
+  component, the MLPs too, keeps its base value.
+
+They agree on attention-only models (there is nothing to recompute).
 """
 
 from __future__ import annotations
@@ -81,6 +89,13 @@ METRIC_LABELS: dict[str, str] = {
     "kl": "KL divergence to the clean distribution (nats)",
 }
 LnMode = Literal["recomputed", "frozen"]
+MlpMode = Literal["recomputed", "frozen"]
+#: Path-patching variants: what the MLPs between sender and receiver do.
+MLP_MODES: tuple[str, ...] = ("recomputed", "frozen")
+MLP_MODE_LABELS: dict[str, str] = {
+    "recomputed": "MLPs recomputed (Wang et al.)",
+    "frozen": "MLPs frozen (the sender's change only)",
+}
 COMPONENTS: tuple[str, ...] = ("q", "k", "v")
 
 #: Most pairs a set of pairs may hold (each pair costs a full grid).
@@ -159,7 +174,7 @@ class Metric:
 
     kind: str
     position: int
-    correct: int
+    correct: Optional[int]
     wrong: Optional[int]
     clean_ld: float = 0.0
     corrupted_ld: float = 0.0
@@ -229,7 +244,7 @@ class PatchingGrid:
         corrupted_metric: metric of the corrupted run.
         correlation: Pearson correlation of exact and attribution effects (NaN if constant).
         position: the metric's position.
-        correct_id: the correct answer token.
+        correct_id: the correct answer token (None for KL when none was given).
         wrong_id: the wrong answer token (None for log-probability and KL).
         clean_display: [pos] display strings of the clean prompt.
         corrupted_display: [pos] display strings of the corrupted prompt.
@@ -249,7 +264,7 @@ class PatchingGrid:
     corrupted_metric: float
     correlation: float
     position: int
-    correct_id: int
+    correct_id: Optional[int]
     wrong_id: Optional[int]
     clean_display: tuple[str, ...]
     corrupted_display: tuple[str, ...]
@@ -281,6 +296,9 @@ class PathPatching:
         metric: one of :data:`METRICS`.
         ln_mode: "recomputed" (receivers' LayerNorm uses its patched input's statistics) or
             "frozen" (the base run's scale; TransformerLens' direct-path linearisation).
+        mlps: "recomputed" (the MLPs between sender and receiver run on the patched residual
+            stream, every other head frozen; Wang et al.) or "frozen" (only the sender's
+            change reaches the receiver).
         values: [n_layers, n_heads, 3] metric after patching the sender's output into each
             receiver's query, key, value input (NaN for receivers not after the sender).
         direct: metric after patching the sender's output into the final residual stream only.
@@ -298,6 +316,7 @@ class PathPatching:
     base_metric: float
     clean_metric: float
     corrupted_metric: float
+    mlps: str = "recomputed"
 
 
 @dataclass(frozen=True)
@@ -313,6 +332,7 @@ class PathPatchingTable:
         direction: "denoising" or "noising".
         metric: one of :data:`METRICS`.
         ln_mode: "recomputed" or "frozen".
+        mlps: "recomputed" or "frozen" (see :class:`PathPatching`).
     """
 
     values: np.ndarray
@@ -321,6 +341,7 @@ class PathPatchingTable:
     direction: str
     metric: str
     ln_mode: str
+    mlps: str = "recomputed"
 
 
 @dataclass(frozen=True)
@@ -680,7 +701,8 @@ class _Engine:
 class _Setup:
     """Validated pair, metric, base/source runs and the engine."""
 
-    def __init__(self, lm: LoadedModel, clean: Prompt, corrupted: Prompt, correct: TokenLike,
+    def __init__(self, lm: LoadedModel, clean: Prompt, corrupted: Prompt,
+                 correct: Optional[TokenLike],
                  wrong: Optional[TokenLike], metric: str, direction: str,
                  position: int) -> None:
         self.kind = _check_choice(metric, METRICS, "metric")
@@ -690,10 +712,15 @@ class _Setup:
         n_tok = len(clean_ids)
         self.position = _check_position(position, n_tok)
         self.n = self.position + 1
-        try:
-            a = token_id(lm, correct)
-        except AnalysisError as exc:
-            raise AnalysisError(f"correct answer: {exc}") from None
+        a = None
+        if self.kind != "kl" and correct is None:
+            raise AnalysisError(f"the {METRIC_LABELS[self.kind]} needs a correct answer token")
+        if self.kind != "kl" or (correct is not None and correct != ""):
+            # KL compares whole distributions: it reads no answer token
+            try:
+                a = token_id(lm, correct)
+            except AnalysisError as exc:
+                raise AnalysisError(f"correct answer: {exc}") from None
         b = None
         if self.kind in ("logit_diff", "normalized"):
             if wrong is None or wrong == "":
@@ -928,7 +955,8 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def activation_patching(lm: LoadedModel, clean: Prompt, corrupted: Prompt, *, correct: TokenLike,
+def activation_patching(lm: LoadedModel, clean: Prompt, corrupted: Prompt, *,
+                        correct: Optional[TokenLike] = None,
                         wrong: Optional[TokenLike] = None, granularity: str = "resid_pre",
                         metric: str = "logit_diff", direction: str = "denoising",
                         position: int = -1, progress: Optional[ProgressFn] = None,
@@ -960,18 +988,19 @@ def _grid(s: _Setup, granularity: str, progress: Optional[ProgressFn],
 
 
 # ----------------------------------------------------------------------- path patching
-def _receiver_batch(s: _Setup, j: int, delta: torch.Tensor, p0: int, ln_mode: str
-                    ) -> torch.Tensor:
-    """Metric after sending ``delta`` [n, d] (rows p0..) into every head of layer j through
-    its query, key or value input only: [n_heads, 3]."""
+def _receiver_batch(s: _Setup, j: int, resid: torch.Tensor, delta: torch.Tensor, p0: int,
+                    ln_mode: str) -> torch.Tensor:
+    """Metric after layer j's heads read ``resid`` [S, d] (rows p0.. of their input, which
+    differs from the base run's by ``delta`` [S, d]) through their query, key or value input
+    only, one head and input at a time: [n_heads, 3]."""
     eng, base, cfg, n = s.engine, s.base, s.lm.cfg, s.n
     H, e, dev = cfg.n_heads, cfg.d_head, delta.device
     x = base["resid_pre", j]
     blk = s.lm.model.blocks[j]
     if ln_mode == "recomputed" or not cfg.normalization_type:
-        moved = blk.ln1(x[p0:] + delta[p0:])
+        moved = blk.ln1(resid)
     else:
-        d = delta[p0:]
+        d = delta
         if cfg.normalization_type == "LN":
             d = d - d.mean(-1, keepdim=True)
         moved = blk.ln1(x[p0:]) + d / base["ln1_scale", j][p0:] * blk.ln1.w
@@ -998,8 +1027,33 @@ def _receiver_batch(s: _Setup, j: int, delta: torch.Tensor, p0: int, ln_mode: st
     return vals.reshape(3, H).T
 
 
-def _path_from_sender(s: _Setup, layer: int, head: int, ln_mode: str) -> tuple[np.ndarray,
-                                                                                   float]:
+def _recomputed_stream(s: _Setup, layer: int, delta: torch.Tensor, p0: int
+                       ) -> list[torch.Tensor]:
+    """Rows p0.. of the residual stream after each layer (resid_post of ``layer`` .. the
+    last) when the sender in ``layer`` adds ``delta`` [S, d], every attention output after it
+    keeps its base value and every MLP from ``layer`` on is recomputed (position-wise, so
+    rows before p0 keep their base values)."""
+    cfg, base, eng = s.lm.cfg, s.base, s.engine
+    out = []
+    post = None
+    for j in range(layer, cfg.n_layers):
+        pre = base["resid_pre", j][p0:] if post is None else post
+        attn = base["attn_out", j][p0:]
+        if j == layer:
+            attn = attn + delta
+        if cfg.parallel_attn_mlp:
+            # the MLP reads the layer's input: the sender's own layer's MLP does not see it
+            mlp = base["mlp_out", j][p0:] if post is None else eng._mlp(j, pre)
+            post = pre + attn + mlp
+        else:
+            mid = pre + attn
+            post = eng._mlp(j, mid, mid)
+        out.append(post)
+    return out
+
+
+def _path_from_sender(s: _Setup, layer: int, head: int, ln_mode: str,
+                      mlps: str = "recomputed") -> tuple[np.ndarray, float]:
     cfg, base, src, eng = s.lm.cfg, s.base, s.source, s.engine
     W_O = s.lm.model.blocks[layer].attn.W_O.detach()[head]
     delta = (src["z", layer][:, head] - base["z", layer][:, head]) @ W_O  # [n, d]
@@ -1008,9 +1062,18 @@ def _path_from_sender(s: _Setup, layer: int, head: int, ln_mode: str) -> tuple[n
     values[layer + 1:] = s.base_metric
     if p0 >= s.n:
         return values, s.base_metric
-    for j in range(layer + 1, cfg.n_layers):
-        values[j] = _receiver_batch(s, j, delta, p0, ln_mode).double().numpy()
-    row = base.final_row + delta[-1]
+    if mlps == "frozen" or cfg.attn_only:  # attention-only: nothing to recompute
+        for j in range(layer + 1, cfg.n_layers):
+            values[j] = _receiver_batch(s, j, base["resid_pre", j][p0:] + delta[p0:],
+                                        delta[p0:], p0, ln_mode).double().numpy()
+        row = base.final_row + delta[-1]
+    else:
+        stream = _recomputed_stream(s, layer, delta[p0:], p0)
+        for j in range(layer + 1, cfg.n_layers):
+            resid = stream[j - 1 - layer]
+            values[j] = _receiver_batch(s, j, resid, resid - base["resid_pre", j][p0:], p0,
+                                        ln_mode).double().numpy()
+        row = stream[-1][-1]
     scale = None
     if ln_mode == "frozen" and cfg.normalization_type:
         post = base.cache[f"blocks.{cfg.n_layers - 1}.hook_resid_post"][-1]
@@ -1026,11 +1089,13 @@ def _norm_scale(x: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
 
 
 def path_patching(lm: LoadedModel, clean: Prompt, corrupted: Prompt, *, sender: tuple[int, int],
-                  correct: TokenLike, wrong: Optional[TokenLike] = None,
+                  correct: Optional[TokenLike] = None, wrong: Optional[TokenLike] = None,
                   metric: str = "logit_diff", direction: str = "denoising", position: int = -1,
-                  ln_mode: str = "recomputed") -> PathPatching:
-    """Path patching from ``sender`` = (layer, head) into later heads' q, k, v and the logits."""
+                  ln_mode: str = "recomputed", mlps: str = "recomputed") -> PathPatching:
+    """Path patching from ``sender`` = (layer, head) into later heads' q, k, v and the logits
+    (``mlps``: the variant, see the module docstring)."""
     _check_choice(ln_mode, ("recomputed", "frozen"), "LayerNorm mode")
+    _check_choice(mlps, MLP_MODES, "mlps (what the MLPs between sender and receiver do)")
     try:
         layer, head = sender
     except (TypeError, ValueError):
@@ -1038,9 +1103,9 @@ def path_patching(lm: LoadedModel, clean: Prompt, corrupted: Prompt, *, sender: 
     layer, head = check_layer(lm, layer), check_head(lm, head)
     s = _Setup(lm, clean, corrupted, correct, wrong, metric, direction, position)
     with torch.no_grad():
-        values, direct = _path_from_sender(s, layer, head, ln_mode)
+        values, direct = _path_from_sender(s, layer, head, ln_mode, mlps)
     return PathPatching(sender=(layer, head), direction=s.direction, metric=s.kind,
-                        ln_mode=ln_mode, values=values, direct=direct,
+                        ln_mode=ln_mode, mlps=mlps, values=values, direct=direct,
                         base_metric=s.base_metric, clean_metric=s.clean_metric,
                         corrupted_metric=s.corrupted_metric)
 
@@ -1049,13 +1114,15 @@ def path_patching(lm: LoadedModel, clean: Prompt, corrupted: Prompt, *, sender: 
 MAX_TABLE_HEADS = 64
 
 
-def path_patching_table(lm: LoadedModel, clean: Prompt, corrupted: Prompt, *, correct: TokenLike,
+def path_patching_table(lm: LoadedModel, clean: Prompt, corrupted: Prompt, *,
+                        correct: Optional[TokenLike] = None,
                         wrong: Optional[TokenLike] = None, metric: str = "logit_diff",
                         direction: str = "denoising", position: int = -1,
-                        ln_mode: str = "recomputed",
+                        ln_mode: str = "recomputed", mlps: str = "recomputed",
                         progress: Optional[ProgressFn] = None) -> PathPatchingTable:
     """Every sender × receiver × {q, k, v} path and every sender's direct effect (small models)."""
     _check_choice(ln_mode, ("recomputed", "frozen"), "LayerNorm mode")
+    _check_choice(mlps, MLP_MODES, "mlps (what the MLPs between sender and receiver do)")
     cfg = lm.cfg
     if cfg.n_layers * cfg.n_heads > MAX_TABLE_HEADS:
         raise AnalysisError(f"the full path-patching table covers models with at most "
@@ -1068,11 +1135,12 @@ def path_patching_table(lm: LoadedModel, clean: Prompt, corrupted: Prompt, *, co
     with torch.no_grad():
         for i, (layer, head) in enumerate((a, b) for a in range(L) for b in range(H)):
             values[layer, head], direct[layer, head] = _path_from_sender(s, layer, head,
-                                                                         ln_mode)
+                                                                         ln_mode, mlps)
             if progress:
                 progress(i + 1, L * H)
     return PathPatchingTable(values=values, direct=direct, base_metric=s.base_metric,
-                             direction=s.direction, metric=s.kind, ln_mode=ln_mode)
+                             direction=s.direction, metric=s.kind, ln_mode=ln_mode,
+                             mlps=mlps)
 
 
 # ------------------------------------------------------------------------ sets of pairs

@@ -135,7 +135,8 @@ def path_patching_figure(result: PathPatching) -> go.Figure:
         hovertemplate=(f"L{ls}H{hs} → %{{y}} %{{x}}: Δ {metric} %{{z:+.4f}}"
                        "<extra></extra>"),
     ))
-    title = (f"path patching from L{ls}H{hs} ({result.direction}): direct to logits "
+    title = (f"path patching from L{ls}H{hs} ({result.direction}, MLPs "
+             f"{getattr(result, 'mlps', 'recomputed')}): direct to logits "
              f"Δ {number(result.direct - result.base_metric, '+.3f')}")
     if not rows:
         title += "; no later layer to receive it"

@@ -399,10 +399,12 @@ def _llama_weights(cfg: ModelConfig, w: Weights) -> State:
         s[o + "mlp.W_gate"] = w.take(p + "mlp.gate_proj.weight", (m, d)).T
         s[o + "mlp.W_in"] = w.take(p + "mlp.up_proj.weight", (m, d)).T
         s[o + "mlp.W_out"] = w.take(p + "mlp.down_proj.weight", (d, m)).T
-        for ours, proj, n in (("b_in", "up_proj", m), ("b_out", "down_proj", d)):
-            bias = w.maybe(p + f"mlp.{proj}.bias", (n,))
-            if bias is not None:
-                s[o + f"mlp.{ours}"] = bias
+        # an up_proj (or gate_proj) bias sits inside the gated product, where our (and
+        # TransformerLens') b_in, added after it, cannot hold it: left unused, such a
+        # checkpoint is refused by check_all_used
+        b_down = w.maybe(p + "mlp.down_proj.bias", (d,))
+        if b_down is not None:
+            s[o + "mlp.b_out"] = b_down
     s["ln_final.w"] = w.take("norm.weight", (d,))
     head = w.maybe("lm_head.weight", (v, d))
     if head is None and not cfg.extra.get("tied_embeddings"):

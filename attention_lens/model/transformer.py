@@ -116,7 +116,8 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 class MLP(nn.Module):
-    """Two-layer MLP (GELU) or gated MLP (SwiGLU, Llama)."""
+    """Two-layer MLP (GELU): act(x W_in + b_in) W_out + b_out; or gated MLP (SwiGLU, Llama)
+    as TransformerLens computes it: (act(x W_gate) * (x W_in) + b_in) W_out + b_out."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -134,10 +135,10 @@ class MLP(nn.Module):
         self.hook_post = HookPoint()  # [b, p, m]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        if self.gated:
+        if self.gated:  # TransformerLens' GatedMLP: b_in is added after the product
             pre = self.hook_pre(x @ self.W_gate)
-            linear = self.hook_pre_linear(x @ self.W_in + self.b_in)
-            post = self.hook_post(self.act(pre) * linear)
+            linear = self.hook_pre_linear(x @ self.W_in)
+            post = self.hook_post(self.act(pre) * linear + self.b_in)
         else:
             post = self.hook_post(self.act(self.hook_pre(x @ self.W_in + self.b_in)))
         return post @ self.W_out + self.b_out

@@ -54,9 +54,15 @@ $m(\text{patched}) - m \approx (a_{\text{source}} - a_{\text{base}}) \cdot \part
 cells (equal where $m$ is linear in $a$, e.g. last-layer heads of an attention-only model).
 
 **Path patching** (Wang et al. 2022): the sender head's output, taken from the source run,
-reaches one receiver head's query, key or value input only (every other component keeps its
-base value there); the network is then recomputed from the receiver on. "Direct to logits"
-sends it into the final residual stream only.
+reaches one receiver head's query, key or value input only; the network is then recomputed
+from the receiver on. Two variants (the "MLPs between" control): **MLPs recomputed** (the
+default; Wang et al., as ARENA's IOI code implements it) runs the base prompt with the
+sender's output from the source run and every other attention head frozen at its base
+value, the MLPs between sender and receiver recomputed on that residual stream, and feeds
+the receiver's input from it; **MLPs frozen** adds only the sender's change to the
+receiver's input, every other component (the MLPs too) at its base value. They agree on
+attention-only models. "Direct to logits" sends the sender's output into the final residual
+stream only (through the recomputed MLPs in the first variant).
 
 **The default example** (attn-only-2l): the second half repeats the first; the corrupted
 prompt changes the earlier " h" of " holiday" to " and", so no earlier token follows " h"
@@ -178,9 +184,10 @@ def panels(ctx: P.PageContext, query: dict) -> list:
             raise AnalysisError(f"sender L{layer}H{head} does not exist: {lm.name} has "
                                 f"{lm.cfg.n_layers} layers of {lm.cfg.n_heads} heads")
         if PT.runs_inline(lm):
-            path = PT.path_patching(lm, sender=sender, **args)
+            path = PT.path_patching(lm, sender=sender, mlps=query["mlps"], **args)
         else:
-            path = ctx.weight(W.request("path_patching", layer=layer, head=head, **wa))
+            path = ctx.weight(W.request("path_patching", layer=layer, head=head,
+                                        mlps=query["mlps"], **wa))
         parts.append(P.Panel("path", path_patching_figure(path), path))
     notes.append(_cells_note(lm, grid))
     if query["pairs"]:
@@ -221,6 +228,8 @@ SPEC = P.register_page(
         Int("position", -1, label="metric position", placeholder="-1 = last"),
         Text("sender", DEFAULT_SENDER, max_len=12, label="path-patching sender",
              placeholder="e.g. L0H2"),
+        Choice("mlps", "recomputed", PT.MLP_MODES, label="path patching: MLPs between",
+               labels=PT.MLP_MODE_LABELS),
         Text("pairs", "", max_len=64, label="set of pairs",
              placeholder="upload a CSV or JSON below"),
     ],
