@@ -47,7 +47,8 @@ def build_background(config: ServerConfig) -> Any:
     """The background-callback manager and shared stores described by ``config``."""
     from . import background
 
-    return background.create(config.cache_dir, config.celery_broker, config.max_jobs)
+    return background.create(config.cache_dir, config.celery_broker, config.max_jobs,
+                             deployment=f"{config.host}:{config.port}{config.url_prefix}")
 
 
 def _create_dash_app(registry: Registry, config: ServerConfig,

@@ -11,15 +11,21 @@ Over the job bound the main callback says the server is busy and offers "Run aga
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Sequence
 
+import dash
 import dash_bootstrap_components as dbc
 from dash import Input, Output, State, callback, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
+log = logging.getLogger(__name__)
 HIDDEN, SHOWN = {"display": "none"}, {"display": "flex"}
 #: Milliseconds between the browser's looks at a running job.
 POLL_MS = 400
+#: Seconds a page's job may run before it is stopped and reported (weight analyses of a
+#: GPT-2-sized model take a few minutes on two cores).
+DEADLINE_S = 900.0
 
 
 def ids(page: str) -> dict[str, str]:
@@ -61,13 +67,21 @@ def rerun_input(page: str) -> Input:
     return Input(ids(page)["rerun"], "n_clicks")
 
 
+def stopped_message(reason: str, labels: str) -> str:
+    """What the page says when its job ended without a result."""
+    return f"The job computing {labels} stopped unexpectedly: {reason}."
+
+
 def register(page: str, outputs: Sequence[Output], states: Sequence[State],
-             run: Callable[..., tuple]) -> dict[str, Callable[..., Any]]:
+             run: Callable[..., tuple], deadline_s: float = DEADLINE_S
+             ) -> dict[str, Callable[..., Any]]:
     """The page's background callback and its Cancel note.
 
     ``run(set_progress, request, *state_values)`` returns the values of ``outputs``
-    (duplicates of the main callback's drawing outputs) followed by the Run again row's
-    style and note.
+    (duplicates of the main callback's drawing outputs; the last one is the page's alerts)
+    followed by the Run again row's style and note. A job that ends without a result
+    (killed, out of memory, past ``deadline_s``, its server restarted) is reported in the
+    alerts with "Run again".
     """
     i = ids(page)
     dup = [Output(o.component_id, o.component_property, allow_duplicate=True)
@@ -75,19 +89,40 @@ def register(page: str, outputs: Sequence[Output], states: Sequence[State],
     after = [Output(i["after"], "style", allow_duplicate=True),
              Output(i["note"], "children", allow_duplicate=True)]
 
-    @callback(*dup, *after, Input(i["request"], "data"), *states,
-              background=True, prevent_initial_call=True, interval=POLL_MS,
-              progress=[Output(i["bar"], "value"), Output(i["bar"], "label"),
-                        Output(i["text"], "children")],
-              progress_default=[0, "", ""],
-              running=[(Output(i["strip"], "style"), SHOWN, HIDDEN),
-                       (Output(i["cancel"], "disabled"), False, True)],
-              cancel=[Input(i["cancel"], "n_clicks")])
+    def stopped(exc: Exception) -> tuple:
+        """A job that ended without a result (or whose own code raised): say what stopped it."""
+        from ..jobhost import stopped_reason
+        from . import shell
+
+        try:
+            request = dash.ctx.inputs.get(f"{i['request']}.data")
+            labels = ", ".join(request.get("labels") or []) or "the analysis"
+        except Exception:  # noqa: BLE001 - no request in this context
+            labels = "the analysis"
+        reason = stopped_reason(str(exc))
+        if reason is None:
+            log.error("%s background job raised: %s", page, exc)
+            text = f"The {page} job failed (details in the server log)."
+        else:
+            text = stopped_message(reason, labels)
+        keep = [no_update] * (len(dup) - 1)
+        return (*keep, [shell.alert(text)], SHOWN, "Stopped.")
+
     def job(set_progress: Callable[[Any], None], request: Any, *values: Any) -> tuple:
         """Compute the missing weight analyses (progress, Cancel), then draw the page."""
         if not request or not isinstance(request, dict):
             raise PreventUpdate
         return run(set_progress, request, *values)
+
+    job.deadline_s = deadline_s  # read by the job manager (before Dash registers it)
+    job = callback(*dup, *after, Input(i["request"], "data"), *states,
+                   background=True, prevent_initial_call=True, interval=POLL_MS, on_error=stopped,
+                   progress=[Output(i["bar"], "value"), Output(i["bar"], "label"),
+                             Output(i["text"], "children")],
+                   progress_default=[0, "", ""],
+                   running=[(Output(i["strip"], "style"), SHOWN, HIDDEN),
+                            (Output(i["cancel"], "disabled"), False, True)],
+                   cancel=[Input(i["cancel"], "n_clicks")])(job)
 
     @callback(*after, Input(i["cancel"], "n_clicks"), State(i["request"], "data"),
               prevent_initial_call=True)
