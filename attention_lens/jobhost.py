@@ -453,8 +453,23 @@ class JobManager(DiskcacheManager):
             self._kill(pid)
 
 
+def _exit_with_parent(every: float = 0.2) -> None:
+    """In the forkserver: exit at once when the web process is gone (its jobs follow by
+    ``PR_SET_PDEATHSIG``). The forkserver's own exit on its parent's death comes only after
+    a slow interpreter shutdown; this watch never touches a lock a job could inherit."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 if os.environ.get(RECIPE_ENV):
     # imported by the forkserver as its preload: the web process sets the recipe only in
     # the forkserver's environment, and the jobs forked from it must not inherit it
+    _exit_with_parent()
     _preload()
     os.environ.pop(RECIPE_ENV, None)
