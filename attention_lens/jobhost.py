@@ -62,18 +62,34 @@ def job_deadline(kind_deadline: Optional[float]) -> float:
     return d
 
 
-def stopped_record(reason: str) -> dict:
-    """The result a page gets for a job that ended without one."""
-    return {"background_callback_error": {"msg": STOPPED + reason, "tb": ""}}
+def stopped_record(reason: str, labels: Optional[list] = None) -> dict:
+    """The result a page gets for a job that ended without one (``labels``: what the job
+    was computing)."""
+    what = json.dumps({"reason": reason, "labels": [str(x) for x in labels or []]})
+    return {"background_callback_error": {"msg": STOPPED + what, "tb": ""}}
 
 
-def stopped_reason(message: str) -> Optional[str]:
-    """What stopped a job, from the text of Dash's background-callback error (None if the
-    job's own code failed)."""
+def stopped_reason(message: str) -> Optional[dict]:
+    """What stopped a job (``{"reason", "labels"}``), from the text of Dash's
+    background-callback error; None if the job's own code failed."""
     i = message.find(STOPPED)
     if i < 0:
         return None
-    return message[i + len(STOPPED):].split("\n", 1)[0].strip()
+    try:
+        what, _ = json.JSONDecoder().raw_decode(message[i + len(STOPPED):])
+    except ValueError:
+        return None
+    return what if isinstance(what, dict) else None
+
+
+def _labels_of(args: Any) -> list:
+    """The labels of a page job's request (what it computes), if any."""
+    values = args.values() if isinstance(args, dict) else (
+        args if isinstance(args, (list, tuple)) else [args])
+    for v in values:
+        if isinstance(v, dict) and isinstance(v.get("labels"), list):
+            return [str(x) for x in v["labels"]][:20]
+    return []
 
 
 def describe_exit(code: Optional[int]) -> str:
@@ -120,7 +136,8 @@ def build(recipe: dict) -> Any:
 
 
 def _preload() -> None:
-    """In the forkserver: build the app of the recipe in the environment, on one thread."""
+    """In the forkserver: build the app of the recipe in the environment and load its default
+    model, on one thread (torch never starts a thread pool here, so every fork is clean)."""
     raw = os.environ.get(RECIPE_ENV)
     if mp_process.current_process().name != "MainProcess":
         return
@@ -131,6 +148,10 @@ def _preload() -> None:
 
         torch.set_num_threads(1)  # nothing here may start an OpenMP pool
         build(json.loads(raw))
+        from . import registry
+
+        reg = registry.current()  # jobs on the default model find it loaded (copy on write)
+        reg.get(reg.default)
     except Exception:  # noqa: BLE001 - the job builds it again and reports what fails
         log.exception("the job host could not build the app in advance")
 
@@ -318,13 +339,15 @@ class JobManager(DiskcacheManager):
             ct = psutil.Process(pid).create_time()
         except psutil.Error:
             ct = None
+        labels = _labels_of(args)
         self.handle.set(self._job_key(pid), {"key": key, "owner": os.getpid(), "ct": ct,
                                              "token": token, "t": time.time(),
-                                             "deadline": deadline},
+                                             "deadline": deadline, "labels": labels},
                         expire=deadline + RECORD_S)
         with self._lock:
             self._procs[pid] = proc
-        threading.Thread(target=self._watch, args=(proc, key, token, deadline), daemon=True,
+        threading.Thread(target=self._watch, args=(proc, key, token, deadline, labels),
+                         daemon=True,
                          name=f"job-watch-{pid}").start()
         return pid
 
@@ -336,7 +359,8 @@ class JobManager(DiskcacheManager):
     def _stop_key(pid: Any) -> str:
         return f"al-job-stopped:{int(pid)}"
 
-    def _watch(self, proc: Any, key: str, token: Optional[str], deadline: float) -> None:
+    def _watch(self, proc: Any, key: str, token: Optional[str], deadline: float,
+               labels: list) -> None:
         """Wait for the job's end (or deadline); report an end without a result."""
         pid = int(proc.pid)
         reason = None
@@ -350,7 +374,7 @@ class JobManager(DiskcacheManager):
             asked = self.handle.get(self._stop_key(pid)) is not None
             if (reason or code != 0) and not asked and self.handle.get(key) is None:
                 reason = reason or describe_exit(code)
-                self.handle.add(key, stopped_record(reason), expire=RECORD_S)
+                self.handle.add(key, stopped_record(reason, labels), expire=RECORD_S)
                 log.warning("background job %s (pid %d) ended without a result: %s",
                             key[:12], pid, reason)
             self.handle.delete(self._job_key(pid))
@@ -443,7 +467,8 @@ class JobManager(DiskcacheManager):
             reason = ("the server restarted (or its job process vanished) before the job "
                       "finished")
         if self.handle.get(self._stop_key(pid)) is None:
-            self.handle.add(key, stopped_record(reason), expire=RECORD_S)
+            labels = rec.get("labels") if isinstance(rec, dict) else None
+            self.handle.add(key, stopped_record(reason, labels), expire=RECORD_S)
 
     def kill_all(self) -> None:
         """Kill every job this process started (at exit)."""

@@ -56,9 +56,10 @@ def app_env(models: Path, cache: Path | None, **extra: str) -> dict[str, str]:
 class App:
     """``python app.py --port P`` (as the README starts it), stopped after its test."""
 
-    def __init__(self, env: dict[str, str], log: Path, *args: str) -> None:
-        self.port = free_port()
+    def __init__(self, env: dict[str, str], log: Path, *args: str, port: int = 0) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.env = env
         self.log = open(log, "ab")
         self.proc = subprocess.Popen([sys.executable, "app.py", "--port", str(self.port), *args],
                                      cwd=ROOT, env=env, stdout=self.log,
@@ -251,6 +252,7 @@ def test_a_job_past_its_deadline_is_stopped_and_reported_and_jobs_die_with_their
         assert not alive(pid)
         assert f"ran past its deadline of {DEADLINE_S} s" in answer, answer
         assert "stopped unexpectedly" in answer and "Stopped." in answer
+        assert "The job computing circuit eigenvalues" in answer, answer
         assert '"display": "flex"' in answer.replace('":"', '": "')  # the Run again row
         assert bg.slots.active() == []
         print(f"deadline {DEADLINE_S} s: the poll said so {t_page:.1f} s after the start")
@@ -266,6 +268,14 @@ def test_a_job_past_its_deadline_is_stopped_and_reported_and_jobs_die_with_their
         print(f"server killed: job host and job gone after {time.time() - t0:.2f} s")
         wait_until(lambda: bg.slots.active() == [], timeout=background.STALE_S + 5,
                    what="the dead job's slot")
+        # the server comes back: the page's next poll says what happened, with Run again
+        app.close()
+        t0 = time.time()
+        app = App(app.env, tmp_path / "app2.log", port=app.port)
+        t_up = time.time() - t0
+        answer = poll(app, s, handles, body)
+        assert "the server restarted" in answer and "Stopped." in answer, answer
+        print(f"server restarted: back in {t_up:.1f} s; the first poll said so")
     finally:
         app.close()
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Sequence
 
-import dash
 import dash_bootstrap_components as dbc
 from dash import Input, Output, State, callback, dcc, html, no_update
 from dash.exceptions import PreventUpdate
@@ -94,17 +93,14 @@ def register(page: str, outputs: Sequence[Output], states: Sequence[State],
         from ..jobhost import stopped_reason
         from . import shell
 
-        try:
-            request = dash.ctx.inputs.get(f"{i['request']}.data")
-            labels = ", ".join(request.get("labels") or []) or "the analysis"
-        except Exception:  # noqa: BLE001 - no request in this context
-            labels = "the analysis"
-        reason = stopped_reason(str(exc))
-        if reason is None:
+        what = stopped_reason(str(exc))
+        if what is None:
             log.error("%s background job raised: %s", page, exc)
             text = f"The {page} job failed (details in the server log)."
         else:
-            text = stopped_message(reason, labels)
+            labels = ", ".join(what.get("labels") or []) or "the analysis"
+            text = stopped_message(str(what.get("reason") or "it ended without a result"),
+                                   labels)
         keep = [no_update] * (len(dup) - 1)
         return (*keep, [shell.alert(text)], SHOWN, "Stopped.")
 
