@@ -445,7 +445,8 @@ class JobManager(DiskcacheManager):
 
     def get_result(self, key: str, job: Any) -> Any:
         """The job's result; for a job whose process is gone without one, the record of why."""
-        if job is not None and self.handle.get(key) is None and not self.job_running(job):
+        if (job is not None and self.handle.get(key) is None and not self.job_running(job)
+                and self.handle.get(self._stop_key(job)) is None):  # not asked to stop
             self._report_lost(key, int(job))
         return super().get_result(key, job)
 

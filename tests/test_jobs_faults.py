@@ -26,8 +26,9 @@ from attention_lens import background
 from attention_lens import weight_analyses as W
 from attention_lens.model.checkpoint import load_model
 
-from .test_background import (free_port, job_body, job_output_key, page_load, slow_models,  # noqa: F401
-                              stop, wait_until)
+from .test_background import slow_models  # noqa: F401 - a fixture
+from .test_background import (free_port, job_body, job_output_key, page_load, stop,
+                              wait_until)
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 120
@@ -203,6 +204,8 @@ def test_jobs_on_a_fresh_server_with_default_threads_and_every_fault_reaches_the
         print(f"Cancel: process gone after {t_gone:.2f} s, the page said so after "
               f"{t_note:.2f} s")
         assert t_gone < 1.0, t_gone
+        wait_until(lambda: not shown(d, "eigenvalues-job-strip"), timeout=2, every=0.05,
+                   what="the bar to go after Cancel")
         time.sleep(1.0)
         assert not shown(d, "eigenvalues-job-strip")
         assert store.stats(lm, req)["computed"] == 0

@@ -120,14 +120,15 @@ def register(page: str, outputs: Sequence[Output], states: Sequence[State],
                             (Output(i["cancel"], "disabled"), False, True)],
                    cancel=[Input(i["cancel"], "n_clicks")])(job)
 
-    @callback(*after, Input(i["cancel"], "n_clicks"), State(i["request"], "data"),
+    @callback(*after, Output(i["strip"], "style", allow_duplicate=True),
+              Input(i["cancel"], "n_clicks"), State(i["request"], "data"),
               prevent_initial_call=True)
     def cancelled(n: Any, request: Any) -> tuple:
-        """After Cancel: say so and offer Run again."""
+        """After Cancel: say so, offer Run again, and hide the bar at once."""
         if not n or not request:
             raise PreventUpdate
         labels = ", ".join(request.get("labels") or []) or "the analysis"
-        return SHOWN, f"Cancelled {labels}."
+        return SHOWN, f"Cancelled {labels}.", HIDDEN
 
     return {"job": job, "cancelled": cancelled}
 
