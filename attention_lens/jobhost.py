@@ -127,6 +127,7 @@ def build(recipe: dict) -> Any:
 
     bg = background.create(recipe.get("cache_dir"), max_jobs=int(recipe.get("max_jobs") or 2),
                            deployment=recipe.get("deployment"))
+    bg.slots.scope = str(recipe.get("slot_scope") or "")  # the web process's slot keys
     reg = Registry(**recipe["registry"])
     app = create_app(reg, background=bg, **recipe.get("app", {}))
     _BUILT.clear()  # one app per process
@@ -272,6 +273,7 @@ def job_recipe(reg: Any, bg: Any, **app_options: Any) -> dict:
     return {
         "cache_dir": str(bg.cache_dir) if bg.cache_dir else None,
         "max_jobs": bg.max_jobs, "deployment": bg.deployment,
+        "slot_scope": getattr(getattr(bg, "slots", None), "scope", ""),
         "registry": {"models_dirs": [str(d) for d in reg.models_dirs], "default": reg.default,
                      "max_models": reg.max_models, "max_forward": reg.max_forward,
                      "max_weights": reg.max_weights,

@@ -215,12 +215,12 @@ def test_jobs_on_a_fresh_server_with_default_threads_and_every_fault_reaches_the
 
 
 # ---------------------------------------------------------------- server-side faults
-def start_job(app: App, bg: background.Background) -> tuple[requests.Session, dict, dict]:
+def start_job(app: App, slots: background.Slots) -> tuple[requests.Session, dict, dict]:
     """Start /eigenvalues' job on the slow model as the page does; the session, the request
     parameters that poll it, and the body."""
     s = requests.Session()
     end = page_load(s, app.url)
-    body = {**job_body(bg.slots.reserve("circuit eigenvalues")),
+    body = {**job_body(slots.reserve("circuit eigenvalues")),
             "output": job_output_key(app.url, s)}
     r = s.post(app.url + "/_dash-update-component", params={"endId": end}, json=body,
                timeout=TIMEOUT)
@@ -246,7 +246,7 @@ def test_a_job_past_its_deadline_is_stopped_and_reported_and_jobs_die_with_their
               tmp_path / "app.log")
     bg = background.create(cache)
     try:
-        s, handles, body = start_job(app, bg)
+        s, handles, body = start_job(app, bg.slots)
         pid = int(handles["job"].split("~")[0])
         t0 = time.time()
         answer = wait_until(lambda: "deadline" in (a := poll(app, s, handles, body)) and a,
@@ -260,7 +260,7 @@ def test_a_job_past_its_deadline_is_stopped_and_reported_and_jobs_die_with_their
         assert bg.slots.active() == []
         print(f"deadline {DEADLINE_S} s: the poll said so {t_page:.1f} s after the start")
 
-        s, handles, body = start_job(app, bg)
+        s, handles, body = start_job(app, bg.slots)
         pid = int(handles["job"].split("~")[0])
         fs = app.forkserver()
         assert fs is not None and alive(pid)
@@ -318,15 +318,20 @@ def test_unclaimed_reservations_are_released_within_seconds(tmp_path, slow_model
         s = requests.Session()
         end = page_load(s, app.url)
         body = main_callback_body(app.url, s)
-        t0 = time.time()
-        got = [request_of(s.post(app.url + "/_dash-update-component", params={"endId": end},
-                                 json=body, timeout=TIMEOUT)) for _ in range(10)]
-        assert sum(isinstance(g, dict) for g in got) == 2, got  # the bound: 2 slots
-        assert len(bg.slots.active()) == 2
+        got, last = [], 0.0
+        for _ in range(10):
+            got.append(request_of(s.post(app.url + "/_dash-update-component",
+                                         params={"endId": end}, json=body, timeout=TIMEOUT)))
+            if isinstance(got[-1], dict):
+                last = time.time()
+        assert 2 <= sum(isinstance(g, dict) for g in got), got  # the bound: 2 at a time
+        assert None in got, got
+        assert 1 <= len(bg.slots.active()) <= 2
         wait_until(lambda: bg.slots.active() == [], timeout=background.RESERVED_LOCAL_S + 5,
                    what="the unclaimed reservations to go")
-        print(f"10 unclaimed reservations: slots free {time.time() - t0:.1f} s after the "
-              "first")
+        print(f"10 plain POSTs: {sum(isinstance(g, dict) for g in got)} reserved, "
+              f"{got.count(None)} told busy; slots free {time.time() - last:.1f} s after the "
+              "last reservation")
         assert isinstance(request_of(s.post(app.url + "/_dash-update-component",
                                             params={"endId": end}, json=body,
                                             timeout=TIMEOUT)), dict)
@@ -348,21 +353,28 @@ def test_two_deployments_on_one_machine_keep_their_own_slots_in_a_private_folder
     b = None
     try:
         b = App(env, tmp_path / "b.log")
-        sa, sb = requests.Session(), requests.Session()
-        end_a, end_b = page_load(sa, a.url), page_load(sb, b.url)
-        body = main_callback_body(a.url, sa)
-        ra = request_of(sa.post(a.url + "/_dash-update-component", params={"endId": end_a},
-                                json=body, timeout=TIMEOUT))
-        assert isinstance(ra, dict), "the first server refused its only slot"
+        slots = {}
+        for app in (a, b):  # each server's slots, keyed as the server keys them
+            bg = background.create(folder)
+            bg.slots.scope = f"127.0.0.1:{app.port}/"
+            slots[app] = bg.slots
+        # a job runs on the first server, in its only slot
+        s, handles, body = start_job(a, slots[a])
+        try:
+            wait_until(lambda: [x["state"] for x in slots[a].active()] == ["running"],
+                       what="the job on the first server")
+        except AssertionError:
+            raise AssertionError((slots[a].active(), handles, poll(a, s, handles, body)[:2000],
+                                  a.jobs()))
+        # the second server still has its own slot free
+        sb = requests.Session()
+        end_b = page_load(sb, b.url)
         rb = request_of(sb.post(b.url + "/_dash-update-component", params={"endId": end_b},
-                                json=body, timeout=TIMEOUT))
+                                json=main_callback_body(b.url, sb), timeout=TIMEOUT))
         assert isinstance(rb, dict), "the second server shares the first one's slot"
-        # each one holds its own slot (its bound of 1 is full), the other's is untouched
-        for app in (a, b):
-            bg = background.create(folder, deployment=f"127.0.0.1:{app.port}/")
-            bg.slots.scope = f"127.0.0.1:{app.port}/"  # as the server keys them
-            held = bg.slots.active()
-            assert len(held) == 1 and held[0]["token"] == (ra if app is a else rb)["token"]
+        assert [x["state"] for x in slots[a].active()] == ["running"]
+        held = slots[b].active()
+        assert not held or held[0]["token"] == rb["token"]
         for path in [folder, *[p for p in folder.rglob("*") if p.is_dir()]]:
             assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
         files = [p for p in folder.rglob("*") if p.is_file()]
