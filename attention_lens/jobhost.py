@@ -267,9 +267,14 @@ def _plain_context(context: Any) -> dict:
     return out
 
 
-def job_recipe(reg: Any, bg: Any, **app_options: Any) -> dict:
+def job_recipe(reg: Any, bg: Any, **app_options: Any) -> Optional[dict]:
     """What the job host needs to build the same app: the registry's folders and limits,
-    the background's stores, the app factory's options (JSON values)."""
+    the background's stores, the app factory's options (JSON values). None when the
+    registry holds models added in memory (tests, notebooks), which no other process can
+    load: their jobs are forked from the web process, as Dash does (pin the threads there,
+    e.g. ``torch.set_num_threads(1)``, or save the model to a folder)."""
+    if any(getattr(e, "kind", "") == "memory" for e in reg.entries()):
+        return None
     return {
         "cache_dir": str(bg.cache_dir) if bg.cache_dir else None,
         "max_jobs": bg.max_jobs, "deployment": bg.deployment,
@@ -313,9 +318,9 @@ class JobManager(DiskcacheManager):
             return key
         return next((k for k, f in self.func_registry.items() if f is job_fn), None)
 
-    def start_host(self) -> int:
+    def start_host(self) -> Optional[int]:
         """Start the job host now (else the first job waits for it); its pid."""
-        return ensure_forkserver(self.recipe)
+        return ensure_forkserver(self.recipe) if self.recipe is not None else None
 
     def call_job_fn(self, key: str, job_fn: Any, args: Any, context: Any) -> int:
         """Start the job in a forkserver child; watch it; return its pid."""
@@ -323,19 +328,30 @@ class JobManager(DiskcacheManager):
         import torch
 
         fn_key = self._key_of(job_fn)
-        if fn_key is None or self.recipe is None:
-            raise RuntimeError("this job cannot be started: the app has no job recipe")
+        if fn_key is None:
+            raise RuntimeError("this job cannot be started: its function is not registered")
         token = _token_of(args)
         slots = self.slots() if self.slots is not None else None
         if token and slots is not None:
             slots.claim(token)  # a request whose reservation expired gets "busy" from the job
-        fs_pid = ensure_forkserver(self.recipe)
         deadline = self._deadlines.get(fn_key) or job_deadline(None)
-        proc = _JobProcess(target=run_job, daemon=True, name=f"attention-lens-job-{key[:8]}",
-                           args=(self.recipe, fn_key, key, self._make_progress_key(key), args,
-                                 _plain_context(context), torch.get_num_threads(), fs_pid))
-        proc.start()
-        mp_process._children.discard(proc)  # never joined at exit: killed by kill_all
+        if self.recipe is not None:
+            fs_pid = ensure_forkserver(self.recipe)
+            proc = _JobProcess(target=run_job, daemon=True,
+                               name=f"attention-lens-job-{key[:8]}",
+                               args=(self.recipe, fn_key, key, self._make_progress_key(key),
+                                     args, _plain_context(context), torch.get_num_threads(),
+                                     fs_pid))
+            proc.start()
+            mp_process._children.discard(proc)  # never joined at exit: killed by kill_all
+        else:  # models in memory only: forked from here, as Dash does (see job_recipe)
+            from multiprocess import Process
+            from multiprocess import process as mpx_process
+
+            proc = Process(target=job_fn, daemon=True,
+                           args=(key, self._make_progress_key(key), args, context))
+            proc.start()
+            mpx_process._children.discard(proc)
         pid = int(proc.pid)
         try:
             ct = psutil.Process(pid).create_time()
