@@ -11,7 +11,9 @@ lives in Redis.
 The number of jobs running or queued is bounded by ``max_jobs``: a job takes a slot
 (:meth:`Slots.reserve`) before it is started, keeps it alive with a heartbeat while it
 runs, and gives it back when it ends; a slot whose job died (a cancelled or killed
-process) expires within seconds. A request over the bound is told the server is busy.
+process) is given back by the process that watched it (on one machine) or expires within
+seconds, and a reservation no job claims goes after :data:`RESERVED_LOCAL_S` seconds on
+one machine. A request over the bound is told the server is busy.
 """
 
 from __future__ import annotations

@@ -3,10 +3,12 @@
 A page's main callback draws from cached results. When a weight analysis it needs is not
 computed yet (:class:`attention_lens.weight_analyses.Missing`), it takes a job slot and
 writes a job request into the page's request store; the page's background callback (one
-per page, ``background=True``) then runs in a job process (a forked process on one
-machine, a Celery worker in a lab): it computes what is missing with progress shown in
+per page, ``background=True``) then runs in a job process (forked from the job host on
+one machine, a Celery worker in a lab): it computes what is missing with progress shown in
 the strip and Cancel beside it, and returns the page's outputs drawn from the results.
-Over the job bound the main callback says the server is busy and offers "Run again".
+Over the job bound the main callback says the server is busy and offers "Run again". A job
+that ends without a result (killed, out of memory, past its deadline, its server restarted)
+is reported in the page's alerts with "Run again", and its bar goes.
 """
 
 from __future__ import annotations
