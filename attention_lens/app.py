@@ -15,6 +15,7 @@ from typing import Any, Optional
 import dash
 
 from . import background as background_module
+from . import jobhost
 from . import registry as registry_module
 from .components import downloads, page, shell
 from .registry import Registry
@@ -100,4 +101,7 @@ def create_app(reg: Optional[Registry] = None, *,
     # now, before any request
     with app.server.test_request_context("/"):
         app._setup_server()
+    if isinstance(bg.manager, jobhost.JobManager):  # jobs are built from the same recipe
+        bg.manager.recipe = jobhost.job_recipe(reg, bg, pages_folder=pages_folder,
+                                               max_tokens=max_tokens)
     return app

@@ -1,7 +1,8 @@
 """Background work: Dash's background-callback manager, a bounded pool of job slots, the store.
 
-One machine (the default, nothing to install): ``DiskcacheManager``; each job runs in a
-process forked from the web worker, and the job slots, locks and weight analyses live in
+One machine (the default, nothing to install): Dash's ``DiskcacheManager`` with each job
+in a process forked from a clean job host (:mod:`attention_lens.jobhost`), never from the
+web worker; the job slots, locks and weight analyses live in
 disk caches under the user's cache folder, shared by every web worker on the machine and
 kept across restarts. A lab: ``CeleryManager`` with Redis as broker and result store; jobs
 run in ``attention-lens worker`` processes (any number of machines) and everything shared
@@ -10,7 +11,9 @@ lives in Redis.
 The number of jobs running or queued is bounded by ``max_jobs``: a job takes a slot
 (:meth:`Slots.reserve`) before it is started, keeps it alive with a heartbeat while it
 runs, and gives it back when it ends; a slot whose job died (a cancelled or killed
-process) expires within seconds. A request over the bound is told the server is busy.
+process) is given back by the process that watched it (on one machine) or expires within
+seconds, and a reservation no job claims goes after :data:`RESERVED_LOCAL_S` seconds on
+one machine. A request over the bound is told the server is busy.
 """
 
 from __future__ import annotations
@@ -34,6 +37,12 @@ STALE_S = 6.0
 HEARTBEAT_S = 1.0
 #: Seconds a reserved slot waits for its job to start (a queue on a busy Celery worker).
 RESERVED_S = 300.0
+#: Seconds a reserved slot waits for its job on one machine, where the job starts at once
+#: (a page's background request follows its reservation within a second).
+RESERVED_LOCAL_S = 10.0
+#: Seconds a claimed slot waits for its job process to start (the job host may still be
+#: building the app when the first job comes).
+STARTING_S = 120.0
 DEFAULT_MAX_JOBS = 2
 PREFIX = "attention-lens:"
 
@@ -105,11 +114,42 @@ class RedisKV:
         return int(raw) if raw is not None else 0
 
 
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and missing parents) readable by this user only, or check it: a folder
+    of another user, or one others can enter, is refused (ConfigError)."""
+    import stat
+
+    from .config import ConfigError
+
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise ConfigError(f"cache folder {path} belongs to another user; choose one of yours "
+                          "with --cache-dir")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        path.chmod(0o700)  # ours: made private (an older version created it 0755)
+    return path
+
+
+def private_files(path: Path) -> None:
+    """Make every file directly in ``path`` readable and writable by this user only."""
+    for f in path.iterdir():
+        if f.is_file() and not f.is_symlink() and f.stat().st_mode & 0o077:
+            f.chmod(0o600)
+
+
 def _disk(path: Path, **settings: Any) -> Any:
     import diskcache
 
-    path.mkdir(parents=True, exist_ok=True)
-    return diskcache.Cache(str(path), **settings)
+    private_dir(path.parent)
+    private_dir(path)
+    old = os.umask(0o077)  # SQLite files (the signing secret lives in one) private from birth
+    try:
+        cache = diskcache.Cache(str(path), **settings)
+    finally:
+        os.umask(old)
+    private_files(path)
+    return cache
 
 
 class DiskKV:
@@ -136,24 +176,49 @@ class DiskKV:
 
 # -------------------------------------------------------------------------- job slots
 class Slots:
-    """At most ``n`` jobs running or queued, counted in a store shared by every process."""
+    """At most ``n`` jobs running or queued, counted in a store shared by every process.
 
-    def __init__(self, kv: Any, n: int) -> None:
+    ``scope`` names the deployment (two servers sharing a store keep their own slots);
+    ``reserved_s`` is how long a reservation waits for its job before it is released.
+    """
+
+    def __init__(self, kv: Any, n: int, scope: str = "", reserved_s: float = RESERVED_S
+                 ) -> None:
         if n < 1:
             raise ValueError("max_jobs must be at least 1")
-        self.kv, self.n = kv, n
+        self.kv, self.n, self.scope, self.reserved_s = kv, n, scope, reserved_s
 
     def _key(self, i: int) -> str:
-        return f"slot:{i}"
+        return f"slot:{self.scope}:{i}" if self.scope else f"slot:{i}"
 
     def reserve(self, label: str = "") -> Optional[str]:
         """A new job's token, holding a free slot until the job starts; None when all are taken."""
         token = secrets.token_urlsafe(18)
         for i in range(self.n):
             if self.kv.add(self._key(i), {"token": token, "label": label, "state": "queued",
-                                          "t": time.time()}, expire=RESERVED_S):
+                                          "t": time.time()}, expire=self.reserved_s):
                 return token
         return None
+
+    def claim(self, token: str, expire: float = STARTING_S) -> bool:
+        """Keep the reservation ``token`` while its job process starts (the job's own
+        heartbeat takes over); False if it has expired."""
+        i = self._find(token)
+        if i is None:
+            return False
+        held = self.kv.get(self._key(i))
+        if not isinstance(held, dict) or held.get("token") != token:
+            return False
+        self.kv.set(self._key(i), {**held, "state": "starting", "t": time.time()},
+                    expire=expire)
+        return True
+
+    def release_pid(self, pid: int) -> None:
+        """Give back any slot held by the job process ``pid`` (it ended)."""
+        for i in range(self.n):
+            held = self.kv.get(self._key(i))
+            if isinstance(held, dict) and held.get("pid") == pid:
+                self.kv.delete(self._key(i))
 
     def _find(self, token: str) -> Optional[int]:
         for i in range(self.n):
@@ -243,10 +308,14 @@ class Background:
     cache_dir: Optional[Path] = None
     celery_broker: Optional[str] = None
     celery_app: Any = None
+    deployment: str = ""
     slots: Slots = field(init=False)
 
     def __post_init__(self) -> None:
-        self.slots = Slots(self.kv, self.max_jobs)
+        # one machine: slots keyed by the deployment (servers may share a cache folder); a
+        # lab's Redis database is its own, and its workers need not know the web address
+        self.slots = (Slots(self.kv, self.max_jobs) if self.celery_broker else
+                      Slots(self.kv, self.max_jobs, self.deployment, RESERVED_LOCAL_S))
 
     @property
     def kind(self) -> str:
@@ -270,23 +339,39 @@ def make_celery(broker: str) -> Any:
 
 
 def create(cache_dir: Optional[Path | str] = None, celery_broker: Optional[str] = None,
-           max_jobs: int = DEFAULT_MAX_JOBS, results_size: int = 4 * 2**30) -> Background:
-    """The background of a deployment: disk caches under ``cache_dir``, or Celery + Redis."""
-    from dash import CeleryManager, DiskcacheManager
+           max_jobs: int = DEFAULT_MAX_JOBS, results_size: int = 4 * 2**30,
+           deployment: Optional[str] = None) -> Background:
+    """The background of a deployment: disk caches under ``cache_dir``, or Celery + Redis.
+
+    On one machine, jobs run in processes forked from a clean job host
+    (:class:`attention_lens.jobhost.JobManager`). On the default cache folder,
+    ``deployment`` (e.g. ``host:port/``) keys the job slots, so two servers started without
+    a cache folder do not share slots; servers given the same folder share them.
+    """
+    from dash import CeleryManager
+
+    from .jobhost import JobManager
 
     if celery_broker:
         celery_app = make_celery(celery_broker)
         return Background(CeleryManager(celery_app), RedisKV(celery_broker),
                           RedisKV(celery_broker, PREFIX + "results:"), max_jobs,
                           None, celery_broker, celery_app)
+    explicit = bool(cache_dir) or bool(os.environ.get("ATTENTION_LENS_CACHE_DIR", "").strip())
     root = Path(cache_dir) if cache_dir else default_cache_dir()
+    # servers given one cache folder share its slots (one bound for all of them); servers on
+    # the default folder (two ``python app.py`` on one machine) each have their own
+    deployment = "" if explicit else (deployment or "")
     # Dash's job results, and the coordination keys, are never evicted; analyses are
     # bounded in size (least recently used go first)
-    manager = DiskcacheManager(_disk(root / "callbacks", eviction_policy="none"))
-    return Background(manager, DiskKV(root / "coord", eviction_policy="none"),
-                      DiskKV(root / "analyses", size_limit=results_size,
-                             eviction_policy="least-recently-used"),
-                      max_jobs, root)
+    bg: Optional[Background] = None
+    manager = JobManager(_disk(root / "callbacks", eviction_policy="none"),
+                         slots=lambda: bg.slots if bg is not None else None)
+    bg = Background(manager, DiskKV(root / "coord", eviction_policy="none"),
+                    DiskKV(root / "analyses", size_limit=results_size,
+                           eviction_policy="least-recently-used"),
+                    max_jobs, root, deployment=deployment or "")
+    return bg
 
 
 _CURRENT: Optional[Background] = None

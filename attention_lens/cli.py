@@ -146,6 +146,10 @@ def serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     app = create_server(config)
+    start_host = getattr(app.server.extensions["attention_lens"]["background"].manager,
+                         "start_host", None)
+    if start_host is not None:  # the clean process jobs start from, ready before the first
+        start_host()
     names = ", ".join(app.server.extensions["attention_lens"]["registry"].names())
     print(f"Attention Lens on http://{config.host}:{config.port}{config.url_prefix} "
           f"(models: {names})", flush=True)

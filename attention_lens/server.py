@@ -46,7 +46,8 @@ def build_background(config: ServerConfig) -> Any:
     """The background-callback manager and shared stores described by ``config``."""
     from . import background
 
-    return background.create(config.cache_dir, config.celery_broker, config.max_jobs)
+    return background.create(config.cache_dir, config.celery_broker, config.max_jobs,
+                             deployment=f"{config.host}:{config.port}{config.url_prefix}")
 
 
 def create_server(config: Optional[ServerConfig] = None,

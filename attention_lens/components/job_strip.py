@@ -3,23 +3,30 @@
 A page's main callback draws from cached results. When a weight analysis it needs is not
 computed yet (:class:`attention_lens.weight_analyses.Missing`), it takes a job slot and
 writes a job request into the page's request store; the page's background callback (one
-per page, ``background=True``) then runs in a job process (a forked process on one
-machine, a Celery worker in a lab): it computes what is missing with progress shown in
+per page, ``background=True``) then runs in a job process (forked from the job host on
+one machine, a Celery worker in a lab): it computes what is missing with progress shown in
 the strip and Cancel beside it, and returns the page's outputs drawn from the results.
-Over the job bound the main callback says the server is busy and offers "Run again".
+Over the job bound the main callback says the server is busy and offers "Run again". A job
+that ends without a result (killed, out of memory, past its deadline, its server restarted)
+is reported in the page's alerts with "Run again", and its bar goes.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Sequence
 
 import dash_bootstrap_components as dbc
 from dash import Input, Output, State, callback, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
+log = logging.getLogger(__name__)
 HIDDEN, SHOWN = {"display": "none"}, {"display": "flex"}
 #: Milliseconds between the browser's looks at a running job.
 POLL_MS = 400
+#: Seconds a page's job may run before it is stopped and reported (weight analyses of a
+#: GPT-2-sized model take a few minutes on two cores).
+DEADLINE_S = 900.0
 
 
 def ids(page: str) -> dict[str, str]:
@@ -61,13 +68,21 @@ def rerun_input(page: str) -> Input:
     return Input(ids(page)["rerun"], "n_clicks")
 
 
+def stopped_message(reason: str, labels: str) -> str:
+    """What the page says when its job ended without a result."""
+    return f"The job computing {labels} stopped unexpectedly: {reason}."
+
+
 def register(page: str, outputs: Sequence[Output], states: Sequence[State],
-             run: Callable[..., tuple]) -> dict[str, Callable[..., Any]]:
+             run: Callable[..., tuple], deadline_s: float = DEADLINE_S
+             ) -> dict[str, Callable[..., Any]]:
     """The page's background callback and its Cancel note.
 
     ``run(set_progress, request, *state_values)`` returns the values of ``outputs``
-    (duplicates of the main callback's drawing outputs) followed by the Run again row's
-    style and note.
+    (duplicates of the main callback's drawing outputs; the last one is the page's alerts)
+    followed by the Run again row's style and note. A job that ends without a result
+    (killed, out of memory, past ``deadline_s``, its server restarted) is reported in the
+    alerts with "Run again".
     """
     i = ids(page)
     dup = [Output(o.component_id, o.component_property, allow_duplicate=True)
@@ -75,28 +90,47 @@ def register(page: str, outputs: Sequence[Output], states: Sequence[State],
     after = [Output(i["after"], "style", allow_duplicate=True),
              Output(i["note"], "children", allow_duplicate=True)]
 
-    @callback(*dup, *after, Input(i["request"], "data"), *states,
-              background=True, prevent_initial_call=True, interval=POLL_MS,
-              progress=[Output(i["bar"], "value"), Output(i["bar"], "label"),
-                        Output(i["text"], "children")],
-              progress_default=[0, "", ""],
-              running=[(Output(i["strip"], "style"), SHOWN, HIDDEN),
-                       (Output(i["cancel"], "disabled"), False, True)],
-              cancel=[Input(i["cancel"], "n_clicks")])
+    def stopped(exc: Exception) -> tuple:
+        """A job that ended without a result (or whose own code raised): say what stopped it."""
+        from ..jobhost import stopped_reason
+        from . import shell
+
+        what = stopped_reason(str(exc))
+        if what is None:
+            log.error("%s background job raised: %s", page, exc)
+            text = f"The {page} job failed (details in the server log)."
+        else:
+            labels = ", ".join(what.get("labels") or []) or "the analysis"
+            text = stopped_message(str(what.get("reason") or "it ended without a result"),
+                                   labels)
+        keep = [no_update] * (len(dup) - 1)
+        return (*keep, [shell.alert(text)], SHOWN, "Stopped.")
+
     def job(set_progress: Callable[[Any], None], request: Any, *values: Any) -> tuple:
         """Compute the missing weight analyses (progress, Cancel), then draw the page."""
         if not request or not isinstance(request, dict):
             raise PreventUpdate
         return run(set_progress, request, *values)
 
-    @callback(*after, Input(i["cancel"], "n_clicks"), State(i["request"], "data"),
+    job.deadline_s = deadline_s  # read by the job manager (before Dash registers it)
+    job = callback(*dup, *after, Input(i["request"], "data"), *states,
+                   background=True, prevent_initial_call=True, interval=POLL_MS, on_error=stopped,
+                   progress=[Output(i["bar"], "value"), Output(i["bar"], "label"),
+                             Output(i["text"], "children")],
+                   progress_default=[0, "", ""],
+                   running=[(Output(i["strip"], "style"), SHOWN, HIDDEN),
+                            (Output(i["cancel"], "disabled"), False, True)],
+                   cancel=[Input(i["cancel"], "n_clicks")])(job)
+
+    @callback(*after, Output(i["strip"], "style", allow_duplicate=True),
+              Input(i["cancel"], "n_clicks"), State(i["request"], "data"),
               prevent_initial_call=True)
     def cancelled(n: Any, request: Any) -> tuple:
-        """After Cancel: say so and offer Run again."""
+        """After Cancel: say so, offer Run again, and hide the bar at once."""
         if not n or not request:
             raise PreventUpdate
         labels = ", ".join(request.get("labels") or []) or "the analysis"
-        return SHOWN, f"Cancelled {labels}."
+        return SHOWN, f"Cancelled {labels}.", HIDDEN
 
     return {"job": job, "cancelled": cancelled}
 
