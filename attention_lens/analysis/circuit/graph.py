@@ -186,6 +186,14 @@ def edge_graph(cfg) -> EdgeGraph:
                      src=np.array(src), dst=np.array(dst))
 
 
+def _stacked(acts: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    """Sender activations [B, n, d] stacked: [k, n, d] and True when every one is the same in
+    each run of the batch (an expanded view), else [B, k, n, d] and False."""
+    if all(x.shape[0] == 1 or x.stride(0) == 0 for x in acts):
+        return torch.stack([x[0] for x in acts]), True
+    return torch.stack(acts, 1), False
+
+
 class EdgeEngine:
     """Forward passes over the edge graph of one model, on ``n`` positions (0 .. n-1: the
     metric reads the logits at position n-1, so later positions never matter).
@@ -201,6 +209,8 @@ class EdgeEngine:
         c = self.cfg
         self.H, self.e, self.d = c.n_heads, c.d_head, c.d_model
         self.rotary = c.positional_embedding_type == "rotary"
+        #: no LayerNorm: every receiver's projection is linear in its senders
+        self.plain = not c.normalization_type
         blocks = self.model.blocks
         self.W = [{k: getattr(b.attn, k).detach() for k in
                    ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O")} for b in blocks]
@@ -241,6 +251,206 @@ class EdgeEngine:
             return a.sum(1)
         return torch.einsum("bund,bur->brnd", a - abl, m) + abl.sum(0)
 
+    @staticmethod
+    def _binary(m: torch.Tensor) -> bool:
+        return bool(((m == 0) | (m == 1)).all())
+
+    def _project(self, layer: int, xn: torch.Tensor) -> list[torch.Tensor]:
+        """q, k, v [B, H, n, e] of normalised inputs xn [B, 3, H, n, d] (or [B, 3, 1, n, d])."""
+        w = self.W[layer]
+        return [torch.einsum("bhnd,hde->bhne", xn[:, i if xn.shape[1] == 3 else 0].expand(
+                    -1, self.H, -1, -1), w["W_" + c]) + w["b_" + c][:, None]
+                for i, c in enumerate("QKV")]
+
+    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                last: bool) -> torch.Tensor:
+        """Head results z [B, H, nq, e] from q [B, H, nq, e], k, v [B, H, n, e]."""
+        n, dev = self.n, q.device
+        q_pos = torch.arange(n - 1 if last else 0, n, device=dev)
+        if self.rotary:
+            q = rotate(q.transpose(1, 2), q_pos, self.cfg).transpose(1, 2)
+            k = rotate(k.transpose(1, 2), torch.arange(n, device=dev), self.cfg).transpose(1, 2)
+        allowed = torch.arange(n, device=dev)[None, :] <= q_pos[:, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
+                                              scale=1 / math.sqrt(self.e))  # [B, H, nq, e]
+
+    def _attention(self, layer: int, acts: list[torch.Tensor], abl: torch.Tensor,
+                   m: Optional[torch.Tensor], const: torch.Tensor, last: bool,
+                   probes: Optional[list[torch.Tensor]]) -> torch.Tensor:
+        """Any layer: every receiver's input formed in full, normalised and projected."""
+        B, H, n = acts[0].shape[0], self.H, self.n
+        inp = self._mix(acts, abl, m)
+        if m is None:
+            inp = inp[:, None]  # [B, 1, n, d]: one input shared by every receiver
+        inp = inp + const
+        if probes is not None:
+            p = torch.zeros(B, 3 * H, n, self.d, dtype=inp.dtype, device=inp.device,
+                            requires_grad=True)
+            probes.append(p)
+            inp = inp + p
+        xn = self._norm(self.model.blocks[layer].ln1, inp)  # [B, 3H or 1, n, d]
+        parts = xn.unflatten(1, (3, H)) if xn.shape[1] != 1 else xn[:, None]
+        q, k, v = self._project(layer, parts)
+        if last:
+            q = q[:, :, -1:]
+        return self._attend(layer, q, k, v, last)
+
+    def _input_attention(self, layer: int, x: torch.Tensor, abl: torch.Tensor,
+                         m: torch.Tensor, const: torch.Tensor) -> torch.Tensor:
+        """Heads that read only the input node, with a 0/1 mask m [B, 3H]: each receiver's
+        input is the input's activation or its ablated value, so both are projected once
+        and chosen per receiver."""
+        B, H = m.shape[0], self.H
+        same = x.stride(0) == 0 or B == 1
+        xs = x[:1] if same else x
+        ln = self.model.blocks[layer].ln1
+        kept = self._project(layer, self._norm(ln, xs + const)[:, None, None])
+        gone = self._project(layer, self._norm(ln, abl[None] + const)[:, None, None])
+        mm = m.view(B, 3, H)[..., None, None]  # [B, 3, H, 1, 1]
+        q, k, v = [g + mm[:, i] * (t - g) for i, (t, g) in enumerate(zip(kept, gone))]
+        return self._attend(layer, q, k, v, False)
+
+    def _last_attention(self, layer: int, acts: list[torch.Tensor], abl: torch.Tensor,
+                        m: torch.Tensor, const: torch.Tensor) -> torch.Tensor:
+        """The last layer, masked, at the metric's query row only, without forming any
+        receiver's input: scores and the weighted sum of values are taken sender by sender
+        in the residual basis (q·k_j = (W_K q)·LN(in_j), Σ_j A_j v_j = (Σ_j A_j LN(in_j)) W_V),
+        a LayerNorm's mean and scale from each sender's mean and the senders' Gram matrix at
+        each position. Returns head outputs [B, H, 1, d]."""
+        w, blk = self.W[layer], self.model.blocks[layer]
+        H, n, d = self.H, self.n, self.d
+        B = m.shape[0]
+        D = torch.stack(acts, 1) - abl  # [B, U, n, d]
+        if D.shape[0] != B:
+            D = D.expand(B, -1, -1, -1)
+        base = abl.sum(0) + const  # [n, d]
+        mq, mk, mv = m[..., :H], m[..., H:2 * H], m[..., 2 * H:]  # [B, U, H]
+        norm = blk.ln1 if not isinstance(blk.ln1, torch.nn.Identity) else None
+        kind = getattr(norm, "kind", None)
+        # the query row
+        in_q = base[-1] + torch.einsum("bud,buh->bhd", D[:, :, -1], mq)  # [B, H, d]
+        q = torch.einsum("bhd,hde->bhe", self._norm(norm, in_q), w["W_Q"]) + w["b_Q"]
+        u_k = torch.einsum("bhe,hde->bhd", q, w["W_K"])  # q · (x W_K) = x · (W_K q)
+        stats = None
+        if kind is not None:
+            stats = self._row_stats(D, base, mk, mv, kind, norm.eps)
+        wt = norm.w.detach() if kind is not None else None
+        uk = u_k * wt if wt is not None else u_k
+        # x_j · u for every sender and position, then mixed by the mask
+        dot = torch.einsum("bsjd,bhd->bsjh", D, uk)  # [B, U, n, H]
+        raw = torch.einsum("bsjh,bsh->bhj", dot, mk) + torch.einsum("jd,bhd->bhj", base, uk)
+        if stats is not None:
+            mu_k, sig_k = stats[0], stats[1]  # [B, H, n]
+            raw = (raw - mu_k * uk.sum(-1, keepdim=True)) / sig_k
+            if kind == "LN":
+                raw = raw + torch.einsum("d,bhd->bh", norm.b.detach(), u_k)[..., None]
+        scores = (raw + (q * w["b_K"]).sum(-1, keepdim=True)) / math.sqrt(self.e)
+        pattern = scores.softmax(-1)  # [B, H, n]: the last row sees every position
+        a = pattern if stats is None else pattern / stats[3]
+        mixed = torch.einsum("bhj,bsjd->bshd", a, D)  # [B, U, H, d]
+        vin = torch.einsum("bshd,bsh->bhd", mixed, mv) + torch.einsum("bhj,jd->bhd", a, base)
+        if stats is not None:
+            vin = vin - (a * stats[2]).sum(-1, keepdim=True)
+            vin = vin * wt
+            if kind == "LN":
+                vin = vin + norm.b.detach()  # Σ_j A_j b = b
+        z = torch.einsum("bhd,hde->bhe", vin, w["W_V"]) + w["b_V"]
+        return torch.einsum("bhe,hed->bhd", z, w["W_O"])[:, :, None]
+
+    def _last_attention_plain(self, layer: int, acts: list[torch.Tensor], abl: torch.Tensor,
+                              m: torch.Tensor, const: torch.Tensor,
+                              zs: dict[int, torch.Tensor]) -> torch.Tensor:
+        """:meth:`_last_attention` without LayerNorm, sender group by group: senders the same
+        in every run of the batch (the input, a clean prefix) once; heads kept as z (``zs``)
+        through W_O without forming their outputs. Returns head outputs [B, H, 1, d]."""
+        w, g = self.W[layer], self.graph
+        H, n = self.H, self.n
+        B, U = m.shape[0], m.shape[1]
+        groups: list[tuple[int, int, Optional[int]]] = []  # (first, stop, layer of zs)
+        i = 0
+        while i < U:
+            lay = int(g.sender_layer[i])
+            if lay in zs and i == g.head_sender(lay, 0):
+                groups.append((i, i + H, lay))
+                i += H
+            else:
+                j = i + 1
+                while j < U and not (int(g.sender_layer[j]) in zs
+                                     and j == g.head_sender(int(g.sender_layer[j]), 0)):
+                    j += 1
+                groups.append((i, j, None))
+                i = j
+        mq, mk, mv = m[..., :H], m[..., H:2 * H], m[..., 2 * H:]
+        base = abl.sum(0) + const  # [n, d]
+        # the query row
+        last_rows = []
+        for a0, a1, lay in groups:
+            if lay is None:
+                last_rows.append(torch.stack([x[:, -1] for x in acts[a0:a1]], 1)
+                                 .expand(B, -1, -1) - abl[a0:a1, -1])
+            else:
+                last_rows.append(torch.einsum("bse,sed->bsd", zs[lay][:, :, -1],
+                                              self.W[lay]["W_O"]) - abl[a0:a1, -1])
+        d_last = torch.cat(last_rows, 1)  # [B, U, d]
+        in_q = base[-1] + torch.einsum("bud,buh->bhd", d_last, mq)
+        q = torch.einsum("bhd,hde->bhe", in_q, w["W_Q"]) + w["b_Q"]
+        u = torch.einsum("bhe,hde->bhd", q, w["W_K"])  # q · (x W_K) = x · (W_K q)
+        raw = torch.einsum("jd,bhd->bhj", base, u)
+        for a0, a1, lay in groups:
+            ab = abl[a0:a1]
+            if lay is None:
+                A, shared = _stacked(acts[a0:a1])
+                if shared:
+                    dot = torch.einsum("sjd,bhd->bsjh", A - ab, u)
+                else:
+                    dot = torch.einsum("bsjd,bhd->bsjh", A - ab, u)
+            else:
+                wou = torch.einsum("sed,bhd->bshe", self.W[lay]["W_O"], u)
+                dot = (torch.einsum("bsje,bshe->bsjh", zs[lay], wou)
+                       - torch.einsum("sjd,bhd->bsjh", ab, u))
+            raw = raw + torch.einsum("bsjh,bsh->bhj", dot, mk[:, a0:a1])
+        scores = (raw + (q * w["b_K"]).sum(-1, keepdim=True)) / math.sqrt(self.e)
+        a = scores.softmax(-1)  # [B, H, n]: the last row sees every position
+        vin = torch.einsum("bhj,jd->bhd", a, base)
+        for a0, a1, lay in groups:
+            ab, mm = abl[a0:a1], mv[:, a0:a1]  # mm [B, k, H]
+            if lay is None:
+                A, shared = _stacked(acts[a0:a1])
+                if shared:
+                    mixed = torch.einsum("bhj,sjd->bhsd", a, A - ab)
+                else:
+                    mixed = torch.einsum("bhj,bsjd->bhsd", a, A - ab)
+                vin = vin + torch.einsum("bhsd,bsh->bhd", mixed, mm)
+            else:
+                az = torch.einsum("bhj,bsje->bhse", a, zs[lay]) * mm.transpose(1, 2)[..., None]
+                vin = vin + az.flatten(2) @ self.W[lay]["W_O"].flatten(0, 1)
+                vin = vin - torch.einsum("bhsd,bsh->bhd",
+                                         torch.einsum("bhj,sjd->bhsd", a, ab), mm)
+        z = torch.einsum("bhd,hde->bhe", vin, w["W_V"]) + w["b_V"]
+        return torch.einsum("bhe,hed->bhd", z, w["W_O"])[:, :, None]
+
+    def _row_stats(self, D: torch.Tensor, base: torch.Tensor, mk: torch.Tensor,
+                   mv: torch.Tensor, kind: str, eps: float) -> tuple[torch.Tensor, ...]:
+        """Mean and scale of each key and value receiver's input at every position,
+        [B, H, n] each: (mu_k, sigma_k, mu_v, sigma_v)."""
+        d = self.d
+        gram = torch.einsum("bsjd,btjd->bjst", D, D)  # [B, n, U, U]
+        cross = torch.einsum("bsjd,jd->bsj", D, base)  # [B, U, n]
+        base_sq = (base * base).sum(-1)  # [n]
+        out = []
+        for mm in (mk, mv):
+            sq = (base_sq[None, None] + 2 * torch.einsum("bsj,bsh->bhj", cross, mm)
+                  + torch.einsum("bjst,bsh,bth->bhj", gram, mm, mm))
+            if kind == "LN":
+                mean = (torch.einsum("bsj,bsh->bhj", D.mean(-1), mm)
+                        + base.mean(-1)[None, None])
+                var = sq / d - mean * mean
+            else:
+                mean = torch.zeros_like(sq)
+                var = sq / d
+            out += [mean, (var + eps).sqrt()]
+        return tuple(out)
+
     def run(self, x: torch.Tensor, abl: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
             probes: Optional[list[torch.Tensor]] = None, start: int = 0,
             prefix: Optional[torch.Tensor] = None, full_rows: bool = False,
@@ -259,6 +469,7 @@ class EdgeEngine:
         L = cfg.n_layers
         dev = x.device
         acts: list[torch.Tensor] = [x]
+        zs: dict[int, torch.Tensor] = {}
         const = torch.zeros(self.d, dtype=x.dtype, device=dev)
         if start:
             acts = [prefix[i].expand(B, -1, -1) for i in range(prefix.shape[0])]
@@ -270,30 +481,25 @@ class EdgeEngine:
             first, U = g.attn_block(layer)
             m = None if mask is None else mask[:, first:first + 3 * H * U].view(
                 B, 3 * H, U).transpose(1, 2)
-            inp = self._mix(acts[:U], abl[:U], m)
-            if mask is None:
-                inp = inp[:, None]  # [B, 1, n, d]: one input shared by every receiver
-            inp = inp + const
-            if probes is not None:
-                p = torch.zeros(B, 3 * H, n, self.d, dtype=x.dtype, device=dev,
-                                requires_grad=True)
-                probes.append(p)
-                inp = inp + p
-            xn = self._norm(blk.ln1, inp)  # [B, 3H or 1, n, d]
-            parts = xn.unflatten(1, (3, H)) if xn.shape[1] != 1 else \
-                xn.expand(B, 3 * H, n, self.d).unflatten(1, (3, H))  # [B, 3, H, n, d]
-            xq = parts[:, 0, :, -1:] if last else parts[:, 0]
-            q = torch.einsum("bhnd,hde->bhne", xq, w["W_Q"]) + w["b_Q"][:, None]
-            k = torch.einsum("bhnd,hde->bhne", parts[:, 1], w["W_K"]) + w["b_K"][:, None]
-            v = torch.einsum("bhnd,hde->bhne", parts[:, 2], w["W_V"]) + w["b_V"][:, None]
-            q_pos = torch.arange(n - 1 if last else 0, n, device=dev)
-            if self.rotary:
-                q = rotate(q.transpose(1, 2), q_pos, cfg).transpose(1, 2)
-                k = rotate(k.transpose(1, 2), torch.arange(n, device=dev), cfg).transpose(1, 2)
-            allowed = torch.arange(n, device=dev)[None, :] <= q_pos[:, None]
-            z = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
-                                               scale=1 / math.sqrt(self.e))  # [B, H, nq, e]
-            result = torch.einsum("bhne,hed->bhnd", z, w["W_O"])  # [B, H, nq, d]
+            fast = m is not None and probes is None and not self.rotary
+            z = None
+            if fast and last and self.plain:
+                result = self._last_attention_plain(layer, acts[:U], abl[:U], m, const, zs)
+            elif fast and last:
+                result = self._last_attention(layer, acts[:U], abl[:U], m, const)
+            elif fast and U == 1 and self._binary(m):
+                z = self._input_attention(layer, acts[0], abl[0], m[:, 0], const)
+            else:
+                z = self._attention(layer, acts[:U], abl[:U], m, const, last, probes)
+            if z is not None:
+                # heads read only by the last layer (and, at one row, the logits) stay as z:
+                # the last layer's plain path reads them through W_O without forming z W_O
+                lazy = (fast and self.plain and not g.has_mlp and layer == L - 2
+                        and collect is None)
+                if lazy:
+                    zs[layer] = z
+                    z = z[:, :, -1:]
+                result = torch.einsum("bhne,hed->bhnd", z, w["W_O"])
             acts += list(result.unbind(1))
             if collect is not None:
                 collect += list(result.unbind(1))

@@ -171,8 +171,11 @@ class Problem:
     def batch_size(self, p: PairRun) -> int:
         """Masked runs per batch for pair ``p`` (bounded by :data:`BATCH_BYTES`)."""
         cfg = self.lm.cfg
-        per = 3 * cfg.n_heads * p.n * cfg.d_model * 4 * 4
-        return int(max(1, min(256, BATCH_BYTES // per)))
+        # without LayerNorm the runs never form a receiver's input in full (d_model wide),
+        # only its projections (d_head wide)
+        width = cfg.d_head if p.engine.plain and cfg.attn_only else cfg.d_model
+        per = 3 * cfg.n_heads * p.n * width * 4 * 4
+        return int(max(1, min(128, BATCH_BYTES // per)))
 
 
 # ----------------------------------------------------------------------------- results
