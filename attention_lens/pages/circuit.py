@@ -22,6 +22,7 @@ from ..analysis.circuit.discovery import DEFAULT_K, curve_csv, curve_json
 from ..analysis.circuit.graph import edge_graph
 from ..analysis.circuit.scores import MAX_STEPS
 from ..analysis.errors import AnalysisError
+from ..analysis.predictions import token_id
 from ..components import page as P
 from ..components import shell
 from ..components.controls import Choice, Int, Text
@@ -183,6 +184,14 @@ def panels(ctx: P.PageContext, query: dict) -> list:
         if limit is not None and n_tokens > limit:
             raise AnalysisError(f"the clean prompt has {n_tokens} tokens; this server analyses "
                                 f"at most {limit}")
+        # bad answers or position are an alert at once, not at the end of a job
+        PT._check_position(query["position"], n_tokens)
+        for key in ("correct", "wrong"):
+            if pair[key] not in ("", None):
+                try:
+                    token_id(lm, pair[key])
+                except AnalysisError as exc:
+                    raise AnalysisError(f"{key} answer: {exc}") from None
     if query["method"] == "exact" and not query["pairs"]:
         from ..analysis.circuit.scores import check_exact_size
 
