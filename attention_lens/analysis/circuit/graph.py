@@ -258,6 +258,10 @@ class EdgeEngine:
     def _project(self, layer: int, xn: torch.Tensor) -> list[torch.Tensor]:
         """q, k, v [B, H, n, e] of normalised inputs xn [B, 3, H, n, d] (or [B, 3, 1, n, d])."""
         w = self.W[layer]
+        if xn.shape[1] == 1 and xn.shape[2] == 1:  # one input shared by every receiver
+            x = xn[:, 0, 0]  # [B, n, d]
+            return [(x @ w["W_" + c].permute(1, 0, 2).flatten(1)).unflatten(-1, (self.H, self.e))
+                    .transpose(1, 2) + w["b_" + c][:, None] for c in "QKV"]
         return [torch.einsum("bhnd,hde->bhne", xn[:, i if xn.shape[1] == 3 else 0].expand(
                     -1, self.H, -1, -1), w["W_" + c]) + w["b_" + c][:, None]
                 for i, c in enumerate("QKV")]
@@ -283,6 +287,17 @@ class EdgeEngine:
         if m is None:
             inp = inp[:, None]  # [B, 1, n, d]: one input shared by every receiver
         inp = inp + const
+        if probes is not None and m is None and self.plain:
+            # without LayerNorm a receiver's input reaches the network only through its own
+            # projection (in W + b): probe q, k and v (d_head wide) and take the input's
+            # gradient as g W^T afterwards (see input_grads)
+            q, k, v = self._project(layer, inp[:, None])
+            if last:
+                q = q[:, :, -1:]
+            qkv = [torch.zeros_like(t, requires_grad=True) for t in (q, k, v)]
+            probes.append(("qkv", layer, *qkv))  # type: ignore[arg-type]
+            q, k, v = (t + p for t, p in zip((q, k, v), qkv))
+            return self._attend(layer, q, k, v, last)
         if probes is not None:
             p = torch.zeros(B, 3 * H, n, self.d, dtype=inp.dtype, device=inp.device,
                             requires_grad=True)
@@ -533,14 +548,34 @@ class EdgeEngine:
             row = self.model.ln_final(row)
         return row
 
-    def sender_acts(self, ids: list[int]) -> torch.Tensor:
-        """Every sender's activation on one prompt, [S, n, d] (the model's own forward)."""
+    def input_grads(self, probes: list, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Gradients with respect to every receiver block's input, from the gradients of
+        the ``probes`` a run added (q/k/v probes become ``g W^T``, summed over the batch)."""
+        out, it = [], iter(grads)
+        for p in probes:
+            if not isinstance(p, tuple):
+                out.append(next(it).sum(0))
+                continue
+            layer, n = p[1], self.n
+            w = self.W[layer]
+            full = None
+            for i, c in enumerate("QKV"):
+                g = next(it).sum(0)  # [H, rows, e] (the last layer's query: one row)
+                if full is None:
+                    full = g.new_zeros(3, self.H, n, self.d)
+                torch.matmul(g, w["W_" + c].transpose(1, 2), out=full[i, :, n - g.shape[1]:])
+            out.append(full.flatten(0, 1))  # [3H, n, d]
+        return out
+
+    def sender_acts(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sender's activation on one prompt, [S, n, d], and the logits at position
+        n-1 [d_vocab] (the model's own forward)."""
         x = self.input_act(ids)[None]
         collect: list[torch.Tensor] = [x]
         with torch.no_grad():
-            self.run(x, torch.zeros(1, self.n, self.d, dtype=x.dtype, device=x.device),
-                     full_rows=True, collect=collect)
-        return torch.stack([c[0] for c in collect])
+            row = self.run(x, torch.zeros(1, self.n, self.d, dtype=x.dtype, device=x.device),
+                           full_rows=True, collect=collect)
+        return torch.stack([c[0] for c in collect]), self.logits(row)[0]
 
     def logits(self, rows: torch.Tensor) -> torch.Tensor:
         """Logits of normalised final rows [B, d]."""

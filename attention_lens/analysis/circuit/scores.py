@@ -124,11 +124,9 @@ class Problem:
         if eng is None:
             eng = engines[n] = EdgeEngine(lm, n)
         with torch.no_grad():
-            clean_acts = eng.sender_acts(clean_ids)
-            corrupted_acts = eng.sender_acts(corrupted_ids)
-            zero = torch.zeros_like(clean_acts)
-            lc = eng.logits(eng.run(clean_acts[:1, :], zero)).float()[0]
-            lr = eng.logits(eng.run(corrupted_acts[:1, :], zero)).float()[0]
+            clean_acts, lc = eng.sender_acts(clean_ids)
+            corrupted_acts, lr = eng.sender_acts(corrupted_ids)
+            lc, lr = lc.float(), lr.float()
         ld_c = float(lc[a] - lc[b]) if b is not None else 0.0
         ld_r = float(lr[a] - lr[b]) if b is not None else 0.0
         if self.kind == "normalized" and ld_c == ld_r:
@@ -221,12 +219,13 @@ def receiver_grads(p: PairRun, x: torch.Tensor, abl: torch.Tensor) -> list[torch
     """∂(Σ_batch m)/∂(input of every receiver) on runs from input activations x [B, n, d]
     with every edge kept; one tensor per receiver block (see :meth:`EdgeEngine.run`),
     summed over the batch."""
-    probes: list[torch.Tensor] = []
+    probes: list = []
     with torch.enable_grad():
         rows = p.engine.run(x, abl, None, probes=probes)
         m = p.of_rows(rows).sum()
-        grads = torch.autograd.grad(m, probes)
-    return [g.sum(0) for g in grads]
+        flat = [t for q in probes for t in (q[2:] if isinstance(q, tuple) else (q,))]
+        grads = torch.autograd.grad(m, flat)
+    return p.engine.input_grads(probes, list(grads))
 
 
 def scores_from_grads(graph: EdgeGraph, diff: torch.Tensor, grads: list[torch.Tensor]
@@ -234,25 +233,26 @@ def scores_from_grads(graph: EdgeGraph, diff: torch.Tensor, grads: list[torch.Te
     """Edge scores by position [E, n]: (ā_u − a_u) · g_v for each edge, ``diff`` [S, n, d]
     the ablated minus clean activations, ``grads`` per receiver block."""
     S, n, _ = diff.shape
+    diff = diff.double()
     out = torch.zeros(graph.n_edges, n, dtype=torch.float64)
     it = iter(grads)
     H = graph.n_heads
     for layer in range(graph.n_layers):
         g = next(it)  # [3H, n, d]
         first, U = graph.attn_block(layer)
-        s = torch.einsum("und,rnd->run", diff[:U].double(), g.double())
+        s = torch.einsum("und,rnd->run", diff[:U], g.double())
         out[first:first + 3 * H * U] = s.reshape(-1, n)
         if graph.has_mlp:
             g = next(it)  # [rows, d]
             first, U = graph.mlp_block(layer)
             rows = g.shape[0]
             block = torch.zeros(U, n, dtype=torch.float64)
-            block[:, n - rows:] = torch.einsum("und,nd->un", diff[:U, n - rows:].double(),
+            block[:, n - rows:] = torch.einsum("und,nd->un", diff[:U, n - rows:],
                                                g.double())
             out[first:first + U] = block
     g = next(it)  # [d]
     first, U = graph.logits_block()
-    out[first:first + U, n - 1] = diff[:, n - 1].double() @ g.double()
+    out[first:first + U, n - 1] = diff[:, n - 1] @ g.double()
     return out
 
 
@@ -266,9 +266,8 @@ def _gradient_scores(prob: Problem, steps: int, progress: Optional[ProgressFn]
         x = x_a + alphas[:, None, None] * (x_c - x_a)  # [steps, n, d]
         if steps == 1:
             x = x_c[None]
-        grads = receiver_grads(p, x, abl)
-        grads = [g / steps for g in grads]
-        per_pos.append(scores_from_grads(prob.graph, abl - p.clean_acts, grads))
+        grads = receiver_grads(p, x, abl)  # summed over the steps: divided once, below
+        per_pos.append(scores_from_grads(prob.graph, abl - p.clean_acts, grads) / steps)
         if progress:
             progress(i + 1, len(prob.pairs))
     scores = np.mean([s.sum(1).numpy() for s in per_pos], axis=0)
