@@ -20,6 +20,7 @@ import argparse
 import gc
 import importlib
 import importlib.util
+import os
 import resource
 import statistics
 import sys
@@ -771,6 +772,15 @@ def bench_circuit(reps: int, gpt2: bool = True) -> None:
         print(f"  {name:<52} median {median:7.3f} s of {len(walls)} (min {min(walls):.3f}); "
               f"target <= {target:g} s: {ok}{extra}", flush=True)
 
+    def forward() -> None:
+        with torch.no_grad():
+            lm.model(torch.tensor([clean]))
+
+    fwd_s, walls, _ = timed(forward, reps)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"  reference: one plain forward pass of the model on the pair's clean prompt "
+          f"median {fwd_s:.3f} s of {len(walls)}; load average {load:.1f} on "
+          f"{os.cpu_count()} CPUs", flush=True)
     eap_s, walls, eap = timed(lambda: edge_scores(lm, [pair], method="eap"), reps)
     line("EAP, every edge (1 forward + 1 backward, setup incl.)", eap_s, walls, 0.5)
     ig_s, walls, ig = timed(lambda: edge_scores(lm, [pair], method="eap_ig", steps=5), reps)
