@@ -394,3 +394,15 @@ def test_induction_circuit_on_the_shipped_model(model_2l):
     assert reach is not None and reach <= 20
     rand = curve.edges_to_reach(0.8, random=True)
     assert rand is None or rand > 5 * reach
+
+
+@pytest.mark.parametrize("method", ["eap", "exact"])
+def test_progress_reaches_the_end(tiny_mlp, method):
+    """Progress is reported in steps that grow to the total (per layer for EAP, per batch of
+    patched runs for exact edge patching)."""
+    seen = []
+    edge_scores(tiny_mlp, [_pair(seed=1), _pair(seed=2)], method=method,
+                progress=lambda done, total: seen.append((done, total)))
+    assert len(seen) >= 4
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert seen[-1][0] == seen[-1][1] and len({t for _, t in seen}) == 1

@@ -18,7 +18,7 @@ Each score is (an estimate of) m(edge ablated) − m(clean). Over a set of pairs
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence, get_args
+from typing import Callable, Literal, Optional, Sequence, get_args
 
 import numpy as np
 import torch
@@ -228,10 +228,11 @@ def receiver_grads(p: PairRun, x: torch.Tensor, abl: torch.Tensor) -> list[torch
     return p.engine.input_grads(probes, list(grads))
 
 
-def scores_from_grads(graph: EdgeGraph, diff: torch.Tensor, grads: list[torch.Tensor]
-                      ) -> torch.Tensor:
+def scores_from_grads(graph: EdgeGraph, diff: torch.Tensor, grads: list[torch.Tensor],
+                      layer_done: Optional[Callable[[int], None]] = None) -> torch.Tensor:
     """Edge scores by position [E, n]: (ā_u − a_u) · g_v for each edge, ``diff`` [S, n, d]
-    the ablated minus clean activations, ``grads`` per receiver block."""
+    the ablated minus clean activations, ``grads`` per receiver block (``layer_done(l)``
+    after each layer's receivers)."""
     S, n, _ = diff.shape
     diff = diff.double()
     out = torch.zeros(graph.n_edges, n, dtype=torch.float64)
@@ -250,6 +251,8 @@ def scores_from_grads(graph: EdgeGraph, diff: torch.Tensor, grads: list[torch.Te
             block[:, n - rows:] = torch.einsum("und,nd->un", diff[:U, n - rows:],
                                                g.double())
             out[first:first + U] = block
+        if layer_done:
+            layer_done(layer)
     g = next(it)  # [d]
     first, U = graph.logits_block()
     out[first:first + U, n - 1] = diff[:, n - 1] @ g.double()
@@ -259,7 +262,13 @@ def scores_from_grads(graph: EdgeGraph, diff: torch.Tensor, grads: list[torch.Te
 def _gradient_scores(prob: Problem, steps: int, progress: Optional[ProgressFn]
                      ) -> tuple[np.ndarray, Optional[np.ndarray]]:
     per_pos = []
+    L = prob.graph.n_layers
+    units = len(prob.pairs) * (L + 1)  # per pair: the backward pass, then each layer's scores
     for i, p in enumerate(prob.pairs):
+        def layer_done(layer: int, i: int = i) -> None:
+            if progress:
+                progress(i * (L + 1) + layer + 2, units)
+
         abl = prob.ablated(p)
         x_c, x_a = p.clean_acts[0], abl[0]
         alphas = torch.arange(1, steps + 1, dtype=x_c.dtype) / steps
@@ -267,9 +276,10 @@ def _gradient_scores(prob: Problem, steps: int, progress: Optional[ProgressFn]
         if steps == 1:
             x = x_c[None]
         grads = receiver_grads(p, x, abl)  # summed over the steps: divided once, below
-        per_pos.append(scores_from_grads(prob.graph, abl - p.clean_acts, grads) / steps)
         if progress:
-            progress(i + 1, len(prob.pairs))
+            progress(i * (L + 1) + 1, units)
+        per_pos.append(scores_from_grads(prob.graph, abl - p.clean_acts, grads,
+                                         layer_done) / steps)
     scores = np.mean([s.sum(1).numpy() for s in per_pos], axis=0)
     same = len({s.shape[1] for s in per_pos}) == 1
     by_pos = torch.stack(per_pos).mean(0).numpy() if same else None
