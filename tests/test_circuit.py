@@ -110,10 +110,10 @@ def tl_eap(lm, pair: PT.PromptPair, metric) -> np.ndarray:
 
 
 def tl_circuit_metric(lm, pair: PT.PromptPair, keep: np.ndarray, ablated: torch.Tensor,
-                      metric) -> float:
+                      metric, tl=None) -> float:
     """The clean run with every edge outside ``keep`` ablated, written with explicit
     TransformerLens hooks on each receiver's own input."""
-    tl = _tl_model(lm)
+    tl = tl or _tl_model(lm)
     cfg, g = tl.cfg, edge_graph(lm.cfg)
     acts: dict[int, torch.Tensor] = {}
     b_O = [tl.blocks[l].attn.b_O.detach() for l in range(cfg.n_layers)]
@@ -406,3 +406,46 @@ def test_progress_reaches_the_end(tiny_mlp, method):
     assert len(seen) >= 4
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
     assert seen[-1][0] == seen[-1][1] and len({t for _, t in seen}) == 1
+
+
+def test_acdc_matches_a_hook_replay(tiny):
+    """Greedy removal equals the same greedy loop replayed with TransformerLens hooks
+    (each trial circuit evaluated by explicit receiver-input hooks); a threshold of 0 keeps
+    every edge that matters, an infinite one keeps none."""
+    from attention_lens.analysis.circuit import acdc
+
+    pair = _pair(seed=8, vocab=tiny.cfg.d_vocab)
+    prob = Problem(tiny, [pair], "logit_diff", -1, "resample")
+    p, g = prob.pairs[0], prob.graph
+    tl = _tl_model(tiny)
+
+    def replay(threshold: float) -> tuple[np.ndarray, float]:
+        keep = np.ones(g.n_edges, bool)
+        current = tl_circuit_metric(tiny, pair, keep, p.corrupted_acts, p.metric, tl)
+        margin = np.inf
+        for e in sorted(range(g.n_edges), key=lambda e: (-g.dst[e], -g.src[e])):
+            keep[e] = False
+            trial = tl_circuit_metric(tiny, pair, keep, p.corrupted_acts, p.metric, tl)
+            margin = min(margin, abs(abs(trial - current) - threshold))
+            if abs(trial - current) < threshold:
+                current = trial
+            else:
+                keep[e] = True
+        return keep, margin
+
+    # a threshold where no decision sits within float32 noise (~1e-6) of it
+    for share in (0.02, 0.03, 0.05, 0.08):
+        threshold = share * abs(p.clean_metric - p.corrupted_metric)
+        keep, margin = replay(threshold)
+        if margin > 2e-5:
+            break
+    assert margin > 2e-5  # 20x the float32 difference between the two evaluations
+    kept, metric = acdc(prob, threshold)
+    assert 0 < kept.sum() < g.n_edges
+    assert kept.tolist() == prune(g, keep).tolist()
+    assert abs(metric - circuit_metrics(prob, kept[None])[0]) <= 1e-9
+    none, m_none = acdc(prob, float("inf"))
+    assert not none.any() and abs(m_none - p.corrupted_metric) <= 1e-4 * max(
+        1, abs(p.corrupted_metric))
+    with pytest.raises(AnalysisError, match="threshold must be a number >= 0"):
+        acdc(prob, -1.0)

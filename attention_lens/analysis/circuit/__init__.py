@@ -14,9 +14,17 @@ from .scores import (
     check_exact_size,
     edge_scores,
 )
-from .search import FaithfulnessCurve, circuit, circuit_metrics, faithfulness_curve, prune, top_k
+from .search import (
+    FaithfulnessCurve,
+    acdc,
+    circuit,
+    circuit_metrics,
+    faithfulness_curve,
+    prune,
+    top_k,
+)
 
-__all__ = ["ABLATIONS", "ABLATION_LABELS", "METHODS", "METHOD_LABELS", "EdgeEngine",
+__all__ = ["ABLATIONS", "ABLATION_LABELS", "acdc", "METHODS", "METHOD_LABELS", "EdgeEngine",
            "EdgeGraph", "EdgeScores", "FaithfulnessCurve", "Problem", "check_exact_size",
            "circuit", "circuit_metrics", "edge_graph", "edge_scores", "faithfulness_curve",
            "prune", "top_k"]

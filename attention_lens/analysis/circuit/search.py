@@ -184,3 +184,32 @@ def faithfulness_curve(prob: Problem, scores: np.ndarray, *,
     return FaithfulnessCurve(ablations=tuple(ablations), k=ks, sizes=sizes, faithfulness=faith,
                              ratio=ratio, random=rnd, circuit_metric=cm, full_metric=full,
                              empty_metric=empty, n_random=n_random, seed=seed)
+
+
+def acdc(prob: Problem, threshold: float, ablation: Optional[str] = None,
+         progress: Optional[ProgressFn] = None) -> tuple[np.ndarray, float]:
+    """Greedy edge removal in the manner of ACDC (Conmy et al. 2023): receivers from the
+    logits back to the first layer, each receiver's edges from its latest sender back; an
+    edge is removed (ablated) for good when that changes the metric of the current circuit
+    by less than ``threshold`` (in the metric's units). Returns the circuit pruned to paths
+    from the input to the logits, [E] bool, and its metric."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or \
+            np.isnan(threshold) or threshold < 0:
+        raise AnalysisError(f"the ACDC threshold must be a number >= 0, got {threshold!r}")
+    g = prob.graph
+    keep = np.ones(g.n_edges, dtype=bool)
+    current = float(circuit_metrics(prob, keep[None], ablation)[0])
+    order = sorted(range(g.n_edges), key=lambda e: (-int(g.dst[e]), -int(g.src[e])))
+    for i, e in enumerate(order):
+        keep[e] = False
+        trial = float(circuit_metrics(prob, keep[None], ablation)[0])
+        if abs(trial - current) < threshold:
+            current = trial
+        else:
+            keep[e] = True
+        if progress:
+            progress(i + 1, len(order))
+    kept = prune(g, keep)
+    if not np.array_equal(kept, keep):
+        current = float(circuit_metrics(prob, kept[None], ablation)[0])
+    return kept, current
