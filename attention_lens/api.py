@@ -494,7 +494,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
 
         body = json_body((pair_fields - {"direction"})
                          | {"pairs", "method", "ablation", "steps", "k", "n_sizes",
-                            "n_random", "curve"})
+                            "n_random", "curve", "search", "threshold"})
         lm = model_of(body)
         n_edges = edge_graph(lm.cfg).n_edges
         opts = dict(method=choice_field(body, "method", "eap", METHODS),
@@ -504,7 +504,14 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
                                 f" ({lm.name} has {n_edges} edges)"),
                     n_sizes=int_field(body, "n_sizes", CD.DEFAULT_SIZES, 2, CD.MAX_SIZES),
                     n_random=int_field(body, "n_random", CD.DEFAULT_RANDOM, 0, CD.MAX_RANDOM),
-                    curve=bool_field(body, "curve", True))
+                    curve=bool_field(body, "curve", True),
+                    search=choice_field(body, "search", "top_k", CD.SEARCHES))
+        threshold = body.get("threshold", 0.0)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or \
+                not threshold >= 0:
+            raise ApiError(f"'threshold' must be a number >= 0 (the largest metric change an "
+                           f"ACDC removal may cause), got {threshold!r}"[:200])
+        opts["threshold"] = float(threshold)
         if "pairs" in body:
             extra = sorted(k for k in ("clean", "corrupted", "correct", "wrong") if k in body)
             if extra:

@@ -156,8 +156,26 @@ def test_api_circuit(client, server):
     ({**PAIR, "pairs": [PAIR]}, "either 'pairs' or one pair"),
     ({"pairs": [PAIR, {**PAIR, "corrupted": " x"}]}, "pair 2"),
     ({**PAIR, "wrong": PT.DEFAULT_CORRECT}, "same token"),
+    ({**PAIR, "search": "acdc", "threshold": -1}, "'threshold' must be a number >= 0"),
+    ({**PAIR, "search": "beam"}, "'search' must be one of"),
 ])
 def test_api_circuit_bad_input(client, body, message):
     status, data = post(client, body)
     assert status == 400, data
     assert message in data["error"], data["error"]
+
+
+def test_api_acdc(client, server):
+    """ACDC-style removal through the API (the one-layer model: 49 edges, one run each)
+    gives the circuit the analysis gives."""
+    from attention_lens.analysis.circuit import acdc
+
+    status, data = post(client, {**PAIR, "model": "attn-only-1l", "search": "acdc",
+                                 "threshold": 0.01, "curve": False})
+    assert status == 200, data
+    circ = data["circuit"]
+    assert circ["settings"]["search"] == "acdc" and circ["settings"]["threshold"] == 0.01
+    lm = server.server.extensions["attention_lens"]["registry"].get("attn-only-1l")
+    prob = Problem(lm, [PT.PromptPair(**PAIR)], "logit_diff", -1, "resample")
+    kept, _ = acdc(prob, 0.01)
+    assert data["in_circuit"] == kept.tolist() and 0 < kept.sum() < len(kept)

@@ -15,8 +15,17 @@ from .. import patching as PT
 from ..errors import AnalysisError
 from .graph import ProgressFn
 from .scores import ABLATIONS, METHODS, EdgeScores, Problem, edge_scores
-from .search import FaithfulnessCurve, _check_k, circuit, circuit_metrics, faithfulness_curve
+from .search import (
+    FaithfulnessCurve,
+    _check_k,
+    acdc,
+    circuit,
+    circuit_metrics,
+    faithfulness_curve,
+)
 
+#: How the circuit is chosen: top k by |score| (pruned), or greedy ACDC-style removal.
+SEARCHES = ("top_k", "acdc")
 #: Edges taken by |score| before pruning, by default.
 DEFAULT_K = 20
 #: Sizes on the faithfulness curve and random circuits per size, by default.
@@ -147,7 +156,8 @@ def discover_circuit(lm: LoadedModel, pairs: Sequence[PT.PromptPair], *, method:
                      metric: str = "logit_diff", position: int = -1,
                      ablation: str = "resample", steps: int = 5, k: int = DEFAULT_K,
                      n_sizes: int = DEFAULT_SIZES, n_random: int = DEFAULT_RANDOM,
-                     curve: bool = True, seed: int = 0,
+                     curve: bool = True, seed: int = 0, search: str = "top_k",
+                     threshold: float = 0.0,
                      progress: Optional[ProgressFn] = None) -> CircuitDiscovery:
     """Score every edge, keep the top k (pruned to input-to-logit paths), and measure the
     circuit's faithfulness under every ablation, with the curve over k beside random
@@ -171,7 +181,11 @@ def discover_circuit(lm: LoadedModel, pairs: Sequence[PT.PromptPair], *, method:
             progress(done, total * parts)
 
     res = edge_scores(lm, pairs, method=method, steps=steps, problem=prob, progress=scored)
-    kept = circuit(prob.graph, res.scores, k)
+    PT._check_choice(search, SEARCHES, "search")
+    if search == "acdc":
+        kept, _ = acdc(prob, threshold)
+    else:
+        kept = circuit(prob.graph, res.scores, k)
     faith = {}
     masks = np.stack([np.ones_like(kept), np.zeros_like(kept), kept])
     for a in ABLATIONS:
@@ -189,7 +203,8 @@ def discover_circuit(lm: LoadedModel, pairs: Sequence[PT.PromptPair], *, method:
     settings = {"model": lm.name, "method": method, "metric": res.metric,
                 "position": position, "ablation": ablation, "steps": res.steps, "k": int(k),
                 "n_pairs": len(prob.pairs), "n_sizes": int(n_sizes),
-                "n_random": int(n_random), "seed": seed,
+                "n_random": int(n_random), "seed": seed, "search": search,
+                "threshold": float(threshold) if search == "acdc" else None,
                 "gradient_at": "clean run" if method != "exact" else None}
     return CircuitDiscovery(scores=res, k=int(k), kept=kept, faithfulness=faith, curve=fc,
                             settings=settings,

@@ -66,9 +66,10 @@ def circuit(graph: EdgeGraph, scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def circuit_metrics(prob: Problem, masks: np.ndarray, ablation: Optional[str] = None,
-                    progress: Optional[ProgressFn] = None) -> np.ndarray:
+                    progress: Optional[ProgressFn] = None, start: int = 0) -> np.ndarray:
     """Mean metric over the pairs of the clean runs with every edge outside each circuit
-    ablated: masks [C, E] bool -> [C]."""
+    ablated: masks [C, E] bool -> [C]. ``start``: every edge into layers before it is kept,
+    so the runs begin there from the clean run."""
     masks = np.asarray(masks, dtype=bool)
     out = np.zeros((len(prob.pairs), len(masks)))
     total, done = len(masks) * len(prob.pairs), 0
@@ -79,7 +80,10 @@ def circuit_metrics(prob: Problem, masks: np.ndarray, ablation: Optional[str] = 
             for j in range(0, len(masks), chunk):
                 m = torch.as_tensor(masks[j:j + chunk], dtype=p.clean_acts.dtype)
                 x = p.clean_acts[0].expand(len(m), -1, -1)
-                out[i, j:j + len(m)] = p.of_rows(p.engine.run(x, abl, m)).double().numpy()
+                U = (prob.graph.upstream_attn(start) if start < prob.graph.n_layers
+                     else prob.graph.n_senders)
+                rows = p.engine.run(x, abl, m, start=start, prefix=p.clean_acts[:U])
+                out[i, j:j + len(m)] = p.of_rows(rows).double().numpy()
                 done += len(m)
                 if progress:
                     progress(done, total)
@@ -202,7 +206,9 @@ def acdc(prob: Problem, threshold: float, ablation: Optional[str] = None,
     order = sorted(range(g.n_edges), key=lambda e: (-int(g.dst[e]), -int(g.src[e])))
     for i, e in enumerate(order):
         keep[e] = False
-        trial = float(circuit_metrics(prob, keep[None], ablation)[0])
+        # receivers go from the logits back: every edge into an earlier layer is still kept
+        layer = int(g.receiver_layer[g.dst[e]])
+        trial = float(circuit_metrics(prob, keep[None], ablation, start=layer)[0])
         if abs(trial - current) < threshold:
             current = trial
         else:
