@@ -488,6 +488,65 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
             res = PT.path_patching(lm, sender=tuple(sender), ln_mode=ln_mode, **args)
         return {"model": lm.name, "components": list(PT.COMPONENTS), "result": jsonable(res)}
 
+    @endpoint("/circuit", ("POST",))
+    def circuit() -> dict[str, Any]:
+        from .analysis import patching as PT
+        from .analysis.circuit import ABLATIONS, METHODS, edge_graph
+        from .analysis.circuit import discovery as CD
+        from .analysis.circuit.scores import MAX_STEPS
+
+        body = json_body((pair_fields - {"direction"})
+                         | {"pairs", "method", "ablation", "steps", "k", "n_sizes",
+                            "n_random", "curve", "search", "threshold"})
+        lm = model_of(body)
+        n_edges = edge_graph(lm.cfg).n_edges
+        opts = dict(method=choice_field(body, "method", "eap", METHODS),
+                    ablation=choice_field(body, "ablation", "resample", ABLATIONS),
+                    steps=int_field(body, "steps", 5, 1, MAX_STEPS),
+                    k=int_field(body, "k", CD.DEFAULT_K, 0, n_edges,
+                                f" ({lm.name} has {n_edges} edges)"),
+                    n_sizes=int_field(body, "n_sizes", CD.DEFAULT_SIZES, 2, CD.MAX_SIZES),
+                    n_random=int_field(body, "n_random", CD.DEFAULT_RANDOM, 0, CD.MAX_RANDOM),
+                    curve=bool_field(body, "curve", True),
+                    search=choice_field(body, "search", "top_k", CD.SEARCHES))
+        threshold = body.get("threshold", 0.0)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or \
+                not threshold >= 0:
+            raise ApiError(f"'threshold' must be a number >= 0 (the largest metric change an "
+                           f"ACDC removal may cause), got {threshold!r}"[:200])
+        opts["threshold"] = float(threshold)
+        if "pairs" in body:
+            extra = sorted(k for k in ("clean", "corrupted", "correct", "wrong") if k in body)
+            if extra:
+                raise ApiError(f"send either 'pairs' or one pair, not both (got 'pairs' and "
+                               f"{', '.join(map(repr, extra))})")
+            if not isinstance(body["pairs"], (list, str)):
+                raise ApiError("'pairs' must be a list of objects (clean, corrupted, correct, "
+                               "wrong) or CSV text with those columns")
+            pairs = PT.parse_pairs(body["pairs"] if isinstance(body["pairs"], str)
+                                   else json_dumps(body["pairs"]))
+            for i, pair in enumerate(pairs, start=1):
+                try:
+                    ids, _ = PT.pair_tokens(lm, pair.clean, pair.corrupted)
+                except AnalysisError as exc:
+                    raise ApiError(f"pair {i}: {exc}") from None
+                if len(ids) > limit_of(lm):
+                    raise ApiError(f"pair {i} has {len(ids)} tokens; this server analyses at "
+                                   f"most {limit_of(lm)}")
+            metric = choice_field(body, "metric", "logit_diff", PT.METRICS)
+            position = int_field(body, "position", -1, -lm.cfg.n_ctx, lm.cfg.n_ctx - 1)
+        else:
+            args = pair_args(body, lm)
+            pairs = [PT.PromptPair(args["clean"], args["corrupted"], args["correct"],
+                                   args["wrong"])]
+            metric, position = args["metric"], args["position"]
+        with background.current().slots.job(f"{opts['method']} circuit discovery"):
+            res = CD.discover_circuit(lm, pairs, metric=metric, position=position, **opts)
+        g = res.scores.graph
+        return {"model": lm.name, "circuit": jsonable(res.to_json()),
+                "edges": g.edge_labels(), "scores": jsonable(res.scores.scores),
+                "in_circuit": res.kept.tolist()}
+
     # ------------------------------------------- QK attribution and attribution graph
     def whole_prompt(body: dict[str, Any], fp: ForwardPass, lm: LoadedModel) -> None:
         if fp.truncated and not bool_field(body, "truncate", False):

@@ -188,6 +188,27 @@ def _pair_set(lm: LoadedModel, progress: Progress, pairs: str, metric: str, dire
                                progress=lambda done, total: progress(done / max(total, 1)))
 
 
+def _circuit(lm: LoadedModel, progress: Progress, clean: str, corrupted: str, correct: Any,
+             wrong: Any, pairs: str, metric: str, position: int, method: str, ablation: str,
+             steps: int, k: int, n_sizes: int, n_random: int) -> Any:
+    from . import background
+    from .analysis.circuit.discovery import discover_circuit
+    from .analysis.patching import PromptPair, parse_pairs
+
+    if pairs:
+        text = background.current().results.get(pair_set_key(pairs))
+        if not isinstance(text, str):
+            raise AnalysisError("the uploaded set of pairs is no longer on this server: upload "
+                                "it again")
+        prompt_pairs = parse_pairs(text)
+    else:
+        prompt_pairs = [PromptPair(clean, corrupted, correct, wrong if wrong != "" else None)]
+    return discover_circuit(lm, prompt_pairs, method=method, metric=metric, position=position,
+                            ablation=ablation, steps=steps, k=k, n_sizes=n_sizes,
+                            n_random=n_random,
+                            progress=lambda done, total: progress(done / max(total, 1)))
+
+
 ANALYSES: dict[str, Analysis] = {
     "pair_set_patching": Analysis("{granularity} patching over a set of pairs", _pair_set,
                                   ("pairs", "metric", "direction", "granularity",
@@ -200,6 +221,10 @@ ANALYSES: dict[str, Analysis] = {
                               _path_patching,
                               ("clean", "corrupted", "correct", "wrong", "metric",
                                "direction", "position", "layer", "head", "mlps")),
+    "circuit_discovery": Analysis("{method} circuit discovery", _circuit,
+                                  ("clean", "corrupted", "correct", "wrong", "pairs", "metric",
+                                   "position", "method", "ablation", "steps", "k", "n_sizes",
+                                   "n_random")),
     "circuit_svd": Analysis("{circuit} circuit SVD", _svd, ("circuit",)),
     "circuit_eigenvalues": Analysis("circuit eigenvalues", _eigen),
     "composition_scores": Analysis("composition scores", _composition),

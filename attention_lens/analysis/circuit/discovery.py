@@ -1,0 +1,211 @@
+"""One circuit-discovery run for the page and the API: scores, the circuit, its faithfulness
+curve, and the exports (circuit JSON, edge-score CSV, curve CSV)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from ...model.checkpoint import LoadedModel
+from .. import patching as PT
+from ..errors import AnalysisError
+from .graph import ProgressFn
+from .scores import ABLATIONS, METHODS, EdgeScores, Problem, edge_scores
+from .search import (
+    FaithfulnessCurve,
+    _check_k,
+    acdc,
+    circuit,
+    circuit_metrics,
+    faithfulness_curve,
+)
+
+#: How the circuit is chosen: top k by |score| (pruned), or greedy ACDC-style removal.
+SEARCHES = ("top_k", "acdc")
+#: Edges taken by |score| before pruning, by default.
+DEFAULT_K = 20
+#: Sizes on the faithfulness curve and random circuits per size, by default.
+DEFAULT_SIZES, DEFAULT_RANDOM = 20, 20
+#: Most sizes on the curve and random circuits per size.
+MAX_SIZES, MAX_RANDOM = 40, 50
+
+
+@dataclass(frozen=True)
+class CircuitDiscovery:
+    """A circuit found on a set of pairs, with its faithfulness.
+
+    Attributes:
+        scores: every edge's score (see :class:`EdgeScores`).
+        k: edges taken by |score| before pruning.
+        kept: [E] bool, the circuit's edges (top k, pruned to input-to-logit paths).
+        faithfulness: {ablation: faithfulness of the circuit}.
+        curve: the faithfulness curve (None when not asked for).
+        settings: the parameters of the run (JSON-ready).
+        clean_display: display strings of pair 1's clean prompt.
+    """
+
+    scores: EdgeScores
+    k: int
+    kept: np.ndarray
+    faithfulness: dict[str, float]
+    curve: Optional[FaithfulnessCurve]
+    settings: dict[str, Any]
+    clean_display: tuple[str, ...]
+
+    @property
+    def n_kept(self) -> int:
+        """Edges in the circuit."""
+        return int(self.kept.sum())
+
+    def nodes(self) -> list[str]:
+        """The components the circuit's edges touch (input, heads, MLPs, logits), in graph
+        order."""
+        g = self.scores.graph
+        used = set(g.src[self.kept].tolist())
+        node_of = g.receiver_node()
+        targets = node_of[g.dst[self.kept]]
+        used |= set(targets[targets >= 0].tolist())
+        names = [g.senders[s] for s in sorted(used)]
+        if (targets < 0).any():
+            names.append("logits")
+        return names
+
+    def heads(self) -> list[tuple[int, int]]:
+        """(layer, head) of every head in the circuit."""
+        out = []
+        for name in self.nodes():
+            if name.startswith("L") and "H" in name:
+                layer, head = name[1:].split("H")
+                out.append((int(layer), int(head)))
+        return out
+
+    def edges(self) -> list[dict[str, Any]]:
+        """The circuit's edges, strongest first: sender, receiver, input, score."""
+        g = self.scores.graph
+        idx = np.nonzero(self.kept)[0]
+        idx = idx[np.argsort(-np.abs(self.scores.scores[idx]), kind="stable")]
+        out = []
+        for e in idx:
+            recv = g.receivers[g.dst[e]]
+            node, _, comp = recv.partition(".")
+            out.append({"sender": g.senders[g.src[e]], "receiver": node,
+                        "input": comp or ("in" if node != "logits" else "resid"),
+                        "score": float(self.scores.scores[e])})
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """The circuit export: nodes, edges with scores, faithfulness, curve, settings."""
+        out: dict[str, Any] = {
+            "settings": self.settings, "nodes": self.nodes(), "edges": self.edges(),
+            "n_edges_total": self.scores.graph.n_edges, "n_edges_kept": self.n_kept,
+            "faithfulness": self.faithfulness,
+            "clean_metric": self.scores.clean_metric,
+            "corrupted_metric": self.scores.corrupted_metric,
+        }
+        if self.curve is not None:
+            out["curve"] = curve_json(self.curve)
+        return out
+
+    def edge_csv(self) -> str:
+        """Every edge's score as CSV: sender, receiver, input, score, in_circuit."""
+        g = self.scores.graph
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["sender", "receiver", "input", "score", "in_circuit"])
+        for e in range(g.n_edges):
+            node, _, comp = g.receivers[g.dst[e]].partition(".")
+            w.writerow([g.senders[g.src[e]], node, comp, f"{self.scores.scores[e]:.9g}",
+                        int(self.kept[e])])
+        return buf.getvalue()
+
+
+def curve_json(curve: FaithfulnessCurve) -> dict[str, Any]:
+    """A faithfulness curve as plain lists."""
+    return {"ablations": list(curve.ablations), "k": curve.k.tolist(),
+            "sizes": curve.sizes.tolist(), "faithfulness": curve.faithfulness.tolist(),
+            "ratio": curve.ratio.tolist(), "random": curve.random.tolist(),
+            "full_metric": curve.full_metric.tolist(),
+            "empty_metric": curve.empty_metric.tolist(), "n_random": curve.n_random,
+            "seed": curve.seed,
+            "edges_to_80": {a: curve.edges_to_reach(0.8, a) for a in curve.ablations},
+            "random_edges_to_80": {a: curve.edges_to_reach(0.8, a, random=True)
+                                   for a in curve.ablations}}
+
+
+def curve_csv(curve: FaithfulnessCurve) -> str:
+    """The curves as CSV: ablation, k, edges, faithfulness, random mean, 5 % and 95 %."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["ablation", "k", "edges", "faithfulness", "metric_ratio", "random_mean",
+                "random_p05", "random_p95"])
+    for a, ablation in enumerate(curve.ablations):
+        for i in range(len(curve.k)):
+            r = curve.random[a, i]
+            stats = ([f"{r.mean():.6g}", f"{np.percentile(r, 5):.6g}",
+                      f"{np.percentile(r, 95):.6g}"] if r.size else ["", "", ""])
+            w.writerow([ablation, int(curve.k[i]), int(curve.sizes[i]),
+                        f"{curve.faithfulness[a, i]:.6g}", f"{curve.ratio[a, i]:.6g}", *stats])
+    return buf.getvalue()
+
+
+def discover_circuit(lm: LoadedModel, pairs: Sequence[PT.PromptPair], *, method: str = "eap",
+                     metric: str = "logit_diff", position: int = -1,
+                     ablation: str = "resample", steps: int = 5, k: int = DEFAULT_K,
+                     n_sizes: int = DEFAULT_SIZES, n_random: int = DEFAULT_RANDOM,
+                     curve: bool = True, seed: int = 0, search: str = "top_k",
+                     threshold: float = 0.0,
+                     progress: Optional[ProgressFn] = None) -> CircuitDiscovery:
+    """Score every edge, keep the top k (pruned to input-to-logit paths), and measure the
+    circuit's faithfulness under every ablation, with the curve over k beside random
+    circuits."""
+    PT._check_choice(method, METHODS, "method")
+    PT._check_choice(ablation, ABLATIONS, "ablation")
+    if not 2 <= int(n_sizes) <= MAX_SIZES:
+        raise AnalysisError(f"the curve takes 2 to {MAX_SIZES} sizes, got {n_sizes}")
+    if not 0 <= int(n_random) <= MAX_RANDOM:
+        raise AnalysisError(f"random circuits per size must be 0 to {MAX_RANDOM}, "
+                            f"got {n_random}")
+    from .graph import edge_graph
+
+    _check_k(k, edge_graph(lm.cfg).n_edges)  # before any forward pass
+    prob = Problem(lm, pairs, metric, position, ablation)
+    # progress: scores first (weighted as one part), then the curve (three parts)
+    parts = 4 if curve else 1
+
+    def scored(done: int, total: int) -> None:
+        if progress:
+            progress(done, total * parts)
+
+    res = edge_scores(lm, pairs, method=method, steps=steps, problem=prob, progress=scored)
+    PT._check_choice(search, SEARCHES, "search")
+    if search == "acdc":
+        kept, _ = acdc(prob, threshold)
+    else:
+        kept = circuit(prob.graph, res.scores, k)
+    faith = {}
+    masks = np.stack([np.ones_like(kept), np.zeros_like(kept), kept])
+    for a in ABLATIONS:
+        full, empty, mine = circuit_metrics(prob, masks, a)
+        faith[a] = float((mine - empty) / (full - empty)) if full != empty else float("nan")
+    fc = None
+    if curve:
+        def curved(done: int, total: int) -> None:
+            if progress:
+                progress(total + 3 * done, total * 4)
+
+        fc = faithfulness_curve(prob, res.scores, n_sizes=int(n_sizes),
+                                n_random=int(n_random), seed=seed, progress=curved)
+    disp = lm.tokenizer.display
+    settings = {"model": lm.name, "method": method, "metric": res.metric,
+                "position": position, "ablation": ablation, "steps": res.steps, "k": int(k),
+                "n_pairs": len(prob.pairs), "n_sizes": int(n_sizes),
+                "n_random": int(n_random), "seed": seed, "search": search,
+                "threshold": float(threshold) if search == "acdc" else None,
+                "gradient_at": "clean run" if method != "exact" else None}
+    return CircuitDiscovery(scores=res, k=int(k), kept=kept, faithfulness=faith, curve=fc,
+                            settings=settings,
+                            clean_display=tuple(disp(i) for i in prob.pairs[0].clean_ids))

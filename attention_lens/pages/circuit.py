@@ -1,0 +1,283 @@
+"""/circuit: edge-level circuit discovery (EAP, EAP-IG, exact edge patching) on a pair, with
+the circuit's faithfulness beside random circuits."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from typing import Any, Optional
+from urllib.parse import quote
+
+from dash import Input, Output, State, callback, dcc, html, no_update
+from dash.exceptions import PreventUpdate
+
+from .. import background
+from .. import weight_analyses as W
+from ..analysis import patching as PT
+from ..analysis.circuit import ABLATION_LABELS, ABLATIONS, METHOD_LABELS, METHODS
+from ..analysis.circuit.discovery import DEFAULT_K, curve_csv, curve_json
+from ..analysis.circuit.graph import edge_graph
+from ..analysis.circuit.scores import MAX_STEPS
+from ..analysis.errors import AnalysisError
+from ..analysis.predictions import token_id
+from ..components import page as P
+from ..components import shell
+from ..components.controls import Choice, Int, Text
+from ..figures.circuit import circuit_figure, edge_scores_figure, faithfulness_figure
+from ..figures.tokens import quoted
+
+PAGE = "circuit"
+UPLOAD, UPLOAD_STATUS = f"{PAGE}-upload", f"{PAGE}-upload-status"
+#: Largest export offered as a direct download link (bytes of text).
+LINK_BYTES = 2_000_000
+
+HELP = r"""
+The model as a graph of **edges**: every component that writes into the residual stream
+(the input embedding, each head's output $z W_O$, each MLP) sends an edge to every later
+component that reads it: each head's **query, key and value input** separately
+(TransformerLens' `use_split_qkv_input`), each MLP's input and the logits. A receiver's input
+is the sum of its senders' outputs, and an edge is one term of that sum.
+
+**Edge scores** on a clean/corrupted pair (the same pairs, answers and metric $m$ as
+/patching), each an estimate of $m(\text{edge ablated}) - m(\text{clean})$, where ablating the
+edge $u \to v$ replaces $u$'s term in $v$'s input by its ablated value $\bar a_u$ (by default
+$u$'s activation on the corrupted prompt):
+- **EAP** (Syed et al. 2023): $(\bar a_u - a_u(x_c)) \cdot \partial m / \partial
+  \mathrm{in}_v$, the gradient taken on the **clean** run; one forward and one backward pass.
+- **EAP-IG** (Hanna et al. 2024): the gradient averaged over the points
+  $x' + \tfrac{k}{K}(x_c - x')$, $k = 1..K$, on the line from the ablated input embedding
+  $x'$ to the clean one ($K$ = steps; one step is EAP).
+- **Exact edge patching**: each edge ablated alone, every other edge at its clean value, the
+  network recomputed: the ground truth the estimates are drawn against (small models only).
+
+**The circuit**: the $k$ edges of largest $|\text{score}|$, pruned to the edges on a path from
+the input to the logits. **Faithfulness** (Wang et al. 2022; Miller et al. 2024): the clean
+run with every edge outside the circuit ablated,
+$(m(C) - m(\varnothing)) / (m(\text{full}) - m(\varnothing))$: 1 with every edge, 0 with none.
+It depends on the ablation (zero; mean over the set's prompts, position by position; resample
+= the corrupted prompt), so the curve shows all three, each beside 20 random circuits of the
+same number of edges (band: 5–95 %).
+
+**The default example** (attn-only-2l, the /patching pair): the circuit found is the induction
+circuit: the previous-token head **L0H2** (reading the input through its value) feeds the
+**keys** of the layer-1 induction heads L1H5, L1H6, L1H0 and L1H10, which write the answer to
+the logits. Click a head in the list to open it on /attention, /qk or /patching.
+"""
+
+
+def _n_edges(cfg: Any) -> Optional[int]:
+    return edge_graph(cfg).n_edges if cfg is not None else None
+
+
+def resolve(lm: Any, query: dict) -> tuple[dict[str, Any], list[str]]:
+    """The pair and answers to analyse (empty boxes filled as /patching fills them) and
+    sentences saying what was filled."""
+    notes = []
+    clean, corrupted = query["clean"], query["corrupted"]
+    defaults = (PT.DEFAULT_CLEAN, PT.DEFAULT_CORRUPTED, PT.DEFAULT_CORRECT, PT.DEFAULT_WRONG)
+    correct, wrong = query["correct"], query["wrong"]
+    if (clean, corrupted, correct, wrong) == defaults and not PT.default_fits(lm):
+        clean, corrupted = PT.short_default(lm)
+        correct = wrong = ""
+        notes.append("The default example does not fit this model, so the page uses a "
+                     "sentence followed by its own beginning, corrupted at the earlier copy of "
+                     "its last word.")
+    if not clean.strip():
+        raise AnalysisError("type a clean prompt")
+    if not corrupted.strip():
+        corrupted, c, old, new = PT.corrupt_one_token(lm, clean)
+        notes.append(f"Corrupted prompt: the clean prompt with token {c} "
+                     f"{quoted(lm.tokenizer.display(old))} changed to "
+                     f"{quoted(lm.tokenizer.display(new))}.")
+    if not correct or (not wrong and query["metric"] in ("logit_diff", "normalized")):
+        auto_c, auto_w = PT.default_answers(lm, clean, corrupted, query["position"])
+        if not correct:
+            correct = auto_c
+            notes.append(f"Correct answer: the clean prompt's top prediction "
+                         f"{quoted(lm.tokenizer.display(auto_c))}.")
+        if not wrong:
+            wrong = auto_w
+            notes.append(f"Wrong answer: the corrupted prompt's top prediction "
+                         f"{quoted(lm.tokenizer.display(auto_w))}.")
+    return dict(clean=clean, corrupted=corrupted, correct=correct, wrong=wrong), notes
+
+
+def request(lm: Any, query: dict, pair: dict) -> W.Request:
+    """The shared-store request of the discovery the page shows."""
+    return W.request("circuit_discovery", clean=pair["clean"], corrupted=pair["corrupted"],
+                     correct=pair["correct"], wrong=pair["wrong"] or "",
+                     pairs=query["pairs"], metric=query["metric"],
+                     position=query["position"], method=query["method"],
+                     ablation=query["ablation"], steps=query["steps"], k=query["k"],
+                     n_sizes=20, n_random=20)
+
+
+def head_links(state: dict, pair: dict, layer: int, head: int, position: int) -> list[Any]:
+    """Links from a circuit head to /attention and /qk (on the clean prompt) and /patching
+    (this pair, path patching from the head)."""
+    on_clean = {**state, "text": pair["clean"], "tid": None}
+    return [html.A("attention", href=shell.page_href("/attention", on_clean, layer=layer, head=head)),
+            " · ",
+            html.A("QK", href=shell.page_href("/qk", on_clean, layer=layer, head=head, query=position)),
+            " · ",
+            html.A("path patching", href=shell.page_href(
+                "/patching", state, clean=pair["clean"], corrupted=pair["corrupted"],
+                correct=str(pair["correct"]), wrong=str(pair["wrong"]),
+                sender=f"L{layer}H{head}"))]
+
+
+def _download(label: str, text: str, filename: str, mime: str) -> Any:
+    if len(text) > LINK_BYTES:
+        return html.Span(f"{label}: too large for a link ({len(text):,} characters); use the "
+                         f"API", className="me-3")
+    return html.A(label, href=f"data:{mime};charset=utf-8,{quote(text)}", download=filename,
+                  className="me-3")
+
+
+def _heads_list(ctx: P.PageContext, disc: Any, pair: dict) -> Any:
+    g = disc.scores.graph
+    s = disc.scores.scores
+    rows = []
+    n = len(disc.clean_display)
+    for layer, head in disc.heads():
+        name = f"L{layer}H{head}"
+        sender = g.head_sender(layer, head)
+        out = s[disc.kept & (g.src == sender)]
+        into = [r for r in range(len(g.receivers)) if g.receivers[r].startswith(name + ".")]
+        inputs = sorted({g.receivers[g.dst[e]].split(".")[1] for e in range(g.n_edges)
+                         if disc.kept[e] and g.dst[e] in into})
+        rows.append(html.Tr([
+            html.Td(name), html.Td(", ".join(inputs) or "—"),
+            html.Td(f"{len(out)} ({abs(out).sum():.3f})"),
+            html.Td(head_links(ctx.state, pair, layer, head, n - 1))]))
+    slug = f"{ctx.model.name}-circuit"
+    settings = json.dumps(disc.to_json(), indent=1)
+    downloads = html.Div([
+        html.Span("Downloads: ", className="al-rank-title"),
+        _download("circuit (JSON)", settings, f"{slug}.json", "application/json"),
+        _download("edge scores (CSV)", disc.edge_csv(), f"{slug}-edges.csv", "text/csv"),
+        *([_download("faithfulness curves (CSV)", curve_csv(disc.curve), f"{slug}-curves.csv",
+                     "text/csv")] if disc.curve is not None else [])], className="mb-2")
+    head = html.Thead(html.Tr([html.Th(h) for h in ("head", "inputs in the circuit",
+                                                   "edges out (Σ|score|)", "open")]))
+    table = html.Table([head, html.Tbody(rows)], className="table table-sm al-table") \
+        if rows else html.P("No head in this circuit.")
+    return html.Div([downloads, table])
+
+
+def panels(ctx: P.PageContext, query: dict) -> list:
+    """The circuit, its faithfulness curve, its strongest edges and its heads."""
+    lm = ctx.model
+    pair, notes = resolve(lm, query) if not query["pairs"] else (
+        dict(clean="", corrupted="", correct="", wrong=""), [])
+    limit = getattr(ctx.registry, "max_tokens", None)
+    if not query["pairs"]:
+        n_tokens = len(PT.pair_tokens(lm, pair["clean"], pair["corrupted"])[0])
+        if limit is not None and n_tokens > limit:
+            raise AnalysisError(f"the clean prompt has {n_tokens} tokens; this server analyses "
+                                f"at most {limit}")
+        # bad answers or position are an alert at once, not at the end of a job
+        PT._check_position(query["position"], n_tokens)
+        for key in ("correct", "wrong"):
+            if pair[key] not in ("", None):
+                try:
+                    token_id(lm, pair[key])
+                except AnalysisError as exc:
+                    raise AnalysisError(f"{key} answer: {exc}") from None
+    if query["method"] == "exact" and not query["pairs"]:
+        from ..analysis.circuit.scores import check_exact_size
+
+        check_exact_size(lm, edge_graph(lm.cfg).n_edges, [n_tokens])  # before any job
+    pair = {k: (v if isinstance(v, int) else str(v)) for k, v in pair.items()}
+    disc = ctx.weight(request(lm, query, pair))
+    curve = disc.curve
+    f = disc.faithfulness
+    notes.append(
+        f"{disc.n_kept} edges of {disc.scores.graph.n_edges} kept; faithfulness "
+        + ", ".join(f"{a} {f[a]:.2f}" for a in ABLATIONS)
+        + f". Clean metric {disc.scores.clean_metric:+.3f}, corrupted "
+        f"{disc.scores.corrupted_metric:+.3f}"
+        + (f" (mean over {disc.scores.n_pairs} pairs)." if disc.scores.n_pairs > 1 else "."))
+    if curve is not None:
+        a = curve.ablations.index(query["ablation"])
+        reach = curve.edges_to_reach(0.8, query["ablation"])
+        rand = curve.edges_to_reach(0.8, query["ablation"], random=True)
+        notes.append(f"Under {query['ablation']} ablation, {reach} edges reach 80 % of the "
+                     f"metric" if reach is not None else
+                     f"Under {query['ablation']} ablation no circuit on the curve reaches 80 %")
+        notes[-1] += (f"; random circuits need {rand}." if rand is not None else
+                      "; random circuits of the same sizes do not (except all edges)."
+                      if curve.faithfulness[a, -1] >= 0.8 else ".")
+    return [P.Panel("circuit", circuit_figure(disc), disc.to_json()),
+            P.Panel("faithfulness", faithfulness_figure(curve),
+                    curve_json(curve) if curve is not None else None),
+            P.Panel("edges", edge_scores_figure(disc),
+                    {"edges": disc.scores.graph.edge_labels(),
+                     "scores": disc.scores.scores, "in_circuit": disc.kept}),
+            P.Html("heads", _heads_list(ctx, disc, pair if not query["pairs"] else {
+                **pair, "clean": ctx.state.get("text", "")})),
+            P.Notice(" ".join(notes))]
+
+
+SPEC = P.register_page(
+    __name__, path="/circuit", name="Circuit", order=13,
+    heading="Circuit discovery: edge attribution and faithfulness",
+    title="Circuit · Attention Lens",
+    description="Which edges between heads carry the behaviour? Score every edge (EAP, "
+                "EAP-IG or exact edge patching), keep the strongest, and check how much of "
+                "the metric the circuit alone keeps, beside random circuits.",
+    help_md=HELP, panels=panels,
+    graphs=["circuit", "faithfulness", "edges"], extras=["heads"],
+    controls=[
+        Text("clean", PT.DEFAULT_CLEAN, max_len=4000, label="clean prompt"),
+        Text("corrupted", PT.DEFAULT_CORRUPTED, max_len=4000, label="corrupted prompt",
+             placeholder="the clean prompt with one token changed"),
+        Text("correct", PT.DEFAULT_CORRECT, max_len=40, label="correct answer",
+             placeholder="clean top prediction"),
+        Text("wrong", PT.DEFAULT_WRONG, max_len=40, label="wrong answer",
+             placeholder="corrupted top prediction"),
+        Choice("metric", "logit_diff", PT.METRICS, label="metric", labels=PT.METRIC_LABELS),
+        Int("position", -1, label="metric position", placeholder="-1 = last"),
+        Choice("method", "eap", METHODS, label="edge scores", labels=METHOD_LABELS),
+        Int("steps", 5, lo=1, hi=MAX_STEPS, label="EAP-IG steps"),
+        Choice("ablation", "resample", ABLATIONS, label="ablation", labels=ABLATION_LABELS),
+        Int("k", DEFAULT_K, lo=0, hi=_n_edges, label="edges kept (top k)"),
+        Text("pairs", "", max_len=64, label="set of pairs",
+             placeholder="upload a CSV or JSON below"),
+    ],
+    body=lambda parts: [parts["circuit"],
+                        html.Div([
+                            dcc.Upload(html.Div([
+                                "Sets of pairs: drop or ", html.A("choose"),
+                                " a CSV (columns clean, corrupted, correct, wrong) or a JSON "
+                                f"list of such objects, at most {PT.MAX_PAIRS} pairs; scores "
+                                "are averaged over them"]),
+                                id=UPLOAD, multiple=False, className="al-upload"),
+                            html.Div(id=UPLOAD_STATUS)]),
+                        parts["heads"], parts["faithfulness"], parts["edges"]],
+)
+
+
+@callback(Output(P.control_id(PAGE, "pairs"), "value"), Output(UPLOAD_STATUS, "children"),
+          Input(UPLOAD, "contents"), State(UPLOAD, "filename"), prevent_initial_call=True)
+def upload_pairs(contents: Optional[str], filename: Optional[str]) -> tuple:
+    """Check an uploaded set of pairs, keep it in the shared store, name it in the URL."""
+    if not contents:
+        raise PreventUpdate
+    name = str(filename or "the file")[:80]
+    try:
+        raw = base64.b64decode(contents.split(",", 1)[1], validate=True)
+        text = raw.decode("utf-8")
+        pairs = PT.parse_pairs(text)
+    except (IndexError, binascii.Error, UnicodeDecodeError):
+        return no_update, shell.alert(f"{name} could not be read as UTF-8 text")
+    except AnalysisError as exc:
+        return no_update, shell.alert(f"{name}: {exc}")
+    digest = hashlib.sha256(raw).hexdigest()[:32]
+    background.current().results.set(W.pair_set_key(digest), text)
+    return digest, shell.alert(f"Using {name}: {len(pairs)} pairs.", color="info")
+
+
+__all__ = ["SPEC", "head_links", "panels", "request", "resolve", "upload_pairs"]
