@@ -547,6 +547,10 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
             metric = choice_field(body, "metric", "logit_diff", PT.METRICS)
             direction = choice_field(body, "direction", "denoising", PT.DIRECTIONS)
             position = int_field(body, "position", -1, -lm.cfg.n_ctx, lm.cfg.n_ctx - 1)
+            longest = max(len(PT.pair_tokens(lm, p.clean, p.corrupted)[0]) for p in parsed)
+            check_cost(f"{gran} patching over {len(parsed)} pairs",
+                       patching_runs(lm, gran, longest) * len(parsed), lm, longest,
+                       "send fewer pairs, shorter prompts or a coarser granularity")
             with background.current().slots.job(f"patching over {len(parsed)} pairs"):
                 res = PT.patching_over_pairs(lm, parsed, granularity=gran, metric=metric,
                                              direction=direction, position=position)
@@ -555,9 +559,21 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
             return {"model": lm.name, "granularity": gran, "axes": list(res.axes),
                     "n_pairs": len(parsed), "result": data}
         args = pair_args(body, lm)
-        with background.current().slots.job(f"{gran} patching"):
-            res = PT.activation_patching(lm, granularity=gran, attribution=attribution,
-                                         **args)
+        n_tokens = len(PT.pair_tokens(lm, args["clean"], args["corrupted"])[0])
+        coarse = patching_runs(lm, "head_out", n_tokens)
+        check_cost(f"{gran} patching", patching_runs(lm, gran, n_tokens), lm, n_tokens,
+                   f"use fewer tokens or a coarser granularity (head_out: {coarse:,} runs)")
+        if attribution and not PT.runs_inline(lm):  # a job (on the workers in a lab), kept
+            wa = {**args, "correct": args["correct"] if isinstance(args["correct"], int)
+                  else str(args["correct"]),
+                  "wrong": "" if args["wrong"] is None else
+                  (args["wrong"] if isinstance(args["wrong"], int) else str(args["wrong"]))}
+            (res,) = run_weight_analyses(lm, W.request("activation_patching", granularity=gran,
+                                                       **wa))
+        else:
+            with background.current().slots.job(f"{gran} patching"):
+                res = PT.activation_patching(lm, granularity=gran, attribution=attribution,
+                                             **args)
         return {"model": lm.name, "result": jsonable(res)}
 
     @endpoint("/path-patching", ("POST",))

@@ -230,9 +230,10 @@ def task_state(kv: background.RedisKV, job: str, what: str):
     return kv.get(f"task:{job}:{what}")
 
 
-def start_lab(tmp_path: Path, models: Path, n_workers: int = 2, web_workers: int = 2):
+def start_lab(tmp_path: Path, models: Path, n_workers: int = 2, web_workers: int = 2,
+              **extra: str):
     redis = Redis(tmp_path)
-    env = env_for(tmp_path / "cache", models, ATTENTION_LENS_CELERY_BROKER=redis.url)
+    env = env_for(tmp_path / "cache", models, ATTENTION_LENS_CELERY_BROKER=redis.url, **extra)
     workers = [Worker(env, tmp_path / f"worker{i}.log") for i in range(n_workers)]
     for w in workers:
         w.ready()
@@ -371,11 +372,15 @@ def test_redis_outage_gives_503_then_everything_resumes_with_the_same_secret(tmp
         redis.stop()
 
 
-def test_gunicorn_restarted_mid_job_the_page_picks_the_result_up(tmp_path, lab_models):
+def test_gunicorn_restarted_mid_job_and_heavy_api_work_runs_on_the_workers(tmp_path,
+                                                                          lab_models):
     """gunicorn stopped and started again while a job runs on a Celery worker: the page's
     polls fail while it is away (the page retries them, assets/job_poll.js) and the
-    result is picked up with the page's own handles once it is back."""
-    redis, env, workers, server = start_lab(tmp_path, lab_models, n_workers=1)
+    result is picked up with the page's own handles once it is back. Then heavy API work
+    runs on the worker while a cheap request is answered at once, and a request over the
+    cost bound is refused with its size."""
+    redis, env, workers, server = start_lab(tmp_path, lab_models, n_workers=1,
+                                            ATTENTION_LENS_API_MAX_GFLOP="400")
     bg = background.create(celery_broker=redis.url)
     try:
         job = PageJob(server.url, "slow", bg)
@@ -393,6 +398,48 @@ def test_gunicorn_restarted_mid_job_the_page_picks_the_result_up(tmp_path, lab_m
         assert what == "result", what
         js = requests.get(server.url + "/assets/job_poll.js", timeout=TIMEOUT)
         assert js.ok and "cacheKey=" in js.text
+
+        # heavy API work on the worker; a cheap request meanwhile is not queued behind it
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(2) as pool:
+            heavy = pool.submit(requests.post, server.url + "/api/eigenvalues",
+                                json={"text": "Harry Potter", "model": "slow-b"},
+                                timeout=TIMEOUT)
+            wait_until(lambda: bg.slots.active(), what="the heavy request's job")
+            t0 = time.time()
+            cheap = requests.post(server.url + "/api/predict",
+                                  json={"text": "Harry Potter", "model": "attn-only-2l"},
+                                  timeout=TIMEOUT)
+            cheap_s = time.time() - t0
+            assert not heavy.done(), "the heavy request ended before the cheap one"
+            assert heavy.result().status_code == 200, heavy.result().text
+        heavy_s = time.time() - t0
+        print(f"cheap request {cheap_s:.2f} s while a heavy one ran ({heavy_s:.1f} s)")
+        assert cheap.status_code == 200 and cheap_s < 5
+        lm = load_model(lab_models / "slow-b")
+        by = W.Store(bg.results, bg.kv).stats(lm, W.circuit_eigenvalues())["computed_by"]
+        assert by["pid"] in workers[0].tree() and by["pid"] not in server.workers(), by
+        pair = {"model": "slow", "clean": "Harry Potter went to the shop",
+                "corrupted": "Harry Potter bought a wand", "correct": 42,  # 12 tokens each
+                "wrong": 43}
+        r = requests.post(server.url + "/api/patching",
+                          json={**pair, "granularity": "head_out_by_pos"}, timeout=TIMEOUT)
+        print("over the bound:", r.status_code, r.json())
+        assert r.status_code == 400 and "GFLOP" in r.json()["error"]
+        assert "head_out_by_pos" in r.json()["error"] and "forward passes" in r.json()["error"]
+        r = requests.post(server.url + "/api/patching",
+                          json={**pair, "granularity": "attn_out"}, timeout=TIMEOUT)
+        assert r.status_code == 200, r.text
+        lm = load_model(lab_models / "slow")
+        n = len(r.json()["result"]["clean_display"])
+        req = W.request("activation_patching", granularity="attn_out", clean=pair["clean"],
+                        corrupted=pair["corrupted"], correct=42, wrong=43,
+                        metric="logit_diff", direction="denoising", position=-1)
+        by = W.Store(bg.results, bg.kv).stats(lm, req)["computed_by"]
+        assert by and by["pid"] in workers[0].tree(), by
+        assert len(r.json()["result"]["values"]) == lm.cfg.n_layers
+        assert len(r.json()["result"]["values"][0]) == n
     finally:
         server.close()
         for w in workers:
