@@ -527,6 +527,8 @@ def job_task_class() -> type:
                 kv.set(_task_key(tid, "finished"), time.time(), expire=ttl)
                 raise Ignore()
             worker = str(getattr(self.request, "hostname", "") or "").split("@")[-1]
+            if attempts > 1:  # run again after its worker died: it keeps its job slot
+                keep_slot(_job_token(args))
             kv.set(_task_key(tid, "started"), {"t": time.time(), "pid": os.getpid(),
                                                "worker": worker, "attempt": attempts},
                    expire=ttl)
@@ -597,6 +599,30 @@ def failure_outputs(outputs_list: Any, message: str) -> Any:
     return out
 
 
+def _job_token(args: Any) -> Optional[str]:
+    """The job-slot token of a page job's task arguments (its request), if any."""
+    try:
+        request = args[2][0]
+    except (IndexError, KeyError, TypeError):
+        return None
+    token = request.get("token") if isinstance(request, dict) else None
+    return str(token) if token else None
+
+
+def keep_slot(token: Optional[str], label: str = "a job run again") -> bool:
+    """Hold a job slot for ``token`` again (a job run a second time, after its worker died,
+    keeps its place): renew its slot, or take a free one; False when none is free."""
+    if not token:
+        return False
+    slots = current().slots
+    i = slots._find(token)
+    if i is not None:
+        slots.kv.touch(slots._key(i), expire=RESERVED_S)
+        return True
+    record = {"token": token, "label": label, "state": "queued", "t": time.time()}
+    return any(slots.kv.add(slots._key(i), record, expire=RESERVED_S) for i in range(slots.n))
+
+
 def _store_failure(app: Any, args: tuple, message: str) -> None:
     """Store a failure as the result of the Dash job whose task arguments are ``args``."""
     import json
@@ -646,6 +672,9 @@ def lab_manager(celery_app: Any) -> Any:
             self.kv.set(_task_key(str(job), "lost"), time.time(), expire=RESULT_EXPIRES_S)
             call = self.kv.get(_task_key(str(job), "call")) or {}
             args = call.get("args") or (None, None, None, {})
+            token = _job_token(args)
+            if token:
+                current().slots.release(token)
             try:
                 self.handle.control.revoke(str(job))
             except Exception:  # noqa: BLE001 - best effort
@@ -677,7 +706,9 @@ def lab_manager(celery_app: Any) -> Any:
                         "saved")
             if started is not None:
                 # it started and its heartbeat stopped: its pool child died (its worker puts
-                # it back in the queue) or its whole worker did (sent again from here)
+                # it back in the queue) or its whole worker did (sent again from here); its
+                # job slot is kept meanwhile
+                keep_slot(_job_token(call["args"]))
                 if started.get("worker") and kv.get(f"worker:{started['worker']}"):
                     return None
                 if not self.confirmed(job, ALIVE_TTL_S * 0.5):

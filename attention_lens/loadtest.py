@@ -639,8 +639,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         models = prepare_models(root)
         if args.celery:
             slow_model(models)
+        from . import gunicorn_conf
+
+        # a page load's parallel requests each check the password: as many hashes at once as
+        # a worker has threads
         env = {"ATTENTION_LENS_MODELS_DIRS": str(models), "ATTENTION_LENS_CACHE_SIZE": "64",
-               "ATTENTION_LENS_HOST": HOST, "ATTENTION_LENS_TORCH_THREADS": "1"}
+               "ATTENTION_LENS_HOST": HOST, "ATTENTION_LENS_TORCH_THREADS": "1",
+               "ATTENTION_LENS_HASH_SLOTS": str(gunicorn_conf.threads)}
         auth = None
         if not args.no_auth:
             from .auth import write_user

@@ -50,7 +50,7 @@ def lab_models(tmp_path_factory, tiny_tokenizer) -> Path:
     circuit eigenvalues take seconds on one thread), so a job can be killed mid-way."""
     root = tmp_path_factory.mktemp("models")
     shutil.copytree(DEFAULT_WEIGHTS / "attn-only-2l", root / "attn-only-2l")
-    for seed, name in ((0, "slow"), (1, "slow-b"), (2, "slow-c")):
+    for seed, name in ((0, "slow"), (1, "slow-b"), (2, "slow-c"), (3, "slow-d")):
         lm = make_tiny(tiny_tokenizer, seed=seed, n_layers=12, n_heads=16, d_head=64,
                        d_model=1024, n_ctx=64, name=name)
         save_model(lm.model, tiny_tokenizer, root / name)
@@ -267,7 +267,10 @@ def test_killed_pool_child_and_killed_worker_never_leave_a_page_waiting(tmp_path
         stats = W.Store(bg.results, bg.kv).stats(lm, W.circuit_eigenvalues())
         assert stats["computed"] == 1, stats
 
-        # 2. a whole worker killed mid-job while another one runs
+        # 2. a whole worker killed mid-job while the other one is busy with another job:
+        # the job waits for it, keeping its job slot
+        busy = PageJob(server.url, "slow-c", bg)
+        wait_until(lambda: task_state(kv, busy.job, "started"), what="the other job start")
         job = PageJob(server.url, "slow-b", bg)
         started = wait_until(lambda: task_state(kv, job.job, "started"), what="the job start")
         time.sleep(0.5)
@@ -279,6 +282,7 @@ def test_killed_pool_child_and_killed_worker_never_leave_a_page_waiting(tmp_path
         print(f"worker {victim.proc.pid} killed: page got {what!r} "
               f"{time.time() - killed_at:.1f} s later; failed polls {bad}")
         assert what == "result", what
+        assert busy.outcome()[0] == "result"
         ran = task_state(kv, job.job, "started") or {}
         assert kv.get(f"task:{job.job}:resent") is not None
         lm = load_model(lab_models / "slow-b")
@@ -288,7 +292,7 @@ def test_killed_pool_child_and_killed_worker_never_leave_a_page_waiting(tmp_path
                           what="the slots to be free")
 
         # 3. the last worker killed mid-job: the page is told, with Run again
-        job = PageJob(server.url, "slow-c", bg)
+        job = PageJob(server.url, "slow-d", bg)
         wait_until(lambda: task_state(kv, job.job, "started"), what="the job start")
         survivor.kill_all()
         killed_at = time.time()
