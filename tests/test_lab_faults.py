@@ -449,3 +449,42 @@ def test_gunicorn_restarted_mid_job_and_heavy_api_work_runs_on_the_workers(tmp_p
         for w in workers:
             w.close()
         redis.stop()
+
+
+@pytest.mark.browser
+def test_a_page_in_a_browser_keeps_its_job_through_a_gunicorn_restart(tmp_path, lab_models,
+                                                                     dash_br):
+    """In a real browser: gunicorn stops while the page's job runs on the Celery worker; the
+    page says the server is unreachable and keeps polling, and draws the job's figures once
+    gunicorn is back (Dash alone stops polling at the first failed poll)."""
+    from selenium.webdriver.common.by import By
+
+    redis, env, workers, server = start_lab(tmp_path, lab_models, n_workers=1)
+    try:
+        dash_br.server_url = server.url
+        dash_br.driver.get(server.url + "/eigenvalues?model=slow&text=Harry%20Potter")
+        wait_until(lambda: "Computing" in dash_br.driver.find_element(
+            By.ID, "eigenvalues-job-text").text, what="the progress text")
+        port = server.port
+        server.close()
+        down_at = time.time()
+        notice = wait_until(lambda: dash_br.driver.find_element(By.ID, "al-retry-notice").text,
+                            timeout=30, what="the retry notice")
+        print(f"notice {time.time() - down_at:.1f} s after gunicorn stopped: {notice!r}")
+        assert "unreachable" in notice and "retrying" in notice
+        server = Gunicorn(env, tmp_path / "gunicorn2.log", workers=2, port=port)
+        back_at = time.time()
+        wait_until(lambda: dash_br.driver.execute_script(
+            "const h = document.getElementById(JSON.stringify({name: 'copying', page: "
+            "'eigenvalues', type: 'al-graph'})); const gd = h && h.querySelector("
+            "'.js-plotly-plot'); return gd && gd._fullData && gd._fullData.length > 0;"),
+            timeout=120, what="the job's figures after the restart")
+        print(f"figures drawn {time.time() - back_at:.1f} s after gunicorn was back")
+        assert not dash_br.driver.find_elements(By.ID, "al-retry-notice")
+        assert dash_br.driver.find_element(By.ID, "eigenvalues-job-strip") \
+            .value_of_css_property("display") == "none"
+    finally:
+        server.close()
+        for w in workers:
+            w.close()
+        redis.stop()
