@@ -341,6 +341,7 @@ def run_load(client: Client, requests: list[tuple[str, str, Any]], clients: int,
     jobs: dict[str, int] = {}
     lock = threading.Lock()
     started, busy = [0], [0]
+    job_notes: list[str] = []
 
     def one(req: tuple[str, str, Any]) -> None:
         with lock:
@@ -377,6 +378,8 @@ def run_load(client: Client, requests: list[tuple[str, str, Any]], clients: int,
                 page["jobs"] += 1
                 kind = outcome.split(":")[0]
                 jobs[kind] = jobs.get(kind, 0) + 1
+                if kind != "result" and len(job_notes) < 5:
+                    job_notes.append(f"{name}: {outcome[:200]}")
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -394,7 +397,8 @@ def run_load(client: Client, requests: list[tuple[str, str, Any]], clients: int,
             "throughput_rps": round(len(latencies) / wall, 2),
             "p50_ms": round(1000 * statistics.median(lat), 1),
             "p95_ms": round(1000 * lat[min(len(lat) - 1, int(0.95 * len(lat)))], 1),
-            "busy_retries": busy[0], "jobs": jobs, "pages": per_page}
+            "busy_retries": busy[0], "jobs": jobs, "job_messages": job_notes,
+            "pages": per_page}
 
 
 # --------------------------------------------------------------------------- scenarios
