@@ -5,8 +5,8 @@
  * failed poll (the server restarting, Redis away: 502/503/504 or no answer) ends the poll
  * chain, and the page then shows the progress bar for ever or nothing at all. Here such a
  * poll is retried (honouring Retry-After) for up to RETRY_FOR_MS while a notice says what
- * is happening; the job's result is picked up when the server answers again. Only polls are
- * retried: they read the job's state and start nothing.
+ * is happening; the job's result is picked up when the server answers again. Polls read the
+ * job's state and start nothing; a job's start is retried only after a 503 (nothing started).
  */
 (function () {
     'use strict';
@@ -36,15 +36,28 @@
         el.textContent = text;
     }
 
+    function urlOf(input) {
+        return typeof input === 'string' ? input : (input && input.url) || '';
+    }
+
     function isPoll(input) {
-        var url = typeof input === 'string' ? input : (input && input.url) || '';
+        var url = urlOf(input);
         return url.indexOf('_dash-update-component') >= 0 && url.indexOf('cacheKey=') >= 0;
+    }
+
+    /* A job's start (its request store changed): retried only when the server answered
+     * 503 (the job store unreachable: nothing was started), never after no answer. */
+    function isJobStart(input, init) {
+        var body = init && typeof init.body === 'string' ? init.body : '';
+        return urlOf(input).indexOf('_dash-update-component') >= 0 &&
+            urlOf(input).indexOf('cacheKey=') < 0 && body.indexOf('-job-request.data"') >= 0;
     }
 
     function wait(ms) { return new Promise(function (r) { setTimeout(r, ms); }); }
 
     window.fetch = function (input, init) {
-        if (!isPoll(input)) { return original(input, init); }
+        var poll = isPoll(input);
+        if (!poll && !isJobStart(input, init)) { return original(input, init); }
         var started = Date.now();
         var attempt = 0;
         function settle(res) {
@@ -74,9 +87,14 @@
         }
         function attemptOnce() {
             return original(input, init).then(function (res) {
-                if (RETRY_STATUS[res.status]) { return again(res, null); }
+                if (RETRY_STATUS[res.status] && (poll || res.status === 503)) {
+                    return again(res, null);
+                }
                 return attempt ? settle(res) : res;
-            }, function (error) { return again(null, error); });
+            }, function (error) {
+                if (!poll) { throw error; }
+                return again(null, error);
+            });
         }
         return attemptOnce();
     };

@@ -334,6 +334,11 @@ def test_redis_outage_gives_503_then_everything_resumes_with_the_same_secret(tmp
               f"{api.json()}")
         assert api.status_code == 503 and api.headers.get("Retry-After"), api.text
         assert "unreachable" in api.json()["error"]
+        start = requests.post(server.url + "/_dash-update-component",
+                              params={"endId": job.end_id},
+                              json={**job_body("no-slot", "slow-b"), "output": job.output},
+                              timeout=TIMEOUT)
+        assert start.status_code == 503 and start.headers.get("Retry-After"), start.text
         statuses = set()
         while time.time() - down_at < 10:
             statuses.add(job.poll().status_code)
