@@ -11,6 +11,13 @@ The number of jobs running or queued is bounded by ``max_jobs``: a job takes a s
 (:meth:`Slots.reserve`) before it is started, keeps it alive with a heartbeat while it
 runs, and gives it back when it ends; a slot whose job died (a cancelled or killed
 process) expires within seconds. A request over the bound is told the server is busy.
+
+A lab survives its parts failing (see the README's fault table): Celery acknowledges a task
+only when it ends and puts it back when its pool child dies; a page polling a job whose
+whole worker died has it sent to the other workers (:func:`lab_manager`), and a job that
+cannot finish is reported to its page; while Redis is unreachable the store raises
+:class:`StoreUnavailable` (the API answers 503 + Retry-After) and everything resumes when it
+is back; the signing secret lives in a private file, not in Redis.
 """
 
 from __future__ import annotations
