@@ -154,6 +154,18 @@ def run_weight_analyses(lm: LoadedModel, *reqs: Any) -> list[Any]:
     return st.get(lm, *reqs)
 
 
+def register_worker_tasks(celery_app: Any, registry: Registry) -> None:
+    """The Celery task computing the API's heavy work on a worker (a weight analysis, into
+    the shared store)."""
+    if background.WEIGHT_TASK in celery_app.tasks:
+        return
+
+    @celery_app.task(name=background.WEIGHT_TASK)
+    def weight_analysis(model: str, request: Any) -> bool:
+        W.store().compute(registry.get(model), W.Request.from_json(request))
+        return True
+
+
 def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
     """The ``/api`` blueprint answering from ``registry``.
 
@@ -161,6 +173,8 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
     the pages' callbacks alike) is answered 503 with ``Retry-After``, never 500.
     """
     bp = flask.Blueprint("attention_lens_api", __name__)
+    if background.current().celery_app is not None:  # the workers run the heavy work
+        register_worker_tasks(background.current().celery_app, registry)
     for error in STORE_ERRORS:  # app-wide: the pages' callbacks and job polls too
         bp.app_errorhandler(error)(store_unreachable)
 

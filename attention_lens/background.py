@@ -475,20 +475,11 @@ def make_celery(broker: str, deadline_s: Optional[float] = None) -> Any:
                                    "interval_step": 0.5, "interval_max": 1},
         worker_hijack_root_logger=False)
 
-    @app.task(name=WEIGHT_TASK)
-    def weight_analysis(model: str, request: Any) -> bool:
-        """Compute a weight analysis (an API request's heavy work) into the shared store."""
-        from . import registry as registry_module
-        from . import weight_analyses as W
-
-        lm = registry_module.current().get(model)
-        W.store().compute(lm, W.Request.from_json(request))
-        return True
-
     return app
 
 
-#: The Celery task that computes a weight analysis for the API on a worker.
+#: The Celery task that computes a weight analysis for the API on a worker (registered by
+#: the API, :func:`attention_lens.api.register_worker_tasks`).
 WEIGHT_TASK = "attention_lens.weight_analysis"
 
 
@@ -585,8 +576,9 @@ def failure_outputs(outputs_list: Any, message: str) -> Any:
     no = {"_dash_no_update": "_dash_no_update"}
     if not isinstance(outputs_list, list):
         return no
-    from .components import shell
-    from .components.job_strip import SHOWN
+    import dash_bootstrap_components as dbc
+
+    shown = {"display": "flex"}  # the strip's Run again row, shown (components.job_strip)
 
     out = []
     for spec in outputs_list:
@@ -595,10 +587,11 @@ def failure_outputs(outputs_list: Any, message: str) -> Any:
         if not isinstance(cid, str):
             out.append(no)
         elif cid.endswith("-alerts") and prop == "children":
-            out.append([shell.alert(message[:1].upper() + message[1:] + ".")
-                        .to_plotly_json()])
+            alert = dbc.Alert(message[:1].upper() + message[1:] + ".", color="danger",
+                              dismissable=True, className="al-alert")  # as shell.alert
+            out.append([alert.to_plotly_json()])
         elif cid.endswith("-job-after") and prop == "style":
-            out.append(SHOWN)
+            out.append(shown)
         elif cid.endswith("-job-note") and prop == "children":
             out.append("The job did not finish.")
         else:
