@@ -10,6 +10,7 @@ forward pass; prompts longer than the context are truncated to the first ``n_ctx
 from __future__ import annotations
 
 import dataclasses
+import logging
 from functools import wraps
 from json import dumps as json_dumps
 from typing import Any, Callable
@@ -43,6 +44,8 @@ from .background import BusyError
 from .model.checkpoint import LoadedModel
 from .registry import Registry
 
+log = logging.getLogger(__name__)
+
 __all__ = ["MAX_GRID_K", "MAX_HEADS", "MAX_TERMS", "ApiError", "bool_field", "choice_field",
            "create_api", "heads_field", "int_field", "json_body", "jsonable", "layer_head",
            "positions_field", "query_params", "text_field", "token_field", "words_field"]
@@ -61,9 +64,119 @@ def _prompt_part(fp: ForwardPass, limit: int) -> dict[str, Any]:
             "display": list(fp.display), "truncated": truncated}
 
 
+STORE_ERRORS = background.store_errors()
+
+
+def store_unreachable(exc: BaseException) -> Any:
+    """503 + Retry-After: the deployment's store (Redis) does not answer. Nothing is lost; the
+    same request succeeds once it is back."""
+    log.warning("%s %s: the store is unreachable (%s: %s)", flask.request.method,
+                flask.request.path[:200], type(exc).__name__, str(exc)[:200])
+    message = str(exc) if isinstance(exc, background.StoreUnavailable) else \
+        str(background.StoreUnavailable(f"Redis: {type(exc).__name__}"))
+    resp = flask.jsonify(error=message)
+    resp.status_code = 503
+    resp.headers["Retry-After"] = str(background.RETRY_AFTER_S)
+    return resp
+
+
+#: Largest estimated cost of one API request, in GFLOP (``ATTENTION_LENS_API_MAX_GFLOP``):
+#: a request over it is refused with a 400 naming its size. GPT-2 small's head_out_by_pos
+#: patching on 40 tokens is about 57,000 GFLOP (110 s on 8 CPU cores).
+API_MAX_GFLOP = background._env_seconds("ATTENTION_LENS_API_MAX_GFLOP", 20_000.0)
+
+
+def forward_gflop(lm: LoadedModel, n_tokens: int) -> float:
+    """Floating-point work (GFLOP) of one forward pass of ``n_tokens`` tokens: two per weight
+    and token, plus the attention scores and mixing."""
+    c = lm.cfg
+    per_layer = 4 * c.d_model * c.n_heads * c.d_head
+    if not c.attn_only:
+        per_layer += 2 * c.d_model * (c.d_mlp or 4 * c.d_model)
+    weights = c.n_layers * per_layer + c.d_model * c.d_vocab
+    attention = c.n_layers * c.n_heads * 2 * n_tokens * n_tokens * c.d_head
+    return (2 * n_tokens * weights + 2 * attention) / 1e9
+
+
+def patching_runs(lm: LoadedModel, granularity: str, n_tokens: int) -> int:
+    """Patched forward passes of one pair's grid (one per cell)."""
+    from .analysis.patching import GRID_AXES
+
+    size = {"layer": lm.cfg.n_layers, "pos": n_tokens, "head": lm.cfg.n_heads}
+    runs = 1
+    for axis in GRID_AXES[granularity]:
+        runs *= size[axis]
+    return runs
+
+
+def check_cost(what: str, runs: int, lm: LoadedModel, n_tokens: int, hint: str) -> None:
+    """Refuse (400) a request whose estimated work exceeds :data:`API_MAX_GFLOP`."""
+    gflop = runs * forward_gflop(lm, n_tokens)
+    if gflop > API_MAX_GFLOP:
+        raise ApiError(f"{what} on {lm.name} runs {runs:,} forward passes of {n_tokens} tokens "
+                       f"(about {gflop:,.0f} GFLOP); this server runs at most "
+                       f"{API_MAX_GFLOP:,.0f} GFLOP per API request: {hint}", 400)
+
+
+def run_weight_analyses(lm: LoadedModel, *reqs: Any) -> list[Any]:
+    """The results of weight analyses (``reqs``) for an API request: from the shared store,
+    else computed as a job in a job slot (:class:`BusyError` when all are taken). In a lab the
+    job runs on the Celery workers, under their deadline, and this thread only waits; on one
+    machine it runs here."""
+    st = W.store()
+    try:
+        return st.get(lm, *reqs)
+    except W.Missing as missing:
+        todo = missing.requests
+    bg = background.current()
+    if bg.celery_app is None:
+        return st.get_or_compute(lm, *reqs)
+    label = ", ".join(r.label for r in todo)
+    deadline = background.CELERY_DEADLINE_S + 60
+    with bg.slots.job(label):
+        pending = [bg.celery_app.send_task(background.WEIGHT_TASK, args=(lm.name, r.as_json()))
+                   for r in todo]
+        try:
+            for task in pending:
+                task.get(timeout=deadline, propagate=True, disable_sync_subtasks=False)
+        except STORE_ERRORS:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a worker's failure, told to the client
+            name = type(exc).__name__
+            if name == "TimeoutError":
+                raise ApiError(f"{label}: not finished within {int(deadline)} s on the job "
+                               "workers; try again later (the result is kept when it "
+                               "finishes)", 504) from None
+            if isinstance(exc, AnalysisError) or name == "AnalysisError":
+                raise ApiError(str(exc)) from None
+            log.warning("%s failed on a worker: %s: %s", label, name, exc)
+            raise ApiError(f"{label} failed on the job workers ({name})", 502) from None
+    return st.get(lm, *reqs)
+
+
+def register_worker_tasks(celery_app: Any, registry: Registry) -> None:
+    """The Celery task computing the API's heavy work on a worker (a weight analysis, into
+    the shared store)."""
+    if background.WEIGHT_TASK in celery_app.tasks:
+        return
+
+    @celery_app.task(name=background.WEIGHT_TASK)
+    def weight_analysis(model: str, request: Any) -> bool:
+        W.store().compute(registry.get(model), W.Request.from_json(request))
+        return True
+
+
 def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
-    """The ``/api`` blueprint answering from ``registry``."""
+    """The ``/api`` blueprint answering from ``registry``.
+
+    While the deployment's store is unreachable, every request that needs it (the API's and
+    the pages' callbacks alike) is answered 503 with ``Retry-After``, never 500.
+    """
     bp = flask.Blueprint("attention_lens_api", __name__)
+    if background.current().celery_app is not None:  # the workers run the heavy work
+        register_worker_tasks(background.current().celery_app, registry)
+    for error in STORE_ERRORS:  # app-wide: the pages' callbacks and job polls too
+        bp.app_errorhandler(error)(store_unreachable)
 
     def endpoint(rule: str, methods: tuple[str, ...]) -> Callable:
         def wrap(fn: Callable[[], dict[str, Any]]) -> Callable:
@@ -75,6 +188,8 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
                     return flask.jsonify(error=str(exc)), exc.status
                 except BusyError as exc:
                     return flask.jsonify(error=str(exc)), 503, {"Retry-After": "5"}
+                except STORE_ERRORS as exc:
+                    return store_unreachable(exc)
                 except AnalysisError as exc:
                     return flask.jsonify(error=str(exc)), 400
                 return flask.jsonify(result)
@@ -235,7 +350,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         n_dir = int_field(q, "n_directions", 3, 0, lm.cfg.d_head,
                           f" (d_head of {lm.name})")
         if n_dir <= W.SVD_DIRECTIONS and k <= W.SVD_TOP_K:  # cut from the shared result
-            (full,) = W.store().get_or_compute(lm, W.circuit_svd(which))
+            (full,) = run_weight_analyses(lm, W.circuit_svd(which))
             res = full.top(n_dir, k)
         else:
             with background.current().slots.job(f"{which} circuit SVD"):
@@ -261,7 +376,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
                           " (the vocabulary size)")
         n_comp = int_field(q, "n_components", 2, 1, 10)
         n_clusters = int_field(q, "n_clusters", 8, 1, 50)
-        (res,) = W.store().get_or_compute(lm, W.embedding_pca(
+        (res,) = run_weight_analyses(lm, W.embedding_pca(
             matrix, token_filter, n_max, n_clusters, centre=True, n_components=n_comp))
         out: dict[str, Any] = {"model": lm.name, "result": jsonable(res)}
         if "text" in q:
@@ -297,7 +412,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
 
     # -------------------------------------------------------------- eigenvalues
     def eigen_of(lm: LoadedModel) -> Any:
-        return W.store().get_or_compute(lm, W.circuit_eigenvalues())[0]
+        return run_weight_analyses(lm, W.circuit_eigenvalues())[0]
 
     @endpoint("/eigenvalues", ("POST",))
     def eigenvalues() -> dict[str, Any]:
@@ -340,7 +455,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         metric = choice_field(body, "metric", "mul", tuple(METRICS))
         rows = choice_field(body, "rows", "target", tuple(ROWS))
         n_examples = int_field(body, "n_examples", 5, 1, 20)
-        probe = W.store().get_or_compute(lm, W.probe_head_scores())[0]
+        probe = run_weight_analyses(lm, W.probe_head_scores())[0]
         bos = bool_field(body, "exclude_bos", False)
         diagonal = bool_field(body, "exclude_diagonal", False)
         eigen = eigen_of(lm)
@@ -448,6 +563,10 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
             metric = choice_field(body, "metric", "logit_diff", PT.METRICS)
             direction = choice_field(body, "direction", "denoising", PT.DIRECTIONS)
             position = int_field(body, "position", -1, -lm.cfg.n_ctx, lm.cfg.n_ctx - 1)
+            longest = max(len(PT.pair_tokens(lm, p.clean, p.corrupted)[0]) for p in parsed)
+            check_cost(f"{gran} patching over {len(parsed)} pairs",
+                       patching_runs(lm, gran, longest) * len(parsed), lm, longest,
+                       "send fewer pairs, shorter prompts or a coarser granularity")
             with background.current().slots.job(f"patching over {len(parsed)} pairs"):
                 res = PT.patching_over_pairs(lm, parsed, granularity=gran, metric=metric,
                                              direction=direction, position=position)
@@ -456,9 +575,21 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
             return {"model": lm.name, "granularity": gran, "axes": list(res.axes),
                     "n_pairs": len(parsed), "result": data}
         args = pair_args(body, lm)
-        with background.current().slots.job(f"{gran} patching"):
-            res = PT.activation_patching(lm, granularity=gran, attribution=attribution,
-                                         **args)
+        n_tokens = len(PT.pair_tokens(lm, args["clean"], args["corrupted"])[0])
+        coarse = patching_runs(lm, "head_out", n_tokens)
+        check_cost(f"{gran} patching", patching_runs(lm, gran, n_tokens), lm, n_tokens,
+                   f"use fewer tokens or a coarser granularity (head_out: {coarse:,} runs)")
+        if attribution and not PT.runs_inline(lm):  # a job (on the workers in a lab), kept
+            wa = {**args, "correct": args["correct"] if isinstance(args["correct"], int)
+                  else str(args["correct"]),
+                  "wrong": "" if args["wrong"] is None else
+                  (args["wrong"] if isinstance(args["wrong"], int) else str(args["wrong"]))}
+            (res,) = run_weight_analyses(lm, W.request("activation_patching", granularity=gran,
+                                                       **wa))
+        else:
+            with background.current().slots.job(f"{gran} patching"):
+                res = PT.activation_patching(lm, granularity=gran, attribution=attribution,
+                                             **args)
         return {"model": lm.name, "result": jsonable(res)}
 
     @endpoint("/path-patching", ("POST",))
@@ -605,7 +736,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
                                   "" if target is None else target,
                                   "" if contrast is None else contrast, pos,
                                   shares["node_threshold"], shares["edge_threshold"])
-        view = W.store().get_or_compute(lm, req)[0]
+        view = run_weight_analyses(lm, req)[0]
         g = view.graph
         return {**part, "result": {
             "target": g.label(g.target), "position": g.position, "logit": g.logit,
@@ -644,7 +775,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
     def dataset_metrics(lm: LoadedModel, body: dict[str, Any]) -> Any:
         length, stride, n = windows_args(lm, body, 400)
         ds = dataset_of(body)
-        return W.store().get_or_compute(lm, W.head_metrics(ds.name, ds.sha256, length, stride,
+        return run_weight_analyses(lm, W.head_metrics(ds.name, ds.sha256, length, stride,
                                                            n))[0]
 
     @endpoint("/head-metrics", ("POST",))
@@ -721,8 +852,8 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
             ds = W.load_dataset(SHIPPED)
             req = W.loss_by_position(ds.name, ds.sha256, length, stride, n)
             models = [lm_a] if lm_b is lm_a else [lm_a, lm_b]
-            probe = W.store().get_or_compute(lm_a, W.probe_head_scores())[0]
-            curves = [W.store().get_or_compute(m, req, W.probe_loss()) for m in models]
+            probe = run_weight_analyses(lm_a, W.probe_head_scores())[0]
+            curves = [run_weight_analyses(m, req, W.probe_loss()) for m in models]
             view = icl_from_curves([c[0] for c in curves], [c[1] for c in curves],
                                    probe.seq_len, probe.bos is not None)
             out["icl"] = jsonable(view)

@@ -14,6 +14,13 @@ runs, and gives it back when it ends; a slot whose job died (a cancelled or kill
 process) is given back by the process that watched it (on one machine) or expires within
 seconds, and a reservation no job claims goes after :data:`RESERVED_LOCAL_S` seconds on
 one machine. A request over the bound is told the server is busy.
+
+A lab survives its parts failing (see the README's fault table): Celery acknowledges a task
+only when it ends and puts it back when its pool child dies; a page polling a job whose
+whole worker died has it sent to the other workers (:func:`lab_manager`), and a job that
+cannot finish is reported to its page; while Redis is unreachable the store raises
+:class:`StoreUnavailable` (the API answers 503 + Retry-After) and everything resumes when it
+is back; the signing secret lives in a private file, not in Redis.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
+
+from .analysis.errors import AnalysisError
 
 log = logging.getLogger(__name__)
 
@@ -66,52 +75,125 @@ class BusyError(RuntimeError):
 
 
 # ------------------------------------------------------------------- shared key-value store
-class RedisKV:
-    """The few diskcache ``Cache`` methods used here, on Redis (values pickled by us)."""
+#: Seconds a Redis command may wait for a connection or an answer before the store counts
+#: as unreachable.
+REDIS_TIMEOUT_S = 3.0
+#: Seconds a client is told to wait (``Retry-After``) while the store is unreachable.
+RETRY_AFTER_S = 5
+#: Seconds a job on a Celery worker waits for an unreachable Redis before it fails.
+JOB_STORE_PATIENCE_S = 60.0
 
-    def __init__(self, url: str, prefix: str = PREFIX) -> None:
+
+class StoreUnavailable(AnalysisError):
+    """The deployment's store (Redis) does not answer; the API answers 503 + Retry-After and a
+    page says so. Everything resumes by itself when the store is back."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__("The job store is unreachable, retrying: try again in a few seconds"
+                         + (f" ({detail})" if detail else "") + ".")
+        self.retry_after = RETRY_AFTER_S
+
+
+def store_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "the store (Redis) is unreachable", from every client used."""
+    errors: list[type[BaseException]] = [StoreUnavailable]
+    try:
         import redis
 
+        errors += [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                   redis.exceptions.BusyLoadingError]
+    except ImportError:  # pragma: no cover - one-machine install without redis
+        pass
+    try:
+        from kombu.exceptions import OperationalError
+
+        errors.append(OperationalError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def redis_client(url: str) -> Any:
+    """A redis-py client that gives up on an unreachable server within seconds."""
+    import redis
+
+    return redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S,
+                                socket_connect_timeout=REDIS_TIMEOUT_S,
+                                health_check_interval=10)
+
+
+class RedisKV:
+    """The few diskcache ``Cache`` methods used here, on Redis (values pickled by us).
+
+    A command that meets a broken connection (Redis restarted) is tried once more on a fresh
+    one; an unreachable Redis raises :class:`StoreUnavailable` within seconds.
+    """
+
+    def __init__(self, url: str, prefix: str = PREFIX, patience: float = 0.0) -> None:
         self.url, self.prefix = url, prefix
-        self.r = redis.Redis.from_url(url)
+        #: Seconds a command keeps trying while Redis is unreachable (0 in a web worker, which
+        #: answers 503 at once; a job waits for Redis to come back rather than fail).
+        self.patience = patience
+        self.r = redis_client(url)
 
     def _k(self, key: str) -> str:
         return self.prefix + key
 
+    def _do(self, command: str, *args: Any, **kwargs: Any) -> Any:
+        import redis
+
+        give_up, attempt = time.monotonic() + self.patience, 0
+        while True:
+            try:
+                return getattr(self.r, command)(*args, **kwargs)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                    redis.exceptions.BusyLoadingError) as exc:
+                attempt += 1
+                if attempt > 1 and time.monotonic() >= give_up:
+                    raise StoreUnavailable(f"Redis: {type(exc).__name__}") from exc
+                if attempt > 1:
+                    time.sleep(0.5)
+
     def get(self, key: str, default: Any = None) -> Any:
         """The value of ``key`` or ``default``."""
-        raw = self.r.get(self._k(key))
+        raw = self._do("get", self._k(key))
         return default if raw is None else pickle.loads(raw)  # noqa: S301 - written by us
 
     def set(self, key: str, value: Any, expire: Optional[float] = None) -> bool:
         """Store ``value`` (for ``expire`` seconds, or for ever)."""
         px = None if expire is None else max(1, int(expire * 1000))
-        return bool(self.r.set(self._k(key), pickle.dumps(value), px=px))
+        return bool(self._do("set", self._k(key), pickle.dumps(value), px=px))
 
     def add(self, key: str, value: Any, expire: Optional[float] = None) -> bool:
         """Store ``value`` only if ``key`` is absent; True if it was stored (atomic)."""
         px = None if expire is None else max(1, int(expire * 1000))
-        return bool(self.r.set(self._k(key), pickle.dumps(value), px=px, nx=True))
+        return bool(self._do("set", self._k(key), pickle.dumps(value), px=px, nx=True))
 
     def touch(self, key: str, expire: Optional[float] = None) -> bool:
         """Renew the expiry of ``key``; False if it is gone."""
         if expire is None:
-            return bool(self.r.persist(self._k(key))) or bool(self.r.exists(self._k(key)))
-        return bool(self.r.pexpire(self._k(key), max(1, int(expire * 1000))))
+            return bool(self._do("persist", self._k(key))) or \
+                bool(self._do("exists", self._k(key)))
+        return bool(self._do("pexpire", self._k(key), max(1, int(expire * 1000))))
 
     def delete(self, key: str) -> bool:
         """Remove ``key``."""
-        return bool(self.r.delete(self._k(key)))
+        return bool(self._do("delete", self._k(key)))
 
     def incr(self, key: str, delta: int = 1) -> int:
         """Add ``delta`` to the counter ``key`` (created at 0)."""
         # counters are plain Redis integers, not pickles
-        return int(self.r.incrby(self._k(key) + ":n", delta))
+        return int(self._do("incrby", self._k(key) + ":n", delta))
 
     def count(self, key: str) -> int:
         """The counter ``key``."""
-        raw = self.r.get(self._k(key) + ":n")
+        raw = self._do("get", self._k(key) + ":n")
         return int(raw) if raw is not None else 0
+
+    def keys(self, pattern: str) -> list[str]:
+        """The keys matching ``pattern`` (a glob, without the prefix), prefix removed."""
+        n = len(self.prefix)
+        return [k.decode()[n:] for k in self._do("keys", self._k(pattern))]
 
 
 def private_dir(path: Path) -> Path:
@@ -323,19 +405,423 @@ class Background:
         return "celery" if self.celery_broker else "diskcache"
 
     def shared_secret(self) -> str:
-        """A secret every web worker of the deployment agrees on (signs sessions and jobs)."""
-        self.kv.add("secret", secrets.token_hex(32))
-        return str(self.kv.get("secret"))
+        """The secret every web worker of the deployment agrees on (signs sessions and jobs).
+
+        Kept in a private file (``secret``, mode 0600, in a 0700 folder) in the deployment's
+        cache folder, written once, atomically, by the first process that needs it: it
+        survives restarts of the web workers, of gunicorn and of Redis (which a lab runs with
+        ``--save ""``). Web workers on several machines share it through
+        ``ATTENTION_LENS_SECRET_KEY`` instead (the server prefers that when it is set).
+        """
+        return read_or_create_secret((self.cache_dir or default_cache_dir()) / SECRET_FILE)
 
 
-def make_celery(broker: str) -> Any:
-    """The Celery app of a deployment: Redis (``broker``) as broker and result store."""
+#: The name of the signing-secret file in a deployment's cache folder.
+SECRET_FILE = "secret"
+
+
+def read_or_create_secret(path: Path) -> str:
+    """The secret in ``path``; created (0600, atomically, once) if it does not exist yet."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for _ in range(50):
+        try:
+            text = path.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            text = ""
+        if len(text) >= 32:
+            mode = path.stat().st_mode & 0o777
+            if mode & 0o077:
+                os.chmod(path, 0o600)  # a copied file: private again
+                log.warning("%s was readable by others (mode %o): made it 0600", path, mode)
+            return text
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, (secrets.token_hex(32) + "\n").encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # fails if another process made it first: read theirs
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    raise RuntimeError(f"could not read the signing secret in {path}")
+
+
+# ------------------------------------------------------------------------ Celery (a lab)
+def _env_seconds(name: str, default: float) -> float:
+    try:
+        value = float(os.environ.get(name, "") or default)
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+#: Seconds a job may run on a Celery worker (``ATTENTION_LENS_JOB_DEADLINE``): past it the
+#: task is stopped (soft limit, then the pool child is killed 30 s later) and the page says so.
+CELERY_DEADLINE_S = _env_seconds("ATTENTION_LENS_JOB_DEADLINE", 900.0)
+#: Seconds an unacknowledged task waits before Redis hands it to another worker: longer than
+#: the hard deadline, so a task still running is never delivered twice.
+VISIBILITY_MARGIN_S = 120.0
+#: Seconds a finished job's result (and its bookkeeping) stays in Redis unread.
+RESULT_EXPIRES_S = 3600
+#: Runs of one task before it is reported as failed (a task whose pool child is killed, e.g.
+#: by the out-of-memory killer, is run again once).
+MAX_ATTEMPTS = 2
+#: Seconds a running task's heartbeat lives: a task whose worker died is noticed this long
+#: after (short, so it is sent again while its job slot is still held).
+ALIVE_TTL_S = 3.0
+#: Seconds a job must look lost, on consecutive polls, before it is reported or sent again.
+LOST_AFTER_S = 2.0
+#: Seconds a queued task may wait while no worker is alive before the page is told.
+NO_WORKER_S = 20.0
+
+
+def _fix_kombu_redis_reconnect() -> None:
+    """Kombu before 5.4 leaves a worker that lost Redis connected but consuming nothing once
+    Redis is back (a channel that failed to register still unregisters its successor from
+    the poller; kombu's fix #2007, released in 5.4.0). Applies the same fix to older kombu."""
+    from kombu import __version__ as kombu_version
+    from kombu.transport import redis as kr
+
+    if tuple(int(p) for p in kombu_version.split(".")[:2]) >= (5, 4) or \
+            getattr(kr.Channel, "_attention_lens_fixed", False):
+        return
+    init, connparams = kr.Channel.__init__, kr.Channel._connparams
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        self._registered = False
+        init(self, *args, **kwargs)
+        self._registered = True  # added to the poller
+
+    def _connparams(self: Any, asynchronous: bool = False) -> dict:
+        params = connparams(self, asynchronous)
+        if asynchronous:
+            base, channel = params["connection_class"].__mro__[1], self
+
+            class Connection(base):  # type: ignore[misc, valid-type]
+                def disconnect(self: Any, *args: Any) -> None:
+                    base.disconnect(self, *args)
+                    if getattr(channel, "_registered", False):
+                        channel._on_connection_disconnect(self)
+            params["connection_class"] = Connection
+        return params
+
+    kr.Channel.__init__, kr.Channel._connparams = __init__, _connparams
+    kr.Channel._attention_lens_fixed = True
+
+
+def make_celery(broker: str, deadline_s: Optional[float] = None) -> Any:
+    """The Celery app of a deployment: Redis (``broker``) as broker and result store.
+
+    Configured for workers that can die: a task is acknowledged only when it ends
+    (``task_acks_late``) and put back in the queue when its pool child dies
+    (``task_reject_on_worker_lost``); every task has a deadline (time limits) and Redis's
+    visibility timeout exceeds it; results expire; connections to Redis time out within
+    seconds and are retried for ever, so a worker survives a Redis restart.
+    """
     from celery import Celery
 
-    app = Celery("attention_lens", broker=broker, backend=broker)
-    app.conf.update(worker_prefetch_multiplier=1, task_acks_late=False,
-                    broker_connection_retry_on_startup=True, worker_hijack_root_logger=False)
+    _fix_kombu_redis_reconnect()
+    deadline = float(deadline_s or CELERY_DEADLINE_S)
+    app = Celery("attention_lens", broker=broker, backend=broker, task_cls=job_task_class())
+    transport = {"visibility_timeout": int(deadline + 30 + VISIBILITY_MARGIN_S),
+                 "socket_timeout": REDIS_TIMEOUT_S + 2,
+                 "socket_connect_timeout": REDIS_TIMEOUT_S,
+                 "health_check_interval": 10}
+    app.conf.update(
+        worker_prefetch_multiplier=1, task_acks_late=True, task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True, task_track_started=True,
+        task_soft_time_limit=int(deadline), task_time_limit=int(deadline + 30),
+        broker_transport_options=transport, result_backend_transport_options=transport,
+        redis_socket_timeout=REDIS_TIMEOUT_S + 2, redis_socket_connect_timeout=REDIS_TIMEOUT_S,
+        redis_retry_on_timeout=True, result_expires=RESULT_EXPIRES_S,
+        broker_connection_retry_on_startup=True, broker_connection_max_retries=None,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2,
+                                   "interval_step": 0.5, "interval_max": 1},
+        worker_hijack_root_logger=False)
+
     return app
+
+
+#: The Celery task that computes a weight analysis for the API on a worker (registered by
+#: the API, :func:`attention_lens.api.register_worker_tasks`).
+WEIGHT_TASK = "attention_lens.weight_analysis"
+
+
+def _task_key(task_id: str, what: str) -> str:
+    return f"task:{task_id}:{what}"
+
+
+def _task_kv(app: Any) -> RedisKV:
+    kv = getattr(app, "_attention_lens_kv", None)
+    if kv is None:
+        kv = app._attention_lens_kv = RedisKV(app.conf.broker_url)
+    return kv
+
+
+def job_task_class() -> type:
+    """The Celery task class of a deployment's jobs (built lazily: Celery is optional).
+
+    Each run records in Redis that the task started, keeps a heartbeat while it runs and
+    marks it finished; a task run :data:`MAX_ATTEMPTS` times already (its pool child died
+    each time) stores a failure the page shows instead of running again, and a copy of a
+    task that finished, or was reported lost, is dropped.
+    """
+    from celery import Task
+    from celery.exceptions import Ignore
+
+    class JobTask(Task):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            tid = getattr(self.request, "id", None)
+            if not tid or not self.name.startswith("background_callback_"):
+                return super().__call__(*args, **kwargs)
+            kv = _task_kv(self.app)
+            if kv.get(_task_key(tid, "finished")) or kv.get(_task_key(tid, "lost")):
+                log.warning("task %s: a copy already ran or runs; dropped", tid)
+                raise Ignore()
+            ttl = RESULT_EXPIRES_S
+            attempts = kv.incr(_task_key(tid, "attempts"))
+            kv.touch(_task_key(tid, "attempts") + ":n", ttl)
+            if attempts > MAX_ATTEMPTS:
+                log.error("task %s stopped %d times without finishing: reported failed", tid,
+                          attempts - 1)
+                _store_failure(self.app, args, f"the job stopped unexpectedly {attempts - 1} "
+                               "times (its worker process was killed, e.g. out of memory)")
+                kv.set(_task_key(tid, "finished"), time.time(), expire=ttl)
+                raise Ignore()
+            worker = str(getattr(self.request, "hostname", "") or "").split("@")[-1]
+            if attempts > 1:  # run again after its worker died: it keeps its job slot
+                keep_slot(_job_token(args))
+            kv.set(_task_key(tid, "started"), {"t": time.time(), "pid": os.getpid(),
+                                               "worker": worker, "attempt": attempts},
+                   expire=ttl)
+            try:
+                with alive(kv, _task_key(tid, "alive"), ttl=ALIVE_TTL_S):
+                    return super().__call__(*args, **kwargs)
+            finally:
+                try:
+                    kv.set(_task_key(tid, "finished"), time.time(), expire=ttl)
+                except StoreUnavailable:
+                    log.warning("task %s finished while Redis was unreachable", tid)
+
+    return JobTask
+
+
+@contextmanager
+def alive(kv: Any, key: str, every: float = HEARTBEAT_S, ttl: float = STALE_S
+          ) -> Iterator[None]:
+    """Keep ``key`` set (re-created if the store lost it) while the block runs."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                kv.set(key, os.getpid(), expire=ttl)
+            except Exception:  # noqa: BLE001 - a store outage must not kill the job
+                log.warning("heartbeat %s: the store is unreachable", key)
+            if stop.wait(every):
+                return
+
+    thread = threading.Thread(target=beat, daemon=True, name=f"alive-{key}")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=every + REDIS_TIMEOUT_S * 2 + 1)
+        try:
+            kv.delete(key)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def failure_outputs(outputs_list: Any, message: str) -> Any:
+    """A page job's outputs saying ``message`` with Run again (the strip's conventions:
+    ``<page>-alerts``, ``<page>-job-after``, ``<page>-job-note``); nothing else changes."""
+    no = {"_dash_no_update": "_dash_no_update"}
+    if not isinstance(outputs_list, list):
+        return no
+    import dash_bootstrap_components as dbc
+
+    shown = {"display": "flex"}  # the strip's Run again row, shown (components.job_strip)
+
+    out = []
+    for spec in outputs_list:
+        cid = spec.get("id") if isinstance(spec, dict) else None
+        prop = spec.get("property") if isinstance(spec, dict) else None
+        if not isinstance(cid, str):
+            out.append(no)
+        elif cid.endswith("-alerts") and prop == "children":
+            alert = dbc.Alert(message[:1].upper() + message[1:] + ".", color="danger",
+                              dismissable=True, className="al-alert")  # as shell.alert
+            out.append([alert.to_plotly_json()])
+        elif cid.endswith("-job-after") and prop == "style":
+            out.append(shown)
+        elif cid.endswith("-job-note") and prop == "children":
+            out.append("The job did not finish.")
+        else:
+            out.append(no)
+    return out
+
+
+def _job_token(args: Any) -> Optional[str]:
+    """The job-slot token of a page job's task arguments (its request), if any."""
+    try:
+        request = args[2][0]
+    except (IndexError, KeyError, TypeError):
+        return None
+    token = request.get("token") if isinstance(request, dict) else None
+    return str(token) if token else None
+
+
+def keep_slot(token: Optional[str], label: str = "a job run again") -> bool:
+    """Hold a job slot for ``token`` again (a job run a second time, after its worker died,
+    keeps its place): renew its slot, or take a free one; False when none is free."""
+    if not token:
+        return False
+    slots = current().slots
+    i = slots._find(token)
+    if i is not None:
+        slots.kv.touch(slots._key(i), expire=RESERVED_S)
+        return True
+    record = {"token": token, "label": label, "state": "queued", "t": time.time()}
+    return any(slots.kv.add(slots._key(i), record, expire=RESERVED_S) for i in range(slots.n))
+
+
+def _store_failure(app: Any, args: tuple, message: str) -> None:
+    """Store a failure as the result of the Dash job whose task arguments are ``args``."""
+    import json
+
+    from plotly.utils import PlotlyJSONEncoder
+
+    result_key, context = args[0], (args[3] if len(args) > 3 else None) or {}
+    outputs = failure_outputs(context.get("outputs_list"), message)
+    app.backend.set(result_key, json.dumps(outputs, cls=PlotlyJSONEncoder))
+
+
+def lab_manager(celery_app: Any) -> Any:
+    """Dash's ``CeleryManager`` that never leaves a page waiting for a job that is gone.
+
+    It records every job it starts (its task and arguments) in Redis. While a page polls a
+    job with no result yet it checks the job's heartbeat: a job whose worker died (the whole
+    worker killed) is sent again, once, to the surviving workers; a job the store lost
+    (Redis restarted without saving), a job that failed in its worker (deadline, a second
+    death) or one no worker is alive to run is reported to the page with Run again.
+    """
+    from dash import CeleryManager
+
+    class LabCeleryManager(CeleryManager):
+        def __init__(self, app: Any) -> None:
+            super().__init__(app)
+            self.kv = _task_kv(app)
+
+        def call_job_fn(self, key: str, job_fn: Any, args: Any, context: Any) -> str:
+            from celery.utils import uuid
+
+            tid = uuid()
+            call = (key, self._make_progress_key(key), args, dict(context))
+            self.kv.set(_task_key(tid, "call"), {"name": job_fn.name, "args": call,
+                                                 "t": time.time()},
+                        expire=RESULT_EXPIRES_S)
+            job_fn.apply_async(call, task_id=tid)
+            return tid
+
+        def get_result(self, key: str, job: Any) -> Any:
+            result = super().get_result(key, job)
+            if result is not self.UNDEFINED or not job:
+                return result
+            problem = self.check(str(job))
+            if problem is None:
+                return self.UNDEFINED
+            log.warning("job %s: %s", job, problem)
+            self.kv.set(_task_key(str(job), "lost"), time.time(), expire=RESULT_EXPIRES_S)
+            call = self.kv.get(_task_key(str(job), "call")) or {}
+            args = call.get("args") or (None, None, None, {})
+            token = _job_token(args)
+            if token:
+                current().slots.release(token)
+            try:
+                self.handle.control.revoke(str(job))
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+            return failure_outputs((args[3] or {}).get("outputs_list"), problem)
+
+        def check(self, job: str) -> Optional[str]:
+            """None while ``job`` is queued or running; else what happened to it."""
+            kv = self.kv
+            if kv.get(_task_key(job, "alive")):
+                kv.delete(_task_key(job, "suspect"))
+                return None
+            state = self.handle.AsyncResult(job).state
+            if state == "FAILURE":
+                res = self.handle.AsyncResult(job).result
+                name = type(res).__name__ if isinstance(res, BaseException) else "error"
+                if name in ("TimeLimitExceeded", "SoftTimeLimitExceeded"):
+                    return (f"the job ran past its deadline of {int(CELERY_DEADLINE_S)} s and "
+                            "was stopped")
+                return f"the job failed in its worker ({name})"
+            if state in ("SUCCESS", "REVOKED"):
+                return None  # its result was read already, or it was cancelled
+            call = kv.get(_task_key(job, "call"))
+            started = kv.get(_task_key(job, "started"))
+            if call is None:
+                if not self.confirmed(job):
+                    return None
+                return ("the job store (Redis) restarted and lost this job; nothing was "
+                        "saved")
+            if started is not None:
+                # it started and its heartbeat stopped: its pool child died (its worker puts
+                # it back in the queue) or its whole worker did (sent again from here); its
+                # job slot is kept meanwhile
+                keep_slot(_job_token(call["args"]))
+                if started.get("worker") and kv.get(f"worker:{started['worker']}"):
+                    return None
+                if not self.confirmed(job, ALIVE_TTL_S * 0.5):
+                    return None
+                if kv.add(_task_key(job, "resent"), time.time(), expire=RESULT_EXPIRES_S):
+                    kv.delete(_task_key(job, "started"))
+                    kv.delete(_task_key(job, "suspect"))
+                    log.warning("job %s: its worker stopped; sent to the other workers", job)
+                    self.handle.send_task(call["name"], args=call["args"], task_id=job)
+                    return None
+                return ("the worker running this job stopped twice (killed, or out of "
+                        "memory)")
+            waited = time.time() - float(call["t"])
+            if waited > NO_WORKER_S and not kv.keys("worker:*"):
+                return (f"no job worker is running (the job waited {int(waited)} s); the lab's "
+                        "'attention-lens worker' must be started again")
+            return None
+
+        def confirmed(self, job: str, after: float = LOST_AFTER_S) -> bool:
+            """True once ``job`` has looked lost for ``after`` seconds (a heartbeat that was
+            only late, or a store just back, is not a lost job)."""
+            key = _task_key(job, "suspect")
+            self.kv.add(key, time.time(), expire=60)
+            since = self.kv.get(key)
+            return since is not None and time.time() - float(since) >= after
+
+    return LabCeleryManager(celery_app)
+
+
+def worker_presence(broker: str, name: str) -> threading.Event:
+    """Announce a worker in Redis (``worker:<name>``) until the returned event is set."""
+    kv = RedisKV(broker)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            try:
+                kv.set(f"worker:{name}", time.time(), expire=ALIVE_TTL_S)
+            except Exception:  # noqa: BLE001 - Redis away: keep trying
+                pass
+            stop.wait(HEARTBEAT_S)
+
+    threading.Thread(target=beat, daemon=True, name="worker-presence").start()
+    return stop
 
 
 def create(cache_dir: Optional[Path | str] = None, celery_broker: Optional[str] = None,
@@ -348,15 +834,13 @@ def create(cache_dir: Optional[Path | str] = None, celery_broker: Optional[str] 
     ``deployment`` (e.g. ``host:port/``) keys the job slots, so two servers started without
     a cache folder do not share slots; servers given the same folder share them.
     """
-    from dash import CeleryManager
-
     from .jobhost import JobManager
 
     if celery_broker:
         celery_app = make_celery(celery_broker)
-        return Background(CeleryManager(celery_app), RedisKV(celery_broker),
+        return Background(lab_manager(celery_app), RedisKV(celery_broker),
                           RedisKV(celery_broker, PREFIX + "results:"), max_jobs,
-                          None, celery_broker, celery_app)
+                          Path(cache_dir) if cache_dir else None, celery_broker, celery_app)
     explicit = bool(cache_dir) or bool(os.environ.get("ATTENTION_LENS_CACHE_DIR", "").strip())
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     # servers given one cache folder share its slots (one bound for all of them); servers on

@@ -11,6 +11,7 @@ import argparse
 import getpass
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Optional
@@ -178,9 +179,18 @@ def worker(args: argparse.Namespace) -> int:
     app = create_server(config)  # the same pages, so the same background callbacks
     bg = app.server.extensions["attention_lens"]["background"]
     concurrency = args.concurrency or config.max_jobs
-    bg.celery_app.worker_main(["worker", f"--concurrency={concurrency}", "--pool=prefork",
-                               "--loglevel=INFO", "--without-gossip", "--without-mingle",
-                               "--hostname=attention-lens-%h-" + str(os.getpid())])
+    name = f"attention-lens-{socket.gethostname()}-{os.getpid()}"
+    from .background import JOB_STORE_PATIENCE_S, worker_presence
+
+    for kv in (bg.kv, bg.results):  # a job waits out a Redis restart instead of failing
+        kv.patience = JOB_STORE_PATIENCE_S
+    presence = worker_presence(config.celery_broker, name)  # pages know a worker is alive
+    try:
+        bg.celery_app.worker_main(["worker", f"--concurrency={concurrency}", "--pool=prefork",
+                                   "--loglevel=INFO", "--without-gossip", "--without-mingle",
+                                   f"--hostname={name}"])
+    finally:
+        presence.set()
     return 0
 
 

@@ -1,14 +1,22 @@
-"""Load, fault and soak test of the lab server under gunicorn.
+"""Load, fault and soak test of the lab server under gunicorn with ``gunicorn_conf``.
 
-Everything runs on 127.0.0.1 and is bounded in request count and time:
+Everything runs on 127.0.0.1 and is bounded in request count and time. One machine by
+default; ``--celery`` runs the lab deployment instead: a Redis on a free loopback port and two
+``attention-lens worker`` processes run the background jobs.
 
-1. gunicorn with 1 worker, then with 2: ``--clients`` concurrent clients send ``--requests``
-   requests mixing page callbacks (``/_dash-update-component``, payloads built from the app's
-   own callback map) and JSON API calls; errors, p50/p95 latency and throughput are reported.
+1. gunicorn (``-c python:attention_lens.gunicorn_conf``) with 1 worker, then with 2:
+   ``--clients`` concurrent clients send ``--requests`` requests mixing page visits and JSON
+   API calls. A page visit is what a browser does: the page, its analysis callback (payloads
+   built from the app's own callback map), and when that asks for a background job, the job
+   started and polled until it answers. Errors, p50/p95 latency and throughput are reported,
+   and latency, errors and jobs per page.
 2. Corrupt model: a truncated copy of a model sits in the models folder; it must be listed as
    unavailable with its reason while the other models keep answering.
-3. Fault: one worker is killed with SIGKILL in the middle of a load run; requests lost must be
-   at most those in flight on that worker, and the server must recover (a new worker serves).
+3. Fault: one web worker is killed with SIGKILL in the middle of a load run; requests lost must
+   be at most those in flight on that worker, and the server must recover (a new worker
+   serves). With ``--celery``, a Celery worker running a job is killed with SIGKILL (all its
+   processes) mid-load too: its job must reach its page (sent to the other worker) and every
+   job started must answer, with its result or a message.
 4. Soak: ``--soak`` distinct prompts through the API; the worker's resident memory (VmRSS)
    growth is reported and must stay under ``--max-rss-growth-mb``.
 """
@@ -21,6 +29,7 @@ import http.client
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -30,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
@@ -37,6 +47,8 @@ from typing import Any, Optional
 from .registry import DEFAULT_WEIGHTS, PACKAGE_ROOT
 
 HOST = "127.0.0.1"
+#: A client told "busy, try again" (503) waits this long and tries again, this many times.
+BUSY_WAIT_S, BUSY_TRIES = 2.0, 8
 USER, PASSWORD = "loadtest", "loadtest-password"
 WORDS = ("the cat sat on a mat while Harry Potter and Mrs Dursley walked to the shop in the "
          "rain because every evening the old dog barked at seven small birds near the river "
@@ -108,12 +120,16 @@ def rss_mb(pid: int) -> float:
 
 
 class Gunicorn:
-    """``gunicorn app:server`` on 127.0.0.1 with ``workers`` sync workers."""
+    """gunicorn with the recommended settings (``gunicorn_conf``) on 127.0.0.1."""
 
     def __init__(self, workers: int, env: dict[str, str], log: Path) -> None:
+        from . import gunicorn_conf
+
         self.workers, self.port = workers, free_port()
-        cmd = [sys.executable, "-m", "gunicorn", "app:server", "-w", str(workers),
-               "-b", f"{HOST}:{self.port}", "--timeout", "120", "--graceful-timeout", "5"]
+        self.threads = gunicorn_conf.threads
+        cmd = [sys.executable, "-m", "gunicorn", "-c", "python:attention_lens.gunicorn_conf",
+               "app:server", "-w", str(workers), "-b", f"{HOST}:{self.port}",
+               "--graceful-timeout", "5"]
         if "--no-control-socket" in subprocess.run(
                 [sys.executable, "-m", "gunicorn", "--help"], capture_output=True,
                 text=True).stdout:
@@ -154,43 +170,89 @@ class Gunicorn:
 
 
 # ------------------------------------------------------------------------ the workload
-def callback_payloads(models_dir: Path, text: str) -> list[dict[str, Any]]:
-    """Page-callback request bodies built from the app's own callback map.
+def _outputs(key: str) -> list[dict[str, Any]]:
+    outs = []
+    for part in key.strip(".").split("..."):
+        cid, prop = part.split("@", 1)[0].rsplit(".", 1) if "@" in part.rsplit(".", 1)[1] \
+            else part.rsplit(".", 1)
+        outs.append({"id": json.loads(cid) if cid.startswith("{") else cid, "property": prop})
+    return outs
 
-    Picks every callback whose only inputs are the shared state store (the analysis
-    callbacks of each page) and fills in a state holding ``text``.
-    """
+
+def _dep(d: dict[str, Any], value: Any = None) -> dict[str, Any]:
+    cid = json.loads(d["id"]) if str(d["id"]).startswith("{") else d["id"]
+    return {"id": cid, "property": d["property"], "value": value}
+
+
+def callback_payloads(models_dir: Path, text: str) -> list[dict[str, Any]]:
+    """Page visits built from the app's own callback map: for every page, its path, its
+    analysis callback (the shared state in, the page's figures and alerts out) and, where the
+    page has one, its background-job callback; plus the callbacks whose only input is the
+    shared state (overview, theme)."""
+    import dash
+
     from .components import shell
     from .server import ServerConfig, create_server
 
     app = create_server(ServerConfig(models_dirs=[models_dir]))
     app.server.test_client().get("/")  # moves the pages' callbacks into the callback map
+    paths = {p["path"].strip("/") or "overview" for p in dash.page_registry.values()}
     state = {"model": "attn-only-2l", "text": text, "pos": None, "src": "user"}
-    payloads = []
+    jobs, visits = {}, []
+    for key, spec in app.callback_map.items():
+        inputs = [(i["id"], i["property"]) for i in spec["inputs"]]
+        if spec.get("background") and len(inputs) == 1 and inputs[0][0].endswith("-job-request"):
+            jobs[inputs[0][0][:-len("-job-request")]] = (key, spec)
     for key, spec in app.callback_map.items():
         inputs, states = spec["inputs"], spec.get("state", [])
-        if [(i["id"], i["property"]) for i in inputs] != [(shell.STATE, "data")] or states:
+        if not inputs or (inputs[0]["id"], inputs[0]["property"]) != (shell.STATE, "data"):
             continue
-        outs = []
-        for part in key.strip(".").split("..."):
-            cid, prop = part.rsplit(".", 1)
-            outs.append({"id": json.loads(cid) if cid.startswith("{") else cid,
-                         "property": prop})
-        payloads.append({"output": key, "outputs": outs if key.startswith("..") else outs[0],
-                         "inputs": [{"id": shell.STATE, "property": "data", "value": state}],
-                         "state": [], "changedPropIds": [f"{shell.STATE}.data"]})
-    return payloads
+        outs = _outputs(key)
+        alerts = [o["id"] for o in outs if isinstance(o["id"], str)
+                  and o["id"].endswith(("-alerts", "-card"))]
+        if len(inputs) == 1 and not states:  # overview, theme
+            page = "overview" if alerts else "shell"
+        elif alerts:
+            page = alerts[0].rsplit("-", 1)[0]
+        else:
+            continue
+        if page not in paths and page != "shell":
+            continue
+        payload = {"output": key, "outputs": outs if key.startswith("..") else outs[0],
+                   "inputs": [_dep(inputs[0], state)] + [_dep(i) for i in inputs[1:]],
+                   "state": [_dep(d) for d in states],
+                   "changedPropIds": [f"{shell.STATE}.data"]}
+        job = None
+        if page in jobs:
+            jkey, jspec = jobs[page]
+            job = {"output": jkey, "outputs": _outputs(jkey),
+                   "inputs": [_dep(jspec["inputs"][0])],
+                   "state": [_dep(d, state if d["id"] == shell.STATE else None)
+                             for d in jspec.get("state", [])],
+                   "changedPropIds": [f"{page}-job-request.data"]}
+        visits.append({"page": page, "path": "/" if page in ("overview", "shell")
+                       else f"/{page}", "main": payload, "job": job})
+    return visits
 
 
-def with_text(payload: dict[str, Any], text: str) -> dict[str, Any]:
-    """``payload`` with the state's prompt replaced."""
-    state = {**payload["inputs"][0]["value"], "text": text}
-    return {**payload, "inputs": [{**payload["inputs"][0], "value": state}]}
+def with_text(visit: dict[str, Any], text: str, model: Optional[str] = None
+              ) -> dict[str, Any]:
+    """``visit`` with the state's prompt (and model) replaced."""
+    def swap(body: Optional[dict]) -> Optional[dict]:
+        if body is None:
+            return None
+        out = json.loads(json.dumps(body))
+        for dep in out["inputs"] + out["state"]:
+            if isinstance(dep["value"], dict) and "text" in dep["value"]:
+                dep["value"] = {**dep["value"], "text": text,
+                                **({"model": model} if model else {})}
+        return out
+    return {**visit, "main": swap(visit["main"]), "job": swap(visit["job"])}
 
 
 def make_requests(n: int, callbacks: list[dict], seed: int = 0
                   ) -> list[tuple[str, str, Any]]:
-    """``n`` requests mixing page callbacks and API calls over a pool of prompts."""
+    """``n`` requests mixing page visits and API calls over a pool of prompts."""
     rng = random.Random(seed)
     pool = [prompt(i, rng) for i in range(48)]
     api = [
@@ -201,16 +263,73 @@ def make_requests(n: int, callbacks: list[dict], seed: int = 0
         lambda t: ("POST", "/api/attribution", {"text": t}),
         lambda t: ("POST", "/api/ablation", {"text": t, "heads": [[1, 5]]}),
         lambda t: ("GET", "/api/weights?layer=1&head=5", None),
+        lambda t: ("POST", "/api/eigenvalues", {"text": t, "layer": 1}),
         lambda t: ("POST", "/api/analogy", {"positive": ["king", "woman"], "negative": ["man"]}),
     ]
     out = []
     for i in range(n):
         text = rng.choice(pool)
         if callbacks and i % 2 == 0:
-            out.append(("POST", "/_dash-update-component", with_text(rng.choice(callbacks), text)))
+            out.append(("PAGE", "", with_text(callbacks[(i // 2) % len(callbacks)], text)))
         else:
             out.append(rng.choice(api)(text))
     return out
+
+
+def visit(client: Client, v: dict[str, Any], timeout: float = 300.0
+          ) -> tuple[bool, str, Optional[str]]:
+    """Visit a page as a browser does: (ok, why, job outcome or None).
+
+    The job outcome is ``result`` (its figures came), ``message: ...`` (its page was told
+    why it did not finish), or ``unanswered`` (still no answer after ``timeout``)."""
+    status, body = client.request("GET", v["path"])
+    if status != 200:
+        return False, f"{status} GET {v['path']}", None
+    match = re.search(rb'"end_id":\s*"([^"]+)"', body)
+    end = f"?endId={match.group(1).decode()}" if match else ""
+    status, body = client.request("POST", "/_dash-update-component" + end, v["main"])
+    if status not in (200, 204):
+        return False, f"{status} {v['page']} {body[:120]!r}", None
+    if status == 204 or v["job"] is None:
+        return True, "", None
+    resp = json.loads(body).get("response", {})
+    request = resp.get(f"{v['page']}-job-request", {}).get("data")
+    if not isinstance(request, dict) or not request.get("token"):
+        return True, "", None
+    job = json.loads(json.dumps(v["job"]))
+    job["inputs"][0]["value"] = request
+    status, body = client.request("POST", "/_dash-update-component" + end, job)
+    if status != 200:
+        return False, f"{status} {v['page']} job start {body[:120]!r}", "unanswered"
+    handles = json.loads(body)
+    poll = json.loads(json.dumps(job))
+    for dep in poll["inputs"] + poll["state"]:
+        dep["value"] = None
+    query = (f"{end}&cacheKey={urllib.parse.quote(handles['cacheKey'])}"
+             f"&job={urllib.parse.quote(handles['job'])}")
+    give_up = time.monotonic() + timeout
+    while time.monotonic() < give_up:
+        time.sleep(0.4)
+        try:
+            status, body = client.request("POST", "/_dash-update-component" + query, poll)
+        except (OSError, http.client.HTTPException):
+            continue  # the page retries a failed poll (assets/job_poll.js)
+        if status in (502, 503, 504):
+            continue
+        if status == 204:
+            return True, "", "message: (no update)"
+        if status != 200:
+            return False, f"{status} {v['page']} job poll {body[:120]!r}", "unanswered"
+        data = json.loads(body)
+        if "response" not in data:
+            continue
+        out = data["response"]
+        figures = [p.get("figure") for k, p in out.items() if "al-graph" in k]
+        if any(isinstance(f, dict) and f.get("data") for f in figures):
+            return True, "", "result"
+        alerts = json.dumps(out.get(f"{v['page']}-alerts", {}).get("children"))[:200]
+        return True, "", f"message: {alerts}"
+    return False, f"{v['page']}: job unanswered after {timeout:.0f} s", "unanswered"
 
 
 def run_load(client: Client, requests: list[tuple[str, str, Any]], clients: int,
@@ -218,8 +337,11 @@ def run_load(client: Client, requests: list[tuple[str, str, Any]], clients: int,
     """Send ``requests`` from ``clients`` threads; ``during=(i, fn)`` calls fn after request i."""
     latencies: list[float] = []
     errors: list[str] = []
+    pages: dict[str, dict[str, Any]] = {}
+    jobs: dict[str, int] = {}
     lock = threading.Lock()
-    started = [0]
+    started, busy = [0], [0]
+    job_notes: list[str] = []
 
     def one(req: tuple[str, str, Any]) -> None:
         with lock:
@@ -228,26 +350,55 @@ def run_load(client: Client, requests: list[tuple[str, str, Any]], clients: int,
         if during and n == during[0]:
             during[1]()
         t0 = time.perf_counter()
+        outcome = None
         try:
-            status, body = client.request(*req)
-            ok = status in (200, 204)
-            why = f"{status} {req[1]} {body[:120]!r}"
+            if req[0] == "PAGE":
+                ok, why, outcome = visit(client, req[2])
+            else:
+                for _ in range(BUSY_TRIES):  # "busy, try again": a client waits and retries
+                    status, body = client.request(*req)
+                    if status != 503 or b"busy" not in body:
+                        break
+                    with lock:
+                        busy[0] += 1
+                    time.sleep(BUSY_WAIT_S)
+                ok = status in (200, 204)
+                why = f"{status} {req[1]} {body[:120]!r}"
         except (OSError, http.client.HTTPException) as exc:
-            ok, why = False, f"{type(exc).__name__} {req[1]}"
+            ok, why = False, f"{type(exc).__name__} {req[1] or req[2]['page']}"
         dt = time.perf_counter() - t0
+        name = req[2]["page"] if req[0] == "PAGE" else "api " + req[1].split("?")[0]
         with lock:
             (latencies.append(dt) if ok else errors.append(why))
+            page = pages.setdefault(name, {"n": 0, "errors": 0, "lat": [], "jobs": 0})
+            page["n"] += 1
+            page["errors"] += not ok
+            page["lat"].append(dt)
+            if outcome:
+                page["jobs"] += 1
+                kind = outcome.split(":")[0]
+                jobs[kind] = jobs.get(kind, 0) + 1
+                if kind != "result" and len(job_notes) < 5:
+                    job_notes.append(f"{name}: {outcome[:200]}")
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(one, requests))
     wall = time.perf_counter() - t0
     lat = sorted(latencies) or [float("nan")]
+    per_page = {}
+    for name, p in sorted(pages.items()):
+        ls = sorted(p["lat"])
+        per_page[name] = {"n": p["n"], "errors": p["errors"], "jobs": p["jobs"],
+                          "p50_ms": round(1000 * statistics.median(ls), 1),
+                          "p95_ms": round(1000 * ls[min(len(ls) - 1, int(0.95 * len(ls)))], 1)}
     return {"requests": len(requests), "ok": len(latencies), "errors": len(errors),
             "error_samples": errors[:5], "wall_s": round(wall, 2),
             "throughput_rps": round(len(latencies) / wall, 2),
             "p50_ms": round(1000 * statistics.median(lat), 1),
-            "p95_ms": round(1000 * lat[min(len(lat) - 1, int(0.95 * len(lat)))], 1)}
+            "p95_ms": round(1000 * lat[min(len(lat) - 1, int(0.95 * len(lat)))], 1),
+            "busy_retries": busy[0], "jobs": jobs, "job_messages": job_notes,
+            "pages": per_page}
 
 
 # --------------------------------------------------------------------------- scenarios
@@ -291,12 +442,141 @@ def fault_test(server: Gunicorn, client: Client, requests: list, clients: int
             except (OSError, http.client.HTTPException):
                 pass
         time.sleep(0.25)
-    # a sync worker handles one request at a time: at most one can be in flight on it
+    # a worker's threads hold at most this many requests (page visits count their requests
+    # one by one: a visit whose job poll met the dead worker is retried, as the page does)
+    in_flight = min(clients, server.threads)
     return {"workers_before": before, "killed_pid": killed.get("pid"),
             "workers_after": server.worker_pids(), "requests": stats["requests"],
-            "lost": stats["errors"], "max_in_flight_on_killed_worker": 1,
-            "error_samples": stats["error_samples"], "recovered_after_s": recovered_s,
-            "passed": stats["errors"] <= 1 and recovered_s is not None}
+            "lost": stats["errors"], "max_in_flight_on_killed_worker": in_flight,
+            "jobs": stats["jobs"], "error_samples": stats["error_samples"],
+            "recovered_after_s": recovered_s,
+            "passed": stats["errors"] <= in_flight and recovered_s is not None
+            and not stats["jobs"].get("unanswered")}
+
+
+class Lab:
+    """Redis on a free loopback port (``--save ""``) and two ``attention-lens worker``
+    processes (one pool child each), as the README deploys a lab."""
+
+    def __init__(self, root: Path, env: dict[str, str]) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("--celery needs redis-server (apt install redis-server)")
+        self.port, self.pidfile = free_port(), root / "redis.pid"
+        subprocess.run([exe, "--port", str(self.port), "--bind", HOST, "--save", "",
+                        "--appendonly", "no", "--daemonize", "yes", "--pidfile",
+                        str(self.pidfile), "--dir", str(root)], check=True, timeout=30)
+        self.url = f"redis://{HOST}:{self.port}/0"
+        self.env = {**env, "ATTENTION_LENS_CELERY_BROKER": self.url}
+        self.root, self.workers = root, []
+        for i in range(2):
+            self.start_worker(i)
+
+    def start_worker(self, i: int) -> None:
+        log = self.root / f"worker{i}.log"
+        proc = subprocess.Popen([sys.executable, "-c",
+                                 "from attention_lens.cli import main; main()", "worker",
+                                 "--concurrency", "1"], cwd=PACKAGE_ROOT,
+                                env={**os.environ, **self.env}, stdout=open(log, "ab"),
+                                stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while b"ready." not in log.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the Celery worker did not start (see {log})")
+            time.sleep(0.3)
+        self.workers.append(proc)
+
+    def tree(self, proc: subprocess.Popen) -> list[int]:
+        """The worker's process and its pool children."""
+        return [proc.pid] + children(proc.pid)
+
+    def kill_worker_running(self, pid: int) -> Optional[subprocess.Popen]:
+        """``kill -9`` of every process of the worker whose pool child is ``pid``."""
+        for proc in self.workers:
+            if pid in self.tree(proc):
+                for p in self.tree(proc):
+                    try:
+                        os.kill(p, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                proc.wait(10)
+                return proc
+        return None
+
+    def stop(self) -> None:
+        for proc in self.workers:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        try:
+            os.kill(int(self.pidfile.read_text().strip()), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
+
+
+def slow_model(models: Path) -> None:
+    """A random model slow enough that a job on it is still running when its worker is
+    killed (12 layers x 16 heads, d_model 1024: its circuit eigenvalues take seconds)."""
+    import torch
+
+    from .model import HookedTransformer, ModelConfig
+    from .model.checkpoint import load_model, save_model
+
+    tok = load_model(DEFAULT_WEIGHTS / "attn-only-2l").tokenizer
+    cfg = ModelConfig(n_layers=12, d_model=1024, n_heads=16, d_head=64, n_ctx=64,
+                      d_vocab=tok.vocab_size, attn_only=True, name="slow")
+    torch.manual_seed(0)
+    model = HookedTransformer(cfg).init_weights(0, std=0.2).eval()
+    save_model(model, tok, models / "slow")
+
+
+def celery_fault(lab: Lab, client: Client, requests: list, clients: int,
+                 eigen: dict[str, Any]) -> dict[str, Any]:
+    """Mid-load, a job on the slow model starts; the Celery worker running it is killed
+    with SIGKILL (all its processes). Its page must still get its figures (the job is sent
+    to the other worker) and every job of the load must answer."""
+    import redis as redis_module
+
+    r = redis_module.Redis.from_url(lab.url)
+    result: dict[str, Any] = {}
+
+    def slow_visit() -> None:
+        t0 = time.monotonic()
+        result["visit"] = visit(client, eigen)
+        result["visit_s"] = round(time.monotonic() - t0, 1)
+
+    def kill() -> None:
+        before = set(r.keys("attention-lens:task:*:started"))
+        threading.Thread(target=slow_visit, daemon=True).start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            new = set(r.keys("attention-lens:task:*:started")) - before
+            if new:
+                import pickle
+
+                started = pickle.loads(r.get(sorted(new)[0]))  # noqa: S301 - ours
+                time.sleep(0.5)
+                killed = lab.kill_worker_running(int(started["pid"]))
+                result.update(killed_worker=killed.pid if killed else None,
+                              killed_at=time.monotonic())
+                return
+            time.sleep(0.1)
+
+    stats = run_load(client, requests, clients, during=(len(requests) // 3, kill))
+    waited = 0.0
+    while "visit" not in result and waited < 300:
+        time.sleep(0.5)
+        waited += 0.5
+    ok, why, outcome = result.get("visit", (False, "no answer", "unanswered"))
+    return {"requests": stats["requests"], "errors": stats["errors"],
+            "error_samples": stats["error_samples"], "jobs": stats["jobs"],
+            "killed_celery_worker": result.get("killed_worker"),
+            "killed_job_outcome": outcome, "killed_job_page_s": result.get("visit_s"),
+            "passed": stats["errors"] == 0 and outcome == "result"
+            and not stats["jobs"].get("unanswered") and bool(result.get("killed_worker"))}
 
 
 def soak(server: Gunicorn, client: Client, n: int, max_growth_mb: float) -> dict[str, Any]:
@@ -348,18 +628,28 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--soak", type=int, default=1000, help="distinct prompts in the soak run")
     ap.add_argument("--max-rss-growth-mb", type=float, default=100.0)
     ap.add_argument("--no-auth", action="store_true", help="run without HTTP Basic auth")
+    ap.add_argument("--celery", action="store_true",
+                    help="the lab deployment: Redis and two Celery workers run the jobs")
     ap.add_argument("--output", type=Path, help="also write the report here (JSON)")
     args = ap.parse_args(argv)
     for name in ("requests", "clients", "soak"):
         if not 1 <= getattr(args, name) <= 20_000:
             ap.error(f"--{name} must be between 1 and 20000")
 
-    report: dict[str, Any] = {"settings": vars(args) | {"output": str(args.output)}}
+    report: dict[str, Any] = {"settings": vars(args) | {"output": str(args.output)},
+                              "mode": "celery" if args.celery else "one machine"}
     with tempfile.TemporaryDirectory(prefix="attention-lens-load-") as tmp:
         root = Path(tmp)
         models = prepare_models(root)
+        if args.celery:
+            slow_model(models)
+        from . import gunicorn_conf
+
+        # a page load's parallel requests each check the password: as many hashes at once as
+        # a worker has threads
         env = {"ATTENTION_LENS_MODELS_DIRS": str(models), "ATTENTION_LENS_CACHE_SIZE": "64",
-               "ATTENTION_LENS_HOST": HOST}
+               "ATTENTION_LENS_HOST": HOST, "ATTENTION_LENS_TORCH_THREADS": "1",
+               "ATTENTION_LENS_HASH_SLOTS": str(gunicorn_conf.threads)}
         auth = None
         if not args.no_auth:
             from .auth import write_user
@@ -367,37 +657,58 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             write_user(root / "users.txt", USER, PASSWORD)
             env["ATTENTION_LENS_AUTH_FILE"] = str(root / "users.txt")
             auth = (USER, PASSWORD)
-        print("building page-callback payloads from the app ...", flush=True)
+        print("building page visits from the app's callbacks ...", flush=True)
         callbacks = callback_payloads(models, prompt(0, random.Random(0)))
-        report["page_callbacks"] = sorted({c["output"][:80] for c in callbacks})
+        report["page_callbacks"] = sorted({c["page"] for c in callbacks})
         requests = make_requests(args.requests, callbacks)
         log = root / "gunicorn.log"
-
-        for workers in (1, 2):
-            print(f"gunicorn with {workers} worker(s) ...", flush=True)
-            server = Gunicorn(workers, env, log)
-            try:
-                client = Client(server.port, auth)
-                server.wait_ready(client)
-                run_load(client, requests[: max(1, len(requests) // 10)], args.clients)  # warm
-                report[f"load_{workers}_worker"] = run_load(client, requests, args.clients)
-                print(json.dumps(report[f"load_{workers}_worker"]), flush=True)
-                if workers == 1:
-                    print(f"soak: {args.soak} distinct prompts ...", flush=True)
-                    report["soak"] = soak(server, client, args.soak, args.max_rss_growth_mb)
-                    print(json.dumps(report["soak"]), flush=True)
-                else:
-                    report["corrupt_model"] = corrupt_model_check(client)
-                    print(json.dumps(report["corrupt_model"]), flush=True)
-                    print("fault: kill -9 one worker mid-load ...", flush=True)
-                    report["fault"] = fault_test(server, client, make_requests(
-                        args.requests, callbacks, seed=7), args.clients)
-                    print(json.dumps(report["fault"]), flush=True)
-                unauth = Client(server.port)
-                report[f"unauthenticated_status_{workers}"] = \
-                    unauth.request("GET", "/api/models")[0]
-            finally:
-                server.stop()
+        lab = None
+        try:
+            for workers in (1, 2):
+                # a fresh store each run: the pages' weight analyses are background jobs again
+                env["ATTENTION_LENS_CACHE_DIR"] = str(root / f"cache-{workers}")
+                if args.celery:
+                    if lab is not None:
+                        lab.stop()
+                    print(f"Redis and two Celery workers ({workers}) ...", flush=True)
+                    (root / f"lab-{workers}").mkdir()
+                    lab = Lab(root / f"lab-{workers}", env)
+                print(f"gunicorn with {workers} worker(s) ...", flush=True)
+                server = Gunicorn(workers, lab.env if lab else env, log)
+                try:
+                    client = Client(server.port, auth)
+                    server.wait_ready(client)
+                    report[f"load_{workers}_worker"] = run_load(client, requests, args.clients)
+                    print(json.dumps(report[f"load_{workers}_worker"]), flush=True)
+                    if workers == 1:
+                        print(f"soak: {args.soak} distinct prompts ...", flush=True)
+                        report["soak"] = soak(server, client, args.soak,
+                                              args.max_rss_growth_mb)
+                        print(json.dumps(report["soak"]), flush=True)
+                    else:
+                        report["corrupt_model"] = corrupt_model_check(client)
+                        print(json.dumps(report["corrupt_model"]), flush=True)
+                        print("fault: kill -9 one web worker mid-load ...", flush=True)
+                        report["fault"] = fault_test(server, client, make_requests(
+                            args.requests, callbacks, seed=7), args.clients)
+                        print(json.dumps(report["fault"]), flush=True)
+                        if lab is not None:
+                            print("fault: kill -9 the Celery worker running a job, mid-load "
+                                  "...", flush=True)
+                            eigen = next(c for c in callbacks if c["page"] == "eigenvalues")
+                            report["celery_fault"] = celery_fault(
+                                lab, client, make_requests(args.requests, callbacks, seed=11),
+                                args.clients, with_text(eigen, "Harry Potter and Harry",
+                                                        model="slow"))
+                            print(json.dumps(report["celery_fault"]), flush=True)
+                    unauth = Client(server.port)
+                    report[f"unauthenticated_status_{workers}"] = \
+                        unauth.request("GET", "/api/models")[0]
+                finally:
+                    server.stop()
+        finally:
+            if lab is not None:
+                lab.stop()
         if any(k.startswith("load_") and v["errors"] for k, v in report.items()
                if isinstance(v, dict) and "errors" in v):
             report["gunicorn_log_tail"] = log.read_text(errors="replace")[-3000:]
@@ -405,8 +716,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     one, two = report["load_1_worker"], report["load_2_worker"]
     report["speedup_2_vs_1"] = round(two["throughput_rps"] / max(one["throughput_rps"], 1e-9), 2)
     report["passed"] = (one["errors"] == 0 and two["errors"] == 0
+                        and not one["jobs"].get("unanswered")
+                        and not two["jobs"].get("unanswered")
                         and report["corrupt_model"]["passed"] and report["fault"]["passed"]
-                        and report["soak"]["passed"])
+                        and report["soak"]["passed"]
+                        and report.get("celery_fault", {"passed": True})["passed"])
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:

@@ -21,6 +21,11 @@ def test_loadtest_reduced(tmp_path):
         assert load["ok"] == 48 and load["p95_ms"] >= load["p50_ms"] > 0
         assert report[f"unauthenticated_status_{workers}"] == 401
     assert report["page_callbacks"], "no page callback was exercised"
+    assert {"eigenvalues", "patching", "heads", "logit-lens"} <= set(report["page_callbacks"])
+    for workers in (1, 2):  # every background job a page started answered
+        load = report[f"load_{workers}_worker"]
+        assert not load["jobs"].get("unanswered"), load["jobs"]
+        assert {"eigenvalues", "overview"} <= set(load["pages"])
     corrupt = report["corrupt_model"]
     assert corrupt["passed"] and "model.safetensors" in corrupt["reason"]
     fault = report["fault"]
