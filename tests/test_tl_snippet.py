@@ -1,0 +1,140 @@
+"""The README's TransformerLens snippet ("Model folders"), run exactly as written.
+
+On the installed TransformerLens 3.9 it must take the ``HookedTransformer`` branch; in a fresh
+environment with TransformerLens 4.x (slow: it installs one) the ``TransformerBridge`` branch.
+Either way its logits on our folders must equal ours within 1e-4: the shipped attention-only
+model and a small folder with LayerNorm and GELU MLPs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from attention_lens.model import load_model, save_model
+from attention_lens.registry import DEFAULT_WEIGHTS
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+FOLDER_LINE = 'folder = "weights/attn-only-2l"\n'
+ATOL = 1e-4
+
+
+def readme_snippet() -> str:
+    """The one Python block of the README's "Model folders" section that uses TransformerLens."""
+    section = README.read_text(encoding="utf-8").split("\n## Model folders\n", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", section, re.S)
+              if "transformer_lens" in b]
+    assert len(blocks) == 1, "the section must hold exactly one TransformerLens snippet"
+    assert blocks[0].count(FOLDER_LINE) == 1, "the snippet names its folder on one line"
+    return blocks[0]
+
+
+def snippet_for(folder: Path) -> str:
+    """The snippet with its folder line pointing at ``folder``; nothing else changed."""
+    return readme_snippet().replace(FOLDER_LINE, f"folder = {str(folder)!r}\n")
+
+
+def snippet_prompt() -> str:
+    (prompt,) = re.findall(r'tokenizer\.encode\("([^"]*)"', readme_snippet())
+    return prompt
+
+
+def ln_mlp_folder(root: Path) -> Path:
+    """A seeded two-layer model with LayerNorm (non-trivial scales and biases) and GELU MLPs,
+    written in our format."""
+    from conftest import TINY_TEXT, make_tiny
+
+    from attention_lens.model import Tokenizer
+
+    lm = make_tiny(Tokenizer.train([TINY_TEXT], vocab_size=300), seed=3, attn_only=False,
+                   d_mlp=64, act_fn="gelu", normalization_type="LN", name="tiny-ln-mlp")
+    with torch.no_grad():
+        for name, p in lm.model.named_parameters():
+            if name.endswith(".w"):
+                p.mul_(1 + 0.3 * torch.randn_like(p))
+    return save_model(lm.model, lm.tokenizer, root / "tiny-ln-mlp")
+
+
+def check_against_ours(folder: Path, tokens: torch.Tensor, logits: torch.Tensor) -> float:
+    """Max |logit difference| between the snippet's model and ours on the snippet's tokens."""
+    lm = load_model(folder)
+    assert tokens.tolist() == [lm.tokenizer.encode(snippet_prompt())]
+    with torch.no_grad():
+        ours = lm.model(tokens)
+    assert logits.shape == ours.shape == (1, tokens.shape[1], lm.cfg.d_vocab)
+    diff = (logits.float() - ours).abs().max().item()
+    assert diff <= ATOL, f"{folder.name}: logits differ by {diff:.3g}"
+    return diff
+
+
+def test_snippet_runs_on_installed_transformer_lens_3(tmp_path):
+    folders = [Path(DEFAULT_WEIGHTS) / "attn-only-2l", ln_mlp_folder(tmp_path)]
+    for folder in folders:
+        ns: dict = {"__name__": "readme_snippet"}
+        exec(compile(snippet_for(folder), "README.md", "exec"), ns)
+        assert type(ns["model"]).__name__ == "HookedTransformer"
+        assert ns["cache"]["blocks.1.attn.hook_pattern"].shape[-1] == ns["tokens"].shape[1]
+        diff = check_against_ours(folder, ns["tokens"], ns["logits"].detach())
+        print(f"TransformerLens 3.9, {folder.name}: max |logit diff| {diff:.3g}")
+
+
+# Run in the TransformerLens 4.x environment: the snippet for each folder, in a fresh namespace,
+# writing the tokens and logits it computed, and which class the snippet built.
+DRIVER = """
+import json, sys
+import importlib.metadata
+from safetensors.torch import save_file
+jobs = json.loads(sys.argv[1])
+report = {"version": importlib.metadata.version("transformer-lens"), "classes": []}
+for code, out in jobs:
+    ns = {"__name__": "readme_snippet"}
+    exec(compile(code, "README.md", "exec"), ns)
+    assert ns["cache"]["blocks.1.attn.hook_pattern"].shape[-1] == ns["tokens"].shape[1]
+    save_file({"tokens": ns["tokens"].contiguous(),
+               "logits": ns["logits"].detach().float().contiguous()}, out)
+    report["classes"].append(type(ns["model"]).__name__)
+print(json.dumps(report))
+"""
+
+
+@pytest.fixture(scope="module")
+def tl4_python(tmp_path_factory) -> str:
+    """A Python with TransformerLens 4.x: ATTENTION_LENS_TL4_PYTHON if set (an environment made
+    before), else a fresh virtual environment with the torch we run on and transformer-lens 4."""
+    given = os.environ.get("ATTENTION_LENS_TL4_PYTHON")
+    if given:
+        return given
+    venv = tmp_path_factory.mktemp("tl4") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = str(venv / "bin" / "python")
+    torch_pin = "torch==" + torch.__version__.split("+")[0]
+    subprocess.run([python, "-m", "pip", "install", "-q", torch_pin, "transformer-lens>=4,<5"],
+                   check=True, timeout=3000)
+    return python
+
+
+@pytest.mark.slow
+def test_snippet_runs_on_transformer_lens_4(tl4_python, tmp_path):
+    folders = [Path(DEFAULT_WEIGHTS) / "attn-only-2l", ln_mlp_folder(tmp_path)]
+    jobs = [(snippet_for(f), str(tmp_path / f"{f.name}.out.safetensors")) for f in folders]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")  # the snippet downloads nothing
+    run = subprocess.run([tl4_python, "-c", DRIVER, json.dumps(jobs)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["version"].split(".")[0] == "4", report
+    assert report["classes"] == ["TransformerBridge"] * len(folders), report
+    for folder, (_, out) in zip(folders, jobs):
+        got = load_file(out)
+        diff = check_against_ours(folder, got["tokens"], got["logits"])
+        print(f"TransformerLens {report['version']}, {folder.name}: max |logit diff| {diff:.3g}")
