@@ -3,7 +3,7 @@
 On the installed TransformerLens 3.9 it must take the ``HookedTransformer`` branch; in a fresh
 environment with TransformerLens 4.x (slow: it installs one) the ``TransformerBridge`` branch.
 Either way its logits on our folders must equal ours within 1e-4: the shipped attention-only
-model and a small folder with LayerNorm and GELU MLPs.
+model, a small one with LayerNorm and GELU MLPs and a small Llama-style one.
 """
 
 from __future__ import annotations
@@ -48,20 +48,31 @@ def snippet_prompt() -> str:
     return prompt
 
 
-def ln_mlp_folder(root: Path) -> Path:
-    """A seeded two-layer model with LayerNorm (non-trivial scales and biases) and GELU MLPs,
-    written in our format."""
+def small_folders(root: Path) -> list[Path]:
+    """The shipped attention-only model and two seeded random ones written in our format:
+    LayerNorm + GELU MLPs, and Llama-style (RMSNorm, partial rotary, SwiGLU without MLP
+    biases, as converted Llama models have none); norm scales and biases are non-trivial."""
     from conftest import TINY_TEXT, make_tiny
 
     from attention_lens.model import Tokenizer
 
-    lm = make_tiny(Tokenizer.train([TINY_TEXT], vocab_size=300), seed=3, attn_only=False,
-                   d_mlp=64, act_fn="gelu", normalization_type="LN", name="tiny-ln-mlp")
-    with torch.no_grad():
-        for name, p in lm.model.named_parameters():
-            if name.endswith(".w"):
-                p.mul_(1 + 0.3 * torch.randn_like(p))
-    return save_model(lm.model, lm.tokenizer, root / "tiny-ln-mlp")
+    tokenizer = Tokenizer.train([TINY_TEXT], vocab_size=300)
+    variants = {
+        "tiny-ln-mlp": dict(normalization_type="LN", act_fn="gelu"),
+        "tiny-llama": dict(normalization_type="RMS", act_fn="silu", gated_mlp=True,
+                           final_rms=True, positional_embedding_type="rotary", rotary_dim=4),
+    }
+    folders = [Path(DEFAULT_WEIGHTS) / "attn-only-2l"]
+    for seed, (name, kw) in enumerate(variants.items(), start=3):
+        lm = make_tiny(tokenizer, seed=seed, attn_only=False, d_mlp=48, name=name, **kw)
+        with torch.no_grad():
+            for key, p in lm.model.named_parameters():
+                if key.endswith(".w"):
+                    p.mul_(1 + 0.3 * torch.randn_like(p))
+                if lm.cfg.gated_mlp and key.endswith((".mlp.b_in", ".mlp.b_out")):
+                    p.zero_()
+        folders.append(save_model(lm.model, lm.tokenizer, root / name))
+    return folders
 
 
 def check_against_ours(folder: Path, tokens: torch.Tensor, logits: torch.Tensor) -> float:
@@ -77,7 +88,7 @@ def check_against_ours(folder: Path, tokens: torch.Tensor, logits: torch.Tensor)
 
 
 def test_snippet_runs_on_installed_transformer_lens_3(tmp_path):
-    folders = [Path(DEFAULT_WEIGHTS) / "attn-only-2l", ln_mlp_folder(tmp_path)]
+    folders = small_folders(tmp_path)
     for folder in folders:
         ns: dict = {"__name__": "readme_snippet"}
         exec(compile(snippet_for(folder), "README.md", "exec"), ns)
@@ -123,8 +134,9 @@ def tl4_python(tmp_path_factory) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # the first run installs TransformerLens 4 and its dependencies
 def test_snippet_runs_on_transformer_lens_4(tl4_python, tmp_path):
-    folders = [Path(DEFAULT_WEIGHTS) / "attn-only-2l", ln_mlp_folder(tmp_path)]
+    folders = small_folders(tmp_path)
     jobs = [(snippet_for(f), str(tmp_path / f"{f.name}.out.safetensors")) for f in folders]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")  # the snippet downloads nothing
