@@ -51,7 +51,8 @@ def snippet_prompt() -> str:
 def small_folders(root: Path) -> list[Path]:
     """The shipped attention-only model and two seeded random ones written in our format:
     LayerNorm + GELU MLPs, and Llama-style (RMSNorm, partial rotary, SwiGLU without MLP
-    biases, as converted Llama models have none); norm scales and biases are non-trivial."""
+    biases, as converted Llama models have none), and parallel attention + MLP (GPT-NeoX);
+    norm scales and biases are non-trivial."""
     from conftest import TINY_TEXT, make_tiny
 
     from attention_lens.model import Tokenizer
@@ -61,6 +62,7 @@ def small_folders(root: Path) -> list[Path]:
         "tiny-ln-mlp": dict(normalization_type="LN", act_fn="gelu"),
         "tiny-llama": dict(normalization_type="RMS", act_fn="silu", gated_mlp=True,
                            final_rms=True, positional_embedding_type="rotary", rotary_dim=4),
+        "tiny-parallel": dict(normalization_type="LN", act_fn="gelu", parallel_attn_mlp=True),
     }
     folders = [Path(DEFAULT_WEIGHTS) / "attn-only-2l"]
     for seed, (name, kw) in enumerate(variants.items(), start=3):
@@ -108,7 +110,11 @@ jobs = json.loads(sys.argv[1])
 report = {"version": importlib.metadata.version("transformer-lens"), "classes": []}
 for code, out in jobs:
     ns = {"__name__": "readme_snippet"}
-    exec(compile(code, "README.md", "exec"), ns)
+    try:
+        exec(compile(code, "README.md", "exec"), ns)
+    except NotImplementedError:
+        report["classes"].append("NotImplementedError")
+        continue
     assert ns["cache"]["blocks.1.attn.hook_pattern"].shape[-1] == ns["tokens"].shape[1]
     save_file({"tokens": ns["tokens"].contiguous(),
                "logits": ns["logits"].detach().float().contiguous()}, out)
@@ -145,8 +151,12 @@ def test_snippet_runs_on_transformer_lens_4(tl4_python, tmp_path):
     assert run.returncode == 0, run.stderr[-4000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["version"].split(".")[0] == "4", report
-    assert report["classes"] == ["TransformerBridge"] * len(folders), report
+    expected = ["NotImplementedError" if load_model(f).cfg.parallel_attn_mlp else
+                "TransformerBridge" for f in folders]
+    assert report["classes"] == expected, report  # a parallel model is refused, not misrun
     for folder, (_, out) in zip(folders, jobs):
+        if load_model(folder).cfg.parallel_attn_mlp:
+            continue
         got = load_file(out)
         diff = check_against_ours(folder, got["tokens"], got["logits"])
         print(f"TransformerLens {report['version']}, {folder.name}: max |logit diff| {diff:.3g}")
