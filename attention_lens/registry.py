@@ -253,8 +253,19 @@ class Registry:
         device: str = "cpu",
         user_models: bool = False,
         cache_dir: Optional[Path | str] = None,
+        hf_cache: bool = False,
     ) -> None:
         self.models_dirs = [Path(d) for d in models_dirs]
+        #: List the models of the user's Hugging Face cache (snapshots, not copied).
+        self.hf_cache = hf_cache
+        #: Models named by hub id (``--model ORG/NAME``): name -> snapshot folder or the reason
+        #: it could not be found.
+        self._hub: dict[str, Path | str] = {}
+        if default and not Path(default).expanduser().exists():
+            from .model.hub import is_hub_id
+
+            if is_hub_id(default):
+                self._hub[default] = self._resolve_hub(default)
         #: Scan the per-user models folder (:func:`user_models_dir`) after ``models_dirs``.
         self.user_models = user_models
         #: The deployment's cache folder: dequantized GGUF weights go to its ``gguf/``.
@@ -323,9 +334,50 @@ class Registry:
                 reason = public_reason(error, folder) if error else None
                 entries.setdefault(folder.name, ModelEntry(folder.name, folder, size, kind,
                                                            reason))
+        self._hf_entries(entries)
         with self._lock:
             self._entries = entries
         return list(entries.values())
+
+    @staticmethod
+    def _resolve_hub(repo_id: str) -> Path | str:
+        """The snapshot of a hub id: the Hugging Face cache first, else a download (unless
+        ``HF_HUB_OFFLINE``); the reason as text when neither works."""
+        from .model.hub import offline, resolve
+
+        try:
+            return resolve(repo_id, allow_download=not offline())
+        except CheckpointError as exc:
+            return str(exc)
+
+    def _hf_entries(self, entries: dict[str, ModelEntry]) -> None:
+        """Models of the Hugging Face cache and those named by hub id (supported ones only)."""
+        from .model.hf import inspect_hf_folder
+        from .model.hub import cached_models
+
+        found: list[tuple[str, Path | str]] = list(self._hub.items())
+        if self.hf_cache:
+            try:
+                found += cached_models()
+            except OSError:
+                pass
+        for repo_id, snap in found:
+            if repo_id in entries:
+                continue
+            if isinstance(snap, str):
+                entries[repo_id] = ModelEntry(repo_id, Path("."), 0, "huggingface", snap,
+                                              "Hugging Face")
+                continue
+            try:
+                error = inspect_hf_folder(snap)
+                size = _size(snap)
+            except Exception as exc:  # noqa: BLE001 - one bad snapshot never stops the app
+                error, size = str(exc), 0
+            if error and "unsupported architecture" in error and repo_id not in self._hub:
+                continue  # the cache holds every kind of model: list only what we convert
+            entries[repo_id] = ModelEntry(repo_id, snap, size, "huggingface",
+                                          public_reason(error, snap) if error else None,
+                                          "HF cache")
 
     def mark_unavailable(self, name: str, reason: str) -> None:
         """Record that model ``name`` cannot be loaded (shown in the picker and the API)."""
