@@ -40,6 +40,21 @@ def small_tokenizer(vocab_size: int = 360) -> tuple[list[str], list[str], int]:
     return tokens, merges, vocab["<|endoftext|>"]
 
 
+def spm_tokenizer(vocab_size: int = 420) -> tuple[list[str], list[float], list[int]]:
+    """(tokens, scores, token types) of a small sentencepiece-style BPE (Llama 2 layout:
+    <unk>, <s>, </s>, the 256 byte tokens, then pieces with '▁' for spaces)."""
+    from tokenizers import SentencePieceBPETokenizer
+
+    spm = SentencePieceBPETokenizer()
+    spm.train_from_iterator(CORPUS, vocab_size=vocab_size, show_progress=False)
+    pieces = [t for t, _ in sorted(spm.get_vocab().items(), key=lambda kv: kv[1])]
+    head = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tokens = head + [p for p in pieces if p not in head]
+    types = [2, 3, 3] + [6] * 256 + [1] * (len(tokens) - len(head))
+    scores = [0.0] * len(head) + [-float(i) for i in range(len(tokens) - len(head))]
+    return tokens, scores, types
+
+
 def _tensor(rng: np.random.Generator, shape: tuple[int, ...], qtype: QT,
             scale: float = 0.08) -> tuple[np.ndarray, Optional[QT]]:
     """Data for one weight in ``qtype`` (raw blocks for quantized types)."""
@@ -64,10 +79,13 @@ def write_gguf(path: Path, arch: str = "llama", qtype: QT = QT.F32, seed: int = 
                d_model: int = 256, n_heads: int = 4, n_kv: int = 2, d_mlp: int = 512,
                n_layers: int = 2, tied: bool = False, pre: str = "smollm",
                add_bos: Optional[bool] = None, n_ctx: int = 128,
-               extra_kv: Optional[dict] = None) -> Path:
+               extra_kv: Optional[dict] = None, spm: bool = False) -> Path:
     """Write a random model of ``arch`` with every matrix in ``qtype``; returns ``path``."""
     rng = np.random.default_rng(seed)
-    tokens, merges, eot = small_tokenizer()
+    if spm:
+        tokens, spm_scores, spm_types = spm_tokenizer()
+    else:
+        tokens, merges, eot = small_tokenizer()
     v = len(tokens)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(f"test {arch} {qtype.name}")
@@ -84,13 +102,22 @@ def write_gguf(path: Path, arch: str = "llama", qtype: QT = QT.F32, seed: int = 
         w.add_layer_norm_rms_eps(1e-5)
         w.add_rope_freq_base(10000.0)
         w.add_rope_dimension_count(d_model // n_heads)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types([3 if i == eot else 1 for i in range(v)])
-    w.add_token_merges(merges)
-    w.add_bos_token_id(eot)
-    w.add_eos_token_id(eot)
+    if spm:
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores(spm_scores)
+        w.add_token_types(spm_types)
+        w.add_unk_token_id(0)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+    else:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_types([3 if i == eot else 1 for i in range(v)])
+        w.add_token_merges(merges)
+        w.add_bos_token_id(eot)
+        w.add_eos_token_id(eot)
     if add_bos is not None:
         w.add_add_bos_token(add_bos)
     for key, value in (extra_kv or {}).items():

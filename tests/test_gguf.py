@@ -113,6 +113,21 @@ def test_tokenizer_equals_transformers(files, pre):
         assert lm.tokenizer.decode(ours) == text
 
 
+def test_sentencepiece_tokenizer_equals_transformers(files):
+    """Llama 2 / TinyLlama / Mistral files: a sentencepiece vocabulary with byte fallback,
+    scores and no merges; BOS added by default."""
+    path = write_gguf(files / "spm.gguf", "llama", QT.Q8_0, spm=True)
+    lm = load_gguf(path, cache_dir=files / "cache")
+    hf = _hf_tokenizer(path)
+    for text in STRINGS:
+        ours = lm.tokenizer.encode(text)
+        assert ours == hf.encode(text, add_special_tokens=False), text
+        assert lm.tokenizer.decode(ours) == hf.decode(ours)
+    assert lm.cfg.extra["prepend_bos"] is True and lm.cfg.extra["bos_token_id"] == 1
+    assert list(tokenize(lm, STRINGS[0], None)[0]) == hf.encode(STRINGS[0])
+    assert _compare_logits(path, files) < 1e-4
+
+
 def test_bos_from_metadata(files):
     path = write_gguf(files / "bos.gguf", "llama", QT.F32, add_bos=True)
     lm = load_gguf(path, cache_dir=files / "cache")

@@ -534,18 +534,18 @@ def _merges(h: Header, path: Path, tokens: list[str]) -> list[tuple[str, str]]:
 
 
 def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
-    """Sentencepiece BPE merges implied by the vocabulary, best-scoring result first."""
+    """Sentencepiece BPE merges implied by the vocabulary: every split of a token into two
+    tokens, best-scoring result first (ties: longer left part, then longer right part), the
+    order transformers derives them in."""
     vocab = {t: i for i, t in enumerate(tokens)}
-    found = []
-    for tok, score in zip(tokens, scores):
-        if len(tok) < 2:
-            continue
-        pairs = [(tok[:k], tok[k:]) for k in range(1, len(tok))
+    found: list[tuple[str, str, float]] = []
+    for tok, score in dict(zip(tokens, scores)).items():
+        local = [(tok[:k], tok[k:], score) for k in range(1, len(tok))
                  if tok[:k] in vocab and tok[k:] in vocab]
-        pairs.sort(key=lambda p: (vocab[p[0]], vocab[p[1]]))
-        found.extend((score, vocab[p[0]], vocab[p[1]], p) for p in pairs)
-    found.sort(key=lambda x: (-x[0], x[1], x[2]))
-    return [p for *_, p in found]
+        local.sort(key=lambda p: (vocab[p[0]], vocab[p[1]]))
+        found.extend(local)
+    found.sort(key=lambda p: (p[2], len(p[0]), len(p[1])), reverse=True)
+    return [(a, b) for a, b, _ in found]
 
 
 def load_gguf_tokenizer(h: Header, path: Path) -> Tokenizer:
