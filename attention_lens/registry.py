@@ -115,12 +115,10 @@ def is_gguf(path: Path) -> bool:
 
 def gguf_entry(path: Path) -> tuple[Optional[str], Optional[str]]:
     """(why the GGUF file cannot be loaded or None, its picker detail such as "GGUF Q4_1")."""
-    from .model.gguf import describe, inspect_gguf
+    from .model.gguf import check_gguf
 
-    error = inspect_gguf(path)
-    if error:
-        return error, "GGUF"
-    return None, f"GGUF {describe(path)['quantization']}"
+    error, quant = check_gguf(path)
+    return error, f"GGUF {quant}" if quant else "GGUF"
 
 
 def load_folder(folder: Path, device: str = "cpu", name: Optional[str] = None,

@@ -8,6 +8,7 @@ dequantizes) are random blocks whose scale fields hold small finite half floats.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Optional
@@ -30,6 +31,7 @@ CORPUS = [
 ] * 20
 
 
+@functools.lru_cache(maxsize=None)
 def small_tokenizer(vocab_size: int = 360) -> tuple[list[str], list[str], int]:
     """(tokens by id, merges as 'a b', id of <|endoftext|>) of a small byte-level BPE."""
     tok = Tokenizer.train(CORPUS, vocab_size=vocab_size)
@@ -40,6 +42,7 @@ def small_tokenizer(vocab_size: int = 360) -> tuple[list[str], list[str], int]:
     return tokens, merges, vocab["<|endoftext|>"]
 
 
+@functools.lru_cache(maxsize=None)
 def spm_tokenizer(vocab_size: int = 420) -> tuple[list[str], list[float], list[int]]:
     """(tokens, scores, token types) of a small sentencepiece-style BPE (Llama 2 layout:
     <unk>, <s>, </s>, the 256 byte tokens, then pieces with '▁' for spaces)."""

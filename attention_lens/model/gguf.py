@@ -622,17 +622,24 @@ def file_sha256(path: Path) -> str:
 
 def inspect_gguf(path: str | Path) -> Optional[str]:
     """Why a GGUF file cannot be loaded (header, metadata, tensor table; no weights read)."""
+    return check_gguf(path)[0]
+
+
+def check_gguf(path: str | Path) -> tuple[Optional[str], Optional[str]]:
+    """(why the file cannot be loaded or None, its quantization when the header reads)."""
     path = Path(path)
+    quant = None
     try:
         header = read_header(path)
+        quant = quantization(header)
         cfg = model_config(header, path)
         convert(path, header, cfg, meta=True)
         if header.metadata.get("tokenizer.ggml.model") not in ("gpt2", "llama"):
             raise CheckpointError(path, "unsupported GGUF tokenizer "
                                         f"{header.metadata.get('tokenizer.ggml.model')!r}")
     except CheckpointError as exc:
-        return str(exc)
-    return None
+        return str(exc), quant
+    return None, quant
 
 
 def describe(path: str | Path) -> dict[str, Any]:
