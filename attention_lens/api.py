@@ -224,6 +224,8 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         for e in registry.entries():
             item = {"name": e.name, "size_bytes": e.size_bytes, "kind": e.kind,
                     "default": e.name == registry.default}
+            if e.detail:
+                item["detail"] = e.detail
             if e.available:
                 out.append(item)
             else:

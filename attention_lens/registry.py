@@ -44,8 +44,9 @@ class ModelEntry:
     name: str
     path: Path
     size_bytes: int
-    kind: str  # "attention-lens" or "huggingface"
+    kind: str  # "attention-lens", "huggingface" or "gguf"
     error: Optional[str] = None
+    detail: Optional[str] = None  # shown with the name in the picker, e.g. "GGUF Q4_1"
 
     @property
     def available(self) -> bool:
@@ -99,8 +100,35 @@ def _is_our_config(data: Any) -> bool:
     return isinstance(data, dict) and "n_layers" in data and "d_head" in data
 
 
-def load_folder(folder: Path, device: str = "cpu", name: Optional[str] = None) -> LoadedModel:
-    """Load a model folder of any supported format."""
+def user_models_dir() -> Path:
+    """The per-user models folder (``models/`` in the user's data folder as platformdirs gives
+    it, so ``XDG_DATA_HOME`` moves it); ``attention-lens models add`` puts models there."""
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("attention-lens", appauthor=False)) / "models"
+
+
+def is_gguf(path: Path) -> bool:
+    """True for a ``.gguf`` file."""
+    return path.suffix.lower() == ".gguf" and path.is_file()
+
+
+def gguf_entry(path: Path) -> tuple[Optional[str], Optional[str]]:
+    """(why the GGUF file cannot be loaded or None, its picker detail such as "GGUF Q4_1")."""
+    from .model.gguf import check_gguf
+
+    error, quant = check_gguf(path)
+    return error, f"GGUF {quant}" if quant else "GGUF"
+
+
+def load_folder(folder: Path, device: str = "cpu", name: Optional[str] = None,
+                cache_dir: Optional[Path] = None) -> LoadedModel:
+    """Load a model folder (or a GGUF file) of any supported format."""
+    if is_gguf(folder):
+        from .model.gguf import load_gguf
+
+        return load_gguf(folder, device=device, name=name,
+                         cache_dir=Path(cache_dir) / "gguf" if cache_dir else None)
     kind = folder_kind(folder)
     if kind == "huggingface":
         try:
@@ -221,8 +249,29 @@ class Registry:
         max_weights_bytes: int = DEFAULT_WEIGHTS_BYTES,
         max_tokens: Optional[int] = None,
         device: str = "cpu",
+        user_models: bool = False,
+        cache_dir: Optional[Path | str] = None,
+        hf_cache: bool = False,
     ) -> None:
         self.models_dirs = [Path(d) for d in models_dirs]
+        #: List the models of the user's Hugging Face cache (snapshots, not copied).
+        self.hf_cache = hf_cache
+        #: Models named by hub id (``--model ORG/NAME``): name -> snapshot folder or the reason
+        #: it could not be found.
+        self._hub: dict[str, Path | str] = {}
+        if default and not Path(default).expanduser().exists():
+            from .model.hub import is_hub_id
+
+            if is_hub_id(default):
+                self._hub[default] = self._resolve_hub(default)
+        #: Scan the per-user models folder (:func:`user_models_dir`) after ``models_dirs``.
+        self.user_models = user_models
+        #: The deployment's cache folder: dequantized GGUF weights go to its ``gguf/``.
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        direct = Path(default).expanduser() if default else None
+        if direct is not None and (is_gguf(direct) or (direct / "config.json").is_file()):
+            self.models_dirs.append(direct)  # --model PATH: the file or folder itself
+            default = direct.stem if is_gguf(direct) else direct.name
         self.max_models, self.max_forward, self.max_weights = max_models, max_forward, max_weights
         self.max_tokens, self.device = max_tokens, device
         self.max_forward_bytes, self.max_weights_bytes = max_forward_bytes, max_weights_bytes
@@ -240,12 +289,31 @@ class Registry:
     def refresh(self) -> list[ModelEntry]:
         """Rescan the model folders."""
         entries: dict[str, ModelEntry] = {}
-        for root in self.models_dirs:
-            if not root.is_dir():
+        roots = list(self.models_dirs)
+        if self.user_models:
+            roots.append(user_models_dir())
+        for root in roots:
+            if is_gguf(root):
+                candidates = [root]
+            elif not root.is_dir():
                 continue
-            candidates = [root] if (root / "config.json").is_file() else sorted(root.iterdir())
+            else:
+                candidates = [root] if (root / "config.json").is_file() else \
+                    sorted(root.iterdir())
             for folder in candidates:
-                if not folder.is_dir() or folder.name.startswith("."):
+                if folder.name.startswith("."):
+                    continue
+                if is_gguf(folder):
+                    try:
+                        gerror, detail = gguf_entry(folder)
+                        gsize = folder.stat().st_size
+                    except Exception as exc:  # noqa: BLE001 - one bad file never stops the app
+                        gerror, detail, gsize = str(exc), "GGUF", 0
+                    entries.setdefault(folder.stem, ModelEntry(
+                        folder.stem, folder, gsize, "gguf",
+                        public_reason(gerror, folder) if gerror else None, detail))
+                    continue
+                if not folder.is_dir():
                     continue
                 kind = folder_kind(folder)
                 if kind is None:
@@ -264,9 +332,50 @@ class Registry:
                 reason = public_reason(error, folder) if error else None
                 entries.setdefault(folder.name, ModelEntry(folder.name, folder, size, kind,
                                                            reason))
+        self._hf_entries(entries)
         with self._lock:
             self._entries = entries
         return list(entries.values())
+
+    @staticmethod
+    def _resolve_hub(repo_id: str) -> Path | str:
+        """The snapshot of a hub id: the Hugging Face cache first, else a download (unless
+        ``HF_HUB_OFFLINE``); the reason as text when neither works."""
+        from .model.hub import offline, resolve
+
+        try:
+            return resolve(repo_id, allow_download=not offline())
+        except CheckpointError as exc:
+            return str(exc)
+
+    def _hf_entries(self, entries: dict[str, ModelEntry]) -> None:
+        """Models of the Hugging Face cache and those named by hub id (supported ones only)."""
+        from .model.hf import inspect_hf_folder
+        from .model.hub import cached_models
+
+        found: list[tuple[str, Path | str]] = list(self._hub.items())
+        if self.hf_cache:
+            try:
+                found += cached_models()
+            except OSError:
+                pass
+        for repo_id, snap in found:
+            if repo_id in entries:
+                continue
+            if isinstance(snap, str):
+                entries[repo_id] = ModelEntry(repo_id, Path("."), 0, "huggingface", snap,
+                                              "Hugging Face")
+                continue
+            try:
+                error = inspect_hf_folder(snap)
+                size = _size(snap)
+            except Exception as exc:  # noqa: BLE001 - one bad snapshot never stops the app
+                error, size = str(exc), 0
+            if error and "unsupported architecture" in error and repo_id not in self._hub:
+                continue  # the cache holds every kind of model: list only what we convert
+            entries[repo_id] = ModelEntry(repo_id, snap, size, "huggingface",
+                                          public_reason(error, snap) if error else None,
+                                          "HF cache")
 
     def mark_unavailable(self, name: str, reason: str) -> None:
         """Record that model ``name`` cannot be loaded (shown in the picker and the API)."""
@@ -274,7 +383,7 @@ class Registry:
             entry = self._entries.get(name)
             if entry is not None:
                 self._entries[name] = ModelEntry(entry.name, entry.path, entry.size_bytes,
-                                                 entry.kind, reason)
+                                                 entry.kind, reason, entry.detail)
 
     def entries(self) -> list[ModelEntry]:
         """Every model folder found, loadable or not."""
@@ -303,7 +412,8 @@ class Registry:
                 if name in self._models:
                     return self._models[name]
             try:
-                lm = load_folder(entry.path, device=self.device, name=name)
+                lm = load_folder(entry.path, device=self.device, name=name,
+                                 cache_dir=self.cache_dir)
             except Exception as exc:  # noqa: BLE001 - any failure: unavailable, with the reason
                 reason = public_reason(exc, entry.path)
                 self.mark_unavailable(name, reason)

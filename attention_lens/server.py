@@ -39,7 +39,8 @@ def build_registry(config: ServerConfig) -> Registry:
     return Registry(config.models_dirs, default=config.model, max_models=config.max_models,
                     max_forward=config.cache_size, max_forward_bytes=config.cache_mb << 20,
                     max_tokens=config.max_tokens,
-                    device=config.device)
+                    device=config.device, user_models=True, cache_dir=config.cache_dir,
+                    hf_cache=bool(config.hf_cache))
 
 
 def build_background(config: ServerConfig) -> Any:

@@ -113,6 +113,7 @@ def model_options() -> list[dict[str, Any]]:
     opts = []
     for e in registry_module.current().entries():
         size = f" · {human_size(e.size_bytes)}" if e.size_bytes else ""
+        size = f" · {e.detail}{size}" if e.detail else size
         if e.available:
             opts.append({"label": f"{e.name}{size}", "value": e.name})
         else:

@@ -208,6 +208,22 @@ def model_config(c: dict[str, Any], folder: Path, name: Optional[str] = None) ->
 
 
 # -------------------------------------------------------------------------- weights
+def _shard(folder: Path, name: str, index: Path) -> Path:
+    """A shard named in an index: inside the folder, or, in a Hugging Face cache snapshot
+    (whose files link into the repository's ``blobs/``), inside that repository's folder."""
+    if folder.parent.name != "snapshots":
+        return inside(folder, name, index)
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CheckpointError(index, f"the path {name!r} points outside the model folder")
+    path = folder / name
+    try:
+        path.resolve().relative_to(folder.parent.parent.resolve())
+    except (ValueError, OSError, RuntimeError):
+        raise CheckpointError(index, f"the path {name!r} points outside the model folder") \
+            from None
+    return path
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The weight files of a folder (sharded via an index, or one file), or a CheckpointError."""
     for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
@@ -218,7 +234,7 @@ def weight_files(folder: Path) -> list[Path]:
                 shards = sorted({str(v) for v in weight_map.values()})
             except (KeyError, TypeError, AttributeError) as exc:
                 raise CheckpointError(index, f"not a valid shard index ({exc})") from None
-            files = [inside(folder, s, index) for s in shards]
+            files = [_shard(folder, s, index) for s in shards]
             for f in files:
                 if not f.is_file():
                     raise CheckpointError(f, f"shard listed in {index_name} is missing")
@@ -514,8 +530,10 @@ def load_hf_folder(folder: str | Path, device: str = "cpu",
     model.eval().to(device)
     for p in model.parameters():
         p.requires_grad_(False)
+    cached = folder.parent.name == "snapshots" and folder.parent.parent.name.startswith(
+        "models--")
     card: dict[str, Any] = {
-        "source": "Hugging Face folder",
+        "source": "Hugging Face cache" if cached else "Hugging Face folder",
         "architecture": arch,
         "model_type": c.get("model_type"),
         "weights": [p.name for p in sorted(set(weights.files.values()))],
@@ -526,6 +544,9 @@ def load_hf_folder(folder: str | Path, device: str = "cpu",
     }
     if "n_key_value_heads" in cfg.extra:
         card["key_value_heads"] = cfg.extra["n_key_value_heads"]
+    if cached:
+        card["repo"] = "/".join(folder.parent.parent.name[len("models--"):].split("--"))
+        card["revision"] = folder.name
     card_path = folder / "card.json"
     if card_path.is_file():
         extra_card = read_json_file(card_path)
