@@ -22,6 +22,8 @@ WINDOW = 16
 #: Cell text is cut to this many characters (plotly sizes the text of every cell to fit the
 #: narrowest one; cells too narrow for legible text show colour and hover only).
 CELL_CHARS = 6
+#: Narrowest cell (px) on screen: about CELL_CHARS characters of legible text.
+CELL_PX = 46
 
 
 def _cell_text(display: str) -> str:
@@ -77,9 +79,12 @@ def logit_lens_figure(result: LogitLens, colour: Colour = "top") -> go.Figure:
         title += (f"<br><sup>{len(result.positions)} of {p} positions so far; the others are "
                   "being computed</sup>")
     elif p > WINDOW:
-        title += f"<br><sup>positions {p - WINDOW}–{p - 1} of {p}: drag sideways for the rest</sup>"
+        title += f"<br><sup>the last positions of {p}: drag sideways for the rest</sup>"
     fig.update_layout(
         template=TEMPLATE, title=title, xaxis=xaxis, dragmode="pan",
+        # a narrow screen shows fewer positions at once, each wide enough for its token
+        # (assets/app.js); the rest are a drag away
+        meta={"al_cell_px": CELL_PX},
         yaxis=dict(type="category", autorange="reversed", fixedrange=True),
         height=max(300, 26 * s + (290 if p > WINDOW else 220)),
     )
