@@ -1,7 +1,7 @@
 """What a person can read: every page at 1440 and 390 px, in the dark and the light theme.
 
-For every page (Debian Chromium, one browser a width and theme, every page in turn) the
-test fails when
+Every page is loaded once (Debian Chromium, one test a page) and looked at four times: desktop and phone in the dark theme, then (the theme button clicked) phone and
+desktop in the light one. The test fails when
 
 - two tick labels of one axis of one subplot overlap (their rotated boxes, from the SVG's
   own geometry, intersect),
@@ -9,9 +9,16 @@ test fails when
 - text contrast against its effective background is below 4.5:1 (WCAG AA: relative
   luminance from the computed colours, the background found by walking up the page, alpha
   and opacity composited), for HTML text and the figures' titles, axes and legends,
+- a slider's value bubble covers one of its marks,
 
-and, on /graph, when the details of a really clicked node appear outside the viewport.
-The layout itself (figures against their boxes, overlaps) is :mod:`test_geometry`'s.
+and, on /graph, when a really clicked node's details appear outside the viewport or two
+nodes of one (position, layer) cell are drawn on top of each other. The layout itself
+(figures against their boxes, overlaps) is :mod:`test_geometry`'s.
+
+Screenshots: ``ATTENTION_LENS_LEGIBILITY_SHOTS=DIR`` (every page, width and theme, full
+size) and ``ATTENTION_LENS_LEGIBILITY_ROW_SHOTS=assets/screenshots/legibility`` (the small
+pictures kept in the repository); ``ATTENTION_LENS_LEGIBILITY_PAGES=/graph,/qk`` limits the
+pages while debugging.
 """
 
 from __future__ import annotations
@@ -43,6 +50,41 @@ pytestmark = pytest.mark.browser
 SHOTS = Path(os.environ.get("ATTENTION_LENS_LEGIBILITY_SHOTS",
                             "/tmp/dash_artifacts/legibility"))
 MODEL = "attn-only-2l"
+#: With ATTENTION_LENS_LEGIBILITY_ROW_SHOTS=DIR, small pictures of these pages (dark theme,
+#: both widths) land in DIR: the pages the legibility work changed, kept in the repository
+#: (assets/screenshots/legibility).
+#: Each picture is one screen from the element the row is about (a JS expression).
+ROW_FOCUS = {
+    "attention": graph_js("attention", "pattern"),
+    "induction": graph_js("induction", "scores"),
+    "logit-lens": graph_js("logit-lens", "logit-lens"),
+    "eigenvalues": "document.querySelector('.al-graph')",
+    "qk": graph_js("qk", "top"),
+    "graph": "document.querySelector('#graph-detail .al-node-detail') || "
+             "document.querySelector('.al-graph')",
+    "embeddings": graph_js("embeddings", "map"),
+    "weights": graph_js("weights", "spectra"),
+    "patching": "document.querySelector('.al-pair')",
+    "compare": "document.getElementById('compare-model_b')",
+    "heads": "document.querySelector('a.btn.me-2')",
+    "analogy": "document.querySelector('.al-terms')",
+}
+ROW_PAGES = tuple(ROW_FOCUS)
+ROW_SCALE = {"desktop": 0.3, "phone": 0.45}
+
+
+def row_screenshot(duo, path: Path, focus: str, scale: float) -> None:
+    """One screen of the page from the element ``focus`` (a little above it), scaled."""
+    import base64
+
+    top = duo.driver.execute_script(
+        f"const e = {focus}; if (!e) return 0;"
+        "return Math.max(0, e.getBoundingClientRect().top + scrollY - 60);")
+    size = duo.driver.execute_script("return [innerWidth, innerHeight]")
+    shot = duo.driver.execute_cdp_cmd("Page.captureScreenshot", {
+        "format": "png", "captureBeyondViewport": True,
+        "clip": {"x": 0, "y": top, "width": size[0], "height": size[1], "scale": scale}})
+    path.write_bytes(base64.b64decode(shot["data"]))
 #: Smallest legible text (px) and WCAG AA's contrast for normal text.
 MIN_FONT, MIN_CONTRAST = 11, 4.5
 
@@ -140,7 +182,7 @@ const separated = (a, b) => { // separating axis test on two convex quadrilatera
   return false; };
 document.querySelectorAll('.js-plotly-plot').forEach(gd => {
   const id = figName(gd);
-  gd.querySelectorAll('svg text').forEach(t => {
+  gd.querySelectorAll('svg text, svg tspan').forEach(t => {
     if (!t.textContent.trim() || !visible(t)) return;
     const size = parseFloat(getComputedStyle(t).fontSize) * Math.hypot(
       t.getScreenCTM().a, t.getScreenCTM().b);
@@ -278,40 +320,47 @@ def settled(duo, settle: float = 3.0) -> list[str]:
     return problems
 
 
-def test_every_page_is_legible(lens):
-    """Each page loaded once: desktop and phone in the dark theme, then (the theme button
+#: Every page, in navbar order (checked against the app's registry below): one test each,
+#: so that a slow page (the dataset analyses of /heads on a first visit) has its own time.
+PAGES = ("/", "/predictions", "/tokens", "/attention", "/embeddings", "/logit-lens",
+         "/attribution", "/weights", "/ablation", "/eigenvalues", "/induction", "/qk",
+         "/analogy", "/graph", "/patching", "/heads", "/compare")
+
+
+@pytest.mark.parametrize("path", PAGES)
+def test_every_page_is_legible(lens, path):
+    """The page loaded once: desktop and phone in the dark theme, then (the theme button
     clicked) phone and desktop in the light one."""
+    if path == PAGES[0]:
+        assert tuple(pages()) == PAGES, "a page was added or moved: list it in PAGES"
     SHOTS.mkdir(parents=True, exist_ok=True)
     shots = os.environ.get("ATTENTION_LENS_LEGIBILITY_SHOTS")
+    rows = os.environ.get("ATTENTION_LENS_LEGIBILITY_ROW_SHOTS")
     failures: dict[str, list[str]] = {}
-    timings = {}
     steps = [("dark", "desktop"), ("dark", "phone"), ("light", "phone"), ("light", "desktop")]
-    only = os.environ.get("ATTENTION_LENS_LEGIBILITY_PAGES")  # e.g. "/graph,/qk" to debug
-    for path in pages():
-        if only and path not in only.split(","):
-            continue
-        start = time.time()
-        set_size(lens, *SIZES["desktop"])
-        lens.driver.get(url(lens, path, model=MODEL, text=shell.DEFAULT_PROMPT))
-        lens.wait_for_element(".al-page", timeout=TIMEOUT)
-        name = path.strip("/") or "overview"
-        for theme, size in steps:
-            width, height = SIZES[size]
-            if theme == "light" and size == "phone":
-                # the navbar may be folded on a phone: the button is clicked where it is
-                lens.driver.execute_script(f"document.getElementById('{shell.THEME}').click()")
-            set_size(lens, width, height)
-            wait(lens, f"document.documentElement.getAttribute('data-al-theme') === '{theme}'",
-                 what=f"the {theme} theme")
-            drawn(lens, theme, path)
-            problems = settled(lens)
-            if path == "/graph" and (theme, size) in (("dark", "desktop"), ("light", "phone")):
-                problems += graph_click_problems(lens)
-            if shots:
-                full_screenshot(lens, SHOTS / f"{name}-{size}-{theme}.png", width, height)
-            if problems:
-                failures[f"{path} ({size}, {theme})"] = problems
-        timings[path] = round(time.time() - start, 1)
-    print("seconds a page:", timings)
-    (SHOTS / "failures.json").write_text(json.dumps(failures, indent=1, ensure_ascii=False))
+    set_size(lens, *SIZES["desktop"])
+    lens.driver.get(url(lens, path, model=MODEL, text=shell.DEFAULT_PROMPT))
+    lens.wait_for_element(".al-page", timeout=TIMEOUT)
+    name = path.strip("/") or "overview"
+    for theme, size in steps:
+        width, height = SIZES[size]
+        if theme == "light" and size == "phone":
+            # the navbar may be folded on a phone: the button is clicked where it is
+            lens.driver.execute_script(f"document.getElementById('{shell.THEME}').click()")
+        set_size(lens, width, height)
+        wait(lens, f"document.documentElement.getAttribute('data-al-theme') === '{theme}'",
+             what=f"the {theme} theme")
+        drawn(lens, theme, path)
+        problems = settled(lens)
+        if path == "/graph" and (theme, size) in (("dark", "desktop"), ("light", "phone")):
+            problems += graph_click_problems(lens)
+        if shots:
+            full_screenshot(lens, SHOTS / f"{name}-{size}-{theme}.png", width, height)
+        if rows and theme == "dark" and name in ROW_PAGES:
+            row_screenshot(lens, Path(rows) / f"{name}-{size}.png", ROW_FOCUS[name],
+                           ROW_SCALE[size])
+        if problems:
+            failures[f"{path} ({size}, {theme})"] = problems
+    (SHOTS / f"failures-{name}.json").write_text(
+        json.dumps(failures, indent=1, ensure_ascii=False))
     assert not failures, json.dumps(failures, indent=1, ensure_ascii=False)

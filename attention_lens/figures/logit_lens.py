@@ -26,8 +26,14 @@ CELL_CHARS = 6
 CELL_PX = 46
 
 
+#: Markup characters in cell text, written as look-alikes: plotly sizes cell text by its
+#: characters, and an escape (&lt;) would count four.
+CELL_LOOKALIKES = str.maketrans({"<": "‹", ">": "›", "&": "＆"})
+
+
 def _cell_text(display: str) -> str:
-    return esc(display if len(display) <= CELL_CHARS else display[: CELL_CHARS - 1] + "…")
+    text = display if len(display) <= CELL_CHARS else display[: CELL_CHARS - 1] + "…"
+    return text.translate(CELL_LOOKALIKES)
 
 
 def logit_lens_figure(result: LogitLens, colour: Colour = "top") -> go.Figure:
@@ -76,10 +82,10 @@ def logit_lens_figure(result: LogitLens, colour: Colour = "top") -> go.Figure:
                      rangeslider=dict(visible=True, thickness=0.06))
     title = f"Logit lens: top token per stage; colour = p({what})"
     if result.positions is not None:
-        title += (f"<br><sup>{len(result.positions)} of {p} positions so far; the others are "
-                  "being computed</sup>")
+        title += (f"<br>{len(result.positions)} of {p} positions so far; the others are "
+                  "being computed")
     elif p > WINDOW:
-        title += f"<br><sup>the last positions of {p}: drag sideways for the rest</sup>"
+        title += f"<br>the last positions of {p}: drag sideways for the rest"
     fig.update_layout(
         template=TEMPLATE, title=title, xaxis=xaxis, dragmode="pan",
         # a narrow screen shows fewer positions at once, each wide enough for its token
