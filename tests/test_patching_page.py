@@ -264,3 +264,26 @@ def test_patching_page_in_the_browser(dash_duo, registry, tmp_path, bg):
          timeout=120, what="the prompt bar's text patched")
     assert d.find_element("css selector", "#patching-corrupted").get_attribute("value") == ""
     assert [e for e in dash_duo.get_logs() or [] if e.get("level") == "SEVERE"] == []
+
+
+def test_many_heads_open_as_one_row_a_layer_and_the_pair_is_shown_whole(server, monkeypatch):
+    from attention_lens.pages import patching as page
+
+    monkeypatch.setattr(page, "MANY_HEADS", 10)  # attn-only-2l has 24 heads
+    spec = P.spec_of("patching")
+    figures, extras, alerts, _ = _draw(spec, STATE)
+    # a layer's attention output (all its heads) × position first, said in the note
+    assert figures["exact"].data[0].z.shape == (2, 43)
+    assert "has 24 heads" in _text(alerts) and "every head" in _text(alerts)
+    # both prompts whole, token by token, the one token that differs marked in each
+    lm = P.model("attn-only-2l")
+    clean, corrupted = PT.pair_tokens(lm, PT.DEFAULT_CLEAN, PT.DEFAULT_CORRUPTED)
+    (diff,) = [i for i, (a, b) in enumerate(zip(clean, corrupted)) if a != b]
+    lines = [c for c in extras[0].children if "al-pair-line" in getattr(c, "className", "")]
+    assert len(lines) == 2
+    for line, ids in zip(lines, (clean, corrupted)):
+        tokens = line.children[1].children
+        assert [t.children for t in tokens] == [lm.tokenizer.display(i) for i in ids]
+        assert [i for i, t in enumerate(tokens) if "al-diff" in t.className] == [diff]
+    figures, _, _, _ = _draw(spec, STATE, rows="heads")
+    assert figures["exact"].data[0].z.shape == (24, 43)

@@ -131,10 +131,12 @@ def strongest_head(lm: LoadedModel, fp: ForwardPass) -> HeadChoice:
     card = card_head(lm)
     if card is not None:
         layer, head = card
+        why = (f"no head reaches an induction score of {PATTERN_THRESHOLD / 2:.2f} on this "
+               "prompt's repeated part" if repeats(fp.token_ids) else
+               "this prompt does not repeat itself")
         return HeadChoice(layer, head, "card", None,
                           f"L{layer}H{head}: the model card's strongest induction head on "
-                          "repeated random tokens (this prompt does not repeat itself)",
-                          _ranked(prev))
+                          f"repeated random tokens ({why})", _ranked(prev))
     ranking = _ranked(prev)
     if ranking:
         layer, head, score = ranking[0]

@@ -118,7 +118,7 @@ def attention_grid_figure(result: AttentionPatterns,
     fig = make_subplots(rows=grid_rows, cols=per_row, horizontal_spacing=0.01,
                         vertical_spacing=(0.03 if lines == 1 else 0.06) if grid_rows > 1
                         else 0.0, subplot_titles=[
-                            f"H{head}" if (lines > 1 or r == 0) else ""
+                            head_name(head, per_row) if (lines > 1 or r == 0) else ""
                             for r in range(len(rows)) for head in range(n_heads)])
     for r, layer in enumerate(rows):
         for head in range(n_heads):
@@ -138,7 +138,9 @@ def attention_grid_figure(result: AttentionPatterns,
         fig.add_shape(type="rect", xref="x domain", yref="y domain", x0=-0.04, x1=1.04,
                       y0=-0.04, y1=1.04, line=dict(color=SELECTED, width=3),
                       row=rows.index(int(selected[0])) * lines + line + 1, col=col + 1)
-    title = "Attention patterns of every head (rows: queries, columns: keys)"
+    title = ("Attention patterns of every head (rows: queries, columns: keys)" if per_row <= 8
+             else "Attention patterns of every head (heads 0, 1, … across; in each, rows: "
+                  "queries, columns: keys)")
     if layers is not None and len(rows) < n_layers:
         title = f"Layer {', '.join(map(str, rows))} of {n_layers}: every head's pattern"
     if is_pooled:
@@ -149,6 +151,12 @@ def attention_grid_figure(result: AttentionPatterns,
         height=max(300, (110 if lines == 1 else 150) * grid_rows + 120),
     )
     return finish(fig)
+
+
+def head_name(head: int, per_row: int) -> str:
+    """A thumbnail's title: "H3", or "3" when more than eight share a row (so the titles
+    keep a legible size on a phone without running into each other)."""
+    return f"H{head}" if per_row <= 8 else str(head)
 
 
 #: Thumbnails per row when the grid shows one layer (larger than one row of every head).

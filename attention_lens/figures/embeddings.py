@@ -14,6 +14,13 @@ if TYPE_CHECKING:
     from ..analysis.embeddings import EmbeddingPCA, Neighbours, TokenProjection
 
 MATRIX_NAMES = {"W_E": "W_E", "W_U": "W_U^T"}
+#: Cluster colours: Paul Tol's "bright" qualitative scheme and his vibrant orange, teal and
+#: magenta (colour-blind safe, no two alike; readable on the dark and the light paper). Its
+#: yellow is left out: yellow marks the searched word's neighbours.
+CLUSTER_COLOURS = ["#4477AA", "#EE6677", "#228833", "#66CCEE", "#AA3377", "#BBBBBB",
+                   "#EE7733", "#009988", "#EE3377"]
+#: Labelled points at most: the searched word's tokens and its nearest neighbours.
+MAX_LABELS = 24
 
 
 def _pct(pca: EmbeddingPCA, i: int) -> str:
@@ -40,17 +47,16 @@ def embedding_scatter_figure(pca: EmbeddingPCA, prompt: Optional[TokenProjection
         idx = np.flatnonzero(pca.cluster == c)
         fig.add_trace(go.Scattergl(
             x=x[idx], y=y[idx], mode="markers", name=f"cluster {c} ({idx.size})",
-            marker=dict(size=5, color=QUALITATIVE[c % len(QUALITATIVE)], opacity=0.7),
+            marker=dict(size=5, color=CLUSTER_COLOURS[c % len(CLUSTER_COLOURS)], opacity=0.8),
             text=[esc(pca.display[i]) for i in idx], customdata=pca.token_ids[idx],
             hovertemplate=(f"'%{{text}}' (id %{{customdata}}), cluster {c}"
                            "<br>PC1 %{x:.3f}, PC2 %{y:.3f}<extra></extra>"),
         ))
     if prompt is not None and prompt.token_ids.size:
         px, py = _xy(prompt.coords)
-        fig.add_trace(go.Scattergl(
-            x=px, y=py, mode="markers+text", name="prompt tokens",
-            text=[esc(d) for d in prompt.display], textposition="top center",
-            textfont=dict(size=10, color="#ffffff"),
+        fig.add_trace(go.Scattergl(  # ringed, named on hover (labels would pile up)
+            x=px, y=py, mode="markers", name="prompt tokens",
+            text=[esc(d) for d in prompt.display],
             marker=dict(size=11, color="rgba(0,0,0,0)", line=dict(width=2, color="#ffffff")),
             customdata=np.stack([prompt.token_ids, prompt.cluster], -1),
             hovertemplate=("prompt token '%{text}' (id %{customdata[0]}), nearest cluster "
@@ -63,25 +69,57 @@ def embedding_scatter_figure(pca: EmbeddingPCA, prompt: Optional[TokenProjection
                                          ("searched word", slice(0, n_query), "star",
                                           QUALITATIVE[5])):
             fig.add_trace(go.Scattergl(
-                x=sx[sl], y=sy[sl], mode="markers+text", name=name,
-                text=[esc(d) for d in search.display[sl]], textposition="bottom center",
-                textfont=dict(size=11, color=colour),
+                x=sx[sl], y=sy[sl], mode="markers", name=name,
+                text=[esc(d) for d in search.display[sl]],
                 marker=dict(size=13, symbol=symbol, color=colour,
                             line=dict(width=1, color="#000")),
                 customdata=search.token_ids[sl],
                 hovertemplate=(f"{name}: '%{{text}}' (id %{{customdata}})"
                                "<br>PC1 %{x:.3f}, PC2 %{y:.3f}<extra></extra>"),
             ))
+        _label_column(fig, x, y, sx, sy, list(search.display), n_query)
     total = float(pca.explained_variance_ratio[:2].sum())
+    legend_room = 70 + 22 * -(-sum(1 for t in fig.data if t.name) // 3)
     fig.update_layout(
         template=TEMPLATE,
         title=(f"PCA of {MATRIX_NAMES.get(pca.matrix, pca.matrix)} rows: {len(pca.token_ids)} "
                f"tokens, {len(pca.cluster_sizes)} k-means clusters (the two axes explain "
                f"{total:.1%})"),
         xaxis=dict(title=_pct(pca, 0)), yaxis=dict(title=_pct(pca, 1)),
-        legend=dict(itemsizing="constant"), height=620,
+        # below the plot, in as many rows as a phone needs (about three a row): the map
+        # keeps the figure's whole width
+        legend=dict(itemsizing="constant", orientation="h", yref="container", y=0,
+                    yanchor="bottom", x=0),
+        margin=dict(b=legend_room), height=560 + legend_room,
     )
     return fig
+
+
+def _label_column(fig: go.Figure, x: np.ndarray, y: np.ndarray, sx: np.ndarray,
+                  sy: np.ndarray, names: list[str], n_query: int) -> None:
+    """Name the searched word's tokens and neighbours in a column at the plot's right edge,
+    each joined to its point by a line: labels never overlap, however close the points
+    (at any screen width: the column's rows are a share of the plot's height)."""
+    n = min(len(names), MAX_LABELS)
+    if not n:
+        return
+    allx, ally = np.concatenate([x, sx]), np.concatenate([y, sy])
+    x0, x1 = float(allx.min()), float(allx.max())
+    y0, y1 = float(ally.min()), float(ally.max())
+    wx, wy = (x1 - x0) or 1.0, (y1 - y0) or 1.0
+    right = x1 + 0.3 * wx  # the column of labels, right of every point
+    fig.update_xaxes(range=[x0 - 0.04 * wx, right + 0.02 * wx])
+    fig.update_yaxes(range=[y0 - 0.04 * wy, y1 + 0.04 * wy])
+    order = sorted(range(n), key=lambda i: -float(sy[i]))  # top to bottom: few crossings
+    slots = np.linspace(y1, y0, n) if n > 1 else np.array([(y0 + y1) / 2])
+    for slot, i in zip(slots, order):
+        searched = i < n_query
+        fig.add_annotation(
+            x=float(sx[i]), y=float(sy[i]), ax=right, ay=float(slot), axref="x", ayref="y",
+            xref="x", yref="y", text=("★ " if searched else "") + esc(names[i]),
+            xanchor="right", showarrow=True, arrowhead=0, arrowwidth=1,
+            arrowcolor=QUALITATIVE[5] if searched else "#999999",
+            font=dict(size=12, color=QUALITATIVE[5] if searched else None))
 
 
 def explained_variance_figure(pca: EmbeddingPCA) -> go.Figure:

@@ -31,19 +31,40 @@ def node_rows(graph: AttributionGraph) -> np.ndarray:
     return rows.astype(np.float64)
 
 
-def node_xy(graph: AttributionGraph) -> tuple[np.ndarray, np.ndarray]:
-    """Coordinates: x = position, nodes sharing a (row, position) cell spread across it."""
+#: Nodes a column of one (row, position) cell holds before the cell gets another column.
+CELL_COLUMN = 6
+#: Largest marker (px) of a node that shares its cell with more than two others.
+CROWDED_SIZE = 13
+
+
+def node_cells(graph: AttributionGraph) -> dict[tuple[float, int], list[int]]:
+    """The nodes of each (row, position) cell of the grid, in graph order."""
     rows = node_rows(graph)
-    x = graph.pos.astype(np.float64).copy()
-    y = rows.copy()
     cells: dict[tuple[float, int], list[int]] = {}
     for i in range(graph.n_nodes):
         cells.setdefault((rows[i], int(graph.pos[i])), []).append(i)
-    for members in cells.values():
-        if len(members) > 1:
-            offsets = np.linspace(-0.3, 0.3, len(members))
-            x[members] += offsets
-            y[members] += np.linspace(-0.12, 0.12, len(members))[::-1] * (len(members) > 3)
+    return cells
+
+
+def node_xy(graph: AttributionGraph) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinates: x = position, y = row; nodes sharing a (row, position) cell spread over
+    it in staggered columns of at most :data:`CELL_COLUMN` (down the row's height, across
+    the position's width), so that none is drawn on another."""
+    x = graph.pos.astype(np.float64).copy()
+    y = node_rows(graph)
+    for members in node_cells(graph).values():
+        k = len(members)
+        if k < 2:
+            continue
+        cols = -(-k // CELL_COLUMN)
+        per_col = -(-k // cols)
+        dx = np.linspace(-0.25, 0.25, cols) if cols > 1 else np.zeros(1)
+        half = 0.5 if cols > 1 else 0.0  # odd columns sit half a step lower
+        step = 0.76 / (per_col - 1 + half) if per_col > 1 else 0.0
+        for j, i in enumerate(members):
+            c, r = divmod(j, per_col)
+            x[i] += dx[c]
+            y[i] += 0.38 - (r + half * (c % 2)) * step if per_col > 1 else 0.0
     return x, y
 
 
@@ -76,6 +97,9 @@ def graph_figure(view: GraphView) -> go.Figure:
                                 opacity=0.35 + 0.15 * b, showlegend=False)
     vmax = float(np.abs(g.value[g.kind != "target"]).max()) if g.n_nodes > 1 else 1.0
     sizes = 7 + 18 * np.sqrt(np.abs(g.value) / (vmax or 1.0))
+    for members in node_cells(g).values():  # crowded cells: smaller markers, spread apart
+        if len(members) > 2:
+            sizes[members] = np.minimum(sizes[members], CROWDED_SIZE)
     sizes[g.kind == "target"] = 24
     colours = np.where(g.value >= 0, POSITIVE, NEGATIVE).astype(object)
     colours[g.kind == "target"] = "#ffffff"
@@ -107,7 +131,7 @@ def graph_figure(view: GraphView) -> go.Figure:
              f"{g.n_nodes} of {view.n_nodes_full} nodes, {len(g.weight)} of "
              f"{view.n_edges_full} edges ({view.kept_target_share:.0%} of the target)")
     fig.update_layout(
-        template=TEMPLATE, height=260 + 110 * g.n_layers,
+        template=TEMPLATE, height=300 + 150 * g.n_layers,
         title=dict(text=title, font=dict(size=13)),
         xaxis=dict(title="position (token)", tickmode="array", tickvals=busy, ticktext=ticks,
                    tickangle=-50, range=[-0.8, g.position + 0.8], gridcolor=GRID),

@@ -202,8 +202,8 @@ def _composition_by_layer(s: np.ndarray, kind: str, base: float, title: str) -> 
     ))
     fig.update_layout(
         template=TEMPLATE,
-        title=f"{title}<br><sup>strongest head pair per pair of layers; choose a source "
-              "layer to see every head</sup>",
+        title=f"{title}<br>strongest head pair per pair of layers; choose a source "
+              "layer to see every head",
         xaxis=dict(title="later layer (reads)", type="category"),
         yaxis=dict(title="earlier layer (writes)", type="category", autorange="reversed"),
         height=max(380, 30 * (L - 1) + 200),

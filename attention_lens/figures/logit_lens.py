@@ -22,10 +22,18 @@ WINDOW = 16
 #: Cell text is cut to this many characters (plotly sizes the text of every cell to fit the
 #: narrowest one; cells too narrow for legible text show colour and hover only).
 CELL_CHARS = 6
+#: Narrowest cell (px) on screen: about CELL_CHARS characters of legible text.
+CELL_PX = 46
+
+
+#: Markup characters in cell text, written as look-alikes: plotly sizes cell text by its
+#: characters, and an escape (&lt;) would count four.
+CELL_LOOKALIKES = str.maketrans({"<": "‹", ">": "›", "&": "＆"})
 
 
 def _cell_text(display: str) -> str:
-    return esc(display if len(display) <= CELL_CHARS else display[: CELL_CHARS - 1] + "…")
+    text = display if len(display) <= CELL_CHARS else display[: CELL_CHARS - 1] + "…"
+    return text.translate(CELL_LOOKALIKES)
 
 
 def logit_lens_figure(result: LogitLens, colour: Colour = "top") -> go.Figure:
@@ -74,12 +82,15 @@ def logit_lens_figure(result: LogitLens, colour: Colour = "top") -> go.Figure:
                      rangeslider=dict(visible=True, thickness=0.06))
     title = f"Logit lens: top token per stage; colour = p({what})"
     if result.positions is not None:
-        title += (f"<br><sup>{len(result.positions)} of {p} positions so far; the others are "
-                  "being computed</sup>")
+        title += (f"<br>{len(result.positions)} of {p} positions so far; the others are "
+                  "being computed")
     elif p > WINDOW:
-        title += f"<br><sup>positions {p - WINDOW}–{p - 1} of {p}: drag sideways for the rest</sup>"
+        title += f"<br>the last positions of {p}: drag sideways for the rest"
     fig.update_layout(
         template=TEMPLATE, title=title, xaxis=xaxis, dragmode="pan",
+        # a narrow screen shows fewer positions at once, each wide enough for its token
+        # (assets/app.js); the rest are a drag away
+        meta={"al_cell_px": CELL_PX},
         yaxis=dict(type="category", autorange="reversed", fixedrange=True),
         height=max(300, 26 * s + (290 if p > WINDOW else 220)),
     )

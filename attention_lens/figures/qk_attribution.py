@@ -60,17 +60,27 @@ def qk_terms_figure(res: QKAttribution) -> go.Figure:
 
 
 def qk_top_terms_figure(res: QKAttribution, n: int = 12) -> go.Figure:
-    """The largest terms by magnitude, written out, as horizontal bars."""
+    """The largest terms by magnitude as horizontal bars, each written out above its bar
+    (over the plot's whole width, so the bars keep their length on a phone too)."""
     top = res.top_terms(n)
-    labels = [esc(res.describe(i, j)) for i, j, _ in top][::-1]
+    labels = [esc(res.describe(i, j)).replace(" × ", " ×<br>") for i, j, _ in top][::-1]
     values = [v for _, _, v in top][::-1]
     colors = [QUALITATIVE[4] if v >= 0 else QUALITATIVE[5] for v in values]
-    fig = go.Figure(go.Bar(x=values, y=labels, orientation="h", marker_color=colors,
-                           hovertemplate="%{y}<br>%{x:+.4f}<extra></extra>"))
-    fig.update_layout(template=TEMPLATE, height=max(300, 28 * len(labels) + 120),
+    rows = list(range(len(values)))
+    fig = go.Figure(go.Bar(x=values, y=rows, orientation="h", marker_color=colors, width=0.3,
+                           customdata=labels,
+                           hovertemplate="%{customdata}<br>%{x:+.4f}<extra></extra>"))
+    for r, label in zip(rows, labels):
+        fig.add_annotation(text=label, xref="paper", x=0, xanchor="left", y=r + 0.2,
+                           yanchor="bottom", align="left", showarrow=False,
+                           font=dict(size=11))
+    fig.update_layout(template=TEMPLATE, height=150 + 56 * len(rows),
                       title=dict(text=f"Largest terms (of {res.terms.size}; they sum to "
                                       f"{res.total:+.3f})", font=dict(size=14)),
-                      xaxis_title="term", yaxis=dict(type="category"))
+                      xaxis_title="term",
+                      yaxis=dict(showticklabels=False, range=[-0.5, len(rows) - 0.1],
+                                 zeroline=False, showgrid=False),
+                      margin=dict(l=10))
     return finish(fig)
 
 
@@ -106,12 +116,17 @@ def qk_row_figure(row: QKRow, n_groups: int = 6) -> go.Figure:
     fig.add_scatter(x=keys, y=row.scores, mode="markers", name="score",
                     marker=dict(color="#ffffff", size=6, symbol="diamond"),
                     hovertemplate="%{x}<br>score %{y:+.3f}<extra></extra>")
-    fig.update_layout(template=TEMPLATE, barmode="relative", height=380,
+    # the legend below the key axis, in as many rows as a phone needs (about two a row):
+    # the plot keeps its own height whatever the number of components
+    entries = len(fig.data)
+    legend_room = 24 + 22 * -(-entries // 2)
+    fig.update_layout(template=TEMPLATE, barmode="relative", height=400 + legend_room,
                       title=dict(text=f"L{row.layer}H{row.head}, query {row.query} "
                                       f"{quoted(row.display[row.query])}: each key's score by "
                                       "key-side component", font=dict(size=14)),
                       xaxis=dict(title="key", type="category", tickangle=-60),
                       yaxis_title="score part",
-                      margin=dict(t=90),
-                      legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
+                      margin=dict(b=140 + legend_room),
+                      legend=dict(orientation="h", yref="container", y=0, yanchor="bottom",
+                                  x=0))
     return finish(fig)

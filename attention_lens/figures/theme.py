@@ -43,6 +43,8 @@ ON_BRIGHT, ON_DARK = "#111111", "#ffffff"
 TITLE_WIDTH = 46
 #: Room (px) kept free above a title for plotly's toolbar, which appears on hover.
 MODEBAR_ROOM = 30
+#: Smallest font size (px) of any text a figure shows.
+MIN_FONT = 11
 #: Font size (px) of figure titles.
 TITLE_FONT = 15
 #: Width (px) of colour bars, and the right margin kept for one with its labels and title.
@@ -139,6 +141,22 @@ def _recolour(fig: go.Figure, theme: str) -> None:
             line.color = swap[line.color.lower()]
 
 
+def legible(fig: go.Figure) -> go.Figure:
+    """No text below :data:`MIN_FONT` px: annotations (subplot titles, labels) and trace text
+    are raised to it; heatmap cell text is left to plotly's own sizing, which fits it to
+    the cells on screen (``assets/heatmap-text.css`` hides cell text drawn below
+    :data:`MIN_FONT`, so a cell shows its number only where the number fits)."""
+    for trace in fig.data:
+        font = trace["textfont"] if "textfont" in trace else None
+        if font is None or not isinstance(font.size, (int, float)) or font.size >= MIN_FONT:
+            continue
+        font.size = None if trace.type == "heatmap" else MIN_FONT
+    for note in fig.layout.annotations:
+        if isinstance(note.font.size, (int, float)) and note.font.size < MIN_FONT:
+            note.font.size = MIN_FONT
+    return fig
+
+
 def styled(fig: go.Figure, theme: Optional[str] = "dark") -> go.Figure:
     """The finishing pass of every shown or exported figure.
 
@@ -181,6 +199,8 @@ def styled(fig: go.Figure, theme: Optional[str] = "dark") -> go.Figure:
         fig.update_layout(margin_t=max(MODEBAR_ROOM + 4, top))
     fig.update_xaxes(automargin=True)
     fig.update_yaxes(automargin=True)
+    legible(fig)
+
     def narrow(bar: go.heatmap.ColorBar) -> None:
         # in the right margin (placed against the figure's edge), whatever the plot's width
         bar.update(thickness=COLORBAR_THICKNESS, xref="container", x=1.0, xanchor="right",

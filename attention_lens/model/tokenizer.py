@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -9,6 +11,39 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 WHITESPACE_DISPLAY = {" ": "·", "\n": "↵", "\t": "→", "\r": "␍"}
+
+
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the character that stands for each byte in a vocabulary."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+BYTE_LEVEL = _byte_level_table()
+#: A byte-fallback token's name in SentencePiece-style vocabularies (``<0xE2>``).
+BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def _show_bytes(err: UnicodeDecodeError) -> tuple[str, int]:
+    """Decoding error handler: each byte that is not whole UTF-8 shown as ⟨0xE2⟩."""
+    bad = err.object[err.start:err.end]
+    return "".join(f"⟨0x{b:02X}⟩" for b in bad), err.end
+
+
+codecs.register_error("attention_lens_bytes", _show_bytes)
+
+
+def bytes_text(raw: bytes) -> str:
+    """``raw`` as text, every byte of an incomplete UTF-8 sequence written ⟨0xE2⟩."""
+    return raw.decode("utf-8", errors="attention_lens_bytes")
 
 
 def display_token(text: str) -> str:
@@ -71,9 +106,27 @@ class Tokenizer:
                              for i in range(self.vocab_size)]
         return self._strings
 
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The bytes of one token (byte-level and byte-fallback vocabularies), else None."""
+        name = self.hf.id_to_token(token_id)
+        if name is None:
+            return None
+        byte = BYTE_TOKEN.match(name)
+        if byte:
+            return bytes([int(byte.group(1), 16)])
+        if all(ch in BYTE_LEVEL for ch in name):
+            return bytes(BYTE_LEVEL[ch] for ch in name)
+        return None
+
     def display(self, token_id: int) -> str:
-        """Display string of one token, whitespace made visible."""
-        return display_token(self.token_text(token_id))
+        """Display string of one token, whitespace made visible; a token that is part of a
+        UTF-8 character shows its bytes (⟨0xE2⟩), never the replacement character."""
+        text = self.token_text(token_id)
+        if "\ufffd" in text:
+            raw = self.token_bytes(token_id)
+            if raw is not None:
+                text = bytes_text(raw)
+        return display_token(text)
 
     def token_to_id(self, token: str) -> int | None:
         """Id of a single-token string, or None if ``token`` is not exactly one token."""

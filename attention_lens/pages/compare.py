@@ -45,21 +45,33 @@ class ModelChoice:
 
     def parse(self, raw: Any, cfg: Any = None) -> tuple[str, Optional[str]]:
         """A model name, or "" for auto (an unknown name is reported when loaded)."""
-        text = "" if raw is None else str(raw)
+        text = "" if raw is None or raw == AUTO else str(raw)
         if len(text) > 120:
             return "", "model_b: the name is too long"
         return text, None
 
     def widget(self, page: str, value: Any, cfg: Any = None) -> dbc.InputGroup:
         """A labelled drop-down of the registry's models."""
-        names = P.model_names()
-        options = [{"label": "auto (see help)", "value": ""}] + [{"label": n, "value": n}
-                                                                for n in names]
-        if value and value not in names:
-            options.append({"label": value, "value": value})
         return dbc.InputGroup([dbc.InputGroupText(self.label),
-                               dbc.Select(id=P.control_id(page, self.name), options=options,
-                                          value=value)], size="sm", className="al-control")
+                               dbc.Select(id=P.control_id(page, self.name),
+                                          options=model_b_options(value),
+                                          value=value or AUTO)],
+                              size="sm", className="al-control")
+
+
+#: The drop-down's value for "choose model B for me" ("" in the URL and the API).
+AUTO = "auto"
+
+
+def model_b_options(value: Any, auto_name: Optional[str] = None) -> list[dict]:
+    """The drop-down's options: "auto" (naming the model it picked, once known), then every
+    model of the registry (and an unknown typed name, reported when loaded)."""
+    names = P.model_names()
+    auto = f"auto: {auto_name}" if auto_name else "auto (see help)"
+    options = [{"label": auto, "value": AUTO}] + [{"label": n, "value": n} for n in names]
+    if value and value != AUTO and value not in names:
+        options.append({"label": str(value), "value": str(value)})
+    return options
 
 
 CONTROLS = [
@@ -94,6 +106,21 @@ On the probe, a model with induction heads predicts the repeated half far better
 first half.
 """
 
+
+
+def auto_model_b(state: dict, query: dict) -> str:
+    """The name of model B the page compares with (auto: as the help text says)."""
+    lm_a = P.model(state.get("model"))
+    text_b = query["text_b"] if query["text_b"].strip() else state["text"]
+    name_b = query["model_b"].strip()
+    if not name_b:
+        name_b = lm_a.name
+        if text_b == state["text"]:  # one prompt: compare with another model that fits
+            for other in P.model_names():
+                if other != lm_a.name and not same_tokenizer(lm_a, P.model(other)):
+                    name_b = other
+                    break
+    return name_b
 
 
 def models_of(state: dict, query: dict) -> tuple[Any, Any, str]:
@@ -241,3 +268,19 @@ def select_position(click: Any) -> int:
     if not isinstance(x, (int, float)) or x < 1:
         raise PreventUpdate
     return int(x) - 1
+
+
+@callback(Output(P.control_id(PAGE, "model_b"), "options"),
+          Input(shell.STATE, "data"), Input(P.query_id(PAGE), "data"))
+def name_auto_model(state: Optional[dict], query: Optional[dict]) -> list[dict]:
+    """The drop-down names the model "auto" compares with (it is never blank)."""
+    if not state or not state.get("text"):
+        raise PreventUpdate
+    q = {"text_b": "", "model_b": "", **(query or {})}
+    value = q.get("model_b") or AUTO
+    try:
+        name = auto_model_b(state, {"text_b": str(q["text_b"] or ""),
+                                    "model_b": "" if value == AUTO else str(value)})
+    except (AnalysisError, KeyError, ValueError):
+        name = None
+    return model_b_options(value, name if value == AUTO else None)

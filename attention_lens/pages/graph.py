@@ -6,7 +6,7 @@ import json
 from typing import Any, Optional
 
 import dash_bootstrap_components as dbc
-from dash import Input, Output, State, callback, dcc, html, no_update
+from dash import Input, Output, State, callback, clientside_callback, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
 from .. import weight_analyses as W
@@ -95,11 +95,13 @@ class Share:
         """A labelled slider from 1% to 100% (its value shown on the handle)."""
         return html.Div([
             html.Small(self.label or self.name, className="text-muted"),
-            dcc.Slider(id=control_id(page, self.name), min=1, max=100, step=1, value=value,
-                       marks={25: "25%", 50: "50%", 75: "75%"}, allow_direct_input=False,
-                       updatemode="mouseup",
-                       tooltip={"placement": "bottom", "always_visible": True,
-                                "template": "{value}%"})],
+            # the value above the handle, the marks below the track: neither covers the other
+            html.Div(dcc.Slider(id=control_id(page, self.name), min=1, max=100, step=1,
+                                value=value, marks={25: "25%", 50: "50%", 75: "75%"},
+                                allow_direct_input=False, updatemode="mouseup",
+                                tooltip={"placement": "top", "always_visible": True,
+                                         "template": "{value}%"}),
+                     style={"paddingTop": "1.9rem"})],
             className="al-control",  # room for the value shown right of a handle at 100%
             style={"minWidth": "14rem", "flex": "1 1 14rem", "paddingRight": "1.5rem"})
 
@@ -174,8 +176,7 @@ def _node_table(view: GraphView, state: dict) -> Any:
                              html.Td(links, className="small")]))
     return html.Div([html.H6("Kept nodes by |value|"),
                      dbc.Table([head, html.Tbody(body)], size="sm", striped=True,
-                               className="al-table"),
-                     html.Div(id=DETAIL, className="small")],
+                               className="al-table")],
                     style={"maxHeight": "900px", "overflowY": "auto"})
 
 
@@ -191,7 +192,10 @@ P.register_page(
               Share("node", 80, label="node threshold (share of influence kept)"),
               Share("edge", 98, label="edge threshold")],
     body=lambda parts: [
-        dbc.Row([dbc.Col(parts["graph"], lg=8), dbc.Col(parts["nodes"], lg=4)]),
+        # a clicked node's details: beside the graph, above the table (scrolled into view)
+        dbc.Row([dbc.Col(parts["graph"], lg=8),
+                 dbc.Col([html.Div(id=DETAIL, className="small al-node-details"),
+                          parts["nodes"]], lg=4)]),
         html.Div([dbc.Button("Graph JSON (circuit-tracer format)", id=JSON_BTN, size="sm",
                              color="secondary", outline=True, n_clicks=0),
                   html.Span(id=JSON_STATUS, className="ms-2 small"),
@@ -218,6 +222,14 @@ def node_detail(click: Optional[dict], state: Optional[dict]) -> Any:
 
 callback(Output(DETAIL, "children"), Input(P.graph_id(PAGE, "graph"), "clickData"),
          State(shell.STATE, "data"), prevent_initial_call=True)(node_detail)
+# the details appear where the reader is looking: scrolled into view when off screen
+clientside_callback(
+    """function (children) {
+        var el = document.getElementById('%s');
+        if (el && children) { el.scrollIntoView({block: 'nearest', behavior: 'instant'}); }
+        return window.dash_clientside.no_update;
+    }""" % DETAIL,
+    Output(DETAIL, "title"), Input(DETAIL, "children"), prevent_initial_call=True)
 
 
 def g_slug(view: GraphView) -> str:

@@ -189,13 +189,21 @@ def table(hm: HeadMetrics) -> dash_table.DataTable:
                                  "border": "1px solid #ffffff"}])
 
 
+#: Above this share of the largest weight, a token's orange highlight (over the dark page)
+#: is bright enough that black text contrasts with it more than white does.
+STRONG = 0.61
+
+
 def _token(j: int, tok: str, ex: HeadExample, top: float) -> html.Span:
     weight = float(ex.attention[j])
     style: dict[str, Any] = {"padding": "0 1px", "whiteSpace": "pre", "borderRadius": "2px"}
     if j <= ex.query:
-        style["backgroundColor"] = f"rgba(230, 159, 0, {min(1.0, weight / top):.3f})"
-    else:
-        style["opacity"] = 0.45
+        alpha = min(1.0, weight / top)
+        style["backgroundColor"] = f"rgba(230, 159, 0, {alpha:.3f})"
+        if alpha > STRONG:  # black text where white would fade into the orange
+            style["color"] = "#000000"
+    else:  # after the query: fainter, still readable (>= 4.5:1 on either theme)
+        style["opacity"] = 0.7
     if j == ex.query:
         style["outline"] = "2px solid #ffffff"
     if ex.targets[j]:

@@ -17,8 +17,8 @@ $x_\ell$'s own statistics). The last stage equals the model's real logits exactl
 
 Each cell shows the top token at that stage (row) and position (column); colour is the
 probability of the top token, of the token that actually came next, or of a target
-token you type (it must be one token — words inside a sentence usually start with a space,
-e.g. ` Granger`). The second chart follows the target (or the actual next token) across
+token you type (it must be one token, typed without quotes — words inside a sentence
+usually start with a space, e.g. ` the`). The second chart follows the target (or the actual next token) across
 stages at position `pos` (−1 = last, where it follows the model's final top guess). With
 no position given, on a prompt that repeats itself the chart follows the token that
 actually comes next at a position in the repeated part (where the model gained most from
@@ -57,6 +57,17 @@ def panels(ctx: P.PageContext, query: dict) -> list:
             P.Panel("trajectory", logit_lens_target_figure(lens, position=pos), lens)]
 
 
+class StagesChoice(Choice):
+    """The stages drop-down, named for the model: attention-only models have no MLP."""
+
+    def widget(self, page: str, value: object, cfg: object = None) -> object:
+        if cfg is not None and getattr(cfg, "attn_only", False):
+            return Choice(self.name, self.default, self.choices, self.label,
+                          {**(self.labels or {}), "sublayer": "after each attention layer"}
+                          ).widget(page, value, cfg)
+        return super().widget(page, value, cfg)
+
+
 P.register_page(
     __name__, path="/logit-lens", order=4, name="Logit lens", title="Logit lens · Attention Lens",
     description="Top tokens read off the residual stream after every layer, and a target "
@@ -68,8 +79,8 @@ P.register_page(
         Choice("colour", "top", ("top", "actual", "target"), label="colour by",
                labels={"top": "top token", "actual": "actual next token",
                        "target": "target token"}),
-        Text("target", "", label="target token", placeholder="e.g. ' Granger'"),
+        Text("target", "", label="target token", placeholder="one token, e.g. the"),
         Int("pos", None, label="position", placeholder="auto (-1 = last)"),
-        Choice("stages", "sublayer", ("sublayer", "layer"), label="stages",
-               labels={"sublayer": "after attention and MLP", "layer": "per layer"}),
+        StagesChoice("stages", "sublayer", ("sublayer", "layer"), label="stages",
+                     labels={"sublayer": "after attention and MLP", "layer": "per layer"}),
     ])

@@ -90,6 +90,8 @@ def _sender(text: str, lm: Any) -> Optional[tuple[int, int]]:
 
 
 DEFAULT_SENDER = "L0H2"
+#: Above this many heads, per-head × position grids open as one row a layer.
+MANY_HEADS = 48
 DEFAULTS = (PT.DEFAULT_CLEAN, PT.DEFAULT_CORRUPTED, PT.DEFAULT_CORRECT, PT.DEFAULT_WRONG)
 
 
@@ -127,15 +129,47 @@ def resolve(lm: Any, query: dict, limit: Optional[int] = None
                 position=query["position"]), notes
 
 
+def _answer(lm: Any, answer: Any) -> str:
+    """An answer as the page shows it: its token in quotes."""
+    if isinstance(answer, int):
+        return quoted(lm.tokenizer.display(answer))
+    return quoted(lm.tokenizer.display(lm.tokenizer.encode(str(answer))[0])) \
+        if lm.tokenizer.encode(str(answer)) else quoted(str(answer))
+
+
+def _prompt_line(label: str, ids: list[int], other: list[int], disp: Any) -> Any:
+    """One prompt whole, token by token, the tokens where it differs from the other marked."""
+    return html.Div([html.Span(label, className="al-pair-label"),
+                     html.Span([html.Span(disp(t), className="al-token" + (
+                         " al-diff" if t != o else ""), title=f"{i}: {disp(t)!r}")
+                                for i, (t, o) in enumerate(zip(ids, other))],
+                               className="al-pair-tokens")], className="al-pair-line")
+
+
 def _answers(lm: Any, args: dict) -> Any:
+    """The pair actually computed (both prompts whole, their difference marked), its
+    answers in the context of the prompt's last token, and both prompts' top predictions."""
     top_c, top_r = PT.pair_predictions(lm, args["clean"], args["corrupted"], args["position"])
     disp = lm.tokenizer.display
+    clean, corrupted = PT.pair_tokens(lm, args["clean"], args["corrupted"])
+    pos = args["position"] if args["position"] >= 0 else len(clean) + args["position"]
+    at = quoted(disp(clean[pos])) if 0 <= pos < len(clean) else ""
     return html.Div([
-        html.Span("Top predictions: clean ", className="al-rank-title"),
-        html.Span(", ".join(quoted(disp(i)) for i in top_c)),
-        html.Span(" · corrupted ", className="al-rank-title"),
-        html.Span(", ".join(quoted(disp(i)) for i in top_r)),
-    ], className="al-choice")
+        html.Div("Computed on this pair (the tokens that differ are marked):",
+                 className="al-rank-title"),
+        _prompt_line("clean", clean, corrupted, disp),
+        _prompt_line("corrupted", corrupted, clean, disp),
+        html.Div([html.Span("Answers after ", className="al-rank-title"),
+                  html.Span(f"{at} (position {pos}): "),
+                  html.Span("correct ", className="al-rank-title"),
+                  html.Span(_answer(lm, args["correct"])),
+                  html.Span(" · wrong ", className="al-rank-title"),
+                  html.Span(_answer(lm, args["wrong"]))]),
+        html.Div([html.Span("Top predictions: clean ", className="al-rank-title"),
+                  html.Span(", ".join(quoted(disp(i)) for i in top_c)),
+                  html.Span(" · corrupted ", className="al-rank-title"),
+                  html.Span(", ".join(quoted(disp(i)) for i in top_r))]),
+    ], className="al-choice al-pair")
 
 
 def _cells_note(lm: Any, grid: PT.PatchingGrid) -> str:
@@ -162,11 +196,18 @@ def panels(ctx: P.PageContext, query: dict) -> list:
     # text: '15249' is two tokens); typed answers are text
     wa = {**args, **{k: args[k] if isinstance(args[k], int) else str(args[k])
                      for k in ("correct", "wrong")}}
+    granularity = query["granularity"]
+    n_heads = lm.cfg.n_layers * lm.cfg.n_heads
+    if granularity == "head_out_by_pos" and query["rows"] == "auto" and n_heads > MANY_HEADS:
+        # a layer's attention output is the sum of its heads': one row a layer first
+        granularity = "attn_out"
+        notes.append(f"{lm.name} has {n_heads} heads: the grids patch each layer's attention "
+                     "output (all its heads at once) × position first; choose 'every head' "
+                     "in 'head rows' for one row per head.")
     if PT.runs_inline(lm):
-        grid = PT.activation_patching(lm, granularity=query["granularity"], **args)
+        grid = PT.activation_patching(lm, granularity=granularity, **args)
     else:
-        grid = ctx.weight(W.request("activation_patching", granularity=query["granularity"],
-                                    **wa))
+        grid = ctx.weight(W.request("activation_patching", granularity=granularity, **wa))
     parts: list[Any] = [P.Panel("exact", patching_figure(grid, "exact"), grid),
                         P.Panel("attribution", patching_figure(grid, "attribution"), grid),
                         P.Panel("scatter", patching_scatter_figure(grid),
@@ -192,14 +233,14 @@ def panels(ctx: P.PageContext, query: dict) -> list:
     notes.append(_cells_note(lm, grid))
     if query["pairs"]:
         res = ctx.weight(W.request("pair_set_patching", pairs=query["pairs"],
-                                   granularity=query["granularity"], metric=query["metric"],
+                                   granularity=granularity, metric=query["metric"],
                                    direction=query["direction"], position=query["position"]))
         parts.append(P.Panel("pair-set", pair_set_figure(res), res))
         notes.append(f"The set of pairs: {len(res.grids)} pairs, per-pair grids in its "
                      f"CSV/JSON download.")
     else:
         parts.append(P.Panel("pair-set", P.empty_figure(
-            "Upload a set of pairs (below) to see the mean grid over them"), None))
+            "Upload a set of pairs (above) to see the mean grid over them"), None))
     return parts + [P.Notice(" ".join(notes))]
 
 
@@ -225,6 +266,9 @@ SPEC = P.register_page(
                        "noising": "noising (corrupted into clean)"}),
         Choice("granularity", "head_out_by_pos", PT.GRANULARITIES, label="patch",
                labels=PT.GRANULARITY_LABELS),
+        Choice("rows", "auto", ("auto", "heads"), label="head rows",
+               labels={"auto": f"one a layer first above {MANY_HEADS} heads",
+                       "heads": "every head"}),
         Int("position", -1, label="metric position", placeholder="-1 = last"),
         Text("sender", DEFAULT_SENDER, max_len=12, label="path-patching sender",
              placeholder="e.g. L0H2"),

@@ -69,7 +69,7 @@ def direction_table(svd: CircuitSVD, layer: int, head: int) -> html.Div:
         return [html.Span([html.Code(t), html.Small(f" {s:.2f}")], className="me-2",
                           title=f"'{t}': {s:.4f}") for t, s in zip(toks, scores)]
 
-    head_row = html.Thead(html.Tr([html.Th("i"), html.Th("σ_i"),
+    head_row = html.Thead(html.Tr([html.Th("i"), html.Th("σᵢ"),
                                    html.Th(f"input: {svd.input_space}"),
                                    html.Th(f"output: {svd.output_space}")]))
     body = html.Tbody([html.Tr([
