@@ -16,7 +16,9 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "attention_lens"
 #: The modules that may build the app: the server factory and the command line.
-ENTRY_POINTS = {"attention_lens.server", "attention_lens.cli"}
+# the job host is the entry point of the clean process every one-machine job is forked from:
+# it builds the same app as the server
+ENTRY_POINTS = {"attention_lens.server", "attention_lens.cli", "attention_lens.jobhost"}
 
 
 def module_name(path: Path) -> str:
