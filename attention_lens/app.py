@@ -102,6 +102,20 @@ def create_app(reg: Optional[Registry] = None, *,
     with app.server.test_request_context("/"):
         app._setup_server()
     if isinstance(bg.manager, jobhost.JobManager):  # jobs are built from the same recipe
-        bg.manager.recipe = jobhost.job_recipe(reg, bg, pages_folder=pages_folder,
+        bg.manager.recipe = jobhost.job_recipe(f"{__name__}:build_for_jobs", reg, bg,
+                                               pages_folder=pages_folder,
                                                max_tokens=max_tokens)
+    app._attention_lens_background = bg
     return app
+
+
+def build_for_jobs(recipe: dict) -> dash.Dash:
+    """In the job host: the app a web process described in ``recipe``
+    (:func:`attention_lens.jobhost.job_recipe`), with its background and registry, so the
+    host's job functions are the web process's."""
+    bg = background_module.create(recipe.get("cache_dir"),
+                                  max_jobs=int(recipe.get("max_jobs") or 2),
+                                  deployment=recipe.get("deployment"))
+    bg.slots.scope = str(recipe.get("slot_scope") or "")  # the web process's slot keys
+    reg = Registry(**recipe["registry"])
+    return create_app(reg, background=bg, **recipe.get("app", {}))

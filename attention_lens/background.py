@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from .analysis.errors import AnalysisError
+from .paths import default_cache_dir  # noqa: F401 - part of this module's interface
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +55,6 @@ RESERVED_LOCAL_S = 10.0
 STARTING_S = 120.0
 DEFAULT_MAX_JOBS = 2
 PREFIX = "attention-lens:"
-
-
-def default_cache_dir() -> Path:
-    """``ATTENTION_LENS_CACHE_DIR``, else the user's cache folder (``~/.cache/attention-lens``
-    on Linux)."""
-    from platformdirs import user_cache_dir
-
-    env = os.environ.get("ATTENTION_LENS_CACHE_DIR", "").strip()
-    return Path(env) if env else Path(user_cache_dir("attention-lens", appauthor=False))
 
 
 class BusyError(RuntimeError):

@@ -117,23 +117,20 @@ def _recipe_key(recipe: dict) -> str:
 
 
 def build(recipe: dict) -> Any:
-    """The job manager of an app built from ``recipe`` in this process (cached)."""
+    """The job manager of an app built from ``recipe`` in this process (cached). The recipe
+    names the function that builds it (``module:function``, the app factory's own
+    :func:`attention_lens.app.build_for_jobs`), so this module needs nothing above it."""
     key = _recipe_key(recipe)
     if key in _BUILT:
         return _BUILT[key]
-    from . import background
-    from .app import create_app
-    from .registry import Registry
+    import importlib
 
-    bg = background.create(recipe.get("cache_dir"), max_jobs=int(recipe.get("max_jobs") or 2),
-                           deployment=recipe.get("deployment"))
-    bg.slots.scope = str(recipe.get("slot_scope") or "")  # the web process's slot keys
-    reg = Registry(**recipe["registry"])
-    app = create_app(reg, background=bg, **recipe.get("app", {}))
+    module, _, name = str(recipe["builder"]).partition(":")
+    app = getattr(importlib.import_module(module), name)(recipe)
     _BUILT.clear()  # one app per process
-    _BUILT[key] = bg.manager
+    _BUILT[key] = app._attention_lens_background.manager
     _BUILT["app"] = app
-    return bg.manager
+    return _BUILT[key]
 
 
 def _preload() -> None:
@@ -267,7 +264,7 @@ def _plain_context(context: Any) -> dict:
     return out
 
 
-def job_recipe(reg: Any, bg: Any, **app_options: Any) -> Optional[dict]:
+def job_recipe(builder: str, reg: Any, bg: Any, **app_options: Any) -> Optional[dict]:
     """What the job host needs to build the same app: the registry's folders and limits,
     the background's stores, the app factory's options (JSON values). None when the
     registry holds models added in memory (tests, notebooks), which no other process can
@@ -276,6 +273,7 @@ def job_recipe(reg: Any, bg: Any, **app_options: Any) -> Optional[dict]:
     if any(getattr(e, "kind", "") == "memory" for e in reg.entries()):
         return None
     return {
+        "builder": builder,
         "cache_dir": str(bg.cache_dir) if bg.cache_dir else None,
         "max_jobs": bg.max_jobs, "deployment": bg.deployment,
         "slot_scope": getattr(getattr(bg, "slots", None), "scope", ""),

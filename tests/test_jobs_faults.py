@@ -32,9 +32,10 @@ from .test_background import (free_port, job_body, job_output_key, page_load, st
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 120
-#: Every job's deadline on the deadline test's server (the slow model's eigenvalues take
-#: longer on two cores).
-DEADLINE_S = 6
+#: Every job's deadline on the deadline test's server: shorter than the slow model's circuit
+#: eigenvalues on any machine (loading it and computing them took 1.5-2 s on two quiet cores,
+#: 5 s on busy ones), so the deadline comes first.
+DEADLINE_S = 0.5
 TEXT = "Harry Potter went to the shop, and Harry Potter bought a wand."
 #: Pages that start a background job on a fresh cache, and a figure each draws when done.
 JOB_PAGES = {"weights": "spectra", "eigenvalues": "copying", "embeddings": "map",

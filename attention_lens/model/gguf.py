@@ -651,7 +651,7 @@ def describe(path: str | Path) -> dict[str, Any]:
 
 def default_cache_dir() -> Path:
     """Where dequantized weights are kept: the deployment's cache folder, ``gguf/``."""
-    from ..background import default_cache_dir as root
+    from ..paths import default_cache_dir as root
 
     return root() / "gguf"
 
