@@ -55,14 +55,15 @@ def test_ablation_panels_draw_while_the_sweep_runs(big):  # noqa: F811 - the fix
         time.sleep(0.2)
     assert strip.is_displayed() and not drawn(duo)["sweep"], drawn(duo)
 
-    def text() -> str:
+    def strip_text() -> str:
         return duo.driver.find_element("id", "ablation-job-text").text
 
     end = time.time() + COLD_S
-    while "zero-ablation of each head" not in text() and not drawn(duo)["sweep"] \
+    while "zero-ablation of each head" not in strip_text() and not drawn(duo)["sweep"] \
             and time.time() < end:
         time.sleep(0.3)
-    assert "zero-ablation of each head" in text() and not drawn(duo)["sweep"], text()
+    assert "zero-ablation of each head" in strip_text() and not drawn(duo)["sweep"], \
+        strip_text()
     value = duo.driver.execute_script(
         "return document.querySelector('#ablation-job-bar .progress-bar')"
         ".getAttribute('aria-valuenow')")

@@ -80,13 +80,18 @@ def test_curl_example_answers_200(client, args):
     assert "error" not in data, data
     # the answer is about what was sent: the default model, the prompt's tokens, the
     # parameters it names again, and as many entries as top_k asked for
-    assert data.get("model", data.get("default")) == "attn-only-2l", data.keys()
-    prompt = data.get("prompt", data)
+    model = data.get("model", data.get("default", (data.get("a") or {}).get("model")))
+    assert model == "attn-only-2l", data.keys()  # /api/compare names it per side
+    prompt = data.get("prompt") or data.get("a") or data  # /api/compare: side a
     if "text" in sent:
         assert prompt["n_tokens"] == len(prompt["tokens"]) > 0
     for where in (data, data.get("result") or {}):
         for key, value in sent.items():
             if key not in ("text", "position") and _scalar(value) and _scalar(where.get(key)):
+                if isinstance(value, int) and value < 0:  # a position from the end, resolved
+                    n = prompt.get("n_tokens") or len(prompt.get("tokens") or [])
+                    assert where[key] == n + value, (path, key, where[key], value)
+                    continue
                 assert where[key] == value, (path, key, where[key], value)
     if "top_k" in sent:
         assert sent["top_k"] in set(_lengths(data)), (path, sent["top_k"])
