@@ -133,6 +133,9 @@ def run_weight_analyses(lm: LoadedModel, *reqs: Any) -> list[Any]:
         return st.get_or_compute(lm, *reqs)
     label = ", ".join(r.label for r in todo)
     deadline = background.CELERY_DEADLINE_S + 60
+    if not bg.kv.keys("worker:*"):  # nothing would ever take the task
+        raise ApiError(f"{label}: no job worker is running on this deployment; start "
+                       "'attention-lens worker' (see the README's lab commands)", 503)
     with bg.slots.job(label):
         pending = [bg.celery_app.send_task(background.WEIGHT_TASK, args=(lm.name, r.as_json()))
                    for r in todo]

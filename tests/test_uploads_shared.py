@@ -87,6 +87,13 @@ def two_servers(request, tmp_path):
                                       stdout=subprocess.DEVNULL, start_new_session=True))
         broker = f"redis://127.0.0.1:{rport}/0"
         args = ["--celery-broker", broker]
+        # a lab computes the API's dataset metrics on its job workers
+        procs.append(subprocess.Popen(
+            [str(Path(sys.executable).parent / "attention-lens"), "worker", "--concurrency", "1"],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT),
+                           "ATTENTION_LENS_TORCH_THREADS": "1",
+                           "ATTENTION_LENS_CELERY_BROKER": broker},
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True))
     else:
         broker, args = None, ["--cache-dir", str(tmp_path / "cache")]
     servers = [start(args, {}) for _ in range(2)]
@@ -94,6 +101,13 @@ def two_servers(request, tmp_path):
     try:
         for proc, port in servers:
             wait_ready(proc, port)
+        if broker:  # the worker has announced itself
+            from attention_lens import background
+
+            kv, end = background.RedisKV(broker), time.time() + 120
+            while not kv.keys("worker:*") and time.time() < end:
+                time.sleep(0.5)
+            assert kv.keys("worker:*"), "the job worker did not start"
         yield [port for _, port in servers], broker
     finally:
         for proc in reversed(procs):
