@@ -90,15 +90,19 @@ def circuit_figure(disc: CircuitDiscovery) -> go.Figure:
              f"{disc.scores.ablation} ablation")
     cols = [f"H{h}" for h in range(g.n_heads)] + (["MLP"] if g.has_mlp else [])
     rows = ["input", *[f"layer {layer}" for layer in range(g.n_layers)], "logits"]
+    entries = sum(1 for t in fig.data if t.showlegend is not False and t.name)
+    legend_room = 24 + 22 * -(-entries // 2)
     fig.update_layout(
-        template=TEMPLATE, height=260 + 120 * (g.n_layers + 1),
+        template=TEMPLATE, height=260 + 120 * (g.n_layers + 1) + legend_room,
         title=dict(text=wrap_title(title, 90), font=dict(size=13)),
         xaxis=dict(title="head (q ← left, k centre, v right →)", tickmode="array",
                    tickvals=list(range(len(cols))), ticktext=cols, range=[-0.8, len(cols) - 0.2],
                    gridcolor=GRID, zeroline=False),
         yaxis=dict(tickmode="array", tickvals=list(range(len(rows))), ticktext=rows,
                    range=[-0.5, len(rows) - 0.3], gridcolor=GRID, zeroline=False),
-        legend=dict(orientation="h", y=-0.18), hovermode="closest")
+        margin=dict(b=80 + legend_room),
+        legend=dict(orientation="h", yref="container", y=0, yanchor="bottom"),
+        hovermode="closest")
     return finish(fig)
 
 
@@ -131,10 +135,15 @@ def faithfulness_figure(curve: FaithfulnessCurve) -> go.Figure:
     title = (f"faithfulness (m(C) − m(∅)) / (m(full) − m(∅)) over edges kept; "
              f"{curve.ablations[0]}: 80 % at {reach if reach is not None else 'no size'} "
              f"edges, random at {rand if rand is not None else 'no size'}")
-    fig.update_layout(template=TEMPLATE, height=460, title=wrap_title(title, 80),
+    # the legend below the axis title, in as many rows as a phone needs (two entries a row)
+    entries = sum(1 for t in fig.data if t.showlegend is not False and t.name)
+    legend_room = 24 + 22 * -(-entries // 2)
+    fig.update_layout(template=TEMPLATE, height=460 + legend_room, title=wrap_title(title, 80),
                       xaxis=dict(title="edges in the circuit", type="log"),
                       yaxis=dict(title="faithfulness", gridcolor=GRID),
-                      legend=dict(orientation="h", y=-0.25), hovermode="closest")
+                      margin=dict(b=80 + legend_room),
+                      legend=dict(orientation="h", yref="container", y=0, yanchor="bottom"),
+                      hovermode="closest")
     return finish(fig)
 
 
