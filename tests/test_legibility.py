@@ -324,7 +324,7 @@ def settled(duo, settle: float = 3.0) -> list[str]:
 #: so that a slow page (the dataset analyses of /heads on a first visit) has its own time.
 PAGES = ("/", "/predictions", "/tokens", "/attention", "/embeddings", "/logit-lens",
          "/attribution", "/weights", "/ablation", "/eigenvalues", "/induction", "/qk",
-         "/analogy", "/graph", "/patching", "/heads", "/compare")
+         "/analogy", "/graph", "/patching", "/circuit", "/heads", "/compare")
 
 
 @pytest.mark.parametrize("path", PAGES)

@@ -139,7 +139,7 @@ def faithfulness_figure(curve: FaithfulnessCurve) -> go.Figure:
     entries = sum(1 for t in fig.data if t.showlegend is not False and t.name)
     legend_room = 24 + 22 * -(-entries // 2)
     fig.update_layout(template=TEMPLATE, height=460 + legend_room, title=wrap_title(title, 80),
-                      xaxis=dict(title="edges in the circuit", type="log"),
+                      xaxis=dict(title="edges in the circuit", type="log", dtick=1),
                       yaxis=dict(title="faithfulness", gridcolor=GRID),
                       margin=dict(b=80 + legend_room),
                       legend=dict(orientation="h", yref="container", y=0, yanchor="bottom"),
