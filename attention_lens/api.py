@@ -109,6 +109,27 @@ def patching_runs(lm: LoadedModel, granularity: str, n_tokens: int) -> int:
     return runs
 
 
+def pair_set(body: dict, lm: LoadedModel, limit: int) -> list:
+    """The set of pairs in ``body['pairs']`` (a list of objects or CSV text), each tokenized
+    and within this server's prompt length (400 naming the pair otherwise)."""
+    from .analysis import patching as PT
+
+    pairs = body["pairs"]
+    if not isinstance(pairs, (list, str)):
+        raise ApiError("'pairs' must be a list of objects (clean, corrupted, correct, "
+                       "wrong) or CSV text with those columns")
+    parsed = PT.parse_pairs(pairs if isinstance(pairs, str) else json_dumps(pairs))
+    for i, pair in enumerate(parsed, start=1):
+        try:
+            ids, _ = PT.pair_tokens(lm, pair.clean, pair.corrupted)
+        except AnalysisError as exc:
+            raise ApiError(f"pair {i}: {exc}") from None
+        if len(ids) > limit:
+            raise ApiError(f"pair {i} has {len(ids)} tokens; this server analyses at "
+                           f"most {limit}")
+    return parsed
+
+
 def check_cost(what: str, runs: int, lm: LoadedModel, n_tokens: int, hint: str) -> None:
     """Refuse (400) a request whose estimated work exceeds :data:`API_MAX_GFLOP`."""
     gflop = runs * forward_gflop(lm, n_tokens)
@@ -549,22 +570,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
             if extra:
                 raise ApiError(f"send either 'pairs' or one pair, not both (got 'pairs' and "
                                f"{', '.join(map(repr, extra))})")
-            pairs = body["pairs"]
-            if isinstance(pairs, str):
-                parsed = PT.parse_pairs(pairs)
-            elif isinstance(pairs, list):
-                parsed = PT.parse_pairs(json_dumps(pairs))
-            else:
-                raise ApiError("'pairs' must be a list of objects (clean, corrupted, correct, "
-                               "wrong) or CSV text with those columns")
-            for i, pair in enumerate(parsed, start=1):
-                try:
-                    ids, _ = PT.pair_tokens(lm, pair.clean, pair.corrupted)
-                except AnalysisError as exc:
-                    raise ApiError(f"pair {i}: {exc}") from None
-                if len(ids) > limit_of(lm):
-                    raise ApiError(f"pair {i} has {len(ids)} tokens; this server analyses at "
-                                   f"most {limit_of(lm)}")
+            parsed = pair_set(body, lm, limit_of(lm))
             metric = choice_field(body, "metric", "logit_diff", PT.METRICS)
             direction = choice_field(body, "direction", "denoising", PT.DIRECTIONS)
             position = int_field(body, "position", -1, -lm.cfg.n_ctx, lm.cfg.n_ctx - 1)
@@ -656,19 +662,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
             if extra:
                 raise ApiError(f"send either 'pairs' or one pair, not both (got 'pairs' and "
                                f"{', '.join(map(repr, extra))})")
-            if not isinstance(body["pairs"], (list, str)):
-                raise ApiError("'pairs' must be a list of objects (clean, corrupted, correct, "
-                               "wrong) or CSV text with those columns")
-            pairs = PT.parse_pairs(body["pairs"] if isinstance(body["pairs"], str)
-                                   else json_dumps(body["pairs"]))
-            for i, pair in enumerate(pairs, start=1):
-                try:
-                    ids, _ = PT.pair_tokens(lm, pair.clean, pair.corrupted)
-                except AnalysisError as exc:
-                    raise ApiError(f"pair {i}: {exc}") from None
-                if len(ids) > limit_of(lm):
-                    raise ApiError(f"pair {i} has {len(ids)} tokens; this server analyses at "
-                                   f"most {limit_of(lm)}")
+            pairs = pair_set(body, lm, limit_of(lm))
             metric = choice_field(body, "metric", "logit_diff", PT.METRICS)
             position = int_field(body, "position", -1, -lm.cfg.n_ctx, lm.cfg.n_ctx - 1)
         else:
