@@ -14,6 +14,7 @@ from dash.exceptions import DependencyException
 from werkzeug.exceptions import HTTPException
 
 from .analysis.errors import AnalysisError
+from .model.jsonfile import value_depth
 
 log = logging.getLogger("attention_lens.guards")
 
@@ -96,18 +97,6 @@ def install_error_handlers(server: flask.Flask, prefix: str) -> None:
         return json_error("internal server error (it has been logged on the server)", 500)
 
 
-def json_depth(value: Any) -> int:
-    """How deeply ``value`` (parsed JSON) nests lists and objects, computed without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (list, dict)):
-            deepest = max(deepest, depth)
-            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict)
-                                                   else item))
-    return deepest
-
-
 def _outputs_of(output: str) -> int:
     """How many outputs a callback map key names (``..a.b...c.d..`` is two)."""
     return len(output[2:-2].split("...")) if output.startswith("..") else 1
@@ -127,7 +116,7 @@ def callback_problem(body: Any, callback_map: dict[str, Any]) -> Optional[str]:
     """Why a ``/_dash-update-component`` body cannot come from this app's pages, or None."""
     if not isinstance(body, dict):
         return "the callback request must be a JSON object"
-    if json_depth(body) > MAX_JSON_DEPTH:
+    if value_depth(body) > MAX_JSON_DEPTH:
         return "the callback request is nested too deeply"
     output = body.get("output")
     if not isinstance(output, str) or output not in callback_map:
