@@ -122,6 +122,9 @@ else:
                     "--no-first-run", "--disable-background-networking",
                     "--disable-component-update", "--disable-sync",
                     "--disable-dev-shm-usage", "--window-size=1400,1000",
+                    # Bootstrap scrolls smoothly; a test that scrolls and then reads a
+                    # position must not read it mid-scroll (clicks then land elsewhere)
+                    "--force-prefers-reduced-motion",
                     f"--user-data-dir={tempfile.mkdtemp(prefix='al-chrome-')}"):
             opts.add_argument(arg)
         return opts

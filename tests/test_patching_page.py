@@ -236,11 +236,11 @@ def test_patching_page_in_the_browser(dash_duo, registry, tmp_path, bg):
                           '.js-plotly-plot')
     d.execute_script("arguments[0].scrollIntoView({block: 'center'})", host)
     time.sleep(0.3)
-    x, y = d.execute_script(  # the centre of cell (row L0H2, column position 20)
-        "const fl = arguments[0]._fullLayout;"
-        "return [Math.round(fl.xaxis._offset + fl.xaxis.l2p(20)),"
-        "        Math.round(fl.yaxis._offset + fl.yaxis.l2p(2))];", host)
-    ActionChains(d).move_to_element_with_offset(host, x, y).click().perform()
+    x, y = d.execute_script(  # the viewport pixel of cell (row L0H2, column position 20)
+        "const fl = arguments[0]._fullLayout, r = arguments[0].getBoundingClientRect();"
+        "return [Math.round(r.left + fl.xaxis._offset + fl.xaxis.l2p(20)),"
+        "        Math.round(r.top + fl.yaxis._offset + fl.yaxis.l2p(2))];", host)
+    ActionChains(d).move_to_location(x, y).pause(0.2).click().perform()
     wait(dash_duo, "window.location.pathname === '/attention' && "
                    "window.location.search.includes('layer=0') && "
                    "window.location.search.includes('head=2')", what="L0H2 on /attention")
