@@ -107,7 +107,6 @@ first half.
 """
 
 
-
 def auto_model_b(state: dict, query: dict) -> str:
     """The name of model B the page compares with (auto: as the help text says)."""
     lm_a = P.model(state.get("model"))
@@ -127,15 +126,7 @@ def models_of(state: dict, query: dict) -> tuple[Any, Any, str]:
     """Models A and B and B's prompt (defaults as the help text says)."""
     lm_a = P.model(state.get("model"))
     text_b = query["text_b"] if query["text_b"].strip() else state["text"]
-    name_b = query["model_b"].strip()
-    if not name_b:
-        name_b = lm_a.name
-        if text_b == state["text"]:  # one prompt: compare with another model that fits
-            for other in P.model_names():
-                if other != lm_a.name and not same_tokenizer(lm_a, P.model(other)):
-                    name_b = other
-                    break
-    lm_b = P.model(name_b)
+    lm_b = P.model(auto_model_b(state, query))
     reason = same_tokenizer(lm_a, lm_b)
     if reason:
         raise AnalysisError(reason)
