@@ -139,7 +139,7 @@ def test_one_module_gives_page_endpoint_cache_and_job(sink_app, registry, bg, mo
 
     # the job policy: over the one inline threshold, the page asks for a background job
     # (progress strip) and the API computes through the store; the numbers are the same
-    monkeypatch.setattr(declare, "INLINE_MAX_GFLOP", 0.0)
+    monkeypatch.setattr(declare, "INLINE_MAX_GFLOP", -1.0)
     out = spec.update(state, 3, "mean", 0, None)
     request = out[len(spec.graphs) + 2]
     assert request["labels"] == ["sink"] and request["token"]
@@ -168,3 +168,39 @@ def test_declared_endpoints_keep_their_old_paths(sink_app):
     assert client.post("/api/no-such-analysis", json={}).status_code == 404
     r = client.post("/api/models", json={})
     assert r.status_code == 405 and "use GET" in r.get_json()["error"]
+
+
+def ov_norm(lm, *, layer):
+    """[head]: the Frobenius norm of each head's OV circuit W_V W_O, in float64."""
+    w_v = lm.model.W_V[layer].double()
+    w_o = lm.model.W_O[layer].double()
+    return torch.linalg.matrix_norm(w_v @ w_o).numpy()
+
+
+OV_NORM = declare.declare(
+    "ov-norm", ov_norm, scope="weights",
+    params=[declare.Int("layer", 0, 0, lambda cfg: cfg.n_layers - 1, label="layer")],
+    to_json=lambda res: {"norms": res})
+
+
+def test_weight_scope_is_kept_in_the_weight_analysis_store(sink_app, registry):
+    app, _ = sink_app
+    client = app.server.test_client()
+    lm = registry.get(MODEL)
+    r = client.post("/api/ov-norm", json={"model": MODEL, "layer": 1})
+    assert r.status_code == 200, r.data[:300]
+    from tl_oracle import to_transformer_lens
+
+    with torch.no_grad():
+        ov = to_transformer_lens(lm).OV
+        theirs = [float(ov[1, h].norm()) for h in range(lm.cfg.n_heads)]
+    np.testing.assert_allclose(r.get_json()["norms"], theirs, rtol=1e-5)
+    req = W.declared(OV_NORM, lm, None, {"layer": 1})
+    assert W.store().stats(lm, req)["computed"] == 1
+    assert client.post("/api/ov-norm", json={"model": MODEL, "layer": 1}).get_json() == \
+        r.get_json()
+    assert W.store().stats(lm, req)["computed"] == 1
+    bad = client.post("/api/ov-norm", json={"model": MODEL, "layer": 2})
+    assert bad.status_code == 400 and "'layer' must be between 0 and 1" in \
+        bad.get_json()["error"]
+    assert client.post("/api/ov-norm", json={"text": "a"}).status_code == 400  # no prompt

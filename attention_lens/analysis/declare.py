@@ -41,11 +41,6 @@ SCOPES = ("prompt", "weights", "dataset", "pair")
 #: Scopes whose page, endpoint, cache and job are derived today.
 DERIVED_SCOPES = ("prompt", "weights")
 
-#: Largest estimated work (GFLOP) an analysis runs inline, in the request or callback that
-#: asks for it; above it, it runs as a background job with progress and its result is kept
-#: in the weight-analysis store (``ATTENTION_LENS_INLINE_MAX_GFLOP``). The one "is this big"
-#: threshold of declared analyses.
-INLINE_MAX_GFLOP = 50.0
 #: Largest magnitude of a whole number without bounds of its own.
 MAX_WHOLE = 2**31 - 1
 
@@ -63,7 +58,12 @@ def _env_float(name: str, default: float) -> float:
         return default
 
 
-INLINE_MAX_GFLOP = _env_float("ATTENTION_LENS_INLINE_MAX_GFLOP", INLINE_MAX_GFLOP)
+#: Largest estimated work (GFLOP) an analysis runs inline, in the request or callback that
+#: asks for it; above it, it runs as a background job with progress and its result is kept
+#: in the weight-analysis store (``ATTENTION_LENS_INLINE_MAX_GFLOP``; 50 GFLOP is a few
+#: forward passes of GPT-2 small over 100 tokens). The one "is this big" threshold of
+#: declared analyses.
+INLINE_MAX_GFLOP = _env_float("ATTENTION_LENS_INLINE_MAX_GFLOP", 50.0)
 
 
 # ------------------------------------------------------------- strict field readers
@@ -232,9 +232,10 @@ class Position(Param):
 Cost = Callable[[Any, int, dict], float]
 
 
-def one_pass(cfg: Any, n_tokens: int, values: dict) -> float:
-    """The cost of an analysis that reads the cached forward pass: about one pass."""
-    return 1.0
+def reads_the_pass(cfg: Any, n_tokens: int, values: dict) -> float:
+    """The cost of an analysis that only reads the prompt's cached forward pass: no further
+    forward passes."""
+    return 0.0
 
 
 def _fields_json(result: Any) -> dict[str, Any]:
@@ -256,7 +257,7 @@ class Analysis:
     fn: Callable[..., Any]
     params: tuple[Param, ...]
     scope: str = "prompt"
-    cost: Cost = one_pass
+    cost: Cost = reads_the_pass
     to_json: Callable[[Any], dict[str, Any]] = _fields_json
     needs: Mapping[str, str] = field(default_factory=dict)
     paths: tuple[str, ...] = ()
@@ -345,7 +346,7 @@ _SCANNED = False
 
 
 def declare(name: str, fn: Callable[..., Any], *, params: Sequence[Param] = (),
-            scope: str = "prompt", cost: Cost = one_pass,
+            scope: str = "prompt", cost: Cost = reads_the_pass,
             to_json: Callable[[Any], dict[str, Any]] = _fields_json,
             needs: Optional[Mapping[str, str]] = None, paths: Sequence[str] = (),
             label: str = "") -> Analysis:
