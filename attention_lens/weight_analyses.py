@@ -281,13 +281,14 @@ def declared(spec: Any, lm: LoadedModel, fp: Any, values: dict[str, Any]) -> Opt
     job: scope weights always, scope prompt when its estimated work on this prompt is over
     the inline threshold; None when it runs inline (its result then kept with the forward
     pass)."""
-    from .analysis.declare import runs_inline
+    from .analysis.declare import Shape, runs_inline
 
     if spec.scope == "prompt" and runs_inline(spec, lm.cfg, fp.n_tokens, values):
         return None
     tokens = "" if spec.scope == "weights" else ",".join(str(int(t)) for t in fp.token_ids)
+    shape = Shape(lm.cfg, None if fp is None else fp.n_tokens)
     return request("declared", analysis=spec.name, tokens=tokens,
-                   params=spec.stored_params(values))
+                   params=spec.stored_params(values, shape))
 
 
 def needs(spec: Any) -> list[Request]:

@@ -204,3 +204,25 @@ def test_weight_scope_is_kept_in_the_weight_analysis_store(sink_app, registry):
     assert bad.status_code == 400 and "'layer' must be between 0 and 1" in \
         bad.get_json()["error"]
     assert client.post("/api/ov-norm", json={"text": "a"}).status_code == 400  # no prompt
+
+
+def test_page_and_api_share_one_cache_entry(sink_app, registry):
+    """The /induction page's controls and the API's fields are one declaration's parameters:
+    the page reads the entry the API computed (same key), with the same numbers."""
+    from attention_lens.analysis.heads import HEAD_DETECTION
+    from attention_lens.api_json import jsonable
+    from attention_lens.components.controls import controls_of, parse_all
+
+    app, _ = sink_app
+    lm = registry.get(MODEL)
+    r = app.server.test_client().post("/api/induction-score",
+                                      json={"text": TEXT, "model": MODEL, "rows": "all"})
+    assert r.status_code == 200, r.data[:300]
+    query, problems = parse_all(controls_of(HEAD_DETECTION), {"rows": "all"}, lm.cfg)
+    assert query == {"metric": "mul", "rows": "all", "n": 8} and problems == []
+    before = registry.cache_info()["per_prompt"]
+    hd = P.PageContext({"model": MODEL, "text": TEXT}).run(HEAD_DETECTION, query)
+    assert registry.cache_info()["per_prompt"] == before  # read, not computed again
+    assert jsonable(hd.scores["induction"]) == r.get_json()["induction_scores"]
+    # one default for both: 8 examples per head
+    assert len(r.get_json()["result"]["example_weights"]["induction"][1][5]) == 8

@@ -28,6 +28,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
 import pkgutil
 import threading
 from dataclasses import dataclass, field
@@ -50,8 +51,6 @@ class ParamError(AnalysisError):
 
 
 def _env_float(name: str, default: float) -> float:
-    import os
-
     try:
         return float(os.environ.get(name, default))
     except ValueError:
@@ -248,7 +247,8 @@ class Analysis:
 
     ``fn(lm, fp, **params, **needs)`` for scope ``prompt`` (``fn(lm, **params, **needs)`` for
     ``weights``); ``needs`` maps a keyword of ``fn`` to the weight analysis (by its store
-    name) it reads; ``cost(cfg, n_tokens, params)`` estimates the work in forward passes;
+    name) it reads; ``cost(cfg, n_tokens, params)`` estimates the work in forward passes of
+    the prompt beyond the cached one (the default, 0: it only reads that pass);
     ``to_json(result)`` gives the endpoint's fields (numpy arrays and dataclasses allowed:
     the API encodes them); ``paths`` are further endpoint names (kept old paths).
     """
@@ -262,10 +262,6 @@ class Analysis:
     needs: Mapping[str, str] = field(default_factory=dict)
     paths: tuple[str, ...] = ()
     label: str = ""
-
-    def param(self, name: str) -> Param:
-        """The parameter ``name``."""
-        return next(p for p in self.params if p.name == name)
 
     @property
     def fields(self) -> set[str]:
@@ -315,9 +311,10 @@ class Analysis:
             return self.fn(lm, **args, **needs)
         return self.fn(lm, fp, **args, **needs)
 
-    def stored_params(self, values: Mapping[str, Any]) -> str:
-        """The parameters as the store's request carries them (canonical JSON)."""
-        return json.dumps({k: v for k, v in values.items()}, sort_keys=True)
+    def stored_params(self, values: Mapping[str, Any], shape: Shape = Shape()) -> str:
+        """The normalised parameters as the store's request carries them (canonical JSON)."""
+        return json.dumps({p.name: p.normal(values[p.name], shape) for p in self.params},
+                          sort_keys=True)
 
 
 def forward_gflop(cfg: Any, n_tokens: int) -> float:
