@@ -20,6 +20,7 @@ import numpy as np
 
 from . import background
 from . import weight_analyses as W
+from .analysis import declare
 from .analysis.errors import AnalysisError
 from .analysis.forward import ForwardPass
 from .api_fields import (
@@ -87,15 +88,9 @@ API_MAX_GFLOP = background._env_seconds("ATTENTION_LENS_API_MAX_GFLOP", 20_000.0
 
 
 def forward_gflop(lm: LoadedModel, n_tokens: int) -> float:
-    """Floating-point work (GFLOP) of one forward pass of ``n_tokens`` tokens: two per weight
-    and token, plus the attention scores and mixing."""
-    c = lm.cfg
-    per_layer = 4 * c.d_model * c.n_heads * c.d_head
-    if not c.attn_only:
-        per_layer += 2 * c.d_model * (c.d_mlp or 4 * c.d_model)
-    weights = c.n_layers * per_layer + c.d_model * c.d_vocab
-    attention = c.n_layers * c.n_heads * 2 * n_tokens * n_tokens * c.d_head
-    return (2 * n_tokens * weights + 2 * attention) / 1e9
+    """Floating-point work (GFLOP) of one forward pass of ``n_tokens`` tokens through ``lm``
+    (:func:`.analysis.declare.forward_gflop`)."""
+    return declare.forward_gflop(lm.cfg, n_tokens)
 
 
 def patching_runs(lm: LoadedModel, granularity: str, n_tokens: int) -> int:
@@ -257,24 +252,6 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         return {"models": out, "unavailable": unavailable, "default": registry.default}
 
     # ---------------------------------------------------------------- predictions
-    @endpoint("/predict", ("POST",))
-    def predict() -> dict[str, Any]:
-        from .analysis.predictions import next_token
-
-        body = json_body(base | {"top_k", "position"})
-        lm, fp, part = prompt(body)
-        k = int_field(body, "top_k", 10, 1, lm.cfg.d_vocab, " (the vocabulary size)")
-        pos = int_field(body, "position", -1, -fp.n_tokens, fp.n_tokens - 1,
-                        f" (the prompt has {fp.n_tokens} tokens)")
-        res = next_token(lm, fp, k=k, position=pos)
-        preds = [{"token": t, "id": int(i), "display": d, "probability": p, "logit": lg,
-                  "rank": int(r)}
-                 for t, i, d, p, lg, r in zip(res.tokens, res.token_ids, res.display,
-                                              jsonable(res.probs), jsonable(res.logits),
-                                              res.ranks)]
-        return {**part, "position": res.position, "predictions": preds,
-                "entropy": jsonable(res.entropy)}
-
     @endpoint("/token-predictions", ("POST",))
     def token_predictions() -> dict[str, Any]:
         from .analysis.predictions import token_predictions as analyse
@@ -470,42 +447,6 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         return {**part, "layer": layer, "head": head, "attention_spectrum": spectrum,
                 "circuits": circuits}
 
-    # -------------------------------------------------------------- head scores
-    @endpoint("/induction-score", ("POST",))
-    def induction_score() -> dict[str, Any]:
-        from .analysis.heads import METRICS, ROWS, head_detection
-
-        body = json_body(base | {"metric", "exclude_bos", "exclude_diagonal", "n_examples",
-                                 "rows"})
-        lm, fp, part = prompt(body)
-        metric = choice_field(body, "metric", "mul", tuple(METRICS))
-        rows = choice_field(body, "rows", "target", tuple(ROWS))
-        n_examples = int_field(body, "n_examples", 5, 1, 20)
-        probe = run_weight_analyses(lm, W.probe_head_scores())[0]
-        bos = bool_field(body, "exclude_bos", False)
-        diagonal = bool_field(body, "exclude_diagonal", False)
-        eigen = eigen_of(lm)
-        key = ("api-head-detection", metric, bos, diagonal, n_examples, rows)
-        res = registry.per_prompt(fp, key, lambda: head_detection(
-            lm, fp, metric=metric, exclude_bos=bos, exclude_diagonal=diagonal,
-            n_examples=n_examples, probe=probe, eigen=eigen, rows=rows))
-        data = jsonable(res)
-        return {**part, "induction_scores": data["scores"]["induction"],
-                "probe_induction_scores": data["probe_induction"], "result": data}
-
-    # -------------------------------------------------------------- attribution
-    @endpoint("/attribution", ("POST",))
-    def attribution() -> dict[str, Any]:
-        from .analysis.attribution import logit_attribution
-
-        body = json_body(base | {"target", "contrast", "position"})
-        lm, fp, part = prompt(body)
-        pos = int_field(body, "position", -1, -fp.n_tokens, fp.n_tokens - 1,
-                        f" (the prompt has {fp.n_tokens} tokens)")
-        res = logit_attribution(lm, fp, target=token_field(body, "target"),
-                                contrast=token_field(body, "contrast"), position=pos)
-        return {**part, "result": {**jsonable(res), "total": jsonable(res.total)}}
-
     # ----------------------------------------------------------------- ablation
     @endpoint("/ablation", ("POST",))
     def ablation() -> dict[str, Any]:
@@ -529,8 +470,9 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         return {**part, "result": {**jsonable(res), **jsonable(extra)}}
 
     # ------------------------------------------------------- further analyses
-    # New endpoints go here, each as `@endpoint(rule, methods)` over a function that reads
-    # its fields with the helpers of .api_fields and returns a jsonable dict.
+    # An analysis declared in analysis/ (analysis.declare) gets its endpoint POST /api/<name>
+    # below without a route here; other endpoints go here, each as `@endpoint(rule,
+    # methods)` over a function that reads its fields with the helpers of .api_fields.
 
     # --------------------------------------------------------------- patching
     pair_fields = {"model", "clean", "corrupted", "correct", "wrong", "metric", "direction",
@@ -861,23 +803,63 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         return out
 
     # ------------------------------------------------------------------ the rest
+    # ------------------------------------------------------- declared analyses
+    def run_declared(spec: declare.Analysis) -> dict[str, Any]:
+        """``POST /api/<name>`` of a declared analysis: its parameters read strictly from
+        the body (400 naming the field), its result from the cache its scope names, or from
+        a job when its work is over the inline threshold."""
+        if spec.scope == "prompt":
+            body = json_body(base | spec.fields)
+            lm, fp, part = prompt(body)
+        else:
+            body = json_body({"model"} | spec.fields)
+            lm, fp = model_of(body), None
+            part = {"model": lm.name}
+        shape = declare.Shape(lm.cfg, None if fp is None else fp.n_tokens)
+        values = spec.read(body, shape)
+        req = W.declared(spec, lm, fp, values)
+        if req is not None:
+            (res,) = run_weight_analyses(lm, req)
+        else:
+            needs = dict(zip(spec.needs, run_weight_analyses(lm, *W.needs(spec)))) \
+                if spec.needs else {}
+            res = registry.per_prompt(fp, spec.key(values, shape),
+                                      lambda: spec.compute(lm, fp, values, needs))
+        return {**part, **jsonable(spec.to_json(res))}
+
     @endpoint("/", ("GET",))
     def index() -> dict[str, Any]:
-        rules = sorted({(r.rule, m) for r in flask.current_app.url_map.iter_rules()
-                        if r.endpoint.startswith(bp.name + ".") and "<" not in r.rule
-                        for m in (r.methods or ()) if m in {"GET", "POST"}})
-        return {"endpoints": [f"{m} {r}" for r, m in rules]}
+        rules = {(r.rule, m) for r in flask.current_app.url_map.iter_rules()
+                 if r.endpoint.startswith(bp.name + ".") and "<" not in r.rule
+                 for m in (r.methods or ()) if m in {"GET", "POST"}}
+        prefix = flask.url_for(bp.name + ".index")
+        rules |= {(prefix + name, "POST") for name in declare.declared()}
+        return {"endpoints": [f"{m} {r}" for r, m in sorted(rules)]}
 
-    @endpoint("/<path:rest>", ("GET", "POST"))
-    def unknown() -> dict[str, Any]:
+    @endpoint("/<name>", ("GET", "POST"))
+    def declared_route() -> dict[str, Any]:
+        spec = declare.find((flask.request.view_args or {}).get("name", ""))
+        if spec is None:
+            return no_endpoint()
+        if flask.request.method != "POST":
+            raise ApiError(f"method {flask.request.method} is not allowed on "
+                           f"{flask.request.path}; use POST", 405)
+        return run_declared(spec)
+
+    def no_endpoint() -> dict[str, Any]:
+        """A 405 naming the methods of a path that exists, else a 404."""
         path = flask.request.path
         for rule in flask.current_app.url_map.iter_rules():
             if rule.endpoint.startswith(bp.name + ".") and rule.rule == path and \
-                    rule.endpoint != bp.name + ".unknown":
+                    rule.endpoint not in (bp.name + ".unknown", bp.name + ".declared_route"):
                 allowed = sorted((rule.methods or set()) & {"GET", "POST"})
                 raise ApiError(f"method {flask.request.method} is not allowed on {path}; "
                                f"use {' or '.join(allowed)}", 405)
         raise ApiError(f"no API endpoint {flask.request.path!r}; GET "
                        f"{flask.url_for(bp.name + '.index')} lists them", 404)
+
+    @endpoint("/<path:rest>", ("GET", "POST"))
+    def unknown() -> dict[str, Any]:
+        return no_endpoint()
 
     return bp

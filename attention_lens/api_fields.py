@@ -7,11 +7,12 @@ route reads its fields in a few lines and never answers 500 to a malformed reque
 from __future__ import annotations
 
 import json
-from numbers import Integral
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import flask
 
+from .analysis import declare
 from .analysis.analogy import MAX_TERMS
 from .model.checkpoint import LoadedModel
 from .model.jsonfile import value_depth
@@ -30,6 +31,15 @@ class ApiError(ValueError):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+@contextmanager
+def _api_errors() -> Iterator[None]:
+    """A parameter's problem (the field readers of :mod:`.analysis.declare`) as a 400."""
+    try:
+        yield
+    except declare.ParamError as exc:
+        raise ApiError(str(exc)) from None
 
 
 def _check_unicode(value: Any) -> None:
@@ -119,48 +129,26 @@ def text_field(body: dict[str, Any], key: str = "text") -> str:
 def int_field(body: dict[str, Any], key: str, default: Optional[int], lo: int, hi: int,
               what: str = "") -> Optional[int]:
     """An optional integer in [lo, hi]; booleans and floats are refused."""
-    value = body.get(key, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise ApiError(f"{key!r} must be an integer, got {value!r}"[:200])
-    if not lo <= int(value) <= hi:
-        shown = str(value) if len(str(value)) <= 24 else f"{str(value)[:10]}… " \
-            f"({len(str(abs(int(value))))} digits)"
-        raise ApiError(f"{key!r} must be between {lo} and {hi}{what}, got {shown}")
-    return int(value)
+    with _api_errors():
+        return declare.read_int(body, key, default, lo, hi, what)
 
 
 def bool_field(body: dict[str, Any], key: str, default: bool) -> bool:
     """An optional boolean."""
-    value = body.get(key, default)
-    if not isinstance(value, bool):
-        raise ApiError(f"{key!r} must be true or false, got {value!r}"[:200])
-    return value
+    with _api_errors():
+        return declare.read_bool(body, key, default)
 
 
 def choice_field(body: dict[str, Any], key: str, default: str, choices: tuple[str, ...]) -> str:
     """An optional string from ``choices``."""
-    value = body.get(key, default)
-    if value not in choices:
-        raise ApiError(f"{key!r} must be one of {', '.join(map(repr, choices))}, "
-                       f"got {value!r}"[:300])
-    return value
+    with _api_errors():
+        return declare.read_choice(body, key, default, choices)
 
 
 def token_field(body: dict[str, Any], key: str) -> Optional[int | str]:
     """An optional target token: an id or a string (checked by the analysis)."""
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ApiError(f"{key!r} must be a token id or a token string, got {value!r}"[:200])
-    if isinstance(value, str) and "\x00" in value:
-        raise ApiError(f"{key!r} contains a NUL character")
-    return value
+    with _api_errors():
+        return declare.read_token(body, key)
 
 
 def words_field(body: dict[str, Any], key: str, required: bool) -> list[str]:

@@ -169,6 +169,23 @@ def _path_patching(lm: LoadedModel, progress: Progress, clean: str, corrupted: s
                          position=position, mlps=mlps)
 
 
+def _declared(lm: LoadedModel, progress: Progress, analysis: str, tokens: str,
+              params: str) -> Any:
+    """A declared analysis (:mod:`.analysis.declare`) of a prompt given by its token ids
+    (scope prompt) or of the weights (``tokens`` empty), run as a job."""
+    import json
+
+    from .analysis import declare
+
+    spec = declare.find(analysis)
+    if spec is None:
+        raise AnalysisError(f"no analysis is declared as {analysis!r}")
+    fp = _prompt_pass(lm, tokens) if tokens else None
+    reads = dict(zip(spec.needs, store().get_or_compute(lm, *needs(spec)))) \
+        if spec.needs else {}
+    return spec.compute(lm, fp, json.loads(params), reads, progress=progress)
+
+
 def pair_set_key(digest: str) -> str:
     """Where an uploaded set of pairs is kept in the shared store (by its content hash)."""
     return f"pairs:{digest}"
@@ -225,6 +242,8 @@ ANALYSES: dict[str, Analysis] = {
                                   ("clean", "corrupted", "correct", "wrong", "pairs", "metric",
                                    "position", "method", "ablation", "steps", "k", "n_sizes",
                                    "n_random")),
+    # an analysis declared in analysis/ whose estimated work is over the inline threshold
+    "declared": Analysis("{analysis}", _declared, ("analysis", "tokens", "params")),
     "circuit_svd": Analysis("{circuit} circuit SVD", _svd, ("circuit",)),
     "circuit_eigenvalues": Analysis("circuit eigenvalues", _eigen),
     "composition_scores": Analysis("composition scores", _composition),
@@ -255,6 +274,26 @@ def request(name: str, **params: Any) -> Request:
         if not isinstance(value, (str, int, float, bool)) or value is None:
             raise AnalysisError(f"{name}: parameter {key} must be a plain value")
     return Request(name, tuple(sorted(params.items())))
+
+
+def declared(spec: Any, lm: LoadedModel, fp: Any, values: dict[str, Any]) -> Optional[Request]:
+    """The store's request for a declared analysis (:mod:`.analysis.declare`) that runs as a
+    job: scope weights always, scope prompt when its estimated work on this prompt is over
+    the inline threshold; None when it runs inline (its result then kept with the forward
+    pass)."""
+    from .analysis.declare import Shape, runs_inline
+
+    if spec.scope == "prompt" and runs_inline(spec, lm.cfg, fp.n_tokens, values):
+        return None
+    tokens = "" if spec.scope == "weights" else ",".join(str(int(t)) for t in fp.token_ids)
+    shape = Shape(lm.cfg, None if fp is None else fp.n_tokens)
+    return request("declared", analysis=spec.name, tokens=tokens,
+                   params=spec.stored_params(values, shape))
+
+
+def needs(spec: Any) -> list[Request]:
+    """The weight analyses a declared analysis reads (its ``needs``), in order."""
+    return [request(kind) for kind in spec.needs.values()]
 
 
 def logit_lens(token_ids: Sequence[int], k: int, target: Optional[int],

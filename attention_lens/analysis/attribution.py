@@ -20,6 +20,7 @@ import torch
 from ..model.checkpoint import LoadedModel
 from .attention import head_results
 from .checks import check_position
+from .declare import Position, Token, declare, fields_of
 from .forward import ForwardPass
 from .predictions import TokenLike, token_id
 
@@ -152,3 +153,12 @@ def logit_attribution(lm: LoadedModel, fp: ForwardPass, *, target: Optional[Toke
         heads=per_head, labels=tuple(labels), kinds=tuple(kinds), layers=layers_np,
         head_index=heads_np, values=values_np, logit=logit, bias=bias, normalization=norm,
     )
+
+
+ATTRIBUTION = declare(
+    "attribution", logit_attribution,
+    params=[Token("target", label="target token", placeholder="the actual next token"),
+            Token("contrast", label="minus token", placeholder="optional"),
+            Position("position", url="pos", auto=True, label="position",
+                     placeholder="auto (-1 = last)")],
+    to_json=lambda res: {"result": {**fields_of(res), "total": res.total}})

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..model.checkpoint import LoadedModel
 from .checks import check_layer_head
+from .declare import Bool, Choice, Int, declare
 from .eigen import CircuitEigenvalues, circuit_eigenvalues
 from .errors import AnalysisError
 from .forward import ForwardPass
@@ -388,3 +389,16 @@ def head_examples(result: HeadDetection, lm: LoadedModel, kind: str, layer: int,
     """Range-checked :meth:`HeadDetection.examples`."""
     check_layer_head(lm, layer, head)
     return result.examples(kind, layer, head)
+
+
+HEAD_DETECTION = declare(
+    "head-detection", head_detection, paths=("induction-score",),
+    params=[Choice("metric", "mul", METRICS, label="score"),
+            Choice("rows", "target", ROWS, label="average over",
+                   labels={"target": "rows with a target", "all": "all rows (TransformerLens)"}),
+            Int("n_examples", 8, 1, 30, url="n", label="examples"),
+            Bool("exclude_bos", False, page=False),
+            Bool("exclude_diagonal", False, page=False)],
+    needs={"probe": "probe_head_scores", "eigen": "circuit_eigenvalues"},
+    to_json=lambda res: {"induction_scores": res.scores["induction"],
+                         "probe_induction_scores": res.probe_induction, "result": res})

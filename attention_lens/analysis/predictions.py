@@ -15,6 +15,7 @@ import torch
 
 from ..model.checkpoint import LoadedModel
 from .checks import check_k, check_position
+from .declare import Int, Position, declare
 from .errors import AnalysisError
 from .forward import ForwardPass
 
@@ -207,3 +208,19 @@ def token_predictions(lm: LoadedModel, fp: ForwardPass, *, k: int = 5) -> TokenP
         entropy=entropy_nats(log_probs).numpy(),
         loss=float(np.nanmean(surprisal)) if p > 1 else float("nan"),
     )
+
+
+def _next_token_json(res: NextToken) -> dict:
+    preds = [{"token": t, "id": int(i), "display": d, "probability": p, "logit": lg,
+              "rank": int(r)}
+             for t, i, d, p, lg, r in zip(res.tokens, res.token_ids, res.display, res.probs,
+                                          res.logits, res.ranks)]
+    return {"position": res.position, "predictions": preds, "entropy": res.entropy}
+
+
+NEXT_TOKEN = declare(
+    "next-token", next_token, paths=("predict",),
+    params=[Int("top_k", 10, 1, lambda cfg: min(100, cfg.d_vocab), url="k", arg="k",
+                label="top k"),
+            Position("position", url="pos", label="position", placeholder="-1 = last")],
+    to_json=_next_token_json)

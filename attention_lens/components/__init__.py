@@ -55,6 +55,12 @@ How to add a page (three files, plus their tests)
    model. ``ctx.model`` and ``ctx.forward`` are the model and the cached forward pass;
    ``ctx.weight(...)`` a weight analysis. A page never imports the app module.
 
+   An analysis declared in ``analysis/`` (:mod:`attention_lens.analysis.declare`) gives the
+   page its controls: ``register_page(..., analysis=X)`` adds one per parameter (its URL
+   name, default, bounds and label), ``panels`` reads ``ctx.run(X, query)`` (cached with the
+   forward pass, or a background job when its estimated work is large), and the same
+   declaration answers ``POST /api/<name>``.
+
 Shared state: ``shell.STATE`` (a ``dcc.Store``) holds ``{"model", "text", "pos"}`` — the
 analysed prompt; every page's main callback takes it as its first input. ``pos`` is the
 token position pinned on ``/tokens``; pages with a position control read ``pos`` from their

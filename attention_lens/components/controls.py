@@ -220,6 +220,32 @@ class IntList:
 Control = Union[Int, Choice, Text, IntList]
 
 
+def control_of(param: Any) -> Control:
+    """The page control of a declared analysis parameter (:mod:`..analysis.declare`): same
+    URL name, default, bounds and label."""
+    from ..analysis import declare as D
+
+    name = param.url_name
+    if isinstance(param, D.Int):
+        return Int(name, param.default, param.lo, param.hi, label=param.label,
+                   placeholder=param.placeholder)
+    if isinstance(param, D.Position):
+        return Int(name, None if param.auto else param.default, label=param.label,
+                   placeholder=param.placeholder)
+    if isinstance(param, D.Choice):
+        return Choice(name, param.default, tuple(param.choices), label=param.label,
+                      labels=param.labels)
+    if isinstance(param, D.Token):
+        return Text(name, "", label=param.label, placeholder=param.placeholder)
+    raise TypeError(f"a {type(param).__name__} parameter has no page control; declare it "
+                    "with page=False")
+
+
+def controls_of(analysis: Any) -> list[Control]:
+    """The page controls of a declared analysis's parameters shown on pages."""
+    return [control_of(p) for p in analysis.params if p.page]
+
+
 def control_input(page: str, control: Any) -> Input:
     """The callback input of a control (a control may name its own, e.g. pattern-matched)."""
     own = getattr(control, "input", None)

@@ -32,6 +32,7 @@ from .controls import (
     control_id,  # noqa: F401 - pages address their controls through P
     control_input,
     control_state,
+    controls_of,
     parse_all,
 )
 
@@ -276,6 +277,27 @@ class PageContext:
             self.pending.append(missing)
             return preview()
 
+    def run(self, analysis: Any, query: Optional[dict] = None, **given: Any) -> Any:
+        """The result of a declared analysis (:mod:`..analysis.declare`) on the prompt (scope
+        prompt) or the model's weights: its parameters from the page's validated controls
+        ``query`` and ``given`` (values the page chose, by parameter name). Kept with the
+        forward pass under the declaration's key, or, when its estimated work is over the
+        inline threshold (scope weights always), read from the store and computed as a
+        background job with progress."""
+        values = analysis.values({**(analysis.from_query(query) if query else {}), **given})
+        lm = self.model
+        fp = self.forward if analysis.scope == "prompt" else None
+        req = W.declared(analysis, lm, fp, values)
+        if req is not None:
+            return self.weight(req)
+        needs = dict(zip(analysis.needs, self.weights(*W.needs(analysis)))) \
+            if analysis.needs else {}
+        from ..analysis.declare import Shape
+
+        return self.registry.per_prompt(
+            fp, analysis.key(values, Shape(lm.cfg, fp.n_tokens)),
+            lambda: analysis.compute(lm, fp, values, needs))
+
     def only(self, *controls: str) -> bool:
         """True when only some of these controls changed since the page was drawn (parts
         that do not depend on them may then be left out: they keep what they show)."""
@@ -304,6 +326,7 @@ class PageSpec:
     graph_options: Optional[dict[str, dict]] = None
     exportable: bool = True
     extra_classes: Optional[dict[str, str]] = None
+    analysis: Any = None
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -569,7 +592,8 @@ def register_page(module: str, *, path: str, name: str, order: int, heading: str
                   help_md: str = "", body: Optional[Callable[[dict], Sequence[Any]]] = None,
                   prepare: Optional[Callable[[dict, Any], dict]] = None,
                   graph_options: Optional[dict[str, dict]] = None, exportable: bool = True,
-                  page: Optional[str] = None, **dash_kwargs: Any) -> PageSpec:
+                  page: Optional[str] = None, analysis: Any = None,
+                  **dash_kwargs: Any) -> PageSpec:
     """Declare an analysis page: Dash's ``register_page`` plus everything wired from it.
 
     ``heading`` and ``lead`` (a sentence under it) title the page; ``controls`` (each with
@@ -582,14 +606,30 @@ def register_page(module: str, *, path: str, name: str, order: int, heading: str
     state, alerts), the background job for weight analyses with its strip, CSV/JSON
     downloads and "Export page". The spec is stored in ``dash.page_registry`` under
     ``"attention_lens"`` so export and the tests find every page there.
+
+    ``analysis`` (a declaration of :mod:`..analysis.declare`) adds a control for each of its
+    parameters shown on pages (URL names, defaults, bounds and labels from the declaration),
+    before the page's own ``controls``, or where ``controls`` names it (a URL name as a
+    string places that parameter's control); ``panels`` then read the result with
+    ``ctx.run(analysis, query)``.
     """
     page = page or module.rsplit(".", 1)[-1].replace("_", "-")
+    if analysis is not None:
+        derived = {c.name: c for c in controls_of(analysis)}
+        placed = [c for c in controls if isinstance(c, str)]
+        wrong = set(placed) - set(derived)
+        if wrong:
+            raise ValueError(f"page {page}: {sorted(wrong)} are no parameters of "
+                             f"{analysis.name}")
+        controls = [c for n, c in derived.items() if n not in placed] + \
+            [derived[c] if isinstance(c, str) else c for c in controls]
     pairs = [(e, None) if isinstance(e, str) else tuple(e) for e in extras]
     spec = PageSpec(page=page, heading=heading, lead=lead, help_md=help_md,
                     controls=tuple(controls), graphs=tuple(graphs),
                     extras=tuple(name for name, _ in pairs), panels=panels, body=body,
                     prepare=prepare, graph_options=graph_options, exportable=exportable,
-                    extra_classes={name: cls for name, cls in pairs if cls})
+                    extra_classes={name: cls for name, cls in pairs if cls},
+                    analysis=analysis)
     names = [*spec.extras, *spec.control_names]  # both are ``{page}-{name}`` ids
     if len(set(names)) != len(names) or len(set(spec.graphs)) != len(spec.graphs):
         raise ValueError(f"page {page}: graphs, and extras and controls, need distinct names")

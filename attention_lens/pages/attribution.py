@@ -6,10 +6,9 @@ from typing import Any
 
 import dash_bootstrap_components as dbc
 
-from ..analysis.attribution import logit_attribution
+from ..analysis.attribution import ATTRIBUTION
 from ..analysis.defaults import chosen_position
 from ..components import page as P
-from ..components.controls import Int, Text
 from ..figures.attribution import attribution_components_figure, attribution_heads_figure
 from ..figures.tokens import quoted
 
@@ -36,8 +35,7 @@ def panels(ctx: P.PageContext, query: dict) -> list[Any]:
     fp = ctx.forward
     where = chosen_position(fp, query["pos"])
     target = query["target"] or where.target_id
-    result = logit_attribution(ctx.model, fp, target=target,
-                               contrast=query["contrast"] or None, position=where.position)
+    result = ctx.run(ATTRIBUTION, query, target=target, position=where.position)
     follows = ("the token you typed" if query["target"] else
                "the token that actually comes next" if where.target_id is not None else
                "the model's top prediction")
@@ -55,9 +53,7 @@ P.register_page(
     lead="Which heads write the predicted token straight into the output.",
     help_md=HELP, panels=panels, graphs=["heads", "components"],
     extras=[("choice", "al-choice")],
-    controls=[Text("target", "", label="target token", placeholder="the actual next token"),
-              Text("contrast", "", label="minus token", placeholder="optional"),
-              Int("pos", None, label="position", placeholder="auto (-1 = last)")],
+    analysis=ATTRIBUTION,
     body=lambda parts: [parts["choice"],
                         dbc.Row([dbc.Col(parts["heads"], lg=5),
                                  dbc.Col(parts["components"], lg=7)])])

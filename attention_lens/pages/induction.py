@@ -12,14 +12,7 @@ from ..analysis.checks import check_layer_head
 from ..analysis.composition import KINDS, Composition
 from ..analysis.defaults import strongest_head
 from ..analysis.errors import AnalysisError
-from ..analysis.heads import (
-    METRICS,
-    ROWS,
-    ROWS_DESCRIPTION,
-    HeadDetection,
-    head_detection,
-    label_heads,
-)
+from ..analysis.heads import HEAD_DETECTION, ROWS_DESCRIPTION, HeadDetection, label_heads
 from ..components import page as P
 from ..components.controls import Choice, Int
 from ..figures.heads import (
@@ -100,13 +93,9 @@ def source_layer(lm: Any, src: Optional[int]) -> Optional[int]:
 def panels(ctx: P.PageContext, query: dict) -> list:
     """Score grids, labels, the selected head's examples and the composition heatmaps."""
     lm = ctx.model
-    probe, eigen, comp = ctx.weights(W.probe_head_scores(), W.circuit_eigenvalues(),
-                                     W.composition_scores())
+    *_, comp = ctx.weights(*W.needs(HEAD_DETECTION), W.composition_scores())
     fp = ctx.forward
-    key = ("head_detection", query["metric"], query["n"], query["rows"])
-    hd = ctx.registry.per_prompt(fp, key, lambda: head_detection(
-        lm, fp, metric=query["metric"], n_examples=query["n"], probe=probe, eigen=eigen,
-        rows=query["rows"]))
+    hd = ctx.run(HEAD_DETECTION, query)
     if query["layer"] is None and query["head"] is None:
         # the strongest induction head on this prompt when it repeats itself, else the
         # strongest on the probe
@@ -154,17 +143,16 @@ P.register_page(
          "layers compose.",
     help_md=HELP, panels=panels,
     graphs=["scores", "labels", "examples", *[f"composition-{k}" for k in KINDS]],
+    analysis=HEAD_DETECTION,
     controls=[
-        Choice("metric", "mul", METRICS, label="score"),
-        Choice("rows", "target", ROWS, label="average over",
-               labels={"target": "rows with a target", "all": "all rows (TransformerLens)"}),
+        "metric", "rows",
         Choice("labels", "probe", ("probe", "prompt"), label="labels from"),
         Choice("kind", "induction", EXAMPLE_KINDS, label="examples of",
                labels={k: k.replace("_", "-") for k in EXAMPLE_KINDS}),
         Int("layer", None, 0, hi=lambda cfg: cfg.n_layers - 1, label="layer",
             placeholder="auto"),
         Int("head", None, 0, hi=lambda cfg: cfg.n_heads - 1, label="head", placeholder="auto"),
-        Int("n", 8, 1, 30, label="examples"),
+        "n",
         Int("src", None, 0, label="composition from layer", placeholder="all"),
     ],
     body=lambda parts: [parts["scores"],

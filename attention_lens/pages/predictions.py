@@ -7,9 +7,8 @@ from typing import Any
 import dash_bootstrap_components as dbc
 from dash import html
 
-from ..analysis.predictions import next_token, token_predictions
+from ..analysis.predictions import NEXT_TOKEN, token_predictions
 from ..components import page as P
-from ..components.controls import Int
 from ..figures.predictions import next_token_figure, next_token_table, surprisal_figure
 from ..figures.theme import number
 
@@ -39,7 +38,7 @@ def table(rows: list[dict[str, Any]]) -> dbc.Table:
 
 def panels(ctx: P.PageContext, query: dict) -> list:
     """The top-k bars at the chosen position, its table, and the per-position surprisal."""
-    top = next_token(ctx.model, ctx.forward, k=query["k"], position=query["pos"])
+    top = ctx.run(NEXT_TOKEN, query)
     per_pos = token_predictions(ctx.model, ctx.forward, k=5)
     return [P.Panel("next-token", next_token_figure(top), top),
             P.Html("table", table(next_token_table(top))),
@@ -54,8 +53,7 @@ P.register_page(
     lead="What the model expects next after reading up to a position, and how surprised it "
          "was by each token of the prompt.",
     help_md=HELP, panels=panels, graphs=["next-token", "surprisal"], extras=["table"],
-    controls=[Int("k", 10, 1, 100, label="top k"),
-              Int("pos", -1, label="position", placeholder="-1 = last")],
+    analysis=NEXT_TOKEN,
     body=lambda parts: [dbc.Row([dbc.Col(parts["next-token"], lg=7),
                                  dbc.Col(parts["table"], lg=5)]),
                         parts["surprisal"]])

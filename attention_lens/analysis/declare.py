@@ -1,0 +1,402 @@
+"""An analysis declared once: its function, typed parameters, scope, cost and JSON form.
+
+A declaration sits next to its function in :mod:`attention_lens.analysis`::
+
+    NEXT_TOKEN = declare(
+        "next-token", next_token, paths=("predict",),
+        params=[Int("top_k", 10, 1, lambda cfg: min(100, cfg.d_vocab), url="k"),
+                Position("position", -1, url="pos")],
+        to_json=lambda res: {"position": res.position, ...})
+
+and everything else is derived from it: the page's controls and URL state
+(``register_page(analysis=NEXT_TOKEN, ...)``), the endpoint ``POST /api/next-token`` (and
+``/api/predict``) with its validation and 400s, the cache key (scope, name and the
+normalised parameters) and the cache it lives in (the forward pass's per-prompt cache for
+scope ``prompt``, the weight-analysis store for scope ``weights``), and whether it runs
+inline or as a background job with progress (:func:`runs_inline`, one threshold,
+:data:`INLINE_MAX_GFLOP`).
+
+Parameters have two readers: ``read`` is strict (the API: a wrong type or a value out of
+bounds is a :class:`ParamError`, answered 400); the page's controls, derived from the same
+parameter, are lenient (a bad URL value becomes the default or the nearest bound, with a
+message). Bounds may depend on the model (``hi=lambda cfg: cfg.n_layers - 1``); a
+:class:`Position` is bounded by the prompt's length.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import pkgutil
+import threading
+from dataclasses import dataclass, field
+from numbers import Integral
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+from .errors import AnalysisError
+
+Bound = Union[int, None, Callable[[Any], Optional[int]]]
+SCOPES = ("prompt", "weights", "dataset", "pair")
+#: Scopes whose page, endpoint, cache and job are derived today.
+DERIVED_SCOPES = ("prompt", "weights")
+
+#: Largest magnitude of a whole number without bounds of its own.
+MAX_WHOLE = 2**31 - 1
+
+
+class ParamError(AnalysisError):
+    """A parameter sent to an analysis has the wrong type or is out of bounds (a 400)."""
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+#: Largest estimated work (GFLOP) an analysis runs inline, in the request or callback that
+#: asks for it; above it, it runs as a background job with progress and its result is kept
+#: in the weight-analysis store (``ATTENTION_LENS_INLINE_MAX_GFLOP``; 50 GFLOP is a few
+#: forward passes of GPT-2 small over 100 tokens). The one "is this big" threshold of
+#: declared analyses.
+INLINE_MAX_GFLOP = _env_float("ATTENTION_LENS_INLINE_MAX_GFLOP", 50.0)
+
+
+# ------------------------------------------------------------- strict field readers
+def _shown_int(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 24 else f"{text[:10]}… ({len(str(abs(int(value))))} digits)"
+
+
+def read_int(body: Mapping[str, Any], key: str, default: Optional[int], lo: int, hi: int,
+             what: str = "") -> Optional[int]:
+    """An optional integer in [lo, hi]; booleans and non-whole floats are refused."""
+    value = body.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise ParamError(f"{key!r} must be an integer, got {value!r}"[:200])
+    if not lo <= int(value) <= hi:
+        raise ParamError(f"{key!r} must be between {lo} and {hi}{what}, "
+                         f"got {_shown_int(value)}")
+    return int(value)
+
+
+def read_bool(body: Mapping[str, Any], key: str, default: bool) -> bool:
+    """An optional boolean."""
+    value = body.get(key, default)
+    if not isinstance(value, bool):
+        raise ParamError(f"{key!r} must be true or false, got {value!r}"[:200])
+    return value
+
+
+def read_choice(body: Mapping[str, Any], key: str, default: str,
+                choices: Sequence[str]) -> str:
+    """An optional string from ``choices``."""
+    value = body.get(key, default)
+    if value not in choices:
+        raise ParamError(f"{key!r} must be one of {', '.join(map(repr, choices))}, "
+                         f"got {value!r}"[:300])
+    return value
+
+
+def read_token(body: Mapping[str, Any], key: str) -> Optional[Union[int, str]]:
+    """An optional token: an id or a string (checked by the analysis)."""
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ParamError(f"{key!r} must be a token id or a token string, got {value!r}"[:200])
+    if isinstance(value, str) and "\x00" in value:
+        raise ParamError(f"{key!r} contains a NUL character")
+    return value
+
+
+# ------------------------------------------------------------------- parameter types
+@dataclass(frozen=True)
+class Shape:
+    """What bounds are computed from: the model's config and the prompt's length."""
+
+    cfg: Any = None
+    n_tokens: Optional[int] = None
+
+
+def _bound(bound: Bound, cfg: Any) -> Optional[int]:
+    if callable(bound):
+        return bound(cfg) if cfg is not None else None
+    return bound
+
+
+@dataclass(frozen=True)
+class Param:
+    """A parameter of an analysis: its name (the API field), the page's URL name (``url``)
+    and the function's keyword (``arg``), both the name if empty; its default and label, and
+    whether the page shows it (``page=False``: API only; the page passes the default)."""
+
+    name: str
+    default: Any = None
+    label: str = field(default="", kw_only=True)
+    url: str = field(default="", kw_only=True)
+    arg: str = field(default="", kw_only=True)
+    page: bool = field(default=True, kw_only=True)
+
+    @property
+    def url_name(self) -> str:
+        """The name of the page's control and URL parameter."""
+        return self.url or self.name
+
+    def read(self, body: Mapping[str, Any], shape: Shape) -> Any:  # pragma: no cover
+        """The value sent in ``body`` (strict: ParamError on a bad one)."""
+        raise NotImplementedError
+
+    def normal(self, value: Any, shape: Shape) -> Any:
+        """The value as the cache key holds it (equal results, equal keys)."""
+        return tuple(value) if isinstance(value, list) else value
+
+
+@dataclass(frozen=True)
+class Int(Param):
+    """A whole number in [lo, hi] (bounds may be functions of the model's config)."""
+
+    lo: Bound = None
+    hi: Bound = None
+    placeholder: str = field(default="", kw_only=True)
+    what: str = field(default="", kw_only=True)
+
+    def read(self, body: Mapping[str, Any], shape: Shape) -> Any:
+        lo, hi = _bound(self.lo, shape.cfg), _bound(self.hi, shape.cfg)
+        return read_int(body, self.name, self.default, -MAX_WHOLE if lo is None else lo,
+                        MAX_WHOLE if hi is None else hi, self.what)
+
+
+@dataclass(frozen=True)
+class Choice(Param):
+    """One of a fixed set of strings; ``labels`` name the options on the page."""
+
+    choices: tuple[str, ...] = ()
+    labels: Optional[dict[str, str]] = field(default=None, kw_only=True)
+
+    def read(self, body: Mapping[str, Any], shape: Shape) -> Any:
+        return read_choice(body, self.name, self.default, tuple(self.choices))
+
+
+@dataclass(frozen=True)
+class Bool(Param):
+    """True or false."""
+
+    default: Any = False
+
+    def read(self, body: Mapping[str, Any], shape: Shape) -> Any:
+        return read_bool(body, self.name, self.default)
+
+
+@dataclass(frozen=True)
+class Token(Param):
+    """A token: an id or its text; None (the page: empty) lets the analysis or page choose."""
+
+    placeholder: str = field(default="", kw_only=True)
+
+    def read(self, body: Mapping[str, Any], shape: Shape) -> Any:
+        return read_token(body, self.name)
+
+
+@dataclass(frozen=True)
+class Position(Param):
+    """A token position of the prompt (``-1`` the last). With ``auto``, the page's empty
+    box means "the page chooses" (its placeholder says how); the API uses ``default``."""
+
+    default: Any = -1
+    auto: bool = field(default=False, kw_only=True)
+    placeholder: str = field(default="", kw_only=True)
+
+    def read(self, body: Mapping[str, Any], shape: Shape) -> Any:
+        n = shape.n_tokens or 1
+        return read_int(body, self.name, self.default, -n, n - 1,
+                        f" (the prompt has {n} tokens)")
+
+    def normal(self, value: Any, shape: Shape) -> Any:
+        n = shape.n_tokens
+        if n and isinstance(value, int) and not isinstance(value, bool) and -n <= value < n:
+            return value % n
+        return value
+
+
+# ----------------------------------------------------------------------- analyses
+Cost = Callable[[Any, int, dict], float]
+
+
+def reads_the_pass(cfg: Any, n_tokens: int, values: dict) -> float:
+    """The cost of an analysis that only reads the prompt's cached forward pass: no further
+    forward passes."""
+    return 0.0
+
+
+def _fields_json(result: Any) -> dict[str, Any]:
+    return {"result": result}
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """A declared analysis (see the module's docs).
+
+    ``fn(lm, fp, **params, **needs)`` for scope ``prompt`` (``fn(lm, **params, **needs)`` for
+    ``weights``); ``needs`` maps a keyword of ``fn`` to the weight analysis (by its store
+    name) it reads; ``cost(cfg, n_tokens, params)`` estimates the work in forward passes of
+    the prompt beyond the cached one (the default, 0: it only reads that pass);
+    ``to_json(result)`` gives the endpoint's fields (numpy arrays and dataclasses allowed:
+    the API encodes them); ``paths`` are further endpoint names (kept old paths).
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    params: tuple[Param, ...]
+    scope: str = "prompt"
+    cost: Cost = reads_the_pass
+    to_json: Callable[[Any], dict[str, Any]] = _fields_json
+    needs: Mapping[str, str] = field(default_factory=dict)
+    paths: tuple[str, ...] = ()
+    label: str = ""
+
+    @property
+    def fields(self) -> set[str]:
+        """The API fields of the parameters."""
+        return {p.name for p in self.params}
+
+    def read(self, body: Mapping[str, Any], shape: Shape) -> dict[str, Any]:
+        """Every parameter's value from an API body (strict: ParamError on a bad one)."""
+        return {p.name: p.read(body, shape) for p in self.params}
+
+    def values(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """Every parameter's value: ``given`` ones, the defaults for the rest."""
+        unknown = set(given) - self.fields
+        if unknown:
+            raise TypeError(f"{self.name} has no parameters {sorted(unknown)}")
+        return {p.name: given.get(p.name, p.default) for p in self.params}
+
+    def from_query(self, query: Mapping[str, Any]) -> dict[str, Any]:
+        """The parameters from a page's validated controls (URL names; an empty token is
+        None; a parameter the page does not show takes its default)."""
+        out = {}
+        for p in self.params:
+            value = query.get(p.url_name, p.default) if p.page else p.default
+            if isinstance(p, Token) and value == "":
+                value = None
+            out[p.name] = value
+        return out
+
+    def key(self, values: Mapping[str, Any], shape: Shape = Shape()) -> tuple:
+        """The cache key: scope, name and the normalised parameters."""
+        return (self.scope, self.name,
+                tuple((p.name, p.normal(values[p.name], shape)) for p in self.params))
+
+    def gflop(self, cfg: Any, n_tokens: int, values: Mapping[str, Any]) -> float:
+        """Estimated work (GFLOP): the cost in passes times one pass's work."""
+        return float(self.cost(cfg, n_tokens, dict(values))) * forward_gflop(cfg, n_tokens)
+
+    def compute(self, lm: Any, fp: Any, values: Mapping[str, Any], needs: Mapping[str, Any],
+                progress: Optional[Callable[[float], None]] = None) -> Any:
+        """Run the function (the prompt's forward pass ``fp``, None for scope weights)."""
+        shape = Shape(lm.cfg, getattr(fp, "n_tokens", None))
+        args = {p.arg or p.name: p.normal(values[p.name], shape) if isinstance(p, Position)
+                else values[p.name] for p in self.params}
+        if progress is not None and "progress" in inspect.signature(self.fn).parameters:
+            args["progress"] = progress
+        if self.scope == "weights":
+            return self.fn(lm, **args, **needs)
+        return self.fn(lm, fp, **args, **needs)
+
+    def stored_params(self, values: Mapping[str, Any], shape: Shape = Shape()) -> str:
+        """The normalised parameters as the store's request carries them (canonical JSON)."""
+        return json.dumps({p.name: p.normal(values[p.name], shape) for p in self.params},
+                          sort_keys=True)
+
+
+def forward_gflop(cfg: Any, n_tokens: int) -> float:
+    """Floating-point work (GFLOP) of one forward pass of ``n_tokens`` tokens: two per weight
+    and token, plus the attention scores and mixing."""
+    c = cfg
+    per_layer = 4 * c.d_model * c.n_heads * c.d_head
+    if not c.attn_only:
+        per_layer += 2 * c.d_model * (c.d_mlp or 4 * c.d_model)
+    weights = c.n_layers * per_layer + c.d_model * c.d_vocab
+    attention = c.n_layers * c.n_heads * 2 * n_tokens * n_tokens * c.d_head
+    return (2 * n_tokens * weights + 2 * attention) / 1e9
+
+
+def runs_inline(analysis: Analysis, cfg: Any, n_tokens: int,
+                values: Mapping[str, Any]) -> bool:
+    """Whether ``analysis`` runs inline (else as a background job): its estimated work
+    against :data:`INLINE_MAX_GFLOP`."""
+    return analysis.gflop(cfg, n_tokens, values) <= INLINE_MAX_GFLOP
+
+
+# ------------------------------------------------------------------ the declarations
+_DECLARED: dict[str, Analysis] = {}
+_LOCK = threading.Lock()
+_SCANNED = False
+
+
+def declare(name: str, fn: Callable[..., Any], *, params: Sequence[Param] = (),
+            scope: str = "prompt", cost: Cost = reads_the_pass,
+            to_json: Callable[[Any], dict[str, Any]] = _fields_json,
+            needs: Optional[Mapping[str, str]] = None, paths: Sequence[str] = (),
+            label: str = "") -> Analysis:
+    """Declare an analysis (see the module's docs); declaring a name again replaces it."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if scope not in DERIVED_SCOPES:
+        raise ValueError(f"{name}: scope {scope!r} has no derived endpoint and cache yet "
+                         f"(declared scopes: {', '.join(DERIVED_SCOPES)})")
+    names = [p.name for p in params]
+    urls = [p.url_name for p in params if p.page]
+    if len(set(names)) != len(names) or len(set(urls)) != len(urls):
+        raise ValueError(f"{name}: parameters need distinct names and URL names")
+    analysis = Analysis(name=name, fn=fn, params=tuple(params), scope=scope, cost=cost,
+                        to_json=to_json, needs=dict(needs or {}), paths=tuple(paths),
+                        label=label or name.replace("-", " "))
+    with _LOCK:
+        for path in (name, *paths):
+            other = _DECLARED.get(path)
+            if other is not None and other.name != name:
+                raise ValueError(f"{path!r} is already the endpoint of {other.name}")
+        for path in (name, *paths):
+            _DECLARED[path] = analysis
+    return analysis
+
+
+def _scan() -> None:
+    """Import every module of the analysis package once, so its declarations exist."""
+    global _SCANNED
+    if _SCANNED:
+        return
+    from .. import analysis as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{pkg.__name__}.{mod.name}")
+    _SCANNED = True
+
+
+def find(name: str) -> Optional[Analysis]:
+    """The analysis declared under ``name`` (or one of its paths), or None."""
+    if name not in _DECLARED:
+        _scan()
+    return _DECLARED.get(name)
+
+
+def declared() -> dict[str, Analysis]:
+    """Every endpoint name with its analysis."""
+    _scan()
+    return dict(_DECLARED)
+
+
+def fields_of(result: Any) -> dict[str, Any]:
+    """A dataclass result's fields as a dict (for a JSON form adding properties to them)."""
+    import dataclasses
+
+    return {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
