@@ -207,7 +207,8 @@ def _pair_set(lm: LoadedModel, progress: Progress, pairs: str, metric: str, dire
 
 def _circuit(lm: LoadedModel, progress: Progress, clean: str, corrupted: str, correct: Any,
              wrong: Any, pairs: str, metric: str, position: int, method: str, ablation: str,
-             steps: int, k: int, n_sizes: int, n_random: int) -> Any:
+             steps: int, k: int, n_sizes: int, n_random: int, search: str = "top_k",
+             threshold: float = 0.0) -> Any:
     from . import background
     from .analysis.circuit.discovery import discover_circuit
     from .analysis.patching import PromptPair, parse_pairs
@@ -222,7 +223,7 @@ def _circuit(lm: LoadedModel, progress: Progress, clean: str, corrupted: str, co
         prompt_pairs = [PromptPair(clean, corrupted, correct, wrong if wrong != "" else None)]
     return discover_circuit(lm, prompt_pairs, method=method, metric=metric, position=position,
                             ablation=ablation, steps=steps, k=k, n_sizes=n_sizes,
-                            n_random=n_random,
+                            n_random=n_random, search=search, threshold=threshold,
                             progress=lambda done, total: progress(done / max(total, 1)))
 
 
@@ -241,7 +242,7 @@ ANALYSES: dict[str, Analysis] = {
     "circuit_discovery": Analysis("{method} circuit discovery", _circuit,
                                   ("clean", "corrupted", "correct", "wrong", "pairs", "metric",
                                    "position", "method", "ablation", "steps", "k", "n_sizes",
-                                   "n_random")),
+                                   "n_random", "search", "threshold")),
     # an analysis declared in analysis/ whose estimated work is over the inline threshold
     "declared": Analysis("{analysis}", _declared, ("analysis", "tokens", "params")),
     "circuit_svd": Analysis("{circuit} circuit SVD", _svd, ("circuit",)),

@@ -71,9 +71,10 @@ def _tl_senders(tl, tokens, fwd_hooks=()):
     return torch.stack(out)
 
 
-def tl_eap(lm, pair: PT.PromptPair, metric) -> np.ndarray:
+def tl_eap(lm, pair: PT.PromptPair, metric, by_position: bool = False) -> np.ndarray:
     """EAP written with TransformerLens hooks: (a_s(corrupted) − a_s(clean)) · ∂m/∂(input of
-    r) on the clean run, for every edge in our graph's order."""
+    r) on the clean run, for every edge in our graph's order ([E]; [E, n] by position: the
+    product summed over the model dimension only)."""
     tl = _tl_model(lm)
     cfg, g = tl.cfg, edge_graph(lm.cfg)
     clean = torch.tensor([pair.clean])
@@ -94,7 +95,7 @@ def tl_eap(lm, pair: PT.PromptPair, metric) -> np.ndarray:
         metric(logits[0, -1]).backward()
     finally:
         tl.reset_hooks()
-    out = np.zeros(g.n_edges)
+    out = np.zeros((g.n_edges, len(pair.clean)))
     for e in range(g.n_edges):
         s, name = int(g.src[e]), g.receivers[g.dst[e]]
         if name == "logits":
@@ -105,8 +106,8 @@ def tl_eap(lm, pair: PT.PromptPair, metric) -> np.ndarray:
             layer, rest = name[1:].split("H")
             head, c = rest.split(".")
             grad = grads[f"blocks.{layer}.hook_{c}_input"][:, int(head)]
-        out[e] = float((diff[s].double() * grad.double()).sum())
-    return out
+        out[e] = (diff[s].double() * grad.double()).sum(-1).numpy()
+    return out if by_position else out.sum(1)
 
 
 def tl_circuit_metric(lm, pair: PT.PromptPair, keep: np.ndarray, ablated: torch.Tensor,
@@ -215,10 +216,16 @@ def test_eap_equals_transformer_lens(which, request):
     pair = _pair(seed=2, vocab=lm.cfg.d_vocab)
     res = edge_scores(lm, [pair], method="eap")
     metric = Problem(lm, [pair], "logit_diff", -1, "resample").pairs[0].metric
-    theirs = tl_eap(lm, pair, metric)
+    theirs_by_pos = tl_eap(lm, pair, metric, by_position=True)
+    theirs = theirs_by_pos.sum(1)
     assert np.abs(theirs).max() > 1e-3  # something to compare
     np.testing.assert_allclose(res.scores, theirs, atol=1e-4 * max(1, np.abs(theirs).max()))
-    # per-position scores add up to the summed ones
+    # per position (gradient × difference without the sum over positions), and those add
+    # up to the summed scores
+    assert res.by_position.shape == theirs_by_pos.shape
+    np.testing.assert_allclose(res.by_position, theirs_by_pos,
+                               atol=1e-4 * max(1, np.abs(theirs_by_pos).max()))
+    assert (np.abs(theirs_by_pos) > 1e-3).sum(1).max() > 1  # edges spread over positions
     np.testing.assert_allclose(res.by_position.sum(1), res.scores, atol=1e-9)
 
 
@@ -273,7 +280,9 @@ def test_eap_ig(tiny_mlp):
     inp = prob.graph.src == 0
     errors = []
     for steps in (1, 4, 16, 64):
-        ig = edge_scores(tiny_mlp, [pair], method="eap_ig", steps=steps, problem=prob).scores
+        res = edge_scores(tiny_mlp, [pair], method="eap_ig", steps=steps, problem=prob)
+        ig = res.scores
+        np.testing.assert_allclose(res.by_position.sum(1), ig, atol=1e-9)
         errors.append(abs(ig[inp].sum() - target))
     assert errors[0] > 0.05 * abs(target)
     assert all(b < a for a, b in zip(errors, errors[1:])), errors
@@ -449,3 +458,51 @@ def test_acdc_matches_a_hook_replay(tiny):
         1, abs(p.corrupted_metric))
     with pytest.raises(AnalysisError, match="threshold must be a number >= 0"):
         acdc(prob, -1.0)
+
+
+# -------------------------------------------------------------------------------- drawing
+def test_the_drawing_is_per_position_where_the_scores_are(tiny_mlp):
+    """EAP's circuit is drawn position by position: the drawn cells are the circuit's edges'
+    per-position scores, strongest first, every cell of at least 2 % of the strongest and no
+    other; exact edge patching (no split by position) is drawn on the component grid."""
+    from attention_lens.analysis.circuit.discovery import discover_circuit
+    from attention_lens.figures.circuit import MIN_CELL_SHARE, circuit_cells, circuit_figure
+
+    pair = _pair(seed=5)
+    disc = discover_circuit(tiny_mlp, [pair], method="eap", k=30, curve=False)
+    bp = disc.scores.by_position
+    cells = circuit_cells(disc)
+    sub = np.abs(bp[disc.kept])
+    want = int((sub >= MIN_CELL_SHARE * sub.max()).sum())
+    assert 1 < len(cells) == want
+    assert len({p for _, p, _ in cells}) > 1  # more than one position drawn
+    for e, p, v in cells:
+        assert disc.kept[e] and v == bp[e, p]
+    assert [abs(v) for *_, v in cells] == sorted((abs(v) for *_, v in cells), reverse=True)
+    fig = circuit_figure(disc)
+    drawn = {c for t in fig.data if t.customdata is not None for c in t.customdata
+             if isinstance(c, str)}
+    g = disc.scores.graph
+    assert drawn == {f"{g.edge_label(e)} @ {p}" for e, p, _ in cells}
+    assert "position" in fig.layout.xaxis.title.text
+    exact = discover_circuit(tiny_mlp, [pair], method="exact", k=30, curve=False)
+    assert exact.scores.by_position is None
+    fig = circuit_figure(exact)
+    assert fig.layout.xaxis.title.text.startswith("head")
+    labels = {c for t in fig.data if t.customdata is not None for c in t.customdata
+              if isinstance(c, str)}
+    assert labels == {g.edge_label(e) for e in np.nonzero(exact.kept)[0]}
+
+
+@pytest.mark.parametrize("search", ["top_k", "acdc"])
+def test_discovery_progress_rises_to_the_end(tiny, search):
+    """A discovery's progress (scores, ACDC's removals, the curve) only rises and ends at
+    the whole."""
+    from attention_lens.analysis.circuit.discovery import discover_circuit
+
+    seen = []
+    disc = discover_circuit(tiny, [_pair(seed=8, vocab=tiny.cfg.d_vocab)], search=search,
+                            threshold=0.05, n_sizes=3, n_random=1,
+                            progress=lambda done, total: seen.append(done / total))
+    assert disc.settings["search"] == search
+    assert len(seen) > 3 and seen == sorted(seen) and seen[-1] == 1.0 and 0 < seen[0] < 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from urllib.parse import unquote
 
+import dash
 import numpy as np
 import plotly.graph_objects as go
 import pytest
@@ -81,6 +82,9 @@ def test_default_page_finds_the_induction_circuit(drawn):
     exported = json.loads(unquote(by_name["attn-only-2l-circuit.json"].split(",", 1)[1]))
     edges = {(e["sender"], e["receiver"], e["input"]) for e in exported["edges"]}
     assert ("input", "L0H2", "v") in edges
+    for e in exported["edges"]:  # per position, adding up to the edge's score
+        assert len(e["by_position"]) == 43
+        assert sum(e["by_position"]) == pytest.approx(e["score"], rel=1e-9, abs=1e-12)
     assert {("L0H2", "L1H5", "k"), ("L0H2", "L1H6", "k")} <= edges
     assert {("L1H5", "logits", "resid"), ("L1H6", "logits", "resid")} <= edges
     assert exported["settings"]["method"] == "eap" and exported["settings"]["k"] == 20
@@ -95,6 +99,68 @@ def test_default_page_finds_the_induction_circuit(drawn):
     assert rows[0] == "sender,receiver,input,score,in_circuit" and len(rows) == 1 + 529
 
 
+def test_circuit_is_drawn_position_by_position(drawn, server):
+    """The drawing is on the (position, layer) grid: each drawn edge at a position carries
+    EAP's score of that edge at that position; the induction circuit sits where the earlier
+    copy is: the input's token t into L0H2's value at t, L0H2's output at t + 1 into the
+    induction heads' keys at t + 1, those heads into the logits at the last position."""
+    lm = server.server.extensions["attention_lens"]["registry"].get("attn-only-2l")
+    res = edge_scores(lm, [PT.PromptPair(**PAIR)], method="eap")
+    labels = res.graph.edge_labels()
+    fig = drawn.figures["circuit"]
+    cells = {}
+    for t in fig.data:
+        if t.mode == "markers" and t.customdata is not None and isinstance(
+                t.customdata[0], str):
+            for label in t.customdata:
+                edge, _, pos = label.partition(" @ ")
+                cells[(edge, int(pos))] = res.by_position[labels.index(edge), int(pos)]
+    assert cells, "no edge drawn per position"
+    ids = PT.pair_tokens(lm, PAIR["clean"], PAIR["corrupted"])[0]
+    last = len(ids) - 1
+    t = {(e, p) for e, p in cells if e == "input -> L0H2.v"}
+    assert len(t) == 1
+    (_, tp), = t
+    assert {("L0H2 -> L1H5.k", tp + 1), ("L0H2 -> L1H6.k", tp + 1),
+            ("L1H5 -> logits", last), ("L1H6 -> logits", last)} <= set(cells)
+    # the earlier copy: the clean prompt's last token appears at t
+    assert ids[tp] == ids[last]
+    strongest = max(abs(v) for v in cells.values())
+    assert min(abs(v) for v in cells.values()) >= 0.02 * strongest
+    # heads in the drawing carry (layer, head, position) for a click
+    heads = [t for t in fig.data if t.name and t.name.startswith("heads")]
+    assert heads and [0, 2, tp + 1] in [list(c) for c in heads[0].customdata]
+
+
+def test_acdc_from_the_page(server):
+    """The page's ACDC choice gives the circuit the analysis gives (one-layer model)."""
+    from attention_lens.analysis.circuit import acdc
+
+    spec = P.spec_of("circuit")
+    out = spec.render({**STATE, "model": "attn-only-1l"}, search="acdc", threshold="0.01")
+    assert out.drew and not out.errors, out.alerts
+    note = " ".join(out.notes)
+    assert "ACDC, threshold 0.01:" in note, note
+    lm = server.server.extensions["attention_lens"]["registry"].get("attn-only-1l")
+    prob = Problem(lm, [PT.PromptPair(**PAIR)], "logit_diff", -1, "resample")
+    kept, _ = acdc(prob, 0.01)
+    hrefs = _links(out.extras["heads"])
+    by_name = {name: h for h, name in hrefs.items() if name}
+    data = json.loads(unquote(by_name["attn-only-1l-circuit.json"].split(",", 1)[1]))
+    assert data["settings"]["search"] == "acdc" and data["settings"]["threshold"] == 0.01
+    assert data["n_edges_kept"] == int(kept.sum()) and 0 < kept.sum() < len(kept)
+
+
+def test_click_on_a_head_opens_it(server):
+    from attention_lens.pages.circuit import open_head
+
+    click = {"points": [{"customdata": [0, 2, 20]}]}
+    href = open_head(click, dict(STATE), PAIR["clean"], "")
+    assert href.startswith("/attention?") and "layer=0" in href and "head=2" in href
+    assert open_head({"points": [{"customdata": "L0H2 -> L1H5.k @ 20"}]}, dict(STATE),
+                     PAIR["clean"], "") is dash.no_update
+
+
 def test_page_numbers_are_the_analysis(drawn, server):
     """The page's strongest-edge bars are EAP's scores on the same pair."""
     lm = server.server.extensions["attention_lens"]["registry"].get("attn-only-2l")
@@ -105,6 +171,13 @@ def test_page_numbers_are_the_analysis(drawn, server):
     np.testing.assert_allclose(np.sort(np.abs(np.asarray(bars.x)))[::-1], top, rtol=1e-6)
     faith = drawn.figures["faithfulness"]
     assert len([t for t in faith.data if t.name and t.name.endswith("circuit")]) == 3
+    # the page's own circuit, a star per ablation at its number of edges
+    star = next(t for t in faith.data if t.name == "this circuit (top 20)")
+    assert list(star.customdata) == ["resample", "mean", "zero"]
+    note = " ".join(drawn.notes)
+    for a, y in zip(star.customdata, star.y):
+        assert f"{a} {y:.2f}" in note
+    assert len(set(star.x)) == 1 and f"{star.x[0]} edges of 529 kept" in note
 
 
 def test_bad_input_is_an_alert(server):
@@ -117,6 +190,9 @@ def test_bad_input_is_an_alert(server):
     assert query["k"] == 529 and query["ablation"] == "resample"
     assert any("above the largest" in p for p in problems)
     assert any("ablation must be one of" in p for p in problems)
+    for bad in ("-1", "half", "inf", "nan"):
+        out = spec.render(STATE, search="acdc", threshold=bad, compute=False)
+        assert any("ACDC threshold must be a number >= 0" in e for e in out.errors), out.alerts
 
 
 def post(client, body):

@@ -1,9 +1,10 @@
-"""The circuit on a layer × component grid, its faithfulness curve beside random circuits,
+"""The circuit on the (position, layer) grid of /graph when its edge scores are split by
+position (else on a layer × component grid), its faithfulness curve beside random circuits,
 and its strongest edges."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import plotly.graph_objects as go
@@ -35,7 +36,188 @@ def node_xy(n_layers: int, n_heads: int, has_mlp: bool) -> dict[str, tuple[float
     return out
 
 
+#: Per-position cells of the circuit's edges drawn at most (the strongest by |score|).
+MAX_CELLS = 300
+#: Cells below this share of the largest cell's |score| are not drawn (the table and the
+#: exports hold every edge's score).
+MIN_CELL_SHARE = 0.02
+#: Where an input sits below its head on the position grid, and its marker.
+INPUT_SYMBOL = {"q": "triangle-up", "k": "square", "v": "diamond"}
+INPUT_WORD = {"q": "query", "k": "key", "v": "value"}
+
+
+def _how(disc: CircuitDiscovery) -> str:
+    """How the circuit was chosen, in words."""
+    if disc.settings.get("search") == "acdc":
+        return f"ACDC, threshold {disc.settings.get('threshold'):g}"
+    return f"top {disc.k} by |score|"
+
+
 def circuit_figure(disc: CircuitDiscovery) -> go.Figure:
+    """The circuit on the (position, layer) grid where its scores are split by position,
+    else on the layer × component grid."""
+    if disc.scores.by_position is not None and \
+            disc.scores.by_position.shape[1] == len(disc.clean_display):
+        return circuit_positions_figure(disc)
+    return circuit_components_figure(disc)
+
+
+def cell_x(node: str, pos: int, n_heads: int, has_mlp: bool) -> float:
+    """x of a component at a position on the position grid: the position, the heads (then
+    the MLP) spread across its width; the input and the logits at its centre."""
+    if node in ("input", "logits"):
+        return float(pos)
+    per = n_heads + int(has_mlp)
+    col = n_heads if node.startswith("MLP") else int(node.split("H")[1])
+    return pos - 0.36 + 0.72 * (col + 0.5) / per
+
+
+def node_row(node: str, n_layers: int) -> float:
+    """The grid row of a component: the input 0, layer l's components l + 1, the logits on
+    top."""
+    if node == "input":
+        return 0.0
+    if node == "logits":
+        return n_layers + 1.0
+    return float(node[3:] if node.startswith("MLP") else node[1:].split("H")[0]) + 1.0
+
+
+def circuit_cells(disc: CircuitDiscovery) -> list[tuple[int, int, float]]:
+    """(edge, position, score at that position) of the circuit's edges, strongest first:
+    at most :data:`MAX_CELLS`, none below :data:`MIN_CELL_SHARE` of the strongest."""
+    bp = disc.scores.by_position
+    idx = np.nonzero(disc.kept)[0]
+    if not len(idx):
+        return []
+    sub = bp[idx]  # [K, n]
+    top = float(np.abs(sub).max())
+    if top == 0:
+        return []
+    flat = np.argsort(-np.abs(sub), axis=None, kind="stable")[:MAX_CELLS]
+    out = []
+    for f in flat:
+        i, p = divmod(int(f), sub.shape[1])
+        v = float(sub[i, p])
+        if abs(v) < MIN_CELL_SHARE * top:
+            break
+        out.append((int(idx[i]), p, v))
+    return out
+
+
+def circuit_positions_figure(disc: CircuitDiscovery) -> go.Figure:
+    """The circuit's edges position by position on /graph's (position, layer) grid: edge
+    u → v at position p (u's output at p, one term of v's input at p) goes from u at p up to
+    v's query, key or value input at p (marker: triangle, square, diamond); colour: the sign
+    of its score there, width: its size. Attention inside each head moves information
+    between positions and is not an edge."""
+    g, s = disc.scores.graph, disc.scores.scores
+    L, H, mlp = g.n_layers, g.n_heads, g.has_mlp
+    disp = disc.clean_display
+    n = len(disp)
+    cells = circuit_cells(disc)
+    # one column per position that holds a drawn edge, in order (the others left out)
+    busy = sorted({p for _, p, _ in cells})
+    col = {p: float(i) for i, p in enumerate(busy)}
+
+    def cx(node: str, p: int) -> float:
+        return cell_x(node, p, H, mlp) - p + col[p]
+
+    fig = go.Figure()
+    starts, ends, vals, labels, comps = [], [], [], [], []
+    for e, p, v in cells:
+        snd = g.senders[g.src[e]]
+        node, _, comp = g.receivers[g.dst[e]].partition(".")
+        starts.append((cx(snd, p), node_row(snd, L)))
+        ends.append((cx(node, p) + 0.1 * INPUT_OFFSET[comp] * 12 / (H + mlp),
+                     node_row(node, L) - (0.22 if comp else 0.0)))
+        vals.append(v)
+        labels.append(f"{g.edge_label(e)} @ {p}")
+        comps.append(comp)
+    if cells:
+        sa, ea, va = np.array(starts), np.array(ends), np.array(vals)
+        vmax = float(np.abs(va).max()) or 1.0
+        bins = np.minimum((np.abs(va) / vmax * 4).astype(int), 3)
+        for sign, colour, label in ((1, POSITIVE, "raises m when ablated"),
+                                    (-1, NEGATIVE, "lowers m when ablated")):
+            shown = False
+            for b in range(4):
+                sel = np.nonzero((np.sign(va) == sign) & (bins == b))[0]
+                if not len(sel):
+                    continue
+                nan = np.full(len(sel), np.nan)
+                fig.add_scatter(x=np.column_stack([sa[sel, 0], ea[sel, 0], nan]).ravel(),
+                                y=np.column_stack([sa[sel, 1], ea[sel, 1], nan]).ravel(),
+                                mode="lines", hoverinfo="skip",
+                                line=dict(color=colour, width=1 + 2 * b),
+                                opacity=0.5 + 0.15 * b, name=label, legendgroup=label,
+                                showlegend=not shown)
+                shown = True
+        for comp in ("q", "k", "v", ""):
+            sel = [i for i, c in enumerate(comps) if c == comp]
+            if not sel:
+                continue
+            fig.add_scatter(
+                x=ea[sel, 0], y=ea[sel, 1], mode="markers", name=(
+                    f"into a {INPUT_WORD[comp]}" if comp else "into an MLP or the logits"),
+                marker=dict(size=8, symbol=INPUT_SYMBOL.get(comp, "circle-open"),
+                            color=[POSITIVE if va[i] >= 0 else NEGATIVE for i in sel],
+                            line=dict(color="#111111", width=0.5)),
+                customdata=[labels[i] for i in sel],
+                hovertext=[f"{esc(labels[i]).replace('-&gt;', '→')} ({esc(disp[cells[i][1]])})"
+                           f": {vals[i]:+.4f}" for i in sel], hoverinfo="text")
+    # the components at the positions where the drawn edges leave or enter them
+    nodes: dict[tuple[str, int], float] = {}
+    for (e, p, v) in cells:
+        for name in (g.senders[g.src[e]], g.receivers[g.dst[e]].partition(".")[0]):
+            nodes[(name, p)] = nodes.get((name, p), 0.0) + abs(v)
+    heads = sorted(((name, p) for name, p in nodes if name.startswith("L")),
+                   key=lambda t: (t[1], node_row(t[0], L), cell_x(t[0], t[1], H, mlp)))
+    others = [(name, p) for name, p in nodes if not name.startswith("L")]
+    if others:
+        fig.add_scatter(x=[cx(a, p) for a, p in others],
+                        y=[node_row(a, L) for a, p in others], mode="markers",
+                        marker=dict(size=11, color=QUALITATIVE[7], symbol="square",
+                                    line=dict(color="#111111", width=1)), showlegend=False,
+                        hovertext=[f"{a} at {p} ({esc(disp[p])})" for a, p in others],
+                        hoverinfo="text", name="inputs and outputs")
+    if heads:
+        fig.add_scatter(
+            x=[cx(a, p) for a, p in heads], y=[node_row(a, L) for a, p in heads],
+            mode="markers+text", name="heads (click: open on /attention)",
+            text=[a for a, _ in heads], textfont=dict(size=10),
+            textposition=["top center" if i % 2 == 0 else "bottom center"
+                          for i in range(len(heads))],
+            marker=dict(size=13, color=QUALITATIVE[1], line=dict(color="#111111", width=1)),
+            customdata=[[int(a[1:].split("H")[0]), int(a.split("H")[1]), p] for a, p in heads],
+            hovertext=[f"<b>{a}</b> at {p} ({esc(disp[p])}); click to open it on /attention"
+                       for a, p in heads], hoverinfo="text", showlegend=False)
+    rows = ["input", *[f"layer {layer}" for layer in range(L)], "logits"]
+    faith = disc.faithfulness.get(disc.scores.ablation, float("nan"))
+    how = _how(disc)
+    title = (f"{METHOD_NAMES.get(disc.scores.method, disc.scores.method)} circuit: "
+             f"{disc.n_kept} of {g.n_edges} edges ({how}, pruned to paths input → logits), "
+             f"faithfulness {number(faith, '.2f')} under {disc.scores.ablation} ablation; "
+             f"drawn per position: {len(cells)} edge-positions of at least "
+             f"{MIN_CELL_SHARE:.0%} of the strongest")
+    entries = sum(1 for t in fig.data if t.showlegend is not False and t.name)
+    legend_room = 24 + 22 * -(-entries // 2)
+    fig.update_layout(
+        template=TEMPLATE, height=260 + 130 * (L + 1) + legend_room,
+        title=dict(text=wrap_title(title, 90), font=dict(size=13)),
+        xaxis=dict(title=f"position (token) of the {len(busy)} of {n} positions with a drawn "
+                         f"edge; heads across each, H0 left",
+                   tickmode="array", tickvals=list(range(len(busy))),
+                   ticktext=[f"{p}: {esc(disp[p])}" for p in busy], tickangle=-50,
+                   range=[-0.6, max(len(busy), 1) - 0.4], gridcolor=GRID, zeroline=False),
+        yaxis=dict(tickmode="array", tickvals=list(range(len(rows))), ticktext=rows,
+                   range=[-0.5, len(rows) - 0.3], gridcolor=GRID, zeroline=False),
+        margin=dict(b=80 + legend_room),
+        legend=dict(orientation="h", yref="container", y=0, yanchor="bottom"),
+        hovermode="closest")
+    return finish(fig)
+
+
+def circuit_components_figure(disc: CircuitDiscovery) -> go.Figure:
     """The circuit's edges (colour: sign of the score, width: its size) between the
     components they join; each edge ends under its receiver at the query (left), key
     (centre) or value (right) input."""
@@ -76,16 +258,19 @@ def circuit_figure(disc: CircuitDiscovery) -> go.Figure:
                         marker=dict(size=6, color=[POSITIVE if s[e] >= 0 else NEGATIVE
                                                    for e in idx], opacity=0.8),
                         hovertext=[f"{esc(g.edge_label(e))}: {s[e]:+.4f}" for e in idx],
+                        customdata=[g.edge_label(e) for e in idx],
                         hoverinfo="text", name="edges")
     used = disc.nodes()
-    fig.add_scatter(x=[xy[n][0] for n in used], y=[xy[n][1] for n in used],
+    heads = [[int(n[1:].split("H")[0]), int(n.split("H")[1]), -1] if n.startswith("L") else None
+             for n in used]
+    fig.add_scatter(x=[xy[n][0] for n in used], y=[xy[n][1] for n in used], customdata=heads,
                     mode="markers+text", text=used, textposition="top center",
                     marker=dict(size=16, color=QUALITATIVE[1], symbol="circle",
                                 line=dict(color="#111111", width=1)),
                     hoverinfo="text", hovertext=used, showlegend=False, name="circuit")
     faith = disc.faithfulness.get(disc.scores.ablation, float("nan"))
     title = (f"{METHOD_NAMES.get(disc.scores.method, disc.scores.method)} circuit: "
-             f"{disc.n_kept} of {g.n_edges} edges (top {disc.k} by |score|, pruned to paths "
+             f"{disc.n_kept} of {g.n_edges} edges ({_how(disc)}, pruned to paths "
              f"input → logits); faithfulness {number(faith, '.2f')} under "
              f"{disc.scores.ablation} ablation")
     cols = [f"H{h}" for h in range(g.n_heads)] + (["MLP"] if g.has_mlp else [])
@@ -106,9 +291,11 @@ def circuit_figure(disc: CircuitDiscovery) -> go.Figure:
     return finish(fig)
 
 
-def faithfulness_figure(curve: FaithfulnessCurve) -> go.Figure:
+def faithfulness_figure(curve: FaithfulnessCurve,
+                        mark: Optional[tuple[int, dict[str, float], str]] = None) -> go.Figure:
     """Faithfulness against edges kept, per ablation, with the random circuits' 5–95 %
-    band and mean; a dotted line at 80 %."""
+    band and mean; a dotted line at 80 %. ``mark``: (edges, {ablation: faithfulness}, name)
+    of the page's circuit, drawn as stars."""
     fig = go.Figure()
     x = np.maximum(curve.sizes, 0).astype(float)
     for a, ablation in enumerate(curve.ablations):
@@ -128,6 +315,16 @@ def faithfulness_figure(curve: FaithfulnessCurve) -> go.Figure:
                         line=dict(color=colour, width=2.5), name=f"{ablation}: circuit",
                         customdata=curve.k,
                         hovertemplate="top %{customdata} → %{x} edges: %{y:.3f}<extra></extra>")
+    if mark is not None and mark[0] > 0:
+        edges, faith, name = mark
+        shown = [a for a in curve.ablations if a in faith]
+        fig.add_scatter(x=[edges] * len(shown), y=[faith[a] for a in shown],
+                        mode="markers", name=name, customdata=shown,
+                        marker=dict(symbol="star", size=15, line=dict(color="#111111", width=1),
+                                    color=[ABLATION_COLOURS.get(a, QUALITATIVE[1])
+                                           for a in shown]),
+                        hovertemplate=f"{esc(name)} (%{{x}} edges), %{{customdata}}: "
+                                      f"%{{y:.3f}}<extra></extra>")
     fig.add_hline(y=0.8, line=dict(dash="dot", color=QUALITATIVE[7]),
                   annotation_text="80 %", annotation_position="top left")
     reach = curve.edges_to_reach(0.8, curve.ablations[0])

@@ -17,7 +17,7 @@ from .. import background
 from .. import weight_analyses as W
 from ..analysis import patching as PT
 from ..analysis.circuit import ABLATION_LABELS, ABLATIONS, METHOD_LABELS, METHODS
-from ..analysis.circuit.discovery import DEFAULT_K, curve_csv, curve_json
+from ..analysis.circuit.discovery import DEFAULT_K, SEARCHES, curve_csv, curve_json
 from ..analysis.circuit.graph import edge_graph
 from ..analysis.circuit.scores import MAX_STEPS
 from ..analysis.errors import AnalysisError
@@ -32,6 +32,10 @@ PAGE = "circuit"
 UPLOAD, UPLOAD_STATUS = f"{PAGE}-upload", f"{PAGE}-upload-status"
 #: Largest export offered as a direct download link (bytes of text).
 LINK_BYTES = 2_000_000
+SEARCH_LABELS = {"top_k": "top k edges by |score|",
+                 "acdc": "ACDC: greedy removal below a threshold"}
+#: Default ACDC threshold (metric units).
+DEFAULT_THRESHOLD = "0.05"
 
 HELP = r"""
 The model as a graph of **edges**: every component that writes into the residual stream
@@ -53,7 +57,10 @@ $u$'s activation on the corrupted prompt):
   network recomputed: the ground truth the estimates are drawn against (small models only).
 
 **The circuit**: the $k$ edges of largest $|\text{score}|$, pruned to the edges on a path from
-the input to the logits. **Faithfulness** (Wang et al. 2022; Miller et al. 2024): the clean
+the input to the logits; or **ACDC** (Conmy et al. 2023): from the logits back, each edge is
+ablated for good when that moves the circuit's metric by less than the threshold (in the
+metric's units), then the rest is pruned the same way (one run per edge: slower).
+**Faithfulness** (Wang et al. 2022; Miller et al. 2024): the clean
 run with every edge outside the circuit ablated,
 $(m(C) - m(\varnothing)) / (m(\text{full}) - m(\varnothing))$: 1 with every edge, 0 with none.
 It depends on the ablation (zero; mean over the set's prompts, position by position; resample
@@ -63,7 +70,11 @@ same number of edges (band: 5–95 %).
 **The default example** (attn-only-2l, the /patching pair): the circuit found is the induction
 circuit: the previous-token head **L0H2** (reading the input through its value) feeds the
 **keys** of the layer-1 induction heads L1H5, L1H6, L1H0 and L1H10, which write the answer to
-the logits. Click a head in the list to open it on /attention, /qk or /patching.
+the logits. The drawing is position by position (EAP and EAP-IG split each edge's score by
+the position of the term it changes): the previous-token head reads the earlier copy's first
+token through its value, writes at the next position, and the induction heads read it there
+through their keys. Click a head in the drawing to open it on /attention, or use the list's
+links to /attention, /qk or /patching.
 """
 
 
@@ -104,14 +115,29 @@ def resolve(lm: Any, query: dict) -> tuple[dict[str, Any], list[str]]:
     return dict(clean=clean, corrupted=corrupted, correct=correct, wrong=wrong), notes
 
 
+def threshold(query: dict) -> float:
+    """The ACDC threshold typed in the box, checked."""
+    raw = str(query.get("threshold") or "").strip() or DEFAULT_THRESHOLD
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 0 and value != float("inf")):
+        raise AnalysisError(f"the ACDC threshold must be a number >= 0 (in the metric's "
+                            f"units), got {raw[:40]!r}")
+    return value
+
+
 def request(lm: Any, query: dict, pair: dict) -> W.Request:
     """The shared-store request of the discovery the page shows."""
+    acdc = query.get("search") == "acdc"
     return W.request("circuit_discovery", clean=pair["clean"], corrupted=pair["corrupted"],
                      correct=pair["correct"], wrong=pair["wrong"] or "",
                      pairs=query["pairs"], metric=query["metric"],
                      position=query["position"], method=query["method"],
                      ablation=query["ablation"], steps=query["steps"], k=query["k"],
-                     n_sizes=20, n_random=20)
+                     n_sizes=20, n_random=20, search="acdc" if acdc else "top_k",
+                     threshold=threshold(query) if acdc else 0.0)
 
 
 def head_links(state: dict, pair: dict, layer: int, head: int, position: int) -> list[Any]:
@@ -190,12 +216,16 @@ def panels(ctx: P.PageContext, query: dict) -> list:
         from ..analysis.circuit.scores import check_exact_size
 
         check_exact_size(lm, edge_graph(lm.cfg).n_edges, [n_tokens])  # before any job
+    if query.get("search") == "acdc":
+        threshold(query)  # a bad threshold is an alert at once
     pair = {k: (v if isinstance(v, int) else str(v)) for k, v in pair.items()}
     disc = ctx.weight(request(lm, query, pair))
     curve = disc.curve
     f = disc.faithfulness
+    how = (f"ACDC, threshold {disc.settings['threshold']:g}: " if disc.settings.get("search")
+           == "acdc" else "")
     notes.append(
-        f"{disc.n_kept} edges of {disc.scores.graph.n_edges} kept; faithfulness "
+        f"{how}{disc.n_kept} edges of {disc.scores.graph.n_edges} kept; faithfulness "
         + ", ".join(f"{a} {f[a]:.2f}" for a in ABLATIONS)
         + f". Clean metric {disc.scores.clean_metric:+.3f}, corrupted "
         f"{disc.scores.corrupted_metric:+.3f}"
@@ -211,7 +241,10 @@ def panels(ctx: P.PageContext, query: dict) -> list:
                       "; random circuits of the same sizes do not (except all edges)."
                       if curve.faithfulness[a, -1] >= 0.8 else ".")
     return [P.Panel("circuit", circuit_figure(disc), disc.to_json()),
-            P.Panel("faithfulness", faithfulness_figure(curve),
+            P.Panel("faithfulness", faithfulness_figure(curve, (
+                        disc.n_kept, disc.faithfulness,
+                        "this ACDC circuit" if disc.settings.get("search") == "acdc"
+                        else f"this circuit (top {disc.k})")),
                     curve_json(curve) if curve is not None else None),
             P.Panel("edges", edge_scores_figure(disc),
                     {"edges": disc.scores.graph.edge_labels(),
@@ -243,7 +276,10 @@ SPEC = P.register_page(
         Choice("method", "eap", METHODS, label="edge scores", labels=METHOD_LABELS),
         Int("steps", 5, lo=1, hi=MAX_STEPS, label="EAP-IG steps"),
         Choice("ablation", "resample", ABLATIONS, label="ablation", labels=ABLATION_LABELS),
+        Choice("search", "top_k", SEARCHES, label="circuit", labels=SEARCH_LABELS),
         Int("k", DEFAULT_K, lo=0, hi=_n_edges, label="edges kept (top k)"),
+        Text("threshold", DEFAULT_THRESHOLD, max_len=40, label="ACDC threshold",
+             placeholder="metric change, e.g. 0.05"),
         Text("pairs", "", max_len=64, label="set of pairs",
              placeholder="upload a CSV or JSON below"),
     ],
@@ -280,4 +316,25 @@ def upload_pairs(contents: Optional[str], filename: Optional[str]) -> tuple:
     return digest, shell.alert(f"Using {name}: {len(pairs)} pairs.", color="info")
 
 
-__all__ = ["SPEC", "head_links", "panels", "request", "resolve", "upload_pairs"]
+@callback(Output(shell.LOCATION, "href", allow_duplicate=True),
+          Input(P.graph_id(PAGE, "circuit"), "clickData"),
+          State(shell.STATE, "data"), State(P.control_id(PAGE, "clean"), "value"),
+          State(P.control_id(PAGE, "pairs"), "value"),
+          prevent_initial_call=True)
+def open_head(click: Optional[dict], state: Optional[dict], clean: Optional[str],
+              pairs: Optional[str]) -> Any:
+    """A click on a head in the circuit drawing opens it on /attention, on the clean prompt
+    (the prompt bar's text when a set of pairs is analysed)."""
+    if not click or not state:
+        raise PreventUpdate
+    data = click["points"][0].get("customdata")
+    if not isinstance(data, list) or len(data) < 2 or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in data[:2]):
+        return no_update
+    text = state.get("text", "") if pairs else (clean or state.get("text", ""))
+    return shell.page_href("/attention", {**state, "text": text, "tid": None},
+                           layer=data[0], head=data[1])
+
+
+__all__ = ["SPEC", "head_links", "open_head", "panels", "request", "resolve", "threshold",
+           "upload_pairs"]

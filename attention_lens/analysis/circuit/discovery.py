@@ -84,17 +84,22 @@ class CircuitDiscovery:
         return out
 
     def edges(self) -> list[dict[str, Any]]:
-        """The circuit's edges, strongest first: sender, receiver, input, score."""
+        """The circuit's edges, strongest first: sender, receiver, input, score (and, where
+        the scores are split by position, ``by_position``: the score at each position)."""
         g = self.scores.graph
+        bp = self.scores.by_position
         idx = np.nonzero(self.kept)[0]
         idx = idx[np.argsort(-np.abs(self.scores.scores[idx]), kind="stable")]
         out = []
         for e in idx:
             recv = g.receivers[g.dst[e]]
             node, _, comp = recv.partition(".")
-            out.append({"sender": g.senders[g.src[e]], "receiver": node,
-                        "input": comp or ("in" if node != "logits" else "resid"),
-                        "score": float(self.scores.scores[e])})
+            row = {"sender": g.senders[g.src[e]], "receiver": node,
+                   "input": comp or ("in" if node != "logits" else "resid"),
+                   "score": float(self.scores.scores[e])}
+            if bp is not None:
+                row["by_position"] = [float(v) for v in bp[e]]
+            out.append(row)
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -173,17 +178,26 @@ def discover_circuit(lm: LoadedModel, pairs: Sequence[PT.PromptPair], *, method:
 
     _check_k(k, edge_graph(lm.cfg).n_edges)  # before any forward pass
     prob = Problem(lm, pairs, metric, position, ablation)
-    # progress: scores first (weighted as one part), then the curve (three parts)
-    parts = 4 if curve else 1
-
-    def scored(done: int, total: int) -> None:
-        if progress:
-            progress(done, total * parts)
-
-    res = edge_scores(lm, pairs, method=method, steps=steps, problem=prob, progress=scored)
     PT._check_choice(search, SEARCHES, "search")
+    # progress in parts: the scores one, ACDC's removals eight (one run per edge), the
+    # curve three
+    parts = {"scores": 1, "acdc": 8 if search == "acdc" else 0, "curve": 3 if curve else 0}
+    whole = sum(parts.values())
+
+    def phase(name: str) -> ProgressFn:
+        order = list(parts)
+        before = sum(parts[k] for k in order[:order.index(name)])
+
+        def report(done: int, total: int) -> None:
+            if progress:
+                progress(int(1000 * (before + parts[name] * done / max(total, 1))),
+                         1000 * whole)
+        return report
+
+    res = edge_scores(lm, pairs, method=method, steps=steps, problem=prob,
+                      progress=phase("scores"))
     if search == "acdc":
-        kept, _ = acdc(prob, threshold)
+        kept, _ = acdc(prob, threshold, progress=phase("acdc"))
     else:
         kept = circuit(prob.graph, res.scores, k)
     faith = {}
@@ -193,12 +207,8 @@ def discover_circuit(lm: LoadedModel, pairs: Sequence[PT.PromptPair], *, method:
         faith[a] = float((mine - empty) / (full - empty)) if full != empty else float("nan")
     fc = None
     if curve:
-        def curved(done: int, total: int) -> None:
-            if progress:
-                progress(total + 3 * done, total * 4)
-
         fc = faithfulness_curve(prob, res.scores, n_sizes=int(n_sizes),
-                                n_random=int(n_random), seed=seed, progress=curved)
+                                n_random=int(n_random), seed=seed, progress=phase("curve"))
     disp = lm.tokenizer.display
     settings = {"model": lm.name, "method": method, "metric": res.metric,
                 "position": position, "ablation": ablation, "steps": res.steps, "k": int(k),
