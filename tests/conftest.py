@@ -197,12 +197,16 @@ TIERS = ("browser", "server", "scale", "oracle", "callback", "unit")
 
 
 def tier_of(item) -> str:
-    """One tier per test, the first that applies: browser (a real Chromium), server
-    (subprocess servers), scale (GPT-2-shaped work), oracle (TransformerLens or a per-head
-    reference recomputes it), callback (the app, its pages or API in process), else unit."""
+    """One tier per test, the first that applies: a tier marker the test names itself, browser
+    (a real Chromium), server (subprocess servers), scale (GPT-2-shaped work), oracle
+    (TransformerLens or a per-head reference recomputes it), slow (a ``slow`` test is never
+    in the fast tier), callback (the app, its pages or API in process), else unit."""
+    named = [t for t in TIERS if item.get_closest_marker(t)]
+    if named:
+        return named[0]
     fixtures = set(getattr(item, "fixturenames", ()))
     file = item.path.name
-    if "dash_duo" in fixtures or item.get_closest_marker("browser") or file in BROWSER_FILES:
+    if "dash_duo" in fixtures or file in BROWSER_FILES:
         return "browser"
     if file in SERVER_FILES:
         return "server"
@@ -213,6 +217,8 @@ def tier_of(item) -> str:
     if ORACLE_NAMES & names or any(f.startswith("tl_") for f in fixtures) \
             or f"{file}::{item.originalname}" in REFERENCE_CHECKS:
         return "oracle"
+    if item.get_closest_marker("slow"):
+        return "slow"
     module = set(vars(getattr(item, "module", None) or object))
     if fixtures & CALLBACK_FIXTURES or CALLBACK_NAMES & (module | names):
         return "callback"
@@ -223,7 +229,9 @@ def pytest_collection_modifyitems(config, items):
     """Mark each test with its tier (new files get one without editing them); skip browser
     tests without Chromium, except under CI where that is a failure."""
     for item in items:
-        item.add_marker(getattr(pytest.mark, tier_of(item)))
+        tier = tier_of(item)
+        if tier != "slow":  # a slow test without another tier keeps just its slow marker
+            item.add_marker(getattr(pytest.mark, tier))
     have = shutil.which("chromium") and shutil.which("chromedriver")
     if have or os.environ.get("CI") == "true":
         return

@@ -115,6 +115,7 @@ def two_servers(request, tmp_path):
             stop(proc)
 
 
+@pytest.mark.server
 def test_an_upload_is_used_by_its_name_from_another_process(two_servers, monkeypatch):
     (a, b), broker = two_servers
     text = "\n".join(json.dumps({"text": d}) for d in DOCS)
