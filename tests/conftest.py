@@ -192,6 +192,24 @@ REFERENCE_CHECKS = {
     "test_first_sight.py::test_pca_of_2000_rows_is_exact",
     "test_head_metrics.py::test_shipped_ranking_agrees_with_probe",
     "test_compare.py::test_icl_score_on_the_dataset",
+    "test_circuit.py::test_acdc_matches_a_hook_replay",
+    "test_circuit.py::test_circuit_equals_explicit_hooks",
+    "test_circuit.py::test_eap_equals_transformer_lens",
+    "test_patching.py::test_path_patching_variants_equal_transformer_lens_hooks",
+    "test_head_metrics.py::test_metrics_equal_plain_loops_on_shipped_windows",
+    # transformers' own loaders and tokenizers are the reference for GGUF and HF folders
+    "test_gguf.py::test_llama_logits_equal_transformers_in_every_quantization",
+    "test_gguf.py::test_other_architectures_equal_transformers",
+    "test_gguf.py::test_tokenizer_equals_transformers",
+    "test_gguf.py::test_sentencepiece_tokenizer_equals_transformers",
+    "test_hf.py::test_matches_transformers",
+}
+#: Sweeps over every page (on every model family, or following every link with every
+#: analysis computed): minutes on a loaded 2-core machine; the fast tier draws every page
+#: once on the default model (test_pages.py) instead.
+SWEEPS = {
+    "test_families.py::test_every_page_runs",
+    "test_links.py::test_every_link_stays_under_the_url_prefix_and_opens_a_page",
 }
 TIERS = ("browser", "server", "scale", "oracle", "callback", "unit")
 
@@ -210,7 +228,7 @@ def tier_of(item) -> str:
         return "browser"
     if file in SERVER_FILES:
         return "server"
-    if file in SCALE_FILES:
+    if file in SCALE_FILES or f"{file}::{getattr(item, 'originalname', '')}" in SWEEPS:
         return "scale"
     code = getattr(getattr(item, "function", None), "__code__", None)
     names = set(code.co_names + code.co_varnames) if code is not None else set()
