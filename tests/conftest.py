@@ -204,12 +204,13 @@ REFERENCE_CHECKS = {
     "test_gguf.py::test_sentencepiece_tokenizer_equals_transformers",
     "test_hf.py::test_matches_transformers",
 }
-#: Sweeps over every page (on every model family, or following every link with every
-#: analysis computed): minutes on a loaded 2-core machine; the fast tier draws every page
-#: once on the default model (test_pages.py) instead.
+#: Sweeps over every page (on every model family, following every link, or exporting every
+#: panel, with every analysis computed): minutes on a loaded 2-core machine; the fast tier
+#: draws every page once on the default model (test_pages.py) instead.
 SWEEPS = {
     "test_families.py::test_every_page_runs",
     "test_links.py::test_every_link_stays_under_the_url_prefix_and_opens_a_page",
+    "test_pages_weights.py::test_every_panel_exports",
 }
 TIERS = ("browser", "server", "scale", "oracle", "callback", "unit")
 
