@@ -192,27 +192,52 @@ REFERENCE_CHECKS = {
     "test_first_sight.py::test_pca_of_2000_rows_is_exact",
     "test_head_metrics.py::test_shipped_ranking_agrees_with_probe",
     "test_compare.py::test_icl_score_on_the_dataset",
+    "test_circuit.py::test_acdc_matches_a_hook_replay",
+    "test_circuit.py::test_circuit_equals_explicit_hooks",
+    "test_circuit.py::test_eap_equals_transformer_lens",
+    "test_patching.py::test_path_patching_variants_equal_transformer_lens_hooks",
+    "test_head_metrics.py::test_metrics_equal_plain_loops_on_shipped_windows",
+    # transformers' own loaders and tokenizers are the reference for GGUF and HF folders
+    "test_gguf.py::test_llama_logits_equal_transformers_in_every_quantization",
+    "test_gguf.py::test_other_architectures_equal_transformers",
+    "test_gguf.py::test_tokenizer_equals_transformers",
+    "test_gguf.py::test_sentencepiece_tokenizer_equals_transformers",
+    "test_hf.py::test_matches_transformers",
+}
+#: Sweeps over every page (on every model family, following every link, or exporting every
+#: panel, with every analysis computed): minutes on a loaded 2-core machine; the fast tier
+#: draws every page once on the default model (test_pages.py) instead.
+SWEEPS = {
+    "test_families.py::test_every_page_runs",
+    "test_links.py::test_every_link_stays_under_the_url_prefix_and_opens_a_page",
+    "test_pages_weights.py::test_every_panel_exports",
 }
 TIERS = ("browser", "server", "scale", "oracle", "callback", "unit")
 
 
 def tier_of(item) -> str:
-    """One tier per test, the first that applies: browser (a real Chromium), server
-    (subprocess servers), scale (GPT-2-shaped work), oracle (TransformerLens or a per-head
-    reference recomputes it), callback (the app, its pages or API in process), else unit."""
+    """One tier per test, the first that applies: a tier marker the test names itself, browser
+    (a real Chromium), server (subprocess servers), scale (GPT-2-shaped work), oracle
+    (TransformerLens or a per-head reference recomputes it), slow (a ``slow`` test is never
+    in the fast tier), callback (the app, its pages or API in process), else unit."""
+    named = [t for t in TIERS if item.get_closest_marker(t)]
+    if named:
+        return named[0]
     fixtures = set(getattr(item, "fixturenames", ()))
     file = item.path.name
-    if "dash_duo" in fixtures or item.get_closest_marker("browser") or file in BROWSER_FILES:
+    if "dash_duo" in fixtures or file in BROWSER_FILES:
         return "browser"
     if file in SERVER_FILES:
         return "server"
-    if file in SCALE_FILES:
+    if file in SCALE_FILES or f"{file}::{getattr(item, 'originalname', '')}" in SWEEPS:
         return "scale"
     code = getattr(getattr(item, "function", None), "__code__", None)
     names = set(code.co_names + code.co_varnames) if code is not None else set()
     if ORACLE_NAMES & names or any(f.startswith("tl_") for f in fixtures) \
             or f"{file}::{item.originalname}" in REFERENCE_CHECKS:
         return "oracle"
+    if item.get_closest_marker("slow"):
+        return "slow"
     module = set(vars(getattr(item, "module", None) or object))
     if fixtures & CALLBACK_FIXTURES or CALLBACK_NAMES & (module | names):
         return "callback"
@@ -223,7 +248,9 @@ def pytest_collection_modifyitems(config, items):
     """Mark each test with its tier (new files get one without editing them); skip browser
     tests without Chromium, except under CI where that is a failure."""
     for item in items:
-        item.add_marker(getattr(pytest.mark, tier_of(item)))
+        tier = tier_of(item)
+        if tier != "slow":  # a slow test without another tier keeps just its slow marker
+            item.add_marker(getattr(pytest.mark, tier))
     have = shutil.which("chromium") and shutil.which("chromedriver")
     if have or os.environ.get("CI") == "true":
         return

@@ -19,6 +19,7 @@ from test_browser_scale import (  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(1800)]
 
+
 def drawn(duo) -> dict:
     """Traces drawn in each graph of the page, by graph name."""
     out = {}

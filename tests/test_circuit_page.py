@@ -10,8 +10,8 @@ import dash
 import numpy as np
 import plotly.graph_objects as go
 import pytest
+from conftest import restored_background
 
-from attention_lens import background
 from attention_lens.analysis import patching as PT
 from attention_lens.analysis.circuit import Problem, edge_scores
 from attention_lens.components import page as P
@@ -24,12 +24,11 @@ PAIR = dict(clean=PT.DEFAULT_CLEAN, corrupted=PT.DEFAULT_CORRUPTED, correct=PT.D
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    old = background._CURRENT
-    app = create_server(ServerConfig(cache_size=8,
-                                     cache_dir=str(tmp_path_factory.mktemp("cache"))))
-    assert app.server.test_client().get("/").status_code == 200
-    yield app
-    background._CURRENT = old
+    with restored_background():
+        app = create_server(ServerConfig(cache_size=8,
+                                         cache_dir=str(tmp_path_factory.mktemp("cache"))))
+        assert app.server.test_client().get("/").status_code == 200
+        yield app
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,7 @@ import pytest
 
 from attention_lens.analysis import run_forward
 from attention_lens.analysis.ablation import ablate_heads
-from attention_lens.analysis.attention import (
-    attention_pattern,
-    attention_patterns,
-    head_outputs,
-    residual_stream,
-)
+from attention_lens.analysis.attention import attention_pattern, attention_patterns
 from attention_lens.analysis.attribution import logit_attribution
 from attention_lens.analysis.logit_lens import logit_lens
 from attention_lens.analysis.predictions import next_token, token_predictions
@@ -32,8 +27,6 @@ from attention_lens.figures.attention import (
     attention_figure,
     attention_grid_figure,
     entropy_figure,
-    head_output_figure,
-    residual_norm_figure,
 )
 from attention_lens.figures.attribution import (
     attribution_components_figure,
@@ -156,18 +149,6 @@ def test_attention_grid_and_entropy(tiny, fp):
     ent = entropy_figure(res)
     _check(ent)
     assert np.asarray(ent.data[0].z).shape == (2, 4)
-
-
-def test_activation_figures(tiny_ln):
-    fp = run_forward(tiny_ln, TEXT)
-    resid = residual_stream(tiny_ln, fp)
-    fig = residual_norm_figure(resid)
-    _check(fig)
-    assert len(fig.data[0].x) == fp.n_tokens and len(fig.data[0].y) == 3
-    out = head_outputs(tiny_ln, fp)
-    fig = head_output_figure(out)
-    _check(fig)
-    assert np.asarray(fig.data[0].z).shape == (8, fp.n_tokens)
 
 
 def test_logit_lens_figures(tiny_ln):

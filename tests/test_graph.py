@@ -287,7 +287,7 @@ def test_rotary_rms_gated_parallel_model(tiny_tokenizer):
 
 
 def test_graphs_over_the_edge_budget_are_refused_before_any_work(model_2l, monkeypatch):
-    from attention_lens.analysis import graph as G
+    from attention_lens.analysis.graph import budget as G
     from attention_lens.bench import GPT2_SHAPE
     from attention_lens.model import ModelConfig
 

@@ -213,7 +213,7 @@ def test_attention_click_link(server):
 def test_graphs_beyond_the_edge_budget_are_refused_and_the_default_moves(client,
                                                                          monkeypatch):
     from attention_lens import registry as R
-    from attention_lens.analysis import graph as G
+    from attention_lens.analysis.graph import budget as G
 
     cfg = R.current().get("attn-only-2l").cfg
     monkeypatch.setattr(G, "MAX_EDGES", G.estimated_edges(cfg, 20))  # reach: position 19

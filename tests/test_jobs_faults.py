@@ -237,6 +237,7 @@ def poll(app: App, s: requests.Session, handles: dict, body: dict) -> str:
     return r.text
 
 
+@pytest.mark.server
 def test_a_job_past_its_deadline_is_stopped_and_reported_and_jobs_die_with_their_server(
         tmp_path, slow_models):  # noqa: F811
     """A job past its deadline is killed and its page's next poll says so (with Run again),
@@ -309,6 +310,7 @@ def request_of(response: requests.Response) -> dict | None:
     return data.get("eigenvalues-job-request", {}).get("data")
 
 
+@pytest.mark.server
 def test_unclaimed_reservations_are_released_within_seconds(tmp_path, slow_models):  # noqa: F811
     """10 plain POSTs of /eigenvalues' main callback (no browser to start the jobs): the
     slots they reserve are free again within seconds, and a real job then runs."""
@@ -340,6 +342,7 @@ def test_unclaimed_reservations_are_released_within_seconds(tmp_path, slow_model
         app.close()
 
 
+@pytest.mark.server
 def test_two_deployments_on_one_machine_keep_their_own_slots_in_a_private_folder(
         tmp_path, slow_models):  # noqa: F811
     """Two ``python app.py`` on the default cache folder (different ports, one job slot

@@ -242,6 +242,7 @@ def start_lab(tmp_path: Path, models: Path, n_workers: int = 2, web_workers: int
 
 
 # ---------------------------------------------------------------------------------- tests
+@pytest.mark.server
 def test_killed_pool_child_and_killed_worker_never_leave_a_page_waiting(tmp_path,
                                                                         lab_models):
     """kill -9 of the pool child running a job: Celery puts the task back and the page gets
@@ -308,6 +309,7 @@ def test_killed_pool_child_and_killed_worker_never_leave_a_page_waiting(tmp_path
         redis.stop()
 
 
+@pytest.mark.server
 def test_redis_outage_gives_503_then_everything_resumes_with_the_same_secret(tmp_path,
                                                                              lab_models):
     """Redis stopped for ~10 s mid-job and started again empty (``--save ""``): the API says
@@ -381,6 +383,7 @@ def test_redis_outage_gives_503_then_everything_resumes_with_the_same_secret(tmp
         redis.stop()
 
 
+@pytest.mark.server
 def test_gunicorn_restarted_mid_job_and_heavy_api_work_runs_on_the_workers(tmp_path,
                                                                           lab_models):
     """gunicorn stopped and started again while a job runs on a Celery worker: the page's

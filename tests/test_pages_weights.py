@@ -3,6 +3,7 @@ induction, embeddings, analogy, on the shipped models and the default prompt."""
 
 from __future__ import annotations
 
+import json
 import sys
 from contextvars import copy_context
 
@@ -41,11 +42,6 @@ def state(model: str = "attn-only-2l", text: str = DEFAULT_PROMPT) -> dict:
     return {"model": model, "text": text, "pos": None}
 
 
-def run(spec: P.PageSpec, st: dict, **controls) -> P.Drawn:
-    """Run a page's callbacks like Dash would (the job too, when one is needed)."""
-    return spec.render(st, **controls)
-
-
 def figure_named(fig: go.Figure, name: str):
     """The trace called ``name``."""
     return next(t for t in fig.data if t.name == name)
@@ -53,7 +49,7 @@ def figure_named(fig: go.Figure, name: str):
 
 # --------------------------------------------------------------------------- weights
 def test_weights_spectra_and_directions(pages, model_2l):
-    d = run(pages["weights"], state())
+    d = pages["weights"].render(state())
     spectra, norms, directions = (d.figures[k] for k in ("spectra", "norms", "directions"))
     table, query = d.extras["table"], d.query
     assert d.errors == [] and d.notes == []
@@ -70,8 +66,8 @@ def test_weights_spectra_and_directions(pages, model_2l):
 
 
 def test_weights_selection_and_qk(pages):
-    d = run(pages["weights"], state(), circuit="QK", layers=[1], heads=[5, 0], layer=1, head=5,
-            dirs=2, k=4, scale="linear")
+    d = pages["weights"].render(state(), circuit="QK", layers=[1], heads=[5, 0], layer=1,
+                                head=5, dirs=2, k=4, scale="linear")
     spectra, directions, query = d.figures["spectra"], d.figures["directions"], d.query
     assert d.errors == []
     assert [t.name for t in spectra.data] == ["L1H0", "L1H5"]
@@ -85,7 +81,7 @@ def test_weights_bad_controls_give_alerts(pages):
     for controls, words in (({"layers": [7]}, "layers: 7 does not exist (0-1)"),
                             ({"head": 12, "layer": 0}, "head 12 is above the largest allowed"),
                             ({"heads": "x,y"}, "whole numbers")):
-        texts = " ".join(run(pages["weights"], state(), **controls).errors)
+        texts = " ".join(pages["weights"].render(state(), **controls).errors)
         assert words in texts, (controls, texts)
 
 
@@ -99,7 +95,7 @@ def test_weights_url_parameters(pages):
 
 # ----------------------------------------------------------------------- eigenvalues
 def test_eigenvalues_page(pages, registry, model_2l):
-    d = run(pages["eigenvalues"], state(), layer=1, head=5, order="position")
+    d = pages["eigenvalues"].render(state(), layer=1, head=5, order="position")
     spectrum, circuits, copying = (d.figures[k] for k in ("pattern-spectrum",
                                                           "circuit-eigenvalues", "copying"))
     assert d.errors == []
@@ -118,16 +114,16 @@ def test_eigenvalues_page(pages, registry, model_2l):
 
 
 def test_eigenvalues_default_head_and_bad_head(pages):
-    spectrum = run(pages["eigenvalues"], state()).figures["pattern-spectrum"]
+    spectrum = pages["eigenvalues"].render(state()).figures["pattern-spectrum"]
     assert spectrum.layout.title.text.startswith("L1H")  # highest full-OV copying head
-    d = run(pages["eigenvalues"], state(), layer=2, head=0)  # clamped to the last layer
+    d = pages["eigenvalues"].render(state(), layer=2, head=0)  # clamped to the last layer
     assert "layer 2 is above the largest allowed value 1" in " ".join(d.errors)
     assert d.figures["pattern-spectrum"].layout.title.text.startswith("L1H0")
 
 
 # ------------------------------------------------------------------------- induction
 def test_induction_grids_labels_examples(pages):
-    d = run(pages["induction"], state())
+    d = pages["induction"].render(state())
     scores, labels, examples, comp_q, comp_k, comp_v = d.figures.values()
     assert d.errors == [] and d.notes == []
     probe = figure_named(scores, "probe: induction")
@@ -149,8 +145,8 @@ def test_induction_grids_labels_examples(pages):
 
 
 def test_induction_selected_head_and_prompt_labels(pages):
-    d = run(pages["induction"], state(), layer=0, head=2, kind="previous_token",
-            labels="prompt", n=3)
+    d = pages["induction"].render(state(), layer=0, head=2, kind="previous_token",
+                                  labels="prompt", n=3)
     examples, labels = d.figures["examples"], d.figures["labels"]
     assert examples.layout.title.text == "L0H2: strongest previous-token entries"
     assert len(examples.data[0].y) == 3
@@ -159,28 +155,28 @@ def test_induction_selected_head_and_prompt_labels(pages):
 
 
 def test_induction_one_layer_model_says_no_composition(pages):
-    d = run(pages["induction"], state("attn-only-1l"))
+    d = pages["induction"].render(state("attn-only-1l"))
     scores, labels, examples, comp_q, comp_k, comp_v = d.figures.values()
     assert d.errors == []
     assert np.asarray(figure_named(scores, "probe: induction").z).shape == (1, 12)
     assert "one layer" in " ".join(d.notes)
     for fig in (comp_q, comp_k, comp_v):
         assert "one layer" in fig.layout.annotations[0].text
-    bad = run(pages["induction"], state("attn-only-1l"), src=0)
+    bad = pages["induction"].render(state("attn-only-1l"), src=0)
     assert "one layer" in " ".join(bad.errors)
 
 
 def test_induction_bad_controls(pages):
-    d = run(pages["induction"], state(), layer=0, head=40)
+    d = pages["induction"].render(state(), layer=0, head=40)
     assert "head 40 is above the largest allowed value 11" in " ".join(d.errors)
-    d = run(pages["induction"], state(), src=1)
+    d = pages["induction"].render(state(), src=1)
     assert "source layer must be between 0 and 0" in " ".join(d.errors)
 
 
 # ------------------------------------------------------------------------ embeddings
 def test_embeddings_map_prompt_and_search(pages, registry):
     fp = registry.forward(DEFAULT_PROMPT, "attn-only-2l")
-    d = run(pages["embeddings"], state(), clusters=5, n=500, search="Harry", neighbours=7)
+    d = pages["embeddings"].render(state(), clusters=5, n=500, search="Harry", neighbours=7)
     mp, variance, neighbours = d.figures.values()
     assert d.errors == []
     clusters = [t for t in mp.data if t.name.startswith("cluster")]
@@ -196,7 +192,7 @@ def test_embeddings_map_prompt_and_search(pages, registry):
 
 
 def test_embeddings_unembedding_and_filters(pages):
-    d = run(pages["embeddings"], state(), matrix="W_U", filter="whole_word", n=300, search="")
+    d = pages["embeddings"].render(state(), matrix="W_U", filter="whole_word", n=300, search="")
     mp, neighbours, query = d.figures["map"], d.figures["neighbours"], d.query
     assert d.errors == []
     assert "W_U^T" in mp.layout.title.text and query["filter"] == "whole_word"
@@ -206,15 +202,15 @@ def test_embeddings_unembedding_and_filters(pages):
 
 
 def test_embeddings_bad_controls(pages):
-    d = run(pages["embeddings"], state(), search="x" * 90)
+    d = pages["embeddings"].render(state(), search="x" * 90)
     assert "tokens long" in " ".join(d.errors)
-    d = run(pages["embeddings"], state(), clusters=0)
+    d = pages["embeddings"].render(state(), clusters=0)
     assert "below the smallest allowed value 1" in " ".join(d.errors)
 
 
 # --------------------------------------------------------------------------- analogy
 def test_analogy_default_equation(pages):
-    d = run(pages["analogy"], state())
+    d = pages["analogy"].render(state())
     fig, table, query = d.figures["results"], d.extras["table"], d.query
     assert d.errors == []
     assert len(fig.data[0].y) == 10
@@ -226,17 +222,17 @@ def test_analogy_default_equation(pages):
     assert query["plus"] == ["England", "French"] and query["minus"] == ["English"]
     assert "England + French − English" in str(d.extras["caption"])
     # ' woman' is two tokens for this vocabulary: the page says so
-    d = run(pages["analogy"], state(), plus=["king", "woman"], minus=["man"])
+    d = pages["analogy"].render(state(), plus=["king", "woman"], minus=["man"])
     assert any("woman" in n and "2 tokens" in n for n in d.notes)
 
 
 def test_analogy_method_and_errors(pages):
-    fig = run(pages["analogy"], state(), method="3cosmul", k=3, plus=["France", "Paris"],
-              minus=[]).figures["results"]
+    fig = pages["analogy"].render(state(), method="3cosmul", k=3, plus=["France", "Paris"],
+                                  minus=[]).figures["results"]
     assert "3CosMul" in fig.layout.title.text and len(fig.data[0].y) == 3
-    d = run(pages["analogy"], state(), plus=[], minus=["man"])
+    d = pages["analogy"].render(state(), plus=[], minus=["man"])
     assert "at least one word" in " ".join(d.errors)
-    d = run(pages["analogy"], state(), plus=["Supercalifragilisticexpialidocious" * 2])
+    d = pages["analogy"].render(state(), plus=["Supercalifragilisticexpialidocious" * 2])
     assert "tokens long" in " ".join(d.errors)
     q, _ = pages["analogy"].query({"plus": "king, ,woman", "minus": "man"}, None)
     assert q["plus"] == ["king", "woman"]
@@ -288,5 +284,7 @@ def test_every_panel_exports(pages):
                 assert panel.figure.layout.annotations[0].text
                 continue
             assert export.figure_csv(panel.figure).count("\n") > 1
-            assert export.panel_json(panel, state())
+            body = json.loads(export.panel_json(panel, state()))
+            assert body["figure"] == panel.name and body["model"] == "attn-only-2l", name
+            assert body["prompt"] == DEFAULT_PROMPT and body["data"], (name, panel.name)
         assert spec.help_md.count("$") >= 4, name  # the formula is in the help

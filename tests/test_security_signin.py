@@ -141,6 +141,7 @@ def test_ipv6_guesses_count_per_network():
     assert throttle.retry_after("192.0.2.1") is None
 
 
+@pytest.mark.server
 def test_parallel_first_loads_through_gunicorn_as_the_readme_runs_it(tmp_path):
     from test_security_server import readme_server
 

@@ -89,6 +89,7 @@ def check_against_ours(folder: Path, tokens: torch.Tensor, logits: torch.Tensor)
     return diff
 
 
+@pytest.mark.oracle
 def test_snippet_runs_on_installed_transformer_lens_3(tmp_path):
     folders = small_folders(tmp_path)
     for folder in folders:
@@ -140,6 +141,7 @@ def tl4_python(tmp_path_factory) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.oracle
 @pytest.mark.timeout(3600)  # the first run installs TransformerLens 4 and its dependencies
 def test_snippet_runs_on_transformer_lens_4(tl4_python, tmp_path):
     folders = small_folders(tmp_path)

@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import restored_background
 
 from attention_lens.analysis.datasets import documents_sha256
 
@@ -114,6 +115,7 @@ def two_servers(request, tmp_path):
             stop(proc)
 
 
+@pytest.mark.server
 def test_an_upload_is_used_by_its_name_from_another_process(two_servers, monkeypatch):
     (a, b), broker = two_servers
     text = "\n".join(json.dumps({"text": d}) for d in DOCS)
@@ -136,10 +138,11 @@ def test_an_upload_is_used_by_its_name_from_another_process(two_servers, monkeyp
         from attention_lens import weight_analyses as W
 
         worker_side = background.create(celery_broker=broker)
-        monkeypatch.setattr(background, "_CURRENT", worker_side)
         monkeypatch.setitem(W._STORES, id(worker_side), W.Store(worker_side.results,
                                                                  worker_side.kv))
-        assert W.load_dataset(name).documents == tuple(DOCS)
+        with restored_background():
+            background.install(worker_side)
+            assert W.load_dataset(name).documents == tuple(DOCS)
 
 
 def test_the_store_keeps_a_bounded_number_of_uploads(tmp_path, monkeypatch):
@@ -148,12 +151,13 @@ def test_the_store_keeps_a_bounded_number_of_uploads(tmp_path, monkeypatch):
     from attention_lens.analysis import datasets as D
 
     bg = background.create(tmp_path / "cache")
-    monkeypatch.setattr(background, "_CURRENT", bg)
     monkeypatch.setitem(W._STORES, id(bg), W.Store(bg.results, bg.kv))  # undone afterwards
     monkeypatch.setattr(W, "MAX_STORED_UPLOADS", 3)
-    names = [W.keep_upload(D.parse_upload(f"text number {i}".encode(), "n.txt"))
-             for i in range(5)]
-    results = background.current().results
-    kept = [n for n in names if results.get(W.upload_key(n[len("upload:"):])) is not None]
-    assert kept == names[2:]
-    assert W.load_dataset(names[-1]).documents == ("text number 4",)
+    with restored_background():
+        background.install(bg)
+        names = [W.keep_upload(D.parse_upload(f"text number {i}".encode(), "n.txt"))
+                 for i in range(5)]
+        results = background.current().results
+        kept = [n for n in names if results.get(W.upload_key(n[len("upload:"):])) is not None]
+        assert kept == names[2:]
+        assert W.load_dataset(names[-1]).documents == ("text number 4",)

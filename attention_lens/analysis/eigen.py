@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from ..model.checkpoint import LoadedModel
-from .checks import check_layer_head
 from .circuits import architecture_notes, head_weights
 from .errors import AnalysisError
 from .forward import ForwardPass
@@ -225,10 +224,3 @@ def circuit_eigenvalues(lm: LoadedModel, dtype: str = "float32",
         dtype=dtype,
         notes=notes,
     )
-
-
-def head_eigenvalues(result: CircuitEigenvalues, lm: LoadedModel, layer: int, head: int,
-                     which: str = "full_ov") -> np.ndarray:
-    """The eigenvalues [d_head] (complex) of one head's circuit, with range checks."""
-    check_layer_head(lm, layer, head)
-    return result.eigenvalues(which)[layer, head]

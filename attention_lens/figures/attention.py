@@ -16,12 +16,7 @@ from .tokens import esc, finish
 SELECTED = "#D55E00"
 
 if TYPE_CHECKING:
-    from ..analysis.attention import (
-        AttentionPattern,
-        AttentionPatterns,
-        HeadOutputs,
-        ResidualStream,
-    )
+    from ..analysis.attention import AttentionPattern, AttentionPatterns
 
 
 def _labels(display: tuple[str, ...]) -> list[str]:
@@ -179,36 +174,3 @@ def entropy_figure(result: AttentionPatterns) -> go.Figure:
                       xaxis_title="head", yaxis=dict(title="layer", autorange="reversed"),
                       height=max(250, 45 * n_layers + 150))
     return finish(fig)
-
-
-def residual_norm_figure(result: ResidualStream) -> go.Figure:
-    """Heatmap [stage, position] of the residual stream's L2 norm."""
-    labels = _labels(result.display)
-    stages = [s.replace("blocks.", "L").replace(".hook_", " ") for s in result.labels]
-    fig = go.Figure(go.Heatmap(
-        z=result.norms, x=labels, y=stages, colorscale=SEQUENTIAL, colorbar=dict(title="‖x‖"),
-        hovertemplate="%{y} at %{x}: ‖x‖ = %{z:.3f}<extra></extra>",
-    ))
-    fig.update_layout(template=TEMPLATE, title="Residual stream norm per layer and position",
-                      xaxis=dict(type="category", tickangle=-60),
-                      yaxis=dict(type="category", autorange="reversed"))
-    return finish(fig)
-
-
-def head_output_figure(result: HeadOutputs) -> go.Figure:
-    """Heatmap [layer·head, position] of the norm of each head's output ``z W_O``."""
-    n_layers, n_heads, _ = result.norms.shape
-    labels = _labels(result.display)
-    heads = [f"L{layer}H{head}" for layer in range(n_layers) for head in range(n_heads)]
-    fig = go.Figure(go.Heatmap(
-        z=result.norms.reshape(n_layers * n_heads, -1), x=labels, y=heads,
-        colorscale=SEQUENTIAL, colorbar=dict(title="‖z W_O‖"),
-        hovertemplate="%{y} at %{x}: ‖z W_O‖ = %{z:.3f}<extra></extra>",
-    ))
-    fig.update_layout(template=TEMPLATE, title="Size of each head's output per position",
-                      xaxis=dict(type="category", tickangle=-60),
-                      yaxis=dict(type="category", autorange="reversed"),
-                      height=max(300, 14 * len(heads) + 150))
-    return finish(fig)
-
-
