@@ -806,6 +806,12 @@ def bench_circuit(reps: int, gpt2: bool = True) -> None:
         print(f"    {ablation}: 80 % of the metric at {reach} edges (random circuits: "
               f"{rand}); faithfulness by size " + ", ".join(
                   f"{int(k)}:{f:.2f}" for k, f in zip(curve.sizes, curve.faithfulness[a])))
+    from .analysis.circuit.search import acdc
+
+    ac_s, walls, (kept, metric) = timed(lambda: acdc(prob, 0.05), 1)
+    full = float(curve.full_metric[list(curve.ablations).index("resample")])
+    line("ACDC-style greedy removal, threshold 0.05 (resample)", ac_s, walls, 30.0,
+         f"; {int(kept.sum())} edges kept, metric {metric:.4f} (full model {full:.4f})")
     # TransformerLens, the same EAP computation written with its hooks
     oracle_path = DEFAULT_WEIGHTS.parent / "tests" / "tl_oracle.py"
     try:
