@@ -37,6 +37,7 @@ FIRST_VISIT = 90
 def lens(dash_duo, registry):
     """The app over the shipped weights, served on a local port."""
     dash_duo.start_server(create_app(registry))
+    dash_duo.driver.set_script_timeout(120)  # a busy machine's browser answers slowly
     return dash_duo
 
 

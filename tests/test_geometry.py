@@ -187,6 +187,7 @@ def small_screenshot(duo, path: Path, scale: float) -> None:
 def lens(dash_duo, registry):
     """The app over the shipped weights, served on a local port."""
     dash_duo.start_server(create_app(registry))
+    dash_duo.driver.set_script_timeout(120)  # a busy machine's browser answers slowly
     return dash_duo
 
 
