@@ -116,12 +116,17 @@ class ByteLRU:
     bytes (default :func:`nbytes_of`). A value larger than the whole byte budget is not kept;
     storing evicts the least recently used entries until the new one fits. Reading an entry
     makes it the most recently used.
+
+    With ``keep_newest`` a value larger than the budget is kept all the same, alone (every
+    other entry goes), until the next value is stored: the forward-pass cache keeps the pass
+    the page's callbacks are reading even when it alone exceeds ``--cache-mb``.
     """
 
     def __init__(self, name: str, max_bytes: Budget, max_items: Budget = None,
-                 sizeof: Callable[[Any], int] = nbytes_of) -> None:
+                 sizeof: Callable[[Any], int] = nbytes_of, keep_newest: bool = False) -> None:
         self.name, self._max_bytes, self._max_items = name, max_bytes, max_items
-        self._sizeof = sizeof
+        self._sizeof, self.keep_newest = sizeof, keep_newest
+        self._big: Optional[tuple[Hashable, Any, int]] = None  # (key, value, bytes)
         self._lock = threading.RLock()
         self._lru = _LRU(self._bytes_budget(), sizeof)
         REGIONS[name] = self
@@ -175,6 +180,8 @@ class ByteLRU:
     def get(self, key: Hashable, default: Any = None) -> Any:
         """The value of ``key`` (now the most recently used), or ``default``."""
         with self._lock:
+            if self._big is not None and self._big[0] == key:
+                return self._big[1]
             try:
                 return self._lru[key]
             except KeyError:
@@ -182,22 +189,28 @@ class ByteLRU:
 
     def __contains__(self, key: Hashable) -> bool:
         with self._lock:
-            return key in self._lru
+            return key in self._lru or (self._big is not None and self._big[0] == key)
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._lru)
+            return len(self._lru) + (self._big is not None)
 
     @property
     def nbytes(self) -> int:
         """Bytes held now."""
         with self._lock:
-            return int(self._lru.currsize)
+            return int(self._lru.currsize) + (self._big[2] if self._big is not None else 0)
 
     def values(self) -> list[Any]:
         """The values, least recently used first."""
         with self._lock:
-            return [cachetools.Cache.__getitem__(self._lru, k) for k in list(self._lru.keys())]
+            out = [cachetools.Cache.__getitem__(self._lru, k) for k in list(self._lru.keys())]
+            return out + ([self._big[1]] if self._big is not None else [])
+
+    def _drop_big(self) -> None:
+        if self._big is not None:
+            self._big = None
+            self._lru.evicted += 1
 
     def put(self, key: Hashable, value: Any, seconds: float = 0.0) -> bool:
         """Keep ``value`` under ``key``; False when it is larger than the whole budget (then
@@ -206,12 +219,19 @@ class ByteLRU:
         with self._lock:
             before = self._lru.evicted
             self._fit()
+            if self._big is not None and self._big[0] == key:
+                self._big = None  # stored again (measured again) below
+            self._drop_big()  # a value kept over the budget stays only while it is the newest
             try:
                 self._lru[key] = value
                 kept = True
             except ValueError:  # larger than the budget
                 self._lru.pop(key, None)
-                kept = False
+                kept = self.keep_newest
+                if kept:  # alone
+                    while len(self._lru):
+                        self._lru.popitem()
+                    self._big = (key, value, int(self._sizeof(value)))
             n = self.max_items
             while n is not None and len(self._lru) > max(n, 0):
                 self._lru.popitem()
@@ -227,6 +247,9 @@ class ByteLRU:
     def pop(self, key: Hashable, default: Any = None) -> Any:
         """Remove ``key`` and return its value (``default`` if absent)."""
         with self._lock:
+            if self._big is not None and self._big[0] == key:
+                value, self._big = self._big[1], None
+                return value
             return self._lru.pop(key, default)
 
     def discard(self, predicate: Callable[[Hashable], bool]) -> int:
@@ -235,14 +258,18 @@ class ByteLRU:
             gone = [k for k in list(self._lru.keys()) if predicate(k)]
             for k in gone:
                 del self._lru[k]
+            if self._big is not None and predicate(self._big[0]):
+                gone.append(self._big[0])
+                self._big = None
         self._released(bool(gone))
         return len(gone)
 
     def clear(self) -> None:
         """Remove everything."""
         with self._lock:
-            had = len(self._lru) > 0
+            had = len(self._lru) > 0 or self._big is not None
             self._lru.clear()
+            self._big = None
         self._released(had)
 
     @staticmethod
@@ -253,7 +280,7 @@ class ByteLRU:
     def info(self) -> dict[str, Any]:
         """Entries, bytes and budgets."""
         with self._lock:
-            return {"entries": len(self._lru), "bytes": int(self._lru.currsize),
+            return {"entries": len(self), "bytes": self.nbytes,
                     "max_bytes": int(self._lru.maxsize), "max_items": self.max_items,
                     "evicted": self._lru.evicted}
 

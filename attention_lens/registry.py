@@ -226,7 +226,8 @@ class Registry:
         # forward passes (with their per-prompt results) and weight analyses: two regions of
         # the one in-process cache, each bounded by its settings (read at every store)
         self._forward = ByteLRU("forward", lambda: self.max_forward_bytes,
-                                lambda: self.max_forward, sizeof=lambda c: c.nbytes)
+                                lambda: self.max_forward, sizeof=lambda c: c.nbytes,
+                                keep_newest=True)  # the newest pass stays (README)
         self._running: dict[tuple[str, tuple[int, ...]], threading.Lock] = {}
         self._weights = ByteLRU("weights", lambda: self.max_weights_bytes,
                                 lambda: self.max_weights)

@@ -57,6 +57,15 @@ def test_budgets_in_bytes_and_entries_are_read_at_every_store():
     assert len(lru) == 1 and 9 in lru
 
 
+def test_keep_newest_holds_one_value_over_the_budget_until_the_next():
+    lru = C.ByteLRU("test", 2500, keep_newest=True)
+    lru.put("a", arr(1000))
+    assert lru.put("big", arr(4000)) and "big" in lru and "a" not in lru
+    assert len(lru) == 1 and lru.nbytes == 4000 and lru.get("big") is not None
+    lru.put("b", arr(1000))
+    assert "big" not in lru and len(lru) == 1 and lru.nbytes == 1000
+
+
 def test_sizes_follow_a_sizeof_and_nbytes_of_counts_shared_arrays_once():
     lru = C.ByteLRU("test", 100, sizeof=len)
     lru.put("x", "a" * 60)
@@ -114,8 +123,12 @@ def test_forward_passes_and_their_results_share_the_forward_budget(tiny, budget)
     reg.per_prompt(fp, "k", lambda: calls.append(1) or arr(800))
     reg.per_prompt(fp, "k", lambda: calls.append(1) or arr(800))
     info = reg.cache_info()
-    if budget == 1:  # a pass larger than the whole budget is not kept, nor its results
-        assert info["forward"] == 0 and info["forward_bytes"] == 0 and calls == [1, 1]
+    if budget == 1:  # the newest pass stays, alone, but no result larger than the budget
+        assert info["forward"] == 1 and info["forward_bytes"] == fp.nbytes
+        assert calls == [1, 1] and reg.forward("abc abc", "tiny") is fp
+        other = reg.forward("xyz", "tiny")  # a newer pass replaces it
+        assert reg.cache_info()["forward"] == 1 and reg.cached_forward(
+            "tiny", other.token_ids) is other and reg.forward("abc abc", "tiny") is not fp
     else:
         assert info["forward"] == 1 and calls == [1]
         assert info["forward_bytes"] == fp.nbytes + 800
