@@ -332,13 +332,37 @@ class _DiskLock:
 
 
 class _RedisLock:
-    """redis-py's ``Lock`` (a token the holder alone can renew and release)."""
+    """redis-py's ``Lock`` (a token the holder alone can renew and release).
 
-    def __init__(self, client: Any, key: str, ttl: float) -> None:
+    Like every other use of the store (:class:`attention_lens.background.RedisKV`), a broken
+    connection is tried again on a fresh one, for ``patience`` seconds (a job waits for Redis
+    to come back), then reported as :class:`attention_lens.background.StoreUnavailable`.
+    """
+
+    def __init__(self, client: Any, key: str, ttl: float, patience: float = 0.0) -> None:
         self.lock = client.lock(key, timeout=ttl, sleep=LOCK_POLL_S, thread_local=False)
+        self.patience = patience
+
+    def _patiently(self, fn: Callable[[], Any]) -> Any:
+        import redis
+
+        from .background import StoreUnavailable
+
+        give_up, attempt = time.monotonic() + self.patience, 0
+        while True:
+            try:
+                return fn()
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                    redis.exceptions.BusyLoadingError) as exc:
+                attempt += 1
+                if attempt > 1 and time.monotonic() >= give_up:
+                    raise StoreUnavailable(f"Redis: {type(exc).__name__}") from exc
+                if attempt > 1:
+                    time.sleep(0.5)
 
     def acquire(self, stop: Callable[[], bool]) -> bool:
-        while not self.lock.acquire(blocking=True, blocking_timeout=LOCK_RENEW_S):
+        while not self._patiently(lambda: self.lock.acquire(
+                blocking=True, blocking_timeout=LOCK_RENEW_S)):
             if stop():
                 return False
         return True
@@ -350,7 +374,7 @@ class _RedisLock:
         from redis.exceptions import LockError
 
         try:
-            self.lock.release()
+            self._patiently(self.lock.release)
         except LockError:  # expired and taken by another process meanwhile: theirs now
             log.warning("lock %s expired while held", self.lock.name)
 
@@ -358,7 +382,7 @@ class _RedisLock:
 def _lock_for(kv: Any, name: str, ttl: float) -> Any:
     client = getattr(kv, "r", None)
     if client is not None:  # RedisKV
-        return _RedisLock(client, kv.prefix + name, ttl)
+        return _RedisLock(client, kv.prefix + name, ttl, float(getattr(kv, "patience", 0.0)))
     return _DiskLock(getattr(kv, "cache", kv), name, ttl)
 
 
