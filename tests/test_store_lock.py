@@ -37,7 +37,7 @@ def _ask(where: str, seconds: float, barrier, out) -> None:
     real = W.ANALYSES["circuit_eigenvalues"]
 
     def slow(lm, progress):
-        out.send(("computing", os.getpid()))
+        out.send(("computing", os.getpid(), time.time()))
         time.sleep(seconds)
         return real.compute(lm, progress)
 
@@ -46,9 +46,8 @@ def _ask(where: str, seconds: float, barrier, out) -> None:
     results, coord = _stores(where)
     store = W.Store(results, coord)
     barrier.wait(120)
-    t0 = time.time()
     eig = store.compute(lm, W.circuit_eigenvalues())
-    out.send(("done", os.getpid(), float(eig.copying["full_ov"].sum()), time.time() - t0))
+    out.send(("done", os.getpid(), float(eig.copying["full_ov"].sum()), time.time()))
 
 
 def _stats(where: str) -> dict:
@@ -115,7 +114,8 @@ def test_two_processes_asking_at_once_compute_once(kind, tmp_path, request):
     assert len(computing) == 1 and len(done) == 2, got
     assert done[0][2] == done[1][2]  # the one result, read by the other process
     waiter = next(d for d in done if d[1] != computing[0][1])
-    assert waiter[3] >= 1.5  # it waited for the computation instead of running its own
+    # it waited for the one computation and read its result
+    assert waiter[3] >= computing[0][2] + 2.0
     stats = _stats(where)
     assert stats["computed"] == 1 and stats["computed_by"]["pid"] == computing[0][1]
     assert all(p.exitcode == 0 for p in procs)
@@ -135,7 +135,7 @@ def test_a_killed_holder_leaves_no_lock_behind(kind, tmp_path, request):
         killed_at = time.time()
         second = out.get(timeout=60)
         assert second[0] == "computing" and second[1] != first[1]
-        assert time.time() - killed_at <= C.LOCK_TTL_S + 3  # the dead holder's lock expired
+        assert time.time() - killed_at <= C.LOCK_TTL_S + 5  # the dead holder's lock expired
         done = out.get(timeout=60)
         assert done[0] == "done" and done[1] == second[1]
     finally:
