@@ -7,25 +7,19 @@ Weight-only analyses are cached per model (they never change).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import dataclasses
-import sys
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Optional, Sequence, TypeVar
 
-import numpy as np
-import torch
-
 from .analysis.errors import AnalysisError
 from .analysis.forward import ForwardPass, run_forward, tokenize
+from .cache import ByteLRU, nbytes_of, release_memory, timed  # noqa: F401 - re-exported
 from .model.checkpoint import CheckpointError, LoadedModel, load_model
 
 T = TypeVar("T")
+_MISS = object()
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WEIGHTS = PACKAGE_ROOT / "weights"
@@ -182,57 +176,8 @@ class _Cached:
     derived: OrderedDict[Hashable, tuple[Any, int]] = field(default_factory=OrderedDict)
 
 
-def nbytes_of(value: Any, _seen: Optional[set[int]] = None) -> int:
-    """Bytes held by an analysis result: its arrays and tensors, strings and containers.
-
-    Walks dataclasses, dicts, lists, tuples and object arrays; shared objects count once.
-    """
-    seen = set() if _seen is None else _seen
-    if id(value) in seen or value is None or isinstance(value, (bool, int, float)):
-        return 0
-    seen.add(id(value))
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, np.ndarray):
-        if value.dtype != object:
-            return value.nbytes
-        return value.nbytes + sum(nbytes_of(v, seen) for v in value.reshape(-1))
-    if isinstance(value, (str, bytes)):
-        return sys.getsizeof(value)
-    if isinstance(value, dict):
-        return sys.getsizeof(value) + sum(nbytes_of(k, seen) + nbytes_of(v, seen)
-                                          for k, v in value.items())
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return sys.getsizeof(value) + sum(nbytes_of(v, seen) for v in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return sys.getsizeof(value) + sum(nbytes_of(getattr(value, f.name), seen)
-                                          for f in dataclasses.fields(value))
-    return sys.getsizeof(value)
-
-
 def _model_bytes(lm: LoadedModel) -> int:
     return sum(t.numel() * t.element_size() for t in lm.model.state_dict().values())
-
-
-#: An analysis that ran longer than this held large temporaries; after it the worker gives
-#: freed memory back (one GPT-2-small worker held ~600 MiB of freed heap after 10 prompts
-#: on every page: 2,392 MiB resident, 1,797 MiB after malloc_trim).
-HEAVY_SECONDS = 0.5
-
-
-def release_memory() -> None:
-    """Give freed memory back to the operating system (glibc keeps freed heap pages, so a
-    worker's resident size would otherwise stay at its peak after caches evict)."""
-    global _LIBC
-    try:
-        if _LIBC is None:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        _LIBC.malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to give back this way
-        pass
-
-
-_LIBC: Any = None
 
 
 class Registry:
@@ -278,9 +223,14 @@ class Registry:
         self._lock = threading.RLock()
         self._load_locks: dict[str, threading.Lock] = {}
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
-        self._forward: OrderedDict[tuple[str, tuple[int, ...]], _Cached] = OrderedDict()
+        # forward passes (with their per-prompt results) and weight analyses: two regions of
+        # the one in-process cache, each bounded by its settings (read at every store)
+        self._forward = ByteLRU("forward", lambda: self.max_forward_bytes,
+                                lambda: self.max_forward, sizeof=lambda c: c.nbytes,
+                                keep_newest=True)  # the newest pass stays (README)
         self._running: dict[tuple[str, tuple[int, ...]], threading.Lock] = {}
-        self._weights: OrderedDict[tuple[str, Any], tuple[Any, int]] = OrderedDict()
+        self._weights = ByteLRU("weights", lambda: self.max_weights_bytes,
+                                lambda: self.max_weights)
         self._entries: dict[str, ModelEntry] = {}
         self.refresh()
         self.default = default if default in self._entries else next(iter(self._entries), default)
@@ -422,11 +372,9 @@ class Registry:
                 self._models[name] = lm
                 while len(self._models) > self.max_models:
                     evicted, _ = self._models.popitem(last=False)
-                    self._forward = OrderedDict((k, v) for k, v in self._forward.items()
-                                                if k[0] != evicted)
-                    self._weights = OrderedDict((k, v) for k, v in self._weights.items()
-                                                if k[0] != evicted)
-                release_memory()
+                    self._forward.discard(lambda k, m=evicted: k[0] == m)
+                    self._weights.discard(lambda k, m=evicted: k[0] == m)
+                    release_memory()  # the model's parameters are freed too
             return lm
 
     def add(self, lm: LoadedModel) -> None:
@@ -445,50 +393,28 @@ class Registry:
         lm = self.get(model)
         tokenized = tokenize(lm, text, self.max_tokens)
         key = (lm.name, tuple(tokenized[0]))
+        hit = self._forward.get(key)
+        if hit is not None:
+            return hit.fp
         with self._lock:
-            hit = self._hit(key)
-            if hit is not None:
-                return hit.fp
             lock = self._running.setdefault(key, threading.Lock())
         with lock:
-            with self._lock:
-                hit = self._hit(key)
-                if hit is not None:
-                    return hit.fp
+            hit = self._forward.get(key)
+            if hit is not None:
+                return hit.fp
             try:
                 fp = run_forward(lm, text, self.max_tokens, tokenized=tokenized)
+                with self._lock:
+                    self._forward.put(key, _Cached(fp, fp.nbytes))
             finally:
                 with self._lock:
                     self._running.pop(key, None)
-            with self._lock:
-                self._forward[key] = _Cached(fp, fp.nbytes)
-                self._shrink_forward()
         return fp
 
     def cached_forward(self, model: str, token_ids: Sequence[int]) -> Optional[ForwardPass]:
         """The cached forward pass of these token ids through ``model``, or None."""
-        with self._lock:
-            hit = self._hit((model, tuple(int(i) for i in token_ids)))
-            return None if hit is None else hit.fp
-
-    def _hit(self, key: tuple[str, tuple[int, ...]]) -> Optional["_Cached"]:
-        hit = self._forward.get(key)
-        if hit is not None:
-            self._forward.move_to_end(key)
-        return hit
-
-    def _shrink_forward(self) -> None:
-        """Evict the least recently used passes (and their per-prompt results) over the caps;
-        the newest pass always stays. Call with the lock held."""
-        total = sum(c.nbytes for c in self._forward.values())
-        evicted = False
-        while len(self._forward) > 1 and (len(self._forward) > self.max_forward
-                                          or total > self.max_forward_bytes):
-            _, old = self._forward.popitem(last=False)
-            total -= old.nbytes
-            evicted = True
-        if evicted:
-            release_memory()
+        hit = self._forward.get((model, tuple(int(i) for i in token_ids)))
+        return None if hit is None else hit.fp
 
     def per_prompt(self, fp: ForwardPass, key: Hashable, compute: Callable[[], T]) -> T:
         """An analysis of one forward pass, cached with it under ``key``.
@@ -500,64 +426,49 @@ class Registry:
         with self._lock:
             entry = self._forward.get(fkey)
             if entry is not None and entry.fp is fp and key in entry.derived:
-                self._forward.move_to_end(fkey)
                 return entry.derived[key][0]
-        t0 = time.perf_counter()
-        value = compute()
-        if time.perf_counter() - t0 > HEAVY_SECONDS:
-            release_memory()  # a long analysis freed large temporaries: give them back
+        value, seconds = timed(compute)
         size = nbytes_of(value)
         with self._lock:
             entry = self._forward.get(fkey)
-            if entry is not None and entry.fp is fp:
-                if key not in entry.derived:
-                    entry.derived[key] = (value, size)
-                    entry.nbytes += size
-                self._forward.move_to_end(fkey)
-                # a result larger than the whole budget is not kept
-                while len(entry.derived) > MAX_PER_PROMPT or (
-                        entry.nbytes > self.max_forward_bytes and entry.derived):
-                    _, (_, dropped) = entry.derived.popitem(last=False)
-                    entry.nbytes -= dropped
-                self._shrink_forward()
+            if entry is None or entry.fp is not fp:
+                self._forward.computed(seconds)
+                return value
+            if key not in entry.derived:
+                entry.derived[key] = (value, size)
+                entry.nbytes += size
+            # a result larger than the whole budget is not kept
+            while len(entry.derived) > MAX_PER_PROMPT or (
+                    entry.nbytes > self.max_forward_bytes and entry.derived):
+                _, (_, dropped) = entry.derived.popitem(last=False)
+                entry.nbytes -= dropped
+            self._forward.put(fkey, entry, seconds)  # measured again with its results
         return value
 
     def weights(self, model: Optional[str], key: Any, compute: Callable[[LoadedModel], T]) -> T:
         """A weight-only analysis of ``model``, computed once and cached under ``key``.
 
-        Bounded by count (``max_weights``) and bytes (``max_weights_bytes``); the newest
-        result always stays.
+        Bounded by count (``max_weights``) and bytes (``max_weights_bytes``); a result larger
+        than the byte budget is not kept.
         """
         lm = self.get(model)
         k = (lm.name, key)
-        with self._lock:
-            if k in self._weights:
-                self._weights.move_to_end(k)
-                return self._weights[k][0]
-        value = compute(lm)
-        size = nbytes_of(value)
-        with self._lock:
-            self._weights[k] = (value, size)
-            self._weights.move_to_end(k)
-            total = sum(s for _, s in self._weights.values())
-            evicted = False
-            while len(self._weights) > 1 and (len(self._weights) > self.max_weights
-                                              or total > self.max_weights_bytes):
-                _, (_, dropped) = self._weights.popitem(last=False)
-                total -= dropped
-                evicted = True
-            if evicted:
-                release_memory()
+        hit = self._weights.get(k, _MISS)
+        if hit is not _MISS:
+            return hit
+        value, seconds = timed(lambda: compute(lm))
+        self._weights.put(k, value, seconds)
         return value
 
     def cache_info(self) -> dict[str, int]:
         """Sizes of the caches (for monitoring and the soak test)."""
         with self._lock:
-            return {"models": len(self._models), "forward": len(self._forward),
-                    "forward_bytes": sum(c.nbytes for c in self._forward.values()),
-                    "per_prompt": sum(len(c.derived) for c in self._forward.values()),
+            passes = self._forward.values()
+            return {"models": len(self._models), "forward": len(passes),
+                    "forward_bytes": self._forward.nbytes,
+                    "per_prompt": sum(len(c.derived) for c in passes),
                     "weights": len(self._weights),
-                    "weights_bytes": sum(s for _, s in self._weights.values())}
+                    "weights_bytes": self._weights.nbytes}
 
     def memory_bound(self) -> int:
         """Bytes the caches may hold at most: forward passes with their per-prompt results,

@@ -16,16 +16,15 @@ import hashlib
 import json
 import os
 import socket
-import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from . import __version__
 from .analysis.errors import AnalysisError
 from .model.checkpoint import LoadedModel
-from .registry import DEFAULT_WEIGHTS_BYTES, nbytes_of, release_memory
+from .cache import ByteLRU, store_lock, timed
+from .registry import DEFAULT_WEIGHTS_BYTES
 
 Progress = Callable[[float], None]
 
@@ -34,8 +33,10 @@ Progress = Callable[[float], None]
 SVD_DIRECTIONS, SVD_TOP_K = 8, 30
 #: Principal components computed for the embedding map.
 PCA_COMPONENTS = 10
-#: Seconds a waiting process sleeps between looks at a computation another process holds.
-POLL_S = 0.1
+#: Seconds the store keeps a count of computations and reads of an analysis after its last
+#: change (the counts are for monitoring and tests; they must not grow without limit, and
+#: the process ids they are kept for come and go).
+COUNTER_TTL_S = 24 * 3600
 
 
 # ------------------------------------------------------------------------- the analyses
@@ -515,38 +516,51 @@ _MISS = object()
 
 
 class Store:
-    """Weight analyses in a store shared by processes, with a small in-process memo."""
+    """Weight analyses in a store shared by processes, in front of it a region of the
+    in-process cache (:class:`attention_lens.cache.ByteLRU`) bounded by ``memo`` entries and
+    ``memo_bytes`` bytes."""
 
     def __init__(self, results: Any, coord: Any, memo: int = 32,
                  memo_bytes: int = DEFAULT_WEIGHTS_BYTES) -> None:
-        self.results, self.coord, self.memo_size = results, coord, memo
-        self.memo_bytes = memo_bytes  # the memo is bounded in bytes too (GPT-2 small's
-        self._memo: OrderedDict[str, tuple[Any, int]] = OrderedDict()  # composition: ~1 MB)
-        self._lock = threading.Lock()
+        self.results, self.coord = results, coord
+        self._memo = ByteLRU("analyses", memo_bytes, memo)
+
+    @property
+    def memo_bytes(self) -> int:
+        """The in-process cache's byte budget (GPT-2 small's composition scores: ~1 MB)."""
+        return self._memo.max_bytes
+
+    @memo_bytes.setter
+    def memo_bytes(self, value: int) -> None:
+        self._memo.max_bytes = value
+
+    @property
+    def memo_size(self) -> int:
+        """The in-process cache's entry budget."""
+        return int(self._memo.max_items or 0)
+
+    @memo_size.setter
+    def memo_size(self, value: int) -> None:
+        self._memo.max_items = value
+
+    def _count(self, key: str) -> None:
+        """Add one to the counter ``key``, which expires ``COUNTER_TTL_S`` after its last
+        change."""
+        self.coord.incr(key)
+        self.coord.touch(key + ":n", expire=COUNTER_TTL_S)
 
     # ------------------------------------------------------------------ reading
     def cached(self, lm: LoadedModel, req: Request) -> Any:
         """The stored result of ``req`` or :data:`_MISS`."""
         key = cache_key(lm, req)
-        with self._lock:
-            if key in self._memo:
-                self._memo.move_to_end(key)
-                return self._memo[key][0]
+        value = self._memo.get(key, _MISS)
+        if value is not _MISS:
+            return value
         value = self.results.get(key, _MISS)
         if value is not _MISS:
-            self.coord.incr(f"served:{key}:{os.getpid()}")
-            self._remember(key, value)
+            self._count(f"served:{key}:{os.getpid()}")
+            self._memo.put(key, value)
         return value
-
-    def _remember(self, key: str, value: Any) -> None:
-        with self._lock:
-            self._memo[key] = (value, nbytes_of(value))
-            self._memo.move_to_end(key)
-            total = sum(size for _, size in self._memo.values())
-            while len(self._memo) > 1 and (len(self._memo) > self.memo_size
-                                           or total > self.memo_bytes):
-                _, (_, size) = self._memo.popitem(last=False)
-                total -= size
 
     def get(self, lm: LoadedModel, *reqs: Request) -> list[Any]:
         """The results of ``reqs``; :class:`Missing` lists those not computed yet."""
@@ -559,37 +573,34 @@ class Store:
     # ---------------------------------------------------------------- computing
     def compute(self, lm: LoadedModel, req: Request, progress: Optional[Progress] = None
                 ) -> Any:
-        """The result of ``req``: stored, or computed here once (waiting for another process
-        that computes it already)."""
-        from .background import STALE_S, heartbeat
-
+        """The result of ``req``: stored, or computed here once per deployment (the store's
+        lock: another process computing it already is waited for, and its result read)."""
         key = cache_key(lm, req)
-        lock = f"lock:{key}"
         report = progress or (lambda _: None)
-        while True:
-            value = self.cached(lm, req)
+        value = self.cached(lm, req)
+        if value is not _MISS:
+            return value
+        seen: list[Any] = []
+
+        def stored() -> bool:  # the holder finished while we waited
+            seen[:] = [self.cached(lm, req)]
+            return seen[0] is not _MISS
+
+        with store_lock(self.coord, f"lock:{key}", stop=stored) as held:
+            if not held:
+                return seen[0]
+            value = self.cached(lm, req)  # finished between our look and the lock
             if value is not _MISS:
                 return value
-            if self.coord.add(lock, os.getpid(), expire=STALE_S):
-                break
-            time.sleep(POLL_S)  # another process computes it; its lock expires if it dies
-        try:
-            with heartbeat(self.coord, lock):
-                value = self.cached(lm, req)  # finished between our look and the lock
-                if value is not _MISS:
-                    return value
-                spec = ANALYSES[req.name]
-                value = spec.compute(lm, report, **dict(req.params))
-                self.results.set(key, value)
-                self.coord.incr(f"computed:{key}")
-                self.coord.set(f"computed-by:{key}", {"pid": os.getpid(),
-                                                      "host": socket.gethostname(),
-                                                      "t": time.time()})
-                self._remember(key, value)
-                release_memory()  # the analysis's temporaries are freed: give them back
-                return value
-        finally:
-            self.coord.delete(lock)
+            spec = ANALYSES[req.name]
+            value, seconds = timed(lambda: spec.compute(lm, report, **dict(req.params)))
+            self.results.set(key, value)
+            self._count(f"computed:{key}")
+            self.coord.set(f"computed-by:{key}", {"pid": os.getpid(),
+                                                  "host": socket.gethostname(),
+                                                  "t": time.time()}, expire=COUNTER_TTL_S)
+            self._memo.put(key, value, max(seconds, 1.0))  # temporaries freed: given back
+            return value
 
     def get_or_compute(self, lm: LoadedModel, *reqs: Request) -> list[Any]:
         """The results of ``reqs``, computing the missing ones here in one job slot.
@@ -615,8 +626,7 @@ class Store:
 
     def forget_memo(self) -> None:
         """Drop the in-process memo (the shared store keeps everything)."""
-        with self._lock:
-            self._memo.clear()
+        self._memo.clear()
 
 
 _STORES: dict[int, Store] = {}

@@ -163,6 +163,7 @@ def _fresh_export_browser_after_browser_tests(request):
 BROWSER_FILES = {"test_security_export.py"}
 #: Files whose tests start real servers (gunicorn, Redis, Celery workers) as subprocesses.
 SERVER_FILES = {"test_background.py", "test_security_server.py", "test_server_slow.py",
+                "test_store_lock.py",
                 "test_memory_soak.py"}
 #: Files that build GPT-2-shaped models or long prompts (seconds to minutes a test).
 SCALE_FILES = {"test_attention_scale.py", "test_browser_scale.py", "test_figures_scale.py",

@@ -20,8 +20,6 @@ import gzip
 import hashlib
 import json
 import os
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -29,6 +27,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from ..cache import ByteLRU
 from ..model.checkpoint import LoadedModel
 from ..model.jsonfile import JsonFileError, loads_bounded
 from .errors import AnalysisError
@@ -181,19 +180,16 @@ def is_upload_digest(text: str) -> bool:
     return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
-_UPLOADS: OrderedDict[str, Dataset] = OrderedDict()
-_UPLOADS_LOCK = threading.Lock()
+#: Uploads this process keeps (besides the shared store), each at most ``MAX_UPLOAD_BYTES``.
+_UPLOADS = ByteLRU("uploaded datasets", lambda: MAX_KEPT_UPLOADS * 32 * MAX_UPLOAD_BYTES,
+                   lambda: MAX_KEPT_UPLOADS)
 
 
 def remember_upload(ds: Dataset) -> str:
     """Keep an uploaded dataset in this process (bounded) and return the name to load it by
     (the web app also puts it in the deployment's shared store, where every worker finds
     it: :func:`attention_lens.weight_analyses.keep_upload`)."""
-    with _UPLOADS_LOCK:
-        _UPLOADS[ds.name] = ds
-        _UPLOADS.move_to_end(ds.name)
-        while len(_UPLOADS) > MAX_KEPT_UPLOADS:
-            _UPLOADS.popitem(last=False)
+    _UPLOADS.put(ds.name, ds)
     return ds.name
 
 
@@ -231,8 +227,7 @@ def load_dataset(name: str, dirs: Iterable[Path | str] = ()) -> Dataset:
     if name == SHIPPED:
         return _shipped()
     if isinstance(name, str) and name.startswith("upload:"):
-        with _UPLOADS_LOCK:
-            ds = _UPLOADS.get(name)
+        ds = _UPLOADS.get(name)
         if ds is None:
             raise AnalysisError("this server no longer holds that uploaded file (it keeps "
                                 "recent uploads for a week): upload it again")
@@ -307,24 +302,21 @@ def end_of_text_id(lm: LoadedModel) -> Optional[int]:
     return None
 
 
-_STREAMS: OrderedDict[tuple, tuple[Any, np.ndarray]] = OrderedDict()
-_STREAMS_LOCK = threading.Lock()
+#: Token streams kept (a tokenized dataset: 8 bytes a token).
+STREAM_CACHE_BYTES = 64 * 2 ** 20
+_STREAMS = ByteLRU("token streams", lambda: STREAM_CACHE_BYTES, 8,
+                   sizeof=lambda hit: hit[1].nbytes)
 
 
 def token_stream(lm: LoadedModel, dataset: Dataset) -> np.ndarray:
     """Every document's tokens, each followed by end-of-text when there is one (cached)."""
     key = (id(lm.tokenizer), lm.cfg.d_vocab, dataset.sha256, hash(dataset.documents))
-    with _STREAMS_LOCK:
-        hit = _STREAMS.get(key)
-        if hit is not None and hit[0] is lm.tokenizer:
-            _STREAMS.move_to_end(key)
-            return hit[1]
+    hit = _STREAMS.get(key)
+    if hit is not None and hit[0] is lm.tokenizer:
+        return hit[1]
     stream = _token_stream(lm, dataset)
     stream.setflags(write=False)
-    with _STREAMS_LOCK:
-        _STREAMS[key] = (lm.tokenizer, stream)  # the tokenizer held: its id stays unique
-        while len(_STREAMS) > 8:
-            _STREAMS.popitem(last=False)
+    _STREAMS.put(key, (lm.tokenizer, stream))  # the tokenizer held: its id stays unique
     return stream
 
 

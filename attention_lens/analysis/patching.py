@@ -35,9 +35,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-import threading
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional, Sequence, Union
 
@@ -45,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..cache import ByteLRU
 from ..model.checkpoint import LoadedModel
 from ..model.jsonfile import JsonFileError, loads_bounded
 from ..model.transformer import rotate
@@ -411,28 +410,20 @@ class _Run:
 #: Runs kept for reuse (a page patches, path-patches and lists predictions of one pair, each
 #: from the same two runs), bounded in bytes (a 64-token pair through GPT-2 small is ~48 MiB).
 RUN_CACHE_BYTES = 128 * 2 ** 20
-_RUNS: "OrderedDict[tuple, tuple[weakref.ref, _Run, int]]" = OrderedDict()
-_RUNS_LOCK = threading.Lock()
+_RUNS = ByteLRU("patching runs", lambda: RUN_CACHE_BYTES, sizeof=lambda hit: hit[2])
 
 
 def _run(lm: LoadedModel, ids: list[int], n: int) -> _Run:
     """The cached activations of ``ids[:n]`` through ``lm`` (computed once while they fit in
     :data:`RUN_CACHE_BYTES` with the other recent runs). Runs are read-only."""
     key = (lm.name, id(lm.model), tuple(int(i) for i in ids[:n]))
-    with _RUNS_LOCK:
-        hit = _RUNS.get(key)
-        if hit is not None and hit[0]() is lm.model:
-            _RUNS.move_to_end(key)
-            return hit[1]
+    hit = _RUNS.get(key)
+    if hit is not None and hit[0]() is lm.model:
+        return hit[1]
     with torch.no_grad():
         run = _Run(lm, ids, n)
     size = sum(t.numel() * t.element_size() for t in run.cache.values())
-    with _RUNS_LOCK:
-        _RUNS[key] = (weakref.ref(lm.model), run, size)
-        total = sum(v[2] for v in _RUNS.values())
-        while total > RUN_CACHE_BYTES and _RUNS:
-            _, (_, _, dropped) = _RUNS.popitem(last=False)
-            total -= dropped
+    _RUNS.put(key, (weakref.ref(lm.model), run, size))
     return run
 
 
