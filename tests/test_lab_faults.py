@@ -79,12 +79,16 @@ class Redis:
         import redis
 
         wait_until(lambda: redis.Redis.from_url(self.url).ping(), what="redis")
+        self.running = True
 
     def stop(self) -> None:
+        if not self.running:
+            return
         pid = int(wait_until(lambda: self.pidfile.read_text().strip(), what="redis pid"))
         os.kill(pid, signal.SIGTERM)
         wait_until(lambda: not psutil.pid_exists(pid), timeout=20, what="redis to stop")
         self.pidfile.unlink(missing_ok=True)
+        self.running = False
 
 
 class Worker:
@@ -340,6 +344,7 @@ def test_redis_outage_gives_503_then_everything_resumes_with_the_same_secret(tmp
                               params={"endId": job.end_id},
                               json={**job_body("no-slot", "slow-b"), "output": job.output},
                               timeout=TIMEOUT)
+        print(f"Redis down: a page's job start {start.status_code}: {start.text[:300]}")
         assert start.status_code == 503 and start.headers.get("Retry-After"), start.text
         statuses = set()
         while time.time() - down_at < 10:

@@ -92,9 +92,14 @@ def register(page: str, outputs: Sequence[Output], states: Sequence[State],
 
     def stopped(exc: Exception) -> tuple:
         """A job that ended without a result (or whose own code raised): say what stopped it."""
+        from .. import background
         from ..jobhost import stopped_reason
         from . import shell
 
+        if isinstance(exc, background.store_errors()):
+            # the job store is unreachable as the job starts or is polled: nothing started
+            # or lost; the server answers 503 + Retry-After and the page tries again
+            raise exc
         what = stopped_reason(str(exc))
         if what is None:
             log.error("%s background job raised: %s", page, exc)
