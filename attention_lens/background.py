@@ -34,7 +34,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from .analysis.errors import AnalysisError
 from .paths import default_cache_dir  # noqa: F401 - part of this module's interface
@@ -114,6 +114,25 @@ def redis_client(url: str) -> Any:
                                 health_check_interval=10)
 
 
+def patiently(fn: Callable[[], Any], patience: float) -> Any:
+    """``fn()``, tried once more on a fresh connection when Redis's connection broke, and
+    again every 0.5 s for ``patience`` seconds while it is unreachable; then
+    :class:`StoreUnavailable`."""
+    import redis
+
+    give_up, attempt = time.monotonic() + patience, 0
+    while True:
+        try:
+            return fn()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                redis.exceptions.BusyLoadingError) as exc:
+            attempt += 1
+            if attempt > 1 and time.monotonic() >= give_up:
+                raise StoreUnavailable(f"Redis: {type(exc).__name__}") from exc
+            if attempt > 1:
+                time.sleep(0.5)
+
+
 class RedisKV:
     """The few diskcache ``Cache`` methods used here, on Redis (values pickled by us).
 
@@ -132,19 +151,7 @@ class RedisKV:
         return self.prefix + key
 
     def _do(self, command: str, *args: Any, **kwargs: Any) -> Any:
-        import redis
-
-        give_up, attempt = time.monotonic() + self.patience, 0
-        while True:
-            try:
-                return getattr(self.r, command)(*args, **kwargs)
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                    redis.exceptions.BusyLoadingError) as exc:
-                attempt += 1
-                if attempt > 1 and time.monotonic() >= give_up:
-                    raise StoreUnavailable(f"Redis: {type(exc).__name__}") from exc
-                if attempt > 1:
-                    time.sleep(0.5)
+        return patiently(lambda: getattr(self.r, command)(*args, **kwargs), self.patience)
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value of ``key`` or ``default``."""

@@ -344,21 +344,9 @@ class _RedisLock:
         self.patience = patience
 
     def _patiently(self, fn: Callable[[], Any]) -> Any:
-        import redis
+        from .background import patiently
 
-        from .background import StoreUnavailable
-
-        give_up, attempt = time.monotonic() + self.patience, 0
-        while True:
-            try:
-                return fn()
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                    redis.exceptions.BusyLoadingError) as exc:
-                attempt += 1
-                if attempt > 1 and time.monotonic() >= give_up:
-                    raise StoreUnavailable(f"Redis: {type(exc).__name__}") from exc
-                if attempt > 1:
-                    time.sleep(0.5)
+        return patiently(fn, self.patience)
 
     def acquire(self, stop: Callable[[], bool]) -> bool:
         while not self._patiently(lambda: self.lock.acquire(

@@ -201,14 +201,21 @@ def circuit_positions_figure(disc: CircuitDiscovery) -> go.Figure:
              f"{MIN_CELL_SHARE:.0%} of the strongest")
     entries = sum(1 for t in fig.data if t.showlegend is not False and t.name)
     legend_room = 24 + 22 * -(-entries // 2)
+    return _grid_layout(
+        fig, 260 + 130 * (L + 1) + legend_room, title, rows, legend_room,
+        dict(title=f"position (token) of the {len(busy)} of {n} positions with a drawn "
+                   f"edge; heads across each, H0 left",
+             tickmode="array", tickvals=list(range(len(busy))),
+             ticktext=[f"{p}: {esc(disp[p])}" for p in busy], tickangle=-50,
+             range=[-0.6, max(len(busy), 1) - 0.4], gridcolor=GRID, zeroline=False))
+
+
+def _grid_layout(fig: go.Figure, height: int, title: str, rows: list, legend_room: int,
+                 xaxis: dict) -> go.Figure:
+    """The circuit drawings' common layout: rows of components, legend below the axis."""
     fig.update_layout(
-        template=TEMPLATE, height=260 + 130 * (L + 1) + legend_room,
-        title=dict(text=wrap_title(title, 90), font=dict(size=13)),
-        xaxis=dict(title=f"position (token) of the {len(busy)} of {n} positions with a drawn "
-                         f"edge; heads across each, H0 left",
-                   tickmode="array", tickvals=list(range(len(busy))),
-                   ticktext=[f"{p}: {esc(disp[p])}" for p in busy], tickangle=-50,
-                   range=[-0.6, max(len(busy), 1) - 0.4], gridcolor=GRID, zeroline=False),
+        template=TEMPLATE, height=height,
+        title=dict(text=wrap_title(title, 90), font=dict(size=13)), xaxis=xaxis,
         yaxis=dict(tickmode="array", tickvals=list(range(len(rows))), ticktext=rows,
                    range=[-0.5, len(rows) - 0.3], gridcolor=GRID, zeroline=False),
         margin=dict(b=80 + legend_room),
@@ -277,18 +284,11 @@ def circuit_components_figure(disc: CircuitDiscovery) -> go.Figure:
     rows = ["input", *[f"layer {layer}" for layer in range(g.n_layers)], "logits"]
     entries = sum(1 for t in fig.data if t.showlegend is not False and t.name)
     legend_room = 24 + 22 * -(-entries // 2)
-    fig.update_layout(
-        template=TEMPLATE, height=260 + 120 * (g.n_layers + 1) + legend_room,
-        title=dict(text=wrap_title(title, 90), font=dict(size=13)),
-        xaxis=dict(title="head (q ← left, k centre, v right →)", tickmode="array",
-                   tickvals=list(range(len(cols))), ticktext=cols, range=[-0.8, len(cols) - 0.2],
-                   gridcolor=GRID, zeroline=False),
-        yaxis=dict(tickmode="array", tickvals=list(range(len(rows))), ticktext=rows,
-                   range=[-0.5, len(rows) - 0.3], gridcolor=GRID, zeroline=False),
-        margin=dict(b=80 + legend_room),
-        legend=dict(orientation="h", yref="container", y=0, yanchor="bottom"),
-        hovermode="closest")
-    return finish(fig)
+    return _grid_layout(
+        fig, 260 + 120 * (g.n_layers + 1) + legend_room, title, rows, legend_room,
+        dict(title="head (q ← left, k centre, v right →)", tickmode="array",
+             tickvals=list(range(len(cols))), ticktext=cols, range=[-0.8, len(cols) - 0.2],
+             gridcolor=GRID, zeroline=False))
 
 
 def faithfulness_figure(curve: FaithfulnessCurve,
