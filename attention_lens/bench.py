@@ -1093,7 +1093,27 @@ def bench_real_model(path: Optional[Path] = None, reps: int = 3) -> int:
         top = lm.tokenizer.token_text(int(probs.argmax()))
         print(f"  {prompt[-28:]!r:<32} -> {answer!r} {float(probs[tid[0]]):.3f} "
               f"(top {top!r})")
+    del hf
+    bench_real_patching(lm)
     return 0
+
+
+def bench_real_patching(lm: Any) -> None:
+    """Activation patching head × position on the IOI pair (/patching's default on a model
+    that answers it), as /patching's background job computes it: exact grid and attribution."""
+    from .analysis import patching as PT
+    from .analysis.defaults import PAIR_EXAMPLES
+
+    _, clean, corrupted, correct, wrong = PAIR_EXAMPLES[0]
+    reports: list[float] = []
+    t0 = time.perf_counter()
+    grid = PT.activation_patching(lm, clean, corrupted, correct=correct, wrong=wrong,
+                                  granularity="head_out_by_pos", progress=reports.append)
+    took = time.perf_counter() - t0
+    (layer, pos, head), effect = PT.strongest_cells(grid, 1)[0]
+    print(f"  patching head x position, IOI pair ({grid.values.size} cells, "
+          f"{len(reports)} progress reports) {took:8.2f} s; strongest L{layer}H{head} at "
+          f"{pos} {grid.clean_display[pos]!r} ({effect:+.2f})", flush=True)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
