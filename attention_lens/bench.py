@@ -1114,7 +1114,8 @@ def bench_real_patching(lm: Any) -> None:
     reports: list[float] = []
     t0 = time.perf_counter()
     grid = PT.activation_patching(lm, clean, corrupted, correct=correct, wrong=wrong,
-                                  granularity="head_out_by_pos", progress=reports.append)
+                                  granularity="head_out_by_pos",
+                                  progress=lambda done, total: reports.append(done))
     took = time.perf_counter() - t0
     (layer, pos, head), effect = PT.strongest_cells(grid, 1)[0]
     print(f"  patching head x position, IOI pair ({grid.values.size} cells, "
