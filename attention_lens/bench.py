@@ -371,20 +371,26 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
     return dt, sampler.peak, out
 
 
-def _draw_page(P: Any, page: str, state: dict) -> str:
-    """Build a page's figures with default settings; the alert it shows instead, or ""."""
+def _draw_page(P: Any, page: str, state: dict, compute: bool = True) -> str:
+    """Build a page's figures with default settings; the alert it shows instead, or "".
+    ``compute`` False: only what the page's own callback draws (a web worker's share; the
+    analyses it leaves to background jobs are not computed)."""
     from .analysis.errors import AnalysisError
+    from .weight_analyses import Missing
 
     try:
-        P.page_panels(page, state, {}, compute=True)
+        P.page_panels(page, state, {}, compute=compute)
     except AnalysisError as exc:
+        return str(exc)
+    except Missing as exc:
         return str(exc)
     return ""
 
 
 def bench_page_flow(lengths: tuple[int, ...] = (64, 256), soak: int = 0, visits: bool = True,
                     quiet: bool = False, only: Optional[list[str]] = None,
-                    model: Optional[LoadedModel] = None) -> Optional[dict]:
+                    model: Optional[LoadedModel] = None, jobs: bool = True
+                    ) -> Optional[dict]:
     """Every API endpoint and every page on a GPT-2-small-shaped random model (or ``model``).
 
     Each endpoint and page is called twice per prompt length (first: forward pass and
@@ -466,7 +472,8 @@ def bench_page_flow(lengths: tuple[int, ...] = (64, 256), soak: int = 0, visits:
             state = {"model": lm.name, "text": flow_prompt(lm, max(lengths), variant=1000 + i),
                      "pos": None}
             for page in pages:
-                _draw_page(P, page, state)
+                _draw_page(P, page, state, compute=jobs)
+            gc.collect()
             say(f"    prompt {i + 1}: resident {_current_rss_mb():.0f} MiB "
                 f"({time.perf_counter() - t0:.0f} s)", flush=True)
         gc.collect()
@@ -1031,7 +1038,8 @@ TOKENIZER_STRINGS = [
 ]
 
 
-def bench_real_model(path: Optional[Path] = None, reps: int = 3, soak: int = 0) -> int:
+def bench_real_model(path: Optional[Path] = None, reps: int = 3, soak: int = 0,
+                     jobs: bool = True) -> int:
     """SmolLM2 (``attention-lens models add smollm2``): load times, a 128-token forward pass,
     logits and tokens against transformers' own GGUF loader, two famous predictions,
     head × position patching on the IOI pair and, with ``soak``, one worker's resident size
@@ -1100,7 +1108,7 @@ def bench_real_model(path: Optional[Path] = None, reps: int = 3, soak: int = 0) 
     del hf
     bench_real_patching(lm)
     if soak:
-        bench_page_flow((128,), soak=soak, visits=False, model=lm)
+        bench_page_flow((128,), soak=soak, visits=False, model=lm, jobs=jobs)
     return 0
 
 
@@ -1142,6 +1150,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="with --page-flow: N distinct 256-token prompts through every "
                              "page, then the resident size against the configured bound; "
                              "with --real-model: N distinct 128-token prompts")
+    parser.add_argument("--soak-web-only", action="store_true",
+                        help="with --soak: run only the pages' own callbacks (a web worker's "
+                             "share), not the analyses they leave to background jobs")
     parser.add_argument("--only-graph", action="store_true",
                         help="run only QK attribution and the attribution graph")
     parser.add_argument("--heads", action="store_true",
@@ -1164,7 +1175,8 @@ def main(argv: Optional[list[str]] = None) -> None:
           f"threads; medians of {args.reps} runs")
     if args.real_model is not None:
         sys.exit(bench_real_model(Path(args.real_model) if args.real_model else None,
-                                  max(1, min(args.reps, 5)), soak=args.soak))
+                                  max(1, min(args.reps, 5)), soak=args.soak,
+                                  jobs=not args.soak_web_only))
     if args.page_flow:
         bench_page_flow(tuple(int(n) for n in args.flow_lengths.split(",")), soak=args.soak,
                         only=args.flow_pages.split(",") if args.flow_pages else None)

@@ -238,7 +238,7 @@ def test_api_on_smollm2(smol_path, tmp_path_factory):
 
 @pytest.mark.timeout(1800)
 def test_readme_pictures_on_smollm2(dash_duo, registry, lm):
-    """/patching on the IOI pair (a row per head), the logit lens of " Paris", the name-mover
+    """/patching on the IOI pair, the logit lens of " Paris", the name-mover
     head /attention opens on for the IOI prompt and /graph of " Mary", drawn in the browser
     with no error; with ATTENTION_LENS_README_SHOTS=DIR the pictures are written there."""
     from test_browser import url
@@ -251,10 +251,10 @@ def test_readme_pictures_on_smollm2(dash_duo, registry, lm):
     assert chosen.kind == "copying", chosen.reason
     dash_duo.start_server(create_app(registry))
     shots = {
-        "patching": ("/patching", {"rows": "heads"}),
         "logit-lens": ("/logit-lens", {"text": PARIS}),
         "attention": ("/attention", {"text": IOI}),
         "graph": ("/graph", {"text": IOI}),
+        "patching": ("/patching", {}),
     }
     out = os.environ.get("ATTENTION_LENS_README_SHOTS")
     for name, (path, params) in shots.items():
@@ -264,6 +264,8 @@ def test_readme_pictures_on_smollm2(dash_duo, registry, lm):
         end = time.time() + 600  # background jobs on 270 heads: minutes on a busy machine
         while time.time() < end and not dash_duo.driver.execute_script(DRAWN_JS):
             time.sleep(0.5)
+        if not dash_duo.driver.execute_script(DRAWN_JS):
+            dash_duo.driver.save_screenshot(f"/tmp/smollm2-{name}-not-drawn.png")
         assert dash_duo.driver.execute_script(DRAWN_JS), f"{path}: not drawn"
         time.sleep(2)
         errors = dash_duo.driver.execute_script(
