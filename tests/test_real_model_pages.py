@@ -242,11 +242,20 @@ def test_readme_pictures_on_smollm2(dash_duo, registry, lm):
     head /attention opens on for the IOI prompt and /graph of " Mary", drawn in the browser
     with no error; with ATTENTION_LENS_README_SHOTS=DIR the pictures are written there."""
     from test_browser import url
-    from test_geometry import DRAWN_JS, set_size, small_screenshot
+    from test_geometry import set_size, small_screenshot
 
     from attention_lens.analysis.defaults import strongest_head
     from attention_lens.app import create_app
 
+    # every graph drew: data, a title, or a placeholder saying what to do (the set-of-pairs
+    # graph waits for an upload)
+    DRAWN_JS = """
+    const figs = [...document.querySelectorAll('.al-graph .js-plotly-plot')];
+    if (figs.length < document.querySelectorAll('.al-graph').length) { return false; }
+    return figs.every(g => g._fullLayout && !g.classList.contains('dash-graph--pending') &&
+        ((g._fullData || []).length > 0 || (g.layout && g.layout.title && g.layout.title.text)
+         || ((g.layout && g.layout.annotations) || []).some(a => (a.text || '').trim())));
+    """
     chosen = strongest_head(lm, registry.forward(IOI, lm.name))
     assert chosen.kind == "copying", chosen.reason
     dash_duo.start_server(create_app(registry))
