@@ -371,20 +371,27 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
     return dt, sampler.peak, out
 
 
-def _draw_page(P: Any, page: str, state: dict) -> str:
-    """Build a page's figures with default settings; the alert it shows instead, or ""."""
+def _draw_page(P: Any, page: str, state: dict, compute: bool = True) -> str:
+    """Build a page's figures with default settings; the alert it shows instead, or "".
+    ``compute`` False: only what the page's own callback draws (a web worker's share; the
+    analyses it leaves to background jobs are not computed)."""
     from .analysis.errors import AnalysisError
+    from .weight_analyses import Missing
 
     try:
-        P.page_panels(page, state, {}, compute=True)
+        P.page_panels(page, state, {}, compute=compute)
     except AnalysisError as exc:
+        return str(exc)
+    except Missing as exc:
         return str(exc)
     return ""
 
 
 def bench_page_flow(lengths: tuple[int, ...] = (64, 256), soak: int = 0, visits: bool = True,
-                    quiet: bool = False, only: Optional[list[str]] = None) -> Optional[dict]:
-    """Every API endpoint and every page on a GPT-2-small-shaped random model.
+                    quiet: bool = False, only: Optional[list[str]] = None,
+                    model: Optional[LoadedModel] = None, jobs: bool = True
+                    ) -> Optional[dict]:
+    """Every API endpoint and every page on a GPT-2-small-shaped random model (or ``model``).
 
     Each endpoint and page is called twice per prompt length (first: forward pass and
     analyses computed; second: from the caches), through the server's own Flask app and
@@ -400,7 +407,7 @@ def bench_page_flow(lengths: tuple[int, ...] = (64, 256), soak: int = 0, visits:
     from .model.hf import gpt2_tokenizer
     from .server import create_server
 
-    tok = gpt2_tokenizer()
+    tok = gpt2_tokenizer() if model is None else model.tokenizer
     if tok is None:
         print("\nPage flow: skipped (GPT-2's vocabulary needs the 'hf' extra)")
         return None
@@ -412,12 +419,13 @@ def bench_page_flow(lengths: tuple[int, ...] = (64, 256), soak: int = 0, visits:
     client = app.server.test_client()
     gc.collect()
     rss0 = _current_rss_mb()  # the app without a model
-    lm = random_gpt2_shape(tokenizer=tok)
+    lm = random_gpt2_shape(tokenizer=tok) if model is None else model
     reg.add(lm)
     reg.default = lm.name
     client.get("/")
-    say(f"\nPage flow, random model of GPT-2-small shape with GPT-2's vocabulary "
-        f"({lm.cfg.n_params / 1e6:.0f}M parameters, +{_current_rss_mb() - rss0:.0f} MiB); "
+    say(f"\nPage flow, {lm.name} " if model is not None else
+        "\nPage flow, random model of GPT-2-small shape with GPT-2's vocabulary ", end="")
+    say(f"({lm.cfg.n_params / 1e6:.0f}M parameters, +{_current_rss_mb() - rss0:.0f} MiB); "
         f"resident {_current_rss_mb():.0f} MiB; caches: forward {reg.max_forward_bytes >> 20}"
         f" MiB, weights {reg.max_weights_bytes >> 20} MiB")
     results: dict[str, Any] = {"api": {}, "pages": {}, "rss_base_mb": rss0}
@@ -464,7 +472,8 @@ def bench_page_flow(lengths: tuple[int, ...] = (64, 256), soak: int = 0, visits:
             state = {"model": lm.name, "text": flow_prompt(lm, max(lengths), variant=1000 + i),
                      "pos": None}
             for page in pages:
-                _draw_page(P, page, state)
+                _draw_page(P, page, state, compute=jobs)
+            gc.collect()
             say(f"    prompt {i + 1}: resident {_current_rss_mb():.0f} MiB "
                 f"({time.perf_counter() - t0:.0f} s)", flush=True)
         gc.collect()
@@ -1035,9 +1044,12 @@ TOKENIZER_STRINGS = [
 ]
 
 
-def bench_real_model(path: Optional[Path] = None, reps: int = 3) -> int:
+def bench_real_model(path: Optional[Path] = None, reps: int = 3, soak: int = 0,
+                     jobs: bool = True) -> int:
     """SmolLM2 (``attention-lens models add smollm2``): load times, a 128-token forward pass,
-    logits and tokens against transformers' own GGUF loader, and two famous predictions."""
+    logits and tokens against transformers' own GGUF loader, two famous predictions,
+    head × position patching on the IOI pair and, with ``soak``, one worker's resident size
+    after that many distinct 128-token prompts on every page."""
     from .analysis.forward import run_forward, tokenize
     from .model.catalog import KNOWN
     from .model.gguf import load_gguf
@@ -1099,7 +1111,30 @@ def bench_real_model(path: Optional[Path] = None, reps: int = 3) -> int:
         top = lm.tokenizer.token_text(int(probs.argmax()))
         print(f"  {prompt[-28:]!r:<32} -> {answer!r} {float(probs[tid[0]]):.3f} "
               f"(top {top!r})")
+    del hf
+    bench_real_patching(lm)
+    if soak:
+        bench_page_flow((128,), soak=soak, visits=False, model=lm, jobs=jobs)
     return 0
+
+
+def bench_real_patching(lm: Any) -> None:
+    """Activation patching head × position on the IOI pair (/patching's default on a model
+    that answers it), as /patching's background job computes it: exact grid and attribution."""
+    from .analysis import patching as PT
+    from .analysis.defaults import PAIR_EXAMPLES
+
+    _, clean, corrupted, correct, wrong = PAIR_EXAMPLES[0]
+    reports: list[float] = []
+    t0 = time.perf_counter()
+    grid = PT.activation_patching(lm, clean, corrupted, correct=correct, wrong=wrong,
+                                  granularity="head_out_by_pos",
+                                  progress=lambda done, total: reports.append(done))
+    took = time.perf_counter() - t0
+    (layer, pos, head), effect = PT.strongest_cells(grid, 1)[0]
+    print(f"  patching head x position, IOI pair ({grid.values.size} cells, "
+          f"{len(reports)} progress reports) {took:8.2f} s; strongest L{layer}H{head} at "
+          f"{pos} {grid.clean_display[pos]!r} ({effect:+.2f})", flush=True)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -1119,7 +1154,11 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="with --page-flow: only these pages (default: every page)")
     parser.add_argument("--soak", type=int, default=0, metavar="N",
                         help="with --page-flow: N distinct 256-token prompts through every "
-                             "page, then the resident size against the configured bound")
+                             "page, then the resident size against the configured bound; "
+                             "with --real-model: N distinct 128-token prompts")
+    parser.add_argument("--soak-web-only", action="store_true",
+                        help="with --soak: run only the pages' own callbacks (a web worker's "
+                             "share), not the analyses they leave to background jobs")
     parser.add_argument("--only-graph", action="store_true",
                         help="run only QK attribution and the attribution graph")
     parser.add_argument("--heads", action="store_true",
@@ -1142,7 +1181,8 @@ def main(argv: Optional[list[str]] = None) -> None:
           f"threads; medians of {args.reps} runs")
     if args.real_model is not None:
         sys.exit(bench_real_model(Path(args.real_model) if args.real_model else None,
-                                  max(1, min(args.reps, 5))))
+                                  max(1, min(args.reps, 5)), soak=args.soak,
+                                  jobs=not args.soak_web_only))
     if args.page_flow:
         bench_page_flow(tuple(int(n) for n in args.flow_lengths.split(",")), soak=args.soak,
                         only=args.flow_pages.split(",") if args.flow_pages else None)

@@ -282,7 +282,11 @@ def job_recipe(builder: str, reg: Any, bg: Any, **app_options: Any) -> Optional[
                      "max_weights": reg.max_weights,
                      "max_forward_bytes": reg.max_forward_bytes,
                      "max_weights_bytes": reg.max_weights_bytes,
-                     "max_tokens": reg.max_tokens, "device": str(reg.device)},
+                     "max_tokens": reg.max_tokens, "device": str(reg.device),
+                     "user_models": bool(getattr(reg, "user_models", False)),
+                     "hf_cache": bool(getattr(reg, "hf_cache", False)),
+                     "cache_dir": (str(reg.cache_dir)
+                                   if getattr(reg, "cache_dir", None) else None)},
         "app": {k: (str(v) if isinstance(v, os.PathLike) else v)
                 for k, v in app_options.items() if v is not None},
     }

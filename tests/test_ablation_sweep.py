@@ -152,6 +152,18 @@ def test_which_sweeps_run_in_the_background(registry):
     assert not A.sweep_is_large(registry.get("attn-only-2l"), 128)  # shipped: at once
     big = random_gpt2_shape()
     assert A.sweep_is_large(big, 256) and not A.sweep_is_large(big, 8)
+    # a deep model with gated MLPs (SmolLM2's shape): its recomputed layers, not its logits,
+    # make even a 5-token sweep long
+    from types import SimpleNamespace
+
+    from attention_lens.model.config import ModelConfig
+
+    smol = SimpleNamespace(cfg=ModelConfig(n_layers=30, d_model=576, n_heads=9, d_head=64,
+                                           n_ctx=8192, d_vocab=49152, attn_only=False,
+                                           d_mlp=1536, act_fn="silu", gated_mlp=True,
+                                           normalization_type="RMS"))
+    assert smol.cfg.n_layers * 9 * 5 * 49152 <= A.BACKGROUND_LOGITS  # not by its logits
+    assert A.sweep_is_large(smol, 5) and not A.sweep_is_large(smol, 1)
 
 
 # ------------------------------------------------------------------------------ the page

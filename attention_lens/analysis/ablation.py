@@ -209,6 +209,11 @@ LOSS_CHUNK_ELEMENTS = 2 ** 22
 #: Above this many logits (heads × loss positions × vocabulary), the page runs the sweep as
 #: background work with a progress bar (GPT-2 small at 256 tokens: 144 × 255 × 50,257).
 BACKGROUND_LOGITS = 2 ** 27
+#: Above this many multiply-adds of recomputed layers, likewise: each head of layer l reruns
+#: layers l.. on the prompt's rows, so a deep model with MLPs (SmolLM2: 270 heads over 30
+#: layers) spends its time there, not in the unembedding, even on a short prompt
+#: (GPT-2 small at 8 tokens: 5.3e10, at once; SmolLM2 at 5 tokens: 8.3e10, in the background).
+BACKGROUND_LAYER_WORK = 2 ** 36
 
 
 def sweep_key(method: str, positions: Optional[Iterable[int]] = None) -> tuple:
@@ -220,8 +225,15 @@ def sweep_key(method: str, positions: Optional[Iterable[int]] = None) -> tuple:
 
 
 def sweep_is_large(lm: LoadedModel, n_tokens: int) -> bool:
-    """Whether the head sweep of an ``n_tokens`` prompt should run as background work."""
-    return lm.cfg.n_layers * lm.cfg.n_heads * n_tokens * lm.cfg.d_vocab > BACKGROUND_LOGITS
+    """Whether the head sweep of an ``n_tokens`` prompt should run as background work: its
+    logits (heads × positions × vocabulary) or its recomputed layers (each head of layer l
+    reruns the L - l layers from l on) are above the bounds."""
+    cfg = lm.cfg
+    L, H = cfg.n_layers, cfg.n_heads
+    mlp = 0 if cfg.attn_only else (3 if cfg.gated_mlp else 2) * (cfg.d_mlp or 0)
+    layer_work = H * (L * (L + 1) // 2) * n_tokens * cfg.d_model * (4 * cfg.d_model + mlp)
+    return (L * H * n_tokens * cfg.d_vocab > BACKGROUND_LOGITS
+            or layer_work > BACKGROUND_LAYER_WORK)
 
 
 def _token_losses(lm: LoadedModel, final: torch.Tensor, targets: torch.Tensor,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+import torch
 
 from ..model.checkpoint import LoadedModel
 from .errors import AnalysisError
@@ -38,7 +39,8 @@ class HeadChoice:
     Attributes:
         layer: the chosen head's layer.
         head: its index in the layer.
-        kind: what chose it: "induction" or "previous_token" (scores on this prompt),
+        kind: what chose it: "induction", "copying" or "previous_token" (scores on this
+            prompt),
             "card" (the model card's strongest induction head on the probe) or "first".
         score: the chosen head's score on this prompt (None for "card" and "first").
         reason: a sentence saying why this head is shown.
@@ -126,6 +128,9 @@ def strongest_head(lm: LoadedModel, fp: ForwardPass) -> HeadChoice:
             return HeadChoice(layer, head, "induction", score,
                               f"L{layer}H{head}: the strongest induction head on this prompt "
                               f"(induction score {score:.2f} on its repeated part)", ranking)
+    copying = copying_head(lm, fp)
+    if copying is not None:
+        return copying
     prev = prompt_head_scores(lm, fp, "previous_token", rows="target") \
         if fp.n_tokens > 1 else np.zeros((lm.cfg.n_layers, lm.cfg.n_heads))
     card = card_head(lm)
@@ -145,6 +150,47 @@ def strongest_head(lm: LoadedModel, fp: ForwardPass) -> HeadChoice:
                           f"(score {score:.2f})", ranking)
     return HeadChoice(0, 0, "first", None, "L0H0: the first head (the prompt is one token)",
                       ())
+
+
+#: A prompt "copies" when the model's top next token at the last position has at least this
+#: probability and occurs earlier in the prompt ...
+COPY_MIN_PROB = 0.3
+#: ... and the head writing most directly toward it attends from the last position to its
+#: earlier copies with at least this weight (a copying head, e.g. a name mover).
+COPY_MIN_ATTENTION = 0.3
+
+
+def copying_head(lm: LoadedModel, fp: ForwardPass) -> Optional[HeadChoice]:
+    """On a prompt whose next token is copied from earlier in it (the indirect object of
+    "When Mary and John went to the store, John gave a drink to"), the head that writes most
+    directly toward that token at the last position (direct logit attribution) while
+    attending to its earlier copy: a copying, name-mover head. None elsewhere."""
+    from .attribution import logit_attribution  # imports this module's neighbours
+
+    n = fp.n_tokens
+    if n < 3:
+        return None
+    t = np.asarray(fp.token_ids)
+    probs = fp.logits[n - 1].double().softmax(-1)
+    top = int(probs.argmax())
+    earlier = np.flatnonzero(t[: n - 1] == top)
+    if earlier.size == 0 or float(probs[top]) < COPY_MIN_PROB:
+        return None
+    dla = logit_attribution(lm, fp, target=top, position=n - 1).heads  # [L, H]
+    att = np.stack([fp.cache[f"blocks.{la}.attn.hook_pattern"][:, n - 1].double().numpy()
+                    [:, earlier].sum(-1) for la in range(lm.cfg.n_layers)])  # [L, H]
+    score = np.where(att >= COPY_MIN_ATTENTION, dla, -np.inf)
+    ranking = _ranked(np.where(np.isfinite(score), score, np.nan))
+    if not ranking or ranking[0][2] <= 0:
+        return None
+    layer, head, value = ranking[0]
+    word = lm.tokenizer.display(top)
+    return HeadChoice(layer, head, "copying", value,
+                      f"L{layer}H{head}: the head that writes most directly toward the "
+                      f"predicted '{word}' (p = {float(probs[top]):.2f}; direct logit "
+                      f"attribution {value:+.2f}) while attending to its earlier copy at "
+                      f"position {int(earlier[-1])} (weight {float(att[layer, head]):.2f}): "
+                      "it copies the token from the prompt", ranking)
 
 
 def focus_position(fp: ForwardPass) -> PositionChoice:
@@ -226,3 +272,60 @@ def chosen_position(fp: ForwardPass, position: Optional[int]) -> PositionChoice:
     why = (f"position {pos} '{fp.display[pos]}', the one you chose" if nxt is not None else
            f"position {pos} '{fp.display[pos]}', the last one: no token comes after it")
     return PositionChoice(pos, nxt, None, why)
+
+
+@dataclass(frozen=True)
+class PairChoice:
+    """A clean/corrupted pair a page opens on, its answers and a sentence saying why.
+
+    Attributes:
+        clean, corrupted: the two prompts (of one token length in the model's tokenizer).
+        correct, wrong: the answers (text of one token each).
+        reason: a sentence saying what the pair is and how the model answers it.
+    """
+
+    clean: str
+    corrupted: str
+    correct: str
+    wrong: str
+    reason: str
+
+
+#: Pairs tried, in order, on a model the shipped models' measured example does not fit:
+#: (name, clean, corrupted, correct, wrong). Indirect-object identification (Wang et al.
+#: 2022): the corrupted prompt repeats the other name, so the answer flips.
+PAIR_EXAMPLES = (
+    ("the indirect-object pair (Wang et al. 2022)",
+     "When Mary and John went to the store, John gave a drink to",
+     "When Mary and John went to the store, Mary gave a drink to", " Mary", " John"),
+)
+
+
+def answered_pair(lm: LoadedModel, limit: Optional[int] = None) -> Optional[PairChoice]:
+    """The first of :data:`PAIR_EXAMPLES` that fits ``lm`` and that it answers: both prompts
+    of one length within its context (and ``limit`` tokens), each answer one token, the clean
+    prompt's top prediction the correct answer and the corrupted prompt's logit of the wrong
+    answer above the correct one's (the corruption flips the answer). None when none does."""
+    from .patching import pair_tokens  # patching's own checks of a pair
+
+    n = min(lm.cfg.n_ctx, limit or lm.cfg.n_ctx)
+    for name, clean, corrupted, correct, wrong in PAIR_EXAMPLES:
+        try:
+            a, b = pair_tokens(lm, clean, corrupted)
+        except AnalysisError:
+            continue
+        answers = [lm.tokenizer.encode(w) for w in (correct, wrong)]
+        if len(a) > n or any(len(t) != 1 for t in answers):
+            continue
+        c, w = answers[0][0], answers[1][0]
+        with torch.no_grad():
+            logits = lm.model(torch.tensor([a, b], dtype=torch.long))[:, -1].double()
+        probs = logits.softmax(-1)
+        if int(logits[0].argmax()) != c or not logits[1, w] > logits[1, c]:
+            continue
+        return PairChoice(clean, corrupted, correct, wrong,
+                          f"The page opens on {name}, which {lm.name} answers: "
+                          f"'{correct.strip()}' with p = {float(probs[0, c]):.2f} on the clean "
+                          f"prompt, '{wrong.strip()}' over it on the corrupted one "
+                          f"(p = {float(probs[1, w]):.2f} against {float(probs[1, c]):.2f}).")
+    return None

@@ -68,7 +68,9 @@ def ranking_panel(best: HeadChoice) -> Any:
     if not best.ranking:
         return None
     what = {"induction": "induction", "previous_token": "previous-token",
-            "card": "previous-token", "first": ""}[best.kind]
+            "card": "previous-token", "first": "",
+            "copying": "copying (direct logit attribution to the predicted token)"
+            }[best.kind]
     items = [html.Li([dbc.Button(f"L{la}H{h}", id={"type": RANK, "layer": la, "head": h},
                                  color="link", size="sm", n_clicks=0,
                                  className="al-rank-link", title=f"Show L{la}H{h}"),

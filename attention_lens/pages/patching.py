@@ -15,6 +15,7 @@ from dash.exceptions import PreventUpdate
 from .. import background
 from .. import weight_analyses as W
 from ..analysis import patching as PT
+from ..analysis.defaults import answered_pair
 from ..analysis.errors import AnalysisError
 from ..components import page as P
 from ..components import shell
@@ -102,12 +103,19 @@ def resolve(lm: Any, query: dict, limit: Optional[int] = None
     clean, corrupted = query["clean"], query["corrupted"]
     untouched = (clean, corrupted, query["correct"], query["wrong"]) == DEFAULTS
     if untouched and not PT.default_fits(lm):
-        # the measured example is in the shipped models' tokens: build one in this model's
-        clean, corrupted = PT.short_default(lm)
-        query = {**query, "correct": "", "wrong": ""}
-        notes.append("The default example does not fit this model (its tokenizer or context), "
-                     "so the page uses a sentence followed by its own beginning, corrupted at "
-                     "the earlier copy of its last word.")
+        # the measured example is in the shipped models' tokens: a pair this model answers,
+        # else one built in its tokens
+        pair = answered_pair(lm, limit)
+        if pair is not None:
+            clean, corrupted = pair.clean, pair.corrupted
+            query = {**query, "correct": pair.correct, "wrong": pair.wrong}
+            notes.append(pair.reason)
+        else:
+            clean, corrupted = PT.short_default(lm)
+            query = {**query, "correct": "", "wrong": ""}
+            notes.append("The default example does not fit this model (its tokenizer or "
+                         "context), so the page uses a sentence followed by its own "
+                         "beginning, corrupted at the earlier copy of its last word.")
     if not corrupted.strip():
         corrupted, c, old, new = PT.corrupt_one_token(lm, clean)
         notes.append(f"Corrupted prompt: the clean prompt with token {c} "
