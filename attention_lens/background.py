@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from .analysis.errors import AnalysisError
+from .cache import RETRY_AFTER_S, StoreUnavailable, patiently  # noqa: F401 - this module's interface
 from .paths import default_cache_dir  # noqa: F401 - part of this module's interface
 
 log = logging.getLogger(__name__)
@@ -70,20 +71,8 @@ class BusyError(RuntimeError):
 #: Seconds a Redis command may wait for a connection or an answer before the store counts
 #: as unreachable.
 REDIS_TIMEOUT_S = 3.0
-#: Seconds a client is told to wait (``Retry-After``) while the store is unreachable.
-RETRY_AFTER_S = 5
 #: Seconds a job on a Celery worker waits for an unreachable Redis before it fails.
 JOB_STORE_PATIENCE_S = 60.0
-
-
-class StoreUnavailable(AnalysisError):
-    """The deployment's store (Redis) does not answer; the API answers 503 + Retry-After and a
-    page says so. Everything resumes by itself when the store is back."""
-
-    def __init__(self, detail: str = "") -> None:
-        super().__init__("The job store is unreachable, retrying: try again in a few seconds"
-                         + (f" ({detail})" if detail else "") + ".")
-        self.retry_after = RETRY_AFTER_S
 
 
 def store_errors() -> tuple[type[BaseException], ...]:
@@ -112,25 +101,6 @@ def redis_client(url: str) -> Any:
     return redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S,
                                 socket_connect_timeout=REDIS_TIMEOUT_S,
                                 health_check_interval=10)
-
-
-def patiently(fn: Callable[[], Any], patience: float) -> Any:
-    """``fn()``, tried once more on a fresh connection when Redis's connection broke, and
-    again every 0.5 s for ``patience`` seconds while it is unreachable; then
-    :class:`StoreUnavailable`."""
-    import redis
-
-    give_up, attempt = time.monotonic() + patience, 0
-    while True:
-        try:
-            return fn()
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                redis.exceptions.BusyLoadingError) as exc:
-            attempt += 1
-            if attempt > 1 and time.monotonic() >= give_up:
-                raise StoreUnavailable(f"Redis: {type(exc).__name__}") from exc
-            if attempt > 1:
-                time.sleep(0.5)
 
 
 class RedisKV:
@@ -200,7 +170,7 @@ def private_dir(path: Path) -> Path:
     of another user, or one others can enter, is refused (ConfigError)."""
     import stat
 
-    from .config import ConfigError
+    from .server.config import ConfigError
 
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = path.stat()
@@ -547,7 +517,7 @@ def make_celery(broker: str, deadline_s: Optional[float] = None) -> Any:
 
 
 #: The Celery task that computes a weight analysis for the API on a worker (registered by
-#: the API, :func:`attention_lens.api.register_worker_tasks`).
+#: the API, :func:`attention_lens.server.api.register_worker_tasks`).
 WEIGHT_TASK = "attention_lens.weight_analysis"
 
 

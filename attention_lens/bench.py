@@ -403,7 +403,7 @@ def bench_page_flow(lengths: tuple[int, ...] = (64, 256), soak: int = 0, visits:
     import tempfile
 
     from .components import page as P
-    from .config import ServerConfig
+    from .server.config import ServerConfig
     from .model.hf import gpt2_tokenizer
     from .server import create_server
 
@@ -884,7 +884,7 @@ def _patching_page() -> None:
 
     from .analysis.patching import corrupt_one_token
     from .components import page as P
-    from .config import ServerConfig
+    from .server.config import ServerConfig
     from .server import create_server
 
     reg = Registry([DEFAULT_WEIGHTS])

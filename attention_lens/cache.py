@@ -34,6 +34,40 @@ import cachetools
 import numpy as np
 import torch
 
+from .analysis.errors import AnalysisError
+
+#: Seconds a client is told to wait (``Retry-After``) while the store is unreachable.
+RETRY_AFTER_S = 5
+
+
+class StoreUnavailable(AnalysisError):
+    """The deployment's store (Redis) does not answer; the API answers 503 + Retry-After and a
+    page says so. Everything resumes by itself when the store is back."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__("The job store is unreachable, retrying: try again in a few seconds"
+                         + (f" ({detail})" if detail else "") + ".")
+        self.retry_after = RETRY_AFTER_S
+
+
+def patiently(fn: Callable[[], Any], patience: float) -> Any:
+    """``fn()``, tried once more on a fresh connection when Redis's connection broke, and
+    again every 0.5 s for ``patience`` seconds while it is unreachable; then
+    :class:`StoreUnavailable`."""
+    import redis
+
+    give_up, attempt = time.monotonic() + patience, 0
+    while True:
+        try:
+            return fn()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                redis.exceptions.BusyLoadingError) as exc:
+            attempt += 1
+            if attempt > 1 and time.monotonic() >= give_up:
+                raise StoreUnavailable(f"Redis: {type(exc).__name__}") from exc
+            if attempt > 1:
+                time.sleep(0.5)
+
 log = logging.getLogger(__name__)
 
 #: A computation that ran longer than this held large temporaries; after it the worker gives
@@ -336,7 +370,7 @@ class _RedisLock:
 
     Like every other use of the store (:class:`attention_lens.background.RedisKV`), a broken
     connection is tried again on a fresh one, for ``patience`` seconds (a job waits for Redis
-    to come back), then reported as :class:`attention_lens.background.StoreUnavailable`.
+    to come back), then reported as :class:`attention_lens.cache.StoreUnavailable`.
     """
 
     def __init__(self, client: Any, key: str, ttl: float, patience: float = 0.0) -> None:
@@ -344,8 +378,6 @@ class _RedisLock:
         self.patience = patience
 
     def _patiently(self, fn: Callable[[], Any]) -> Any:
-        from .background import patiently
-
         return patiently(fn, self.patience)
 
     def acquire(self, stop: Callable[[], bool]) -> bool:

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from .auth import write_user
-from .config import ENV_PREFIX, ConfigError, ServerConfig
+from .server.auth import write_user
+from .server.config import ENV_PREFIX, ConfigError, ServerConfig
 
 DEFAULT_USERS_FILE = "users.txt"
 

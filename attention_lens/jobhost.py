@@ -119,7 +119,7 @@ def _recipe_key(recipe: dict) -> str:
 def build(recipe: dict) -> Any:
     """The job manager of an app built from ``recipe`` in this process (cached). The recipe
     names the function that builds it (``module:function``, the app factory's own
-    :func:`attention_lens.app.build_for_jobs`), so this module needs nothing above it."""
+    :func:`attention_lens.server.app.build_for_jobs`), so this module needs nothing above it."""
     key = _recipe_key(recipe)
     if key in _BUILT:
         return _BUILT[key]

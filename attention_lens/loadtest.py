@@ -4,7 +4,7 @@ Everything runs on 127.0.0.1 and is bounded in request count and time. One machi
 default; ``--celery`` runs the lab deployment instead: a Redis on a free loopback port and two
 ``attention-lens worker`` processes run the background jobs.
 
-1. gunicorn (``-c python:attention_lens.gunicorn_conf``) with 1 worker, then with 2:
+1. gunicorn (``-c python:attention_lens.server.gunicorn_conf``) with 1 worker, then with 2:
    ``--clients`` concurrent clients send ``--requests`` requests mixing page visits and JSON
    API calls. A page visit is what a browser does: the page, its analysis callback (payloads
    built from the app's own callback map), and when that asks for a background job, the job
@@ -123,11 +123,11 @@ class Gunicorn:
     """gunicorn with the recommended settings (``gunicorn_conf``) on 127.0.0.1."""
 
     def __init__(self, workers: int, env: dict[str, str], log: Path) -> None:
-        from . import gunicorn_conf
+        from .server import gunicorn_conf
 
         self.workers, self.port = workers, free_port()
         self.threads = gunicorn_conf.threads
-        cmd = [sys.executable, "-m", "gunicorn", "-c", "python:attention_lens.gunicorn_conf",
+        cmd = [sys.executable, "-m", "gunicorn", "-c", "python:attention_lens.server.gunicorn_conf",
                "app:server", "-w", str(workers), "-b", f"{HOST}:{self.port}",
                "--graceful-timeout", "5"]
         if "--no-control-socket" in subprocess.run(
@@ -643,7 +643,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         models = prepare_models(root)
         if args.celery:
             slow_model(models)
-        from . import gunicorn_conf
+        from .server import gunicorn_conf
 
         # a page load's parallel requests each check the password: as many hashes at once as
         # a worker has threads
@@ -652,7 +652,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                "ATTENTION_LENS_HASH_SLOTS": str(gunicorn_conf.threads)}
         auth = None
         if not args.no_auth:
-            from .auth import write_user
+            from .server.auth import write_user
 
             write_user(root / "users.txt", USER, PASSWORD)
             env["ATTENTION_LENS_AUTH_FILE"] = str(root / "users.txt")

@@ -14,7 +14,7 @@ from conftest import make_tiny
 from attention_lens.analysis import ablation as A
 from attention_lens.analysis.defaults import repeated_positions
 from attention_lens.analysis.forward import run_forward
-from attention_lens.app import create_app
+from attention_lens.server.app import create_app
 from attention_lens.components import page as P
 from attention_lens.components.shell import DEFAULT_PROMPT
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from attention_lens.analysis.attention import attention_patterns
-from attention_lens.app import create_app
+from attention_lens.server.app import create_app
 from attention_lens.components import page as P
 from attention_lens.figures.attention import GRID_MAX_POSITIONS, attention_grid_figure, pooled
 from attention_lens.registry import DEFAULT_WEIGHTS, Registry

@@ -18,7 +18,7 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
-from attention_lens.app import create_app
+from attention_lens.server.app import create_app
 from attention_lens.components import shell
 
 pytestmark = pytest.mark.browser

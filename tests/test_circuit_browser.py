@@ -21,7 +21,7 @@ from test_geometry import cell_point, graph_js, real_click
 from test_head_metrics import full_screenshot, geometry_problems
 
 from attention_lens.analysis import patching as PT
-from attention_lens.app import create_app
+from attention_lens.server.app import create_app
 
 pytestmark = pytest.mark.browser
 

@@ -212,7 +212,7 @@ def test_compare_page_in_the_browser(dash_duo, registry, tmp_path, bg):
     from test_browser import has_traces, url, wait
     from test_head_metrics import full_screenshot, geometry_problems, point_offset
 
-    from attention_lens.app import create_app
+    from attention_lens.server.app import create_app
 
     shots = Path(os.environ.get("ATTENTION_LENS_SCREENSHOTS", "/tmp/dash_artifacts/screenshots"))
     shots.mkdir(parents=True, exist_ok=True)

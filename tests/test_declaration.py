@@ -13,7 +13,7 @@ import pytest
 
 from attention_lens import background, components
 from attention_lens import weight_analyses as W
-from attention_lens.app import create_app
+from attention_lens.server.app import create_app
 from attention_lens.components import job_strip
 from attention_lens.components import page as P
 

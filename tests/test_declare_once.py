@@ -12,8 +12,8 @@ import torch
 
 from attention_lens import weight_analyses as W
 from attention_lens.analysis import declare
-from attention_lens.api import create_api
-from attention_lens.app import create_app
+from attention_lens.server.api import create_api
+from attention_lens.server.app import create_app
 from attention_lens.components import page as P
 
 #: The whole throwaway analysis: what a contributor writes to add one.

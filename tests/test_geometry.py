@@ -30,7 +30,7 @@ from selenium.webdriver.common.by import By
 from test_browser import url
 from test_browser import wait as browser_wait
 
-from attention_lens.app import create_app
+from attention_lens.server.app import create_app
 from attention_lens.components import shell
 
 pytestmark = pytest.mark.browser

@@ -12,7 +12,7 @@ from selenium.webdriver.common.action_chains import ActionChains
 from test_browser import SHOTS, page_alerts, severe_logs, url, wait
 
 from attention_lens.analysis.qk_attribution import default_cell
-from attention_lens.app import create_app
+from attention_lens.server.app import create_app
 from attention_lens.components import shell
 
 pytestmark = pytest.mark.browser

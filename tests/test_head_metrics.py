@@ -333,7 +333,7 @@ def test_heads_page_in_the_browser(dash_duo, registry, tmp_path, bg):
     from selenium.webdriver.common.action_chains import ActionChains
     from test_browser import has_traces, url, wait
 
-    from attention_lens.app import create_app
+    from attention_lens.server.app import create_app
     from attention_lens.components import shell
 
     shots = Path(os.environ.get("ATTENTION_LENS_SCREENSHOTS", "/tmp/dash_artifacts/screenshots"))
@@ -413,7 +413,7 @@ def test_heads_upload_messages(dash_duo, registry, tmp_path, bg):
     from test_browser import url, wait
 
     from attention_lens.analysis.datasets import MAX_UPLOAD_BYTES
-    from attention_lens.app import create_app
+    from attention_lens.server.app import create_app
     from attention_lens.components import shell
 
     files = {"bin.txt": b"\x00\x01\x02binary", "latin.txt": "café".encode("latin-1"),

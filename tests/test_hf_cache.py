@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 from test_hf import build  # noqa: E402
 
 from attention_lens import cli  # noqa: E402
-from attention_lens.config import ServerConfig  # noqa: E402
+from attention_lens.server.config import ServerConfig  # noqa: E402
 from attention_lens.model.hub import cached_models, hf_cache_dir, resolve  # noqa: E402
 from attention_lens.model.checkpoint import CheckpointError  # noqa: E402
 from attention_lens.registry import Registry  # noqa: E402

@@ -397,7 +397,7 @@ def test_a_cache_folder_of_another_user_is_refused(tmp_path):
     folder = tmp_path / "theirs"
     folder.mkdir()
     os.chown(folder, 65534, 65534)
-    from attention_lens.config import ConfigError
+    from attention_lens.server.config import ConfigError
 
     with pytest.raises(ConfigError, match="another user"):
         background.create(folder)

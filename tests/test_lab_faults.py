@@ -126,7 +126,7 @@ class Worker:
 
 
 class Gunicorn:
-    """gunicorn with the recommended settings (``-c python:attention_lens.gunicorn_conf``)."""
+    """gunicorn with the recommended settings (``-c python:attention_lens.server.gunicorn_conf``)."""
 
     def __init__(self, env: dict[str, str], log: Path, workers: int = 2,
                  port: int | None = None) -> None:
@@ -135,7 +135,7 @@ class Gunicorn:
         self.n = workers
         self.log = open(log, "ab")
         self.proc = subprocess.Popen(
-            [str(BIN / "gunicorn"), "-c", "python:attention_lens.gunicorn_conf", "app:server",
+            [str(BIN / "gunicorn"), "-c", "python:attention_lens.server.gunicorn_conf", "app:server",
              "-w", str(workers), "-b", f"127.0.0.1:{self.port}", "--no-control-socket"],
             cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.wait_up()

@@ -41,7 +41,7 @@ from test_geometry import (
     wait,
 )
 
-from attention_lens.app import create_app
+from attention_lens.server.app import create_app
 from attention_lens.components import shell
 from attention_lens.figures.theme import LIGHT_PAPER, PAPER
 

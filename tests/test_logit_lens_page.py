@@ -7,7 +7,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from attention_lens.analysis import logit_lens as L
-from attention_lens.app import create_app
+from attention_lens.server.app import create_app
 from attention_lens.components import page as P
 from attention_lens.figures.logit_lens import WINDOW
 

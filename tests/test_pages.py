@@ -13,7 +13,7 @@ import pytest
 from dash import html
 
 from attention_lens import export
-from attention_lens.app import create_app
+from attention_lens.server.app import create_app
 from attention_lens.components import downloads, shell
 from attention_lens.components import page as P
 

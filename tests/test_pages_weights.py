@@ -15,7 +15,7 @@ from dash._callback_context import context_value
 from dash._utils import AttributeDict
 
 from attention_lens import export
-from attention_lens.app import create_app
+from attention_lens.server.app import create_app
 from attention_lens.components import page as P
 from attention_lens.components.shell import DEFAULT_PROMPT
 

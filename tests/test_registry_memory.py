@@ -115,7 +115,7 @@ def test_memory_bound_adds_the_caps_and_the_models(reg, tiny):
 
 
 def test_logit_lens_page_reuses_the_lens_cached_with_its_forward_pass(registry):
-    from attention_lens.app import create_app
+    from attention_lens.server.app import create_app
     from attention_lens.components import page as P
 
     create_app(registry)

@@ -80,7 +80,7 @@ def test_failed_sign_ins_are_throttled_per_address_not_per_user(users_file):
 
 
 def test_password_hashing_is_bounded_in_concurrency(users_file, monkeypatch):
-    import attention_lens.auth as auth
+    import attention_lens.server.auth as auth
 
     real = auth.check_password_hash
     active, peak, lock = [0], [0], threading.Lock()

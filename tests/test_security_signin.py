@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from werkzeug.serving import make_server
 
-from attention_lens import auth
+from attention_lens.server import auth
 from attention_lens.server import ServerConfig, create_server, write_user
 
 PASSWORD = "correct horse battery"

@@ -18,11 +18,11 @@ from typing import Any, Callable
 import flask
 import numpy as np
 
-from . import background
-from . import weight_analyses as W
-from .analysis import declare
-from .analysis.errors import AnalysisError
-from .analysis.forward import ForwardPass
+from .. import background
+from .. import weight_analyses as W
+from ..analysis import declare
+from ..analysis.errors import AnalysisError
+from ..analysis.forward import ForwardPass
 from .api_fields import (
     MAX_GRID_K,
     MAX_HEADS,
@@ -40,10 +40,10 @@ from .api_fields import (
     token_field,
     words_field,
 )
-from .api_json import jsonable
-from .background import BusyError
-from .model.checkpoint import LoadedModel
-from .registry import Registry
+from ..api_json import jsonable
+from ..background import BusyError
+from ..model.checkpoint import LoadedModel
+from ..registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def forward_gflop(lm: LoadedModel, n_tokens: int) -> float:
 
 def patching_runs(lm: LoadedModel, granularity: str, n_tokens: int) -> int:
     """Patched forward passes of one pair's grid (one per cell)."""
-    from .analysis.patching import GRID_AXES
+    from ..analysis.patching import GRID_AXES
 
     size = {"layer": lm.cfg.n_layers, "pos": n_tokens, "head": lm.cfg.n_heads}
     runs = 1
@@ -107,7 +107,7 @@ def patching_runs(lm: LoadedModel, granularity: str, n_tokens: int) -> int:
 def pair_set(body: dict, lm: LoadedModel, limit: int) -> list:
     """The set of pairs in ``body['pairs']`` (a list of objects or CSV text), each tokenized
     and within this server's prompt length (400 naming the pair otherwise)."""
-    from .analysis import patching as PT
+    from ..analysis import patching as PT
 
     pairs = body["pairs"]
     if not isinstance(pairs, (list, str)):
@@ -254,7 +254,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
     # ---------------------------------------------------------------- predictions
     @endpoint("/token-predictions", ("POST",))
     def token_predictions() -> dict[str, Any]:
-        from .analysis.predictions import token_predictions as analyse
+        from ..analysis.predictions import token_predictions as analyse
 
         body = json_body(base | {"top_k"})
         lm, fp, part = prompt(body)
@@ -264,7 +264,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
     # ------------------------------------------------------------------ attention
     @endpoint("/attention", ("POST",))
     def attention() -> dict[str, Any]:
-        from .analysis.attention import attention_pattern, attention_patterns
+        from ..analysis.attention import attention_pattern, attention_patterns
 
         body = json_body(base | {"layer", "head", "heads", "queries"})
         lm, fp, part = prompt(body)
@@ -304,7 +304,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
 
     @endpoint("/activations", ("POST",))
     def activations() -> dict[str, Any]:
-        from .analysis.attention import head_outputs, residual_stream
+        from ..analysis.attention import head_outputs, residual_stream
 
         body = json_body(base | {"vectors", "layer"})
         lm, fp, part = prompt(body)
@@ -321,8 +321,8 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
     # ---------------------------------------------------------------- logit lens
     @endpoint("/logit-lens", ("POST",))
     def logit_lens() -> dict[str, Any]:
-        from .analysis.logit_lens import GRANULARITIES, checked_positions, lens_key
-        from .analysis.logit_lens import logit_lens as analyse
+        from ..analysis.logit_lens import GRANULARITIES, checked_positions, lens_key
+        from ..analysis.logit_lens import logit_lens as analyse
 
         body = json_body(base | {"top_k", "target", "granularity", "positions"})
         lm, fp, part = prompt(body)
@@ -342,7 +342,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
     # ------------------------------------------------------------------- weights
     @endpoint("/weights", ("GET",))
     def weights() -> dict[str, Any]:
-        from .analysis.circuits import circuit_svd
+        from ..analysis.circuits import circuit_svd
 
         q = query_params({"model", "layer", "head", "circuit", "top_k", "n_directions"},
                          {"layer", "head", "top_k", "n_directions"})
@@ -368,7 +368,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
     # ---------------------------------------------------------------- embeddings
     @endpoint("/embeddings", ("GET",))
     def embeddings() -> dict[str, Any]:
-        from .analysis.embeddings import MATRICES, TOKEN_FILTERS, project_tokens
+        from ..analysis.embeddings import MATRICES, TOKEN_FILTERS, project_tokens
 
         q = query_params({"model", "matrix", "filter", "max_tokens", "n_components",
                           "n_clusters", "text"}, {"max_tokens", "n_components", "n_clusters"})
@@ -390,9 +390,9 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
 
     @endpoint("/analogy", ("POST",))
     def analogy() -> dict[str, Any]:
-        from .analysis.analogy import METHODS
-        from .analysis.analogy import analogy as analyse
-        from .analysis.embeddings import MATRICES
+        from ..analysis.analogy import METHODS
+        from ..analysis.analogy import analogy as analyse
+        from ..analysis.embeddings import MATRICES
 
         body = json_body({"positive", "negative", "top_k", "model", "method", "matrix"})
         lm = model_of(body)
@@ -419,7 +419,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
 
     @endpoint("/eigenvalues", ("POST",))
     def eigenvalues() -> dict[str, Any]:
-        from .analysis.eigen import attention_spectrum
+        from ..analysis.eigen import attention_spectrum
 
         body = json_body(base | {"layer", "head"})
         lm, fp, part = prompt(body)
@@ -450,7 +450,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
     # ----------------------------------------------------------------- ablation
     @endpoint("/ablation", ("POST",))
     def ablation() -> dict[str, Any]:
-        from .analysis.ablation import METHODS, ablate_heads
+        from ..analysis.ablation import METHODS, ablate_heads
 
         body = json_body(base | {"heads", "method", "top_k", "position", "target"})
         lm, fp, part = prompt(body)
@@ -480,7 +480,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
 
     def pair_args(body: dict[str, Any], lm: LoadedModel) -> dict[str, Any]:
         """The validated pair and metric fields of a patching request."""
-        from .analysis import patching as PT
+        from ..analysis import patching as PT
 
         clean, corrupted = text_field(body, "clean"), text_field(body, "corrupted")
         ids, _ = PT.pair_tokens(lm, clean, corrupted)
@@ -500,7 +500,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
 
     @endpoint("/patching", ("POST",))
     def patching() -> dict[str, Any]:
-        from .analysis import patching as PT
+        from ..analysis import patching as PT
 
         body = json_body(pair_fields | {"granularity", "attribution", "pairs"})
         lm = model_of(body)
@@ -547,7 +547,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
 
     @endpoint("/path-patching", ("POST",))
     def path_patching() -> dict[str, Any]:
-        from .analysis import patching as PT
+        from ..analysis import patching as PT
 
         body = json_body(pair_fields | {"sender", "table", "ln_mode", "mlps"})
         lm = model_of(body)
@@ -574,10 +574,10 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
 
     @endpoint("/circuit", ("POST",))
     def circuit() -> dict[str, Any]:
-        from .analysis import patching as PT
-        from .analysis.circuit import ABLATIONS, METHODS, edge_graph
-        from .analysis.circuit import discovery as CD
-        from .analysis.circuit.scores import MAX_STEPS
+        from ..analysis import patching as PT
+        from ..analysis.circuit import ABLATIONS, METHODS, edge_graph
+        from ..analysis.circuit import discovery as CD
+        from ..analysis.circuit.scores import MAX_STEPS
 
         body = json_body((pair_fields - {"direction"})
                          | {"pairs", "method", "ablation", "steps", "k", "n_sizes",
@@ -628,7 +628,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
 
     @endpoint("/qk-attribution", ("POST",))
     def qk_attribution_route() -> dict[str, Any]:
-        from .analysis.qk_attribution import qk_attribution, qk_attribution_row
+        from ..analysis.qk_attribution import qk_attribution, qk_attribution_row
 
         body = json_body(base | {"layer", "head", "query", "key", "contrast_key",
                                  "split_sources", "row", "truncate"})
@@ -652,7 +652,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
 
     @endpoint("/graph", ("POST",))
     def graph_route() -> dict[str, Any]:
-        from .analysis.graph import check_size, graph_json
+        from ..analysis.graph import check_size, graph_json
 
         body = json_body(base | {"target", "contrast", "position", "node_threshold",
                                  "edge_threshold", "truncate"})
@@ -671,7 +671,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
             shares[key] = float(value)
         target, contrast = token_field(body, "target"), token_field(body, "contrast")
         if target is not None:
-            from .analysis.predictions import token_id
+            from ..analysis.predictions import token_id
             token_id(lm, target)  # a bad target is a 400 before any job starts
         req = W.attribution_graph(body["text"], registry.max_tokens or 0,
                                   "" if target is None else target,
@@ -689,7 +689,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
                                 model_name=lm.name, tokens=fp.tokens)}}
     # ------------------------------------------------- dataset heads and comparison
     def dataset_of(body: dict[str, Any]) -> Any:
-        from .analysis.datasets import SHIPPED, parse_upload, remember_upload
+        from ..analysis.datasets import SHIPPED, parse_upload, remember_upload
 
         if "text" in body and "dataset" in body:
             raise ApiError("give either 'dataset' (a name) or 'text' (the documents), not both")
@@ -704,7 +704,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         return W.load_dataset(name)
 
     def windows_args(lm: LoadedModel, body: dict[str, Any], default_n: int) -> tuple:
-        from .analysis.datasets import DEFAULT_LENGTH, MAX_WINDOWS, check_window_args
+        from ..analysis.datasets import DEFAULT_LENGTH, MAX_WINDOWS, check_window_args
 
         n = int_field(body, "windows", default_n, 1, MAX_WINDOWS)
         length = int_field(body, "length", min(lm.cfg.n_ctx, DEFAULT_LENGTH), 4, lm.cfg.n_ctx,
@@ -721,7 +721,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
 
     @endpoint("/head-metrics", ("POST",))
     def head_metrics_api() -> dict[str, Any]:
-        from .analysis.head_metrics import (
+        from ..analysis.head_metrics import (
             DEFINITIONS,
             PATTERN_METRICS,
             QUERIES,
@@ -762,7 +762,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
 
     @endpoint("/compare", ("POST",))
     def compare_api() -> dict[str, Any]:
-        from .analysis.compare import compare
+        from ..analysis.compare import compare
 
         body = json_body({"text", "text_b", "model", "model_b", "layer", "head", "position",
                           "target", "top_k", "icl", "windows"})
@@ -785,8 +785,8 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         out = {"a": _prompt_part(fp_a, limit_of(lm_a)), "b": _prompt_part(fp_b, limit_of(lm_b)),
                "result": jsonable(c)}
         if bool_field(body, "icl", False):
-            from .analysis.compare import icl_from_curves
-            from .analysis.datasets import SHIPPED
+            from ..analysis.compare import icl_from_curves
+            from ..analysis.datasets import SHIPPED
 
             length, stride, n = windows_args(lm_a, {k: v for k, v in body.items()
                                                     if k == "windows"}, 64)

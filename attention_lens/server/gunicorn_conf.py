@@ -1,6 +1,6 @@
 """gunicorn settings for a lab server.
 
-Use: ``gunicorn -c python:attention_lens.gunicorn_conf app:server`` behind a reverse proxy
+Use: ``gunicorn -c python:attention_lens.server.gunicorn_conf app:server`` behind a reverse proxy
 (nginx, Caddy) that terminates TLS and buffers slow clients; gunicorn itself listens on
 loopback only.
 
@@ -15,7 +15,7 @@ open; a page whose poll fails while gunicorn restarts keeps retrying (assets/job
 #: Loopback: the proxy in front is the only client.
 bind = "127.0.0.1:8050"
 #: Threads with a deadline on reading each request (slow clients cannot hold them).
-worker_class = "attention_lens.gunicorn_worker.ReadDeadlineWorker"
+worker_class = "attention_lens.server.gunicorn_worker.ReadDeadlineWorker"
 threads = 8
 #: Idle kept-alive connections wait in the worker's poller, not in a thread.
 keepalive = 5

@@ -27,7 +27,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 from .config import ConfigError
 
-log = logging.getLogger("attention_lens.auth")
+log = logging.getLogger("attention_lens.server.auth")
 
 
 def valid_username(name: str) -> bool:

@@ -1,6 +1,6 @@
 """The lab server: the app factory that composes the Dash app with auth, limits and the API.
 
-``create_server(config)`` wraps the Dash app of :func:`attention_lens.app.create_app` without
+``create_server(config)`` wraps the Dash app of :func:`attention_lens.server.app.create_app` without
 changing it: it builds the model registry from the configuration (:mod:`.config`), adds
 authentication from a users file (:mod:`.auth`), request checks and error handlers that never
 send a traceback to a client (:mod:`.guards`), and the JSON API blueprint (:mod:`.api`).
@@ -15,13 +15,13 @@ import dash
 import flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import export
-from .api_json import JSONProvider
+from .. import export
+from ..api_json import JSONProvider
 from .auth import LabAuth, SignInThrottle, UserStore, read_users, write_user
 from .config import ENV_PREFIX, ConfigError, ServerConfig, check_device, is_loopback
 from .exposure import exposure_problem, install_exposure_guard, listening_addresses
 from .guards import install_callback_guard, install_error_handlers, install_request_checks
-from .registry import Registry
+from ..registry import Registry
 
 log = logging.getLogger("attention_lens.server")
 
@@ -45,7 +45,7 @@ def build_registry(config: ServerConfig) -> Registry:
 
 def build_background(config: ServerConfig) -> Any:
     """The background-callback manager and shared stores described by ``config``."""
-    from . import background
+    from .. import background
 
     return background.create(config.cache_dir, config.celery_broker, config.max_jobs,
                              deployment=f"{config.host}:{config.port}{config.url_prefix}")

@@ -12,10 +12,10 @@ from typing import Any, Iterator, Optional
 
 import flask
 
-from .analysis import declare
-from .analysis.analogy import MAX_TERMS
-from .model.checkpoint import LoadedModel
-from .model.jsonfile import value_depth
+from ..analysis import declare
+from ..analysis.analogy import MAX_TERMS
+from ..model.checkpoint import LoadedModel
+from ..model.jsonfile import value_depth
 
 #: Most alternatives per position for endpoints that return a [pos, k] grid.
 MAX_GRID_K = 50
@@ -187,7 +187,7 @@ def layer_head(lm: LoadedModel, body: dict[str, Any], need_head: bool = False
 
 def heads_field(lm: LoadedModel, body: dict[str, Any]) -> list[tuple[int, int]]:
     """A list of heads, each a ``[layer, head]`` pair or a label such as ``"L1H0"``."""
-    from .figures.patching import parse_head_label
+    from ..figures.patching import parse_head_label
 
     value = body.get("heads")
     if value is None:

@@ -13,10 +13,10 @@ import flask
 from dash.exceptions import DependencyException
 from werkzeug.exceptions import HTTPException
 
-from .analysis.errors import AnalysisError
-from .model.jsonfile import value_depth
+from ..analysis.errors import AnalysisError
+from ..model.jsonfile import value_depth
 
-log = logging.getLogger("attention_lens.guards")
+log = logging.getLogger("attention_lens.server.guards")
 
 DASH_CALLBACK_PATH = "_dash-update-component"
 #: Deepest JSON nesting accepted in a callback request (Dash's own requests stay under 10).

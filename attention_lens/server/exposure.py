@@ -19,7 +19,7 @@ import flask
 
 from .config import ServerConfig, exposure_problem
 
-log = logging.getLogger("attention_lens.exposure")
+log = logging.getLogger("attention_lens.server.exposure")
 
 #: How long a look at the listening sockets is trusted before looking again (seconds).
 RECHECK_S = 10.0

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from .registry import DEFAULT_MODEL, DEFAULT_WEIGHTS
+from ..registry import DEFAULT_MODEL, DEFAULT_WEIGHTS
 
 ENV_PREFIX = "ATTENTION_LENS_"
 LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}

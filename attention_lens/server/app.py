@@ -14,13 +14,13 @@ from typing import Any, Optional
 
 import dash
 
-from . import background as background_module
-from . import jobhost
-from . import registry as registry_module
-from .components import downloads, page, shell
-from .registry import Registry
+from .. import background as background_module
+from .. import jobhost
+from .. import registry as registry_module
+from ..components import downloads, page, shell
+from ..registry import Registry
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 ASSETS_DIR = PACKAGE_DIR.parent / "assets"
 PAGES_DIR = PACKAGE_DIR / "pages"
 
