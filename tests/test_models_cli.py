@@ -148,7 +148,7 @@ def test_job_host_registry_scans_the_same_folders(data_home, tmp_path):
 
     reg = Registry(user_models=True, cache_dir=tmp_path / "c", hf_cache=False)
     bg = SimpleNamespace(cache_dir=None, max_jobs=1, deployment="one-machine", slots=None)
-    recipe = job_recipe("attention_lens.app:create_app", reg, bg)
+    recipe = job_recipe("attention_lens.server.app:create_app", reg, bg)
     again = Registry(**recipe["registry"])
     assert again.user_models and again.cache_dir == reg.cache_dir and not again.hf_cache
     assert again.names() == reg.names()

@@ -55,7 +55,7 @@ def registry(smol_path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app(registry):
-    from attention_lens.app import create_app
+    from attention_lens.server.app import create_app
     from attention_lens.registry import install
 
     app = create_app(registry)
@@ -69,7 +69,7 @@ def lm(registry):
 
 
 def _pages():
-    from attention_lens.app import create_app
+    from attention_lens.server.app import create_app
     from attention_lens.components import page as P
     from attention_lens.registry import Registry
 
@@ -214,7 +214,7 @@ def test_head_by_position_patching_on_ioi_equals_a_hook_loop(lm, ioi_grid):
 
 
 def test_api_on_smollm2(smol_path, tmp_path_factory):
-    from attention_lens.config import ServerConfig
+    from attention_lens.server.config import ServerConfig
     from attention_lens.server import create_server
 
     cache = tmp_path_factory.mktemp("smol-api-cache")
@@ -245,7 +245,7 @@ def test_readme_pictures_on_smollm2(dash_duo, registry, lm):
     from test_geometry import set_size, small_screenshot
 
     from attention_lens.analysis.defaults import strongest_head
-    from attention_lens.app import create_app
+    from attention_lens.server.app import create_app
 
     # every graph drew: data, a title, or a placeholder saying what to do (the set-of-pairs
     # graph waits for an upload)
