@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from .analysis.errors import AnalysisError
 from .cache import RETRY_AFTER_S, StoreUnavailable, patiently  # noqa: F401 - this module's interface
-from .paths import default_cache_dir  # noqa: F401 - part of this module's interface
+from .paths import ConfigError, default_cache_dir  # noqa: F401 - part of this module's interface
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,6 @@ def private_dir(path: Path) -> Path:
     of another user, or one others can enter, is refused (ConfigError)."""
     import stat
 
-    from .server.config import ConfigError
 
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = path.stat()

@@ -219,7 +219,7 @@ def worker(args: argparse.Namespace) -> int:
 def models(args: argparse.Namespace) -> int:
     """``models add | list | remove``."""
     from .model import catalog
-    from .registry import user_models_dir
+    from .registry import Registry, user_models_dir
 
     try:
         if args.models_command == "add" and args.model.startswith("hf:"):
@@ -240,7 +240,9 @@ def models(args: argparse.Namespace) -> int:
                   "the app lists it from now on")
         elif args.models_command == "list":
             folder = user_models_dir()
-            rows = catalog.installed()
+            reg = Registry([folder] if folder.is_dir() else [])
+            rows = [{"name": e.name, "size_bytes": e.size_bytes, "detail": e.detail,
+                     "error": e.error} for e in reg.entries()]
             if not rows:
                 print(f"no models in {folder} (try: attention-lens models add smollm2)")
             for r in rows:

@@ -17,6 +17,7 @@ from .analysis.errors import AnalysisError
 from .analysis.forward import ForwardPass, run_forward, tokenize
 from .cache import ByteLRU, nbytes_of, release_memory, timed  # noqa: F401 - re-exported
 from .model.checkpoint import CheckpointError, LoadedModel, load_model
+from .paths import user_models_dir  # noqa: F401 - part of this module's interface
 
 T = TypeVar("T")
 _MISS = object()
@@ -92,14 +93,6 @@ def public_reason(reason: BaseException | str, folder: Path) -> str:
 
 def _is_our_config(data: Any) -> bool:
     return isinstance(data, dict) and "n_layers" in data and "d_head" in data
-
-
-def user_models_dir() -> Path:
-    """The per-user models folder (``models/`` in the user's data folder as platformdirs gives
-    it, so ``XDG_DATA_HOME`` moves it); ``attention-lens models add`` puts models there."""
-    from platformdirs import user_data_dir
-
-    return Path(user_data_dir("attention-lens", appauthor=False)) / "models"
 
 
 def is_gguf(path: Path) -> bool:

@@ -141,3 +141,20 @@ def test_pages_never_import_the_app_registry_or_server(graph):
             bad = deps & {"attention_lens.server.app", "attention_lens.server", "attention_lens.cli",
                           "attention_lens.registry", "attention_lens.server.api"}
             assert not bad, (mod, bad)
+
+
+#: The README's "Code layout", top (0) to bottom: a module imports only its own layer or above.
+LAYERS = {"paths": 0, "data": 0, "model": 0, "analysis": 1, "training": 1, "cache": 1,
+          "figures": 2, "api_json": 2, "registry": 3, "background": 3, "jobhost": 3,
+          "weight_analyses": 3, "components": 4, "export": 4, "prompt_links": 4, "pages": 5,
+          "server": 6, "cli": 7, "bench": 8, "loadtest": 8}
+
+
+def test_every_import_goes_up_the_layers_the_readme_names(graph):
+    def layer(mod: str) -> int:
+        parts = mod.split(".")
+        assert len(parts) == 1 or parts[1] in LAYERS, f"{mod}: not in the README's layout"
+        return LAYERS[parts[1]] if len(parts) > 1 else -1
+
+    down = sorted((a, b) for a, deps in graph.items() for b in deps if layer(b) > layer(a))
+    assert down == [], down

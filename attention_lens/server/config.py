@@ -8,14 +8,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from ..paths import ConfigError
 from ..registry import DEFAULT_MODEL, DEFAULT_WEIGHTS
 
 ENV_PREFIX = "ATTENTION_LENS_"
 LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid or unsafe (the message says which and why)."""
 
 
 def _parse_bool(value: str, name: str) -> bool:
