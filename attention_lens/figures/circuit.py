@@ -54,10 +54,10 @@ def _how(disc: CircuitDiscovery) -> str:
 
 
 def circuit_figure(disc: CircuitDiscovery) -> go.Figure:
-    """The circuit on the (position, layer) grid where its scores are split by position,
-    else on the layer × component grid."""
+    """The circuit on the (position, layer) grid where its scores are split by position (and
+    some cell is large enough to draw), else on the layer × component grid."""
     if disc.scores.by_position is not None and \
-            disc.scores.by_position.shape[1] == len(disc.clean_display):
+            disc.scores.by_position.shape[1] == len(disc.clean_display) and circuit_cells(disc):
         return circuit_positions_figure(disc)
     return circuit_components_figure(disc)
 
