@@ -203,8 +203,8 @@ def circuit_positions_figure(disc: CircuitDiscovery) -> go.Figure:
     legend_room = 24 + 22 * -(-entries // 2)
     return _grid_layout(
         fig, 260 + 130 * (L + 1) + legend_room, title, rows, legend_room,
-        dict(title=f"position (token) of the {len(busy)} of {n} positions with a drawn "
-                   f"edge; heads across each, H0 left",
+        dict(title=f"position: the {len(busy)} of {n} with a drawn edge<br>"
+                   f"(heads across each, H0 left)",
              tickmode="array", tickvals=list(range(len(busy))),
              ticktext=[f"{p}: {esc(disp[p])}" for p in busy], tickangle=-50,
              range=[-0.6, max(len(busy), 1) - 0.4], gridcolor=GRID, zeroline=False))
