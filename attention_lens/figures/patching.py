@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import numpy as np
 import plotly.graph_objects as go
 
+from ..analysis.labels import head_label, parse_head_label  # noqa: F401 (re-exported)
 from .theme import DIVERGING, QUALITATIVE, TEMPLATE, number, position_labels, wrap_title
 from .tokens import esc, finish
 
@@ -17,23 +18,6 @@ if TYPE_CHECKING:
 METRIC_NAMES = {"logit_diff": "logit difference", "normalized": "normalised logit difference",
                 "logprob": "log-probability", "kl": "KL to clean"}
 CELL_PX = 16
-
-
-def head_label(layer: int, head: int) -> str:
-    """``"L1H5"``: a head's label on the axes (parsed back by :func:`parse_head_label`)."""
-    return f"L{layer}H{head}"
-
-
-def parse_head_label(label: object) -> Optional[tuple[int, int]]:
-    """``"L1H5"`` -> (1, 5); None for anything else."""
-    text = str(label).replace("\u200b", "")
-    if not text.startswith("L") or "H" not in text:
-        return None
-    try:
-        layer, head = text[1:].split("H", 1)
-        return int(layer), int(head)
-    except ValueError:
-        return None
 
 
 def _rows_cols(grid: PatchingGrid, z: np.ndarray) -> tuple[np.ndarray, list[str], list[str],

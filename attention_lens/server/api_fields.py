@@ -14,6 +14,7 @@ import flask
 
 from ..analysis import declare
 from ..analysis.analogy import MAX_TERMS
+from ..analysis.labels import parse_head_label
 from ..model.checkpoint import LoadedModel
 from ..model.jsonfile import value_depth
 
@@ -187,8 +188,6 @@ def layer_head(lm: LoadedModel, body: dict[str, Any], need_head: bool = False
 
 def heads_field(lm: LoadedModel, body: dict[str, Any]) -> list[tuple[int, int]]:
     """A list of heads, each a ``[layer, head]`` pair or a label such as ``"L1H0"``."""
-    from ..figures.patching import parse_head_label
-
     value = body.get("heads")
     if value is None:
         raise ApiError("missing field 'heads' (a list of [layer, head] pairs)")
