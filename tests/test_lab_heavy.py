@@ -13,7 +13,9 @@ import pytest
 from attention_lens.server import ServerConfig, create_server
 from attention_lens.server.guards import HeavyBusy, HeavyLanes
 
-PROMPT = "Mr and Mrs Dursley were proud. Mr and Mrs Dursley"
+#: About 70 tokens: a prompt analysis this long is heavy (HEAVY_MIN_BODY).
+PROMPT = " ".join(["Mr and Mrs Dursley, of number four, Privet Drive, were proud."] * 5)
+SHORT = "Mr and Mrs Dursley were proud. Mr and Mrs Dursley"
 
 
 def test_lanes_run_wait_then_refuse():
@@ -71,5 +73,11 @@ def test_heavy_api_request_is_refused_busy_while_cheap_ones_are_answered(tmp_pat
             r = client.post(path, json=body)
             assert r.status_code == 200, (path, r.data[:200])
         assert client.get("/api/models").status_code == 200
+        # a short prompt's analysis costs a few forward passes: not held back
+        assert client.post("/api/logit-lens", json={"text": SHORT}).status_code == 200
+        # a patching grid is heavy whatever its size
+        r = client.post("/api/patching", json={"clean": SHORT, "corrupted": SHORT,
+                                               "correct": " Mr", "wrong": " Mrs"})
+        assert r.status_code == 503, r.data[:200]
         assert client.post("/api/no-such-thing", json={}).status_code == 404
     assert client.post("/api/attribution", json={"text": PROMPT}).status_code == 200

@@ -44,7 +44,8 @@ from ..api_json import jsonable
 from ..background import BusyError
 from ..model.checkpoint import LoadedModel
 from ..registry import Registry
-from .guards import CHEAP_ENDPOINTS, HeavyBusy, HeavyLanes
+from .guards import (ALWAYS_HEAVY, CHEAP_ENDPOINTS, HEAVY_MIN_BODY, HeavyBusy,
+                     HeavyLanes)
 
 log = logging.getLogger(__name__)
 
@@ -201,11 +202,13 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
     heavy_lanes = bp.heavy_lanes = HeavyLanes.from_env()  # type: ignore[attr-defined]
 
     def is_heavy(rule: str) -> bool:
-        """Whether the request computes more than one forward pass or a cached table."""
+        """Whether the request computes more than a few forward passes or a cached table."""
         name = flask.request.path.rstrip("/").rsplit("/", 1)[-1]
         if rule == "/<path:rest>" or rule == "/" or name in CHEAP_ENDPOINTS:
             return False
-        return rule != "/<name>" or declare.find(name) is not None
+        if rule == "/<name>" and declare.find(name) is None:
+            return False
+        return name in ALWAYS_HEAVY or (flask.request.content_length or 0) >= HEAVY_MIN_BODY
 
     def endpoint(rule: str, methods: tuple[str, ...]) -> Callable:
         def wrap(fn: Callable[[], dict[str, Any]]) -> Callable:

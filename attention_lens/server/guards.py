@@ -210,6 +210,12 @@ def _limit_chunked_body(req: flask.Request, limit: Optional[int]) -> Optional[fl
 #: API endpoints answered from one forward pass or a cached table: never held back.
 CHEAP_ENDPOINTS = frozenset({"", "models", "predict", "next-token", "token-predictions",
                              "attention", "analogy"})
+#: Endpoints heavy whatever their body's size (grids of forward passes, datasets, circuits).
+ALWAYS_HEAVY = frozenset({"patching", "path-patching", "circuit", "graph", "head-metrics",
+                          "compare", "qk-attribution"})
+#: Other analyses of a prompt are heavy from this body size on (about 50 tokens): shorter
+#: ones cost a few forward passes (their weight analyses are bounded by the job slots).
+HEAVY_MIN_BODY = 256
 
 
 def _env_number(name: str, default: float, low: float) -> float:
