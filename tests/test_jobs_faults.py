@@ -415,3 +415,45 @@ def test_the_default_folder_is_private(tmp_path, monkeypatch):
     secret_db = root / "coord" / "cache.db"
     assert stat.S_IMODE(secret_db.stat().st_mode) & 0o077 == 0
     assert bg.slots.scope == "127.0.0.1:1/"
+
+
+def _sleeping_job(result_key, progress_key, args, context):  # the job process
+    time.sleep(120)
+
+
+def test_a_job_watch_stopped_with_its_server_stops_the_job_quietly(bg):
+    """A threaded server's shutdown raises SystemExit in the threads it started (Dash's
+    test runner does); a job's watch thread ends at once without an unhandled exception,
+    the job process stops, its slot is given back and its page is told why."""
+    import ctypes
+    import threading
+
+    import diskcache
+
+    from attention_lens.jobhost import STOPPED, JobManager
+
+    manager = JobManager(diskcache.Cache(str(bg.cache_dir / "jobs")), slots=lambda: bg.slots)
+    manager.func_registry["sleeper"] = _sleeping_job
+    token = bg.slots.reserve("circuit eigenvalues")
+    assert token and bg.slots.active()
+    pid = manager.call_job_fn("result-key", _sleeping_job,
+                              {"request": {"token": token, "labels": ["circuit eigenvalues"]}},
+                              {})
+    watch = next(t for t in threading.enumerate() if t.name == f"job-watch-{pid}")
+    assert alive(pid) and watch.is_alive()
+    unhandled: list = []
+    old_hook = threading.excepthook
+    threading.excepthook = unhandled.append
+    try:
+        assert ctypes.pythonapi.PyThreadState_SetAsyncExc(
+            ctypes.c_ulong(watch.ident), ctypes.py_object(SystemExit)) == 1
+        watch.join(5)
+        assert not watch.is_alive(), "the watch did not stop"
+    finally:
+        threading.excepthook = old_hook
+    assert unhandled == []
+    wait_until(lambda: not alive(pid), timeout=5, what="the job to stop")
+    assert bg.slots.active() == []
+    record = manager.handle.get("result-key")
+    msg = record["background_callback_error"]["msg"]
+    assert msg.startswith(STOPPED) and "server stopped" in msg and "circuit eigenvalues" in msg

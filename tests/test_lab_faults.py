@@ -472,12 +472,25 @@ def test_a_page_in_a_browser_keeps_its_job_through_a_gunicorn_restart(tmp_path, 
     gunicorn is back (Dash alone stops polling at the first failed poll)."""
     from selenium.webdriver.common.by import By
 
+    import redis as redis_module
+
     redis, env, workers, server = start_lab(tmp_path, lab_models, n_workers=1)
+    paused = None
     try:
         dash_br.server_url = server.url
         dash_br.driver.get(server.url + "/eigenvalues?model=slow&text=Harry%20Potter")
         wait_until(lambda: "Computing" in dash_br.driver.find_element(
             By.ID, "eigenvalues-job-text").text, what="the progress text")
+        # The job must still be running when gunicorn is down: a graceful stop serves the
+        # open connections to the end (seconds), long enough for a ~10 s job to finish on a
+        # quiet machine and the page to draw it before any poll fails. The pool child
+        # running the job is paused (SIGSTOP) until the page has said gunicorn is gone.
+        r = redis_module.Redis.from_url(redis.url)
+        wait_until(lambda: r.keys("attention-lens:task:*:started"), what="the job's start")
+        (paused,) = workers[0].tree() - {workers[0].proc.pid}
+        os.kill(paused, signal.SIGSTOP)
+        assert not r.keys("attention-lens:task:*:finished"), \
+            "the job ended before gunicorn stopped"
         port = server.port
         server.close()
         down_at = time.time()
@@ -485,6 +498,9 @@ def test_a_page_in_a_browser_keeps_its_job_through_a_gunicorn_restart(tmp_path, 
                             timeout=30, what="the retry notice")
         print(f"notice {time.time() - down_at:.1f} s after gunicorn stopped: {notice!r}")
         assert "unreachable" in notice and "retrying" in notice
+        os.kill(paused, signal.SIGCONT)
+        paused = None
+        assert not r.keys("attention-lens:task:*:finished")
         server = Gunicorn(env, tmp_path / "gunicorn2.log", workers=2, port=port)
         back_at = time.time()
         wait_until(lambda: dash_br.driver.execute_script(
@@ -497,6 +513,8 @@ def test_a_page_in_a_browser_keeps_its_job_through_a_gunicorn_restart(tmp_path, 
         assert dash_br.driver.find_element(By.ID, "eigenvalues-job-strip") \
             .value_of_css_property("display") == "none"
     finally:
+        if paused is not None:
+            os.kill(paused, signal.SIGCONT)
         server.close()
         for w in workers:
             w.close()

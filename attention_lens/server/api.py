@@ -44,6 +44,8 @@ from ..api_json import jsonable
 from ..background import BusyError
 from ..model.checkpoint import LoadedModel
 from ..registry import Registry
+from .guards import (ALWAYS_HEAVY, CHEAP_ENDPOINTS, HEAVY_MIN_BODY, HeavyBusy,
+                     HeavyLanes)
 
 log = logging.getLogger(__name__)
 
@@ -197,15 +199,30 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
     for error in STORE_ERRORS:  # app-wide: the pages' callbacks and job polls too
         bp.app_errorhandler(error)(store_unreachable)
 
+    heavy_lanes = bp.heavy_lanes = HeavyLanes.from_env()  # type: ignore[attr-defined]
+
+    def is_heavy(rule: str) -> bool:
+        """Whether the request computes more than a few forward passes or a cached table."""
+        name = flask.request.path.rstrip("/").rsplit("/", 1)[-1]
+        if rule == "/<path:rest>" or rule == "/" or name in CHEAP_ENDPOINTS:
+            return False
+        if rule == "/<name>" and declare.find(name) is None:
+            return False
+        return name in ALWAYS_HEAVY or (flask.request.content_length or 0) >= HEAVY_MIN_BODY
+
     def endpoint(rule: str, methods: tuple[str, ...]) -> Callable:
         def wrap(fn: Callable[[], dict[str, Any]]) -> Callable:
             @wraps(fn)
             def view(**kwargs: Any) -> Any:
                 try:
-                    result = fn()
+                    if is_heavy(rule):
+                        with heavy_lanes:
+                            result = fn()
+                    else:
+                        result = fn()
                 except ApiError as exc:
                     return flask.jsonify(error=str(exc)), exc.status
-                except BusyError as exc:
+                except (BusyError, HeavyBusy) as exc:
                     return flask.jsonify(error=str(exc)), 503, {"Retry-After": "5"}
                 except STORE_ERRORS as exc:
                     return store_unreachable(exc)

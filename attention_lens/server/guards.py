@@ -204,3 +204,78 @@ def _limit_chunked_body(req: flask.Request, limit: Optional[int]) -> Optional[fl
     env.pop("wsgi.input_terminated", None)
     env.pop("HTTP_TRANSFER_ENCODING", None)
     return None
+
+
+# ------------------------------------------------------------------- heavy API requests
+#: API endpoints answered from one forward pass or a cached table: never held back.
+CHEAP_ENDPOINTS = frozenset({"", "models", "predict", "next-token", "token-predictions",
+                             "attention", "analogy"})
+#: Endpoints heavy whatever their body's size (grids of forward passes, datasets, circuits).
+ALWAYS_HEAVY = frozenset({"patching", "path-patching", "circuit", "graph", "head-metrics",
+                          "compare", "qk-attribution"})
+#: Other analyses of a prompt are heavy from this body size on (about 50 tokens): shorter
+#: ones cost a few forward passes (their weight analyses are bounded by the job slots).
+HEAVY_MIN_BODY = 256
+
+
+def _env_number(name: str, default: float, low: float) -> float:
+    import os
+
+    try:
+        value = float(os.environ.get(name, "") or default)
+    except ValueError:
+        log.warning("%s is not a number; using %g", name, default)
+        return default
+    return max(low, value)
+
+
+class HeavyBusy(RuntimeError):
+    """Every heavy lane of this worker is taken and the wait for one is full or too long."""
+
+    def __init__(self, lanes: int) -> None:
+        super().__init__(f"The server is busy: {lanes} heavy analyses are running in this "
+                         "worker and more are waiting. Try again in a few seconds.")
+
+
+class HeavyLanes:
+    """At most ``lanes`` heavy API requests compute at once in a worker process, and at most
+    ``queue`` more wait (up to ``wait_s``) for a lane; any other is answered busy (503 with
+    Retry-After) at once. Heavy requests thus hold at most ``lanes + queue`` of a worker's
+    threads, and cheap requests find a free thread instead of queueing behind them; the
+    worker's memory holds at most ``lanes`` analyses' working memory.
+
+    ``ATTENTION_LENS_HEAVY_LANES`` (default 2), ``ATTENTION_LENS_HEAVY_QUEUE`` (default 2)
+    and ``ATTENTION_LENS_HEAVY_WAIT`` (seconds, default 10) set them."""
+
+    def __init__(self, lanes: int, queue: int, wait_s: float) -> None:
+        import threading
+
+        self.lanes, self.queue, self.wait_s = lanes, queue, wait_s
+        self._sem = threading.BoundedSemaphore(lanes)
+        self._lock = threading.Lock()
+        self.waiting = 0
+
+    @classmethod
+    def from_env(cls) -> "HeavyLanes":
+        return cls(int(_env_number("ATTENTION_LENS_HEAVY_LANES", 2, 1)),
+                   int(_env_number("ATTENTION_LENS_HEAVY_QUEUE", 2, 0)),
+                   _env_number("ATTENTION_LENS_HEAVY_WAIT", 10.0, 0.0))
+
+    def __enter__(self) -> "HeavyLanes":
+        if self._sem.acquire(blocking=False):
+            return self
+        with self._lock:
+            if self.waiting >= self.queue:
+                raise HeavyBusy(self.lanes)
+            self.waiting += 1
+        try:
+            got = self._sem.acquire(timeout=self.wait_s)
+        finally:
+            with self._lock:
+                self.waiting -= 1
+        if not got:
+            raise HeavyBusy(self.lanes)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._sem.release()

@@ -3,9 +3,10 @@
 gunicorn's ``gthread`` worker hands each connection to a thread that then blocks until the
 request's headers (and, in the app, its body) have arrived: a client sending a byte now and
 then holds that thread for as long as it likes, and a handful of such sockets starve every
-signed-in user. This worker gives each request a deadline (``ATTENTION_LENS_READ_TIMEOUT``
-seconds, default 10) for everything read from the client: past it the connection is closed
-while reading headers, or the app answers 408 while reading the body.
+signed-in user. This worker gives each request a budget (``ATTENTION_LENS_READ_TIMEOUT``
+seconds, default 10) of time spent waiting for what the client sends: past it the
+connection is closed while reading headers, or the app answers 408 while reading the body.
+Time the server itself spends (a busy machine reaching the body late) does not count.
 """
 
 from __future__ import annotations
@@ -40,16 +41,21 @@ class _DeadlineSocket:
         self._sock, self._conn = sock, conn
 
     def recv(self, size: int, *flags: int) -> bytes:
-        """At most ``size`` bytes, waiting no longer than the request's deadline."""
-        remaining = self._conn.deadline - time.monotonic()
+        """At most ``size`` bytes, waiting no longer than what is left of the request's read
+        time (only time spent waiting for the client counts: a busy server reading a body
+        late does not make its client too slow)."""
+        remaining = self._conn.read_left
         if remaining <= 0:
             raise self._conn.too_slow()
         self._sock.settimeout(remaining)
+        t0 = time.monotonic()
         try:
             return self._sock.recv(size, *flags)
         except socket.timeout:
+            self._conn.read_left = 0.0
             raise self._conn.too_slow() from None
         finally:
+            self._conn.read_left -= time.monotonic() - t0
             try:
                 self._sock.settimeout(None)
             except OSError as exc:  # closed meanwhile
@@ -65,12 +71,13 @@ class DeadlineConn(TConn):
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self.deadline = float("inf")
+        self.read_left = float("inf")
         self.in_app = False
 
     def start_request(self, timeout: float) -> None:
-        """A new request starts: everything it sends must arrive within ``timeout``."""
-        self.deadline, self.in_app = time.monotonic() + timeout, False
+        """A new request starts: the worker may wait at most ``timeout`` seconds in all for
+        what it sends."""
+        self.read_left, self.in_app = timeout, False
 
     def too_slow(self) -> Exception:
         """The error a read past the deadline raises (quiet while reading headers)."""
