@@ -124,7 +124,7 @@ def test_click_opens_the_head_on_attention(server):
 
 
 def test_big_models_patch_in_a_background_job(server, monkeypatch):
-    monkeypatch.setattr(PT, "INLINE_HEADS", 0)
+    monkeypatch.setattr(PT.policy, "INLINE_HEADS", 0)
     spec = P.spec_of("patching")
     state = {**STATE, "text": STATE["text"] + " job"}
     figures, _, _, request = _draw(spec, state, granularity="head_v", sender="")
