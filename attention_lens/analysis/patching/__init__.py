@@ -65,6 +65,8 @@ from .grids import (
 from .pairs import (
     MAX_PAIR_FILE_CHARS,
     MAX_PAIRS,
+    PAIR_FIELDS,
+    PairInput,
     Prompt,
     PromptPair,
     _prompt_ids,
@@ -80,7 +82,7 @@ from .paths import (
     path_patching,
     path_patching_table,
 )
-from .policy import INLINE_D_MODEL, INLINE_HEADS, runs_inline
+from .policy import PATCHING, grid_cells, grid_gflop, path_gflop
 from .prepare import _Setup
 from .results import PairSetPatching, PatchingGrid, PathPatching, PathPatchingTable
 from .runs import _RUNS, RUN_CACHE_BYTES, _Run, _run
@@ -107,15 +109,16 @@ from .terms import (
 
 __all__ = [
     "COMPONENTS", "DEFAULT_CLEAN", "DEFAULT_CORRECT", "DEFAULT_CORRUPTED", "DEFAULT_WRONG",
-    "DIRECTIONS", "GRANULARITIES", "GRANULARITY_LABELS", "GRID_AXES", "INLINE_D_MODEL",
-    "INLINE_HEADS", "MAX_PAIRS", "MAX_PAIR_FILE_CHARS", "MAX_TABLE_HEADS", "METRICS",
+    "DIRECTIONS", "GRANULARITIES", "GRANULARITY_LABELS", "GRID_AXES", "MAX_PAIRS",
+    "MAX_PAIR_FILE_CHARS", "MAX_TABLE_HEADS", "METRICS",
     "METRIC_LABELS", "MLP_MODES", "MLP_MODE_LABELS", "REPLACEMENTS", "ROW_BUDGET",
     "RUN_CACHE_BYTES", "SHORT_SENTENCE", "Direction", "Granularity", "LnMode", "Metric",
-    "MetricKind", "MlpMode", "PairSetPatching", "PatchingGrid", "PathPatching",
+    "MetricKind", "MlpMode", "PAIR_FIELDS", "PATCHING", "PairInput", "grid_cells", "grid_gflop",
+    "path_gflop", "PairSetPatching", "PatchingGrid", "PathPatching",
     "PathPatchingTable", "ProgressFn", "Prompt", "PromptPair", "activation_patching",
     "corrupt_one_token", "default_answers", "default_fits", "pair_predictions", "pair_tokens",
     "parse_pairs", "path_patching", "path_patching_table", "patching_over_pairs",
-    "runs_inline", "short_default", "strongest_cells",
+    "short_default", "strongest_cells",
     # used by the circuit analyses, the bench and the tests
     "_Dense", "_Engine", "_RUNS", "_Run", "_Setup", "_Single", "_State", "_attribution",
     "_check_choice", "_check_position", "_chunks", "_correlation", "_exact_grid",
