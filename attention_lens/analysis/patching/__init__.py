@@ -36,7 +36,7 @@ runs), :mod:`.grids` (activation and attribution patching), :mod:`.paths` (path 
 :mod:`.examples` (the page's default example and filled-in boxes) and :mod:`.policy`.
 """
 
-from .engine import _Dense, _Engine, _first_difference, _first_row, _linear, _Single, _State
+from .engine import _Dense, _Engine, _first_difference, _first_row, _Single, _State
 from .examples import (
     DEFAULT_CLEAN,
     DEFAULT_CORRECT,
@@ -122,7 +122,7 @@ __all__ = [
     # used by the circuit analyses, the bench and the tests
     "_Dense", "_Engine", "_RUNS", "_Run", "_Setup", "_Single", "_State", "_attribution",
     "_check_choice", "_check_position", "_chunks", "_correlation", "_exact_grid",
-    "_first_difference", "_first_row", "_grid", "_linear", "_norm_scale",
+    "_first_difference", "_first_row", "_grid", "_norm_scale",
     "_path_from_sender", "_prompt_ids", "_receiver_batch", "_recomputed_stream", "_run",
     "_run_batch",
 ]

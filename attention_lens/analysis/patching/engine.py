@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 
 from ...model.checkpoint import LoadedModel
 from ...model.transformer import rotate
@@ -40,18 +39,6 @@ def _first_row(st: _State) -> int:
     return int(st.pos.min()) if isinstance(st, _Single) else st.p0
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
-            resid: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x @ w + b`` (``+ resid``) on the rows' 2-D view, in one fused product."""
-    shape, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
-    if resid is None:
-        out = torch.addmm(b, x2, w)
-    else:
-        out = torch.addmm(resid.reshape(-1, w.shape[1]), x2, w)
-        out += b
-    return out.view(*shape, w.shape[1])
-
-
 def _first_difference(a: torch.Tensor, b: torch.Tensor, dim: int = 0) -> int:
     """First index along ``dim`` where ``a`` and ``b`` differ (their length if nowhere)."""
     diff = (a != b).flatten(dim + 1).any(-1) if a.ndim > dim + 1 else a != b
@@ -67,17 +54,6 @@ class _Engine:
         self.base, self.metric, self.n = base, metric, n
         c = self.cfg
         self.h, self.e, self.d = c.n_heads, c.d_head, c.d_model
-        self.w = []
-        for blk in self.model.blocks:
-            a = blk.attn
-            self.w.append({
-                "Q": a.W_Q.detach().permute(1, 0, 2).reshape(self.d, -1),
-                "K": a.W_K.detach().permute(1, 0, 2).reshape(self.d, -1),
-                "V": a.W_V.detach().permute(1, 0, 2).reshape(self.d, -1),
-                "bQ": a.b_Q.detach().reshape(-1), "bK": a.b_K.detach().reshape(-1),
-                "bV": a.b_V.detach().reshape(-1),
-                "O": a.W_O.detach().reshape(-1, self.d), "bO": a.b_O.detach(),
-            })
         self.W_U, self.b_U = self.model.W_U.detach(), self.model.b_U.detach()
 
     # ------------------------------------------------------------------ pieces
@@ -89,38 +65,28 @@ class _Engine:
             return rotate(x, positions, self.cfg)
         return rotate(x.transpose(0, 1), positions[:, 0], self.cfg).transpose(0, 1)
 
+    # The blocks' arithmetic is the model's own (model/transformer.py: Norm, MLP and the
+    # pieces of Attention); the engine only chooses which rows to run through it.
     def _proj(self, j: int, x: torch.Tensor, which: str) -> torch.Tensor:
-        """q, k or v of normalised rows x [..., d] -> [..., h, e] (before rotary)."""
-        w = self.w[j]
-        return _linear(x, w[which], w["b" + which]).unflatten(-1, (self.h, self.e))
+        """q, k or v of normalised rows x [..., p, d] -> [..., p, h, e] (before rotary)."""
+        return self.model.blocks[j].attn.project(x, which.lower())
 
     def _norm(self, module_name: str, j: int, x: torch.Tensor) -> torch.Tensor:
-        """The block's LayerNorm (one fused pass; the same arithmetic as the model's) or
-        other norm."""
-        norm = getattr(self.model.blocks[j], module_name)
-        if getattr(norm, "kind", None) == "LN":
-            return F.layer_norm(x, (self.d,), norm.w, norm.b, norm.eps)
-        return norm(x)
+        """The block's norm (``ln1`` or ``ln2``) of rows x."""
+        return getattr(self.model.blocks[j], module_name)(x)
 
     def _out(self, j: int, z: torch.Tensor, resid: Optional[torch.Tensor] = None
              ) -> torch.Tensor:
         """Attention output rows from z rows [..., h, e] (bias included), plus ``resid``
-        rows of the same shape when given (one fused product)."""
-        w = self.w[j]
-        return _linear(z.flatten(-2), w["O"], w["bO"], resid)
+        rows of the same shape when given."""
+        out = self.model.blocks[j].attn.output(z)
+        return out if resid is None else out + resid
 
-    @staticmethod
-    def _softmax_z(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
-                   d_head: int) -> torch.Tensor:
-        """Causal attention of queries q [B, nq, h, e] at positions q_pos [nq] over keys and
-        values k, v [B, T, h, e] -> z [B, nq, h, e]."""
-        key_pos = torch.arange(k.shape[1], device=k.device)
-        allowed = key_pos[None, :] <= q_pos[:, None]  # [nq, T]
-        # one fused kernel (scores, mask, softmax and the weighted sum); same scale 1/sqrt(e)
-        z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                           v.transpose(1, 2), attn_mask=allowed,
-                                           scale=1 / math.sqrt(d_head))
-        return z.transpose(1, 2)  # [B, q, h, e]
+    def attend(self, j: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               q_pos: torch.Tensor) -> torch.Tensor:
+        """Layer j's causal attention of queries q [B, nq, h, e] at positions q_pos [nq] over
+        keys and values k, v [B, T, h, e] -> z [B, nq, h, e]."""
+        return self.model.blocks[j].attn.attend(q, k, v, q_pos)
 
     def _base_rows(self, name: str, j: int, p0: int, batch: int) -> torch.Tensor:
         return self.base[name, j][p0:].expand(batch, -1, -1)
@@ -171,7 +137,7 @@ class _Engine:
                 xn, positions, p0 = xn[:, -1:], positions[-1:], n - 1
             q = self._rot(self._proj(j, xn, "Q"), positions)
         q_pos = torch.arange(p0, n, device=q.device)
-        z = self._softmax_z(q, k, v, q_pos, e)
+        z = self.attend(j, q, k, v, q_pos)
         return _Dense(p0, self._out(j, z, resid))
 
     def _attention_single_last(self, j: int, st: _Single,
@@ -203,13 +169,8 @@ class _Engine:
     def _mlp(self, j: int, x: torch.Tensor, resid: Optional[torch.Tensor] = None
              ) -> torch.Tensor:
         """MLP output of rows x (its LayerNorm included), plus ``resid`` when given."""
-        blk = self.model.blocks[j]
-        mlp, xn = blk.mlp, self._norm("ln2", j, x)
-        if mlp.gated:
-            out = mlp(xn)
-            return out if resid is None else out + resid
-        hidden = mlp.act(_linear(xn, mlp.W_in, mlp.b_in))
-        return _linear(hidden, mlp.W_out, mlp.b_out, resid)
+        out = self.model.blocks[j].mlp(self._norm("ln2", j, x))
+        return out if resid is None else out + resid
 
     def _rows_like(self, st: _State, name: str, j: int, like: _State) -> torch.Tensor:
         """Base rows ``name`` of layer j at the rows ``like`` holds."""

@@ -3,7 +3,6 @@ pair or averaged over a set of pairs."""
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import numpy as np
@@ -149,10 +148,10 @@ def _run_batch(s: _Setup, granularity: str, j: int, batch: list) -> torch.Tensor
                 k = src["k", j][:, h_idx].transpose(0, 1)
             else:
                 v = src["v", j][:, h_idx].transpose(0, 1)
-            scores = (q @ k.transpose(1, 2)) / math.sqrt(eng.e)
-            q_pos = torch.arange(p0, n, device=dev)
-            mask = torch.arange(n, device=dev)[None, :] > q_pos[:, None]
-            pat = scores.masked_fill(mask, float("-inf")).softmax(-1)
+            # one head per variant: the layer's attention with a single head
+            z[ar, :, h_idx] = eng.attend(j, q[:, :, None], k[:, :, None], v[:, :, None],
+                                         torch.arange(p0, n, device=dev))[:, :, 0]
+            return eng.from_attn(j, _Dense(p0, eng._out(j, z)))
         z[ar, :, h_idx] = pat @ v
     return eng.from_attn(j, _Dense(p0, eng._out(j, z)))
 

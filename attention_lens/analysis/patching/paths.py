@@ -3,7 +3,6 @@ and into the logits; the table over every sender."""
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import numpy as np
@@ -48,12 +47,10 @@ def _receiver_batch(s: _Setup, j: int, resid: torch.Tensor, delta: torch.Tensor,
     q[:H] = new["q"].transpose(0, 1)
     k[H:2 * H, p0:] = new["k"].transpose(0, 1)
     v[2 * H:, p0:] = new["v"].transpose(0, 1)
-    scores = (q @ k.transpose(1, 2)) / math.sqrt(e)
-    q_pos = torch.arange(p0, n, device=dev)
-    mask = torch.arange(n, device=dev)[None, :] > q_pos[:, None]
-    pat = scores.masked_fill(mask, float("-inf")).softmax(-1)
     z = base["z", j][p0:].expand(b_n, -1, -1, -1).clone()
-    z[ar, :, h_idx] = pat @ v
+    # one head per receiver: the layer's attention with a single head
+    z[ar, :, h_idx] = eng.attend(j, q[:, :, None], k[:, :, None], v[:, :, None],
+                                 torch.arange(p0, n, device=dev))[:, :, 0]
     vals = eng.from_attn(j, _Dense(p0, eng._out(j, z)))
     return vals.reshape(3, H).T
 
