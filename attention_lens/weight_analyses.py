@@ -160,16 +160,6 @@ def _graph(lm: LoadedModel, progress: Progress, text: str, max_tokens: int, targ
                       progress=lambda done, total: progress(done / total))
 
 
-def _patching(lm: LoadedModel, progress: Progress, clean: str, corrupted: str, correct: str,
-              wrong: str, metric: str, direction: str, granularity: str, position: int) -> Any:
-    from .analysis.patching import activation_patching
-
-    return activation_patching(lm, clean, corrupted, correct=correct, wrong=wrong or None,
-                               granularity=granularity, metric=metric, direction=direction,
-                               position=position,
-                               progress=lambda done, total: progress(done / max(total, 1)))
-
-
 def _path_patching(lm: LoadedModel, progress: Progress, clean: str, corrupted: str,
                    correct: str, wrong: str, metric: str, direction: str, position: int,
                    layer: int, head: int, mlps: str = "recomputed") -> Any:
@@ -261,10 +251,8 @@ ANALYSES: dict[str, Analysis] = {
     "pair_set_patching": Analysis("{granularity} patching over a set of pairs", _pair_set,
                                   ("pairs", "metric", "direction", "granularity",
                                    "position")),
-    # a prompt pair's patching grids are long work on big models: jobs and cache like these
-    "activation_patching": Analysis("{granularity} activation patching", _patching,
-                                    ("clean", "corrupted", "correct", "wrong", "metric",
-                                     "direction", "granularity", "position")),
+    # path patching from one sender is long work on big models: a job, kept (the grids are
+    # declared: analysis/patching/policy.py)
     "path_patching": Analysis("path patching from L{layer}H{head} (MLPs {mlps})",
                               _path_patching,
                               ("clean", "corrupted", "correct", "wrong", "metric",
