@@ -49,8 +49,18 @@ class Request:
 
     @property
     def label(self) -> str:
-        """What the progress strip calls it."""
-        return ANALYSES[self.name].label.format(**dict(self.params))
+        """What the progress strip calls it (a declared analysis: its label, filled with its
+        parameters where the label names them)."""
+        params = dict(self.params)
+        if self.name == "declared":
+            import json
+
+            from .analysis import declare
+
+            spec = declare.find(params["analysis"])
+            if spec is not None and "{" in spec.label:
+                return spec.label.format(**json.loads(params["params"]))
+        return ANALYSES[self.name].label.format(**params)
 
     def as_json(self) -> list[Any]:
         """``[name, {param: value}]`` (what a job request carries through the browser)."""
@@ -150,16 +160,6 @@ def _graph(lm: LoadedModel, progress: Progress, text: str, max_tokens: int, targ
                       progress=lambda done, total: progress(done / total))
 
 
-def _patching(lm: LoadedModel, progress: Progress, clean: str, corrupted: str, correct: str,
-              wrong: str, metric: str, direction: str, granularity: str, position: int) -> Any:
-    from .analysis.patching import activation_patching
-
-    return activation_patching(lm, clean, corrupted, correct=correct, wrong=wrong or None,
-                               granularity=granularity, metric=metric, direction=direction,
-                               position=position,
-                               progress=lambda done, total: progress(done / max(total, 1)))
-
-
 def _path_patching(lm: LoadedModel, progress: Progress, clean: str, corrupted: str,
                    correct: str, wrong: str, metric: str, direction: str, position: int,
                    layer: int, head: int, mlps: str = "recomputed") -> Any:
@@ -173,7 +173,8 @@ def _path_patching(lm: LoadedModel, progress: Progress, clean: str, corrupted: s
 def _declared(lm: LoadedModel, progress: Progress, analysis: str, tokens: str,
               params: str) -> Any:
     """A declared analysis (:mod:`.analysis.declare`) of a prompt given by its token ids
-    (scope prompt) or of the weights (``tokens`` empty), run as a job."""
+    (scope prompt), of a pair given by its JSON (scope pair) or of the weights (``tokens``
+    empty), run as a job."""
     import json
 
     from .analysis import declare
@@ -181,7 +182,12 @@ def _declared(lm: LoadedModel, progress: Progress, analysis: str, tokens: str,
     spec = declare.find(analysis)
     if spec is None:
         raise AnalysisError(f"no analysis is declared as {analysis!r}")
-    fp = _prompt_pass(lm, tokens) if tokens else None
+    if spec.scope == "pair":
+        from .analysis.patching import PairInput
+
+        fp = PairInput.from_json(tokens)
+    else:
+        fp = _prompt_pass(lm, tokens) if tokens else None
     reads = dict(zip(spec.needs, store().get_or_compute(lm, *needs(spec)))) \
         if spec.needs else {}
     return spec.compute(lm, fp, json.loads(params), reads, progress=progress)
@@ -190,6 +196,19 @@ def _declared(lm: LoadedModel, progress: Progress, analysis: str, tokens: str,
 def pair_set_key(digest: str) -> str:
     """Where an uploaded set of pairs is kept in the shared store (by its content hash)."""
     return f"pairs:{digest}"
+
+
+def keep_pair_set(raw: bytes) -> str:
+    """Keep an uploaded set of pairs (UTF-8 text) in the shared store; returns the name the
+    page's URL carries (its content hash). Raises one of :func:`store_errors` when the store
+    cannot keep it."""
+    import hashlib
+
+    from . import background
+
+    digest = hashlib.sha256(raw).hexdigest()[:32]
+    background.current().results.set(pair_set_key(digest), raw.decode("utf-8"))
+    return digest
 
 
 def _pair_set(lm: LoadedModel, progress: Progress, pairs: str, metric: str, direction: str,
@@ -232,10 +251,8 @@ ANALYSES: dict[str, Analysis] = {
     "pair_set_patching": Analysis("{granularity} patching over a set of pairs", _pair_set,
                                   ("pairs", "metric", "direction", "granularity",
                                    "position")),
-    # a prompt pair's patching grids are long work on big models: jobs and cache like these
-    "activation_patching": Analysis("{granularity} activation patching", _patching,
-                                    ("clean", "corrupted", "correct", "wrong", "metric",
-                                     "direction", "granularity", "position")),
+    # path patching from one sender is long work on big models: a job, kept (the grids are
+    # declared: analysis/patching/policy.py)
     "path_patching": Analysis("path patching from L{layer}H{head} (MLPs {mlps})",
                               _path_patching,
                               ("clean", "corrupted", "correct", "wrong", "metric",
@@ -282,9 +299,14 @@ def declared(spec: Any, lm: LoadedModel, fp: Any, values: dict[str, Any]) -> Opt
     """The store's request for a declared analysis (:mod:`.analysis.declare`) that runs as a
     job: scope weights always, scope prompt when its estimated work on this prompt is over
     the inline threshold; None when it runs inline (its result then kept with the forward
-    pass)."""
+    pass). For scope pair, ``fp`` is the pair (its JSON is the job's input)."""
     from .analysis.declare import Shape, runs_inline
 
+    if spec.scope == "pair":
+        if runs_inline(spec, lm.cfg, fp.n_tokens, {**values, "n_pairs": len(fp.pairs)}):
+            return None
+        return request("declared", analysis=spec.name, tokens=fp.to_json(),
+                       params=spec.stored_params(values))
     if spec.scope == "prompt" and runs_inline(spec, lm.cfg, fp.n_tokens, values):
         return None
     tokens = "" if spec.scope == "weights" else ",".join(str(int(t)) for t in fp.token_ids)

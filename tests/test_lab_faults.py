@@ -397,7 +397,8 @@ def test_gunicorn_restarted_mid_job_and_heavy_api_work_runs_on_the_workers(tmp_p
     runs on the worker while a cheap request is answered at once, and a request over the
     cost bound is refused with its size."""
     redis, env, workers, server = start_lab(tmp_path, lab_models, n_workers=1,
-                                            ATTENTION_LENS_API_MAX_GFLOP="400")
+                                            ATTENTION_LENS_API_MAX_GFLOP="400",
+                                            ATTENTION_LENS_INLINE_MAX_GFLOP="10")
     bg = background.create(celery_broker=redis.url)
     try:
         job = PageJob(server.url, "slow", bg)
@@ -450,9 +451,12 @@ def test_gunicorn_restarted_mid_job_and_heavy_api_work_runs_on_the_workers(tmp_p
         assert r.status_code == 200, r.text
         lm = load_model(lab_models / "slow")
         n = len(r.json()["result"]["clean_display"])
-        req = W.request("activation_patching", granularity="attn_out", clean=pair["clean"],
-                        corrupted=pair["corrupted"], correct=42, wrong=43,
-                        metric="logit_diff", direction="denoising", position=-1)
+        from attention_lens.analysis import patching as PT
+
+        given = PT.PairInput.one(lm, pair["clean"], pair["corrupted"], 42, 43)
+        req = W.request("declared", analysis="patching", tokens=given.to_json(),
+                        params=PT.PATCHING.stored_params({"granularity": "attn_out",
+                                                          "attribution": True}))
         by = W.Store(bg.results, bg.kv).stats(lm, req)["computed_by"]
         assert by and by["pid"] in workers[0].tree(), by
         assert len(r.json()["result"]["values"]) == lm.cfg.n_layers

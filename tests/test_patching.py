@@ -436,7 +436,7 @@ def test_runs_are_shared_by_the_analyses_of_one_pair_and_bounded(model_2l, monke
     torch.testing.assert_close(first.logits, fresh, atol=1e-5, rtol=0)
     assert top_c[0] == int(fresh.argmax())
     # a bound smaller than one run keeps nothing
-    monkeypatch.setattr(P, "RUN_CACHE_BYTES", 1)
+    monkeypatch.setattr(P.runs, "RUN_CACHE_BYTES", 1)
     P._run(model_2l, ids[:-1], len(ids) - 1)
     assert len(P._RUNS) == 0
     assert P._run(model_2l, ids, len(ids)) is not first

@@ -166,3 +166,62 @@ def test_bad_requests_are_400_naming_the_problem(client, path, body, message):
     status, data = post(client, path, body)
     assert status == 400, data
     assert __import__("re").search(message, data["error"]), data["error"]
+
+
+def test_patching_is_declared_once_with_the_pair_scope(server, client, lm, monkeypatch):
+    """/api/patching comes from the declaration (scope pair): its route, its 400s, its cache
+    entry and its job policy (the one inline threshold)."""
+    from attention_lens import weight_analyses as W
+    from attention_lens.analysis import declare
+
+    spec = declare.find("patching")
+    assert spec is P.PATCHING and spec.scope == "pair"
+    assert "POST /api/patching" in client.get("/api/").get_json()["endpoints"]
+    assert not [r for r in server.server.url_map.iter_rules() if r.rule == "/api/patching"]
+    body = {**PAIR, "granularity": "head_out"}
+    status, data = post(client, "/api/patching", body)
+    assert status == 200, data
+    registry = server.server.extensions["attention_lens"]["registry"]
+    pair = P.PairInput.read(body, lm, lm.cfg.n_ctx)
+    values = {"granularity": "head_out", "attribution": True}
+    cached = registry.weights(lm.name, spec.key(values, given=pair),
+                              lambda m: pytest.fail("the API's result was not kept"))
+    np.testing.assert_allclose(cached.values, data["result"]["values"], rtol=1e-6)
+    status, data = post(client, "/api/patching", {**PAIR, "attribution": "yes"})
+    assert status == 400 and "'attribution' must be true or false" in data["error"]
+    # over the one threshold the API computes through the store; the numbers are the same
+    assert declare.runs_inline(spec, lm.cfg, pair.n_tokens, values)
+    monkeypatch.setattr(declare, "INLINE_MAX_GFLOP", -1.0)
+    noising = {**body, "direction": "noising"}
+    req = W.declared(spec, lm, P.PairInput.read(noising, lm, lm.cfg.n_ctx), values)
+    assert req is not None and req.label == "head_out activation patching"
+    status, data = post(client, "/api/patching", noising)
+    assert status == 200, data
+    ours = P.activation_patching(lm, **PAIR, granularity="head_out", direction="noising")
+    np.testing.assert_allclose(np.array(data["result"]["values"]), ours.values, rtol=1e-6,
+                               atol=1e-6)
+    assert W.store().stats(lm, req)["computed"] == 1
+    pairs = {"pairs": [PAIR, {**PAIR, "wrong": " car"}], "granularity": "head_v"}
+    status, data = post(client, "/api/patching", pairs)
+    assert status == 200 and data["n_pairs"] == 2
+    req = W.declared(spec, lm, P.PairInput.read(pairs, lm, lm.cfg.n_ctx),
+                     {"granularity": "head_v", "attribution": True})
+    assert W.store().stats(lm, req)["computed"] == 1
+
+
+def test_the_cost_estimate_follows_the_model_shape(lm):
+    """The engine's estimated work grows with the cells and tokens; attention-only-2l at its
+    whole context runs inline, a GPT-2-small-shaped grid over 40 tokens as a job."""
+    from attention_lens.analysis import declare
+    from attention_lens.bench import GPT2_SHAPE
+    from attention_lens.model.config import ModelConfig
+
+    GPT2_SMALL = ModelConfig(**GPT2_SHAPE)
+    cfg = lm.cfg
+    small = P.grid_gflop(cfg, cfg.n_ctx, "head_out_by_pos")
+    assert small <= declare.INLINE_MAX_GFLOP
+    assert P.grid_gflop(cfg, 64, "head_out") < P.grid_gflop(cfg, 64, "head_out_by_pos")
+    assert P.grid_gflop(cfg, 64, "resid_pre", n_pairs=3) == pytest.approx(
+        3 * P.grid_gflop(cfg, 64, "resid_pre"))
+    assert P.grid_gflop(GPT2_SMALL, 40, "head_out_by_pos") > declare.INLINE_MAX_GFLOP
+    assert P.path_gflop(GPT2_SMALL, 40) > declare.INLINE_MAX_GFLOP

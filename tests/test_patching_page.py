@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import restored_background
 
+from attention_lens.analysis import declare as D
 from attention_lens.analysis import patching as PT
 from attention_lens.components import page as P
 from attention_lens.figures.patching import (
@@ -124,7 +125,7 @@ def test_click_opens_the_head_on_attention(server):
 
 
 def test_big_models_patch_in_a_background_job(server, monkeypatch):
-    monkeypatch.setattr(PT, "INLINE_HEADS", 0)
+    monkeypatch.setattr(D, "INLINE_MAX_GFLOP", -1.0)
     spec = P.spec_of("patching")
     state = {**STATE, "text": STATE["text"] + " job"}
     figures, _, _, request = _draw(spec, state, granularity="head_v", sender="")

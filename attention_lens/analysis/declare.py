@@ -12,7 +12,10 @@ and everything else is derived from it: the page's controls and URL state
 (``register_page(analysis=NEXT_TOKEN, ...)``), the endpoint ``POST /api/next-token`` (and
 ``/api/predict``) with its validation and 400s, the cache key (scope, name and the
 normalised parameters) and the cache it lives in (the forward pass's per-prompt cache for
-scope ``prompt``, the weight-analysis store for scope ``weights``), and whether it runs
+scope ``prompt``, the weight-analysis store for scope ``weights``; scope ``pair``: a
+clean/corrupted pair or a set of pairs with answers and metric, the input
+:class:`..analysis.patching.PairInput` reads from a request, its results kept in the
+registry's weight-analysis cache), and whether it runs
 inline or as a background job with progress (:func:`runs_inline`, one threshold,
 :data:`INLINE_MAX_GFLOP`).
 
@@ -40,7 +43,7 @@ from .errors import AnalysisError
 Bound = Union[int, None, Callable[[Any], Optional[int]]]
 SCOPES = ("prompt", "weights", "dataset", "pair")
 #: Scopes whose page, endpoint, cache and job are derived today.
-DERIVED_SCOPES = ("prompt", "weights")
+DERIVED_SCOPES = ("prompt", "weights", "pair")
 
 #: Largest magnitude of a whole number without bounds of its own.
 MAX_WHOLE = 2**31 - 1
@@ -246,9 +249,10 @@ class Analysis:
     """A declared analysis (see the module's docs).
 
     ``fn(lm, fp, **params, **needs)`` for scope ``prompt`` (``fn(lm, **params, **needs)`` for
-    ``weights``); ``needs`` maps a keyword of ``fn`` to the weight analysis (by its store
-    name) it reads; ``cost(cfg, n_tokens, params)`` estimates the work in forward passes of
-    the prompt beyond the cached one (the default, 0: it only reads that pass);
+    ``weights``; ``fn(lm, pair, **params)`` for ``pair``, ``pair`` the scope's input);
+    ``needs`` maps a keyword of ``fn`` to the weight analysis (by its store name) it reads;
+    ``cost(cfg, n_tokens, params)`` estimates the work in forward passes of the prompt
+    beyond the cached one (the default, 0: it only reads that pass);
     ``to_json(result)`` gives the endpoint's fields (numpy arrays and dataclasses allowed:
     the API encodes them); ``paths`` are further endpoint names (kept old paths).
     """
@@ -290,10 +294,13 @@ class Analysis:
             out[p.name] = value
         return out
 
-    def key(self, values: Mapping[str, Any], shape: Shape = Shape()) -> tuple:
-        """The cache key: scope, name and the normalised parameters."""
-        return (self.scope, self.name,
-                tuple((p.name, p.normal(values[p.name], shape)) for p in self.params))
+    def key(self, values: Mapping[str, Any], shape: Shape = Shape(), given: Any = None
+            ) -> tuple:
+        """The cache key: scope, name and the normalised parameters (and the key of the
+        scope's input ``given``, the pair of scope pair)."""
+        key = (self.scope, self.name,
+               tuple((p.name, p.normal(values[p.name], shape)) for p in self.params))
+        return key if given is None else key + (given.key(),)
 
     def gflop(self, cfg: Any, n_tokens: int, values: Mapping[str, Any]) -> float:
         """Estimated work (GFLOP): the cost in passes times one pass's work."""
@@ -301,7 +308,8 @@ class Analysis:
 
     def compute(self, lm: Any, fp: Any, values: Mapping[str, Any], needs: Mapping[str, Any],
                 progress: Optional[Callable[[float], None]] = None) -> Any:
-        """Run the function (the prompt's forward pass ``fp``, None for scope weights)."""
+        """Run the function (the prompt's forward pass ``fp``, None for scope weights, the
+        pair for scope pair)."""
         shape = Shape(lm.cfg, getattr(fp, "n_tokens", None))
         args = {p.arg or p.name: p.normal(values[p.name], shape) if isinstance(p, Position)
                 else values[p.name] for p in self.params}

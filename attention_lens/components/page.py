@@ -277,15 +277,24 @@ class PageContext:
             self.pending.append(missing)
             return preview()
 
-    def run(self, analysis: Any, query: Optional[dict] = None, **given: Any) -> Any:
+    def run(self, analysis: Any, query: Optional[dict] = None, *, pair: Any = None,
+            **given: Any) -> Any:
         """The result of a declared analysis (:mod:`..analysis.declare`) on the prompt (scope
         prompt) or the model's weights: its parameters from the page's validated controls
         ``query`` and ``given`` (values the page chose, by parameter name). Kept with the
         forward pass under the declaration's key, or, when its estimated work is over the
         inline threshold (scope weights always), read from the store and computed as a
-        background job with progress."""
+        background job with progress. Scope pair reads ``pair`` (a
+        :class:`..analysis.patching.PairInput`) and keeps its result in the registry's
+        weight-analysis cache."""
         values = analysis.values({**(analysis.from_query(query) if query else {}), **given})
         lm = self.model
+        if analysis.scope == "pair":
+            req = W.declared(analysis, lm, pair, values)
+            if req is not None:
+                return self.weight(req)
+            return self.registry.weights(lm.name, analysis.key(values, given=pair),
+                                         lambda m: analysis.compute(m, pair, values, {}))
         fp = self.forward if analysis.scope == "prompt" else None
         req = W.declared(analysis, lm, fp, values)
         if req is not None:

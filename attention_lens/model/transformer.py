@@ -84,26 +84,52 @@ class Attention(nn.Module):
         self.hook_z = HookPoint()  # [b, p, h, e]
         self.hook_result = HookPoint()  # [b, p, h, d]; computed only when hooked
 
+    # The pieces below are the one definition of attention: :meth:`forward` is made of them,
+    # and activation patching (analysis/patching/engine.py) calls them on the rows it
+    # recomputes.
+    def project(self, x: torch.Tensor, which: str) -> torch.Tensor:
+        """The query, key or value (``which``: "q", "k", "v") of normalised rows
+        x [..., p, d] -> [..., p, h, e], before rotary positions."""
+        w, b = {"q": (self.W_Q, self.b_Q), "k": (self.W_K, self.b_K),
+                "v": (self.W_V, self.b_V)}[which]
+        return torch.einsum("...pd,hde->...phe", x, w) + b
+
+    def rotary(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotary positions of q or k rows [b, p, h, e] at ``positions`` [p] (unchanged for
+        other position embeddings)."""
+        if self.cfg.positional_embedding_type != "rotary":
+            return x
+        return rotate(x, positions, self.cfg)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               q_pos: torch.Tensor) -> torch.Tensor:
+        """Causal attention of queries q [b, nq, h, e] at positions ``q_pos`` [nq] over the
+        keys and values k, v [b, n, h, e] at positions 0..n-1 -> z [b, nq, h, e]."""
+        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(self.cfg.d_head)
+        future = torch.arange(k.shape[1], device=q.device)[None, :] > q_pos[:, None]
+        scores = self.hook_attn_scores(scores.masked_fill(future, float("-inf")))
+        pattern = self.hook_pattern(scores.softmax(dim=-1))
+        return torch.einsum("bhqk,bkhe->bqhe", pattern, v)
+
+    def output(self, z: torch.Tensor) -> torch.Tensor:
+        """The attention output of z rows [..., h, e] (bias included) -> [..., d]."""
+        return torch.einsum("...he,hed->...d", z, self.W_O) + self.b_O
+
     def forward(self, x_q: torch.Tensor, x_kv: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Attend from ``x_q`` to ``x_kv`` (the same normalised stream unless given)."""
         x_kv = x_q if x_kv is None else x_kv
-        q = self.hook_q(torch.einsum("bpd,hde->bphe", x_q, self.W_Q) + self.b_Q)
-        k = self.hook_k(torch.einsum("bpd,hde->bphe", x_kv, self.W_K) + self.b_K)
-        v = self.hook_v(torch.einsum("bpd,hde->bphe", x_kv, self.W_V) + self.b_V)
-        n = q.shape[1]
+        q = self.hook_q(self.project(x_q, "q"))
+        k = self.hook_k(self.project(x_kv, "k"))
+        v = self.hook_v(self.project(x_kv, "v"))
+        pos = torch.arange(q.shape[1], device=q.device)
         if self.cfg.positional_embedding_type == "rotary":
-            pos = torch.arange(n, device=q.device)
-            q = self.hook_rot_q(rotate(q, pos, self.cfg))
-            k = self.hook_rot_k(rotate(k, pos, self.cfg))
-        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(self.cfg.d_head)
-        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-        scores = self.hook_attn_scores(scores.masked_fill(~causal, float("-inf")))
-        pattern = self.hook_pattern(scores.softmax(dim=-1))
-        z = self.hook_z(torch.einsum("bhqk,bkhe->bqhe", pattern, v))
+            q = self.hook_rot_q(self.rotary(q, pos))
+            k = self.hook_rot_k(self.rotary(k, pos))
+        z = self.hook_z(self.attend(q, k, v, pos))
         if self.hook_result.active:
             result = self.hook_result(torch.einsum("bqhe,hed->bqhd", z, self.W_O))
             return result.sum(dim=2) + self.b_O
-        return torch.einsum("bqhe,hed->bqd", z, self.W_O) + self.b_O
+        return self.output(z)
 
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

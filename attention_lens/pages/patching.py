@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import re
 from typing import Any, Optional
 
@@ -12,8 +11,8 @@ import dash_bootstrap_components as dbc
 from dash import Input, Output, State, callback, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
-from .. import background
 from .. import weight_analyses as W
+from ..analysis import declare as D
 from ..analysis import patching as PT
 from ..analysis.defaults import answered_pair
 from ..analysis.errors import AnalysisError
@@ -204,6 +203,7 @@ def panels(ctx: P.PageContext, query: dict) -> list:
     # text: '15249' is two tokens); typed answers are text
     wa = {**args, **{k: args[k] if isinstance(args[k], int) else str(args[k])
                      for k in ("correct", "wrong")}}
+    pair = PT.PairInput.one(lm, **wa)
     granularity = query["granularity"]
     n_heads = lm.cfg.n_layers * lm.cfg.n_heads
     if granularity == "head_out_by_pos" and query["rows"] == "auto" and n_heads > MANY_HEADS:
@@ -212,10 +212,7 @@ def panels(ctx: P.PageContext, query: dict) -> list:
         notes.append(f"{lm.name} has {n_heads} heads: the grids patch each layer's attention "
                      "output (all its heads at once) × position first; choose 'every head' "
                      "in 'head rows' for one row per head.")
-    if PT.runs_inline(lm):
-        grid = PT.activation_patching(lm, granularity=granularity, **args)
-    else:
-        grid = ctx.weight(W.request("activation_patching", granularity=granularity, **wa))
+    grid = ctx.run(PT.PATCHING, pair=pair, granularity=granularity, attribution=True)
     parts: list[Any] = [P.Panel("exact", patching_figure(grid, "exact"), grid),
                         P.Panel("attribution", patching_figure(grid, "attribution"), grid),
                         P.Panel("scatter", patching_scatter_figure(grid),
@@ -232,7 +229,7 @@ def panels(ctx: P.PageContext, query: dict) -> list:
         if not (0 <= layer < lm.cfg.n_layers and 0 <= head < lm.cfg.n_heads):
             raise AnalysisError(f"sender L{layer}H{head} does not exist: {lm.name} has "
                                 f"{lm.cfg.n_layers} layers of {lm.cfg.n_heads} heads")
-        if PT.runs_inline(lm):
+        if PT.path_gflop(lm.cfg, pair.n_tokens) <= D.INLINE_MAX_GFLOP:
             path = PT.path_patching(lm, sender=sender, mlps=query["mlps"], **args)
         else:
             path = ctx.weight(W.request("path_patching", layer=layer, head=head,
@@ -322,9 +319,8 @@ def upload_pairs(contents: Optional[str], filename: Optional[str]) -> tuple:
         return no_update, shell.alert(f"{name} could not be read as UTF-8 text")
     except AnalysisError as exc:
         return no_update, shell.alert(f"{name}: {exc}")
-    digest = hashlib.sha256(raw).hexdigest()[:32]
     try:
-        background.current().results.set(W.pair_set_key(digest), text)
+        digest = W.keep_pair_set(raw)
     except W.store_errors() as exc:
         return no_update, shell.alert(f"{name} was read but the server's store cannot keep it "
                                       f"right now ({type(exc).__name__}): try the upload "

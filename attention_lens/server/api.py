@@ -95,17 +95,6 @@ def forward_gflop(lm: LoadedModel, n_tokens: int) -> float:
     return declare.forward_gflop(lm.cfg, n_tokens)
 
 
-def patching_runs(lm: LoadedModel, granularity: str, n_tokens: int) -> int:
-    """Patched forward passes of one pair's grid (one per cell)."""
-    from ..analysis.patching import GRID_AXES
-
-    size = {"layer": lm.cfg.n_layers, "pos": n_tokens, "head": lm.cfg.n_heads}
-    runs = 1
-    for axis in GRID_AXES[granularity]:
-        runs *= size[axis]
-    return runs
-
-
 def pair_set(body: dict, lm: LoadedModel, limit: int) -> list:
     """The set of pairs in ``body['pairs']`` (a list of objects or CSV text), each tokenized
     and within this server's prompt length (400 naming the pair otherwise)."""
@@ -515,53 +504,6 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
                     position=int_field(body, "position", -1, -len(ids), len(ids) - 1,
                                        f" (the prompts have {len(ids)} tokens)"))
 
-    @endpoint("/patching", ("POST",))
-    def patching() -> dict[str, Any]:
-        from ..analysis import patching as PT
-
-        body = json_body(pair_fields | {"granularity", "attribution", "pairs"})
-        lm = model_of(body)
-        gran = choice_field(body, "granularity", "head_out_by_pos", PT.GRANULARITIES)
-        attribution = bool_field(body, "attribution", True)
-        if "pairs" in body:
-            extra = sorted(k for k in ("clean", "corrupted", "correct", "wrong")
-                           if k in body)
-            if extra:
-                raise ApiError(f"send either 'pairs' or one pair, not both (got 'pairs' and "
-                               f"{', '.join(map(repr, extra))})")
-            parsed = pair_set(body, lm, limit_of(lm))
-            metric = choice_field(body, "metric", "logit_diff", PT.METRICS)
-            direction = choice_field(body, "direction", "denoising", PT.DIRECTIONS)
-            position = int_field(body, "position", -1, -lm.cfg.n_ctx, lm.cfg.n_ctx - 1)
-            longest = max(len(PT.pair_tokens(lm, p.clean, p.corrupted)[0]) for p in parsed)
-            check_cost(f"{gran} patching over {len(parsed)} pairs",
-                       patching_runs(lm, gran, longest) * len(parsed), lm, longest,
-                       "send fewer pairs, shorter prompts or a coarser granularity")
-            with background.current().slots.job(f"patching over {len(parsed)} pairs"):
-                res = PT.patching_over_pairs(lm, parsed, granularity=gran, metric=metric,
-                                             direction=direction, position=position)
-            data = jsonable(res)
-            data.pop("grids")
-            return {"model": lm.name, "granularity": gran, "axes": list(res.axes),
-                    "n_pairs": len(parsed), "result": data}
-        args = pair_args(body, lm)
-        n_tokens = len(PT.pair_tokens(lm, args["clean"], args["corrupted"])[0])
-        coarse = patching_runs(lm, "head_out", n_tokens)
-        check_cost(f"{gran} patching", patching_runs(lm, gran, n_tokens), lm, n_tokens,
-                   f"use fewer tokens or a coarser granularity (head_out: {coarse:,} runs)")
-        if attribution and not PT.runs_inline(lm):  # a job (on the workers in a lab), kept
-            wa = {**args, "correct": args["correct"] if isinstance(args["correct"], int)
-                  else str(args["correct"]),
-                  "wrong": "" if args["wrong"] is None else
-                  (args["wrong"] if isinstance(args["wrong"], int) else str(args["wrong"]))}
-            (res,) = run_weight_analyses(lm, W.request("activation_patching", granularity=gran,
-                                                       **wa))
-        else:
-            with background.current().slots.job(f"{gran} patching"):
-                res = PT.activation_patching(lm, granularity=gran, attribution=attribution,
-                                             **args)
-        return {"model": lm.name, "result": jsonable(res)}
-
     @endpoint("/path-patching", ("POST",))
     def path_patching() -> dict[str, Any]:
         from ..analysis import patching as PT
@@ -825,15 +767,25 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         """``POST /api/<name>`` of a declared analysis: its parameters read strictly from
         the body (400 naming the field), its result from the cache its scope names, or from
         a job when its work is over the inline threshold."""
+        pair = None
         if spec.scope == "prompt":
             body = json_body(base | spec.fields)
             lm, fp, part = prompt(body)
+        elif spec.scope == "pair":
+            from ..analysis.patching import PAIR_FIELDS, PairInput
+
+            body = json_body({"model"} | PAIR_FIELDS | spec.fields)
+            lm, fp = model_of(body), None
+            part = {"model": lm.name}
+            pair = PairInput.read(body, lm, limit_of(lm))
         else:
             body = json_body({"model"} | spec.fields)
             lm, fp = model_of(body), None
             part = {"model": lm.name}
         shape = declare.Shape(lm.cfg, None if fp is None else fp.n_tokens)
         values = spec.read(body, shape)
+        if pair is not None:
+            return {**part, **jsonable(spec.to_json(run_pair(spec, lm, pair, values)))}
         req = W.declared(spec, lm, fp, values)
         if req is not None:
             (res,) = run_weight_analyses(lm, req)
@@ -843,6 +795,27 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
             res = registry.per_prompt(fp, spec.key(values, shape),
                                       lambda: spec.compute(lm, fp, values, needs))
         return {**part, **jsonable(spec.to_json(res))}
+
+    def run_pair(spec: declare.Analysis, lm: LoadedModel, pair: Any,
+                 values: dict[str, Any]) -> Any:
+        """A declared analysis of scope pair: refused (400) over :data:`API_MAX_GFLOP`; from
+        a job over the inline threshold, else computed in a job slot and kept in the
+        registry's weight-analysis cache."""
+        counts = {**values, "n_pairs": len(pair.pairs)}
+        gflop = spec.gflop(lm.cfg, pair.n_tokens, counts)
+        if gflop > API_MAX_GFLOP:
+            passes = gflop / forward_gflop(lm, pair.n_tokens)
+            raise ApiError(f"{spec.label.format(**values)} over {len(pair.pairs)} pair(s) on {lm.name} "
+                           f"is about {gflop:,.0f} GFLOP ({passes:,.0f} forward passes of "
+                           f"{pair.n_tokens} tokens); this server runs at most "
+                           f"{API_MAX_GFLOP:,.0f} GFLOP per API request: use fewer pairs, "
+                           f"fewer tokens or a coarser setting", 400)
+        req = W.declared(spec, lm, pair, values)
+        if req is not None:
+            return run_weight_analyses(lm, req)[0]
+        with background.current().slots.job(spec.label.format(**values)):
+            return registry.weights(lm.name, spec.key(values, given=pair),
+                                    lambda m: spec.compute(m, pair, values, {}))
 
     @endpoint("/", ("GET",))
     def index() -> dict[str, Any]:
