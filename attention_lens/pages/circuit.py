@@ -10,6 +10,7 @@ import json
 from typing import Any, Optional
 from urllib.parse import quote
 
+import numpy as np
 from dash import Input, Output, State, callback, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
@@ -270,8 +271,8 @@ def _heads_list(ctx: P.PageContext, disc: Any, pair: dict) -> Any:
         sender = g.head_sender(layer, head)
         out = s[disc.kept & (g.src == sender)]
         into = [r for r in range(len(g.receivers)) if g.receivers[r].startswith(name + ".")]
-        inputs = sorted({g.receivers[g.dst[e]].split(".")[1] for e in range(g.n_edges)
-                         if disc.kept[e] and g.dst[e] in into})
+        inputs = sorted({g.receivers[r].split(".")[1]
+                         for r in np.unique(g.dst[disc.kept & np.isin(g.dst, into)])})
         rows.append(html.Tr([
             html.Td(name), html.Td(", ".join(inputs) or "—"),
             html.Td(f"{len(out)} ({abs(out).sum():.3f})"),
@@ -281,7 +282,10 @@ def _heads_list(ctx: P.PageContext, disc: Any, pair: dict) -> Any:
     downloads = html.Div([
         html.Span("Downloads: ", className="al-rank-title"),
         _download("circuit (JSON)", settings, f"{slug}.json", "application/json"),
-        _download("edge scores (CSV)", disc.edge_csv(), f"{slug}-edges.csv", "text/csv"),
+        _download("edge scores (CSV)", disc.edge_csv(), f"{slug}-edges.csv", "text/csv")
+        if g.n_edges * 24 <= LINK_BYTES else  # each row takes 24 characters or more
+        html.Span(f"edge scores (CSV): {g.n_edges:,} edges, too large for a link; use the "
+                  f"page's export or the API", className="me-3"),
         *([_download("faithfulness curves (CSV)", curve_csv(disc.curve), f"{slug}-curves.csv",
                      "text/csv")] if disc.curve is not None else [])], className="mb-2")
     head = html.Thead(html.Tr([html.Th(h) for h in ("head", "inputs in the circuit",

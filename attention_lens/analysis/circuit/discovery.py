@@ -349,10 +349,16 @@ def discover_circuit(lm: LoadedModel, pairs: Sequence[PT.PromptPair], *, method:
     else:
         kept = circuit(prob.graph, res.scores, k)
     faith = {}
-    masks = np.stack([np.ones_like(kept), np.zeros_like(kept), kept])
     report = phase("faith")
+    # every edge kept is the clean run, and every edge resampled the corrupted one: their
+    # metrics are known; the others are masked runs
+    full = prob.clean_metric
     for i, a in enumerate(ABLATIONS):
-        full, empty, mine = circuit_metrics(prob, masks, a)
+        if a == "resample":
+            empty = prob.corrupted_metric
+            mine, = circuit_metrics(prob, kept[None], a)
+        else:
+            empty, mine = circuit_metrics(prob, np.stack([np.zeros_like(kept), kept]), a)
         report(i + 1, len(ABLATIONS))
         faith[a] = float((mine - empty) / (full - empty)) if full != empty else float("nan")
     fc = None
