@@ -805,6 +805,11 @@ def _tl_eap(tl: Any, clean: list[int], corrupted: list[int], metric: Callable) -
     return torch.einsum("snd,rnd->sr", diff.double(), G.double()).numpy()
 
 
+#: ACDC's threshold in the bench, as a fraction of the metric's range (full model minus every
+#: edge ablated).
+ACDC_RELATIVE = 0.005
+
+
 def bench_circuit(reps: int, gpt2: bool = True) -> None:
     """Edge attribution (EAP, EAP-IG), exact edge patching and the faithfulness curve on
     attn-only-2l with a 128-token pair; the same EAP with TransformerLens hooks beside it."""
@@ -870,10 +875,17 @@ def bench_circuit(reps: int, gpt2: bool = True) -> None:
                   f"{int(k)}:{f:.2f}" for k, f in zip(curve.sizes, curve.faithfulness[a])))
     from .analysis.circuit.search import acdc
 
-    ac_s, walls, (kept, metric) = timed(lambda: acdc(prob, 0.05), 1)
-    full = float(curve.full_metric[list(curve.ablations).index("resample")])
-    line("ACDC-style greedy removal, threshold 0.05 (resample)", ac_s, walls, 30.0,
-         f"; {int(kept.sum())} edges kept, metric {metric:.4f} (full model {full:.4f})")
+    # the threshold relative to the metric's range (the full model's metric minus every
+    # edge's resampled one), so it means the same on any model and metric
+    a = list(curve.ablations).index("resample")
+    full, empty = float(curve.full_metric[a]), float(curve.empty_metric[a])
+    thr = ACDC_RELATIVE * abs(full - empty)
+    ac_s, walls, (kept, metric) = timed(lambda: acdc(prob, thr), 1)
+    line(f"ACDC-style greedy removal, threshold {ACDC_RELATIVE:.1%} of the metric's range "
+         f"= {thr:.4f} (resample)", ac_s, walls, 30.0,
+         f"; {int(kept.sum())} edges kept, metric {metric:.4f} (full model {full:.4f}, "
+         f"every edge ablated {empty:.4f}); faithfulness "
+         f"{(metric - empty) / (full - empty):.3f}")
     # TransformerLens, the same EAP computation written with its hooks
     oracle_path = DEFAULT_WEIGHTS.parent / "tests" / "tl_oracle.py"
     try:

@@ -228,9 +228,31 @@ def _pair_set(lm: LoadedModel, progress: Progress, pairs: str, metric: str, dire
 def _circuit(lm: LoadedModel, progress: Progress, clean: str, corrupted: str, correct: Any,
              wrong: Any, pairs: str, metric: str, position: int, method: str, ablation: str,
              steps: int, k: int, n_sizes: int, n_random: int, search: str = "top_k",
-             threshold: float = 0.0) -> Any:
-    from . import background
+             threshold: float = 0.0, curve: bool = True) -> Any:
     from .analysis.circuit.discovery import discover_circuit
+
+    prompt_pairs = _circuit_pairs(clean, corrupted, correct, wrong, pairs)
+    return discover_circuit(lm, prompt_pairs, method=method, metric=metric, position=position,
+                            ablation=ablation, steps=steps, k=k, n_sizes=n_sizes,
+                            n_random=n_random, search=search, threshold=threshold,
+                            curve=curve,
+                            progress=lambda done, total: progress(done / max(total, 1)))
+
+
+def _circuit_curve(lm: LoadedModel, progress: Progress, **params: Any) -> Any:
+    """The circuit discovery of these parameters without its curve (from the store, or
+    computed), then with its faithfulness curve."""
+    from .analysis.circuit.discovery import add_curve
+
+    disc = store().compute(lm, request("circuit_discovery", **{**params, "curve": False}))
+    pairs = _circuit_pairs(params["clean"], params["corrupted"], params["correct"],
+                           params["wrong"], params["pairs"])
+    return add_curve(lm, pairs, disc, n_sizes=params["n_sizes"], n_random=params["n_random"],
+                     progress=lambda done, total: progress(done / max(total, 1)))
+
+
+def _circuit_pairs(clean: str, corrupted: str, correct: Any, wrong: Any, pairs: str) -> list:
+    from . import background
     from .analysis.patching import PromptPair, parse_pairs
 
     if pairs:
@@ -238,13 +260,8 @@ def _circuit(lm: LoadedModel, progress: Progress, clean: str, corrupted: str, co
         if not isinstance(text, str):
             raise AnalysisError("the uploaded set of pairs is no longer on this server: upload "
                                 "it again")
-        prompt_pairs = parse_pairs(text)
-    else:
-        prompt_pairs = [PromptPair(clean, corrupted, correct, wrong if wrong != "" else None)]
-    return discover_circuit(lm, prompt_pairs, method=method, metric=metric, position=position,
-                            ablation=ablation, steps=steps, k=k, n_sizes=n_sizes,
-                            n_random=n_random, search=search, threshold=threshold,
-                            progress=lambda done, total: progress(done / max(total, 1)))
+        return parse_pairs(text)
+    return [PromptPair(clean, corrupted, correct, wrong if wrong != "" else None)]
 
 
 ANALYSES: dict[str, Analysis] = {
@@ -260,7 +277,13 @@ ANALYSES: dict[str, Analysis] = {
     "circuit_discovery": Analysis("{method} circuit discovery", _circuit,
                                   ("clean", "corrupted", "correct", "wrong", "pairs", "metric",
                                    "position", "method", "ablation", "steps", "k", "n_sizes",
-                                   "n_random", "search", "threshold")),
+                                   "n_random", "search", "threshold", "curve")),
+    # on big models the page draws the circuit first, then computes its curve
+    "circuit_curve": Analysis("faithfulness curve ({n_sizes} sizes x {n_random} random)",
+                              _circuit_curve,
+                              ("clean", "corrupted", "correct", "wrong", "pairs", "metric",
+                               "position", "method", "ablation", "steps", "k", "n_sizes",
+                               "n_random", "search", "threshold", "curve")),
     # an analysis declared in analysis/ whose estimated work is over the inline threshold
     "declared": Analysis("{analysis}", _declared, ("analysis", "tokens", "params")),
     "circuit_svd": Analysis("{circuit} circuit SVD", _svd, ("circuit",)),

@@ -87,6 +87,12 @@ def test_every_page_draws_on_smollm2_and_its_second_visit_is_quick(app, lm, page
     first = spec.render(state)  # the main callback, then its background job if it asked
     assert first.errors == [], (page_name, first.errors)
     assert first.drew, page_name
+    if page_name == "circuit":
+        from attention_lens.pages.circuit import curve_due
+
+        if curve_due(first):  # the circuit drawn; the page starts the curve's job at once
+            first = spec.render(state)
+            assert first.errors == [] and first.drew and not curve_due(first)
     t0 = time.perf_counter()
     again = spec.render(state)
     took = time.perf_counter() - t0
@@ -236,12 +242,97 @@ def test_api_on_smollm2(smol_path, tmp_path_factory):
     assert r.status_code == 400 and "layer" in str(r.get_json())
 
 
+def _rows(component, header_word: str) -> list[list[str]]:
+    """The body rows (cell texts) of the first table in a Dash component tree whose header
+    holds ``header_word``."""
+    from dash import html
+
+    def text(c) -> str:
+        if c is None:
+            return ""
+        if isinstance(c, (str, int, float)):
+            return str(c)
+        if isinstance(c, (list, tuple)):
+            return "".join(text(x) for x in c)
+        return text(getattr(c, "children", None))
+
+    def walk(c):
+        if isinstance(c, (list, tuple)):
+            for x in c:
+                yield from walk(x)
+        elif c is not None and not isinstance(c, (str, int, float)):
+            yield c
+            yield from walk(getattr(c, "children", None))
+
+    for table in (c for c in walk(component) if isinstance(c, html.Table)):
+        head, body = table.children
+        if header_word in text(head):
+            return [[text(td) for td in tr.children] for tr in body.children]
+    return []
+
+
+def test_circuit_finds_the_ioi_name_movers(app, lm):
+    """/circuit opens on the IOI pair; the circuit's job draws the circuit and lists the heads
+    that attend from the last position to " Mary" and write it, each checked against the
+    attention pattern and direct logit attribution computed here from the model's own hooks;
+    the faithfulness curve comes in a second job, its sizes stated."""
+    from attention_lens.analysis.circuit.discovery import MOVER_MIN_ATTENTION
+    from attention_lens.components import page as P
+    from attention_lens.pages.circuit import curve_due
+
+    state = {"model": lm.name, "text": IOI, "pos": None, "src": "url"}
+    spec = P.spec_of("circuit")
+    t0 = time.perf_counter()
+    d = spec.render(state)
+    took = time.perf_counter() - t0
+    assert d.errors == [], d.errors
+    said = " ".join(d.notes)
+    assert "indirect-object" in said and "Faithfulness curve sized from the model's cost" in said
+    assert curve_due(d), "on a 270-head model the curve is a job of its own"
+    circuit_heads = {r[0] for r in _rows(d.extras["heads"], "inputs in the circuit")}
+    movers = _rows(d.extras["heads"], "attention to")
+    assert movers, str(d.extras["heads"])[:2000]
+    ids = lm.tokenizer.encode(IOI)
+    n = len(ids)
+    mary, john = (lm.tokenizer.encode(w)[0] for w in (" Mary", " John"))
+    at = [i for i in range(n - 1) if ids[i] == mary]
+    model = lm.model
+    with torch.no_grad():
+        _, cache = model.run_with_cache(torch.tensor([ids]))
+    scale = cache["ln_final.hook_scale"][0, n - 1].double()
+    direction = model.ln_final.w.detach().double() * (model.W_U[:, mary]
+                                                      - model.W_U[:, john]).detach().double()
+    expected = {}
+    for name in circuit_heads:
+        layer, head = map(int, name[1:].split("H"))
+        att = float(cache[f"blocks.{layer}.attn.hook_pattern"][0, head, n - 1, at].sum())
+        z = cache[f"blocks.{layer}.attn.hook_z"][0, n - 1, head].double()
+        dla = float((z @ model.blocks[layer].attn.W_O[head].detach().double()) / scale
+                    @ direction)
+        if att >= MOVER_MIN_ATTENTION:
+            expected[name] = (att, dla)
+    assert {r[0] for r in movers} == set(expected)
+    for name, att, dla, role, links in (r[:5] for r in movers):
+        assert float(att) == pytest.approx(expected[name][0], abs=0.006)
+        assert float(dla) == pytest.approx(expected[name][1], abs=0.006)
+        assert role == ("writes the answer" if expected[name][1] > 0 else "writes against it")
+        assert links == "attention · QK · path patching"
+    # a name mover: attends to " Mary" from the last position and writes " Mary" − " John"
+    writers = [n_ for n_, (a, w) in expected.items() if w > 0]
+    assert writers and max(expected[w][0] for w in writers) >= 0.5, expected
+    curve = spec.render(state)  # the second job: the faithfulness curve
+    assert curve.errors == [] and not curve_due(curve)
+    fig = curve.figures["faithfulness"]
+    assert len(fig.data) > 0 and "80 %" in str(fig.layout)
+    print(f"circuit job {took:.1f} s; movers {movers}")
+
+
 @pytest.mark.timeout(1800)
 def test_readme_pictures_on_smollm2(dash_duo, registry, lm):
     """/patching on the IOI pair, the logit lens of " Paris", the name-mover
     head /attention opens on for the IOI prompt and /graph of " Mary", drawn in the browser
     with no error; with ATTENTION_LENS_README_SHOTS=DIR the pictures are written there."""
-    from test_browser import url
+    from test_browser import graph_js, url
     from test_geometry import set_size, small_screenshot
 
     from attention_lens.analysis.defaults import strongest_head
@@ -264,6 +355,7 @@ def test_readme_pictures_on_smollm2(dash_duo, registry, lm):
         "attention": ("/attention", {"text": IOI}),
         "graph": ("/graph", {"text": IOI}),
         "patching": ("/patching", {}),
+        "circuit": ("/circuit", {}),
     }
     out = os.environ.get("ATTENTION_LENS_README_SHOTS")
     for name, (path, params) in shots.items():
@@ -276,6 +368,12 @@ def test_readme_pictures_on_smollm2(dash_duo, registry, lm):
         if not dash_duo.driver.execute_script(DRAWN_JS):
             dash_duo.driver.save_screenshot(f"/tmp/smollm2-{name}-not-drawn.png")
         assert dash_duo.driver.execute_script(DRAWN_JS), f"{path}: not drawn"
+        if name == "circuit":  # the faithfulness curve comes in a second job
+            curve_js = f"const g = {graph_js('circuit', 'faithfulness')}; " \
+                       "return !!(g && g._fullData && g._fullData.length > 0);"
+            while time.time() < end and not dash_duo.driver.execute_script(curve_js):
+                time.sleep(0.5)
+            assert dash_duo.driver.execute_script(curve_js), "/circuit: no faithfulness curve"
         time.sleep(2)
         errors = dash_duo.driver.execute_script(
             "return [...document.querySelectorAll('.alert-danger, .alert-warning')]"

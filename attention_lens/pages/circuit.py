@@ -10,6 +10,7 @@ import json
 from typing import Any, Optional
 from urllib.parse import quote
 
+import numpy as np
 from dash import Input, Output, State, callback, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
@@ -17,13 +18,27 @@ from .. import background
 from .. import weight_analyses as W
 from ..analysis import patching as PT
 from ..analysis.circuit import ABLATION_LABELS, ABLATIONS, METHOD_LABELS, METHODS
-from ..analysis.circuit.discovery import DEFAULT_K, SEARCHES, curve_csv, curve_json
+from ..analysis.circuit.discovery import (
+    CURVE_INLINE_FLOP,
+    DEFAULT_K,
+    DEFAULT_RANDOM,
+    DEFAULT_SIZES,
+    EDGES_PER_KEPT,
+    MOVER_MIN_ATTENTION,
+    SEARCHES,
+    curve_csv,
+    curve_json,
+    curve_runs,
+    curve_size,
+    default_k,
+)
+from ..analysis.defaults import answered_pair
 from ..analysis.circuit.graph import edge_graph
 from ..analysis.circuit.scores import MAX_STEPS
 from ..analysis.errors import AnalysisError
 from ..analysis.predictions import token_id
 from ..components import page as P
-from ..components import shell
+from ..components import job_strip, shell
 from ..components.controls import Choice, Int, Text
 from ..figures.circuit import circuit_figure, edge_scores_figure, faithfulness_figure
 from ..figures.tokens import quoted
@@ -34,6 +49,9 @@ UPLOAD, UPLOAD_STATUS = f"{PAGE}-upload", f"{PAGE}-upload-status"
 LINK_BYTES = 2_000_000
 SEARCH_LABELS = {"top_k": "top k edges by |score|",
                  "acdc": "ACDC: greedy removal below a threshold"}
+#: The faithfulness figure's marker of a curve still to compute: "next" (the circuit's job
+#: has ended; the page starts the curve's job), "running" (its job is under way).
+CURVE_PENDING = "al-curve-pending"
 #: Default ACDC threshold (metric units).
 DEFAULT_THRESHOLD = "0.05"
 
@@ -78,11 +96,24 @@ links to /attention, /qk or /patching.
 """
 
 
+_ANSWERED: dict[tuple[str, Optional[int]], Any] = {}
+
+
+def _answered(lm: Any, limit: Optional[int]) -> Any:
+    """:func:`answered_pair` of a model, kept per process (two forward passes each time
+    otherwise)."""
+    key = (lm.name, limit)
+    if key not in _ANSWERED:
+        _ANSWERED[key] = answered_pair(lm, limit)
+    return _ANSWERED[key]
+
+
 def _n_edges(cfg: Any) -> Optional[int]:
     return edge_graph(cfg).n_edges if cfg is not None else None
 
 
-def resolve(lm: Any, query: dict) -> tuple[dict[str, Any], list[str]]:
+def resolve(lm: Any, query: dict, limit: Optional[int] = None
+            ) -> tuple[dict[str, Any], list[str]]:
     """The pair and answers to analyse (empty boxes filled as /patching fills them) and
     sentences saying what was filled."""
     notes = []
@@ -90,11 +121,17 @@ def resolve(lm: Any, query: dict) -> tuple[dict[str, Any], list[str]]:
     defaults = (PT.DEFAULT_CLEAN, PT.DEFAULT_CORRUPTED, PT.DEFAULT_CORRECT, PT.DEFAULT_WRONG)
     correct, wrong = query["correct"], query["wrong"]
     if (clean, corrupted, correct, wrong) == defaults and not PT.default_fits(lm):
-        clean, corrupted = PT.short_default(lm)
-        correct = wrong = ""
-        notes.append("The default example does not fit this model, so the page uses a "
-                     "sentence followed by its own beginning, corrupted at the earlier copy of "
-                     "its last word.")
+        chosen = _answered(lm, limit)
+        if chosen is not None:  # a pair this model answers (the IOI pair on real models)
+            clean, corrupted = chosen.clean, chosen.corrupted
+            correct, wrong = chosen.correct, chosen.wrong
+            notes.append(chosen.reason)
+        else:
+            clean, corrupted = PT.short_default(lm)
+            correct = wrong = ""
+            notes.append("The default example does not fit this model, so the page uses a "
+                         "sentence followed by its own beginning, corrupted at the earlier "
+                         "copy of its last word.")
     if not clean.strip():
         raise AnalysisError("type a clean prompt")
     if not corrupted.strip():
@@ -128,16 +165,30 @@ def threshold(query: dict) -> float:
     return value
 
 
-def request(lm: Any, query: dict, pair: dict) -> W.Request:
-    """The shared-store request of the discovery the page shows."""
+def request(lm: Any, query: dict, pair: dict, sizes: tuple[int, int], curve: bool = True,
+            name: str = "circuit_discovery") -> W.Request:
+    """The shared-store request of the discovery the page shows, with its faithfulness
+    curve of ``sizes`` (sizes, random circuits per size) when ``curve``; ``name``
+    "circuit_curve": the discovery computed without the curve, then its curve."""
     acdc = query.get("search") == "acdc"
-    return W.request("circuit_discovery", clean=pair["clean"], corrupted=pair["corrupted"],
+    return W.request(name, clean=pair["clean"], corrupted=pair["corrupted"],
                      correct=pair["correct"], wrong=pair["wrong"] or "",
                      pairs=query["pairs"], metric=query["metric"],
                      position=query["position"], method=query["method"],
                      ablation=query["ablation"], steps=query["steps"], k=query["k"],
-                     n_sizes=20, n_random=20, search="acdc" if acdc else "top_k",
-                     threshold=threshold(query) if acdc else 0.0)
+                     n_sizes=int(sizes[0]), n_random=int(sizes[1]),
+                     search="acdc" if acdc else "top_k",
+                     threshold=threshold(query) if acdc else 0.0, curve=bool(curve))
+
+
+def curve_plan(lm: Any, query: dict, n_tokens: Optional[int]) -> tuple[int, int, float, bool]:
+    """The faithfulness curve's sizes and random circuits per size, sized from the model's
+    cost (estimated floating-point work), and whether it runs in the circuit's own job."""
+    n = n_tokens if n_tokens is not None else min(lm.cfg.n_ctx, 64)
+    if query["position"] >= 0:
+        n = min(n, query["position"] + 1)
+    sizes, rand, work = curve_size(lm.cfg, [n])
+    return sizes, rand, work, work <= CURVE_INLINE_FLOP
 
 
 def head_links(state: dict, pair: dict, layer: int, head: int, position: int) -> list[Any]:
@@ -154,12 +205,60 @@ def head_links(state: dict, pair: dict, layer: int, head: int, position: int) ->
                 sender=f"L{layer}H{head}"))]
 
 
+def curve_pending_figure(state: str, sizes: int, rand: int, runs: int) -> Any:
+    """The faithfulness panel while its curve is computed: what it will hold, and a marker
+    (``layout.meta``) that starts its job once the circuit's has ended."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    fig.add_annotation(text=f"The faithfulness curve ({sizes} sizes x {rand} random circuits "
+                            f"per size, {len(ABLATIONS)} ablations: {runs} masked runs) is "
+                            f"being computed as a job of its own.",
+                       showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    fig.update_layout(height=200, xaxis=dict(visible=False), yaxis=dict(visible=False),
+                      meta={CURVE_PENDING: state}, title="faithfulness curve")
+    return fig
+
+
+def curve_due(drawn: Any) -> bool:
+    """Whether a drawing of this page (see ``PageSpec.render``) ended the circuit's job with
+    the curve's still to start (the browser starts it at once, see :func:`curve_next`)."""
+    fig = drawn.figures.get("faithfulness")
+    meta = getattr(getattr(fig, "layout", None), "meta", None)
+    return isinstance(meta, dict) and meta.get(CURVE_PENDING) == "next"
+
+
 def _download(label: str, text: str, filename: str, mime: str) -> Any:
     if len(text) > LINK_BYTES:
         return html.Span(f"{label}: too large for a link ({len(text):,} characters); use the "
                          f"API", className="me-3")
     return html.A(label, href=f"data:{mime};charset=utf-8,{quote(text)}", download=filename,
                   className="me-3")
+
+
+def _movers(ctx: P.PageContext, disc: Any, pair: dict) -> Any:
+    """The circuit's heads that attend from the metric's position to the correct answer's
+    earlier copies and write toward it (the name movers on the IOI pair)."""
+    if not disc.movers:
+        return html.P(f"No head of this circuit attends {MOVER_MIN_ATTENTION:g} or more from "
+                      f"the metric's position to an earlier copy of the correct answer.",
+                      className="small")
+    n = len(disc.clean_display)
+    answer = disc.clean_display[disc.movers[0].positions[0]]
+    rows = [html.Tr([html.Td(m.name), html.Td(f"{m.attention:.2f}"), html.Td(f"{m.dla:+.2f}"),
+                     html.Td("writes the answer" if m.dla > 0 else "writes against it"),
+                     html.Td(head_links(ctx.state, pair, m.layer, m.head, n - 1))])
+            for m in disc.movers]
+    head = html.Thead(html.Tr([html.Th(h) for h in (
+        "head", f"attention to {answer!r}", "direct logit attribution", "", "open")]))
+    return html.Div([
+        html.Div([html.Span("Heads that move the answer: ", className="al-rank-title"),
+                  f"circuit heads attending {MOVER_MIN_ATTENTION:g} or more from the last "
+                  f"position to {answer!r} (name movers on an IOI pair, induction heads on a "
+                  f"repeated sequence), by their direct logit attribution (correct minus "
+                  f"wrong answer)"], className="small mb-1"),
+        html.Table([head, html.Tbody(rows)], className="table table-sm al-table")],
+        className="mb-2")
 
 
 def _heads_list(ctx: P.PageContext, disc: Any, pair: dict) -> Any:
@@ -172,8 +271,8 @@ def _heads_list(ctx: P.PageContext, disc: Any, pair: dict) -> Any:
         sender = g.head_sender(layer, head)
         out = s[disc.kept & (g.src == sender)]
         into = [r for r in range(len(g.receivers)) if g.receivers[r].startswith(name + ".")]
-        inputs = sorted({g.receivers[g.dst[e]].split(".")[1] for e in range(g.n_edges)
-                         if disc.kept[e] and g.dst[e] in into})
+        inputs = sorted({g.receivers[r].split(".")[1]
+                         for r in np.unique(g.dst[disc.kept & np.isin(g.dst, into)])})
         rows.append(html.Tr([
             html.Td(name), html.Td(", ".join(inputs) or "—"),
             html.Td(f"{len(out)} ({abs(out).sum():.3f})"),
@@ -183,22 +282,25 @@ def _heads_list(ctx: P.PageContext, disc: Any, pair: dict) -> Any:
     downloads = html.Div([
         html.Span("Downloads: ", className="al-rank-title"),
         _download("circuit (JSON)", settings, f"{slug}.json", "application/json"),
-        _download("edge scores (CSV)", disc.edge_csv(), f"{slug}-edges.csv", "text/csv"),
+        _download("edge scores (CSV)", disc.edge_csv(), f"{slug}-edges.csv", "text/csv")
+        if g.n_edges * 24 <= LINK_BYTES else  # each row takes 24 characters or more
+        html.Span(f"edge scores (CSV): {g.n_edges:,} edges, too large for a link; use the "
+                  f"page's export or the API", className="me-3"),
         *([_download("faithfulness curves (CSV)", curve_csv(disc.curve), f"{slug}-curves.csv",
                      "text/csv")] if disc.curve is not None else [])], className="mb-2")
     head = html.Thead(html.Tr([html.Th(h) for h in ("head", "inputs in the circuit",
                                                    "edges out (Σ|score|)", "open")]))
     table = html.Table([head, html.Tbody(rows)], className="table table-sm al-table") \
         if rows else html.P("No head in this circuit.")
-    return html.Div([downloads, table])
+    return html.Div([downloads, _movers(ctx, disc, pair), table])
 
 
 def panels(ctx: P.PageContext, query: dict) -> list:
     """The circuit, its faithfulness curve, its strongest edges and its heads."""
     lm = ctx.model
-    pair, notes = resolve(lm, query) if not query["pairs"] else (
-        dict(clean="", corrupted="", correct="", wrong=""), [])
     limit = getattr(ctx.registry, "max_tokens", None)
+    pair, notes = resolve(lm, query, limit) if not query["pairs"] else (
+        dict(clean="", corrupted="", correct="", wrong=""), [])
     if not query["pairs"]:
         n_tokens = len(PT.pair_tokens(lm, pair["clean"], pair["corrupted"])[0])
         if limit is not None and n_tokens > limit:
@@ -219,7 +321,34 @@ def panels(ctx: P.PageContext, query: dict) -> list:
     if query.get("search") == "acdc":
         threshold(query)  # a bad threshold is an alert at once
     pair = {k: (v if isinstance(v, int) else str(v)) for k, v in pair.items()}
-    disc = ctx.weight(request(lm, query, pair))
+    n_edges = edge_graph(lm.cfg).n_edges
+    if query["k"] == DEFAULT_K and default_k(n_edges) != DEFAULT_K:
+        query = {**query, "k": default_k(n_edges)}
+        notes.append(f"Edges taken by |score|: {query['k']} (by default one edge in "
+                     f"{EDGES_PER_KEPT} of this model's {n_edges:,}, at least {DEFAULT_K}).")
+    sizes, rand, work, inline = curve_plan(lm, query, None if query["pairs"] else n_tokens)
+    pending = None
+    if inline:
+        disc = ctx.weight(request(lm, query, pair, (sizes, rand)))
+    else:
+        # a big model: the circuit's job first (scores, circuit, its faithfulness), drawn
+        # at once; then the curve's job (see curve_next)
+        first = request(lm, query, pair, (sizes, rand), curve=False)
+        computed = True
+        if ctx.compute:
+            try:
+                W.store().get(lm, first)
+            except W.Missing:
+                computed = False  # computed by this job: the curve gets a job of its own
+        disc = ctx.weight(first)
+        full = None
+        if computed:
+            full = ctx.weight_or(request(lm, query, pair, (sizes, rand),
+                                         name="circuit_curve"), lambda: None)
+        if full is None:
+            pending = "running" if computed else "next"
+        else:
+            disc = full
     curve = disc.curve
     f = disc.faithfulness
     how = (f"ACDC, threshold {disc.settings['threshold']:g}: " if disc.settings.get("search")
@@ -230,6 +359,14 @@ def panels(ctx: P.PageContext, query: dict) -> list:
         + f". Clean metric {disc.scores.clean_metric:+.3f}, corrupted "
         f"{disc.scores.corrupted_metric:+.3f}"
         + (f" (mean over {disc.scores.n_pairs} pairs)." if disc.scores.n_pairs > 1 else "."))
+    runs = curve_runs(sizes, rand)
+    if (sizes, rand) != (DEFAULT_SIZES, DEFAULT_RANDOM):
+        notes.append(f"Faithfulness curve sized from the model's cost: {sizes} sizes x "
+                     f"{rand} random circuits per size under {len(ABLATIONS)} ablations "
+                     f"({runs} masked runs, about {work / 1e12:.2f} TFLOP estimated; the "
+                     f"default {DEFAULT_SIZES} x {DEFAULT_RANDOM} would take "
+                     f"{curve_runs(DEFAULT_SIZES, DEFAULT_RANDOM)} runs)"
+                     + (", computed next as its own job." if pending else "."))
     if curve is not None:
         a = curve.ablations.index(query["ablation"])
         reach = curve.edges_to_reach(0.8, query["ablation"])
@@ -244,7 +381,8 @@ def panels(ctx: P.PageContext, query: dict) -> list:
             P.Panel("faithfulness", faithfulness_figure(curve, (
                         disc.n_kept, disc.faithfulness,
                         "this ACDC circuit" if disc.settings.get("search") == "acdc"
-                        else f"this circuit (top {disc.k})")),
+                        else f"this circuit (top {disc.k})")) if curve is not None else
+                    curve_pending_figure(pending or "running", sizes, rand, runs),
                     curve_json(curve) if curve is not None else None),
             P.Panel("edges", edge_scores_figure(disc),
                     {"edges": disc.scores.graph.edge_labels(),
@@ -316,6 +454,19 @@ def upload_pairs(contents: Optional[str], filename: Optional[str]) -> tuple:
     return digest, shell.alert(f"Using {name}: {len(pairs)} pairs.", color="info")
 
 
+@callback(Output(job_strip.ids(PAGE)["rerun"], "n_clicks", allow_duplicate=True),
+          Input(P.graph_id(PAGE, "faithfulness"), "figure"),
+          State(job_strip.ids(PAGE)["rerun"], "n_clicks"), prevent_initial_call=True)
+def curve_next(figure: Optional[dict], clicks: Optional[int]) -> int:
+    """Once the circuit's job has drawn the circuit, start the faithfulness curve's job
+    (the page's main callback runs again: the circuit comes from the store, the curve is
+    missing)."""
+    meta = ((figure or {}).get("layout") or {}).get("meta")
+    if not isinstance(meta, dict) or meta.get(CURVE_PENDING) != "next":
+        raise PreventUpdate
+    return int(clicks or 0) + 1
+
+
 @callback(Output(shell.LOCATION, "href", allow_duplicate=True),
           Input(P.graph_id(PAGE, "circuit"), "clickData"),
           State(shell.STATE, "data"), State(P.control_id(PAGE, "clean"), "value"),
@@ -336,5 +487,6 @@ def open_head(click: Optional[dict], state: Optional[dict], clean: Optional[str]
                            layer=data[0], head=data[1])
 
 
-__all__ = ["SPEC", "head_links", "open_head", "panels", "request", "resolve", "threshold",
+__all__ = ["SPEC", "curve_due", "curve_next", "curve_pending_figure", "head_links",
+           "open_head", "panels", "request", "resolve", "threshold",
            "upload_pairs"]

@@ -32,6 +32,88 @@ DEFAULT_K = 20
 DEFAULT_SIZES, DEFAULT_RANDOM = 20, 20
 #: Most sizes on the curve and random circuits per size.
 MAX_SIZES, MAX_RANDOM = 40, 50
+#: Estimated floating-point work the page's faithfulness curve may take (the curve's size
+#: shrinks from the default until it fits; about a minute on two cores).
+CURVE_FLOP = 6e11
+#: The page computes the curve in the circuit's own job below this much work (estimated);
+#: above it, as a second job once the circuit is drawn.
+CURVE_INLINE_FLOP = 6e11
+#: Fewest sizes and random circuits per size a curve sized from the model's cost keeps.
+MIN_SIZES, MIN_RANDOM = 6, 4
+
+
+#: A circuit head is a name mover when it attends at least this much from the metric's
+#: position to the earlier copies of the correct answer (as /attention's copying heads).
+MOVER_MIN_ATTENTION = 0.3
+#: Default k: one edge in this many, at least :data:`DEFAULT_K` (a big model's top 20 edges
+#: rarely form a path from the input to the logits).
+EDGES_PER_KEPT = 600
+
+
+def default_k(n_edges: int) -> int:
+    """The page's default number of edges taken by |score|: :data:`DEFAULT_K`, or one edge
+    in :data:`EDGES_PER_KEPT` on big graphs."""
+    return max(DEFAULT_K, n_edges // EDGES_PER_KEPT)
+
+
+@dataclass(frozen=True)
+class NameMover:
+    """A circuit head that, at the metric's position of pair 1's clean prompt, attends to the
+    earlier copies of the correct answer (``attention``: the summed weight) and writes toward
+    it: ``dla`` is its direct logit attribution (its output through the final norm's scale
+    on that run, dotted with the unembedding of the correct minus the wrong answer)."""
+
+    layer: int
+    head: int
+    attention: float
+    dla: float
+    positions: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return f"L{self.layer}H{self.head}"
+
+
+def name_movers(lm: LoadedModel, ids: Sequence[int], n: int, correct: int,
+                wrong: Optional[int], heads: Sequence[tuple[int, int]],
+                min_attention: float = MOVER_MIN_ATTENTION) -> tuple[NameMover, ...]:
+    """The ``heads`` (of a circuit) that attend from position n-1 of ``ids`` to the earlier
+    copies of ``correct`` with a summed weight of at least ``min_attention``, strongest
+    direct logit attribution first (a negative one writes against the answer)."""
+    import torch
+
+    positions = tuple(i for i in range(n - 1) if int(ids[i]) == int(correct))
+    if not positions or not heads:
+        return ()
+    model = lm.model
+    layers = sorted({layer for layer, _ in heads})
+    wanted = {f"blocks.{layer}.attn.hook_{k}" for layer in layers for k in ("pattern", "z")}
+    wanted.add("ln_final.hook_scale")
+    with torch.no_grad():
+        _, cache = model.run_with_cache(torch.tensor([list(ids[:n])]),
+                                        names_filter=lambda name: name in wanted)
+        U = model.W_U.detach().double()
+        direction = U[:, correct] - (U[:, wrong] if wrong is not None else 0)
+        norm = getattr(model, "ln_final", None)
+        kind = getattr(norm, "kind", None)
+        if kind is not None:
+            direction = direction * norm.w.detach().double()
+            scale = cache["ln_final.hook_scale"][0, n - 1].double().reshape(())
+        else:
+            scale = torch.tensor(1.0, dtype=torch.float64)
+        out = []
+        for layer, head in heads:
+            att = float(cache[f"blocks.{layer}.attn.hook_pattern"][0, head, n - 1,
+                                                                   list(positions)].sum())
+            if att < min_attention:
+                continue
+            z = cache[f"blocks.{layer}.attn.hook_z"][0, n - 1, head].double()
+            write = z @ model.blocks[layer].attn.W_O[head].detach().double()
+            if kind == "LN":
+                write = write - write.mean()
+            out.append(NameMover(layer, head, att, float(write @ direction / scale),
+                                 positions))
+    return tuple(sorted(out, key=lambda m: -m.dla))
 
 
 @dataclass(frozen=True)
@@ -55,6 +137,7 @@ class CircuitDiscovery:
     curve: Optional[FaithfulnessCurve]
     settings: dict[str, Any]
     clean_display: tuple[str, ...]
+    movers: tuple["NameMover", ...] = ()
 
     @property
     def n_kept(self) -> int:
@@ -111,6 +194,9 @@ class CircuitDiscovery:
             "clean_metric": self.scores.clean_metric,
             "corrupted_metric": self.scores.corrupted_metric,
         }
+        out["name_movers"] = [{"head": m.name, "attention_to_answer": m.attention,
+                               "direct_logit_attribution": m.dla,
+                               "answer_positions": list(m.positions)} for m in self.movers]
         if self.curve is not None:
             out["curve"] = curve_json(self.curve)
         return out
@@ -157,6 +243,67 @@ def curve_csv(curve: FaithfulnessCurve) -> str:
     return buf.getvalue()
 
 
+def masked_run_flop(cfg: Any, n: int) -> float:
+    """Estimated floating-point work of one masked run over the edge graph on ``n``
+    positions: every receiver's input formed from its senders, normalised and projected,
+    each head's attention and each MLP."""
+    from .graph import edge_graph
+
+    g = edge_graph(cfg)
+    H, d, e = cfg.n_heads, cfg.d_model, cfg.d_head
+    work = 0.0
+    for layer in range(cfg.n_layers):
+        U = g.upstream_attn(layer)
+        work += 3 * H * n * (U * d + d * e) + 2 * H * n * n * e + H * n * e * d
+        if g.has_mlp:
+            work += n * (g.upstream_mlp(layer) * d + (3 if cfg.gated_mlp else 2)
+                         * d * (cfg.d_mlp or 0))
+    return 2.0 * work
+
+
+def curve_runs(n_sizes: int, n_random: int, n_ablations: int = len(ABLATIONS)) -> int:
+    """Masked runs of a faithfulness curve: full, empty, each size and its random circuits,
+    under each ablation."""
+    return n_ablations * (2 + n_sizes * (1 + n_random))
+
+
+def curve_size(cfg: Any, n_tokens: Sequence[int], budget: float = CURVE_FLOP
+               ) -> tuple[int, int, float]:
+    """Sizes and random circuits per size of the page's faithfulness curve, sized from the
+    model's cost: the defaults (:data:`DEFAULT_SIZES` x :data:`DEFAULT_RANDOM`) when they fit
+    ``budget`` (estimated floating-point work), else fewer random circuits, then fewer sizes
+    (down to :data:`MIN_SIZES` x :data:`MIN_RANDOM`). Returns (sizes, random, work)."""
+    per = sum(masked_run_flop(cfg, n) for n in n_tokens)
+    sizes, rand = DEFAULT_SIZES, DEFAULT_RANDOM
+    while curve_runs(sizes, rand) * per > budget and (sizes > MIN_SIZES or
+                                                       rand > MIN_RANDOM):
+        if rand > MIN_RANDOM and (rand >= sizes or sizes <= MIN_SIZES):
+            rand -= 1
+        else:
+            sizes -= 1
+    return sizes, rand, curve_runs(sizes, rand) * per
+
+
+def add_curve(lm: LoadedModel, pairs: Sequence[PT.PromptPair], disc: CircuitDiscovery, *,
+              n_sizes: int = DEFAULT_SIZES, n_random: int = DEFAULT_RANDOM, seed: int = 0,
+              progress: Optional[ProgressFn] = None) -> CircuitDiscovery:
+    """``disc`` (found on ``pairs``) with its faithfulness curve: the curve of its scores'
+    top-k circuits beside ``n_random`` random circuits of each of ``n_sizes`` sizes."""
+    import dataclasses
+
+    if not 2 <= int(n_sizes) <= MAX_SIZES:
+        raise AnalysisError(f"the curve takes 2 to {MAX_SIZES} sizes, got {n_sizes}")
+    if not 0 <= int(n_random) <= MAX_RANDOM:
+        raise AnalysisError(f"random circuits per size must be 0 to {MAX_RANDOM}, "
+                            f"got {n_random}")
+    st = disc.settings
+    prob = Problem(lm, pairs, st["metric"], st["position"], st["ablation"])
+    fc = faithfulness_curve(prob, disc.scores.scores, n_sizes=int(n_sizes),
+                            n_random=int(n_random), seed=seed, progress=progress)
+    return dataclasses.replace(disc, curve=fc, settings={
+        **st, "n_sizes": int(n_sizes), "n_random": int(n_random), "seed": seed})
+
+
 def discover_circuit(lm: LoadedModel, pairs: Sequence[PT.PromptPair], *, method: str = "eap",
                      metric: str = "logit_diff", position: int = -1,
                      ablation: str = "resample", steps: int = 5, k: int = DEFAULT_K,
@@ -180,8 +327,9 @@ def discover_circuit(lm: LoadedModel, pairs: Sequence[PT.PromptPair], *, method:
     prob = Problem(lm, pairs, metric, position, ablation)
     PT._check_choice(search, SEARCHES, "search")
     # progress in parts: the scores one, ACDC's removals eight (one run per edge), the
-    # curve three
-    parts = {"scores": 1, "acdc": 8 if search == "acdc" else 0, "curve": 3 if curve else 0}
+    # circuit's faithfulness one, the curve three
+    parts = {"scores": 1, "acdc": 8 if search == "acdc" else 0, "faith": 1,
+             "curve": 3 if curve else 0}
     whole = sum(parts.values())
 
     def phase(name: str) -> ProgressFn:
@@ -201,14 +349,27 @@ def discover_circuit(lm: LoadedModel, pairs: Sequence[PT.PromptPair], *, method:
     else:
         kept = circuit(prob.graph, res.scores, k)
     faith = {}
-    masks = np.stack([np.ones_like(kept), np.zeros_like(kept), kept])
-    for a in ABLATIONS:
-        full, empty, mine = circuit_metrics(prob, masks, a)
+    report = phase("faith")
+    # every edge kept is the clean run, and every edge resampled the corrupted one: their
+    # metrics are known; the others are masked runs
+    full = prob.clean_metric
+    for i, a in enumerate(ABLATIONS):
+        if a == "resample":
+            empty = prob.corrupted_metric
+            mine, = circuit_metrics(prob, kept[None], a)
+        else:
+            empty, mine = circuit_metrics(prob, np.stack([np.zeros_like(kept), kept]), a)
+        report(i + 1, len(ABLATIONS))
         faith[a] = float((mine - empty) / (full - empty)) if full != empty else float("nan")
     fc = None
     if curve:
         fc = faithfulness_curve(prob, res.scores, n_sizes=int(n_sizes),
                                 n_random=int(n_random), seed=seed, progress=phase("curve"))
+    first = prob.pairs[0]
+    heads = CircuitDiscovery(scores=res, k=int(k), kept=kept, faithfulness={}, curve=None,
+                             settings={}, clean_display=()).heads()
+    movers = name_movers(lm, first.clean_ids, first.n, first.metric.correct,
+                         first.metric.wrong, heads)
     disp = lm.tokenizer.display
     settings = {"model": lm.name, "method": method, "metric": res.metric,
                 "position": position, "ablation": ablation, "steps": res.steps, "k": int(k),
@@ -217,5 +378,5 @@ def discover_circuit(lm: LoadedModel, pairs: Sequence[PT.PromptPair], *, method:
                 "threshold": float(threshold) if search == "acdc" else None,
                 "gradient_at": "clean run" if method != "exact" else None}
     return CircuitDiscovery(scores=res, k=int(k), kept=kept, faithfulness=faith, curve=fc,
-                            settings=settings,
+                            settings=settings, movers=movers,
                             clean_display=tuple(disp(i) for i in prob.pairs[0].clean_ids))
