@@ -423,11 +423,14 @@ def store_lock(kv: Any, name: str, ttl: float = LOCK_TTL_S,
     done = threading.Event()
 
     def renew() -> None:
-        while not done.wait(LOCK_RENEW_S):
-            try:
-                lock.renew()
-            except Exception:  # noqa: BLE001 - a store hiccup must not kill the computation
-                log.warning("renewing lock %s failed", name, exc_info=True)
+        try:
+            while not done.wait(LOCK_RENEW_S):
+                try:
+                    lock.renew()
+                except Exception:  # noqa: BLE001 - a store hiccup must not kill the computation
+                    log.warning("renewing lock %s failed", name, exc_info=True)
+        except SystemExit:  # a threaded server stopping raises it in its threads: stop renewing
+            log.warning("lock %s no longer renewed: its server is stopping", name)
 
     thread = threading.Thread(target=renew, daemon=True, name=f"lock-{name[:40]}")
     thread.start()

@@ -142,3 +142,29 @@ def test_a_killed_holder_leaves_no_lock_behind(kind, tmp_path, request):
         _end(procs)
     stats = _stats(where)
     assert stats["computed"] == 1 and stats["computed_by"]["pid"] == second[1]
+
+
+def test_a_stopping_server_stops_the_renewal_quietly_and_the_lock_is_released(tmp_path):
+    """Dash's threaded runner raises SystemExit in every thread it started when it stops; in
+    the renewal thread that ends the renewal without an unhandled-thread error, and leaving
+    the block still releases the lock."""
+    import ctypes
+    import threading
+
+    kv = background.DiskKV(tmp_path / "coord", eviction_policy="none")
+    unhandled: list = []
+    old_hook = threading.excepthook
+    threading.excepthook = unhandled.append
+    try:
+        with C.store_lock(kv, "renewal-stop") as held:
+            assert held
+            renew = next(t for t in threading.enumerate() if t.name == "lock-renewal-stop")
+            assert ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                ctypes.c_ulong(renew.ident), ctypes.py_object(SystemExit)) == 1
+            renew.join(C.LOCK_RENEW_S + 2)
+            assert not renew.is_alive(), "the renewal did not stop"
+    finally:
+        threading.excepthook = old_hook
+    assert unhandled == []
+    with C.store_lock(kv, "renewal-stop", stop=lambda: True) as again:
+        assert again, "the lock was not released"
