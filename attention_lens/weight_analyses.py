@@ -49,7 +49,13 @@ class Request:
 
     @property
     def label(self) -> str:
-        """What the progress strip calls it."""
+        """What the progress strip calls it (a declared analysis: its declaration's label)."""
+        if self.name == "declared":
+            from .analysis.declare import find
+
+            spec = find(dict(self.params)["analysis"])
+            if spec is not None:
+                return spec.label
         return ANALYSES[self.name].label.format(**dict(self.params))
 
     def as_json(self) -> list[Any]:
@@ -118,14 +124,6 @@ def _prompt_pass(lm: LoadedModel, tokens: str) -> Any:
 
     ids = [int(t) for t in tokens.split(",")]
     return current().cached_forward(lm.name, ids) or run_forward(lm, "", token_ids=ids)
-
-
-def _logit_lens(lm: LoadedModel, progress: Progress, tokens: str, k: int, target: int,
-                granularity: str) -> Any:
-    from .analysis.logit_lens import logit_lens
-
-    return logit_lens(lm, _prompt_pass(lm, tokens), k=k, target=None if target < 0 else target,
-                      granularity=granularity, progress=progress)  # type: ignore[arg-type]
 
 
 def _head_sweep(lm: LoadedModel, progress: Progress, tokens: str, method: str,
@@ -250,9 +248,6 @@ ANALYSES: dict[str, Analysis] = {
     "circuit_eigenvalues": Analysis("circuit eigenvalues", _eigen),
     "composition_scores": Analysis("composition scores", _composition),
     "probe_head_scores": Analysis("repeated-token probe", _probe),
-    # a long prompt's logit lens through a big vocabulary runs as background work too,
-    # keyed by the prompt's token ids (see logit_lens below)
-    "logit_lens": Analysis("logit lens", _logit_lens, ("tokens", "k", "target", "granularity")),
     # so does a long prompt's sweep of single-head ablations on a big model
     "head_sweep": Analysis("{method}-ablation of each head", _head_sweep,
                            ("tokens", "method", "positions")),
@@ -296,13 +291,6 @@ def declared(spec: Any, lm: LoadedModel, fp: Any, values: dict[str, Any]) -> Opt
 def needs(spec: Any) -> list[Request]:
     """The weight analyses a declared analysis reads (its ``needs``), in order."""
     return [request(kind) for kind in spec.needs.values()]
-
-
-def logit_lens(token_ids: Sequence[int], k: int, target: Optional[int],
-               granularity: str) -> Request:
-    """The logit lens of a prompt given by its token ids (``target`` an id or None)."""
-    return request("logit_lens", tokens=",".join(str(int(t)) for t in token_ids), k=int(k),
-                   target=-1 if target is None else int(target), granularity=str(granularity))
 
 
 def head_sweep(token_ids: Sequence[int], method: str,

@@ -227,6 +227,36 @@ class Position(Param):
         return value
 
 
+@dataclass(frozen=True)
+class Positions(Param):
+    """Some token positions of the prompt (a list; None, the default, is every position).
+    API only (``page=False``): a page chooses them, e.g. the positions a figure shows."""
+
+    page: bool = field(default=False, kw_only=True)
+
+    def read(self, body: Mapping[str, Any], shape: Shape) -> Any:
+        value = body.get(self.name, self.default)
+        if value is None:
+            return None
+        if not isinstance(value, list):
+            raise ParamError(f"{self.name!r} must be a list of token positions, e.g. "
+                             "[-3, -2, -1]")
+        if not value:
+            raise ParamError(f"{self.name!r} must name at least one position")
+        n = shape.n_tokens or 1
+        for q in value:
+            if isinstance(q, bool) or not isinstance(q, Integral) or not -n <= q < n:
+                raise ParamError(f"{self.name!r} must be whole numbers from {-n} to {n - 1} "
+                                 f"(the prompt has {n} tokens), got {q!r}"[:200])
+        return list(value)
+
+    def normal(self, value: Any, shape: Shape) -> Any:
+        n = shape.n_tokens
+        if value is None or not n:
+            return None if value is None else tuple(value)
+        return tuple(sorted({int(q) % n for q in value}))
+
+
 # ----------------------------------------------------------------------- analyses
 Cost = Callable[[Any, int, dict], float]
 

@@ -277,19 +277,29 @@ class PageContext:
             self.pending.append(missing)
             return preview()
 
-    def run(self, analysis: Any, query: Optional[dict] = None, **given: Any) -> Any:
+    def run(self, analysis: Any, query: Optional[dict] = None, *,
+            preview: Optional[dict] = None, **given: Any) -> Any:
         """The result of a declared analysis (:mod:`..analysis.declare`) on the prompt (scope
         prompt) or the model's weights: its parameters from the page's validated controls
         ``query`` and ``given`` (values the page chose, by parameter name). Kept with the
         forward pass under the declaration's key, or, when its estimated work is over the
         inline threshold (scope weights always), read from the store and computed as a
-        background job with progress."""
+        background job with progress. ``preview`` (parameter values naming a cheaper part of
+        the same analysis, e.g. the positions a figure shows first): while that job runs,
+        the part is computed at once and returned instead (see :meth:`weight_or`)."""
         values = analysis.values({**(analysis.from_query(query) if query else {}), **given})
         lm = self.model
         fp = self.forward if analysis.scope == "prompt" else None
         req = W.declared(analysis, lm, fp, values)
-        if req is not None:
+        if req is not None and preview is None:
             return self.weight(req)
+        if req is not None:
+            part = analysis.values({**values, **preview})
+            return self.weight_or(req, lambda: self._inline(analysis, lm, fp, part))
+        return self._inline(analysis, lm, fp, values)
+
+    def _inline(self, analysis: Any, lm: Any, fp: Any, values: dict) -> Any:
+        """A declared analysis computed here, kept with the forward pass under its key."""
         needs = dict(zip(analysis.needs, self.weights(*W.needs(analysis)))) \
             if analysis.needs else {}
         from ..analysis.declare import Shape
@@ -621,7 +631,10 @@ def register_page(module: str, *, path: str, name: str, order: int, heading: str
         if wrong:
             raise ValueError(f"page {page}: {sorted(wrong)} are no parameters of "
                              f"{analysis.name}")
-        controls = [c for n, c in derived.items() if n not in placed] + \
+        # a page control named like a parameter replaces its derived one (e.g. a widget
+        # whose labels depend on the model); a string places the derived one
+        own = {c.name for c in controls if not isinstance(c, str)}
+        controls = [c for n, c in derived.items() if n not in placed and n not in own] + \
             [derived[c] if isinstance(c, str) else c for c in controls]
     pairs = [(e, None) if isinstance(e, str) else tuple(e) for e in extras]
     spec = PageSpec(page=page, heading=heading, lead=lead, help_md=help_md,

@@ -318,26 +318,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
             data["resid"] = {resid.labels[s]: jsonable(resid.resid[s]) for s in stages}
         return {**part, "residual_stream": data, "head_outputs": jsonable(head_outputs(lm, fp))}
 
-    # ---------------------------------------------------------------- logit lens
-    @endpoint("/logit-lens", ("POST",))
-    def logit_lens() -> dict[str, Any]:
-        from ..analysis.logit_lens import GRANULARITIES, checked_positions, lens_key
-        from ..analysis.logit_lens import logit_lens as analyse
-
-        body = json_body(base | {"top_k", "target", "granularity", "positions"})
-        lm, fp, part = prompt(body)
-        k = int_field(body, "top_k", 5, 1, min(MAX_GRID_K, lm.cfg.d_vocab))
-        gran = choice_field(body, "granularity", "sublayer", tuple(GRANULARITIES))
-        key = lens_key(lm, k=k, target=token_field(body, "target"), granularity=gran)
-        cols = body.get("positions")
-        if cols is not None and not isinstance(cols, list):
-            raise ApiError("'positions' must be a list of token positions, e.g. [-3, -2, -1]")
-        if cols is not None:  # only these columns (the others come back null)
-            cols = [int(c) for c in checked_positions(cols, fp.n_tokens)]
-        res = registry.per_prompt(
-            fp, key if cols is None else (*key, "positions", *cols),
-            lambda: analyse(lm, fp, k=k, target=key[2], granularity=gran, positions=cols))
-        return {**part, "result": jsonable(res)}
+    # the logit lens is declared (analysis.logit_lens.LOGIT_LENS): POST /api/logit-lens
 
     # ------------------------------------------------------------------- weights
     @endpoint("/weights", ("GET",))
