@@ -141,7 +141,7 @@ def test_only_big_lenses_are_background_work(shipped_passes):
     every, layer = LOGIT_LENS.values({}), LOGIT_LENS.values({"granularity": "layer"})
     assert runs_inline(LOGIT_LENS, lm.cfg, lm.cfg.n_ctx, every)  # the shipped models: at once
     big = random_gpt2_shape().cfg
-    assert runs_inline(LOGIT_LENS, big, 16, layer)
+    assert runs_inline(LOGIT_LENS, big, 64, layer)
     assert not runs_inline(LOGIT_LENS, big, 256, every)
     assert not runs_inline(LOGIT_LENS, big, 256, layer)
     # the estimate: two floating-point operations per logit and d_model, every stage and

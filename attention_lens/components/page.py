@@ -31,8 +31,8 @@ from .controls import (
     Control,
     control_id,  # noqa: F401 - pages address their controls through P
     control_input,
+    control_of,
     control_state,
-    controls_of,
     parse_all,
 )
 
@@ -278,7 +278,7 @@ class PageContext:
             return preview()
 
     def run(self, analysis: Any, query: Optional[dict] = None, *,
-            preview: Optional[dict] = None, **given: Any) -> Any:
+            preview: Optional[dict] = None, wait: bool = True, **given: Any) -> Any:
         """The result of a declared analysis (:mod:`..analysis.declare`) on the prompt (scope
         prompt) or the model's weights: its parameters from the page's validated controls
         ``query`` and ``given`` (values the page chose, by parameter name). Kept with the
@@ -286,13 +286,14 @@ class PageContext:
         inline threshold (scope weights always), read from the store and computed as a
         background job with progress. ``preview`` (parameter values naming a cheaper part of
         the same analysis, e.g. the positions a figure shows first): while that job runs,
-        the part is computed at once and returned instead (see :meth:`weight_or`)."""
+        the part is computed at once and returned instead (see :meth:`weight_or`); without
+        one, ``wait=False`` returns None meanwhile (the page draws its other parts)."""
         values = analysis.values({**(analysis.from_query(query) if query else {}), **given})
         lm = self.model
         fp = self.forward if analysis.scope == "prompt" else None
         req = W.declared(analysis, lm, fp, values)
         if req is not None and preview is None:
-            return self.weight(req)
+            return self.weight(req) if wait else self.weight_or(req, lambda: None)
         if req is not None:
             part = analysis.values({**values, **preview})
             return self.weight_or(req, lambda: self._inline(analysis, lm, fp, part))
@@ -625,16 +626,17 @@ def register_page(module: str, *, path: str, name: str, order: int, heading: str
     """
     page = page or module.rsplit(".", 1)[-1].replace("_", "-")
     if analysis is not None:
-        derived = {c.name: c for c in controls_of(analysis)}
+        # a page control named like a parameter replaces its derived one (e.g. a widget
+        # whose labels depend on the model, a slider); a string places the derived one
+        own = {c.name for c in controls if not isinstance(c, str)}
+        derived = {p.url_name: control_of(p) for p in analysis.params
+                   if p.page and p.url_name not in own}
         placed = [c for c in controls if isinstance(c, str)]
         wrong = set(placed) - set(derived)
         if wrong:
             raise ValueError(f"page {page}: {sorted(wrong)} are no parameters of "
                              f"{analysis.name}")
-        # a page control named like a parameter replaces its derived one (e.g. a widget
-        # whose labels depend on the model); a string places the derived one
-        own = {c.name for c in controls if not isinstance(c, str)}
-        controls = [c for n, c in derived.items() if n not in placed and n not in own] + \
+        controls = [c for n, c in derived.items() if n not in placed] + \
             [derived[c] if isinstance(c, str) else c for c in controls]
     pairs = [(e, None) if isinstance(e, str) else tuple(e) for e in extras]
     spec = PageSpec(page=page, heading=heading, lead=lead, help_md=help_md,
