@@ -73,6 +73,8 @@ def test_ablation_and_head_sweep(client, registry, monkeypatch):
     from attention_lens.analysis.ablation import ABLATION, HEAD_SWEEP
 
     for body, words in [({}, "missing field 'heads'"),
+                        ({"heads": []}, "'heads' is empty: choose at least one [layer, head] "
+                                        "to ablate"),
                         ({"heads": ["L1X5"]}, "each entry of 'heads' must be a [layer, head]"),
                         ({"heads": [[2, 0]]}, "'layer' must be between 0 and 1"),
                         ({"heads": [[1, 5]], "top_k": 51}, "'top_k' must be between 1 and 50"),

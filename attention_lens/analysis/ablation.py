@@ -400,7 +400,7 @@ def _ablation_json(res: Ablation) -> dict:
 #: Zero- or mean-ablation of chosen heads: one rerun of the prompt.
 ABLATION = declare(
     "ablation", ablate_heads,
-    params=[Heads("heads"),
+    params=[Heads("heads", what=" to ablate"),
             Choice("method", "zero", METHODS, label="ablation",
                    labels={"zero": "zero", "mean": "mean over positions"}),
             Int("top_k", 10, 1, lambda cfg: min(50, cfg.d_vocab), url="k", arg="k",

@@ -283,6 +283,8 @@ class Heads(Param):
 
     page: bool = field(default=False, kw_only=True)
     most: int = field(default=256, kw_only=True)
+    #: what the heads are for, ending the message on an empty list (" to ablate")
+    what: str = field(default="", kw_only=True)
 
     def read(self, body: Mapping[str, Any], shape: Shape) -> Any:
         value = body.get(self.name, self.default)
@@ -292,7 +294,8 @@ class Heads(Param):
             raise ParamError(f"{self.name!r} must be a list of at most {self.most} "
                              "[layer, head] pairs")
         if not value:
-            raise ParamError(f"{self.name!r} is empty: choose at least one [layer, head]")
+            raise ParamError(f"{self.name!r} is empty: choose at least one [layer, head]"
+                             f"{self.what}")
         out = []
         for item in value:
             pair = parse_head(item) if isinstance(item, str) else item

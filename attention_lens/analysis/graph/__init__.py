@@ -3,7 +3,7 @@
 Split by idea: :mod:`.build` (the graph and its exact edges, with patterns and LayerNorm
 scales frozen), :mod:`.prune` (influence on the target, circuit-tracer's pruning and the kept
 subgraph), :mod:`.export` (circuit-tracer's graph file) and :mod:`.budget` (how many edges a
-graph may have, and where it is built by default); :mod:`.declared` its declaration. Everything is importable from here.
+graph may have, and where it is built by default); :mod:`.declared` its declaration.
 """
 
 from .budget import MAX_EDGES, check_size, default_position, estimated_edges, largest_position
