@@ -130,36 +130,6 @@ def _prompt_pass(lm: LoadedModel, tokens: str) -> Any:
     return current().cached_forward(lm.name, ids) or run_forward(lm, "", token_ids=ids)
 
 
-def _logit_lens(lm: LoadedModel, progress: Progress, tokens: str, k: int, target: int,
-                granularity: str) -> Any:
-    from .analysis.logit_lens import logit_lens
-
-    return logit_lens(lm, _prompt_pass(lm, tokens), k=k, target=None if target < 0 else target,
-                      granularity=granularity, progress=progress)  # type: ignore[arg-type]
-
-
-def _head_sweep(lm: LoadedModel, progress: Progress, tokens: str, method: str,
-                positions: str) -> Any:
-    from .analysis.ablation import head_sweep
-
-    pos = None if positions == "" else [int(p) for p in positions.split(",")]
-    return head_sweep(lm, _prompt_pass(lm, tokens), method,  # type: ignore[arg-type]
-                      pos, progress=progress)
-
-
-def _graph(lm: LoadedModel, progress: Progress, text: str, max_tokens: int, target: Any,
-           contrast: Any, position: int, node_threshold: float, edge_threshold: float) -> Any:
-    from .analysis.forward import run_forward
-    from .analysis.graph import graph_view
-
-    fp = run_forward(lm, text, max_tokens or None)
-    return graph_view(lm, fp, target=None if target == "" else target,
-                      contrast=None if contrast == "" else contrast,
-                      position=position, node_threshold=node_threshold,
-                      edge_threshold=edge_threshold,
-                      progress=lambda done, total: progress(done / total))
-
-
 def _path_patching(lm: LoadedModel, progress: Progress, clean: str, corrupted: str,
                    correct: str, wrong: str, metric: str, direction: str, position: int,
                    layer: int, head: int, mlps: str = "recomputed") -> Any:
@@ -290,18 +260,9 @@ ANALYSES: dict[str, Analysis] = {
     "circuit_eigenvalues": Analysis("circuit eigenvalues", _eigen),
     "composition_scores": Analysis("composition scores", _composition),
     "probe_head_scores": Analysis("repeated-token probe", _probe),
-    # a long prompt's logit lens through a big vocabulary runs as background work too,
-    # keyed by the prompt's token ids (see logit_lens below)
-    "logit_lens": Analysis("logit lens", _logit_lens, ("tokens", "k", "target", "granularity")),
-    # so does a long prompt's sweep of single-head ablations on a big model
-    "head_sweep": Analysis("{method}-ablation of each head", _head_sweep,
-                           ("tokens", "method", "positions")),
     "embedding_pca": Analysis("PCA and k-means of {matrix}", _pca,
                               ("matrix", "token_filter", "max_tokens", "n_components",
                                "n_clusters", "centre")),
-    "attribution_graph": Analysis("attribution graph", _graph,
-                                  ("text", "max_tokens", "target", "contrast", "position",
-                                   "node_threshold", "edge_threshold")),
 }
 
 
@@ -343,22 +304,6 @@ def needs(spec: Any) -> list[Request]:
     return [request(kind) for kind in spec.needs.values()]
 
 
-def logit_lens(token_ids: Sequence[int], k: int, target: Optional[int],
-               granularity: str) -> Request:
-    """The logit lens of a prompt given by its token ids (``target`` an id or None)."""
-    return request("logit_lens", tokens=",".join(str(int(t)) for t in token_ids), k=int(k),
-                   target=-1 if target is None else int(target), granularity=str(granularity))
-
-
-def head_sweep(token_ids: Sequence[int], method: str,
-               positions: Optional[Sequence[int]] = None) -> Request:
-    """Each head ablated alone on a prompt given by its token ids (loss over ``positions``,
-    all of them when None)."""
-    return request("head_sweep", tokens=",".join(str(int(t)) for t in token_ids),
-                   method=str(method), positions="" if positions is None else
-                   ",".join(str(int(p)) for p in sorted({int(p) for p in positions})))
-
-
 def circuit_svd(circuit: str = "OV") -> Request:
     """Every head's OV or QK circuit SVD (``SVD_DIRECTIONS`` x ``SVD_TOP_K`` tokens)."""
     return request("circuit_svd", circuit=circuit)
@@ -386,29 +331,6 @@ def embedding_pca(matrix: str = "W_E", token_filter: str = "frequent", max_token
     return request("embedding_pca", matrix=matrix, token_filter=token_filter,
                    max_tokens=int(max_tokens), n_components=int(n_components),
                    n_clusters=int(n_clusters), centre=bool(centre))
-
-
-def attribution_graph(text: str, max_tokens: int = 0, target: Any = "", contrast: Any = "",
-                      position: int = -1, node_threshold: float = 0.8,
-                      edge_threshold: float = 0.98) -> Request:
-    """The pruned attribution graph of a prompt's target logit (a prompt analysis long
-    enough on big models to run as a job). ``target`` and ``contrast`` are token ids or
-    strings; ``""`` means the top prediction and no contrast."""
-    return request("attribution_graph", text=text, max_tokens=int(max_tokens), target=target,
-                   contrast=contrast, position=int(position),
-                   node_threshold=float(node_threshold), edge_threshold=float(edge_threshold))
-
-
-# ------------------------------------------------------------------------ dataset runs
-# Runs over a dataset's windows (head metrics, loss by position) depend on the weights and
-# the dataset's content: the dataset's sha256 is a parameter, so each is cached per weights
-# and dataset. Uploaded documents are kept in the shared store, where a job process finds
-# them by that hash.
-#: Seconds an uploaded dataset stays in the shared store.
-UPLOAD_TTL_S = 7 * 24 * 3600
-#: Uploaded datasets the shared store keeps (each at most 512 KiB; the oldest goes first).
-MAX_STORED_UPLOADS = 64
-_UPLOAD_INDEX = "datasets:uploaded"
 
 
 def store_errors() -> tuple[type[BaseException], ...]:

@@ -5,6 +5,7 @@ parts draw at once."""
 
 from __future__ import annotations
 
+import dataclasses
 import numpy as np
 import plotly.graph_objects as go
 import pytest
@@ -143,27 +144,36 @@ def test_sweep_edge_cases(tiny):
         A.head_sweep(tiny, fp, "zero", [len(REPEAT) - 1])
     with pytest.raises(A.AnalysisError, match="ablation method"):
         A.head_sweep(tiny, fp, "resample")
-    assert A.sweep_key("zero", [3, 1, 3]) == ("head_sweep", "zero", (1, 3))
+    from attention_lens.analysis.declare import Shape
+
+    key = A.HEAD_SWEEP.key({"method": "zero", "positions": [3, 1, -13]},
+                           Shape(tiny.cfg, len(REPEAT)))
+    assert key == ("prompt", "head-sweep", (("method", "zero"), ("positions", (1, 3))))
 
 
 def test_which_sweeps_run_in_the_background(registry):
+    from attention_lens.analysis.declare import runs_inline
     from attention_lens.bench import random_gpt2_shape
 
-    assert not A.sweep_is_large(registry.get("attn-only-2l"), 128)  # shipped: at once
-    big = random_gpt2_shape()
-    assert A.sweep_is_large(big, 256) and not A.sweep_is_large(big, 8)
+    def inline(cfg, n):
+        return runs_inline(A.HEAD_SWEEP, cfg, n, {"method": "zero", "positions": None})
+
+    assert inline(registry.get("attn-only-2l").cfg, 128)  # shipped: at once
+    big = random_gpt2_shape().cfg
+    assert not inline(big, 256) and inline(big, 8)
     # a deep model with gated MLPs (SmolLM2's shape): its recomputed layers, not its logits,
     # make even a 5-token sweep long
-    from types import SimpleNamespace
-
     from attention_lens.model.config import ModelConfig
 
-    smol = SimpleNamespace(cfg=ModelConfig(n_layers=30, d_model=576, n_heads=9, d_head=64,
-                                           n_ctx=8192, d_vocab=49152, attn_only=False,
-                                           d_mlp=1536, act_fn="silu", gated_mlp=True,
-                                           normalization_type="RMS"))
-    assert smol.cfg.n_layers * 9 * 5 * 49152 <= A.BACKGROUND_LOGITS  # not by its logits
-    assert A.sweep_is_large(smol, 5) and not A.sweep_is_large(smol, 1)
+    smol = ModelConfig(n_layers=30, d_model=576, n_heads=9, d_head=64, n_ctx=8192,
+                       d_vocab=49152, attn_only=False, d_mlp=1536, act_fn="silu",
+                       gated_mlp=True, normalization_type="RMS")
+    logits = 2 * 30 * 9 * 4 * 576 * 49152 / 1e9  # 270 heads x 4 loss positions
+    assert A.sweep_gflop(smol, 5) > 3 * logits  # not by its logits
+    assert not inline(smol, 5) and inline(smol, 1)
+    # the estimate: each head of layer l reruns layers l.. on the 4 rows, then unembeds
+    layer = 2 * 4 * 576 * (4 * 576 + 3 * 1536) + 4 * 16 * 576
+    assert A.sweep_gflop(smol, 5) == pytest.approx((9 * 465 * layer) / 1e9 + logits)
 
 
 # ------------------------------------------------------------------------------ the page
@@ -184,8 +194,9 @@ def test_page_sweep_is_cached_with_the_forward_pass(registry, bg, monkeypatch):
     spec = P.spec_of("ablation")
     calls: list = []
     page = spec.panels.__globals__  # the page module as Dash imported it
-    real = page["head_sweep"]
-    monkeypatch.setitem(page, "head_sweep", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = page["HEAD_SWEEP"]
+    monkeypatch.setitem(page, "HEAD_SWEEP", dataclasses.replace(
+        real, fn=lambda *a, **k: calls.append(a) or real.fn(*a, **k)))
     state = {"model": "attn-only-2l", "pos": None,
              "text": "Mr Dursley drove to work. Mr Dursley drove to work and back."}
     first = spec.render(state, compute=False)
@@ -205,7 +216,9 @@ def test_page_sweep_is_cached_with_the_forward_pass(registry, bg, monkeypatch):
 def test_big_sweep_is_a_background_job_while_the_other_panels_draw(registry, bg, monkeypatch):
     create_app(registry, background=bg)
     spec = P.spec_of("ablation")
-    monkeypatch.setattr(A, "BACKGROUND_LOGITS", 0)  # now every sweep counts as large
+    page = spec.panels.__globals__  # now every sweep counts as large
+    monkeypatch.setitem(page, "HEAD_SWEEP", dataclasses.replace(
+        page["HEAD_SWEEP"], cost=lambda *a: float("inf")))
     state = {"model": "attn-only-2l", "pos": None,
              "text": "Hermione read the book. Hermione read the book twice."}
     first = spec.render(state, compute=False)

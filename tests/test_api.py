@@ -338,9 +338,11 @@ def test_logit_lens_and_analogy_are_cached(client, reg):
     assert reg.cache_info()["per_prompt"] == before  # served from the forward pass's cache
     fp = reg.forward(body["text"], reg.default)
     lm = reg.get(reg.default)
-    from attention_lens.analysis.logit_lens import lens_key
+    from attention_lens.analysis.declare import Shape
+    from attention_lens.analysis.logit_lens import LOGIT_LENS
 
-    key = lens_key(lm, k=3, target=" and")
+    key = LOGIT_LENS.key(LOGIT_LENS.values({"top_k": 3, "target": " and"}),
+                         Shape(lm.cfg, fp.n_tokens))
     cached = reg.per_prompt(fp, key, lambda: pytest.fail("the logit lens was not cached"))
     assert cached.top_ids.tolist() == first["result"]["top_ids"]
     words = {"positive": ["king", "woman"], "negative": ["man"], "top_k": 4}

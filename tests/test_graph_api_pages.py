@@ -131,9 +131,9 @@ def test_graph_page_draws_the_default_prompts_graph(server):
 
 
 def test_graph_page_runs_big_graphs_as_a_job(server, monkeypatch):
-    from attention_lens.pages import graph as graph_page
+    from attention_lens.analysis import declare
 
-    monkeypatch.setattr(graph_page, "INLINE_EDGES", 0)
+    monkeypatch.setattr(declare, "INLINE_MAX_GFLOP", -1.0)  # every graph counts as large
     spec = P.spec_of("graph")
     state = {**STATE, "text": PROMPT + " job"}
     d = spec.render(state, compute=False)

@@ -109,30 +109,49 @@ def test_progress_reports_every_chunk_and_can_stop(shipped_passes):
         logit_lens(lm, fp, k=2, rows_per_chunk=16, progress=stop)
 
 
-def test_logit_lens_as_a_background_request_matches_the_direct_computation(shipped_passes):
+def test_logit_lens_as_a_background_request_matches_the_direct_computation(shipped_passes,
+                                                                            monkeypatch):
     from attention_lens import weight_analyses as W
+    from attention_lens.analysis import declare
+    from attention_lens.analysis.logit_lens import LOGIT_LENS
 
     lm, fp = shipped_passes[1]
     tid = int(fp.logits[-1].argmax())
-    req = W.logit_lens(fp.token_ids, 3, tid, "layer")
+    values = LOGIT_LENS.values({"top_k": 3, "target": tid, "granularity": "layer"})
+    assert W.declared(LOGIT_LENS, lm, fp, values) is None  # small: computed inline
+    monkeypatch.setattr(declare, "INLINE_MAX_GFLOP", -1.0)
+    req = W.declared(LOGIT_LENS, lm, fp, values)
     assert W.Request.from_json(req.as_json()) == req  # travels through the browser intact
+    assert req.label == "logit lens"
     seen: list[float] = []
     res = W.ANALYSES[req.name].compute(lm, seen.append, **dict(req.params))
     ref = logit_lens(lm, fp, k=3, target=tid, granularity="layer")
     np.testing.assert_array_equal(res.top_ids, ref.top_ids)
     np.testing.assert_allclose(res.target_probs, ref.target_probs, atol=1e-6)
     assert seen and seen[-1] == 1.0
-    assert W.logit_lens(fp.token_ids, 3, None, "sublayer") != req
+    assert W.declared(LOGIT_LENS, lm, fp, LOGIT_LENS.values({"top_k": 3})) != req
 
 
 def test_only_big_lenses_are_background_work(shipped_passes):
-    from attention_lens.analysis.logit_lens import is_large
+    from attention_lens.analysis.declare import runs_inline
+    from attention_lens.analysis.logit_lens import LOGIT_LENS
     from attention_lens.bench import random_gpt2_shape
 
     lm, fp = shipped_passes[1]
-    assert not is_large(lm, lm.cfg.n_ctx)  # the shipped models draw at once
-    big = random_gpt2_shape()
-    assert not is_large(big, 64, "layer") and is_large(big, 256) and is_large(big, 256, "layer")
+    every, layer = LOGIT_LENS.values({}), LOGIT_LENS.values({"granularity": "layer"})
+    assert runs_inline(LOGIT_LENS, lm.cfg, lm.cfg.n_ctx, every)  # the shipped models: at once
+    big = random_gpt2_shape().cfg
+    assert runs_inline(LOGIT_LENS, big, 64, layer)
+    assert not runs_inline(LOGIT_LENS, big, 256, every)
+    assert not runs_inline(LOGIT_LENS, big, 256, layer)
+    # the estimate: two floating-point operations per logit and d_model, every stage and
+    # computed position (GPT-2 small: 13 per-layer stages, 50,257 tokens, d_model 768)
+    assert LOGIT_LENS.gflop(big, 64, layer) == pytest.approx(13 * 64 * 50257 * 2 * 768 / 1e9)
+    # the window a long prompt's page draws first is cheap
+    window = {**every, "positions": list(range(-16, 0))}
+    assert LOGIT_LENS.gflop(big, 256, window) == pytest.approx(
+        LOGIT_LENS.gflop(big, 256, every) * 16 / 256)
+    assert runs_inline(LOGIT_LENS, big, 256, window)
 
 
 @pytest.mark.parametrize("rows", [None, 5])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
-from attention_lens.analysis import logit_lens as L
+from attention_lens.analysis import declare
 from attention_lens.server.app import create_app
 from attention_lens.components import page as P
 from attention_lens.figures.logit_lens import WINDOW
@@ -19,7 +19,7 @@ def test_large_logit_lens_is_a_background_job_with_progress(registry, bg, monkey
              "pos": None}
     small = spec.render(state, compute=False)
     assert small.drew and not isinstance(small.request, dict)  # a small lens draws at once
-    monkeypatch.setattr(L, "BACKGROUND_LOGITS", 0)  # now every lens counts as large
+    monkeypatch.setattr(declare, "INLINE_MAX_GFLOP", -1.0)  # now every lens counts as large
     long_state = {**state, "text": " ".join([state["text"]] * 4)}
     n = registry.forward(long_state["text"], "attn-only-2l").n_tokens
     assert n > WINDOW + 1

@@ -9,13 +9,24 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import numpy as np
 import torch
 
 from ..model.checkpoint import LoadedModel
 from .checks import check_head, check_k, check_layer, check_position
+from .declare import (
+    Choice,
+    Heads,
+    Int,
+    Position,
+    Positions,
+    Token,
+    declare,
+    fields_of,
+    forward_gflop,
+)
 from .errors import AnalysisError
 from .forward import ForwardPass
 from .logit_lens import chunk_rows
@@ -206,36 +217,6 @@ SWEEP_ROWS = 3072
 #: Logits of the sweep held at once: rows × d_vocab stays under this many numbers (16 MiB
 #: of float32, 32 MiB as float64 for the log-sum-exp).
 LOSS_CHUNK_ELEMENTS = 2 ** 22
-#: Above this many logits (heads × loss positions × vocabulary), the page runs the sweep as
-#: background work with a progress bar (GPT-2 small at 256 tokens: 144 × 255 × 50,257).
-BACKGROUND_LOGITS = 2 ** 27
-#: Above this many multiply-adds of recomputed layers, likewise: each head of layer l reruns
-#: layers l.. on the prompt's rows, so a deep model with MLPs (SmolLM2: 270 heads over 30
-#: layers) spends its time there, not in the unembedding, even on a short prompt
-#: (GPT-2 small at 8 tokens: 5.3e10, at once; SmolLM2 at 5 tokens: 8.3e10, in the background).
-BACKGROUND_LAYER_WORK = 2 ** 36
-
-
-def sweep_key(method: str, positions: Optional[Iterable[int]] = None) -> tuple:
-    """The cache key of a head sweep of one forward pass (``positions`` None: all of them)."""
-    if method not in METHODS:
-        raise AnalysisError(f"ablation method must be one of {METHODS}, got {method!r}")
-    return ("head_sweep", method,
-            None if positions is None else tuple(sorted({int(p) for p in positions})))
-
-
-def sweep_is_large(lm: LoadedModel, n_tokens: int) -> bool:
-    """Whether the head sweep of an ``n_tokens`` prompt should run as background work: its
-    logits (heads × positions × vocabulary) or its recomputed layers (each head of layer l
-    reruns the L - l layers from l on) are above the bounds."""
-    cfg = lm.cfg
-    L, H = cfg.n_layers, cfg.n_heads
-    mlp = 0 if cfg.attn_only else (3 if cfg.gated_mlp else 2) * (cfg.d_mlp or 0)
-    layer_work = H * (L * (L + 1) // 2) * n_tokens * cfg.d_model * (4 * cfg.d_model + mlp)
-    return (L * H * n_tokens * cfg.d_vocab > BACKGROUND_LOGITS
-            or layer_work > BACKGROUND_LAYER_WORK)
-
-
 def _token_losses(lm: LoadedModel, final: torch.Tensor, targets: torch.Tensor,
                   normalise: bool = True) -> torch.Tensor:
     """``-ln p(target)`` [r] (float64) of rows [r, d] of the final residual stream (or of
@@ -386,3 +367,55 @@ def ablate_heads(lm: LoadedModel, fp: ForwardPass, *, heads: Iterable[tuple[int,
         part_loss_before=float(s_b[part_pos].mean()) if part_pos.size else nan,
         part_loss_after=float(s_a[part_pos].mean()) if part_pos.size else nan,
     )
+
+
+# ------------------------------------------------------------------ the declarations
+def sweep_gflop(cfg: Any, n_tokens: int, positions: Optional[Iterable[int]] = None) -> float:
+    """Floating-point work (GFLOP) of :func:`head_sweep`: each head of layer l reruns layers
+    l.. on the rows up to the last loss position, then the unembedding at the loss
+    positions (a deep model with MLPs spends its time in the first, a big vocabulary in
+    the second)."""
+    L, H, d = cfg.n_layers, cfg.n_heads, cfg.d_model
+    pos = sorted({int(p) % max(1, n_tokens) for p in positions}) if positions is not None \
+        else list(range(max(n_tokens - 1, 0)))
+    if not pos:
+        return 0.0
+    m = pos[-1] + 1
+    mlp = 0 if cfg.attn_only else (3 if cfg.gated_mlp else 2) * (cfg.d_mlp or 0)
+    layer = 2 * m * d * (4 * d + mlp) + 4 * m * m * d  # one layer on m rows
+    runs = H * (L * (L + 1) // 2)  # heads × the layers each reruns
+    return (runs * layer + 2 * L * H * len(pos) * d * cfg.d_vocab) / 1e9
+
+
+def _sweep_cost(cfg: Any, n_tokens: int, values: dict) -> float:
+    return sweep_gflop(cfg, n_tokens, values.get("positions")) / forward_gflop(cfg, n_tokens)
+
+
+def _ablation_json(res: Ablation) -> dict:
+    extra = {"target_logit_change": res.target_logit_change,
+             "target_prob_change": res.target_prob_change, "loss_change": res.loss_change}
+    return {"result": {**fields_of(res), **extra}}
+
+
+#: Zero- or mean-ablation of chosen heads: one rerun of the prompt.
+ABLATION = declare(
+    "ablation", ablate_heads,
+    params=[Heads("heads", what=" to ablate"),
+            Choice("method", "zero", METHODS, label="ablation",
+                   labels={"zero": "zero", "mean": "mean over positions"}),
+            Int("top_k", 10, 1, lambda cfg: min(50, cfg.d_vocab), url="k", arg="k",
+                label="top k"),
+            Position("position", url="pos", auto=True, label="position",
+                     placeholder="auto (-1 = last)"),
+            Token("target", label="target token", placeholder="the actual next token"),
+            Positions("part")],
+    cost=lambda cfg, n_tokens, values: 1.0, to_json=_ablation_json)
+
+#: Every head ablated alone: the loss over some positions (all with a next token: None).
+HEAD_SWEEP = declare(
+    "head-sweep", head_sweep,
+    params=[Choice("method", "zero", METHODS, label="ablation",
+                   labels={"zero": "zero", "mean": "mean over positions"}),
+            Positions("positions")],
+    cost=_sweep_cost, label="{method}-ablation of each head",
+    to_json=lambda res: {"result": {**fields_of(res), "loss_change": res.loss_change}})

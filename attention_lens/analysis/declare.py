@@ -33,6 +33,7 @@ import inspect
 import json
 import os
 import pkgutil
+import re
 import threading
 from dataclasses import dataclass, field
 from numbers import Integral
@@ -62,10 +63,13 @@ def _env_float(name: str, default: float) -> float:
 
 #: Largest estimated work (GFLOP) an analysis runs inline, in the request or callback that
 #: asks for it; above it, it runs as a background job with progress and its result is kept
-#: in the weight-analysis store (``ATTENTION_LENS_INLINE_MAX_GFLOP``; 50 GFLOP is a few
-#: forward passes of GPT-2 small over 100 tokens). The one "is this big" threshold of
-#: declared analyses.
-INLINE_MAX_GFLOP = _env_float("ATTENTION_LENS_INLINE_MAX_GFLOP", 50.0)
+#: in the weight-analysis store (``ATTENTION_LENS_INLINE_MAX_GFLOP``). The one "is this big"
+#: threshold of declared analyses: about a second of work on two cores, where the pages'
+#: former thresholds were (a logit lens of 2**27 logits, GPT-2 small at 107 tokens: 206;
+#: a head sweep of 2**36 multiply-adds: 137). On GPT-2 small an ablation at 256 tokens
+#: (66) and a head sweep at 8 (171) run inline, a logit lens at 256 (494) as a job; on
+#: SmolLM2 a head sweep at 5 tokens (195) is a job.
+INLINE_MAX_GFLOP = _env_float("ATTENTION_LENS_INLINE_MAX_GFLOP", 180.0)
 
 
 # ------------------------------------------------------------- strict field readers
@@ -162,6 +166,10 @@ class Param:
         """The value as the cache key holds it (equal results, equal keys)."""
         return tuple(value) if isinstance(value, list) else value
 
+    def from_page(self, value: Any) -> Any:
+        """The value of the page's (validated) control in the function's units."""
+        return value
+
 
 @dataclass(frozen=True)
 class Int(Param):
@@ -230,6 +238,109 @@ class Position(Param):
         return value
 
 
+@dataclass(frozen=True)
+class Positions(Param):
+    """Some token positions of the prompt (a list; None, the default, is every position).
+    API only (``page=False``): a page chooses them, e.g. the positions a figure shows."""
+
+    page: bool = field(default=False, kw_only=True)
+
+    def read(self, body: Mapping[str, Any], shape: Shape) -> Any:
+        value = body.get(self.name, self.default)
+        if value is None:
+            return None
+        if not isinstance(value, list):
+            raise ParamError(f"{self.name!r} must be a list of token positions, e.g. "
+                             "[-3, -2, -1]")
+        if not value:
+            raise ParamError(f"{self.name!r} must name at least one position")
+        n = shape.n_tokens or 1
+        for q in value:
+            if isinstance(q, bool) or not isinstance(q, Integral) or not -n <= q < n:
+                raise ParamError(f"{self.name!r} must be whole numbers from {-n} to {n - 1} "
+                                 f"(the prompt has {n} tokens), got {q!r}"[:200])
+        return list(value)
+
+    def normal(self, value: Any, shape: Shape) -> Any:
+        n = shape.n_tokens
+        if value is None or not n:
+            return None if value is None else tuple(value)
+        return tuple(sorted({int(q) % n for q in value}))
+
+
+#: A head written as a label: ``L1H5``, ``1.5``, ``1:5`` or ``1h5``.
+HEAD_LABEL = re.compile(r"^L?(\d+)\s*[.:Hh]\s*(\d+)$")
+
+
+def parse_head(label: str) -> Optional[tuple[int, int]]:
+    """``"L1H5"`` (or ``"1.5"``) -> (1, 5); None for anything else."""
+    m = HEAD_LABEL.match(label.strip())
+    return None if m is None else (int(m.group(1)), int(m.group(2)))
+
+
+@dataclass(frozen=True)
+class Heads(Param):
+    """Attention heads: a list of ``[layer, head]`` pairs or labels such as ``"L1H5"``, at
+    least one, at most ``most`` (required: no default). API only (``page=False``): a page
+    chooses them (typed, or a preset)."""
+
+    page: bool = field(default=False, kw_only=True)
+    most: int = field(default=256, kw_only=True)
+    #: what the heads are for, ending the message on an empty list (" to ablate")
+    what: str = field(default="", kw_only=True)
+
+    def read(self, body: Mapping[str, Any], shape: Shape) -> Any:
+        value = body.get(self.name, self.default)
+        if value is None:
+            raise ParamError(f"missing field {self.name!r} (a list of [layer, head] pairs)")
+        if not isinstance(value, list) or len(value) > self.most:
+            raise ParamError(f"{self.name!r} must be a list of at most {self.most} "
+                             "[layer, head] pairs")
+        if not value:
+            raise ParamError(f"{self.name!r} is empty: choose at least one [layer, head]"
+                             f"{self.what}")
+        out = []
+        for item in value:
+            pair = parse_head(item) if isinstance(item, str) else item
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and
+                    all(isinstance(x, Integral) and not isinstance(x, bool) for x in pair)):
+                raise ParamError(f"each entry of {self.name!r} must be a [layer, head] pair "
+                                 f"or a label like 'L1H0', got {item!r}"[:200])
+            layer, head = int(pair[0]), int(pair[1])
+            if shape.cfg is not None:
+                read_int({"layer": layer}, "layer", None, 0, shape.cfg.n_layers - 1)
+                read_int({"head": head}, "head", None, 0, shape.cfg.n_heads - 1)
+            out.append([layer, head])
+        return out
+
+    def normal(self, value: Any, shape: Shape) -> Any:
+        return tuple(sorted({(int(la), int(h)) for la, h in value}))
+
+
+@dataclass(frozen=True)
+class Share(Param):
+    """A share in (0, 1] (e.g. of a total influence); the page shows it in whole percent."""
+
+    def read(self, body: Mapping[str, Any], shape: Shape) -> Any:
+        value = body.get(self.name, self.default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not 0 < value <= 1:
+            raise ParamError(f"{self.name!r} must be a number in (0, 1] (a share of the total "
+                             f"influence), got {value!r}"[:200])
+        return float(value)
+
+    def normal(self, value: Any, shape: Shape) -> Any:
+        return float(value)
+
+    def from_page(self, value: Any) -> Any:
+        return value / 100
+
+    @property
+    def percent(self) -> int:
+        """The default in whole percent (the page's)."""
+        return round(self.default * 100)
+
+
 # ----------------------------------------------------------------------- analyses
 Cost = Callable[[Any, int, dict], float]
 
@@ -266,6 +377,9 @@ class Analysis:
     needs: Mapping[str, str] = field(default_factory=dict)
     paths: tuple[str, ...] = ()
     label: str = ""
+    #: significant digits of the endpoint's floats (None: exact, e.g. float64 sums that
+    #: must add up)
+    digits: Optional[int] = 7
 
     @property
     def fields(self) -> set[str]:
@@ -288,7 +402,8 @@ class Analysis:
         None; a parameter the page does not show takes its default)."""
         out = {}
         for p in self.params:
-            value = query.get(p.url_name, p.default) if p.page else p.default
+            value = p.from_page(query[p.url_name]) if p.page and p.url_name in query \
+                else p.default
             if isinstance(p, Token) and value == "":
                 value = None
             out[p.name] = value
@@ -311,8 +426,9 @@ class Analysis:
         """Run the function (the prompt's forward pass ``fp``, None for scope weights, the
         pair for scope pair)."""
         shape = Shape(lm.cfg, getattr(fp, "n_tokens", None))
-        args = {p.arg or p.name: p.normal(values[p.name], shape) if isinstance(p, Position)
-                else values[p.name] for p in self.params}
+        args = {p.arg or p.name: p.normal(values[p.name], shape)
+                if isinstance(p, (Position, Positions)) else values[p.name]
+                for p in self.params}
         if progress is not None and "progress" in inspect.signature(self.fn).parameters:
             args["progress"] = progress
         if self.scope == "weights":
@@ -354,7 +470,7 @@ def declare(name: str, fn: Callable[..., Any], *, params: Sequence[Param] = (),
             scope: str = "prompt", cost: Cost = reads_the_pass,
             to_json: Callable[[Any], dict[str, Any]] = _fields_json,
             needs: Optional[Mapping[str, str]] = None, paths: Sequence[str] = (),
-            label: str = "") -> Analysis:
+            label: str = "", digits: Optional[int] = 7) -> Analysis:
     """Declare an analysis (see the module's docs); declaring a name again replaces it."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
@@ -367,7 +483,7 @@ def declare(name: str, fn: Callable[..., Any], *, params: Sequence[Param] = (),
         raise ValueError(f"{name}: parameters need distinct names and URL names")
     analysis = Analysis(name=name, fn=fn, params=tuple(params), scope=scope, cost=cost,
                         to_json=to_json, needs=dict(needs or {}), paths=tuple(paths),
-                        label=label or name.replace("-", " "))
+                        label=label or name.replace("-", " "), digits=digits)
     with _LOCK:
         for path in (name, *paths):
             other = _DECLARED.get(path)

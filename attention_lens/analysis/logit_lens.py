@@ -8,13 +8,14 @@ The last stage is the final residual stream, so its logits are the model's logit
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..model.checkpoint import LoadedModel
 from .checks import check_k
+from .declare import Choice, Int, Positions, Token, declare, forward_gflop
 from .errors import AnalysisError
 from .forward import ForwardPass
 from .predictions import TokenLike, display_array, token_id
@@ -264,22 +265,30 @@ def _display(lm: LoadedModel, ids: np.ndarray) -> np.ndarray:
     return out
 
 
-def lens_key(lm: LoadedModel, *, k: int = 5, target: Optional[TokenLike] = None,
-             granularity: Granularity = "sublayer") -> tuple:
-    """The cache key of a logit lens of one forward pass (its arguments checked, the target
-    resolved to its id), so every caller with the same view shares one result."""
-    if granularity not in GRANULARITIES:
-        raise AnalysisError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    return ("logit_lens", check_k(lm, k), None if target is None else token_id(lm, target),
-            granularity)
+#: Largest top-k a logit lens keeps per cell (the page's hover and the API alike).
+MAX_K = 50
 
 
-#: Above this many logits (stages × positions × vocabulary), a logit lens is background work
-#: with a progress bar (about a second of work on two cores; GPT-2 small at 256 tokens is
-#: 25 × 256 × 50,257 = 322 M).
-BACKGROUND_LOGITS = 2 ** 27
+def stage_count(cfg: Any, granularity: str = "sublayer") -> int:
+    """Number of stages of :func:`lens_stages` from the model's config alone."""
+    return 1 + cfg.n_layers * (1 if granularity == "layer" or cfg.attn_only else 2)
 
 
-def is_large(lm: LoadedModel, n_tokens: int, granularity: Granularity = "sublayer") -> bool:
-    """Whether the logit lens of ``n_tokens`` positions should run as background work."""
-    return len(lens_stages(lm, granularity)) * n_tokens * lm.cfg.d_vocab > BACKGROUND_LOGITS
+def lens_cost(cfg: Any, n_tokens: int, values: dict) -> float:
+    """The work of a logit lens in forward passes of the prompt: two multiply-adds per
+    logit of every stage and computed position, against one pass's work."""
+    cols = values.get("positions")
+    cols = n_tokens if cols is None else len({int(q) % max(1, n_tokens) for q in cols})
+    logits = stage_count(cfg, values.get("granularity", "sublayer")) * cols * cfg.d_vocab
+    return 2e-9 * logits * cfg.d_model / forward_gflop(cfg, n_tokens)
+
+
+LOGIT_LENS = declare(
+    "logit-lens", logit_lens,
+    params=[Int("top_k", 5, 1, lambda cfg: min(MAX_K, cfg.d_vocab), url="k", arg="k",
+                label="top k (hover)"),
+            Token("target", label="target token", placeholder="one token, e.g. the"),
+            Choice("granularity", "sublayer", GRANULARITIES, url="stages", label="stages",
+                   labels={"sublayer": "after attention and MLP", "layer": "per layer"}),
+            Positions("positions")],
+    cost=lens_cost)

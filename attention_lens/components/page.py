@@ -31,8 +31,8 @@ from .controls import (
     Control,
     control_id,  # noqa: F401 - pages address their controls through P
     control_input,
+    control_of,
     control_state,
-    controls_of,
     parse_all,
 )
 
@@ -278,7 +278,7 @@ class PageContext:
             return preview()
 
     def run(self, analysis: Any, query: Optional[dict] = None, *, pair: Any = None,
-            **given: Any) -> Any:
+            preview: Optional[dict] = None, wait: bool = True, **given: Any) -> Any:
         """The result of a declared analysis (:mod:`..analysis.declare`) on the prompt (scope
         prompt) or the model's weights: its parameters from the page's validated controls
         ``query`` and ``given`` (values the page chose, by parameter name). Kept with the
@@ -286,7 +286,10 @@ class PageContext:
         inline threshold (scope weights always), read from the store and computed as a
         background job with progress. Scope pair reads ``pair`` (a
         :class:`..analysis.patching.PairInput`) and keeps its result in the registry's
-        weight-analysis cache."""
+        weight-analysis cache. ``preview`` (parameter values naming a cheaper part of
+        the same analysis, e.g. the positions a figure shows first): while that job runs,
+        the part is computed at once and returned instead (see :meth:`weight_or`); without
+        one, ``wait=False`` returns None meanwhile (the page draws its other parts)."""
         values = analysis.values({**(analysis.from_query(query) if query else {}), **given})
         lm = self.model
         if analysis.scope == "pair":
@@ -297,8 +300,15 @@ class PageContext:
                                          lambda m: analysis.compute(m, pair, values, {}))
         fp = self.forward if analysis.scope == "prompt" else None
         req = W.declared(analysis, lm, fp, values)
+        if req is not None and preview is None:
+            return self.weight(req) if wait else self.weight_or(req, lambda: None)
         if req is not None:
-            return self.weight(req)
+            part = analysis.values({**values, **preview})
+            return self.weight_or(req, lambda: self._inline(analysis, lm, fp, part))
+        return self._inline(analysis, lm, fp, values)
+
+    def _inline(self, analysis: Any, lm: Any, fp: Any, values: dict) -> Any:
+        """A declared analysis computed here, kept with the forward pass under its key."""
         needs = dict(zip(analysis.needs, self.weights(*W.needs(analysis)))) \
             if analysis.needs else {}
         from ..analysis.declare import Shape
@@ -624,7 +634,11 @@ def register_page(module: str, *, path: str, name: str, order: int, heading: str
     """
     page = page or module.rsplit(".", 1)[-1].replace("_", "-")
     if analysis is not None:
-        derived = {c.name: c for c in controls_of(analysis)}
+        # a page control named like a parameter replaces its derived one (e.g. a widget
+        # whose labels depend on the model, a slider); a string places the derived one
+        own = {c.name for c in controls if not isinstance(c, str)}
+        derived = {p.url_name: control_of(p) for p in analysis.params
+                   if p.page and p.url_name not in own}
         placed = [c for c in controls if isinstance(c, str)]
         wrong = set(placed) - set(derived)
         if wrong:

@@ -3,29 +3,18 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from typing import Any
 
-import numpy as np
-
-from .. import weight_analyses as W
-from ..analysis.ablation import (
-    HeadSweep,
-    ablate_heads,
-    check_heads,
-    head_sweep,
-    sweep_is_large,
-    sweep_key,
-)
+from ..analysis.ablation import ABLATION, HEAD_SWEEP, check_heads
+from ..analysis.declare import parse_head
 from ..analysis.defaults import chosen_position, preset_heads, repeated_positions
 from ..analysis.errors import AnalysisError
-from ..analysis.predictions import token_id
 from ..components import page as P
-from ..components.controls import Choice, Int, Text
+from ..components.controls import Choice, Text
 from ..figures.ablation import ablation_figure, ablation_positions_figure, sweep_figure
 from ..figures.tokens import quoted
 
 PRESETS = ("induction", "previous-token")
-HEAD_RE = re.compile(r"^L?(\d+)\s*[.:Hh]\s*(\d+)$")
 
 HELP = r"""
 **Zero-ablation** replaces a head's output $z W_O$ by 0 at every position;
@@ -57,10 +46,10 @@ def parse_heads(text: str) -> list[tuple[int, int]]:
     for item in re.split(r"[\s,;]+", text.strip()):
         if not item:
             continue
-        m = HEAD_RE.match(item)
-        if not m:
+        pair = parse_head(item)
+        if pair is None:
             raise AnalysisError(f"cannot read head {item[:20]!r}: write heads as L1H5 or 1.5")
-        pairs.append((int(m.group(1)), int(m.group(2))))
+        pairs.append(pair)
     return pairs
 
 
@@ -72,33 +61,18 @@ def chosen_heads(ctx: P.PageContext, query: dict) -> tuple[list[tuple[int, int]]
     return preset_heads(ctx.model, ctx.forward, query["preset"])
 
 
-def sweep_of(ctx: P.PageContext, method: str, positions: Optional[np.ndarray]
-             ) -> Optional[HeadSweep]:
-    """Every head ablated alone, cached with the forward pass; on a big model a background
-    job the first time (None until it is done: the page's other parts draw meanwhile)."""
-    lm, fp = ctx.model, ctx.forward
-    if sweep_is_large(lm, fp.n_tokens):
-        return ctx.weight_or(W.head_sweep(fp.token_ids, method, positions), lambda: None)
-    return ctx.registry.per_prompt(fp, sweep_key(method, positions),
-                                   lambda: head_sweep(lm, fp, method, positions))
-
-
 def panels(ctx: P.PageContext, query: dict) -> list[Any]:
-    """Which heads and where, top-k before/after, the per-position change, the sweep."""
+    """Which heads and where, top-k before/after, the per-position change, the sweep (on a
+    big model a background job: None until it is done, the other parts draw meanwhile)."""
     lm, fp = ctx.model, ctx.forward
     heads, which = chosen_heads(ctx, query)
     where = chosen_position(fp, query["pos"])
     target = query["target"] or where.target_id
     part = repeated_positions(fp.token_ids)
-    positions = part if part.size else None
-    pairs = check_heads(lm, heads)
-    tid = None if target is None else token_id(lm, target)
-    key = ("ablation", pairs, query["method"], query["k"], where.position, tid,
-           sweep_key(query["method"], positions)[2])
-    result = ctx.registry.per_prompt(fp, key, lambda: ablate_heads(
-        lm, fp, heads=pairs, method=query["method"], k=query["k"], position=where.position,
-        target=target, part=positions))
-    sweep = sweep_of(ctx, query["method"], positions)
+    positions = [int(p) for p in part] if part.size else None
+    result = ctx.run(ABLATION, query, heads=check_heads(lm, heads), position=where.position,
+                     target=target, part=positions)
+    sweep = ctx.run(HEAD_SWEEP, query, positions=positions, wait=False)
     names = " ".join(f"L{la}H{h}" for la, h in result.heads)
     follows = ("the token you typed" if query["target"] else
                "the token that actually comes next" if where.target_id is not None else
@@ -120,14 +94,11 @@ P.register_page(
     heading="Head ablation", lead="Remove heads from the forward pass and compare.",
     help_md=HELP, panels=panels, graphs=["predictions", "positions", "sweep"],
     extras=[("choice", "al-choice")],
+    analysis=ABLATION,
     controls=[Choice("preset", "induction", PRESETS, label="ablate",
                      labels={"induction": "all induction heads",
                              "previous-token": "all previous-token heads"}),
               Text("heads", "", max_len=400, label="or heads", placeholder="e.g. L1H5 L1H0"),
-              Choice("method", "zero", ("zero", "mean"), label="ablation",
-                     labels={"zero": "zero", "mean": "mean over positions"}),
-              Int("k", 10, 1, 50, label="top k"),
-              Int("pos", None, label="position", placeholder="auto (-1 = last)"),
-              Text("target", "", label="target token", placeholder="the actual next token")],
+              "method", "k", "pos", "target"],
     body=lambda parts: [parts["choice"], parts["predictions"],
                         parts["positions"], parts["sweep"]])

@@ -10,26 +10,22 @@ from dash import Input, Output, State, callback, clientside_callback, dcc, html,
 from dash.exceptions import PreventUpdate
 
 from .. import weight_analyses as W
+from ..analysis import declare as D
 from ..analysis.errors import AnalysisError
 from ..analysis.graph import (
+    GRAPH,
     MAX_EDGES,
+    ExplainedGraph,
     GraphView,
-    check_size,
     default_position,
-    estimated_edges,
-    graph_json,
-    graph_view,
     largest_position,
 )
 from ..components import page as P
 from ..components import shell
-from ..components.controls import Int, Text, control_id
+from ..components.controls import Int, control_id
 from ..figures.graph import graph_figure, graph_table
 
 PAGE = "graph"
-#: Graphs up to this many edges are built in the page's callback; larger ones (GPT-2-sized
-#: models) run as a background job with a progress bar.
-INLINE_EDGES = 3_000_000
 DETAIL, JSON_BTN, JSON_DL, JSON_STATUS = (f"{PAGE}-detail", f"{PAGE}-ct-json",
                                           f"{PAGE}-ct-download", f"{PAGE}-ct-status")
 
@@ -106,7 +102,7 @@ class Share:
             style={"minWidth": "14rem", "flex": "1 1 14rem", "paddingRight": "1.5rem"})
 
 
-def view_of(ctx: P.PageContext, query: dict) -> tuple[GraphView, list[str]]:
+def view_of(ctx: P.PageContext, query: dict) -> tuple[ExplainedGraph, list[str]]:
     """The pruned graph for the page's query (a background job on big models)."""
     lm, fp = ctx.model, ctx.forward
     notes = []
@@ -122,24 +118,13 @@ def view_of(ctx: P.PageContext, query: dict) -> tuple[GraphView, list[str]]:
                          f"{MAX_EDGES / 1e6:.1f} M edges); later positions are refused.")
     if not -fp.n_tokens <= pos < fp.n_tokens:
         raise AnalysisError(f"position {pos} is outside the prompt: it has {fp.n_tokens} tokens")
-    n = (pos % fp.n_tokens) + 1
-    check_size(lm.cfg, n)  # before any job starts
-    args = dict(target=query["target"] or None, contrast=query["contrast"] or None,
-                position=pos, node_threshold=query["node"] / 100,
-                edge_threshold=query["edge"] / 100)
-    if estimated_edges(lm.cfg, n) <= INLINE_EDGES:
-        return graph_view(lm, fp, **args), notes
-    req = W.attribution_graph(ctx.state["text"], ctx.registry.max_tokens or 0,
-                              query["target"],
-                              query["contrast"], pos, args["node_threshold"],
-                              args["edge_threshold"])
-    notes.append("This model's graph is large: it was built as a background job.")
-    return ctx.weight(req), notes
+    return ctx.run(GRAPH, query, position=pos, truncate=True), notes
 
 
 def panels(ctx: P.PageContext, query: dict) -> list:
     """The graph figure and the node table."""
-    view, notes = view_of(ctx, query)
+    explained, notes = view_of(ctx, query)
+    view = explained.view
     g = view.graph
     notes.append(
         f"Explaining the logit of {g.target_display!r}"
@@ -148,10 +133,7 @@ def panels(ctx: P.PageContext, query: dict) -> list:
         + f" at position {g.position} {g.display[g.position]!r} (p = {g.probability:.3f}). "
         f"All edges into it sum to logit − b_U = {g.logit - g.bias:+.4f}; the kept ones carry "
         f"{view.kept_target_share:.1%} of it.")
-    export = graph_json(g, view.pruned, slug=f"{ctx.model.name}-graph",
-                        prompt=ctx.forward.text, model_name=ctx.model.name,
-                        tokens=ctx.forward.tokens)
-    return [P.Panel("graph", graph_figure(view), export),
+    return [P.Panel("graph", graph_figure(view), explained.graph_file()),
             P.Html("nodes", _node_table(view, ctx.state)),
             *[P.Notice(n) for n in notes]]
 
@@ -185,12 +167,12 @@ P.register_page(
     description="How the prediction is built: every path from the prompt's tokens through "
                 "the heads to the target logit, exactly, then pruned.",
     help_md=HELP, panels=panels, graphs=["graph"], extras=["nodes"],
-    controls=[Text("target", "", 60, label="target token", placeholder="top prediction"),
-              Text("contrast", "", 60, label="minus token", placeholder="none"),
+    analysis=GRAPH,
+    controls=["target", "contrast",
               Int("position", None, -4096, lambda cfg: cfg.n_ctx - 1, label="position",
                   placeholder="last"),
-              Share("node", 80, label="node threshold (share of influence kept)"),
-              Share("edge", 98, label="edge threshold")],
+              *[Share(p.url_name, p.percent, p.label) for p in GRAPH.params
+                if isinstance(p, D.Share)]],
     body=lambda parts: [
         # a clicked node's details: beside the graph, above the table (scrolled into view)
         dbc.Row([dbc.Col(parts["graph"], lg=8),
@@ -249,10 +231,8 @@ def graph_file(n_clicks: Optional[int], state: Optional[dict], query: Optional[d
         ctx = P.PageContext(state)
         q, _ = spec.query({k: v for k, v in (query or {}).items() if k != P.SOURCE},
                           spec.config(state.get("model")))
-        view, _ = view_of(ctx, q)
-        data = graph_json(view.graph, view.pruned, slug=f"{ctx.model.name}-graph",
-                          prompt=ctx.forward.text, model_name=ctx.model.name,
-                          tokens=ctx.forward.tokens)
+        explained, _ = view_of(ctx, q)
+        view, data = explained.view, explained.graph_file()
     except W.Missing:
         return no_update, shell.alert("The graph is still being built; try again when it is "
                                       "drawn.", color="warning")

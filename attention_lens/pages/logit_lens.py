@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from .. import weight_analyses as W
 from ..analysis.defaults import chosen_position
-from ..analysis.logit_lens import is_large, lens_key, logit_lens
+from ..analysis.logit_lens import LOGIT_LENS
 from ..components import page as P
-from ..components.controls import Choice, Int, Text
+from ..components.controls import Choice, Int, control_of
 from ..figures.logit_lens import WINDOW, logit_lens_figure, logit_lens_target_figure
 
 HELP = r"""
@@ -40,18 +39,10 @@ def panels(ctx: P.PageContext, query: dict) -> list:
     if target is None and pos == fp.n_tokens - 1:
         # the last position has no actual next token: follow the model's final top guess
         target = int(fp.logits[pos].argmax())
-    key = lens_key(ctx.model, k=query["k"], target=target, granularity=query["stages"])
-    if is_large(ctx.model, fp.n_tokens, key[3]):
-        # the positions in view at first (and the followed one) are drawn at once; the whole
-        # lens is a background job with progress the first time, then read from the store
-        window = sorted({*range(max(0, fp.n_tokens - WINDOW), fp.n_tokens), pos})
-        lens = ctx.weight_or(
-            W.logit_lens(fp.token_ids, key[1], key[2], key[3]),
-            lambda: ctx.registry.per_prompt(fp, (*key, "window", *window), lambda: logit_lens(
-                ctx.model, fp, k=key[1], target=key[2], granularity=key[3], positions=window)))
-    else:
-        lens = ctx.registry.per_prompt(fp, key, lambda: logit_lens(
-            ctx.model, fp, k=key[1], target=key[2], granularity=key[3]))
+    # when the whole lens is a background job, the positions in view at first (and the
+    # followed one) are drawn at once
+    window = sorted({*range(max(0, fp.n_tokens - WINDOW), fp.n_tokens), pos})
+    lens = ctx.run(LOGIT_LENS, query, target=target, preview={"positions": window})
     colour = query["colour"] if (query["colour"] != "target" or target is not None) else "top"
     return [P.Panel("logit-lens", logit_lens_figure(lens, colour=colour), lens),
             P.Panel("trajectory", logit_lens_target_figure(lens, position=pos), lens)]
@@ -74,13 +65,13 @@ P.register_page(
                 "token's trajectory.",
     heading="Logit lens", lead="What each layer would predict if the model stopped there.",
     help_md=HELP, panels=panels, graphs=["logit-lens", "trajectory"],
+    analysis=LOGIT_LENS,
     controls=[
-        Int("k", 5, 1, 20, label="top k (hover)"),
+        "k",
         Choice("colour", "top", ("top", "actual", "target"), label="colour by",
                labels={"top": "top token", "actual": "actual next token",
                        "target": "target token"}),
-        Text("target", "", label="target token", placeholder="one token, e.g. the"),
+        "target",
         Int("pos", None, label="position", placeholder="auto (-1 = last)"),
-        StagesChoice("stages", "sublayer", ("sublayer", "layer"), label="stages",
-                     labels={"sublayer": "after attention and MLP", "layer": "per layer"}),
+        StagesChoice(**vars(control_of(LOGIT_LENS.params[2]))),
     ])

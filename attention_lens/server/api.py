@@ -324,26 +324,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
             data["resid"] = {resid.labels[s]: jsonable(resid.resid[s]) for s in stages}
         return {**part, "residual_stream": data, "head_outputs": jsonable(head_outputs(lm, fp))}
 
-    # ---------------------------------------------------------------- logit lens
-    @endpoint("/logit-lens", ("POST",))
-    def logit_lens() -> dict[str, Any]:
-        from ..analysis.logit_lens import GRANULARITIES, checked_positions, lens_key
-        from ..analysis.logit_lens import logit_lens as analyse
-
-        body = json_body(base | {"top_k", "target", "granularity", "positions"})
-        lm, fp, part = prompt(body)
-        k = int_field(body, "top_k", 5, 1, min(MAX_GRID_K, lm.cfg.d_vocab))
-        gran = choice_field(body, "granularity", "sublayer", tuple(GRANULARITIES))
-        key = lens_key(lm, k=k, target=token_field(body, "target"), granularity=gran)
-        cols = body.get("positions")
-        if cols is not None and not isinstance(cols, list):
-            raise ApiError("'positions' must be a list of token positions, e.g. [-3, -2, -1]")
-        if cols is not None:  # only these columns (the others come back null)
-            cols = [int(c) for c in checked_positions(cols, fp.n_tokens)]
-        res = registry.per_prompt(
-            fp, key if cols is None else (*key, "positions", *cols),
-            lambda: analyse(lm, fp, k=k, target=key[2], granularity=gran, positions=cols))
-        return {**part, "result": jsonable(res)}
+    # the logit lens is declared (analysis.logit_lens.LOGIT_LENS): POST /api/logit-lens
 
     # ------------------------------------------------------------------- weights
     @endpoint("/weights", ("GET",))
@@ -453,27 +434,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         return {**part, "layer": layer, "head": head, "attention_spectrum": spectrum,
                 "circuits": circuits}
 
-    # ----------------------------------------------------------------- ablation
-    @endpoint("/ablation", ("POST",))
-    def ablation() -> dict[str, Any]:
-        from ..analysis.ablation import METHODS, ablate_heads
-
-        body = json_body(base | {"heads", "method", "top_k", "position", "target"})
-        lm, fp, part = prompt(body)
-        heads = heads_field(lm, body)
-        if not heads:
-            raise ApiError("'heads' is empty: choose at least one [layer, head] to ablate")
-        method = choice_field(body, "method", "zero", tuple(METHODS))
-        k = int_field(body, "top_k", 10, 1, min(MAX_GRID_K * 20, lm.cfg.d_vocab))
-        pos = int_field(body, "position", -1, -fp.n_tokens, fp.n_tokens - 1,
-                        f" (the prompt has {fp.n_tokens} tokens)")
-        target = token_field(body, "target")
-        key = ("api-ablation", tuple(tuple(h) for h in heads), method, k, pos, target)
-        res = registry.per_prompt(fp, key, lambda: ablate_heads(
-            lm, fp, heads=heads, method=method, k=k, position=pos, target=target))
-        extra = {"target_logit_change": res.target_logit_change,
-                 "target_prob_change": res.target_prob_change, "loss_change": res.loss_change}
-        return {**part, "result": {**jsonable(res), **jsonable(extra)}}
+    # ablation is declared (analysis.ablation.ABLATION): POST /api/ablation
 
     # ------------------------------------------------------- further analyses
     # An analysis declared in analysis/ (analysis.declare) gets its endpoint POST /api/<name>
@@ -609,43 +570,8 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
                 "value": v, "text": res.describe(i, j)} for i, j, v in res.top_terms(10)]
         return {**part, "result": {**jsonable(res), "total": res.total, "top_terms": top}}
 
-    @endpoint("/graph", ("POST",))
-    def graph_route() -> dict[str, Any]:
-        from ..analysis.graph import check_size, graph_json
+    # the attribution graph is declared (analysis.graph.GRAPH): POST /api/graph
 
-        body = json_body(base | {"target", "contrast", "position", "node_threshold",
-                                 "edge_threshold", "truncate"})
-        lm, fp, part = prompt(body)
-        whole_prompt(body, fp, lm)
-        pos = int_field(body, "position", -1, -fp.n_tokens, fp.n_tokens - 1,
-                        f" (the prompt has {fp.n_tokens} tokens)")
-        check_size(lm.cfg, pos % fp.n_tokens + 1)  # a 400 naming the reach, before any job
-        shares = {}
-        for key, default in (("node_threshold", 0.8), ("edge_threshold", 0.98)):
-            value = body.get(key, default)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                    not 0 < value <= 1:
-                raise ApiError(f"{key!r} must be a number in (0, 1] (a share of the total "
-                               f"influence), got {value!r}"[:200])
-            shares[key] = float(value)
-        target, contrast = token_field(body, "target"), token_field(body, "contrast")
-        if target is not None:
-            from ..analysis.predictions import token_id
-            token_id(lm, target)  # a bad target is a 400 before any job starts
-        req = W.attribution_graph(body["text"], registry.max_tokens or 0,
-                                  "" if target is None else target,
-                                  "" if contrast is None else contrast, pos,
-                                  shares["node_threshold"], shares["edge_threshold"])
-        view = run_weight_analyses(lm, req)[0]
-        g = view.graph
-        return {**part, "result": {
-            "target": g.label(g.target), "position": g.position, "logit": g.logit,
-            "bias": g.bias, "sum_into_target": float(g.weight[g.dst == g.target].sum()),
-            "kept_target_share": view.kept_target_share, "n_nodes": g.n_nodes,
-            "n_edges": len(g.weight), "n_nodes_full": view.n_nodes_full,
-            "n_edges_full": view.n_edges_full,
-            "graph": graph_json(g, view.pruned, slug=f"{lm.name}-graph", prompt=fp.text,
-                                model_name=lm.name, tokens=fp.tokens)}}
     # ------------------------------------------------- dataset heads and comparison
     def dataset_of(body: dict[str, Any]) -> Any:
         from ..analysis.datasets import SHIPPED, parse_upload, remember_upload
@@ -794,7 +720,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
                 if spec.needs else {}
             res = registry.per_prompt(fp, spec.key(values, shape),
                                       lambda: spec.compute(lm, fp, values, needs))
-        return {**part, **jsonable(spec.to_json(res))}
+        return {**part, **jsonable(spec.to_json(res), digits=spec.digits)}
 
     def run_pair(spec: declare.Analysis, lm: LoadedModel, pair: Any,
                  values: dict[str, Any]) -> Any:

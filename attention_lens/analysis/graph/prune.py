@@ -55,6 +55,12 @@ class PrunedGraph:
         return int(self.edge_mask.sum())
 
 
+#: The shares of total influence a pruned graph keeps by default (circuit-tracer's): the one
+#: definition the page, the API and the functions below read.
+NODE_THRESHOLD = 0.8
+EDGE_THRESHOLD = 0.98
+
+
 def check_threshold(name: str, value: float) -> float:
     """Return ``value`` if it is a share in (0, 1]."""
     if isinstance(value, bool) or not isinstance(value, Real) or not np.isfinite(value):
@@ -102,8 +108,8 @@ def _find_threshold(scores: np.ndarray, share: float) -> float:
     return float(ordered[index])
 
 
-def prune_graph(graph: AttributionGraph, node_threshold: float = 0.8,
-                edge_threshold: float = 0.98) -> PrunedGraph:
+def prune_graph(graph: AttributionGraph, node_threshold: float = NODE_THRESHOLD,
+                edge_threshold: float = EDGE_THRESHOLD) -> PrunedGraph:
     """Prune by cumulative influence on the target, as circuit-tracer prunes.
 
     At 1.0 (both thresholds) everything is kept.
@@ -201,7 +207,8 @@ def subgraph(graph: AttributionGraph, pruned: PrunedGraph) -> GraphView:
 
 def graph_view(lm: LoadedModel, fp: ForwardPass, *, target: Optional[TokenLike] = None,
                contrast: Optional[TokenLike] = None, position: int = -1,
-               node_threshold: float = 0.8, edge_threshold: float = 0.98,
+               node_threshold: float = NODE_THRESHOLD,
+               edge_threshold: float = EDGE_THRESHOLD,
                progress: Progress = None) -> GraphView:
     """Build the attribution graph, prune it and keep what survives."""
     node_threshold = check_threshold("node threshold", node_threshold)
