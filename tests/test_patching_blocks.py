@@ -78,13 +78,39 @@ def test_the_engine_calls_the_models_blocks(family, monkeypatch):
     lm = family
     ids = lm.tokenizer.encode(CLEAN)
     s = P._Setup(lm, CLEAN, CORRUPTED, ids[1], ids[2], "logit_diff", "denoising", -1)
-    for cls, name in ((T.Norm, "forward"), (T.MLP, "forward"), (T.Attention, "project"),
-                      (T.Attention, "attend"), (T.Attention, "output")):
+    for cls, name in ((T.Norm, "fused"), (T.MLP, "fused"), (T.Attention, "project"),
+                      (T.Attention, "attend_fused"), (T.Attention, "output")):
         counted(cls, name)
     with torch.no_grad():
         P._exact_grid(s, "resid_pre", None)
         P._exact_grid(s, "head_q", None)
-    needed = {"Norm.forward", "Attention.project", "Attention.attend", "Attention.output"}
+    needed = {"Norm.fused", "Attention.project", "Attention.attend_fused", "Attention.output"}
     if not lm.cfg.attn_only:
-        needed.add("MLP.forward")
+        needed.add("MLP.fused")
     assert needed <= {k for k, v in calls.items() if v}, calls
+
+
+def test_the_fused_forms_equal_the_hooked_forward(family):
+    """The forms without hooks the engine calls (one fused kernel each) compute what the
+    model's forward computes."""
+    lm = family
+    blk = lm.model.blocks[1]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, lm.cfg.d_model, generator=g)
+    resid = torch.randn(3, 7, lm.cfg.d_model, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(blk.ln1.fused(x), blk.ln1(x), rtol=1e-5, atol=1e-5)
+        if not lm.cfg.attn_only:
+            torch.testing.assert_close(blk.mlp.fused(x), blk.mlp(x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(blk.mlp.fused(x, resid), blk.mlp(x) + resid,
+                                       rtol=1e-5, atol=1e-5)
+        a = blk.attn
+        q, k, v = (a.rotary(a.project(x, c), torch.arange(7)) if c != "v" else
+                   a.project(x, c) for c in "qkv")
+        for q_pos in (torch.arange(7), torch.arange(3, 7)):
+            torch.testing.assert_close(a.attend_fused(q[:, q_pos], k, v, q_pos),
+                                       a.attend(q[:, q_pos], k, v, q_pos), rtol=1e-5,
+                                       atol=1e-5)
+        # forward is made of these pieces
+        torch.testing.assert_close(a.output(a.attend(q, k, v, torch.arange(7))), a(x),
+                                   rtol=1e-6, atol=1e-6)

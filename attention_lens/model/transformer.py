@@ -38,6 +38,13 @@ class Norm(nn.Module):
         x = self.hook_normalized(x / scale)
         return x * self.w + self.b if self.kind == "LN" else x * self.w
 
+    def fused(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` without its hooks, LayerNorm in one fused kernel (the rows
+        activation patching recomputes; equal to forward to rounding, tested)."""
+        if self.kind == "LN":
+            return F.layer_norm(x, (x.shape[-1],), self.w, self.b, self.eps)
+        return self(x)
+
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """Apply rotary position embeddings to the first ``rotary_dim`` dims of q or k [b,p,h,e]."""
@@ -111,6 +118,16 @@ class Attention(nn.Module):
         pattern = self.hook_pattern(scores.softmax(dim=-1))
         return torch.einsum("bhqk,bkhe->bqhe", pattern, v)
 
+    def attend_fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     q_pos: torch.Tensor) -> torch.Tensor:
+        """:meth:`attend` without its hooks, in one fused kernel (scores, mask, softmax and
+        the weighted sum; the same scale); equal to it to rounding, tested."""
+        allowed = torch.arange(k.shape[1], device=q.device)[None, :] <= q_pos[:, None]
+        z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                           v.transpose(1, 2), attn_mask=allowed,
+                                           scale=1 / math.sqrt(self.cfg.d_head))
+        return z.transpose(1, 2)
+
     def output(self, z: torch.Tensor) -> torch.Tensor:
         """The attention output of z rows [..., h, e] (bias included) -> [..., d]."""
         return torch.einsum("...he,hed->...d", z, self.W_O) + self.b_O
@@ -168,6 +185,22 @@ class MLP(nn.Module):
         else:
             post = self.hook_post(self.act(self.hook_pre(x @ self.W_in + self.b_in)))
         return post @ self.W_out + self.b_out
+
+    def fused(self, x: torch.Tensor, resid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:meth:`forward` without its hooks (plus ``resid`` when given), each product fused
+        with its bias (the rows activation patching recomputes; equal to forward to
+        rounding, tested)."""
+        if self.gated:
+            out = self(x)
+            return out if resid is None else out + resid
+        x2 = x.reshape(-1, x.shape[-1])
+        post = self.act(torch.addmm(self.b_in, x2, self.W_in))
+        if resid is None:
+            out = torch.addmm(self.b_out, post, self.W_out)
+        else:
+            out = torch.addmm(resid.reshape(-1, self.W_out.shape[1]), post, self.W_out)
+            out += self.b_out
+        return out.view(*x.shape[:-1], self.W_out.shape[1])
 
 
 class Block(nn.Module):

@@ -10,7 +10,7 @@ from typing import Optional, Union
 import torch
 
 from ...model.checkpoint import LoadedModel
-from ...model.transformer import rotate
+from ...model.transformer import Norm, rotate
 from .runs import _Run
 from .terms import Metric
 
@@ -66,14 +66,16 @@ class _Engine:
         return rotate(x.transpose(0, 1), positions[:, 0], self.cfg).transpose(0, 1)
 
     # The blocks' arithmetic is the model's own (model/transformer.py: Norm, MLP and the
-    # pieces of Attention); the engine only chooses which rows to run through it.
+    # pieces of Attention, in their fused forms without hooks); the engine only chooses
+    # which rows to run through it.
     def _proj(self, j: int, x: torch.Tensor, which: str) -> torch.Tensor:
         """q, k or v of normalised rows x [..., p, d] -> [..., p, h, e] (before rotary)."""
         return self.model.blocks[j].attn.project(x, which.lower())
 
     def _norm(self, module_name: str, j: int, x: torch.Tensor) -> torch.Tensor:
         """The block's norm (``ln1`` or ``ln2``) of rows x."""
-        return getattr(self.model.blocks[j], module_name)(x)
+        norm = getattr(self.model.blocks[j], module_name)
+        return norm.fused(x) if isinstance(norm, Norm) else norm(x)
 
     def _out(self, j: int, z: torch.Tensor, resid: Optional[torch.Tensor] = None
              ) -> torch.Tensor:
@@ -86,7 +88,7 @@ class _Engine:
                q_pos: torch.Tensor) -> torch.Tensor:
         """Layer j's causal attention of queries q [B, nq, h, e] at positions q_pos [nq] over
         keys and values k, v [B, T, h, e] -> z [B, nq, h, e]."""
-        return self.model.blocks[j].attn.attend(q, k, v, q_pos)
+        return self.model.blocks[j].attn.attend_fused(q, k, v, q_pos)
 
     def _base_rows(self, name: str, j: int, p0: int, batch: int) -> torch.Tensor:
         return self.base[name, j][p0:].expand(batch, -1, -1)
@@ -169,8 +171,7 @@ class _Engine:
     def _mlp(self, j: int, x: torch.Tensor, resid: Optional[torch.Tensor] = None
              ) -> torch.Tensor:
         """MLP output of rows x (its LayerNorm included), plus ``resid`` when given."""
-        out = self.model.blocks[j].mlp(self._norm("ln2", j, x))
-        return out if resid is None else out + resid
+        return self.model.blocks[j].mlp.fused(self._norm("ln2", j, x), resid)
 
     def _rows_like(self, st: _State, name: str, j: int, like: _State) -> torch.Tensor:
         """Base rows ``name`` of layer j at the rows ``like`` holds."""
