@@ -58,7 +58,7 @@ class Request:
             from .analysis import declare
 
             spec = declare.find(params["analysis"])
-            if spec is not None and "{" in spec.label:
+            if spec is not None:  # its label may name parameters: "{method}-ablation"
                 return spec.label.format(**json.loads(params["params"]))
         return ANALYSES[self.name].label.format(**params)
 
@@ -331,6 +331,18 @@ def embedding_pca(matrix: str = "W_E", token_filter: str = "frequent", max_token
     return request("embedding_pca", matrix=matrix, token_filter=token_filter,
                    max_tokens=int(max_tokens), n_components=int(n_components),
                    n_clusters=int(n_clusters), centre=bool(centre))
+
+
+# ------------------------------------------------------------------------ dataset runs
+# Runs over a dataset's windows (head metrics, loss by position) depend on the weights and
+# the dataset's content: the dataset's sha256 is a parameter, so each is cached per weights
+# and dataset. Uploaded documents are kept in the shared store, where a job process finds
+# them by that hash.
+#: Seconds an uploaded dataset stays in the shared store.
+UPLOAD_TTL_S = 7 * 24 * 3600
+#: Uploaded datasets the shared store keeps (each at most 512 KiB; the oldest goes first).
+MAX_STORED_UPLOADS = 64
+_UPLOAD_INDEX = "datasets:uploaded"
 
 
 def store_errors() -> tuple[type[BaseException], ...]:
