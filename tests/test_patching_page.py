@@ -11,11 +11,8 @@ from conftest import restored_background
 from attention_lens.analysis import declare as D
 from attention_lens.analysis import patching as PT
 from attention_lens.components import page as P
-from attention_lens.figures.patching import (
-    parse_head_label,
-    patching_figure,
-    patching_scatter_figure,
-)
+from attention_lens.analysis.labels import parse_head_label
+from attention_lens.figures.patching import patching_figure, patching_scatter_figure
 from attention_lens.server import ServerConfig, create_server
 
 STATE = {"model": "attn-only-2l", "text": "Harry Potter went to the shop.", "pos": None}

@@ -33,13 +33,13 @@ import inspect
 import json
 import os
 import pkgutil
-import re
 import threading
 from dataclasses import dataclass, field
 from numbers import Integral
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from .errors import AnalysisError
+from .labels import parse_head
 
 Bound = Union[int, None, Callable[[Any], Optional[int]]]
 SCOPES = ("prompt", "weights", "dataset", "pair")
@@ -266,16 +266,6 @@ class Positions(Param):
         if value is None or not n:
             return None if value is None else tuple(value)
         return tuple(sorted({int(q) % n for q in value}))
-
-
-#: A head written as a label: ``L1H5``, ``1.5``, ``1:5`` or ``1h5``.
-HEAD_LABEL = re.compile(r"^L?(\d+)\s*[.:Hh]\s*(\d+)$")
-
-
-def parse_head(label: str) -> Optional[tuple[int, int]]:
-    """``"L1H5"`` (or ``"1.5"``) -> (1, 5); None for anything else."""
-    m = HEAD_LABEL.match(label.strip())
-    return None if m is None else (int(m.group(1)), int(m.group(2)))
 
 
 @dataclass(frozen=True)

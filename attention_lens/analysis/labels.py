@@ -45,6 +45,6 @@ def parse_heads(text: str, what: str = "head") -> list[tuple[int, int]]:
             continue
         head = parse_head(item)
         if head is None:
-            raise AnalysisError(f"cannot read {what} {item[:20]!r}: write a head as L1H5 or 1.5")
+            raise AnalysisError(f"cannot read {what} {item[:20]!r}: write heads as L1H5 or 1.5")
         heads.append(head)
     return heads

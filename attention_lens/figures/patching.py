@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import plotly.graph_objects as go
 
-from ..analysis.labels import head_label, parse_head_label  # noqa: F401 (re-exported)
+from ..analysis.labels import head_label
 from .theme import DIVERGING, QUALITATIVE, TEMPLATE, number, position_labels, wrap_title
 from .tokens import esc, finish
 

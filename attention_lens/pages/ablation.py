@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from ..analysis.ablation import ABLATION, HEAD_SWEEP, check_heads
-from ..analysis.declare import parse_head
+from ..analysis.labels import parse_heads
 from ..analysis.defaults import chosen_position, preset_heads, repeated_positions
-from ..analysis.errors import AnalysisError
 from ..components import page as P
 from ..components.controls import Choice, Text
 from ..figures.ablation import ablation_figure, ablation_positions_figure, sweep_figure
@@ -38,19 +36,6 @@ not repeat itself) rises.
 part (where the model gained most from the earlier copy) and follows the token that
 actually comes next there; otherwise at the last position and its top prediction.
 """
-
-
-def parse_heads(text: str) -> list[tuple[int, int]]:
-    """``"L1H5, 1.0"`` -> ``[(1, 5), (1, 0)]``; a readable error for anything else."""
-    pairs = []
-    for item in re.split(r"[\s,;]+", text.strip()):
-        if not item:
-            continue
-        pair = parse_head(item)
-        if pair is None:
-            raise AnalysisError(f"cannot read head {item[:20]!r}: write heads as L1H5 or 1.5")
-        pairs.append(pair)
-    return pairs
 
 
 def chosen_heads(ctx: P.PageContext, query: dict) -> tuple[list[tuple[int, int]], str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 from typing import Any, Optional
 
 import dash_bootstrap_components as dbc
@@ -16,13 +15,12 @@ from ..analysis import declare as D
 from ..analysis import patching as PT
 from ..analysis.defaults import answered_pair
 from ..analysis.errors import AnalysisError
+from ..analysis.labels import head_label, parse_head, parse_head_label
 from ..components import page as P
 from ..components import shell
 from ..components.controls import Choice, Int, Text
 from ..figures.patching import (
-    head_label,
     pair_set_figure,
-    parse_head_label,
     patching_figure,
     patching_scatter_figure,
     path_patching_figure,
@@ -32,7 +30,6 @@ from ..figures.tokens import quoted
 PAGE = "patching"
 USE_PROMPT = "patching-use-prompt"
 UPLOAD, UPLOAD_STATUS = f"{PAGE}-upload", f"{PAGE}-upload-status"
-SENDER_RE = re.compile(r"^\s*L?(\d+)\s*[.:Hh]\s*(\d+)\s*$")
 
 HELP = r"""
 A **pair** is a clean prompt $x_c$ and a corrupted prompt $x_r$ of the same token length.
@@ -83,10 +80,10 @@ predictions.
 def _sender(text: str, lm: Any) -> Optional[tuple[int, int]]:
     if not text.strip():
         return None
-    m = SENDER_RE.match(text)
-    if not m:
+    head = parse_head(text)
+    if head is None:
         raise AnalysisError(f"cannot read the sender {text[:20]!r}: write a head as L0H2 or 0.2")
-    return int(m.group(1)), int(m.group(2))
+    return head
 
 
 DEFAULT_SENDER = "L0H2"
