@@ -188,7 +188,8 @@ def curve_plan(lm: Any, query: dict, n_tokens: Optional[int]) -> tuple[int, int,
     if query["position"] >= 0:
         n = min(n, query["position"] + 1)
     sizes, rand, work = curve_size(lm.cfg, [n])
-    return sizes, rand, work, work <= CURVE_INLINE_FLOP
+    full = (sizes, rand) == (DEFAULT_SIZES, DEFAULT_RANDOM)
+    return sizes, rand, work, full and work <= CURVE_INLINE_FLOP
 
 
 def head_links(state: dict, pair: dict, layer: int, head: int, position: int) -> list[Any]:
