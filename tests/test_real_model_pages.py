@@ -331,7 +331,9 @@ def test_circuit_finds_the_ioi_name_movers(app, lm):
 def test_readme_pictures_on_smollm2(dash_duo, registry, lm):
     """/patching on the IOI pair, the logit lens of " Paris", the name-mover
     head /attention opens on for the IOI prompt and /graph of " Mary", drawn in the browser
-    with no error; with ATTENTION_LENS_README_SHOTS=DIR the pictures are written there."""
+    with no error, and /circuit on the IOI pair with its faithfulness curve; with
+    ATTENTION_LENS_README_SHOTS=DIR the pictures are written there
+    (ATTENTION_LENS_README_PAGES=circuit,... takes only those)."""
     from test_browser import graph_js, url
     from test_geometry import set_size, small_screenshot
 
@@ -358,6 +360,9 @@ def test_readme_pictures_on_smollm2(dash_duo, registry, lm):
         "circuit": ("/circuit", {}),
     }
     out = os.environ.get("ATTENTION_LENS_README_SHOTS")
+    only = os.environ.get("ATTENTION_LENS_README_PAGES")  # e.g. "circuit,graph": retake some
+    if only:
+        shots = {k: v for k, v in shots.items() if k in only.split(",")}
     for name, (path, params) in shots.items():
         set_size(dash_duo, 1440, 1000)
         dash_duo.driver.get(url(dash_duo, path, model=lm.name, **{"text": IOI, **params}))
