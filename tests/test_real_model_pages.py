@@ -288,7 +288,8 @@ def test_circuit_finds_the_ioi_name_movers(app, lm):
     assert d.errors == [], d.errors
     said = " ".join(d.notes)
     assert "indirect-object" in said and "Faithfulness curve sized from the model's cost" in said
-    assert curve_due(d), "on a 270-head model the curve is a job of its own"
+    due = curve_due(d)  # on a 270-head model the curve is a job of its own (unless stored)
+    assert due or len(d.figures["faithfulness"].data) > 0
     circuit_heads = {r[0] for r in _rows(d.extras["heads"], "inputs in the circuit")}
     movers = _rows(d.extras["heads"], "attention to")
     assert movers, str(d.extras["heads"])[:2000]
@@ -320,7 +321,7 @@ def test_circuit_finds_the_ioi_name_movers(app, lm):
     # a name mover: attends to " Mary" from the last position and writes " Mary" − " John"
     writers = [n_ for n_, (a, w) in expected.items() if w > 0]
     assert writers and max(expected[w][0] for w in writers) >= 0.5, expected
-    curve = spec.render(state)  # the second job: the faithfulness curve
+    curve = spec.render(state) if due else d  # the second job: the faithfulness curve
     assert curve.errors == [] and not curve_due(curve)
     fig = curve.figures["faithfulness"]
     assert len(fig.data) > 0 and "80 %" in str(fig.layout)
