@@ -807,7 +807,7 @@ def _tl_eap(tl: Any, clean: list[int], corrupted: list[int], metric: Callable) -
 
 #: ACDC's threshold in the bench, as a fraction of the metric's range (full model minus every
 #: edge ablated).
-ACDC_RELATIVE = 0.005
+ACDC_RELATIVE = 0.02
 
 
 def bench_circuit(reps: int, gpt2: bool = True) -> None:

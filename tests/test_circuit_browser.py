@@ -127,3 +127,18 @@ def test_circuit_page_in_the_browser(dash_duo, registry, bg):
     # on the pair's clean prompt
     assert parse_qs(urlparse(d.current_url).query)["text"] == [PT.DEFAULT_CLEAN]
     assert [e for e in dash_duo.get_logs() or [] if e.get("level") == "SEVERE"] == []
+
+
+def test_circuit_curve_as_a_second_job(dash_duo, registry, bg, monkeypatch):
+    """Where the curve is too much work for the circuit's job (forced here), the circuit is
+    drawn first and the page starts the curve's job by itself."""
+    monkeypatch.setenv("ATTENTION_LENS_CIRCUIT_INLINE_FLOP", "0")
+    dash_duo.start_server(create_app(registry, background=bg))
+    d = dash_duo.driver
+    d.set_window_size(1440, 1000)
+    d.get(url(dash_duo, "/circuit", model=MODEL, text="Harry Potter went.", k=15))
+    wait(dash_duo, has_traces("circuit", "circuit"), timeout=120, what="the circuit")
+    names = wait(dash_duo, f"""(() => {{ const g = {graph_js('circuit', 'faithfulness')};
+        return g && g._fullData && g._fullData.length ? g._fullData.map(t => t.name) : null;
+        }})()""", timeout=180, what="the faithfulness curve")
+    assert "resample: circuit" in names, names

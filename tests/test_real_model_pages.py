@@ -288,7 +288,8 @@ def test_circuit_finds_the_ioi_name_movers(app, lm):
     assert d.errors == [], d.errors
     said = " ".join(d.notes)
     assert "indirect-object" in said and "Faithfulness curve sized from the model's cost" in said
-    assert curve_due(d), "on a 270-head model the curve is a job of its own"
+    due = curve_due(d)  # on a 270-head model the curve is a job of its own (unless stored)
+    assert due or len(d.figures["faithfulness"].data) > 0
     circuit_heads = {r[0] for r in _rows(d.extras["heads"], "inputs in the circuit")}
     movers = _rows(d.extras["heads"], "attention to")
     assert movers, str(d.extras["heads"])[:2000]
@@ -320,7 +321,7 @@ def test_circuit_finds_the_ioi_name_movers(app, lm):
     # a name mover: attends to " Mary" from the last position and writes " Mary" − " John"
     writers = [n_ for n_, (a, w) in expected.items() if w > 0]
     assert writers and max(expected[w][0] for w in writers) >= 0.5, expected
-    curve = spec.render(state)  # the second job: the faithfulness curve
+    curve = spec.render(state) if due else d  # the second job: the faithfulness curve
     assert curve.errors == [] and not curve_due(curve)
     fig = curve.figures["faithfulness"]
     assert len(fig.data) > 0 and "80 %" in str(fig.layout)
@@ -331,7 +332,9 @@ def test_circuit_finds_the_ioi_name_movers(app, lm):
 def test_readme_pictures_on_smollm2(dash_duo, registry, lm):
     """/patching on the IOI pair, the logit lens of " Paris", the name-mover
     head /attention opens on for the IOI prompt and /graph of " Mary", drawn in the browser
-    with no error; with ATTENTION_LENS_README_SHOTS=DIR the pictures are written there."""
+    with no error, and /circuit on the IOI pair with its faithfulness curve; with
+    ATTENTION_LENS_README_SHOTS=DIR the pictures are written there
+    (ATTENTION_LENS_README_PAGES=circuit,... takes only those)."""
     from test_browser import graph_js, url
     from test_geometry import set_size, small_screenshot
 
@@ -358,6 +361,9 @@ def test_readme_pictures_on_smollm2(dash_duo, registry, lm):
         "circuit": ("/circuit", {}),
     }
     out = os.environ.get("ATTENTION_LENS_README_SHOTS")
+    only = os.environ.get("ATTENTION_LENS_README_PAGES")  # e.g. "circuit,graph": retake some
+    if only:
+        shots = {k: v for k, v in shots.items() if k in only.split(",")}
     for name, (path, params) in shots.items():
         set_size(dash_duo, 1440, 1000)
         dash_duo.driver.get(url(dash_duo, path, model=lm.name, **{"text": IOI, **params}))

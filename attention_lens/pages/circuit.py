@@ -4,6 +4,7 @@ the circuit's faithfulness beside random circuits."""
 from __future__ import annotations
 
 import base64
+import os
 import binascii
 import hashlib
 import json
@@ -11,7 +12,7 @@ from typing import Any, Optional
 from urllib.parse import quote
 
 import numpy as np
-from dash import Input, Output, State, callback, dcc, html, no_update
+from dash import Input, Output, State, callback, clientside_callback, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
 from .. import background
@@ -52,6 +53,7 @@ SEARCH_LABELS = {"top_k": "top k edges by |score|",
 #: The faithfulness figure's marker of a curve still to compute: "next" (the circuit's job
 #: has ended; the page starts the curve's job), "running" (its job is under way).
 CURVE_PENDING = "al-curve-pending"
+CURVE_WATCH = f"{PAGE}-curve-watch"
 #: Default ACDC threshold (metric units).
 DEFAULT_THRESHOLD = "0.05"
 
@@ -188,7 +190,9 @@ def curve_plan(lm: Any, query: dict, n_tokens: Optional[int]) -> tuple[int, int,
     if query["position"] >= 0:
         n = min(n, query["position"] + 1)
     sizes, rand, work = curve_size(lm.cfg, [n])
-    return sizes, rand, work, work <= CURVE_INLINE_FLOP
+    full = (sizes, rand) == (DEFAULT_SIZES, DEFAULT_RANDOM)
+    inline = float(os.environ.get("ATTENTION_LENS_CIRCUIT_INLINE_FLOP", CURVE_INLINE_FLOP))
+    return sizes, rand, work, full and work <= inline
 
 
 def head_links(state: dict, pair: dict, layer: int, head: int, position: int) -> list[Any]:
@@ -222,7 +226,7 @@ def curve_pending_figure(state: str, sizes: int, rand: int, runs: int) -> Any:
 
 def curve_due(drawn: Any) -> bool:
     """Whether a drawing of this page (see ``PageSpec.render``) ended the circuit's job with
-    the curve's still to start (the browser starts it at once, see :func:`curve_next`)."""
+    the curve's still to start (the browser starts it at once)."""
     fig = drawn.figures.get("faithfulness")
     meta = getattr(getattr(fig, "layout", None), "meta", None)
     return isinstance(meta, dict) and meta.get(CURVE_PENDING) == "next"
@@ -332,7 +336,7 @@ def panels(ctx: P.PageContext, query: dict) -> list:
         disc = ctx.weight(request(lm, query, pair, (sizes, rand)))
     else:
         # a big model: the circuit's job first (scores, circuit, its faithfulness), drawn
-        # at once; then the curve's job (see curve_next)
+        # at once; then the curve's job (started by the browser, see CURVE_WATCH)
         first = request(lm, query, pair, (sizes, rand), curve=False)
         computed = True
         if ctx.compute:
@@ -429,7 +433,8 @@ SPEC = P.register_page(
                                 f"list of such objects, at most {PT.MAX_PAIRS} pairs; scores "
                                 "are averaged over them"]),
                                 id=UPLOAD, multiple=False, className="al-upload"),
-                            html.Div(id=UPLOAD_STATUS)]),
+                            html.Div(id=UPLOAD_STATUS),
+                            dcc.Interval(id=CURVE_WATCH, interval=1000)]),
                         parts["heads"], parts["faithfulness"], parts["edges"]],
 )
 
@@ -454,17 +459,27 @@ def upload_pairs(contents: Optional[str], filename: Optional[str]) -> tuple:
     return digest, shell.alert(f"Using {name}: {len(pairs)} pairs.", color="info")
 
 
-@callback(Output(job_strip.ids(PAGE)["rerun"], "n_clicks", allow_duplicate=True),
-          Input(P.graph_id(PAGE, "faithfulness"), "figure"),
-          State(job_strip.ids(PAGE)["rerun"], "n_clicks"), prevent_initial_call=True)
-def curve_next(figure: Optional[dict], clicks: Optional[int]) -> int:
-    """Once the circuit's job has drawn the circuit, start the faithfulness curve's job
-    (the page's main callback runs again: the circuit comes from the store, the curve is
-    missing)."""
-    meta = ((figure or {}).get("layout") or {}).get("meta")
-    if not isinstance(meta, dict) or meta.get(CURVE_PENDING) != "next":
-        raise PreventUpdate
-    return int(clicks or 0) + 1
+# Once the circuit's job has drawn the circuit with the curve still to compute (its figure's
+# marker says "next"), the browser starts the curve's job by pressing the strip's Run again:
+# the page's main callback runs again, the circuit comes from the store and the curve is
+# missing. A watch in the browser (no server round trip) rather than a callback on the
+# figure: a figure written by a background job does not trigger callbacks that read it.
+clientside_callback(
+    f"""function(n, figure, clicks) {{
+        const meta = figure && figure.layout && figure.layout.meta;
+        if (!meta || meta["{CURVE_PENDING}"] !== "next") {{
+            return window.dash_clientside.no_update;
+        }}
+        const now = Date.now();
+        if (window.alCurveNext && now - window.alCurveNext < 30000) {{
+            return window.dash_clientside.no_update;
+        }}
+        window.alCurveNext = now;
+        return (clicks || 0) + 1;
+    }}""",
+    Output(job_strip.ids(PAGE)["rerun"], "n_clicks", allow_duplicate=True),
+    Input(CURVE_WATCH, "n_intervals"), State(P.graph_id(PAGE, "faithfulness"), "figure"),
+    State(job_strip.ids(PAGE)["rerun"], "n_clicks"), prevent_initial_call=True)
 
 
 @callback(Output(shell.LOCATION, "href", allow_duplicate=True),
@@ -487,6 +502,6 @@ def open_head(click: Optional[dict], state: Optional[dict], clean: Optional[str]
                            layer=data[0], head=data[1])
 
 
-__all__ = ["SPEC", "curve_due", "curve_next", "curve_pending_figure", "head_links",
+__all__ = ["SPEC", "curve_due", "curve_pending_figure", "head_links",
            "open_head", "panels", "request", "resolve", "threshold",
            "upload_pairs"]
