@@ -66,6 +66,18 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, cfg: ModelConfig) -> torch.
     return torch.cat((x_rot * cos.to(x.dtype) + rotated * sin.to(x.dtype), x_pass), dim=-1)
 
 
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+            resid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ w + b`` (``+ resid``) on the rows' 2-D view, in one fused product."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if resid is None:
+        out = torch.addmm(b, x2, w)
+    else:
+        out = torch.addmm(resid.reshape(-1, w.shape[1]), x2, w)
+        out += b
+    return out.view(*x.shape[:-1], w.shape[1])
+
+
 class Attention(nn.Module):
     """Multi-head causal self-attention with per-head weights [h, d, e] (TransformerLens layout)."""
 
@@ -90,6 +102,7 @@ class Attention(nn.Module):
         self.hook_pattern = HookPoint()  # [b, h, q, k], rows sum to 1
         self.hook_z = HookPoint()  # [b, p, h, e]
         self.hook_result = HookPoint()  # [b, p, h, d]; computed only when hooked
+        self._flat: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
 
     # The pieces below are the one definition of attention: :meth:`forward` is made of them,
     # and activation patching (analysis/patching/engine.py) calls them on the rows it
@@ -99,7 +112,21 @@ class Attention(nn.Module):
         x [..., p, d] -> [..., p, h, e], before rotary positions."""
         w, b = {"q": (self.W_Q, self.b_Q), "k": (self.W_K, self.b_K),
                 "v": (self.W_V, self.b_V)}[which]
-        return torch.einsum("...pd,hde->...phe", x, w) + b
+        h, _, e = w.shape
+        return _linear(x, self._flat_weight(which, w), b.reshape(-1)).unflatten(-1, (h, e))
+
+    def _flat_weight(self, which: str, w: torch.Tensor) -> torch.Tensor:
+        """W [h, d, e] as one [d, h*e] matrix (a copy). Without gradients it is kept while
+        the weight is unchanged (same storage, no in-place change), so the many small runs
+        of activation patching do not copy it again each time."""
+        if torch.is_grad_enabled():
+            return w.permute(1, 0, 2).reshape(w.shape[1], -1)
+        key = (w.data_ptr(), w._version)
+        kept = self._flat.get(which)
+        if kept is None or kept[0] != key:
+            kept = (key, w.detach().permute(1, 0, 2).reshape(w.shape[1], -1))
+            self._flat[which] = kept
+        return kept[1]
 
     def rotary(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotary positions of q or k rows [b, p, h, e] at ``positions`` [p] (unchanged for
@@ -128,9 +155,11 @@ class Attention(nn.Module):
                                            scale=1 / math.sqrt(self.cfg.d_head))
         return z.transpose(1, 2)
 
-    def output(self, z: torch.Tensor) -> torch.Tensor:
-        """The attention output of z rows [..., h, e] (bias included) -> [..., d]."""
-        return torch.einsum("...he,hed->...d", z, self.W_O) + self.b_O
+    def output(self, z: torch.Tensor, resid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The attention output of z rows [..., h, e] (bias included) -> [..., d], plus
+        ``resid`` rows when given (in the same fused product)."""
+        return _linear(z.flatten(-2), self.W_O.reshape(-1, self.W_O.shape[-1]), self.b_O,
+                       resid)
 
     def forward(self, x_q: torch.Tensor, x_kv: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Attend from ``x_q`` to ``x_kv`` (the same normalised stream unless given)."""

@@ -81,8 +81,7 @@ class _Engine:
              ) -> torch.Tensor:
         """Attention output rows from z rows [..., h, e] (bias included), plus ``resid``
         rows of the same shape when given."""
-        out = self.model.blocks[j].attn.output(z)
-        return out if resid is None else out + resid
+        return self.model.blocks[j].attn.output(z, resid)
 
     def attend(self, j: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                q_pos: torch.Tensor) -> torch.Tensor:
