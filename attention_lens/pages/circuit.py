@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import os
 import binascii
-import hashlib
 import json
 from typing import Any, Optional
 from urllib.parse import quote
@@ -15,7 +14,6 @@ import numpy as np
 from dash import Input, Output, State, callback, clientside_callback, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
-from .. import background
 from .. import weight_analyses as W
 from ..analysis import patching as PT
 from ..analysis.circuit import ABLATION_LABELS, ABLATIONS, METHOD_LABELS, METHODS
@@ -454,8 +452,12 @@ def upload_pairs(contents: Optional[str], filename: Optional[str]) -> tuple:
         return no_update, shell.alert(f"{name} could not be read as UTF-8 text")
     except AnalysisError as exc:
         return no_update, shell.alert(f"{name}: {exc}")
-    digest = hashlib.sha256(raw).hexdigest()[:32]
-    background.current().results.set(W.pair_set_key(digest), text)
+    try:
+        digest = W.keep_pair_set(raw)
+    except W.store_errors() as exc:
+        return no_update, shell.alert(f"{name} was read but the server's store cannot keep it "
+                                      f"right now ({type(exc).__name__}): try the upload "
+                                      "again in a moment.")
     return digest, shell.alert(f"Using {name}: {len(pairs)} pairs.", color="info")
 
 
