@@ -69,6 +69,14 @@ def test_every_page_is_registered_and_declared(app):
     assert len(declared()) == len(files) - 1
 
 
+def test_every_page_has_its_own_place_in_the_navbar(app):
+    """No two pages share an ``order`` (the navbar's order is the pages' own, not their paths'
+    alphabet's)."""
+    orders = [p.get("order") for p in dash.page_registry.values() if "attention_lens" in
+              p["module"]]
+    assert None not in orders and len(set(orders)) == len(orders), sorted(orders)
+
+
 def pytest_generate_tests(metafunc):
     """Parametrise ``page_name`` over every page Dash registers (built once here)."""
     if "page_name" in metafunc.fixturenames:

@@ -74,7 +74,7 @@ def panels(ctx: P.PageContext, query: dict) -> list[Any]:
 
 
 P.register_page(
-    __name__, path="/ablation", order=6, name="Ablation", title="Ablation · Attention Lens",
+    __name__, path="/ablation", order=8, name="Ablation", title="Ablation · Attention Lens",
     description="Switch heads off and see what the model predicts without them.",
     heading="Head ablation", lead="Remove heads from the forward pass and compare.",
     help_md=HELP, panels=panels, graphs=["predictions", "positions", "sweep"],

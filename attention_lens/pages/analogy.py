@@ -124,7 +124,7 @@ def panels(ctx: P.PageContext, query: dict) -> list:
 
 
 P.register_page(
-    __name__, path="/analogy", order=9, name="Analogy", title="Analogy · Attention Lens",
+    __name__, path="/analogy", order=12, name="Analogy", title="Analogy · Attention Lens",
     description="Vector arithmetic on embeddings: England − English + French = ?",
     heading="Analogy: vector arithmetic on embeddings",
     lead="Add and subtract words; the nearest tokens to the result are listed, inputs "

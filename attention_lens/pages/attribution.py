@@ -46,7 +46,7 @@ def panels(ctx: P.PageContext, query: dict) -> list[Any]:
 
 
 P.register_page(
-    __name__, path="/attribution", order=5, name="Attribution",
+    __name__, path="/attribution", order=6, name="Attribution",
     title="Attribution · Attention Lens",
     description="How much each head and component pushes a chosen token's logit up or down.",
     heading="Direct logit attribution",

@@ -395,7 +395,7 @@ def panels(ctx: P.PageContext, query: dict) -> list:
 
 
 SPEC = P.register_page(
-    __name__, path="/circuit", name="Circuit", order=13,
+    __name__, path="/circuit", name="Circuit", order=15,
     heading="Circuit discovery: edge attribution and faithfulness",
     title="Circuit · Attention Lens",
     description="Which edges between heads carry the behaviour? Score every edge (EAP, "

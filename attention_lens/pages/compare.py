@@ -241,7 +241,7 @@ def body(parts: dict) -> list:
 
 
 P.register_page(
-    __name__, path="/compare", name="Compare", order=15, heading="Compare",
+    __name__, path="/compare", name="Compare", order=17, heading="Compare",
     title="Compare · Attention Lens",
     description="A clean and a corrupted prompt, the one-layer and the two-layer model: side "
                 "by side and as differences (B − A); in-context-learning curves.",

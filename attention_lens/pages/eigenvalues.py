@@ -72,7 +72,7 @@ def panels(ctx: P.PageContext, query: dict) -> list:
 
 
 P.register_page(
-    __name__, path="/eigenvalues", order=6, name="Eigenvalues",
+    __name__, path="/eigenvalues", order=9, name="Eigenvalues",
     title="Eigenvalues · Attention Lens",
     description="Attention-pattern spectra (the diagonal of a causal pattern) and OV / QK "
                 "circuit eigenvalues with copying scores.",

@@ -163,7 +163,7 @@ def _node_table(view: GraphView, state: dict) -> Any:
 
 
 P.register_page(
-    __name__, path="/graph", name="Graph", order=9, heading="Attribution graph",
+    __name__, path="/graph", name="Graph", order=13, heading="Attribution graph",
     description="How the prediction is built: every path from the prompt's tokens through "
                 "the heads to the target logit, exactly, then pruned.",
     help_md=HELP, panels=panels, graphs=["graph"], extras=["nodes"],

@@ -303,7 +303,7 @@ def body(parts: dict) -> list:
 
 
 P.register_page(
-    __name__, path="/heads", name="Heads", order=14, heading="Heads over a dataset",
+    __name__, path="/heads", name="Heads", order=16, heading="Heads over a dataset",
     title="Heads · Attention Lens",
     description="Every head's behaviour over many windows of text, not one prompt: find heads "
                 "by their metrics, read their strongest and typical examples.",

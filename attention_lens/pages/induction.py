@@ -134,7 +134,7 @@ def panels(ctx: P.PageContext, query: dict) -> list:
 
 
 P.register_page(
-    __name__, path="/induction", order=7, name="Induction", title="Induction · Attention Lens",
+    __name__, path="/induction", order=10, name="Induction", title="Induction · Attention Lens",
     description="Previous-token, duplicate-token, induction and copying scores of every head, "
                 "on the prompt and on a repeated random probe; head labels; Q/K/V composition.",
     heading="Induction and other head types",

@@ -60,7 +60,7 @@ class StagesChoice(Choice):
 
 
 P.register_page(
-    __name__, path="/logit-lens", order=4, name="Logit lens", title="Logit lens · Attention Lens",
+    __name__, path="/logit-lens", order=5, name="Logit lens", title="Logit lens · Attention Lens",
     description="Top tokens read off the residual stream after every layer, and a target "
                 "token's trajectory.",
     heading="Logit lens", lead="What each layer would predict if the model stopped there.",

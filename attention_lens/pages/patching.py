@@ -247,7 +247,7 @@ def panels(ctx: P.PageContext, query: dict) -> list:
 
 
 SPEC = P.register_page(
-    __name__, path="/patching", name="Patching", order=12,
+    __name__, path="/patching", name="Patching", order=14,
     heading="Activation, attribution and path patching",
     title="Patching · Attention Lens",
     description="Does this head matter for this behaviour? Patch activations between a "

@@ -106,7 +106,7 @@ def panels(ctx: P.PageContext, query: dict) -> list:
 
 
 P.register_page(
-    __name__, path="/qk", name="QK attribution", order=8, heading="QK attribution",
+    __name__, path="/qk", name="QK attribution", order=11, heading="QK attribution",
     description="Why a head attends from one token to another: its score split into "
                 "query-side × key-side component terms, exactly.",
     help_md=HELP, panels=panels, graphs=["terms", "top", "dims", "row"], extras=["words"],

@@ -118,7 +118,7 @@ def first_layer_on_big_models(query: dict, cfg: Any) -> dict:
 
 
 P.register_page(
-    __name__, path="/weights", order=5, name="Weights", title="Weights · Attention Lens",
+    __name__, path="/weights", order=7, name="Weights", title="Weights · Attention Lens",
     description="Singular values of each head's OV / QK circuit and the tokens its top "
                 "singular directions read and write.",
     heading="Weights: singular values of each head's circuits",
