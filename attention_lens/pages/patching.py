@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Any, Optional
 
 import dash_bootstrap_components as dbc
@@ -18,6 +16,7 @@ from ..analysis.errors import AnalysisError
 from ..analysis.labels import head_label, parse_head, parse_head_label
 from ..components import page as P
 from ..components import shell
+from ..components.pair_upload import keep_uploaded_pairs
 from ..components.controls import Choice, Int, Text
 from ..figures.patching import (
     pair_set_figure,
@@ -305,24 +304,7 @@ SPEC = P.register_page(
           Input(UPLOAD, "contents"), State(UPLOAD, "filename"), prevent_initial_call=True)
 def upload_pairs(contents: Optional[str], filename: Optional[str]) -> tuple:
     """Check an uploaded set of pairs, keep it in the shared store, name it in the URL."""
-    if not contents:
-        raise PreventUpdate
-    name = str(filename or "the file")[:80]
-    try:
-        raw = base64.b64decode(contents.split(",", 1)[1], validate=True)
-        text = raw.decode("utf-8")
-        pairs = PT.parse_pairs(text)
-    except (IndexError, binascii.Error, UnicodeDecodeError):
-        return no_update, shell.alert(f"{name} could not be read as UTF-8 text")
-    except AnalysisError as exc:
-        return no_update, shell.alert(f"{name}: {exc}")
-    try:
-        digest = W.keep_pair_set(raw)
-    except W.store_errors() as exc:
-        return no_update, shell.alert(f"{name} was read but the server's store cannot keep it "
-                                      f"right now ({type(exc).__name__}): try the upload "
-                                      "again in a moment.")
-    return digest, shell.alert(f"Using {name}: {len(pairs)} pairs.", color="info")
+    return keep_uploaded_pairs(contents, filename)
 
 
 @callback(Output(P.control_id(PAGE, "clean"), "value", allow_duplicate=True),
