@@ -189,6 +189,26 @@ def test_uploaded_pairs_are_averaged_in_a_job(server):
     assert value is dash.no_update and "could not be read" in str(status.children)
 
 
+def test_an_upload_the_store_cannot_keep_is_a_message_on_both_pair_pages(server, monkeypatch):
+    """/patching and /circuit read uploads through one function: a store that cannot keep
+    the file (Redis away, a full disk) gives a message, not a refused callback."""
+    import base64
+
+    from attention_lens import weight_analyses as W
+    from attention_lens.pages import circuit, patching
+
+    def unreachable(raw):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(W, "keep_pair_set", unreachable)
+    csv = f"clean,corrupted,correct,wrong\n\"{PT.DEFAULT_CLEAN}\",\"{PT.DEFAULT_CORRUPTED}\",olid,ouse\n"
+    url = "data:text/csv;base64," + base64.b64encode(csv.encode()).decode()
+    for page in (patching, circuit):
+        value, status = page.upload_pairs(url, "pairs.csv")
+        assert value is dash.no_update
+        assert "cannot keep it right now (OSError)" in str(status.children)
+
+
 @pytest.mark.parametrize("granularity", PT.GRANULARITIES)
 def test_figures_of_every_granularity(tiny_ln, granularity):
     clean = "Harry Potter went to the shop, and Harry"
