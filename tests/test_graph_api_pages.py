@@ -225,5 +225,5 @@ def test_graphs_beyond_the_edge_budget_are_refused_and_the_default_moves(client,
     text = " ".join(t for _, t in spec.render(STATE, compute=False).alerts)
     assert "reach position 19" in text, text
     assert int(text.split("Position ")[1].split()[0]) <= 19
-    alerts = spec.render(STATE, compute=False, position="25").alerts
+    alerts = spec.render(STATE, compute=False, pos="25").alerts
     assert any("choose a position up to 19" in t for _, t in alerts)

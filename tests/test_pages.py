@@ -69,6 +69,23 @@ def test_every_page_is_registered_and_declared(app):
     assert len(declared()) == len(files) - 1
 
 
+def test_a_prompt_position_is_pos_on_every_page_so_a_pinned_token_reaches_it(app):
+    """A token pinned on /tokens travels in the URL as ``pos``: every page whose control
+    chooses a position of the prompt names it so. /patching and /circuit choose the metric's
+    position in a pair of prompts and /compare one in two prompts, not in the pinned one."""
+    own_prompt = {"patching", "circuit", "compare"}
+    for page in P.declared_pages():
+        names = {c.name for c in page.controls}
+        if page.page not in own_prompt:
+            assert "position" not in names, page.page
+    assert {"predictions", "attribution", "logit-lens", "ablation", "graph"} <= {
+        page.page for page in P.declared_pages() if "pos" in {c.name for c in page.controls}}
+    drawn = spec("graph").render(STATE, pos="3")
+    said = [text for _, text in drawn.alerts]
+    assert [c for c, _ in drawn.alerts] == ["info"], drawn.alerts
+    assert "Explaining the logit" in said[0] and " at position 3 " in said[0], said
+
+
 def test_every_page_has_its_own_place_in_the_navbar(app):
     """No two pages share an ``order`` (the navbar's order is the pages' own, not their paths'
     alphabet's)."""

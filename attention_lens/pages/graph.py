@@ -106,7 +106,7 @@ def view_of(ctx: P.PageContext, query: dict) -> tuple[ExplainedGraph, list[str]]
     """The pruned graph for the page's query (a background job on big models)."""
     lm, fp = ctx.model, ctx.forward
     notes = []
-    pos = query["position"]
+    pos = query["pos"]  # the URL's pos: a token pinned on /tokens reaches this page too
     if pos is None:
         reach = largest_position(lm.cfg, fp.n_tokens)
         pos = default_position(fp, reach)
@@ -169,7 +169,7 @@ P.register_page(
     help_md=HELP, panels=panels, graphs=["graph"], extras=["nodes"],
     analysis=GRAPH,
     controls=["target", "contrast",
-              Int("position", None, -4096, lambda cfg: cfg.n_ctx - 1, label="position",
+              Int("pos", None, -4096, lambda cfg: cfg.n_ctx - 1, label="position",
                   placeholder="last"),
               *[Share(p.url_name, p.percent, p.label) for p in GRAPH.params
                 if isinstance(p, D.Share)]],

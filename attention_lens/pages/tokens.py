@@ -24,7 +24,7 @@ surprisal $-\ln p$ in nats (the unit of surprisal and loss on every page) and th
 top-$k$ alternatives.
 
 **Click a token to pin it**: its position becomes the `pos` used by the other pages
-(predictions, logit lens, attribution, ablation) when you follow the navbar links.
+(predictions, logit lens, attribution, ablation, graph) when you follow the navbar links.
 """
 
 

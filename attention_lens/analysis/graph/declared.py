@@ -84,7 +84,7 @@ GRAPH = declare(
     "graph", explain,
     params=[Token("target", label="target token", placeholder="top prediction"),
             Token("contrast", label="minus token", placeholder="none"),
-            Position("position", auto=True, label="position", placeholder="last"),
+            Position("position", url="pos", auto=True, label="position", placeholder="last"),
             Share("node_threshold", NODE_THRESHOLD, url="node",
                   label="node threshold (share of influence kept)"),
             Share("edge_threshold", EDGE_THRESHOLD, url="edge", label="edge threshold"),
