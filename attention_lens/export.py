@@ -155,6 +155,15 @@ def configure(max_concurrent: Optional[int] = None, timeout_s: Optional[float] =
         _LIMITS.timeout_s = float(timeout_s)
 
 
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """The export browser's event loop. A threaded server stopping raises SystemExit in the
+    threads it started (Dash's test runner does): the loop then ends quietly, and the next
+    export starts a new one."""
+    try:
+        loop.run_forever()
+    except SystemExit:
+        log.info("the export browser's event loop was stopped with its server")
+
 class _Renderer:
     """One Chromium (one kaleido tab) per process, started on first use and shared by exports.
 
@@ -183,7 +192,7 @@ class _Renderer:
                     return k
 
                 loop = asyncio.new_event_loop()
-                self._thread = threading.Thread(target=loop.run_forever, daemon=True,
+                self._thread = threading.Thread(target=_run_loop, args=(loop,), daemon=True,
                                                 name="attention-lens-kaleido")
                 self._thread.start()
                 try:

@@ -119,3 +119,31 @@ def test_an_export_past_its_timeout_stops_with_a_message():
     with pytest.raises(export.ExportError, match="longer than"):
         export.page_zip("test", panels(4), {}, {}, timeout=0.05)
     assert export.page_zip("test", panels(1), {}, {})  # the next export works again
+
+
+def test_the_export_loop_ends_quietly_when_its_server_stops_the_thread():
+    """Dash's threaded runner raises SystemExit in every thread it started when it stops:
+    the export browser's loop thread ends without an unhandled-thread error (the next export
+    starts a new loop)."""
+    import asyncio
+    import ctypes
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=export._run_loop, args=(loop,), daemon=True)
+    unhandled: list = []
+    old_hook = threading.excepthook
+    threading.excepthook = unhandled.append
+    try:
+        thread.start()
+        deadline = time.monotonic() + 5
+        while not loop.is_running() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ctypes.pythonapi.PyThreadState_SetAsyncExc(
+            ctypes.c_ulong(thread.ident), ctypes.py_object(SystemExit)) == 1
+        loop.call_soon_threadsafe(lambda: None)  # wake the loop so the exception is raised
+        thread.join(5)
+        assert not thread.is_alive()
+    finally:
+        threading.excepthook = old_hook
+        loop.close()
+    assert unhandled == []
