@@ -979,7 +979,7 @@ def bench_graph(reps: int, gpt2: bool = True) -> None:
     (``gpt2``) a random GPT-2-small-shaped model with MLPs as opaque nodes, at as many tokens
     as the graph's edge budget reaches (41)."""
     from .analysis.forward import run_forward
-    from .analysis.graph import attribution_graph, prune_graph
+    from .analysis.graph import EDGE_THRESHOLD, NODE_THRESHOLD, attribution_graph, prune_graph
     from .analysis.qk_attribution import qk_attribution, qk_attribution_row
 
     def cpu(fn: Callable[[], Any]) -> str:
@@ -1006,14 +1006,15 @@ def bench_graph(reps: int, gpt2: bool = True) -> None:
         cell = lambda: qk_attribution(lm, fp, layer=layer, head=head, query=q,  # noqa: E731
                                       key=q // 2)
         row = lambda: qk_attribution_row(lm, fp, layer=layer, head=head, query=q)  # noqa: E731
-        both = lambda: prune_graph(attribution_graph(lm, fp), 0.8, 0.98)  # noqa: E731
+        both = lambda: prune_graph(attribution_graph(lm, fp), NODE_THRESHOLD,  # noqa: E731
+                                   EDGE_THRESHOLD)
         _row("qk_attribution (one cell)", measure(cell, reps), cpu(cell))
         _row("qk_attribution_row (whole query row)", measure(row, reps), cpu(row))
         graph = attribution_graph(lm, fp)
         size = f"{graph.n_nodes} nodes, {len(graph.weight)} edges"
         del graph
-        _row("attribution_graph + prune_graph(0.8, 0.98)", measure(both, reps),
-             f"{cpu(both)}; {size}")
+        _row(f"attribution_graph + prune_graph({NODE_THRESHOLD}, {EDGE_THRESHOLD})",
+             measure(both, reps), f"{cpu(both)}; {size}")
 
     _header("QK attribution and attribution graph")
     cases(Registry([DEFAULT_WEIGHTS]).get("attn-only-2l"), 128, 1, 5)
