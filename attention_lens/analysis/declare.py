@@ -95,6 +95,20 @@ def read_int(body: Mapping[str, Any], key: str, default: Optional[int], lo: int,
     return int(value)
 
 
+def read_text(body: Mapping[str, Any], key: str, what: str = "the prompt to analyse") -> str:
+    """A required, non-empty prompt ``body[key]`` (no NUL); a :class:`ParamError` naming it."""
+    if key not in body:
+        raise ParamError(f"missing field {key!r} ({what})")
+    text = body[key]
+    if not isinstance(text, str):
+        raise ParamError(f"{key!r} must be a string, got {type(text).__name__}")
+    if "\x00" in text:
+        raise ParamError(f"{key!r} contains a NUL character")
+    if not text.strip():
+        raise ParamError(f"{key!r} is empty: send some text to analyse")
+    return text
+
+
 def read_bool(body: Mapping[str, Any], key: str, default: bool) -> bool:
     """An optional boolean."""
     value = body.get(key, default)

@@ -115,16 +115,7 @@ def query_params(allowed: set[str], ints: set[str]) -> dict[str, Any]:
 
 def text_field(body: dict[str, Any], key: str = "text") -> str:
     """A required, non-empty prompt."""
-    if key not in body:
-        raise ApiError(f"missing field {key!r} (the prompt to analyse)")
-    text = body[key]
-    if not isinstance(text, str):
-        raise ApiError(f"{key!r} must be a string, got {type(text).__name__}")
-    if "\x00" in text:
-        raise ApiError(f"{key!r} contains a NUL character")
-    if not text.strip():
-        raise ApiError(f"{key!r} is empty: send some text to analyse")
-    return text
+    return declare.read_text(body, key)
 
 
 def int_field(body: dict[str, Any], key: str, default: Optional[int], lo: int, hi: int,

@@ -199,7 +199,7 @@ class PairInput:
     @classmethod
     def read(cls, body: Mapping, lm: LoadedModel, limit: int) -> "PairInput":
         """The input of a request ``body`` (strict: a ParamError naming the field)."""
-        from ..declare import ParamError, read_choice, read_int, read_token
+        from ..declare import ParamError, read_choice, read_int, read_text, read_token
 
         metric = read_choice(body, "metric", "logit_diff", METRICS)
         direction = read_choice(body, "direction", "denoising", DIRECTIONS)
@@ -225,18 +225,7 @@ class PairInput:
                 longest = max(longest, len(ids))
             position = read_int(body, "position", -1, -lm.cfg.n_ctx, lm.cfg.n_ctx - 1)
             return cls(tuple(parsed), metric, direction, position, True, longest)
-        texts = []
-        for key in ("clean", "corrupted"):
-            if key not in body:
-                raise ParamError(f"missing field {key!r} (the {key} prompt)")
-            text = body[key]
-            if not isinstance(text, str):
-                raise ParamError(f"{key!r} must be a string, got {type(text).__name__}")
-            if "\x00" in text:
-                raise ParamError(f"{key!r} contains a NUL character")
-            if not text.strip():
-                raise ParamError(f"{key!r} is empty: send some text to analyse")
-            texts.append(text)
+        texts = [read_text(body, key, f"the {key} prompt") for key in ("clean", "corrupted")]
         ids, _ = pair_tokens(lm, *texts)
         if len(ids) > limit:
             raise ParamError(f"the prompts have {len(ids)} tokens; this server analyses at "
