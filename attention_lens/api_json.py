@@ -19,6 +19,8 @@ import torch
 from flask.json.provider import DefaultJSONProvider
 from flask.json.provider import _default as flask_default
 
+from .analysis.declare import Exact
+
 #: 10**k for k = 0 .. 400 (past 308 it is infinity, like ``10.0 ** k``).
 with np.errstate(over="ignore"):
     _POW10 = np.power(10.0, np.arange(401, dtype=np.int64))
@@ -91,6 +93,8 @@ def jsonable(obj: Any, digits: Optional[int] = 7, arrays: bool = False) -> Any:
     float64 and C-contiguous, which :class:`JSONProvider` writes without Python lists; the
     JSON is the same.
     """
+    if isinstance(obj, Exact):
+        return jsonable(obj.value, None, arrays)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: jsonable(getattr(obj, f.name), digits, arrays)
                 for f in dataclasses.fields(obj)}

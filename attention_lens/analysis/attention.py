@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from numbers import Integral
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..model.checkpoint import LoadedModel
 from .checks import check_head, check_layer
+from .declare import Bool, Head, Int, Layer, Rows, SomeHeads, declare
 from .errors import AnalysisError
 from .forward import ForwardPass
 
@@ -186,3 +188,85 @@ def head_outputs(lm: LoadedModel, fp: ForwardPass) -> HeadOutputs:
         b_o = lm.model.b_O.detach().float().cpu()
     return HeadOutputs(display=fp.display, norms=torch.stack(norms).numpy(),
                        b_O_norms=b_o.norm(dim=-1).numpy())
+
+
+# ------------------------------------------------------------ declared (POST /api/...)
+@dataclass(frozen=True)
+class AttentionView:
+    """What ``POST /api/attention`` answers: the fields naming the part asked for (``layer``
+    and ``head``, or ``heads``; ``queries``) and the result (arrays cut to that part)."""
+
+    asked: dict
+    result: dict
+
+
+def _fields(obj: object) -> dict:
+    import dataclasses
+
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+def attention_view(lm: LoadedModel, fp: ForwardPass, *, layer: Optional[int] = None,
+                   head: Optional[int] = None,
+                   heads: Optional[Sequence[tuple[int, int]]] = None,
+                   queries: Optional[Sequence[int]] = None) -> AttentionView:
+    """One head's pattern (``layer`` and ``head``), or every head's patterns and entropies:
+    of one ``layer``, of some ``heads`` (in the order given), or of all; only the query rows
+    ``queries`` (non-negative positions, in the order given) when given."""
+    rows = None if queries is None else list(queries)
+    asked = {} if rows is None else {"queries": rows}
+    if head is not None:
+        one = attention_pattern(lm, fp, layer=layer, head=head)
+        data = _fields(one)
+        if rows is not None:  # query rows of the pattern and of its per-query entropy
+            data["pattern"], data["entropy"] = one.pattern[rows], one.entropy[rows]
+        return AttentionView({"layer": layer, "head": head, **asked}, data)
+    data = _fields(attention_patterns(lm, fp))
+    per_head = ("patterns", "entropy", "entropy_per_query")
+    if heads is not None:
+        sel = tuple(np.array(heads).T)
+        data.update({k: data[k][sel] for k in per_head})
+    elif layer is not None:
+        data.update({k: data[k][layer] for k in per_head})
+    if rows is not None:  # query rows (the key axis stays whole)
+        data["patterns"] = data["patterns"][..., rows, :]
+        data["entropy_per_query"] = data["entropy_per_query"][..., rows]
+        data["max_entropy"] = data["max_entropy"][rows]
+    which = {"layer": layer} if heads is None else {"heads": [list(h) for h in heads]}
+    return AttentionView({**which, **asked}, data)
+
+
+@dataclass(frozen=True)
+class Activations:
+    """What ``POST /api/activations`` answers: the residual stream's norms (and vectors of
+    some stages) and each head's output norms."""
+
+    residual_stream: dict
+    head_outputs: HeadOutputs
+
+
+def activations(lm: LoadedModel, fp: ForwardPass, *, vectors: bool = False,
+                layer: Optional[int] = None) -> Activations:
+    """The residual stream's norms at each stage, with its vectors (every stage's, or stage
+    ``layer``'s) when ``vectors``; each head's output norms."""
+    resid = residual_stream(lm, fp)
+    data: dict = {"labels": list(resid.labels), "norms": resid.norms}
+    if vectors:
+        stages = range(len(resid.labels)) if layer is None else [layer]
+        data["resid"] = {resid.labels[s]: resid.resid[s] for s in stages}
+    return Activations(data, head_outputs(lm, fp))
+
+
+ATTENTION = declare(
+    "attention", attention_view,
+    params=[Layer("layer"), Head("head"), SomeHeads("heads"), Rows("queries")],
+    to_json=lambda view: {**view.asked, "result": view.result}, label="attention patterns")
+
+ACTIVATIONS = declare(
+    "activations", activations,
+    params=[Bool("vectors", False),
+            Int("layer", None, 0, lambda cfg: cfg.n_layers,
+                what=" (a residual-stream stage: 0 to n_layers)")],
+    to_json=lambda res: {"residual_stream": res.residual_stream,
+                         "head_outputs": res.head_outputs},
+    label="activations")

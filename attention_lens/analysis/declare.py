@@ -528,3 +528,152 @@ def fields_of(result: Any) -> dict[str, Any]:
     import dataclasses
 
     return {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+
+
+# ------------------------------------------- layers, heads and query positions (API fields)
+# Parameters of the per-prompt endpoints that name a head or a few query rows: an optional
+# layer, a head that needs its layer (or both required), an optional list of heads instead,
+# and query positions as a list or a window. Messages name the field and the model's shape.
+def _model_name(cfg: Any) -> str:
+    return getattr(cfg, "name", None) or "the model"
+
+
+@dataclass(frozen=True)
+class Layer(Param):
+    """A layer index in [0, n_layers - 1]; None (the default) is "every layer" (or, with a
+    :class:`Head` marked ``required``, a 400 there)."""
+
+    def read(self, body: Mapping[str, Any], shape: Shape) -> Any:
+        cfg = shape.cfg
+        n = cfg.n_layers if cfg is not None else MAX_WHOLE
+        what = "" if cfg is None else f" (the model {_model_name(cfg)} has {n} layer(s))"
+        return read_int(body, self.name, self.default, 0, n - 1, what)
+
+
+@dataclass(frozen=True)
+class Head(Param):
+    """A head index in [0, n_heads - 1] of the layer in the field ``layer``, which it needs;
+    ``required``: both must be sent."""
+
+    layer: str = field(default="layer", kw_only=True)
+    required: bool = field(default=False, kw_only=True)
+
+    def read(self, body: Mapping[str, Any], shape: Shape) -> Any:
+        cfg = shape.cfg
+        n = cfg.n_heads if cfg is not None else MAX_WHOLE
+        what = "" if cfg is None else f" (each layer of {_model_name(cfg)} has {n} heads)"
+        head = read_int(body, self.name, self.default, 0, n - 1, what)
+        layer = body.get(self.layer)
+        if head is not None and layer is None:
+            raise ParamError(f"{self.name!r} needs a {self.layer!r} too")
+        if self.required and (layer is None or head is None):
+            raise ParamError(f"{self.layer!r} and {self.name!r} are required")
+        return head
+
+
+@dataclass(frozen=True)
+class SomeHeads(Param):
+    """An optional list of heads (``[layer, head]`` pairs or labels such as ``"L1H5"``), in
+    the order given, instead of the field ``instead`` (a :class:`Layer`). API only."""
+
+    page: bool = field(default=False, kw_only=True)
+    most: int = field(default=256, kw_only=True)
+    instead: str = field(default="layer", kw_only=True)
+
+    def read(self, body: Mapping[str, Any], shape: Shape) -> Any:
+        if self.name not in body:
+            return None
+        if body.get(self.instead) is not None:
+            raise ParamError(f"send either {self.name!r} (a list of heads) or "
+                             f"{self.instead!r} (and 'head'), not both")
+        value = body[self.name]
+        if value is None:
+            raise ParamError(f"missing field {self.name!r} (a list of [layer, head] pairs)")
+        if not isinstance(value, list) or len(value) > self.most:
+            raise ParamError(f"{self.name!r} must be a list of at most {self.most} "
+                             "[layer, head] pairs")
+        out = []
+        for item in value:
+            label = parse_head(item) if isinstance(item, str) else None
+            if label is not None:
+                item = list(label)
+            if not (isinstance(item, list) and len(item) == 2):
+                raise ParamError(f"each entry of {self.name!r} must be a [layer, head] pair "
+                                 f"or a label like 'L1H0', got {item!r}"[:200])
+            pair = {"layer": item[0], "head": item[1]}
+            layer = Layer("layer").read(pair, shape)
+            out.append((layer, Head("head", required=True).read(pair, shape)))
+        if not out:
+            raise ParamError(f"{self.name!r} is empty: choose at least one head, as "
+                             "[layer, head] or 'L1H0'")
+        return out
+
+    def normal(self, value: Any, shape: Shape) -> Any:
+        return None if value is None else tuple((int(la), int(h)) for la, h in value)
+
+
+def read_positions(body: Mapping[str, Any], key: str, n_tokens: int) -> Optional[list[int]]:
+    """Optional prompt positions ``body[key]``: a list of positions, or a window
+    ``{"start", "stop"}``.
+
+    Positions count from 0, negative ones from the end (``-1`` is the last token); a window
+    is half-open, ``start`` defaulting to 0 and ``stop`` to the prompt's length. The
+    positions come back non-negative, in the order given (a window's in increasing order).
+    """
+    value = body.get(key)
+    if value is None:
+        return None
+    what = f" (the prompt has {n_tokens} tokens)"
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {"start", "stop"})
+        if unknown:
+            raise ParamError(f"{key!r} as a window takes 'start' and 'stop', got "
+                             f"{', '.join(map(repr, unknown))}"[:200])
+        start = read_int(value, "start", 0, -n_tokens, n_tokens - 1, what)
+        stop = read_int(value, "stop", n_tokens, -n_tokens, n_tokens, what)
+        start, stop = start % n_tokens, stop if stop >= 0 else stop + n_tokens  # type: ignore
+        if stop <= start:
+            raise ParamError(f"{key!r} window is empty: start {start} is not before stop "
+                             f"{stop}{what}")
+        return list(range(start, stop))
+    if not isinstance(value, list):
+        raise ParamError(f"{key!r} must be a list of positions or a window "
+                         f"{{\"start\": .., \"stop\": ..}}, got {value!r}"[:200])
+    if not value:
+        raise ParamError(f"{key!r} is empty: give at least one position")
+    if len(value) > n_tokens:
+        raise ParamError(f"{key!r} has {len(value)} entries; the prompt has {n_tokens} tokens")
+    out = []
+    for i, item in enumerate(value):
+        name = f"{key}[{i}]"
+        pos = read_int({name: item}, name, None, -n_tokens, n_tokens - 1, what)
+        if pos is None:
+            raise ParamError(f"{name!r} must be an integer, got null")
+        out.append(pos % n_tokens)
+    return out
+
+
+@dataclass(frozen=True)
+class Rows(Param):
+    """Some positions of the prompt, as a list or a window ``{"start", "stop"}``
+    (:func:`read_positions`), kept in the order given (repeats too); None is every one.
+    API only."""
+
+    page: bool = field(default=False, kw_only=True)
+
+    def read(self, body: Mapping[str, Any], shape: Shape) -> Any:
+        return read_positions(body, self.name, shape.n_tokens or 1)
+
+    def normal(self, value: Any, shape: Shape) -> Any:
+        n = shape.n_tokens
+        if value is None:
+            return None
+        return tuple(int(q) % n if n else int(q) for q in value)
+
+
+@dataclass(frozen=True)
+class Exact:
+    """A value of an endpoint's JSON written as it is, not rounded to the declaration's
+    ``digits`` (e.g. a sum that must add up beside rounded terms)."""
+
+    value: Any

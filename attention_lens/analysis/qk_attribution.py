@@ -27,6 +27,7 @@ import torch
 from ..model.checkpoint import LoadedModel
 from ..model.transformer import rotate
 from .attention import check_head, check_layer, head_results
+from .declare import Bool, Exact, Head, Layer, Position, declare, fields_of
 from .errors import AnalysisError
 from .forward import ForwardPass
 from .predictions import check_position
@@ -461,3 +462,39 @@ def strongest_head(scores: np.ndarray) -> tuple[int, int]:
     """(layer, head) of the largest score in a [n_layers, n_heads] table."""
     layer, head = np.unravel_index(int(np.argmax(scores)), scores.shape)
     return int(layer), int(head)
+
+
+# ------------------------------------------------------------ declared (POST /api/...)
+def explain_score(lm: LoadedModel, fp: ForwardPass, *, layer: int, head: int, query: int = -1,
+                  key: Optional[int] = None, contrast_key: Optional[int] = None,
+                  split_sources: bool = False, row: bool = False,
+                  truncate: bool = False) -> "QKAttribution | QKRow":
+    """The QK attribution of one cell (``query``, ``key``), or of the whole ``row`` of the
+    query; a prompt longer than the model reads is refused unless ``truncate`` (its first
+    tokens)."""
+    if fp.truncated and not truncate:
+        raise AnalysisError(f"the prompt has {fp.n_prompt_tokens} tokens but {lm.name} reads "
+                            f"at most {fp.n_tokens}: shorten it, or send \"truncate\": true to "
+                            f"analyse the first {fp.n_tokens}")
+    if row:
+        return qk_attribution_row(lm, fp, layer=layer, head=head, query=query)
+    if key is None:
+        raise AnalysisError("missing field 'key' (the key position; or send \"row\": true)")
+    return qk_attribution(lm, fp, layer=layer, head=head, query=query, key=key,
+                          contrast_key=contrast_key, split_sources=split_sources)
+
+
+def _qk_json(res: "QKAttribution | QKRow") -> dict:
+    if isinstance(res, QKRow):
+        return {"result": res}
+    top = [{"query_component": res.q_labels[i], "key_component": res.k_labels[j],
+            "value": Exact(v), "text": res.describe(i, j)} for i, j, v in res.top_terms(10)]
+    return {"result": {**fields_of(res), "total": Exact(res.total), "top_terms": top}}
+
+
+QK_ATTRIBUTION = declare(
+    "qk-attribution", explain_score,
+    params=[Layer("layer"), Head("head", required=True), Position("query", -1),
+            Position("key", None), Position("contrast_key", None), Bool("split_sources"),
+            Bool("row"), Bool("truncate")],
+    to_json=_qk_json, label="QK attribution")

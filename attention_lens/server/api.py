@@ -9,14 +9,12 @@ forward pass; prompts longer than the context are truncated to the first ``n_ctx
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from functools import wraps
 from json import dumps as json_dumps
 from typing import Any, Callable
 
 import flask
-import numpy as np
 
 from .. import background
 from .. import weight_analyses as W
@@ -267,62 +265,8 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         k = int_field(body, "top_k", 5, 1, min(MAX_GRID_K, lm.cfg.d_vocab))
         return {**part, "result": jsonable(analyse(lm, fp, k=k))}
 
-    # ------------------------------------------------------------------ attention
-    @endpoint("/attention", ("POST",))
-    def attention() -> dict[str, Any]:
-        from ..analysis.attention import attention_pattern, attention_patterns
-
-        body = json_body(base | {"layer", "head", "heads", "queries"})
-        lm, fp, part = prompt(body)
-        layer, head = layer_head(lm, body)
-        heads = None
-        if "heads" in body:
-            if layer is not None:
-                raise ApiError("send either 'heads' (a list of heads) or 'layer' (and 'head'), "
-                               "not both")
-            heads = heads_field(lm, body)
-            if not heads:
-                raise ApiError("'heads' is empty: choose at least one head, as [layer, head] "
-                               "or 'L1H0'")
-        rows = positions_field(body, "queries", fp.n_tokens)
-        asked = {} if rows is None else {"queries": rows}
-        if head is not None:
-            one = attention_pattern(lm, fp, layer=layer, head=head)
-            data = {f.name: getattr(one, f.name) for f in dataclasses.fields(one)}
-            if rows is not None:  # query rows of the pattern and of its per-query entropy
-                data["pattern"], data["entropy"] = one.pattern[rows], one.entropy[rows]
-            return {**part, "layer": layer, "head": head, **asked,
-                    "result": jsonable(data, arrays=True)}
-        res = attention_patterns(lm, fp)
-        data = {f.name: getattr(res, f.name) for f in dataclasses.fields(res)}
-        per_head = ("patterns", "entropy", "entropy_per_query")
-        if heads is not None:
-            sel = tuple(np.array(heads).T)
-            data.update({k: data[k][sel] for k in per_head})
-        elif layer is not None:
-            data.update({k: data[k][layer] for k in per_head})
-        if rows is not None:  # query rows (the key axis stays whole)
-            data["patterns"] = data["patterns"][..., rows, :]
-            data["entropy_per_query"] = data["entropy_per_query"][..., rows]
-            data["max_entropy"] = data["max_entropy"][rows]
-        which = {"layer": layer} if heads is None else {"heads": [list(h) for h in heads]}
-        return {**part, **which, **asked, "result": jsonable(data, arrays=True)}
-
-    @endpoint("/activations", ("POST",))
-    def activations() -> dict[str, Any]:
-        from ..analysis.attention import head_outputs, residual_stream
-
-        body = json_body(base | {"vectors", "layer"})
-        lm, fp, part = prompt(body)
-        vectors = bool_field(body, "vectors", False)
-        layer = int_field(body, "layer", None, 0, lm.cfg.n_layers,
-                          " (a residual-stream stage: 0 to n_layers)")
-        resid = residual_stream(lm, fp)
-        data = {"labels": list(resid.labels), "norms": jsonable(resid.norms)}
-        if vectors:
-            stages = range(len(resid.labels)) if layer is None else [layer]
-            data["resid"] = {resid.labels[s]: jsonable(resid.resid[s]) for s in stages}
-        return {**part, "residual_stream": data, "head_outputs": jsonable(head_outputs(lm, fp))}
+    # attention patterns and activations are declared (analysis.attention.ATTENTION,
+    # ACTIVATIONS): POST /api/attention, /api/activations
 
     # the logit lens is declared (analysis.logit_lens.LOGIT_LENS): POST /api/logit-lens
 
@@ -539,37 +483,8 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
                 "edges": g.edge_labels(), "scores": jsonable(res.scores.scores),
                 "in_circuit": res.kept.tolist()}
 
-    # ------------------------------------------- QK attribution and attribution graph
-    def whole_prompt(body: dict[str, Any], fp: ForwardPass, lm: LoadedModel) -> None:
-        if fp.truncated and not bool_field(body, "truncate", False):
-            raise ApiError(f"the prompt has {fp.n_prompt_tokens} tokens but {lm.name} reads at "
-                           f"most {fp.n_tokens}: shorten it, or send \"truncate\": true to "
-                           f"analyse the first {fp.n_tokens}")
-
-    @endpoint("/qk-attribution", ("POST",))
-    def qk_attribution_route() -> dict[str, Any]:
-        from ..analysis.qk_attribution import qk_attribution, qk_attribution_row
-
-        body = json_body(base | {"layer", "head", "query", "key", "contrast_key",
-                                 "split_sources", "row", "truncate"})
-        lm, fp, part = prompt(body)
-        whole_prompt(body, fp, lm)
-        layer, head = layer_head(lm, body, need_head=True)
-        what = f" (the prompt has {fp.n_tokens} tokens)"
-        q = int_field(body, "query", -1, -fp.n_tokens, fp.n_tokens - 1, what)
-        if bool_field(body, "row", False):
-            row = qk_attribution_row(lm, fp, layer=layer, head=head, query=q)
-            return {**part, "result": jsonable(row)}
-        if "key" not in body:
-            raise ApiError("missing field 'key' (the key position; or send \"row\": true)")
-        k = int_field(body, "key", None, -fp.n_tokens, fp.n_tokens - 1, what)
-        k2 = int_field(body, "contrast_key", None, -fp.n_tokens, fp.n_tokens - 1, what)
-        res = qk_attribution(lm, fp, layer=layer, head=head, query=q, key=k, contrast_key=k2,
-                             split_sources=bool_field(body, "split_sources", False))
-        top = [{"query_component": res.q_labels[i], "key_component": res.k_labels[j],
-                "value": v, "text": res.describe(i, j)} for i, j, v in res.top_terms(10)]
-        return {**part, "result": {**jsonable(res), "total": res.total, "top_terms": top}}
-
+    # QK attribution is declared (analysis.qk_attribution.QK_ATTRIBUTION):
+    # POST /api/qk-attribution
     # the attribution graph is declared (analysis.graph.GRAPH): POST /api/graph
 
     # ------------------------------------------------- dataset heads and comparison

@@ -199,40 +199,6 @@ def heads_field(lm: LoadedModel, body: dict[str, Any]) -> list[tuple[int, int]]:
 
 
 def positions_field(body: dict[str, Any], key: str, n_tokens: int) -> Optional[list[int]]:
-    """Optional prompt positions: a list of positions, or a window ``{"start", "stop"}``.
-
-    Positions count from 0, negative ones from the end (``-1`` is the last token); a window
-    is half-open, ``start`` defaulting to 0 and ``stop`` to the prompt's length. The
-    positions come back non-negative, in the order given (a window's in increasing order).
-    """
-    value = body.get(key)
-    if value is None:
-        return None
-    what = f" (the prompt has {n_tokens} tokens)"
-    if isinstance(value, dict):
-        unknown = sorted(set(value) - {"start", "stop"})
-        if unknown:
-            raise ApiError(f"{key!r} as a window takes 'start' and 'stop', got "
-                           f"{', '.join(map(repr, unknown))}"[:200])
-        start = int_field(value, "start", 0, -n_tokens, n_tokens - 1, what)
-        stop = int_field(value, "stop", n_tokens, -n_tokens, n_tokens, what)
-        start, stop = start % n_tokens, stop if stop >= 0 else stop + n_tokens  # type: ignore
-        if stop <= start:
-            raise ApiError(f"{key!r} window is empty: start {start} is not before stop {stop}"
-                           f"{what}")
-        return list(range(start, stop))
-    if not isinstance(value, list):
-        raise ApiError(f"{key!r} must be a list of positions or a window "
-                       f"{{\"start\": .., \"stop\": ..}}, got {value!r}"[:200])
-    if not value:
-        raise ApiError(f"{key!r} is empty: give at least one position")
-    if len(value) > n_tokens:
-        raise ApiError(f"{key!r} has {len(value)} entries; the prompt has {n_tokens} tokens")
-    out = []
-    for i, item in enumerate(value):
-        name = f"{key}[{i}]"
-        pos = int_field({name: item}, name, None, -n_tokens, n_tokens - 1, what)
-        if pos is None:
-            raise ApiError(f"{name!r} must be an integer, got null")
-        out.append(pos % n_tokens)
-    return out
+    """Optional prompt positions: a list or a window (:func:`.analysis.declare.read_positions`)."""
+    with _api_errors():
+        return declare.read_positions(body, key, n_tokens)

@@ -1,0 +1,147 @@
+"""The per-prompt endpoints declared next to their functions (attention patterns, activations,
+QK attribution): each endpoint's 400 naming a bad field, its result kept under the
+declaration's key, and a background job with the same numbers when the one inline threshold
+is forced."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from attention_lens import weight_analyses as W
+from attention_lens.analysis import declare
+from attention_lens.server.api import create_api
+from attention_lens.server.app import create_app
+
+TEXT = "Harry Potter went home. Harry Potter went home."
+MODEL = "attn-only-2l"
+
+
+@pytest.fixture
+def client(registry, bg):
+    app = create_app(registry, background=bg)
+    app.server.register_blueprint(create_api(registry), url_prefix="/api")
+    return app.server.test_client()
+
+
+def post(client, name, **body):
+    r = client.post(f"/api/{name}", json={"text": TEXT, "model": MODEL, **body})
+    return r.status_code, r.get_json()
+
+
+def bad_fields(client, name, cases):
+    for body, words in cases:
+        status, err = post(client, name, **body)
+        assert status == 400 and words in err["error"], (body, err)
+
+
+def cached(registry, analysis, values):
+    """The result kept with the prompt's forward pass under the declaration's key."""
+    lm, fp = registry.get(MODEL), registry.forward(TEXT, MODEL)
+    key = analysis.key(analysis.values(values), declare.Shape(lm.cfg, fp.n_tokens))
+    return registry.per_prompt(fp, key, lambda: pytest.fail(f"no entry under {key}"))
+
+
+def as_job(registry, monkeypatch, analysis, values):
+    """Force the threshold: how often the store computed the request of ``values``."""
+    monkeypatch.setattr(declare, "INLINE_MAX_GFLOP", -1.0)
+    lm, fp = registry.get(MODEL), registry.forward(TEXT, MODEL)
+    vals = analysis.values(values)
+    req = W.declared(analysis, lm, fp, vals)
+    assert req is not None and req.label == analysis.label.format(**vals)
+    return lambda: W.store().stats(lm, req)["computed"]
+
+
+def test_attention(client, registry, monkeypatch):
+    from attention_lens.analysis.attention import ATTENTION
+
+    bad_fields(client, "attention", [
+        ({"layer": 2}, "'layer' must be between 0 and 1 (the model attn-only-2l has 2"),
+        ({"layer": "1"}, "'layer' must be an integer"),
+        ({"layer": 0, "head": 12}, "'head' must be between 0 and 11 (each layer of"),
+        ({"head": 3}, "'head' needs a 'layer' too"),
+        ({"heads": [[0, 1]], "layer": 0}, "send either 'heads' (a list of heads) or 'layer'"),
+        ({"heads": []}, "'heads' is empty: choose at least one head"),
+        ({"heads": ["L1X5"]}, "each entry of 'heads' must be a [layer, head] pair"),
+        ({"heads": ["L7H1"]}, "'layer' must be between 0 and 1"),
+        ({"queries": [20]}, "'queries[0]' must be between -20 and 19 (the prompt has 20"),
+        ({"queries": {"start": 5, "stop": 5}}, "'queries' window is empty"),
+        ({"queries": "all"}, "'queries' must be a list of positions or a window"),
+        ({"query": [1]}, "unknown field(s) 'query'")])
+    status, data = post(client, "attention", heads=["L1H5", [0, 2]], queries=[-1, 3])
+    assert status == 200 and data["heads"] == [[1, 5], [0, 2]] and data["queries"] == [19, 3]
+    lm, fp = registry.get(MODEL), registry.forward(TEXT, MODEL)
+    pattern = fp.cache["blocks.1.attn.hook_pattern"][5].numpy()
+    np.testing.assert_allclose(data["result"]["patterns"][0], pattern[[19, 3]], rtol=1e-6,
+                               atol=1e-7)
+    kept = cached(registry, ATTENTION, {"heads": [(1, 5), (0, 2)], "queries": [19, 3]})
+    np.testing.assert_allclose(kept.result["patterns"], data["result"]["patterns"], rtol=1e-6)
+    # the order of the heads is the order of the answer: another order is another entry
+    _, swapped = post(client, "attention", heads=[[0, 2], [1, 5]], queries=[19, 3])
+    assert swapped["result"]["patterns"] == data["result"]["patterns"][::-1]
+    status, one = post(client, "attention", layer=1, head=5)
+    assert status == 200 and one["result"]["pattern"][19] == pytest.approx(
+        pattern[19].tolist(), rel=1e-6, abs=1e-7)
+    computed = as_job(registry, monkeypatch, ATTENTION, {"layer": 1, "head": 5})
+    status, job = post(client, "attention", layer=1, head=5)
+    assert status == 200 and computed() == 1 and job == one
+
+
+def test_activations(client, registry, monkeypatch):
+    from attention_lens.analysis.attention import ACTIVATIONS
+
+    bad_fields(client, "activations", [
+        ({"layer": 3}, "'layer' must be between 0 and 2 (a residual-stream stage"),
+        ({"vectors": "yes"}, "'vectors' must be true or false"),
+        ({"head": 1}, "unknown field(s) 'head'")])
+    status, data = post(client, "activations", vectors=True, layer=2)
+    assert status == 200 and list(data["residual_stream"]["resid"]) == \
+        ["blocks.1.hook_resid_post"]
+    resid = np.asarray(data["residual_stream"]["resid"]["blocks.1.hook_resid_post"])
+    np.testing.assert_allclose(np.linalg.norm(resid, axis=-1),
+                               data["residual_stream"]["norms"][2], rtol=1e-5)
+    kept = cached(registry, ACTIVATIONS, {"vectors": True, "layer": 2})
+    np.testing.assert_allclose(kept.head_outputs.norms, data["head_outputs"]["norms"],
+                               rtol=1e-6)
+    computed = as_job(registry, monkeypatch, ACTIVATIONS, {"vectors": True, "layer": 2})
+    status, job = post(client, "activations", vectors=True, layer=2)
+    assert status == 200 and computed() == 1 and job == data
+
+
+def test_qk_attribution(client, registry, monkeypatch):
+    from attention_lens.analysis.qk_attribution import QK_ATTRIBUTION
+
+    bad_fields(client, "qk-attribution", [
+        ({"key": 2}, "'layer' and 'head' are required"),
+        ({"layer": 1, "key": 2}, "'layer' and 'head' are required"),
+        ({"head": 5, "key": 2}, "'head' needs a 'layer' too"),
+        ({"layer": 1, "head": 5}, "missing field 'key'"),
+        ({"layer": 1, "head": 5, "key": 20}, "'key' must be between -20 and 19"),
+        ({"layer": 1, "head": 5, "key": 2, "query": 1}, "key 2 comes after query 1"),
+        ({"layer": 1, "head": 5, "key": 2, "contrast_key": "a"},
+         "'contrast_key' must be an integer"),
+        ({"layer": 1, "head": 5, "key": 2, "split_sources": 1},
+         "'split_sources' must be true or false"),
+        ({"layer": 1, "head": 5, "row": "yes"}, "'row' must be true or false"),
+        ({"layer": 1, "head": 5, "key": 2, "truncate": "no"},
+         "'truncate' must be true or false")])
+    status, err = post(client, "qk-attribution", layer=1, head=5, key=2,
+                       text="word " * 300)
+    assert status == 400 and 'send "truncate": true' in err["error"]
+    status, data = post(client, "qk-attribution", layer=1, head=5, key=3, query=8,
+                        contrast_key=1)
+    assert status == 200, data
+    res = data["result"]
+    assert (res["query"], res["key"], res["contrast_key"]) == (8, 3, 1)
+    # the terms add up to the model's score difference; the sum is sent unrounded
+    assert np.sum(res["terms"]) == pytest.approx(res["score"], rel=1e-5, abs=1e-6)
+    kept = cached(registry, QK_ATTRIBUTION, {"layer": 1, "head": 5, "key": 3, "query": 8,
+                                             "contrast_key": 1})
+    assert res["total"] == kept.total and res["top_terms"][0]["value"] in kept.terms
+    status, row = post(client, "qk-attribution", layer=1, head=5, query=-1, row=True)
+    assert status == 200 and len(row["result"]["scores"]) == 20
+    cached(registry, QK_ATTRIBUTION, {"layer": 1, "head": 5, "query": 19, "row": True})
+    values = {"layer": 1, "head": 5, "key": 3, "query": 8, "contrast_key": 1}
+    computed = as_job(registry, monkeypatch, QK_ATTRIBUTION, values)
+    status, job = post(client, "qk-attribution", **values)
+    assert status == 200 and computed() == 1 and job == data
