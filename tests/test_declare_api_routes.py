@@ -145,3 +145,20 @@ def test_qk_attribution(client, registry, monkeypatch):
     computed = as_job(registry, monkeypatch, QK_ATTRIBUTION, values)
     status, job = post(client, "qk-attribution", **values)
     assert status == 200 and computed() == 1 and job == data
+
+
+def test_qk_page_reads_the_entry_the_api_computed(client, registry):
+    """/qk draws the declared analysis: the cell and the row the API computed are read from
+    the prompt's cache, not computed again."""
+    from attention_lens.components import page as P
+
+    cell = {"layer": 1, "head": 5, "query": 8, "key": 3}
+    for extra in ({}, {"row": True, "key": None}):
+        status, _ = post(client, "qk-attribution", **{k: v for k, v in {**cell, **extra}.items()
+                                                      if v is not None})
+        assert status == 200
+    before = registry.cache_info()["per_prompt"]
+    drawn = P.spec_of("qk").render({"model": MODEL, "text": TEXT}, layer=1, head=5, query=8,
+                                   key=3)
+    assert registry.cache_info()["per_prompt"] == before
+    assert "sum to" in str(drawn)

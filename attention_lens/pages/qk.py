@@ -13,12 +13,7 @@ from dash.exceptions import PreventUpdate
 
 from .. import weight_analyses as W
 from ..analysis.errors import AnalysisError
-from ..analysis.qk_attribution import (
-    default_cell,
-    qk_attribution,
-    qk_attribution_row,
-    strongest_head,
-)
+from ..analysis.qk_attribution import QK_ATTRIBUTION, default_cell, strongest_head
 from ..components import page as P
 from ..components import shell
 from ..components.controls import Choice, Int
@@ -85,10 +80,11 @@ def panels(ctx: P.PageContext, query: dict) -> list:
                                 f"{fp.n_tokens - 1})")
         k = int(fp.cache[f"blocks.{layer}.attn.hook_pattern"][head][q].argmax())
         notes.append(f"Key {k}: where query {q} attends most.")
-    res = qk_attribution(lm, fp, layer=layer, head=head, query=q, key=k,
-                         contrast_key=query["contrast"],
-                         split_sources=query["split"] == "yes")
-    row = qk_attribution_row(lm, fp, layer=layer, head=head, query=q)
+    # the declared analysis (POST /api/qk-attribution): one cache entry for page and API
+    cell = {"layer": layer, "head": head, "query": q, "truncate": bool(fp.truncated)}
+    res = ctx.run(QK_ATTRIBUTION, {**cell, "key": k, "contrast_key": query["contrast"],
+                                   "split_sources": query["split"] == "yes"})
+    row = ctx.run(QK_ATTRIBUTION, {**cell, "row": True})
     notes.append(f"The {res.terms.size} terms sum to {res.total:+.5f}; the model's score is "
                  f"{res.score:+.5f} (difference {abs(res.total - res.score):.1e}).")
     top = [html.Li(f"{res.describe(i, j)} = {v:+.3f}") for i, j, v in res.top_terms(8)]
