@@ -162,3 +162,31 @@ def test_qk_page_reads_the_entry_the_api_computed(client, registry):
                                    key=3)
     assert registry.cache_info()["per_prompt"] == before
     assert "sum to" in str(drawn)
+
+
+def test_token_predictions(client, registry, monkeypatch):
+    from attention_lens.analysis.predictions import TOKEN_PREDICTIONS
+
+    bad_fields(client, "token-predictions", [
+        ({"top_k": 0}, "'top_k' must be between 1 and 50"),
+        ({"top_k": 51}, "'top_k' must be between 1 and 50"),
+        ({"top_k": 2.5}, "'top_k' must be an integer"),
+        ({"k": 3}, "unknown field(s) 'k'")])
+    status, data = post(client, "token-predictions", top_k=3)
+    assert status == 200 and np.asarray(data["result"]["top_ids"]).shape == (20, 3)
+    fp = registry.forward(TEXT, MODEL)
+    # the probability of each actual next token, from the model's logits
+    probs = fp.logits.double().softmax(-1)[np.arange(19), fp.token_ids[1:]].numpy()
+    np.testing.assert_allclose(data["result"]["next_probs"][:19], probs, rtol=1e-6)
+    kept = cached(registry, TOKEN_PREDICTIONS, {"top_k": 3})
+    assert kept.top_ids.tolist() == data["result"]["top_ids"]
+    # /predictions draws the same declaration (k = 5): the entry the API computed
+    _, five = post(client, "token-predictions")
+    from attention_lens.components import page as P
+
+    before = registry.cache_info()["per_prompt"]
+    P.spec_of("predictions").render({"model": MODEL, "text": TEXT}, k=10)
+    assert registry.cache_info()["per_prompt"] == before + 1  # its next-token view only
+    computed = as_job(registry, monkeypatch, TOKEN_PREDICTIONS, {"top_k": 3})
+    status, job = post(client, "token-predictions", top_k=3)
+    assert status == 200 and computed() == 1 and job == data

@@ -224,3 +224,13 @@ NEXT_TOKEN = declare(
                 label="top k"),
             Position("position", url="pos", label="position", placeholder="-1 = last")],
     to_json=_next_token_json)
+
+
+#: Most alternatives per position of the per-position predictions (a [pos, k] grid).
+MAX_GRID_K = 50
+
+TOKEN_PREDICTIONS = declare(
+    "token-predictions", token_predictions,
+    params=[Int("top_k", 5, 1, lambda cfg: min(MAX_GRID_K, cfg.d_vocab), url="k", arg="k",
+                label="alternatives")],
+    to_json=lambda res: {"result": res}, label="token predictions")

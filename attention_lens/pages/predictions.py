@@ -7,7 +7,7 @@ from typing import Any
 import dash_bootstrap_components as dbc
 from dash import html
 
-from ..analysis.predictions import NEXT_TOKEN, token_predictions
+from ..analysis.predictions import NEXT_TOKEN, TOKEN_PREDICTIONS
 from ..components import page as P
 from ..figures.predictions import next_token_figure, next_token_table, surprisal_figure
 from ..figures.theme import number
@@ -39,7 +39,7 @@ def table(rows: list[dict[str, Any]]) -> dbc.Table:
 def panels(ctx: P.PageContext, query: dict) -> list:
     """The top-k bars at the chosen position, its table, and the per-position surprisal."""
     top = ctx.run(NEXT_TOKEN, query)
-    per_pos = token_predictions(ctx.model, ctx.forward, k=5)
+    per_pos = ctx.run(TOKEN_PREDICTIONS, top_k=5)
     return [P.Panel("next-token", next_token_figure(top), top),
             P.Html("table", table(next_token_table(top))),
             P.Panel("surprisal", surprisal_figure(per_pos), per_pos)]

@@ -255,15 +255,8 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
                 unavailable.append({**item, "reason": e.error})
         return {"models": out, "unavailable": unavailable, "default": registry.default}
 
-    # ---------------------------------------------------------------- predictions
-    @endpoint("/token-predictions", ("POST",))
-    def token_predictions() -> dict[str, Any]:
-        from ..analysis.predictions import token_predictions as analyse
-
-        body = json_body(base | {"top_k"})
-        lm, fp, part = prompt(body)
-        k = int_field(body, "top_k", 5, 1, min(MAX_GRID_K, lm.cfg.d_vocab))
-        return {**part, "result": jsonable(analyse(lm, fp, k=k))}
+    # per-position predictions are declared (analysis.predictions.TOKEN_PREDICTIONS):
+    # POST /api/token-predictions
 
     # attention patterns and activations are declared (analysis.attention.ATTENTION,
     # ACTIVATIONS): POST /api/attention, /api/activations

@@ -15,11 +15,10 @@ import flask
 from ..analysis import declare
 from ..analysis.analogy import MAX_TERMS
 from ..analysis.labels import parse_head_label
+from ..analysis.predictions import MAX_GRID_K  # most alternatives in a [pos, k] grid
 from ..model.checkpoint import LoadedModel
 from ..model.jsonfile import value_depth
 
-#: Most alternatives per position for endpoints that return a [pos, k] grid.
-MAX_GRID_K = 50
 #: Deepest nesting of lists and objects in a request body (no field needs more than 3).
 MAX_BODY_DEPTH = 32
 #: Most heads in an ablation (the most terms in an analogy is the analysis's own limit).
