@@ -158,9 +158,10 @@ def _declared(lm: LoadedModel, progress: Progress, analysis: str, tokens: str,
         fp = PairInput.from_json(tokens)
     else:
         fp = _prompt_pass(lm, tokens) if tokens else None
-    reads = dict(zip(spec.needs, store().get_or_compute(lm, *needs(spec)))) \
+    values = json.loads(params)
+    reads = dict(zip(spec.needs, store().get_or_compute(lm, *needs(spec, values)))) \
         if spec.needs else {}
-    return spec.compute(lm, fp, json.loads(params), reads, progress=progress)
+    return spec.compute(lm, fp, values, reads, progress=progress)
 
 
 def pair_set_key(digest: str) -> str:
@@ -299,9 +300,13 @@ def declared(spec: Any, lm: LoadedModel, fp: Any, values: dict[str, Any]) -> Opt
                    params=spec.stored_params(values, shape))
 
 
-def needs(spec: Any) -> list[Request]:
-    """The weight analyses a declared analysis reads (its ``needs``), in order."""
-    return [request(kind) for kind in spec.needs.values()]
+def needs(spec: Any, values: Optional[dict[str, Any]] = None) -> list[Request]:
+    """The weight analyses a declared analysis reads (its ``needs``), in order; a need's
+    parameters are the declared analysis's ``values`` of the same names (the circuit of a
+    circuit SVD)."""
+    values = values or {}
+    return [request(kind, **{p: values[p] for p in ANALYSES[kind].params if p in values})
+            for kind in spec.needs.values()]
 
 
 def circuit_svd(circuit: str = "OV") -> Request:

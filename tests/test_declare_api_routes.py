@@ -190,3 +190,70 @@ def test_token_predictions(client, registry, monkeypatch):
     computed = as_job(registry, monkeypatch, TOKEN_PREDICTIONS, {"top_k": 3})
     status, job = post(client, "token-predictions", top_k=3)
     assert status == 200 and computed() == 1 and job == data
+
+
+def test_eigenvalues(client, registry, monkeypatch):
+    from attention_lens.analysis.eigen import EIGENVALUES
+
+    bad_fields(client, "eigenvalues", [
+        ({"layer": 2}, "'layer' must be between 0 and 1"),
+        ({"head": 1}, "'head' needs a 'layer' too"),
+        ({"layer": 0, "head": 12}, "'head' must be between 0 and 11"),
+        ({"circuit": "OV"}, "unknown field(s) 'circuit'")])
+    status, data = post(client, "eigenvalues", layer=1, head=5)
+    assert status == 200, data
+    fp = registry.forward(TEXT, MODEL)
+    # a causal pattern is lower-triangular: its eigenvalues are its diagonal
+    diag = fp.cache["blocks.1.attn.hook_pattern"][5].diagonal().double().numpy()
+    np.testing.assert_allclose(data["attention_spectrum"]["eigenvalues"], diag, rtol=1e-6)
+    eig = W.store().get(registry.get(MODEL), W.circuit_eigenvalues())[0]
+    np.testing.assert_allclose(data["circuits"]["ov"]["real"], eig.ov[1, 5].real, rtol=1e-6,
+                               atol=1e-9)
+    kept = cached(registry, EIGENVALUES, {"layer": 1, "head": 5})
+    assert kept.circuits["copying"]["full_ov"] == pytest.approx(
+        data["circuits"]["copying"]["full_ov"], rel=1e-6)
+    computed = as_job(registry, monkeypatch, EIGENVALUES, {"layer": 1, "head": 5})
+    status, job = post(client, "eigenvalues", layer=1, head=5)
+    assert status == 200 and computed() == 1 and job == data
+
+
+def test_weights_by_get(client, registry):
+    """GET /api/weights: the query string read by the declaration; one store entry per
+    request, cut from the shared circuit SVD (computed once)."""
+    from attention_lens.analysis.circuits import WEIGHTS
+
+    for query, words in [("circuit=XX", "'circuit' must be one of 'OV', 'QK'"),
+                         ("head=2", "'head' needs a 'layer' too"),
+                         ("layer=9", "'layer' must be between 0 and 1 (the model attn-only-2l"),
+                         ("top_k=0", "'top_k' must be between 1 and 50"),
+                         ("n_directions=33", "'n_directions' must be between 0 and 32 (d_head "
+                                             "of attn-only-2l)"),
+                         ("top_k=x", "top_k must be an integer"),
+                         ("foo=1", "unknown parameter(s) 'foo'")]:
+        r = client.get(f"/api/weights?model={MODEL}&{query}")
+        assert r.status_code == 400 and words in r.get_json()["error"], (query, r.data)
+    r = client.post("/api/weights", json={"model": MODEL})
+    assert r.status_code == 405 and "use GET" in r.get_json()["error"]
+    assert "GET /api/weights" in " ".join(client.get("/api/").get_json()["endpoints"])
+    lm = registry.get(MODEL)
+    r = client.get(f"/api/weights?model={MODEL}&circuit=QK&layer=1&head=5&top_k=4"
+                   "&n_directions=2")
+    assert r.status_code == 200, r.data[:300]
+    data = r.get_json()
+    assert (data["layer"], data["head"]) == (1, 5)
+    full = W.store().get(lm, W.circuit_svd("QK"))[0]
+    assert data["result"]["input_ids"] == full.input_ids[1, 5, :2, :4].tolist()
+    # the singular values of the head's QK circuit W_Q W_K^T, from the weights
+    w = lm.model.blocks[1].attn
+    qk = (w.W_Q[5].double() @ w.W_K[5].double().T)
+    np.testing.assert_allclose(data["result"]["singular_values"],
+                               np.linalg.svd(qk.detach().numpy(), compute_uv=False)[:32],
+                               rtol=1e-5, atol=1e-9)
+    values = WEIGHTS.values({"circuit": "QK", "layer": 1, "head": 5, "top_k": 4,
+                             "n_directions": 2})
+    req = W.declared(WEIGHTS, lm, None, values)
+    assert W.store().stats(lm, req)["computed"] == 1
+    assert client.get(f"/api/weights?model={MODEL}&circuit=QK&layer=1&head=5&top_k=4"
+                      "&n_directions=2").get_json() == data
+    assert W.store().stats(lm, req)["computed"] == 1
+    assert W.store().stats(lm, W.circuit_svd("QK"))["computed"] == 1

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..model.checkpoint import LoadedModel
+from .declare import Choice, Head, Int, Layer, ModelInt, answers_get, declare
 from .errors import AnalysisError
 
 Circuit = Literal["OV", "QK"]
@@ -389,3 +390,37 @@ def circuit_svd(lm: LoadedModel, which: str = "OV", n_directions: int = 3, top_k
         input_tokens=_nested_display(lm, in_ids), output_tokens=_nested_display(lm, out_ids),
         notes=architecture_notes(lm, which),
     )
+
+
+# ------------------------------------------------------------ declared (GET /api/...)
+def weights_view(lm: LoadedModel, *, layer: Optional[int] = None, head: Optional[int] = None,
+                 circuit: str = "OV", top_k: int = 10, n_directions: int = 3,
+                 full: CircuitSVD) -> dict:
+    """Every head's OV or QK circuit SVD with ``n_directions`` directions of ``top_k`` tokens
+    (of one layer, or one head, when ``layer`` and ``head`` are given): cut from ``full``
+    (the shared weight analysis) when it holds that many, else computed."""
+    have = full.input_ids.shape
+    if n_directions <= have[2] and top_k <= have[3]:
+        res = full.top(n_directions, top_k)
+    else:
+        res = circuit_svd(lm, circuit, n_directions, top_k)
+    data = {f.name: getattr(res, f.name) for f in dataclasses.fields(res)}
+    if layer is not None:
+        idx = (layer,) if head is None else (layer, head)
+
+        def sel(v: object) -> object:
+            for i in idx:
+                v = v[i]  # type: ignore[index]
+            return v
+        data = {key: (sel(v) if isinstance(v, (np.ndarray, list)) else v)
+                for key, v in data.items()}
+    return {"layer": layer, "head": head, "result": data}
+
+
+WEIGHTS = answers_get(declare(
+    "weights", weights_view, scope="weights",
+    params=[Layer("layer"), Head("head"), Choice("circuit", "OV", CIRCUITS),
+            Int("top_k", 10, 1, lambda cfg: min(50, cfg.d_vocab)),
+            ModelInt("n_directions", 3, 0, lambda cfg: cfg.d_head,
+                what=lambda cfg: f" (d_head of {cfg.name})")],
+    needs={"full": "circuit_svd"}, to_json=lambda view: view, label="{circuit} circuit SVD"))

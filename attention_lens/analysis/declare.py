@@ -677,3 +677,38 @@ class Exact:
     ``digits`` (e.g. a sum that must add up beside rounded terms)."""
 
     value: Any
+
+
+@dataclass(frozen=True)
+class ModelInt(Int):
+    """A whole number whose message (``what``) may be a function of the model's config."""
+
+    def read(self, body: Mapping[str, Any], shape: Shape) -> Any:
+        lo, hi = _bound(self.lo, shape.cfg), _bound(self.hi, shape.cfg)
+        what = self.what(shape.cfg) if callable(self.what) and shape.cfg is not None \
+            else self.what if isinstance(self.what, str) else ""
+        return read_int(body, self.name, self.default, -MAX_WHOLE if lo is None else lo,
+                        MAX_WHOLE if hi is None else hi, what)
+
+
+#: Analyses whose endpoint is ``GET /api/<name>`` with the parameters in the query string
+#: (weight analyses read from a link), instead of ``POST`` with a JSON body.
+_BY_GET: set[str] = set()
+
+
+def answers_get(analysis: Analysis) -> Analysis:
+    """Serve ``analysis`` as ``GET /api/<name>?param=value...`` (whole numbers parsed from
+    the query string) instead of ``POST``."""
+    with _LOCK:
+        _BY_GET.add(analysis.name)
+    return analysis
+
+
+def method_of(analysis: Analysis) -> str:
+    """The HTTP method of the analysis's endpoint: ``GET`` or ``POST``."""
+    return "GET" if analysis.name in _BY_GET else "POST"
+
+
+def query_ints(analysis: Analysis) -> set[str]:
+    """The parameters a query string carries as whole numbers."""
+    return {p.name for p in analysis.params if isinstance(p, (Int, Layer, Head, Position))}

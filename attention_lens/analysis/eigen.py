@@ -25,6 +25,7 @@ import torch
 
 from ..model.checkpoint import LoadedModel
 from .circuits import architecture_notes, head_weights
+from .declare import Head, Layer, declare
 from .errors import AnalysisError
 from .forward import ForwardPass
 
@@ -224,3 +225,49 @@ def circuit_eigenvalues(lm: LoadedModel, dtype: str = "float32",
         dtype=dtype,
         notes=notes,
     )
+
+
+# ------------------------------------------------------------ declared (POST /api/...)
+@dataclass(frozen=True)
+class EigenView:
+    """What ``POST /api/eigenvalues`` answers: the prompt's attention spectrum and every
+    head's circuit eigenvalues, of one layer or one head when ``layer`` (and ``head``)."""
+
+    layer: Optional[int]
+    head: Optional[int]
+    attention_spectrum: dict
+    circuits: dict
+
+
+def eigen_view(lm: LoadedModel, fp: ForwardPass, *, layer: Optional[int] = None,
+               head: Optional[int] = None, eig: CircuitEigenvalues) -> EigenView:
+    """The attention spectrum of the prompt and the circuit eigenvalues ``eig`` (the weight
+    analysis), cut to ``layer`` (and ``head``) when given."""
+    import dataclasses
+
+    idx = () if layer is None else (layer,) if head is None else (layer, head)
+
+    def pick(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: pick(x) for k, x in v.items()}
+        for i in idx:
+            v = v[i]
+        return v
+
+    spec = attention_spectrum(lm, fp)
+    spectrum = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+    for key in ("eigenvalues", "sorted_eigenvalues"):
+        spectrum[key] = pick(spectrum[key])
+    circuits: dict[str, Any] = {"dtype": eig.dtype}
+    for name in eig.CIRCUITS:
+        circuits[name] = pick(getattr(eig, name))
+    circuits["copying"], circuits["positive"] = pick(eig.copying), pick(eig.positive)
+    return EigenView(layer, head, spectrum, circuits)
+
+
+EIGENVALUES = declare(
+    "eigenvalues", eigen_view, params=[Layer("layer"), Head("head")],
+    needs={"eig": "circuit_eigenvalues"},
+    to_json=lambda v: {"layer": v.layer, "head": v.head,
+                       "attention_spectrum": v.attention_spectrum, "circuits": v.circuits},
+    label="eigenvalues")

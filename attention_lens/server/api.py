@@ -263,31 +263,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
 
     # the logit lens is declared (analysis.logit_lens.LOGIT_LENS): POST /api/logit-lens
 
-    # ------------------------------------------------------------------- weights
-    @endpoint("/weights", ("GET",))
-    def weights() -> dict[str, Any]:
-        from ..analysis.circuits import circuit_svd
-
-        q = query_params({"model", "layer", "head", "circuit", "top_k", "n_directions"},
-                         {"layer", "head", "top_k", "n_directions"})
-        lm = model_of(q)
-        layer, head = layer_head(lm, q)
-        which = choice_field(q, "circuit", "OV", ("OV", "QK"))
-        k = int_field(q, "top_k", 10, 1, min(MAX_GRID_K, lm.cfg.d_vocab))
-        n_dir = int_field(q, "n_directions", 3, 0, lm.cfg.d_head,
-                          f" (d_head of {lm.name})")
-        if n_dir <= W.SVD_DIRECTIONS and k <= W.SVD_TOP_K:  # cut from the shared result
-            (full,) = run_weight_analyses(lm, W.circuit_svd(which))
-            res = full.top(n_dir, k)
-        else:
-            with background.current().slots.job(f"{which} circuit SVD"):
-                res = circuit_svd(lm, which, n_dir, k)
-        data = jsonable(res)
-        if layer is not None:
-            sel = (lambda v: v[layer]) if head is None else (lambda v: v[layer][head])
-            data = {key: (sel(v) if isinstance(v, list) and key != "notes" else v)
-                    for key, v in data.items()}
-        return {"model": lm.name, "layer": layer, "head": head, "result": data}
+    # every head's circuit SVD is declared (analysis.circuits.WEIGHTS): GET /api/weights
 
     # ---------------------------------------------------------------- embeddings
     @endpoint("/embeddings", ("GET",))
@@ -337,39 +313,8 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         return {"model": lm.name, "results": results, "input_ids": res.excluded_ids,
                 "result": jsonable(res)}
 
-    # -------------------------------------------------------------- eigenvalues
-    def eigen_of(lm: LoadedModel) -> Any:
-        return run_weight_analyses(lm, W.circuit_eigenvalues())[0]
-
-    @endpoint("/eigenvalues", ("POST",))
-    def eigenvalues() -> dict[str, Any]:
-        from ..analysis.eigen import attention_spectrum
-
-        body = json_body(base | {"layer", "head"})
-        lm, fp, part = prompt(body)
-        layer, head = layer_head(lm, body)
-        spectrum = jsonable(attention_spectrum(lm, fp))
-        eig = eigen_of(lm)
-        circuits: dict[str, Any] = {"dtype": eig.dtype}
-        for name in eig.CIRCUITS:
-            circuits[name] = getattr(eig, name)
-        circuits["copying"], circuits["positive"] = eig.copying, eig.positive
-        circuits = jsonable(circuits)
-        if layer is not None:
-            idx = (layer,) if head is None else (layer, head)
-
-            def pick(v: Any) -> Any:
-                if isinstance(v, dict):
-                    return {k: pick(x) for k, x in v.items()}
-                if isinstance(v, list):
-                    for i in idx:
-                        v = v[i]
-                return v
-            for key in ("eigenvalues", "sorted_eigenvalues"):
-                spectrum[key] = pick(spectrum[key])
-            circuits = {k: (pick(v) if k != "dtype" else v) for k, v in circuits.items()}
-        return {**part, "layer": layer, "head": head, "attention_spectrum": spectrum,
-                "circuits": circuits}
+    # the eigenvalues of the prompt's patterns and of the circuits are declared
+    # (analysis.eigen.EIGENVALUES): POST /api/eigenvalues
 
     # ablation is declared (analysis.ablation.ABLATION): POST /api/ablation
 
@@ -612,6 +557,10 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
             lm, fp = model_of(body), None
             part = {"model": lm.name}
             pair = PairInput.read(body, lm, limit_of(lm))
+        elif declare.method_of(spec) == "GET":
+            body = query_params({"model"} | spec.fields, declare.query_ints(spec))
+            lm, fp = model_of(body), None
+            part = {"model": lm.name}
         else:
             body = json_body({"model"} | spec.fields)
             lm, fp = model_of(body), None
@@ -624,7 +573,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         if req is not None:
             (res,) = run_weight_analyses(lm, req)
         else:
-            needs = dict(zip(spec.needs, run_weight_analyses(lm, *W.needs(spec)))) \
+            needs = dict(zip(spec.needs, run_weight_analyses(lm, *W.needs(spec, values)))) \
                 if spec.needs else {}
             res = registry.per_prompt(fp, spec.key(values, shape),
                                       lambda: spec.compute(lm, fp, values, needs))
@@ -657,7 +606,8 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
                  if r.endpoint.startswith(bp.name + ".") and "<" not in r.rule
                  for m in (r.methods or ()) if m in {"GET", "POST"}}
         prefix = flask.url_for(bp.name + ".index")
-        rules |= {(prefix + name, "POST") for name in declare.declared()}
+        rules |= {(prefix + name, declare.method_of(spec))
+                  for name, spec in declare.declared().items()}
         return {"endpoints": [f"{m} {r}" for r, m in sorted(rules)]}
 
     @endpoint("/<name>", ("GET", "POST"))
@@ -665,9 +615,10 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         spec = declare.find((flask.request.view_args or {}).get("name", ""))
         if spec is None:
             return no_endpoint()
-        if flask.request.method != "POST":
+        method = declare.method_of(spec)
+        if flask.request.method != method:
             raise ApiError(f"method {flask.request.method} is not allowed on "
-                           f"{flask.request.path}; use POST", 405)
+                           f"{flask.request.path}; use {method}", 405)
         return run_declared(spec)
 
     def no_endpoint() -> dict[str, Any]:
