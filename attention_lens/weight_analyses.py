@@ -282,10 +282,11 @@ def request(name: str, **params: Any) -> Request:
 
 def declared(spec: Any, lm: LoadedModel, fp: Any, values: dict[str, Any]) -> Optional[Request]:
     """The store's request for a declared analysis (:mod:`.analysis.declare`) that runs as a
-    job: scope weights always, scope prompt when its estimated work on this prompt is over
+    job: scope weights unless it estimates its work (its ``cost``, in passes of one token)
+    under the inline threshold, scope prompt when its estimated work on this prompt is over
     the inline threshold; None when it runs inline (its result then kept with the forward
     pass). For scope pair, ``fp`` is the pair (its JSON is the job's input)."""
-    from .analysis.declare import Shape, runs_inline
+    from .analysis.declare import Shape, has_cost, runs_inline
 
     if spec.scope == "pair":
         if runs_inline(spec, lm.cfg, fp.n_tokens, {**values, "n_pairs": len(fp.pairs)}):
@@ -294,6 +295,8 @@ def declared(spec: Any, lm: LoadedModel, fp: Any, values: dict[str, Any]) -> Opt
                        params=spec.stored_params(values))
     if spec.scope == "prompt" and runs_inline(spec, lm.cfg, fp.n_tokens, values):
         return None
+    if spec.scope == "weights" and has_cost(spec) and runs_inline(spec, lm.cfg, 1, values):
+        return None  # a cheap weight analysis (its cost per one-token pass): inline
     tokens = "" if spec.scope == "weights" else ",".join(str(int(t)) for t in fp.token_ids)
     shape = Shape(lm.cfg, None if fp is None else fp.n_tokens)
     return request("declared", analysis=spec.name, tokens=tokens,

@@ -35,11 +35,18 @@ def bad_fields(client, name, cases):
         assert status == 400 and words in err["error"], (body, err)
 
 
-def cached(registry, analysis, values):
+def cached(registry, analysis, values, text=TEXT):
     """The result kept with the prompt's forward pass under the declaration's key."""
-    lm, fp = registry.get(MODEL), registry.forward(TEXT, MODEL)
+    lm, fp = registry.get(MODEL), registry.forward(text, MODEL)
     key = analysis.key(analysis.values(values), declare.Shape(lm.cfg, fp.n_tokens))
     return registry.per_prompt(fp, key, lambda: pytest.fail(f"no entry under {key}"))
+
+
+def derived_keys(registry, text):
+    """The keys of the results kept with the prompt's forward pass."""
+    fp = registry.forward(text, MODEL)
+    entry = registry._forward.get((MODEL, tuple(int(i) for i in fp.token_ids)))
+    return set(entry.derived)
 
 
 def as_job(registry, monkeypatch, analysis, values):
@@ -150,18 +157,24 @@ def test_qk_attribution(client, registry, monkeypatch):
 def test_qk_page_reads_the_entry_the_api_computed(client, registry):
     """/qk draws the declared analysis: the cell and the row the API computed are read from
     the prompt's cache, not computed again."""
+    from attention_lens.analysis.qk_attribution import QK_ATTRIBUTION
     from attention_lens.components import page as P
 
-    cell = {"layer": 1, "head": 5, "query": 8, "key": 3}
+    text = "The page and the API read one entry. The page and the API read one entry."
+    cell = {"text": text, "layer": 1, "head": 5, "query": 8, "key": 3}
     for extra in ({}, {"row": True, "key": None}):
         status, _ = post(client, "qk-attribution", **{k: v for k, v in {**cell, **extra}.items()
                                                       if v is not None})
         assert status == 200
-    before = registry.cache_info()["per_prompt"]
-    drawn = P.spec_of("qk").render({"model": MODEL, "text": TEXT}, layer=1, head=5, query=8,
+    before = derived_keys(registry, text)
+    assert len(before) == 2
+    kept = cached(registry, QK_ATTRIBUTION, {"layer": 1, "head": 5, "query": 8, "key": 3},
+                  text)
+    kept.terms[0, 0] = 123.0  # marks the kept entry: the page's term heatmap shows it
+    drawn = P.spec_of("qk").render({"model": MODEL, "text": text}, layer=1, head=5, query=8,
                                    key=3)
-    assert registry.cache_info()["per_prompt"] == before
-    assert "sum to" in str(drawn)
+    assert derived_keys(registry, text) == before  # read, not computed under other keys
+    assert 123.0 in np.asarray(drawn.figures["terms"].data[0].z, dtype=float)
 
 
 def test_token_predictions(client, registry, monkeypatch):
@@ -181,12 +194,18 @@ def test_token_predictions(client, registry, monkeypatch):
     kept = cached(registry, TOKEN_PREDICTIONS, {"top_k": 3})
     assert kept.top_ids.tolist() == data["result"]["top_ids"]
     # /predictions draws the same declaration (k = 5): the entry the API computed
-    _, five = post(client, "token-predictions")
+    from attention_lens.analysis.predictions import NEXT_TOKEN
     from attention_lens.components import page as P
 
-    before = registry.cache_info()["per_prompt"]
-    P.spec_of("predictions").render({"model": MODEL, "text": TEXT}, k=10)
-    assert registry.cache_info()["per_prompt"] == before + 1  # its next-token view only
+    text = "Predictions of every position. Predictions of every position."
+    status, _ = post(client, "token-predictions", text=text)
+    (five,) = derived_keys(registry, text)
+    assert status == 200 and five[1] == "token-predictions" and five[2] == (("top_k", 5),)
+    kept = cached(registry, TOKEN_PREDICTIONS, {"top_k": 5}, text)
+    kept.surprisal_nats[0] = 123.0  # marks the kept entry: the page's figure shows it
+    drawn = P.spec_of("predictions").render({"model": MODEL, "text": text}, k=10)
+    assert {k[1] for k in derived_keys(registry, text) - {five}} == {NEXT_TOKEN.name}
+    assert 123.0 in list(drawn.figures["surprisal"].data[0].y)
     computed = as_job(registry, monkeypatch, TOKEN_PREDICTIONS, {"top_k": 3})
     status, job = post(client, "token-predictions", top_k=3)
     assert status == 200 and computed() == 1 and job == data
@@ -257,3 +276,49 @@ def test_weights_by_get(client, registry):
                       "&n_directions=2").get_json() == data
     assert W.store().stats(lm, req)["computed"] == 1
     assert W.store().stats(lm, W.circuit_svd("QK"))["computed"] == 1
+
+
+def test_analogy(client, registry, monkeypatch):
+    """A cheap weight analysis: inline, kept in the registry's weight cache under the
+    declaration's key; a job in the store when the threshold is forced."""
+    from attention_lens.analysis.analogy import ANALOGY
+
+    def ask(**body):
+        r = client.post("/api/analogy", json={"model": MODEL, **body})
+        return r.status_code, r.get_json()
+
+    for body, words in [({}, "missing field 'positive' (a list of words)"),
+                        ({"positive": []}, "'positive' is empty: give at least one word"),
+                        ({"positive": [" "]}, "'positive' contains an empty word"),
+                        ({"positive": [3]}, "'positive' must be a list of strings"),
+                        ({"positive": ["a"] * 11}, "at most 10 are allowed"),
+                        ({"positive": ["a"], "negative": None}, "missing field 'negative'"),
+                        ({"positive": ["a"], "top_k": 0}, "'top_k' must be between 1 and"),
+                        ({"positive": ["a"], "method": "add"}, "'method' must be one of"),
+                        ({"positive": ["a"], "matrix": "W_Q"}, "'matrix' must be one of"),
+                        ({"positive": ["a"], "text": "a"}, "unknown field(s) 'text'")]:
+        status, err = ask(**body)
+        assert status == 400 and words in err["error"], (body, err)
+    values = {"positive": ["king", "woman"], "negative": ["man"], "top_k": 4}
+    status, data = ask(**values)
+    assert status == 200, data
+    lm = registry.get(MODEL)
+    excluded = set(data["input_ids"])
+    assert [r["id"] for r in data["results"]] == data["result"]["token_ids"]
+    assert not excluded & set(data["result"]["token_ids"])
+    # 3CosAdd: the cosine of each answer's unit embedding row to the unit target
+    unit = lm.model.W_E.detach().double().numpy()
+    unit = unit / np.linalg.norm(unit, axis=1, keepdims=True)
+    rows = [np.mean(unit[ids], 0) for ids in data["result"]["term_token_ids"]]
+    rows = [r / np.linalg.norm(r) for r in rows]
+    target = rows[0] + rows[1] - rows[2]
+    cos = unit[data["result"]["token_ids"]] @ (target / np.linalg.norm(target))
+    np.testing.assert_allclose([r["cosine"] for r in data["results"]], cos, rtol=1e-6)
+    key = ANALOGY.key(ANALOGY.values(values), declare.Shape(lm.cfg))
+    kept = registry.weights(MODEL, key, lambda m: pytest.fail(f"no entry under {key}"))
+    assert kept["input_ids"] == data["input_ids"]
+    monkeypatch.setattr(declare, "INLINE_MAX_GFLOP", -1.0)
+    req = W.declared(ANALOGY, lm, None, ANALOGY.values(values))
+    assert req is not None
+    status, job = ask(**values)
+    assert status == 200 and job == data and W.store().stats(lm, req)["computed"] == 1

@@ -10,12 +10,14 @@ renormalised mean of its tokens' unit rows, and the result says so.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence, Union, get_args
+from typing import Any, Literal, Sequence, Union, get_args
 
 import numpy as np
 
 from ..model.checkpoint import LoadedModel
+from .declare import Choice, Int, Words, declare, forward_gflop
 from .embeddings import (
+    MATRICES,
     _check_k,
     _ordinary,
     embedding_matrix,
@@ -118,3 +120,33 @@ def analogy(lm: LoadedModel, positive: Union[str, Sequence[str]],
         token_ids=top.astype(np.int64), display=[lm.tokenizer.display(int(i)) for i in top],
         scores=scores[top], cosine=cosine[top],
     )
+
+
+# ------------------------------------------------------------ declared (POST /api/...)
+def analogy_view(lm: LoadedModel, *, positive: Sequence[str], negative: Sequence[str] = (),
+                 top_k: int = 5, method: str = "3cosadd", matrix: str = "W_E") -> dict:
+    """What ``POST /api/analogy`` answers: the answers (id, display, token text, score,
+    cosine), the input token ids left out, and the whole :class:`Analogy`."""
+    res = analogy(lm, list(positive), list(negative or ()), top_k=top_k, method=method,
+                  matrix=matrix)
+    results = [{"id": int(i), "display": d, "token": lm.tokenizer.token_text(int(i)),
+                "score": sc, "cosine": co}
+               for i, d, sc, co in zip(res.token_ids, res.display, res.scores, res.cosine)]
+    return {"results": results, "input_ids": res.excluded_ids, "result": res}
+
+
+def analogy_cost(cfg: Any, n_tokens: int, values: dict) -> float:
+    """The work in forward passes of ``n_tokens`` tokens: one product of the unit rows with
+    the target and with each term (a few matrix-vector products over the vocabulary)."""
+    n_terms = len(values.get("positive") or ()) + len(values.get("negative") or ())
+    flop = 2 * (n_terms + 2) * cfg.d_vocab * cfg.d_model
+    return flop / 1e9 / forward_gflop(cfg, n_tokens)
+
+
+ANALOGY = declare(
+    "analogy", analogy_view, scope="weights",
+    params=[Words("positive", required=True, most=MAX_TERMS),
+            Words("negative", most=MAX_TERMS),
+            Int("top_k", 5, 1, lambda cfg: min(1000, cfg.d_vocab)),
+            Choice("method", "3cosadd", METHODS), Choice("matrix", "W_E", MATRICES)],
+    cost=analogy_cost, to_json=lambda view: view, label="analogy")

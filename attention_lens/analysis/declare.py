@@ -712,3 +712,45 @@ def method_of(analysis: Analysis) -> str:
 def query_ints(analysis: Analysis) -> set[str]:
     """The parameters a query string carries as whole numbers."""
     return {p.name for p in analysis.params if isinstance(p, (Int, Layer, Head, Position))}
+
+
+def read_words(body: Mapping[str, Any], key: str, required: bool, most: int) -> list[str]:
+    """A list of words ``body[key]`` (one word may be sent as a string): at most ``most``,
+    none empty; ``required``: the field must be sent."""
+    value = body.get(key, [] if not required else None)
+    if value is None:
+        raise ParamError(f"missing field {key!r} (a list of words)")
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(w, str) for w in value):
+        raise ParamError(f"{key!r} must be a list of strings")
+    if len(value) > most:
+        raise ParamError(f"{key!r} has {len(value)} terms; at most {most} are allowed")
+    for w in value:
+        if "\x00" in w:
+            raise ParamError(f"{key!r} contains a NUL character")
+        if not w.strip():
+            raise ParamError(f"{key!r} contains an empty word")
+    return value
+
+
+@dataclass(frozen=True)
+class Words(Param):
+    """Words typed by the user (a list; one word may be a string); ``required``: sent and
+    not empty. API only."""
+
+    page: bool = field(default=False, kw_only=True)
+    required: bool = field(default=False, kw_only=True)
+    most: int = field(default=10, kw_only=True)
+
+    def read(self, body: Mapping[str, Any], shape: Shape) -> Any:
+        words = read_words(body, self.name, self.required, self.most)
+        if self.required and not words:
+            raise ParamError(f"{self.name!r} is empty: give at least one word")
+        return words
+
+
+def has_cost(analysis: Analysis) -> bool:
+    """Whether the analysis estimates its work (a weight analysis without an estimate always
+    runs as a job, its result kept in the weight-analysis store)."""
+    return analysis.cost is not reads_the_pass

@@ -288,30 +288,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
                              "projection": jsonable(project_tokens(lm, res, fp.token_ids))}
         return out
 
-    @endpoint("/analogy", ("POST",))
-    def analogy() -> dict[str, Any]:
-        from ..analysis.analogy import METHODS
-        from ..analysis.analogy import analogy as analyse
-        from ..analysis.embeddings import MATRICES
-
-        body = json_body({"positive", "negative", "top_k", "model", "method", "matrix"})
-        lm = model_of(body)
-        positive = words_field(body, "positive", required=True)
-        negative = words_field(body, "negative", required=False)
-        if not positive:
-            raise ApiError("'positive' is empty: give at least one word")
-        k = int_field(body, "top_k", 5, 1, min(1000, lm.cfg.d_vocab))
-        method = choice_field(body, "method", "3cosadd", tuple(METHODS))
-        matrix = choice_field(body, "matrix", "W_E", tuple(MATRICES))
-        key = ("analogy", tuple(positive), tuple(negative or ()), k, method, matrix)
-        res = registry.weights(lm.name, key, lambda m: analyse(m, positive, negative, top_k=k,
-                                                                method=method, matrix=matrix))
-        results = [{"id": int(i), "display": d, "token": lm.tokenizer.token_text(int(i)),
-                    "score": sc, "cosine": co}
-                   for i, d, sc, co in zip(res.token_ids, res.display, jsonable(res.scores),
-                                           jsonable(res.cosine))]
-        return {"model": lm.name, "results": results, "input_ids": res.excluded_ids,
-                "result": jsonable(res)}
+    # analogies are declared (analysis.analogy.ANALOGY): POST /api/analogy
 
     # the eigenvalues of the prompt's patterns and of the circuits are declared
     # (analysis.eigen.EIGENVALUES): POST /api/eigenvalues
@@ -572,6 +549,9 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         req = W.declared(spec, lm, fp, values)
         if req is not None:
             (res,) = run_weight_analyses(lm, req)
+        elif fp is None:  # a cheap weight analysis: kept in the registry's weight cache
+            res = registry.weights(lm.name, spec.key(values, shape),
+                                   lambda m: spec.compute(m, None, values, {}))
         else:
             needs = dict(zip(spec.needs, run_weight_analyses(lm, *W.needs(spec, values)))) \
                 if spec.needs else {}

@@ -143,22 +143,9 @@ def token_field(body: dict[str, Any], key: str) -> Optional[int | str]:
 
 
 def words_field(body: dict[str, Any], key: str, required: bool) -> list[str]:
-    """A list of analogy terms."""
-    value = body.get(key, [] if not required else None)
-    if value is None:
-        raise ApiError(f"missing field {key!r} (a list of words)")
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(w, str) for w in value):
-        raise ApiError(f"{key!r} must be a list of strings")
-    if len(value) > MAX_TERMS:
-        raise ApiError(f"{key!r} has {len(value)} terms; at most {MAX_TERMS} are allowed")
-    for w in value:
-        if "\x00" in w:
-            raise ApiError(f"{key!r} contains a NUL character")
-        if not w.strip():
-            raise ApiError(f"{key!r} contains an empty word")
-    return value
+    """A list of analogy terms (:func:`.analysis.declare.read_words`)."""
+    with _api_errors():
+        return declare.read_words(body, key, required, MAX_TERMS)
 
 
 def layer_head(lm: LoadedModel, body: dict[str, Any], need_head: bool = False
