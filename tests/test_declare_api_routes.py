@@ -322,3 +322,20 @@ def test_analogy(client, registry, monkeypatch):
     assert req is not None
     status, job = ask(**values)
     assert status == 200 and job == data and W.store().stats(lm, req)["computed"] == 1
+
+
+def test_analogy_page_reads_the_entry_the_api_computed(client, registry):
+    from attention_lens.analysis.analogy import ANALOGY
+    from attention_lens.components import page as P
+
+    values = {"positive": ["England", "French"], "negative": ["English"], "top_k": 6,
+              "method": "3cosmul"}
+    r = client.post("/api/analogy", json={"model": MODEL, **values})
+    assert r.status_code == 200
+    lm = registry.get(MODEL)
+    key = ANALOGY.key(ANALOGY.values(values), declare.Shape(lm.cfg))
+    kept = registry.weights(MODEL, key, lambda m: pytest.fail("not kept"))
+    kept["result"].scores[0] = 123.0  # marks the kept entry: the page's bars show it
+    drawn = P.spec_of("analogy").render({"model": MODEL, "text": TEXT}, plus=["England", "French"],
+                                        minus=["English"], k=6, method="3cosmul")
+    assert drawn.errors == [] and 123.0 in list(drawn.figures["results"].data[0].x)

@@ -313,6 +313,9 @@ class PageContext:
             if analysis.needs else {}
         from ..analysis.declare import Shape
 
+        if fp is None:  # a weight analysis cheap enough to run inline: the weight cache
+            return self.registry.weights(lm.name, analysis.key(values, Shape(lm.cfg)),
+                                         lambda m: analysis.compute(m, None, values, needs))
         return self.registry.per_prompt(
             fp, analysis.key(values, Shape(lm.cfg, fp.n_tokens)),
             lambda: analysis.compute(lm, fp, values, needs))

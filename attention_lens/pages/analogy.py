@@ -8,7 +8,7 @@ import dash_bootstrap_components as dbc
 from dash import ALL, MATCH, Input, Output, State, callback, ctx, html
 from dash.exceptions import PreventUpdate
 
-from ..analysis.analogy import MAX_TERMS, METHODS, Analogy, analogy
+from ..analysis.analogy import ANALOGY, MAX_TERMS, METHODS, Analogy
 from ..analysis.embeddings import MATRICES, resolve_term
 from ..analysis.errors import AnalysisError
 from ..components import page as P
@@ -110,11 +110,9 @@ def panels(ctx: P.PageContext, query: dict) -> list:
     """The top-k answers as bars and a table, what was solved, the multi-token notes."""
     if not query["plus"]:
         raise AnalysisError("Type at least one word to add (a + term).")
-    key = ("analogy", tuple(query["plus"]), tuple(query["minus"]), query["k"],
-           query["method"], query["matrix"])  # solved once per model (the API shares it)
-    res = ctx.registry.weights(ctx.model.name, key, lambda lm: analogy(
-        lm, query["plus"], query["minus"], top_k=query["k"], method=query["method"],
-        matrix=query["matrix"]))
+    # the declared analysis (POST /api/analogy): solved once per model, page and API alike
+    res = ctx.run(ANALOGY, positive=query["plus"], negative=query["minus"],
+                  top_k=query["k"], method=query["method"], matrix=query["matrix"])["result"]
     caption = html.P(["Answers to ", html.Code(equation_text(res)), " (",
                       METHOD_LABELS[res.method], ", ", res.matrix, ")"], className="small")
     return [*[P.Notice(n) for n in res.notes],
