@@ -77,7 +77,7 @@ def test_attention(client, registry, monkeypatch):
         ({"query": [1]}, "unknown field(s) 'query'")])
     status, data = post(client, "attention", heads=["L1H5", [0, 2]], queries=[-1, 3])
     assert status == 200 and data["heads"] == [[1, 5], [0, 2]] and data["queries"] == [19, 3]
-    lm, fp = registry.get(MODEL), registry.forward(TEXT, MODEL)
+    fp = registry.forward(TEXT, MODEL)
     pattern = fp.cache["blocks.1.attn.hook_pattern"][5].numpy()
     np.testing.assert_allclose(data["result"]["patterns"][0], pattern[[19, 3]], rtol=1e-6,
                                atol=1e-7)

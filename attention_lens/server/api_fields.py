@@ -15,7 +15,7 @@ import flask
 from ..analysis import declare
 from ..analysis.analogy import MAX_TERMS
 from ..analysis.labels import parse_head_label
-from ..analysis.predictions import MAX_GRID_K  # most alternatives in a [pos, k] grid
+from ..analysis.predictions import MAX_GRID_K  # noqa: F401 - re-exported (a [pos, k] grid)
 from ..model.checkpoint import LoadedModel
 from ..model.jsonfile import value_depth
 
