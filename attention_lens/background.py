@@ -9,11 +9,13 @@ run in ``attention-lens worker`` processes (any number of machines) and everythi
 lives in Redis.
 
 The number of jobs running or queued is bounded by ``max_jobs``: a job takes a slot
-(:meth:`Slots.reserve`) before it is started, keeps it alive with a heartbeat while it
-runs, and gives it back when it ends; a slot whose job died (a cancelled or killed
-process) is given back by the process that watched it (on one machine) or expires within
-seconds, and a reservation no job claims goes after :data:`RESERVED_LOCAL_S` seconds on
-one machine. A request over the bound is told the server is busy.
+(:meth:`Slots.reserve`, a token-owned lock in the store: redis-py's ``Lock`` in a lab) before
+it is started, renews it while it runs, and gives it back when it ends; a slot whose job
+died (a cancelled or killed process) is given back by the process that watched it (on one
+machine) or expires within seconds, and a reservation no job claims goes after
+:data:`RESERVED_LOCAL_S` seconds on one machine. A request over the bound is told the server
+is busy. Celery's own concurrency bounds the jobs a worker runs, not those queued, and cannot
+refuse a request, so the bound is kept here, at admission.
 
 A lab survives its parts failing (see the README's fault table): Celery acknowledges a task
 only when it ends and puts it back when its pool child dies; a page polling a job whose
@@ -440,11 +442,14 @@ def heartbeat(renew: Callable[[], Any], name: str, every: float = HEARTBEAT_S
     stop = threading.Event()
 
     def beat() -> None:
-        while not stop.wait(every):
-            try:
-                renew()
-            except Exception:  # noqa: BLE001 - a store hiccup must not kill the job
-                log.warning("heartbeat of %s failed", name, exc_info=True)
+        try:
+            while not stop.wait(every):
+                try:
+                    renew()
+                except Exception:  # noqa: BLE001 - a store hiccup must not kill the job
+                    log.warning("heartbeat of %s failed", name, exc_info=True)
+        except SystemExit:  # a threaded server stopping raises it in its threads
+            log.warning("%s no longer renewed: its server is stopping", name)
 
     thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat-{name}")
     thread.start()
