@@ -107,3 +107,28 @@ def test_the_job_host_gives_back_a_dead_jobs_slot_at_once(where):
         slots.release_pid(os.getpid())
         assert [s["token"] for s in slots.active()] == [other]
     assert [s["token"] for s in slots.active()] == [other]
+
+
+def test_a_stopping_server_stops_the_slot_renewal_quietly_and_the_slot_is_freed(tmp_path):
+    """Dash's threaded runner raises SystemExit in every thread it started when it stops (a
+    job run with ``slots.job`` in a request thread): the renewal ends without an
+    unhandled-thread error, and leaving the block still frees the slot."""
+    import ctypes
+    import threading
+
+    slots = _slots(str(tmp_path), 1)
+    unhandled: list = []
+    old_hook = threading.excepthook
+    threading.excepthook = unhandled.append
+    try:
+        with slots.job("an API analysis"):
+            beat = next(t for t in threading.enumerate() if t.name.startswith("heartbeat-"))
+            assert ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                ctypes.c_ulong(beat.ident), ctypes.py_object(SystemExit)) == 1
+            beat.join(background.HEARTBEAT_S + 2)
+            assert not beat.is_alive(), "the renewal did not stop"
+            assert len(slots.active()) == 1
+    finally:
+        threading.excepthook = old_hook
+    assert unhandled == []
+    assert slots.active() == []
