@@ -13,11 +13,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..model.shapes import random_gpt2_shape
 from ..model.texts import BENCH_TEXT
 from ..registry import DEFAULT_WEIGHTS, Registry
 from .measure import _rss_mb, _RssSampler, tl_oracle
-from .patching import _patching_pair
+from .patching import _patching_pair, gpt2_shape_pair
 
 
 # ------------------------------------------------------------------ circuit discovery
@@ -173,10 +172,7 @@ def bench_circuit(reps: int, gpt2: bool = True) -> None:
               f"{tl_s / eap_s:.1f}\u00d7 faster", flush=True)
     if not gpt2:
         return
-    big = random_gpt2_shape()
-    rng = np.random.default_rng(0)
-    ids = [int(i) for i in rng.integers(1000, big.cfg.d_vocab, 32)]
-    clean, corrupted = _patching_pair(ids, 4, 500)
+    big, clean, corrupted = gpt2_shape_pair()
     big_pair = PT.PromptPair(clean, corrupted, 1000, 1001)
     steps: list[tuple[float, int, int]] = []
     gc.collect()

@@ -29,6 +29,15 @@ def _patching_pair(ids: list[int], corrupt_at: int, replacement: int) -> tuple[l
     return clean, corrupted
 
 
+def gpt2_shape_pair() -> tuple[LoadedModel, list[int], list[int]]:
+    """A random GPT-2-small-shaped model and a 64-token pair of random ids for it (32 ids
+    repeated; token 4 corrupted)."""
+    big = random_gpt2_shape()
+    rng = np.random.default_rng(0)
+    ids = [int(i) for i in rng.integers(1000, big.cfg.d_vocab, 32)]
+    return (big, *_patching_pair(ids, 4, 500))
+
+
 def _tl_sampled(tl: Any, corrupted: list[int], clean: list[int], metric: Callable,
                 granularity: str, n_cells: int, sample: int, seed: int = 0
                 ) -> tuple[tuple[float, float], Any, Any]:
@@ -189,10 +198,7 @@ def bench_patching(reps: int, tl_sample: int, gpt2: bool = True) -> None:
     _patching_page()
     if not gpt2:
         return
-    big = random_gpt2_shape()
-    rng = np.random.default_rng(0)
-    ids = [int(i) for i in rng.integers(1000, big.cfg.d_vocab, 32)]
-    clean, corrupted = _patching_pair(ids, 4, 500)
+    big, clean, corrupted = gpt2_shape_pair()
     print(f"\nActivation patching, random GPT-2-small shape ({big.cfg.n_layers} x "
           f"{big.cfg.n_heads} heads, d_model {big.cfg.d_model}), {len(clean)}-token pair "
           f"(token 4 corrupted)")
