@@ -9,11 +9,13 @@ run in ``attention-lens worker`` processes (any number of machines) and everythi
 lives in Redis.
 
 The number of jobs running or queued is bounded by ``max_jobs``: a job takes a slot
-(:meth:`Slots.reserve`) before it is started, keeps it alive with a heartbeat while it
-runs, and gives it back when it ends; a slot whose job died (a cancelled or killed
-process) is given back by the process that watched it (on one machine) or expires within
-seconds, and a reservation no job claims goes after :data:`RESERVED_LOCAL_S` seconds on
-one machine. A request over the bound is told the server is busy.
+(:meth:`Slots.reserve`, a token-owned lock in the store: redis-py's ``Lock`` in a lab) before
+it is started, renews it while it runs, and gives it back when it ends; a slot whose job
+died (a cancelled or killed process) is given back by the process that watched it (on one
+machine) or expires within seconds, and a reservation no job claims goes after
+:data:`RESERVED_LOCAL_S` seconds on one machine. A request over the bound is told the server
+is busy. Celery's own concurrency bounds the jobs a worker runs, not those queued, and cannot
+refuse a request, so the bound is kept here, at admission.
 
 A lab survives its parts failing (see the README's fault table): Celery acknowledges a task
 only when it ends and puts it back when its pool child dies; a page polling a job whose
@@ -123,6 +125,9 @@ class RedisKV:
     def _do(self, command: str, *args: Any, **kwargs: Any) -> Any:
         return patiently(lambda: getattr(self.r, command)(*args, **kwargs), self.patience)
 
+    def _do_call(self, fn: Callable[[], Any]) -> Any:
+        return patiently(fn, self.patience)
+
     def get(self, key: str, default: Any = None) -> Any:
         """The value of ``key`` or ``default``."""
         raw = self._do("get", self._k(key))
@@ -225,11 +230,87 @@ class DiskKV:
 
 
 # -------------------------------------------------------------------------- job slots
+class _RedisSlotLock:
+    """Slot ``key`` as redis-py's ``Lock``: its value is the holder's token, and taking,
+    renewing and giving it back are single atomic commands (``SET NX PX`` and the lock's Lua
+    scripts) that act only for the token holding it. The token travels with the job (the
+    web worker reserves, a Celery worker runs), so any process holding it owns the slot."""
+
+    def __init__(self, kv: "RedisKV") -> None:
+        self.kv = kv
+
+    def _lock(self, key: str, token: str, ttl: float) -> Any:
+        lock = self.kv.r.lock(self.kv._k(key), timeout=ttl, thread_local=False)
+        lock.local.token = token.encode()
+        return lock
+
+    def take(self, key: str, token: str, ttl: float) -> bool:
+        lock = self.kv.r.lock(self.kv._k(key), timeout=ttl, thread_local=False)
+        return bool(self.kv._do_call(lambda: lock.acquire(blocking=False, token=token)))
+
+    def renew(self, key: str, token: str, ttl: float) -> bool:
+        from redis.exceptions import LockError
+
+        lock = self._lock(key, token, ttl)
+        try:
+            return bool(self.kv._do_call(lambda: lock.extend(ttl, replace_ttl=True)))
+        except LockError:  # expired, or another job's now
+            return False
+
+    def drop(self, key: str, token: str) -> bool:
+        from redis.exceptions import LockError
+
+        lock = self._lock(key, token, 1.0)
+        try:
+            self.kv._do_call(lock.release)
+            return True
+        except LockError:
+            return False
+
+    def holder(self, key: str) -> Optional[str]:
+        raw = self.kv._do("get", self.kv._k(key))
+        return raw.decode() if isinstance(raw, bytes) else None
+
+
+class _DiskSlotLock:
+    """Slot ``key`` in a diskcache ``Cache``, with the same token rules as redis-py's lock:
+    taken with the atomic ``add``; renewed and given back inside one SQLite transaction
+    (``transact``) that first checks the token. (diskcache's own ``Lock`` has no owner: its
+    ``release`` deletes whatever holds the key, and its ``acquire`` cannot fail fast.)"""
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+
+    def take(self, key: str, token: str, ttl: float) -> bool:
+        return bool(self.cache.add(key, token, expire=ttl, retry=True))
+
+    def renew(self, key: str, token: str, ttl: float) -> bool:
+        with self.cache.transact(retry=True):
+            return self.cache.get(key) == token and bool(self.cache.touch(key, expire=ttl))
+
+    def drop(self, key: str, token: str) -> bool:
+        with self.cache.transact(retry=True):
+            return self.cache.get(key) == token and bool(self.cache.delete(key))
+
+    def holder(self, key: str) -> Optional[str]:
+        value = self.cache.get(key)
+        return value if isinstance(value, str) else None
+
+
 class Slots:
     """At most ``n`` jobs running or queued, counted in a store shared by every process.
 
-    ``scope`` names the deployment (two servers sharing a store keep their own slots);
-    ``reserved_s`` is how long a reservation waits for its job before it is released.
+    Slot ``i`` is a lock in the store whose value is the token of the job holding it
+    (redis-py's ``Lock`` in a lab; the same token rules on diskcache on one machine): only
+    the token's holder renews or gives it back, so a slot that expired and went to another
+    job is never renewed or freed by the first. The token is handed on with the job: a
+    page's callback reserves (:meth:`reserve`, expiring after ``reserved_s`` unless its job
+    starts), the job process that runs it holds it (:meth:`hold`, renewed every
+    :data:`HEARTBEAT_S` seconds and expiring :data:`STALE_S` seconds after its holder is
+    killed). Beside each slot, ``<slot>:who`` describes its job (label, state, pid) for
+    :meth:`active` and :meth:`release_pid`; it never decides who holds a slot.
+
+    ``scope`` names the deployment (two servers sharing a store keep their own slots).
     """
 
     def __init__(self, kv: Any, n: int, scope: str = "", reserved_s: float = RESERVED_S
@@ -237,80 +318,109 @@ class Slots:
         if n < 1:
             raise ValueError("max_jobs must be at least 1")
         self.kv, self.n, self.scope, self.reserved_s = kv, n, scope, reserved_s
+        self.locks = (_RedisSlotLock(kv) if isinstance(kv, RedisKV) else
+                      _DiskSlotLock(getattr(kv, "cache", kv)))
 
     def _key(self, i: int) -> str:
         return f"slot:{self.scope}:{i}" if self.scope else f"slot:{i}"
+
+    def _describe(self, i: int, token: str, ttl: float, **info: Any) -> None:
+        self.kv.set(self._key(i) + ":who", {"token": token, "t": time.time(), **info},
+                    expire=ttl)
 
     def reserve(self, label: str = "") -> Optional[str]:
         """A new job's token, holding a free slot until the job starts; None when all are taken."""
         token = secrets.token_urlsafe(18)
         for i in range(self.n):
-            if self.kv.add(self._key(i), {"token": token, "label": label, "state": "queued",
-                                          "t": time.time()}, expire=self.reserved_s):
+            if self.locks.take(self._key(i), token, self.reserved_s):
+                self._describe(i, token, self.reserved_s, label=label, state="queued")
                 return token
         return None
 
     def claim(self, token: str, expire: float = STARTING_S) -> bool:
         """Keep the reservation ``token`` while its job process starts (the job's own
         heartbeat takes over); False if it has expired."""
-        i = self._find(token)
-        if i is None:
+        return self.keep(token, expire, state="starting")
+
+    def keep(self, token: Optional[str], expire: float, state: str = "queued",
+             label: str = "") -> bool:
+        """Renew the slot ``token`` holds for ``expire`` seconds; False if it holds none."""
+        i = self._find(token) if token else None
+        if i is None or not self.locks.renew(self._key(i), str(token), expire):
             return False
-        held = self.kv.get(self._key(i))
-        if not isinstance(held, dict) or held.get("token") != token:
-            return False
-        self.kv.set(self._key(i), {**held, "state": "starting", "t": time.time()},
-                    expire=expire)
+        who = self.kv.get(self._key(i) + ":who")
+        label = who.get("label", label) if isinstance(who, dict) else label
+        self._describe(i, str(token), expire, label=label, state=state)
         return True
+
+    def take(self, token: str, label: str, expire: float) -> bool:
+        """Take a free slot for an existing ``token`` (a job run again keeps its place)."""
+        for i in range(self.n):
+            if self.locks.take(self._key(i), token, expire):
+                self._describe(i, token, expire, label=label, state="queued")
+                return True
+        return False
 
     def release_pid(self, pid: int) -> None:
         """Give back any slot held by the job process ``pid`` (it ended)."""
         for i in range(self.n):
-            held = self.kv.get(self._key(i))
-            if isinstance(held, dict) and held.get("pid") == pid:
-                self.kv.delete(self._key(i))
+            who = self.kv.get(self._key(i) + ":who")
+            if isinstance(who, dict) and who.get("pid") == pid and who.get("token"):
+                self._drop(i, str(who["token"]))
 
     def _find(self, token: str) -> Optional[int]:
         for i in range(self.n):
-            held = self.kv.get(self._key(i))
-            if isinstance(held, dict) and held.get("token") == token:
+            if self.locks.holder(self._key(i)) == token:
                 return i
         return None
+
+    def _drop(self, i: int, token: str) -> None:
+        if self.locks.drop(self._key(i), token):
+            self.kv.delete(self._key(i) + ":who")
 
     def release(self, token: str) -> None:
         """Give back the slot ``token`` holds (nothing if it has none)."""
         i = self._find(token)
         if i is not None:
-            self.kv.delete(self._key(i))
+            self._drop(i, token)
 
     def active(self) -> list[dict[str, Any]]:
         """The slots taken now (queued or running jobs)."""
         out = []
         for i in range(self.n):
-            held = self.kv.get(self._key(i))
-            if isinstance(held, dict):
-                out.append(held)
+            token = self.locks.holder(self._key(i))
+            if token is None:
+                continue
+            who = self.kv.get(self._key(i) + ":who")
+            out.append(who if isinstance(who, dict) and who.get("token") == token else
+                       {"token": token, "label": "", "state": "queued"})
         return out
 
     @contextmanager
     def hold(self, token: Optional[str], label: str = "") -> Iterator[bool]:
         """Run a job in the slot ``token`` reserved (yields False if it has none).
 
-        A heartbeat keeps the slot while the job runs; if the process dies the slot expires
-        within :data:`STALE_S` seconds.
+        The slot is renewed every :data:`HEARTBEAT_S` seconds while the job runs; if the
+        process dies the slot expires within :data:`STALE_S` seconds.
         """
         i = self._find(token) if token else None
-        if i is None:
+        if i is None or not self.locks.renew(self._key(i), str(token), STALE_S):
             yield False
             return
-        key = self._key(i)
-        self.kv.set(key, {"token": token, "label": label, "state": "running",
-                          "pid": os.getpid(), "t": time.time()}, expire=STALE_S)
-        with heartbeat(self.kv, key):
+        key, token = self._key(i), str(token)
+        info = {"label": label, "state": "running", "pid": os.getpid()}
+        self._describe(i, token, STALE_S, **info)
+
+        def renew() -> None:
+            # lost (it expired while the store was unreachable): taken again if still free
+            if self.locks.renew(key, token, STALE_S) or self.locks.take(key, token, STALE_S):
+                self._describe(i, token, STALE_S, **info)
+
+        with heartbeat(renew, key):
             try:
                 yield True
             finally:
-                self.kv.delete(key)
+                self._drop(i, token)
 
     @contextmanager
     def job(self, label: str = "") -> Iterator[None]:
@@ -325,19 +435,23 @@ class Slots:
 
 
 @contextmanager
-def heartbeat(kv: Any, key: str, every: float = HEARTBEAT_S, ttl: float = STALE_S
+def heartbeat(renew: Callable[[], Any], name: str, every: float = HEARTBEAT_S
               ) -> Iterator[None]:
-    """Renew ``key``'s expiry every ``every`` seconds while the block runs."""
+    """Call ``renew`` every ``every`` seconds while the block runs (a lock's expiry renewed
+    by its holder: redis-py's ``Lock`` has no renewal of its own)."""
     stop = threading.Event()
 
     def beat() -> None:
-        while not stop.wait(every):
-            try:
-                kv.touch(key, expire=ttl)
-            except Exception:  # noqa: BLE001 - a store hiccup must not kill the job
-                log.warning("heartbeat of %s failed", key, exc_info=True)
+        try:
+            while not stop.wait(every):
+                try:
+                    renew()
+                except Exception:  # noqa: BLE001 - a store hiccup must not kill the job
+                    log.warning("heartbeat of %s failed", name, exc_info=True)
+        except SystemExit:  # a threaded server stopping raises it in its threads
+            log.warning("%s no longer renewed: its server is stopping", name)
 
-    thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat-{key}")
+    thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat-{name}")
     thread.start()
     try:
         yield
@@ -652,12 +766,7 @@ def keep_slot(token: Optional[str], label: str = "a job run again") -> bool:
     if not token:
         return False
     slots = current().slots
-    i = slots._find(token)
-    if i is not None:
-        slots.kv.touch(slots._key(i), expire=RESERVED_S)
-        return True
-    record = {"token": token, "label": label, "state": "queued", "t": time.time()}
-    return any(slots.kv.add(slots._key(i), record, expire=RESERVED_S) for i in range(slots.n))
+    return slots.keep(token, RESERVED_S) or slots.take(token, label, RESERVED_S)
 
 
 def _store_failure(app: Any, args: tuple, message: str) -> None:

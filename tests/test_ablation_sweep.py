@@ -153,7 +153,7 @@ def test_sweep_edge_cases(tiny):
 
 def test_which_sweeps_run_in_the_background(registry):
     from attention_lens.analysis.declare import runs_inline
-    from attention_lens.bench import random_gpt2_shape
+    from attention_lens.model.shapes import random_gpt2_shape
 
     def inline(cfg, n):
         return runs_inline(A.HEAD_SWEEP, cfg, n, {"method": "zero", "positions": None})

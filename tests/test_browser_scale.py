@@ -12,7 +12,8 @@ from urllib.parse import quote
 
 import pytest
 
-from attention_lens.bench import flow_prompt, random_gpt2_shape
+from attention_lens.model.shapes import random_gpt2_shape
+from attention_lens.model.texts import flow_prompt
 from attention_lens.server.config import ServerConfig
 from attention_lens.model.hf import gpt2_tokenizer
 from attention_lens.registry import Registry

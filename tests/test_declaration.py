@@ -132,8 +132,8 @@ def test_slots_expire_when_a_job_dies(bg, monkeypatch):
     # two jobs that claimed their slots and died without giving them back (no heartbeat)
     for i in range(2):
         token = bg.slots.reserve(f"job {i}")
-        bg.kv.set(f"slot:{i}", {"token": token, "state": "running"}, expire=0.5)
-    assert len(bg.slots.active()) == 2
+        assert bg.slots.claim(token, expire=0.5)
+    assert [s["state"] for s in bg.slots.active()] == ["starting", "starting"]
     assert bg.slots.reserve("refused") is None  # every slot is taken
     time.sleep(0.8)
     assert bg.slots.active() == []

@@ -288,7 +288,7 @@ def test_rotary_rms_gated_parallel_model(tiny_tokenizer):
 
 def test_graphs_over_the_edge_budget_are_refused_before_any_work(model_2l, monkeypatch):
     from attention_lens.analysis.graph import budget as G
-    from attention_lens.bench import GPT2_SHAPE
+    from attention_lens.model.shapes import GPT2_SHAPE
     from attention_lens.model import ModelConfig
 
     # GPT-2 small: 309 M edges at position 255 (about 17 GB to build and prune) are refused

@@ -147,7 +147,7 @@ def test_pages_never_import_the_app_registry_or_server(graph):
 LAYERS = {"paths": 0, "data": 0, "model": 0, "analysis": 1, "training": 1, "cache": 1,
           "figures": 2, "api_json": 2, "registry": 3, "background": 3, "jobhost": 3,
           "weight_analyses": 3, "components": 4, "export": 4, "prompt_links": 4, "pages": 5,
-          "server": 6, "cli": 7, "bench": 8, "loadtest": 8}
+          "server": 6, "cli": 7, "bench": 8}
 
 
 def test_every_import_goes_up_the_layers_the_readme_names(graph):
@@ -158,3 +158,14 @@ def test_every_import_goes_up_the_layers_the_readme_names(graph):
 
     down = sorted((a, b) for a, deps in graph.items() for b in deps if layer(b) > layer(a))
     assert down == [], down
+
+
+def test_no_runtime_module_imports_the_bench(graph):
+    """The bench and the load test measure the runtime; nothing in it imports them (the models
+    and texts they share with the tests live in ``model``)."""
+    bench = {m for m in graph if m.split(".")[:2] == ["attention_lens", "bench"]}
+    assert {"attention_lens.bench.__main__", "attention_lens.bench.load",
+            "attention_lens.bench.flow"} <= bench
+    users = sorted((m, sorted(deps & bench)) for m, deps in graph.items()
+                   if m not in bench and deps & bench)
+    assert users == [], users

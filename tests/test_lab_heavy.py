@@ -1,7 +1,7 @@
 """Heavy API requests take one of a few lanes per worker: when the lanes and their short
 queue are full, a heavy request is answered busy at once (503, Retry-After) while cheap
 requests are answered as usual. The measurement with real gunicorn workers and a
-GPT-2-shaped model is ``python -m attention_lens.loadtest --burst 20`` (README)."""
+GPT-2-shaped model is ``python -m attention_lens.bench.load --burst 20`` (README)."""
 
 from __future__ import annotations
 

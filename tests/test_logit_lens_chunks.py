@@ -135,7 +135,7 @@ def test_logit_lens_as_a_background_request_matches_the_direct_computation(shipp
 def test_only_big_lenses_are_background_work(shipped_passes):
     from attention_lens.analysis.declare import runs_inline
     from attention_lens.analysis.logit_lens import LOGIT_LENS
-    from attention_lens.bench import random_gpt2_shape
+    from attention_lens.model.shapes import random_gpt2_shape
 
     lm, fp = shipped_passes[1]
     every, layer = LOGIT_LENS.values({}), LOGIT_LENS.values({"granularity": "layer"})

@@ -18,7 +18,7 @@ HEADROOM_MB = 512
 
 DRIVER = """
 import json
-from attention_lens.bench import bench_page_flow
+from attention_lens.bench.flow import bench_page_flow
 r = bench_page_flow(lengths=(256,), soak=30, visits=False, quiet=True)
 print(json.dumps({"soak": r["soak"], "rss_base_mb": r["rss_base_mb"]}))
 """

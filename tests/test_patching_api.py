@@ -213,7 +213,7 @@ def test_the_cost_estimate_follows_the_model_shape(lm):
     """The engine's estimated work grows with the cells and tokens; attention-only-2l at its
     whole context runs inline, a GPT-2-small-shaped grid over 40 tokens as a job."""
     from attention_lens.analysis import declare
-    from attention_lens.bench import GPT2_SHAPE
+    from attention_lens.model.shapes import GPT2_SHAPE
     from attention_lens.model.config import ModelConfig
 
     GPT2_SMALL = ModelConfig(**GPT2_SHAPE)

@@ -1,13 +1,13 @@
 """Load, fault and soak run of the lab server under gunicorn, reduced (marked slow).
 
-The full run with the figures for the README is ``python -m attention_lens.loadtest``.
+The full run with the figures for the README is ``python -m attention_lens.bench.load``.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from attention_lens import loadtest
+from attention_lens.bench import load as loadtest
 
 
 @pytest.mark.slow

@@ -44,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
-from .registry import DEFAULT_WEIGHTS, PACKAGE_ROOT
+from ..registry import DEFAULT_WEIGHTS, PACKAGE_ROOT
 
 HOST = "127.0.0.1"
 #: A client told "busy, try again" (503) waits this long and tries again, this many times
@@ -124,7 +124,7 @@ class Gunicorn:
     """gunicorn with the recommended settings (``gunicorn_conf``) on 127.0.0.1."""
 
     def __init__(self, workers: int, env: dict[str, str], log: Path) -> None:
-        from .server import gunicorn_conf
+        from ..server import gunicorn_conf
 
         self.workers, self.port = workers, free_port()
         self.threads = gunicorn_conf.threads
@@ -192,8 +192,8 @@ def callback_payloads(models_dir: Path, text: str) -> list[dict[str, Any]]:
     shared state (overview, theme)."""
     import dash
 
-    from .components import shell
-    from .server import ServerConfig, create_server
+    from ..components import shell
+    from ..server import ServerConfig, create_server
 
     app = create_server(ServerConfig(models_dirs=[models_dir]))
     app.server.test_client().get("/")  # moves the pages' callbacks into the callback map
@@ -526,8 +526,8 @@ def slow_model(models: Path) -> None:
     killed (12 layers x 16 heads, d_model 1024: its circuit eigenvalues take seconds)."""
     import torch
 
-    from .model import HookedTransformer, ModelConfig
-    from .model.checkpoint import load_model, save_model
+    from ..model import HookedTransformer, ModelConfig
+    from ..model.checkpoint import load_model, save_model
 
     tok = load_model(DEFAULT_WEIGHTS / "attn-only-2l").tokenizer
     cfg = ModelConfig(n_layers=12, d_model=1024, n_heads=16, d_head=64, n_ctx=64,
@@ -706,9 +706,10 @@ def burst_models(root: Path, n: int, n_tokens: int) -> tuple[Path, list[str]]:
     ``n`` distinct prompts of ``n_tokens`` tokens for it."""
     import gc
 
-    from .bench import flow_prompt, random_gpt2_shape
-    from .model.checkpoint import save_model
-    from .model.hf import gpt2_tokenizer
+    from ..model.checkpoint import save_model
+    from ..model.hf import gpt2_tokenizer
+    from ..model.shapes import random_gpt2_shape
+    from ..model.texts import flow_prompt
 
     tok = gpt2_tokenizer()
     if tok is None:
@@ -866,7 +867,7 @@ def prepare_models(root: Path) -> Path:
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     """Run every scenario and print the report (JSON); exit status 1 if any check failed."""
-    ap = argparse.ArgumentParser(prog="python -m attention_lens.loadtest",
+    ap = argparse.ArgumentParser(prog="python -m attention_lens.bench.load",
                                  description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=400, help="requests per load run")
     ap.add_argument("--clients", type=int, default=16, help="concurrent clients")
@@ -897,7 +898,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         models = prepare_models(root)
         if args.celery and not args.burst:
             slow_model(models)
-        from .server import gunicorn_conf
+        from ..server import gunicorn_conf
 
         # a page load's parallel requests each check the password: as many hashes at once as
         # a worker has threads
@@ -906,7 +907,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                "ATTENTION_LENS_HASH_SLOTS": str(gunicorn_conf.threads)}
         auth = None
         if not args.no_auth:
-            from .server.auth import write_user
+            from ..server.auth import write_user
 
             write_user(root / "users.txt", USER, PASSWORD)
             env["ATTENTION_LENS_AUTH_FILE"] = str(root / "users.txt")
