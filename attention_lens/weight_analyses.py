@@ -130,16 +130,6 @@ def _prompt_pass(lm: LoadedModel, tokens: str) -> Any:
     return current().cached_forward(lm.name, ids) or run_forward(lm, "", token_ids=ids)
 
 
-def _path_patching(lm: LoadedModel, progress: Progress, clean: str, corrupted: str,
-                   correct: str, wrong: str, metric: str, direction: str, position: int,
-                   layer: int, head: int, mlps: str = "recomputed") -> Any:
-    from .analysis.patching import path_patching
-
-    return path_patching(lm, clean, corrupted, sender=(layer, head), correct=correct,
-                         wrong=wrong or None, metric=metric, direction=direction,
-                         position=position, mlps=mlps)
-
-
 def _declared(lm: LoadedModel, progress: Progress, analysis: str, tokens: str,
               params: str) -> Any:
     """A declared analysis (:mod:`.analysis.declare`) of a prompt given by its token ids
@@ -195,65 +185,30 @@ def _pair_set(lm: LoadedModel, progress: Progress, pairs: str, metric: str, dire
                                progress=lambda done, total: progress(done / max(total, 1)))
 
 
-def _circuit(lm: LoadedModel, progress: Progress, clean: str, corrupted: str, correct: Any,
-             wrong: Any, pairs: str, metric: str, position: int, method: str, ablation: str,
-             steps: int, k: int, n_sizes: int, n_random: int, search: str = "top_k",
-             threshold: float = 0.0, curve: bool = True) -> Any:
-    from .analysis.circuit.discovery import discover_circuit
-
-    prompt_pairs = _circuit_pairs(clean, corrupted, correct, wrong, pairs)
-    return discover_circuit(lm, prompt_pairs, method=method, metric=metric, position=position,
-                            ablation=ablation, steps=steps, k=k, n_sizes=n_sizes,
-                            n_random=n_random, search=search, threshold=threshold,
-                            curve=curve,
-                            progress=lambda done, total: progress(done / max(total, 1)))
-
-
-def _circuit_curve(lm: LoadedModel, progress: Progress, **params: Any) -> Any:
-    """The circuit discovery of these parameters without its curve (from the store, or
-    computed), then with its faithfulness curve."""
+def _circuit_curve(lm: LoadedModel, progress: Progress, pair: str, params: str,
+                   n_sizes: int, n_random: int) -> Any:
+    """The declared circuit discovery (:data:`.analysis.circuit.declared.CIRCUIT`) of this
+    pair (its JSON) and these parameters, without its curve (from the store, or computed),
+    then with its faithfulness curve of ``n_sizes`` x ``n_random``."""
+    from .analysis.circuit.declared import CIRCUIT
     from .analysis.circuit.discovery import add_curve
+    from .analysis.patching import PairInput
 
-    disc = store().compute(lm, request("circuit_discovery", **{**params, "curve": False}))
-    pairs = _circuit_pairs(params["clean"], params["corrupted"], params["correct"],
-                           params["wrong"], params["pairs"])
-    return add_curve(lm, pairs, disc, n_sizes=params["n_sizes"], n_random=params["n_random"],
+    first = {**json.loads(params), "curve": False}
+    disc = store().compute(lm, request("declared", analysis=CIRCUIT.name, tokens=pair,
+                                       params=CIRCUIT.stored_params(first)))
+    return add_curve(lm, list(PairInput.from_json(pair).pairs), disc, n_sizes=n_sizes,
+                     n_random=n_random,
                      progress=lambda done, total: progress(done / max(total, 1)))
-
-
-def _circuit_pairs(clean: str, corrupted: str, correct: Any, wrong: Any, pairs: str) -> list:
-    from . import background
-    from .analysis.patching import PromptPair, parse_pairs
-
-    if pairs:
-        text = background.current().results.get(pair_set_key(pairs))
-        if not isinstance(text, str):
-            raise AnalysisError("the uploaded set of pairs is no longer on this server: upload "
-                                "it again")
-        return parse_pairs(text)
-    return [PromptPair(clean, corrupted, correct, wrong if wrong != "" else None)]
 
 
 ANALYSES: dict[str, Analysis] = {
     "pair_set_patching": Analysis("{granularity} patching over a set of pairs", _pair_set,
                                   ("pairs", "metric", "direction", "granularity",
                                    "position")),
-    # path patching from one sender is long work on big models: a job, kept (the grids are
-    # declared: analysis/patching/policy.py)
-    "path_patching": Analysis("path patching from L{layer}H{head} (MLPs {mlps})",
-                              _path_patching,
-                              ("clean", "corrupted", "correct", "wrong", "metric",
-                               "direction", "position", "layer", "head", "mlps")),
-    "circuit_discovery": Analysis("{method} circuit discovery", _circuit,
-                                  ("clean", "corrupted", "correct", "wrong", "pairs", "metric",
-                                   "position", "method", "ablation", "steps", "k", "n_sizes",
-                                   "n_random", "search", "threshold", "curve")),
-    # on big models the page draws the circuit first, then computes its curve
+    # on big models the page draws the declared circuit first, then computes its curve
     "circuit_curve": Analysis("faithfulness curve ({n_sizes} sizes x {n_random} random)",
-                              _circuit_curve,
-                              ("clean", "corrupted", "correct", "wrong", "pairs", "metric",
-                               "position", "method", "ablation", "steps", "k", "n_sizes",
-                               "n_random", "search", "threshold", "curve")),
+                              _circuit_curve, ("pair", "params", "n_sizes", "n_random")),
     # an analysis declared in analysis/ whose estimated work is over the inline threshold
     "declared": Analysis("{analysis}", _declared, ("analysis", "tokens", "params")),
     "circuit_svd": Analysis("{circuit} circuit SVD", _svd, ("circuit",)),

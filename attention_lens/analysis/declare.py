@@ -29,6 +29,7 @@ message). Bounds may depend on the model (``hi=lambda cfg: cfg.n_layers - 1``); 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import json
 import os
@@ -345,6 +346,57 @@ class Share(Param):
         return round(self.default * 100)
 
 
+# ------------------------------------------- parameter types of pair-scope analyses
+@dataclass(frozen=True)
+class Head(Param):
+    """One attention head, ``[layer, head]`` (a negative index counts from the end); None
+    (the default) when not chosen. API only (``page=False``): a page reads its own box."""
+
+    page: bool = field(default=False, kw_only=True)
+
+    def read(self, body: Mapping[str, Any], shape: Shape) -> Any:
+        value = body.get(self.name, self.default)
+        if value is None:
+            return None
+        if (not isinstance(value, list) or len(value) != 2
+                or any(isinstance(v, bool) or not isinstance(v, Integral) for v in value)):
+            raise ParamError(f"{self.name!r} must be [layer, head], got {value!r}"[:200])
+        layer, head = int(value[0]), int(value[1])
+        if shape.cfg is not None:
+            for v, n, what, exists in (
+                    (layer, shape.cfg.n_layers, "layer", f"the model has {shape.cfg.n_layers} "
+                                                         "layer(s)"),
+                    (head, shape.cfg.n_heads, "head", f"each layer has {shape.cfg.n_heads} "
+                                                      "heads")):
+                if not -n <= v < n:
+                    raise ParamError(f"{what} {v} does not exist: {exists}, numbered 0 to "
+                                     f"{n - 1}")
+            layer, head = layer % shape.cfg.n_layers, head % shape.cfg.n_heads
+        return [layer, head]
+
+    def normal(self, value: Any, shape: Shape) -> Any:
+        return None if value is None else (int(value[0]), int(value[1]))
+
+
+@dataclass(frozen=True)
+class Number(Param):
+    """A finite number at least ``lo``; ``what`` says what it is in the message."""
+
+    lo: float = 0.0
+    what: str = field(default="", kw_only=True)
+
+    def read(self, body: Mapping[str, Any], shape: Shape) -> Any:
+        value = body.get(self.name, self.default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not self.lo <= value < float("inf"):
+            raise ParamError(f"{self.name!r} must be a number >= {self.lo:g}{self.what}, "
+                             f"got {value!r}"[:200])
+        return float(value)
+
+    def normal(self, value: Any, shape: Shape) -> Any:
+        return float(value)
+
+
 # ----------------------------------------------------------------------- analyses
 Cost = Callable[[Any, int, dict], float]
 
@@ -384,6 +436,12 @@ class Analysis:
     #: significant digits of the endpoint's floats (None: exact, e.g. float64 sums that
     #: must add up)
     digits: Optional[int] = 7
+    #: ``check(values)``: what no one parameter says alone (e.g. "one of two fields"),
+    #: a ParamError (400) before any work
+    check: Optional[Callable[[dict], None]] = None
+    #: fields of the scope's input the analysis does not read (sent, they are refused as
+    #: unknown: circuit discovery has no direction)
+    without: tuple[str, ...] = ()
 
     @property
     def fields(self) -> set[str]:
@@ -392,7 +450,10 @@ class Analysis:
 
     def read(self, body: Mapping[str, Any], shape: Shape) -> dict[str, Any]:
         """Every parameter's value from an API body (strict: ParamError on a bad one)."""
-        return {p.name: p.read(body, shape) for p in self.params}
+        values = {p.name: p.read(body, shape) for p in self.params}
+        if self.check is not None:
+            self.check(values)
+        return values
 
     def values(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Every parameter's value: ``given`` ones, the defaults for the rest."""
@@ -474,7 +535,9 @@ def declare(name: str, fn: Callable[..., Any], *, params: Sequence[Param] = (),
             scope: str = "prompt", cost: Cost = reads_the_pass,
             to_json: Callable[[Any], dict[str, Any]] = _fields_json,
             needs: Optional[Mapping[str, str]] = None, paths: Sequence[str] = (),
-            label: str = "", digits: Optional[int] = 7) -> Analysis:
+            label: str = "", digits: Optional[int] = 7,
+            check: Optional[Callable[[dict], None]] = None,
+            without: Sequence[str] = ()) -> Analysis:
     """Declare an analysis (see the module's docs); declaring a name again replaces it."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
@@ -487,7 +550,8 @@ def declare(name: str, fn: Callable[..., Any], *, params: Sequence[Param] = (),
         raise ValueError(f"{name}: parameters need distinct names and URL names")
     analysis = Analysis(name=name, fn=fn, params=tuple(params), scope=scope, cost=cost,
                         to_json=to_json, needs=dict(needs or {}), paths=tuple(paths),
-                        label=label or name.replace("-", " "), digits=digits)
+                        label=label or name.replace("-", " "), digits=digits,
+                        check=check, without=tuple(without))
     with _LOCK:
         for path in (name, *paths):
             other = _DECLARED.get(path)
@@ -507,6 +571,9 @@ def _scan() -> None:
 
     for mod in pkgutil.iter_modules(pkg.__path__):
         importlib.import_module(f"{pkg.__name__}.{mod.name}")
+        # a package's declarations may sit in its module ``declared`` (analysis/circuit)
+        if mod.ispkg and importlib.util.find_spec(f"{pkg.__name__}.{mod.name}.declared"):
+            importlib.import_module(f"{pkg.__name__}.{mod.name}.declared")
     _SCANNED = True
 
 

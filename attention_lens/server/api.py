@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from functools import wraps
-from json import dumps as json_dumps
 from typing import Any, Callable
 
 import flask
@@ -93,27 +92,6 @@ def forward_gflop(lm: LoadedModel, n_tokens: int) -> float:
     """Floating-point work (GFLOP) of one forward pass of ``n_tokens`` tokens through ``lm``
     (:func:`.analysis.declare.forward_gflop`)."""
     return declare.forward_gflop(lm.cfg, n_tokens)
-
-
-def pair_set(body: dict, lm: LoadedModel, limit: int) -> list:
-    """The set of pairs in ``body['pairs']`` (a list of objects or CSV text), each tokenized
-    and within this server's prompt length (400 naming the pair otherwise)."""
-    from ..analysis import patching as PT
-
-    pairs = body["pairs"]
-    if not isinstance(pairs, (list, str)):
-        raise ApiError("'pairs' must be a list of objects (clean, corrupted, correct, "
-                       "wrong) or CSV text with those columns")
-    parsed = PT.parse_pairs(pairs if isinstance(pairs, str) else json_dumps(pairs))
-    for i, pair in enumerate(parsed, start=1):
-        try:
-            ids, _ = PT.pair_tokens(lm, pair.clean, pair.corrupted)
-        except AnalysisError as exc:
-            raise ApiError(f"pair {i}: {exc}") from None
-        if len(ids) > limit:
-            raise ApiError(f"pair {i} has {len(ids)} tokens; this server analyses at "
-                           f"most {limit}")
-    return parsed
 
 
 def check_cost(what: str, runs: int, lm: LoadedModel, n_tokens: int, hint: str) -> None:
@@ -441,103 +419,8 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
     # below without a route here; other endpoints go here, each as `@endpoint(rule,
     # methods)` over a function that reads its fields with the helpers of .api_fields.
 
-    # --------------------------------------------------------------- patching
-    pair_fields = {"model", "clean", "corrupted", "correct", "wrong", "metric", "direction",
-                   "position"}
-
-    def pair_args(body: dict[str, Any], lm: LoadedModel) -> dict[str, Any]:
-        """The validated pair and metric fields of a patching request."""
-        from ..analysis import patching as PT
-
-        clean, corrupted = text_field(body, "clean"), text_field(body, "corrupted")
-        ids, _ = PT.pair_tokens(lm, clean, corrupted)
-        if len(ids) > limit_of(lm):
-            raise ApiError(f"the prompts have {len(ids)} tokens; this server analyses at most "
-                           f"{limit_of(lm)}")
-        metric = choice_field(body, "metric", "logit_diff", PT.METRICS)
-        correct = token_field(body, "correct")
-        if correct is None and metric != "kl":  # KL reads no answer token
-            raise ApiError("missing field 'correct' (the answer token the clean prompt "
-                           "should predict)")
-        return dict(clean=clean, corrupted=corrupted, correct=correct,
-                    wrong=token_field(body, "wrong"), metric=metric,
-                    direction=choice_field(body, "direction", "denoising", PT.DIRECTIONS),
-                    position=int_field(body, "position", -1, -len(ids), len(ids) - 1,
-                                       f" (the prompts have {len(ids)} tokens)"))
-
-    @endpoint("/path-patching", ("POST",))
-    def path_patching() -> dict[str, Any]:
-        from ..analysis import patching as PT
-
-        body = json_body(pair_fields | {"sender", "table", "ln_mode", "mlps"})
-        lm = model_of(body)
-        args = pair_args(body, lm)
-        ln_mode = choice_field(body, "ln_mode", "recomputed", ("recomputed", "frozen"))
-        args["mlps"] = choice_field(body, "mlps", "recomputed", PT.MLP_MODES)
-        if bool_field(body, "table", False):
-            if "sender" in body:
-                raise ApiError("send either 'sender' or 'table': true, not both")
-            with background.current().slots.job("path-patching table"):
-                res = PT.path_patching_table(lm, ln_mode=ln_mode, **args)
-            return {"model": lm.name, "components": list(PT.COMPONENTS),
-                    "result": jsonable(res)}
-        sender = body.get("sender")
-        if sender is None:
-            raise ApiError("missing field 'sender' ([layer, head] of the sender head), or "
-                           "send 'table': true for every sender")
-        if (not isinstance(sender, list) or len(sender) != 2
-                or any(isinstance(v, bool) or not isinstance(v, int) for v in sender)):
-            raise ApiError(f"'sender' must be [layer, head], got {sender!r}"[:200])
-        with background.current().slots.job("path patching"):
-            res = PT.path_patching(lm, sender=tuple(sender), ln_mode=ln_mode, **args)
-        return {"model": lm.name, "components": list(PT.COMPONENTS), "result": jsonable(res)}
-
-    @endpoint("/circuit", ("POST",))
-    def circuit() -> dict[str, Any]:
-        from ..analysis import patching as PT
-        from ..analysis.circuit import ABLATIONS, METHODS, edge_graph
-        from ..analysis.circuit import discovery as CD
-        from ..analysis.circuit.scores import MAX_STEPS
-
-        body = json_body((pair_fields - {"direction"})
-                         | {"pairs", "method", "ablation", "steps", "k", "n_sizes",
-                            "n_random", "curve", "search", "threshold"})
-        lm = model_of(body)
-        n_edges = edge_graph(lm.cfg).n_edges
-        opts = dict(method=choice_field(body, "method", "eap", METHODS),
-                    ablation=choice_field(body, "ablation", "resample", ABLATIONS),
-                    steps=int_field(body, "steps", 5, 1, MAX_STEPS),
-                    k=int_field(body, "k", CD.DEFAULT_K, 0, n_edges,
-                                f" ({lm.name} has {n_edges} edges)"),
-                    n_sizes=int_field(body, "n_sizes", CD.DEFAULT_SIZES, 2, CD.MAX_SIZES),
-                    n_random=int_field(body, "n_random", CD.DEFAULT_RANDOM, 0, CD.MAX_RANDOM),
-                    curve=bool_field(body, "curve", True),
-                    search=choice_field(body, "search", "top_k", CD.SEARCHES))
-        threshold = body.get("threshold", 0.0)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or \
-                not threshold >= 0:
-            raise ApiError(f"'threshold' must be a number >= 0 (the largest metric change an "
-                           f"ACDC removal may cause), got {threshold!r}"[:200])
-        opts["threshold"] = float(threshold)
-        if "pairs" in body:
-            extra = sorted(k for k in ("clean", "corrupted", "correct", "wrong") if k in body)
-            if extra:
-                raise ApiError(f"send either 'pairs' or one pair, not both (got 'pairs' and "
-                               f"{', '.join(map(repr, extra))})")
-            pairs = pair_set(body, lm, limit_of(lm))
-            metric = choice_field(body, "metric", "logit_diff", PT.METRICS)
-            position = int_field(body, "position", -1, -lm.cfg.n_ctx, lm.cfg.n_ctx - 1)
-        else:
-            args = pair_args(body, lm)
-            pairs = [PT.PromptPair(args["clean"], args["corrupted"], args["correct"],
-                                   args["wrong"])]
-            metric, position = args["metric"], args["position"]
-        with background.current().slots.job(f"{opts['method']} circuit discovery"):
-            res = CD.discover_circuit(lm, pairs, metric=metric, position=position, **opts)
-        g = res.scores.graph
-        return {"model": lm.name, "circuit": jsonable(res.to_json()),
-                "edges": g.edge_labels(), "scores": jsonable(res.scores.scores),
-                "in_circuit": res.kept.tolist()}
+    # patching, path patching and circuit discovery are declared (scope pair:
+    # analysis.patching.PATCHING, PATH_PATCHING, analysis.circuit.declared.CIRCUIT)
 
     # ------------------------------------------- QK attribution and attribution graph
     def whole_prompt(body: dict[str, Any], fp: ForwardPass, lm: LoadedModel) -> None:
@@ -700,7 +583,7 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         elif spec.scope == "pair":
             from ..analysis.patching import PAIR_FIELDS, PairInput
 
-            body = json_body({"model"} | PAIR_FIELDS | spec.fields)
+            body = json_body(({"model"} | PAIR_FIELDS | spec.fields) - set(spec.without))
             lm, fp = model_of(body), None
             part = {"model": lm.name}
             pair = PairInput.read(body, lm, limit_of(lm))
