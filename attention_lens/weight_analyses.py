@@ -146,6 +146,11 @@ def _declared(lm: LoadedModel, progress: Progress, analysis: str, tokens: str,
         from .analysis.patching import PairInput
 
         fp = PairInput.from_json(tokens)
+    elif spec.scope == "dataset":  # the dataset by its name, checked against its hash
+        from .analysis.datasets import DatasetInput
+
+        data = DatasetInput.from_json(tokens)
+        fp = data.cut(lm, load_dataset(data.name))
     else:
         fp = _prompt_pass(lm, tokens) if tokens else None
     reads = dict(zip(spec.needs, store().get_or_compute(lm, *needs(spec)))) \
@@ -238,11 +243,15 @@ def declared(spec: Any, lm: LoadedModel, fp: Any, values: dict[str, Any]) -> Opt
     """The store's request for a declared analysis (:mod:`.analysis.declare`) that runs as a
     job: scope weights always, scope prompt when its estimated work on this prompt is over
     the inline threshold; None when it runs inline (its result then kept with the forward
-    pass). For scope pair, ``fp`` is the pair (its JSON is the job's input)."""
+    pass). For scope pair, ``fp`` is the pair (its JSON is the job's input); for scope
+    dataset, the dataset's identity and windows (their JSON: the name and hash, never the
+    text)."""
     from .analysis.declare import Shape, runs_inline
 
-    if spec.scope == "pair":
-        if runs_inline(spec, lm.cfg, fp.n_tokens, {**values, "n_pairs": len(fp.pairs)}):
+    if spec.scope in ("pair", "dataset"):
+        counts = {"n_pairs": len(fp.pairs)} if spec.scope == "pair" else \
+            {"n_windows": fp.windows}
+        if runs_inline(spec, lm.cfg, fp.n_tokens, {**values, **counts}):
             return None
         return request("declared", analysis=spec.name, tokens=fp.to_json(),
                        params=spec.stored_params(values))
@@ -362,15 +371,6 @@ def _windows(lm: LoadedModel, dataset: str, sha256: str, length: int, stride: in
     return dataset_windows(lm, ds, length=length, stride=stride, max_windows=windows)
 
 
-def _head_metrics(lm: LoadedModel, progress: Progress, dataset: str, sha256: str, length: int,
-                  stride: int, windows: int) -> Any:
-    from .analysis.head_metrics import head_metrics
-
-    eig = store().compute(lm, circuit_eigenvalues())
-    return head_metrics(lm, _windows(lm, dataset, sha256, length, stride, windows),
-                        copying=eig.copying["full_ov"], progress=progress)
-
-
 def _loss_by_position(lm: LoadedModel, progress: Progress, dataset: str, sha256: str,
                       length: int, stride: int, windows: int) -> Any:
     from .analysis.compare import loss_by_position
@@ -388,8 +388,6 @@ def _probe_loss(lm: LoadedModel, progress: Progress) -> Any:
 
 _DATASET_PARAMS = ("dataset", "sha256", "length", "stride", "windows")
 ANALYSES["probe_loss"] = Analysis("loss by position on the probe", _probe_loss)
-ANALYSES["head_metrics"] = Analysis("head metrics over {windows} windows", _head_metrics,
-                                    _DATASET_PARAMS)
 ANALYSES["loss_by_position"] = Analysis("loss by position over {windows} windows",
                                         _loss_by_position, _DATASET_PARAMS)
 
@@ -397,12 +395,6 @@ ANALYSES["loss_by_position"] = Analysis("loss by position over {windows} windows
 def probe_loss() -> Request:
     """Mean next-token loss at each position of the repeated-random-token probe."""
     return request("probe_loss")
-
-
-def head_metrics(dataset: str, sha256: str, length: int, stride: int, windows: int) -> Request:
-    """Every head's dataset metrics (and examples) over windows of ``dataset``."""
-    return request("head_metrics", dataset=dataset, sha256=sha256, length=int(length),
-                   stride=int(stride), windows=int(windows))
 
 
 def loss_by_position(dataset: str, sha256: str, length: int, stride: int,

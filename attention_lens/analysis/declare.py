@@ -15,7 +15,9 @@ normalised parameters) and the cache it lives in (the forward pass's per-prompt 
 scope ``prompt``, the weight-analysis store for scope ``weights``; scope ``pair``: a
 clean/corrupted pair or a set of pairs with answers and metric, the input
 :class:`..analysis.patching.PairInput` reads from a request, its results kept in the
-registry's weight-analysis cache), and whether it runs
+registry's weight-analysis cache; scope ``dataset``: a stored dataset by its identity, its
+name and content hash, never its text, cut into windows, the input
+:class:`..analysis.datasets.DatasetInput`, kept there too), and whether it runs
 inline or as a background job with progress (:func:`runs_inline`, one threshold,
 :data:`INLINE_MAX_GFLOP`).
 
@@ -45,7 +47,7 @@ from .labels import parse_head
 Bound = Union[int, None, Callable[[Any], Optional[int]]]
 SCOPES = ("prompt", "weights", "dataset", "pair")
 #: Scopes whose page, endpoint, cache and job are derived today.
-DERIVED_SCOPES = ("prompt", "weights", "pair")
+DERIVED_SCOPES = ("prompt", "weights", "pair", "dataset")
 
 #: Largest magnitude of a whole number without bounds of its own.
 MAX_WHOLE = 2**31 - 1
@@ -379,6 +381,22 @@ class Head(Param):
 
 
 @dataclass(frozen=True)
+class Sized(Int):
+    """A whole number in [lo, hi] whose message names the model's size (``what_of(cfg)``,
+    e.g. " (gpt2 has 144 heads)")."""
+
+    what_of: Optional[Callable[[Any], str]] = field(default=None, kw_only=True)
+
+    def read(self, body: Mapping[str, Any], shape: Shape) -> Any:
+        lo, hi = _bound(self.lo, shape.cfg), _bound(self.hi, shape.cfg)
+        what = self.what_of(shape.cfg) if self.what_of and shape.cfg is not None else \
+            self.what
+        default = _bound(self.default, shape.cfg) if callable(self.default) else self.default
+        return read_int(body, self.name, default, -MAX_WHOLE if lo is None else lo,
+                        MAX_WHOLE if hi is None else hi, what)
+
+
+@dataclass(frozen=True)
 class Number(Param):
     """A finite number at least ``lo``; ``what`` says what it is in the message."""
 
@@ -442,11 +460,26 @@ class Analysis:
     #: fields of the scope's input the analysis does not read (sent, they are refused as
     #: unknown: circuit discovery has no direction)
     without: tuple[str, ...] = ()
+    #: parameters of what the endpoint shows of the result (which metric's examples, how
+    #: many): read and checked like ``params``, but no part of the cache key or the job
+    views: tuple[Param, ...] = ()
+    #: ``show(lm, result, views, encode)``: the endpoint's fields when the analysis has
+    #: ``views`` (instead of ``to_json``), JSON-ready (``encode``: the API's encoder of
+    #: arrays and rounded floats); ``check_views(views)`` as ``check``
+    show: Optional[Callable[..., dict[str, Any]]] = None
+    check_views: Optional[Callable[[dict], None]] = None
 
     @property
     def fields(self) -> set[str]:
         """The API fields of the parameters."""
-        return {p.name for p in self.params}
+        return {p.name for p in (*self.params, *self.views)}
+
+    def read_views(self, body: Mapping[str, Any], shape: Shape) -> dict[str, Any]:
+        """Every view's value from an API body (strict: ParamError on a bad one)."""
+        values = {p.name: p.read(body, shape) for p in self.views}
+        if self.check_views is not None:
+            self.check_views(values)
+        return values
 
     def read(self, body: Mapping[str, Any], shape: Shape) -> dict[str, Any]:
         """Every parameter's value from an API body (strict: ParamError on a bad one)."""
@@ -457,7 +490,7 @@ class Analysis:
 
     def values(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Every parameter's value: ``given`` ones, the defaults for the rest."""
-        unknown = set(given) - self.fields
+        unknown = set(given) - {p.name for p in self.params}
         if unknown:
             raise TypeError(f"{self.name} has no parameters {sorted(unknown)}")
         return {p.name: given.get(p.name, p.default) for p in self.params}
@@ -537,21 +570,24 @@ def declare(name: str, fn: Callable[..., Any], *, params: Sequence[Param] = (),
             needs: Optional[Mapping[str, str]] = None, paths: Sequence[str] = (),
             label: str = "", digits: Optional[int] = 7,
             check: Optional[Callable[[dict], None]] = None,
-            without: Sequence[str] = ()) -> Analysis:
+            without: Sequence[str] = (), views: Sequence[Param] = (),
+            show: Optional[Callable[..., dict[str, Any]]] = None,
+            check_views: Optional[Callable[[dict], None]] = None) -> Analysis:
     """Declare an analysis (see the module's docs); declaring a name again replaces it."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if scope not in DERIVED_SCOPES:
         raise ValueError(f"{name}: scope {scope!r} has no derived endpoint and cache yet "
                          f"(declared scopes: {', '.join(DERIVED_SCOPES)})")
-    names = [p.name for p in params]
+    names = [p.name for p in (*params, *views)]
     urls = [p.url_name for p in params if p.page]
     if len(set(names)) != len(names) or len(set(urls)) != len(urls):
         raise ValueError(f"{name}: parameters need distinct names and URL names")
     analysis = Analysis(name=name, fn=fn, params=tuple(params), scope=scope, cost=cost,
                         to_json=to_json, needs=dict(needs or {}), paths=tuple(paths),
                         label=label or name.replace("-", " "), digits=digits,
-                        check=check, without=tuple(without))
+                        check=check, without=tuple(without), views=tuple(views),
+                        show=show, check_views=check_views)
     with _LOCK:
         for path in (name, *paths):
             other = _DECLARED.get(path)

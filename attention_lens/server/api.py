@@ -456,20 +456,8 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
     # the attribution graph is declared (analysis.graph.GRAPH): POST /api/graph
 
     # ------------------------------------------------- dataset heads and comparison
-    def dataset_of(body: dict[str, Any]) -> Any:
-        from ..analysis.datasets import SHIPPED, parse_upload, remember_upload
-
-        if "text" in body and "dataset" in body:
-            raise ApiError("give either 'dataset' (a name) or 'text' (the documents), not both")
-        if "text" in body:
-            ds = parse_upload(text_field(body).encode("utf-8"), "request body")
-            remember_upload(ds)
-            W.keep_upload(ds)
-            return ds
-        name = body.get("dataset", SHIPPED)
-        if not isinstance(name, str) or not name.strip():
-            raise ApiError("'dataset' must be a dataset name")
-        return W.load_dataset(name)
+    # head metrics over a dataset are declared (scope dataset:
+    # analysis.head_metrics.HEAD_METRICS): POST /api/head-metrics
 
     def windows_args(lm: LoadedModel, body: dict[str, Any], default_n: int) -> tuple:
         from ..analysis.datasets import DEFAULT_LENGTH, MAX_WINDOWS, check_window_args
@@ -480,53 +468,6 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         stride = int_field(body, "stride", length, 1, 100_000)
         check_window_args(lm, length, stride, n)
         return length, stride, n
-
-    def dataset_metrics(lm: LoadedModel, body: dict[str, Any]) -> Any:
-        length, stride, n = windows_args(lm, body, 400)
-        ds = dataset_of(body)
-        return run_weight_analyses(lm, W.head_metrics(ds.name, ds.sha256, length, stride,
-                                                           n))[0]
-
-    @endpoint("/head-metrics", ("POST",))
-    def head_metrics_api() -> dict[str, Any]:
-        from ..analysis.head_metrics import (
-            DEFINITIONS,
-            PATTERN_METRICS,
-            QUERIES,
-            head_examples,
-        )
-
-        body = json_body({"model", "dataset", "text", "windows", "length", "stride", "metric",
-                          "layer", "head", "n_examples", "copying", "top"})
-        lm = model_of(body)
-        metric = choice_field(body, "metric", "induction", tuple(PATTERN_METRICS))
-        layer, head = layer_head(lm, body)
-        n_examples = int_field(body, "n_examples", 3, 0, 20)
-        n_all = lm.cfg.n_layers * lm.cfg.n_heads
-        top = int_field(body, "top", min(10, n_all), 1, n_all,
-                        f" ({lm.name} has {n_all} heads)")
-        copying = bool_field(body, "copying", True)
-        hm = dataset_metrics(lm, body)
-        if head is None:
-            layer, head, _ = hm.ranking(metric, 1)[0]
-        examples = [{"window": e.window, "start": e.start, "query": e.query, "value": e.value,
-                     "tokens": list(e.display), "attention": jsonable(e.attention)}
-                    for e in head_examples(lm, hm, metric, layer, head, n_examples)] \
-            if n_examples else []
-        windows = hm.windows
-        metrics = {m: v for m, v in hm.metrics.items() if copying or m != "copying"}
-        return {"model": lm.name,
-                "dataset": {"name": windows.dataset, "sha256": windows.sha256,
-                            "windows": windows.n_windows, "length": windows.length,
-                            "stride": windows.stride, "available": windows.n_available,
-                            "description": windows.describe()},
-                "definitions": {m: {"formula": DEFINITIONS[m], "queries": QUERIES.get(m, "")}
-                                for m in metrics},
-                "metrics": jsonable(metrics), "n_queries": hm.n_queries,
-                "ranking": {m: [{"layer": la, "head": h, "value": jsonable(v)}
-                                for la, h, v in hm.ranking(m, top)] for m in metrics},
-                "examples": {"metric": metric, "layer": layer, "head": head,
-                             "windows": examples}}
 
     @endpoint("/compare", ("POST",))
     def compare_api() -> dict[str, Any]:
@@ -587,6 +528,8 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
             lm, fp = model_of(body), None
             part = {"model": lm.name}
             pair = PairInput.read(body, lm, limit_of(lm))
+        elif spec.scope == "dataset":
+            return run_dataset(spec)
         else:
             body = json_body({"model"} | spec.fields)
             lm, fp = model_of(body), None
@@ -625,6 +568,38 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         with background.current().slots.job(spec.label.format(**values)):
             return registry.weights(lm.name, spec.key(values, given=pair),
                                     lambda m: spec.compute(m, pair, values, {}))
+
+    def run_dataset(spec: declare.Analysis) -> dict[str, Any]:
+        """``POST /api/<name>`` of a declared analysis of scope dataset: the dataset named
+        (or sent as ``text``, then kept in the shared store under its content hash) cut into
+        windows; the result from the store's job over the inline threshold, else computed in
+        a job slot and kept in the registry's weight-analysis cache under the declaration's
+        key (the dataset's identity, never its text)."""
+        from ..analysis.datasets import DATASET_FIELDS, DatasetInput, remember_upload
+
+        body = json_body({"model"} | DATASET_FIELDS | spec.fields)
+        lm = model_of(body)
+        shape = declare.Shape(lm.cfg, None)
+        views = spec.read_views(body, shape)
+        values = spec.read(body, shape)
+
+        def keep(ds: Any) -> None:
+            remember_upload(ds)
+            W.keep_upload(ds)
+
+        data = DatasetInput.read(body, lm, W.load_dataset, keep)
+        req = W.declared(spec, lm, data, values)
+        if req is not None:
+            (res,) = run_weight_analyses(lm, req)
+        else:
+            needs = dict(zip(spec.needs, run_weight_analyses(lm, *W.needs(spec)))) \
+                if spec.needs else {}
+            with background.current().slots.job(spec.label.format(**values)):
+                res = registry.weights(lm.name, spec.key(values, given=data),
+                                       lambda m: spec.compute(m, data.cut(m), values, needs))
+        if spec.show is not None:
+            return {"model": lm.name, **spec.show(lm, res, views, jsonable)}
+        return {"model": lm.name, **jsonable(spec.to_json(res), digits=spec.digits)}
 
     @endpoint("/", ("GET",))
     def index() -> dict[str, Any]:
