@@ -145,7 +145,7 @@ def _declared(lm: LoadedModel, progress: Progress, analysis: str, tokens: str,
     if spec.scope == "pair":
         from .analysis.patching import PairInput
 
-        fp = PairInput.from_json(tokens)
+        fp = PairInput.from_json(tokens, load=stored_pair_set)
     elif spec.scope == "dataset":  # the dataset by its name, checked against its hash
         from .analysis.datasets import DatasetInput
 
@@ -176,15 +176,23 @@ def keep_pair_set(raw: bytes) -> str:
     return digest
 
 
-def _pair_set(lm: LoadedModel, progress: Progress, pairs: str, metric: str, direction: str,
-              granularity: str, position: int) -> Any:
+def stored_pair_set(digest: str) -> str:
+    """The text of the uploaded set of pairs kept under ``digest`` (its content hash);
+    AnalysisError when the store no longer holds it."""
     from . import background
-    from .analysis.patching import parse_pairs, patching_over_pairs
 
-    text = background.current().results.get(pair_set_key(pairs))
+    text = background.current().results.get(pair_set_key(digest))
     if not isinstance(text, str):
         raise AnalysisError("the uploaded set of pairs is no longer on this server: upload "
                             "it again")
+    return text
+
+
+def _pair_set(lm: LoadedModel, progress: Progress, pairs: str, metric: str, direction: str,
+              granularity: str, position: int) -> Any:
+    from .analysis.patching import parse_pairs, patching_over_pairs
+
+    text = stored_pair_set(pairs)
     return patching_over_pairs(lm, parse_pairs(text), granularity=granularity, metric=metric,
                                direction=direction, position=position,
                                progress=lambda done, total: progress(done / max(total, 1)))
@@ -202,7 +210,8 @@ def _circuit_curve(lm: LoadedModel, progress: Progress, pair: str, params: str,
     first = {**json.loads(params), "curve": False}
     disc = store().compute(lm, request("declared", analysis=CIRCUIT.name, tokens=pair,
                                        params=CIRCUIT.stored_params(first)))
-    return add_curve(lm, list(PairInput.from_json(pair).pairs), disc, n_sizes=n_sizes,
+    return add_curve(lm, list(PairInput.from_json(pair, load=stored_pair_set).pairs), disc,
+                     n_sizes=n_sizes,
                      n_random=n_random,
                      progress=lambda done, total: progress(done / max(total, 1)))
 

@@ -5,6 +5,8 @@ is forced."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -180,9 +182,10 @@ def test_the_circuit_page_runs_the_declaration_in_two_jobs(registry, bg, monkeyp
     the store instead of computing it again."""
     from attention_lens.analysis.circuit.declared import CIRCUIT
     from attention_lens.components import page as P
-    from attention_lens.pages import circuit as page
 
     create_app(registry, background=bg)
+    from attention_lens.pages import circuit as page
+
     monkeypatch.setenv("ATTENTION_LENS_CIRCUIT_INLINE_FLOP", "0")
     monkeypatch.setattr(declare, "INLINE_MAX_GFLOP", -1.0)
     spec = P.spec_of("circuit")
@@ -205,3 +208,41 @@ def test_the_circuit_page_runs_the_declaration_in_two_jobs(registry, bg, monkeyp
     curve = page.curve_request(lm, pin, values)
     assert W.store().stats(lm, curve)["computed"] == 1
     assert W.store().stats(lm, job)["computed"] == 1  # the curve's job read it
+
+
+def test_a_stored_set_of_pairs_is_sent_to_jobs_by_its_hash(registry, bg, monkeypatch):
+    """/circuit on an uploaded set: the job's request names the set by the content hash it
+    is stored under, not by its text, and the job reads it from the store."""
+    import base64
+
+    from attention_lens.analysis.circuit.declared import CIRCUIT
+    from attention_lens.components import page as P
+
+    create_app(registry, background=bg)
+    from attention_lens.pages import circuit as page
+
+    other = {**PAIR, "wrong": " car"}
+    csv = "clean,corrupted,correct,wrong\n" + "".join(
+        ",".join(p[k] for k in ("clean", "corrupted", "correct", "wrong")) + "\n"
+        for p in (PAIR, other))
+    digest, status = page.upload_pairs(
+        "data:text/csv;base64," + base64.b64encode(csv.encode()).decode(), "pairs.csv")
+    assert "2 pairs" in str(status.children)
+    monkeypatch.setattr(declare, "INLINE_MAX_GFLOP", -1.0)
+    spec = P.spec_of("circuit")
+    state = {"model": "attn-only-1l", "text": "Harry Potter went.", "pos": None}
+    lm = registry.get("attn-only-1l")
+    query, _ = spec.query({"pairs": digest, "k": "10"}, spec.config(None))
+    pin = page.pair_input(lm, query, {})
+    assert pin.stored == digest and len(pin.pairs) == 2 and pin.is_set
+    sizes, rand, _, inline = page.curve_plan(lm, query, None)
+    assert inline
+    req = W.declared(CIRCUIT, lm, pin, page.circuit_values(query, (sizes, rand)))
+    assert req is not None and " man sat" not in json.dumps(req.as_json())
+    assert json.loads(dict(req.params)["tokens"])["stored"] == digest
+    drawn = spec.render(state, pairs=digest, k="10")
+    assert not drawn.errors, drawn.errors
+    assert W.store().stats(lm, req)["computed"] == 1
+    again = spec.render(state, pairs=digest, k="10", compute=False)
+    assert not again.errors and not isinstance(again.request, dict)  # from the store
+    assert again.figures["circuit"] is not None

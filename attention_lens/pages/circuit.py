@@ -12,7 +12,6 @@ import numpy as np
 from dash import Input, Output, State, callback, clientside_callback, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
-from .. import background
 from .. import weight_analyses as W
 from ..analysis import patching as PT
 from ..analysis.circuit import ABLATION_LABELS, ABLATIONS, METHOD_LABELS, METHODS
@@ -168,19 +167,16 @@ def threshold(query: dict) -> float:
 
 def pair_input(lm: Any, query: dict, pair: dict) -> PT.PairInput:
     """What the declared circuit discovery reads: the page's pair (its boxes, filled), or
-    the uploaded set of pairs the URL names (from the shared store)."""
+    the uploaded set of pairs the URL names (from the shared store; a job's request carries
+    its content hash, not its text)."""
     if not query["pairs"]:
         return PT.PairInput.one(lm, pair["clean"], pair["corrupted"], pair["correct"],
                                 pair["wrong"] if pair["wrong"] != "" else None,
                                 metric=query["metric"], position=query["position"])
-    text = background.current().results.get(W.pair_set_key(query["pairs"]))
-    if not isinstance(text, str):
-        raise AnalysisError("the uploaded set of pairs is no longer on this server: upload "
-                            "it again")
-    pairs = PT.parse_pairs(text)
+    pairs = PT.parse_pairs(W.stored_pair_set(query["pairs"]))
     longest = max(len(PT.pair_tokens(lm, p.clean, p.corrupted)[0]) for p in pairs)
     return PT.PairInput(tuple(pairs), query["metric"], "denoising", query["position"], True,
-                        longest)
+                        longest, stored=query["pairs"])
 
 
 def circuit_values(query: dict, sizes: tuple[int, int], curve: bool = True) -> dict:
