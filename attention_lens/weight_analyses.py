@@ -188,16 +188,6 @@ def stored_pair_set(digest: str) -> str:
     return text
 
 
-def _pair_set(lm: LoadedModel, progress: Progress, pairs: str, metric: str, direction: str,
-              granularity: str, position: int) -> Any:
-    from .analysis.patching import parse_pairs, patching_over_pairs
-
-    text = stored_pair_set(pairs)
-    return patching_over_pairs(lm, parse_pairs(text), granularity=granularity, metric=metric,
-                               direction=direction, position=position,
-                               progress=lambda done, total: progress(done / max(total, 1)))
-
-
 def _circuit_curve(lm: LoadedModel, progress: Progress, pair: str, params: str,
                    n_sizes: int, n_random: int) -> Any:
     """The declared circuit discovery (:data:`.analysis.circuit.declared.CIRCUIT`) of this
@@ -217,9 +207,6 @@ def _circuit_curve(lm: LoadedModel, progress: Progress, pair: str, params: str,
 
 
 ANALYSES: dict[str, Analysis] = {
-    "pair_set_patching": Analysis("{granularity} patching over a set of pairs", _pair_set,
-                                  ("pairs", "metric", "direction", "granularity",
-                                   "position")),
     # on big models the page draws the declared circuit first, then computes its curve
     "circuit_curve": Analysis("faithfulness curve ({n_sizes} sizes x {n_random} random)",
                               _circuit_curve, ("pair", "params", "n_sizes", "n_random")),

@@ -173,10 +173,8 @@ def pair_input(lm: Any, query: dict, pair: dict) -> PT.PairInput:
         return PT.PairInput.one(lm, pair["clean"], pair["corrupted"], pair["correct"],
                                 pair["wrong"] if pair["wrong"] != "" else None,
                                 metric=query["metric"], position=query["position"])
-    pairs = PT.parse_pairs(W.stored_pair_set(query["pairs"]))
-    longest = max(len(PT.pair_tokens(lm, p.clean, p.corrupted)[0]) for p in pairs)
-    return PT.PairInput(tuple(pairs), query["metric"], "denoising", query["position"], True,
-                        longest, stored=query["pairs"])
+    return PT.PairInput.stored_set(lm, W.stored_pair_set(query["pairs"]), query["pairs"],
+                                   metric=query["metric"], position=query["position"])
 
 
 def circuit_values(query: dict, sizes: tuple[int, int], curve: bool = True) -> dict:

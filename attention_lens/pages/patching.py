@@ -229,9 +229,10 @@ def panels(ctx: P.PageContext, query: dict) -> list:
         parts.append(P.Panel("path", path_patching_figure(path), path))
     notes.append(_cells_note(lm, grid))
     if query["pairs"]:
-        res = ctx.weight(W.request("pair_set_patching", pairs=query["pairs"],
-                                   granularity=granularity, metric=query["metric"],
-                                   direction=query["direction"], position=query["position"]))
+        pairs = PT.PairInput.stored_set(lm, W.stored_pair_set(query["pairs"]), query["pairs"],
+                                        metric=query["metric"], direction=query["direction"],
+                                        position=query["position"])
+        res = ctx.run(PT.PATCHING, pair=pairs, granularity=granularity, attribution=True)
         parts.append(P.Panel("pair-set", pair_set_figure(res), res))
         notes.append(f"The set of pairs: {len(res.grids)} pairs, per-pair grids in its "
                      f"CSV/JSON download.")

@@ -209,6 +209,15 @@ class PairInput:
                    position, False, len(ids))
 
     @classmethod
+    def stored_set(cls, lm: LoadedModel, text: str, digest: str, metric: str = "logit_diff",
+                   direction: str = "denoising", position: int = -1) -> "PairInput":
+        """An uploaded set of pairs (its CSV or JSON ``text``), kept in the shared store under
+        its content hash ``digest`` (a job's request carries only that)."""
+        pairs = parse_pairs(text)
+        longest = max(len(pair_tokens(lm, p.clean, p.corrupted)[0]) for p in pairs)
+        return cls(tuple(pairs), metric, direction, position, True, longest, digest)
+
+    @classmethod
     def read(cls, body: Mapping, lm: LoadedModel, limit: int) -> "PairInput":
         """The input of a request ``body`` (strict: a ParamError naming the field)."""
         from ..declare import ParamError, read_choice, read_int, read_text, read_token
