@@ -4,11 +4,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
 from ...model.checkpoint import LoadedModel
-from ..declare import Bool, Choice, Int, Number, Shape, declare, forward_gflop
+from ..declare import Bool, Choice, Int, Number, Sized, declare, forward_gflop
 from ..patching import PairInput
 from .discovery import (
     DEFAULT_K,
@@ -31,16 +30,8 @@ from .scores import ABLATION_LABELS, ABLATIONS, MAX_STEPS, METHOD_LABELS, METHOD
 MASKED_RUN_OVERHEAD = 2.0
 
 
-@dataclass(frozen=True)
-class Edges(Int):
-    """A number of edges of the model's edge graph, 0 to all of them."""
-
-    def read(self, body: Mapping[str, Any], shape: Shape) -> Any:
-        if shape.cfg is None:
-            return super().read(body, shape)
-        n = edge_graph(shape.cfg).n_edges
-        return Int(self.name, self.default, 0, n,
-                   what=f" ({shape.cfg.name} has {n} edges)").read(body, shape)
+def _n_edges(cfg: Any) -> int:
+    return edge_graph(cfg).n_edges
 
 
 def masked_runs(cfg: Any, values: Mapping[str, Any]) -> int:
@@ -93,7 +84,8 @@ CIRCUIT = declare(
     params=[Choice("method", "eap", METHODS, labels=METHOD_LABELS, page=False),
             Choice("ablation", "resample", ABLATIONS, labels=ABLATION_LABELS, page=False),
             Int("steps", 5, 1, MAX_STEPS, page=False),
-            Edges("k", DEFAULT_K, page=False),
+            Sized("k", DEFAULT_K, 0, _n_edges, page=False,
+                  what_of=lambda cfg: f" ({cfg.name} has {_n_edges(cfg)} edges)"),
             Int("n_sizes", DEFAULT_SIZES, 2, MAX_SIZES, page=False),
             Int("n_random", DEFAULT_RANDOM, 0, MAX_RANDOM, page=False),
             Bool("curve", True, page=False),
