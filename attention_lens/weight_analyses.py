@@ -130,16 +130,6 @@ def _prompt_pass(lm: LoadedModel, tokens: str) -> Any:
     return current().cached_forward(lm.name, ids) or run_forward(lm, "", token_ids=ids)
 
 
-def _path_patching(lm: LoadedModel, progress: Progress, clean: str, corrupted: str,
-                   correct: str, wrong: str, metric: str, direction: str, position: int,
-                   layer: int, head: int, mlps: str = "recomputed") -> Any:
-    from .analysis.patching import path_patching
-
-    return path_patching(lm, clean, corrupted, sender=(layer, head), correct=correct,
-                         wrong=wrong or None, metric=metric, direction=direction,
-                         position=position, mlps=mlps)
-
-
 def _declared(lm: LoadedModel, progress: Progress, analysis: str, tokens: str,
               params: str) -> Any:
     """A declared analysis (:mod:`.analysis.declare`) of a prompt given by its token ids
@@ -155,7 +145,12 @@ def _declared(lm: LoadedModel, progress: Progress, analysis: str, tokens: str,
     if spec.scope == "pair":
         from .analysis.patching import PairInput
 
-        fp = PairInput.from_json(tokens)
+        fp = PairInput.from_json(tokens, load=stored_pair_set)
+    elif spec.scope == "dataset":  # the dataset by its name, checked against its hash
+        from .analysis.datasets import DatasetInput
+
+        data = DatasetInput.from_json(tokens)
+        fp = data.cut(lm, load_dataset(data.name))
     else:
         fp = _prompt_pass(lm, tokens) if tokens else None
     values = json.loads(params)
@@ -182,79 +177,40 @@ def keep_pair_set(raw: bytes) -> str:
     return digest
 
 
-def _pair_set(lm: LoadedModel, progress: Progress, pairs: str, metric: str, direction: str,
-              granularity: str, position: int) -> Any:
+def stored_pair_set(digest: str) -> str:
+    """The text of the uploaded set of pairs kept under ``digest`` (its content hash);
+    AnalysisError when the store no longer holds it."""
     from . import background
-    from .analysis.patching import parse_pairs, patching_over_pairs
 
-    text = background.current().results.get(pair_set_key(pairs))
+    text = background.current().results.get(pair_set_key(digest))
     if not isinstance(text, str):
         raise AnalysisError("the uploaded set of pairs is no longer on this server: upload "
                             "it again")
-    return patching_over_pairs(lm, parse_pairs(text), granularity=granularity, metric=metric,
-                               direction=direction, position=position,
-                               progress=lambda done, total: progress(done / max(total, 1)))
+    return text
 
 
-def _circuit(lm: LoadedModel, progress: Progress, clean: str, corrupted: str, correct: Any,
-             wrong: Any, pairs: str, metric: str, position: int, method: str, ablation: str,
-             steps: int, k: int, n_sizes: int, n_random: int, search: str = "top_k",
-             threshold: float = 0.0, curve: bool = True) -> Any:
-    from .analysis.circuit.discovery import discover_circuit
-
-    prompt_pairs = _circuit_pairs(clean, corrupted, correct, wrong, pairs)
-    return discover_circuit(lm, prompt_pairs, method=method, metric=metric, position=position,
-                            ablation=ablation, steps=steps, k=k, n_sizes=n_sizes,
-                            n_random=n_random, search=search, threshold=threshold,
-                            curve=curve,
-                            progress=lambda done, total: progress(done / max(total, 1)))
-
-
-def _circuit_curve(lm: LoadedModel, progress: Progress, **params: Any) -> Any:
-    """The circuit discovery of these parameters without its curve (from the store, or
-    computed), then with its faithfulness curve."""
+def _circuit_curve(lm: LoadedModel, progress: Progress, pair: str, params: str,
+                   n_sizes: int, n_random: int) -> Any:
+    """The declared circuit discovery (:data:`.analysis.circuit.declared.CIRCUIT`) of this
+    pair (its JSON) and these parameters, without its curve (from the store, or computed),
+    then with its faithfulness curve of ``n_sizes`` x ``n_random``."""
+    from .analysis.circuit.declared import CIRCUIT
     from .analysis.circuit.discovery import add_curve
+    from .analysis.patching import PairInput
 
-    disc = store().compute(lm, request("circuit_discovery", **{**params, "curve": False}))
-    pairs = _circuit_pairs(params["clean"], params["corrupted"], params["correct"],
-                           params["wrong"], params["pairs"])
-    return add_curve(lm, pairs, disc, n_sizes=params["n_sizes"], n_random=params["n_random"],
+    first = {**json.loads(params), "curve": False}
+    disc = store().compute(lm, request("declared", analysis=CIRCUIT.name, tokens=pair,
+                                       params=CIRCUIT.stored_params(first)))
+    return add_curve(lm, list(PairInput.from_json(pair, load=stored_pair_set).pairs), disc,
+                     n_sizes=n_sizes,
+                     n_random=n_random,
                      progress=lambda done, total: progress(done / max(total, 1)))
 
 
-def _circuit_pairs(clean: str, corrupted: str, correct: Any, wrong: Any, pairs: str) -> list:
-    from . import background
-    from .analysis.patching import PromptPair, parse_pairs
-
-    if pairs:
-        text = background.current().results.get(pair_set_key(pairs))
-        if not isinstance(text, str):
-            raise AnalysisError("the uploaded set of pairs is no longer on this server: upload "
-                                "it again")
-        return parse_pairs(text)
-    return [PromptPair(clean, corrupted, correct, wrong if wrong != "" else None)]
-
-
 ANALYSES: dict[str, Analysis] = {
-    "pair_set_patching": Analysis("{granularity} patching over a set of pairs", _pair_set,
-                                  ("pairs", "metric", "direction", "granularity",
-                                   "position")),
-    # path patching from one sender is long work on big models: a job, kept (the grids are
-    # declared: analysis/patching/policy.py)
-    "path_patching": Analysis("path patching from L{layer}H{head} (MLPs {mlps})",
-                              _path_patching,
-                              ("clean", "corrupted", "correct", "wrong", "metric",
-                               "direction", "position", "layer", "head", "mlps")),
-    "circuit_discovery": Analysis("{method} circuit discovery", _circuit,
-                                  ("clean", "corrupted", "correct", "wrong", "pairs", "metric",
-                                   "position", "method", "ablation", "steps", "k", "n_sizes",
-                                   "n_random", "search", "threshold", "curve")),
-    # on big models the page draws the circuit first, then computes its curve
+    # on big models the page draws the declared circuit first, then computes its curve
     "circuit_curve": Analysis("faithfulness curve ({n_sizes} sizes x {n_random} random)",
-                              _circuit_curve,
-                              ("clean", "corrupted", "correct", "wrong", "pairs", "metric",
-                               "position", "method", "ablation", "steps", "k", "n_sizes",
-                               "n_random", "search", "threshold", "curve")),
+                              _circuit_curve, ("pair", "params", "n_sizes", "n_random")),
     # an analysis declared in analysis/ whose estimated work is over the inline threshold
     "declared": Analysis("{analysis}", _declared, ("analysis", "tokens", "params")),
     "circuit_svd": Analysis("{circuit} circuit SVD", _svd, ("circuit",)),
@@ -285,11 +241,15 @@ def declared(spec: Any, lm: LoadedModel, fp: Any, values: dict[str, Any]) -> Opt
     job: scope weights unless it estimates its work (its ``cost``, in passes of one token)
     under the inline threshold, scope prompt when its estimated work on this prompt is over
     the inline threshold; None when it runs inline (its result then kept with the forward
-    pass). For scope pair, ``fp`` is the pair (its JSON is the job's input)."""
+    pass). For scope pair, ``fp`` is the pair (its JSON is the job's input); for scope
+    dataset, the dataset's identity and windows (their JSON: the name and hash, never the
+    text)."""
     from .analysis.declare import Shape, has_cost, runs_inline
 
-    if spec.scope == "pair":
-        if runs_inline(spec, lm.cfg, fp.n_tokens, {**values, "n_pairs": len(fp.pairs)}):
+    if spec.scope in ("pair", "dataset"):
+        counts = {"n_pairs": len(fp.pairs)} if spec.scope == "pair" else \
+            {"n_windows": fp.windows}
+        if runs_inline(spec, lm.cfg, fp.n_tokens, {**values, **counts}):
             return None
         return request("declared", analysis=spec.name, tokens=fp.to_json(),
                        params=spec.stored_params(values))
@@ -415,15 +375,6 @@ def _windows(lm: LoadedModel, dataset: str, sha256: str, length: int, stride: in
     return dataset_windows(lm, ds, length=length, stride=stride, max_windows=windows)
 
 
-def _head_metrics(lm: LoadedModel, progress: Progress, dataset: str, sha256: str, length: int,
-                  stride: int, windows: int) -> Any:
-    from .analysis.head_metrics import head_metrics
-
-    eig = store().compute(lm, circuit_eigenvalues())
-    return head_metrics(lm, _windows(lm, dataset, sha256, length, stride, windows),
-                        copying=eig.copying["full_ov"], progress=progress)
-
-
 def _loss_by_position(lm: LoadedModel, progress: Progress, dataset: str, sha256: str,
                       length: int, stride: int, windows: int) -> Any:
     from .analysis.compare import loss_by_position
@@ -441,8 +392,6 @@ def _probe_loss(lm: LoadedModel, progress: Progress) -> Any:
 
 _DATASET_PARAMS = ("dataset", "sha256", "length", "stride", "windows")
 ANALYSES["probe_loss"] = Analysis("loss by position on the probe", _probe_loss)
-ANALYSES["head_metrics"] = Analysis("head metrics over {windows} windows", _head_metrics,
-                                    _DATASET_PARAMS)
 ANALYSES["loss_by_position"] = Analysis("loss by position over {windows} windows",
                                         _loss_by_position, _DATASET_PARAMS)
 
@@ -450,12 +399,6 @@ ANALYSES["loss_by_position"] = Analysis("loss by position over {windows} windows
 def probe_loss() -> Request:
     """Mean next-token loss at each position of the repeated-random-token probe."""
     return request("probe_loss")
-
-
-def head_metrics(dataset: str, sha256: str, length: int, stride: int, windows: int) -> Request:
-    """Every head's dataset metrics (and examples) over windows of ``dataset``."""
-    return request("head_metrics", dataset=dataset, sha256=sha256, length=int(length),
-                   stride=int(stride), windows=int(windows))
 
 
 def loss_by_position(dataset: str, sha256: str, length: int, stride: int,

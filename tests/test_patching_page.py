@@ -148,9 +148,10 @@ def test_big_models_patch_in_a_background_job(server, monkeypatch):
         str(a.children) for a in out[n_figs])
 
 
-def test_uploaded_pairs_are_averaged_in_a_job(server):
+def test_uploaded_pairs_are_averaged_in_a_job(server, monkeypatch):
     import base64
 
+    from attention_lens.analysis import declare
     from attention_lens.pages import patching as page
 
     csv = ("clean,corrupted,correct,wrong\n"
@@ -162,8 +163,13 @@ def test_uploaded_pairs_are_averaged_in_a_job(server):
     assert "2 pairs" in str(status.children)
     spec = P.spec_of("patching")
     controls = dict(pairs=digest, granularity="head_out", sender="")
+    # the declared patching's one threshold between one pair's grid and the set's two
+    lm = server.server.extensions["attention_lens"]["registry"].get("attn-only-2l")
+    n = len(PT.pair_tokens(lm, PT.DEFAULT_CLEAN, PT.DEFAULT_CORRUPTED)[0])
+    one = PT.PATCHING.gflop(lm.cfg, n, {"granularity": "head_out", "attribution": True})
+    monkeypatch.setattr(declare, "INLINE_MAX_GFLOP", 1.5 * one)
     figures, _, _, request = _draw(spec, STATE, **controls)
-    assert request["labels"] == ["head_out patching over a set of pairs"]
+    assert request["labels"] == ["head_out activation patching"]
     values = [controls.get(c.name, c.default) for c in spec.controls]
     out = spec.run_job(lambda _: None, request, STATE, *values)
     fig = out[spec.graphs.index("pair-set")]

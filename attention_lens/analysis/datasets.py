@@ -379,3 +379,84 @@ def dataset_windows(lm: LoadedModel, dataset: Dataset, length: Optional[int] = N
     return Windows(dataset=dataset.name, sha256=dataset.sha256, tokens=tokens.astype(np.int64),
                    starts=starts, length=length, stride=stride, n_stream_tokens=int(stream.size),
                    n_available=int(n_avail), bos=bos)
+
+
+# --------------------------------------------------------------- the dataset scope's input
+#: The request fields of an analysis of scope dataset (:mod:`.declare`): a dataset by name
+#: (shipped, a datasets folder's, or an upload's ``upload:<sha256>``) or its documents as
+#: ``text``, and how it is cut into windows.
+DATASET_FIELDS = frozenset({"dataset", "text", "windows", "length", "stride"})
+
+
+@dataclass(frozen=True)
+class DatasetInput:
+    """What an analysis of scope dataset reads: a dataset by its identity (its name and the
+    sha256 of its documents, never their text) and the windows cut from it. ``dataset``,
+    the documents themselves, is kept beside it in the process that read them (not part of
+    the key nor of a job's request: a job loads the dataset by its name and checks the
+    hash)."""
+
+    name: str
+    sha256: str
+    length: int
+    stride: int
+    windows: int
+    dataset: Optional[Dataset] = field(default=None, compare=False, repr=False)
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens of a window (the cost is estimated per window)."""
+        return self.length
+
+    def key(self) -> tuple:
+        """The part of a cache key this input gives: the content hash and the windows."""
+        return ("dataset", self.sha256, self.length, self.stride, self.windows)
+
+    def to_json(self) -> str:
+        """Canonical JSON of the input (a job's request carries it: the name, not the text)."""
+        return json.dumps({"name": self.name, "sha256": self.sha256, "length": self.length,
+                           "stride": self.stride, "windows": self.windows}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DatasetInput":
+        """The input :meth:`to_json` wrote (without the documents)."""
+        d = json.loads(text)
+        return cls(d["name"], d["sha256"], d["length"], d["stride"], d["windows"])
+
+    def cut(self, lm: LoadedModel, dataset: Optional[Dataset] = None) -> Windows:
+        """The windows of the dataset (``dataset``: the documents, when this input does not
+        hold them), after checking they are still the ones this input names."""
+        ds = dataset if dataset is not None else self.dataset
+        if ds is None:
+            raise AnalysisError(f"dataset {self.name!r} is not loaded here")
+        if ds.sha256 != self.sha256:
+            raise AnalysisError(f"dataset {self.name!r} changed since it was chosen: choose "
+                                "it again")
+        return dataset_windows(lm, ds, length=self.length, stride=self.stride,
+                               max_windows=self.windows)
+
+    @classmethod
+    def read(cls, body: Any, lm: LoadedModel, load: Any, keep: Any,
+             default_windows: int = DEFAULT_WINDOWS) -> "DatasetInput":
+        """The input of a request ``body`` (strict: a ParamError naming the field).
+        ``load(name)`` finds a dataset by name; ``keep(dataset)`` keeps documents sent as
+        ``text`` where every process finds them by their name."""
+        from .declare import ParamError, read_int, read_text
+
+        n = read_int(body, "windows", default_windows, 1, MAX_WINDOWS)
+        length = read_int(body, "length", min(lm.cfg.n_ctx, DEFAULT_LENGTH), 4, lm.cfg.n_ctx,
+                          f" (the context of {lm.name})")
+        stride = read_int(body, "stride", length, 1, 100_000)
+        check_window_args(lm, length, stride, n)
+        if "text" in body and "dataset" in body:
+            raise ParamError("give either 'dataset' (a name) or 'text' (the documents), not "
+                             "both")
+        if "text" in body:
+            ds = parse_upload(read_text(body, "text").encode("utf-8"), "request body")
+            keep(ds)
+        else:
+            name = body.get("dataset", SHIPPED)
+            if not isinstance(name, str) or not name.strip():
+                raise ParamError("'dataset' must be a dataset name")
+            ds = load(name)
+        return cls(ds.name, ds.sha256, length, stride, n, ds)

@@ -15,7 +15,9 @@ normalised parameters) and the cache it lives in (the forward pass's per-prompt 
 scope ``prompt``, the weight-analysis store for scope ``weights``; scope ``pair``: a
 clean/corrupted pair or a set of pairs with answers and metric, the input
 :class:`..analysis.patching.PairInput` reads from a request, its results kept in the
-registry's weight-analysis cache), and whether it runs
+registry's weight-analysis cache; scope ``dataset``: a stored dataset by its identity, its
+name and content hash, never its text, cut into windows, the input
+:class:`..analysis.datasets.DatasetInput`, kept there too), and whether it runs
 inline or as a background job with progress (:func:`runs_inline`, one threshold,
 :data:`INLINE_MAX_GFLOP`).
 
@@ -29,6 +31,7 @@ message). Bounds may depend on the model (``hi=lambda cfg: cfg.n_layers - 1``); 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import json
 import os
@@ -44,7 +47,7 @@ from .labels import parse_head
 Bound = Union[int, None, Callable[[Any], Optional[int]]]
 SCOPES = ("prompt", "weights", "dataset", "pair")
 #: Scopes whose page, endpoint, cache and job are derived today.
-DERIVED_SCOPES = ("prompt", "weights", "pair")
+DERIVED_SCOPES = ("prompt", "weights", "pair", "dataset")
 
 #: Largest magnitude of a whole number without bounds of its own.
 MAX_WHOLE = 2**31 - 1
@@ -345,6 +348,73 @@ class Share(Param):
         return round(self.default * 100)
 
 
+# ------------------------------------------- parameter types of pair-scope analyses
+@dataclass(frozen=True)
+class HeadPair(Param):
+    """One attention head, ``[layer, head]`` (a negative index counts from the end); None
+    (the default) when not chosen. API only (``page=False``): a page reads its own box."""
+
+    page: bool = field(default=False, kw_only=True)
+
+    def read(self, body: Mapping[str, Any], shape: Shape) -> Any:
+        value = body.get(self.name, self.default)
+        if value is None:
+            return None
+        if (not isinstance(value, list) or len(value) != 2
+                or any(isinstance(v, bool) or not isinstance(v, Integral) for v in value)):
+            raise ParamError(f"{self.name!r} must be [layer, head], got {value!r}"[:200])
+        layer, head = int(value[0]), int(value[1])
+        if shape.cfg is not None:
+            for v, n, what, exists in (
+                    (layer, shape.cfg.n_layers, "layer", f"the model has {shape.cfg.n_layers} "
+                                                         "layer(s)"),
+                    (head, shape.cfg.n_heads, "head", f"each layer has {shape.cfg.n_heads} "
+                                                      "heads")):
+                if not -n <= v < n:
+                    raise ParamError(f"{what} {v} does not exist: {exists}, numbered 0 to "
+                                     f"{n - 1}")
+            layer, head = layer % shape.cfg.n_layers, head % shape.cfg.n_heads
+        return [layer, head]
+
+    def normal(self, value: Any, shape: Shape) -> Any:
+        return None if value is None else (int(value[0]), int(value[1]))
+
+
+@dataclass(frozen=True)
+class Sized(Int):
+    """A whole number in [lo, hi] whose message names the model's size (``what_of(cfg)``,
+    e.g. " (gpt2 has 144 heads)")."""
+
+    what_of: Optional[Callable[[Any], str]] = field(default=None, kw_only=True)
+
+    def read(self, body: Mapping[str, Any], shape: Shape) -> Any:
+        lo, hi = _bound(self.lo, shape.cfg), _bound(self.hi, shape.cfg)
+        what = self.what_of(shape.cfg) if self.what_of and shape.cfg is not None else \
+            self.what
+        default = _bound(self.default, shape.cfg) if callable(self.default) else self.default
+        return read_int(body, self.name, default, -MAX_WHOLE if lo is None else lo,
+                        MAX_WHOLE if hi is None else hi, what)
+
+
+@dataclass(frozen=True)
+class Number(Param):
+    """A finite number at least ``lo``; ``what`` says what it is in the message."""
+
+    lo: float = 0.0
+    what: str = field(default="", kw_only=True)
+
+    def read(self, body: Mapping[str, Any], shape: Shape) -> Any:
+        value = body.get(self.name, self.default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not self.lo <= value < float("inf"):
+            raise ParamError(f"{self.name!r} must be a number >= {self.lo:g}{self.what}, "
+                             f"got {value!r}"[:200])
+        return float(value)
+
+    def normal(self, value: Any, shape: Shape) -> Any:
+        return float(value)
+
+
 # ----------------------------------------------------------------------- analyses
 Cost = Callable[[Any, int, dict], float]
 
@@ -384,19 +454,43 @@ class Analysis:
     #: significant digits of the endpoint's floats (None: exact, e.g. float64 sums that
     #: must add up)
     digits: Optional[int] = 7
+    #: ``check(values)``: what no one parameter says alone (e.g. "one of two fields"),
+    #: a ParamError (400) before any work
+    check: Optional[Callable[[dict], None]] = None
+    #: fields of the scope's input the analysis does not read (sent, they are refused as
+    #: unknown: circuit discovery has no direction)
+    without: tuple[str, ...] = ()
+    #: parameters of what the endpoint shows of the result (which metric's examples, how
+    #: many): read and checked like ``params``, but no part of the cache key or the job
+    views: tuple[Param, ...] = ()
+    #: ``show(lm, result, views, encode)``: the endpoint's fields when the analysis has
+    #: ``views`` (instead of ``to_json``), JSON-ready (``encode``: the API's encoder of
+    #: arrays and rounded floats); ``check_views(views)`` as ``check``
+    show: Optional[Callable[..., dict[str, Any]]] = None
+    check_views: Optional[Callable[[dict], None]] = None
 
     @property
     def fields(self) -> set[str]:
         """The API fields of the parameters."""
-        return {p.name for p in self.params}
+        return {p.name for p in (*self.params, *self.views)}
+
+    def read_views(self, body: Mapping[str, Any], shape: Shape) -> dict[str, Any]:
+        """Every view's value from an API body (strict: ParamError on a bad one)."""
+        values = {p.name: p.read(body, shape) for p in self.views}
+        if self.check_views is not None:
+            self.check_views(values)
+        return values
 
     def read(self, body: Mapping[str, Any], shape: Shape) -> dict[str, Any]:
         """Every parameter's value from an API body (strict: ParamError on a bad one)."""
-        return {p.name: p.read(body, shape) for p in self.params}
+        values = {p.name: p.read(body, shape) for p in self.params}
+        if self.check is not None:
+            self.check(values)
+        return values
 
     def values(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Every parameter's value: ``given`` ones, the defaults for the rest."""
-        unknown = set(given) - self.fields
+        unknown = set(given) - {p.name for p in self.params}
         if unknown:
             raise TypeError(f"{self.name} has no parameters {sorted(unknown)}")
         return {p.name: given.get(p.name, p.default) for p in self.params}
@@ -474,20 +568,26 @@ def declare(name: str, fn: Callable[..., Any], *, params: Sequence[Param] = (),
             scope: str = "prompt", cost: Cost = reads_the_pass,
             to_json: Callable[[Any], dict[str, Any]] = _fields_json,
             needs: Optional[Mapping[str, str]] = None, paths: Sequence[str] = (),
-            label: str = "", digits: Optional[int] = 7) -> Analysis:
+            label: str = "", digits: Optional[int] = 7,
+            check: Optional[Callable[[dict], None]] = None,
+            without: Sequence[str] = (), views: Sequence[Param] = (),
+            show: Optional[Callable[..., dict[str, Any]]] = None,
+            check_views: Optional[Callable[[dict], None]] = None) -> Analysis:
     """Declare an analysis (see the module's docs); declaring a name again replaces it."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if scope not in DERIVED_SCOPES:
         raise ValueError(f"{name}: scope {scope!r} has no derived endpoint and cache yet "
                          f"(declared scopes: {', '.join(DERIVED_SCOPES)})")
-    names = [p.name for p in params]
+    names = [p.name for p in (*params, *views)]
     urls = [p.url_name for p in params if p.page]
     if len(set(names)) != len(names) or len(set(urls)) != len(urls):
         raise ValueError(f"{name}: parameters need distinct names and URL names")
     analysis = Analysis(name=name, fn=fn, params=tuple(params), scope=scope, cost=cost,
                         to_json=to_json, needs=dict(needs or {}), paths=tuple(paths),
-                        label=label or name.replace("-", " "), digits=digits)
+                        label=label or name.replace("-", " "), digits=digits,
+                        check=check, without=tuple(without), views=tuple(views),
+                        show=show, check_views=check_views)
     with _LOCK:
         for path in (name, *paths):
             other = _DECLARED.get(path)
@@ -507,6 +607,9 @@ def _scan() -> None:
 
     for mod in pkgutil.iter_modules(pkg.__path__):
         importlib.import_module(f"{pkg.__name__}.{mod.name}")
+        # a package's declarations may sit in its module ``declared`` (analysis/circuit)
+        if mod.ispkg and importlib.util.find_spec(f"{pkg.__name__}.{mod.name}.declared"):
+            importlib.import_module(f"{pkg.__name__}.{mod.name}.declared")
     _SCANNED = True
 
 

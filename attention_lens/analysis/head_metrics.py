@@ -21,13 +21,14 @@ of a head are windows ranked by that value.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional, get_args
+from typing import Any, Callable, Literal, Optional, get_args
 
 import numpy as np
 import torch
 
 from ..model.checkpoint import LoadedModel
-from .datasets import Windows
+from .datasets import DEFAULT_WINDOWS, Windows
+from .declare import Bool, Choice, Int, ParamError, Sized, declare
 from .errors import AnalysisError
 
 PatternMetric = Literal["previous_token", "induction", "duplicate_token", "first_token", "self",
@@ -350,3 +351,67 @@ def head_table(hm: HeadMetrics) -> list[dict]:
     return [{"head": f"L{layer}H{h}", "layer": layer, "index": h,
              **{m: round(float(v[layer, h]), 4) for m, v in hm.metrics.items()}}
             for layer in range(L) for h in range(H)]
+
+
+# ------------------------------------------------------------------------ the declaration
+def dataset_head_metrics(lm: LoadedModel, windows: Windows, eigen: Any,
+                         progress: Optional[Callable[[float], None]] = None) -> HeadMetrics:
+    """Every head's metrics over the windows, with the copying score of the circuit
+    eigenvalues ``eigen`` (:func:`head_metrics`)."""
+    return head_metrics(lm, windows, copying=eigen.copying["full_ov"], progress=progress)
+
+
+def _windows_cost(cfg: Any, n_tokens: int, values: dict) -> float:
+    """One forward pass (with its attention patterns) of each window."""
+    return float(values.get("n_windows", DEFAULT_WINDOWS))
+
+
+def _show(lm: LoadedModel, hm: HeadMetrics, views: dict,
+          encode: Callable[[Any], Any]) -> dict[str, Any]:
+    """The endpoint's fields: the dataset's windows, the definitions, every metric, each
+    metric's ranking and the examples of one head (the best of ``metric`` if none given);
+    ``encode`` makes arrays and floats JSON-ready (rounded: an example's value is exact)."""
+    metric, layer, head = views["metric"], views["layer"], views["head"]
+    if head is None:
+        layer, head, _ = hm.ranking(metric, 1)[0]
+    n = views["n_examples"]
+    examples = [{"window": e.window, "start": e.start, "query": e.query, "value": e.value,
+                 "tokens": list(e.display), "attention": encode(e.attention)}
+                for e in head_examples(lm, hm, metric, layer, head, n)] if n else []
+    windows = hm.windows
+    metrics = {m: v for m, v in hm.metrics.items() if views["copying"] or m != "copying"}
+    return {"dataset": {"name": windows.dataset, "sha256": windows.sha256,
+                        "windows": windows.n_windows, "length": windows.length,
+                        "stride": windows.stride, "available": windows.n_available,
+                        "description": windows.describe()},
+            "definitions": {m: {"formula": DEFINITIONS[m], "queries": QUERIES.get(m, "")}
+                            for m in metrics},
+            "metrics": encode(metrics), "n_queries": hm.n_queries,
+            "ranking": {m: [{"layer": la, "head": h, "value": encode(v)}
+                            for la, h, v in hm.ranking(m, views["top"])] for m in metrics},
+            "examples": {"metric": metric, "layer": layer, "head": head,
+                         "windows": examples}}
+
+
+def _head_needs_layer(views: dict) -> None:
+    if views["head"] is not None and views["layer"] is None:
+        raise ParamError("'head' needs a 'layer' too")
+
+
+def _n_heads(cfg: Any) -> int:
+    return cfg.n_layers * cfg.n_heads
+
+
+HEAD_METRICS = declare(
+    "head-metrics", dataset_head_metrics, scope="dataset", cost=_windows_cost,
+    needs={"eigen": "circuit_eigenvalues"}, label="head metrics", show=_show,
+    check_views=_head_needs_layer,
+    views=[Choice("metric", "induction", PATTERN_METRICS),
+           Sized("layer", None, 0, lambda cfg: cfg.n_layers - 1,
+                 what_of=lambda cfg: f" (the model {cfg.name} has {cfg.n_layers} layer(s))"),
+           Sized("head", None, 0, lambda cfg: cfg.n_heads - 1,
+                 what_of=lambda cfg: f" (each layer of {cfg.name} has {cfg.n_heads} heads)"),
+           Int("n_examples", 3, 0, 20),
+           Sized("top", lambda cfg: min(10, _n_heads(cfg)), 1, _n_heads,
+                 what_of=lambda cfg: f" ({cfg.name} has {_n_heads(cfg)} heads)"),
+           Bool("copying", True)])

@@ -278,7 +278,8 @@ class PageContext:
             return preview()
 
     def run(self, analysis: Any, query: Optional[dict] = None, *, pair: Any = None,
-            preview: Optional[dict] = None, wait: bool = True, **given: Any) -> Any:
+            data: Any = None, preview: Optional[dict] = None, wait: bool = True,
+            **given: Any) -> Any:
         """The result of a declared analysis (:mod:`..analysis.declare`) on the prompt (scope
         prompt) or the model's weights: its parameters from the page's validated controls
         ``query`` and ``given`` (values the page chose, by parameter name). Kept with the
@@ -286,7 +287,9 @@ class PageContext:
         inline threshold (scope weights always), read from the store and computed as a
         background job with progress. Scope pair reads ``pair`` (a
         :class:`..analysis.patching.PairInput`) and keeps its result in the registry's
-        weight-analysis cache. ``preview`` (parameter values naming a cheaper part of
+        weight-analysis cache; scope dataset reads ``data`` (a
+        :class:`..analysis.datasets.DatasetInput`: the dataset's identity and windows) and
+        keeps its result there too. ``preview`` (parameter values naming a cheaper part of
         the same analysis, e.g. the positions a figure shows first): while that job runs,
         the part is computed at once and returned instead (see :meth:`weight_or`); without
         one, ``wait=False`` returns None meanwhile (the page draws its other parts)."""
@@ -298,6 +301,15 @@ class PageContext:
                 return self.weight(req)
             return self.registry.weights(lm.name, analysis.key(values, given=pair),
                                          lambda m: analysis.compute(m, pair, values, {}))
+        if analysis.scope == "dataset":
+            req = W.declared(analysis, lm, data, values)
+            if req is not None:
+                return self.weight(req)
+            needs = dict(zip(analysis.needs, self.weights(*W.needs(analysis)))) \
+                if analysis.needs else {}
+            return self.registry.weights(
+                lm.name, analysis.key(values, given=data),
+                lambda m: analysis.compute(m, data.cut(m), values, needs))
         fp = self.forward if analysis.scope == "prompt" else None
         req = W.declared(analysis, lm, fp, values)
         if req is not None and preview is None:

@@ -15,6 +15,7 @@ from dash.exceptions import PreventUpdate
 from .. import weight_analyses as W
 from ..analysis import patching as PT
 from ..analysis.circuit import ABLATION_LABELS, ABLATIONS, METHOD_LABELS, METHODS
+from ..analysis.circuit.declared import CIRCUIT
 from ..analysis.circuit.discovery import (
     CURVE_INLINE_FLOP,
     DEFAULT_K,
@@ -164,20 +165,34 @@ def threshold(query: dict) -> float:
     return value
 
 
-def request(lm: Any, query: dict, pair: dict, sizes: tuple[int, int], curve: bool = True,
-            name: str = "circuit_discovery") -> W.Request:
-    """The shared-store request of the discovery the page shows, with its faithfulness
-    curve of ``sizes`` (sizes, random circuits per size) when ``curve``; ``name``
-    "circuit_curve": the discovery computed without the curve, then its curve."""
+def pair_input(lm: Any, query: dict, pair: dict) -> PT.PairInput:
+    """What the declared circuit discovery reads: the page's pair (its boxes, filled), or
+    the uploaded set of pairs the URL names (from the shared store; a job's request carries
+    its content hash, not its text)."""
+    if not query["pairs"]:
+        return PT.PairInput.one(lm, pair["clean"], pair["corrupted"], pair["correct"],
+                                pair["wrong"] if pair["wrong"] != "" else None,
+                                metric=query["metric"], position=query["position"])
+    return PT.PairInput.stored_set(lm, W.stored_pair_set(query["pairs"]), query["pairs"],
+                                   metric=query["metric"], position=query["position"])
+
+
+def circuit_values(query: dict, sizes: tuple[int, int], curve: bool = True) -> dict:
+    """The declared circuit discovery's parameters (:data:`CIRCUIT`) the page's controls
+    give, with a faithfulness curve of ``sizes`` (sizes, random circuits per size) when
+    ``curve``."""
     acdc = query.get("search") == "acdc"
-    return W.request(name, clean=pair["clean"], corrupted=pair["corrupted"],
-                     correct=pair["correct"], wrong=pair["wrong"] or "",
-                     pairs=query["pairs"], metric=query["metric"],
-                     position=query["position"], method=query["method"],
-                     ablation=query["ablation"], steps=query["steps"], k=query["k"],
-                     n_sizes=int(sizes[0]), n_random=int(sizes[1]),
-                     search="acdc" if acdc else "top_k",
-                     threshold=threshold(query) if acdc else 0.0, curve=bool(curve))
+    return CIRCUIT.values(dict(
+        method=query["method"], ablation=query["ablation"], steps=query["steps"],
+        k=query["k"], n_sizes=int(sizes[0]), n_random=int(sizes[1]), curve=bool(curve),
+        search="acdc" if acdc else "top_k", threshold=threshold(query) if acdc else 0.0))
+
+
+def curve_request(lm: Any, pair: PT.PairInput, values: dict) -> W.Request:
+    """The store's request of the curve's own job: the circuit of ``values`` without its
+    curve (from the store), then its curve."""
+    return W.request("circuit_curve", pair=pair.to_json(), params=CIRCUIT.stored_params(values),
+                     n_sizes=int(values["n_sizes"]), n_random=int(values["n_random"]))
 
 
 def curve_plan(lm: Any, query: dict, n_tokens: Optional[int]) -> tuple[int, int, float, bool]:
@@ -329,23 +344,25 @@ def panels(ctx: P.PageContext, query: dict) -> list:
                      f"{EDGES_PER_KEPT} of this model's {n_edges:,}, at least {DEFAULT_K}).")
     sizes, rand, work, inline = curve_plan(lm, query, None if query["pairs"] else n_tokens)
     pending = None
+    pin = pair_input(lm, query, pair)
+    values = circuit_values(query, (sizes, rand))
     if inline:
-        disc = ctx.weight(request(lm, query, pair, (sizes, rand)))
+        disc = ctx.run(CIRCUIT, pair=pin, **values)
     else:
-        # a big model: the circuit's job first (scores, circuit, its faithfulness), drawn
-        # at once; then the curve's job (started by the browser, see CURVE_WATCH)
-        first = request(lm, query, pair, (sizes, rand), curve=False)
+        # a big model: the circuit first (scores, circuit, its faithfulness), drawn at once;
+        # then the curve's job (started by the browser, see CURVE_WATCH)
+        first = {**values, "curve": False}
+        job = W.declared(CIRCUIT, lm, pin, first)  # None: the circuit runs inline
         computed = True
-        if ctx.compute:
+        if job is not None and ctx.compute:
             try:
-                W.store().get(lm, first)
+                W.store().get(lm, job)
             except W.Missing:
                 computed = False  # computed by this job: the curve gets a job of its own
-        disc = ctx.weight(first)
+        disc = ctx.run(CIRCUIT, pair=pin, **first)
         full = None
         if computed:
-            full = ctx.weight_or(request(lm, query, pair, (sizes, rand),
-                                         name="circuit_curve"), lambda: None)
+            full = ctx.weight_or(curve_request(lm, pin, values), lambda: None)
         if full is None:
             pending = "running" if computed else "next"
         else:
@@ -486,6 +503,6 @@ def open_head(click: Optional[dict], state: Optional[dict], clean: Optional[str]
                            layer=data[0], head=data[1])
 
 
-__all__ = ["SPEC", "curve_due", "curve_pending_figure", "head_links",
-           "open_head", "panels", "request", "resolve", "threshold",
+__all__ = ["SPEC", "circuit_values", "curve_due", "curve_pending_figure", "curve_request",
+           "head_links", "open_head", "pair_input", "panels", "resolve", "threshold",
            "upload_pairs"]

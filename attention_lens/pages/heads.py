@@ -26,6 +26,7 @@ from ..analysis.datasets import (
     DEFAULT_LENGTH,
     DEFAULT_WINDOWS,
     MAX_UPLOAD_BYTES,
+    DatasetInput,
     MAX_WINDOWS,
     SHIPPED,
     check_window_args,
@@ -36,6 +37,7 @@ from ..analysis.datasets import (
 from ..analysis.errors import AnalysisError
 from ..analysis.head_metrics import (
     ALL_METRICS,
+    HEAD_METRICS,
     PATTERN_METRICS,
     HeadExample,
     HeadMetrics,
@@ -151,13 +153,14 @@ function(contents, filename) {
 
 
 # ------------------------------------------------------------------------------ analysis
-def dataset_request(lm: Any, query: dict) -> W.Request:
-    """The cached run the page needs: the dataset (by content hash) cut into windows."""
+def dataset_input(lm: Any, query: dict) -> DatasetInput:
+    """What the page's run reads: the dataset (by its identity: name and content hash) and
+    how it is cut into windows."""
     ds = W.load_dataset(query["dataset"])
     length = query["length"] or min(lm.cfg.n_ctx, DEFAULT_LENGTH)
     stride = query["stride"] or length
     check_window_args(lm, length, stride, query["windows"])
-    return W.head_metrics(ds.name, ds.sha256, length, stride, query["windows"])
+    return DatasetInput(ds.name, ds.sha256, length, stride, query["windows"], ds)
 
 
 def selected(hm: HeadMetrics, query: dict) -> tuple[int, int]:
@@ -254,7 +257,7 @@ def links(state: dict, layer: int, head: int) -> list[Any]:
 def panels(ctx: P.PageContext, query: dict) -> list:
     """Table, head finder, the selected head's distribution and examples, links, a note."""
     lm = ctx.model
-    hm = ctx.weight(dataset_request(lm, query))
+    hm = ctx.run(HEAD_METRICS, data=dataset_input(lm, query))
     layer, head = selected(hm, query)
     w = hm.windows
     note = (f"{lm.name} on {w.describe()} (sha256 {w.sha256[:12]}…); induction and "

@@ -9,7 +9,6 @@ from dash import Input, Output, State, callback, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
 from .. import weight_analyses as W
-from ..analysis import declare as D
 from ..analysis import patching as PT
 from ..analysis.defaults import answered_pair
 from ..analysis.errors import AnalysisError
@@ -225,17 +224,15 @@ def panels(ctx: P.PageContext, query: dict) -> list:
         if not (0 <= layer < lm.cfg.n_layers and 0 <= head < lm.cfg.n_heads):
             raise AnalysisError(f"sender L{layer}H{head} does not exist: {lm.name} has "
                                 f"{lm.cfg.n_layers} layers of {lm.cfg.n_heads} heads")
-        if PT.path_gflop(lm.cfg, pair.n_tokens) <= D.INLINE_MAX_GFLOP:
-            path = PT.path_patching(lm, sender=sender, mlps=query["mlps"], **args)
-        else:
-            path = ctx.weight(W.request("path_patching", layer=layer, head=head,
-                                        mlps=query["mlps"], **wa))
+        path = ctx.run(PT.PATH_PATCHING, pair=pair, sender=[layer, head],
+                       mlps=query["mlps"])
         parts.append(P.Panel("path", path_patching_figure(path), path))
     notes.append(_cells_note(lm, grid))
     if query["pairs"]:
-        res = ctx.weight(W.request("pair_set_patching", pairs=query["pairs"],
-                                   granularity=granularity, metric=query["metric"],
-                                   direction=query["direction"], position=query["position"]))
+        pairs = PT.PairInput.stored_set(lm, W.stored_pair_set(query["pairs"]), query["pairs"],
+                                        metric=query["metric"], direction=query["direction"],
+                                        position=query["position"])
+        res = ctx.run(PT.PATCHING, pair=pairs, granularity=granularity, attribution=True)
         parts.append(P.Panel("pair-set", pair_set_figure(res), res))
         notes.append(f"The set of pairs: {len(res.grids)} pairs, per-pair grids in its "
                      f"CSV/JSON download.")

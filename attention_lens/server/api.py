@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from functools import wraps
-from json import dumps as json_dumps
 from typing import Any, Callable
 
 import flask
@@ -91,27 +90,6 @@ def forward_gflop(lm: LoadedModel, n_tokens: int) -> float:
     """Floating-point work (GFLOP) of one forward pass of ``n_tokens`` tokens through ``lm``
     (:func:`.analysis.declare.forward_gflop`)."""
     return declare.forward_gflop(lm.cfg, n_tokens)
-
-
-def pair_set(body: dict, lm: LoadedModel, limit: int) -> list:
-    """The set of pairs in ``body['pairs']`` (a list of objects or CSV text), each tokenized
-    and within this server's prompt length (400 naming the pair otherwise)."""
-    from ..analysis import patching as PT
-
-    pairs = body["pairs"]
-    if not isinstance(pairs, (list, str)):
-        raise ApiError("'pairs' must be a list of objects (clean, corrupted, correct, "
-                       "wrong) or CSV text with those columns")
-    parsed = PT.parse_pairs(pairs if isinstance(pairs, str) else json_dumps(pairs))
-    for i, pair in enumerate(parsed, start=1):
-        try:
-            ids, _ = PT.pair_tokens(lm, pair.clean, pair.corrupted)
-        except AnalysisError as exc:
-            raise ApiError(f"pair {i}: {exc}") from None
-        if len(ids) > limit:
-            raise ApiError(f"pair {i} has {len(ids)} tokens; this server analyses at "
-                           f"most {limit}")
-    return parsed
 
 
 def check_cost(what: str, runs: int, lm: LoadedModel, n_tokens: int, hint: str) -> None:
@@ -300,123 +278,16 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
     # below without a route here; other endpoints go here, each as `@endpoint(rule,
     # methods)` over a function that reads its fields with the helpers of .api_fields.
 
-    # --------------------------------------------------------------- patching
-    pair_fields = {"model", "clean", "corrupted", "correct", "wrong", "metric", "direction",
-                   "position"}
-
-    def pair_args(body: dict[str, Any], lm: LoadedModel) -> dict[str, Any]:
-        """The validated pair and metric fields of a patching request."""
-        from ..analysis import patching as PT
-
-        clean, corrupted = text_field(body, "clean"), text_field(body, "corrupted")
-        ids, _ = PT.pair_tokens(lm, clean, corrupted)
-        if len(ids) > limit_of(lm):
-            raise ApiError(f"the prompts have {len(ids)} tokens; this server analyses at most "
-                           f"{limit_of(lm)}")
-        metric = choice_field(body, "metric", "logit_diff", PT.METRICS)
-        correct = token_field(body, "correct")
-        if correct is None and metric != "kl":  # KL reads no answer token
-            raise ApiError("missing field 'correct' (the answer token the clean prompt "
-                           "should predict)")
-        return dict(clean=clean, corrupted=corrupted, correct=correct,
-                    wrong=token_field(body, "wrong"), metric=metric,
-                    direction=choice_field(body, "direction", "denoising", PT.DIRECTIONS),
-                    position=int_field(body, "position", -1, -len(ids), len(ids) - 1,
-                                       f" (the prompts have {len(ids)} tokens)"))
-
-    @endpoint("/path-patching", ("POST",))
-    def path_patching() -> dict[str, Any]:
-        from ..analysis import patching as PT
-
-        body = json_body(pair_fields | {"sender", "table", "ln_mode", "mlps"})
-        lm = model_of(body)
-        args = pair_args(body, lm)
-        ln_mode = choice_field(body, "ln_mode", "recomputed", ("recomputed", "frozen"))
-        args["mlps"] = choice_field(body, "mlps", "recomputed", PT.MLP_MODES)
-        if bool_field(body, "table", False):
-            if "sender" in body:
-                raise ApiError("send either 'sender' or 'table': true, not both")
-            with background.current().slots.job("path-patching table"):
-                res = PT.path_patching_table(lm, ln_mode=ln_mode, **args)
-            return {"model": lm.name, "components": list(PT.COMPONENTS),
-                    "result": jsonable(res)}
-        sender = body.get("sender")
-        if sender is None:
-            raise ApiError("missing field 'sender' ([layer, head] of the sender head), or "
-                           "send 'table': true for every sender")
-        if (not isinstance(sender, list) or len(sender) != 2
-                or any(isinstance(v, bool) or not isinstance(v, int) for v in sender)):
-            raise ApiError(f"'sender' must be [layer, head], got {sender!r}"[:200])
-        with background.current().slots.job("path patching"):
-            res = PT.path_patching(lm, sender=tuple(sender), ln_mode=ln_mode, **args)
-        return {"model": lm.name, "components": list(PT.COMPONENTS), "result": jsonable(res)}
-
-    @endpoint("/circuit", ("POST",))
-    def circuit() -> dict[str, Any]:
-        from ..analysis import patching as PT
-        from ..analysis.circuit import ABLATIONS, METHODS, edge_graph
-        from ..analysis.circuit import discovery as CD
-        from ..analysis.circuit.scores import MAX_STEPS
-
-        body = json_body((pair_fields - {"direction"})
-                         | {"pairs", "method", "ablation", "steps", "k", "n_sizes",
-                            "n_random", "curve", "search", "threshold"})
-        lm = model_of(body)
-        n_edges = edge_graph(lm.cfg).n_edges
-        opts = dict(method=choice_field(body, "method", "eap", METHODS),
-                    ablation=choice_field(body, "ablation", "resample", ABLATIONS),
-                    steps=int_field(body, "steps", 5, 1, MAX_STEPS),
-                    k=int_field(body, "k", CD.DEFAULT_K, 0, n_edges,
-                                f" ({lm.name} has {n_edges} edges)"),
-                    n_sizes=int_field(body, "n_sizes", CD.DEFAULT_SIZES, 2, CD.MAX_SIZES),
-                    n_random=int_field(body, "n_random", CD.DEFAULT_RANDOM, 0, CD.MAX_RANDOM),
-                    curve=bool_field(body, "curve", True),
-                    search=choice_field(body, "search", "top_k", CD.SEARCHES))
-        threshold = body.get("threshold", 0.0)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or \
-                not threshold >= 0:
-            raise ApiError(f"'threshold' must be a number >= 0 (the largest metric change an "
-                           f"ACDC removal may cause), got {threshold!r}"[:200])
-        opts["threshold"] = float(threshold)
-        if "pairs" in body:
-            extra = sorted(k for k in ("clean", "corrupted", "correct", "wrong") if k in body)
-            if extra:
-                raise ApiError(f"send either 'pairs' or one pair, not both (got 'pairs' and "
-                               f"{', '.join(map(repr, extra))})")
-            pairs = pair_set(body, lm, limit_of(lm))
-            metric = choice_field(body, "metric", "logit_diff", PT.METRICS)
-            position = int_field(body, "position", -1, -lm.cfg.n_ctx, lm.cfg.n_ctx - 1)
-        else:
-            args = pair_args(body, lm)
-            pairs = [PT.PromptPair(args["clean"], args["corrupted"], args["correct"],
-                                   args["wrong"])]
-            metric, position = args["metric"], args["position"]
-        with background.current().slots.job(f"{opts['method']} circuit discovery"):
-            res = CD.discover_circuit(lm, pairs, metric=metric, position=position, **opts)
-        g = res.scores.graph
-        return {"model": lm.name, "circuit": jsonable(res.to_json()),
-                "edges": g.edge_labels(), "scores": jsonable(res.scores.scores),
-                "in_circuit": res.kept.tolist()}
+    # patching, path patching and circuit discovery are declared (scope pair:
+    # analysis.patching.PATCHING, PATH_PATCHING, analysis.circuit.declared.CIRCUIT)
 
     # QK attribution is declared (analysis.qk_attribution.QK_ATTRIBUTION):
     # POST /api/qk-attribution
     # the attribution graph is declared (analysis.graph.GRAPH): POST /api/graph
 
     # ------------------------------------------------- dataset heads and comparison
-    def dataset_of(body: dict[str, Any]) -> Any:
-        from ..analysis.datasets import SHIPPED, parse_upload, remember_upload
-
-        if "text" in body and "dataset" in body:
-            raise ApiError("give either 'dataset' (a name) or 'text' (the documents), not both")
-        if "text" in body:
-            ds = parse_upload(text_field(body).encode("utf-8"), "request body")
-            remember_upload(ds)
-            W.keep_upload(ds)
-            return ds
-        name = body.get("dataset", SHIPPED)
-        if not isinstance(name, str) or not name.strip():
-            raise ApiError("'dataset' must be a dataset name")
-        return W.load_dataset(name)
+    # head metrics over a dataset are declared (scope dataset:
+    # analysis.head_metrics.HEAD_METRICS): POST /api/head-metrics
 
     def windows_args(lm: LoadedModel, body: dict[str, Any], default_n: int) -> tuple:
         from ..analysis.datasets import DEFAULT_LENGTH, MAX_WINDOWS, check_window_args
@@ -427,53 +298,6 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         stride = int_field(body, "stride", length, 1, 100_000)
         check_window_args(lm, length, stride, n)
         return length, stride, n
-
-    def dataset_metrics(lm: LoadedModel, body: dict[str, Any]) -> Any:
-        length, stride, n = windows_args(lm, body, 400)
-        ds = dataset_of(body)
-        return run_weight_analyses(lm, W.head_metrics(ds.name, ds.sha256, length, stride,
-                                                           n))[0]
-
-    @endpoint("/head-metrics", ("POST",))
-    def head_metrics_api() -> dict[str, Any]:
-        from ..analysis.head_metrics import (
-            DEFINITIONS,
-            PATTERN_METRICS,
-            QUERIES,
-            head_examples,
-        )
-
-        body = json_body({"model", "dataset", "text", "windows", "length", "stride", "metric",
-                          "layer", "head", "n_examples", "copying", "top"})
-        lm = model_of(body)
-        metric = choice_field(body, "metric", "induction", tuple(PATTERN_METRICS))
-        layer, head = layer_head(lm, body)
-        n_examples = int_field(body, "n_examples", 3, 0, 20)
-        n_all = lm.cfg.n_layers * lm.cfg.n_heads
-        top = int_field(body, "top", min(10, n_all), 1, n_all,
-                        f" ({lm.name} has {n_all} heads)")
-        copying = bool_field(body, "copying", True)
-        hm = dataset_metrics(lm, body)
-        if head is None:
-            layer, head, _ = hm.ranking(metric, 1)[0]
-        examples = [{"window": e.window, "start": e.start, "query": e.query, "value": e.value,
-                     "tokens": list(e.display), "attention": jsonable(e.attention)}
-                    for e in head_examples(lm, hm, metric, layer, head, n_examples)] \
-            if n_examples else []
-        windows = hm.windows
-        metrics = {m: v for m, v in hm.metrics.items() if copying or m != "copying"}
-        return {"model": lm.name,
-                "dataset": {"name": windows.dataset, "sha256": windows.sha256,
-                            "windows": windows.n_windows, "length": windows.length,
-                            "stride": windows.stride, "available": windows.n_available,
-                            "description": windows.describe()},
-                "definitions": {m: {"formula": DEFINITIONS[m], "queries": QUERIES.get(m, "")}
-                                for m in metrics},
-                "metrics": jsonable(metrics), "n_queries": hm.n_queries,
-                "ranking": {m: [{"layer": la, "head": h, "value": jsonable(v)}
-                                for la, h, v in hm.ranking(m, top)] for m in metrics},
-                "examples": {"metric": metric, "layer": layer, "head": head,
-                             "windows": examples}}
 
     @endpoint("/compare", ("POST",))
     def compare_api() -> dict[str, Any]:
@@ -530,10 +354,12 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         elif spec.scope == "pair":
             from ..analysis.patching import PAIR_FIELDS, PairInput
 
-            body = json_body({"model"} | PAIR_FIELDS | spec.fields)
+            body = json_body(({"model"} | PAIR_FIELDS | spec.fields) - set(spec.without))
             lm, fp = model_of(body), None
             part = {"model": lm.name}
             pair = PairInput.read(body, lm, limit_of(lm))
+        elif spec.scope == "dataset":
+            return run_dataset(spec)
         elif declare.method_of(spec) == "GET":
             body = query_params({"model"} | spec.fields, declare.query_ints(spec))
             lm, fp = model_of(body), None
@@ -579,6 +405,38 @@ def create_api(registry: Registry, config: Any = None) -> flask.Blueprint:
         with background.current().slots.job(spec.label.format(**values)):
             return registry.weights(lm.name, spec.key(values, given=pair),
                                     lambda m: spec.compute(m, pair, values, {}))
+
+    def run_dataset(spec: declare.Analysis) -> dict[str, Any]:
+        """``POST /api/<name>`` of a declared analysis of scope dataset: the dataset named
+        (or sent as ``text``, then kept in the shared store under its content hash) cut into
+        windows; the result from the store's job over the inline threshold, else computed in
+        a job slot and kept in the registry's weight-analysis cache under the declaration's
+        key (the dataset's identity, never its text)."""
+        from ..analysis.datasets import DATASET_FIELDS, DatasetInput, remember_upload
+
+        body = json_body({"model"} | DATASET_FIELDS | spec.fields)
+        lm = model_of(body)
+        shape = declare.Shape(lm.cfg, None)
+        views = spec.read_views(body, shape)
+        values = spec.read(body, shape)
+
+        def keep(ds: Any) -> None:
+            remember_upload(ds)
+            W.keep_upload(ds)
+
+        data = DatasetInput.read(body, lm, W.load_dataset, keep)
+        req = W.declared(spec, lm, data, values)
+        if req is not None:
+            (res,) = run_weight_analyses(lm, req)
+        else:
+            needs = dict(zip(spec.needs, run_weight_analyses(lm, *W.needs(spec)))) \
+                if spec.needs else {}
+            with background.current().slots.job(spec.label.format(**values)):
+                res = registry.weights(lm.name, spec.key(values, given=data),
+                                       lambda m: spec.compute(m, data.cut(m), values, needs))
+        if spec.show is not None:
+            return {"model": lm.name, **spec.show(lm, res, views, jsonable)}
+        return {"model": lm.name, **jsonable(spec.to_json(res), digits=spec.digits)}
 
     @endpoint("/", ("GET",))
     def index() -> dict[str, Any]:

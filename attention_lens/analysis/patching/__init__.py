@@ -82,7 +82,7 @@ from .paths import (
     path_patching,
     path_patching_table,
 )
-from .policy import PATCHING, grid_cells, grid_gflop, path_gflop
+from .policy import PATCHING, PATH_PATCHING, grid_cells, grid_gflop, path_gflop
 from .prepare import _Setup
 from .results import PairSetPatching, PatchingGrid, PathPatching, PathPatchingTable
 from .runs import _RUNS, RUN_CACHE_BYTES, _Run, _run
@@ -113,7 +113,7 @@ __all__ = [
     "MAX_PAIR_FILE_CHARS", "MAX_TABLE_HEADS", "METRICS",
     "METRIC_LABELS", "MLP_MODES", "MLP_MODE_LABELS", "REPLACEMENTS", "ROW_BUDGET",
     "RUN_CACHE_BYTES", "SHORT_SENTENCE", "Direction", "Granularity", "LnMode", "Metric",
-    "MetricKind", "MlpMode", "PAIR_FIELDS", "PATCHING", "PairInput", "grid_cells", "grid_gflop",
+    "MetricKind", "MlpMode", "PAIR_FIELDS", "PATCHING", "PATH_PATCHING", "PairInput", "grid_cells", "grid_gflop",
     "path_gflop", "PairSetPatching", "PatchingGrid", "PathPatching",
     "PathPatchingTable", "ProgressFn", "Prompt", "PromptPair", "activation_patching",
     "corrupt_one_token", "default_answers", "default_fits", "pair_predictions", "pair_tokens",

@@ -6,7 +6,7 @@ import csv
 import io
 import json
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 from ...model.checkpoint import LoadedModel
 from ...model.jsonfile import JsonFileError, loads_bounded
@@ -138,7 +138,9 @@ def _plain(prompt: Prompt) -> Union[str, tuple[int, ...]]:
 class PairInput:
     """What an analysis of scope pair reads: one clean/corrupted pair or a set of pairs
     (``is_set``), the metric, its direction and position. ``n_tokens`` is the longest pair's
-    token length (its cost is estimated from it)."""
+    token length (its cost is estimated from it). ``stored``: the content hash under which
+    an uploaded set is kept in the shared store; it is then the set's identity in the cache
+    key and all a job's request carries of it (never the set's text)."""
 
     pairs: tuple[PromptPair, ...]
     metric: str = "logit_diff"
@@ -146,6 +148,7 @@ class PairInput:
     position: int = -1
     is_set: bool = False
     n_tokens: int = 0
+    stored: str = ""
 
     @property
     def pair(self) -> PromptPair:
@@ -160,27 +163,36 @@ class PairInput:
 
     def key(self) -> tuple:
         """The part of a cache key this input gives (equal inputs, equal keys)."""
-        return (self.is_set, self.metric, self.direction, self.position,
-                tuple((_plain(p.clean), _plain(p.corrupted), p.correct, p.wrong)
-                      for p in self.pairs))
+        pairs = ("stored", self.stored) if self.stored else \
+            tuple((_plain(p.clean), _plain(p.corrupted), p.correct, p.wrong)
+                  for p in self.pairs)
+        return (self.is_set, self.metric, self.direction, self.position, pairs)
 
     def to_json(self) -> str:
-        """Canonical JSON of the input (a job's request carries it)."""
-        return json.dumps({"pairs": [[_plain(p.clean), _plain(p.corrupted), p.correct,
-                                      p.wrong] for p in self.pairs],
-                           "metric": self.metric, "direction": self.direction,
+        """Canonical JSON of the input (a job's request carries it; a stored set by its
+        content hash only)."""
+        which: dict = {"stored": self.stored} if self.stored else {
+            "pairs": [[_plain(p.clean), _plain(p.corrupted), p.correct, p.wrong]
+                      for p in self.pairs]}
+        return json.dumps({**which, "metric": self.metric, "direction": self.direction,
                            "position": self.position, "is_set": self.is_set,
                            "n_tokens": self.n_tokens}, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "PairInput":
-        """The input :meth:`to_json` wrote."""
+    def from_json(cls, text: str, load: Optional[Callable[[str], str]] = None
+                  ) -> "PairInput":
+        """The input :meth:`to_json` wrote; ``load(hash)`` gives a stored set's text."""
         d = json.loads(text)
-        pairs = tuple(PromptPair(c if isinstance(c, str) else list(c),
-                                 r if isinstance(r, str) else list(r), a, w)
-                      for c, r, a, w in d["pairs"])
+        if "stored" in d:
+            if load is None:
+                raise AnalysisError("a stored set of pairs needs the store to be read")
+            pairs = tuple(parse_pairs(load(d["stored"])))
+        else:
+            pairs = tuple(PromptPair(c if isinstance(c, str) else list(c),
+                                     r if isinstance(r, str) else list(r), a, w)
+                          for c, r, a, w in d["pairs"])
         return cls(pairs, d["metric"], d["direction"], d["position"], d["is_set"],
-                   d["n_tokens"])
+                   d["n_tokens"], d.get("stored", ""))
 
     @classmethod
     def one(cls, lm: LoadedModel, clean: Prompt, corrupted: Prompt, correct: TokenLike,
@@ -195,6 +207,15 @@ class PairInput:
                                 f"most {limit}")
         return cls((PromptPair(clean, corrupted, correct, wrong),), metric, direction,
                    position, False, len(ids))
+
+    @classmethod
+    def stored_set(cls, lm: LoadedModel, text: str, digest: str, metric: str = "logit_diff",
+                   direction: str = "denoising", position: int = -1) -> "PairInput":
+        """An uploaded set of pairs (its CSV or JSON ``text``), kept in the shared store under
+        its content hash ``digest`` (a job's request carries only that)."""
+        pairs = parse_pairs(text)
+        longest = max(len(pair_tokens(lm, p.clean, p.corrupted)[0]) for p in pairs)
+        return cls(tuple(pairs), metric, direction, position, True, longest, digest)
 
     @classmethod
     def read(cls, body: Mapping, lm: LoadedModel, limit: int) -> "PairInput":

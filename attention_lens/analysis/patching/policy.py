@@ -1,18 +1,19 @@
-"""Patching declared once (:mod:`..declare`, scope pair): its parameters, its cost estimated
-from the model's shape, and so its endpoint ``POST /api/patching``, its cache key and whether
-it runs inline or as a background job (the one threshold,
-:data:`..declare.INLINE_MAX_GFLOP`)."""
+"""Activation patching and path patching declared once (:mod:`..declare`, scope pair): their
+parameters, their cost estimated from the model's shape, and so their endpoints
+``POST /api/patching`` and ``POST /api/path-patching``, their cache keys and whether they run
+inline or as a background job (the one threshold, :data:`..declare.INLINE_MAX_GFLOP`)."""
 
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
 from ...model.checkpoint import LoadedModel
-from ..declare import Bool, Choice, declare, fields_of, forward_gflop
+from ..declare import Bool, Choice, HeadPair, ParamError, declare, fields_of, forward_gflop
 from .grids import activation_patching, patching_over_pairs
 from .pairs import PairInput
+from .paths import path_patching, path_patching_table
 from .results import PairSetPatching
-from .terms import GRANULARITIES, GRANULARITY_LABELS, GRID_AXES
+from .terms import COMPONENTS, GRANULARITIES, GRANULARITY_LABELS, GRID_AXES, MLP_MODES
 
 
 def grid_cells(cfg: Any, granularity: str, n_tokens: int) -> int:
@@ -90,3 +91,41 @@ PATCHING = declare(
     params=[Choice("granularity", "head_out_by_pos", GRANULARITIES, label="patch",
                    labels=GRANULARITY_LABELS),
             Bool("attribution", True, page=False)])
+
+
+# ------------------------------------------------------------------------ path patching
+def _path_cost(cfg: Any, n_tokens: int, values: dict) -> float:
+    """Path patching's estimated work in forward passes of the pair (:func:`path_gflop` per
+    sender; the table sends from every head)."""
+    senders = cfg.n_layers * cfg.n_heads if values.get("table") else 1
+    return senders * path_gflop(cfg, n_tokens) / forward_gflop(cfg, n_tokens)
+
+
+def paths(lm: LoadedModel, pair: PairInput, sender: Optional[list] = None, table: bool = False,
+          ln_mode: str = "recomputed", mlps: str = "recomputed",
+          progress: Optional[Callable[[float], None]] = None) -> Any:
+    """Path patching of one pair from ``sender`` (:func:`.path_patching`), or the table over
+    every sender (:func:`.path_patching_table`)."""
+    if table:
+        report = None if progress is None else (
+            lambda done, total: progress(done / max(total, 1)))
+        return path_patching_table(lm, **pair.args(), ln_mode=ln_mode, mlps=mlps,
+                                   progress=report)
+    return path_patching(lm, **pair.args(), sender=tuple(sender), ln_mode=ln_mode, mlps=mlps)
+
+
+def _one_sender(values: dict) -> None:
+    if values["table"] and values["sender"] is not None:
+        raise ParamError("send either 'sender' or 'table': true, not both")
+    if not values["table"] and values["sender"] is None:
+        raise ParamError("missing field 'sender' ([layer, head] of the sender head), or "
+                         "send 'table': true for every sender")
+
+
+PATH_PATCHING = declare(
+    "path-patching", paths, scope="pair", cost=_path_cost, check=_one_sender,
+    without=("pairs",), label="path patching (MLPs {mlps})",
+    to_json=lambda res: {"components": list(COMPONENTS), "result": res},
+    params=[HeadPair("sender"), Bool("table", False, page=False),
+            Choice("ln_mode", "recomputed", ("recomputed", "frozen"), page=False),
+            Choice("mlps", "recomputed", MLP_MODES, page=False)])
