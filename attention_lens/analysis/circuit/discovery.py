@@ -15,6 +15,7 @@ from .. import patching as PT
 from ..errors import AnalysisError
 from .graph import ProgressFn
 from .scores import ABLATIONS, METHODS, EdgeScores, Problem, edge_scores
+from .sparse import masked_run_flop
 from .search import (
     FaithfulnessCurve,
     _check_k,
@@ -241,24 +242,6 @@ def curve_csv(curve: FaithfulnessCurve) -> str:
             w.writerow([ablation, int(curve.k[i]), int(curve.sizes[i]),
                         f"{curve.faithfulness[a, i]:.6g}", f"{curve.ratio[a, i]:.6g}", *stats])
     return buf.getvalue()
-
-
-def masked_run_flop(cfg: Any, n: int) -> float:
-    """Estimated floating-point work of one masked run over the edge graph on ``n``
-    positions: every receiver's input formed from its senders, normalised and projected,
-    each head's attention and each MLP."""
-    from .graph import edge_graph
-
-    g = edge_graph(cfg)
-    H, d, e = cfg.n_heads, cfg.d_model, cfg.d_head
-    work = 0.0
-    for layer in range(cfg.n_layers):
-        U = g.upstream_attn(layer)
-        work += 3 * H * n * (U * d + d * e) + 2 * H * n * n * e + H * n * e * d
-        if g.has_mlp:
-            work += n * (g.upstream_mlp(layer) * d + (3 if cfg.gated_mlp else 2)
-                         * d * (cfg.d_mlp or 0))
-    return 2.0 * work
 
 
 def curve_runs(n_sizes: int, n_random: int, n_ablations: int = len(ABLATIONS)) -> int:
