@@ -16,7 +16,7 @@ from conftest import make_tiny
 
 from attention_lens.analysis import patching as PT
 from attention_lens.analysis.circuit import ABLATIONS, Problem, circuit, circuit_metrics
-from attention_lens.analysis.circuit.sparse import SparseRuns, plan
+from attention_lens.analysis.circuit.sparse import SparseRuns, one_thread, plan
 from attention_lens.model import LoadedModel
 
 FAMILIES = {
@@ -84,24 +84,22 @@ def _rows(prob: Problem, ablation: str, masks: np.ndarray) -> tuple[torch.Tensor
 @pytest.mark.parametrize("which", ["attn-only-2l", *FAMILIES])
 def test_sparse_runs_equal_full_masked_runs(which, tiny_tokenizer, model_2l):
     lm = _model(which, tiny_tokenizer, model_2l)
-    pair = _pair(lm.cfg.d_vocab)
-    for model, rel in ((_double(lm), 1e-10), (lm, None)):
-        prob = Problem(model, [pair, _pair(lm.cfg.d_vocab, seed=4)], "logit_diff", -1,
-                       "resample")
+    pairs = [_pair(lm.cfg.d_vocab), _pair(lm.cfg.d_vocab, seed=4)]
+    # float32: each path sums a receiver's U sender terms in its own order, a rounding of
+    # about U * 2^-24 of the largest term (U <= 25 here), taken 4 times over
+    for model, rel in ((_double(lm), 1e-10), (lm, 4 * 25 * 2 ** -24)):
+        prob = Problem(model, pairs[:1], "logit_diff", -1, "resample")
         masks = _masks(prob)
-        for ablation in ABLATIONS:
-            dense, sparse = _rows(prob, ablation, masks)
-            scale = float(dense.abs().max())
-            if rel is None:
-                # float32: each path sums a receiver's U sender terms in its own order;
-                # rounding of about U * 2^-24 of the largest term, U <= 25 here
-                rel = 25 * 2 ** -24 * 4
-            err = float((dense - sparse).abs().max()) / scale
-            assert err <= rel, (which, model.name, ablation, err)
-            # and the metric, through circuit_metrics either way
-            both = [circuit_metrics(prob, masks, ablation, sparse=s) for s in (True, False)]
-            m_scale = max(1.0, float(np.abs(both[1]).max()))
-            assert np.abs(both[0] - both[1]).max() <= (1e-9 if rel == 1e-10 else 1e-5) * m_scale
+        with one_thread():  # many small runs (as circuit_metrics makes them)
+            for ablation in ABLATIONS:
+                dense, sparse = _rows(prob, ablation, masks)
+                err = float((dense - sparse).abs().max()) / float(dense.abs().max())
+                assert err <= rel, (which, model.name, ablation, err)
+    # the metric through circuit_metrics either way, over two pairs (float64)
+    prob = Problem(_double(lm), pairs, "logit_diff", -1, "mean")
+    masks = _masks(prob, seed=1)
+    both = [circuit_metrics(prob, masks, sparse=s) for s in (True, False)]
+    assert np.abs(both[0] - both[1]).max() <= 1e-9 * max(1.0, float(np.abs(both[1]).max()))
 
 
 def test_only_reached_components_are_computed(tiny_tokenizer, model_2l):
@@ -146,3 +144,85 @@ def test_the_same_circuit_twice_is_run_once(tiny_tokenizer, model_2l):
                           progress=lambda done, total: calls.append((done, total)))
     assert out[0] == out[2] == out[3] and out[1] == out[4]
     assert calls[-1] == (2, 2)
+
+
+@pytest.mark.parametrize("which", ["attn-only-2l", "llama-gqa"])
+def test_answered_pair_reads_the_models_last_logits(which, tiny_tokenizer, model_2l,
+                                                   monkeypatch):
+    """answered_pair unembeds only the last row: the same logits as the model's forward
+    pass, and the same choice as the full logits give, on a pair the model answers (its own
+    top answer on the clean prompt; on the corrupted one, the answer it puts above it)."""
+    from attention_lens.analysis import defaults as D
+
+    lm = _model(which, tiny_tokenizer, model_2l)
+    tok = lm.tokenizer
+    clean, corrupted = "Harry Potter went to the shop, and Harry", \
+        "Harry Potter went to the shop, and Dursley"
+    a, b = tok.encode(clean), tok.encode(corrupted)
+    if len(a) != len(b):  # one length in this tokenizer
+        corrupted = clean[:-5] + "Harry"
+        b = list(a)
+        b[-3] = (b[-3] + 1) % lm.cfg.d_vocab
+        corrupted = tok.decode(b)
+        b = tok.encode(corrupted)
+    assert len(a) == len(b)
+    mine = D._last_logits(lm, [a, b])
+    with torch.no_grad():
+        full = lm.model(torch.tensor([a, b]))[:, -1].double()
+    assert float((mine - full).abs().max()) <= 1e-5 * float(full.abs().max())
+    # answers of one token each that round-trip through the tokenizer
+    order = torch.argsort(full[0], descending=True).tolist()
+    ok = [t for t in order if tok.encode(tok.decode([t])) == [t]]
+    c = ok[0]
+    beats = [t for t in ok[1:] if full[1, t] > full[1, c]]
+    if which != "attn-only-2l":
+        return  # a random model: its logits only
+    assert int(full[0].argmax()) == c and beats
+    w = beats[0]
+    example = ("a test pair", clean, corrupted, tok.decode([c]), tok.decode([w]))
+    monkeypatch.setattr(D, "PAIR_EXAMPLES", (example,))
+    pair = D.answered_pair(lm)
+    assert pair is not None and (pair.correct, pair.wrong) == example[3:]
+    probs = full.softmax(-1)
+    assert f"p = {float(probs[0, c]):.2f} on the clean" in pair.reason
+    # a pair the model does not answer (the wrong answer on top) is passed over
+    monkeypatch.setattr(D, "PAIR_EXAMPLES", ((*example[:3], example[4], example[3]),))
+    assert D.answered_pair(lm) is None
+
+
+def test_the_curve_is_sized_from_sparse_costs(model_2l):
+    """The curve's estimated work counts each circuit at what its sparse run computes: a
+    SmolLM2-shaped model (30 layers of 9 heads, rotary, RMSNorm, SwiGLU; 123,211 edges) at 14
+    tokens gets a curve within the budget, larger than the 6 x 4 the full-run estimate
+    allowed, stated with its work; the shipped model keeps the default 20 x 20."""
+    from attention_lens.analysis.circuit.discovery import (
+        CURVE_FLOP,
+        DEFAULT_RANDOM,
+        DEFAULT_SIZES,
+        curve_runs,
+        curve_size,
+        curve_work,
+    )
+    from attention_lens.analysis.circuit.sparse import masked_run_flop
+    from attention_lens.model import ModelConfig
+
+    smol = ModelConfig(n_layers=30, d_model=576, n_heads=9, d_head=64, n_ctx=2048,
+                       d_vocab=49152, attn_only=False, d_mlp=1536, act_fn="silu",
+                       gated_mlp=True, normalization_type="RMS",
+                       positional_embedding_type="rotary", rotary_base=100000.0)
+    assert edge_graph_edges(smol) == 123_211
+    sizes, rand, work = curve_size(smol, [14])
+    assert work <= CURVE_FLOP and (sizes, rand) != (DEFAULT_SIZES, DEFAULT_RANDOM)
+    assert sizes * (1 + rand) > 6 * (1 + 4)
+    # every circuit costs at most a full run: never above the old estimate
+    for s, r in ((6, 4), (sizes, rand), (20, 20)):
+        assert curve_work(smol, 14, s, r) <= curve_runs(s, r) * masked_run_flop(smol, 14)
+    assert curve_work(smol, 14, 20, 20) > curve_work(smol, 14, 20, 10) > \
+        curve_work(smol, 14, 10, 10)
+    assert curve_size(model_2l.cfg, [128])[:2] == (DEFAULT_SIZES, DEFAULT_RANDOM)
+
+
+def edge_graph_edges(cfg) -> int:
+    from attention_lens.analysis.circuit import edge_graph
+
+    return edge_graph(cfg).n_edges

@@ -18,7 +18,7 @@ import torch
 from ..errors import AnalysisError
 from .graph import EdgeGraph, ProgressFn
 from .scores import ABLATIONS, PairRun, Problem
-from .sparse import SPARSE_SLOWER, SparseRuns, full_run_flop, one_thread, plan, plan_flop
+from .sparse import SparseRuns, one_thread, plan, run_cost
 
 
 def _check_k(k: int, n_edges: int) -> int:
@@ -120,13 +120,12 @@ def _sparse_metrics(p: PairRun, abl: torch.Tensor, masks: np.ndarray, which: np.
     written into ``out``; returns the circuits left for full masked runs and the count of
     runs done."""
     eng = p.engine
-    dense_cost = full_run_flop(eng)
     runs: Optional[SparseRuns] = None
     left = []
     with one_thread():
         for c in which:
             pl = plan(eng, masks[c])
-            if not force and plan_flop(eng, pl) * SPARSE_SLOWER[eng.rotary] >= dense_cost:
+            if not force and not run_cost(eng, pl)[1]:
                 left.append(c)
                 continue
             if runs is None:

@@ -80,7 +80,7 @@ class Plan:
         return int(sum(self.mlp))
 
 
-def plan(engine: EdgeEngine, keep: np.ndarray) -> Plan:
+def plan(engine: Any, keep: np.ndarray) -> Plan:
     """The components a circuit ``keep`` [E] bool computes: those with a kept edge into one
     of their inputs whose output reaches the logits along kept edges."""
     g, H = engine.graph, engine.H
@@ -116,7 +116,37 @@ def plan(engine: EdgeEngine, keep: np.ndarray) -> Plan:
     return Plan(heads=heads, mlp=mlp, attn=attn, mlp_in=mlp_in, logits=logits)
 
 
-def full_run_flop(engine: EdgeEngine) -> float:
+@dataclass(frozen=True)
+class Shape:
+    """What the cost estimates read of an :class:`.graph.EdgeEngine`, without a model: the
+    config, the edge graph and the positions."""
+
+    cfg: Any
+    graph: Any
+    n: int
+
+    @property
+    def H(self) -> int:  # noqa: N802 - as EdgeEngine
+        return int(self.cfg.n_heads)
+
+    @property
+    def rotary(self) -> bool:
+        return self.cfg.positional_embedding_type == "rotary"
+
+    @property
+    def plain(self) -> bool:
+        return not self.cfg.normalization_type
+
+
+def run_cost(engine: Any, p: Plan) -> tuple[float, bool]:
+    """Estimated cost of running plan ``p`` (in floating-point work of a full masked run)
+    and whether a sparse run is the cheaper way."""
+    full = full_run_flop(engine)
+    sparse = plan_flop(engine, p) * SPARSE_SLOWER[bool(engine.rotary)]
+    return min(full, sparse), sparse < full
+
+
+def full_run_flop(engine: Any) -> float:
     """Estimated floating-point work of one full masked run of ``engine`` (one run of a
     batch, from the first layer) as :meth:`.graph.EdgeEngine.run` computes it: its last layer
     scored sender by sender at one row (models without rotary positions), heads that read
@@ -162,7 +192,7 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def plan_flop(engine: EdgeEngine, p: Plan) -> float:
+def plan_flop(engine: Any, p: Plan) -> float:
     """Estimated floating-point work of a sparse run of plan ``p`` (as
     :func:`masked_run_flop` counts it, plus :data:`LAYER_OVERHEAD_FLOP` per busy layer)."""
     cfg, H, n = engine.cfg, engine.H, engine.n
