@@ -180,7 +180,9 @@ def one_thread() -> Iterator[None]:
     sparse run is hundreds of small operations; a pool of threads costs more to wake and
     join for each than it saves, far more on a busy machine (SmolLM2, every edge kept, 2
     busy cores: 0.32 s of CPU a run on one thread, 1.6-3.2 s on two). Results do not depend
-    on the process's thread count either."""
+    on the process's thread count either. (torch also keeps the count as the default of
+    threads that first compute while the block runs; background jobs run in processes of
+    their own.)"""
     before = torch.get_num_threads()
     if not THREAD_LOCAL or before == 1:
         yield
