@@ -149,8 +149,8 @@ def run_cost(engine: Any, p: Plan) -> tuple[float, bool]:
 def full_run_flop(engine: Any) -> float:
     """Estimated floating-point work of one full masked run of ``engine`` (one run of a
     batch, from the first layer) as :meth:`.graph.EdgeEngine.run` computes it: its last layer
-    scored sender by sender at one row (models without rotary positions), heads that read
-    only the input projected twice."""
+    scored sender by sender at one row and heads that read only the input projected once for
+    the whole batch (models without rotary positions)."""
     cfg, g, H, n = engine.cfg, engine.graph, engine.H, engine.n
     d, e, L = cfg.d_model, cfg.d_head, g.n_layers
     mlp_w = (3 if cfg.gated_mlp else 2) * d * (cfg.d_mlp or 0)
