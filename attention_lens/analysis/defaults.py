@@ -301,6 +301,26 @@ PAIR_EXAMPLES = (
 )
 
 
+def _last_logits(lm: LoadedModel, prompts: list[list[int]]) -> torch.Tensor:
+    """The logits at the last position of prompts of one length [b, d_vocab] (float64): the
+    model's blocks on every position, its final norm and unembedding on the last row only,
+    on one thread (a short batch is many small products; see ``one_thread``)."""
+    from .circuit.sparse import one_thread
+
+    model = lm.model
+    with torch.no_grad(), one_thread():
+        tokens = model._as_batch(torch.tensor(prompts, dtype=torch.long))
+        resid = model.embed(tokens)
+        if model.cfg.positional_embedding_type == "standard":
+            resid = resid + model.pos_embed(tokens)
+        for block in model.blocks:
+            resid = block(resid)
+        row = resid[:, -1]
+        if model.cfg.normalization_type:
+            row = model.ln_final(row)
+        return model.unembed(row).double()
+
+
 def answered_pair(lm: LoadedModel, limit: Optional[int] = None) -> Optional[PairChoice]:
     """The first of :data:`PAIR_EXAMPLES` that fits ``lm`` and that it answers: both prompts
     of one length within its context (and ``limit`` tokens), each answer one token, the clean
@@ -318,8 +338,7 @@ def answered_pair(lm: LoadedModel, limit: Optional[int] = None) -> Optional[Pair
         if len(a) > n or any(len(t) != 1 for t in answers):
             continue
         c, w = answers[0][0], answers[1][0]
-        with torch.no_grad():
-            logits = lm.model(torch.tensor([a, b], dtype=torch.long))[:, -1].double()
+        logits = _last_logits(lm, [a, b])
         probs = logits.softmax(-1)
         if int(logits[0].argmax()) != c or not logits[1, w] > logits[1, c]:
             continue

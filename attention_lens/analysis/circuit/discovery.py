@@ -15,6 +15,7 @@ from .. import patching as PT
 from ..errors import AnalysisError
 from .graph import ProgressFn
 from .scores import ABLATIONS, METHODS, EdgeScores, Problem, edge_scores
+from .sparse import masked_run_flop
 from .search import (
     FaithfulnessCurve,
     _check_k,
@@ -32,8 +33,10 @@ DEFAULT_K = 20
 DEFAULT_SIZES, DEFAULT_RANDOM = 20, 20
 #: Most sizes on the curve and random circuits per size.
 MAX_SIZES, MAX_RANDOM = 40, 50
-#: Estimated floating-point work the page's faithfulness curve may take (the curve's size
-#: shrinks from the default until it fits; about a minute on two cores).
+#: Estimated work the page's faithfulness curve may take (:func:`curve_work`; the curve's
+#: size shrinks from the default until it fits). Measured on SmolLM2-135M, IOI pair (14
+#: tokens): the default 20 x 20 curve, estimated 1.2e12, took 119 s of CPU and 405 s on 2
+#: cores busy with other work (load 12); this budget is about half of that.
 CURVE_FLOP = 6e11
 #: The page computes the curve in the circuit's own job below this much work (estimated);
 #: above it, as a second job once the circuit is drawn.
@@ -243,45 +246,66 @@ def curve_csv(curve: FaithfulnessCurve) -> str:
     return buf.getvalue()
 
 
-def masked_run_flop(cfg: Any, n: int) -> float:
-    """Estimated floating-point work of one masked run over the edge graph on ``n``
-    positions: every receiver's input formed from its senders, normalised and projected,
-    each head's attention and each MLP."""
-    from .graph import edge_graph
-
-    g = edge_graph(cfg)
-    H, d, e = cfg.n_heads, cfg.d_model, cfg.d_head
-    work = 0.0
-    for layer in range(cfg.n_layers):
-        U = g.upstream_attn(layer)
-        work += 3 * H * n * (U * d + d * e) + 2 * H * n * n * e + H * n * e * d
-        if g.has_mlp:
-            work += n * (g.upstream_mlp(layer) * d + (3 if cfg.gated_mlp else 2)
-                         * d * (cfg.d_mlp or 0))
-    return 2.0 * work
-
-
 def curve_runs(n_sizes: int, n_random: int, n_ablations: int = len(ABLATIONS)) -> int:
     """Masked runs of a faithfulness curve: full, empty, each size and its random circuits,
     under each ablation."""
     return n_ablations * (2 + n_sizes * (1 + n_random))
 
 
+def curve_work(cfg: Any, n: int, n_sizes: int, n_random: int,
+               n_ablations: int = len(ABLATIONS), _costs: Optional[dict] = None) -> float:
+    """Estimated work of a faithfulness curve on ``n`` positions (in floating-point work of
+    full masked runs, see :func:`.sparse.run_cost`): per ablation the empty run that sparse
+    runs read from, the full circuit, and each size's circuit and random circuits, each
+    costed as a seeded random circuit of that many edges would be run (a circuit pruned to
+    paths, or of fewer edges, computes no more components); the random circuits of every
+    edge are the full circuit, run once."""
+    from .graph import edge_graph
+    from .search import curve_ks
+    from .sparse import Shape, full_run_flop, plan, run_cost
+
+    shape = Shape(cfg, edge_graph(cfg), n)
+    E = shape.graph.n_edges
+    full = full_run_flop(shape)
+    costs = _costs if _costs is not None else {}
+    work = 2 * full  # the empty run (read by every sparse run) and the full circuit
+    for k in curve_ks(E, n_sizes):
+        k = int(k)
+        if k >= E:
+            continue
+        if k not in costs:
+            keep = np.zeros(E, dtype=bool)
+            keep[np.random.default_rng(k).choice(E, size=k, replace=False)] = True
+            costs[k] = run_cost(shape, plan(shape, keep))[0]
+        work += (1 + n_random) * costs[k]
+    return n_ablations * work
+
+
 def curve_size(cfg: Any, n_tokens: Sequence[int], budget: float = CURVE_FLOP
                ) -> tuple[int, int, float]:
     """Sizes and random circuits per size of the page's faithfulness curve, sized from the
     model's cost: the defaults (:data:`DEFAULT_SIZES` x :data:`DEFAULT_RANDOM`) when they fit
-    ``budget`` (estimated floating-point work), else fewer random circuits, then fewer sizes
-    (down to :data:`MIN_SIZES` x :data:`MIN_RANDOM`). Returns (sizes, random, work)."""
-    per = sum(masked_run_flop(cfg, n) for n in n_tokens)
+    ``budget`` (estimated work, :func:`curve_work`), else fewer random circuits, then fewer
+    sizes (down to :data:`MIN_SIZES` x :data:`MIN_RANDOM`). Returns (sizes, random, work)."""
+    key = (repr(cfg), tuple(n_tokens), budget)
+    if key in _SIZED:
+        return _SIZED[key]
+    costs: dict[int, dict] = {n: {} for n in n_tokens}
+
+    def work(sizes: int, rand: int) -> float:
+        return sum(curve_work(cfg, n, sizes, rand, _costs=costs[n]) for n in n_tokens)
+
     sizes, rand = DEFAULT_SIZES, DEFAULT_RANDOM
-    while curve_runs(sizes, rand) * per > budget and (sizes > MIN_SIZES or
-                                                       rand > MIN_RANDOM):
+    while work(sizes, rand) > budget and (sizes > MIN_SIZES or rand > MIN_RANDOM):
         if rand > MIN_RANDOM and (rand >= sizes or sizes <= MIN_SIZES):
             rand -= 1
         else:
             sizes -= 1
-    return sizes, rand, curve_runs(sizes, rand) * per
+    _SIZED[key] = (sizes, rand, work(sizes, rand))
+    return _SIZED[key]
+
+
+_SIZED: dict[tuple, tuple[int, int, float]] = {}
 
 
 def add_curve(lm: LoadedModel, pairs: Sequence[PT.PromptPair], disc: CircuitDiscovery, *,

@@ -17,7 +17,8 @@ import torch
 
 from ..errors import AnalysisError
 from .graph import EdgeGraph, ProgressFn
-from .scores import ABLATIONS, Problem
+from .scores import ABLATIONS, PairRun, Problem
+from .sparse import SparseRuns, one_thread, plan, run_cost
 
 
 def _check_k(k: int, n_edges: int) -> int:
@@ -66,28 +67,74 @@ def circuit(graph: EdgeGraph, scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def circuit_metrics(prob: Problem, masks: np.ndarray, ablation: Optional[str] = None,
-                    progress: Optional[ProgressFn] = None, start: int = 0) -> np.ndarray:
+                    progress: Optional[ProgressFn] = None, start: int = 0,
+                    sparse: Optional[bool] = None) -> np.ndarray:
     """Mean metric over the pairs of the clean runs with every edge outside each circuit
     ablated: masks [C, E] bool -> [C]. ``start``: every edge into layers before it is kept,
-    so the runs begin there from the clean run."""
+    so the runs begin there from the clean run.
+
+    From the first layer (``start`` 0) a circuit is run sparsely (see :mod:`.sparse`: only
+    the components its kept edges reach are computed) where that is estimated to cost less
+    than the full masked run, and the same circuit twice is run once; ``sparse`` True or
+    False forces one way (the results agree to float rounding, tested)."""
     masks = np.asarray(masks, dtype=bool)
     out = np.zeros((len(prob.pairs), len(masks)))
-    total, done = len(masks) * len(prob.pairs), 0
+    g = prob.graph
+    # the same circuit twice (e.g. random circuits of every edge, or the full circuit) is
+    # run once
+    first: dict[bytes, int] = {}
+    copies = []
+    for c, keep in enumerate(masks):
+        src = first.setdefault(np.packbits(keep).tobytes(), c)
+        if src != c:
+            copies.append((c, src))
+    unique = np.array(sorted(first.values()), dtype=int)
+    total, done = len(unique) * len(prob.pairs), 0
     with torch.no_grad():
         for i, p in enumerate(prob.pairs):
             abl = prob.ablated(p, ablation)
             chunk = prob.batch_size(p)
-            for j in range(0, len(masks), chunk):
-                m = torch.as_tensor(masks[j:j + chunk], dtype=p.clean_acts.dtype)
+            todo = unique
+            if start == 0 and sparse is not False:
+                todo, done = _sparse_metrics(p, abl, masks, unique, out[i], bool(sparse),
+                                             progress, done, total)
+            for j in range(0, len(todo), chunk):
+                ids = todo[j:j + chunk]
+                m = torch.as_tensor(masks[ids], dtype=p.clean_acts.dtype)
                 x = p.clean_acts[0].expand(len(m), -1, -1)
-                U = (prob.graph.upstream_attn(start) if start < prob.graph.n_layers
-                     else prob.graph.n_senders)
+                U = g.upstream_attn(start) if start < g.n_layers else g.n_senders
                 rows = p.engine.run(x, abl, m, start=start, prefix=p.clean_acts[:U])
-                out[i, j:j + len(m)] = p.of_rows(rows).double().numpy()
+                out[i, ids] = p.of_rows(rows).double().numpy()
                 done += len(m)
                 if progress:
                     progress(done, total)
+    for c, src in copies:
+        out[:, c] = out[:, src]
     return out.mean(0)
+
+
+def _sparse_metrics(p: PairRun, abl: torch.Tensor, masks: np.ndarray, which: np.ndarray,
+                    out: np.ndarray, force: bool, progress: Optional[ProgressFn], done: int,
+                    total: int) -> tuple[np.ndarray, int]:
+    """Metrics of the circuits ``which`` that cost less run sparsely (all when ``force``),
+    written into ``out``; returns the circuits left for full masked runs and the count of
+    runs done."""
+    eng = p.engine
+    runs: Optional[SparseRuns] = None
+    left = []
+    with one_thread():
+        for c in which:
+            pl = plan(eng, masks[c])
+            if not force and not run_cost(eng, pl)[1]:
+                left.append(c)
+                continue
+            if runs is None:
+                runs = SparseRuns(eng, p.clean_acts[0], abl)
+            out[c] = float(p.of_rows(runs.run(masks[c], pl)[None]).double()[0])
+            done += 1
+            if progress:
+                progress(done, total)
+    return np.array(left, dtype=int), done
 
 
 @dataclass(frozen=True)
