@@ -267,3 +267,15 @@ def test_titles_wrap_and_sit_below_the_toolbar():
                                         textfont=dict(color="#ffffff"))), "light")
     assert light.layout.template.layout.paper_bgcolor == "#ffffff"
     assert light.data[0].textfont.color == "#000000"
+
+
+def test_answered_pair_is_computed_once_per_model_and_limit(model_2l, tiny, monkeypatch):
+    calls = []
+    real = D._answered_pair
+    monkeypatch.setattr(D, "_answered_pair", lambda lm, limit: calls.append(limit) or
+                        real(lm, limit))
+    first = D.answered_pair(model_2l, limit=77)
+    assert D.answered_pair(model_2l, limit=77) is first and calls == [77]
+    D.answered_pair(model_2l, limit=78)
+    D.answered_pair(tiny, limit=77)  # another model: its own answer
+    assert calls == [77, 78, 77]

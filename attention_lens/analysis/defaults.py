@@ -9,6 +9,8 @@ last position are the fallbacks. Every choice carries a sentence saying why.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -347,11 +349,30 @@ PAIR_EXAMPLES = (
 )
 
 
+#: :func:`answered_pair`'s answers, per model object (freed with it) and limit: pages that
+#: open on the pair ask on every visit, and each answer costs two forward passes.
+_ANSWERED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+_ANSWERED_LOCK = threading.Lock()
+
+
 def answered_pair(lm: LoadedModel, limit: Optional[int] = None) -> Optional[PairChoice]:
     """The first of :data:`PAIR_EXAMPLES` that fits ``lm`` and that it answers: both prompts
     of one length within its context (and ``limit`` tokens), each answer one token, the clean
     prompt's top prediction the correct answer and the corrupted prompt's logit of the wrong
-    answer above the correct one's (the corruption flips the answer). None when none does."""
+    answer above the correct one's (the corruption flips the answer). None when none does.
+    Computed once per model and limit."""
+    key = (lm.name, limit)
+    with _ANSWERED_LOCK:
+        memo = _ANSWERED.setdefault(lm.model, {})
+        if key in memo:
+            return memo[key]
+    pair = _answered_pair(lm, limit)
+    with _ANSWERED_LOCK:
+        memo[key] = pair
+    return pair
+
+
+def _answered_pair(lm: LoadedModel, limit: Optional[int]) -> Optional[PairChoice]:
     from .patching import pair_tokens  # patching's own checks of a pair
 
     n = min(lm.cfg.n_ctx, limit or lm.cfg.n_ctx)
