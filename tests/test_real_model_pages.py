@@ -77,11 +77,19 @@ def _pages():
     return [s.page for s in P.declared_pages()]
 
 
-@pytest.mark.parametrize("text", [PARIS, IOI], ids=["paris", "ioi"])
+#: The prompt length the second-visit target is stated at.
+LONG = 128
+
+
+@pytest.mark.parametrize("text", [PARIS, IOI, LONG], ids=["paris", "ioi", f"{LONG}-tokens"])
 @pytest.mark.parametrize("page_name", _pages())
 def test_every_page_draws_on_smollm2_and_its_second_visit_is_quick(app, lm, page_name, text):
+    from attention_lens.bench import flow_prompt
     from attention_lens.components import page as P
 
+    if text == LONG:  # a distinct prompt of exactly LONG tokens
+        text = flow_prompt(lm, LONG, variant=7)
+        assert len(lm.tokenizer.encode(text)) == LONG
     spec = P.spec_of(page_name)
     state = {"model": lm.name, "text": text, "pos": None, "src": "url"}
     first = spec.render(state)  # the main callback, then its background job if it asked

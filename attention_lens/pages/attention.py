@@ -104,7 +104,7 @@ def panels(ctx: P.PageContext, query: dict) -> list[Any]:
     best = ctx.registry.per_prompt(fp, "strongest_head", lambda: strongest_head(lm, fp))
     layer, head = chosen_head(best, query)
     one = attention_pattern(lm, fp, layer=layer, head=head)
-    every = attention_patterns(lm, fp)
+    every = ctx.registry.per_prompt(fp, "attention_patterns", lambda: attention_patterns(lm, fp))
     out = [P.Html("choice", choice_text(best, query)), P.Html("ranking", ranking_panel(best)),
            P.Panel("pattern", attention_figure(one), one),
            P.Panel("all-heads", attention_grid_figure(every, grid_layers(lm, layer),
