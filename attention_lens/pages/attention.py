@@ -37,8 +37,8 @@ attribution to it (its output $\cdot\, W_U[:, t]$ through the final normalisatio
 scale, as on the Attribution page): if the token occurs earlier in the prompt, among the
 heads attending there to it with weight $\ge A_MIN$ (a copying head, e.g. a name mover);
 else among all heads (on a fact such as "The capital of France is", the head writing the
-answer, which often reads the subject). Otherwise the model card's strongest induction head, else the strongest
-previous-token head on the prompt. The sentence under the title says which, and the
+answer, which often reads the subject). Otherwise the model card's strongest induction
+head, else the strongest previous-token head on the prompt. The sentence under the title says which, and the
 strongest heads by the same score are listed beside the figure.
 
 The grid shows every head at once (rows: layers, columns: heads); **click a thumbnail**
