@@ -180,11 +180,56 @@ def test_defaults_on_the_shipped_prompt(model_2l, registry):
 
 def test_defaults_without_repeats_fall_back(model_2l, registry):
     fp = registry.forward("The quick brown fox jumps over the lazy dog.", MODEL)
+    # the model is unsure of the next token: no head is shown for writing it
+    assert float(fp.logits[-1].double().softmax(-1).max()) < D.COPY_MIN_PROB
     head = D.strongest_head(model_2l, fp)
     assert head.kind == "card" and (head.layer, head.head) == (1, 5)
     where = D.focus_position(fp)
     assert where.position == fp.n_tokens - 1 and where.target_id is None
     assert D.chosen_position(fp, 3).target_id == int(fp.token_ids[4])
+
+
+def _head_dla(lm, fp, target: int) -> np.ndarray:
+    """[L, H] each head's output at the last position (its z through W_O) dotted with
+    W_U[:, target], centred and divided by the final LayerNorm's scale of the real pass
+    (MATH.md's direct logit attribution), from the cache's hook_z."""
+    model, n = lm.model, fp.n_tokens
+    direction = model.W_U[:, target].detach().double()
+    norm = lm.cfg.normalization_type
+    if norm:
+        direction = model.ln_final.w.detach().double() * direction
+        scale = float(fp.cache["ln_final.hook_scale"][n - 1])
+    out = np.zeros((lm.cfg.n_layers, lm.cfg.n_heads))
+    for layer in range(lm.cfg.n_layers):
+        z = fp.cache[f"blocks.{layer}.attn.hook_z"][n - 1].double()  # [H, d_head]
+        res = torch.einsum("hd,hdm->hm", z, model.blocks[layer].attn.W_O.detach().double())
+        if norm == "LN":
+            res = res - res.mean(-1, keepdim=True)
+        out[layer] = ((res / scale) if norm else res) @ direction
+    return out
+
+
+def test_defaults_on_a_confident_prediction_show_the_head_that_writes_it(model_2l, registry):
+    """A prompt that does not repeat itself but whose next token the model is confident of:
+    the head with the largest direct logit attribution to it at the last position, not the
+    model card's induction head (which shows nothing on such a prompt)."""
+    fp = registry.forward("The capital of France is", MODEL)
+    probs = fp.logits[-1].double().softmax(-1)
+    top = int(probs.argmax())
+    assert not D.repeats(fp.token_ids) and float(probs[top]) >= D.COPY_MIN_PROB
+    assert top not in set(fp.token_ids.tolist())  # nothing to copy
+    head = D.strongest_head(model_2l, fp)
+    dla = _head_dla(model_2l, fp, top)
+    best = np.unravel_index(int(np.argmax(dla)), dla.shape)
+    assert head.kind == "writer" and (head.layer, head.head) == tuple(int(i) for i in best)
+    assert head.score == pytest.approx(float(dla[best]), rel=1e-6) and head.score > 0
+    assert "writes most directly toward the predicted" in head.reason
+    assert [r[:2] for r in head.ranking] == [
+        tuple(int(i) for i in np.unravel_index(k, dla.shape))
+        for k in np.argsort(-dla.ravel(), kind="stable")[:D.N_RANKED]]
+    # the sentence names the token it reads most from the last position
+    row = fp.cache[f"blocks.{head.layer}.attn.hook_pattern"][head.head, -1]
+    assert f"'{fp.display[int(row.argmax())]}'" in head.reason or "itself" in head.reason
 
 
 def test_head_sweep_equals_single_ablations(tiny):
@@ -222,3 +267,15 @@ def test_titles_wrap_and_sit_below_the_toolbar():
                                         textfont=dict(color="#ffffff"))), "light")
     assert light.layout.template.layout.paper_bgcolor == "#ffffff"
     assert light.data[0].textfont.color == "#000000"
+
+
+def test_answered_pair_is_computed_once_per_model_and_limit(model_2l, tiny, monkeypatch):
+    calls = []
+    real = D._answered_pair
+    monkeypatch.setattr(D, "_answered_pair", lambda lm, limit: calls.append(limit) or
+                        real(lm, limit))
+    first = D.answered_pair(model_2l, limit=77)
+    assert D.answered_pair(model_2l, limit=77) is first and calls == [77]
+    D.answered_pair(model_2l, limit=78)
+    D.answered_pair(tiny, limit=77)  # another model: its own answer
+    assert calls == [77, 78, 77]

@@ -130,6 +130,33 @@ def test_graph_page_draws_the_default_prompts_graph(server):
                for color, text in alerts), alerts
 
 
+def test_graph_page_second_visit_draws_the_same_figure_from_the_cache(server, monkeypatch):
+    """A second visit copies the figure built on the first (the page styles it in place, so
+    each visit gets its own) and does not build it again; both equal a fresh build."""
+    from attention_lens.figures.graph import graph_figure
+    from attention_lens.figures.theme import styled
+    from attention_lens.pages import graph as G
+
+    spec = P.spec_of("graph")
+    state = {**STATE, "text": PROMPT, "theme": "light"}
+    first = spec.render(state, compute=False, node="70")
+    built = []
+    monkeypatch.setattr(G, "graph_figure", lambda view: built.append(view) or graph_figure(view))
+    again = spec.render(state, compute=False, node="70")
+    other = spec.render({**state, "theme": "dark"}, compute=False, node="70")
+    assert built == []
+    assert first.figures["graph"] is not again.figures["graph"]
+    ctx = P.PageContext(state)
+    q, _ = spec.query({"node": "70"}, spec.config(state["model"]))
+    explained, _ = G.view_of(ctx, q)
+    fresh = styled(graph_figure(explained.view), "light")
+    for d in (first, again):
+        assert d.figures["graph"].to_plotly_json() == fresh.to_plotly_json()
+    assert other.figures["graph"].to_plotly_json() == styled(graph_figure(explained.view),
+                                                             "dark").to_plotly_json()
+    assert first.notes == again.notes
+
+
 def test_graph_page_runs_big_graphs_as_a_job(server, monkeypatch):
     from attention_lens.analysis import declare
 

@@ -437,3 +437,31 @@ def test_heads_upload_messages(dash_duo, registry, tmp_path, bg):
     wait(dash_duo, "(document.getElementById('heads-alerts') || {}).textContent !== undefined"
                    " && document.body.textContent.includes('uploaded')", what="a note")
     assert [e for e in dash_duo.get_logs() or [] if e.get("level") == "SEVERE"] == []
+
+
+def test_heads_page_second_visit_reuses_the_heads_examples(tmp_path, monkeypatch):
+    """/heads' examples (a forward pass of their windows each) are kept with the model's
+    weight analyses: a second visit shows the same examples without running them again."""
+    from conftest import restored_background
+
+    from attention_lens.components import page as P
+    from attention_lens.components.shell import DEFAULT_PROMPT
+    from attention_lens.server import ServerConfig, create_server
+
+    with restored_background():
+        create_server(ServerConfig(cache_size=4, cache_dir=str(tmp_path)))
+        from attention_lens.pages import heads as page
+
+        state = {"model": "attn-only-2l", "text": DEFAULT_PROMPT, "pos": None}
+        spec = P.spec_of("heads")
+        first = spec.render(state)
+        assert first.errors == [] and first.drew
+        runs = []
+        real = page.head_examples
+        monkeypatch.setattr(page, "head_examples", lambda *a, **k: runs.append(a) or real(*a, **k))
+        again = spec.render(state)
+        assert runs == [] and again.errors == []
+        assert str(again.extras["examples"]) == str(first.extras["examples"])
+        assert "top 5 windows" in str(again.extras["examples"])
+        other = spec.render(state, layer=0, head=1)  # another head: its own examples
+        assert len(runs) == 2 and "L0H1: top" in str(other.extras["examples"])

@@ -77,11 +77,19 @@ def _pages():
     return [s.page for s in P.declared_pages()]
 
 
-@pytest.mark.parametrize("text", [PARIS, IOI], ids=["paris", "ioi"])
+#: The prompt length the second-visit target is stated at.
+LONG = 128
+
+
+@pytest.mark.parametrize("text", [PARIS, IOI, LONG], ids=["paris", "ioi", f"{LONG}-tokens"])
 @pytest.mark.parametrize("page_name", _pages())
 def test_every_page_draws_on_smollm2_and_its_second_visit_is_quick(app, lm, page_name, text):
+    from attention_lens.bench import flow_prompt
     from attention_lens.components import page as P
 
+    if text == LONG:  # a distinct prompt of exactly LONG tokens
+        text = flow_prompt(lm, LONG, variant=7)
+        assert len(lm.tokenizer.encode(text)) == LONG
     spec = P.spec_of(page_name)
     state = {"model": lm.name, "text": text, "pos": None, "src": "url"}
     first = spec.render(state)  # the main callback, then its background job if it asked
@@ -142,6 +150,35 @@ def test_attention_default_head_is_a_telling_choice(app, lm):
                 best, best_value = (layer, h), float(dla[h])
     assert best is not None and best_value > 0
     assert f"L{best[0]}H{best[1]}: the head that writes most directly toward" in said, said
+
+
+def test_attention_default_head_on_a_fact_writes_the_answer(app, lm):
+    """On "The capital of France is" (" Paris", nothing to copy) /attention opens on the head
+    whose output at the last position has the largest direct logit attribution to " Paris"
+    (recomputed here from its output), and that head reads " France" from there: not a
+    previous-token head."""
+    from attention_lens.analysis.attention import head_results
+    from attention_lens.components import page as P
+
+    state = {"model": lm.name, "text": PARIS, "pos": None, "src": "url"}
+    d = P.spec_of("attention").render(state)
+    assert d.errors == []
+    said = str(d.extras["choice"])
+    fp = P.forward(state)
+    n, paris = fp.n_tokens, lm.tokenizer.encode(" Paris")[0]
+    assert int(fp.logits[-1].argmax()) == paris and paris not in fp.token_ids.tolist()
+    model = lm.model
+    final = fp.cache["ln_final.hook_scale"][n - 1].double()
+    direction = model.ln_final.w.detach().double() * model.W_U[:, paris].detach().double()
+    dla = np.stack([((head_results(lm, fp, layer)[n - 1].double() / final) @ direction).numpy()
+                    for layer in range(lm.cfg.n_layers)])
+    layer, head = (int(i) for i in np.unravel_index(int(np.argmax(dla)), dla.shape))
+    assert dla[layer, head] > 0
+    assert f"Showing L{layer}H{head}: the head that writes most directly toward" in said, said
+    row = fp.cache[f"blocks.{layer}.attn.hook_pattern"][head, n - 1]
+    france = fp.display.index("·France")
+    assert int(row.argmax()) == france and float(row[france]) >= 0.5
+    assert "'·France' at position" in said, said
 
 
 def test_patching_opens_on_the_ioi_pair_the_model_answers(app, lm):

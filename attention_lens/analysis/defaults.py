@@ -9,6 +9,8 @@ last position are the fallbacks. Every choice carries a sentence saying why.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -39,8 +41,8 @@ class HeadChoice:
     Attributes:
         layer: the chosen head's layer.
         head: its index in the layer.
-        kind: what chose it: "induction", "copying" or "previous_token" (scores on this
-            prompt),
+        kind: what chose it: "induction", "copying", "writer" or "previous_token" (scores
+            on this prompt),
             "card" (the model card's strongest induction head on the probe) or "first".
         score: the chosen head's score on this prompt (None for "card" and "first").
         reason: a sentence saying why this head is shown.
@@ -116,9 +118,11 @@ def strongest_head(lm: LoadedModel, fp: ForwardPass) -> HeadChoice:
     """The head that shows what this prompt shows best.
 
     A prompt that repeats itself: the head with the highest induction score on it
-    (averaged over the query rows that have a target). Otherwise the model card's
-    strongest induction head on the probe, else the strongest previous-token head on the
-    prompt.
+    (averaged over the query rows that have a target). Otherwise, when the model's next
+    token is confident: the copying head (:func:`copying_head`) if that token occurs earlier
+    in the prompt, else the head writing most directly toward it (:func:`writer_head`).
+    Otherwise the model card's strongest induction head on the probe, else the strongest
+    previous-token head on the prompt.
     """
     if repeats(fp.token_ids):
         scores = prompt_head_scores(lm, fp, "induction", rows="target")
@@ -131,6 +135,9 @@ def strongest_head(lm: LoadedModel, fp: ForwardPass) -> HeadChoice:
     copying = copying_head(lm, fp)
     if copying is not None:
         return copying
+    writer = writer_head(lm, fp)
+    if writer is not None:
+        return writer
     prev = prompt_head_scores(lm, fp, "previous_token", rows="target") \
         if fp.n_tokens > 1 else np.zeros((lm.cfg.n_layers, lm.cfg.n_heads))
     card = card_head(lm)
@@ -152,8 +159,9 @@ def strongest_head(lm: LoadedModel, fp: ForwardPass) -> HeadChoice:
                       ())
 
 
-#: A prompt "copies" when the model's top next token at the last position has at least this
-#: probability and occurs earlier in the prompt ...
+#: The model is confident of its next token at the last position when its top token has at
+#: least this probability; a prompt "copies" when, besides, that token occurs earlier in it
+#: ...
 COPY_MIN_PROB = 0.3
 #: ... and the head writing most directly toward it attends from the last position to its
 #: earlier copies with at least this weight (a copying head, e.g. a name mover).
@@ -191,6 +199,46 @@ def copying_head(lm: LoadedModel, fp: ForwardPass) -> Optional[HeadChoice]:
                       f"attribution {value:+.2f}) while attending to its earlier copy at "
                       f"position {int(earlier[-1])} (weight {float(att[layer, head]):.2f}): "
                       "it copies the token from the prompt", ranking)
+
+
+def _top_prediction(fp: ForwardPass) -> tuple[int, float]:
+    """The model's top next token at the last position and its probability."""
+    probs = fp.logits[fp.n_tokens - 1].double().softmax(-1)
+    top = int(probs.argmax())
+    return top, float(probs[top])
+
+
+def writer_head(lm: LoadedModel, fp: ForwardPass) -> Optional[HeadChoice]:
+    """On a prompt whose next token the model is confident of (p >= :data:`COPY_MIN_PROB`,
+    e.g. " Paris" after "The capital of France is"), the head whose output at the last
+    position has the largest direct logit attribution to that token (MATH.md: the head's
+    output dotted with W_U[:, token], through the final normalisation's scale of the real
+    forward pass): the head that most directly writes the prediction. Its reason names the
+    token it attends to most from the last position (on a fact, often the subject). None
+    when the model is not confident or no head writes toward its prediction."""
+    from .attribution import logit_attribution  # imports this module's neighbours
+
+    n = fp.n_tokens
+    if n < 2:
+        return None
+    top, p = _top_prediction(fp)
+    if p < COPY_MIN_PROB:
+        return None
+    dla = logit_attribution(lm, fp, target=top, position=n - 1).heads  # [L, H]
+    ranking = _ranked(dla)
+    if not ranking or ranking[0][2] <= 0:
+        return None
+    layer, head, value = ranking[0]
+    row = fp.cache[f"blocks.{layer}.attn.hook_pattern"][head, n - 1].double().numpy()
+    key = int(np.argmax(row))
+    where = (f"it attends most to '{fp.display[key]}' at position {key} "
+             f"(weight {float(row[key]):.2f})" if key < n - 1 else
+             f"it attends most to the last token itself (weight {float(row[key]):.2f})")
+    word = lm.tokenizer.display(top)
+    return HeadChoice(layer, head, "writer", value,
+                      f"L{layer}H{head}: the head that writes most directly toward the "
+                      f"predicted '{word}' (p = {p:.2f}; direct logit attribution {value:+.2f} "
+                      f"at the last position); from there {where}", ranking)
 
 
 def focus_position(fp: ForwardPass) -> PositionChoice:
@@ -321,11 +369,30 @@ def _last_logits(lm: LoadedModel, prompts: list[list[int]]) -> torch.Tensor:
         return model.unembed(row).double()
 
 
+#: :func:`answered_pair`'s answers, per model object (freed with it) and limit: pages that
+#: open on the pair ask on every visit, and each answer costs two forward passes.
+_ANSWERED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+_ANSWERED_LOCK = threading.Lock()
+
+
 def answered_pair(lm: LoadedModel, limit: Optional[int] = None) -> Optional[PairChoice]:
     """The first of :data:`PAIR_EXAMPLES` that fits ``lm`` and that it answers: both prompts
     of one length within its context (and ``limit`` tokens), each answer one token, the clean
     prompt's top prediction the correct answer and the corrupted prompt's logit of the wrong
-    answer above the correct one's (the corruption flips the answer). None when none does."""
+    answer above the correct one's (the corruption flips the answer). None when none does.
+    Computed once per model and limit."""
+    key = (lm.name, limit)
+    with _ANSWERED_LOCK:
+        memo = _ANSWERED.setdefault(lm.model, {})
+        if key in memo:
+            return memo[key]
+    pair = _answered_pair(lm, limit)
+    with _ANSWERED_LOCK:
+        memo[key] = pair
+    return pair
+
+
+def _answered_pair(lm: LoadedModel, limit: Optional[int]) -> Optional[PairChoice]:
     from .patching import pair_tokens  # patching's own checks of a pair
 
     n = min(lm.cfg.n_ctx, limit or lm.cfg.n_ctx)

@@ -9,7 +9,8 @@ from dash import ALL, Input, Output, State, callback, clientside_callback, html
 from dash.exceptions import PreventUpdate
 
 from ..analysis.attention import attention_pattern, attention_patterns
-from ..analysis.defaults import HeadChoice, strongest_head
+from ..analysis.defaults import COPY_MIN_ATTENTION, COPY_MIN_PROB, HeadChoice, strongest_head
+from .. import registry as registry_module
 from ..components import page as P
 from ..components import shell
 from ..components.controls import Int, parse_all
@@ -30,20 +31,27 @@ is masked (a token cannot see the future). Hover reads "query ← key: weight".
 With no layer and head in the link, the page opens on the head that shows what the
 prompt shows: on a prompt that repeats itself, the strongest induction head on it (the
 induction score averaged over the query rows that have an earlier copy, as on the
-Induction page); otherwise the model card's strongest induction head. The sentence under
-the title says which, and the strongest heads are listed beside the figure.
+Induction page). Otherwise, when the model is confident of its next token
+($p \ge P_MIN$), the head whose output at the last position has the largest direct logit
+attribution to it (its output $\cdot\, W_U[:, t]$ through the final normalisation's
+scale, as on the Attribution page): if the token occurs earlier in the prompt, among the
+heads attending there to it with weight $\ge A_MIN$ (a copying head, e.g. a name mover);
+else among all heads (on a fact such as "The capital of France is", the head writing the
+answer, which often reads the subject). Otherwise the model card's strongest induction
+head, else the strongest previous-token head on the prompt. The sentence under the title says which, and the
+strongest heads by the same score are listed beside the figure.
 
 The grid shows every head at once (rows: layers, columns: heads); **click a thumbnail**
 to open it above (the grid outlines the head shown). A previous-token head lights up the
 sub-diagonal $A_{i,i-1}$; an induction head, on a repeated phrase, attends to the token
 *after* the earlier copy of the current token. Entropy $H_i = -\sum_j A_{ij}\ln A_{ij}$
 per row, averaged over queries, is low for focused heads and $\ln(i+1)$ for uniform attention.
-"""
+""".replace("P_MIN", f"{COPY_MIN_PROB:g}").replace("A_MIN", f"{COPY_MIN_ATTENTION:g}")
 
 CONTROLS = [Int("layer", None, 0, hi=lambda cfg: cfg.n_layers - 1, label="layer",
                 placeholder="auto"),
             Int("head", None, 0, hi=lambda cfg: cfg.n_heads - 1, label="head",
-                placeholder="strongest induction head")]
+                placeholder="auto")]
 
 
 def chosen_head(best: HeadChoice, query: dict) -> tuple[int, int]:
@@ -69,7 +77,8 @@ def ranking_panel(best: HeadChoice) -> Any:
         return None
     what = {"induction": "induction", "previous_token": "previous-token",
             "card": "previous-token", "first": "",
-            "copying": "copying (direct logit attribution to the predicted token)"
+            "copying": "copying (direct logit attribution to the predicted token)",
+            "writer": "writing (direct logit attribution to the predicted token)"
             }[best.kind]
     items = [html.Li([dbc.Button(f"L{la}H{h}", id={"type": RANK, "layer": la, "head": h},
                                  color="link", size="sm", n_clicks=0,
@@ -92,10 +101,10 @@ def panels(ctx: P.PageContext, query: dict) -> list[Any]:
     """Which head and why, its pattern, the grid of every head (the shown one outlined), the
     entropy per head; switching head leaves the entropy as drawn."""
     lm, fp = ctx.model, ctx.forward
-    best = strongest_head(lm, fp)
+    best = ctx.registry.per_prompt(fp, "strongest_head", lambda: strongest_head(lm, fp))
     layer, head = chosen_head(best, query)
     one = attention_pattern(lm, fp, layer=layer, head=head)
-    every = attention_patterns(lm, fp)
+    every = ctx.registry.per_prompt(fp, "attention_patterns", lambda: attention_patterns(lm, fp))
     out = [P.Html("choice", choice_text(best, query)), P.Html("ranking", ranking_panel(best)),
            P.Panel("pattern", attention_figure(one), one),
            P.Panel("all-heads", attention_grid_figure(every, grid_layers(lm, layer),
@@ -162,6 +171,8 @@ def select_head(grid_click: Optional[dict], entropy_click: Optional[dict],
     row, head = divmod(int(point["curveNumber"]), lm.cfg.n_heads)
     query, _ = parse_all(CONTROLS, {"layer": layer, "head": None}, lm.cfg)
     if query["layer"] is None:
-        query["layer"] = strongest_head(lm, P.forward(state)).layer
+        fp = P.forward(state)
+        query["layer"] = registry_module.current().per_prompt(
+            fp, "strongest_head", lambda: strongest_head(lm, fp)).layer
     layers = grid_layers(lm, query["layer"])
     return (row if layers is None else layers[row]), head

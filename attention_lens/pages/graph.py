@@ -6,6 +6,7 @@ import json
 from typing import Any, Optional
 
 import dash_bootstrap_components as dbc
+import plotly.graph_objects as go
 from dash import Input, Output, State, callback, clientside_callback, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
@@ -109,7 +110,8 @@ def view_of(ctx: P.PageContext, query: dict) -> tuple[ExplainedGraph, list[str]]
     pos = query["pos"]  # the URL's pos: a token pinned on /tokens reaches this page too
     if pos is None:
         reach = largest_position(lm.cfg, fp.n_tokens)
-        pos = default_position(fp, reach)
+        pos = ctx.registry.per_prompt(fp, ("graph-default-position", reach),
+                                      lambda: default_position(fp, reach))
         notes.append(f"Position {pos} {fp.display[pos]!r}: where the model copies the next "
                      "token from earlier in the prompt most confidently (set a position to "
                      "explain another).")
@@ -119,6 +121,18 @@ def view_of(ctx: P.PageContext, query: dict) -> tuple[ExplainedGraph, list[str]]
     if not -fp.n_tokens <= pos < fp.n_tokens:
         raise AnalysisError(f"position {pos} is outside the prompt: it has {fp.n_tokens} tokens")
     return ctx.run(GRAPH, query, position=pos, truncate=True), notes
+
+
+def drawn(ctx: P.PageContext, query: dict, explained: ExplainedGraph) -> tuple[go.Figure, dict]:
+    """The graph's figure and its graph file, built once per prompt, position and query (a
+    second visit only copies the figure: the page styles its figures in place)."""
+    g = explained.view.graph
+    key = ("graph-drawn", g.position, g.target_id, g.contrast_id,
+           tuple(sorted((k, repr(v)) for k, v in query.items())))
+    figure, data = ctx.registry.per_prompt(
+        ctx.forward, key, lambda: (graph_figure(explained.view).to_dict(),
+                                   explained.graph_file()))
+    return go.Figure(figure), data
 
 
 def panels(ctx: P.PageContext, query: dict) -> list:
@@ -133,7 +147,8 @@ def panels(ctx: P.PageContext, query: dict) -> list:
         + f" at position {g.position} {g.display[g.position]!r} (p = {g.probability:.3f}). "
         f"All edges into it sum to logit − b_U = {g.logit - g.bias:+.4f}; the kept ones carry "
         f"{view.kept_target_share:.1%} of it.")
-    return [P.Panel("graph", graph_figure(view), explained.graph_file()),
+    figure, data = drawn(ctx, query, explained)
+    return [P.Panel("graph", figure, data),
             P.Html("nodes", _node_table(view, ctx.state)),
             *[P.Notice(n) for n in notes]]
 

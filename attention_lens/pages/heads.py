@@ -229,10 +229,20 @@ def example_view(ex: HeadExample) -> html.Div:
                     className="al-example mb-2", **{"data-window": str(ex.window)})
 
 
-def examples_view(lm: Any, hm: HeadMetrics, metric: str, layer: int, head: int) -> list[Any]:
+def examples_of(registry: Any, lm: Any, hm: HeadMetrics, metric: str, layer: int, head: int
+                ) -> tuple[list, list]:
+    """A head's top examples and deciles (:func:`head_examples`: a forward pass of their
+    windows each), kept with the model's weight analyses under the dataset's hash, so that
+    a second visit does not run them again."""
+    w = hm.windows
+    return registry.weights(
+        lm.name, ("head-examples", w.sha256, w.describe(), metric, layer, head, N_EXAMPLES),
+        lambda m: (head_examples(m, hm, metric, layer, head, n=N_EXAMPLES),
+                   head_examples(m, hm, metric, layer, head, deciles=True)))
+
+
+def examples_view(top: list, dec: list, metric: str, layer: int, head: int) -> list[Any]:
     """The top examples then the deciles of a head."""
-    top = head_examples(lm, hm, metric, layer, head, n=N_EXAMPLES)
-    dec = head_examples(lm, hm, metric, layer, head, deciles=True)
     if not top:
         return [html.P(f"No window has a query for {LABELS[metric]} (e.g. no repeated "
                        "token).")]
@@ -271,7 +281,9 @@ def panels(ctx: P.PageContext, query: dict) -> list:
                      "deciles": hm.deciles(query["metric"], layer, head),
                      "top": hm.examples(query["metric"], layer, head, N_EXAMPLES)}),
             P.Html("table", table(hm)),
-            P.Html("examples", examples_view(lm, hm, query["metric"], layer, head)),
+            P.Html("examples", examples_view(*examples_of(ctx.registry, lm, hm, query["metric"],
+                                                          layer, head),
+                                             query["metric"], layer, head)),
             P.Html("links", links(ctx.state, layer, head)),
             P.Notice(note)]
 
