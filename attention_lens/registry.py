@@ -156,8 +156,9 @@ def _size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-#: Results kept per cached forward pass (logit lens views and the like).
-MAX_PER_PROMPT = 8
+#: Results kept per cached forward pass (a walk through every page keeps each page's own);
+#: the least recently used goes first, and the pass's byte budget bounds them too.
+MAX_PER_PROMPT = 32
 
 
 @dataclass
@@ -419,6 +420,7 @@ class Registry:
         with self._lock:
             entry = self._forward.get(fkey)
             if entry is not None and entry.fp is fp and key in entry.derived:
+                entry.derived.move_to_end(key)
                 return entry.derived[key][0]
         value, seconds = timed(compute)
         size = nbytes_of(value)

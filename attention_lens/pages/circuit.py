@@ -96,18 +96,6 @@ links to /attention, /qk or /patching.
 """
 
 
-_ANSWERED: dict[tuple[str, Optional[int]], Any] = {}
-
-
-def _answered(lm: Any, limit: Optional[int]) -> Any:
-    """:func:`answered_pair` of a model, kept per process (two forward passes each time
-    otherwise)."""
-    key = (lm.name, limit)
-    if key not in _ANSWERED:
-        _ANSWERED[key] = answered_pair(lm, limit)
-    return _ANSWERED[key]
-
-
 def _n_edges(cfg: Any) -> Optional[int]:
     return edge_graph(cfg).n_edges if cfg is not None else None
 
@@ -121,7 +109,7 @@ def resolve(lm: Any, query: dict, limit: Optional[int] = None
     defaults = (PT.DEFAULT_CLEAN, PT.DEFAULT_CORRUPTED, PT.DEFAULT_CORRECT, PT.DEFAULT_WRONG)
     correct, wrong = query["correct"], query["wrong"]
     if (clean, corrupted, correct, wrong) == defaults and not PT.default_fits(lm):
-        chosen = _answered(lm, limit)
+        chosen = answered_pair(lm, limit)
         if chosen is not None:  # a pair this model answers (the IOI pair on real models)
             clean, corrupted = chosen.clean, chosen.corrupted
             correct, wrong = chosen.correct, chosen.wrong
