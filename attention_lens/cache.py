@@ -341,28 +341,39 @@ LOCK_POLL_S = 0.1
 
 
 class _DiskLock:
-    """diskcache's ``Lock`` (an expiring key), waited for without spinning and renewed."""
+    """An expiring key in a diskcache ``Cache`` holding its holder's token, with redis-py's
+    lock rules: taken with the atomic ``add``; renewed and released inside one SQLite
+    transaction that first checks the token, so a holder whose lock expired and went to
+    another process never renews or frees theirs. (diskcache's own ``Lock`` has no owner:
+    its ``release`` deletes whatever holds the key, and its ``acquire`` spins.) Waited for
+    without spinning."""
 
     def __init__(self, cache: Any, key: str, ttl: float) -> None:
-        import diskcache
+        import secrets
 
         self.cache, self.key, self.ttl = cache, key, ttl
-        self.lock = diskcache.Lock(cache, key, expire=ttl)
+        self.token = secrets.token_hex(16)
 
     def acquire(self, stop: Callable[[], bool]) -> bool:
         while True:
-            while self.lock.locked():  # held elsewhere: look now and then, not every 1 ms
+            while self.key in self.cache:  # held elsewhere: look now and then
                 if stop():
                     return False
                 time.sleep(LOCK_POLL_S)
-            if self.cache.add(self.key, None, expire=self.ttl, retry=True):
-                return True  # (Lock.acquire itself would spin until it gets it)
+            if self.cache.add(self.key, self.token, expire=self.ttl, retry=True):
+                return True
 
     def renew(self) -> None:
-        self.cache.touch(self.key, expire=self.ttl)
+        with self.cache.transact(retry=True):
+            if self.cache.get(self.key) == self.token:
+                self.cache.touch(self.key, expire=self.ttl)
 
     def release(self) -> None:
-        self.lock.release()
+        with self.cache.transact(retry=True):
+            if self.cache.get(self.key) != self.token:
+                log.warning("lock %s expired while held", self.key)
+                return
+            self.cache.delete(self.key)
 
 
 class _RedisLock:

@@ -168,3 +168,20 @@ def test_a_stopping_server_stops_the_renewal_quietly_and_the_lock_is_released(tm
     assert unhandled == []
     with C.store_lock(kv, "renewal-stop", stop=lambda: True) as again:
         assert again, "the lock was not released"
+
+
+def test_a_lock_that_expired_and_was_taken_stays_with_its_new_holder(tmp_path):
+    """One machine: a holder whose lock expired (it stalled past the lock's life) and went to
+    another holder neither renews nor frees the new holder's lock when it ends."""
+    kv = background.DiskKV(tmp_path / "coord", eviction_policy="none")
+    first = C._lock_for(kv, "stalled", 0.3)
+    assert first.acquire(lambda: False)
+    time.sleep(0.5)  # expired: nobody renewed it
+    second = C._lock_for(kv, "stalled", 30)
+    assert second.acquire(lambda: False)
+    first.renew()
+    first.release()
+    assert not C._lock_for(kv, "stalled", 30).acquire(lambda: True), \
+        "the first holder freed the second holder's lock"
+    second.release()
+    assert C._lock_for(kv, "stalled", 30).acquire(lambda: True)
