@@ -719,6 +719,11 @@ def forward_of(text: str, name: Optional[str] = None) -> Any:
     return registry_module.current().forward(text, name)
 
 
+def per_prompt(fp: Any, key: Any, compute: Callable[[], Any]) -> Any:
+    """A result of one forward pass, kept with it under ``key`` (for a page's own callbacks)."""
+    return registry_module.current().per_prompt(fp, key, compute)
+
+
 def model_names() -> list[str]:
     """The names of the models that can be picked."""
     return registry_module.current().names()

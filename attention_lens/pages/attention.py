@@ -10,7 +10,6 @@ from dash.exceptions import PreventUpdate
 
 from ..analysis.attention import attention_pattern, attention_patterns
 from ..analysis.defaults import COPY_MIN_ATTENTION, COPY_MIN_PROB, HeadChoice, strongest_head
-from .. import registry as registry_module
 from ..components import page as P
 from ..components import shell
 from ..components.controls import Int, parse_all
@@ -172,7 +171,7 @@ def select_head(grid_click: Optional[dict], entropy_click: Optional[dict],
     query, _ = parse_all(CONTROLS, {"layer": layer, "head": None}, lm.cfg)
     if query["layer"] is None:
         fp = P.forward(state)
-        query["layer"] = registry_module.current().per_prompt(
-            fp, "strongest_head", lambda: strongest_head(lm, fp)).layer
+        query["layer"] = P.per_prompt(fp, "strongest_head",
+                                      lambda: strongest_head(lm, fp)).layer
     layers = grid_layers(lm, query["layer"])
     return (row if layers is None else layers[row]), head

@@ -20,22 +20,16 @@ from .. import weight_analyses as W
 from ..analysis import declare
 from ..analysis.errors import AnalysisError
 from ..analysis.forward import ForwardPass
+from ..analysis.predictions import MAX_GRID_K
 from .api_fields import (
-    MAX_GRID_K,
-    MAX_HEADS,
-    MAX_TERMS,
     ApiError,
     bool_field,
     choice_field,
-    heads_field,
     int_field,
     json_body,
-    layer_head,
-    positions_field,
     query_params,
     text_field,
     token_field,
-    words_field,
 )
 from ..api_json import jsonable
 from ..background import BusyError
@@ -46,9 +40,8 @@ from .guards import (ALWAYS_HEAVY, CHEAP_ENDPOINTS, HEAVY_MIN_BODY, HeavyBusy,
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_GRID_K", "MAX_HEADS", "MAX_TERMS", "ApiError", "bool_field", "choice_field",
-           "create_api", "heads_field", "int_field", "json_body", "jsonable", "layer_head",
-           "positions_field", "query_params", "text_field", "token_field", "words_field"]
+__all__ = ["ApiError", "bool_field", "choice_field", "create_api", "int_field", "json_body",
+           "jsonable", "query_params", "text_field", "token_field"]
 
 
 # ------------------------------------------------------------------------------ the API

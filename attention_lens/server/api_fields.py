@@ -13,16 +13,10 @@ from typing import Any, Iterator, Optional
 import flask
 
 from ..analysis import declare
-from ..analysis.analogy import MAX_TERMS
-from ..analysis.labels import parse_head_label
-from ..analysis.predictions import MAX_GRID_K  # noqa: F401 - re-exported (a [pos, k] grid)
-from ..model.checkpoint import LoadedModel
 from ..model.jsonfile import value_depth
 
 #: Deepest nesting of lists and objects in a request body (no field needs more than 3).
 MAX_BODY_DEPTH = 32
-#: Most heads in an ablation (the most terms in an analogy is the analysis's own limit).
-MAX_HEADS = 256
 
 
 class ApiError(ValueError):
@@ -140,51 +134,3 @@ def token_field(body: dict[str, Any], key: str) -> Optional[int | str]:
     """An optional target token: an id or a string (checked by the analysis)."""
     with _api_errors():
         return declare.read_token(body, key)
-
-
-def words_field(body: dict[str, Any], key: str, required: bool) -> list[str]:
-    """A list of analogy terms (:func:`.analysis.declare.read_words`)."""
-    with _api_errors():
-        return declare.read_words(body, key, required, MAX_TERMS)
-
-
-def layer_head(lm: LoadedModel, body: dict[str, Any], need_head: bool = False
-               ) -> tuple[Optional[int], Optional[int]]:
-    """Optional ``layer`` and ``head`` in range for ``lm`` (a head needs its layer)."""
-    n_layers, n_heads = lm.cfg.n_layers, lm.cfg.n_heads
-    layer = int_field(body, "layer", None, 0, n_layers - 1,
-                      f" (the model {lm.name} has {n_layers} layer(s))")
-    head = int_field(body, "head", None, 0, n_heads - 1,
-                     f" (each layer of {lm.name} has {n_heads} heads)")
-    if head is not None and layer is None:
-        raise ApiError("'head' needs a 'layer' too")
-    if need_head and (layer is None or head is None):
-        raise ApiError("'layer' and 'head' are required")
-    return layer, head
-
-
-def heads_field(lm: LoadedModel, body: dict[str, Any]) -> list[tuple[int, int]]:
-    """A list of heads, each a ``[layer, head]`` pair or a label such as ``"L1H0"``."""
-    value = body.get("heads")
-    if value is None:
-        raise ApiError("missing field 'heads' (a list of [layer, head] pairs)")
-    if not isinstance(value, list) or len(value) > MAX_HEADS:
-        raise ApiError(f"'heads' must be a list of at most {MAX_HEADS} [layer, head] pairs")
-    heads = []
-    for item in value:
-        label = parse_head_label(item) if isinstance(item, str) else None
-        if label is not None:
-            item = list(label)
-        if not (isinstance(item, list) and len(item) == 2):
-            raise ApiError(f"each entry of 'heads' must be a [layer, head] pair or a label "
-                           f"like 'L1H0', got {item!r}"[:200])
-        pair = {"layer": item[0], "head": item[1]}
-        layer, head = layer_head(lm, pair, need_head=True)
-        heads.append((int(layer), int(head)))  # type: ignore[arg-type]
-    return heads
-
-
-def positions_field(body: dict[str, Any], key: str, n_tokens: int) -> Optional[list[int]]:
-    """Optional prompt positions: a list or a window (:func:`.analysis.declare.read_positions`)."""
-    with _api_errors():
-        return declare.read_positions(body, key, n_tokens)
