@@ -147,6 +147,18 @@ def bg(tmp_path):
         yield background.install(background.create(tmp_path / "cache", max_jobs=2))
 
 
+@pytest.fixture
+def client(registry, bg):
+    """A test client of the app with its API (``/api``) over the test registry and a fresh
+    background (the declared analyses' endpoints, pages and caches together)."""
+    from attention_lens.server.api import create_api
+    from attention_lens.server.app import create_app
+
+    app = create_app(registry, background=bg)
+    app.server.register_blueprint(create_api(registry), url_prefix="/api")
+    return app.server.test_client()
+
+
 @pytest.fixture(autouse=True)
 def _fresh_export_browser_after_browser_tests(request):
     """dash_duo stops its server by killing every thread started during the test, the

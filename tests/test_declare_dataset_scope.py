@@ -14,20 +14,12 @@ from attention_lens import weight_analyses as W
 from attention_lens.analysis import declare
 from attention_lens.analysis.datasets import SHIPPED, DatasetInput
 from attention_lens.analysis.head_metrics import HEAD_METRICS
-from attention_lens.server.api import create_api
 from attention_lens.server.app import create_app
 
 MODEL = "attn-only-2l"
 WINDOWS = {"windows": 3, "length": 24}
 TEXT = ("The cat sat on the mat. The cat sat on the mat again and again.\n\n"
         "Another document about dogs and dogs, and more dogs.")
-
-
-@pytest.fixture
-def client(registry, bg):
-    app = create_app(registry, background=bg)
-    app.server.register_blueprint(create_api(registry), url_prefix="/api")
-    return app.server.test_client()
 
 
 def post(client, **body):

@@ -13,19 +13,11 @@ import pytest
 from attention_lens import weight_analyses as W
 from attention_lens.analysis import declare
 from attention_lens.analysis import patching as PT
-from attention_lens.server.api import create_api
 from attention_lens.server.app import create_app
 
 MODEL = "attn-only-2l"
 PAIR = dict(clean=" The cat sat on the mat. The cat sat on the",
             corrupted=" The man sat on the mat. The cat sat on the", correct=" mat", wrong=" man")
-
-
-@pytest.fixture
-def client(registry, bg):
-    app = create_app(registry, background=bg)
-    app.server.register_blueprint(create_api(registry), url_prefix="/api")
-    return app.server.test_client()
 
 
 def post(client, name, **body):

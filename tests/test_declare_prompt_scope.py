@@ -10,18 +10,9 @@ import pytest
 from attention_lens import weight_analyses as W
 from attention_lens.analysis import declare
 from attention_lens.components import page as P
-from attention_lens.server.api import create_api
-from attention_lens.server.app import create_app
 
 TEXT = "Harry Potter went home. Harry Potter went home."
 MODEL = "attn-only-2l"
-
-
-@pytest.fixture
-def client(registry, bg):
-    app = create_app(registry, background=bg)
-    app.server.register_blueprint(create_api(registry), url_prefix="/api")
-    return app.server.test_client()
 
 
 def post(client, name, **body):
