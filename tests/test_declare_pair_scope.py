@@ -238,3 +238,24 @@ def test_a_stored_set_of_pairs_is_sent_to_jobs_by_its_hash(registry, bg, monkeyp
     again = spec.render(state, pairs=digest, k="10", compute=False)
     assert not again.errors and not isinstance(again.request, dict)  # from the store
     assert again.figures["circuit"] is not None
+
+
+def test_acdc_threshold_is_one_default_and_keys_only_acdc():
+    """The ACDC threshold is declared once: the page's box starts at the declaration's
+    default, the API uses it when none is sent, and a search that is not ACDC keys it as 0
+    (the page and the API share the entry whatever threshold either sends)."""
+    from attention_lens.analysis.circuit.declared import CIRCUIT, DEFAULT_THRESHOLD
+    from attention_lens.pages import circuit as page
+
+    assert float(page.DEFAULT_THRESHOLD) == DEFAULT_THRESHOLD > 0
+    shape = declare.Shape()
+    acdc = CIRCUIT.read({"search": "acdc"}, shape)
+    assert acdc["threshold"] == DEFAULT_THRESHOLD
+    top_k = CIRCUIT.read({"search": "top_k", "threshold": 0.3}, shape)
+    assert top_k["threshold"] == 0.0
+    assert CIRCUIT.key(top_k) == CIRCUIT.key(CIRCUIT.values({"search": "top_k"}))
+    assert CIRCUIT.key(acdc) != CIRCUIT.key(CIRCUIT.read({"search": "acdc", "threshold": 0.3},
+                                                         shape))
+    query = {"method": "eap", "ablation": "resample", "steps": 5, "k": 10, "search": "acdc",
+             "threshold": ""}
+    assert page.circuit_values(query, (4, 2))["threshold"] == DEFAULT_THRESHOLD

@@ -457,6 +457,10 @@ class Analysis:
     #: ``check(values)``: what no one parameter says alone (e.g. "one of two fields"),
     #: a ParamError (400) before any work
     check: Optional[Callable[[dict], None]] = None
+    #: ``canonical(values)``: the values with those that cannot change the result set to one
+    #: form (circuit discovery's ACDC threshold when the search is not ACDC), so equal
+    #: results share a cache key whether a page or the API asked
+    canonical: Optional[Callable[[dict], dict]] = None
     #: fields of the scope's input the analysis does not read (sent, they are refused as
     #: unknown: circuit discovery has no direction)
     without: tuple[str, ...] = ()
@@ -486,14 +490,15 @@ class Analysis:
         values = {p.name: p.read(body, shape) for p in self.params}
         if self.check is not None:
             self.check(values)
-        return values
+        return values if self.canonical is None else self.canonical(values)
 
     def values(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Every parameter's value: ``given`` ones, the defaults for the rest."""
         unknown = set(given) - {p.name for p in self.params}
         if unknown:
             raise TypeError(f"{self.name} has no parameters {sorted(unknown)}")
-        return {p.name: given.get(p.name, p.default) for p in self.params}
+        values = {p.name: given.get(p.name, p.default) for p in self.params}
+        return values if self.canonical is None else self.canonical(values)
 
     def from_query(self, query: Mapping[str, Any]) -> dict[str, Any]:
         """The parameters from a page's validated controls (URL names; an empty token is
@@ -570,6 +575,7 @@ def declare(name: str, fn: Callable[..., Any], *, params: Sequence[Param] = (),
             needs: Optional[Mapping[str, str]] = None, paths: Sequence[str] = (),
             label: str = "", digits: Optional[int] = 7,
             check: Optional[Callable[[dict], None]] = None,
+            canonical: Optional[Callable[[dict], dict]] = None,
             without: Sequence[str] = (), views: Sequence[Param] = (),
             show: Optional[Callable[..., dict[str, Any]]] = None,
             check_views: Optional[Callable[[dict], None]] = None) -> Analysis:
@@ -586,8 +592,8 @@ def declare(name: str, fn: Callable[..., Any], *, params: Sequence[Param] = (),
     analysis = Analysis(name=name, fn=fn, params=tuple(params), scope=scope, cost=cost,
                         to_json=to_json, needs=dict(needs or {}), paths=tuple(paths),
                         label=label or name.replace("-", " "), digits=digits,
-                        check=check, without=tuple(without), views=tuple(views),
-                        show=show, check_views=check_views)
+                        check=check, canonical=canonical, without=tuple(without),
+                        views=tuple(views), show=show, check_views=check_views)
     with _LOCK:
         for path in (name, *paths):
             other = _DECLARED.get(path)

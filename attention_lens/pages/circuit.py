@@ -16,6 +16,7 @@ from .. import weight_analyses as W
 from ..analysis import patching as PT
 from ..analysis.circuit import ABLATION_LABELS, ABLATIONS, METHOD_LABELS, METHODS
 from ..analysis.circuit.declared import CIRCUIT
+from ..analysis.circuit.declared import DEFAULT_THRESHOLD as ACDC_THRESHOLD
 from ..analysis.circuit.discovery import (
     CURVE_INLINE_FLOP,
     DEFAULT_K,
@@ -52,8 +53,9 @@ SEARCH_LABELS = {"top_k": "top k edges by |score|",
 #: has ended; the page starts the curve's job), "running" (its job is under way).
 CURVE_PENDING = "al-curve-pending"
 CURVE_WATCH = f"{PAGE}-curve-watch"
-#: Default ACDC threshold (metric units).
-DEFAULT_THRESHOLD = "0.05"
+#: The threshold box's default: the declaration's (metric units), so the page and the API
+#: run ACDC alike.
+DEFAULT_THRESHOLD = f"{ACDC_THRESHOLD:g}"
 
 HELP = r"""
 The model as a graph of **edges**: every component that writes into the residual stream

@@ -28,6 +28,9 @@ from .scores import ABLATION_LABELS, ABLATIONS, MAX_STEPS, METHOD_LABELS, METHOD
 #: (measured: attn-only-2l on 43 tokens, 0.12 GFLOP a run, about 9 ms on one core where a
 #: matrix product runs near 30 GFLOP/s).
 MASKED_RUN_OVERHEAD = 2.0
+#: ACDC's default threshold (metric units): the largest change of the metric an edge's
+#: removal may cause for the edge to be removed for good.
+DEFAULT_THRESHOLD = 0.05
 
 
 def _n_edges(cfg: Any) -> int:
@@ -73,6 +76,11 @@ def discover(lm: LoadedModel, pair: PairInput, method: str = "eap",
                             (lambda done, total: progress(done / max(total, 1))))
 
 
+def _threshold_of_acdc(values: dict) -> dict:
+    """The threshold is ACDC's alone: other searches key and report it as 0."""
+    return values if values["search"] == "acdc" else {**values, "threshold": 0.0}
+
+
 def _circuit_json(res: CircuitDiscovery) -> dict[str, Any]:
     return {"circuit": res.to_json(), "edges": res.scores.graph.edge_labels(),
             "scores": res.scores.scores, "in_circuit": res.kept.tolist()}
@@ -80,7 +88,7 @@ def _circuit_json(res: CircuitDiscovery) -> dict[str, Any]:
 
 CIRCUIT = declare(
     "circuit", discover, scope="pair", cost=circuit_cost, to_json=_circuit_json,
-    without=("direction",), label="{method} circuit discovery",
+    without=("direction",), canonical=_threshold_of_acdc, label="{method} circuit discovery",
     params=[Choice("method", "eap", METHODS, labels=METHOD_LABELS, page=False),
             Choice("ablation", "resample", ABLATIONS, labels=ABLATION_LABELS, page=False),
             Int("steps", 5, 1, MAX_STEPS, page=False),
@@ -90,7 +98,7 @@ CIRCUIT = declare(
             Int("n_random", DEFAULT_RANDOM, 0, MAX_RANDOM, page=False),
             Bool("curve", True, page=False),
             Choice("search", "top_k", SEARCHES, page=False),
-            Number("threshold", 0.0, page=False,
+            Number("threshold", DEFAULT_THRESHOLD, page=False,
                    what=" (the largest metric change an ACDC removal may cause)")])
 
-__all__ = ["CIRCUIT", "MASKED_RUN_OVERHEAD", "circuit_cost", "discover", "masked_runs"]
+__all__ = ["CIRCUIT", "DEFAULT_THRESHOLD", "MASKED_RUN_OVERHEAD", "circuit_cost", "discover", "masked_runs"]
