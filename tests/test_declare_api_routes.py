@@ -197,6 +197,11 @@ def test_token_predictions(client, registry, monkeypatch):
     drawn = P.spec_of("predictions").render({"model": MODEL, "text": text}, k=10)
     assert {k[1] for k in derived_keys(registry, text) - {five}} == {NEXT_TOKEN.name}
     assert 123.0 in list(drawn.figures["surprisal"].data[0].y)
+    # /tokens reads it too (its k = 5): no entry of its own
+    toks = P.spec_of("tokens").render({"model": MODEL, "text": text}, k=5)
+    assert {k[1] for k in derived_keys(registry, text) - {five}} == {NEXT_TOKEN.name}
+    hover = [c[1] for row in toks.figures["tokens"].data[0].customdata for c in row]
+    assert any("surprisal 123.00 nats" in h for h in hover)  # the marked entry, drawn
     computed = as_job(registry, monkeypatch, TOKEN_PREDICTIONS, {"top_k": 3})
     status, job = post(client, "token-predictions", top_k=3)
     assert status == 200 and computed() == 1 and job == data

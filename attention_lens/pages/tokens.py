@@ -7,7 +7,7 @@ from typing import Any, Optional
 from dash import Input, Output, State, callback, html, no_update
 from dash.exceptions import PreventUpdate
 
-from ..analysis.predictions import token_predictions
+from ..analysis.predictions import TOKEN_PREDICTIONS
 from ..components import page as P
 from ..components import shell
 from ..components.controls import Int
@@ -41,7 +41,7 @@ def pinned_text(ctx: P.PageContext) -> str:
 def panels(ctx: P.PageContext, query: dict) -> list:
     """The coloured token grid and which position is pinned."""
     fp = ctx.forward
-    result = token_predictions(ctx.model, fp, k=query["k"])
+    result = ctx.run(TOKEN_PREDICTIONS, top_k=query["k"])  # /predictions' entry too
     pinned = ctx.state.get("pos")
     pinned = pinned + fp.n_tokens if isinstance(pinned, int) and pinned < 0 else pinned
     return [P.Html("pinned", pinned_text(ctx)),
