@@ -8,6 +8,7 @@ and a NeoX-style one (parallel attention and MLP, partial rotary)."""
 from __future__ import annotations
 
 import copy
+import weakref
 
 import numpy as np
 import pytest
@@ -181,12 +182,14 @@ def test_answered_pair_reads_the_models_last_logits(which, tiny_tokenizer, model
     w = beats[0]
     example = ("a test pair", clean, corrupted, tok.decode([c]), tok.decode([w]))
     monkeypatch.setattr(D, "PAIR_EXAMPLES", (example,))
+    monkeypatch.setattr(D, "_ANSWERED", weakref.WeakKeyDictionary())  # no earlier answer
     pair = D.answered_pair(lm)
     assert pair is not None and (pair.correct, pair.wrong) == example[3:]
     probs = full.softmax(-1)
     assert f"p = {float(probs[0, c]):.2f} on the clean" in pair.reason
     # a pair the model does not answer (the wrong answer on top) is passed over
     monkeypatch.setattr(D, "PAIR_EXAMPLES", ((*example[:3], example[4], example[3]),))
+    monkeypatch.setattr(D, "_ANSWERED", weakref.WeakKeyDictionary())
     assert D.answered_pair(lm) is None
 
 
